@@ -1,0 +1,430 @@
+//! Shape and dtype inference: the typing rule of every op.
+//!
+//! [`infer`] returns the output types or a message naming the shapes involved; [`crate::Graph::add_node`]
+//! wraps the message with the node's id, name and op.
+
+use crate::dim::{Dim, Shape};
+use crate::dtype::DType;
+use crate::op::{Composite, ConstData, Op, ReduceOp, UnaryOp};
+use crate::types::TensorType;
+
+type R<T> = Result<T, String>;
+
+fn fmt_types(ts: &[&TensorType]) -> String {
+    ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Normalises a possibly negative axis for a tensor of rank `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> R<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r {
+        Err(format!("axis {axis} is out of range for rank {rank}"))
+    } else {
+        Ok(a as usize)
+    }
+}
+
+/// NumPy broadcasting of two shapes. Symbolic dims broadcast only against an equal dim or a constant 1.
+pub fn broadcast_shapes(a: &Shape, b: &Shape) -> R<Shape> {
+    let r = a.rank().max(b.rank());
+    let mut out = Vec::with_capacity(r);
+    for i in 0..r {
+        let da = if i + a.rank() >= r {
+            Some(&a.0[i + a.rank() - r])
+        } else {
+            None
+        };
+        let db = if i + b.rank() >= r {
+            Some(&b.0[i + b.rank() - r])
+        } else {
+            None
+        };
+        let d = match (da, db) {
+            (Some(x), None) | (None, Some(x)) => x.clone(),
+            (Some(x), Some(y)) if x == y => x.clone(),
+            (Some(x), Some(y)) if x.is_one() => y.clone(),
+            (Some(x), Some(y)) if y.is_one() => x.clone(),
+            (Some(x), Some(y)) => {
+                return Err(format!(
+                    "shapes {a} and {b} do not broadcast: dimension `{x}` against `{y}`"
+                ))
+            }
+            (None, None) => unreachable!("i < max rank"),
+        };
+        out.push(d);
+    }
+    Ok(Shape(out))
+}
+
+fn same_dtype(op: &Op, ins: &[&TensorType]) -> R<DType> {
+    let d = ins[0].dtype;
+    if ins.iter().any(|t| t.dtype != d) {
+        return Err(format!(
+            "`{}` needs operands of one dtype, got {}",
+            op.name(),
+            fmt_types(ins)
+        ));
+    }
+    Ok(d)
+}
+
+fn check_const_shape(shape: &Shape) -> R<()> {
+    for d in &shape.0 {
+        if let Some(c) = d.as_const() {
+            if c < 0 {
+                return Err(format!("negative dimension {c} in shape {shape}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Infers the output types of `op` applied to inputs of types `ins`.
+pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    if let Some(n) = op.num_inputs() {
+        if ins.len() != n {
+            return Err(format!("`{}` expects {n} input(s), got {}", op.name(), ins.len()));
+        }
+    } else if ins.is_empty() {
+        return Err(format!("`{}` expects at least one input", op.name()));
+    }
+    let one = |t: TensorType| Ok(vec![t]);
+    match op {
+        Op::Input { ty, .. } | Op::Param { ty, .. } => {
+            check_const_shape(&ty.shape)?;
+            one(ty.clone())
+        }
+        Op::Constant { dtype, shape, data } => {
+            let n: usize = shape.iter().product();
+            if n != data.len() {
+                return Err(format!(
+                    "constant of shape {shape:?} needs {n} values, got {}",
+                    data.len()
+                ));
+            }
+            let ok = match data {
+                ConstData::Float(_) => dtype.is_float(),
+                ConstData::Int(_) => dtype.is_int(),
+                ConstData::Bool(_) => *dtype == DType::Bool,
+            };
+            if !ok {
+                return Err(format!("constant values do not match dtype {dtype}"));
+            }
+            one(TensorType {
+                dtype: *dtype,
+                shape: Shape::from_consts(shape),
+            })
+        }
+        Op::Full { dtype, shape, .. } => {
+            check_const_shape(shape)?;
+            one(TensorType {
+                dtype: *dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Iota { dtype, shape, axis } => {
+            check_const_shape(shape)?;
+            norm_axis(*axis, shape.rank())?;
+            if !(dtype.is_int() || dtype.is_float()) {
+                return Err(format!("iota needs a numeric dtype, got {dtype}"));
+            }
+            one(TensorType {
+                dtype: *dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Unary(u) => {
+            let t = ins[0];
+            if !(t.dtype.is_float() || (u.allows_int() && t.dtype.is_int())) {
+                return Err(format!("`{}` is not defined on {t}", u.name()));
+            }
+            one(t.clone())
+        }
+        Op::Binary(_) => {
+            let d = same_dtype(op, ins)?;
+            if d == DType::Bool {
+                return Err(format!(
+                    "`{}` is not defined on bool operands ({})",
+                    op.name(),
+                    fmt_types(ins)
+                ));
+            }
+            one(TensorType {
+                dtype: d,
+                shape: broadcast_shapes(&ins[0].shape, &ins[1].shape)?,
+            })
+        }
+        Op::Compare(_) => {
+            same_dtype(op, ins)?;
+            one(TensorType {
+                dtype: DType::Bool,
+                shape: broadcast_shapes(&ins[0].shape, &ins[1].shape)?,
+            })
+        }
+        Op::Select => {
+            if ins[0].dtype != DType::Bool {
+                return Err(format!("`select` needs a bool condition, got {}", ins[0]));
+            }
+            let d = same_dtype(op, &ins[1..])?;
+            let s = broadcast_shapes(&ins[0].shape, &ins[1].shape)?;
+            one(TensorType {
+                dtype: d,
+                shape: broadcast_shapes(&s, &ins[2].shape)?,
+            })
+        }
+        Op::Cast { dtype } => one(TensorType {
+            dtype: *dtype,
+            shape: ins[0].shape.clone(),
+        }),
+        Op::MatMul => {
+            let (a, b) = (ins[0], ins[1]);
+            let d = same_dtype(op, ins)?;
+            if !d.is_float() {
+                return Err(format!("`matmul` needs float operands, got {a} x {b}"));
+            }
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(format!("`matmul` needs operands of rank >= 2, got {a} x {b}"));
+            }
+            let (ra, rb) = (a.rank(), b.rank());
+            let (m, k1) = (&a.dims()[ra - 2], &a.dims()[ra - 1]);
+            let (k2, n) = (&b.dims()[rb - 2], &b.dims()[rb - 1]);
+            if k1 != k2 {
+                return Err(format!(
+                    "`matmul` inner dimensions differ: {a} x {b} (`{k1}` vs `{k2}`)"
+                ));
+            }
+            let batch = broadcast_shapes(&Shape(a.dims()[..ra - 2].to_vec()), &Shape(b.dims()[..rb - 2].to_vec()))
+                .map_err(|e| format!("`matmul` batch dimensions: {e} ({a} x {b})"))?;
+            let mut dims = batch.0;
+            dims.push(m.clone());
+            dims.push(n.clone());
+            one(TensorType::new(d, dims))
+        }
+        Op::Reduce { op: r, axes, keepdims } => {
+            let t = ins[0];
+            if t.dtype == DType::Bool || (*r == ReduceOp::Mean && !t.dtype.is_float()) {
+                return Err(format!("`{}` is not defined on {t}", r.name()));
+            }
+            let mut red = vec![false; t.rank()];
+            for &a in axes {
+                let a = norm_axis(a, t.rank())?;
+                if red[a] {
+                    return Err(format!("axis {a} listed twice in `axes`"));
+                }
+                red[a] = true;
+            }
+            let mut dims = Vec::new();
+            for (i, d) in t.dims().iter().enumerate() {
+                if !red[i] {
+                    dims.push(d.clone());
+                } else if *keepdims {
+                    dims.push(Dim::constant(1));
+                }
+            }
+            one(TensorType::new(t.dtype, dims))
+        }
+        Op::Reshape { shape } => {
+            let t = ins[0];
+            check_const_shape(shape)?;
+            if t.shape.numel() != shape.numel() {
+                return Err(format!(
+                    "cannot reshape {t} ({} elements) to {shape} ({} elements)",
+                    t.shape.numel(),
+                    shape.numel()
+                ));
+            }
+            one(TensorType {
+                dtype: t.dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Permute { perm } => {
+            let t = ins[0];
+            let mut seen = vec![false; t.rank()];
+            if perm.len() != t.rank()
+                || perm
+                    .iter()
+                    .any(|&p| p >= t.rank() || std::mem::replace(&mut seen[p], true))
+            {
+                return Err(format!(
+                    "perm {perm:?} is not a permutation of the {} axes of {t}",
+                    t.rank()
+                ));
+            }
+            one(TensorType::new(
+                t.dtype,
+                perm.iter().map(|&p| t.dims()[p].clone()).collect(),
+            ))
+        }
+        Op::Broadcast { shape } => {
+            let t = ins[0];
+            check_const_shape(shape)?;
+            if t.rank() > shape.rank() {
+                return Err(format!("cannot broadcast {t} to lower rank {shape}"));
+            }
+            let off = shape.rank() - t.rank();
+            for (i, d) in t.dims().iter().enumerate() {
+                let target = &shape.0[off + i];
+                if d != target && !d.is_one() {
+                    return Err(format!(
+                        "cannot broadcast {t} to {shape}: dimension `{d}` against `{target}`"
+                    ));
+                }
+            }
+            one(TensorType {
+                dtype: t.dtype,
+                shape: shape.clone(),
+            })
+        }
+        Op::Slice { axis, start, end } => {
+            let t = ins[0];
+            let a = norm_axis(*axis, t.rank())?;
+            let len = end.clone() - start.clone();
+            let full = &t.dims()[a];
+            if let Some(s) = start.as_const() {
+                if s < 0 {
+                    return Err(format!("slice start {s} is negative"));
+                }
+            }
+            if let Some(l) = len.as_const() {
+                if l < 0 {
+                    return Err(format!("slice [{start}, {end}) of {t} has negative length"));
+                }
+            }
+            if let Some(over) = (end.clone() - full.clone()).as_const() {
+                if over > 0 {
+                    return Err(format!("slice end `{end}` exceeds dimension `{full}` of {t}"));
+                }
+            }
+            let mut dims = t.dims().to_vec();
+            dims[a] = len;
+            one(TensorType::new(t.dtype, dims))
+        }
+        Op::Concat { axis } => {
+            let d = same_dtype(op, ins)?;
+            let r = ins[0].rank();
+            let a = norm_axis(*axis, r)?;
+            let mut total = Dim::constant(0);
+            for t in ins {
+                if t.rank() != r
+                    || t.dims()
+                        .iter()
+                        .zip(ins[0].dims())
+                        .enumerate()
+                        .any(|(i, (x, y))| i != a && x != y)
+                {
+                    return Err(format!(
+                        "`concat` along axis {a} needs equal other dimensions, got {}",
+                        fmt_types(ins)
+                    ));
+                }
+                total = total + t.dims()[a].clone();
+            }
+            let mut dims = ins[0].dims().to_vec();
+            dims[a] = total;
+            one(TensorType::new(d, dims))
+        }
+        Op::Gather { axis } => {
+            let (data, idx) = (ins[0], ins[1]);
+            if !idx.dtype.is_int() {
+                return Err(format!("`gather` indices must be i32 or i64, got {idx}"));
+            }
+            let a = norm_axis(*axis, data.rank())?;
+            let mut dims = data.dims()[..a].to_vec();
+            dims.extend_from_slice(idx.dims());
+            dims.extend_from_slice(&data.dims()[a + 1..]);
+            one(TensorType::new(data.dtype, dims))
+        }
+        Op::ScatterAdd { axis } => {
+            let (data, idx, upd) = (ins[0], ins[1], ins[2]);
+            if !idx.dtype.is_int() {
+                return Err(format!("`scatter_add` indices must be i32 or i64, got {idx}"));
+            }
+            if upd.dtype != data.dtype || data.dtype == DType::Bool {
+                return Err(format!(
+                    "`scatter_add` needs numeric data and updates of one dtype, got {data} and {upd}"
+                ));
+            }
+            let a = norm_axis(*axis, data.rank())?;
+            let mut want = data.dims()[..a].to_vec();
+            want.extend_from_slice(idx.dims());
+            want.extend_from_slice(&data.dims()[a + 1..]);
+            if upd.dims() != want.as_slice() {
+                return Err(format!(
+                    "`scatter_add` updates must have shape {} (data {data}, indices {idx}), got {upd}",
+                    Shape(want)
+                ));
+            }
+            one(data.clone())
+        }
+        Op::TopK { k, axis } => {
+            let t = ins[0];
+            if t.dtype == DType::Bool {
+                return Err(format!("`topk` is not defined on {t}"));
+            }
+            let a = norm_axis(*axis, t.rank())?;
+            if let Some(n) = t.dims()[a].as_const() {
+                if *k as i64 > n {
+                    return Err(format!("`topk` k={k} exceeds dimension {n} of {t}"));
+                }
+            }
+            let mut dims = t.dims().to_vec();
+            dims[a] = Dim::from(*k);
+            Ok(vec![
+                TensorType::new(t.dtype, dims.clone()),
+                TensorType::new(DType::I64, dims),
+            ])
+        }
+        Op::OneHot { depth, dtype } => {
+            let t = ins[0];
+            if !t.dtype.is_int() {
+                return Err(format!("`one_hot` indices must be i32 or i64, got {t}"));
+            }
+            let mut dims = t.dims().to_vec();
+            dims.push(Dim::from(*depth));
+            one(TensorType::new(*dtype, dims))
+        }
+        Op::CumSum { axis, .. } => {
+            let t = ins[0];
+            if t.dtype == DType::Bool {
+                return Err(format!("`cumsum` is not defined on {t}"));
+            }
+            norm_axis(*axis, t.rank())?;
+            one(t.clone())
+        }
+        Op::Composite(c) => infer_composite(c, ins),
+    }
+}
+
+fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    match c {
+        Composite::Softmax { axis } | Composite::LogSoftmax { axis } => {
+            let t = ins[0];
+            if !t.dtype.is_float() {
+                return Err(format!("`{}` needs a float tensor, got {t}", c.name()));
+            }
+            norm_axis(*axis, t.rank())?;
+            Ok(vec![t.clone()])
+        }
+        Composite::RmsNorm { .. } => {
+            let (x, w) = (ins[0], ins[1]);
+            if !x.dtype.is_float() || w.dtype != x.dtype {
+                return Err(format!(
+                    "`rms_norm` needs float x and weight of one dtype, got {x} and {w}"
+                ));
+            }
+            if x.rank() == 0 || w.rank() != 1 || w.dims()[0] != x.dims()[x.rank() - 1] {
+                return Err(format!(
+                    "`rms_norm` weight must be [last dim of x], got x {x} and weight {w}"
+                ));
+            }
+            Ok(vec![x.clone()])
+        }
+    }
+}
+
+/// Whether a unary op applies to the dtype (used by random-graph generators).
+pub fn unary_accepts(u: UnaryOp, d: DType) -> bool {
+    d.is_float() || (u.allows_int() && d.is_int())
+}

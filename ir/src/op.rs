@@ -1,0 +1,863 @@
+//! The op set.
+//!
+//! Ops come at two levels (see `docs/ir.md`):
+//! - **primitives** ([`Op`]'s variants other than [`Op::Composite`]) define the semantics;
+//! - **composites** ([`Composite`]) carry a decomposition into primitives ([`Composite::decompose`]). The
+//!   interpreter runs that decomposition, so a composite means exactly what its decomposition means; passes may
+//!   introduce a composite only where its decomposition is what was there.
+//!
+//! Every op has a stable text name ([`Op::name`]) and a flat list of attributes ([`Op::attrs`]); the `.fir`
+//! format, JSON and DOT all go through these, and [`Op::from_parts`] rebuilds an op from them.
+
+use crate::dim::{Dim, Shape};
+use crate::dtype::DType;
+use crate::types::TensorType;
+use serde::{Deserialize, Serialize};
+
+/// Elementwise unary ops (float tensors; `neg` and `abs` also integers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Sigmoid,
+    Silu,
+    Tanh,
+    Sin,
+    Cos,
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 12] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Tanh,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+        }
+    }
+    /// Whether the op is defined on integer tensors.
+    pub fn allows_int(self) -> bool {
+        matches!(self, UnaryOp::Neg | UnaryOp::Abs)
+    }
+    /// The scalar function in f64.
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+            UnaryOp::Recip => 1.0 / x,
+            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            UnaryOp::Silu => x / (1.0 + (-x).exp()),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Sin => x.sin(),
+            UnaryOp::Cos => x.cos(),
+        }
+    }
+}
+
+/// Elementwise binary ops with NumPy broadcasting; both operands have the same dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Pow,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::Pow => "pow",
+        }
+    }
+    /// The scalar function on floats (NaN propagates through `max`/`min`).
+    pub fn apply_f(self, a: f64, b: f64) -> f64 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Max => {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            }
+            BinaryOp::Min => {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.min(b)
+                }
+            }
+            BinaryOp::Pow => a.powf(b),
+        }
+    }
+    /// The scalar function on integers (wrapping; division truncates toward zero). `None` on division by
+    /// zero or a negative exponent.
+    pub fn apply_i(self, a: i64, b: i64) -> Option<i64> {
+        Some(match self {
+            BinaryOp::Add => a.wrapping_add(b),
+            BinaryOp::Sub => a.wrapping_sub(b),
+            BinaryOp::Mul => a.wrapping_mul(b),
+            BinaryOp::Div => {
+                if b == 0 {
+                    return None;
+                }
+                a.wrapping_div(b)
+            }
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Min => a.min(b),
+            BinaryOp::Pow => a.wrapping_pow(u32::try_from(b).ok()?),
+        })
+    }
+}
+
+/// Elementwise comparisons with NumPy broadcasting; the result is `bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    pub const ALL: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
+    pub fn name(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "eq",
+            CmpOp::Ne => "ne",
+            CmpOp::Lt => "lt",
+            CmpOp::Le => "le",
+            CmpOp::Gt => "gt",
+            CmpOp::Ge => "ge",
+        }
+    }
+    pub fn apply<T: PartialOrd>(self, a: T, b: T) -> bool {
+        match self {
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+        }
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+    Mean,
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min, ReduceOp::Mean];
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce_sum",
+            ReduceOp::Max => "reduce_max",
+            ReduceOp::Min => "reduce_min",
+            ReduceOp::Mean => "reduce_mean",
+        }
+    }
+}
+
+/// Literal values of a constant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConstData {
+    Float(#[serde(with = "crate::json::f64_repr::vec")] Vec<f64>),
+    Int(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+impl ConstData {
+    pub fn len(&self) -> usize {
+        match self {
+            ConstData::Float(v) => v.len(),
+            ConstData::Int(v) => v.len(),
+            ConstData::Bool(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Composite ops: each has a decomposition into primitives ([`Composite::decompose`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Composite {
+    /// `exp(x - max) / sum(exp(x - max))` along `axis`.
+    Softmax { axis: i64 },
+    /// `x - max - log(sum(exp(x - max)))` along `axis`.
+    LogSoftmax { axis: i64 },
+    /// `rms_norm(x, w) = x * rsqrt(mean(x², last axis) + eps) * w`; `w` has the shape of the last axis.
+    RmsNorm {
+        #[serde(with = "crate::json::f64_repr")]
+        eps: f64,
+    },
+}
+
+impl Composite {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Composite::Softmax { .. } => "softmax",
+            Composite::LogSoftmax { .. } => "log_softmax",
+            Composite::RmsNorm { .. } => "rms_norm",
+        }
+    }
+    pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
+        match self {
+            Composite::Softmax { axis } | Composite::LogSoftmax { axis } => vec![("axis", AttrValue::Int(*axis))],
+            Composite::RmsNorm { eps } => vec![("eps", AttrValue::Float(*eps))],
+        }
+    }
+    pub fn num_inputs(&self) -> Option<usize> {
+        Some(match self {
+            Composite::Softmax { .. } | Composite::LogSoftmax { .. } => 1,
+            Composite::RmsNorm { .. } => 2,
+        })
+    }
+}
+
+/// An operation: the payload of a graph node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// A named data input (bound per run).
+    Input {
+        name: String,
+        ty: TensorType,
+    },
+    /// A named parameter (model weight).
+    Param {
+        name: String,
+        ty: TensorType,
+    },
+    /// Literal values of a constant shape (row-major).
+    Constant {
+        dtype: DType,
+        shape: Vec<usize>,
+        data: ConstData,
+    },
+    /// A tensor of a (possibly symbolic) shape filled with one value.
+    Full {
+        #[serde(with = "crate::json::f64_repr")]
+        value: f64,
+        dtype: DType,
+        shape: Shape,
+    },
+    /// `out[i0..in] = i_axis`: the index along `axis`, for a (possibly symbolic) shape.
+    Iota {
+        dtype: DType,
+        shape: Shape,
+        axis: i64,
+    },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    Compare(CmpOp),
+    /// `select(cond, a, b)`: `a` where `cond`, else `b` (all three broadcast).
+    Select,
+    Cast {
+        dtype: DType,
+    },
+    /// `[..., M, K] × [..., K, N] → [..., M, N]`, batch dims broadcast.
+    MatMul,
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<i64>,
+        keepdims: bool,
+    },
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
+    /// NumPy broadcast to `shape`.
+    Broadcast {
+        shape: Shape,
+    },
+    /// Elements `[start, end)` along `axis`.
+    Slice {
+        axis: i64,
+        start: Dim,
+        end: Dim,
+    },
+    Concat {
+        axis: i64,
+    },
+    /// `numpy.take(data, indices, axis)`: output `data[..axis] + indices + data[axis+1..]`.
+    Gather {
+        axis: i64,
+    },
+    /// The adjoint of [`Op::Gather`]: `out = data; out[.., idx[i], ..] += updates[.., i, ..]`.
+    ScatterAdd {
+        axis: i64,
+    },
+    /// The `k` largest along `axis` (descending, ties to the lower index): outputs values and i64 indices.
+    TopK {
+        k: usize,
+        axis: i64,
+    },
+    /// `indices[...] → [..., depth]`; out-of-range indices give an all-zero row.
+    OneHot {
+        depth: usize,
+        dtype: DType,
+    },
+    CumSum {
+        axis: i64,
+        exclusive: bool,
+        reverse: bool,
+    },
+    Composite(Composite),
+}
+
+/// A syntactic attribute value, shared by the text format, JSON attribute dumps and DOT labels.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    /// A dimension expression; a lone identifier (`f32`, `sum`) is a `Dim` holding one symbol.
+    Dim(Dim),
+    List(Vec<AttrValue>),
+}
+
+impl AttrValue {
+    fn shape(s: &Shape) -> AttrValue {
+        AttrValue::List(s.0.iter().map(|d| AttrValue::dim(d.clone())).collect())
+    }
+    fn dim(d: Dim) -> AttrValue {
+        match d.as_const() {
+            Some(c) => AttrValue::Int(c),
+            None => AttrValue::Dim(d),
+        }
+    }
+    fn ident(s: &str) -> AttrValue {
+        AttrValue::Dim(Dim::sym(s))
+    }
+    fn ints(v: impl IntoIterator<Item = i64>) -> AttrValue {
+        AttrValue::List(v.into_iter().map(AttrValue::Int).collect())
+    }
+    /// The identifier, if this value is a lone symbol.
+    pub fn as_ident(&self) -> Option<String> {
+        match self {
+            AttrValue::Dim(d) => {
+                let syms = d.symbols();
+                if syms.len() == 1 && d == &Dim::sym(&syms[0]) {
+                    Some(syms[0].clone())
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Writes an f64 so that parsing it back gives the same bits (NaN payloads aside).
+pub fn format_f64(x: f64) -> String {
+    if x.is_nan() {
+        "nan".into()
+    } else if x.is_infinite() {
+        if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
+    } else {
+        let s = format!("{x:?}");
+        if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+            s
+        } else {
+            format!("{s}.0")
+        }
+    }
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttrValue::Int(i) => write!(f, "{i}"),
+            AttrValue::Float(x) => f.write_str(&format_f64(*x)),
+            AttrValue::Bool(b) => write!(f, "{b}"),
+            AttrValue::Str(s) => write!(f, "{}", quote(s)),
+            AttrValue::Dim(d) => write!(f, "{d}"),
+            AttrValue::List(v) => {
+                f.write_str("[")?;
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{x}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Quotes a string with the escapes the `.fir` lexer understands.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl Op {
+    /// The op's name in the text format.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Constant { .. } => "constant",
+            Op::Full { .. } => "full",
+            Op::Iota { .. } => "iota",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Select => "select",
+            Op::Cast { .. } => "cast",
+            Op::MatMul => "matmul",
+            Op::Reduce { op, .. } => op.name(),
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::TopK { .. } => "topk",
+            Op::OneHot { .. } => "one_hot",
+            Op::CumSum { .. } => "cumsum",
+            Op::Composite(c) => c.name(),
+        }
+    }
+
+    /// Number of inputs the op takes (`None`: variadic, at least one).
+    pub fn num_inputs(&self) -> Option<usize> {
+        Some(match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Full { .. } | Op::Iota { .. } => 0,
+            Op::Unary(_) | Op::Cast { .. } | Op::Reduce { .. } | Op::Reshape { .. } | Op::Permute { .. } => 1,
+            Op::Broadcast { .. } | Op::Slice { .. } | Op::TopK { .. } | Op::OneHot { .. } | Op::CumSum { .. } => 1,
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } => 2,
+            Op::Select | Op::ScatterAdd { .. } => 3,
+            Op::Concat { .. } => return None,
+            Op::Composite(c) => return c.num_inputs(),
+        })
+    }
+
+    /// Whether the op is a graph input (data or parameter).
+    pub fn is_input(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. })
+    }
+
+    /// The declared name and type of an input or parameter.
+    pub fn input_decl(&self) -> Option<(&str, &TensorType, bool)> {
+        match self {
+            Op::Input { name, ty } => Some((name, ty, false)),
+            Op::Param { name, ty } => Some((name, ty, true)),
+            _ => None,
+        }
+    }
+
+    /// Attributes in canonical order (inputs and parameters: none; their name and type are printed apart).
+    pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
+        match self {
+            Op::Input { .. } | Op::Param { .. } => vec![],
+            Op::Constant { dtype, shape, data } => vec![
+                ("dtype", AttrValue::ident(dtype.name())),
+                ("shape", AttrValue::ints(shape.iter().map(|&s| s as i64))),
+                (
+                    "values",
+                    AttrValue::List(match data {
+                        ConstData::Float(v) => v.iter().map(|&x| AttrValue::Float(x)).collect(),
+                        ConstData::Int(v) => v.iter().map(|&x| AttrValue::Int(x)).collect(),
+                        ConstData::Bool(v) => v.iter().map(|&x| AttrValue::Bool(x)).collect(),
+                    }),
+                ),
+            ],
+            Op::Full { value, dtype, shape } => vec![
+                ("value", AttrValue::Float(*value)),
+                ("dtype", AttrValue::ident(dtype.name())),
+                ("shape", AttrValue::shape(shape)),
+            ],
+            Op::Iota { dtype, shape, axis } => vec![
+                ("dtype", AttrValue::ident(dtype.name())),
+                ("shape", AttrValue::shape(shape)),
+                ("axis", AttrValue::Int(*axis)),
+            ],
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::MatMul => vec![],
+            Op::Cast { dtype } => vec![("dtype", AttrValue::ident(dtype.name()))],
+            Op::Reduce { axes, keepdims, .. } => {
+                vec![
+                    ("axes", AttrValue::ints(axes.iter().copied())),
+                    ("keepdims", AttrValue::Bool(*keepdims)),
+                ]
+            }
+            Op::Reshape { shape } | Op::Broadcast { shape } => vec![("shape", AttrValue::shape(shape))],
+            Op::Permute { perm } => vec![("perm", AttrValue::ints(perm.iter().map(|&p| p as i64)))],
+            Op::Slice { axis, start, end } => vec![
+                ("axis", AttrValue::Int(*axis)),
+                ("start", AttrValue::dim(start.clone())),
+                ("end", AttrValue::dim(end.clone())),
+            ],
+            Op::Concat { axis } | Op::Gather { axis } | Op::ScatterAdd { axis } => {
+                vec![("axis", AttrValue::Int(*axis))]
+            }
+            Op::TopK { k, axis } => vec![("k", AttrValue::Int(*k as i64)), ("axis", AttrValue::Int(*axis))],
+            Op::OneHot { depth, dtype } => {
+                vec![
+                    ("depth", AttrValue::Int(*depth as i64)),
+                    ("dtype", AttrValue::ident(dtype.name())),
+                ]
+            }
+            Op::CumSum {
+                axis,
+                exclusive,
+                reverse,
+            } => vec![
+                ("axis", AttrValue::Int(*axis)),
+                ("exclusive", AttrValue::Bool(*exclusive)),
+                ("reverse", AttrValue::Bool(*reverse)),
+            ],
+            Op::Composite(c) => c.attrs(),
+        }
+    }
+
+    /// Rebuilds an op (not `input`/`param`) from its name and attributes. Errors say which attribute is
+    /// missing, unknown or of the wrong kind.
+    pub fn from_parts(name: &str, attrs: &[(String, AttrValue)]) -> Result<Op, String> {
+        let mut a = Attrs {
+            op: name,
+            attrs,
+            used: vec![false; attrs.len()],
+        };
+        let op = match name {
+            "constant" => {
+                let dtype = a.dtype("dtype")?;
+                let shape: Vec<usize> = a
+                    .ints("shape")?
+                    .into_iter()
+                    .map(|s| usize::try_from(s).map_err(|_| format!("`constant`: negative dimension {s} in `shape`")))
+                    .collect::<Result<_, _>>()?;
+                let vals = a.list("values")?;
+                let data = if dtype.is_float() {
+                    ConstData::Float(
+                        vals.iter()
+                            .map(|v| {
+                                as_float(v).ok_or_else(|| {
+                                    format!("`constant`: `values` of a {dtype} constant must be numbers, found `{v}`")
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                } else if dtype.is_int() {
+                    ConstData::Int(
+                        vals.iter()
+                            .map(|v| match v {
+                                AttrValue::Int(i) => Ok(*i),
+                                _ => Err(format!(
+                                    "`constant`: `values` of a {dtype} constant must be integers, found `{v}`"
+                                )),
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                } else {
+                    ConstData::Bool(
+                        vals.iter()
+                            .map(|v| match v {
+                                AttrValue::Bool(b) => Ok(*b),
+                                _ => Err(format!(
+                                    "`constant`: `values` of a bool constant must be true/false, found `{v}`"
+                                )),
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                };
+                Op::Constant { dtype, shape, data }
+            }
+            "full" => Op::Full {
+                value: a.float("value")?,
+                dtype: a.dtype("dtype")?,
+                shape: a.shape("shape")?,
+            },
+            "iota" => Op::Iota {
+                dtype: a.dtype("dtype")?,
+                shape: a.shape("shape")?,
+                axis: a.int("axis")?,
+            },
+            "select" => Op::Select,
+            "matmul" => Op::MatMul,
+            "cast" => Op::Cast {
+                dtype: a.dtype("dtype")?,
+            },
+            "reshape" => Op::Reshape {
+                shape: a.shape("shape")?,
+            },
+            "broadcast" => Op::Broadcast {
+                shape: a.shape("shape")?,
+            },
+            "permute" => Op::Permute {
+                perm: a
+                    .ints("perm")?
+                    .into_iter()
+                    .map(|p| usize::try_from(p).map_err(|_| format!("`permute`: negative axis {p} in `perm`")))
+                    .collect::<Result<_, _>>()?,
+            },
+            "slice" => Op::Slice {
+                axis: a.int("axis")?,
+                start: a.dim("start")?,
+                end: a.dim("end")?,
+            },
+            "concat" => Op::Concat { axis: a.int("axis")? },
+            "gather" => Op::Gather { axis: a.int("axis")? },
+            "scatter_add" => Op::ScatterAdd { axis: a.int("axis")? },
+            "topk" => Op::TopK {
+                k: a.usize("k")?,
+                axis: a.int("axis")?,
+            },
+            "one_hot" => Op::OneHot {
+                depth: a.usize("depth")?,
+                dtype: a.dtype("dtype")?,
+            },
+            "cumsum" => Op::CumSum {
+                axis: a.int("axis")?,
+                exclusive: a.bool("exclusive")?,
+                reverse: a.bool("reverse")?,
+            },
+            "softmax" => Op::Composite(Composite::Softmax { axis: a.int("axis")? }),
+            "log_softmax" => Op::Composite(Composite::LogSoftmax { axis: a.int("axis")? }),
+            "rms_norm" => Op::Composite(Composite::RmsNorm { eps: a.float("eps")? }),
+            "input" | "param" => return Err(format!("`{name}` is declared as `%N = {name} \"NAME\" : TYPE`")),
+            _ => {
+                if let Some(u) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
+                    Op::Unary(*u)
+                } else if let Some(b) = BinaryOp::ALL.iter().find(|b| b.name() == name) {
+                    Op::Binary(*b)
+                } else if let Some(c) = CmpOp::ALL.iter().find(|c| c.name() == name) {
+                    Op::Compare(*c)
+                } else if let Some(r) = ReduceOp::ALL.iter().find(|r| r.name() == name) {
+                    Op::Reduce {
+                        op: *r,
+                        axes: a.ints("axes")?,
+                        keepdims: a.bool("keepdims")?,
+                    }
+                } else {
+                    return Err(format!("unknown op `{name}`"));
+                }
+            }
+        };
+        a.finish()?;
+        Ok(op)
+    }
+
+    /// All op names accepted by [`Op::from_parts`] (plus `input` and `param`).
+    pub fn all_names() -> Vec<&'static str> {
+        let mut v = vec![
+            "input",
+            "param",
+            "constant",
+            "full",
+            "iota",
+            "select",
+            "matmul",
+            "cast",
+            "reshape",
+            "broadcast",
+            "permute",
+            "slice",
+            "concat",
+            "gather",
+            "scatter_add",
+            "topk",
+            "one_hot",
+            "cumsum",
+            "softmax",
+            "log_softmax",
+            "rms_norm",
+        ];
+        v.extend(UnaryOp::ALL.iter().map(|u| u.name()));
+        v.extend(BinaryOp::ALL.iter().map(|u| u.name()));
+        v.extend(CmpOp::ALL.iter().map(|u| u.name()));
+        v.extend(ReduceOp::ALL.iter().map(|u| u.name()));
+        v
+    }
+}
+
+fn as_float(v: &AttrValue) -> Option<f64> {
+    match v {
+        AttrValue::Float(x) => Some(*x),
+        AttrValue::Int(i) => Some(*i as f64),
+        _ => None,
+    }
+}
+
+struct Attrs<'a> {
+    op: &'a str,
+    attrs: &'a [(String, AttrValue)],
+    used: Vec<bool>,
+}
+
+impl Attrs<'_> {
+    fn get(&mut self, key: &str) -> Result<&AttrValue, String> {
+        match self.attrs.iter().position(|(k, _)| k == key) {
+            Some(i) => {
+                self.used[i] = true;
+                Ok(&self.attrs[i].1)
+            }
+            None => Err(format!("`{}` needs attribute `{key}`", self.op)),
+        }
+    }
+    fn wrong(&self, key: &str, what: &str, v: &AttrValue) -> String {
+        format!("attribute `{key}` of `{}` must be {what}, found `{v}`", self.op)
+    }
+    fn int(&mut self, key: &str) -> Result<i64, String> {
+        match self.get(key)?.clone() {
+            AttrValue::Int(i) => Ok(i),
+            v => Err(self.wrong(key, "an integer", &v)),
+        }
+    }
+    fn usize(&mut self, key: &str) -> Result<usize, String> {
+        let i = self.int(key)?;
+        usize::try_from(i).map_err(|_| format!("attribute `{key}` of `{}` must be non-negative, found {i}", self.op))
+    }
+    fn float(&mut self, key: &str) -> Result<f64, String> {
+        let v = self.get(key)?.clone();
+        as_float(&v).ok_or_else(|| self.wrong(key, "a number", &v))
+    }
+    fn bool(&mut self, key: &str) -> Result<bool, String> {
+        match self.get(key)?.clone() {
+            AttrValue::Bool(b) => Ok(b),
+            v => Err(self.wrong(key, "true or false", &v)),
+        }
+    }
+    fn dtype(&mut self, key: &str) -> Result<DType, String> {
+        let v = self.get(key)?.clone();
+        match v.as_ident() {
+            Some(s) => s
+                .parse::<DType>()
+                .map_err(|e| format!("attribute `{key}` of `{}`: {e}", self.op)),
+            None => Err(self.wrong(key, "a dtype", &v)),
+        }
+    }
+    fn list(&mut self, key: &str) -> Result<Vec<AttrValue>, String> {
+        match self.get(key)?.clone() {
+            AttrValue::List(l) => Ok(l),
+            v => Err(self.wrong(key, "a list `[...]`", &v)),
+        }
+    }
+    fn ints(&mut self, key: &str) -> Result<Vec<i64>, String> {
+        let l = self.list(key)?;
+        l.iter()
+            .map(|v| match v {
+                AttrValue::Int(i) => Ok(*i),
+                v => Err(self.wrong(key, "a list of integers", v)),
+            })
+            .collect()
+    }
+    fn dim_of(&self, key: &str, v: &AttrValue) -> Result<Dim, String> {
+        match v {
+            AttrValue::Int(i) => Ok(Dim::constant(*i)),
+            AttrValue::Dim(d) => Ok(d.clone()),
+            v => Err(self.wrong(key, "a dimension", v)),
+        }
+    }
+    fn dim(&mut self, key: &str) -> Result<Dim, String> {
+        let v = self.get(key)?.clone();
+        self.dim_of(key, &v)
+    }
+    fn shape(&mut self, key: &str) -> Result<Shape, String> {
+        let l = self.list(key)?;
+        Ok(Shape(l.iter().map(|v| self.dim_of(key, v)).collect::<Result<_, _>>()?))
+    }
+    fn finish(self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (k, _) in self.attrs {
+            if !seen.insert(k) {
+                return Err(format!("attribute `{k}` of `{}` given twice", self.op));
+            }
+        }
+        for (i, used) in self.used.iter().enumerate() {
+            if !used {
+                return Err(format!("`{}` has no attribute `{}`", self.op, self.attrs[i].0));
+            }
+        }
+        Ok(())
+    }
+}
