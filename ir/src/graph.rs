@@ -309,6 +309,16 @@ impl Graph {
         r
     }
 
+    /// Enters a name scope (see [`Graph::scope`]); pair with [`Graph::pop_scope`].
+    pub fn push_scope(&mut self, name: impl Into<String>) {
+        self.scope.push(name.into());
+    }
+
+    /// Leaves the innermost name scope.
+    pub fn pop_scope(&mut self) {
+        self.scope.pop();
+    }
+
     fn scoped_name(&self, base: &str) -> Option<String> {
         if self.scope.is_empty() {
             None
