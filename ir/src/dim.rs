@@ -145,6 +145,11 @@ impl Dim {
         self.as_const().is_some()
     }
 
+    /// Whether arithmetic saturated somewhere in the expression (a coefficient at `i64::MAX` or `i64::MIN`).
+    pub fn overflowed(&self) -> bool {
+        self.terms.iter().any(|(_, c)| *c == i64::MAX || *c == i64::MIN)
+    }
+
     pub fn is_one(&self) -> bool {
         self.as_const() == Some(1)
     }
@@ -186,7 +191,7 @@ impl Dim {
         if let [(dm, dc)] = other.terms.as_slice() {
             let mut out = BTreeMap::new();
             for (m, c) in &self.terms {
-                if c % dc != 0 {
+                if c.checked_rem(*dc) != Some(0) {
                     return None;
                 }
                 out.insert(m.div(dm)?, c / dc);
@@ -196,7 +201,7 @@ impl Dim {
         // Try a monomial quotient from the leading terms, then verify.
         let (lm, lc) = self.terms.last()?;
         let (om, oc) = other.terms.last()?;
-        if lc % oc != 0 {
+        if lc.checked_rem(*oc) != Some(0) {
             return None;
         }
         let q = Dim {
@@ -216,7 +221,9 @@ impl Dim {
         }
         if let (Some(a), Some(b)) = (self.as_const(), other.as_const()) {
             if b != 0 {
-                return Dim::constant(a.div_euclid(b) + i64::from(a.rem_euclid(b) != 0));
+                if let (Some(q), Some(r)) = (a.checked_div_euclid(b), a.checked_rem_euclid(b)) {
+                    return Dim::constant(q.saturating_add(i64::from(r != 0)));
+                }
             }
         }
         Dim::atom(Atom::CeilDiv(Box::new(self.clone()), Box::new(other.clone())))
@@ -236,7 +243,11 @@ impl Dim {
                         if d == 0 {
                             return Err(format!("division by zero in `{self}`"));
                         }
-                        n.div_euclid(d) + i64::from(n.rem_euclid(d) != 0)
+                        let (q, r) = n
+                            .checked_div_euclid(d)
+                            .zip(n.checked_rem_euclid(d))
+                            .ok_or_else(|| format!("overflow evaluating `{self}`"))?;
+                        q + i64::from(r != 0)
                     }
                 };
                 for _ in 0..*e {
@@ -277,7 +288,8 @@ impl std::ops::Add for Dim {
     fn add(self, rhs: Dim) -> Dim {
         let mut m: BTreeMap<Monomial, i64> = self.terms.into_iter().collect();
         for (k, c) in rhs.terms {
-            *m.entry(k).or_insert(0) += c;
+            let e = m.entry(k).or_insert(0);
+            *e = e.saturating_add(c);
         }
         Dim::from_map(m)
     }
@@ -287,7 +299,7 @@ impl std::ops::Neg for Dim {
     type Output = Dim;
     fn neg(self) -> Dim {
         Dim {
-            terms: self.terms.into_iter().map(|(m, c)| (m, -c)).collect(),
+            terms: self.terms.into_iter().map(|(m, c)| (m, c.saturating_neg())).collect(),
         }
     }
 }
@@ -305,7 +317,8 @@ impl std::ops::Mul for Dim {
         let mut m: BTreeMap<Monomial, i64> = BTreeMap::new();
         for (a, ca) in &self.terms {
             for (b, cb) in &rhs.terms {
-                *m.entry(a.mul(b)).or_insert(0) += ca * cb;
+                let e = m.entry(a.mul(b)).or_insert(0);
+                *e = e.saturating_add(ca.saturating_mul(*cb));
             }
         }
         Dim::from_map(m)

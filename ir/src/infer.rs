@@ -57,6 +57,11 @@ pub fn broadcast_shapes(a: &Shape, b: &Shape) -> R<Shape> {
     Ok(Shape(out))
 }
 
+/// [`norm_axis`] for an axis of a value of type `t`; the error names the type.
+fn axis_of(axis: i64, t: &TensorType) -> R<usize> {
+    norm_axis(axis, t.rank()).map_err(|_| format!("axis {axis} is out of range for {t} (rank {})", t.rank()))
+}
+
 fn same_dtype(op: &Op, ins: &[&TensorType]) -> R<DType> {
     let d = ins[0].dtype;
     if ins.iter().any(|t| t.dtype != d) {
@@ -69,8 +74,25 @@ fn same_dtype(op: &Op, ins: &[&TensorType]) -> R<DType> {
     Ok(d)
 }
 
+/// Whether `name` can be a dimension symbol: an identifier (`[A-Za-z_][A-Za-z0-9_]*`) other than the
+/// words the text format reserves.
+pub fn valid_symbol(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !["true", "false", "nan", "inf", "ceildiv"].contains(&name)
+}
+
 fn check_const_shape(shape: &Shape) -> R<()> {
+    for s in shape.symbols() {
+        if !valid_symbol(&s) {
+            return Err(format!("`{s}` is not a valid dimension symbol (an identifier other than true, false, nan, inf, ceildiv)"));
+        }
+    }
     for d in &shape.0 {
+        if d.overflowed() {
+            return Err(format!("dimension overflows i64 in shape {shape}"));
+        }
         if let Some(c) = d.as_const() {
             if c < 0 {
                 return Err(format!("negative dimension {c} in shape {shape}"));
@@ -96,7 +118,10 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             one(ty.clone())
         }
         Op::Constant { dtype, shape, data } => {
-            let n: usize = shape.iter().product();
+            let n = shape
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .ok_or_else(|| format!("constant shape {shape:?} has too many elements"))?;
             if n != data.len() {
                 return Err(format!(
                     "constant of shape {shape:?} needs {n} values, got {}",
@@ -125,7 +150,8 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         }
         Op::Iota { dtype, shape, axis } => {
             check_const_shape(shape)?;
-            norm_axis(*axis, shape.rank())?;
+            norm_axis(*axis, shape.rank())
+                .map_err(|_| format!("axis {axis} is out of range for shape {shape} (rank {})", shape.rank()))?;
             if !(dtype.is_int() || dtype.is_float()) {
                 return Err(format!("iota needs a numeric dtype, got {dtype}"));
             }
@@ -208,9 +234,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             }
             let mut red = vec![false; t.rank()];
             for &a in axes {
-                let a = norm_axis(a, t.rank())?;
+                let a = axis_of(a, t)?;
                 if red[a] {
-                    return Err(format!("axis {a} listed twice in `axes`"));
+                    return Err(format!("axis {a} listed twice in `axes` {axes:?} of {t}"));
                 }
                 red[a] = true;
             }
@@ -279,12 +305,12 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         }
         Op::Slice { axis, start, end } => {
             let t = ins[0];
-            let a = norm_axis(*axis, t.rank())?;
+            let a = axis_of(*axis, t)?;
             let len = end.clone() - start.clone();
             let full = &t.dims()[a];
             if let Some(s) = start.as_const() {
                 if s < 0 {
-                    return Err(format!("slice start {s} is negative"));
+                    return Err(format!("slice start {s} of {t} is negative"));
                 }
             }
             if let Some(l) = len.as_const() {
@@ -304,7 +330,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Op::Concat { axis } => {
             let d = same_dtype(op, ins)?;
             let r = ins[0].rank();
-            let a = norm_axis(*axis, r)?;
+            let a = axis_of(*axis, ins[0])?;
             let mut total = Dim::constant(0);
             for t in ins {
                 if t.rank() != r
@@ -330,7 +356,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             if !idx.dtype.is_int() {
                 return Err(format!("`gather` indices must be i32 or i64, got {idx}"));
             }
-            let a = norm_axis(*axis, data.rank())?;
+            let a = axis_of(*axis, data)?;
             let mut dims = data.dims()[..a].to_vec();
             dims.extend_from_slice(idx.dims());
             dims.extend_from_slice(&data.dims()[a + 1..]);
@@ -346,7 +372,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
                     "`scatter_add` needs numeric data and updates of one dtype, got {data} and {upd}"
                 ));
             }
-            let a = norm_axis(*axis, data.rank())?;
+            let a = axis_of(*axis, data)?;
             let mut want = data.dims()[..a].to_vec();
             want.extend_from_slice(idx.dims());
             want.extend_from_slice(&data.dims()[a + 1..]);
@@ -363,7 +389,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             if t.dtype == DType::Bool {
                 return Err(format!("`topk` is not defined on {t}"));
             }
-            let a = norm_axis(*axis, t.rank())?;
+            let a = axis_of(*axis, t)?;
             if let Some(n) = t.dims()[a].as_const() {
                 if *k as i64 > n {
                     return Err(format!("`topk` k={k} exceeds dimension {n} of {t}"));
@@ -390,7 +416,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             if t.dtype == DType::Bool {
                 return Err(format!("`cumsum` is not defined on {t}"));
             }
-            norm_axis(*axis, t.rank())?;
+            axis_of(*axis, t)?;
             one(t.clone())
         }
         Op::Composite(c) => infer_composite(c, ins),
@@ -404,7 +430,7 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             if !t.dtype.is_float() {
                 return Err(format!("`{}` needs a float tensor, got {t}", c.name()));
             }
-            norm_axis(*axis, t.rank())?;
+            axis_of(*axis, t)?;
             Ok(vec![t.clone()])
         }
         Composite::RmsNorm { .. } => {

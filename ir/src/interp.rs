@@ -169,6 +169,30 @@ impl Interpreter {
                     message: format!("expected {ty} (rank {}), got shape {:?}", ty.rank(), t.shape),
                 });
             }
+            // `Tensor`'s fields are public: refuse storage that disagrees with the dtype or shape
+            let storage = match &t.data {
+                Buffer::F(_) if !t.dtype.is_float() => Some("float"),
+                Buffer::I(_) if !t.dtype.is_int() => Some("integer"),
+                Buffer::B(_) if t.dtype != DType::Bool => Some("bool"),
+                _ => None,
+            };
+            if let Some(kind) = storage {
+                return Err(IrError::Input {
+                    name: name.to_string(),
+                    message: format!("a {} tensor holding {kind} values", t.dtype),
+                });
+            }
+            if t.data.len() != t.numel() {
+                return Err(IrError::Input {
+                    name: name.to_string(),
+                    message: format!(
+                        "the tensor holds {} values, its shape {:?} needs {}",
+                        t.data.len(),
+                        t.shape,
+                        t.numel()
+                    ),
+                });
+            }
             // bind dims that are a lone symbol
             for (d, &n) in ty.dims().iter().zip(&t.shape) {
                 let syms = d.symbols();
@@ -291,6 +315,12 @@ impl Interpreter {
                 if let Buffer::F(v) = &mut t.data {
                     let d = t.dtype;
                     v.iter_mut().for_each(|x| *x = round_to(d, *x));
+                }
+            }
+            // integer results are computed in i64: i32 wraps at 32 bits
+            if t.dtype == DType::I32 {
+                if let Buffer::I(v) = &mut t.data {
+                    v.iter_mut().for_each(|x| *x = i64::from(*x as i32));
                 }
             }
         }
@@ -503,9 +533,14 @@ impl Interpreter {
                         Buffer::F(o)
                     }
                     Buffer::I(v) => {
+                        let (lo, hi) = if x.dtype == DType::I32 {
+                            (i64::from(i32::MIN), i64::from(i32::MAX))
+                        } else {
+                            (i64::MIN, i64::MAX)
+                        };
                         let init = match r {
-                            ReduceOp::Max => i64::MIN,
-                            ReduceOp::Min => i64::MAX,
+                            ReduceOp::Max => lo,
+                            ReduceOp::Min => hi,
                             _ => 0,
                         };
                         let mut o = vec![init; n_out];
@@ -629,6 +664,9 @@ impl Interpreter {
                 let x = a[0];
                 let ax = norm_axis(*axis, x.shape.len())?;
                 let (outer, len, inner) = split_at_axis(&x.shape, ax);
+                if *k > len {
+                    return Err(format!("k={k} exceeds the size {len} of axis {ax}"));
+                }
                 let vals = x.to_f64();
                 let mut vi = Vec::with_capacity(n_out);
                 let mut ii = Vec::with_capacity(n_out);
@@ -636,9 +674,14 @@ impl Interpreter {
                 for o in 0..outer {
                     for j in 0..inner {
                         let mut order: Vec<usize> = (0..len).collect();
-                        let key = |p: usize| vals[(o * len + p) * inner + j];
+                        let at = |p: usize| (o * len + p) * inner + j;
+                        let key = |p: usize| vals[at(p)];
                         // descending, NaN largest, stable (ties keep the lower index first)
                         order.sort_by(|&p, &q| {
+                            // integers compare exactly (an i64 above 2^53 has no exact f64)
+                            if let Buffer::I(iv) = &x.data {
+                                return iv[at(q)].cmp(&iv[at(p)]);
+                            }
                             let (x, y) = (key(p), key(q));
                             match (x.is_nan(), y.is_nan()) {
                                 (true, true) => std::cmp::Ordering::Equal,

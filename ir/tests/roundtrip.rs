@@ -1,0 +1,565 @@
+//! Round trips of random valid graphs through the `.fir` text format and JSON.
+//!
+//! Graphs are generated through the builder API by trying random ops on random existing values and keeping
+//! the ones `Graph::add_node` accepts. Properties: `print(parse(print(g))) == print(g)`, and a graph read back
+//! from its JSON prints identically.
+
+use fulgur_ir::op::{BinaryOp, CmpOp, Composite, ConstData, ReduceOp, UnaryOp};
+use fulgur_ir::{json, text, DType, Dim, Graph, Op, Shape, Value};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeSet;
+
+const SYMS: [&str; 6] = ["B", "T", "N", "D_1", "h", "S"];
+
+/// Pieces of odd names: quotes, escapes, control characters, unicode, text-format punctuation.
+const NAME_PIECES: [&str; 22] = [
+    "a", "blk", ".", "0", "\"", "\\", "\n", "\t", "\r", "é", "☃", "😀", " ", "%1", "#0", "//", "\u{1}", "\u{7f}", "{",
+    "]", "=", "",
+];
+
+struct Gen {
+    g: Graph,
+    pool: Vec<Value>,
+    rng: StdRng,
+    counter: usize,
+}
+
+impl Gen {
+    fn dim(&mut self) -> Dim {
+        let r = &mut self.rng;
+        match r.gen_range(0..10) {
+            0..=3 => Dim::from(r.gen_range(1..=6i64)),
+            4 => Dim::from(1i64),
+            5..=7 => Dim::sym(SYMS[r.gen_range(0..SYMS.len())]),
+            8 => {
+                let a = Dim::sym(SYMS[r.gen_range(0..3)]);
+                let b = Dim::sym(SYMS[r.gen_range(0..SYMS.len())]);
+                match r.gen_range(0..4) {
+                    0 => a * b,
+                    1 => a + Dim::from(r.gen_range(1..4i64)),
+                    2 => Dim::from(r.gen_range(2..5i64)) * a,
+                    _ => a * b - Dim::from(1i64),
+                }
+            }
+            _ => Dim::sym(SYMS[r.gen_range(0..SYMS.len())]).ceil_div(&Dim::from(r.gen_range(2..9i64))),
+        }
+    }
+
+    fn dims(&mut self, rank: usize) -> Vec<Dim> {
+        (0..rank).map(|_| self.dim()).collect()
+    }
+
+    fn dtype(&mut self) -> DType {
+        *DType::ALL.choose(&mut self.rng).unwrap_or(&DType::F32)
+    }
+
+    fn float_dtype(&mut self) -> DType {
+        [DType::F32, DType::BF16, DType::F16][self.rng.gen_range(0..3)]
+    }
+
+    fn f64(&mut self) -> f64 {
+        let r = &mut self.rng;
+        match r.gen_range(0..4) {
+            0 => [
+                f64::NAN,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                1e-300,
+                -0.0,
+                0.0,
+                5e-324,
+                f64::MAX,
+                f64::MIN,
+                f64::MIN_POSITIVE,
+                0.1,
+                1.0,
+                -2.5,
+                1e16,
+                123456789.0,
+            ][r.gen_range(0..15)],
+            1 => f64::from_bits(r.gen()),
+            2 => r.gen_range(-10.0..10.0),
+            _ => r.gen_range(-1000i64..1000) as f64,
+        }
+    }
+
+    fn name(&mut self) -> String {
+        let n = self.rng.gen_range(0..4);
+        (0..n)
+            .map(|_| NAME_PIECES[self.rng.gen_range(0..NAME_PIECES.len())])
+            .collect()
+    }
+
+    fn unique_name(&mut self) -> String {
+        self.counter += 1;
+        format!("{}{}", self.name(), self.counter)
+    }
+
+    fn axis(&mut self, rank: usize) -> i64 {
+        let r = rank.max(1) as i64;
+        let a = self.rng.gen_range(0..r);
+        if self.rng.gen_bool(0.5) {
+            a - r
+        } else {
+            a
+        }
+    }
+
+    /// A random existing value satisfying `pred`.
+    fn pick(&mut self, pred: impl Fn(&Graph, Value) -> bool) -> Option<Value> {
+        let cands: Vec<Value> = self.pool.iter().copied().filter(|&v| pred(&self.g, v)).collect();
+        cands.choose(&mut self.rng).copied()
+    }
+
+    fn any(&mut self) -> Option<Value> {
+        self.pick(|_, _| true)
+    }
+
+    fn new_input(&mut self, dtype: DType, dims: Vec<Dim>) -> Option<Value> {
+        let name = self.unique_name();
+        let v = if self.rng.gen_bool(0.5) {
+            self.g.input(&name, dtype, dims)
+        } else {
+            self.g.param(&name, dtype, dims)
+        };
+        let v = v.ok()?;
+        self.pool.push(v);
+        Some(v)
+    }
+
+    /// A shape that broadcasts against `dims`: some leading axes dropped, some dims replaced by 1.
+    fn broadcastable(&mut self, dims: &[Dim]) -> Vec<Dim> {
+        let drop = self.rng.gen_range(0..=dims.len());
+        dims[drop..]
+            .iter()
+            .map(|d| {
+                if self.rng.gen_bool(0.3) {
+                    Dim::from(1i64)
+                } else {
+                    d.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// A second operand for an elementwise op with `a`.
+    fn partner(&mut self, a: Value) -> Option<Value> {
+        let dt = self.g.dtype(a);
+        let dims = self.g.dims(a).to_vec();
+        match self.rng.gen_range(0..4) {
+            0 => Some(a),
+            1 => {
+                let want = dims.clone();
+                self.pick(move |g, v| g.dtype(v) == dt && g.dims(v) == want.as_slice())
+            }
+            2 => {
+                let d = self.broadcastable(&dims);
+                self.new_input(dt, d)
+            }
+            _ => {
+                let x = self.f64();
+                self.g.scalar(x, dt).ok()
+            }
+        }
+    }
+
+    /// Adds a node (sometimes with an odd name) and puts its outputs in the pool.
+    fn add(&mut self, op: Op, inputs: &[Value]) -> bool {
+        let name = if self.rng.gen_bool(0.3) {
+            Some(self.name())
+        } else {
+            None
+        };
+        match self.g.add_node(op, inputs, name) {
+            Ok(id) => {
+                for i in 0..self.g.node(id).outputs.len() as u32 {
+                    self.pool.push(Value::new(id, i));
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn step(&mut self) {
+        let Some(a) = self.any() else {
+            let d = self.dtype();
+            let r = self.rng.gen_range(0..4);
+            let dims = self.dims(r);
+            self.new_input(d, dims);
+            return;
+        };
+        let dt = self.g.dtype(a);
+        let dims = self.g.dims(a).to_vec();
+        let rank = dims.len();
+        match self.rng.gen_range(0..24) {
+            0 => {
+                let d = self.dtype();
+                let r = self.rng.gen_range(0..4);
+                let dims = self.dims(r);
+                self.new_input(d, dims);
+            }
+            1 => {
+                let u = *UnaryOp::ALL.choose(&mut self.rng).unwrap_or(&UnaryOp::Exp);
+                self.add(Op::Unary(u), &[a]);
+            }
+            2 | 3 => {
+                let Some(b) = self.partner(a) else { return };
+                let op = if self.rng.gen_bool(0.7) {
+                    Op::Binary(*BinaryOp::ALL.choose(&mut self.rng).unwrap_or(&BinaryOp::Add))
+                } else {
+                    Op::Compare(*CmpOp::ALL.choose(&mut self.rng).unwrap_or(&CmpOp::Lt))
+                };
+                let ins = if self.rng.gen_bool(0.5) { [a, b] } else { [b, a] };
+                self.add(op, &ins);
+            }
+            4 => {
+                let Some(b) = self.partner(a) else { return };
+                let cond = match self.pick(|g, v| g.dtype(v) == DType::Bool) {
+                    Some(c) if self.rng.gen_bool(0.5) => c,
+                    _ => {
+                        let Some(c) = self.partner(a) else { return };
+                        let Ok(c) = self.g.compare(CmpOp::Gt, a, c) else { return };
+                        c
+                    }
+                };
+                self.add(Op::Select, &[cond, a, b]);
+            }
+            5 => {
+                let d = self.dtype();
+                self.add(Op::Cast { dtype: d }, &[a]);
+            }
+            6 => {
+                if rank < 2 || !dt.is_float() {
+                    let f = self.float_dtype();
+                    let r = self.rng.gen_range(2..4);
+                    let d = self.dims(r);
+                    self.new_input(f, d);
+                    return;
+                }
+                let b = if self.rng.gen_bool(0.3) {
+                    let mut perm: Vec<usize> = (0..rank).collect();
+                    perm.swap(rank - 2, rank - 1);
+                    match self.g.permute(a, &perm) {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    }
+                } else {
+                    let batch = self.broadcastable(&dims[..rank - 2]);
+                    let mut d = batch;
+                    d.push(dims[rank - 1].clone());
+                    let n = self.dim();
+                    d.push(n);
+                    let Some(b) = self.new_input(dt, d) else { return };
+                    b
+                };
+                self.add(Op::MatMul, &[a, b]);
+            }
+            7 => {
+                let op = *ReduceOp::ALL.choose(&mut self.rng).unwrap_or(&ReduceOp::Sum);
+                let mut axes: Vec<i64> = (0..rank as i64).filter(|_| self.rng.gen_bool(0.5)).collect();
+                axes.shuffle(&mut self.rng);
+                for ax in &mut axes {
+                    if self.rng.gen_bool(0.5) {
+                        *ax -= rank as i64;
+                    }
+                }
+                let keepdims = self.rng.gen_bool(0.5);
+                self.add(Op::Reduce { op, axes, keepdims }, &[a]);
+            }
+            8 => {
+                let shape = match self.rng.gen_range(0..4) {
+                    0 => vec![Shape(dims.clone()).numel()],
+                    1 if rank >= 2 => {
+                        let i = self.rng.gen_range(0..rank - 1);
+                        let mut d = dims.clone();
+                        let m = d[i].clone() * d[i + 1].clone();
+                        d.splice(i..i + 2, [m]);
+                        d
+                    }
+                    2 => {
+                        let mut d = dims.clone();
+                        let i = self.rng.gen_range(0..=rank);
+                        d.insert(i, Dim::from(1i64));
+                        d
+                    }
+                    _ => {
+                        // split a dim divisible by 2
+                        let mut d = dims.clone();
+                        if let Some(i) = (0..rank).find(|&i| d[i].div_exact(&Dim::from(2i64)).is_some()) {
+                            let half = d[i].div_exact(&Dim::from(2i64)).unwrap_or_else(|| Dim::from(1i64));
+                            d.splice(i..i + 1, [Dim::from(2i64), half]);
+                        }
+                        d
+                    }
+                };
+                self.add(Op::Reshape { shape: Shape(shape) }, &[a]);
+            }
+            9 => {
+                let mut perm: Vec<usize> = (0..rank).collect();
+                perm.shuffle(&mut self.rng);
+                self.add(Op::Permute { perm }, &[a]);
+            }
+            10 => {
+                let lead = self.rng.gen_range(0..3);
+                let mut shape = self.dims(lead);
+                for d in &dims {
+                    if d.is_one() && self.rng.gen_bool(0.5) {
+                        let n = self.dim();
+                        shape.push(n);
+                    } else {
+                        shape.push(d.clone());
+                    }
+                }
+                self.add(Op::Broadcast { shape: Shape(shape) }, &[a]);
+            }
+            11 => {
+                if rank == 0 {
+                    return;
+                }
+                let axis = self.axis(rank);
+                let ax = axis.rem_euclid(rank as i64) as usize;
+                let full = dims[ax].clone();
+                let (start, end) = match full.as_const() {
+                    Some(c) => {
+                        let s = self.rng.gen_range(0..=c);
+                        (Dim::from(s), Dim::from(self.rng.gen_range(s..=c)))
+                    }
+                    None => match self.rng.gen_range(0..3) {
+                        0 => (Dim::from(0i64), full.clone()),
+                        1 => (Dim::from(1i64), full.clone() - Dim::from(1i64)),
+                        _ => {
+                            let s = Dim::sym("S");
+                            (s.clone(), s + Dim::from(2i64))
+                        }
+                    },
+                };
+                self.add(Op::Slice { axis, start, end }, &[a]);
+            }
+            12 => {
+                if rank == 0 {
+                    return;
+                }
+                let axis = self.axis(rank);
+                let mut ins = vec![a];
+                for _ in 0..self.rng.gen_range(0..3) {
+                    let ax = axis.rem_euclid(rank as i64) as usize;
+                    let want = dims.clone();
+                    let other = self.pick(move |g, v| {
+                        g.dtype(v) == dt
+                            && g.rank(v) == want.len()
+                            && g.dims(v)
+                                .iter()
+                                .zip(&want)
+                                .enumerate()
+                                .all(|(i, (x, y))| i == ax || x == y)
+                    });
+                    ins.push(other.unwrap_or(a));
+                }
+                self.add(Op::Concat { axis }, &ins);
+            }
+            13 | 14 => {
+                if rank == 0 {
+                    return;
+                }
+                let axis = self.axis(rank);
+                let idt = if self.rng.gen_bool(0.5) { DType::I32 } else { DType::I64 };
+                let idx = match self.pick(|g, v| g.dtype(v).is_int() && g.rank(v) <= 2) {
+                    Some(i) if self.rng.gen_bool(0.5) => i,
+                    _ => {
+                        let r = self.rng.gen_range(0..3);
+                        let d = self.dims(r);
+                        let Some(i) = self.new_input(idt, d) else { return };
+                        i
+                    }
+                };
+                if self.rng.gen_bool(0.5) {
+                    self.add(Op::Gather { axis }, &[a, idx]);
+                } else {
+                    let ax = axis.rem_euclid(rank as i64) as usize;
+                    let mut want = dims[..ax].to_vec();
+                    want.extend_from_slice(self.g.dims(idx));
+                    want.extend_from_slice(&dims[ax + 1..]);
+                    let Some(upd) = self.new_input(dt, want) else { return };
+                    self.add(Op::ScatterAdd { axis }, &[a, idx, upd]);
+                }
+            }
+            15 => {
+                if rank == 0 {
+                    return;
+                }
+                let axis = self.axis(rank);
+                let ax = axis.rem_euclid(rank as i64) as usize;
+                let k = match dims[ax].as_const() {
+                    Some(c) => self.rng.gen_range(0..=c.max(0)) as usize,
+                    None => self.rng.gen_range(1..5),
+                };
+                self.add(Op::TopK { k, axis }, &[a]);
+            }
+            16 => {
+                let idx = match self.pick(|g, v| g.dtype(v).is_int()) {
+                    Some(i) => i,
+                    None => {
+                        let r = self.rng.gen_range(0..3);
+                        let d = self.dims(r);
+                        let Some(i) = self.new_input(DType::I64, d) else { return };
+                        i
+                    }
+                };
+                let depth = self.rng.gen_range(0..6);
+                let dtype = self.dtype();
+                self.add(Op::OneHot { depth, dtype }, &[idx]);
+            }
+            17 => {
+                let axis = self.axis(rank);
+                let exclusive = self.rng.gen_bool(0.5);
+                let reverse = self.rng.gen_bool(0.5);
+                self.add(
+                    Op::CumSum {
+                        axis,
+                        exclusive,
+                        reverse,
+                    },
+                    &[a],
+                );
+            }
+            18 => {
+                let dtype = self.dtype();
+                let r = self.rng.gen_range(0..3);
+                let shape: Vec<usize> = (0..r).map(|_| self.rng.gen_range(0..4)).collect();
+                let n: usize = shape.iter().product();
+                let data = if dtype.is_float() {
+                    ConstData::Float((0..n).map(|_| self.f64()).collect())
+                } else if dtype.is_int() {
+                    ConstData::Int(
+                        (0..n)
+                            .map(|_| match self.rng.gen_range(0..3) {
+                                0 => self.rng.gen(),
+                                1 => [i64::MIN, i64::MAX, 0, -1][self.rng.gen_range(0..4)],
+                                _ => self.rng.gen_range(-100..100),
+                            })
+                            .collect(),
+                    )
+                } else {
+                    ConstData::Bool((0..n).map(|_| self.rng.gen()).collect())
+                };
+                self.add(Op::Constant { dtype, shape, data }, &[]);
+            }
+            19 => {
+                let value = self.f64();
+                let dtype = self.dtype();
+                let r = self.rng.gen_range(0..4);
+                let shape = Shape(self.dims(r));
+                self.add(Op::Full { value, dtype, shape }, &[]);
+            }
+            20 => {
+                let dtype = self.dtype();
+                let r = self.rng.gen_range(1..4);
+                let shape = Shape(self.dims(r));
+                let axis = self.axis(r);
+                self.add(Op::Iota { dtype, shape, axis }, &[]);
+            }
+            21 | 22 => {
+                let axis = self.axis(rank);
+                let c = if self.rng.gen_bool(0.5) {
+                    Composite::Softmax { axis }
+                } else {
+                    Composite::LogSoftmax { axis }
+                };
+                self.add(Op::Composite(c), &[a]);
+            }
+            _ => {
+                if rank == 0 || !dt.is_float() {
+                    return;
+                }
+                let Some(w) = self.new_input(dt, vec![dims[rank - 1].clone()]) else {
+                    return;
+                };
+                let eps = self.f64();
+                self.add(Op::Composite(Composite::RmsNorm { eps }), &[a, w]);
+            }
+        }
+    }
+}
+
+/// A random valid graph: `steps` random construction attempts from `seed`, then a few named outputs.
+fn random_graph(seed: u64, steps: usize) -> Graph {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = match rng.gen_range(0..3) {
+        0 => "g".to_string(),
+        1 => "model.v2_x".to_string(),
+        _ => "odd \"graph\" ☃".to_string(),
+    };
+    let mut gen = Gen {
+        g: Graph::new(name),
+        pool: Vec::new(),
+        rng,
+        counter: 0,
+    };
+    for _ in 0..steps {
+        gen.step();
+    }
+    let n_out = gen.rng.gen_range(1..4);
+    for _ in 0..n_out {
+        if let Some(v) = gen.any() {
+            let name = gen.unique_name();
+            gen.g.add_output(name, v).expect("fresh output name");
+        }
+    }
+    gen.g
+}
+
+fn check_text_round_trip(g: &Graph) -> Result<(), TestCaseError> {
+    let s = text::print(g);
+    let back = text::parse(&s).map_err(|e| TestCaseError::fail(format!("{e}\n{s}")))?;
+    prop_assert_eq!(text::print(&back), s);
+    Ok(())
+}
+
+fn check_json_round_trip(g: &Graph) -> Result<(), TestCaseError> {
+    let s = text::print(g);
+    let j = json::to_json(g);
+    let back = json::from_json(&j).map_err(|e| TestCaseError::fail(format!("{e}\n{j}")))?;
+    prop_assert_eq!(text::print(&back), s);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_graphs_round_trip_through_text(seed in any::<u64>(), steps in 1usize..60) {
+        check_text_round_trip(&random_graph(seed, steps))?;
+    }
+
+    /// Needs serde_json's `float_roundtrip` feature: without it, serde_json parses some f64 literals one ULP
+    /// off (e.g. `-4.9882971271641806e150` reads back as `-4.98829712716418e150`).
+    #[test]
+    fn random_graphs_round_trip_through_json(seed in any::<u64>(), steps in 1usize..60) {
+        check_json_round_trip(&random_graph(seed, steps))?;
+    }
+}
+
+/// The generator reaches every op and makes non-trivial graphs; otherwise the property above proves little.
+#[test]
+fn generator_covers_every_op() {
+    let mut seen = BTreeSet::new();
+    let mut nodes = 0;
+    let mut multi_output_refs = 0;
+    for seed in 0..300 {
+        let g = random_graph(seed, 60);
+        nodes += g.node_count();
+        for (_, n) in g.nodes() {
+            seen.insert(n.op.name());
+            multi_output_refs += n.inputs.iter().filter(|v| v.index > 0).count();
+        }
+        check_text_round_trip(&g).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+    let missing: Vec<&str> = Op::all_names().into_iter().filter(|n| !seen.contains(n)).collect();
+    assert!(missing.is_empty(), "ops never generated: {missing:?}");
+    assert!(nodes > 300 * 20, "graphs too small: {nodes} nodes in 300 graphs");
+    assert!(multi_output_refs > 0, "no use of a second output");
+}
