@@ -86,7 +86,9 @@ pub fn valid_symbol(name: &str) -> bool {
 fn check_const_shape(shape: &Shape) -> R<()> {
     for s in shape.symbols() {
         if !valid_symbol(&s) {
-            return Err(format!("`{s}` is not a valid dimension symbol (an identifier other than true, false, nan, inf, ceildiv)"));
+            return Err(format!(
+                "`{s}` is not a valid dimension symbol (an identifier other than true, false, nan, inf, ceildiv)"
+            ));
         }
     }
     for d in &shape.0 {

@@ -147,7 +147,11 @@ impl Tensor {
                 Buffer::F(self.to_f64().into_iter().map(|x| round_to(dtype, x)).collect())
             }
             DType::I64 => Buffer::I(self.to_i64_saturating()),
-            DType::I32 => Buffer::I(self.to_i64_saturating().into_iter().map(|x| x as i32 as i64).collect()),
+            DType::I32 => Buffer::I(match &self.data {
+                // float → i32 saturates (and NaN → 0), like the i64 case
+                Buffer::F(v) => v.iter().map(|&x| x as i32 as i64).collect(),
+                _ => self.to_i64().into_iter().map(|x| x as i32 as i64).collect(),
+            }),
             DType::Bool => Buffer::B(match &self.data {
                 Buffer::F(v) => v.iter().map(|&x| x != 0.0).collect(),
                 Buffer::I(v) => v.iter().map(|&x| x != 0).collect(),

@@ -78,7 +78,12 @@ fn matmul_other_errors() {
     );
     let (mut g, v) = graph_with(&[(DType::I32, cd(&[2, 4])), (DType::I32, cd(&[4, 5]))]);
     let r = g.matmul(v[0], v[1]);
-    node_err(&g, r, 2, "node %2 (matmul): `matmul` needs float operands, got i32[2, 4] x i32[4, 5]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (matmul): `matmul` needs float operands, got i32[2, 4] x i32[4, 5]",
+    );
     let (mut g, v) = graph_with(&[(DType::F32, cd(&[2, 4])), (DType::BF16, cd(&[4, 5]))]);
     let r = g.matmul(v[0], v[1]);
     node_err(
@@ -141,7 +146,12 @@ fn dtype_mismatch_in_add() {
     );
     let (mut g, v) = graph_with(&[(DType::F32, cd(&[2])), (DType::F16, cd(&[2]))]);
     let r = g.compare(fulgur_ir::CmpOp::Eq, v[0], v[1]);
-    node_err(&g, r, 2, "node %2 (eq): `eq` needs operands of one dtype, got f32[2], f16[2]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (eq): `eq` needs operands of one dtype, got f32[2], f16[2]",
+    );
 }
 
 #[test]
@@ -195,9 +205,19 @@ fn bad_permute() {
         "node %1 (permute): perm [1, 0, 2] is not a permutation of the 2 axes of f32[2, 3]",
     );
     let r = g.permute(v[0], &[2, 0]);
-    node_err(&g, r, 1, "node %1 (permute): perm [2, 0] is not a permutation of the 2 axes of f32[2, 3]");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (permute): perm [2, 0] is not a permutation of the 2 axes of f32[2, 3]",
+    );
     let r = g.permute(v[0], &[1]);
-    node_err(&g, r, 1, "node %1 (permute): perm [1] is not a permutation of the 2 axes of f32[2, 3]");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (permute): perm [1] is not a permutation of the 2 axes of f32[2, 3]",
+    );
 }
 
 #[test]
@@ -212,35 +232,95 @@ fn axis_out_of_range() {
         "node %1 \"blk.reduce_sum\" (reduce_sum): axis 2 is out of range for f32[B, 3] (rank 2)",
     );
     let r = g.max(x, &[-3], true);
-    node_err(&g, r, 1, "node %1 (reduce_max): axis -3 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (reduce_max): axis -3 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.sum(x, &[1, -1], true);
-    node_err(&g, r, 1, "node %1 (reduce_sum): axis 1 listed twice in `axes` [1, -1] of f32[B, 3]");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (reduce_sum): axis 1 listed twice in `axes` [1, -1] of f32[B, 3]",
+    );
     let r = g.softmax(x, 2);
-    node_err(&g, r, 1, "node %1 (softmax): axis 2 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (softmax): axis 2 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.log_softmax(x, -3);
-    node_err(&g, r, 1, "node %1 (log_softmax): axis -3 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (log_softmax): axis -3 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.cumsum(x, 5, false, false);
-    node_err(&g, r, 1, "node %1 (cumsum): axis 5 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (cumsum): axis 5 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.topk(x, 1, 2);
-    node_err(&g, r, 1, "node %1 (topk): axis 2 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (topk): axis 2 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.slice(x, -3, 0, 1);
-    node_err(&g, r, 1, "node %1 (slice): axis -3 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (slice): axis -3 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.concat(&[x, x], 2);
-    node_err(&g, r, 1, "node %1 (concat): axis 2 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (concat): axis 2 is out of range for f32[B, 3] (rank 2)",
+    );
     let r = g.iota(DType::I64, vec![sym("B"), Dim::from(3)], 2);
-    node_err(&g, r, 1, "node %1 (iota): axis 2 is out of range for shape [B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        1,
+        "node %1 (iota): axis 2 is out of range for shape [B, 3] (rank 2)",
+    );
     let r = g.iota(DType::I64, vec![], 0);
     node_err(&g, r, 1, "node %1 (iota): axis 0 is out of range for shape [] (rank 0)");
     let i = g.input("i", DType::I64, cd(&[2])).unwrap();
     let r = g.gather(x, i, 2);
-    node_err(&g, r, 2, "node %2 (gather): axis 2 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (gather): axis 2 is out of range for f32[B, 3] (rank 2)",
+    );
     let u = g.input("u", DType::F32, vec![sym("B"), Dim::from(2)]).unwrap();
     let r = g.scatter_add(x, i, u, -3);
-    node_err(&g, r, 3, "node %3 (scatter_add): axis -3 is out of range for f32[B, 3] (rank 2)");
+    node_err(
+        &g,
+        r,
+        3,
+        "node %3 (scatter_add): axis -3 is out of range for f32[B, 3] (rank 2)",
+    );
     // scalars have no axes
     let s = g.scalar(1.0, DType::F32).unwrap();
     let r = g.sum(s, &[0], false);
-    node_err(&g, r, 4, "node %4 (reduce_sum): axis 0 is out of range for f32[] (rank 0)");
+    node_err(
+        &g,
+        r,
+        4,
+        "node %4 (reduce_sum): axis 0 is out of range for f32[] (rank 0)",
+    );
 }
 
 #[test]
@@ -320,7 +400,12 @@ fn scatter_add_errors() {
         (DType::F32, cd(&[3, 2])),
     ]);
     let r = g.scatter_add(v[0], v[1], v[2], 0);
-    node_err(&g, r, 3, "node %3 (scatter_add): `scatter_add` indices must be i32 or i64, got bf16[3]");
+    node_err(
+        &g,
+        r,
+        3,
+        "node %3 (scatter_add): `scatter_add` indices must be i32 or i64, got bf16[3]",
+    );
     let (mut g, v) = graph_with(&[
         (DType::F32, cd(&[4, 2])),
         (DType::I32, cd(&[3])),
@@ -338,11 +423,7 @@ fn scatter_add_errors() {
 
 #[test]
 fn select_with_non_bool_condition() {
-    let (mut g, v) = graph_with(&[
-        (DType::F32, cd(&[2])),
-        (DType::F32, cd(&[2])),
-        (DType::F32, cd(&[2])),
-    ]);
+    let (mut g, v) = graph_with(&[(DType::F32, cd(&[2])), (DType::F32, cd(&[2])), (DType::F32, cd(&[2]))]);
     let r = g.scope("blk", |g| g.select(v[0], v[1], v[2]));
     node_err(
         &g,
@@ -350,18 +431,15 @@ fn select_with_non_bool_condition() {
         3,
         "node %3 \"blk.select\" (select): `select` needs a bool condition, got f32[2]",
     );
-    let (mut g, v) = graph_with(&[
-        (DType::Bool, cd(&[2])),
-        (DType::F32, cd(&[2])),
-        (DType::I32, cd(&[2])),
-    ]);
+    let (mut g, v) = graph_with(&[(DType::Bool, cd(&[2])), (DType::F32, cd(&[2])), (DType::I32, cd(&[2]))]);
     let r = g.select(v[0], v[1], v[2]);
-    node_err(&g, r, 3, "node %3 (select): `select` needs operands of one dtype, got f32[2], i32[2]");
-    let (mut g, v) = graph_with(&[
-        (DType::Bool, cd(&[3])),
-        (DType::F32, cd(&[2])),
-        (DType::F32, cd(&[2])),
-    ]);
+    node_err(
+        &g,
+        r,
+        3,
+        "node %3 (select): `select` needs operands of one dtype, got f32[2], i32[2]",
+    );
+    let (mut g, v) = graph_with(&[(DType::Bool, cd(&[3])), (DType::F32, cd(&[2])), (DType::F32, cd(&[2]))]);
     let r = g.select(v[0], v[1], v[2]);
     node_err(
         &g,
@@ -444,7 +522,12 @@ fn other_typing_errors() {
     let (mut g, v) = graph_with(&[(DType::I32, cd(&[2, 3])), (DType::F32, vec![sym("N")])]);
     let (i, x) = (v[0], v[1]);
     let r = g.mean(i, &[0], false);
-    node_err(&g, r, 2, "node %2 (reduce_mean): `reduce_mean` is not defined on i32[2, 3]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (reduce_mean): `reduce_mean` is not defined on i32[2, 3]",
+    );
     let r = g.broadcast(x, vec![sym("M")]);
     node_err(
         &g,
@@ -453,22 +536,47 @@ fn other_typing_errors() {
         "node %2 (broadcast): cannot broadcast f32[N] to [M]: dimension `N` against `M`",
     );
     let r = g.broadcast(i, cd(&[3]));
-    node_err(&g, r, 2, "node %2 (broadcast): cannot broadcast i32[2, 3] to lower rank [3]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (broadcast): cannot broadcast i32[2, 3] to lower rank [3]",
+    );
     let r = g.slice(x, 0, 2, 1);
     node_err(&g, r, 2, "node %2 (slice): slice [2, 1) of f32[N] has negative length");
     let r = g.slice(i, 1, 0, 4);
-    node_err(&g, r, 2, "node %2 (slice): slice end `4` exceeds dimension `3` of i32[2, 3]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (slice): slice end `4` exceeds dimension `3` of i32[2, 3]",
+    );
     let r = g.slice(i, 1, -1, 2);
     node_err(&g, r, 2, "node %2 (slice): slice start -1 of i32[2, 3] is negative");
     let r = g.one_hot(x, 3, DType::F32);
-    node_err(&g, r, 2, "node %2 (one_hot): `one_hot` indices must be i32 or i64, got f32[N]");
+    node_err(
+        &g,
+        r,
+        2,
+        "node %2 (one_hot): `one_hot` indices must be i32 or i64, got f32[N]",
+    );
     let b = g.cast(i, DType::Bool).unwrap();
     let r = g.cumsum(b, 0, false, false);
     node_err(&g, r, 3, "node %3 (cumsum): `cumsum` is not defined on bool[2, 3]");
     let r = g.softmax(i, -1);
-    node_err(&g, r, 3, "node %3 (softmax): `softmax` needs a float tensor, got i32[2, 3]");
+    node_err(
+        &g,
+        r,
+        3,
+        "node %3 (softmax): `softmax` needs a float tensor, got i32[2, 3]",
+    );
     let r = g.constant(DType::F32, vec![2, 2], ConstData::Float(vec![1.0, 2.0, 3.0]));
-    node_err(&g, r, 3, "node %3 (constant): constant of shape [2, 2] needs 4 values, got 3");
+    node_err(
+        &g,
+        r,
+        3,
+        "node %3 (constant): constant of shape [2, 2] needs 4 values, got 3",
+    );
     let r = g.constant(DType::I32, vec![1], ConstData::Float(vec![1.0]));
     node_err(&g, r, 3, "node %3 (constant): constant values do not match dtype i32");
     let r = g.iota(DType::Bool, cd(&[3]), 0);
@@ -517,12 +625,21 @@ fn duplicate_input_names() {
     g.input("x", DType::F32, cd(&[2])).unwrap();
     let e = g.input("x", DType::F32, cd(&[2])).unwrap_err();
     assert!(matches!(e, IrError::Node { id: 1, .. }), "{e:?}");
-    assert_eq!(e.to_string(), "node %1 (input): an input or parameter named `x` already exists");
+    assert_eq!(
+        e.to_string(),
+        "node %1 (input): an input or parameter named `x` already exists"
+    );
     // parameters share the namespace
     let e = g.param("x", DType::BF16, cd(&[3])).unwrap_err();
-    assert_eq!(e.to_string(), "node %1 (param): an input or parameter named `x` already exists");
+    assert_eq!(
+        e.to_string(),
+        "node %1 (param): an input or parameter named `x` already exists"
+    );
     g.param("w", DType::F32, cd(&[2])).unwrap();
     let e = g.input("w", DType::F32, cd(&[2])).unwrap_err();
-    assert_eq!(e.to_string(), "node %2 (input): an input or parameter named `w` already exists");
+    assert_eq!(
+        e.to_string(),
+        "node %2 (input): an input or parameter named `w` already exists"
+    );
     assert_eq!(g.node_count(), 2);
 }

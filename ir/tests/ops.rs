@@ -1,6 +1,9 @@
 //! What every op means: each op of [`Op`] is built with the builder API, run by the reference interpreter and
 //! compared against values computed independently here (hand-written, or plain loops in this file).
 
+// The oracles are deliberately written as plain index loops, the most obviously correct form.
+#![allow(clippy::needless_range_loop)]
+
 use fulgur_ir::{
     BinaryOp, Buffer, CmpOp, ConstData, DType, Dim, Graph, Interpreter, IrError, Op, Precision, Tensor, UnaryOp,
 };
@@ -87,7 +90,10 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64) {
         } else {
             (g - w).abs() <= tol * w.abs().max(1.0)
         };
-        assert!(ok, "element {i}: got {g}, want {w} (tol {tol})\n got {got:?}\nwant {want:?}");
+        assert!(
+            ok,
+            "element {i}: got {g}, want {w} (tol {tol})\n got {got:?}\nwant {want:?}"
+        );
     }
 }
 
@@ -152,8 +158,18 @@ fn hand_reduce(x: &[f64], shape: &[usize], red: &[usize], init: f64, f: impl Fn(
     out
 }
 
+/// A scalar function of one float.
+type F1 = fn(f64) -> f64;
+
+/// A scalar function of two floats.
+type F2 = fn(f64, f64) -> f64;
+
 /// A graph `y = f(x)` for one input `x`.
-fn unary_graph(dtype: DType, dims: Vec<Dim>, f: impl FnOnce(&mut Graph, fulgur_ir::Value) -> fulgur_ir::Value) -> Graph {
+fn unary_graph(
+    dtype: DType,
+    dims: Vec<Dim>,
+    f: impl FnOnce(&mut Graph, fulgur_ir::Value) -> fulgur_ir::Value,
+) -> Graph {
     let mut g = Graph::new("t");
     let x = g.input("x", dtype, dims).unwrap();
     let y = f(&mut g, x);
@@ -268,7 +284,9 @@ fn constant_values_and_dtypes() {
         .constant(DType::F32, vec![2, 2], ConstData::Float(vec![1.0, -2.5, 3.0, 0.5]))
         .unwrap();
     let b = g.constant(DType::I32, vec![3], ConstData::Int(vec![1, -2, 3])).unwrap();
-    let c = g.constant(DType::Bool, vec![2], ConstData::Bool(vec![true, false])).unwrap();
+    let c = g
+        .constant(DType::Bool, vec![2], ConstData::Bool(vec![true, false]))
+        .unwrap();
     let s = g.scalar(4.0, DType::I64).unwrap();
     let e = g.constant(DType::F32, vec![0, 3], ConstData::Float(vec![])).unwrap();
     for (n, v) in [("a", a), ("b", b), ("c", c), ("s", s), ("e", e)] {
@@ -325,7 +343,9 @@ fn iota_on_symbolic_shapes() {
     let _x = g.input("x", DType::F32, vec![sym("N")]).unwrap();
     let a0 = g.iota(DType::I64, vec![sym("N"), Dim::from(2)], 0).unwrap();
     let a1 = g.iota(DType::I32, vec![sym("N"), Dim::from(2)], -1).unwrap();
-    let f = g.iota(DType::F32, vec![Dim::from(2), sym("N"), Dim::from(1)], 1).unwrap();
+    let f = g
+        .iota(DType::F32, vec![Dim::from(2), sym("N"), Dim::from(1)], 1)
+        .unwrap();
     let e = g.iota(DType::I64, vec![Dim::from(0), sym("N")], 1).unwrap();
     for (n, v) in [("a0", a0), ("a1", a1), ("f", f), ("e", e)] {
         g.add_output(n, v).unwrap();
@@ -345,21 +365,19 @@ fn iota_on_symbolic_shapes() {
 fn unary_float_ops() {
     let xs = [-2.0, -0.5, 0.0, 0.25, 1.0, 3.0];
     let pos = [0.25, 1.0, 4.0, 9.0];
-    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-    #[allow(clippy::type_complexity)]
-    let cases: Vec<(UnaryOp, &[f64], Box<dyn Fn(f64) -> f64>)> = vec![
-        (UnaryOp::Neg, &xs, Box::new(|x: f64| -x)),
-        (UnaryOp::Abs, &xs, Box::new(|x: f64| if x < 0.0 { -x } else { x })),
-        (UnaryOp::Exp, &xs, Box::new(f64::exp)),
-        (UnaryOp::Log, &pos, Box::new(f64::ln)),
-        (UnaryOp::Sqrt, &pos, Box::new(f64::sqrt)),
-        (UnaryOp::Rsqrt, &pos, Box::new(|x: f64| 1.0 / x.sqrt())),
-        (UnaryOp::Recip, &pos, Box::new(|x: f64| 1.0 / x)),
-        (UnaryOp::Sigmoid, &xs, Box::new(sigmoid)),
-        (UnaryOp::Silu, &xs, Box::new(move |x: f64| x * sigmoid(x))),
-        (UnaryOp::Tanh, &xs, Box::new(f64::tanh)),
-        (UnaryOp::Sin, &xs, Box::new(f64::sin)),
-        (UnaryOp::Cos, &xs, Box::new(f64::cos)),
+    let cases: Vec<(UnaryOp, &[f64], F1)> = vec![
+        (UnaryOp::Neg, &xs, |x| -x),
+        (UnaryOp::Abs, &xs, |x| if x < 0.0 { -x } else { x }),
+        (UnaryOp::Exp, &xs, f64::exp),
+        (UnaryOp::Log, &pos, f64::ln),
+        (UnaryOp::Sqrt, &pos, f64::sqrt),
+        (UnaryOp::Rsqrt, &pos, |x| 1.0 / x.sqrt()),
+        (UnaryOp::Recip, &pos, |x| 1.0 / x),
+        (UnaryOp::Sigmoid, &xs, |x| 1.0 / (1.0 + (-x).exp())),
+        (UnaryOp::Silu, &xs, |x| x * (1.0 / (1.0 + (-x).exp()))),
+        (UnaryOp::Tanh, &xs, f64::tanh),
+        (UnaryOp::Sin, &xs, f64::sin),
+        (UnaryOp::Cos, &xs, f64::cos),
     ];
     assert_eq!(cases.len(), UnaryOp::ALL.len());
     for (op, vals, f) in cases {
@@ -410,7 +428,10 @@ fn unary_integer_ops() {
     }
     // wrapping at the dtype's width
     let g = unary_graph(DType::I64, vec![Dim::from(1)], |g, x| g.neg(x).unwrap());
-    assert_eq!(y64(&g, vec![("x", it(DType::I64, &[1], &[i64::MIN]))]).to_i64(), vec![i64::MIN]);
+    assert_eq!(
+        y64(&g, vec![("x", it(DType::I64, &[1], &[i64::MIN]))]).to_i64(),
+        vec![i64::MIN]
+    );
     let g = unary_graph(DType::I32, vec![Dim::from(2)], |g, x| g.unary(UnaryOp::Abs, x).unwrap());
     let y = y64(&g, vec![("x", it(DType::I32, &[2], &[i32::MIN as i64, -5]))]);
     assert_eq!(ints(&y), vec![i32::MIN as i64, 5]);
@@ -429,7 +450,7 @@ fn binary_graph(op: BinaryOp, dt: DType, a: Vec<Dim>, b: Vec<Dim>) -> Graph {
 fn binary_float_ops_broadcast_a_row() {
     let a = [1.0, -2.0, 3.0, 4.0, 0.5, -6.0];
     let b = [2.0, 4.0, -3.0];
-    let cases: [(BinaryOp, fn(f64, f64) -> f64); 7] = [
+    let cases: [(BinaryOp, F2); 7] = [
         (BinaryOp::Add, |x, y| x + y),
         (BinaryOp::Sub, |x, y| x - y),
         (BinaryOp::Mul, |x, y| x * y),
@@ -452,7 +473,10 @@ fn binary_float_ops_broadcast_a_row() {
     }
     // a few by hand
     let g = binary_graph(BinaryOp::Sub, DType::F32, cd(&[2, 1]), cd(&[3]));
-    let y = y64(&g, vec![("a", f32t(&[2, 1], &[10.0, 20.0])), ("b", f32t(&[3], &[1.0, 2.0, 3.0]))]);
+    let y = y64(
+        &g,
+        vec![("a", f32t(&[2, 1], &[10.0, 20.0])), ("b", f32t(&[3], &[1.0, 2.0, 3.0]))],
+    );
     assert_eq!(y.shape, vec![2, 3]);
     assert_exact(&floats(&y), &[9.0, 8.0, 7.0, 19.0, 18.0, 17.0]);
     let g = binary_graph(BinaryOp::Pow, DType::F32, cd(&[3]), cd(&[]));
@@ -466,7 +490,10 @@ fn max_min_propagate_nan() {
         let g = binary_graph(op, DType::F32, cd(&[3]), cd(&[3]));
         let y = y64(
             &g,
-            vec![("a", f32t(&[3], &[f64::NAN, 1.0, 2.0])), ("b", f32t(&[3], &[1.0, f64::NAN, -2.0]))],
+            vec![
+                ("a", f32t(&[3], &[f64::NAN, 1.0, 2.0])),
+                ("b", f32t(&[3], &[1.0, f64::NAN, -2.0])),
+            ],
         );
         let last = if op == BinaryOp::Max { 2.0 } else { -2.0 };
         assert_exact(&floats(&y), &[f64::NAN, f64::NAN, last]);
@@ -493,7 +520,10 @@ fn broadcasting_rules() {
 
     // scalar against a tensor, both orders
     let g = binary_graph(BinaryOp::Sub, DType::F32, cd(&[]), cd(&[2, 2]));
-    let y = y64(&g, vec![("a", f32t(&[], &[1.0])), ("b", f32t(&[2, 2], &[1.0, 2.0, 3.0, 4.0]))]);
+    let y = y64(
+        &g,
+        vec![("a", f32t(&[], &[1.0])), ("b", f32t(&[2, 2], &[1.0, 2.0, 3.0, 4.0]))],
+    );
     assert_exact(&floats(&y), &[0.0, -1.0, -2.0, -3.0]);
 
     // a zero-size dim broadcasts against 1
@@ -540,14 +570,26 @@ fn integer_binary_ops() {
         assert_eq!(run(BinaryOp::Min), vec![2, -7, -2, -7, 0, 3]);
     }
     let g = binary_graph(BinaryOp::Pow, DType::I64, cd(&[4]), cd(&[4]));
-    let y = y64(&g, vec![("a", it(DType::I64, &[4], &[2, -3, 5, 0])), ("b", it(DType::I64, &[4], &[10, 3, 0, 0]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", it(DType::I64, &[4], &[2, -3, 5, 0])),
+            ("b", it(DType::I64, &[4], &[10, 3, 0, 0])),
+        ],
+    );
     assert_eq!(ints(&y), vec![1024, -27, 1, 1]);
 }
 
 #[test]
 fn integer_arithmetic_wraps_at_the_dtype_width() {
     let g = binary_graph(BinaryOp::Add, DType::I64, cd(&[1]), cd(&[1]));
-    let y = y64(&g, vec![("a", it(DType::I64, &[1], &[i64::MAX])), ("b", it(DType::I64, &[1], &[1]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", it(DType::I64, &[1], &[i64::MAX])),
+            ("b", it(DType::I64, &[1], &[1])),
+        ],
+    );
     assert_eq!(ints(&y), vec![i64::MIN]);
     let g = binary_graph(BinaryOp::Add, DType::I32, cd(&[2]), cd(&[2]));
     let y = y64(
@@ -559,10 +601,22 @@ fn integer_arithmetic_wraps_at_the_dtype_width() {
     );
     assert_eq!(ints(&y), vec![i32::MIN as i64, i32::MAX as i64]);
     let g = binary_graph(BinaryOp::Mul, DType::I32, cd(&[1]), cd(&[1]));
-    let y = y64(&g, vec![("a", it(DType::I32, &[1], &[65536])), ("b", it(DType::I32, &[1], &[65536]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", it(DType::I32, &[1], &[65536])),
+            ("b", it(DType::I32, &[1], &[65536])),
+        ],
+    );
     assert_eq!(ints(&y), vec![0]);
     let g = binary_graph(BinaryOp::Div, DType::I32, cd(&[1]), cd(&[1]));
-    let y = y64(&g, vec![("a", it(DType::I32, &[1], &[i32::MIN as i64])), ("b", it(DType::I32, &[1], &[-1]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", it(DType::I32, &[1], &[i32::MIN as i64])),
+            ("b", it(DType::I32, &[1], &[-1])),
+        ],
+    );
     assert_eq!(ints(&y), vec![i32::MIN as i64]);
 }
 
@@ -576,7 +630,10 @@ fn integer_division_by_zero_is_a_node_error() {
     let err = try_run(
         Precision::F64,
         &g,
-        vec![("a", it(DType::I32, &[2], &[4, 5])), ("b", it(DType::I32, &[2], &[2, 0]))],
+        vec![
+            ("a", it(DType::I32, &[2], &[4, 5])),
+            ("b", it(DType::I32, &[2], &[2, 0])),
+        ],
     )
     .unwrap_err();
     assert!(matches!(err, IrError::Node { id: 2, .. }), "{err:?}");
@@ -584,7 +641,10 @@ fn integer_division_by_zero_is_a_node_error() {
 
     // float division by zero is IEEE
     let g = binary_graph(BinaryOp::Div, DType::F32, cd(&[3]), cd(&[3]));
-    let y = y64(&g, vec![("a", f32t(&[3], &[1.0, -1.0, 0.0])), ("b", f32t(&[3], &[0.0; 3]))]);
+    let y = y64(
+        &g,
+        vec![("a", f32t(&[3], &[1.0, -1.0, 0.0])), ("b", f32t(&[3], &[0.0; 3]))],
+    );
     assert_exact(&floats(&y), &[f64::INFINITY, f64::NEG_INFINITY, f64::NAN]);
 }
 
@@ -594,7 +654,10 @@ fn integer_negative_exponent_is_a_node_error() {
     let err = try_run(
         Precision::F64,
         &g,
-        vec![("a", it(DType::I64, &[2], &[2, 2])), ("b", it(DType::I64, &[2], &[1, -1]))],
+        vec![
+            ("a", it(DType::I64, &[2], &[2, 2])),
+            ("b", it(DType::I64, &[2], &[1, -1])),
+        ],
     )
     .unwrap_err();
     assert_eq!(err.to_string(), "node %2 (pow): negative integer exponent -1");
@@ -628,7 +691,13 @@ fn comparisons() {
     let y = g.input("b", DType::I64, cd(&[2])).unwrap();
     let z = g.compare(CmpOp::Lt, x, y).unwrap();
     g.add_output("y", z).unwrap();
-    let out = y64(&g, vec![("a", it(DType::I64, &[3, 1], &[0, 1, 2])), ("b", it(DType::I64, &[2], &[1, 2]))]);
+    let out = y64(
+        &g,
+        vec![
+            ("a", it(DType::I64, &[3, 1], &[0, 1, 2])),
+            ("b", it(DType::I64, &[2], &[1, 2])),
+        ],
+    );
     assert_eq!(out.shape, vec![3, 2]);
     assert_eq!(bools(&out), vec![true, true, false, true, false, false]);
     // booleans: false < true
@@ -641,7 +710,10 @@ fn comparisons() {
     g.add_output("eq", eq).unwrap();
     let out = run64(
         &g,
-        vec![("a", bt(&[4], &[false, false, true, true])), ("b", bt(&[4], &[false, true, false, true]))],
+        vec![
+            ("a", bt(&[4], &[false, false, true, true])),
+            ("b", bt(&[4], &[false, true, false, true])),
+        ],
     );
     assert_eq!(bools(&out["lt"]), vec![false, true, false, false]);
     assert_eq!(bools(&out["eq"]), vec![true, false, false, true]);
@@ -696,14 +768,23 @@ fn cast_between_dtypes() {
     // float -> bool: nonzero (NaN included) is true
     assert_eq!(cast(xs, DType::Bool), bt(&[6], &[true, true, true, false, true, true]));
     assert_exact(&floats(&cast(bt(&[2], &[true, false]), DType::F32)), &[1.0, 0.0]);
-    assert_eq!(cast(bt(&[2], &[true, false]), DType::I32), it(DType::I32, &[2], &[1, 0]));
-    assert_eq!(cast(it(DType::I64, &[3], &[0, 5, -1]), DType::Bool), bt(&[3], &[false, true, true]));
+    assert_eq!(
+        cast(bt(&[2], &[true, false]), DType::I32),
+        it(DType::I32, &[2], &[1, 0])
+    );
+    assert_eq!(
+        cast(it(DType::I64, &[3], &[0, 5, -1]), DType::Bool),
+        bt(&[3], &[false, true, true])
+    );
     // i64 -> i32 wraps
     assert_eq!(
         cast(it(DType::I64, &[3], &[(1 << 32) + 5, 1 << 31, -1]), DType::I32),
         it(DType::I32, &[3], &[5, -(1 << 31), -1])
     );
-    assert_eq!(cast(it(DType::I32, &[1], &[-7]), DType::I64), it(DType::I64, &[1], &[-7]));
+    assert_eq!(
+        cast(it(DType::I32, &[1], &[-7]), DType::I64),
+        it(DType::I64, &[1], &[-7])
+    );
     // int -> float rounds to the target dtype
     let y = cast(it(DType::I64, &[2], &[16_777_217, 3]), DType::F32);
     assert_exact(&floats(&y), &[16_777_216.0, 3.0]);
@@ -711,7 +792,10 @@ fn cast_between_dtypes() {
     assert_eq!(y.dtype, DType::BF16);
     assert_exact(&floats(&y), &[256.0, 3.0]);
     // f32 -> bf16 -> f32 rounds to nearest even: 1 + 2^-8 is a tie between 1 and 1 + 2^-7
-    let y = cast(f32t(&[3], &[1.0 + 2f64.powi(-8), 1.0 + 3.0 * 2f64.powi(-8), 0.1]), DType::BF16);
+    let y = cast(
+        f32t(&[3], &[1.0 + 2f64.powi(-8), 1.0 + 3.0 * 2f64.powi(-8), 0.1]),
+        DType::BF16,
+    );
     assert_exact(&floats(&y), &[1.0, 1.0 + 2f64.powi(-6), 0.10009765625]);
     let y = cast(f32t(&[2], &[1.0 + 2f64.powi(-11), 65520.0]), DType::F16);
     assert_exact(&floats(&y), &[1.0, f64::INFINITY]);
@@ -824,11 +908,18 @@ fn matmul_symbolic_and_empty() {
 fn reductions_axes_keepdims_negative_axes() {
     let shape = [2, 3, 4];
     let x: Vec<f64> = (0..24).map(|v| ((v * 7) % 11) as f64 - 5.0).collect();
-    #[allow(clippy::type_complexity)]
-    let ops: [(fulgur_ir::ReduceOp, f64, fn(f64, f64) -> f64); 4] = [
+    let ops: [(fulgur_ir::ReduceOp, f64, F2); 4] = [
         (fulgur_ir::ReduceOp::Sum, 0.0, |a, b| a + b),
-        (fulgur_ir::ReduceOp::Max, f64::NEG_INFINITY, |a, b| if b > a { b } else { a }),
-        (fulgur_ir::ReduceOp::Min, f64::INFINITY, |a, b| if b < a { b } else { a }),
+        (
+            fulgur_ir::ReduceOp::Max,
+            f64::NEG_INFINITY,
+            |a, b| if b > a { b } else { a },
+        ),
+        (
+            fulgur_ir::ReduceOp::Min,
+            f64::INFINITY,
+            |a, b| if b < a { b } else { a },
+        ),
         (fulgur_ir::ReduceOp::Mean, 0.0, |a, b| a + b),
     ];
     // (axes given, normalised axes)
@@ -894,7 +985,9 @@ fn reductions_by_hand() {
 
 #[test]
 fn reductions_on_symbolic_shapes() {
-    let g = unary_graph(DType::F32, vec![sym("B"), sym("T")], |g, v| g.sum(v, &[-1], true).unwrap());
+    let g = unary_graph(DType::F32, vec![sym("B"), sym("T")], |g, v| {
+        g.sum(v, &[-1], true).unwrap()
+    });
     assert_eq!(g.ty(g.outputs()[0].1).to_string(), "f32[B, 1]");
     let y = y64(&g, vec![("x", f32t(&[2, 2], &[1.0, 2.0, 3.0, 4.0]))]);
     assert_eq!(y.shape, vec![2, 1]);
@@ -904,9 +997,17 @@ fn reductions_on_symbolic_shapes() {
 #[test]
 fn reductions_nan_and_integers() {
     let g = unary_graph(DType::F32, cd(&[3]), |g, v| g.max(v, &[0], false).unwrap());
-    assert_exact(&floats(&y64(&g, vec![("x", f32t(&[3], &[1.0, f64::NAN, 3.0]))])), &[f64::NAN]);
-    let g = unary_graph(DType::F32, cd(&[3]), |g, v| g.reduce(fulgur_ir::ReduceOp::Min, v, &[0], false).unwrap());
-    assert_exact(&floats(&y64(&g, vec![("x", f32t(&[3], &[1.0, 2.0, f64::NAN]))])), &[f64::NAN]);
+    assert_exact(
+        &floats(&y64(&g, vec![("x", f32t(&[3], &[1.0, f64::NAN, 3.0]))])),
+        &[f64::NAN],
+    );
+    let g = unary_graph(DType::F32, cd(&[3]), |g, v| {
+        g.reduce(fulgur_ir::ReduceOp::Min, v, &[0], false).unwrap()
+    });
+    assert_exact(
+        &floats(&y64(&g, vec![("x", f32t(&[3], &[1.0, 2.0, f64::NAN]))])),
+        &[f64::NAN],
+    );
     for dt in [DType::I32, DType::I64] {
         let x = it(dt, &[2, 3], &[3, -1, 4, 1, -5, 9]);
         let r = |op, axes: &[i64]| {
@@ -1010,7 +1111,9 @@ fn permute_by_loop() {
     }
     assert_exact(&floats(&y), &want);
     // transpose of a symbolic matrix
-    let g = unary_graph(DType::I32, vec![sym("B"), Dim::from(2)], |g, v| g.transpose(v, 0, -1).unwrap());
+    let g = unary_graph(DType::I32, vec![sym("B"), Dim::from(2)], |g, v| {
+        g.transpose(v, 0, -1).unwrap()
+    });
     assert_eq!(g.ty(g.outputs()[0].1).to_string(), "i32[2, B]");
     let y = y64(&g, vec![("x", it(DType::I32, &[3, 2], &[1, 2, 3, 4, 5, 6]))]);
     assert_eq!(y, it(DType::I32, &[2, 3], &[1, 3, 5, 2, 4, 6]));
@@ -1022,7 +1125,9 @@ fn permute_by_loop() {
 #[test]
 fn broadcast_op() {
     let b = |x: Tensor, to: Vec<Dim>| {
-        let g = unary_graph(x.dtype, cd(&x.shape), |g, v| g.op1(Op::Broadcast { shape: to.into() }, &[v]).unwrap());
+        let g = unary_graph(x.dtype, cd(&x.shape), |g, v| {
+            g.op1(Op::Broadcast { shape: to.into() }, &[v]).unwrap()
+        });
         y64(&g, vec![("x", x)])
     };
     let y = b(f32t(&[3], &[1.0, 2.0, 3.0]), cd(&[2, 3]));
@@ -1031,7 +1136,10 @@ fn broadcast_op() {
     assert_exact(&floats(&y), &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
     let y = b(f32t(&[2, 1], &[1.0, 2.0]), cd(&[2, 2, 3]));
     assert_eq!(y.shape, vec![2, 2, 3]);
-    assert_exact(&floats(&y), &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+    assert_exact(
+        &floats(&y),
+        &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0],
+    );
     let y = b(it(DType::I64, &[], &[4]), cd(&[2, 2]));
     assert_eq!(y, it(DType::I64, &[2, 2], &[4; 4]));
     let y = b(bt(&[1], &[true]), cd(&[0]));
@@ -1042,7 +1150,10 @@ fn broadcast_op() {
     let _n = g.input("n", DType::F32, vec![sym("N")]).unwrap();
     let y = g.broadcast(x, vec![sym("N"), Dim::from(2)]).unwrap();
     g.add_output("y", y).unwrap();
-    let y = y64(&g, vec![("x", f32t(&[1, 2], &[5.0, 6.0])), ("n", f32t(&[3], &[0.0; 3]))]);
+    let y = y64(
+        &g,
+        vec![("x", f32t(&[1, 2], &[5.0, 6.0])), ("n", f32t(&[3], &[0.0; 3]))],
+    );
     assert_eq!(y.shape, vec![3, 2]);
     assert_exact(&floats(&y), &[5.0, 6.0, 5.0, 6.0, 5.0, 6.0]);
 }
@@ -1103,7 +1214,13 @@ fn concat_along_any_axis() {
     let c2 = g.concat(&[b, a, a], -1).unwrap();
     g.add_output("c1", c1).unwrap();
     g.add_output("c2", c2).unwrap();
-    let out = run64(&g, vec![("a", f32t(&[2, 1], &[1.0, 2.0])), ("b", f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0]))]);
+    let out = run64(
+        &g,
+        vec![
+            ("a", f32t(&[2, 1], &[1.0, 2.0])),
+            ("b", f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0])),
+        ],
+    );
     assert_eq!(out["c1"].shape, vec![2, 3]);
     assert_exact(&floats(&out["c1"]), &[1.0, 3.0, 4.0, 2.0, 5.0, 6.0]);
     assert_eq!(out["c2"].shape, vec![2, 4]);
@@ -1139,7 +1256,13 @@ fn concat_along_any_axis() {
     let c = g.concat(&[a, b], -1).unwrap();
     g.add_output("y", c).unwrap();
     assert_eq!(g.ty(c).to_string(), "f32[B, 5]");
-    let y = y64(&g, vec![("a", f32t(&[1, 2], &[1.0, 2.0])), ("b", f32t(&[1, 3], &[3.0, 4.0, 5.0]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", f32t(&[1, 2], &[1.0, 2.0])),
+            ("b", f32t(&[1, 3], &[3.0, 4.0, 5.0])),
+        ],
+    );
     assert_exact(&floats(&y), &[1.0, 2.0, 3.0, 4.0, 5.0]);
     let mut g = Graph::new("t");
     let a = g.input("a", DType::F32, vec![sym("S"), Dim::from(2)]).unwrap();
@@ -1147,7 +1270,13 @@ fn concat_along_any_axis() {
     let c = g.concat(&[a, b], 0).unwrap();
     g.add_output("y", c).unwrap();
     assert_eq!(g.ty(c).to_string(), "f32[S + T, 2]");
-    let y = y64(&g, vec![("a", f32t(&[1, 2], &[1.0, 2.0])), ("b", f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0]))]);
+    let y = y64(
+        &g,
+        vec![
+            ("a", f32t(&[1, 2], &[1.0, 2.0])),
+            ("b", f32t(&[2, 2], &[3.0, 4.0, 5.0, 6.0])),
+        ],
+    );
     assert_eq!(y.shape, vec![3, 2]);
     assert_exact(&floats(&y), &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
 }
@@ -1169,7 +1298,10 @@ fn gather_middle_axis_with_2d_indices() {
     let idx = [2i64, 0, 1, 1]; // [2, 2]
     for axis in [1, -2] {
         let g = gather_graph(&[2, 3, 2], &[2, 2], DType::I64, axis);
-        let y = y64(&g, vec![("d", f32t(&[2, 3, 2], &d)), ("i", it(DType::I64, &[2, 2], &idx))]);
+        let y = y64(
+            &g,
+            vec![("d", f32t(&[2, 3, 2], &d)), ("i", it(DType::I64, &[2, 2], &idx))],
+        );
         assert_eq!(y.shape, vec![2, 2, 2, 2]);
         let mut want = vec![];
         for a in 0..2 {
@@ -1190,7 +1322,10 @@ fn gather_rows_and_scalars() {
     // an embedding lookup: axis 0, i32 indices, repeated rows
     let g = gather_graph(&[4, 2], &[3], DType::I32, 0);
     let d = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0];
-    let y = y64(&g, vec![("d", f32t(&[4, 2], &d)), ("i", it(DType::I32, &[3], &[3, 0, 3]))]);
+    let y = y64(
+        &g,
+        vec![("d", f32t(&[4, 2], &d)), ("i", it(DType::I32, &[3], &[3, 0, 3]))],
+    );
     assert_eq!(y.shape, vec![3, 2]);
     assert_exact(&floats(&y), &[30.0, 31.0, 0.0, 1.0, 30.0, 31.0]);
     // a scalar index drops the axis
@@ -1209,8 +1344,14 @@ fn gather_out_of_range_is_an_error_naming_the_node() {
     let g = gather_graph(&[2, 3, 2], &[2], DType::I64, 1);
     let d = f32t(&[2, 3, 2], &[0.0; 12]);
     for (bad, msg) in [
-        (3, "node %2 \"emb.gather\" (gather): index 3 out of range for axis 1 of size 3"),
-        (-1, "node %2 \"emb.gather\" (gather): index -1 out of range for axis 1 of size 3"),
+        (
+            3,
+            "node %2 \"emb.gather\" (gather): index 3 out of range for axis 1 of size 3",
+        ),
+        (
+            -1,
+            "node %2 \"emb.gather\" (gather): index -1 out of range for axis 1 of size 3",
+        ),
     ] {
         let err = try_run(
             Precision::F64,
@@ -1363,7 +1504,10 @@ fn topk_symbolic_dim_shorter_than_k_is_an_error() {
     for n in [2usize, 0] {
         let err = try_run(Precision::F64, &g, vec![("x", f32t(&[n], &vec![1.0; n]))]).unwrap_err();
         assert!(matches!(err, IrError::Node { id: 1, .. }), "{err}");
-        assert_eq!(err.to_string(), format!("node %1 (topk): k=3 exceeds the size {n} of axis 0"));
+        assert_eq!(
+            err.to_string(),
+            format!("node %1 (topk): k=3 exceeds the size {n} of axis 0")
+        );
     }
 }
 
@@ -1399,7 +1543,9 @@ fn one_hot_rows_and_out_of_range() {
 fn cumsum_inclusive_exclusive_forward_reverse() {
     let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
     let cs = |axis: i64, exclusive: bool, reverse: bool| {
-        let g = unary_graph(DType::F32, cd(&[2, 3]), |g, v| g.cumsum(v, axis, exclusive, reverse).unwrap());
+        let g = unary_graph(DType::F32, cd(&[2, 3]), |g, v| {
+            g.cumsum(v, axis, exclusive, reverse).unwrap()
+        });
         floats(&y64(&g, vec![("x", f32t(&[2, 3], &x))]))
     };
     assert_exact(&cs(1, false, false), &[1.0, 3.0, 6.0, 4.0, 9.0, 15.0]);
@@ -1411,8 +1557,14 @@ fn cumsum_inclusive_exclusive_forward_reverse() {
     assert_exact(&cs(0, true, true), &[4.0, 5.0, 6.0, 0.0, 0.0, 0.0]);
     // integers, and an empty axis
     let g = unary_graph(DType::I32, vec![sym("N")], |g, v| g.cumsum(v, 0, false, false).unwrap());
-    assert_eq!(y64(&g, vec![("x", it(DType::I32, &[4], &[1, -2, 3, 4]))]), it(DType::I32, &[4], &[1, -1, 2, 6]));
-    assert_eq!(y64(&g, vec![("x", it(DType::I32, &[0], &[]))]), it(DType::I32, &[0], &[]));
+    assert_eq!(
+        y64(&g, vec![("x", it(DType::I32, &[4], &[1, -2, 3, 4]))]),
+        it(DType::I32, &[4], &[1, -1, 2, 6])
+    );
+    assert_eq!(
+        y64(&g, vec![("x", it(DType::I32, &[0], &[]))]),
+        it(DType::I32, &[0], &[])
+    );
 }
 
 // ------------------------------------------------------------- composites
@@ -1445,7 +1597,9 @@ fn hand_softmax_rows(x: &[f64], rows: usize, cols: usize, log: bool) -> Vec<f64>
 #[test]
 fn softmax_matches_a_hand_loop_and_rows_sum_to_one() {
     let x = [1.0, 2.0, 3.0, 1000.0, 1000.0, 1000.0, -5.0, 0.0, 5.0];
-    let g = unary_graph(DType::F32, vec![sym("B"), Dim::from(3)], |g, v| g.softmax(v, -1).unwrap());
+    let g = unary_graph(DType::F32, vec![sym("B"), Dim::from(3)], |g, v| {
+        g.softmax(v, -1).unwrap()
+    });
     let y = y64(&g, vec![("x", f32t(&[3, 3], &x))]);
     assert_eq!(y.shape, vec![3, 3]);
     let want = hand_softmax_rows(&x, 3, 3, false);
@@ -1459,7 +1613,17 @@ fn softmax_matches_a_hand_loop_and_rows_sum_to_one() {
     assert_exact(&yv[3..6], &[1.0 / 3.0; 3]);
     // by hand: softmax([0, ln 3]) = [1/4, 3/4]
     let g = unary_graph(DType::F32, cd(&[2]), |g, v| g.softmax(v, 0).unwrap());
-    let y = y64(&g, vec![("x", Tensor { dtype: DType::F32, shape: vec![2], data: Buffer::F(vec![0.0, 3f64.ln()]) })]);
+    let y = y64(
+        &g,
+        vec![(
+            "x",
+            Tensor {
+                dtype: DType::F32,
+                shape: vec![2],
+                data: Buffer::F(vec![0.0, 3f64.ln()]),
+            },
+        )],
+    );
     assert_close(&floats(&y), &[0.25, 0.75], 1e-15);
 }
 
@@ -1475,7 +1639,9 @@ fn softmax_along_axis_zero_and_in_f32() {
     let want = [st[0], st[3], st[1], st[4], st[2], st[5]];
     assert_close(&floats(&y), &want, 1e-15);
     // in f32 precision every value is an f32 and the result is within f32 rounding
-    let y32 = run_p(Precision::F32, &g, vec![("x", f32t(&[3, 2], &x))]).remove("y").unwrap();
+    let y32 = run_p(Precision::F32, &g, vec![("x", f32t(&[3, 2], &x))])
+        .remove("y")
+        .unwrap();
     for &v in &floats(&y32) {
         assert_eq!(v, v as f32 as f64);
     }
@@ -1512,7 +1678,9 @@ fn hand_rms_norm(x: &[f64], w: &[f64], rows: usize, d: usize, eps: f64) -> Vec<f
 #[test]
 fn rms_norm_matches_a_hand_loop() {
     let mut g = Graph::new("t");
-    let x = g.input("x", DType::F32, vec![sym("B"), sym("T"), Dim::from(4)]).unwrap();
+    let x = g
+        .input("x", DType::F32, vec![sym("B"), sym("T"), Dim::from(4)])
+        .unwrap();
     let w = g.param("w", DType::F32, cd(&[4])).unwrap();
     let y = g.scope("norm", |g| g.rms_norm(x, w, 1e-5)).unwrap();
     g.add_output("y", y).unwrap();
@@ -1544,7 +1712,9 @@ fn rms_norm_in_bf16() {
     let xt = ft(DType::BF16, &[2, 8], &xv);
     let wt = ft(DType::BF16, &[8], &wv);
     let want = hand_rms_norm(&xt.to_f64(), &wt.to_f64(), 2, 8, 1e-6);
-    let y = run_p(Precision::F32, &g, vec![("x", xt), ("w", wt)]).remove("y").unwrap();
+    let y = run_p(Precision::F32, &g, vec![("x", xt), ("w", wt)])
+        .remove("y")
+        .unwrap();
     assert_eq!(y.dtype, DType::BF16);
     // a few bf16 roundings along the way
     assert_close(&floats(&y), &want, 2f64.powi(-6));
@@ -1571,11 +1741,17 @@ fn reduced_precision_rounds_every_result() {
     assert_eq!(add(DType::BF16, 1.0, 2f64.powi(-8), Precision::F32), 1.0);
     // f16: 11 significant bits
     assert_eq!(add(DType::F16, 1.0, 2f64.powi(-11), Precision::F32), 1.0);
-    assert_eq!(add(DType::F16, 1.0, 3.0 * 2f64.powi(-11), Precision::F32), 1.0 + 2f64.powi(-9));
+    assert_eq!(
+        add(DType::F16, 1.0, 3.0 * 2f64.powi(-11), Precision::F32),
+        1.0 + 2f64.powi(-9)
+    );
     assert_eq!(add(DType::F16, 60000.0, 10000.0, Precision::F32), f64::INFINITY);
     // f32: 24 significant bits
     assert_eq!(add(DType::F32, 1.0, 2f64.powi(-24), Precision::F32), 1.0);
-    assert_eq!(add(DType::F32, 1.0, 2f64.powi(-24), Precision::F64), 1.0 + 2f64.powi(-24));
+    assert_eq!(
+        add(DType::F32, 1.0, 2f64.powi(-24), Precision::F64),
+        1.0 + 2f64.powi(-24)
+    );
     assert_eq!(add(DType::F32, 0.1, 0.2, Precision::F32), (0.1f32 + 0.2f32) as f64);
 }
 
@@ -1585,7 +1761,9 @@ fn reduced_precision_accumulates_wide() {
     let e9 = 2f64.powi(-9);
     let xs = [1.0, e9, e9, e9, e9];
     let g = unary_graph(DType::BF16, cd(&[5]), |g, v| g.sum(v, &[0], false).unwrap());
-    let y = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[5], &xs))]).remove("y").unwrap();
+    let y = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[5], &xs))])
+        .remove("y")
+        .unwrap();
     assert_exact(&floats(&y), &[1.0 + 2f64.powi(-7)]);
     // likewise a dot product
     let mut g = Graph::new("t");
@@ -1596,7 +1774,10 @@ fn reduced_precision_accumulates_wide() {
     let y = run_p(
         Precision::F32,
         &g,
-        vec![("a", ft(DType::BF16, &[1, 5], &xs)), ("b", ft(DType::BF16, &[5, 1], &[1.0; 5]))],
+        vec![
+            ("a", ft(DType::BF16, &[1, 5], &xs)),
+            ("b", ft(DType::BF16, &[5, 1], &[1.0; 5])),
+        ],
     )
     .remove("y")
     .unwrap();
@@ -1604,7 +1785,9 @@ fn reduced_precision_accumulates_wide() {
     // and a cumulative sum: the running sums 1 + j*2^-9 are exact, each output is rounded once
     // (1 + 2^-8 is a tie that goes to the even 1; 1 + 3*2^-9 is nearer 1 + 2^-7)
     let g = unary_graph(DType::BF16, cd(&[5]), |g, v| g.cumsum(v, 0, false, false).unwrap());
-    let y = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[5], &xs))]).remove("y").unwrap();
+    let y = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[5], &xs))])
+        .remove("y")
+        .unwrap();
     let e7 = 2f64.powi(-7);
     assert_exact(&floats(&y), &[1.0, 1.0, 1.0, 1.0 + e7, 1.0 + e7]);
 }
@@ -1616,7 +1799,9 @@ fn f64_precision_keeps_reduced_dtypes_exact_except_casts() {
     let x = 1.0 + 2f64.powi(-7);
     let exact = x * x;
     assert_eq!(floats(&y64(&g, vec![("x", ft(DType::BF16, &[1], &[x]))]))[0], exact);
-    let r = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[1], &[x]))]).remove("y").unwrap();
+    let r = run_p(Precision::F32, &g, vec![("x", ft(DType::BF16, &[1], &[x]))])
+        .remove("y")
+        .unwrap();
     assert_eq!(floats(&r)[0], 1.0 + 2f64.powi(-6));
     // a cast is a conversion: it rounds in either precision
     let g = unary_graph(DType::F32, cd(&[1]), |g, v| g.cast(v, DType::BF16).unwrap());
@@ -1653,7 +1838,10 @@ fn run_checks_its_inputs() {
     );
     // wrong dtype
     assert_eq!(
-        err(vec![("x", it(DType::I32, &[2], &[1, 2])), ("y", f32t(&[2], &[1.0, 2.0]))]),
+        err(vec![
+            ("x", it(DType::I32, &[2], &[1, 2])),
+            ("y", f32t(&[2], &[1.0, 2.0]))
+        ]),
         "input `x`: expected f32[N], got a i32 tensor of shape [2]"
     );
     // wrong rank
@@ -1681,14 +1869,20 @@ fn run_checks_constant_dims_and_expressions() {
         vec![("x", f32t(&[1, 3], &[0.0; 3])), ("y", f32t(&[2], &[0.0; 2]))],
     )
     .unwrap_err();
-    assert_eq!(e.to_string(), "input `x`: expected f32[B, 2] = [1, 2] with B=1, got shape [1, 3]");
+    assert_eq!(
+        e.to_string(),
+        "input `x`: expected f32[B, 2] = [1, 2] with B=1, got shape [1, 3]"
+    );
     let e = try_run(
         Precision::F64,
         &g,
         vec![("x", f32t(&[2, 2], &[0.0; 4])), ("y", f32t(&[2], &[0.0; 2]))],
     )
     .unwrap_err();
-    assert_eq!(e.to_string(), "input `y`: expected f32[2*B] = [4] with B=2, got shape [2]");
+    assert_eq!(
+        e.to_string(),
+        "input `y`: expected f32[2*B] = [4] with B=2, got shape [2]"
+    );
     // a dimension no input binds
     let mut g = Graph::new("t");
     let x = g.input("x", DType::F32, vec![sym("B") + Dim::from(1)]).unwrap();
@@ -1709,13 +1903,21 @@ fn run_refuses_malformed_tensors() {
         data: Buffer::F(vec![1.0, 2.0]),
     };
     let e = try_run(Precision::F64, &g, vec![("x", short), ("y", f32t(&[3], &[0.0; 3]))]).unwrap_err();
-    assert_eq!(e.to_string(), "input `x`: the tensor holds 2 values, its shape [3] needs 3");
+    assert_eq!(
+        e.to_string(),
+        "input `x`: the tensor holds 2 values, its shape [3] needs 3"
+    );
     let ints_as_f32 = Tensor {
         dtype: DType::F32,
         shape: vec![2],
         data: Buffer::I(vec![1, 2]),
     };
-    let e = try_run(Precision::F64, &g, vec![("x", f32t(&[2], &[0.0; 2])), ("y", ints_as_f32)]).unwrap_err();
+    let e = try_run(
+        Precision::F64,
+        &g,
+        vec![("x", f32t(&[2], &[0.0; 2])), ("y", ints_as_f32)],
+    )
+    .unwrap_err();
     assert_eq!(e.to_string(), "input `y`: a f32 tensor holding integer values");
 }
 
@@ -1877,7 +2079,11 @@ proptest! {
                     let mut best: Option<usize> = None;
                     for p in 0..len {
                         let val = x[(o * len + p) * inner + j];
-                        if !taken[p] && best.is_none_or(|b| val > x[(o * len + b) * inner + j]) {
+                        let better = match best {
+                            None => true,
+                            Some(b) => val > x[(o * len + b) * inner + j],
+                        };
+                        if !taken[p] && better {
                             best = Some(p);
                         }
                     }
@@ -1910,7 +2116,7 @@ proptest! {
         }
         for (i, (&a, &b)) in yv.iter().zip(&want).enumerate() {
             prop_assert!((a - b).abs() <= 1e-14, "element {}: {} vs {}", i, a, b);
-            prop_assert!(a >= 0.0 && a <= 1.0);
+            prop_assert!((0.0..=1.0).contains(&a));
         }
     }
 }
