@@ -323,6 +323,7 @@ pub enum Op {
         dtype: DType,
     },
     /// `[..., M, K] × [..., K, N] → [..., M, N]`, batch dims broadcast.
+    #[serde(rename = "matmul")]
     MatMul,
     Reduce {
         op: ReduceOp,

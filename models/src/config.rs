@@ -385,7 +385,7 @@ impl MiniMaxConfig {
                 return Err(f.err(k, "must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(f.err(
                 "num_key_value_heads",
                 format!(
@@ -403,22 +403,22 @@ impl MiniMaxConfig {
                 ),
             ));
         }
-        if self.rotary_dim == 0 || self.rotary_dim > self.head_dim || self.rotary_dim % 2 != 0 {
+        if self.rotary_dim == 0 || self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2) {
             return Err(f.err(
                 "rotary_dim",
                 format!("{} must be even and in 2..={}", self.rotary_dim, self.head_dim),
             ));
         }
-        if self.head_dim % 2 != 0 && self.layer_types.contains(&LayerType::Full) {
+        if !self.head_dim.is_multiple_of(2) && self.layer_types.contains(&LayerType::Full) {
             return Err(f.err(
                 "head_dim",
                 format!("{} must be even for rotary embeddings", self.head_dim),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(f.err("rms_norm_eps", "must be positive"));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(f.err("rope_theta", "must be positive"));
         }
         Ok(())

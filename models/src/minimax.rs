@@ -305,11 +305,10 @@ impl Builder<'_> {
             Mode::Decode { .. } => {
                 // S ← γ S + k_tᵀ v_t; o_t = q_t S
                 let s_in = g.input(&format!("state.{l}"), DType::F32, vec![bs.clone(), d(nh), d(dh), d(dh)])?;
-                let gamma = g.constant(
-                    DType::F32,
-                    vec![nh, 1, 1],
-                    ConstData::Float(lambda.iter().map(|&x| (-x).exp() as f32 as f64).collect()),
-                )?;
+                // γ = exp(−λ) from the same f32 λ as the prefill's mask, so that γ^n = exp(−λ·n) holds to
+                // rounding (a separately rounded γ constant drifts from the prefill by ~1e-8 relative)
+                let nlam = g.neg(lam)?;
+                let gamma = g.exp(nlam)?;
                 let decayed = g.mul(gamma, s_in)?;
                 let kt = g.transpose(k, -2, -1)?;
                 let kv = g.matmul(kt, v)?;

@@ -1,0 +1,161 @@
+//! `fulgur eval-model` and `fulgur generate`: MiniMax-01 checkpoints on the reference backend.
+//!
+//! ```text
+//! fulgur eval-model CKPT_DIR --tokens T.safetensors [--tokens-key input_ids] --out O.safetensors [--hidden-states]
+//! fulgur generate CKPT_DIR --tokens T.safetensors --tokens-key prompt --max-new-tokens N --greedy --out O.safetensors
+//! ```
+//! Both check the output path first, load only the weights the graph needs (memory-mapped), and write their
+//! outputs atomically.
+
+use crate::cli::files::{ensure_writable, write_stdout};
+use anyhow::{bail, Context, Result};
+use fulgur_ir::tensor::write_safetensors;
+use fulgur_ir::{Precision, Tensor};
+use fulgur_models::checkpoint::{check_tokens, read_tokens, Checkpoint};
+use fulgur_models::{decode_graph, forward_graph, ForwardOptions};
+use fulgur_runtime::{generate, Backend, ReferenceBackend};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory: config.json plus model.safetensors (or shards with model.safetensors.index.json).
+    pub checkpoint: PathBuf,
+    /// Safetensors file holding the token ids (i64 or i32, [B, T]).
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// Name of the token tensor in --tokens.
+    #[arg(long, default_value = "input_ids")]
+    pub tokens_key: String,
+    /// Output safetensors: `logits` [B, T, V] f32 and `loss` [1] (labels = the tokens).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Also write `hidden_states.{i}` (0: embeddings, i: output of layer i-1, last: after the final norm).
+    #[arg(long)]
+    pub hidden_states: bool,
+    /// Add the auxiliary load-balancing loss to `loss` and write `aux_loss`.
+    #[arg(long)]
+    pub aux_loss: bool,
+    /// Interpreter precision.
+    #[arg(long, value_enum, default_value_t = crate::cli::eval::PrecisionArg::F32)]
+    pub precision: crate::cli::eval::PrecisionArg,
+    /// Print the outputs' summaries.
+    #[arg(long)]
+    pub print: bool,
+}
+
+pub fn eval_model(args: EvalArgs) -> Result<()> {
+    ensure_writable(&args.out)?;
+    let t0 = Instant::now();
+    let ck = Checkpoint::open(&args.checkpoint)?;
+    let tokens = read_tokens(&args.tokens, &args.tokens_key)?;
+    check_tokens(&tokens, ck.config.vocab_size, &args.tokens_key, &args.tokens)?;
+    if tokens.shape[1] < 2 {
+        bail!(
+            "tensor `{}` in `{}`: the loss needs at least 2 tokens per sequence, found shape {:?}",
+            args.tokens_key,
+            args.tokens.display(),
+            tokens.shape
+        );
+    }
+    let opts = ForwardOptions {
+        hidden_states: args.hidden_states,
+        loss: true,
+        aux_loss: args.aux_loss,
+        states: false,
+    };
+    let g = forward_graph(&ck.config, &opts)?;
+    let mut inputs = ck.load_params(&g)?;
+    tracing::info!(elapsed = ?t0.elapsed(), params = inputs.len(), nodes = g.node_count(), "checkpoint loaded, graph built");
+    inputs.insert("input_ids".into(), tokens);
+    let backend = ReferenceBackend {
+        precision: Precision::from(args.precision),
+    };
+    let t1 = Instant::now();
+    let outputs = backend.run(&g, &inputs).context("running the forward graph")?;
+    tracing::info!(elapsed = ?t1.elapsed(), backend = backend.name(), "forward done");
+    for (name, t) in &outputs {
+        if t.has_non_finite() {
+            eprintln!("warning: output `{name}` contains NaN or infinite values");
+        }
+    }
+    write_safetensors(&args.out, &outputs)?;
+    if args.print {
+        write_stdout(
+            &outputs
+                .iter()
+                .map(|(n, t)| crate::cli::eval::describe(n, t))
+                .collect::<String>(),
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory: config.json plus model.safetensors (or shards with model.safetensors.index.json).
+    pub checkpoint: PathBuf,
+    /// Safetensors file holding the prompt token ids (i64 or i32, [B, P]).
+    #[arg(long)]
+    pub tokens: PathBuf,
+    /// Name of the prompt tensor in --tokens.
+    #[arg(long, default_value = "prompt")]
+    pub tokens_key: String,
+    /// Number of tokens to generate.
+    #[arg(long)]
+    pub max_new_tokens: usize,
+    /// Greedy decoding (the only mode implemented; the flag may be omitted).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Output safetensors: `generated` [B, P+N] i64 and `step_logits` [N·B, V] f32.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Interpreter precision.
+    #[arg(long, value_enum, default_value_t = crate::cli::eval::PrecisionArg::F32)]
+    pub precision: crate::cli::eval::PrecisionArg,
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    ensure_writable(&args.out)?;
+    let ck = Checkpoint::open(&args.checkpoint)?;
+    let prompt = read_tokens(&args.tokens, &args.tokens_key)?;
+    check_tokens(&prompt, ck.config.vocab_size, &args.tokens_key, &args.tokens)?;
+    let prefill = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            states: true,
+            ..Default::default()
+        },
+    )?;
+    let decode = decode_graph(&ck.config)?;
+    let params = ck.load_params(&prefill)?;
+    let backend = ReferenceBackend {
+        precision: Precision::from(args.precision),
+    };
+    let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} generating {pos}/{len} tokens [{elapsed_precise}] {per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let t0 = Instant::now();
+    let out = generate::greedy(
+        &backend,
+        &prefill,
+        &decode,
+        &params,
+        &prompt,
+        args.max_new_tokens,
+        |done, _| bar.set_position(done as u64),
+    )
+    .context("generating")?;
+    bar.finish_and_clear();
+    tracing::info!(elapsed = ?t0.elapsed(), tokens = args.max_new_tokens, "generation done");
+    let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();
+    outputs.insert("generated".into(), out.generated);
+    outputs.insert("step_logits".into(), out.step_logits);
+    write_safetensors(&args.out, &outputs)?;
+    Ok(())
+}

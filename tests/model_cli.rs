@@ -1,0 +1,203 @@
+//! `fulgur eval-model`, `generate` and `stats` run as processes against the tiny-a fixture.
+
+use fulgur::ir::tensor::{read_safetensors, write_safetensors};
+use fulgur::ir::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny_a() -> PathBuf {
+    let base = match std::env::var_os("FULGUR_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => root().join("../shared/fixtures"),
+    };
+    let p = base.join("tiny-a");
+    assert!(
+        p.join("config.json").exists(),
+        "fixture {} is missing (set FULGUR_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
+fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot start the fulgur binary")
+}
+
+/// Asserts a failure with one `error:` line containing every needle.
+fn fails(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {err}");
+    }
+}
+
+fn no_file_left(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+#[test]
+fn eval_model_matches_the_reference() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let o = fulgur(&[
+        &"eval-model",
+        &dir,
+        &"--tokens",
+        &dir.join("reference.safetensors"),
+        &"--out",
+        &out,
+        &"--hidden-states",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    for name in ["logits", "hidden_states.0", "hidden_states.2", "hidden_states.4"] {
+        let e = got[name].rel_l2(&want[name]);
+        assert!(e < 1e-4, "{name}: {e}");
+    }
+    assert_eq!(got["logits"].shape, vec![2, 40, 512]);
+    assert_eq!(got["loss"].shape, vec![1]);
+    assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+}
+
+#[test]
+fn generate_matches_the_reference() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("g.safetensors");
+    let o = fulgur(&[
+        &"generate",
+        &dir,
+        &"--tokens",
+        &dir.join("decode.safetensors"),
+        &"--tokens-key",
+        &"prompt",
+        &"--max-new-tokens",
+        &"10",
+        &"--greedy",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&dir.join("decode.safetensors")).unwrap();
+    assert_eq!(got["generated"].dtype, DType::I64);
+    assert_eq!(got["generated"].shape, want["generated"].shape);
+    assert_eq!(got["generated"].to_i64(), want["generated"].to_i64());
+    assert!(got["step_logits"].rel_l2(&want["step_logits"]) < 1e-4);
+}
+
+#[test]
+fn stats_of_the_full_model() {
+    let o = fulgur(&[&"stats", &"--config", &"models/configs/minimax-text-01.json", &"--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let total = v["total_params"].as_f64().unwrap();
+    let active = v["active_params"].as_f64().unwrap();
+    assert!((total / 456.09e9 - 1.0).abs() < 1e-3, "{total}");
+    assert!((active / 45.94e9 - 1.0).abs() < 1e-3, "{active}");
+    let o = fulgur(&[&"stats", &"--config", &"models/configs/minimax-text-01.json"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("456.09B") && text.contains("45.94B"), "{text}");
+}
+
+#[test]
+fn model_errors_are_one_line_and_leave_nothing() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let outdir = tmp.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("o.safetensors");
+    // not a checkpoint
+    let o = fulgur(&[
+        &"eval-model",
+        &tmp.path().join("nope"),
+        &"--tokens",
+        &dir.join("reference.safetensors"),
+        &"--out",
+        &out,
+    ]);
+    fails(&o, &["nope", "not a checkpoint directory"]);
+    // wrong tensor key
+    let o = fulgur(&[
+        &"eval-model",
+        &dir,
+        &"--tokens",
+        &dir.join("reference.safetensors"),
+        &"--tokens-key",
+        &"ids",
+        &"--out",
+        &out,
+    ]);
+    fails(&o, &["tensor `ids`", "reference.safetensors", "not found", "input_ids"]);
+    // a token outside the vocabulary
+    let bad = tmp.path().join("bad.safetensors");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "input_ids".to_string(),
+        Tensor::from_i64(DType::I64, vec![1, 3], vec![1, 512, 3]),
+    );
+    write_safetensors(&bad, &m).unwrap();
+    let o = fulgur(&[&"eval-model", &dir, &"--tokens", &bad, &"--out", &out]);
+    fails(&o, &["token id 512", "[0, 512)", "bad.safetensors"]);
+    // float tokens
+    m.insert("input_ids".to_string(), Tensor::from_f32(vec![1, 2], vec![1.0, 2.0]));
+    write_safetensors(&bad, &m).unwrap();
+    let o = fulgur(&[&"eval-model", &dir, &"--tokens", &bad, &"--out", &out]);
+    fails(&o, &["must be i64 or i32"]);
+    // a config with a bad field
+    let ck = tmp.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 128", "\"hidden_size\": \"128\"");
+    std::fs::write(ck.join("config.json"), cfg).unwrap();
+    std::fs::copy(dir.join("model.safetensors"), ck.join("model.safetensors")).unwrap();
+    let o = fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &dir.join("reference.safetensors"),
+        &"--out",
+        &out,
+    ]);
+    fails(
+        &o,
+        &["config.json", "field `hidden_size`", "expected a non-negative integer"],
+    );
+    // unwritable output
+    let o = fulgur(&[
+        &"generate",
+        &dir,
+        &"--tokens",
+        &dir.join("decode.safetensors"),
+        &"--max-new-tokens",
+        &"2",
+        &"--out",
+        &"/nonexistent-dir/g.safetensors",
+    ]);
+    fails(&o, &["/nonexistent-dir/g.safetensors"]);
+    // a config that does not exist
+    let o = fulgur(&[&"stats", &"--config", &tmp.path().join("missing.json")]);
+    fails(&o, &["missing.json"]);
+    no_file_left(&outdir);
+}
