@@ -298,7 +298,7 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
                 .for_each(|&x| bytes.extend_from_slice(&(x as f32).to_le_bytes())),
             (Buffer::F(v), DType::BF16) => v
                 .iter()
-                .for_each(|&x| bytes.extend_from_slice(&bf16::from_f64(x).to_le_bytes())),
+                .for_each(|&x| bytes.extend_from_slice(&bf16::from_f32(x as f32).to_le_bytes())),
             (Buffer::F(v), DType::F16) => v
                 .iter()
                 .for_each(|&x| bytes.extend_from_slice(&f16::from_f64(x).to_le_bytes())),
