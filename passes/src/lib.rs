@@ -1,7 +1,42 @@
 //! # fulgur-passes
 //!
-//! Graph-to-graph transformations: the pass manager and its reports; the `egg` language and analysis mirroring
-//! the IR; rule families (algebra, fusion, lightning attention, MoE, collectives), one file each; the roofline
-//! cost model over named targets; DAG-aware extraction; autodiff; sharding. Depends on `fulgur-ir` only.
+//! Graph-to-graph transformations. The optimizer is equality saturation with `egg`:
+//! - [`lang`]: the e-graph language mirroring the IR (attributes in the node payload, multi-output nodes as a
+//!   tuple plus projections), the shape/dtype analysis, and conversion Graph → e-graph;
+//! - [`rules`]: rule families, one file each (algebra, …); rules only say what is equal;
+//! - [`cost`]: the roofline cost model over named targets (H100, H200, H800, H20, A100, CPU);
+//! - [`extract`]: DAG-aware greedy extraction back to a graph (a shared subterm is paid once), deterministic;
+//! - [`eqsat`]: the saturation pass, run once per distinct layer template and stitched, with node, iteration
+//!   and time bounds and a report of what every rule did;
+//! - [`pass`]: the pass manager and its reports.
 //!
-//! Status: not yet built (the optimizer issue fills it).
+//! Depends on `fulgur-ir` only. Autodiff and sharding arrive with later issues.
+
+pub mod cost;
+pub mod eqsat;
+pub mod extract;
+pub mod lang;
+pub mod pass;
+pub mod rules;
+pub mod testing;
+
+use thiserror::Error;
+
+/// Errors of the passes.
+#[derive(Debug, Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Ir(#[from] fulgur_ir::IrError),
+    /// A pass produced a graph that does not verify (a bug in the pass).
+    #[error("pass `{pass}` produced an invalid graph: {message}")]
+    Invalid { pass: String, message: String },
+    /// A rule misbehaved (e.g. merged classes of different types).
+    #[error("{0}")]
+    Rule(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+pub use cost::{CostModel, Target};
+pub use eqsat::{EqSat, EqSatReport, Limits};
+pub use pass::{Dce, Pass, PassContext, PassReport, Pipeline};

@@ -1,0 +1,215 @@
+//! The roofline cost model: each kernel costs `max(FLOPs / peak, bytes / bandwidth) + launch overhead`, plus
+//! communicated bytes over the link bandwidth, on a named [`Target`].
+//!
+//! Sizes are symbolic in the IR; the model evaluates them under a [`CostModel::env`] of representative symbol
+//! values (default `B = 1`, `T = P = 4096`, any other symbol 1024), so one compile is costed at the shapes that
+//! matter. Views (reshape, broadcast, slice, full, iota) cost nothing: a consumer kernel reads them in place.
+
+use fulgur_ir::{Composite, DType, Op, TensorType};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Peak rates of a device. FLOP/s and bytes/s; seconds per launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    /// Dense bf16/f16 tensor-core peak.
+    pub matmul_flops_bf16: f64,
+    /// Dense tf32 tensor-core peak (used for f32 matmuls).
+    pub matmul_flops_f32: f64,
+    /// Non-matmul (vector) f32 peak.
+    pub vector_flops: f64,
+    /// Device memory bandwidth.
+    pub mem_bw: f64,
+    /// Bandwidth to a peer for collectives (per direction).
+    pub link_bw: f64,
+    /// Fixed cost of one kernel launch.
+    pub launch_s: f64,
+    /// Where the numbers come from.
+    pub source: String,
+}
+
+const T: f64 = 1e12;
+
+impl Target {
+    /// Every built-in target. Numbers are the vendors' published dense peaks (no sparsity).
+    pub fn all() -> Vec<Target> {
+        let t = |name: &str, bf16: f64, tf32: f64, f32v: f64, bw: f64, link: f64, launch: f64, src: &str| Target {
+            name: name.into(),
+            matmul_flops_bf16: bf16 * T,
+            matmul_flops_f32: tf32 * T,
+            vector_flops: f32v * T,
+            mem_bw: bw * T,
+            link_bw: link * 1e9,
+            launch_s: launch,
+            source: src.into(),
+        };
+        vec![
+            t("H100", 989.4, 494.7, 66.9, 3.35, 450.0, 3e-6, "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOPS BF16, 495 TF32, 67 FP32, 3.35 TB/s HBM3, NVLink 900 GB/s total"),
+            t("H200", 989.4, 494.7, 66.9, 4.8, 450.0, 3e-6, "NVIDIA H200 datasheet (SXM): H100 compute, 4.8 TB/s HBM3e, NVLink 900 GB/s total"),
+            t("H800", 989.4, 494.7, 66.9, 3.35, 200.0, 3e-6, "NVIDIA H800 SXM product brief: H100 compute, 3.35 TB/s, NVLink 400 GB/s total"),
+            t("H20", 148.0, 74.0, 44.0, 4.0, 450.0, 3e-6, "NVIDIA H20 published specs: 148 TFLOPS BF16, 74 TF32, 44 FP32, 4.0 TB/s HBM3, NVLink 900 GB/s total"),
+            t("A100", 312.0, 156.0, 19.5, 2.039, 300.0, 3e-6, "NVIDIA A100 datasheet (SXM 80GB): 312 TFLOPS BF16, 156 TF32, 19.5 FP32, 2.039 TB/s, NVLink 600 GB/s total"),
+            t("CPU", 0.16, 0.16, 0.16, 0.01, 10.0, 1e-6, "the 2-core AVX2 development VM: 2 cores x 2 FMA x 8 f32 x 2 x 2.5 GHz = 160 GFLOP/s, ~10 GB/s measured-order memory bandwidth"),
+        ]
+    }
+
+    /// A built-in target by name (case-insensitive; `H100_SXM` and `H100-SXM` are `H100`).
+    pub fn by_name(name: &str) -> Option<Target> {
+        let n = name.to_ascii_uppercase().replace(['-', '_'], "");
+        let n = n.trim_end_matches("SXM").trim_end_matches("SXM5");
+        Target::all().into_iter().find(|t| t.name.to_ascii_uppercase() == n)
+    }
+
+    /// Applies measured ceilings from JSON (`{"mem_bw": 3.0e12, "launch_s": 4e-6, ...}`; any subset of fields).
+    pub fn with_overrides(mut self, json: &str) -> Result<Target, String> {
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("invalid ceilings JSON: {e}"))?;
+        let obj = v.as_object().ok_or("ceilings JSON must be an object")?;
+        for (k, x) in obj {
+            let f = || {
+                x.as_f64()
+                    .ok_or_else(|| format!("ceiling `{k}` must be a number, found {x}"))
+            };
+            match k.as_str() {
+                "matmul_flops_bf16" => self.matmul_flops_bf16 = f()?,
+                "matmul_flops_f32" => self.matmul_flops_f32 = f()?,
+                "vector_flops" => self.vector_flops = f()?,
+                "mem_bw" => self.mem_bw = f()?,
+                "link_bw" => self.link_bw = f()?,
+                "launch_s" => self.launch_s = f()?,
+                "name" | "source" => {}
+                other => return Err(format!("unknown ceiling `{other}`")),
+            }
+        }
+        self.source = format!("{} (overridden by measured ceilings)", self.source);
+        Ok(self)
+    }
+}
+
+/// FLOPs, bytes and communication of one node, and whether it is a kernel launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodeCost {
+    pub flops: f64,
+    pub bytes: f64,
+    pub comm_bytes: f64,
+    /// Matmul-class FLOPs (tensor cores) rather than vector FLOPs.
+    pub tensor: bool,
+    pub kernel: bool,
+}
+
+/// A target plus the symbol values shapes are costed at.
+#[derive(Clone, Debug)]
+pub struct CostModel {
+    pub target: Target,
+    pub env: HashMap<String, i64>,
+}
+
+impl CostModel {
+    pub fn new(target: Target) -> CostModel {
+        let env = [("B", 1), ("T", 4096), ("P", 4096), ("N", 4096)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        CostModel { target, env }
+    }
+
+    /// Number of elements of a type under the costing environment (unknown symbols count 1024).
+    pub fn numel(&self, t: &TensorType) -> f64 {
+        let mut env = self.env.clone();
+        for s in t.shape.symbols() {
+            env.entry(s).or_insert(1024);
+        }
+        t.shape.numel().eval(&env).map(|n| n.max(0) as f64).unwrap_or(0.0)
+    }
+
+    fn dim(&self, t: &TensorType, i: usize) -> f64 {
+        let mut env = self.env.clone();
+        for s in t.shape.symbols() {
+            env.entry(s).or_insert(1024);
+        }
+        t.dims()
+            .get(i)
+            .and_then(|d| d.eval(&env).ok())
+            .map(|x| x as f64)
+            .unwrap_or(1.0)
+    }
+
+    fn bytes(&self, t: &TensorType) -> f64 {
+        self.numel(t) * t.dtype.size_bytes() as f64
+    }
+
+    /// The cost of `op` with inputs `ins` producing `outs`.
+    pub fn node_cost(&self, op: &Op, ins: &[&TensorType], outs: &[TensorType]) -> NodeCost {
+        let io = ins.iter().map(|t| self.bytes(t)).sum::<f64>() + outs.iter().map(|t| self.bytes(t)).sum::<f64>();
+        let out_n: f64 = outs.iter().map(|t| self.numel(t)).sum();
+        let kernel = |flops: f64, bytes: f64, tensor: bool| NodeCost {
+            flops,
+            bytes,
+            comm_bytes: 0.0,
+            tensor,
+            kernel: true,
+        };
+        match op {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => NodeCost::default(),
+            Op::Full { .. } | Op::Iota { .. } | Op::Reshape { .. } | Op::Broadcast { .. } | Op::Slice { .. } => {
+                NodeCost::default()
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. } => kernel(out_n, io, false),
+            Op::MatMul => {
+                let a = ins[0];
+                let k = self.dim(a, a.rank() - 1);
+                kernel(2.0 * out_n * k, io, true)
+            }
+            Op::Reduce { .. } | Op::CumSum { .. } => kernel(ins.iter().map(|t| self.numel(t)).sum(), io, false),
+            Op::Composite(c) => self.composite_cost(c, ins, outs, io),
+            _ => kernel(out_n, io, false),
+        }
+    }
+
+    fn composite_cost(&self, c: &Composite, ins: &[&TensorType], outs: &[TensorType], io: f64) -> NodeCost {
+        let n_in = ins.first().map(|t| self.numel(t)).unwrap_or(0.0);
+        let k = |flops: f64, tensor: bool| NodeCost {
+            flops,
+            bytes: io,
+            comm_bytes: 0.0,
+            tensor,
+            kernel: true,
+        };
+        match c {
+            Composite::Softmax { .. } | Composite::LogSoftmax { .. } => k(5.0 * n_in, false),
+            Composite::RmsNorm { .. } => k(4.0 * n_in, false),
+            #[allow(unreachable_patterns)]
+            _ => {
+                // Kernels introduced by the optimizer describe their own work.
+                let (flops, tensor) = composite_flops(self, c, ins, outs);
+                k(flops, tensor)
+            }
+        }
+    }
+
+    /// Seconds for one node.
+    pub fn time(&self, c: &NodeCost, dtype: DType) -> f64 {
+        if !c.kernel && c.comm_bytes == 0.0 {
+            return 0.0;
+        }
+        let peak = if c.tensor {
+            match dtype {
+                DType::BF16 | DType::F16 => self.target.matmul_flops_bf16,
+                _ => self.target.matmul_flops_f32,
+            }
+        } else {
+            self.target.vector_flops
+        };
+        let compute = c.flops / peak;
+        let memory = c.bytes / self.target.mem_bw;
+        let comm = c.comm_bytes / self.target.link_bw;
+        compute.max(memory) + comm + if c.kernel { self.target.launch_s } else { 0.0 }
+    }
+}
+
+/// FLOPs of the optimizer's kernel composites (see `docs/passes.md`): `(flops, uses tensor cores)`.
+pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: &[TensorType]) -> (f64, bool) {
+    let out_n: f64 = outs.iter().map(|t| m.numel(t)).sum();
+    let _ = (c, ins);
+    (out_n, false)
+}

@@ -1,0 +1,136 @@
+//! The pass manager: a [`Pass`] takes a graph and returns a graph and a [`PassReport`]; a [`Pipeline`] runs
+//! passes in order, optionally dumping the graph after each as canonical `.fir` and `.dot`.
+
+use crate::cost::CostModel;
+use crate::eqsat::EqSatReport;
+use crate::PassError;
+use fulgur_ir::{Graph, TensorType};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// What every pass may consult.
+#[derive(Clone, Debug)]
+pub struct PassContext {
+    pub model: CostModel,
+}
+
+/// One graph-to-graph transformation.
+pub trait Pass {
+    fn name(&self) -> &str;
+    /// Returns the new graph and what the pass itself has to say (`detail`); the pipeline fills in sizes,
+    /// costs and time.
+    fn run(&self, g: &Graph, cx: &PassContext) -> Result<(Graph, Option<EqSatReport>), PassError>;
+}
+
+/// What a pass did.
+#[derive(Clone, Debug, Serialize)]
+pub struct PassReport {
+    pub pass: String,
+    pub wall_ms: f64,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub kernels_before: usize,
+    pub kernels_after: usize,
+    /// Estimated seconds for one run of the graph under the cost model.
+    pub cost_before_s: f64,
+    pub cost_after_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eqsat: Option<EqSatReport>,
+}
+
+/// Estimated seconds and kernel count of a whole graph under the cost model.
+pub fn graph_cost(g: &Graph, model: &CostModel) -> (f64, usize) {
+    let mut cost = 0.0;
+    let mut kernels = 0;
+    for (_, n) in g.nodes() {
+        let ins: Vec<&TensorType> = n.inputs.iter().map(|&v| g.ty(v)).collect();
+        let c = model.node_cost(&n.op, &ins, &n.outputs);
+        let dt = n.outputs.first().map(|t| t.dtype).unwrap_or(fulgur_ir::DType::F32);
+        cost += model.time(&c, dt);
+        kernels += usize::from(c.kernel);
+    }
+    (cost, kernels)
+}
+
+/// Dead-code elimination: drops nodes no output depends on (inputs and parameters stay).
+pub struct Dce;
+
+impl Pass for Dce {
+    fn name(&self) -> &str {
+        "dce"
+    }
+    fn run(&self, g: &Graph, _cx: &PassContext) -> Result<(Graph, Option<EqSatReport>), PassError> {
+        Ok((g.dead_code_eliminated(), None))
+    }
+}
+
+/// A sequence of passes.
+#[derive(Default)]
+pub struct Pipeline {
+    pub passes: Vec<Box<dyn Pass>>,
+}
+
+impl Pipeline {
+    pub fn new() -> Pipeline {
+        Pipeline::default()
+    }
+
+    pub fn with(mut self, p: impl Pass + 'static) -> Pipeline {
+        self.passes.push(Box::new(p));
+        self
+    }
+
+    /// Runs every pass; with `dump`, writes `NN-PASS.fir` and `NN-PASS.dot` after each (and `00-input.*`).
+    pub fn run(&self, g: &Graph, cx: &PassContext, dump: Option<&Path>) -> Result<(Graph, Vec<PassReport>), PassError> {
+        let mut cur = g.clone();
+        if let Some(d) = dump {
+            write_dump(d, "00-input", &cur)?;
+        }
+        let mut reports = Vec::new();
+        for (i, p) in self.passes.iter().enumerate() {
+            let (cost_before, kernels_before) = graph_cost(&cur, &cx.model);
+            let t = Instant::now();
+            let (next, detail) = p.run(&cur, cx)?;
+            let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+            next.verify().map_err(|e| PassError::Invalid {
+                pass: p.name().to_string(),
+                message: e.to_string(),
+            })?;
+            let (cost_after, kernels_after) = graph_cost(&next, &cx.model);
+            tracing::info!(
+                pass = p.name(),
+                wall_ms,
+                nodes = next.node_count(),
+                kernels_after,
+                "pass done"
+            );
+            reports.push(PassReport {
+                pass: p.name().to_string(),
+                wall_ms,
+                nodes_before: cur.node_count(),
+                nodes_after: next.node_count(),
+                kernels_before,
+                kernels_after,
+                cost_before_s: cost_before,
+                cost_after_s: cost_after,
+                eqsat: detail,
+            });
+            cur = next;
+            if let Some(d) = dump {
+                write_dump(d, &format!("{:02}-{}", i + 1, p.name()), &cur)?;
+            }
+        }
+        Ok((cur, reports))
+    }
+}
+
+fn write_dump(dir: &Path, stem: &str, g: &Graph) -> Result<(), PassError> {
+    std::fs::create_dir_all(dir).map_err(|e| PassError::Io(format!("cannot create {}: {e}", dir.display())))?;
+    let w = |ext: &str, text: String| {
+        let p = dir.join(format!("{stem}.{ext}"));
+        fulgur_ir::tensor::write_atomic(&p, text.as_bytes()).map_err(|e| PassError::Io(e.to_string()))
+    };
+    w("fir", fulgur_ir::text::print(g))?;
+    w("dot", fulgur_ir::dot::to_dot(g))
+}

@@ -1,0 +1,141 @@
+//! Rule families, one file each. A rule only says what is equal; the cost model and the extractor decide
+//! what is built. Every family has soundness property tests: both sides of every rule run through the
+//! reference interpreter in f64 on random inputs of random admissible shapes and must agree.
+
+pub mod algebra;
+
+use crate::lang::Rewrite;
+
+/// A named set of rules.
+pub struct Family {
+    pub name: &'static str,
+    pub rules: Vec<Rewrite>,
+}
+
+/// Options that shape the rules (e.g. the block sizes the lightning family offers).
+#[derive(Clone, Debug)]
+pub struct RuleConfig {
+    /// Candidate lightning block sizes; the extractor picks by cost.
+    pub lightning_blocks: Vec<usize>,
+}
+
+impl Default for RuleConfig {
+    fn default() -> RuleConfig {
+        RuleConfig {
+            lightning_blocks: vec![64, 128, 256],
+        }
+    }
+}
+
+/// Every family's name, in pipeline order.
+pub const FAMILY_NAMES: [&str; 1] = ["algebra"];
+
+/// The families, minus those named in `disabled`. Unknown names are an error naming them.
+pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, String> {
+    for d in disabled {
+        if !FAMILY_NAMES.contains(&d.as_str()) {
+            return Err(format!(
+                "unknown rule family `{d}` (known: {})",
+                FAMILY_NAMES.join(", ")
+            ));
+        }
+    }
+    let all = vec![algebra::family(cfg)];
+    Ok(all
+        .into_iter()
+        .filter(|f| !disabled.iter().any(|d| d == f.name))
+        .collect())
+}
+
+use crate::lang::{EGraph, FNode, ShapeAnalysis};
+use egg::{Id, Searcher};
+
+/// A structural test on one e-node of a class: cheap, so a rule that matches nothing costs little.
+pub type Probe = fn(&EGraph, Id, &FNode) -> bool;
+/// Builds right-hand sides for a matched node (through [`crate::lang::add_checked`], which refuses ill-typed
+/// nodes) and returns the classes equal to the matched class.
+pub type Build = fn(&mut EGraph, Id, &FNode, &RuleConfig) -> Vec<Id>;
+
+struct FnSearcher {
+    probe: Probe,
+}
+
+impl Searcher<FNode, ShapeAnalysis> for FnSearcher {
+    fn search_eclass_with_limit(
+        &self,
+        egraph: &EGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<egg::SearchMatches<'_, FNode>> {
+        let n = egraph[eclass]
+            .nodes
+            .iter()
+            .filter(|n| (self.probe)(egraph, eclass, n))
+            .take(limit)
+            .count();
+        if n == 0 {
+            return None;
+        }
+        Some(egg::SearchMatches {
+            eclass,
+            substs: vec![egg::Subst::default(); n],
+            ast: None,
+        })
+    }
+    fn vars(&self) -> Vec<egg::Var> {
+        vec![]
+    }
+}
+
+struct FnApplier {
+    probe: Probe,
+    build: Build,
+    cfg: RuleConfig,
+}
+
+impl egg::Applier<FNode, ShapeAnalysis> for FnApplier {
+    fn apply_matches(&self, egraph: &mut EGraph, matches: &[egg::SearchMatches<FNode>], rule: egg::Symbol) -> Vec<Id> {
+        let mut changed = Vec::new();
+        for m in matches {
+            let class = egraph.find(m.eclass);
+            let nodes: Vec<FNode> = egraph[class]
+                .nodes
+                .iter()
+                .filter(|n| (self.probe)(egraph, class, n))
+                .cloned()
+                .collect();
+            for n in nodes {
+                for rhs in (self.build)(egraph, class, &n, &self.cfg) {
+                    if egraph.union_trusted(class, rhs, rule) {
+                        changed.push(egraph.find(class));
+                    }
+                }
+            }
+        }
+        changed
+    }
+    fn apply_one(
+        &self,
+        _: &mut EGraph,
+        _: Id,
+        _: &egg::Subst,
+        _: Option<&egg::PatternAst<FNode>>,
+        _: egg::Symbol,
+    ) -> Vec<Id> {
+        Vec::new()
+    }
+}
+
+/// A rule written as Rust code: `probe` selects e-nodes, `build` adds what they equal.
+pub fn fn_rule(name: &str, probe: Probe, build: Build, cfg: &RuleConfig) -> Rewrite {
+    Rewrite::new(
+        name.to_string(),
+        FnSearcher { probe },
+        FnApplier {
+            probe,
+            build,
+            cfg: cfg.clone(),
+        },
+    )
+    .unwrap_or_else(|e| panic!("rule `{name}` is malformed: {e}"))
+}
