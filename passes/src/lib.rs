@@ -40,3 +40,12 @@ pub enum PassError {
 pub use cost::{CostModel, Target};
 pub use eqsat::{EqSat, EqSatReport, Limits};
 pub use pass::{Dce, Pass, PassContext, PassReport, Pipeline};
+
+/// The standard optimization pipeline: dead-code elimination, then equality saturation with every rule
+/// family except those in `disabled`.
+pub fn standard_pipeline(cfg: &rules::RuleConfig, disabled: &[String], limits: Limits) -> Result<Pipeline, PassError> {
+    let fams = rules::families(cfg, disabled).map_err(PassError::Rule)?;
+    let mut eq = EqSat::new(fams);
+    eq.limits = limits;
+    Ok(Pipeline::new().with(Dce).with(eq))
+}

@@ -7,6 +7,7 @@
 pub mod check;
 pub mod eval;
 pub mod files;
+pub mod inspect;
 pub mod model;
 pub mod show;
 pub mod stats;
@@ -36,6 +37,8 @@ pub enum Command {
     Generate(model::GenerateArgs),
     /// Parameter counts, FLOPs and memory of a MiniMax-01 config.
     Stats(stats::Args),
+    /// Run the optimizer on a model or graph and report what every pass and rule did.
+    Inspect(inspect::Args),
 }
 
 /// Runs one parsed command line.
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EvalModel(a) => model::eval_model(a),
         Command::Generate(a) => model::generate(a),
         Command::Stats(a) => stats::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }
 

@@ -43,6 +43,38 @@ pub struct EvalArgs {
     /// Print the outputs' summaries.
     #[arg(long)]
     pub print: bool,
+    /// Optimization level: `none` runs the definitional graph, `full` the optimizer's output.
+    #[arg(long, value_enum, default_value_t = OptLevel::Full)]
+    pub opt: OptLevel,
+    /// Cost-model target the optimizer plans for.
+    #[arg(long, default_value = "H100")]
+    pub target: String,
+}
+
+/// How much of the optimizer runs before a graph executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptLevel {
+    None,
+    Full,
+}
+
+/// Runs the standard pipeline on `g` when `opt` is `full`.
+pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulgur_ir::Graph> {
+    if opt == OptLevel::None {
+        return Ok(g);
+    }
+    let model = crate::cli::inspect::cost_model(target, None, &[])?;
+    let pipeline = fulgur_passes::standard_pipeline(
+        &fulgur_passes::rules::RuleConfig::default(),
+        &[],
+        fulgur_passes::Limits::default(),
+    )?;
+    let t = Instant::now();
+    let (out, reports) = pipeline.run(&g, &fulgur_passes::PassContext { model }, None)?;
+    if let Some(r) = reports.last() {
+        tracing::info!(elapsed = ?t.elapsed(), kernels_before = reports[0].kernels_before, kernels_after = r.kernels_after, "optimized");
+    }
+    Ok(out)
 }
 
 pub fn eval_model(args: EvalArgs) -> Result<()> {
@@ -65,7 +97,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         aux_loss: args.aux_loss,
         states: false,
     };
-    let g = forward_graph(&ck.config, &opts)?;
+    let g = optimize(forward_graph(&ck.config, &opts)?, args.opt, &args.target)?;
     let mut inputs = ck.load_params(&g)?;
     tracing::info!(elapsed = ?t0.elapsed(), params = inputs.len(), nodes = g.node_count(), "checkpoint loaded, graph built");
     inputs.insert("input_ids".into(), tokens);

@@ -1,0 +1,233 @@
+//! `fulgur inspect CKPT_DIR_OR_CONFIG_OR_FIR [--passes] [--json] [--dump DIR] [--disable-rules FAMILY,...]
+//! [--target H100|H200|H800|H20|A100|CPU] [--ceilings FILE] [--bind SYM=N,...]`: run the optimizer and report
+//! what every pass did.
+
+use crate::cli::files::{load_graph, write_stdout};
+use anyhow::{anyhow, bail, Context, Result};
+use fulgur_ir::Graph;
+use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
+use fulgur_passes::eqsat::TemplateReport;
+use fulgur_passes::rules::RuleConfig;
+use fulgur_passes::{standard_pipeline, CostModel, Limits, PassContext, PassReport, Target};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A checkpoint directory (its config.json is used), a MiniMax config JSON, or a `.fir` graph.
+    pub input: PathBuf,
+    /// Show per-iteration e-graph sizes and per-rule matches and applications.
+    #[arg(long)]
+    pub passes: bool,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the graph after each pass as canonical `.fir` and `.dot` into this folder.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// Rule families to leave out (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub disable_rules: Vec<String>,
+    /// Cost-model target.
+    #[arg(long, default_value = "H100")]
+    pub target: String,
+    /// JSON file of measured ceilings overriding the target's (`mem_bw`, `launch_s`, ...).
+    #[arg(long)]
+    pub ceilings: Option<PathBuf>,
+    /// Symbol values the cost model evaluates shapes at, e.g. `B=8,T=32768` (default B=1, T=P=4096).
+    #[arg(long, value_delimiter = ',')]
+    pub bind: Vec<String>,
+    /// Saturation bounds.
+    #[arg(long, default_value_t = 20_000)]
+    pub node_limit: usize,
+    #[arg(long, default_value_t = 12)]
+    pub iter_limit: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub time_limit: f64,
+}
+
+/// The graph an inspect/optimize command works on: a `.fir`/`.json` graph, or MiniMax's forward with loss
+/// built from a config or checkpoint.
+pub fn input_graph(path: &Path) -> Result<Graph> {
+    let cfg_path = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let is_graph = matches!(path.extension().and_then(|e| e.to_str()), Some("fir"))
+        || (cfg_path.extension().and_then(|e| e.to_str()) == Some("json") && looks_like_graph(&cfg_path));
+    if is_graph {
+        return load_graph(path);
+    }
+    let cfg = MiniMaxConfig::from_file(&cfg_path)?;
+    Ok(forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )?)
+}
+
+fn looks_like_graph(p: &Path) -> bool {
+    std::fs::read_to_string(p)
+        .map(|s| s.contains("\"nodes\"") && s.contains("\"outputs\""))
+        .unwrap_or(false)
+}
+
+/// The cost model from `--target`, `--ceilings` and `--bind`.
+pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String]) -> Result<CostModel> {
+    let mut t = Target::by_name(target).ok_or_else(|| {
+        anyhow!(
+            "unknown target `{target}` (known: {})",
+            Target::all()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    if let Some(c) = ceilings {
+        let text = std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display()))?;
+        t = t.with_overrides(&text).map_err(|e| anyhow!("{}: {e}", c.display()))?;
+    }
+    let mut m = CostModel::new(t);
+    for b in bind {
+        let (k, v) = b
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--bind expects SYM=N, found `{b}`"))?;
+        let v: i64 = v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--bind {k}: `{v}` is not an integer"))?;
+        if v <= 0 {
+            bail!("--bind {k}: the value must be positive, found {v}");
+        }
+        m.env.insert(k.trim().to_string(), v);
+    }
+    Ok(m)
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.3} ms", s * 1e3)
+}
+
+fn template_text(o: &mut String, t: &TemplateReport, detail: bool) {
+    let inst = if t.instances.len() > 1 {
+        format!(
+            "x{} ({} .. {})",
+            t.instances.len(),
+            t.instances[0],
+            t.instances[t.instances.len() - 1]
+        )
+    } else {
+        "x1".to_string()
+    };
+    let _ = writeln!(
+        o,
+        "  template {} {inst}: {} nodes, {} iterations, stop: {}; kernels {} -> {}, cost {} -> {}; {:.1} ms",
+        t.name,
+        t.nodes,
+        t.iterations.len(),
+        t.stop_reason,
+        t.kernels_before,
+        t.kernels_after,
+        ms(t.cost_before_s),
+        ms(t.cost_after_s),
+        t.wall_ms
+    );
+    if detail {
+        let _ = writeln!(
+            o,
+            "    {:>4} {:>8} {:>9} {:>9}  applied",
+            "iter", "e-nodes", "e-classes", "ms"
+        );
+        for (i, it) in t.iterations.iter().enumerate() {
+            let applied: Vec<String> = it
+                .applied
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "    {:>4} {:>8} {:>9} {:>9.2}  {}",
+                i + 1,
+                it.enodes,
+                it.eclasses,
+                it.ms,
+                applied.join(" ")
+            );
+        }
+        let _ = writeln!(
+            o,
+            "    {:<28} {:<12} {:>8} {:>12}",
+            "rule", "family", "matches", "applications"
+        );
+        for (name, r) in &t.rules {
+            let _ = writeln!(
+                o,
+                "    {:<28} {:<12} {:>8} {:>12}",
+                name, r.family, r.matches, r.applications
+            );
+        }
+    }
+}
+
+/// Human-readable pass reports.
+pub fn reports_text(g: &Graph, model: &CostModel, reports: &[PassReport], detail: bool) -> String {
+    let mut o = String::new();
+    let mut env: Vec<String> = model.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.sort();
+    let _ = writeln!(
+        o,
+        "graph {}: {} nodes; target {} at {}",
+        g.name,
+        g.node_count(),
+        model.target.name,
+        env.join(", ")
+    );
+    for r in reports {
+        let _ = writeln!(
+            o,
+            "pass {}: {:.1} ms; nodes {} -> {}; kernels {} -> {}; cost {} -> {}",
+            r.pass,
+            r.wall_ms,
+            r.nodes_before,
+            r.nodes_after,
+            r.kernels_before,
+            r.kernels_after,
+            ms(r.cost_before_s),
+            ms(r.cost_after_s)
+        );
+        if let Some(e) = &r.eqsat {
+            let _ = writeln!(o, "  rule families: {}", e.families.join(", "));
+            for t in &e.templates {
+                template_text(&mut o, t, detail);
+            }
+        }
+    }
+    o
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let g = input_graph(&args.input)?;
+    let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind)?;
+    let limits = Limits {
+        nodes: args.node_limit,
+        iterations: args.iter_limit,
+        time: Duration::from_secs_f64(args.time_limit.max(0.0)),
+    };
+    let pipeline =
+        standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits).map_err(|e| anyhow!("{e}"))?;
+    let cx = PassContext { model: model.clone() };
+    let (_, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
+    if args.json {
+        let mut s = serde_json::to_string_pretty(&reports)?;
+        s.push('\n');
+        write_stdout(&s)
+    } else {
+        write_stdout(&reports_text(&g, &model, &reports, args.passes))
+    }
+}
