@@ -623,6 +623,38 @@ impl Graph {
         self.op1(Op::Composite(Composite::RmsNorm { eps }), &[x, w])
     }
 
+    /// `lightning_attention[block](q, k, v, lam)`: causal decayed linear attention, `[batch..., T, Dv]`.
+    pub fn lightning_attention(&mut self, q: Value, k: Value, v: Value, lam: Value, block: usize) -> Result<Value> {
+        self.op1(Op::Composite(Composite::LightningAttention { block }), &[q, k, v, lam])
+    }
+
+    /// `flash_attention[scale, causal](q, k, v)`: `softmax(q kᵀ · scale + mask) v`.
+    pub fn flash_attention(&mut self, q: Value, k: Value, v: Value, scale: f64, causal: bool) -> Result<Value> {
+        self.op1(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v])
+    }
+
+    /// `moe_router[k](logits)`; returns (weights, experts).
+    pub fn moe_router(&mut self, logits: Value, k: usize) -> Result<(Value, Value)> {
+        let v = self.op(Op::Composite(Composite::MoeRouter { k }), &[logits])?;
+        Ok((v[0], v[1]))
+    }
+
+    /// `moe_dispatch[experts](x, ids)`; returns (xs, pos, counts).
+    pub fn moe_dispatch(&mut self, x: Value, ids: Value, experts: usize) -> Result<(Value, Value, Value)> {
+        let v = self.op(Op::Composite(Composite::MoeDispatch { experts }), &[x, ids])?;
+        Ok((v[0], v[1], v[2]))
+    }
+
+    /// `grouped_matmul[swiglu](xs, counts, w)`.
+    pub fn grouped_matmul(&mut self, xs: Value, counts: Value, w: Value, swiglu: bool) -> Result<Value> {
+        self.op1(Op::Composite(Composite::GroupedMatmul { swiglu }), &[xs, counts, w])
+    }
+
+    /// `moe_combine(ys, pos, weights)`.
+    pub fn moe_combine(&mut self, ys: Value, pos: Value, weights: Value) -> Result<Value> {
+        self.op1(Op::Composite(Composite::MoeCombine), &[ys, pos, weights])
+    }
+
     // ------------------------------------------------------------ rewriting
 
     /// Returns a copy without nodes that no output depends on; node order (and so topological order) kept.

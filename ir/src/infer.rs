@@ -449,7 +449,206 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             }
             Ok(vec![x.clone()])
         }
+        Composite::LightningAttention { block } => infer_lightning(*block, ins),
+        Composite::FlashAttention { .. } => infer_flash(ins),
+        Composite::MoeRouter { k } => infer_router(*k, ins),
+        Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),
+        Composite::GroupedMatmul { swiglu } => infer_grouped_matmul(*swiglu, ins),
+        Composite::MoeCombine => infer_combine(ins),
     }
+}
+
+/// `q, k: [batch..., T, D]`, `v: [batch..., T, Dv]`, `lam` broadcastable to `[batch..., 1, 1]`, one float dtype.
+fn infer_lightning(block: usize, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (q, k, v, lam) = (ins[0], ins[1], ins[2], ins[3]);
+    let all = fmt_types(ins);
+    if block == 0 {
+        return Err("`lightning_attention` needs block >= 1, got block=0".into());
+    }
+    if !q.dtype.is_float() || ins.iter().any(|t| t.dtype != q.dtype) {
+        return Err(format!(
+            "`lightning_attention` needs q, k, v and lam of one float dtype, got {all}"
+        ));
+    }
+    let r = q.rank();
+    if r < 2 || k.rank() != r || v.rank() != r {
+        return Err(format!(
+            "`lightning_attention` needs q, k: [batch..., T, D] and v: [batch..., T, Dv] of one rank >= 2, got q {q}, k {k}, v {v}"
+        ));
+    }
+    if k.dims() != q.dims() {
+        return Err(format!(
+            "`lightning_attention` needs k of q's shape [batch..., T, D], got q {q} and k {k}"
+        ));
+    }
+    if v.dims()[..r - 1] != q.dims()[..r - 1] {
+        return Err(format!(
+            "`lightning_attention` needs v: [batch..., T, Dv] with q's batch and T dimensions, got q {q} and v {v}"
+        ));
+    }
+    let mut want = q.dims()[..r - 2].to_vec();
+    want.extend([Dim::constant(1), Dim::constant(1)]);
+    let want = Shape(want);
+    let lam_ok = lam.rank() <= r
+        && lam
+            .dims()
+            .iter()
+            .zip(&want.0[r - lam.rank()..])
+            .all(|(l, w)| l == w || l.is_one());
+    if !lam_ok {
+        return Err(format!(
+            "`lightning_attention` decay rates lam must broadcast to [batch..., 1, 1] = {want} (from q {q}), got lam {lam}"
+        ));
+    }
+    let mut dims = q.dims()[..r - 1].to_vec();
+    dims.push(v.dims()[r - 1].clone());
+    Ok(vec![TensorType::new(q.dtype, dims)])
+}
+
+/// `q: [qb..., T, D]`, `k: [kb..., S, D]`, `v: [vb..., S, Dv]`, one float dtype, batch axes broadcast.
+fn infer_flash(ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (q, k, v) = (ins[0], ins[1], ins[2]);
+    if !q.dtype.is_float() || ins.iter().any(|t| t.dtype != q.dtype) {
+        return Err(format!(
+            "`flash_attention` needs q, k and v of one float dtype, got {}",
+            fmt_types(ins)
+        ));
+    }
+    if q.rank() < 2 || k.rank() < 2 || v.rank() < 2 {
+        return Err(format!(
+            "`flash_attention` needs q: [..., T, D], k: [..., S, D], v: [..., S, Dv] of rank >= 2, got q {q}, k {k}, v {v}"
+        ));
+    }
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    let (dq, dk) = (&qd[qd.len() - 1], &kd[kd.len() - 1]);
+    if dq != dk {
+        return Err(format!(
+            "`flash_attention` needs q and k of one head dim: q {q}, k {k} (`{dq}` vs `{dk}`)"
+        ));
+    }
+    let (sk, sv) = (&kd[kd.len() - 2], &vd[vd.len() - 2]);
+    if sk != sv {
+        return Err(format!(
+            "`flash_attention` needs k and v of one length S: k {k}, v {v} (`{sk}` vs `{sv}`)"
+        ));
+    }
+    let batch = |t: &TensorType| Shape(t.dims()[..t.rank() - 2].to_vec());
+    let b = broadcast_shapes(&batch(q), &batch(k))
+        .and_then(|b| broadcast_shapes(&b, &batch(v)))
+        .map_err(|e| format!("`flash_attention` batch dimensions: {e} (q {q}, k {k}, v {v})"))?;
+    let mut dims = b.0;
+    dims.push(qd[qd.len() - 2].clone());
+    dims.push(vd[vd.len() - 1].clone());
+    Ok(vec![TensorType::new(q.dtype, dims)])
+}
+
+/// `logits: float [..., E]` → (`weights [..., k]`, `experts: i64 [..., k]`).
+fn infer_router(k: usize, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let t = ins[0];
+    if !t.dtype.is_float() || t.rank() == 0 {
+        return Err(format!("`moe_router` needs float logits [..., E], got {t}"));
+    }
+    let e = &t.dims()[t.rank() - 1];
+    if k == 0 {
+        return Err(format!("`moe_router` needs k >= 1, got k=0 for logits {t}"));
+    }
+    if let Some(n) = e.as_const() {
+        if k as i64 > n {
+            return Err(format!("`moe_router` k={k} exceeds the {n} experts of logits {t}"));
+        }
+    }
+    let mut dims = t.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = Dim::from(k);
+    Ok(vec![
+        TensorType::new(t.dtype, dims.clone()),
+        TensorType::new(DType::I64, dims),
+    ])
+}
+
+/// `x: [N, C]`, `experts: int [N, k]` → (`xs [N·k, C]`, `pos: i64 [N, k]`, `counts: i64 [E]`).
+fn infer_dispatch(experts: usize, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (x, ex) = (ins[0], ins[1]);
+    if experts == 0 {
+        return Err("`moe_dispatch` needs experts >= 1, got experts=0".into());
+    }
+    if x.rank() != 2 || x.dtype == DType::Bool {
+        return Err(format!("`moe_dispatch` needs numeric tokens x: [N, C], got {x}"));
+    }
+    if !ex.dtype.is_int() || ex.rank() != 2 || ex.dims()[0] != x.dims()[0] {
+        return Err(format!(
+            "`moe_dispatch` needs integer expert ids [N, k] with the N of x, got x {x} and experts {ex}"
+        ));
+    }
+    let (n, c, k) = (&x.dims()[0], &x.dims()[1], &ex.dims()[1]);
+    Ok(vec![
+        TensorType::new(x.dtype, vec![n.clone() * k.clone(), c.clone()]),
+        TensorType::new(DType::I64, ex.dims().to_vec()),
+        TensorType::new(DType::I64, vec![Dim::from(experts)]),
+    ])
+}
+
+/// `xs: [M, C]`, `counts: int [E]`, `w: [E, C, O]` → `[M, O]` (`[M, O/2]` with `swiglu`).
+fn infer_grouped_matmul(swiglu: bool, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (xs, counts, w) = (ins[0], ins[1], ins[2]);
+    if !xs.dtype.is_float() || w.dtype != xs.dtype {
+        return Err(format!(
+            "`grouped_matmul` needs float rows and weights of one dtype, got xs {xs} and w {w}"
+        ));
+    }
+    if !counts.dtype.is_int() || counts.rank() != 1 {
+        return Err(format!(
+            "`grouped_matmul` needs integer group sizes counts: [E], got {counts}"
+        ));
+    }
+    if xs.rank() != 2 || w.rank() != 3 {
+        return Err(format!(
+            "`grouped_matmul` needs xs: [M, C] and w: [E, C, O], got xs {xs} and w {w}"
+        ));
+    }
+    if w.dims()[0] != counts.dims()[0] {
+        return Err(format!(
+            "`grouped_matmul` needs one weight per group: counts {counts}, w {w} (`{}` vs `{}`)",
+            counts.dims()[0],
+            w.dims()[0]
+        ));
+    }
+    if w.dims()[1] != xs.dims()[1] {
+        return Err(format!(
+            "`grouped_matmul` inner dimensions differ: xs {xs} x w {w} (`{}` vs `{}`)",
+            xs.dims()[1],
+            w.dims()[1]
+        ));
+    }
+    let o = &w.dims()[2];
+    let out = if swiglu {
+        o.div_exact(&Dim::constant(2))
+            .ok_or_else(|| format!("`grouped_matmul[swiglu=true]` needs an even output width O = 2·I, got w {w}"))?
+    } else {
+        o.clone()
+    };
+    Ok(vec![TensorType::new(xs.dtype, vec![xs.dims()[0].clone(), out])])
+}
+
+/// `ys: [M, C]`, `pos: int [N, k]`, `weights: [N, k]` (dtype of ys) → `[N, C]`.
+fn infer_combine(ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (ys, pos, w) = (ins[0], ins[1], ins[2]);
+    if !ys.dtype.is_float() || ys.rank() != 2 {
+        return Err(format!("`moe_combine` needs float expert outputs ys: [M, C], got {ys}"));
+    }
+    if !pos.dtype.is_int() || pos.rank() != 2 {
+        return Err(format!(
+            "`moe_combine` needs integer row positions pos: [N, k], got {pos}"
+        ));
+    }
+    if w.dtype != ys.dtype || w.dims() != pos.dims() {
+        return Err(format!(
+            "`moe_combine` needs weights of pos's shape [N, k] and ys's dtype, got ys {ys}, pos {pos}, weights {w}"
+        ));
+    }
+    Ok(vec![TensorType::new(
+        ys.dtype,
+        vec![pos.dims()[0].clone(), ys.dims()[1].clone()],
+    )])
 }
 
 /// Whether a unary op applies to the dtype (used by random-graph generators).

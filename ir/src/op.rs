@@ -257,6 +257,30 @@ pub enum Composite {
         #[serde(with = "crate::json::f64_repr")]
         eps: f64,
     },
+    /// Causal linear attention with per-head exponential decay, in the block form of MiniMax-01's lightning
+    /// attention: inputs `q, k: [batch..., T, D]`, `v: [batch..., T, Dv]`, `lam` broadcastable to
+    /// `[batch..., 1, 1]`; output `o_t = Σ_{u≤t} exp(−λ(t−u)) (q_t·k_u) v_u`, `[batch..., T, Dv]`.
+    LightningAttention { block: usize },
+    /// `softmax(q kᵀ · scale + mask) v` with the causal mask `u ≤ t + (S − T)` when `causal`: inputs
+    /// `q: [..., T, D]`, `k: [..., S, D]`, `v: [..., S, Dv]` (batch axes broadcast as in `matmul`).
+    FlashAttention {
+        #[serde(with = "crate::json::f64_repr")]
+        scale: f64,
+        causal: bool,
+    },
+    /// MoE routing: `logits [..., E]` → (`weights [..., k]`, `experts: i64 [..., k]`): softmax, top-k,
+    /// weights renormalised to sum to 1.
+    MoeRouter { k: usize },
+    /// MoE dispatch: `x [N, C]`, `experts: int [N, k]` → (`xs [N·k, C]` sorted by expert, stable;
+    /// `pos: i64 [N, k]` the row of `xs` holding `(n, slot)`; `counts: i64 [experts]`).
+    MoeDispatch { experts: usize },
+    /// Per-group matmul: `xs [M, C]`, `counts: int [E]`, `w [E, C, O]` → `[M, O]` where the rows of group
+    /// `e` (consecutive, `counts[e]` of them) use `w[e]`; with `swiglu`, `[M, O/2]` =
+    /// `silu(first half) ⊙ second half`.
+    GroupedMatmul { swiglu: bool },
+    /// MoE combine: `ys [M, C]`, `pos: int [N, k]`, `weights [N, k]` → `[N, C]` =
+    /// `Σ_slot weights[n, slot] · ys[pos[n, slot]]`.
+    MoeCombine,
 }
 
 impl Composite {
@@ -265,19 +289,58 @@ impl Composite {
             Composite::Softmax { .. } => "softmax",
             Composite::LogSoftmax { .. } => "log_softmax",
             Composite::RmsNorm { .. } => "rms_norm",
+            Composite::LightningAttention { .. } => "lightning_attention",
+            Composite::FlashAttention { .. } => "flash_attention",
+            Composite::MoeRouter { .. } => "moe_router",
+            Composite::MoeDispatch { .. } => "moe_dispatch",
+            Composite::GroupedMatmul { .. } => "grouped_matmul",
+            Composite::MoeCombine => "moe_combine",
         }
     }
+    /// The names of all composites, as [`Composite::name`] gives them.
+    pub const NAMES: [&'static str; 9] = [
+        "softmax",
+        "log_softmax",
+        "rms_norm",
+        "lightning_attention",
+        "flash_attention",
+        "moe_router",
+        "moe_dispatch",
+        "grouped_matmul",
+        "moe_combine",
+    ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
             Composite::Softmax { axis } | Composite::LogSoftmax { axis } => vec![("axis", AttrValue::Int(*axis))],
             Composite::RmsNorm { eps } => vec![("eps", AttrValue::Float(*eps))],
+            Composite::LightningAttention { block } => vec![("block", AttrValue::Int(*block as i64))],
+            Composite::FlashAttention { scale, causal } => {
+                vec![
+                    ("scale", AttrValue::Float(*scale)),
+                    ("causal", AttrValue::Bool(*causal)),
+                ]
+            }
+            Composite::MoeRouter { k } => vec![("k", AttrValue::Int(*k as i64))],
+            Composite::MoeDispatch { experts } => vec![("experts", AttrValue::Int(*experts as i64))],
+            Composite::GroupedMatmul { swiglu } => vec![("swiglu", AttrValue::Bool(*swiglu))],
+            Composite::MoeCombine => vec![],
         }
     }
     pub fn num_inputs(&self) -> Option<usize> {
         Some(match self {
-            Composite::Softmax { .. } | Composite::LogSoftmax { .. } => 1,
-            Composite::RmsNorm { .. } => 2,
+            Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
+            Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
+            Composite::FlashAttention { .. } | Composite::GroupedMatmul { .. } | Composite::MoeCombine => 3,
+            Composite::LightningAttention { .. } => 4,
         })
+    }
+    /// Number of outputs.
+    pub fn num_outputs(&self) -> usize {
+        match self {
+            Composite::MoeRouter { .. } => 2,
+            Composite::MoeDispatch { .. } => 3,
+            _ => 1,
+        }
     }
 }
 
@@ -705,6 +768,21 @@ impl Op {
             "softmax" => Op::Composite(Composite::Softmax { axis: a.int("axis")? }),
             "log_softmax" => Op::Composite(Composite::LogSoftmax { axis: a.int("axis")? }),
             "rms_norm" => Op::Composite(Composite::RmsNorm { eps: a.float("eps")? }),
+            "lightning_attention" => Op::Composite(Composite::LightningAttention {
+                block: a.usize("block")?,
+            }),
+            "flash_attention" => Op::Composite(Composite::FlashAttention {
+                scale: a.float("scale")?,
+                causal: a.bool("causal")?,
+            }),
+            "moe_router" => Op::Composite(Composite::MoeRouter { k: a.usize("k")? }),
+            "moe_dispatch" => Op::Composite(Composite::MoeDispatch {
+                experts: a.usize("experts")?,
+            }),
+            "grouped_matmul" => Op::Composite(Composite::GroupedMatmul {
+                swiglu: a.bool("swiglu")?,
+            }),
+            "moe_combine" => Op::Composite(Composite::MoeCombine),
             "input" | "param" => return Err(format!("`{name}` is declared as `%N = {name} \"NAME\" : TYPE`")),
             _ => {
                 if let Some(u) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
@@ -749,10 +827,8 @@ impl Op {
             "topk",
             "one_hot",
             "cumsum",
-            "softmax",
-            "log_softmax",
-            "rms_norm",
         ];
+        v.extend(Composite::NAMES);
         v.extend(UnaryOp::ALL.iter().map(|u| u.name()));
         v.extend(BinaryOp::ALL.iter().map(|u| u.name()));
         v.extend(CmpOp::ALL.iter().map(|u| u.name()));

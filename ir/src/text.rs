@@ -222,11 +222,17 @@ pub fn parse(src: &str) -> Result<Graph> {
 /// Parses an op with its attributes as the text format writes it (`reduce_sum[axes=[-1], keepdims=true]`),
 /// without inputs. Used where ops travel as text (e.g. the optimizer's e-graph patterns).
 pub fn parse_op(src: &str) -> std::result::Result<Op, String> {
-    let mut p = Parser { src, pos: 0, ids: HashMap::new() };
+    let mut p = Parser {
+        src,
+        pos: 0,
+        ids: HashMap::new(),
+    };
     p.skip_ws();
     let at = p.pos;
     let name = p.ident().ok_or_else(|| format!("expected an op name at offset {at}"))?;
-    let attrs = p.attr_list(name).map_err(|e| format!("at offset {}: {}", e.pos, e.message))?;
+    let attrs = p
+        .attr_list(name)
+        .map_err(|e| format!("at offset {}: {}", e.pos, e.message))?;
     p.skip_ws();
     if p.pos != src.len() {
         return Err(format!("unexpected `{}` after `{name}`", snippet(p.rest())));
@@ -661,34 +667,34 @@ impl<'a> Parser<'a> {
 
     /// An optional `[key=value, ...]` list after an op name.
     fn attr_list(&mut self, op_name: &str) -> PResult<Vec<(String, AttrValue)>> {
-    let mut attrs: Vec<(String, AttrValue)> = Vec::new();
-    if self.eat('[') {
-        loop {
-            self.skip_ws();
-            let Some(key) = self.ident() else {
+        let mut attrs: Vec<(String, AttrValue)> = Vec::new();
+        if self.eat('[') {
+            loop {
+                self.skip_ws();
+                let Some(key) = self.ident() else {
+                    return self.err(
+                        self.pos,
+                        format!("expected an attribute name in `{op_name}[...]`, found {}", self.found()),
+                    );
+                };
+                self.expect('=', &format!("after attribute `{key}`"))?;
+                let v = self.value(0)?;
+                attrs.push((key.to_string(), v));
+                if self.eat(',') {
+                    continue;
+                }
+                if self.eat(']') {
+                    break;
+                }
                 return self.err(
                     self.pos,
-                    format!("expected an attribute name in `{op_name}[...]`, found {}", self.found()),
+                    format!(
+                        "expected `,` or `]` after attribute `{key}` of `{op_name}`, found {}",
+                        self.found()
+                    ),
                 );
-            };
-            self.expect('=', &format!("after attribute `{key}`"))?;
-            let v = self.value(0)?;
-            attrs.push((key.to_string(), v));
-            if self.eat(',') {
-                continue;
             }
-            if self.eat(']') {
-                break;
-            }
-            return self.err(
-                self.pos,
-                format!(
-                    "expected `,` or `]` after attribute `{key}` of `{op_name}`, found {}",
-                    self.found()
-                ),
-            );
         }
-    }
         Ok(attrs)
     }
 

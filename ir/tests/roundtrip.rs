@@ -184,6 +184,120 @@ impl Gen {
         }
     }
 
+    /// A value of dtype `dt` and shape `dims`: an existing one (sometimes) or a new input.
+    fn value_of(&mut self, dt: DType, dims: Vec<Dim>) -> Option<Value> {
+        if self.rng.gen_bool(0.3) {
+            let want = dims.clone();
+            if let Some(v) = self.pick(move |g, v| g.dtype(v) == dt && g.dims(v) == want.as_slice()) {
+                return Some(v);
+            }
+        }
+        self.new_input(dt, dims)
+    }
+
+    /// One of the optimizer's attention and MoE composites, on inputs that mostly type-check.
+    fn model_composite(&mut self, a: Value) {
+        let f = self.float_dtype();
+        let idt = if self.rng.gen_bool(0.5) { DType::I32 } else { DType::I64 };
+        match self.rng.gen_range(0..6) {
+            0 => {
+                let nb = self.rng.gen_range(0..3);
+                let batch = self.dims(nb);
+                let (t, d, dv) = (self.dim(), self.dim(), self.dim());
+                let qd: Vec<Dim> = batch.iter().cloned().chain([t.clone(), d]).collect();
+                let vd: Vec<Dim> = batch.iter().cloned().chain([t, dv]).collect();
+                let mut ld = batch.clone();
+                ld.extend([Dim::from(1i64), Dim::from(1i64)]);
+                let ld = self.broadcastable(&ld);
+                let (Some(q), Some(k), Some(v), Some(lam)) = (
+                    self.value_of(f, qd.clone()),
+                    self.value_of(f, qd),
+                    self.value_of(f, vd),
+                    self.value_of(f, ld),
+                ) else {
+                    return;
+                };
+                let block = [1, 2, 16, 256][self.rng.gen_range(0..4)];
+                self.add(Op::Composite(Composite::LightningAttention { block }), &[q, k, v, lam]);
+            }
+            1 => {
+                let nb = self.rng.gen_range(0..3);
+                let batch = self.dims(nb);
+                let (t, s, d, dv) = (self.dim(), self.dim(), self.dim(), self.dim());
+                let qd: Vec<Dim> = batch.iter().cloned().chain([t, d.clone()]).collect();
+                let kb = self.broadcastable(&batch);
+                let kd: Vec<Dim> = kb.iter().cloned().chain([s.clone(), d]).collect();
+                let vd: Vec<Dim> = kb.iter().cloned().chain([s, dv]).collect();
+                let (Some(q), Some(k), Some(v)) = (self.value_of(f, qd), self.value_of(f, kd), self.value_of(f, vd))
+                else {
+                    return;
+                };
+                let scale = self.f64();
+                let causal = self.rng.gen_bool(0.5);
+                self.add(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v]);
+            }
+            2 => {
+                let logits = if self.g.dtype(a).is_float() && self.g.rank(a) >= 1 {
+                    a
+                } else {
+                    let d = self.dims(2);
+                    let Some(l) = self.new_input(f, d) else { return };
+                    l
+                };
+                let k = self.rng.gen_range(0..5);
+                self.add(Op::Composite(Composite::MoeRouter { k }), &[logits]);
+            }
+            3 => {
+                let ids = match self.pick(|g, v| g.dtype(v).is_int() && g.rank(v) == 2) {
+                    Some(i) if self.rng.gen_bool(0.7) => i,
+                    _ => {
+                        let d = self.dims(2);
+                        let Some(i) = self.new_input(idt, d) else { return };
+                        i
+                    }
+                };
+                let n = self.g.dims(ids)[0].clone();
+                let c = self.dim();
+                let Some(x) = self.value_of(f, vec![n, c]) else { return };
+                let experts = self.rng.gen_range(0..7);
+                self.add(Op::Composite(Composite::MoeDispatch { experts }), &[x, ids]);
+            }
+            4 => {
+                let (m, c, e) = (self.dim(), self.dim(), self.dim());
+                let swiglu = self.rng.gen_bool(0.5);
+                let o = if swiglu && self.rng.gen_bool(0.8) {
+                    Dim::from(2i64) * self.dim()
+                } else {
+                    self.dim()
+                };
+                let (Some(xs), Some(counts), Some(w)) = (
+                    self.value_of(f, vec![m, c.clone()]),
+                    self.value_of(idt, vec![e.clone()]),
+                    self.value_of(f, vec![e, c, o]),
+                ) else {
+                    return;
+                };
+                self.add(Op::Composite(Composite::GroupedMatmul { swiglu }), &[xs, counts, w]);
+            }
+            _ => {
+                let pos = match self.pick(|g, v| g.dtype(v).is_int() && g.rank(v) == 2) {
+                    Some(p) if self.rng.gen_bool(0.7) => p,
+                    _ => {
+                        let d = self.dims(2);
+                        let Some(p) = self.new_input(idt, d) else { return };
+                        p
+                    }
+                };
+                let pd = self.g.dims(pos).to_vec();
+                let (m, c) = (self.dim(), self.dim());
+                let (Some(ys), Some(w)) = (self.value_of(f, vec![m, c]), self.value_of(f, pd)) else {
+                    return;
+                };
+                self.add(Op::Composite(Composite::MoeCombine), &[ys, pos, w]);
+            }
+        }
+    }
+
     fn step(&mut self) {
         let Some(a) = self.any() else {
             let d = self.dtype();
@@ -195,7 +309,7 @@ impl Gen {
         let dt = self.g.dtype(a);
         let dims = self.g.dims(a).to_vec();
         let rank = dims.len();
-        match self.rng.gen_range(0..24) {
+        match self.rng.gen_range(0..26) {
             0 => {
                 let d = self.dtype();
                 let r = self.rng.gen_range(0..4);
@@ -462,6 +576,7 @@ impl Gen {
                 let axis = self.axis(r);
                 self.add(Op::Iota { dtype, shape, axis }, &[]);
             }
+            24 | 25 => self.model_composite(a),
             21 | 22 => {
                 let axis = self.axis(rank);
                 let c = if self.rng.gen_bool(0.5) {

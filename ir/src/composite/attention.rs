@@ -1,0 +1,40 @@
+//! `flash_attention`: softmax attention, decomposed into its plain (materialised scores) form.
+//!
+//! `o = softmax(q kᵀ · scale + mask) v` for `q: [..., T, D]`, `k: [..., S, D]`, `v: [..., S, Dv]` (batch axes
+//! broadcast as in `matmul`, so grouped-query attention is `q: [B, KVH, G, T, D]` against
+//! `k, v: [B, KVH, 1, S, D]`). With `causal`, query `t` sees key `u` iff `u ≤ t + (S − T)`: the queries are the
+//! last `T` positions of the `S` keys, so `T = S` is the ordinary causal mask and a decode step (`T = 1`) sees
+//! every key. A query that sees no key (`t < T − S`) gives NaN, as a softmax over only −∞ does.
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::graph::{Graph, Value};
+use crate::op::CmpOp;
+
+/// Appends the decomposition of `flash_attention[scale, causal](q, k, v)` to `g`.
+pub fn decompose(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v: Value) -> Result<Value> {
+    let kt = g.transpose(k, -2, -1)?;
+    let s = g.matmul(q, kt)?; // [batch..., T, S]
+    let s = g.scale(s, scale)?;
+    let s = if causal {
+        let qd = g.dims(q).to_vec();
+        let kd = g.dims(k).to_vec();
+        let (t, sl) = (qd[qd.len() - 2].clone(), kd[kd.len() - 2].clone());
+        // u ≤ t + (S − T)  ⟺  S − 1 − u ≥ T − 1 − t: both sides count from the end, so no symbolic scalar
+        // `S − T` is needed
+        let ones_s = g.full(1.0, DType::I64, vec![sl])?;
+        let after_u = g.cumsum(ones_s, 0, true, true)?; // [S]: S − 1 − u
+        let ones_t = g.full(1.0, DType::I64, vec![t, 1.into()])?;
+        let after_t = g.cumsum(ones_t, 0, true, true)?; // [T, 1]: T − 1 − t
+        let visible = g.compare(CmpOp::Ge, after_u, after_t)?; // [T, S]
+        let dt = g.dtype(s);
+        let zero = g.scalar(0.0, dt)?;
+        let ninf = g.scalar(f64::NEG_INFINITY, dt)?;
+        let bias = g.select(visible, zero, ninf)?;
+        g.add(s, bias)?
+    } else {
+        s
+    };
+    let p = super::softmax(g, s, -1)?;
+    g.matmul(p, v)
+}

@@ -1,0 +1,85 @@
+//! Decompositions of composite ops into primitives.
+//!
+//! A composite's meaning is its decomposition: the interpreter runs it, and rewrite rules that introduce a
+//! composite are tested against it. Every decomposition works on symbolic shapes (the interpreter builds it
+//! for the concrete shapes of each run, a pass may build it for the symbolic ones) and produces exactly the
+//! output types [`crate::infer::infer`] gives.
+//!
+//! - this module: `softmax`, `log_softmax`, `rms_norm`, and the dispatch over all composites;
+//! - [`attention`]: `flash_attention` (the plain softmax form);
+//! - [`lightning`]: `lightning_attention` (the block form of MiniMax-01's lightning attention);
+//! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`.
+
+pub mod attention;
+pub mod lightning;
+pub mod moe;
+
+use crate::error::{IrError, Result};
+use crate::graph::{Graph, Value};
+use crate::op::Composite;
+
+impl Composite {
+    /// Appends the primitive decomposition of `self` applied to `inputs` to `g`; returns the outputs.
+    ///
+    /// `inputs` must type-check for `self` (see [`crate::infer::infer`]); ill-typed inputs give an error from
+    /// whichever primitive first refuses them.
+    pub fn decompose(&self, g: &mut Graph, inputs: &[Value]) -> Result<Vec<Value>> {
+        if let Some(n) = self.num_inputs() {
+            if inputs.len() != n {
+                return Err(IrError::Graph(format!(
+                    "decomposing `{}`: expects {n} input(s), got {}",
+                    self.name(),
+                    inputs.len()
+                )));
+            }
+        }
+        match self {
+            Composite::Softmax { axis } => Ok(vec![softmax(g, inputs[0], *axis)?]),
+            Composite::LogSoftmax { axis } => {
+                let x = inputs[0];
+                let m = g.max(x, &[*axis], true)?;
+                let z = g.sub(x, m)?;
+                let e = g.exp(z)?;
+                let s = g.sum(e, &[*axis], true)?;
+                let l = g.log(s)?;
+                Ok(vec![g.sub(z, l)?])
+            }
+            Composite::RmsNorm { eps } => {
+                let (x, w) = (inputs[0], inputs[1]);
+                let sq = g.mul(x, x)?;
+                let ms = g.mean(sq, &[-1], true)?;
+                let ms = g.add_scalar(ms, *eps)?;
+                let r = g.rsqrt(ms)?;
+                let y = g.mul(x, r)?;
+                Ok(vec![g.mul(y, w)?])
+            }
+            Composite::LightningAttention { block } => Ok(vec![lightning::decompose(
+                g, *block, inputs[0], inputs[1], inputs[2], inputs[3],
+            )?]),
+            Composite::FlashAttention { scale, causal } => Ok(vec![attention::decompose(
+                g, *scale, *causal, inputs[0], inputs[1], inputs[2],
+            )?]),
+            Composite::MoeRouter { k } => {
+                let (w, e) = moe::router(g, *k, inputs[0])?;
+                Ok(vec![w, e])
+            }
+            Composite::MoeDispatch { experts } => {
+                let (xs, pos, counts) = moe::dispatch(g, *experts, inputs[0], inputs[1])?;
+                Ok(vec![xs, pos, counts])
+            }
+            Composite::GroupedMatmul { swiglu } => {
+                Ok(vec![moe::grouped_matmul(g, *swiglu, inputs[0], inputs[1], inputs[2])?])
+            }
+            Composite::MoeCombine => Ok(vec![moe::combine(g, inputs[0], inputs[1], inputs[2])?]),
+        }
+    }
+}
+
+/// `exp(x − max) / sum(exp(x − max))` along `axis`, in primitives.
+pub(crate) fn softmax(g: &mut Graph, x: Value, axis: i64) -> Result<Value> {
+    let m = g.max(x, &[axis], true)?;
+    let z = g.sub(x, m)?;
+    let e = g.exp(z)?;
+    let s = g.sum(e, &[axis], true)?;
+    g.div(e, s)
+}
