@@ -95,6 +95,8 @@ pub struct NodeCost {
     /// Matmul-class FLOPs (tensor cores) rather than vector FLOPs.
     pub tensor: bool,
     pub kernel: bool,
+    /// Sequential latency not captured by the roofline (seconds).
+    pub latency_s: f64,
 }
 
 /// A target plus the symbol values shapes are costed at.
@@ -122,7 +124,7 @@ impl CostModel {
         t.shape.numel().eval(&env).map(|n| n.max(0) as f64).unwrap_or(0.0)
     }
 
-    fn dim(&self, t: &TensorType, i: usize) -> f64 {
+    pub fn dim(&self, t: &TensorType, i: usize) -> f64 {
         let mut env = self.env.clone();
         for s in t.shape.symbols() {
             env.entry(s).or_insert(1024);
@@ -145,9 +147,9 @@ impl CostModel {
         let kernel = |flops: f64, bytes: f64, tensor: bool| NodeCost {
             flops,
             bytes,
-            comm_bytes: 0.0,
             tensor,
             kernel: true,
+            ..NodeCost::default()
         };
         match op {
             Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => NodeCost::default(),
@@ -171,9 +173,9 @@ impl CostModel {
         let k = |flops: f64, tensor: bool| NodeCost {
             flops,
             bytes: io,
-            comm_bytes: 0.0,
             tensor,
             kernel: true,
+            ..NodeCost::default()
         };
         match c {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } => k(5.0 * n_in, false),
@@ -182,7 +184,7 @@ impl CostModel {
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);
-                k(flops, tensor)
+                NodeCost { latency_s: composite_latency(self, c, ins), ..k(flops, tensor) }
             }
         }
     }
@@ -203,13 +205,47 @@ impl CostModel {
         let compute = c.flops / peak;
         let memory = c.bytes / self.target.mem_bw;
         let comm = c.comm_bytes / self.target.link_bw;
-        compute.max(memory) + comm + if c.kernel { self.target.launch_s } else { 0.0 }
+        compute.max(memory) + comm + c.latency_s + if c.kernel { self.target.launch_s } else { 0.0 }
     }
 }
 
 /// FLOPs of the optimizer's kernel composites (see `docs/passes.md`): `(flops, uses tensor cores)`.
 pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: &[TensorType]) -> (f64, bool) {
     let out_n: f64 = outs.iter().map(|t| m.numel(t)).sum();
-    let _ = (c, ins);
-    (out_n, false)
+    match c {
+        Composite::LightningAttention { block } => {
+            // per (batch, head): intra-block 2·T·b·(D + Dv), state contributions and inter-block products
+            // 4·T·D·Dv, the sequential scan over blocks 2·nb·D·Dv
+            let q = ins[0];
+            let r = q.rank();
+            let (t, d) = (m.dim(q, r - 2), m.dim(q, r - 1));
+            let dv = m.dim(ins[2], r - 1);
+            let bh = m.numel(q) / (t * d).max(1.0);
+            let b = (*block as f64).min(t.max(1.0));
+            let nb = (t / b).ceil();
+            (bh * (2.0 * t * b * (d + dv) + 4.0 * t * d * dv + 2.0 * nb * d * dv), true)
+        }
+        Composite::FlashAttention { causal, .. } => {
+            let (q, k) = (ins[0], ins[1]);
+            let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));
+            let s = m.dim(k, k.rank() - 2);
+            let heads = m.numel(q) / (t * d).max(1.0);
+            let full = 4.0 * heads * t * s * d;
+            (if *causal { full / 2.0 } else { full }, true)
+        }
+        _ => (out_n, false),
+    }
+}
+
+/// Extra sequential latency of a composite beyond its roofline (seconds): the lightning kernel's scan over
+/// `ceil(T / b)` blocks, each step a dependent update of the state (a quarter launch each).
+pub fn composite_latency(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> f64 {
+    match c {
+        Composite::LightningAttention { block } => {
+            let q = ins[0];
+            let t = m.dim(q, q.rank() - 2);
+            (t / (*block as f64).max(1.0)).ceil() * m.target.launch_s * 0.25
+        }
+        _ => 0.0,
+    }
 }

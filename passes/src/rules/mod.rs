@@ -3,6 +3,7 @@
 //! reference interpreter in f64 on random inputs of random admissible shapes and must agree.
 
 pub mod algebra;
+pub mod lightning;
 
 use crate::lang::Rewrite;
 
@@ -28,7 +29,7 @@ impl Default for RuleConfig {
 }
 
 /// Every family's name, in pipeline order.
-pub const FAMILY_NAMES: [&str; 1] = ["algebra"];
+pub const FAMILY_NAMES: [&str; 2] = ["algebra", "lightning"];
 
 /// The families, minus those named in `disabled`. Unknown names are an error naming them.
 pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, String> {
@@ -40,7 +41,7 @@ pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, St
             ));
         }
     }
-    let all = vec![algebra::family(cfg)];
+    let all = vec![algebra::family(cfg), lightning::family(cfg)];
     Ok(all
         .into_iter()
         .filter(|f| !disabled.iter().any(|d| d == f.name))

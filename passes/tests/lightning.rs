@@ -1,0 +1,84 @@
+//! Soundness of the attention family: every alternative (block-form lightning attention at several block
+//! sizes, flash attention) agrees with the definitional graph in f64 on random inputs.
+
+use fulgur_ir::{Graph, Op};
+use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
+use fulgur_passes::rules::{lightning, RuleConfig};
+use fulgur_passes::testing::{check_soundness, random_inputs};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn example(name: &str) -> Graph {
+    let src = std::fs::read_to_string(root().join("examples").join(name)).unwrap();
+    fulgur_ir::text::parse(&src).unwrap()
+}
+
+fn cfg() -> RuleConfig {
+    RuleConfig { lightning_blocks: vec![1, 3, 4, 16] }
+}
+
+fn env(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// Saturates, checks soundness, and returns the op names found among the alternatives.
+fn check(g: &Graph, env: &HashMap<String, i64>, seed: u64) -> usize {
+    let mut inputs = random_inputs(g, env, seed, 8);
+    // decay rates must be non-negative for the definitional form not to overflow above the diagonal
+    if let Some(l) = inputs.get_mut("lambda") {
+        if let fulgur_ir::Buffer::F(v) = &mut l.data {
+            v.iter_mut().for_each(|x| *x = x.abs() * 0.5);
+        }
+    }
+    check_soundness(g, vec![lightning::family(&cfg())], &inputs, 1e-9).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn lightning_example_block_forms_are_sound() {
+    let g = example("lightning.fir");
+    for (seed, (b, h, t)) in [(1, 1, 1), (2, 3, 5), (1, 2, 16), (2, 2, 17), (1, 1, 40)].into_iter().enumerate() {
+        let n = check(&g, &env(&[("B", b), ("H", h), ("T", t)]), seed as u64);
+        // the original plus one lightning_attention per block size, at least
+        assert!(n >= 5, "{n}");
+    }
+}
+
+#[test]
+fn attention_example_becomes_flash_attention_soundly() {
+    let g = example("attention.fir");
+    for (seed, t) in [1, 2, 7, 33].into_iter().enumerate() {
+        check(&g, &env(&[("T", t)]), seed as u64);
+    }
+}
+
+#[test]
+fn minimax_layers_are_rewritten_soundly() {
+    let text = r#"{"model_type": "minimax", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 8,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4,
+        "num_local_experts": 3, "num_experts_per_tok": 2, "layer_types": ["linear_attention", "full_attention"],
+        "block_size": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}"#;
+    let cfg = MiniMaxConfig::from_json_str(text, "test").unwrap();
+    let g = forward_graph(&cfg, &ForwardOptions { loss: true, ..Default::default() }).unwrap();
+    for (seed, t) in [(0, 1), (1, 6), (2, 9)] {
+        check(&g, &env(&[("B", 2), ("T", t)]), seed);
+    }
+    // and the rules do fire on this graph
+    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis);
+    fulgur_passes::lang::graph_to_egraph(&g, &mut eg);
+    let runner = egg::Runner::default().with_egraph(eg).run(&lightning::family(&cfg_rules()).rules);
+    let names: Vec<String> = runner
+        .egraph
+        .classes()
+        .flat_map(|c| c.nodes.iter().filter_map(|n| n.ir_op().map(|o: &Op| o.name().to_string())))
+        .collect();
+    assert!(names.iter().any(|n| n == "lightning_attention"));
+    assert!(names.iter().any(|n| n == "flash_attention"));
+}
+
+fn cfg_rules() -> RuleConfig {
+    RuleConfig::default()
+}
