@@ -261,6 +261,62 @@ struct Optimized {
     report: TemplateReport,
 }
 
+/// Where each value is read from outside its own segment (or is a graph output).
+fn outside_uses(g: &Graph, segs: &[Segment]) -> HashMap<Value, bool> {
+    let mut seg_of: HashMap<NodeId, usize> = HashMap::new();
+    for (i, s) in segs.iter().enumerate() {
+        for &n in &s.nodes {
+            seg_of.insert(n, i);
+        }
+    }
+    let mut outside: HashMap<Value, bool> = HashMap::new();
+    for (id, n) in g.nodes() {
+        for &v in &n.inputs {
+            let same = match (seg_of.get(&id), seg_of.get(&v.node)) {
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            };
+            if !same {
+                outside.insert(v, true);
+            }
+        }
+    }
+    for (_, v) in g.outputs() {
+        outside.insert(*v, true);
+    }
+    outside
+}
+
+/// Every segment of `g` as (scope, template graph), in order.
+pub fn segment_templates(g: &Graph) -> Result<Vec<(String, Graph)>, PassError> {
+    let segs = segments(g);
+    let outside = outside_uses(g, &segs);
+    let used = |v: Value| outside.get(&v).copied().unwrap_or(false);
+    segs.iter()
+        .map(|s| Ok((s.scope.clone(), lift(g, s, &used)?.graph)))
+        .collect()
+}
+
+impl EqSat {
+    /// All rules of the enabled families.
+    pub fn rules(&self) -> Result<Vec<Rewrite>, PassError> {
+        let mut out = Vec::new();
+        for fam in &self.families {
+            for r in &fam.rules {
+                let searcher = Counted {
+                    inner: r.searcher.clone(),
+                    count: Arc::default(),
+                };
+                out.push(
+                    egg::Rewrite::new(r.name, searcher, Shared(r.applier.clone()))
+                        .map_err(|e| PassError::Rule(format!("rule `{}`: {e}", r.name)))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl EqSat {
     pub fn new(families: Vec<Family>) -> EqSat {
         EqSat {
@@ -369,28 +425,7 @@ impl Pass for EqSat {
 
     fn run(&self, g: &Graph, cx: &PassContext) -> Result<(Graph, Option<EqSatReport>), PassError> {
         let segs = segments(g);
-        // where each value is used: by which segment (index), or by a graph output
-        let mut seg_of: HashMap<NodeId, usize> = HashMap::new();
-        for (i, s) in segs.iter().enumerate() {
-            for &n in &s.nodes {
-                seg_of.insert(n, i);
-            }
-        }
-        let mut outside_users: HashMap<Value, bool> = HashMap::new();
-        for (id, n) in g.nodes() {
-            for &v in &n.inputs {
-                let same = match (seg_of.get(&id), seg_of.get(&v.node)) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => false,
-                };
-                if !same {
-                    outside_users.insert(v, true);
-                }
-            }
-        }
-        for (_, v) in g.outputs() {
-            outside_users.insert(*v, true);
-        }
+        let outside_users = outside_uses(g, &segs);
         let used_outside = |v: Value| outside_users.get(&v).copied().unwrap_or(false);
 
         let mut out = Graph::new(g.name.clone());

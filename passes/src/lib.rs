@@ -19,6 +19,7 @@ pub mod lang;
 pub mod pass;
 pub mod rules;
 pub mod testing;
+pub mod why;
 
 use thiserror::Error;
 

@@ -45,6 +45,10 @@ pub struct Args {
     pub iter_limit: usize,
     #[arg(long, default_value_t = 5.0)]
     pub time_limit: f64,
+    /// Explain how a kernel of the optimized graph was derived: a node name (`layers.0.lightning_attention`)
+    /// or an op name (`lightning_attention`, its first occurrence).
+    #[arg(long)]
+    pub why: Option<String>,
 }
 
 /// The graph an inspect/optimize command works on: a `.fir`/`.json` graph, or MiniMax's forward with loss
@@ -220,9 +224,35 @@ pub fn run(args: Args) -> Result<()> {
         time: Duration::from_secs_f64(args.time_limit.max(0.0)),
     };
     let pipeline =
-        standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits).map_err(|e| anyhow!("{e}"))?;
+        standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits.clone()).map_err(|e| anyhow!("{e}"))?;
     let cx = PassContext { model: model.clone() };
-    let (_, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
+    let (optimized, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
+    if let Some(kernel) = &args.why {
+        let mut eq = fulgur_passes::EqSat::new(
+            fulgur_passes::rules::families(&RuleConfig::default(), &args.disable_rules).map_err(|e| anyhow!("{e}"))?,
+        );
+        eq.limits = limits;
+        let report = fulgur_passes::why::explain(&g.dead_code_eliminated(), &optimized, &eq, &model, kernel)?;
+        if args.json {
+            let mut s = serde_json::to_string_pretty(&report)?;
+            s.push('\n');
+            return write_stdout(&s);
+        }
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "kernel {} = {} (template {})",
+            report.kernel, report.op, report.template
+        );
+        for (i, st) in report.steps.iter().enumerate() {
+            let what = match &st.rule {
+                None => format!("input term, rooted at {}", st.at),
+                Some(r) => format!("rule {r} -> {}", st.at),
+            };
+            let _ = writeln!(o, "  {i:>2}. {what}; {} kernels, {}", st.kernels, ms(st.cost_s));
+        }
+        return write_stdout(&o);
+    }
     if args.json {
         let mut s = serde_json::to_string_pretty(&reports)?;
         s.push('\n');
