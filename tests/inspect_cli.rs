@@ -1,0 +1,138 @@
+//! `fulgur inspect` and `eval-model --opt`, run as processes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny_a() -> PathBuf {
+    let base = match std::env::var_os("FULGUR_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => root().join("../shared/fixtures"),
+    };
+    base.join("tiny-a")
+}
+
+fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot start the fulgur binary")
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn one_error(o: Output, needle: &str) {
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("error: ") && e.contains(needle), "{e}");
+}
+
+#[test]
+fn inspect_reports_the_lightning_block_form_and_falling_kernel_count() {
+    let out = ok(fulgur(&[&"inspect", &tiny_a(), &"--passes"]));
+    assert!(out.contains("template layers.0 x3 (layers.0 .. layers.2)"), "{out}");
+    assert!(out.contains("lightning-block-form"), "{out}");
+    // the eqsat line: kernels a -> b with b < a
+    let line = out.lines().find(|l| l.starts_with("pass eqsat")).unwrap();
+    let k = line.split("kernels ").nth(1).unwrap();
+    let (a, b) = k.split_once(" -> ").unwrap();
+    let b: usize = b.split(';').next().unwrap().trim().parse().unwrap();
+    let a: usize = a.trim().parse().unwrap();
+    assert!(b < a, "{line}");
+    // dump: the optimized graph holds the lightning kernels
+    let dir = tempfile::tempdir().unwrap();
+    ok(fulgur(&[&"inspect", &tiny_a(), &"--dump", &dir.path()]));
+    let fir = std::fs::read_to_string(dir.path().join("02-eqsat.fir")).unwrap();
+    assert_eq!(fir.matches("lightning_attention[block=").count(), 3, "{fir}");
+    assert!(dir.path().join("00-input.dot").exists());
+    // the dump re-parses
+    fulgur::ir::text::parse(&fir).unwrap();
+}
+
+#[test]
+fn inspect_why_explains_the_lightning_kernel() {
+    let out = ok(fulgur(&[&"inspect", &tiny_a(), &"--why", &"lightning_attention"]));
+    assert!(
+        out.starts_with("kernel layers.0.lightning_attention = lightning_attention[block="),
+        "{out}"
+    );
+    assert!(out.contains("rule lightning-block-form"), "{out}");
+    let json = ok(fulgur(&[
+        &"inspect",
+        &tiny_a(),
+        &"--why",
+        &"layers.3.flash_attention",
+        &"--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["steps"][1]["rule"], "flash-attention");
+}
+
+#[test]
+fn inspect_json_and_errors() {
+    let json = ok(fulgur(&[&"inspect", &"models/configs/minimax-small.json", &"--json"]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[1]["pass"], "eqsat");
+    assert!(v[1]["eqsat"]["templates"].as_array().unwrap().len() >= 2);
+    one_error(
+        fulgur(&[&"inspect", &tiny_a(), &"--disable-rules", &"bogus"]),
+        "unknown rule family `bogus`",
+    );
+    one_error(
+        fulgur(&[&"inspect", &tiny_a(), &"--target", &"X100"]),
+        "unknown target `X100`",
+    );
+    one_error(fulgur(&[&"inspect", &tiny_a(), &"--bind", &"T=0"]), "must be positive");
+    one_error(
+        fulgur(&[&"inspect", &tiny_a(), &"--why", &"nothing"]),
+        "no kernel named `nothing`",
+    );
+    // disabling the attention family leaves no lightning kernel
+    let dir = tempfile::tempdir().unwrap();
+    ok(fulgur(&[
+        &"inspect",
+        &tiny_a(),
+        &"--disable-rules",
+        &"lightning",
+        &"--dump",
+        &dir.path(),
+    ]));
+    let fir = std::fs::read_to_string(dir.path().join("02-eqsat.fir")).unwrap();
+    assert!(!fir.contains("lightning_attention"));
+}
+
+#[test]
+fn eval_model_opt_levels_agree_with_the_reference() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    for opt in ["none", "full"] {
+        let out = tmp.path().join(format!("{opt}.safetensors"));
+        ok(fulgur(&[
+            &"eval-model",
+            &dir,
+            &"--tokens",
+            &dir.join("reference.safetensors"),
+            &"--out",
+            &out,
+            &"--opt",
+            &opt,
+            &"--hidden-states",
+        ]));
+        let got = fulgur::ir::tensor::read_safetensors(&out).unwrap();
+        let want = fulgur::ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+        for name in ["logits", "hidden_states.1", "hidden_states.4"] {
+            let e = got[name].rel_l2(&want[name]);
+            assert!(e < 1e-4, "--opt {opt} {name}: {e}");
+        }
+        assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+    }
+}
