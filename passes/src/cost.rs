@@ -184,7 +184,10 @@ impl CostModel {
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);
-                NodeCost { latency_s: composite_latency(self, c, ins), ..k(flops, tensor) }
+                NodeCost {
+                    latency_s: composite_latency(self, c, ins),
+                    ..k(flops, tensor)
+                }
             }
         }
     }
@@ -223,7 +226,10 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
             let bh = m.numel(q) / (t * d).max(1.0);
             let b = (*block as f64).min(t.max(1.0));
             let nb = (t / b).ceil();
-            (bh * (2.0 * t * b * (d + dv) + 4.0 * t * d * dv + 2.0 * nb * d * dv), true)
+            (
+                bh * (2.0 * t * b * (d + dv) + 4.0 * t * d * dv + 2.0 * nb * d * dv),
+                true,
+            )
         }
         Composite::FlashAttention { causal, .. } => {
             let (q, k) = (ins[0], ins[1]);
@@ -233,6 +239,16 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
             let full = 4.0 * heads * t * s * d;
             (if *causal { full / 2.0 } else { full }, true)
         }
+        // MoE (see `fulgur_ir::composite::moe`); bytes are the node's inputs and outputs: dispatch reads x and
+        // writes xs, combine reads ys and writes out, a grouped matmul reads xs and every expert's weights
+        Composite::MoeRouter { .. } => (5.0 * ins.first().map(|t| m.numel(t)).unwrap_or(0.0), false),
+        Composite::MoeDispatch { .. } => (outs.first().map(|t| m.numel(t)).unwrap_or(0.0), false),
+        Composite::GroupedMatmul { .. } => {
+            // 2·M·C·O on tensor cores for xs [M, C] · w [E, C, O]
+            let (xs, w) = (ins[0], ins[2]);
+            (2.0 * m.numel(xs) * m.dim(w, 2), true)
+        }
+        Composite::MoeCombine => (2.0 * ins.first().map(|t| m.numel(t)).unwrap_or(0.0), false),
         _ => (out_n, false),
     }
 }

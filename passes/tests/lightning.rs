@@ -18,7 +18,9 @@ fn example(name: &str) -> Graph {
 }
 
 fn cfg() -> RuleConfig {
-    RuleConfig { lightning_blocks: vec![1, 3, 4, 16] }
+    RuleConfig {
+        lightning_blocks: vec![1, 3, 4, 16],
+    }
 }
 
 fn env(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
@@ -40,7 +42,10 @@ fn check(g: &Graph, env: &HashMap<String, i64>, seed: u64) -> usize {
 #[test]
 fn lightning_example_block_forms_are_sound() {
     let g = example("lightning.fir");
-    for (seed, (b, h, t)) in [(1, 1, 1), (2, 3, 5), (1, 2, 16), (2, 2, 17), (1, 1, 40)].into_iter().enumerate() {
+    for (seed, (b, h, t)) in [(1, 1, 1), (2, 3, 5), (1, 2, 16), (2, 2, 17), (1, 1, 40)]
+        .into_iter()
+        .enumerate()
+    {
         let n = check(&g, &env(&[("B", b), ("H", h), ("T", t)]), seed as u64);
         // the original plus one lightning_attention per block size, at least
         assert!(n >= 5, "{n}");
@@ -62,18 +67,31 @@ fn minimax_layers_are_rewritten_soundly() {
         "num_local_experts": 3, "num_experts_per_tok": 2, "layer_types": ["linear_attention", "full_attention"],
         "block_size": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}"#;
     let cfg = MiniMaxConfig::from_json_str(text, "test").unwrap();
-    let g = forward_graph(&cfg, &ForwardOptions { loss: true, ..Default::default() }).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for (seed, t) in [(0, 1), (1, 6), (2, 9)] {
         check(&g, &env(&[("B", 2), ("T", t)]), seed);
     }
     // and the rules do fire on this graph
     let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis);
     fulgur_passes::lang::graph_to_egraph(&g, &mut eg);
-    let runner = egg::Runner::default().with_egraph(eg).run(&lightning::family(&cfg_rules()).rules);
+    let runner = egg::Runner::default()
+        .with_egraph(eg)
+        .run(&lightning::family(&cfg_rules()).rules);
     let names: Vec<String> = runner
         .egraph
         .classes()
-        .flat_map(|c| c.nodes.iter().filter_map(|n| n.ir_op().map(|o: &Op| o.name().to_string())))
+        .flat_map(|c| {
+            c.nodes
+                .iter()
+                .filter_map(|n| n.ir_op().map(|o: &Op| o.name().to_string()))
+        })
         .collect();
     assert!(names.iter().any(|n| n == "lightning_attention"));
     assert!(names.iter().any(|n| n == "flash_attention"));

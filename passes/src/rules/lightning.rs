@@ -35,7 +35,9 @@ fn causal_grid(eg: &EGraph, c: Id) -> Option<(Id, Id)> {
             Op::Compare(CmpOp::Le) => (ch[1], ch[0]),
             _ => continue,
         };
-        if is_iota(eg, t, 0) && is_iota(eg, u, 1) && class_ty(eg, t).map(|x| x.shape) == class_ty(eg, u).map(|x| x.shape)
+        if is_iota(eg, t, 0)
+            && is_iota(eg, u, 1)
+            && class_ty(eg, t).map(|x| x.shape) == class_ty(eg, u).map(|x| x.shape)
         {
             return Some((t, u));
         }
@@ -45,14 +47,18 @@ fn causal_grid(eg: &EGraph, c: Id) -> Option<(Id, Id)> {
 
 fn is_iota(eg: &EGraph, id: Id, axis: i64) -> bool {
     class_ops(eg, id).any(|(o, _)| match o {
-        Op::Iota { shape, axis: a, .. } => shape.rank() == 2 && (*a == axis || *a == axis - 2) && shape.0[0] == shape.0[1],
+        Op::Iota { shape, axis: a, .. } => {
+            shape.rank() == 2 && (*a == axis || *a == axis - 2) && shape.0[0] == shape.0[1]
+        }
         _ => false,
     })
 }
 
 /// Whether `d` is `sub(t, u)`.
 fn is_distance(eg: &EGraph, d: Id, t: Id, u: Id) -> bool {
-    class_ops(eg, d).any(|(o, ch)| matches!(o, Op::Binary(BinaryOp::Sub)) && eg.find(ch[0]) == eg.find(t) && eg.find(ch[1]) == eg.find(u))
+    class_ops(eg, d).any(|(o, ch)| {
+        matches!(o, Op::Binary(BinaryOp::Sub)) && eg.find(ch[0]) == eg.find(t) && eg.find(ch[1]) == eg.find(u)
+    })
 }
 
 /// λ when `e` is `exp(−λ·d)` spelled `exp(neg(mul(λ, d)))`, `exp(neg(mul(d, λ)))`, `exp(mul(neg(λ), d))` or
@@ -142,11 +148,20 @@ fn match_lightning(eg: &EGraph, n: &FNode) -> Option<LightningMatch> {
                 if !matches!(mo, Op::Select) || eg[mch[2]].data.scalar != Some(0.0) {
                     continue;
                 }
-                let Some((t, u)) = causal_grid(eg, mch[0]) else { continue };
-                let Some(lam) = decay_rate(eg, mch[1], t, u) else { continue };
+                let Some((t, u)) = causal_grid(eg, mch[0]) else {
+                    continue;
+                };
+                let Some(lam) = decay_rate(eg, mch[1], t, u) else {
+                    continue;
+                };
                 // shapes: q, k [batch..., T, D] with T the grid's size; λ broadcastable to [batch..., 1, 1]
-                let (qt, kt, vt, lt, gt) =
-                    (class_ty(eg, q)?, class_ty(eg, k)?, class_ty(eg, v)?, class_ty(eg, lam)?, class_ty(eg, t)?);
+                let (qt, kt, vt, lt, gt) = (
+                    class_ty(eg, q)?,
+                    class_ty(eg, k)?,
+                    class_ty(eg, v)?,
+                    class_ty(eg, lam)?,
+                    class_ty(eg, t)?,
+                );
                 let r = qt.rank();
                 if r < 3 || kt.rank() != r || vt.rank() != r || qt.dims()[r - 2] != gt.dims()[0] {
                     continue;
@@ -169,7 +184,13 @@ fn build_lightning(eg: &mut EGraph, _: Id, n: &FNode, cfg: &RuleConfig) -> Vec<I
     let Some(m) = match_lightning(eg, n) else { return vec![] };
     cfg.lightning_blocks
         .iter()
-        .filter_map(|&b| add_op(eg, Op::Composite(Composite::LightningAttention { block: b }), &[m.q, m.k, m.v, m.lam]))
+        .filter_map(|&b| {
+            add_op(
+                eg,
+                Op::Composite(Composite::LightningAttention { block: b }),
+                &[m.q, m.k, m.v, m.lam],
+            )
+        })
         .collect()
 }
 
@@ -215,7 +236,9 @@ fn match_flash(eg: &EGraph, n: &FNode) -> Option<FlashMatch> {
     }
     let (p, v) = (n.children[0], n.children[1]);
     for (o, ch) in ops(eg, p) {
-        let Op::Composite(Composite::Softmax { axis }) = o else { continue };
+        let Op::Composite(Composite::Softmax { axis }) = o else {
+            continue;
+        };
         let x = ch[0];
         let rank = class_ty(eg, x)?.rank() as i64;
         if axis != -1 && axis != rank - 1 {
@@ -256,7 +279,14 @@ fn probe_flash(eg: &EGraph, _: Id, n: &FNode) -> bool {
 
 fn build_flash(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
     let Some(m) = match_flash(eg, n) else { return vec![] };
-    add_op(eg, Op::Composite(Composite::FlashAttention { scale: m.scale, causal: m.causal }), &[m.q, m.k, m.v])
-        .into_iter()
-        .collect()
+    add_op(
+        eg,
+        Op::Composite(Composite::FlashAttention {
+            scale: m.scale,
+            causal: m.causal,
+        }),
+        &[m.q, m.k, m.v],
+    )
+    .into_iter()
+    .collect()
 }

@@ -4,6 +4,7 @@
 
 pub mod algebra;
 pub mod lightning;
+pub mod moe;
 
 use crate::lang::Rewrite;
 
@@ -29,7 +30,7 @@ impl Default for RuleConfig {
 }
 
 /// Every family's name, in pipeline order.
-pub const FAMILY_NAMES: [&str; 2] = ["algebra", "lightning"];
+pub const FAMILY_NAMES: [&str; 3] = ["algebra", "lightning", "moe"];
 
 /// The families, minus those named in `disabled`. Unknown names are an error naming them.
 pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, String> {
@@ -41,7 +42,7 @@ pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, St
             ));
         }
     }
-    let all = vec![algebra::family(cfg), lightning::family(cfg)];
+    let all = vec![algebra::family(cfg), lightning::family(cfg), moe::family(cfg)];
     Ok(all
         .into_iter()
         .filter(|f| !disabled.iter().any(|d| d == f.name))
