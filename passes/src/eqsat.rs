@@ -194,6 +194,7 @@ fn is_abstracted_constant(op: &Op) -> bool {
 }
 
 fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Result<Template, PassError> {
+    let po = crate::pass::param_only_nodes(g);
     let inside: std::collections::HashSet<NodeId> = seg
         .nodes
         .iter()
@@ -209,7 +210,14 @@ fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Resul
                 return Ok(*x);
             }
             let ty = g.ty(v).clone();
-            let a = t.input(&format!("arg{}", args.len()), ty.dtype, ty.shape.0)?;
+            // values computed from weights and constants alone stay parameters in the template, so the cost
+            // model treats their preparation as load-time work
+            let name = format!("arg{}", args.len());
+            let a = if po[v.node.index()] {
+                t.param(&name, ty.dtype, ty.shape.0)?
+            } else {
+                t.input(&name, ty.dtype, ty.shape.0)?
+            };
             args.push(v);
             map.insert(v, a);
             Ok(a)
@@ -473,7 +481,7 @@ impl Pass for EqSat {
             let mut local: HashMap<Value, Value> = HashMap::new();
             for (tid, n) in opt.nodes() {
                 let v = match &n.op {
-                    Op::Input { name, .. } => {
+                    Op::Input { name, .. } | Op::Param { name, .. } => {
                         let i: usize = name
                             .trim_start_matches("arg")
                             .parse()

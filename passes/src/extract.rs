@@ -23,6 +23,10 @@ pub struct Extraction {
 /// Cost of one e-node alone (seconds) under the model.
 pub fn enode_cost(egraph: &EGraph, model: &CostModel, n: &FNode, class: Id) -> f64 {
     let Some(op) = n.ir_op() else { return 0.0 };
+    if egraph[class].data.param_only {
+        // weight preparation: done once at load time
+        return 0.0;
+    }
     let ins: Vec<&TensorType> = n.children.iter().filter_map(|&c| egraph[c].data.ty()).collect();
     if ins.len() != n.children.len() {
         return f64::INFINITY;
@@ -36,6 +40,9 @@ pub fn enode_cost(egraph: &EGraph, model: &CostModel, n: &FNode, class: Id) -> f
 /// Whether the node is a kernel launch under the model.
 pub fn enode_is_kernel(egraph: &EGraph, model: &CostModel, n: &FNode, class: Id) -> bool {
     let Some(op) = n.ir_op() else { return false };
+    if egraph[class].data.param_only {
+        return false;
+    }
     let ins: Vec<&TensorType> = n.children.iter().filter_map(|&c| egraph[c].data.ty()).collect();
     model.node_cost(op, &ins, &egraph[class].data.types).kernel
 }

@@ -179,6 +179,9 @@ pub struct ClassData {
     pub scalar: Option<f64>,
     /// Set when classes of different types were merged (a rule bug), with both types.
     pub conflict: Option<String>,
+    /// The value depends on parameters and constants only (no data input): it is prepared once when the
+    /// weights are loaded (e.g. a transposed weight layout), not on every run.
+    pub param_only: bool,
 }
 
 impl ClassData {
@@ -245,10 +248,16 @@ impl egg::Analysis<FNode> for ShapeAnalysis {
     fn make(egraph: &mut EGraph, enode: &FNode, _id: Id) -> ClassData {
         let types = node_types(egraph, enode).unwrap_or_default();
         let scalar = enode.ir_op().and_then(scalar_of);
+        let param_only = match enode.ir_op() {
+            Some(Op::Input { .. }) => false,
+            Some(op) if op.num_inputs() == Some(0) => true,
+            _ => !enode.children.is_empty() && enode.children.iter().all(|&c| egraph[c].data.param_only),
+        };
         ClassData {
             types,
             scalar,
             conflict: None,
+            param_only,
         }
     }
 
@@ -272,11 +281,18 @@ impl egg::Analysis<FNode> for ShapeAnalysis {
             a.scalar = b.scalar;
             changed_a = true;
         }
+        if b.param_only && !a.param_only {
+            a.param_only = true;
+            changed_a = true;
+        }
         if b.conflict.is_some() && a.conflict.is_none() {
             a.conflict = b.conflict.clone();
             changed_a = true;
         }
-        DidMerge(changed_a, a.types != b.types || a.scalar != b.scalar)
+        DidMerge(
+            changed_a,
+            a.types != b.types || a.scalar != b.scalar || a.param_only != b.param_only,
+        )
     }
 }
 

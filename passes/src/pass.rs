@@ -40,10 +40,17 @@ pub struct PassReport {
 }
 
 /// Estimated seconds and kernel count of a whole graph under the cost model.
+///
+/// Nodes that depend on parameters and constants only (weight preparation such as a transposed layout) are
+/// done once at load time and cost nothing per run.
 pub fn graph_cost(g: &Graph, model: &CostModel) -> (f64, usize) {
     let mut cost = 0.0;
     let mut kernels = 0;
-    for (_, n) in g.nodes() {
+    let param_only = param_only_nodes(g);
+    for (id, n) in g.nodes() {
+        if param_only[id.index()] {
+            continue;
+        }
         let ins: Vec<&TensorType> = n.inputs.iter().map(|&v| g.ty(v)).collect();
         let c = model.node_cost(&n.op, &ins, &n.outputs);
         let dt = n.outputs.first().map(|t| t.dtype).unwrap_or(fulgur_ir::DType::F32);
@@ -51,6 +58,19 @@ pub fn graph_cost(g: &Graph, model: &CostModel) -> (f64, usize) {
         kernels += usize::from(c.kernel);
     }
     (cost, kernels)
+}
+
+/// For every node: whether it depends on parameters and constants only (no data input).
+pub fn param_only_nodes(g: &Graph) -> Vec<bool> {
+    let mut param_only = vec![false; g.node_count()];
+    for (id, n) in g.nodes() {
+        param_only[id.index()] = match &n.op {
+            fulgur_ir::Op::Input { .. } => false,
+            op if op.num_inputs() == Some(0) => true,
+            _ => !n.inputs.is_empty() && n.inputs.iter().all(|v| param_only[v.node.index()]),
+        };
+    }
+    param_only
 }
 
 /// Dead-code elimination: drops nodes no output depends on (inputs and parameters stay).
