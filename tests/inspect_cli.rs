@@ -52,7 +52,10 @@ fn inspect_reports_the_lightning_block_form_and_falling_kernel_count() {
     let dir = tempfile::tempdir().unwrap();
     ok(fulgur(&[&"inspect", &tiny_a(), &"--dump", &dir.path()]));
     let fir = std::fs::read_to_string(dir.path().join("02-eqsat.fir")).unwrap();
-    assert_eq!(fir.matches("lightning_attention[block=").count(), 3, "{fir}");
+    // the lightning kernel with its prologue and epilogue, once per lightning layer, and the grouped MoE
+    assert_eq!(fir.matches("lightning_layer[block=").count(), 3, "{fir}");
+    assert_eq!(fir.matches("grouped_matmul[swiglu=true]").count(), 4, "{fir}");
+    assert_eq!(fir.matches("flash_attention[").count(), 1, "{fir}");
     assert!(dir.path().join("00-input.dot").exists());
     // the dump re-parses
     fulgur::ir::text::parse(&fir).unwrap();
@@ -60,12 +63,12 @@ fn inspect_reports_the_lightning_block_form_and_falling_kernel_count() {
 
 #[test]
 fn inspect_why_explains_the_lightning_kernel() {
-    let out = ok(fulgur(&[&"inspect", &tiny_a(), &"--why", &"lightning_attention"]));
+    let out = ok(fulgur(&[&"inspect", &tiny_a(), &"--why", &"lightning_layer"]));
     assert!(
-        out.starts_with("kernel layers.0.lightning_attention = lightning_attention[block="),
+        out.starts_with("kernel layers.0.lightning_layer = lightning_layer[block="),
         "{out}"
     );
-    assert!(out.contains("rule lightning-block-form"), "{out}");
+    assert!(out.contains("rule lightning-layer-kernel"), "{out}");
     let json = ok(fulgur(&[
         &"inspect",
         &tiny_a(),
@@ -107,7 +110,7 @@ fn inspect_json_and_errors() {
         &dir.path(),
     ]));
     let fir = std::fs::read_to_string(dir.path().join("02-eqsat.fir")).unwrap();
-    assert!(!fir.contains("lightning_attention"));
+    assert!(!fir.contains("lightning_attention") && !fir.contains("lightning_layer"));
 }
 
 #[test]

@@ -450,6 +450,7 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             Ok(vec![x.clone()])
         }
         Composite::LightningAttention { block } => infer_lightning(*block, ins),
+        Composite::LightningLayer { block, heads, .. } => infer_lightning_layer(*block, *heads, ins),
         Composite::FlashAttention { .. } => infer_flash(ins),
         Composite::MoeRouter { k } => infer_router(*k, ins),
         Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),
@@ -654,4 +655,44 @@ fn infer_combine(ins: &[&TensorType]) -> R<Vec<TensorType>> {
 /// Whether a unary op applies to the dtype (used by random-graph generators).
 pub fn unary_accepts(u: UnaryOp, d: DType) -> bool {
     d.is_float() || (u.allows_int() && d.is_int())
+}
+
+/// `qkv: [B, T, 3·H·D]`, `lam` broadcastable to `[B, H, 1, 1]`, `norm_w: [H·D]`, `gate: [B, T, H·D]`.
+fn infer_lightning_layer(block: usize, heads: usize, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (qkv, lam, w, gate) = (ins[0], ins[1], ins[2], ins[3]);
+    let all = fmt_types(ins);
+    if block == 0 || heads == 0 {
+        return Err(format!(
+            "`lightning_layer` needs block >= 1 and heads >= 1, got block={block}, heads={heads}"
+        ));
+    }
+    if !qkv.dtype.is_float() || ins.iter().any(|t| t.dtype != qkv.dtype) {
+        return Err(format!(
+            "`lightning_layer` needs qkv, lam, norm_w and gate of one float dtype, got {all}"
+        ));
+    }
+    if qkv.rank() != 3 || gate.rank() != 3 || w.rank() != 1 {
+        return Err(format!(
+            "`lightning_layer` needs qkv [B, T, 3·H·D], norm_w [H·D], gate [B, T, H·D], got {all}"
+        ));
+    }
+    let hd = w.dims()[0].clone();
+    if hd.as_const().is_none() {
+        return Err(format!("`lightning_layer` needs a constant H·D, got norm_w {w}"));
+    }
+    let three = Dim::from(3) * hd.clone();
+    if qkv.dims()[2] != three || gate.dims()[2] != hd || qkv.dims()[..2] != gate.dims()[..2] {
+        return Err(format!(
+            "`lightning_layer`: qkv must be [B, T, 3·H·D] and gate [B, T, H·D] with H·D = `{hd}`, got {all}"
+        ));
+    }
+    if hd.div_exact(&Dim::from(heads)).is_none() {
+        return Err(format!("`lightning_layer`: {heads} heads do not divide H·D = `{hd}`"));
+    }
+    if lam.rank() > 4 || lam.dims().iter().rev().take(2).any(|d| !d.is_one()) {
+        return Err(format!(
+            "`lightning_layer`: lam must broadcast to [B, H, 1, 1], got {lam}"
+        ));
+    }
+    Ok(vec![gate.clone()])
 }

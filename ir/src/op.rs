@@ -257,6 +257,16 @@ pub enum Composite {
         #[serde(with = "crate::json::f64_repr")]
         eps: f64,
     },
+    /// A whole lightning-attention kernel with its prologue and epilogue (MiniMax-01 §2a steps 1–8): inputs
+    /// `qkv: [B, T, 3·H·D]` (the fused projection before SiLU, per-head interleaved q | k | v), `lam` (`[H, 1, 1]`),
+    /// `norm_w: [H·D]`, `gate: [B, T, H·D]` (the output-gate projection before the sigmoid); output
+    /// `sigmoid(gate) ⊙ rms_norm(merge_heads(lightning_attention[block](split_heads(silu(qkv)))), norm_w, eps)`.
+    LightningLayer {
+        block: usize,
+        heads: usize,
+        #[serde(with = "crate::json::f64_repr")]
+        eps: f64,
+    },
     /// Causal linear attention with per-head exponential decay, in the block form of MiniMax-01's lightning
     /// attention: inputs `q, k: [batch..., T, D]`, `v: [batch..., T, Dv]`, `lam` broadcastable to
     /// `[batch..., 1, 1]`; output `o_t = Σ_{u≤t} exp(−λ(t−u)) (q_t·k_u) v_u`, `[batch..., T, Dv]`.
@@ -290,6 +300,7 @@ impl Composite {
             Composite::LogSoftmax { .. } => "log_softmax",
             Composite::RmsNorm { .. } => "rms_norm",
             Composite::LightningAttention { .. } => "lightning_attention",
+            Composite::LightningLayer { .. } => "lightning_layer",
             Composite::FlashAttention { .. } => "flash_attention",
             Composite::MoeRouter { .. } => "moe_router",
             Composite::MoeDispatch { .. } => "moe_dispatch",
@@ -298,11 +309,12 @@ impl Composite {
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "softmax",
         "log_softmax",
         "rms_norm",
         "lightning_attention",
+        "lightning_layer",
         "flash_attention",
         "moe_router",
         "moe_dispatch",
@@ -314,6 +326,11 @@ impl Composite {
             Composite::Softmax { axis } | Composite::LogSoftmax { axis } => vec![("axis", AttrValue::Int(*axis))],
             Composite::RmsNorm { eps } => vec![("eps", AttrValue::Float(*eps))],
             Composite::LightningAttention { block } => vec![("block", AttrValue::Int(*block as i64))],
+            Composite::LightningLayer { block, heads, eps } => vec![
+                ("block", AttrValue::Int(*block as i64)),
+                ("heads", AttrValue::Int(*heads as i64)),
+                ("eps", AttrValue::Float(*eps)),
+            ],
             Composite::FlashAttention { scale, causal } => {
                 vec![
                     ("scale", AttrValue::Float(*scale)),
@@ -331,7 +348,7 @@ impl Composite {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
             Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
             Composite::FlashAttention { .. } | Composite::GroupedMatmul { .. } | Composite::MoeCombine => 3,
-            Composite::LightningAttention { .. } => 4,
+            Composite::LightningAttention { .. } | Composite::LightningLayer { .. } => 4,
         })
     }
     /// Number of outputs.
@@ -770,6 +787,11 @@ impl Op {
             "rms_norm" => Op::Composite(Composite::RmsNorm { eps: a.float("eps")? }),
             "lightning_attention" => Op::Composite(Composite::LightningAttention {
                 block: a.usize("block")?,
+            }),
+            "lightning_layer" => Op::Composite(Composite::LightningLayer {
+                block: a.usize("block")?,
+                heads: a.usize("heads")?,
+                eps: a.float("eps")?,
             }),
             "flash_attention" => Op::Composite(Composite::FlashAttention {
                 scale: a.float("scale")?,

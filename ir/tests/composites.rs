@@ -1301,6 +1301,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
         Composite::LogSoftmax { axis: 0 },
         Composite::RmsNorm { eps: 1e-5 },
         Composite::LightningAttention { block: 4 },
+        Composite::LightningLayer {
+            block: 4,
+            heads: 2,
+            eps: 1e-6,
+        },
         Composite::FlashAttention {
             scale: 0.5,
             causal: false,
@@ -1317,5 +1322,99 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             c.attrs().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         assert_eq!(Op::from_parts(c.name(), &attrs).unwrap(), Op::Composite(c.clone()));
         assert!(Op::all_names().contains(&c.name()));
+    }
+}
+
+// ------------------------------------------------------------ lightning_layer
+
+/// The definitional MiniMax lightning block (§2a steps 1–8) in primitives, masked quadratic form.
+#[allow(clippy::too_many_arguments)] // mirrors the composite's inputs one by one
+fn lightning_layer_reference(
+    g: &mut Graph,
+    heads: usize,
+    d: usize,
+    eps: f64,
+    qkv: Value,
+    lam: Value,
+    w: Value,
+    gate: Value,
+) -> Value {
+    let dims = g.dims(qkv).to_vec();
+    let (b, t) = (dims[0].clone(), dims[1].clone());
+    let x = g.silu(qkv).unwrap();
+    let x = g
+        .reshape(x, vec![b.clone(), t.clone(), Dim::from(heads), Dim::from(3 * d)])
+        .unwrap();
+    let x = g.permute(x, &[0, 2, 1, 3]).unwrap();
+    let q = g.slice(x, -1, 0, d).unwrap();
+    let k = g.slice(x, -1, d, 2 * d).unwrap();
+    let v = g.slice(x, -1, 2 * d, 3 * d).unwrap();
+    let kt = g.transpose(k, -2, -1).unwrap();
+    let s = g.matmul(q, kt).unwrap();
+    let ti = g.iota(DType::F32, vec![t.clone(), t.clone()], 0).unwrap();
+    let ui = g.iota(DType::F32, vec![t.clone(), t.clone()], 1).unwrap();
+    let dist = g.sub(ti, ui).unwrap();
+    let causal = g.compare(fulgur_ir::CmpOp::Ge, ti, ui).unwrap();
+    let ld = g.mul(lam, dist).unwrap();
+    let nld = g.neg(ld).unwrap();
+    let decay = g.exp(nld).unwrap();
+    let zero = g.scalar(0.0, DType::F32).unwrap();
+    let m = g.select(causal, decay, zero).unwrap();
+    let sm = g.mul(s, m).unwrap();
+    let o = g.matmul(sm, v).unwrap();
+    let o = g.permute(o, &[0, 2, 1, 3]).unwrap();
+    let o = g.reshape(o, vec![b, t, Dim::from(heads * d)]).unwrap();
+    let y = g.rms_norm(o, w, eps).unwrap();
+    let sg = g.sigmoid(gate).unwrap();
+    g.mul(sg, y).unwrap()
+}
+
+#[test]
+fn lightning_layer_matches_the_definitional_block() {
+    let mut seed = 17u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    for (b, t, heads, d, block) in [(1, 1, 1, 2, 4), (2, 7, 2, 3, 3), (1, 16, 3, 2, 4), (2, 9, 2, 4, 16)] {
+        let mut g = Graph::new("layer");
+        let (bd, td) = (Dim::sym("B"), Dim::sym("T"));
+        let qkv = g
+            .input(
+                "qkv",
+                DType::F32,
+                vec![bd.clone(), td.clone(), Dim::from(3 * heads * d)],
+            )
+            .unwrap();
+        let lam = g
+            .input("lam", DType::F32, vec![Dim::from(heads), Dim::from(1), Dim::from(1)])
+            .unwrap();
+        let w = g.input("w", DType::F32, vec![Dim::from(heads * d)]).unwrap();
+        let gate = g.input("gate", DType::F32, vec![bd, td, Dim::from(heads * d)]).unwrap();
+        let want = lightning_layer_reference(&mut g, heads, d, 1e-6, qkv, lam, w, gate);
+        let got = g
+            .op1(
+                Op::Composite(Composite::LightningLayer {
+                    block,
+                    heads,
+                    eps: 1e-6,
+                }),
+                &[qkv, lam, w, gate],
+            )
+            .unwrap();
+        g.add_output("want", want).unwrap();
+        g.add_output("got", got).unwrap();
+        let mut inputs = std::collections::HashMap::new();
+        let mut t_of = |shape: Vec<usize>, scale: f64, off: f64| {
+            let n: usize = shape.iter().product();
+            Tensor::from_f64(DType::F32, shape, (0..n).map(|_| rnd() * scale + off).collect())
+        };
+        inputs.insert("qkv".to_string(), t_of(vec![b, t, 3 * heads * d], 1.0, 0.0));
+        inputs.insert("lam".to_string(), t_of(vec![heads, 1, 1], 0.4, 0.5));
+        inputs.insert("w".to_string(), t_of(vec![heads * d], 0.2, 1.0));
+        inputs.insert("gate".to_string(), t_of(vec![b, t, heads * d], 1.0, 0.0));
+        let out = Interpreter::new(Precision::F64).run(&g, &inputs).unwrap();
+        let e = out["got"].rel_l2(&out["want"]);
+        assert!(e < 1e-12, "b={b} t={t} heads={heads} d={d} block={block}: {e}");
     }
 }

@@ -234,6 +234,7 @@ const TESTED: &[&str] = &[
 /// Composites tested against their definitions in `composites.rs` (not here).
 const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "lightning_attention",
+    "lightning_layer",
     "flash_attention",
     "moe_router",
     "moe_dispatch",

@@ -219,6 +219,23 @@ impl Gen {
                 };
                 let block = [1, 2, 16, 256][self.rng.gen_range(0..4)];
                 self.add(Op::Composite(Composite::LightningAttention { block }), &[q, k, v, lam]);
+                // the whole lightning block, prologue and epilogue included
+                let (heads, d) = (self.rng.gen_range(1..3usize), self.rng.gen_range(1..4usize));
+                let (b, t) = (self.dim(), self.dim());
+                let hd = Dim::from(heads * d);
+                let (Some(qkv), Some(lam), Some(w), Some(gate)) = (
+                    self.value_of(f, vec![b.clone(), t.clone(), Dim::from(3 * heads * d)]),
+                    self.value_of(f, vec![Dim::from(heads), Dim::from(1i64), Dim::from(1i64)]),
+                    self.value_of(f, vec![hd.clone()]),
+                    self.value_of(f, vec![b, t, hd]),
+                ) else {
+                    return;
+                };
+                let eps = 1e-6;
+                self.add(
+                    Op::Composite(Composite::LightningLayer { block, heads, eps }),
+                    &[qkv, lam, w, gate],
+                );
             }
             1 => {
                 let nb = self.rng.gen_range(0..3);

@@ -231,6 +231,18 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
                 true,
             )
         }
+        Composite::LightningLayer { block, heads, .. } => {
+            // the attention itself plus ~10 flops per element of the prologue and epilogue
+            let qkv = ins[0];
+            let (t, c3) = (m.dim(qkv, 1), m.dim(qkv, 2));
+            let h = *heads as f64;
+            let d = c3 / 3.0 / h.max(1.0);
+            let bh = m.dim(qkv, 0) * h;
+            let b = (*block as f64).min(t.max(1.0));
+            let nb = (t / b).ceil();
+            let attn = bh * (2.0 * t * b * 2.0 * d + 4.0 * t * d * d + 2.0 * nb * d * d);
+            (attn + 10.0 * m.numel(qkv), true)
+        }
         Composite::FlashAttention { causal, .. } => {
             let (q, k) = (ins[0], ins[1]);
             let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));
@@ -257,6 +269,10 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
 /// `ceil(T / b)` blocks, each step a dependent update of the state (a quarter launch each).
 pub fn composite_latency(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> f64 {
     match c {
+        Composite::LightningLayer { block, .. } => {
+            let t = m.dim(ins[0], 1);
+            (t / (*block as f64).max(1.0)).ceil() * m.target.launch_s * 0.25
+        }
         Composite::LightningAttention { block } => {
             let q = ins[0];
             let t = m.dim(q, q.rank() - 2);

@@ -95,6 +95,7 @@ fn minimax_layers_are_rewritten_soundly() {
         .collect();
     assert!(names.iter().any(|n| n == "lightning_attention"));
     assert!(names.iter().any(|n| n == "flash_attention"));
+    assert!(names.iter().any(|n| n == "lightning_layer"));
 }
 
 fn cfg_rules() -> RuleConfig {

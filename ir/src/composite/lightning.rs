@@ -126,3 +126,42 @@ pub fn decompose(g: &mut Graph, block: usize, q: Value, k: Value, v: Value, lam:
         g.slice(o, r as i64 - 2, 0, t)
     }
 }
+
+/// Appends the decomposition of `lightning_layer[block, heads, eps](qkv, lam, norm_w, gate)` to `g`: SiLU on
+/// the fused projection, per-head interleaved split into q, k, v, `lightning_attention[block]`, heads merged,
+/// RMSNorm over all heads, sigmoid output gate (MiniMax-01 §2a steps 1–8).
+#[allow(clippy::too_many_arguments)]
+pub fn decompose_layer(
+    g: &mut Graph,
+    block: usize,
+    heads: usize,
+    eps: f64,
+    qkv: Value,
+    lam: Value,
+    norm_w: Value,
+    gate: Value,
+) -> Result<Value> {
+    let dims = g.dims(qkv).to_vec();
+    let (b, t) = (dims[0].clone(), dims[1].clone());
+    let hd = g.dims(norm_w)[0].clone();
+    let d = hd.div_exact(&Dim::from(heads)).unwrap_or_else(|| Dim::from(1));
+    let dc = d.as_const().unwrap_or(1).max(0) as usize;
+    let x = g.silu(qkv)?;
+    let x = g.reshape(
+        x,
+        vec![b.clone(), t.clone(), Dim::from(heads), Dim::from(3) * d.clone()],
+    )?;
+    let x = g.permute(x, &[0, 2, 1, 3])?;
+    let q = g.slice(x, -1, 0, dc)?;
+    let k = g.slice(x, -1, dc, 2 * dc)?;
+    let v = g.slice(x, -1, 2 * dc, 3 * dc)?;
+    let o = g.op1(
+        crate::Op::Composite(crate::Composite::LightningAttention { block }),
+        &[q, k, v, lam],
+    )?;
+    let o = g.permute(o, &[0, 2, 1, 3])?;
+    let o = g.reshape(o, vec![b, t, hd])?;
+    let y = g.rms_norm(o, norm_w, eps)?;
+    let s = g.sigmoid(gate)?;
+    g.mul(s, y)
+}

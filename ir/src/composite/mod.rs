@@ -56,6 +56,9 @@ impl Composite {
             Composite::LightningAttention { block } => Ok(vec![lightning::decompose(
                 g, *block, inputs[0], inputs[1], inputs[2], inputs[3],
             )?]),
+            Composite::LightningLayer { block, heads, eps } => Ok(vec![lightning::decompose_layer(
+                g, *block, *heads, *eps, inputs[0], inputs[1], inputs[2], inputs[3],
+            )?]),
             Composite::FlashAttention { scale, causal } => Ok(vec![attention::decompose(
                 g, *scale, *causal, inputs[0], inputs[1], inputs[2],
             )?]),

@@ -65,7 +65,8 @@ fn build_reshape_reshape(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> V
         return vec![];
     };
     let inner: Vec<Id> = class_ops(eg, n.children[0])
-        .filter_map(|(o, ch)| matches!(o, Op::Reshape { .. }).then_some(ch[0]))
+        .filter(|(o, _)| matches!(o, Op::Reshape { .. }))
+        .map(|(_, ch)| ch[0])
         .collect();
     inner
         .into_iter()

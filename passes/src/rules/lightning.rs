@@ -18,6 +18,7 @@ pub fn family(cfg: &RuleConfig) -> Family {
         rules: vec![
             fn_rule("lightning-block-form", probe_lightning, build_lightning, cfg),
             fn_rule("flash-attention", probe_flash, build_flash, cfg),
+            fn_rule("lightning-layer-kernel", probe_layer, build_layer, cfg),
         ],
     }
 }
@@ -289,4 +290,136 @@ fn build_flash(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
     )
     .into_iter()
     .collect()
+}
+
+/// The lightning kernel absorbing its prologue (SiLU on the fused projection, per-head split) and epilogue
+/// (head merge, RMSNorm over all heads, sigmoid output gate):
+/// `mul(sigmoid(G), rms_norm(reshape(permute(lightning_attention[b](q, k, v, λ))), w))` with q, k, v the three
+/// thirds of `permute(reshape(silu(QKV)))` ⇒ `lightning_layer[b, heads, eps](QKV, λ, w, G)`.
+struct LayerMatch {
+    qkv: Id,
+    lam: Id,
+    w: Id,
+    gate: Id,
+    blocks: Vec<usize>,
+    heads: usize,
+    eps: f64,
+}
+
+fn is_head_permute(op: &Op) -> bool {
+    matches!(op, Op::Permute { perm } if perm == &[0, 2, 1, 3])
+}
+
+/// `(x, start, end)` of a slice on the last axis of a rank-4 value.
+fn last_axis_slice(eg: &EGraph, id: Id) -> Vec<(Id, i64, i64)> {
+    ops(eg, id)
+        .into_iter()
+        .filter_map(|(o, ch)| match o {
+            Op::Slice { axis, start, end } if axis == -1 || axis == 3 => {
+                Some((eg.find(ch[0]), start.as_const()?, end.as_const()?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn match_layer(eg: &EGraph, n: &FNode) -> Option<LayerMatch> {
+    if !matches!(n.ir_op(), Some(Op::Binary(BinaryOp::Mul))) {
+        return None;
+    }
+    for (s, y) in [(n.children[0], n.children[1]), (n.children[1], n.children[0])] {
+        let Some(gate) = ops(eg, s)
+            .into_iter()
+            .find_map(|(o, ch)| matches!(o, Op::Unary(UnaryOp::Sigmoid)).then(|| ch[0]))
+        else {
+            continue;
+        };
+        for (o, ch) in ops(eg, y) {
+            let Op::Composite(Composite::RmsNorm { eps }) = o else {
+                continue;
+            };
+            let (r, w) = (ch[0], ch[1]);
+            for (ro, rch) in ops(eg, r) {
+                if !matches!(ro, Op::Reshape { .. }) {
+                    continue;
+                }
+                for (po, pch) in ops(eg, rch[0]) {
+                    if !is_head_permute(&po) {
+                        continue;
+                    }
+                    let mut blocks = Vec::new();
+                    let mut found: Option<(Id, Id, usize)> = None;
+                    for (lo, lch) in ops(eg, pch[0]) {
+                        let Op::Composite(Composite::LightningAttention { block }) = lo else {
+                            continue;
+                        };
+                        let (q, k, v) = (
+                            last_axis_slice(eg, lch[0]),
+                            last_axis_slice(eg, lch[1]),
+                            last_axis_slice(eg, lch[2]),
+                        );
+                        let Some(&(x, 0, dq)) = q.first() else { continue };
+                        let d = dq;
+                        if !k.contains(&(x, d, 2 * d)) || !v.contains(&(x, 2 * d, 3 * d)) {
+                            continue;
+                        }
+                        // x = permute(reshape(silu(QKV))) with reshape to [B, T, H, 3D]
+                        let qkv = ops(eg, x)
+                            .into_iter()
+                            .filter(|(o, _)| is_head_permute(o))
+                            .find_map(|(_, xc)| {
+                                ops(eg, xc[0])
+                                    .into_iter()
+                                    .filter(|(o, _)| matches!(o, Op::Reshape { .. }))
+                                    .find_map(|(_, rc)| {
+                                        ops(eg, rc[0])
+                                            .into_iter()
+                                            .find_map(|(o, sc)| matches!(o, Op::Unary(UnaryOp::Silu)).then(|| sc[0]))
+                                    })
+                            });
+                        let Some(qkv) = qkv else { continue };
+                        let heads = class_ty(eg, x)?.dims()[1].as_const()? as usize;
+                        blocks.push(block);
+                        found = Some((qkv, lch[3], heads));
+                    }
+                    if let Some((qkv, lam, heads)) = found {
+                        blocks.sort();
+                        blocks.dedup();
+                        return Some(LayerMatch {
+                            qkv,
+                            lam,
+                            w,
+                            gate,
+                            blocks,
+                            heads,
+                            eps,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn probe_layer(eg: &EGraph, _: Id, n: &FNode) -> bool {
+    match_layer(eg, n).is_some()
+}
+
+fn build_layer(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
+    let Some(m) = match_layer(eg, n) else { return vec![] };
+    m.blocks
+        .iter()
+        .filter_map(|&block| {
+            add_op(
+                eg,
+                Op::Composite(Composite::LightningLayer {
+                    block,
+                    heads: m.heads,
+                    eps: m.eps,
+                }),
+                &[m.qkv, m.lam, m.w, m.gate],
+            )
+        })
+        .collect()
 }
