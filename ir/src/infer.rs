@@ -456,6 +456,11 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),
         Composite::GroupedMatmul { swiglu } => infer_grouped_matmul(*swiglu, ins),
         Composite::MoeCombine => infer_combine(ins),
+        Composite::Fused { body } => body.infer(ins),
+        Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
+            crate::composite::collective::infer_all_to_all(c.name(), *axis, ins)
+        }
+        Composite::CollectiveWait => crate::composite::collective::infer_wait(ins),
     }
 }
 

@@ -9,6 +9,7 @@
 //! Every op has a stable text name ([`Op::name`]) and a flat list of attributes ([`Op::attrs`]); the `.fir`
 //! format, JSON and DOT all go through these, and [`Op::from_parts`] rebuilds an op from them.
 
+pub use crate::composite::fused::FusedBody;
 use crate::dim::{Dim, Shape};
 use crate::dtype::DType;
 use crate::types::TensorType;
@@ -291,6 +292,19 @@ pub enum Composite {
     /// MoE combine: `ys [M, C]`, `pos: int [N, k]`, `weights [N, k]` → `[N, C]` =
     /// `Σ_slot weights[n, slot] · ys[pos[n, slot]]`.
     MoeCombine,
+    /// A fused kernel: a small graph (its [`FusedBody`], written as canonical `.fir` text) whose inputs
+    /// `arg0..argN` are the node's inputs, in order, with exactly one output. Its decomposition is the body,
+    /// inlined (see [`crate::composite::fused`]).
+    Fused { body: FusedBody },
+    /// All-to-all over the leading rank axis of `x: [R, ..., R·c (axis), ...]`: rank `r`'s chunk `s` of `axis`
+    /// comes from rank `s`'s chunk `r` (see [`crate::composite::collective`]).
+    AllToAll { axis: i64 },
+    /// The same exchange, started: its value is `all_to_all[axis](x)`, needed at a [`Composite::CollectiveWait`].
+    /// `overlap_flops` annotates the schedule (matmul FLOPs of the compute placed alongside; no effect on the
+    /// meaning).
+    AllToAllStart { axis: i64, overlap_flops: Dim },
+    /// Where a started collective's data is needed: the identity.
+    CollectiveWait,
 }
 
 impl Composite {
@@ -306,10 +320,14 @@ impl Composite {
             Composite::MoeDispatch { .. } => "moe_dispatch",
             Composite::GroupedMatmul { .. } => "grouped_matmul",
             Composite::MoeCombine => "moe_combine",
+            Composite::Fused { .. } => "fused",
+            Composite::AllToAll { .. } => "all_to_all",
+            Composite::AllToAllStart { .. } => "all_to_all_start",
+            Composite::CollectiveWait => "collective_wait",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 14] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -320,6 +338,10 @@ impl Composite {
         "moe_dispatch",
         "grouped_matmul",
         "moe_combine",
+        "fused",
+        "all_to_all",
+        "all_to_all_start",
+        "collective_wait",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -341,14 +363,24 @@ impl Composite {
             Composite::MoeDispatch { experts } => vec![("experts", AttrValue::Int(*experts as i64))],
             Composite::GroupedMatmul { swiglu } => vec![("swiglu", AttrValue::Bool(*swiglu))],
             Composite::MoeCombine => vec![],
+            Composite::Fused { body } => vec![("body", AttrValue::Str(body.text().to_string()))],
+            Composite::AllToAll { axis } => vec![("axis", AttrValue::Int(*axis))],
+            Composite::AllToAllStart { axis, overlap_flops } => vec![
+                ("axis", AttrValue::Int(*axis)),
+                ("overlap_flops", AttrValue::dim(overlap_flops.clone())),
+            ],
+            Composite::CollectiveWait => vec![],
         }
     }
+    /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
     pub fn num_inputs(&self) -> Option<usize> {
         Some(match self {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
             Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
             Composite::FlashAttention { .. } | Composite::GroupedMatmul { .. } | Composite::MoeCombine => 3,
             Composite::LightningAttention { .. } | Composite::LightningLayer { .. } => 4,
+            Composite::Fused { .. } => return None,
+            Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => 1,
         })
     }
     /// Number of outputs.
@@ -805,6 +837,17 @@ impl Op {
                 swiglu: a.bool("swiglu")?,
             }),
             "moe_combine" => Op::Composite(Composite::MoeCombine),
+            "fused" => {
+                let text = a.string("body")?;
+                let body = FusedBody::parse(&text).map_err(|e| format!("attribute `body` of `fused`: {e}"))?;
+                Op::Composite(Composite::Fused { body })
+            }
+            "all_to_all" => Op::Composite(Composite::AllToAll { axis: a.int("axis")? }),
+            "all_to_all_start" => Op::Composite(Composite::AllToAllStart {
+                axis: a.int("axis")?,
+                overlap_flops: a.dim("overlap_flops")?,
+            }),
+            "collective_wait" => Op::Composite(Composite::CollectiveWait),
             "input" | "param" => return Err(format!("`{name}` is declared as `%N = {name} \"NAME\" : TYPE`")),
             _ => {
                 if let Some(u) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
@@ -913,6 +956,12 @@ impl Attrs<'_> {
                 .parse::<DType>()
                 .map_err(|e| format!("attribute `{key}` of `{}`: {e}", self.op)),
             None => Err(self.wrong(key, "a dtype", &v)),
+        }
+    }
+    fn string(&mut self, key: &str) -> Result<String, String> {
+        match self.get(key)?.clone() {
+            AttrValue::Str(s) => Ok(s),
+            v => Err(self.wrong(key, "a string", &v)),
         }
     }
     fn list(&mut self, key: &str) -> Result<Vec<AttrValue>, String> {

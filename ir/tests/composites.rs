@@ -1314,6 +1314,18 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
         Composite::MoeDispatch { experts: 2 },
         Composite::GroupedMatmul { swiglu: true },
         Composite::MoeCombine,
+        Composite::Fused {
+            body: fulgur_ir::op::FusedBody::parse(
+                "graph f {\n  %0 = input \"arg0\" : f32[N]\n  %1 = exp(%0)\n  output \"out\" = %1\n}",
+            )
+            .unwrap(),
+        },
+        Composite::AllToAll { axis: 1 },
+        Composite::AllToAllStart {
+            axis: -1,
+            overlap_flops: fulgur_ir::Dim::from(0usize),
+        },
+        Composite::CollectiveWait,
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

@@ -231,8 +231,9 @@ const TESTED: &[&str] = &[
     "rms_norm",
 ];
 
-/// Composites tested against their definitions in `composites.rs` (not here).
+/// Composites tested against their definitions in `composites.rs` (not here; `fused` in `fused.rs`).
 const TESTED_IN_COMPOSITES_RS: &[&str] = &[
+    "fused",
     "lightning_attention",
     "lightning_layer",
     "flash_attention",
@@ -240,6 +241,10 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "moe_dispatch",
     "grouped_matmul",
     "moe_combine",
+    // in `collectives.rs`
+    "all_to_all",
+    "all_to_all_start",
+    "collective_wait",
 ];
 
 #[test]

@@ -4,7 +4,7 @@
 //! the ones `Graph::add_node` accepts. Properties: `print(parse(print(g))) == print(g)`, and a graph read back
 //! from its JSON prints identically.
 
-use fulgur_ir::op::{BinaryOp, CmpOp, Composite, ConstData, ReduceOp, UnaryOp};
+use fulgur_ir::op::{BinaryOp, CmpOp, Composite, ConstData, FusedBody, ReduceOp, UnaryOp};
 use fulgur_ir::{json, text, DType, Dim, Graph, Op, Shape, Value};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -195,11 +195,62 @@ impl Gen {
         self.new_input(dt, dims)
     }
 
+    /// A collective over a leading rank axis `[R, ..., R·c, ...]`: `all_to_all`, or a started one and its wait.
+    fn collective(&mut self) {
+        let (r, c) = (self.dim(), self.dim());
+        let mut dims = vec![r.clone()];
+        let n = self.rng.gen_range(0..2);
+        dims.extend(self.dims(n));
+        let axis = dims.len() as i64;
+        dims.push(r * c);
+        let n = self.rng.gen_range(0..2);
+        dims.extend(self.dims(n));
+        let axis = if self.rng.gen_bool(0.5) {
+            axis - dims.len() as i64
+        } else {
+            axis
+        };
+        let dt = self.dtype();
+        let Some(x) = self.value_of(dt, dims) else { return };
+        if self.rng.gen_bool(0.5) {
+            self.add(Op::Composite(Composite::AllToAll { axis }), &[x]);
+        } else {
+            let overlap_flops = self.dim();
+            if self.add(Op::Composite(Composite::AllToAllStart { axis, overlap_flops }), &[x]) {
+                let h = *self.pool.last().expect("just added");
+                self.add(Op::Composite(Composite::CollectiveWait), &[h]);
+            }
+        }
+    }
+
     /// One of the optimizer's attention and MoE composites, on inputs that mostly type-check.
     fn model_composite(&mut self, a: Value) {
         let f = self.float_dtype();
         let idt = if self.rng.gen_bool(0.5) { DType::I32 } else { DType::I64 };
-        match self.rng.gen_range(0..6) {
+        if self.rng.gen_bool(0.15) {
+            return self.collective();
+        }
+        match self.rng.gen_range(0..7) {
+            6 => {
+                // a fused kernel: `exp(arg0) · arg1` on `a`'s type, a body node with an odd name (escapes in a
+                // string inside a string)
+                let t = self.g.ty(a).clone();
+                if !t.dtype.is_float() {
+                    return;
+                }
+                let Some(b) = self.value_of(t.dtype, t.dims().to_vec()) else {
+                    return;
+                };
+                let mut body = Graph::new("fused");
+                let x = body.input("arg0", t.dtype, t.dims().to_vec()).expect("arg0");
+                let y = body.input("arg1", t.dtype, t.dims().to_vec()).expect("arg1");
+                let name = self.name();
+                let e = body.named(&name, Op::Unary(UnaryOp::Exp), &[x]).expect("exp");
+                let m = body.mul(e, y).expect("mul");
+                body.add_output("out", m).expect("output");
+                let body = FusedBody::from_graph(&body).expect("a valid body");
+                self.add(Op::Composite(Composite::Fused { body }), &[a, b]);
+            }
             0 => {
                 let nb = self.rng.gen_range(0..3);
                 let batch = self.dims(nb);

@@ -180,6 +180,10 @@ impl CostModel {
         match c {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } => k(5.0 * n_in, false),
             Composite::RmsNorm { .. } => k(4.0 * n_in, false),
+            Composite::Fused { body } => self.fused_cost(body, io),
+            Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => {
+                collective_cost(self, c, ins)
+            }
             #[allow(unreachable_patterns)]
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
@@ -189,6 +193,31 @@ impl CostModel {
                     ..k(flops, tensor)
                 }
             }
+        }
+    }
+
+    /// A `fused` kernel (`fulgur_ir::composite::fused`): one launch whose bytes are its external inputs and its
+    /// output (`io`: intermediate values stay in registers), whose FLOPs are the sum of its body's, on tensor cores
+    /// when the body has a matmul. Layout ops inside the body (reshape, broadcast, slice, permute, concat) are
+    /// index arithmetic and free.
+    fn fused_cost(&self, body: &fulgur_ir::op::FusedBody, io: f64) -> NodeCost {
+        let g = body.graph();
+        let (mut flops, mut tensor) = (0.0, false);
+        for (_, n) in g.nodes() {
+            if matches!(n.op, Op::Permute { .. } | Op::Concat { .. }) {
+                continue;
+            }
+            let ins: Vec<&TensorType> = n.inputs.iter().map(|&v| g.ty(v)).collect();
+            let c = self.node_cost(&n.op, &ins, &n.outputs);
+            flops += c.flops;
+            tensor |= c.tensor;
+        }
+        NodeCost {
+            flops,
+            bytes: io,
+            tensor,
+            kernel: true,
+            ..NodeCost::default()
         }
     }
 
@@ -279,5 +308,48 @@ pub fn composite_latency(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> f
             (t / (*block as f64).max(1.0)).ceil() * m.target.launch_s * 0.25
         }
         _ => 0.0,
+    }
+}
+
+/// Collectives over the simulated rank axis (`fulgur_ir::composite::collective`; `docs/passes.md`, "Collectives
+/// and overlap"). An all-to-all of `x: [R, ...]` moves `(R−1)/R` of `x`'s bytes over the links (each rank keeps
+/// its own chunk); like every cost of a simulated graph it is summed over the ranks.
+/// - `all_to_all` (blocking, on the compute stream): that transfer plus a launch;
+/// - `all_to_all_start` runs on the communication stream (not a kernel): the transfer, less what is hidden
+///   behind the independent compute its `overlap_flops` annotation names: at most half the time of those
+///   tensor-core FLOPs (a compute window is shared by the next chunk's dispatch and the previous chunk's
+///   combine; the FLOPs alone are a lower bound of that compute's time). `comm_bytes` is what stays exposed;
+/// - `collective_wait` is free.
+pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> NodeCost {
+    let Some(x) = ins.first() else {
+        return NodeCost::default();
+    };
+    let ranks = m.dim(x, 0).max(1.0);
+    let moved = m.bytes(x) * (ranks - 1.0) / ranks;
+    match c {
+        Composite::AllToAll { .. } => NodeCost {
+            comm_bytes: moved,
+            kernel: true,
+            ..NodeCost::default()
+        },
+        Composite::AllToAllStart { overlap_flops, .. } => {
+            let mut env = m.env.clone();
+            for s in overlap_flops.symbols() {
+                env.entry(s).or_insert(1024);
+            }
+            let flops = overlap_flops.eval(&env).map(|f| f.max(0) as f64).unwrap_or(0.0);
+            let peak = match x.dtype {
+                DType::BF16 | DType::F16 => m.target.matmul_flops_bf16,
+                _ => m.target.matmul_flops_f32,
+            };
+            let transfer = moved / m.target.link_bw;
+            let hidden = transfer.min(0.5 * flops / peak);
+            NodeCost {
+                comm_bytes: (transfer - hidden).max(0.0) * m.target.link_bw,
+                kernel: false,
+                ..NodeCost::default()
+            }
+        }
+        _ => NodeCost::default(),
     }
 }

@@ -21,6 +21,7 @@ fn optimize(g: &fulgur_ir::Graph, blocks: Vec<usize>) -> fulgur_ir::Graph {
     let p = standard_pipeline(
         &RuleConfig {
             lightning_blocks: blocks,
+            ..RuleConfig::default()
         },
         &[],
         Limits::default(),

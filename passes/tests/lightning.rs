@@ -20,6 +20,7 @@ fn example(name: &str) -> Graph {
 fn cfg() -> RuleConfig {
     RuleConfig {
         lightning_blocks: vec![1, 3, 4, 16],
+        ..RuleConfig::default()
     }
 }
 

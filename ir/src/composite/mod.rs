@@ -8,9 +8,13 @@
 //! - this module: `softmax`, `log_softmax`, `rms_norm`, and the dispatch over all composites;
 //! - [`attention`]: `flash_attention` (the plain softmax form);
 //! - [`lightning`]: `lightning_attention` (the block form of MiniMax-01's lightning attention);
-//! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`.
+//! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`;
+//! - [`fused`]: `fused` (a fused kernel: its body graph, inlined);
+//! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait` (ranks simulated on a leading axis).
 
 pub mod attention;
+pub mod collective;
+pub mod fused;
 pub mod lightning;
 pub mod moe;
 
@@ -74,6 +78,11 @@ impl Composite {
                 Ok(vec![moe::grouped_matmul(g, *swiglu, inputs[0], inputs[1], inputs[2])?])
             }
             Composite::MoeCombine => Ok(vec![moe::combine(g, inputs[0], inputs[1], inputs[2])?]),
+            Composite::Fused { body } => Ok(vec![fused::inline(g, body, inputs)?]),
+            Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
+                Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
+            }
+            Composite::CollectiveWait => Ok(vec![inputs[0]]),
         }
     }
 }

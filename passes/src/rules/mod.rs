@@ -3,6 +3,8 @@
 //! reference interpreter in f64 on random inputs of random admissible shapes and must agree.
 
 pub mod algebra;
+pub mod collectives;
+pub mod fusion;
 pub mod lightning;
 pub mod moe;
 
@@ -19,18 +21,22 @@ pub struct Family {
 pub struct RuleConfig {
     /// Candidate lightning block sizes; the extractor picks by cost.
     pub lightning_blocks: Vec<usize>,
+    /// Candidate chunk counts for overlapping an expert-parallel all-to-all with expert compute (the
+    /// `collectives` family); the extractor picks by cost.
+    pub a2a_chunks: Vec<usize>,
 }
 
 impl Default for RuleConfig {
     fn default() -> RuleConfig {
         RuleConfig {
             lightning_blocks: vec![64, 128, 256],
+            a2a_chunks: vec![2, 4],
         }
     }
 }
 
 /// Every family's name, in pipeline order.
-pub const FAMILY_NAMES: [&str; 3] = ["algebra", "lightning", "moe"];
+pub const FAMILY_NAMES: [&str; 5] = ["algebra", "lightning", "moe", "fusion", "collectives"];
 
 /// The families, minus those named in `disabled`. Unknown names are an error naming them.
 pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, String> {
@@ -42,7 +48,13 @@ pub fn families(cfg: &RuleConfig, disabled: &[String]) -> Result<Vec<Family>, St
             ));
         }
     }
-    let all = vec![algebra::family(cfg), lightning::family(cfg), moe::family(cfg)];
+    let all = vec![
+        algebra::family(cfg),
+        lightning::family(cfg),
+        moe::family(cfg),
+        fusion::family(cfg),
+        collectives::family(cfg),
+    ];
     Ok(all
         .into_iter()
         .filter(|f| !disabled.iter().any(|d| d == f.name))
