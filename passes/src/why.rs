@@ -190,9 +190,13 @@ pub fn explain(
             .cloned()
             .ok_or_else(|| PassError::Rule("kernel node vanished".into()))?;
         let root_class = egraph.find(class);
+        // the kernel over its inputs as the input graph had them (classes the rewrites created come from the
+        // extraction), so the explanation is about this kernel, not about everything beneath it
         let new = term(&egraph, class, &|c| {
             if c == root_class {
                 kernel_node.clone()
+            } else if let Some(n) = orig_of.get(&c) {
+                n.clone()
             } else {
                 ex.choice.get(&c).cloned().unwrap_or_else(|| egraph[c].nodes[0].clone())
             }
@@ -228,4 +232,20 @@ pub fn explain(
     Err(PassError::Rule(format!(
         "could not explain `{kname}` ({op_text}): it is not produced by a rewrite of an input node"
     )))
+}
+
+/// An op's text for a report line: a `fused` kernel as the list of its body's ops.
+pub fn short_op(text: &str) -> String {
+    if !text.starts_with("fused[") {
+        return text.to_string();
+    }
+    let ops: Vec<&str> = text
+        .split("\\n")
+        .filter_map(|l| {
+            let rhs = l.split_once(" = ")?.1;
+            let name = rhs.split(|c: char| c == '[' || c == '(' || c == ' ').next()?;
+            (name != "input" && name != "param" && !name.is_empty()).then_some(name)
+        })
+        .collect();
+    format!("fused{{{}}}", ops.join(", "))
 }
