@@ -243,7 +243,7 @@ pub fn short_op(text: &str) -> String {
         .split("\\n")
         .filter_map(|l| {
             let rhs = l.split_once(" = ")?.1;
-            let name = rhs.split(|c: char| c == '[' || c == '(' || c == ' ').next()?;
+            let name = rhs.split(['[', '(', ' ']).next()?;
             (name != "input" && name != "param" && !name.is_empty()).then_some(name)
         })
         .collect();
