@@ -55,7 +55,8 @@ fn inspect_reports_the_lightning_block_form_and_falling_kernel_count() {
     // the lightning kernel with its prologue and epilogue, once per lightning layer, and the grouped MoE
     assert_eq!(fir.matches("lightning_layer[block=").count(), 3, "{fir}");
     assert_eq!(fir.matches("grouped_matmul[swiglu=true]").count(), 4, "{fir}");
-    assert_eq!(fir.matches("flash_attention[").count(), 1, "{fir}");
+    // softmax attention with RoPE in the flash kernel's prologue
+    assert_eq!(fir.matches("flash_attention_rope[").count(), 1, "{fir}");
     assert!(dir.path().join("00-input.dot").exists());
     // the dump re-parses
     fulgur::ir::text::parse(&fir).unwrap();
@@ -73,11 +74,11 @@ fn inspect_why_explains_the_lightning_kernel() {
         &"inspect",
         &tiny_a(),
         &"--why",
-        &"layers.3.flash_attention",
+        &"layers.3.flash_attention_rope",
         &"--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v["steps"][1]["rule"], "flash-attention");
+    assert_eq!(v["steps"][1]["rule"], "flash-rope-prologue");
 }
 
 #[test]

@@ -452,6 +452,7 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::LightningAttention { block } => infer_lightning(*block, ins),
         Composite::LightningLayer { block, heads, .. } => infer_lightning_layer(*block, *heads, ins),
         Composite::FlashAttention { .. } => infer_flash(ins),
+        Composite::FlashAttentionRope { rotary, .. } => infer_flash_rope(*rotary, ins),
         Composite::MoeRouter { k } => infer_router(*k, ins),
         Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),
         Composite::GroupedMatmul { swiglu } => infer_grouped_matmul(*swiglu, ins),
@@ -700,4 +701,28 @@ fn infer_lightning_layer(block: usize, heads: usize, ins: &[&TensorType]) -> R<V
         ));
     }
     Ok(vec![gate.clone()])
+}
+
+/// `flash_attention` inputs plus `cos, sin: [T, rotary]`, with `q` and `k` at the same `T` positions.
+fn infer_flash_rope(rotary: usize, ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let out = infer_flash(&ins[..3])?;
+    let (q, k, cos, sin) = (ins[0], ins[1], ins[3], ins[4]);
+    let (qd, kd) = (q.dims(), k.dims());
+    let (t, s) = (&qd[qd.len() - 2], &kd[kd.len() - 2]);
+    if t != s {
+        return Err(format!(
+            "`flash_attention_rope` rotates q and k with one table, so they need one length: q {q}, k {k}"
+        ));
+    }
+    let d = &qd[qd.len() - 1];
+    if rotary == 0 || !rotary.is_multiple_of(2) || d.as_const().is_none_or(|d| (rotary as i64) > d) {
+        return Err(format!("`flash_attention_rope` needs a constant head dim D and an even rotary in 2..=D, got rotary={rotary} for q {q}"));
+    }
+    let want = TensorType::new(q.dtype, vec![t.clone(), Dim::from(rotary)]);
+    if *cos != want || *sin != want {
+        return Err(format!(
+            "`flash_attention_rope` needs cos and sin of type {want}, got cos {cos}, sin {sin}"
+        ));
+    }
+    Ok(out)
 }

@@ -272,6 +272,16 @@ pub enum Composite {
     /// attention: inputs `q, k: [batch..., T, D]`, `v: [batch..., T, Dv]`, `lam` broadcastable to
     /// `[batch..., 1, 1]`; output `o_t = Σ_{u≤t} exp(−λ(t−u)) (q_t·k_u) v_u`, `[batch..., T, Dv]`.
     LightningAttention { block: usize },
+    /// `flash_attention` with rotary embeddings in its prologue: inputs `q: [..., T, D]`, `k: [..., T, D]`
+    /// (queries and keys at the same positions, as in a prefill), `v: [..., T, Dv]`, `cos, sin: [T, rotary]`;
+    /// `q` and `k` are rotated on their first `rotary` dims (rotate-half pairing `(i, i + rotary/2)`) before the
+    /// attention.
+    FlashAttentionRope {
+        #[serde(with = "crate::json::f64_repr")]
+        scale: f64,
+        causal: bool,
+        rotary: usize,
+    },
     /// `softmax(q kᵀ · scale + mask) v` with the causal mask `u ≤ t + (S − T)` when `causal`: inputs
     /// `q: [..., T, D]`, `k: [..., S, D]`, `v: [..., S, Dv]` (batch axes broadcast as in `matmul`).
     FlashAttention {
@@ -316,6 +326,7 @@ impl Composite {
             Composite::LightningAttention { .. } => "lightning_attention",
             Composite::LightningLayer { .. } => "lightning_layer",
             Composite::FlashAttention { .. } => "flash_attention",
+            Composite::FlashAttentionRope { .. } => "flash_attention_rope",
             Composite::MoeRouter { .. } => "moe_router",
             Composite::MoeDispatch { .. } => "moe_dispatch",
             Composite::GroupedMatmul { .. } => "grouped_matmul",
@@ -327,13 +338,14 @@ impl Composite {
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 15] = [
         "softmax",
         "log_softmax",
         "rms_norm",
         "lightning_attention",
         "lightning_layer",
         "flash_attention",
+        "flash_attention_rope",
         "moe_router",
         "moe_dispatch",
         "grouped_matmul",
@@ -352,6 +364,11 @@ impl Composite {
                 ("block", AttrValue::Int(*block as i64)),
                 ("heads", AttrValue::Int(*heads as i64)),
                 ("eps", AttrValue::Float(*eps)),
+            ],
+            Composite::FlashAttentionRope { scale, causal, rotary } => vec![
+                ("scale", AttrValue::Float(*scale)),
+                ("causal", AttrValue::Bool(*causal)),
+                ("rotary", AttrValue::Int(*rotary as i64)),
             ],
             Composite::FlashAttention { scale, causal } => {
                 vec![
@@ -379,6 +396,7 @@ impl Composite {
             Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
             Composite::FlashAttention { .. } | Composite::GroupedMatmul { .. } | Composite::MoeCombine => 3,
             Composite::LightningAttention { .. } | Composite::LightningLayer { .. } => 4,
+            Composite::FlashAttentionRope { .. } => 5,
             Composite::Fused { .. } => return None,
             Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => 1,
         })
@@ -824,6 +842,11 @@ impl Op {
                 block: a.usize("block")?,
                 heads: a.usize("heads")?,
                 eps: a.float("eps")?,
+            }),
+            "flash_attention_rope" => Op::Composite(Composite::FlashAttentionRope {
+                scale: a.float("scale")?,
+                causal: a.bool("causal")?,
+                rotary: a.usize("rotary")?,
             }),
             "flash_attention" => Op::Composite(Composite::FlashAttention {
                 scale: a.float("scale")?,

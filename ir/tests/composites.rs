@@ -1310,6 +1310,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             scale: 0.5,
             causal: false,
         },
+        Composite::FlashAttentionRope {
+            scale: 0.5,
+            causal: true,
+            rotary: 2,
+        },
         Composite::MoeRouter { k: 1 },
         Composite::MoeDispatch { experts: 2 },
         Composite::GroupedMatmul { swiglu: true },
@@ -1429,4 +1434,137 @@ fn lightning_layer_matches_the_definitional_block() {
         let e = out["got"].rel_l2(&out["want"]);
         assert!(e < 1e-12, "b={b} t={t} heads={heads} d={d} block={block}: {e}");
     }
+}
+
+// ------------------------------------------------------------ flash_attention_rope
+
+#[test]
+fn flash_attention_rope_rotates_then_attends() {
+    let mut seed = 5u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    // (T, D, rotary, causal): full and partial rotary, grouped heads
+    for (t, d, r, causal) in [
+        (1usize, 4usize, 4usize, true),
+        (5, 4, 2, true),
+        (6, 8, 8, false),
+        (7, 6, 4, true),
+    ] {
+        let mut g = Graph::new("rope");
+        let td = Dim::sym("T");
+        let q = g
+            .input(
+                "q",
+                DType::F32,
+                vec![Dim::from(2), Dim::from(3), td.clone(), Dim::from(d)],
+            )
+            .unwrap();
+        let k = g
+            .input(
+                "k",
+                DType::F32,
+                vec![Dim::from(2), Dim::from(1), td.clone(), Dim::from(d)],
+            )
+            .unwrap();
+        let v = g
+            .input(
+                "v",
+                DType::F32,
+                vec![Dim::from(2), Dim::from(1), td.clone(), Dim::from(d)],
+            )
+            .unwrap();
+        let cos = g.input("cos", DType::F32, vec![td.clone(), Dim::from(r)]).unwrap();
+        let sin = g.input("sin", DType::F32, vec![td, Dim::from(r)]).unwrap();
+        let got = g
+            .op1(
+                Op::Composite(Composite::FlashAttentionRope {
+                    scale: 0.7,
+                    causal,
+                    rotary: r,
+                }),
+                &[q, k, v, cos, sin],
+            )
+            .unwrap();
+        g.add_output("got", got).unwrap();
+        let n = |s: &[usize]| s.iter().product::<usize>();
+        let mut mk = |s: Vec<usize>| Tensor::from_f64(DType::F32, s.clone(), (0..n(&s)).map(|_| rnd()).collect());
+        let inputs: HashMap<String, Tensor> = [
+            ("q", mk(vec![2, 3, t, d])),
+            ("k", mk(vec![2, 1, t, d])),
+            ("v", mk(vec![2, 1, t, d])),
+            ("cos", mk(vec![t, r])),
+            ("sin", mk(vec![t, r])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let out = Interpreter::new(Precision::F64).run(&g, &inputs).unwrap();
+        // hand loops: rotate, then causal softmax attention with grouped heads
+        let (qv, kv, vv, cv, sv) = (
+            inputs["q"].to_f64(),
+            inputs["k"].to_f64(),
+            inputs["v"].to_f64(),
+            inputs["cos"].to_f64(),
+            inputs["sin"].to_f64(),
+        );
+        let rot = |x: &[f64], pos: usize| -> Vec<f64> {
+            let h = r / 2;
+            (0..d)
+                .map(|i| {
+                    if i >= r {
+                        x[i]
+                    } else {
+                        let partner = if i < h { -x[i + h] } else { x[i - h] };
+                        x[i] * cv[pos * r + i] + partner * sv[pos * r + i]
+                    }
+                })
+                .collect()
+        };
+        let got = out["got"].to_f64();
+        for b in 0..2 {
+            for hq in 0..3 {
+                for ti in 0..t {
+                    let qrow = rot(&qv[((b * 3 + hq) * t + ti) * d..][..d], ti);
+                    let visible: Vec<usize> = (0..t).filter(|&u| !causal || u <= ti).collect();
+                    let scores: Vec<f64> = visible
+                        .iter()
+                        .map(|&u| {
+                            let krow = rot(&kv[(b * t + u) * d..][..d], u);
+                            0.7 * qrow.iter().zip(&krow).map(|(a, c)| a * c).sum::<f64>()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    for j in 0..d {
+                        let want: f64 = visible
+                            .iter()
+                            .zip(&scores)
+                            .map(|(&u, s)| (s - m).exp() / z * vv[(b * t + u) * d + j])
+                            .sum();
+                        let have = got[((b * 3 + hq) * t + ti) * d + j];
+                        assert!((want - have).abs() < 1e-12, "t={t} d={d} r={r}: {want} vs {have}");
+                    }
+                }
+            }
+        }
+    }
+    // q and k at different lengths are refused
+    let mut g = Graph::new("bad");
+    let q = g.input("q", DType::F32, vec![Dim::from(1), Dim::from(4)]).unwrap();
+    let k = g.input("k", DType::F32, vec![Dim::from(3), Dim::from(4)]).unwrap();
+    let c = g.input("c", DType::F32, vec![Dim::from(1), Dim::from(4)]).unwrap();
+    let e = g
+        .op1(
+            Op::Composite(Composite::FlashAttentionRope {
+                scale: 1.0,
+                causal: false,
+                rotary: 4,
+            }),
+            &[q, k, k, c, c],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one length"), "{e}");
 }

@@ -303,6 +303,24 @@ impl Gen {
                 let scale = self.f64();
                 let causal = self.rng.gen_bool(0.5);
                 self.add(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v]);
+                // with rotary embeddings in the prologue: q and k at the same positions, constant head dim
+                let (t, hd) = (self.dim(), self.rng.gen_range(1..4usize) * 2);
+                let rotary = 2 * self.rng.gen_range(1..=hd / 2);
+                let qd: Vec<Dim> = batch.iter().cloned().chain([t.clone(), Dim::from(hd)]).collect();
+                let kd: Vec<Dim> = kb.iter().cloned().chain([t.clone(), Dim::from(hd)]).collect();
+                let (Some(q), Some(k), Some(v), Some(c), Some(sn)) = (
+                    self.value_of(f, qd),
+                    self.value_of(f, kd.clone()),
+                    self.value_of(f, kd),
+                    self.value_of(f, vec![t.clone(), Dim::from(rotary)]),
+                    self.value_of(f, vec![t, Dim::from(rotary)]),
+                ) else {
+                    return;
+                };
+                self.add(
+                    Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }),
+                    &[q, k, v, c, sn],
+                );
             }
             2 => {
                 let logits = if self.g.dtype(a).is_float() && self.g.rank(a) >= 1 {

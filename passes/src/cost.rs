@@ -272,6 +272,15 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
             let attn = bh * (2.0 * t * b * 2.0 * d + 4.0 * t * d * d + 2.0 * nb * d * d);
             (attn + 10.0 * m.numel(qkv), true)
         }
+        Composite::FlashAttentionRope { causal, .. } => {
+            let (q, k) = (ins[0], ins[1]);
+            let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));
+            let s = m.dim(k, k.rank() - 2);
+            let heads = m.numel(q) / (t * d).max(1.0);
+            let full = 4.0 * heads * t * s * d;
+            let rope = 3.0 * (m.numel(q) + m.numel(k));
+            (if *causal { full / 2.0 } else { full } + rope, true)
+        }
         Composite::FlashAttention { causal, .. } => {
             let (q, k) = (ins[0], ins[1]);
             let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));

@@ -97,8 +97,46 @@ fn minimax_layers_are_rewritten_soundly() {
     assert!(names.iter().any(|n| n == "lightning_attention"));
     assert!(names.iter().any(|n| n == "flash_attention"));
     assert!(names.iter().any(|n| n == "lightning_layer"));
+    assert!(names.iter().any(|n| n == "flash_attention_rope"));
 }
 
 fn cfg_rules() -> RuleConfig {
     RuleConfig::default()
+}
+
+#[test]
+fn partial_rotary_moves_into_the_flash_prologue_soundly() {
+    // MiniMax's original format: rotary over the first 4 of 8 dims, GQA 4:1, pre-norm
+    let text = r#"{"model_type": "minimax_text_01", "vocab_size": 30, "hidden_size": 16, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "rotary_dim": 4,
+        "num_local_experts": 2, "num_experts_per_tok": 1, "attn_type_list": [1], "rope_theta": 10000000}"#;
+    let cfg = MiniMaxConfig::from_json_str(text, "test").unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for (seed, t) in [(0, 2), (1, 7)] {
+        check(&g, &env(&[("B", 2), ("T", t)]), seed);
+    }
+    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis);
+    fulgur_passes::lang::graph_to_egraph(&g, &mut eg);
+    let runner = egg::Runner::default()
+        .with_egraph(eg)
+        .run(&lightning::family(&cfg_rules()).rules);
+    let found = runner.egraph.classes().any(|c| {
+        c.nodes.iter().any(|n| {
+            matches!(
+                n.ir_op(),
+                Some(Op::Composite(fulgur_ir::Composite::FlashAttentionRope {
+                    rotary: 4,
+                    ..
+                }))
+            )
+        })
+    });
+    assert!(found, "flash_attention_rope[rotary=4] not derived");
 }

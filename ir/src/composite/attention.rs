@@ -38,3 +38,26 @@ pub fn decompose(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v:
     let p = super::softmax(g, s, -1)?;
     g.matmul(p, v)
 }
+
+/// Rotary embedding of `x: [..., T, D]` on its first `rotary` dims with tables `cos, sin: [T, rotary]`:
+/// `x_r · cos + rotate_half(x_r) · sin`, `rotate_half(a | b) = (−b | a)`; the other dims pass through.
+pub fn rope(g: &mut Graph, rotary: usize, x: Value, cos: Value, sin: Value) -> Result<Value> {
+    let d = g.dims(x).last().and_then(|d| d.as_const()).unwrap_or(rotary as i64) as usize;
+    let (xr, pass) = if rotary == d {
+        (x, None)
+    } else {
+        (g.slice(x, -1, 0, rotary)?, Some(g.slice(x, -1, rotary, d)?))
+    };
+    let h = rotary / 2;
+    let x1 = g.slice(xr, -1, 0, h)?;
+    let x2 = g.slice(xr, -1, h, rotary)?;
+    let nx2 = g.neg(x2)?;
+    let rot = g.concat(&[nx2, x1], -1)?;
+    let a = g.mul(xr, cos)?;
+    let b = g.mul(rot, sin)?;
+    let y = g.add(a, b)?;
+    match pass {
+        Some(p) => g.concat(&[y, p], -1),
+        None => Ok(y),
+    }
+}

@@ -63,6 +63,11 @@ impl Composite {
             Composite::LightningLayer { block, heads, eps } => Ok(vec![lightning::decompose_layer(
                 g, *block, *heads, *eps, inputs[0], inputs[1], inputs[2], inputs[3],
             )?]),
+            Composite::FlashAttentionRope { scale, causal, rotary } => {
+                let q = attention::rope(g, *rotary, inputs[0], inputs[3], inputs[4])?;
+                let k = attention::rope(g, *rotary, inputs[1], inputs[3], inputs[4])?;
+                Ok(vec![attention::decompose(g, *scale, *causal, q, k, inputs[2])?])
+            }
             Composite::FlashAttention { scale, causal } => Ok(vec![attention::decompose(
                 g, *scale, *causal, inputs[0], inputs[1], inputs[2],
             )?]),

@@ -19,6 +19,7 @@ pub fn family(cfg: &RuleConfig) -> Family {
             fn_rule("lightning-block-form", probe_lightning, build_lightning, cfg),
             fn_rule("flash-attention", probe_flash, build_flash, cfg),
             fn_rule("lightning-layer-kernel", probe_layer, build_layer, cfg),
+            fn_rule("flash-rope-prologue", probe_flash_rope, build_flash_rope, cfg),
         ],
     }
 }
@@ -422,4 +423,178 @@ fn build_layer(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
             )
         })
         .collect()
+}
+
+/// `(x, cos, sin, rotary)` when `y` is the rotary embedding of `x` as the models write it:
+/// `add(mul(x_r, cos), mul(concat(neg(x_r[h..r]), x_r[0..h]), sin))` with `x_r = x` (full) or
+/// `concat(that, x[r..D])` with `x_r = x[0..r]` (partial); products and sums in either operand order.
+fn match_rope(eg: &EGraph, y: Id) -> Option<(Id, Id, Id, usize)> {
+    let full = |eg: &EGraph, y: Id| -> Option<(Id, Id, Id, usize)> {
+        for (o, ch) in ops(eg, y) {
+            if !matches!(o, Op::Binary(BinaryOp::Add)) {
+                continue;
+            }
+            for (a, b) in [(ch[0], ch[1]), (ch[1], ch[0])] {
+                for (ao, ach) in ops(eg, a) {
+                    if !matches!(ao, Op::Binary(BinaryOp::Mul)) {
+                        continue;
+                    }
+                    for (x, cos) in [(ach[0], ach[1]), (ach[1], ach[0])] {
+                        let (xt, ct) = (class_ty(eg, x)?, class_ty(eg, cos)?);
+                        let r = xt.dims().last()?.as_const()? as usize;
+                        if ct.rank() != 2 || ct.dims()[1].as_const() != Some(r as i64) || !r.is_multiple_of(2) {
+                            continue;
+                        }
+                        let h = (r / 2) as i64;
+                        let x = eg.find(x);
+                        for (bo, bch) in ops(eg, b) {
+                            if !matches!(bo, Op::Binary(BinaryOp::Mul)) {
+                                continue;
+                            }
+                            for (rot, sin) in [(bch[0], bch[1]), (bch[1], bch[0])] {
+                                if class_ty(eg, sin) != Some(ct.clone()) {
+                                    continue;
+                                }
+                                let is_rot = ops(eg, rot).into_iter().any(|(ro, rch)| {
+                                    matches!(ro, Op::Concat { axis } if axis == -1 || axis == xt.rank() as i64 - 1)
+                                        && rch.len() == 2
+                                        && ops(eg, rch[0]).into_iter().any(|(no, nch)| {
+                                            matches!(no, Op::Unary(UnaryOp::Neg))
+                                                && last_axis_slice_any(eg, nch[0]).contains(&(x, h, 2 * h))
+                                        })
+                                        && last_axis_slice_any(eg, rch[1]).contains(&(x, 0, h))
+                                });
+                                if is_rot {
+                                    return Some((x, cos, sin, r));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None
+    };
+    if let Some(m) = full(eg, y) {
+        // x may itself be the first `r` dims of a wider head (partial rotary): then y is not the whole rope
+        return Some(m);
+    }
+    // partial: concat(full_rope(x[0..r]), x[r..D])
+    for (o, ch) in ops(eg, y) {
+        if !matches!(o, Op::Concat { .. }) || ch.len() != 2 {
+            continue;
+        }
+        let Some((xr, cos, sin, r)) = full(eg, ch[0]) else {
+            continue;
+        };
+        let yt = class_ty(eg, y)?;
+        let d = yt.dims().last()?.as_const()?;
+        for (x, s0, e0) in last_axis_slice_any(eg, xr) {
+            if s0 == 0 && e0 == r as i64 && last_axis_slice_any(eg, ch[1]).contains(&(x, r as i64, d)) {
+                return Some((x, cos, sin, r));
+            }
+        }
+    }
+    None
+}
+
+/// `(x, start, end)` of constant slices on the last axis of any rank.
+fn last_axis_slice_any(eg: &EGraph, id: Id) -> Vec<(Id, i64, i64)> {
+    let Some(t) = class_ty(eg, id) else { return vec![] };
+    let last = t.rank() as i64 - 1;
+    ops(eg, id)
+        .into_iter()
+        .filter_map(|(o, ch)| match o {
+            Op::Slice { axis, start, end } if axis == -1 || axis == last => {
+                Some((eg.find(ch[0]), start.as_const()?, end.as_const()?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The pre-rotation value and tables when `v` is `reshape(rope(x))` (or `rope(x)` itself).
+fn roped_operand(eg: &EGraph, v: Id) -> Vec<(Option<fulgur_ir::Shape>, Id, Id, Id, usize)> {
+    let mut out = Vec::new();
+    if let Some((x, c, s, r)) = match_rope(eg, v) {
+        out.push((None, x, c, s, r));
+    }
+    for (o, ch) in ops(eg, v) {
+        if let Op::Reshape { shape } = o {
+            if let Some((x, c, s, r)) = match_rope(eg, ch[0]) {
+                out.push((Some(shape), x, c, s, r));
+            }
+        }
+    }
+    out
+}
+
+struct FlashRopeMatch {
+    q: (Option<fulgur_ir::Shape>, Id),
+    k: (Option<fulgur_ir::Shape>, Id),
+    v: Id,
+    cos: Id,
+    sin: Id,
+    rotary: usize,
+    scale: f64,
+    causal: bool,
+}
+
+fn match_flash_rope(eg: &EGraph, n: &FNode) -> Option<FlashRopeMatch> {
+    let Some(Op::Composite(Composite::FlashAttention { scale, causal })) = n.ir_op() else {
+        return None;
+    };
+    let (q, k, v) = (n.children[0], n.children[1], n.children[2]);
+    let (qt, kt) = (class_ty(eg, q)?, class_ty(eg, k)?);
+    if qt.dims()[qt.rank() - 2] != kt.dims()[kt.rank() - 2] {
+        return None;
+    }
+    for (qs, qx, qc, qsin, r) in roped_operand(eg, q) {
+        for (ks, kx, kc, ksin, kr) in roped_operand(eg, k) {
+            if kr == r && eg.find(kc) == eg.find(qc) && eg.find(ksin) == eg.find(qsin) {
+                return Some(FlashRopeMatch {
+                    q: (qs.clone(), qx),
+                    k: (ks, kx),
+                    v,
+                    cos: qc,
+                    sin: qsin,
+                    rotary: r,
+                    scale: *scale,
+                    causal: *causal,
+                });
+            }
+        }
+    }
+    None
+}
+
+fn probe_flash_rope(eg: &EGraph, _: Id, n: &FNode) -> bool {
+    match_flash_rope(eg, n).is_some()
+}
+
+fn build_flash_rope(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
+    let Some(m) = match_flash_rope(eg, n) else {
+        return vec![];
+    };
+    // rotation acts on the last axis per position, so it commutes with the head-grouping reshape
+    let mut operand = |(shape, x): (Option<fulgur_ir::Shape>, Id)| -> Option<Id> {
+        match shape {
+            None => Some(x),
+            Some(shape) => add_op(eg, Op::Reshape { shape }, &[x]),
+        }
+    };
+    let (Some(q), Some(k)) = (operand(m.q), operand(m.k)) else {
+        return vec![];
+    };
+    add_op(
+        eg,
+        Op::Composite(Composite::FlashAttentionRope {
+            scale: m.scale,
+            causal: m.causal,
+            rotary: m.rotary,
+        }),
+        &[q, k, m.v, m.cos, m.sin],
+    )
+    .into_iter()
+    .collect()
 }
