@@ -9,10 +9,7 @@ use fulgur::models::{forward_graph, ForwardOptions};
 use std::path::PathBuf;
 
 fn tiny_a() -> PathBuf {
-    let base = match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures")),
-    };
+    let base = fulgur::models::fixtures::dir();
     base.join("tiny-a")
 }
 

@@ -11,10 +11,7 @@ fn root() -> PathBuf {
 }
 
 fn tiny_a() -> PathBuf {
-    let base = match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => root().join("../shared/fixtures"),
-    };
+    let base = fulgur::models::fixtures::dir();
     let p = base.join("tiny-a");
     assert!(
         p.join("config.json").exists(),

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fixtures;
 pub mod minimax;
 pub mod stats;
 

@@ -373,10 +373,7 @@ fn transformers_default_layer_pattern_alternates_from_full() {
 
 #[test]
 fn tiny_a_fixture_config() {
-    let dir = match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    };
+    let dir = fulgur_models::fixtures::dir();
     let cfg = MiniMaxConfig::from_file(&dir.join("tiny-a/config.json")).unwrap();
     assert_eq!(cfg.flavor, Flavor::Transformers);
     use LayerType::*;

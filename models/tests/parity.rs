@@ -7,10 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    }
+    fulgur_models::fixtures::dir()
 }
 
 fn tiny_a() -> PathBuf {

@@ -11,10 +11,7 @@ fn configs_dir() -> PathBuf {
 }
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    }
+    fulgur_models::fixtures::dir()
 }
 
 fn text01() -> MiniMaxConfig {

@@ -750,10 +750,7 @@ fn random_graphs_fuse_soundly() {
 // ------------------------------------------------------------------------------------------- MiniMax
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    }
+    fulgur_models::fixtures::dir()
 }
 
 fn cx() -> PassContext {

@@ -15,10 +15,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    }
+    fulgur_models::fixtures::dir()
 }
 
 fn env(pairs: &[(&str, i64)]) -> HashMap<String, i64> {

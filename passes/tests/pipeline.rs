@@ -8,10 +8,7 @@ use fulgur_passes::{CostModel, Dce, EqSat, PassContext, Pipeline, Target};
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
-    match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    }
+    fulgur_models::fixtures::dir()
 }
 
 fn pipeline() -> Pipeline {

@@ -7,10 +7,7 @@ use fulgur_runtime::{generate, ReferenceBackend};
 use std::path::PathBuf;
 
 fn tiny_a() -> PathBuf {
-    let base = match std::env::var_os("FULGUR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")),
-    };
+    let base = fulgur_models::fixtures::dir();
     let p = base.join("tiny-a");
     assert!(
         p.join("config.json").exists(),
