@@ -184,7 +184,6 @@ impl CostModel {
             Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => {
                 collective_cost(self, c, ins)
             }
-            #[allow(unreachable_patterns)]
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);

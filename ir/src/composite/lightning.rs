@@ -130,7 +130,7 @@ pub fn decompose(g: &mut Graph, block: usize, q: Value, k: Value, v: Value, lam:
 /// Appends the decomposition of `lightning_layer[block, heads, eps](qkv, lam, norm_w, gate)` to `g`: SiLU on
 /// the fused projection, per-head interleaved split into q, k, v, `lightning_attention[block]`, heads merged,
 /// RMSNorm over all heads, sigmoid output gate (MiniMax-01 §2a steps 1–8).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one argument per input of the composite, in its order
 pub fn decompose_layer(
     g: &mut Graph,
     block: usize,
