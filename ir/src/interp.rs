@@ -224,6 +224,7 @@ impl Interpreter {
     /// Runs the graph; returns every declared output by name.
     pub fn run(&self, g: &Graph, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
         let env = self.bind(g, inputs)?;
+        check_sizes(g, &env)?;
         let mut uses = g.use_counts();
         let mut vals: HashMap<Value, Tensor> = HashMap::new();
         let mut out = BTreeMap::new();
@@ -775,6 +776,33 @@ impl Interpreter {
             Op::Composite(_) => unreachable!("composites are run through their decomposition"),
         }
     }
+}
+
+/// The most elements one value may have in the reference interpreter (16 GiB held widened to 8 bytes).
+pub const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// Refuses, before running, a graph whose values would not fit: every node's output shape is evaluated under
+/// the bound symbols, and none may exceed [`MAX_ELEMENTS`] (an allocation failure would abort the process).
+fn check_sizes(g: &Graph, env: &HashMap<String, i64>) -> Result<()> {
+    for (id, n) in g.nodes() {
+        let node_error = |message: String| IrError::Node {
+            id: id.index(),
+            name: n.name.clone(),
+            op: n.op.name().to_string(),
+            message,
+        };
+        for ty in &n.outputs {
+            let shape = ty.shape.eval(env).map_err(node_error)?;
+            let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+            if !matches!(elements, Some(e) if e <= MAX_ELEMENTS) {
+                return Err(node_error(format!(
+                    "its output {ty} = {shape:?} has more than {MAX_ELEMENTS} elements, the reference \
+                     interpreter's limit"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn fmt_env(env: &HashMap<String, i64>) -> String {

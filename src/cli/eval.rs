@@ -8,14 +8,11 @@
 use crate::cli::files::{ensure_writable, load_graph, write_stdout};
 use anyhow::{anyhow, Result};
 use fulgur_ir::tensor::{read_safetensors, write_safetensors};
-use fulgur_ir::{Buffer, Graph, Interpreter, IrError, Precision, Tensor};
+use fulgur_ir::{Buffer, Interpreter, IrError, Precision, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// The most elements one value may have in the reference interpreter (16 GiB held as f64).
-const MAX_ELEMENTS: u64 = 1 << 31;
 
 /// How many leading values `--print` shows per output.
 const PRINTED_VALUES: usize = 8;
@@ -86,7 +83,6 @@ pub fn run(args: Args) -> Result<()> {
         anyhow!("evaluating graph `{}` ({}): {e:#}{hint}", g.name, args.file.display())
     };
     let interp = Interpreter::new(args.precision.into());
-    check_sizes(&g, &interp, &inputs).map_err(failed)?;
     let start = Instant::now();
     let outputs = interp.run(&g, &inputs).map_err(|e| failed(e.into()))?;
     tracing::info!(graph = %g.name, elapsed = ?start.elapsed(), precision = ?args.precision, "evaluated");
@@ -108,36 +104,6 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.print {
         write_stdout(&describe_all(&outputs))?;
-    }
-    Ok(())
-}
-
-/// Refuses, before running, a graph whose values would not fit the interpreter: every node's output shape is
-/// evaluated with the symbols bound from the inputs, and none may exceed [`MAX_ELEMENTS`] (the interpreter
-/// holds every element widened to 8 bytes, and an allocation failure aborts the process).
-fn check_sizes(g: &Graph, interp: &Interpreter, inputs: &HashMap<String, Tensor>) -> Result<()> {
-    let env = interp.bind(g, inputs)?;
-    for (id, n) in g.nodes() {
-        let node_error = |message: String| IrError::Node {
-            id: id.index(),
-            name: n.name.clone(),
-            op: n.op.name().to_string(),
-            message,
-        };
-        for ty in &n.outputs {
-            let shape = ty
-                .shape
-                .eval(&env)
-                .map_err(|m| node_error(format!("output shape {}: {m}", ty.shape)))?;
-            let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-            if !matches!(elements, Some(e) if e <= MAX_ELEMENTS) {
-                return Err(node_error(format!(
-                    "its output {ty} = {shape:?} has more than {MAX_ELEMENTS} elements, the reference \
-                     interpreter's limit"
-                ))
-                .into());
-            }
-        }
     }
     Ok(())
 }
