@@ -3,21 +3,62 @@
 //! egg's default extractor sums costs over the *tree* of an expression, so a subterm used twice is paid twice:
 //! wrong for dataflow graphs, where a shared value is computed once. Here the cost of choosing a node for a
 //! class is the sum over the *set* of distinct classes it needs (its own node cost once, plus the union of its
-//! children's sets), iterated to a fixpoint (the "greedy DAG" extractor of extraction-gym). Ties are broken by
-//! the e-node order, so the same e-graph always gives the same choice.
+//! children's sets): the "greedy DAG" extractor of extraction-gym, made exact and bounded.
+//!
+//! The algorithm, over the classes reachable from the roots, indexed in a depth-first post-order (children
+//! before parents wherever the e-graph is acyclic):
+//! 1. every class keeps a choice, the bit set of the classes its choice needs, and the total cost of that set;
+//! 2. a pass visits every class and evaluates each of its e-nodes against the children's current sets. A class
+//!    without a choice takes the cheapest e-node whose children all have one (this can never close a cycle:
+//!    nothing chooses its way through a class that has no choice yet). A class with a choice *refreshes* its set
+//!    and total whenever they changed below it, even when its choice stays the same, and *switches* to another
+//!    e-node only when that is strictly cheaper and does not close a cycle through the current choices (checked
+//!    by a search over those choices, never by possibly stale sets);
+//! 3. passes repeat until nothing changes (or [`MAX_PASSES`], or the deadline: a bounded number of passes, each
+//!    linear in the e-graph's size times the set width);
+//! 4. finally every set and total is recomputed exactly, bottom-up over the chosen (acyclic) graph, so
+//!    [`Extraction::cost`] is the true DAG cost of each class's choice whatever happened before.
+//!
+//! Ties are broken by e-node order, so the same e-graph always gives the same choice. Sets are bit sets over
+//! the reachable classes (`C²/8` bytes); above [`MAX_DAG_CLASSES`] classes the extractor falls back to tree
+//! costs (each class its cheapest e-node by the sum of its children's costs, acyclic by construction) and says
+//! so in [`ExtractStats::method`].
 
 use crate::cost::CostModel;
 use crate::lang::{EGraph, FNode, FOp};
 use egg::Id;
 use fulgur_ir::{Graph, IrError, Op, TensorType, Value};
-use std::collections::{BTreeMap, HashMap};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The most improvement passes of the DAG extractor.
+pub const MAX_PASSES: usize = 64;
+/// Above this many reachable classes the bit sets would need more than 128 MiB: tree costs instead.
+pub const MAX_DAG_CLASSES: usize = 32_768;
 
 /// The chosen e-node of every reachable class, with the DAG cost of each choice.
 #[derive(Clone, Debug)]
 pub struct Extraction {
     pub choice: HashMap<Id, FNode>,
-    /// Seconds: DAG cost of the class's chosen subgraph.
+    /// Seconds: the exact DAG cost of the class's chosen subgraph (every class it needs, once).
     pub cost: HashMap<Id, f64>,
+    pub stats: ExtractStats,
+}
+
+/// How an extraction went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ExtractStats {
+    /// `dag` (greedy DAG costs) or `tree` (the fallback for very large e-graphs).
+    pub method: &'static str,
+    /// Classes reachable from the roots.
+    pub classes: usize,
+    pub passes: usize,
+    /// Whether the passes reached a fixpoint (else they stopped at [`MAX_PASSES`] or the deadline, with a valid
+    /// but possibly improvable choice).
+    pub converged: bool,
+    /// Whether the deadline stopped the improvement passes.
+    pub deadline_hit: bool,
 }
 
 /// Cost of one e-node alone (seconds) under the model.
@@ -47,77 +88,392 @@ pub fn enode_is_kernel(egraph: &EGraph, model: &CostModel, n: &FNode, class: Id)
     model.node_cost(op, &ins, &egraph[class].data.types).kernel
 }
 
-/// Runs greedy DAG extraction over the classes reachable from `roots`.
-pub fn extract(egraph: &EGraph, model: &CostModel, roots: &[Id]) -> Extraction {
-    // reachable classes, in a deterministic order
-    let mut reach: Vec<Id> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut stack: Vec<Id> = roots.iter().map(|&r| egraph.find(r)).collect();
-    while let Some(c) = stack.pop() {
-        if !seen.insert(c) {
+/// One e-node of a class as the extractor sees it.
+struct Cand {
+    /// Index into the class's e-nodes.
+    node: usize,
+    own: f64,
+    /// Children as class indices, without repeats.
+    kids: Vec<usize>,
+}
+
+/// The reachable classes in a deterministic depth-first post-order (children first, where acyclic).
+fn post_order(egraph: &EGraph, roots: &[Id]) -> Vec<Id> {
+    let kids_of = |c: Id| -> Vec<Id> {
+        egraph[c]
+            .nodes
+            .iter()
+            .flat_map(|n| n.children.iter().map(|&ch| egraph.find(ch)))
+            .collect()
+    };
+    let mut order = Vec::new();
+    let mut seen: std::collections::HashSet<Id> = std::collections::HashSet::new();
+    for &r in roots {
+        let r = egraph.find(r);
+        if !seen.insert(r) {
             continue;
         }
-        reach.push(c);
-        for n in egraph[c].nodes.iter() {
-            for &ch in &n.children {
-                stack.push(egraph.find(ch));
+        // (class, its children over all its e-nodes, next position)
+        let mut stack: Vec<(Id, Vec<Id>, usize)> = vec![(r, kids_of(r), 0)];
+        while let Some((c, kids, pos)) = stack.last_mut() {
+            if *pos < kids.len() {
+                let k = kids[*pos];
+                *pos += 1;
+                if seen.insert(k) {
+                    let kk = kids_of(k);
+                    stack.push((k, kk, 0));
+                }
+            } else {
+                order.push(*c);
+                stack.pop();
             }
         }
     }
-    reach.sort();
-    let mut sets: HashMap<Id, BTreeMap<Id, f64>> = HashMap::new();
-    let mut total: HashMap<Id, f64> = HashMap::new();
-    let mut choice: HashMap<Id, FNode> = HashMap::new();
-    let node_costs: HashMap<(Id, usize), f64> = reach
+    order
+}
+
+/// Bit sets over the reachable classes, stored flat: set `i` is `words[i*w .. (i+1)*w]`.
+struct Sets {
+    w: usize,
+    words: Vec<u64>,
+}
+
+impl Sets {
+    fn new(n: usize) -> Sets {
+        let w = n.div_ceil(64).max(1);
+        Sets {
+            w,
+            words: vec![0; n * w],
+        }
+    }
+    fn get(&self, i: usize) -> &[u64] {
+        &self.words[i * self.w..(i + 1) * self.w]
+    }
+    fn contains(&self, i: usize, bit: usize) -> bool {
+        self.words[i * self.w + bit / 64] & (1u64 << (bit % 64)) != 0
+    }
+}
+
+/// Sum of `cost` over the bits of `words`.
+fn sum_bits(words: &[u64], cost: &[f64]) -> f64 {
+    let mut t = 0.0;
+    for (k, &word) in words.iter().enumerate() {
+        let mut x = word;
+        while x != 0 {
+            let b = x.trailing_zeros() as usize;
+            t += cost[k * 64 + b];
+            x &= x - 1;
+        }
+    }
+    t
+}
+
+/// Runs DAG extraction over the classes reachable from `roots`, with no deadline.
+pub fn extract(egraph: &EGraph, model: &CostModel, roots: &[Id]) -> Extraction {
+    extract_until(egraph, model, roots, None)
+}
+
+/// Runs DAG extraction; after `deadline` no further improvement pass starts (every class still gets a valid
+/// choice, and the costs are exact for it).
+pub fn extract_until(egraph: &EGraph, model: &CostModel, roots: &[Id], deadline: Option<Instant>) -> Extraction {
+    let order = post_order(egraph, roots);
+    let n = order.len();
+    let index: HashMap<Id, usize> = order.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let cands: Vec<Vec<Cand>> = order
         .iter()
-        .flat_map(|&c| egraph[c].nodes.iter().enumerate().map(move |(i, n)| ((c, i), n)))
-        .map(|(k, n)| (k, enode_cost(egraph, model, n, k.0)))
+        .map(|&c| {
+            egraph[c]
+                .nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(k, node)| {
+                    let own = enode_cost(egraph, model, node, c);
+                    if !own.is_finite() {
+                        return None;
+                    }
+                    let mut kids: Vec<usize> = node.children.iter().map(|&ch| index[&egraph.find(ch)]).collect();
+                    kids.sort_unstable();
+                    kids.dedup();
+                    Some(Cand { node: k, own, kids })
+                })
+                .collect()
+        })
         .collect();
-    let mut changed = true;
-    let mut rounds = 0;
-    while changed && rounds < 1000 {
-        changed = false;
-        rounds += 1;
-        for &c in &reach {
-            for (i, n) in egraph[c].nodes.iter().enumerate() {
-                let own = node_costs[&(c, i)];
-                if !own.is_finite() {
+    let (choice, stats) = if n <= MAX_DAG_CLASSES {
+        dag_choice(&cands, deadline)
+    } else {
+        tree_choice(&cands)
+    };
+    // exact costs of the final (acyclic) choice, bottom-up
+    let cost = exact_costs(&cands, &choice);
+    let mut ex = Extraction {
+        choice: HashMap::new(),
+        cost: HashMap::new(),
+        stats: ExtractStats { classes: n, ..stats },
+    };
+    for (i, &c) in order.iter().enumerate() {
+        if let Some(k) = choice[i] {
+            ex.choice.insert(c, egraph[c].nodes[cands[i][k].node].clone());
+            ex.cost.insert(c, cost[i]);
+        }
+    }
+    ex
+}
+
+/// The greedy DAG fixpoint (see the module documentation). `choice[i]` indexes `cands[i]`.
+fn dag_choice(cands: &[Vec<Cand>], deadline: Option<Instant>) -> (Vec<Option<usize>>, ExtractStats) {
+    let n = cands.len();
+    let mut sets = Sets::new(n);
+    let mut total = vec![f64::INFINITY; n];
+    let mut choice: Vec<Option<usize>> = vec![None; n];
+    // the own cost of each class's current choice: what a set's bit `i` costs
+    let mut class_cost = vec![0.0; n];
+    let mut scratch = vec![0u64; sets.w];
+    let mut seen = vec![0u32; n];
+    let mut stamp = 0u32;
+    let mut stats = ExtractStats {
+        method: "dag",
+        ..ExtractStats::default()
+    };
+    loop {
+        stats.passes += 1;
+        let (mut changed, mut assigned) = (false, false);
+        for i in 0..n {
+            // fresh totals of every admissible e-node, against the children's current sets
+            let mut options: Vec<(f64, usize)> = Vec::new();
+            for (k, cand) in cands[i].iter().enumerate() {
+                if cand.kids.iter().any(|&j| choice[j].is_none()) {
                     continue;
                 }
-                let mut set: BTreeMap<Id, f64> = BTreeMap::new();
-                let mut ok = true;
-                for &ch in &n.children {
-                    let ch = egraph.find(ch);
-                    match sets.get(&ch) {
-                        Some(s) if !s.contains_key(&c) => set.extend(s.iter().map(|(k, v)| (*k, *v))),
-                        _ => {
-                            ok = false;
+                let current = choice[i] == Some(k);
+                if !current && cand.kids.iter().any(|&j| sets.contains(j, i)) {
+                    continue; // would need itself
+                }
+                union_into(&sets, &cand.kids, &mut scratch);
+                let t = sum_bits(&scratch, &class_cost) - if bit(&scratch, i) { class_cost[i] } else { 0.0 } + cand.own;
+                options.push((t, k));
+            }
+            if options.is_empty() {
+                continue;
+            }
+            // cheapest first; ties by e-node order (candidates are in e-node order)
+            options.sort_by(|a, b| {
+                if close(a.0, b.0) {
+                    a.1.cmp(&b.1)
+                } else {
+                    a.0.total_cmp(&b.0)
+                }
+            });
+            let next = match choice[i] {
+                None => {
+                    assigned = true;
+                    Some(options[0].1)
+                }
+                Some(cur) => {
+                    let cur_t = options
+                        .iter()
+                        .find(|o| o.1 == cur)
+                        .map(|o| o.0)
+                        .unwrap_or(f64::INFINITY);
+                    let mut pick = cur;
+                    for &(t, k) in &options {
+                        if k == cur || t >= cur_t || close(t, cur_t) {
+                            break;
+                        }
+                        stamp = stamp.wrapping_add(1);
+                        if !reaches(cands, &choice, &cands[i][k].kids, i, &mut seen, stamp) {
+                            pick = k;
                             break;
                         }
                     }
+                    Some(pick)
                 }
-                if !ok {
+            };
+            let k = next.unwrap_or(0);
+            union_into(&sets, &cands[i][k].kids, &mut scratch);
+            set_bit(&mut scratch, i);
+            let own_before = class_cost[i];
+            class_cost[i] = cands[i][k].own;
+            let t = sum_bits(&scratch, &class_cost);
+            let row = &mut sets.words[i * sets.w..(i + 1) * sets.w];
+            if choice[i] != Some(k) || row != scratch.as_slice() || !close(total[i], t) || own_before != class_cost[i] {
+                changed = true;
+            }
+            row.copy_from_slice(&scratch);
+            total[i] = t;
+            choice[i] = Some(k);
+        }
+        if !changed {
+            stats.converged = true;
+            break;
+        }
+        if stats.passes >= MAX_PASSES && !assigned {
+            break;
+        }
+        if !assigned && deadline.is_some_and(|d| Instant::now() >= d) {
+            stats.deadline_hit = true;
+            break;
+        }
+    }
+    (choice, stats)
+}
+
+fn bit(words: &[u64], i: usize) -> bool {
+    words[i / 64] & (1u64 << (i % 64)) != 0
+}
+
+fn set_bit(words: &mut [u64], i: usize) {
+    words[i / 64] |= 1u64 << (i % 64);
+}
+
+/// `out` = the union of the sets of `kids`.
+fn union_into(sets: &Sets, kids: &[usize], out: &mut [u64]) {
+    out.iter_mut().for_each(|w| *w = 0);
+    for &j in kids {
+        for (o, &x) in out.iter_mut().zip(sets.get(j)) {
+            *o |= x;
+        }
+    }
+}
+
+/// Whether class `target` is reached from `from` through the current choices.
+fn reaches(
+    cands: &[Vec<Cand>],
+    choice: &[Option<usize>],
+    from: &[usize],
+    target: usize,
+    seen: &mut [u32],
+    stamp: u32,
+) -> bool {
+    let mut stack: Vec<usize> = from.to_vec();
+    while let Some(j) = stack.pop() {
+        if j == target {
+            return true;
+        }
+        if seen[j] == stamp {
+            continue;
+        }
+        seen[j] = stamp;
+        if let Some(k) = choice[j] {
+            stack.extend(cands[j][k].kids.iter().copied());
+        }
+    }
+    false
+}
+
+/// Relative closeness of two costs (ties).
+fn close(a: f64, b: f64) -> bool {
+    if a == b {
+        return true;
+    }
+    let eps = 1e-12 * a.abs().max(b.abs()).max(1e-30);
+    (a - b).abs() <= eps
+}
+
+/// Tree-cost extraction: each class its cheapest e-node by own cost plus its children's totals, updated only
+/// on strict improvement (which never closes a cycle, costs being non-negative). Linear memory.
+fn tree_choice(cands: &[Vec<Cand>]) -> (Vec<Option<usize>>, ExtractStats) {
+    const CAP: f64 = 1e300;
+    let n = cands.len();
+    let mut total = vec![f64::INFINITY; n];
+    let mut choice: Vec<Option<usize>> = vec![None; n];
+    let mut stats = ExtractStats {
+        method: "tree",
+        ..ExtractStats::default()
+    };
+    loop {
+        stats.passes += 1;
+        let mut changed = false;
+        for i in 0..n {
+            for (k, cand) in cands[i].iter().enumerate() {
+                if cand.kids.iter().any(|&j| choice[j].is_none()) {
                     continue;
                 }
-                set.insert(c, own);
-                let t: f64 = set.values().sum();
-                let better = match (total.get(&c), choice.get(&c)) {
-                    (Some(&old), Some(prev)) => {
-                        let eps = 1e-12 * old.abs().max(1e-30);
-                        t < old - eps || ((t - old).abs() <= eps && n < prev)
-                    }
-                    _ => true,
-                };
-                if better && choice.get(&c) != Some(n) {
-                    total.insert(c, t);
-                    sets.insert(c, set);
-                    choice.insert(c, n.clone());
+                let t = (cand.own + cand.kids.iter().map(|&j| total[j]).sum::<f64>()).min(CAP);
+                if t < total[i] {
+                    total[i] = t;
+                    choice[i] = Some(k);
                     changed = true;
                 }
             }
         }
+        if !changed {
+            stats.converged = true;
+            break;
+        }
     }
-    Extraction { choice, cost: total }
+    (choice, stats)
+}
+
+/// The exact DAG cost of every chosen class: its set recomputed bottom-up over the chosen (acyclic) graph.
+/// Bit sets when they fit, else a traversal per class.
+fn exact_costs(cands: &[Vec<Cand>], choice: &[Option<usize>]) -> Vec<f64> {
+    let n = cands.len();
+    let own: Vec<f64> = (0..n)
+        .map(|i| choice[i].map(|k| cands[i][k].own).unwrap_or(0.0))
+        .collect();
+    // topological order of the chosen graph
+    let mut topo = Vec::with_capacity(n);
+    let mut state = vec![0u8; n]; // 0 new, 1 open, 2 done
+    for s in 0..n {
+        if choice[s].is_none() || state[s] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(s, 0)];
+        state[s] = 1;
+        while let Some(&mut (i, ref mut pos)) = stack.last_mut() {
+            let kids = choice[i].map(|k| cands[i][k].kids.as_slice()).unwrap_or(&[]);
+            if *pos < kids.len() {
+                let j = kids[*pos];
+                *pos += 1;
+                if state[j] == 0 && choice[j].is_some() {
+                    state[j] = 1;
+                    stack.push((j, 0));
+                }
+            } else {
+                state[i] = 2;
+                topo.push(i);
+                stack.pop();
+            }
+        }
+    }
+    let mut cost = vec![0.0; n];
+    if n <= MAX_DAG_CLASSES {
+        let mut sets = Sets::new(n);
+        for &i in &topo {
+            let w = sets.w;
+            let mut row = vec![0u64; w];
+            if let Some(k) = choice[i] {
+                for &j in &cands[i][k].kids {
+                    for (o, &x) in row.iter_mut().zip(sets.get(j)) {
+                        *o |= x;
+                    }
+                }
+            }
+            set_bit(&mut row, i);
+            cost[i] = sum_bits(&row, &own);
+            sets.words[i * w..(i + 1) * w].copy_from_slice(&row);
+        }
+    } else {
+        let mut seen = vec![0u32; n];
+        for (stamp, &i) in topo.iter().enumerate() {
+            let stamp = stamp as u32 + 1;
+            let mut stack = vec![i];
+            let mut t = 0.0;
+            while let Some(j) = stack.pop() {
+                if seen[j] == stamp {
+                    continue;
+                }
+                seen[j] = stamp;
+                t += own[j];
+                if let Some(k) = choice[j] {
+                    stack.extend(cands[j][k].kids.iter().copied());
+                }
+            }
+            cost[i] = t;
+        }
+    }
+    cost
 }
 
 /// Total DAG cost (seconds) of the extraction for a set of roots: every needed class paid once.
@@ -139,7 +495,6 @@ pub fn dag_cost(egraph: &EGraph, model: &CostModel, ex: &Extraction, roots: &[Id
     }
     (cost, kernels)
 }
-
 /// Builds a graph from the chosen nodes: `outputs` are (name, class) pairs; `names` gives a node name for a
 /// class when the input graph had one there; `inputs` (input and parameter ops) are declared first, in order,
 /// so the graph keeps its signature even where an input is no longer used. Nodes are emitted in a
