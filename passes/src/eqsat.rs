@@ -1,15 +1,24 @@
 //! Equality saturation, once per distinct layer template, then stitched.
 //!
 //! The graph is cut into *segments*: maximal runs of consecutive nodes (in topological node order) whose
-//! names share a layer scope (`layers.N.`), and the runs between them. Each segment becomes a *template*: a
-//! graph whose inputs are the values the segment reads from elsewhere (including its non-scalar constants, such
-//! as a layer's decay rates, so layers that differ only in those share a template) and whose outputs are the
-//! values read elsewhere. Templates are keyed by their canonical `.fir` text (node names removed); each distinct
-//! template is saturated and extracted once, and every segment is replaced by an instance of its optimized
-//! template. Compile time therefore grows with the number of distinct templates, not with depth.
+//! names share a layer scope (`layers.N.`), and the runs between them; a run longer than [`Limits::window`]
+//! nodes (a graph without layer names, or a giant layer) is cut into windows of at most that many, so no
+//! template is larger than a window whatever the graph. Each segment becomes a *template*: a graph whose
+//! inputs are the values the segment reads from elsewhere and whose outputs are the values read elsewhere.
+//! Segments whose templates differ only in the values of non-scalar constants (a layer's decay rates, one per
+//! head, even when there is one head) share a template, with exactly those constants as inputs; constants
+//! that are the same in every instance stay in the template, where rules can see them. Templates are keyed by
+//! their canonical `.fir` text (node names removed); each distinct template is saturated and extracted once,
+//! and every segment is replaced by an instance of its optimized template. Compile time therefore grows with
+//! the number of distinct templates, not with depth, and every phase is linear in the graph's size for
+//! bounded templates.
+//!
+//! Bounds ([`Limits`]): e-nodes and iterations per template decide the result (and bound extraction, whose
+//! cost grows with the e-graph); an optional wall-clock budget for the whole pass covers saturation and
+//! extraction, and a template it stops is named in a warning, since the result then depends on machine speed.
 
 use crate::cost::CostModel;
-use crate::extract::{build_graph, dag_cost, extract};
+use crate::extract::{build_graph, dag_cost, extract, extract_until, ExtractStats};
 use crate::lang::{graph_to_egraph, EGraph, FNode, Rewrite, ShapeAnalysis};
 use crate::pass::{Pass, PassContext};
 use crate::rules::Family;
@@ -22,12 +31,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Saturation bounds.
-#[derive(Clone, Debug)]
+/// Optimizer bounds.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
+    /// The most e-nodes in one template's e-graph: saturation stops past it (this also bounds extraction).
     pub nodes: usize,
+    /// The most saturation iterations per template.
     pub iterations: usize,
-    pub time: Duration,
+    /// A wall-clock budget for the whole pass (saturation and extraction of every template); `None`: no
+    /// wall-clock limit, the node and iteration limits alone decide (the default, so the output never
+    /// depends on machine load).
+    pub time: Option<Duration>,
+    /// The most nodes of one template: longer segments are cut into windows.
+    pub window: usize,
 }
 
 impl Default for Limits {
@@ -35,8 +51,71 @@ impl Default for Limits {
         Limits {
             nodes: 20_000,
             iterations: 12,
-            time: Duration::from_secs(5),
+            time: None,
+            window: 512,
         }
+    }
+}
+
+impl Limits {
+    /// Checked limits: `nodes` and `window` at least 1, `time_s` (seconds) a positive finite number.
+    ///
+    /// ```
+    /// use fulgur_passes::Limits;
+    /// assert!(Limits::new(20_000, 12, Some(2.5), 512).is_ok());
+    /// assert_eq!(
+    ///     Limits::new(20_000, 12, Some(f64::NAN), 512).unwrap_err(),
+    ///     "the time limit must be a positive number of seconds, found NaN"
+    /// );
+    /// ```
+    pub fn new(nodes: usize, iterations: usize, time_s: Option<f64>, window: usize) -> Result<Limits, String> {
+        if nodes == 0 {
+            return Err("the node limit must be at least 1 e-node".into());
+        }
+        if window == 0 {
+            return Err("the window must be at least 1 node".into());
+        }
+        let time = match time_s {
+            None => None,
+            Some(t) if t.is_nan() => {
+                return Err("the time limit must be a positive number of seconds, found NaN".into())
+            }
+            Some(t) if t.is_infinite() && t > 0.0 => {
+                return Err(
+                    "the time limit must be a finite number of seconds, found infinity (leave it out for no limit)"
+                        .into(),
+                )
+            }
+            Some(t) if t <= 0.0 => {
+                return Err(format!(
+                    "the time limit must be a positive number of seconds, found {}",
+                    fulgur_ir::op::format_f64(t)
+                ))
+            }
+            Some(t) => Some(
+                Duration::try_from_secs_f64(t)
+                    .map_err(|_| format!("the time limit {t} s is too large (leave it out for no limit)"))?,
+            ),
+        };
+        Ok(Limits {
+            nodes,
+            iterations,
+            time,
+            window,
+        })
+    }
+
+    /// An egg runner over `egraph` with these bounds; `deadline` (the pass's wall-clock budget) caps its time.
+    pub fn runner(&self, egraph: EGraph, deadline: Option<Instant>) -> Runner<FNode, ShapeAnalysis> {
+        let time = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::MAX,
+        };
+        Runner::default()
+            .with_egraph(egraph)
+            .with_node_limit(self.nodes)
+            .with_iter_limit(self.iterations)
+            .with_time_limit(time)
     }
 }
 
@@ -60,7 +139,8 @@ pub struct RuleStat {
 /// What saturating one template did.
 #[derive(Clone, Debug, Serialize)]
 pub struct TemplateReport {
-    /// The first instance's scope (`layers.0`) or `main@N` for a segment outside layers.
+    /// The first instance's label: its scope (`layers.0`), `main@N` for a segment outside layers, or `SCOPE@N`
+    /// for a window of a longer run (`N`: the index of its first node in the input graph).
     pub name: String,
     /// Every segment that uses this template.
     pub instances: Vec<String>,
@@ -68,6 +148,7 @@ pub struct TemplateReport {
     pub iterations: Vec<IterReport>,
     pub stop_reason: String,
     pub rules: BTreeMap<String, RuleStat>,
+    pub extraction: ExtractStats,
     pub cost_before_s: f64,
     pub cost_after_s: f64,
     pub kernels_before: usize,
@@ -82,6 +163,11 @@ pub struct TemplateReport {
 pub struct EqSatReport {
     pub families: Vec<String>,
     pub templates: Vec<TemplateReport>,
+    /// Segments, and how many of them were windows of a longer run.
+    pub segments: usize,
+    pub windows: usize,
+    /// Templates whose result the wall-clock budget decided (so it depends on machine speed), one line each.
+    pub warnings: Vec<String>,
 }
 
 /// The equality-saturation pass.
@@ -145,10 +231,27 @@ impl egg::Searcher<FNode, ShapeAnalysis> for Counted {
     }
 }
 
+/// A rule, its family's name, and the counter of its matches.
+type CountedRule = (Rewrite, &'static str, Arc<AtomicUsize>);
+
 /// One segment of the input graph.
 struct Segment {
     scope: String,
     nodes: Vec<NodeId>,
+    /// Whether this is one window of a longer run of its scope.
+    window: bool,
+}
+
+impl Segment {
+    /// `layers.3`, `main@17`, or `layers.3@905` for a window of a longer run.
+    fn label(&self) -> String {
+        let first = self.nodes.first().map(|n| n.index()).unwrap_or(0);
+        if self.scope == "main" || self.window {
+            format!("{}@{first}", self.scope)
+        } else {
+            self.scope.clone()
+        }
+    }
 }
 
 /// A segment lifted out as a stand-alone graph.
@@ -160,6 +263,8 @@ struct Template {
     outs: Vec<Value>,
     /// Canonical text (no names): the template's identity.
     key: String,
+    /// Segment nodes left out of the template (constants that became inputs).
+    abstracted: Vec<NodeId>,
 }
 
 fn layer_scope(name: &Option<String>) -> String {
@@ -174,33 +279,63 @@ fn layer_scope(name: &Option<String>) -> String {
     "main".to_string()
 }
 
-fn segments(g: &Graph) -> Vec<Segment> {
-    let mut segs: Vec<Segment> = Vec::new();
+/// The segments of `g`: runs of one scope, cut into windows of at most `window` nodes.
+fn segments(g: &Graph, window: usize) -> Vec<Segment> {
+    let mut runs: Vec<Segment> = Vec::new();
     for (id, n) in g.nodes() {
         if n.op.is_input() {
             continue;
         }
         let scope = layer_scope(&n.name);
-        match segs.last_mut() {
+        match runs.last_mut() {
             Some(s) if s.scope == scope => s.nodes.push(id),
-            _ => segs.push(Segment { scope, nodes: vec![id] }),
+            _ => runs.push(Segment {
+                scope,
+                nodes: vec![id],
+                window: false,
+            }),
         }
     }
-    segs
+    let window = window.max(1);
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        if r.nodes.len() <= window {
+            out.push(r);
+            continue;
+        }
+        for chunk in r.nodes.chunks(window) {
+            out.push(Segment {
+                scope: r.scope.clone(),
+                nodes: chunk.to_vec(),
+                window: true,
+            });
+        }
+    }
+    out
 }
 
-fn is_abstracted_constant(op: &Op) -> bool {
-    matches!(op, Op::Constant { shape, .. } if shape.iter().product::<usize>() > 1)
+/// A constant that may become a template input: anything but a scalar (rules read scalars' values).
+fn is_tensor_constant(op: &Op) -> bool {
+    matches!(op, Op::Constant { shape, .. } if !shape.is_empty())
 }
 
-fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Result<Template, PassError> {
-    let po = crate::pass::param_only_nodes(g);
-    let inside: std::collections::HashSet<NodeId> = seg
-        .nodes
-        .iter()
-        .copied()
-        .filter(|&id| !is_abstracted_constant(&g.node(id).op))
-        .collect();
+/// Lifts a segment into a template; the constants for which `abstract_const` holds become inputs.
+fn lift(
+    g: &Graph,
+    seg: &Segment,
+    param_only: &[bool],
+    used_outside: &dyn Fn(Value) -> bool,
+    abstract_const: &dyn Fn(NodeId) -> bool,
+) -> Result<Template, PassError> {
+    let mut abstracted = Vec::new();
+    let mut inside: std::collections::HashSet<NodeId> = std::collections::HashSet::with_capacity(seg.nodes.len());
+    for &id in &seg.nodes {
+        if is_tensor_constant(&g.node(id).op) && abstract_const(id) {
+            abstracted.push(id);
+        } else {
+            inside.insert(id);
+        }
+    }
     let mut t = Graph::new("template");
     let mut map: HashMap<Value, Value> = HashMap::new();
     let mut args = Vec::new();
@@ -213,7 +348,7 @@ fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Resul
             // values computed from weights and constants alone stay parameters in the template, so the cost
             // model treats their preparation as load-time work
             let name = format!("arg{}", args.len());
-            let a = if po[v.node.index()] {
+            let a = if param_only[v.node.index()] {
                 t.param(&name, ty.dtype, ty.shape.0)?
             } else {
                 t.input(&name, ty.dtype, ty.shape.0)?
@@ -227,7 +362,7 @@ fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Resul
             continue;
         }
         let n = g.node(id);
-        let mut ins = Vec::new();
+        let mut ins = Vec::with_capacity(n.inputs.len());
         for &v in &n.inputs {
             let x = if inside.contains(&v.node) {
                 map[&v]
@@ -260,7 +395,50 @@ fn lift(g: &Graph, seg: &Segment, used_outside: &dyn Fn(Value) -> bool) -> Resul
         args,
         outs,
         key,
+        abstracted,
     })
+}
+
+/// Every segment of `g` lifted into its template (see the [module documentation](self)): the non-scalar
+/// constants whose values differ between segments of the same shape become inputs, the others stay.
+fn lift_all(g: &Graph, segs: &[Segment]) -> Result<Vec<Template>, PassError> {
+    let param_only = crate::pass::param_only_nodes(g);
+    let outside = outside_uses(g, segs);
+    let used = |v: Value| outside.contains(&v);
+    // first with every non-scalar constant an input: segments alike but for constant values share this key
+    let masked: Vec<Template> = segs
+        .iter()
+        .map(|s| lift(g, s, &param_only, &used, &|_| true))
+        .collect::<Result<_, _>>()?;
+    let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, t) in masked.iter().enumerate() {
+        groups.entry(t.key.as_str()).or_default().push(i);
+    }
+    // per group: the constants (by argument position) whose values differ between instances
+    let mut varying: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+    for members in groups.values() {
+        let first = &masked[members[0]];
+        for (a, v) in first.args.iter().enumerate() {
+            if !first.abstracted.contains(&v.node) {
+                continue;
+            }
+            let text = |t: &Template| crate::lang::op_text(&g.node(t.args[a].node).op);
+            let t0 = text(first);
+            if members[1..].iter().any(|&m| text(&masked[m]) != t0) {
+                varying.extend(members.iter().map(|&m| masked[m].args[a].node));
+            }
+        }
+    }
+    segs.iter()
+        .zip(masked)
+        .map(|(s, m)| {
+            if m.abstracted.iter().all(|c| varying.contains(c)) {
+                Ok(m)
+            } else {
+                lift(g, s, &param_only, &used, &|c| varying.contains(&c))
+            }
+        })
+        .collect()
 }
 
 /// An optimized template and what it took.
@@ -269,60 +447,34 @@ struct Optimized {
     report: TemplateReport,
 }
 
-/// Where each value is read from outside its own segment (or is a graph output).
-fn outside_uses(g: &Graph, segs: &[Segment]) -> HashMap<Value, bool> {
-    let mut seg_of: HashMap<NodeId, usize> = HashMap::new();
+/// The values read outside their own segment (or graph outputs).
+fn outside_uses(g: &Graph, segs: &[Segment]) -> std::collections::HashSet<Value> {
+    let mut seg_of: Vec<usize> = vec![usize::MAX; g.node_count()];
     for (i, s) in segs.iter().enumerate() {
         for &n in &s.nodes {
-            seg_of.insert(n, i);
+            seg_of[n.index()] = i;
         }
     }
-    let mut outside: HashMap<Value, bool> = HashMap::new();
+    let mut outside = std::collections::HashSet::new();
     for (id, n) in g.nodes() {
         for &v in &n.inputs {
-            let same = match (seg_of.get(&id), seg_of.get(&v.node)) {
-                (Some(a), Some(b)) => a == b,
-                _ => false,
-            };
-            if !same {
-                outside.insert(v, true);
+            let (a, b) = (seg_of[id.index()], seg_of[v.node.index()]);
+            if a == usize::MAX || a != b {
+                outside.insert(v);
             }
         }
     }
     for (_, v) in g.outputs() {
-        outside.insert(*v, true);
+        outside.insert(*v);
     }
     outside
 }
 
-/// Every segment of `g` as (scope, template graph), in order.
-pub fn segment_templates(g: &Graph) -> Result<Vec<(String, Graph)>, PassError> {
-    let segs = segments(g);
-    let outside = outside_uses(g, &segs);
-    let used = |v: Value| outside.get(&v).copied().unwrap_or(false);
-    segs.iter()
-        .map(|s| Ok((s.scope.clone(), lift(g, s, &used)?.graph)))
-        .collect()
-}
-
-impl EqSat {
-    /// All rules of the enabled families.
-    pub fn rules(&self) -> Result<Vec<Rewrite>, PassError> {
-        let mut out = Vec::new();
-        for fam in &self.families {
-            for r in &fam.rules {
-                let searcher = Counted {
-                    inner: r.searcher.clone(),
-                    count: Arc::default(),
-                };
-                out.push(
-                    egg::Rewrite::new(r.name, searcher, Shared(r.applier.clone()))
-                        .map_err(|e| PassError::Rule(format!("rule `{}`: {e}", r.name)))?,
-                );
-            }
-        }
-        Ok(out)
-    }
+/// Every segment of `g` as (label, template graph), in order, as the pass lifts them.
+pub fn segment_templates(g: &Graph, limits: &Limits) -> Result<Vec<(String, Graph)>, PassError> {
+    let segs = segments(g, limits.window);
+    let ts = lift_all(g, &segs)?;
+    Ok(segs.iter().zip(ts).map(|(s, t)| (s.label(), t.graph)).collect())
 }
 
 impl EqSat {
@@ -333,51 +485,61 @@ impl EqSat {
         }
     }
 
-    /// Saturates and extracts one template graph.
-    fn optimize(&self, t: &Graph, model: &CostModel, name: &str) -> Result<Optimized, PassError> {
+    /// All rules of the enabled families, each searcher wrapped to count its matches.
+    fn counted_rules(&self) -> Result<Vec<CountedRule>, PassError> {
+        let mut out = Vec::new();
+        for fam in &self.families {
+            for r in &fam.rules {
+                let count = Arc::new(AtomicUsize::new(0));
+                let searcher = Counted {
+                    inner: r.searcher.clone(),
+                    count: count.clone(),
+                };
+                let rw = egg::Rewrite::new(r.name, searcher, Shared(r.applier.clone()))
+                    .map_err(|e| PassError::Rule(format!("rule `{}`: {e}", r.name)))?;
+                out.push((rw, fam.name, count));
+            }
+        }
+        Ok(out)
+    }
+
+    /// All rules of the enabled families.
+    pub fn rules(&self) -> Result<Vec<Rewrite>, PassError> {
+        Ok(self.counted_rules()?.into_iter().map(|(r, _, _)| r).collect())
+    }
+
+    /// Saturates and extracts one template graph, within `deadline`.
+    fn optimize(
+        &self,
+        t: &Graph,
+        model: &CostModel,
+        name: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Optimized, PassError> {
         let start = Instant::now();
         let mut egraph = EGraph::new(ShapeAnalysis);
         let vm = graph_to_egraph(t, &mut egraph);
         egraph.rebuild();
         let roots: Vec<(String, Id)> = t.outputs().iter().map(|(n, v)| (n.clone(), vm.get(*v))).collect();
         let root_ids: Vec<Id> = roots.iter().map(|r| r.1).collect();
-        // names of the template's nodes are absent; keep the class → original op name for readability
         let before = extract(&egraph, model, &root_ids);
         let (cost_before, kernels_before) = dag_cost(&egraph, model, &before, &root_ids);
 
-        let mut counters: Vec<(String, String, Arc<AtomicUsize>)> = Vec::new();
-        let mut rules: Vec<Rewrite> = Vec::new();
-        for fam in &self.families {
-            for r in &fam.rules {
-                let count = Arc::new(AtomicUsize::new(0));
-                counters.push((r.name.to_string(), fam.name.to_string(), count.clone()));
-                let searcher = Counted {
-                    inner: r.searcher.clone(),
-                    count,
-                };
-                let rw = egg::Rewrite::new(r.name, searcher, Shared(r.applier.clone()))
-                    .map_err(|e| PassError::Rule(format!("rule `{}`: {e}", r.name)))?;
-                rules.push(rw);
-            }
-        }
-        let runner: Runner<FNode, ShapeAnalysis> = Runner::default()
-            .with_egraph(egraph)
-            .with_node_limit(self.limits.nodes)
-            .with_iter_limit(self.limits.iterations)
-            .with_time_limit(self.limits.time)
-            .run(&rules);
+        let counted = self.counted_rules()?;
+        let rules: Vec<&Rewrite> = counted.iter().map(|(r, _, _)| r).collect();
+        let runner = self.limits.runner(egraph, deadline).run(rules);
         let stop = match &runner.stop_reason {
             Some(StopReason::Saturated) => "saturated".to_string(),
             Some(StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
-            Some(StopReason::NodeLimit(n)) => format!("node limit ({n})"),
-            Some(StopReason::TimeLimit(s)) => format!("time limit ({s} s)"),
+            Some(StopReason::NodeLimit(n)) => format!("node limit ({n} e-nodes)"),
+            Some(StopReason::TimeLimit(s)) => format!("time limit (after {s:.3} s)"),
             Some(StopReason::Other(s)) => s.clone(),
             None => "not run".to_string(),
         };
         let mut stats: BTreeMap<String, RuleStat> = BTreeMap::new();
-        for (name, fam, c) in &counters {
-            let e = stats.entry(name.clone()).or_default();
-            e.family = fam.clone();
+        for (rule, fam, c) in &counted {
+            let e = stats.entry(rule.name.to_string()).or_default();
+            e.family = fam.to_string();
             e.matches += c.load(Ordering::Relaxed);
         }
         let iterations: Vec<IterReport> = runner
@@ -401,7 +563,7 @@ impl EqSat {
             .classes()
             .filter_map(|c| c.data.conflict.clone().map(|m| format!("e-class {}: {m}", c.id)))
             .collect();
-        let ex = extract(&egraph, model, &root_ids);
+        let ex = extract_until(&egraph, model, &root_ids, deadline);
         let (cost_after, kernels_after) = dag_cost(&egraph, model, &ex, &root_ids);
         let inputs: Vec<Op> = t.inputs().into_iter().map(|id| t.node(id).op.clone()).collect();
         let graph = build_graph(&egraph, &ex, &t.name, &inputs, &roots, &HashMap::new())?;
@@ -415,6 +577,7 @@ impl EqSat {
                 iterations,
                 stop_reason: stop,
                 rules: stats,
+                extraction: ex.stats,
                 cost_before_s: cost_before,
                 cost_after_s: cost_after,
                 kernels_before,
@@ -424,6 +587,29 @@ impl EqSat {
             },
         })
     }
+
+    /// A template the wall-clock budget left no time for: kept as it is.
+    fn unoptimized(&self, t: &Graph, model: &CostModel, name: &str) -> Optimized {
+        let (cost, kernels) = crate::pass::graph_cost(t, model);
+        Optimized {
+            graph: t.clone(),
+            report: TemplateReport {
+                name: name.to_string(),
+                instances: Vec::new(),
+                nodes: t.node_count(),
+                iterations: Vec::new(),
+                stop_reason: "time limit (not saturated)".into(),
+                rules: BTreeMap::new(),
+                extraction: ExtractStats::default(),
+                cost_before_s: cost,
+                cost_after_s: cost,
+                kernels_before: kernels,
+                kernels_after: kernels,
+                wall_ms: 0.0,
+                conflicts: Vec::new(),
+            },
+        }
+    }
 }
 
 impl Pass for EqSat {
@@ -432,9 +618,9 @@ impl Pass for EqSat {
     }
 
     fn run(&self, g: &Graph, cx: &PassContext) -> Result<(Graph, Option<EqSatReport>), PassError> {
-        let segs = segments(g);
-        let outside_users = outside_uses(g, &segs);
-        let used_outside = |v: Value| outside_users.get(&v).copied().unwrap_or(false);
+        let deadline = self.limits.time.map(|t| Instant::now() + t);
+        let segs = segments(g, self.limits.window);
+        let templates = lift_all(g, &segs)?;
 
         let mut out = Graph::new(g.name.clone());
         let mut map: HashMap<Value, Value> = HashMap::new();
@@ -443,27 +629,44 @@ impl Pass for EqSat {
             let nid = out.add_node(n.op.clone(), &[], n.name.clone())?;
             map.insert(Value::new(id, 0), Value::new(nid, 0));
         }
-        let mut cache: HashMap<String, usize> = HashMap::new();
+        let mut cache: HashMap<&str, usize> = HashMap::new();
         let mut done: Vec<Optimized> = Vec::new();
-        for seg in &segs {
+        let mut warnings = Vec::new();
+        for (seg, t) in segs.iter().zip(&templates) {
             // constants abstracted out of the template are materialised in the output graph as they were
-            for &id in &seg.nodes {
+            for &id in &t.abstracted {
                 let n = g.node(id);
-                if is_abstracted_constant(&n.op) {
-                    let nid = out.add_node(n.op.clone(), &[], n.name.clone())?;
-                    map.insert(Value::new(id, 0), Value::new(nid, 0));
-                }
+                let nid = out.add_node(n.op.clone(), &[], n.name.clone())?;
+                map.insert(Value::new(id, 0), Value::new(nid, 0));
             }
-            let t = lift(g, seg, &used_outside)?;
-            let idx = match cache.get(&t.key) {
+            let idx = match cache.get(t.key.as_str()) {
                 Some(&i) => i,
                 None => {
-                    let name = if seg.scope == "main" {
-                        format!("main@{}", seg.nodes[0].index())
+                    let name = seg.label();
+                    let o = if deadline.is_some_and(|d| Instant::now() >= d) {
+                        warnings.push(format!(
+                            "template {name}: not optimized: the time limit ({:.3} s) was reached before it; the \
+                             result depends on machine speed",
+                            self.limits.time.unwrap_or_default().as_secs_f64()
+                        ));
+                        self.unoptimized(&t.graph, &cx.model, &name)
                     } else {
-                        seg.scope.clone()
+                        let o = self.optimize(&t.graph, &cx.model, &name, deadline)?;
+                        if o.report.stop_reason.starts_with("time limit") || o.report.extraction.deadline_hit {
+                            warnings.push(format!(
+                                "template {name}: stopped by the time limit ({:.3} s) after {} iteration(s){}; the \
+                                 result depends on machine speed",
+                                self.limits.time.unwrap_or_default().as_secs_f64(),
+                                o.report.iterations.len(),
+                                if o.report.extraction.deadline_hit {
+                                    ", extraction cut short"
+                                } else {
+                                    ""
+                                }
+                            ));
+                        }
+                        o
                     };
-                    let o = self.optimize(&t.graph, &cx.model, &name)?;
                     if !o.report.conflicts.is_empty() {
                         return Err(PassError::Rule(format!(
                             "template {name}: rules merged e-classes of different types: {}",
@@ -471,11 +674,11 @@ impl Pass for EqSat {
                         )));
                     }
                     done.push(o);
-                    cache.insert(t.key.clone(), done.len() - 1);
+                    cache.insert(t.key.as_str(), done.len() - 1);
                     done.len() - 1
                 }
             };
-            done[idx].report.instances.push(seg.scope.clone());
+            done[idx].report.instances.push(seg.label());
             // instantiate
             let opt = &done[idx].graph;
             let mut local: HashMap<Value, Value> = HashMap::new();
@@ -483,9 +686,9 @@ impl Pass for EqSat {
                 let v = match &n.op {
                     Op::Input { name, .. } | Op::Param { name, .. } => {
                         let i: usize = name
-                            .trim_start_matches("arg")
-                            .parse()
-                            .map_err(|_| PassError::Rule(format!("template input `{name}`")))?;
+                            .strip_prefix("arg")
+                            .and_then(|i| i.parse().ok())
+                            .ok_or_else(|| PassError::Rule(format!("template input `{name}`")))?;
                         map[&t.args[i]]
                     }
                     op => {
@@ -514,6 +717,9 @@ impl Pass for EqSat {
         let report = EqSatReport {
             families: self.families.iter().map(|f| f.name.to_string()).collect(),
             templates: done.into_iter().map(|o| o.report).collect(),
+            segments: segs.len(),
+            windows: segs.iter().filter(|s| s.window).count(),
+            warnings,
         };
         Ok((out, Some(report)))
     }

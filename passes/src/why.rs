@@ -11,7 +11,7 @@ use crate::extract::extract;
 use crate::lang::{graph_to_egraph, EGraph, FNode, FOp, ShapeAnalysis};
 use crate::pass::graph_cost;
 use crate::PassError;
-use egg::{FlatTerm, Id, Language, RecExpr, Runner};
+use egg::{FlatTerm, Id, Language, RecExpr};
 use fulgur_ir::{Graph, Value};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -139,19 +139,15 @@ pub fn explain(
     let kname = knode.name.clone().unwrap_or_else(|| format!("%{}", kid.index()));
     let op_text = crate::lang::op_text(&knode.op);
     let scope = kname.rsplit_once('.').map(|(s, _)| s.to_string()).unwrap_or_default();
-    for (seg_scope, template) in segment_templates(input)? {
-        if seg_scope != scope && !(scope == "main" && seg_scope == "main") {
+    for (seg_scope, template) in segment_templates(input, &eqsat.limits)? {
+        // a segment's label is its scope, or `SCOPE@N` for `main` and for windows
+        if seg_scope != scope && !seg_scope.starts_with(&format!("{scope}@")) {
             continue;
         }
         let mut egraph = EGraph::new(ShapeAnalysis).with_explanations_enabled();
         let vm = graph_to_egraph(&template, &mut egraph);
         let rules = eqsat.rules()?;
-        let runner: Runner<FNode, ShapeAnalysis> = Runner::default()
-            .with_egraph(egraph)
-            .with_node_limit(eqsat.limits.nodes)
-            .with_iter_limit(eqsat.limits.iterations)
-            .with_time_limit(eqsat.limits.time)
-            .run(&rules);
+        let runner = eqsat.limits.runner(egraph, None).run(&rules);
         let mut egraph = runner.egraph;
         let Some(class) = egraph
             .classes()

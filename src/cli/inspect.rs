@@ -11,7 +11,6 @@ use fulgur_passes::rules::RuleConfig;
 use fulgur_passes::{standard_pipeline, CostModel, Limits, PassContext, PassReport, Target};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -38,13 +37,19 @@ pub struct Args {
     /// Symbol values the cost model evaluates shapes at, e.g. `B=8,T=32768` (default B=1, T=P=4096).
     #[arg(long, value_delimiter = ',')]
     pub bind: Vec<String>,
-    /// Saturation bounds.
-    #[arg(long, default_value_t = 20_000)]
+    /// Most e-nodes in one template's e-graph (saturation stops past it; it also bounds extraction).
+    #[arg(long, value_name = "E-NODES", default_value_t = 20_000)]
     pub node_limit: usize,
-    #[arg(long, default_value_t = 12)]
+    /// Most saturation iterations per template.
+    #[arg(long, value_name = "ITERATIONS", default_value_t = 12)]
     pub iter_limit: usize,
-    #[arg(long, default_value_t = 5.0)]
-    pub time_limit: f64,
+    /// Wall-clock budget in seconds for the whole optimizer (default: none; with one, the result may depend on
+    /// machine speed, and a template it stops is named in a warning).
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
+    /// Most nodes of one template: longer runs of a layer (or a graph without layer names) are cut into windows.
+    #[arg(long, value_name = "NODES", default_value_t = 512)]
+    pub window: usize,
     /// Explain how a kernel of the optimized graph was derived: a node name (`layers.0.lightning_attention`)
     /// or an op name (`lightning_attention`, its first occurrence).
     #[arg(long)]
@@ -215,18 +220,27 @@ pub fn reports_text(g: &Graph, model: &CostModel, reports: &[PassReport], detail
     o
 }
 
+/// Prints the optimizer's warnings (templates a wall-clock limit decided) on stderr, one `warning:` line each.
+pub fn print_warnings(reports: &[PassReport]) {
+    for w in reports
+        .iter()
+        .filter_map(|r| r.eqsat.as_ref())
+        .flat_map(|e| &e.warnings)
+    {
+        eprintln!("warning: {w}");
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let g = input_graph(&args.input)?;
     let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind)?;
-    let limits = Limits {
-        nodes: args.node_limit,
-        iterations: args.iter_limit,
-        time: Duration::from_secs_f64(args.time_limit.max(0.0)),
-    };
+    let limits =
+        Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window).map_err(|e| anyhow!("{e}"))?;
     let pipeline =
         standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits.clone()).map_err(|e| anyhow!("{e}"))?;
     let cx = PassContext { model: model.clone() };
     let (optimized, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
+    print_warnings(&reports);
     if let Some(kernel) = &args.why {
         let mut eq = fulgur_passes::EqSat::new(
             fulgur_passes::rules::families(&RuleConfig::default(), &args.disable_rules).map_err(|e| anyhow!("{e}"))?,

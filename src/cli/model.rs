@@ -71,6 +71,7 @@ pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulg
     )?;
     let t = Instant::now();
     let (out, reports) = pipeline.run(&g, &fulgur_passes::PassContext { model }, None)?;
+    crate::cli::inspect::print_warnings(&reports);
     if let Some(r) = reports.last() {
         tracing::info!(elapsed = ?t.elapsed(), kernels_before = reports[0].kernels_before, kernels_after = r.kernels_after, "optimized");
     }
