@@ -519,7 +519,9 @@ pub fn build_graph(
     Ok(g)
 }
 
-fn emit(
+/// Adds to `g` the value of class `root` under the extraction's choices (and every class it needs), memoized in
+/// `done`; the graph's inputs must already be declared. Errors on a cyclic choice or a class without one.
+pub fn emit(
     egraph: &EGraph,
     ex: &Extraction,
     names: &HashMap<Id, String>,
@@ -577,6 +579,7 @@ fn emit(
     Ok(done[&root])
 }
 
-fn input_node(g: &Graph, op: &Op) -> Option<fulgur_ir::NodeId> {
+/// The graph's existing input or parameter node that declares `op`, if `op` declares one.
+pub fn input_node(g: &Graph, op: &Op) -> Option<fulgur_ir::NodeId> {
     op.input_decl().and_then(|(name, _, _)| g.input_by_name(name))
 }

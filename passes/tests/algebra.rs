@@ -1,26 +1,38 @@
-//! Soundness of the algebra family: every alternative the rules add agrees with the original (f64).
+//! Soundness of the algebra family: every alternative the rules add agrees with the original (f64), on sizes
+//! drawn from a seeded generator.
 
 use fulgur_ir::{DType, Dim, Graph};
 use fulgur_passes::rules::{algebra, RuleConfig};
 use fulgur_passes::testing::{check_soundness, random_inputs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
 fn env(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-fn check(g: &Graph, env: &HashMap<String, i64>, min_alternatives: usize) {
+/// Checks soundness on three input draws; `min_checked` alternatives must differ from the extracted graph.
+fn check(g: &Graph, env: &HashMap<String, i64>, min_checked: usize) {
     for seed in 0..3 {
         let inputs = random_inputs(g, env, seed, 4);
-        let n = check_soundness(g, vec![algebra::family(&RuleConfig::default())], &inputs, 1e-12)
+        let r = check_soundness(g, vec![algebra::family(&RuleConfig::default())], &inputs, 1e-12)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(n >= min_alternatives, "only {n} alternatives checked");
+        eprintln!("{r}");
+        assert!(r.checked >= min_checked, "{r}");
     }
 }
 
 #[test]
 fn layout_folding_is_sound() {
-    for (b, t) in [(1, 1), (2, 3), (3, 5)] {
+    let mut rng = StdRng::seed_from_u64(0xa1);
+    for case in 0..4 {
+        // the first case is the smallest: B = T = 1
+        let (b, t) = if case == 0 {
+            (1, 1)
+        } else {
+            (rng.gen_range(1..=4), rng.gen_range(1..=6))
+        };
         let mut g = Graph::new("layout");
         let x = g
             .input(
@@ -46,13 +58,15 @@ fn layout_folding_is_sound() {
         let s = g.scale(a, 2.5).unwrap();
         let s = g.scale(s, -0.5).unwrap();
         g.add_output("y", s).unwrap();
-        check(&g, &env(&[("B", b), ("T", t)]), 10);
+        check(&g, &env(&[("B", b), ("T", t)]), 5);
     }
 }
 
 #[test]
 fn matmul_reassociation_is_sound() {
-    for (m, k, n, p) in [(2, 3, 4, 5), (7, 1, 3, 2), (1, 8, 2, 6)] {
+    let mut rng = StdRng::seed_from_u64(0xa2);
+    for _ in 0..4 {
+        let [m, k, n, p] = [0; 4].map(|_| rng.gen_range(1..=8i64));
         let mut g = Graph::new("chain");
         let a = g.input("a", DType::F32, vec![Dim::sym("M"), Dim::from(k)]).unwrap();
         let b = g.input("b", DType::F32, vec![Dim::from(k), Dim::from(n)]).unwrap();
@@ -60,7 +74,7 @@ fn matmul_reassociation_is_sound() {
         let ab = g.matmul(a, b).unwrap();
         let abc = g.matmul(ab, c).unwrap();
         g.add_output("y", abc).unwrap();
-        check(&g, &env(&[("M", m)]), 4);
+        check(&g, &env(&[("M", m)]), 1);
     }
 }
 
@@ -72,5 +86,5 @@ fn broadcasting_neutral_elements_are_not_folded() {
     let ones = g.full(1.0, DType::F32, vec![Dim::from(3)]).unwrap();
     let y = g.mul(x, ones).unwrap();
     g.add_output("y", y).unwrap();
-    check(&g, &env(&[]), 1);
+    check(&g, &env(&[]), 0);
 }

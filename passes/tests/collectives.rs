@@ -4,11 +4,10 @@
 //! extractor's choice: chunked where communication is comparable to the expert compute (H800, MiniMax-01
 //! sizes), unchunked where chunking only adds launches.
 
-use egg::Runner;
 use fulgur_ir::{text, DType, Dim, Graph, Interpreter, Op, Precision, Tensor, Value};
 use fulgur_passes::lang::{graph_to_egraph, EGraph, ShapeAnalysis};
 use fulgur_passes::rules::{algebra, collectives, Family, RuleConfig};
-use fulgur_passes::testing::{check_soundness, random_inputs};
+use fulgur_passes::testing::{check_soundness, random_inputs, Soundness};
 use fulgur_passes::{standard_pipeline, CostModel, Dce, EqSat, Limits, PassContext, PassReport, Pipeline, Target};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -304,12 +303,7 @@ fn saturate(g: &Graph, fams: Vec<Family>) -> EGraph {
     let mut eg = EGraph::new(ShapeAnalysis);
     graph_to_egraph(g, &mut eg);
     let rules: Vec<_> = fams.into_iter().flat_map(|f| f.rules).collect();
-    let eg = Runner::default()
-        .with_egraph(eg)
-        .with_iter_limit(8)
-        .with_node_limit(5_000)
-        .run(&rules)
-        .egraph;
+    let eg = Limits::default().runner(eg, None).run(&rules).egraph;
     assert!(eg.classes().all(|c| c.data.conflict.is_none()), "type conflict");
     eg
 }
@@ -327,8 +321,8 @@ fn cfg() -> RuleConfig {
 }
 
 /// Saturates with the collectives family (alone, then with algebra), checks every alternative in f64, and
-/// returns (alternatives checked, starts added).
-fn soundness(s: Ep, layout: Layout, t: usize, symbolic: bool, seed: u64) -> (usize, usize) {
+/// returns (the report of the first check, starts added).
+fn soundness(s: Ep, layout: Layout, t: usize, symbolic: bool, seed: u64) -> (Soundness, usize) {
     let tokens = if symbolic {
         assert_eq!(t % 4, 0);
         d(4) * Dim::sym("N")
@@ -342,6 +336,7 @@ fn soundness(s: Ep, layout: Layout, t: usize, symbolic: bool, seed: u64) -> (usi
     let what = format!("{s:?} {layout:?} T={t} symbolic={symbolic}");
     let n =
         check_soundness(&g, vec![collectives::family(&cfg())], &ins, 1e-9).unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!("{what}: {n}");
     check_soundness(
         &g,
         vec![collectives::family(&cfg()), algebra::family(&cfg())],
@@ -376,7 +371,7 @@ fn chunked_overlap_is_sound_on_random_shapes() {
         // chunk counts that divide T: 2 always, 4 when 4 | T; two starts per chunk
         let want = 2 * (2 + if t % 4 == 0 { 4 } else { 0 });
         assert_eq!(starts, want, "{s:?} {layout:?} T={t}: {starts} starts");
-        assert!(n >= 40, "{s:?}: only {n} alternatives checked");
+        assert!(n.checked >= 20, "{s:?}: {n}");
     }
 }
 

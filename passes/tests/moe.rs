@@ -2,13 +2,13 @@
 //! alternative), refusal of look-alikes, the tiny-a checkpoint after the standard pipeline, and the cost of the
 //! grouped form against the dense one at tiny-a and MiniMax-Text-01 shapes.
 
-use egg::{Id, Runner};
+use egg::Id;
 use fulgur_ir::{ConstData, DType, Dim, Graph, Interpreter, Precision, Value};
 use fulgur_models::checkpoint::Checkpoint;
 use fulgur_models::{decode_graph, forward_graph, ForwardOptions, MiniMaxConfig};
 use fulgur_passes::lang::{graph_to_egraph, EGraph, ShapeAnalysis};
 use fulgur_passes::rules::{algebra, families, moe, RuleConfig};
-use fulgur_passes::testing::{check_soundness, random_inputs};
+use fulgur_passes::testing::{check_soundness, random_inputs, Soundness};
 use fulgur_passes::{standard_pipeline, CostModel, Dce, EqSat, Limits, PassContext, Pipeline, Target};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -106,11 +106,7 @@ fn saturate(g: &Graph) -> (EGraph, Vec<Id>) {
     .into_iter()
     .flat_map(|f| f.rules)
     .collect();
-    let runner = Runner::default()
-        .with_egraph(eg)
-        .with_iter_limit(8)
-        .with_node_limit(5_000)
-        .run(&rules);
+    let runner = Limits::default().runner(eg, None).run(&rules);
     let eg = runner.egraph;
     assert!(eg.classes().all(|c| c.data.conflict.is_none()), "type conflict");
     let roots = g.outputs().iter().map(|(_, v)| eg.find(vm.get(*v))).collect();
@@ -137,7 +133,7 @@ fn root_is_combined(eg: &EGraph, root: Id) -> bool {
         .any(|n| n.ir_op().is_some_and(|o| o.name() == "moe_combine"))
 }
 
-fn soundness(s: Shape, tokens: i64, symbolic: bool, v: Variant, seed: u64) -> usize {
+fn soundness(s: Shape, tokens: i64, symbolic: bool, v: Variant, seed: u64) -> Soundness {
     let n = if symbolic { Dim::sym("N") } else { Dim::from(tokens) };
     let g = dense_moe(s, n, v);
     let (eg, roots) = saturate(&g);
@@ -150,6 +146,7 @@ fn soundness(s: Shape, tokens: i64, symbolic: bool, v: Variant, seed: u64) -> us
     let inputs = random_inputs(&g, &env(&[("N", tokens)]), seed, 4);
     let fams = vec![moe::family(&RuleConfig::default())];
     let checked = check_soundness(&g, fams, &inputs, 1e-9).unwrap_or_else(|e| panic!("{s:?} N={tokens}: {e}"));
+    eprintln!("{s:?} N={tokens}: {checked}");
     let fams = vec![
         moe::family(&RuleConfig::default()),
         algebra::family(&RuleConfig::default()),
@@ -171,9 +168,9 @@ fn dense_moe_to_grouped_is_sound_on_random_shapes() {
             i: rng.gen_range(1..=5usize),
         };
         let tokens = if case % 4 == 0 { 1 } else { rng.gen_range(1..=9i64) };
-        let n = soundness(s, tokens, case % 2 == 0, Variant::default(), case);
-        // at least the originals plus router, dispatch, two grouped matmuls and combine
-        assert!(n >= 20, "{s:?}: only {n} alternatives checked");
+        let r = soundness(s, tokens, case % 2 == 0, Variant::default(), case);
+        // at least router, dispatch, two grouped matmuls and combine beside the definitional form
+        assert!(r.checked >= 5, "{s:?}: {r}");
     }
 }
 
@@ -249,7 +246,15 @@ fn look_alikes_are_refused() {
 
 #[test]
 fn router_on_leading_axes_is_sound() {
-    for (b, t, e, k) in [(1, 1, 1, 1), (2, 3, 5, 2), (2, 4, 4, 4)] {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5e1);
+    for case in 0..4 {
+        // one expert, one token first; then k = E, then random
+        let (b, t, e) = if case == 0 {
+            (1, 1, 1)
+        } else {
+            (rng.gen_range(1..=2), rng.gen_range(1..=4), rng.gen_range(1..=5usize))
+        };
+        let k = if case == 1 { e } else { rng.gen_range(1..=e) };
         let mut g = Graph::new("router");
         let l = g
             .input("logits", DType::F32, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(e)])
@@ -272,8 +277,8 @@ fn router_on_leading_axes_is_sound() {
         }
         assert!(ops_in(&eg).contains(&"moe_router".to_string()));
         let inputs = random_inputs(&g, &env(&[("B", b), ("T", t)]), 11, 3);
-        let n = check_soundness(&g, vec![moe::family(&RuleConfig::default())], &inputs, 1e-9).unwrap();
-        assert!(n >= 8, "{n}");
+        let r = check_soundness(&g, vec![moe::family(&RuleConfig::default())], &inputs, 1e-9).unwrap();
+        assert!(r.checked >= 1, "{r}");
     }
 }
 
