@@ -88,3 +88,35 @@ fn broadcasting_neutral_elements_are_not_folded() {
     g.add_output("y", y).unwrap();
     check(&g, &env(&[]), 0);
 }
+
+/// `(x · c1) · c2` = `x · (c1·c2)` only where `c1·c2` is exact in the dtype: f32 `0.1 · 3` rounds (the product
+/// is not an f32), so folding it would change the result; `0.1 · 4` (a power of two) and `1.5 · 2.5` are exact
+/// and fold. A literal that is not a value of its dtype (`0.1` in an f32 constant, which the interpreter's f64
+/// mode keeps as written) is never folded. bf16 constants round much earlier (`1.5 · 1.0078125` needs 9
+/// significant bits).
+#[test]
+fn scale_folding_only_where_the_product_is_exact() {
+    let tenth = 0.1f32 as f64;
+    let cases: [(DType, f64, f64, bool); 7] = [
+        (DType::F32, tenth, 3.0, false),
+        (DType::F32, tenth, 4.0, true),
+        (DType::F32, 1.5, 2.5, true),
+        (DType::F32, (1.0f32 / 3.0) as f64, 3.0, false),
+        (DType::F32, 0.1, 4.0, false),
+        (DType::BF16, 1.5, 1.0078125, false),
+        (DType::BF16, 1.5, 2.5, true),
+    ];
+    for (dtype, c1, c2, folds) in cases {
+        let mut g = Graph::new("scales");
+        let x = g.input("x", dtype, vec![Dim::sym("N")]).unwrap();
+        let a = g.scalar(c1, dtype).unwrap();
+        let b = g.scalar(c2, dtype).unwrap();
+        let y = g.mul(x, a).unwrap();
+        let y = g.mul(y, b).unwrap();
+        g.add_output("y", y).unwrap();
+        let inputs = random_inputs(&g, &env(&[("N", 7)]), 3, 4);
+        let r = check_soundness(&g, vec![algebra::family(&RuleConfig::default())], &inputs, 1e-15)
+            .unwrap_or_else(|e| panic!("{dtype} {c1} · {c2}: {e}"));
+        assert_eq!(r.checked > 0, folds, "{dtype} {c1} · {c2}: {r}");
+    }
+}

@@ -135,7 +135,9 @@ fn is_scalar_const(eg: &EGraph, id: Id) -> Option<f64> {
     }
 }
 
-/// `(x · c1) · c2` = `x · (c1·c2)` for scalar float constants.
+/// `(x · c1) · c2` = `x · (c1·c2)` for scalar float constants, only where the folded constant is exact: `c1`,
+/// `c2` and their product all representable in the dtype (a rounded product would change the result: f32
+/// `0.1 · 3`). Both products are then the same real number, so the rule is an equality.
 fn probe_scale_scale(eg: &EGraph, _: Id, n: &FNode) -> bool {
     matches!(op(n), Some(Op::Binary(BinaryOp::Mul)))
         && is_scalar_const(eg, n.children[1]).is_some()
@@ -158,7 +160,9 @@ fn build_scale_scale(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<I
         .collect();
     let mut out = Vec::new();
     for (x, c1) in inner {
-        let v = fulgur_ir::tensor::round_to(t.dtype, c1 * c2);
+        let Some(v) = exact_product(t.dtype, c1, c2) else {
+            continue;
+        };
         let Some(c) = add_op(
             eg,
             Op::Constant {
@@ -173,6 +177,14 @@ fn build_scale_scale(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<I
         out.extend(add_op(eg, Op::Binary(BinaryOp::Mul), &[x, c]));
     }
     out
+}
+
+/// `c1 · c2` when it is exactly representable in `dtype` (and so are `c1` and `c2`); the f64 product of two
+/// f32 (or narrower) values is exact, so comparing it with its rounding tells.
+fn exact_product(dtype: fulgur_ir::DType, c1: f64, c2: f64) -> Option<f64> {
+    let r = |x: f64| fulgur_ir::tensor::round_to(dtype, x);
+    let p = c1 * c2;
+    (p.is_finite() && r(c1) == c1 && r(c2) == c2 && r(p) == p).then_some(p)
 }
 
 /// `(A·B)·C` = `A·(B·C)` for rank-2 operands; the extractor keeps the cheaper order.
