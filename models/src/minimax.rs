@@ -163,7 +163,7 @@ impl Builder<'_> {
 
     fn norm(&mut self, name: &str, x: Value, width: usize, eps: f64) -> Result<Value> {
         let w = self.param(name, vec![width])?;
-        self.g.rms_norm(x, w, eps)
+        rms_norm(&mut self.g, x, w, eps)
     }
 
     fn final_norm(&mut self, x: Value) -> Result<Value> {
@@ -321,7 +321,7 @@ impl Builder<'_> {
         let o = self.merge_heads(o)?;
         let eps = cfg.lightning_norm_eps;
         let g = &mut self.g;
-        let y = g.rms_norm(o, w_norm, eps)?;
+        let y = rms_norm(g, o, w_norm, eps)?;
         let gate = g.linear(h, w_gate)?;
         let gate = g.sigmoid(gate)?;
         let y = g.mul(gate, y)?;
@@ -531,4 +531,18 @@ impl Builder<'_> {
         let s = g.sum(prod, &[0, 1], false)?;
         g.scale(s, e as f64)
     }
+}
+
+/// RMSNorm written out as MINIMAX.md and transformers define it, `(x · rsqrt(mean(x², −1) + eps)) · w`: the
+/// definitional graph holds the formula, and the optimizer derives the `rms_norm` kernel from it (the fusion
+/// family's `rms-norm-pattern`). The ops are exactly the `rms_norm` composite's decomposition.
+fn rms_norm(g: &mut Graph, x: Value, w: Value, eps: f64) -> Result<Value> {
+    g.scope("rms_norm", |g| {
+        let sq = g.mul(x, x)?;
+        let ms = g.mean(sq, &[-1], true)?;
+        let ms = g.add_scalar(ms, eps)?;
+        let r = g.rsqrt(ms)?;
+        let y = g.mul(x, r)?;
+        g.mul(y, w)
+    })
 }

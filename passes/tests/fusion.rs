@@ -829,3 +829,53 @@ fn full_config_fuses_per_template() {
     assert!(c_with < c_without, "cost {c_with} with fusion, {c_without} without");
     opt.verify().unwrap();
 }
+
+/// Every `rsqrt` in a graph, including those inside fused bodies.
+fn rsqrt_count(g: &Graph) -> usize {
+    g.nodes()
+        .map(|(_, n)| match &n.op {
+            Op::Unary(UnaryOp::Rsqrt) => 1,
+            Op::Composite(Composite::Fused { body }) => rsqrt_count(body.graph()),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// `rms-norm-pattern` was written for MiniMax's RMSNorm, which the definitional model writes out as MINIMAX.md
+/// defines it: it fires in every layer template (input and post-attention norms, and the lightning output
+/// norm) and in the head (final norm), and no written-out norm is left after optimization.
+#[test]
+fn rms_norm_pattern_fires_on_the_minimax_model() {
+    let dir = fixtures().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let written_out = rsqrt_count(&g);
+    // 4 layers x 2 norms, 3 lightning output norms, the final norm
+    assert_eq!(written_out, 12);
+    let cx = PassContext {
+        model: CostModel::new(Target::by_name("H100").unwrap()),
+    };
+    let p = standard_pipeline(&RuleConfig::default(), &[], Limits::default()).unwrap();
+    let (opt, reports) = p.run(&g, &cx, None).unwrap();
+    let eq = reports[1].eqsat.as_ref().unwrap();
+    let applied = |name: &str| {
+        eq.templates
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.rules["rms-norm-pattern"].applications)
+    };
+    // lightning layers: two layer norms and the output norm; the softmax layer: two; the head: one (a rewrite
+    // that copies a path, such as joining projections, may give the rule more to apply to)
+    assert!(applied("layers.0") >= Some(3), "{:?}", applied("layers.0"));
+    assert!(applied("layers.3") >= Some(2), "{:?}", applied("layers.3"));
+    let head = eq.templates.last().unwrap();
+    assert!(head.rules["rms-norm-pattern"].applications >= 1, "{}", head.name);
+    assert_eq!(rsqrt_count(&opt), 0, "{}", fulgur_ir::text::print(&opt));
+}
