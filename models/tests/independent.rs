@@ -11,8 +11,9 @@
 //! One deliberate coupling: the graph is an f32 graph, so its constant tables (the decay rates `λ` and the
 //! RoPE inverse frequencies) hold f32 values. The reference rounds those two tables to f32 as well
 //! ([`Rounding::F32Constants`]); everything else is exact f64 on both sides, and agreement is required to
-//! 1e-9 relative. With exact f64 constants the two agree to ~1e-7, which is also checked, so the rounding
-//! is the only modelling shortcut.
+//! 1e-13 relative (hidden states, logits, loss, auxiliary loss, prefill and every decode step; measured at most
+//! 1.8e-15, printed with `--nocapture`). With exact f64 constants the two agree to 1e-7 (measured at most
+//! 1.4e-8), which is also checked, so the rounding is the only modelling shortcut.
 
 use fulgur_ir::{DType, Interpreter, Op, Precision, Tensor};
 use fulgur_models::{decode_graph, forward_graph, Flavor, ForwardOptions, LayerType, MiniMaxConfig};
@@ -21,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-const TOL: f64 = 1e-9;
+const TOL: f64 = 1e-13;
 
 // ------------------------------------------------------------------------------------------------
 // configs: each covers something the tiny-a fixture does not
@@ -637,8 +638,8 @@ fn check_config(name: &str, json: &str, seed: u64) {
     println!("{name}: loss {} vs {}: rel {e:.2e}", loss[0], r.loss);
     assert!(e < TOL, "{name}: loss {} vs reference {}", loss[0], r.loss);
 
-    // with exact f64 constants the only gap is the f32 constant tables: small, but far above 1e-9 would
-    // mean the rounding model hides something
+    // with exact f64 constants the only gap is the f32 constant tables (f32 rounding, ~1e-8): above 1e-7
+    // would mean the rounding model hides something
     let exact = Reference {
         rounding: Rounding::Exact,
         ..reference
@@ -646,7 +647,7 @@ fn check_config(name: &str, json: &str, seed: u64) {
     let rx = exact.forward(&ids);
     let e = rel(&out["logits"].to_f64(), &flat3(&rx.logits));
     println!("{name}: logits vs exact-constant reference: rel {e:.2e}");
-    assert!(e < 1e-5, "{name}: logits vs exact-constant reference: {e:e}");
+    assert!(e < 1e-7, "{name}: logits vs exact-constant reference: {e:e}");
 
     // the auxiliary load-balancing loss
     let ga = forward_graph(
