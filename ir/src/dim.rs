@@ -231,15 +231,31 @@ impl Dim {
 
     /// Evaluates the expression with the given symbol values.
     pub fn eval(&self, env: &HashMap<String, i64>) -> Result<i64, String> {
+        self.eval_with(&|s: &str| env.get(s).copied())
+    }
+
+    /// Evaluates the expression with the given symbol values, an unbound symbol counting `default`.
+    ///
+    /// ```
+    /// use fulgur_ir::Dim;
+    /// let d = Dim::sym("B") * Dim::sym("T") + Dim::from(1);
+    /// let env = [("B".to_string(), 2)].into();
+    /// assert_eq!(d.eval_or(&env, 10), Ok(21));
+    /// ```
+    pub fn eval_or(&self, env: &HashMap<String, i64>, default: i64) -> Result<i64, String> {
+        self.eval_with(&|s: &str| Some(env.get(s).copied().unwrap_or(default)))
+    }
+
+    fn eval_with(&self, lookup: &dyn Fn(&str) -> Option<i64>) -> Result<i64, String> {
         let mut total: i64 = 0;
         for (m, c) in &self.terms {
             let mut v = *c;
             for (a, e) in &m.0 {
                 let x = match a {
-                    Atom::Sym(s) => *env.get(s).ok_or_else(|| format!("symbol `{s}` is not bound"))?,
+                    Atom::Sym(s) => lookup(s).ok_or_else(|| format!("symbol `{s}` is not bound"))?,
                     Atom::CeilDiv(n, d) => {
-                        let n = n.eval(env)?;
-                        let d = d.eval(env)?;
+                        let n = n.eval_with(lookup)?;
+                        let d = d.eval_with(lookup)?;
                         if d == 0 {
                             return Err(format!("division by zero in `{self}`"));
                         }

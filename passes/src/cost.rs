@@ -117,21 +117,16 @@ impl CostModel {
 
     /// Number of elements of a type under the costing environment (unknown symbols count 1024).
     pub fn numel(&self, t: &TensorType) -> f64 {
-        let mut env = self.env.clone();
-        for s in t.shape.symbols() {
-            env.entry(s).or_insert(1024);
-        }
-        t.shape.numel().eval(&env).map(|n| n.max(0) as f64).unwrap_or(0.0)
+        t.dims()
+            .iter()
+            .map(|d| d.eval_or(&self.env, 1024).map(|n| n.max(0) as f64).unwrap_or(0.0))
+            .product()
     }
 
     pub fn dim(&self, t: &TensorType, i: usize) -> f64 {
-        let mut env = self.env.clone();
-        for s in t.shape.symbols() {
-            env.entry(s).or_insert(1024);
-        }
         t.dims()
             .get(i)
-            .and_then(|d| d.eval(&env).ok())
+            .and_then(|d| d.eval_or(&self.env, 1024).ok())
             .map(|x| x as f64)
             .unwrap_or(1.0)
     }
@@ -341,11 +336,10 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
             ..NodeCost::default()
         },
         Composite::AllToAllStart { overlap_flops, .. } => {
-            let mut env = m.env.clone();
-            for s in overlap_flops.symbols() {
-                env.entry(s).or_insert(1024);
-            }
-            let flops = overlap_flops.eval(&env).map(|f| f.max(0) as f64).unwrap_or(0.0);
+            let flops = overlap_flops
+                .eval_or(&m.env, 1024)
+                .map(|f| f.max(0) as f64)
+                .unwrap_or(0.0);
             let peak = match x.dtype {
                 DType::BF16 | DType::F16 => m.target.matmul_flops_bf16,
                 _ => m.target.matmul_flops_f32,
