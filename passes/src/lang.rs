@@ -195,9 +195,13 @@ impl ClassData {
     }
 }
 
-/// Shape and dtype analysis.
+/// Shape and dtype analysis, and what the rules remember about one e-graph.
 #[derive(Default, Clone, Debug)]
-pub struct ShapeAnalysis;
+pub struct ShapeAnalysis {
+    /// Signatures of the fused regions the fusion family has already built in this e-graph (growing a region
+    /// again in a later iteration gives the same kernel: it is not built twice).
+    pub(crate) fused_seen: std::collections::HashSet<u64>,
+}
 
 /// The e-graph type of the optimizer.
 pub type EGraph = egg::EGraph<FNode, ShapeAnalysis>;

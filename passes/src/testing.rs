@@ -211,7 +211,7 @@ pub fn check_soundness(
 ) -> Result<Soundness, String> {
     let interp = Interpreter::new(Precision::F64);
     let want = interp.run(g, inputs).map_err(|e| format!("original graph: {e}"))?;
-    let mut egraph = EGraph::new(ShapeAnalysis);
+    let mut egraph = EGraph::new(ShapeAnalysis::default());
     let vm = graph_to_egraph(g, &mut egraph);
     let mut report = Soundness {
         families: families.iter().map(|f| f.name.to_string()).collect(),

@@ -144,7 +144,7 @@ pub fn explain(
         if seg_scope != scope && !seg_scope.starts_with(&format!("{scope}@")) {
             continue;
         }
-        let mut egraph = EGraph::new(ShapeAnalysis).with_explanations_enabled();
+        let mut egraph = EGraph::new(ShapeAnalysis::default()).with_explanations_enabled();
         let vm = graph_to_egraph(&template, &mut egraph);
         let rules = eqsat.rules()?;
         let runner = eqsat.limits.runner(egraph, None).run(&rules);

@@ -300,7 +300,7 @@ fn hand_sharded_ep_moe_is_the_moe() {
 }
 
 fn saturate(g: &Graph, fams: Vec<Family>) -> EGraph {
-    let mut eg = EGraph::new(ShapeAnalysis);
+    let mut eg = EGraph::new(ShapeAnalysis::default());
     graph_to_egraph(g, &mut eg);
     let rules: Vec<_> = fams.into_iter().flat_map(|f| f.rules).collect();
     let eg = Limits::default().runner(eg, None).run(&rules).egraph;

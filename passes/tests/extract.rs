@@ -74,7 +74,7 @@ fn cyclic(eg: &EGraph, ex: &Extraction, c: Id) -> bool {
 /// `add(tanh(x), x)` (a unary and a binary kernel), which is cheaper than the stale three-kernel `sigmoid(C)`.
 #[test]
 fn a_choice_that_gets_cheaper_below_is_refreshed() {
-    let mut eg = EGraph::new(ShapeAnalysis);
+    let mut eg = EGraph::new(ShapeAnalysis::default());
     let d = [1024, 1024];
     let x = leaf(&mut eg, "x", &d);
     let a = un(&mut eg, UnaryOp::Exp, x);
@@ -112,7 +112,7 @@ fn a_choice_that_gets_cheaper_below_is_refreshed() {
 /// A random e-graph over one leaf: `n` unary/binary nodes on earlier classes, then `u` unions of classes of the
 /// same type (every class has one type here), which create cycles and shared alternatives.
 fn random_egraph(ops: &[(u8, usize, usize)], unions: &[(usize, usize)], sizes: &[i64]) -> (EGraph, Vec<Id>) {
-    let mut eg = EGraph::new(ShapeAnalysis);
+    let mut eg = EGraph::new(ShapeAnalysis::default());
     let mut ids = vec![leaf(&mut eg, "x", &[sizes[0], 64]), leaf(&mut eg, "y", &[sizes[0], 64])];
     for &(kind, a, b) in ops {
         let (a, b) = (ids[a % ids.len()], ids[b % ids.len()]);

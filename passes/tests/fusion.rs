@@ -37,7 +37,7 @@ fn check(g: &Graph, envs: &[HashMap<String, i64>]) -> Soundness {
 
 /// Saturates with the fusion family under the pipeline's limits.
 fn saturate(g: &Graph) -> (EGraph, Vec<(String, egg::Id)>) {
-    let mut eg = EGraph::new(ShapeAnalysis);
+    let mut eg = EGraph::new(ShapeAnalysis::default());
     let vm = graph_to_egraph(g, &mut eg);
     let runner = Limits::default().runner(eg, None).run(&fam().rules);
     let eg = runner.egraph;
@@ -124,7 +124,10 @@ fn elementwise_chains_fuse_soundly() {
         g.add_output("f", f).unwrap();
         g.add_output("b", b).unwrap(); // an intermediate that is also an output
         let r = check(&g, &sizes());
-        assert!(r.checked > 15, "{r}");
+        assert!(r.checked >= 8, "{r}");
+        // the extracted graph runs fewer kernels than the eleven ops
+        let kernels = extracted(&g).nodes().filter(|(_, n)| !n.op.is_input()).count();
+        assert!(kernels <= 4, "{kernels} kernels");
     }
     // the whole chain is one kernel among the alternatives, and so is the part that duplicates nothing
     let mut g = Graph::new("chain");

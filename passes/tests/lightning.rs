@@ -138,7 +138,7 @@ fn minimax_layers_are_rewritten_soundly() {
         assert!(r.checked >= 4, "{r}");
     }
     // and the rules do fire on this graph
-    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis);
+    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis::default());
     fulgur_passes::lang::graph_to_egraph(&g, &mut eg);
     let rules: Vec<_> = with_rms_pattern().into_iter().flat_map(|f| f.rules).collect();
     let runner = fulgur_passes::Limits::default().runner(eg, None).run(&rules);
@@ -185,7 +185,7 @@ fn partial_rotary_moves_into_the_flash_prologue_soundly() {
         );
         assert!(r.checked >= 1, "{r}");
     }
-    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis);
+    let mut eg = fulgur_passes::lang::EGraph::new(fulgur_passes::lang::ShapeAnalysis::default());
     fulgur_passes::lang::graph_to_egraph(&g, &mut eg);
     let runner = fulgur_passes::Limits::default()
         .runner(eg, None)

@@ -97,7 +97,7 @@ fn dense_moe(s: Shape, n: Dim, v: Variant) -> Graph {
 
 /// Saturates `g` with the MoE family (and algebra) and returns the e-graph and its output classes.
 fn saturate(g: &Graph) -> (EGraph, Vec<Id>) {
-    let mut eg = EGraph::new(ShapeAnalysis);
+    let mut eg = EGraph::new(ShapeAnalysis::default());
     let vm = graph_to_egraph(g, &mut eg);
     let rules: Vec<_> = [
         moe::family(&RuleConfig::default()),

@@ -28,7 +28,7 @@
 //! the tensor it is cut from). A written-out RMSNorm is absorbed only as the `rms_norm` it equals, so the
 //! composite is what gets extracted (a fused copy of its decomposition would cost the same).
 
-use super::{fn_rule, Family, RuleConfig};
+use super::{fn_rule, fn_rule_pairs, Family, RuleConfig};
 use crate::lang::{add_op, class_ops, class_ty, EGraph, FNode, FOp, Rewrite, ShapeAnalysis};
 use egg::{Id, Searcher};
 use fulgur_ir::op::FusedBody;
@@ -42,7 +42,7 @@ pub fn family(cfg: &RuleConfig) -> Family {
     Family {
         name: "fusion",
         rules: vec![
-            fn_rule("fuse-elementwise", probe_elementwise, build_elementwise, cfg),
+            fn_rule_pairs("fuse-elementwise", probe_elementwise, build_elementwise, cfg),
             fn_rule("gemm-epilogue", probe_gemm, build_gemm, cfg),
             fn_rule("fuse-reduction", probe_reduction, build_reduction, cfg),
             fn_rule("rms-norm-pattern", probe_rms, build_rms, cfg),
@@ -394,10 +394,31 @@ fn slices_outside(eg: &EGraph, r: &Region) -> Region {
     }
 }
 
+/// A region's identity in its e-graph: its mode and the canonical class and chosen e-node of every member.
+fn signature(eg: &EGraph, r: &Region, mode: Mode) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (mode as u8).hash(&mut h);
+    eg.find(r.root).hash(&mut h);
+    for (c, n) in &r.chosen {
+        eg.find(*c).hash(&mut h);
+        n.op.hash(&mut h);
+        for &ch in &n.children {
+            eg.find(ch).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 /// Adds the fused kernels of the regions rooted at `n` (the largest, and the one without shared producers).
 fn build_fused(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> Vec<Id> {
+    build_fused_args(eg, class, n, mode).0
+}
+
+/// [`build_fused`], also returning the arguments of the largest region when it was built now.
+fn build_fused_args(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> (Vec<Id>, Vec<Id>) {
     let Some(full) = grow(eg, class, n, mode) else {
-        return vec![];
+        return (vec![], vec![]);
     };
     let full = slices_outside(eg, &full);
     let lean = slices_outside(eg, &without_shared(eg, &full));
@@ -406,14 +427,44 @@ fn build_fused(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> Vec<Id> {
         regions.push(lean);
     }
     let mut out = Vec::new();
-    for r in regions {
+    let mut full_args = Vec::new();
+    for (i, r) in regions.into_iter().enumerate() {
+        // a region already built in this e-graph (an earlier iteration grew the same one) adds nothing new
+        if !eg.analysis.fused_seen.insert(signature(eg, &r, mode)) {
+            continue;
+        }
         let Some((body, args)) = body_of(eg, &r) else { continue };
+        if i == 0 {
+            full_args = args.clone();
+        }
         if !useful(&body, mode) {
             continue;
         }
         out.extend(add_op(eg, Op::Composite(Composite::Fused { body }), &args));
     }
-    out
+    (out, full_args)
+}
+
+/// Whether class `c` ends every elementwise region that could absorb it: it is an output or used by more
+/// than one op, or its one user is an op through which an elementwise region does not grow (anything but an
+/// elementwise op or a view). Elementwise kernels are rooted only at such classes, and at the cut points of a
+/// region too long for one kernel (see [`build_elementwise`]): a chain of `n` ops then costs `n / 32`
+/// regions, not `n`.
+fn boundary(eg: &EGraph, c: Id) -> bool {
+    let mut user: Option<Id> = None;
+    for p in users(eg, c) {
+        match user {
+            None => user = Some(p),
+            Some(u) if u == p => {}
+            Some(_) => return true,
+        }
+    }
+    let Some(u) = user else { return true };
+    !eg[u]
+        .nodes
+        .iter()
+        .filter(|m| m.children.iter().any(|&ch| eg.find(ch) == eg.find(c)))
+        .all(|m| matches!(node_kind(m), Some(Kind::Elementwise | Kind::View)))
 }
 
 /// Whether class `c` (not parameter-derived) holds an e-node the region of `mode` could absorb.
@@ -439,15 +490,37 @@ fn reaches_matmul(eg: &EGraph, c: Id, depth: usize) -> bool {
     })
 }
 
-fn probe_elementwise(eg: &EGraph, class: Id, n: &FNode) -> bool {
+/// An e-node an elementwise kernel may be rooted at (wherever its class is).
+fn elementwise_root(eg: &EGraph, class: Id, n: &FNode) -> bool {
     (node_kind(n) == Some(Kind::Elementwise) || matches!(n.ir_op(), Some(Op::Permute { .. } | Op::Concat { .. })))
         && !eg[class].data.param_only
         && n.children.iter().any(|&c| absorbable(eg, c, Mode::Elementwise))
         && match_rms(eg, class, n).is_none()
 }
 
-fn build_elementwise(eg: &mut EGraph, class: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
-    build_fused(eg, class, n, Mode::Elementwise)
+fn probe_elementwise(eg: &EGraph, class: Id, n: &FNode) -> bool {
+    elementwise_root(eg, class, n) && boundary(eg, class)
+}
+
+/// The kernels rooted at a boundary class, then at every argument of its largest region that is not a boundary
+/// itself (where the region stopped at [`MAX_BODY_OPS`]), and so on down: a long chain is tiled in one go.
+fn build_elementwise(eg: &mut EGraph, class: Id, n: &FNode, _: &RuleConfig) -> Vec<(Id, Id)> {
+    let mut out = Vec::new();
+    let mut work = vec![(class, n.clone())];
+    while let Some((c, node)) = work.pop() {
+        let (ids, args) = build_fused_args(eg, c, &node, Mode::Elementwise);
+        out.extend(ids.into_iter().map(|i| (c, i)));
+        for a in args {
+            let a = eg.find(a);
+            if boundary(eg, a) {
+                continue; // rooted by its own match
+            }
+            if let Some(m) = eg[a].nodes.iter().find(|m| elementwise_root(eg, a, m)) {
+                work.push((a, m.clone()));
+            }
+        }
+    }
+    out
 }
 
 fn probe_gemm(eg: &EGraph, class: Id, n: &FNode) -> bool {

@@ -69,6 +69,16 @@ pub type Probe = fn(&EGraph, Id, &FNode) -> bool;
 /// Builds right-hand sides for a matched node (through [`crate::lang::add_checked`], which refuses ill-typed
 /// nodes) and returns the classes equal to the matched class.
 pub type Build = fn(&mut EGraph, Id, &FNode, &RuleConfig) -> Vec<Id>;
+/// Like [`Build`], for rules that also find terms equal to classes other than the matched one: returns
+/// `(class, equal class)` pairs.
+pub type BuildPairs = fn(&mut EGraph, Id, &FNode, &RuleConfig) -> Vec<(Id, Id)>;
+
+/// What a rule's applier calls.
+#[derive(Clone, Copy)]
+enum Builder {
+    Matched(Build),
+    Pairs(BuildPairs),
+}
 
 struct FnSearcher {
     probe: Probe,
@@ -103,7 +113,7 @@ impl Searcher<FNode, ShapeAnalysis> for FnSearcher {
 
 struct FnApplier {
     probe: Probe,
-    build: Build,
+    build: Builder,
     cfg: RuleConfig,
 }
 
@@ -119,9 +129,16 @@ impl egg::Applier<FNode, ShapeAnalysis> for FnApplier {
                 .cloned()
                 .collect();
             for n in nodes {
-                for rhs in (self.build)(egraph, class, &n, &self.cfg) {
-                    if egraph.union_trusted(class, rhs, rule) {
-                        changed.push(egraph.find(class));
+                let pairs: Vec<(Id, Id)> = match self.build {
+                    Builder::Matched(b) => b(egraph, class, &n, &self.cfg)
+                        .into_iter()
+                        .map(|r| (class, r))
+                        .collect(),
+                    Builder::Pairs(b) => b(egraph, class, &n, &self.cfg),
+                };
+                for (c, rhs) in pairs {
+                    if egraph.union_trusted(c, rhs, rule) {
+                        changed.push(egraph.find(c));
                     }
                 }
             }
@@ -140,8 +157,7 @@ impl egg::Applier<FNode, ShapeAnalysis> for FnApplier {
     }
 }
 
-/// A rule written as Rust code: `probe` selects e-nodes, `build` adds what they equal.
-pub fn fn_rule(name: &str, probe: Probe, build: Build, cfg: &RuleConfig) -> Rewrite {
+fn rule_of(name: &str, probe: Probe, build: Builder, cfg: &RuleConfig) -> Rewrite {
     Rewrite::new(
         name.to_string(),
         FnSearcher { probe },
@@ -152,4 +168,14 @@ pub fn fn_rule(name: &str, probe: Probe, build: Build, cfg: &RuleConfig) -> Rewr
         },
     )
     .unwrap_or_else(|e| panic!("rule `{name}` is malformed: {e}"))
+}
+
+/// A rule written as Rust code: `probe` selects e-nodes, `build` adds what they equal.
+pub fn fn_rule(name: &str, probe: Probe, build: Build, cfg: &RuleConfig) -> Rewrite {
+    rule_of(name, probe, Builder::Matched(build), cfg)
+}
+
+/// A rule written as Rust code whose `build` may also find terms equal to other classes than the matched one.
+pub fn fn_rule_pairs(name: &str, probe: Probe, build: BuildPairs, cfg: &RuleConfig) -> Rewrite {
+    rule_of(name, probe, Builder::Pairs(build), cfg)
 }
