@@ -261,8 +261,8 @@ struct Template {
     args: Vec<Value>,
     /// Template output `outJ` → this value of the original graph.
     outs: Vec<Value>,
-    /// Canonical text (no names): the template's identity.
-    key: String,
+    /// Digest of the canonical text (no names): the template's identity.
+    key: u128,
     /// Segment nodes left out of the template (constants that became inputs).
     abstracted: Vec<NodeId>,
 }
@@ -389,7 +389,7 @@ fn lift(
             }
         }
     }
-    let key = fulgur_ir::text::print(&t);
+    let key = text_key(&fulgur_ir::text::print(&t));
     Ok(Template {
         graph: t,
         args,
@@ -399,46 +399,76 @@ fn lift(
     })
 }
 
-/// Every segment of `g` lifted into its template (see the [module documentation](self)): the non-scalar
-/// constants whose values differ between segments of the same shape become inputs, the others stay.
-fn lift_all(g: &Graph, segs: &[Segment]) -> Result<Vec<Template>, PassError> {
-    let param_only = crate::pass::param_only_nodes(g);
-    let outside = outside_uses(g, segs);
-    let used = |v: Value| outside.contains(&v);
-    // first with every non-scalar constant an input: segments alike but for constant values share this key
-    let masked: Vec<Template> = segs
-        .iter()
-        .map(|s| lift(g, s, &param_only, &used, &|_| true))
-        .collect::<Result<_, _>>()?;
-    let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, t) in masked.iter().enumerate() {
-        groups.entry(t.key.as_str()).or_default().push(i);
-    }
-    // per group: the constants (by argument position) whose values differ between instances
-    let mut varying: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
-    for members in groups.values() {
-        let first = &masked[members[0]];
-        for (a, v) in first.args.iter().enumerate() {
-            if !first.abstracted.contains(&v.node) {
+/// A 128-bit digest of a template's canonical text: its identity, without keeping the text.
+fn text_key(text: &str) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        text.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
+}
+
+/// What lifting needs of the whole graph, computed once.
+struct Lifter<'a> {
+    g: &'a Graph,
+    param_only: Vec<bool>,
+    outside: std::collections::HashSet<Value>,
+    /// The constants that become template inputs (see [`Lifter::new`]).
+    varying: std::collections::HashSet<NodeId>,
+}
+
+impl<'a> Lifter<'a> {
+    /// Finds the non-scalar constants whose values differ between segments that are alike but for constant
+    /// values (their templates with every such constant an input are equal): those become inputs, the others
+    /// stay in their templates. Keeps no template: one at a time is lifted, hashed and dropped.
+    fn new(g: &'a Graph, segs: &[Segment]) -> Result<Lifter<'a>, PassError> {
+        let mut l = Lifter {
+            g,
+            param_only: crate::pass::param_only_nodes(g),
+            outside: outside_uses(g, segs),
+            varying: std::collections::HashSet::new(),
+        };
+        // masked key → per member, the constant inputs by argument position
+        let mut groups: HashMap<u128, Vec<Vec<NodeId>>> = HashMap::new();
+        for s in segs {
+            // a segment without tensor constants has nothing to abstract
+            if !s.nodes.iter().any(|&id| is_tensor_constant(&g.node(id).op)) {
                 continue;
             }
-            let text = |t: &Template| crate::lang::op_text(&g.node(t.args[a].node).op);
-            let t0 = text(first);
-            if members[1..].iter().any(|&m| text(&masked[m]) != t0) {
-                varying.extend(members.iter().map(|&m| masked[m].args[a].node));
+            let t = l.lift(s, &|_| true)?;
+            let abstracted: std::collections::HashSet<NodeId> = t.abstracted.iter().copied().collect();
+            let consts: Vec<NodeId> = t
+                .args
+                .iter()
+                .filter(|v| abstracted.contains(&v.node))
+                .map(|v| v.node)
+                .collect();
+            groups.entry(t.key).or_default().push(consts);
+        }
+        for members in groups.values() {
+            for j in 0..members[0].len() {
+                let text = |m: &Vec<NodeId>| crate::lang::op_text(&g.node(m[j]).op);
+                let t0 = text(&members[0]);
+                if members[1..].iter().any(|m| text(m) != t0) {
+                    l.varying.extend(members.iter().map(|m| m[j]));
+                }
             }
         }
+        Ok(l)
     }
-    segs.iter()
-        .zip(masked)
-        .map(|(s, m)| {
-            if m.abstracted.iter().all(|c| varying.contains(c)) {
-                Ok(m)
-            } else {
-                lift(g, s, &param_only, &used, &|c| varying.contains(&c))
-            }
-        })
-        .collect()
+
+    fn lift(&self, seg: &Segment, abstract_const: &dyn Fn(NodeId) -> bool) -> Result<Template, PassError> {
+        let used = |v: Value| self.outside.contains(&v);
+        lift(self.g, seg, &self.param_only, &used, abstract_const)
+    }
+
+    /// A segment's template, with exactly the varying constants as inputs.
+    fn template(&self, seg: &Segment) -> Result<Template, PassError> {
+        self.lift(seg, &|c| self.varying.contains(&c))
+    }
 }
 
 /// An optimized template and what it took.
@@ -473,8 +503,8 @@ fn outside_uses(g: &Graph, segs: &[Segment]) -> std::collections::HashSet<Value>
 /// Every segment of `g` as (label, template graph), in order, as the pass lifts them.
 pub fn segment_templates(g: &Graph, limits: &Limits) -> Result<Vec<(String, Graph)>, PassError> {
     let segs = segments(g, limits.window);
-    let ts = lift_all(g, &segs)?;
-    Ok(segs.iter().zip(ts).map(|(s, t)| (s.label(), t.graph)).collect())
+    let l = Lifter::new(g, &segs)?;
+    segs.iter().map(|s| Ok((s.label(), l.template(s)?.graph))).collect()
 }
 
 impl EqSat {
@@ -517,7 +547,7 @@ impl EqSat {
         deadline: Option<Instant>,
     ) -> Result<Optimized, PassError> {
         let start = Instant::now();
-        let mut egraph = EGraph::new(ShapeAnalysis);
+        let mut egraph = EGraph::new(ShapeAnalysis::default());
         let vm = graph_to_egraph(t, &mut egraph);
         egraph.rebuild();
         let roots: Vec<(String, Id)> = t.outputs().iter().map(|(n, v)| (n.clone(), vm.get(*v))).collect();
@@ -620,7 +650,7 @@ impl Pass for EqSat {
     fn run(&self, g: &Graph, cx: &PassContext) -> Result<(Graph, Option<EqSatReport>), PassError> {
         let deadline = self.limits.time.map(|t| Instant::now() + t);
         let segs = segments(g, self.limits.window);
-        let templates = lift_all(g, &segs)?;
+        let lifter = Lifter::new(g, &segs)?;
 
         let mut out = Graph::new(g.name.clone());
         let mut map: HashMap<Value, Value> = HashMap::new();
@@ -629,17 +659,19 @@ impl Pass for EqSat {
             let nid = out.add_node(n.op.clone(), &[], n.name.clone())?;
             map.insert(Value::new(id, 0), Value::new(nid, 0));
         }
-        let mut cache: HashMap<&str, usize> = HashMap::new();
+        let mut cache: HashMap<u128, usize> = HashMap::new();
         let mut done: Vec<Optimized> = Vec::new();
         let mut warnings = Vec::new();
-        for (seg, t) in segs.iter().zip(&templates) {
+        for seg in &segs {
+            // one template at a time: lifted, optimized if new, instantiated, dropped
+            let t = lifter.template(seg)?;
             // constants abstracted out of the template are materialised in the output graph as they were
             for &id in &t.abstracted {
                 let n = g.node(id);
                 let nid = out.add_node(n.op.clone(), &[], n.name.clone())?;
                 map.insert(Value::new(id, 0), Value::new(nid, 0));
             }
-            let idx = match cache.get(t.key.as_str()) {
+            let idx = match cache.get(&t.key) {
                 Some(&i) => i,
                 None => {
                     let name = seg.label();
@@ -674,7 +706,7 @@ impl Pass for EqSat {
                         )));
                     }
                     done.push(o);
-                    cache.insert(t.key.as_str(), done.len() - 1);
+                    cache.insert(t.key, done.len() - 1);
                     done.len() - 1
                 }
             };

@@ -103,15 +103,17 @@ impl Pipeline {
 
     /// Runs every pass; with `dump`, writes `NN-PASS.fir` and `NN-PASS.dot` after each (and `00-input.*`).
     pub fn run(&self, g: &Graph, cx: &PassContext, dump: Option<&Path>) -> Result<(Graph, Vec<PassReport>), PassError> {
-        let mut cur = g.clone();
         if let Some(d) = dump {
-            write_dump(d, "00-input", &cur)?;
+            write_dump(d, "00-input", g)?;
         }
+        // the graph after the last pass; the input itself until then (never copied)
+        let mut last: Option<Graph> = None;
         let mut reports = Vec::new();
         for (i, p) in self.passes.iter().enumerate() {
-            let (cost_before, kernels_before) = graph_cost(&cur, &cx.model);
+            let cur = last.as_ref().unwrap_or(g);
+            let (cost_before, kernels_before) = graph_cost(cur, &cx.model);
             let t = Instant::now();
-            let (next, detail) = p.run(&cur, cx)?;
+            let (next, detail) = p.run(cur, cx)?;
             let wall_ms = t.elapsed().as_secs_f64() * 1e3;
             next.verify().map_err(|e| PassError::Invalid {
                 pass: p.name().to_string(),
@@ -136,12 +138,12 @@ impl Pipeline {
                 cost_after_s: cost_after,
                 eqsat: detail,
             });
-            cur = next;
             if let Some(d) = dump {
-                write_dump(d, &format!("{:02}-{}", i + 1, p.name()), &cur)?;
+                write_dump(d, &format!("{:02}-{}", i + 1, p.name()), &next)?;
             }
+            last = Some(next);
         }
-        Ok((cur, reports))
+        Ok((last.unwrap_or_else(|| g.clone()), reports))
     }
 }
 
