@@ -215,6 +215,12 @@ impl Graph {
         }
         let in_types: Vec<&TensorType> = inputs.iter().map(|&v| self.ty(v)).collect();
         let outputs = infer(&op, &in_types).map_err(|m| self.error(id, name.clone(), &op, m))?;
+        Ok(self.push_typed(op, inputs, name, outputs))
+    }
+
+    /// Appends a node whose inputs exist and whose output types are already known to be what inference gives
+    /// (a node copied from another valid graph over equally typed inputs).
+    fn push_typed(&mut self, op: Op, inputs: &[Value], name: Option<String>, outputs: Vec<TensorType>) -> NodeId {
         let node = self.g.add_node(Node {
             op,
             name,
@@ -234,7 +240,7 @@ impl Graph {
         if let Some((iname, _, _)) = self.g[node].op.input_decl() {
             self.input_names.insert(iname.to_string(), node);
         }
-        Ok(node)
+        node
     }
 
     /// Declares a named output.
@@ -670,20 +676,25 @@ impl Graph {
             live[n.index()] = true;
             stack.extend(self.g[n].inputs.iter().map(|v| v.node));
         }
+        if live.iter().all(|&l| l) {
+            return self.clone();
+        }
         let mut out = Graph::new(self.name.clone());
-        let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut map: Vec<NodeId> = vec![NodeId::new(0); self.g.node_count()];
         for (id, n) in self.nodes() {
             if !live[id.index()] {
                 continue;
             }
-            let inputs: Vec<Value> = n.inputs.iter().map(|v| Value::new(map[&v.node], v.index)).collect();
-            let nid = out
-                .add_node(n.op.clone(), &inputs, n.name.clone())
-                .expect("re-adding a node of a valid graph cannot fail");
-            map.insert(id, nid);
+            let inputs: Vec<Value> = n
+                .inputs
+                .iter()
+                .map(|v| Value::new(map[v.node.index()], v.index))
+                .collect();
+            // the same op over the same types: no need to infer again
+            map[id.index()] = out.push_typed(n.op.clone(), &inputs, n.name.clone(), n.outputs.clone());
         }
         for (name, v) in &self.outputs {
-            out.add_output(name.clone(), Value::new(map[&v.node], v.index))
+            out.add_output(name.clone(), Value::new(map[v.node.index()], v.index))
                 .expect("outputs of a valid graph");
         }
         out

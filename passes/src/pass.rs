@@ -108,10 +108,13 @@ impl Pipeline {
         }
         // the graph after the last pass; the input itself until then (never copied)
         let mut last: Option<Graph> = None;
-        let mut reports = Vec::new();
+        let mut reports: Vec<PassReport> = Vec::new();
         for (i, p) in self.passes.iter().enumerate() {
             let cur = last.as_ref().unwrap_or(g);
-            let (cost_before, kernels_before) = graph_cost(cur, &cx.model);
+            let (cost_before, kernels_before) = match reports.last() {
+                Some(r) => (r.cost_after_s, r.kernels_after),
+                None => graph_cost(cur, &cx.model),
+            };
             let t = Instant::now();
             let (next, detail) = p.run(cur, cx)?;
             let wall_ms = t.elapsed().as_secs_f64() * 1e3;
