@@ -137,3 +137,59 @@ fn eval_model_opt_levels_agree_with_the_reference() {
         assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
     }
 }
+
+#[test]
+fn nonsensical_limits_are_refused_with_their_cause() {
+    for (args, msg) in [
+        (
+            vec!["--time-limit", "nan"],
+            "error: the time limit must be a positive number of seconds, found NaN",
+        ),
+        (
+            vec!["--time-limit", "-1"],
+            "error: the time limit must be a positive number of seconds, found -1.0",
+        ),
+        (
+            vec!["--time-limit", "inf"],
+            "error: the time limit must be a finite number of seconds, found infinity (leave it out for no limit)",
+        ),
+        (
+            vec!["--node-limit", "0"],
+            "error: the node limit must be at least 1 e-node",
+        ),
+        (vec!["--window", "0"], "error: the window must be at least 1 node"),
+    ] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"inspect", &"examples/mlp.fir"];
+        a.extend(args.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        let o = fulgur(&a);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&o.stderr).trim_end(), msg, "{args:?}");
+    }
+}
+
+#[test]
+fn a_time_limit_that_cuts_work_short_is_a_warning_naming_the_templates() {
+    // a chain long enough for several windows, and a budget too small for any of them
+    let mut src = String::from("graph chain {\n  %0 = input \"x\" : f32[B, 8]\n");
+    for i in 1..=600 {
+        let op = ["tanh", "sin", "sigmoid"][i % 3];
+        src.push_str(&format!("  %{i} = {op}(%{}) : f32[B, 8]\n", i - 1));
+    }
+    src.push_str("  output \"y\" = %600\n}\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.fir");
+    std::fs::write(&path, src).unwrap();
+    let o = fulgur(&[&"inspect", &path, &"--window", &"100", &"--time-limit", &"0.000001"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines().any(|l| l.starts_with("warning: ")
+            && l.contains("templates not optimized (main@")
+            && l.ends_with("the result depends on machine speed")),
+        "{err}"
+    );
+    // without a time limit: no warning
+    let o = fulgur(&[&"inspect", &path, &"--window", &"100"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+}

@@ -662,6 +662,8 @@ impl Pass for EqSat {
         let mut cache: HashMap<u128, usize> = HashMap::new();
         let mut done: Vec<Optimized> = Vec::new();
         let mut warnings = Vec::new();
+        // templates the time limit left no time for
+        let mut skipped: Vec<String> = Vec::new();
         for seg in &segs {
             // one template at a time: lifted, optimized if new, instantiated, dropped
             let t = lifter.template(seg)?;
@@ -676,11 +678,7 @@ impl Pass for EqSat {
                 None => {
                     let name = seg.label();
                     let o = if deadline.is_some_and(|d| Instant::now() >= d) {
-                        warnings.push(format!(
-                            "template {name}: not optimized: the time limit ({:.3} s) was reached before it; the \
-                             result depends on machine speed",
-                            self.limits.time.unwrap_or_default().as_secs_f64()
-                        ));
+                        skipped.push(name.clone());
                         self.unoptimized(&t.graph, &cx.model, &name)
                     } else {
                         let o = self.optimize(&t.graph, &cx.model, &name, deadline)?;
@@ -738,6 +736,22 @@ impl Pass for EqSat {
             for (j, (_, v)) in opt.outputs().iter().enumerate() {
                 map.insert(t.outs[j], local[v]);
             }
+        }
+        if !skipped.is_empty() {
+            let shown: Vec<&str> = skipped.iter().take(3).map(|s| s.as_str()).collect();
+            let more = if skipped.len() > shown.len() {
+                format!(" and {} more", skipped.len() - shown.len())
+            } else {
+                String::new()
+            };
+            warnings.push(format!(
+                "{} of {} templates not optimized ({}{more}): the time limit ({:.3} s) was reached before them; \
+                 the result depends on machine speed",
+                skipped.len(),
+                done.len(),
+                shown.join(", "),
+                self.limits.time.unwrap_or_default().as_secs_f64()
+            ));
         }
         for (name, v) in g.outputs() {
             let mapped = map

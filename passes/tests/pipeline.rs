@@ -134,3 +134,107 @@ fn a_model_with_one_head_shares_one_template_across_layers() {
     assert_eq!(layers.len(), 1, "{t:?}");
     assert_eq!(layers[0].1, vec!["layers.0", "layers.1", "layers.2", "layers.3"]);
 }
+
+/// A chain of `n` elementwise ops over `x: [B, 64]` without layer names, cycling through a few ops.
+fn chain(n: usize) -> fulgur_ir::Graph {
+    use fulgur_ir::{DType, Dim, Graph, UnaryOp};
+    let mut g = Graph::new("chain");
+    let mut v = g.input("x", DType::F32, vec![Dim::sym("B"), Dim::from(64)]).unwrap();
+    let c = g.scalar(0.5, DType::F32).unwrap();
+    for i in 0..n {
+        v = match i % 5 {
+            0 => g.unary(UnaryOp::Tanh, v).unwrap(),
+            1 => g.mul(v, c).unwrap(),
+            2 => g.unary(UnaryOp::Sin, v).unwrap(),
+            3 => g.add(v, c).unwrap(),
+            _ => g.unary(UnaryOp::Sigmoid, v).unwrap(),
+        };
+    }
+    g.add_output("y", v).unwrap();
+    g
+}
+
+/// A graph without layer names is cut into windows of `Limits::window` nodes; windows alike share a template,
+/// each is optimized, and the result still computes the same function.
+#[test]
+fn a_graph_without_layer_names_is_optimized_in_windows() {
+    let g = chain(2000);
+    let mut eq = EqSat::new(families(&RuleConfig::default(), &[]).unwrap());
+    eq.limits.window = 250;
+    let (opt, reports) = Pipeline::new().with(Dce).with(eq).run(&g, &cx(), None).unwrap();
+    let r = reports[1].eqsat.as_ref().unwrap();
+    assert_eq!(r.windows, r.segments);
+    assert!(r.segments >= 8, "{} segments", r.segments);
+    // windows of one period of the op cycle are alike: far fewer templates than windows
+    assert!(r.templates.len() < r.segments, "{} templates", r.templates.len());
+    assert!(r.templates.iter().all(|t| t.name.starts_with("main@")));
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // fused: ~2000 ops in chunks of at most 32
+    assert!(
+        reports[1].kernels_after <= 2000 / 32 + 2 * r.segments,
+        "{}",
+        reports[1].kernels_after
+    );
+    let env = [("B".to_string(), 3)].into();
+    let inputs = fulgur_passes::testing::random_inputs(&g, &env, 5, 4);
+    let interp = Interpreter::new(Precision::F64);
+    let (a, b) = (interp.run(&g, &inputs).unwrap(), interp.run(&opt, &inputs).unwrap());
+    assert!(fulgur_passes::testing::rel_error(&b["y"], &a["y"]) < 1e-12);
+}
+
+/// A wall-clock budget covers saturation and extraction of every template; what it cuts short is named in a
+/// warning, and the graph is still complete and correct.
+#[test]
+fn a_time_limit_stops_templates_with_warnings() {
+    let g = chain(3000);
+    let mut eq = EqSat::new(families(&RuleConfig::default(), &[]).unwrap());
+    eq.limits = fulgur_passes::Limits::new(20_000, 12, Some(1e-6), 100).unwrap();
+    let (opt, reports) = Pipeline::new().with(eq).run(&g, &cx(), None).unwrap();
+    let r = reports[0].eqsat.as_ref().unwrap();
+    assert!(!r.warnings.is_empty());
+    assert!(
+        r.warnings.iter().any(|w| w.contains("templates not optimized (main@")
+            && w.contains("the time limit (0.000 s) was reached before them; the result depends on machine speed")),
+        "{:?}",
+        r.warnings
+    );
+    let env = [("B".to_string(), 2)].into();
+    let inputs = fulgur_passes::testing::random_inputs(&g, &env, 6, 4);
+    let interp = Interpreter::new(Precision::F64);
+    let (a, b) = (interp.run(&g, &inputs).unwrap(), interp.run(&opt, &inputs).unwrap());
+    assert!(fulgur_passes::testing::rel_error(&b["y"], &a["y"]) < 1e-12);
+}
+
+#[test]
+fn nonsensical_limits_are_refused() {
+    use fulgur_passes::Limits;
+    assert_eq!(
+        Limits::new(20_000, 12, Some(f64::NAN), 512).unwrap_err(),
+        "the time limit must be a positive number of seconds, found NaN"
+    );
+    assert_eq!(
+        Limits::new(20_000, 12, Some(-1.0), 512).unwrap_err(),
+        "the time limit must be a positive number of seconds, found -1.0"
+    );
+    assert_eq!(
+        Limits::new(20_000, 12, Some(0.0), 512).unwrap_err(),
+        "the time limit must be a positive number of seconds, found 0.0"
+    );
+    assert_eq!(
+        Limits::new(20_000, 12, Some(f64::INFINITY), 512).unwrap_err(),
+        "the time limit must be a finite number of seconds, found infinity (leave it out for no limit)"
+    );
+    assert_eq!(
+        Limits::new(20_000, 12, Some(f64::NEG_INFINITY), 512).unwrap_err(),
+        "the time limit must be a positive number of seconds, found -inf"
+    );
+    assert_eq!(
+        Limits::new(0, 12, None, 512).unwrap_err(),
+        "the node limit must be at least 1 e-node"
+    );
+    assert_eq!(
+        Limits::new(1, 12, None, 0).unwrap_err(),
+        "the window must be at least 1 node"
+    );
+    assert!(Limits::new(1, 0, Some(0.5), 1).is_ok());
+}

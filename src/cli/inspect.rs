@@ -45,7 +45,7 @@ pub struct Args {
     pub iter_limit: usize,
     /// Wall-clock budget in seconds for the whole optimizer (default: none; with one, the result may depend on
     /// machine speed, and a template it stops is named in a warning).
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub time_limit: Option<f64>,
     /// Most nodes of one template: longer runs of a layer (or a graph without layer names) are cut into windows.
     #[arg(long, value_name = "NODES", default_value_t = 512)]
