@@ -334,20 +334,74 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+/// Where writing to `path` puts the bytes: the final target of a symbolic link (followed through every link,
+/// the links themselves left as they are), else `path` itself.
+pub fn write_target(path: &Path) -> Result<std::path::PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let t = std::fs::read_link(&p)
+                    .map_err(|e| IrError::Graph(format!("cannot follow the link `{}`: {e}", p.display())))?;
+                p = if t.is_absolute() {
+                    t
+                } else {
+                    p.parent().unwrap_or(Path::new(".")).join(t)
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(IrError::Graph(format!(
+        "cannot write `{}`: too many levels of symbolic links",
+        path.display()
+    )))
+}
+
+/// Writes `bytes` to `path` so that a failure never leaves a partial file under that name, and never replaces
+/// what is not a plain file:
+/// - a plain file (or a new one) is written to a temporary file beside it, then renamed over it (keeping the
+///   replaced file's permissions);
+/// - a symbolic link is followed: its final target is written as above, and the link stays a link;
+/// - a device, FIFO or socket (`/dev/null`, `/dev/stdout`) is written through, never replaced;
+/// - a directory is an error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
+    use std::io::Write;
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let target = write_target(path)?;
+    let fail = |e: &dyn std::fmt::Display| IrError::Graph(format!("cannot write `{}`: {e}", path.display()));
+    let existing = std::fs::metadata(&target).ok();
+    match &existing {
+        Some(m) if m.is_dir() => return Err(fail(&"it is a directory")),
+        Some(m) if !m.is_file() => {
+            // a device, FIFO or socket: written through
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .map_err(|e| fail(&e))?;
+            return f.write_all(bytes).and_then(|_| f.flush()).map_err(|e| fail(&e));
+        }
+        _ => {}
+    }
+    let dir = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let fname = path
-        .file_name()
-        .ok_or_else(|| IrError::Graph(format!("`{}` is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", fname.to_string_lossy(), std::process::id()));
-    let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    let fname = target.file_name().ok_or_else(|| fail(&"not a file path"))?;
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.{}.{n}.tmp", fname.to_string_lossy(), std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Some(m) = &existing {
+            std::fs::set_permissions(&tmp, m.permissions())?;
+        }
+        std::fs::rename(&tmp, &target)
+    })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        return Err(IrError::Graph(format!("cannot write `{}`: {e}", path.display())));
+        return Err(fail(&e));
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! shapes. Outputs are written by output name, atomically (a temporary file renamed at the end), so a failure
 //! leaves no file under the final name. The output path is checked before any work starts.
 
-use crate::cli::files::{ensure_writable, load_graph, write_stdout};
+use crate::cli::files::{check_output, load_graph, write_stdout, InputFile};
 use anyhow::{anyhow, Result};
 use fulgur_ir::tensor::{read_safetensors, write_safetensors};
 use fulgur_ir::{Buffer, Interpreter, IrError, Precision, Tensor};
@@ -53,7 +53,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    ensure_writable(&args.out)?;
+    check_output(
+        &args.out,
+        &[
+            InputFile::new("the graph file", &args.file),
+            InputFile::new("the inputs file", &args.inputs),
+        ],
+    )?;
     let g = load_graph(&args.file)?;
     let tensors = read_safetensors(&args.inputs)?;
     // Warnings are printed only once the run has succeeded: a failure prints its one `error:` line alone.

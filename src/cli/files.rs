@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use fulgur_ir::{json, text, Graph, IrError};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The formats a graph file can be read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,17 +48,100 @@ fn located(path: &Path, e: IrError) -> anyhow::Error {
     }
 }
 
-/// Checks, before any long work, that `path` can be created: its folder exists, is a folder and accepts a
-/// new file, and `path` itself is not a folder. Leaves nothing behind.
+/// A file a command reads, and what it is to the command (for error messages).
+#[derive(Clone, Debug)]
+pub struct InputFile {
+    pub what: String,
+    pub path: PathBuf,
+}
+
+impl InputFile {
+    pub fn new(what: impl Into<String>, path: impl Into<PathBuf>) -> InputFile {
+        InputFile {
+            what: what.into(),
+            path: path.into(),
+        }
+    }
+}
+
+/// The files a checkpoint directory is read from: `config.json`, `model.safetensors`, the shard index and every
+/// other `.safetensors` file in it.
+pub fn checkpoint_files(dir: &Path) -> Vec<InputFile> {
+    let mut out = vec![InputFile::new("the checkpoint's config", dir.join("config.json"))];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut names: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                n.ends_with(".safetensors") || n == "model.safetensors.index.json"
+            })
+            .collect();
+        names.sort();
+        out.extend(names.into_iter().map(|p| InputFile::new("a checkpoint file", p)));
+    }
+    out
+}
+
+/// Whether `a` and `b` are the same file (after following symbolic links; hard links included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        #[cfg(unix)]
+        (Ok(x), Ok(y)) => {
+            use std::os::unix::fs::MetadataExt;
+            x.dev() == y.dev() && x.ino() == y.ino()
+        }
+        #[cfg(not(unix))]
+        (Ok(_), Ok(_)) => matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y),
+        _ => false,
+    }
+}
+
+/// Checks an output path before any work: it must not be any of the command's `inputs` (the same file, through
+/// a symbolic or hard link as well), and it must be writable (see [`ensure_writable`]). The rule for every
+/// command is written down in `docs/cli.md` ("Output files").
+pub fn check_output(path: &Path, inputs: &[InputFile]) -> Result<()> {
+    check_not_input(path, inputs)?;
+    ensure_writable(path)
+}
+
+/// The first half of [`check_output`]: `path` is none of `inputs`.
+pub fn check_not_input(path: &Path, inputs: &[InputFile]) -> Result<()> {
+    for i in inputs {
+        if same_file(path, &i.path) {
+            let via = if path != i.path {
+                format!(" {}", i.path.display())
+            } else {
+                String::new()
+            };
+            bail!(
+                "refusing to write {}: it is {}{via}, which this command reads; choose another output path",
+                path.display(),
+                i.what
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks, before any long work, that `path` can be written: a symbolic link is followed to its final target;
+/// a device, FIFO or socket (`/dev/null`) is accepted as it is (it is written through, never replaced);
+/// otherwise the target's folder must exist, be a folder and accept a new file, and the target must not be a
+/// folder. Leaves nothing behind.
 pub fn ensure_writable(path: &Path) -> Result<()> {
     let shown = path.display();
     if path.file_name().is_none() {
         bail!("cannot write {shown}: not a file path");
     }
-    if path.is_dir() {
-        bail!("cannot write {shown}: it is a directory");
+    let target = fulgur_ir::tensor::write_target(path)?;
+    match std::fs::metadata(&target) {
+        Ok(m) if m.is_dir() => bail!("cannot write {shown}: it is a directory"),
+        Ok(m) if !m.is_file() => return Ok(()),
+        _ => {}
     }
-    let dir = match path.parent() {
+    let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
@@ -71,7 +154,7 @@ pub fn ensure_writable(path: &Path) -> Result<()> {
         Err(e) => bail!("cannot write {shown}: {}: {e}", dir.display()),
     }
     // Probe with a new file in the same folder: permission bits alone do not tell (root, read-only mounts).
-    let name = path
+    let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();

@@ -2,7 +2,7 @@
 //! [--target H100|H200|H800|H20|A100|CPU] [--ceilings FILE] [--bind SYM=N,...]`: run the optimizer and report
 //! what every pass did.
 
-use crate::cli::files::{load_graph, write_stdout};
+use crate::cli::files::{check_not_input, checkpoint_files, load_graph, write_stdout, InputFile};
 use anyhow::{anyhow, bail, Context, Result};
 use fulgur_ir::Graph;
 use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
@@ -220,6 +220,36 @@ pub fn reports_text(g: &Graph, model: &CostModel, reports: &[PassReport], detail
     o
 }
 
+/// Checks `--dump DIR` before any work: a folder (or a path where one can be made) none of whose dump files
+/// is a file the command reads.
+fn check_dump_dir(dir: &Path, args: &Args, pipeline: &fulgur_passes::Pipeline) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--dump {}: not a directory", dir.display());
+    }
+    let mut inputs = if args.input.is_dir() {
+        checkpoint_files(&args.input)
+    } else {
+        vec![InputFile::new("the input file", &args.input)]
+    };
+    if let Some(c) = &args.ceilings {
+        inputs.push(InputFile::new("the ceilings file", c));
+    }
+    let mut stems = vec!["00-input".to_string()];
+    stems.extend(
+        pipeline
+            .passes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{:02}-{}", i + 1, p.name())),
+    );
+    for stem in stems {
+        for ext in ["fir", "dot"] {
+            check_not_input(&dir.join(format!("{stem}.{ext}")), &inputs)?;
+        }
+    }
+    Ok(())
+}
+
 /// Prints the optimizer's warnings (templates a wall-clock limit decided) on stderr, one `warning:` line each.
 pub fn print_warnings(reports: &[PassReport]) {
     for w in reports
@@ -238,6 +268,9 @@ pub fn run(args: Args) -> Result<()> {
         Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window).map_err(|e| anyhow!("{e}"))?;
     let pipeline =
         standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits.clone()).map_err(|e| anyhow!("{e}"))?;
+    if let Some(dir) = &args.dump {
+        check_dump_dir(dir, &args, &pipeline)?;
+    }
     let cx = PassContext { model: model.clone() };
     let (optimized, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
     print_warnings(&reports);

@@ -7,7 +7,7 @@
 //! Both check the output path first, load only the weights the graph needs (memory-mapped), and write their
 //! outputs atomically.
 
-use crate::cli::files::{ensure_writable, write_stdout};
+use crate::cli::files::{check_output, checkpoint_files, write_stdout, InputFile};
 use anyhow::{bail, Context, Result};
 use fulgur_ir::tensor::write_safetensors;
 use fulgur_ir::{Precision, Tensor};
@@ -78,8 +78,15 @@ pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulg
     Ok(out)
 }
 
+/// The files `eval-model` and `generate` read: the checkpoint's and the tokens file.
+fn model_inputs(checkpoint: &std::path::Path, tokens: &std::path::Path) -> Vec<InputFile> {
+    let mut v = checkpoint_files(checkpoint);
+    v.push(InputFile::new("the tokens file", tokens));
+    v
+}
+
 pub fn eval_model(args: EvalArgs) -> Result<()> {
-    ensure_writable(&args.out)?;
+    check_output(&args.out, &model_inputs(&args.checkpoint, &args.tokens))?;
     let t0 = Instant::now();
     let ck = Checkpoint::open(&args.checkpoint)?;
     let tokens = read_tokens(&args.tokens, &args.tokens_key)?;
@@ -150,7 +157,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    ensure_writable(&args.out)?;
+    check_output(&args.out, &model_inputs(&args.checkpoint, &args.tokens))?;
     let ck = Checkpoint::open(&args.checkpoint)?;
     let prompt = read_tokens(&args.tokens, &args.tokens_key)?;
     check_tokens(&prompt, ck.config.vocab_size, &args.tokens_key, &args.tokens)?;

@@ -1,6 +1,6 @@
 //! `fulgur show FILE --format fir|json|dot [--out PATH]`: print a graph in another form.
 
-use crate::cli::files::{ensure_writable, load_graph, write_stdout};
+use crate::cli::files::{check_output, load_graph, write_stdout, InputFile};
 use anyhow::Result;
 use fulgur_ir::{dot, json, tensor::write_atomic, text};
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(out) = &args.out {
-        ensure_writable(out)?;
+        check_output(out, &[InputFile::new("the graph file", &args.file)])?;
     }
     let g = load_graph(&args.file)?;
     let rendered = match args.format {
