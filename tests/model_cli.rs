@@ -117,6 +117,35 @@ fn stats_of_the_full_model() {
     assert!(text.contains("456.09B") && text.contains("45.94B"), "{text}");
 }
 
+/// A config whose sizes overflow a 64-bit count is an error naming the field, for stats and for the optimizer,
+/// never a wrapped count (such a config once printed zero parameters) nor an allocation abort.
+#[test]
+fn overflowing_configs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::read_to_string(root().join("models/configs/minimax-text-01.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&full).unwrap();
+    v["hidden_size"] = serde_json::json!(1u64 << 40);
+    v["vocab_size"] = serde_json::json!(1u64 << 30);
+    let p = tmp.path().join("big.json");
+    std::fs::write(&p, v.to_string()).unwrap();
+    for cmd in [vec!["stats", "--config"], vec!["inspect"]] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = cmd.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>).collect();
+        a.push(&p);
+        fails(
+            &fulgur(&a),
+            &["field `hidden_size`: embed_tokens needs vocab_size 1073741824 × hidden_size 1099511627776 elements"],
+        );
+    }
+    v["hidden_size"] = serde_json::json!(6144);
+    v["head_dim"] = serde_json::json!(1u64 << 40);
+    v["rotary_dim"] = serde_json::json!(1u64 << 40);
+    std::fs::write(&p, v.to_string()).unwrap();
+    fails(
+        &fulgur(&[&"inspect", &p]),
+        &["field `rotary_dim`: the graph would hold 549755813888 rotary frequencies"],
+    );
+}
+
 #[test]
 fn model_errors_are_one_line_and_leave_nothing() {
     let dir = tiny_a();

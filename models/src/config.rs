@@ -368,6 +368,8 @@ impl MiniMaxConfig {
     }
 
     fn validate(&self, f: &Fields<'_>) -> Result<(), ModelError> {
+        /// The most values of a constant table the model graph holds (decay rates, rotary frequencies).
+        const MAX_TABLE: usize = 1 << 24;
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -384,7 +386,36 @@ impl MiniMaxConfig {
             if v == 0 {
                 return Err(f.err(k, "must be positive"));
             }
+            if i64::try_from(v).is_err() {
+                return Err(f.err(k, format!("{v} does not fit a 64-bit signed dimension")));
+            }
         }
+        // tables the graph holds as constants: one decay rate per head, one frequency per rotary pair
+        for (k, v, what) in [
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                "decay rates (one per head)",
+            ),
+            (
+                if self.flavor == Flavor::Transformers {
+                    "head_dim"
+                } else {
+                    "rotary_dim"
+                },
+                self.rotary_dim / 2,
+                "rotary frequencies (one per pair of dimensions)",
+            ),
+        ] {
+            if v > MAX_TABLE {
+                return Err(f.err(
+                    k,
+                    format!("the graph would hold {v} {what}; at most {MAX_TABLE} are supported"),
+                ));
+            }
+        }
+        // every parameter count must be a number: none may overflow
+        crate::stats::stats(self, 1).map_err(|o| f.err(o.field, o.message))?;
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(f.err(
                 "num_key_value_heads",

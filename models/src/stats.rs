@@ -38,105 +38,187 @@ pub struct ModelStats {
     pub num_softmax_layers: usize,
 }
 
-/// Computes [`ModelStats`] for `cfg` at sequence length `seq_len`.
-pub fn stats(cfg: &MiniMaxConfig, seq_len: usize) -> ModelStats {
-    let c = cfg.hidden_size as u64;
-    let v = cfg.vocab_size as u64;
-    let (h, kvh, dh) = (
-        cfg.num_attention_heads as u64,
-        cfg.num_key_value_heads as u64,
-        cfg.head_dim as u64,
-    );
-    let hd = h * dh;
-    let (e, i, k) = (
-        cfg.num_local_experts as u64,
-        cfg.intermediate_size as u64,
-        cfg.num_experts_per_tok as u64,
-    );
-    let s = cfg.shared_intermediate_size as u64;
-    let n_lin = cfg.layer_types.iter().filter(|t| **t == LayerType::Linear).count() as u64;
-    let n_full = cfg.layer_types.len() as u64 - n_lin;
-    let layers = cfg.num_hidden_layers as u64;
+/// A count that does not fit in 64 bits: what was being counted and the config field whose factor overflowed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Overflow {
+    pub field: &'static str,
+    pub message: String,
+}
 
-    let lightning_one = 3 * hd * c + hd * c + c * hd + hd;
-    let softmax_one = hd * c + 2 * kvh * dh * c + c * hd;
-    let expert_one = 3 * c * i;
-    let shared_one = if s > 0 { 3 * c * s + c } else { 0 };
+/// A config size and the field it comes from (checked arithmetic over these names the field that overflowed).
+fn field(name: &'static str, v: usize) -> (u64, &'static str) {
+    (v as u64, name)
+}
+
+/// The product of `factors` (value, field name), named `what` in the error.
+fn product(what: &str, factors: &[(u64, &'static str)]) -> Result<u64, Overflow> {
+    let mut acc: u64 = 1;
+    let mut shown = Vec::new();
+    for &(v, name) in factors {
+        shown.push(if name.is_empty() {
+            v.to_string()
+        } else {
+            format!("{name} {v}")
+        });
+        acc = acc.checked_mul(v).ok_or_else(|| Overflow {
+            field: if name.is_empty() { factors[0].1 } else { name },
+            message: format!(
+                "{what} needs {} elements: more than a 64-bit count holds",
+                shown.join(" × ")
+            ),
+        })?;
+    }
+    Ok(acc)
+}
+
+/// The sum of `parts`, named `what` in the error.
+fn sum(what: &str, field: &'static str, parts: &[u64]) -> Result<u64, Overflow> {
+    parts.iter().try_fold(0u64, |a, &b| {
+        a.checked_add(b).ok_or_else(|| Overflow {
+            field,
+            message: format!("{what} is more than a 64-bit count holds"),
+        })
+    })
+}
+
+/// Computes [`ModelStats`] for `cfg` at sequence length `seq_len`; a count that overflows 64 bits is an error
+/// naming what was being counted (never a wrapped or saturated number).
+pub fn stats(cfg: &MiniMaxConfig, seq_len: usize) -> Result<ModelStats, Overflow> {
+    let c = field("hidden_size", cfg.hidden_size);
+    let v = field("vocab_size", cfg.vocab_size);
+    let h = field("num_attention_heads", cfg.num_attention_heads);
+    let kvh = field("num_key_value_heads", cfg.num_key_value_heads);
+    let dh = field("head_dim", cfg.head_dim);
+    let e = field("num_local_experts", cfg.num_local_experts);
+    let i = field("intermediate_size", cfg.intermediate_size);
+    let k = field("num_experts_per_tok", cfg.num_experts_per_tok);
+    let s = field("shared_intermediate_size", cfg.shared_intermediate_size);
+    let n_lin_u = cfg.layer_types.iter().filter(|t| **t == LayerType::Linear).count() as u64;
+    let n_lin = (n_lin_u, "layer_types");
+    let n_full = (cfg.layer_types.len() as u64 - n_lin_u, "layer_types");
+    let layers = field("num_hidden_layers", cfg.num_hidden_layers);
+    let two = (2, "");
+    let three = (3, "");
+    let five = (5, "");
+
+    let hd = product("the attention width (heads × head_dim)", &[h, dh])?;
+    let hd_f = (hd, "head_dim");
+    // q, k, v, gate and output projections, and the output norm
+    let lightning_one = sum(
+        "a lightning layer's parameters",
+        "hidden_size",
+        &[product("a lightning layer's projections", &[five, hd_f, c])?, hd],
+    )?;
+    let softmax_one = sum(
+        "a softmax layer's parameters",
+        "hidden_size",
+        &[
+            product("a softmax layer's projections", &[two, hd_f, c])?,
+            product("a softmax layer's key and value projections", &[two, kvh, dh, c])?,
+        ],
+    )?;
+    let expert_one = product("one expert's weights", &[three, c, i])?;
+    let shared_one = if s.0 > 0 {
+        sum(
+            "the shared expert",
+            "shared_intermediate_size",
+            &[product("the shared expert's weights", &[three, c, s])?, c.0],
+        )?
+    } else {
+        0
+    };
+    let embed = product("embed_tokens", &[v, c])?;
     let mut comps = vec![
         Component {
             name: "embed_tokens".into(),
-            params: v * c,
+            params: embed,
             active: 0,
         },
         Component {
             name: "lm_head".into(),
-            params: if cfg.tie_word_embeddings { 0 } else { v * c },
+            params: if cfg.tie_word_embeddings { 0 } else { embed },
             active: 0,
         },
         Component {
             name: "lightning_attention".into(),
-            params: n_lin * lightning_one,
-            active: n_lin * lightning_one,
+            params: product("the lightning layers", &[n_lin, (lightning_one, "hidden_size")])?,
+            active: product("the lightning layers", &[n_lin, (lightning_one, "hidden_size")])?,
         },
         Component {
             name: "softmax_attention".into(),
-            params: n_full * softmax_one,
-            active: n_full * softmax_one,
+            params: product("the softmax layers", &[n_full, (softmax_one, "hidden_size")])?,
+            active: product("the softmax layers", &[n_full, (softmax_one, "hidden_size")])?,
         },
         Component {
             name: "moe_experts".into(),
-            params: layers * e * expert_one,
-            active: layers * k * expert_one,
+            params: product("the experts", &[layers, e, (expert_one, "intermediate_size")])?,
+            active: product("the active experts", &[layers, k, (expert_one, "intermediate_size")])?,
         },
         Component {
             name: "moe_router".into(),
-            params: layers * e * c,
-            active: layers * e * c,
+            params: product("the routers", &[layers, e, c])?,
+            active: product("the routers", &[layers, e, c])?,
         },
         Component {
             name: "norms".into(),
-            params: layers * 2 * c + c,
-            active: layers * 2 * c + c,
+            params: sum(
+                "the norms",
+                "hidden_size",
+                &[product("the norms", &[layers, two, c])?, c.0],
+            )?,
+            active: sum(
+                "the norms",
+                "hidden_size",
+                &[product("the norms", &[layers, two, c])?, c.0],
+            )?,
         },
     ];
-    if s > 0 {
+    let shared_total = product(
+        "the shared experts",
+        &[layers, (shared_one, "shared_intermediate_size")],
+    )?;
+    if s.0 > 0 {
         comps.push(Component {
             name: "shared_expert".into(),
-            params: layers * shared_one,
-            active: layers * shared_one,
+            params: shared_total,
+            active: shared_total,
         });
     }
-    let total: u64 = comps.iter().map(|x| x.params).sum();
-    let active: u64 = comps.iter().map(|x| x.active).sum();
-    let head = if cfg.tie_word_embeddings { 0 } else { v * c };
+    let params: Vec<u64> = comps.iter().map(|x| x.params).collect();
+    let actives: Vec<u64> = comps.iter().map(|x| x.active).collect();
+    let total = sum("the total parameter count", "hidden_size", &params)?;
+    let active = sum("the active parameter count", "hidden_size", &actives)?;
+    let head = if cfg.tie_word_embeddings { 0 } else { embed };
 
-    // FLOPs per token
+    // FLOPs per token (f64: no overflow to guard; an enormous config gives an enormous number)
     let n = seq_len.max(1) as f64;
-    let matmul_params = (n_lin * (lightning_one - hd) + n_full * softmax_one + layers * (k * expert_one + e * c))
-        as f64
-        + (layers * shared_one) as f64
-        + (v * c) as f64;
+    let f = |x: u64| x as f64;
+    let matmul_params = f(n_lin.0) * (f(lightning_one) - f(hd))
+        + f(n_full.0) * f(softmax_one)
+        + f(layers.0) * (f(k.0) * f(expert_one) + f(e.0) * f(c.0))
+        + f(layers.0) * f(shared_one)
+        + f(v.0) * f(c.0);
     let b = cfg.block_size as f64;
     // average over tokens of (position within its block + 1)
     let full_blocks = (n / b).floor();
     let rem = n - full_blocks * b;
     let m_avg = (full_blocks * b * (b + 1.0) / 2.0 + rem * (rem + 1.0) / 2.0) / n;
-    let (hf, df) = (h as f64, dh as f64);
+    let (hf, df) = (f(h.0), f(dh.0));
     let lightning_attn = hf * (4.0 * df * m_avg + 4.0 * df * df);
     let softmax_attn = hf * 4.0 * df * (n + 1.0) / 2.0;
-    let flops = 2.0 * matmul_params + n_lin as f64 * lightning_attn + n_full as f64 * softmax_attn;
+    let flops = 2.0 * matmul_params + f(n_lin.0) * lightning_attn + f(n_full.0) * softmax_attn;
 
-    ModelStats {
+    Ok(ModelStats {
         total_params: total,
         active_params: active,
-        active_params_with_embeddings: active + v * c + head,
+        active_params_with_embeddings: sum("the active parameter count", "vocab_size", &[active, embed, head])?,
         components: comps,
         seq_len,
         forward_flops_per_token: flops,
-        bf16_weight_bytes: total * 2,
-        lightning_state_bytes_per_seq: n_lin * h * dh * dh * 4,
-        kv_cache_bytes_per_token: n_full * 2 * kvh * dh * 2,
-        num_lightning_layers: n_lin as usize,
-        num_softmax_layers: n_full as usize,
-    }
+        bf16_weight_bytes: product("the bf16 weight bytes", &[(total, "hidden_size"), two])?,
+        lightning_state_bytes_per_seq: product("the lightning state", &[n_lin, h, dh, dh, (4, "")])?,
+        kv_cache_bytes_per_token: product("the KV cache", &[n_full, two, kvh, dh, two])?,
+        num_lightning_layers: n_lin.0 as usize,
+        num_softmax_layers: n_full.0 as usize,
+    })
 }

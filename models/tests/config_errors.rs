@@ -380,3 +380,47 @@ fn tiny_a_fixture_config() {
     assert_eq!(cfg.layer_types, vec![Linear, Linear, Linear, Full]);
     assert_eq!((cfg.rope_theta, cfg.rotary_dim, cfg.block_size), (1e4, 32, 16));
 }
+
+/// Sizes whose products overflow are errors naming the field, never wrapped counts (a config with dimensions
+/// near 2⁴⁰ once gave zero parameters), and tables the graph would materialise are bounded.
+#[test]
+fn sizes_that_overflow_are_refused() {
+    let big = json!(1u64 << 40);
+    assert_eq!(
+        error(
+            &with(with(hf(), "hidden_size", big.clone()), "vocab_size", json!(1u64 << 30)),
+            "hidden_size"
+        ),
+        "cfg.json: field `hidden_size`: embed_tokens needs vocab_size 1073741824 × hidden_size 1099511627776 \
+         elements: more than a 64-bit count holds"
+    );
+    assert_eq!(
+        error(
+            &with(with(hf(), "hidden_size", big.clone()), "intermediate_size", big.clone()),
+            "intermediate_size"
+        ),
+        "cfg.json: field `intermediate_size`: one expert's weights needs 3 × hidden_size 1099511627776 × \
+         intermediate_size 1099511627776 elements: more than a 64-bit count holds"
+    );
+    assert_eq!(
+        error(&with(hf(), "head_dim", big.clone()), "head_dim"),
+        "cfg.json: field `head_dim`: the graph would hold 549755813888 rotary frequencies (one per pair of \
+         dimensions); at most 16777216 are supported"
+    );
+    assert_eq!(
+        error(
+            &with(
+                with(hf(), "num_attention_heads", big.clone()),
+                "num_key_value_heads",
+                big
+            ),
+            "num_attention_heads"
+        ),
+        "cfg.json: field `num_attention_heads`: the graph would hold 1099511627776 decay rates (one per head); at \
+         most 16777216 are supported"
+    );
+    assert_eq!(
+        error(&with(hf(), "vocab_size", json!(u64::MAX)), "vocab_size"),
+        "cfg.json: field `vocab_size`: 18446744073709551615 does not fit a 64-bit signed dimension"
+    );
+}

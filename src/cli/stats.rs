@@ -37,7 +37,7 @@ fn bytes(x: u64) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = MiniMaxConfig::from_file(&args.config)?;
-    let s = stats(&cfg, args.seq_len);
+    let s = stats(&cfg, args.seq_len).map_err(|o| anyhow::anyhow!("{}: {}", args.config.display(), o.message))?;
     if args.json {
         let mut text = serde_json::to_string_pretty(&s)?;
         text.push('\n');
