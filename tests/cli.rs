@@ -638,3 +638,45 @@ fn a_misspelt_input_is_named_with_the_unused_tensors() {
     );
     assert!(!out.exists());
 }
+
+/// A tensor stored as F64 is refused, even under `--precision f64` (it was read as f32 without a word); an
+/// integer tensor where the graph wants a float is refused as a dtype mismatch.
+#[test]
+fn inputs_of_a_dtype_the_graph_does_not_declare_are_refused() {
+    use safetensors::tensor::{serialize, Dtype, TensorView};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = read_safetensors(&inputs("mlp")).expect("mlp inputs");
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, x) in &t {
+        let bytes: Vec<u8> = x.to_f64().iter().flat_map(|v| v.to_le_bytes()).collect();
+        bufs.push((name.clone(), Dtype::F64, x.shape.clone(), bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = bufs
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("view")))
+        .collect();
+    let p = dir.path().join("f64.safetensors");
+    std::fs::write(&p, serialize(views, &None).expect("serialize")).expect("write");
+    let out = dir.path().join("o.safetensors");
+    for precision in ["f32", "f64"] {
+        let o = fulgur([
+            "eval".as_ref(),
+            fir("mlp").as_os_str(),
+            "--inputs".as_ref(),
+            p.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--precision".as_ref(),
+            precision.as_ref(),
+        ]);
+        fails(
+            o,
+            &[
+                &format!("in `{}`", p.display()),
+                "holds F64 values; Fulgur's float dtypes are f32, bf16 and f16 (f64 is only the interpreter's \
+                 arithmetic): store the tensor as F32",
+            ],
+        );
+        assert!(!out.exists());
+    }
+}

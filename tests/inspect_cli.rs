@@ -193,3 +193,50 @@ fn a_time_limit_that_cuts_work_short_is_a_warning_naming_the_templates() {
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stderr), "");
 }
+
+/// `--bind` names only the graph's symbols, each once; ceilings are positive numbers.
+#[test]
+fn bindings_and_ceilings_the_spec_does_not_allow_are_refused() {
+    let exact = |o: Output, want: &str| {
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(String::from_utf8_lossy(&o.stderr).trim_end(), want);
+    };
+    exact(
+        fulgur(&[&"inspect", &tiny_a(), &"--bind", &"P=8"]),
+        "error: --bind P: the graph has no symbol `P` (its symbols: B, T)",
+    );
+    exact(
+        fulgur(&[&"inspect", &tiny_a(), &"--bind", &"T=8,T=16"]),
+        "error: --bind T is given twice (8 and 16)",
+    );
+    exact(
+        fulgur(&[&"inspect", &"examples/mlp.fir", &"--bind", &"T=8"]),
+        "error: --bind T: the graph has no symbol `T` (its symbols: B)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (json, want) in [
+        (
+            r#"{"mem_bw": -1}"#,
+            "ceiling `mem_bw` must be a positive number, found -1",
+        ),
+        (
+            r#"{"matmul_flops_bf16": 0}"#,
+            "ceiling `matmul_flops_bf16` must be a positive number, found 0",
+        ),
+        (
+            r#"{"launch_s": -3e-6}"#,
+            "ceiling `launch_s` must be a number of seconds ≥ 0, found -3e-6",
+        ),
+    ] {
+        let p = dir.path().join("c.json");
+        std::fs::write(&p, json).unwrap();
+        exact(
+            fulgur(&[&"inspect", &"examples/mlp.fir", &"--ceilings", &p]),
+            &format!("error: {}: {want}", p.display()),
+        );
+    }
+    // zero launch time is a measurement, not an error
+    let p = dir.path().join("ok.json");
+    std::fs::write(&p, r#"{"launch_s": 0}"#).unwrap();
+    ok(fulgur(&[&"inspect", &"examples/mlp.fir", &"--ceilings", &p]));
+}

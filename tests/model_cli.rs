@@ -227,3 +227,64 @@ fn model_errors_are_one_line_and_leave_nothing() {
     fails(&o, &["missing.json"]);
     no_file_left(&outdir);
 }
+
+/// Token ids must be `[B, T]`: a rank-1 tensor was silently taken as one sequence.
+#[test]
+fn tokens_of_the_wrong_rank_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("t.safetensors");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "input_ids".to_string(),
+        Tensor::from_i64(DType::I64, vec![5], vec![1, 2, 3, 4, 5]),
+    );
+    write_safetensors(&p, &m).unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let tiny_a = tiny_a();
+    for cmd in ["eval-model", "generate"] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &cmd,
+            &tiny_a,
+            &"--tokens",
+            &p,
+            &"--tokens-key",
+            &"input_ids",
+            &"--out",
+            &out,
+        ];
+        if cmd == "generate" {
+            args.extend([&"--max-new-tokens" as &dyn AsRef<std::ffi::OsStr>, &"1"]);
+        }
+        let o = fulgur(&args);
+        fails(
+            &o,
+            &[&format!(
+                "tensor `input_ids` in `{}`: token ids must be [B, T] (batch, length), found shape [5]: give a \
+                 one-sequence batch the shape [1, 5]",
+                p.display()
+            )],
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// A transformers config without `layer_types` works (transformers' default pattern) and says so.
+#[test]
+fn a_config_without_layer_types_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    let p = tmp.path().join("c.json");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let o = fulgur(&[&"stats", &"--config", &p]);
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "warning: {}: no `layer_types`: the 4 layers alternate full and linear attention, starting with full \
+             (transformers' default); give `layer_types` if the model's layers differ\n",
+            p.display()
+        )
+    );
+}

@@ -204,6 +204,39 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
+/// What a safetensors error means, in words (the library's own messages are its enum's names).
+pub fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeader => "its header is not valid UTF-8 text".into(),
+        E::InvalidHeaderStart => "its header does not start with `{` (is it a safetensors file?)".into(),
+        E::InvalidHeaderDeserialization => "its header is not valid JSON".into(),
+        E::HeaderTooLarge => {
+            "its first 8 bytes announce a header larger than 100 MB (is it a safetensors file?)".into()
+        }
+        E::HeaderTooSmall => "it is shorter than the 8 bytes that give the header's length (empty or truncated)".into(),
+        E::InvalidHeaderLength => {
+            "the header length in its first 8 bytes runs past the end of the file (truncated, or not a safetensors \
+             file)"
+                .into()
+        }
+        E::TensorNotFound(n) => format!("it holds no tensor `{n}`"),
+        E::TensorInvalidInfo => "a tensor's shape, dtype and data offsets disagree".into(),
+        E::InvalidOffset(n) => format!(
+            "the data offsets of tensor `{n}` are invalid (overlapping, out of order, or past the end of the file)"
+        ),
+        E::IoError(e) => format!("it cannot be read: {e}"),
+        E::JsonError(e) => format!("its header is not valid JSON: {e}"),
+        E::InvalidTensorView(dt, shape, n) => {
+            format!("a {dt:?} tensor of shape {shape:?} cannot be made of {n} bytes")
+        }
+        E::MetadataIncompleteBuffer => {
+            "the tensors' data does not match the rest of the file (truncated, or bytes added at the end)".into()
+        }
+        E::ValidationOverflow => "a tensor's size in its header overflows (the header is corrupt)".into(),
+    }
+}
+
 /// Converts a safetensors view to a host tensor. `what` names the tensor and file in errors.
 pub fn tensor_from_view(view: &TensorView<'_>, what: &str) -> Result<Tensor> {
     let shape = view.shape().to_vec();
@@ -222,14 +255,13 @@ pub fn tensor_from_view(view: &TensorView<'_>, what: &str) -> Result<Tensor> {
                     .collect(),
             ),
         ),
-        StDtype::F64 => (
-            DType::F32,
-            Buffer::F(
-                b.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32 as f64)
-                    .collect(),
-            ),
-        ),
+        StDtype::F64 => {
+            return Err(bad(
+                "holds F64 values; Fulgur's float dtypes are f32, bf16 and f16 (f64 is only the interpreter's \
+                 arithmetic): store the tensor as F32"
+                    .into(),
+            ))
+        }
         StDtype::BF16 => (
             DType::BF16,
             Buffer::F(
@@ -263,7 +295,11 @@ pub fn tensor_from_view(view: &TensorView<'_>, what: &str) -> Result<Tensor> {
             ),
         ),
         StDtype::BOOL => (DType::Bool, Buffer::B(b.iter().map(|&x| x != 0).collect())),
-        other => return Err(bad(format!("unsupported safetensors dtype {other:?}"))),
+        other => {
+            return Err(bad(format!(
+                "holds {other:?} values, which Fulgur does not read (it reads F32, BF16, F16, I64, I32 and BOOL)"
+            )))
+        }
     };
     if data.len() != n {
         return Err(bad(format!(
@@ -277,8 +313,13 @@ pub fn tensor_from_view(view: &TensorView<'_>, what: &str) -> Result<Tensor> {
 /// Reads every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| IrError::Graph(format!("cannot read `{}`: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| IrError::Graph(format!("`{}` is not a valid safetensors file: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        IrError::Graph(format!(
+            "`{}` is not a valid safetensors file: {}",
+            path.display(),
+            describe_safetensors_error(&e)
+        ))
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let t = tensor_from_view(&view, &format!("{name}` in `{}", path.display()))?;
@@ -321,7 +362,7 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> 
         .map(|(n, d, s, b)| {
             TensorView::new(st_dtype(*d), s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| IrError::Graph(format!("tensor `{n}`: {e}")))
+                .map_err(|e| IrError::Graph(format!("tensor `{n}`: {}", describe_safetensors_error(&e))))
         })
         .collect::<Result<_>>()?;
     safetensors::tensor::serialize(views, &None).map_err(|e| IrError::Graph(format!("serialising safetensors: {e}")))

@@ -104,7 +104,10 @@ impl Checkpoint {
             let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
                 io(
                     &path,
-                    format!("not a valid safetensors file (truncated or corrupt?): {e:?}"),
+                    format!(
+                        "not a valid safetensors file: {}",
+                        fulgur_ir::tensor::describe_safetensors_error(&e)
+                    ),
                 )
             })?;
             let base = 8 + n;
@@ -178,7 +181,8 @@ impl Checkpoint {
             return Err(err(format!("expected shape {want:?}, found {:?}", e.shape)));
         }
         let bytes = &self.files[e.file].1[e.start..e.end];
-        let view = TensorView::new(e.dtype, e.shape.clone(), bytes).map_err(|x| err(format!("{x:?}")))?;
+        let view = TensorView::new(e.dtype, e.shape.clone(), bytes)
+            .map_err(|x| err(fulgur_ir::tensor::describe_safetensors_error(&x)))?;
         let t = tensor_from_view(&view, name).map_err(|x| err(x.to_string()))?;
         if t.has_non_finite() {
             return Err(err("contains NaN or infinite values".into()));
@@ -255,10 +259,32 @@ impl Checkpoint {
                 data: Buffer::F(data),
             });
         }
+        // name it as the checkpoint's files name it: a checkpoint with per-expert names calls the router
+        // `block_sparse_moe.gate.weight`
+        let per_expert = self.entries.keys().any(|k| k.contains(".block_sparse_moe."));
+        let (tensor, message) = match moe(".mlp.gate.weight") {
+            Some(p) if per_expert => (
+                format!("{p}.block_sparse_moe.gate.weight"),
+                format!("missing from the checkpoint (the graph's `{name}`)"),
+            ),
+            _ => (name.to_string(), "missing from the checkpoint".to_string()),
+        };
+        // a layer taken as the wrong kind by the default pattern misses its attention weights
+        let message = match layer_of(name) {
+            Some(l) if self.config.layer_types_defaulted && name.contains(".self_attn.") => format!(
+                "{message}; config.json has no `layer_types`, so layer {l} was taken as {} attention by \
+                 transformers' default pattern: give `layer_types` to match the checkpoint",
+                match self.config.layer_types.get(l) {
+                    Some(crate::LayerType::Linear) => "linear",
+                    _ => "full",
+                }
+            ),
+            _ => message,
+        };
         Err(ModelError::Tensor {
-            tensor: name.to_string(),
+            tensor,
             file: self.dir.display().to_string(),
-            message: "missing from the checkpoint".into(),
+            message,
         })
     }
 
@@ -284,7 +310,13 @@ impl Checkpoint {
     }
 }
 
-/// Reads a token file: the i64/i32 tensor `key` of a safetensors file, as i64 `[B, T]`.
+/// The layer index of a parameter name `model.layers.N. ...`.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Reads a token file: the i64/i32 tensor `key` of a safetensors file, of rank 2 (`[B, T]`), as i64.
 pub fn read_tokens(path: &Path, key: &str) -> Result<Tensor, ModelError> {
     let all = fulgur_ir::tensor::read_safetensors(path).map_err(|e| io(path, e))?;
     let t = all.get(key).ok_or_else(|| ModelError::Tensor {
@@ -304,12 +336,17 @@ pub fn read_tokens(path: &Path, key: &str) -> Result<Tensor, ModelError> {
         return Err(err(format!("token ids must be i64 or i32, found {}", t.dtype)));
     }
     let t = match t.shape.len() {
-        1 => Tensor {
-            shape: vec![1, t.shape[0]],
-            ..t.cast(fulgur_ir::DType::I64)
-        },
         2 => t.cast(fulgur_ir::DType::I64),
-        _ => return Err(err(format!("token ids must be [B, T], found shape {:?}", t.shape))),
+        1 => return Err(err(format!(
+            "token ids must be [B, T] (batch, length), found shape {:?}: give a one-sequence batch the shape [1, {}]",
+            t.shape, t.shape[0]
+        ))),
+        _ => {
+            return Err(err(format!(
+                "token ids must be [B, T] (batch, length), found shape {:?}",
+                t.shape
+            )))
+        }
     };
     if t.numel() == 0 {
         return Err(err("holds no tokens".into()));

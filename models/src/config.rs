@@ -60,6 +60,13 @@ pub struct MiniMaxConfig {
     pub shared_intermediate_size: usize,
     pub tie_word_embeddings: bool,
     pub router_aux_loss_coef: f64,
+    /// The longest sequence the model was trained for (`max_position_embeddings`; transformers' default
+    /// 131072 when absent).
+    pub max_position_embeddings: usize,
+    /// The config had no `layer_types` (transformers format): the layers alternate full and linear attention,
+    /// starting with full, as transformers defaults. Commands say so, since a checkpoint whose layers differ
+    /// then fails on weights that are not where the default puts them.
+    pub layer_types_defaulted: bool,
 }
 
 struct Fields<'a> {
@@ -230,6 +237,7 @@ impl MiniMaxConfig {
             (None, None) => 1e6,
         };
 
+        let layer_types_defaulted = flavor == Flavor::Transformers && f.get("layer_types").is_none();
         let layer_types: Vec<LayerType> = match flavor {
             Flavor::Transformers => match f.get("layer_types") {
                 None => (0..num_hidden_layers)
@@ -362,6 +370,8 @@ impl MiniMaxConfig {
             shared_intermediate_size,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             router_aux_loss_coef: f.f64_or("router_aux_loss_coef", 0.001)?,
+            max_position_embeddings: f.usize_or("max_position_embeddings", 4096 * 32)?,
+            layer_types_defaulted,
         };
         cfg.validate(&f)?;
         Ok(cfg)
@@ -371,6 +381,7 @@ impl MiniMaxConfig {
         /// The most values of a constant table the model graph holds (decay rates, rotary frequencies).
         const MAX_TABLE: usize = 1 << 24;
         let positive = [
+            ("max_position_embeddings", self.max_position_embeddings),
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_hidden_layers),
@@ -453,6 +464,20 @@ impl MiniMaxConfig {
             return Err(f.err("rope_theta", "must be positive"));
         }
         Ok(())
+    }
+
+    /// What a command should say about this config before using it (one line each, without the file name):
+    /// today, that `layer_types` was absent and defaulted.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.layer_types_defaulted {
+            w.push(format!(
+                "no `layer_types`: the {} layers alternate full and linear attention, starting with full \
+                 (transformers' default); give `layer_types` if the model's layers differ",
+                self.num_hidden_layers
+            ));
+        }
+        w
     }
 
     /// Total heads × head dim (8192 for MiniMax-Text-01; not necessarily `hidden_size`).

@@ -162,6 +162,47 @@ fn missing_tensor() {
     assert!(s.ends_with("missing from the checkpoint"), "{s}");
 }
 
+/// A missing weight is named as the checkpoint's files name it: the router of a checkpoint with per-expert
+/// names is `block_sparse_moe.gate.weight`, not the graph's `mlp.gate.weight`.
+#[test]
+fn missing_router_is_named_as_the_file_names_it() {
+    let mut t = fixture_tensors();
+    let name = "model.layers.0.block_sparse_moe.gate.weight";
+    assert!(t.remove(name).is_some());
+    let dir = single(&t);
+    let s = tensor_error(load(dir.path()), name, dir.path());
+    assert_eq!(
+        s,
+        format!(
+            "tensor `{name}` in `{}`: missing from the checkpoint (the graph's `model.layers.0.mlp.gate.weight`)",
+            dir.path().display()
+        )
+    );
+}
+
+/// tiny-a's weights with a config that lacks `layer_types`: the default pattern makes layer 0 a softmax layer,
+/// whose weights are not there; the error says why.
+#[test]
+fn a_config_without_layer_types_is_named_in_the_missing_weight_error() {
+    let src = fulgur_models::fixtures::dir().join("tiny-a");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("layer_types");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let s = tensor_error(load(dir.path()), name, dir.path());
+    assert_eq!(
+        s,
+        format!(
+            "tensor `{name}` in `{}`: missing from the checkpoint; config.json has no `layer_types`, so layer 0 was \
+             taken as full attention by transformers' default pattern: give `layer_types` to match the checkpoint",
+            dir.path().display()
+        )
+    );
+}
+
 #[test]
 fn missing_expert_tensor() {
     let mut t = fixture_tensors();
@@ -225,36 +266,57 @@ fn truncated_file() {
     let file = dir.path().join("model.safetensors");
     let e = load(dir.path()).expect_err("a truncated file should be refused");
     assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
-    let s = e.to_string();
-    assert!(
-        s.starts_with(&format!(
-            "`{}`: not a valid safetensors file (truncated or corrupt?)",
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "`{}`: not a valid safetensors file: the tensors' data does not match the rest of the file \
+             (truncated, or bytes added at the end)",
             file.display()
-        )),
-        "{s}"
+        )
     );
     // cut inside the header
     bytes.truncate(100);
     let dir = checkpoint_dir(&[("model.safetensors", bytes)]);
     let e = load(dir.path()).expect_err("a truncated header should be refused");
-    assert!(
-        e.to_string()
-            .contains(&dir.path().join("model.safetensors").display().to_string()),
-        "{e}"
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "`{}`: not a valid safetensors file: the header length in its first 8 bytes runs past the end of the \
+             file (truncated, or not a safetensors file)",
+            dir.path().join("model.safetensors").display()
+        )
     );
 }
 
 #[test]
 fn garbage_bytes() {
     let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    for bytes in [garbage, b"not a safetensors file".to_vec(), Vec::new()] {
+    for (bytes, cause) in [
+        (
+            garbage,
+            "its first 8 bytes announce a header larger than 100 MB (is it a safetensors file?)",
+        ),
+        (
+            b"not a safetensors file".to_vec(),
+            "its first 8 bytes announce a header larger than 100 MB (is it a safetensors file?)",
+        ),
+        (
+            Vec::new(),
+            "it is shorter than the 8 bytes that give the header's length (empty or truncated)",
+        ),
+        (
+            [&11u64.to_le_bytes()[..], b"{\"a\": nope}"].concat(),
+            "its header is not valid JSON",
+        ),
+    ] {
         let dir = checkpoint_dir(&[("model.safetensors", bytes)]);
         let e = load(dir.path()).expect_err("garbage should be refused");
         assert!(matches!(e, ModelError::Io { .. }), "{e:?}");
+        let s = e.to_string();
+        let file = dir.path().join("model.safetensors");
         assert!(
-            e.to_string()
-                .contains(&dir.path().join("model.safetensors").display().to_string()),
-            "{e}"
+            s.starts_with(&format!("`{}`: not a valid safetensors file: {cause}", file.display())),
+            "{s}"
         );
     }
 }

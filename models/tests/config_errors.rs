@@ -369,6 +369,18 @@ fn transformers_default_layer_pattern_alternates_from_full() {
     let cfg = parse(&without(with(hf(), "num_hidden_layers", json!(5)), "layer_types")).unwrap();
     use LayerType::*;
     assert_eq!(cfg.layer_types, vec![Full, Linear, Full, Linear, Full]);
+    // and the config says so
+    assert!(cfg.layer_types_defaulted);
+    assert_eq!(
+        cfg.warnings(),
+        vec![
+            "no `layer_types`: the 5 layers alternate full and linear attention, starting with full \
+              (transformers' default); give `layer_types` if the model's layers differ"
+                .to_string()
+        ]
+    );
+    assert!(parse(&hf()).unwrap().warnings().is_empty());
+    assert!(parse(&orig()).unwrap().warnings().is_empty());
 }
 
 #[test]

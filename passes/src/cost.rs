@@ -66,9 +66,10 @@ impl Target {
         let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("invalid ceilings JSON: {e}"))?;
         let obj = v.as_object().ok_or("ceilings JSON must be an object")?;
         for (k, x) in obj {
-            let f = || {
-                x.as_f64()
-                    .ok_or_else(|| format!("ceiling `{k}` must be a number, found {x}"))
+            let f = || match x.as_f64() {
+                Some(v) if v.is_finite() && (v > 0.0 || (v == 0.0 && k == "launch_s")) => Ok(v),
+                _ if k == "launch_s" => Err(format!("ceiling `{k}` must be a number of seconds ≥ 0, found {x}")),
+                _ => Err(format!("ceiling `{k}` must be a positive number, found {x}")),
             };
             match k.as_str() {
                 "matmul_flops_bf16" => self.matmul_flops_bf16 = f()?,

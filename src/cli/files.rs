@@ -169,6 +169,14 @@ pub fn ensure_writable(path: &Path) -> Result<()> {
     }
 }
 
+/// What a command says about a model config it used: one `warning:` text per line, naming the file.
+pub fn config_warnings(path: &Path, cfg: &fulgur_models::MiniMaxConfig) -> Vec<String> {
+    cfg.warnings()
+        .into_iter()
+        .map(|w| format!("{}: {w}", path.display()))
+        .collect()
+}
+
 /// Writes `s` to stdout. A closed pipe (`fulgur show g.fir | head`) is not an error.
 pub fn write_stdout(s: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();

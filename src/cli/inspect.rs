@@ -57,8 +57,9 @@ pub struct Args {
 }
 
 /// The graph an inspect/optimize command works on: a `.fir`/`.json` graph, or MiniMax's forward with loss
-/// built from a config or checkpoint.
-pub fn input_graph(path: &Path) -> Result<Graph> {
+/// built from a config or checkpoint; with the warnings its config calls for (see
+/// [`crate::cli::files::config_warnings`]).
+pub fn input_graph(path: &Path) -> Result<(Graph, Vec<String>)> {
     let cfg_path = if path.is_dir() {
         path.join("config.json")
     } else {
@@ -67,16 +68,17 @@ pub fn input_graph(path: &Path) -> Result<Graph> {
     let is_graph = matches!(path.extension().and_then(|e| e.to_str()), Some("fir"))
         || (cfg_path.extension().and_then(|e| e.to_str()) == Some("json") && looks_like_graph(&cfg_path));
     if is_graph {
-        return load_graph(path);
+        return Ok((load_graph(path)?, Vec::new()));
     }
     let cfg = MiniMaxConfig::from_file(&cfg_path)?;
-    Ok(forward_graph(
+    let g = forward_graph(
         &cfg,
         &ForwardOptions {
             loss: true,
             ..Default::default()
         },
-    )?)
+    )?;
+    Ok((g, crate::cli::files::config_warnings(&cfg_path, &cfg)))
 }
 
 fn looks_like_graph(p: &Path) -> bool {
@@ -85,8 +87,9 @@ fn looks_like_graph(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The cost model from `--target`, `--ceilings` and `--bind`.
-pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String]) -> Result<CostModel> {
+/// The cost model from `--target`, `--ceilings` and `--bind`; `symbols` are the graph's, the only names
+/// `--bind` may give (each at most once).
+pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String], symbols: &[String]) -> Result<CostModel> {
     let mut t = Target::by_name(target).ok_or_else(|| {
         anyhow!(
             "unknown target `{target}` (known: {})",
@@ -102,10 +105,12 @@ pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String]) -> Res
         t = t.with_overrides(&text).map_err(|e| anyhow!("{}: {e}", c.display()))?;
     }
     let mut m = CostModel::new(t);
+    let mut given: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
     for b in bind {
         let (k, v) = b
             .split_once('=')
             .ok_or_else(|| anyhow!("--bind expects SYM=N, found `{b}`"))?;
+        let k = k.trim();
         let v: i64 = v
             .trim()
             .parse()
@@ -113,7 +118,20 @@ pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String]) -> Res
         if v <= 0 {
             bail!("--bind {k}: the value must be positive, found {v}");
         }
-        m.env.insert(k.trim().to_string(), v);
+        if !symbols.iter().any(|s| s == k) {
+            bail!(
+                "--bind {k}: the graph has no symbol `{k}` (its symbols: {})",
+                if symbols.is_empty() {
+                    "none".to_string()
+                } else {
+                    symbols.join(", ")
+                }
+            );
+        }
+        if let Some(prev) = given.insert(k.to_string(), v) {
+            bail!("--bind {k} is given twice ({prev} and {v})");
+        }
+        m.env.insert(k.to_string(), v);
     }
     Ok(m)
 }
@@ -262,8 +280,8 @@ pub fn print_warnings(reports: &[PassReport]) {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let g = input_graph(&args.input)?;
-    let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind)?;
+    let (g, config_warnings) = input_graph(&args.input)?;
+    let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind, &g.summary().symbols)?;
     let limits =
         Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window).map_err(|e| anyhow!("{e}"))?;
     let pipeline =
@@ -274,6 +292,9 @@ pub fn run(args: Args) -> Result<()> {
     let cx = PassContext { model: model.clone() };
     let (optimized, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
     print_warnings(&reports);
+    for w in &config_warnings {
+        eprintln!("warning: {w}");
+    }
     if let Some(kernel) = &args.why {
         let mut eq = fulgur_passes::EqSat::new(
             fulgur_passes::rules::families(&RuleConfig::default(), &args.disable_rules).map_err(|e| anyhow!("{e}"))?,

@@ -63,7 +63,7 @@ pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulg
     if opt == OptLevel::None {
         return Ok(g);
     }
-    let model = crate::cli::inspect::cost_model(target, None, &[])?;
+    let model = crate::cli::inspect::cost_model(target, None, &[], &[])?;
     let pipeline = fulgur_passes::standard_pipeline(
         &fulgur_passes::rules::RuleConfig::default(),
         &[],
@@ -121,6 +121,9 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         }
     }
     write_safetensors(&args.out, &outputs)?;
+    for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), &ck.config) {
+        eprintln!("warning: {w}");
+    }
     if args.print {
         write_stdout(
             &outputs
@@ -197,5 +200,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     outputs.insert("generated".into(), out.generated);
     outputs.insert("step_logits".into(), out.step_logits);
     write_safetensors(&args.out, &outputs)?;
+    for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), &ck.config) {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }

@@ -41,7 +41,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let mut text = serde_json::to_string_pretty(&s)?;
         text.push('\n');
-        return write_stdout(&text);
+        write_stdout(&text)?;
+        for w in crate::cli::files::config_warnings(&args.config, &cfg) {
+            eprintln!("warning: {w}");
+        }
+        return Ok(());
     }
     let mut o = String::new();
     let _ = writeln!(o, "config: {}", args.config.display());
@@ -90,5 +94,9 @@ pub fn run(args: Args) -> Result<()> {
         bytes(s.lightning_state_bytes_per_seq)
     );
     let _ = writeln!(o, "KV cache per token (bf16): {}", bytes(s.kv_cache_bytes_per_token));
-    write_stdout(&o)
+    write_stdout(&o)?;
+    for w in crate::cli::files::config_warnings(&args.config, &cfg) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
 }
