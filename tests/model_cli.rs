@@ -288,3 +288,91 @@ fn a_config_without_layer_types_says_so() {
         )
     );
 }
+
+/// tiny-a with `max_position_embeddings` set to `n`, in a scratch folder.
+fn tiny_a_with_max_positions(dir: &Path, n: usize) -> PathBuf {
+    let ck = dir.join("ckpt");
+    std::fs::create_dir(&ck).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(n);
+    std::fs::write(ck.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(tiny_a().join("model.safetensors"), ck.join("model.safetensors")).unwrap();
+    ck
+}
+
+/// `generate` checks the whole length against the model's `max_position_embeddings` before any work: refused,
+/// or with `--allow-longer` a warning; `eval-model` warns past it.
+#[test]
+fn lengths_past_the_models_positions_are_refused_or_warned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tiny_a_with_max_positions(tmp.path(), 14);
+    let decode = tiny_a().join("decode.safetensors");
+    let out = tmp.path().join("g.safetensors");
+    let o = fulgur(&[
+        &"generate",
+        &ck,
+        &"--tokens",
+        &decode,
+        &"--max-new-tokens",
+        &"5",
+        &"--out",
+        &out,
+    ]);
+    fails(
+        &o,
+        &[&format!(
+            "the prompt (12 tokens) and --max-new-tokens 5 make 17 positions, more than the model's \
+             max_position_embeddings 14 ({}); pass --allow-longer to generate past it",
+            ck.join("config.json").display()
+        )],
+    );
+    assert!(!out.exists());
+    let o = fulgur(&[
+        &"generate",
+        &ck,
+        &"--tokens",
+        &decode,
+        &"--max-new-tokens",
+        &"5",
+        &"--allow-longer",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with(
+        "warning: the prompt (12 tokens) and --max-new-tokens 5 make 17 positions, more than the model's \
+         max_position_embeddings 14"
+    ));
+    // within the limit: silent
+    let o = fulgur(&[
+        &"generate",
+        &ck,
+        &"--tokens",
+        &decode,
+        &"--max-new-tokens",
+        &"2",
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+    // eval-model on 40 tokens
+    let o = fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tiny_a().join("reference.safetensors"),
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "warning: the sequences have 40 tokens, more than the model's max_position_embeddings 14 ({}): \
+             positions past 14 are outside what the model was trained for\n",
+            ck.join("config.json").display()
+        )
+    );
+}

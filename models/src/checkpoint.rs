@@ -337,10 +337,12 @@ pub fn read_tokens(path: &Path, key: &str) -> Result<Tensor, ModelError> {
     }
     let t = match t.shape.len() {
         2 => t.cast(fulgur_ir::DType::I64),
-        1 => return Err(err(format!(
+        1 => {
+            return Err(err(format!(
             "token ids must be [B, T] (batch, length), found shape {:?}: give a one-sequence batch the shape [1, {}]",
             t.shape, t.shape[0]
-        ))),
+        )))
+        }
         _ => {
             return Err(err(format!(
                 "token ids must be [B, T] (batch, length), found shape {:?}",

@@ -99,6 +99,16 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             tokens.shape
         );
     }
+    let t = tokens.shape[1];
+    let limit = ck.config.max_position_embeddings;
+    let mut warnings = Vec::new();
+    if t > limit {
+        warnings.push(format!(
+            "the sequences have {t} tokens, more than the model's max_position_embeddings {limit} ({}): \
+             positions past {limit} are outside what the model was trained for",
+            args.checkpoint.join("config.json").display()
+        ));
+    }
     let opts = ForwardOptions {
         hidden_states: args.hidden_states,
         loss: true,
@@ -121,7 +131,11 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         }
     }
     write_safetensors(&args.out, &outputs)?;
-    for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), &ck.config) {
+    warnings.extend(crate::cli::files::config_warnings(
+        &args.checkpoint.join("config.json"),
+        &ck.config,
+    ));
+    for w in warnings {
         eprintln!("warning: {w}");
     }
     if args.print {
@@ -157,6 +171,10 @@ pub struct GenerateArgs {
     /// Interpreter precision.
     #[arg(long, value_enum, default_value_t = crate::cli::eval::PrecisionArg::F32)]
     pub precision: crate::cli::eval::PrecisionArg,
+    /// Generate past the model's max_position_embeddings (prompt plus new tokens) with a warning, instead of
+    /// refusing.
+    #[arg(long)]
+    pub allow_longer: bool,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
@@ -164,6 +182,24 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let ck = Checkpoint::open(&args.checkpoint)?;
     let prompt = read_tokens(&args.tokens, &args.tokens_key)?;
     check_tokens(&prompt, ck.config.vocab_size, &args.tokens_key, &args.tokens)?;
+    // the whole length, up front: refused past what the model was trained for unless asked
+    let p = prompt.shape[1];
+    let limit = ck.config.max_position_embeddings;
+    let total = p
+        .checked_add(args.max_new_tokens)
+        .ok_or_else(|| anyhow::anyhow!("--max-new-tokens {} overflows the sequence length", args.max_new_tokens))?;
+    if total > limit {
+        let what = format!(
+            "the prompt ({p} tokens) and --max-new-tokens {} make {total} positions, more than the model's \
+             max_position_embeddings {limit} ({})",
+            args.max_new_tokens,
+            args.checkpoint.join("config.json").display()
+        );
+        if !args.allow_longer {
+            bail!("{what}; pass --allow-longer to generate past it");
+        }
+        eprintln!("warning: {what}; generating past it (--allow-longer)");
+    }
     let prefill = forward_graph(
         &ck.config,
         &ForwardOptions {
@@ -176,13 +212,14 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let backend = ReferenceBackend {
         precision: Precision::from(args.precision),
     };
+    // progress on stderr when it is a terminal: the prefill, then one tick per token
     let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} generating {pos}/{len} tokens [{elapsed_precise}] {per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} tokens [{elapsed_precise}] {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar.set_message(format!("prefill of {p} tokens, then generating"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let t0 = Instant::now();
     let out = generate::greedy(
         &backend,
@@ -191,7 +228,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         &params,
         &prompt,
         args.max_new_tokens,
-        |done, _| bar.set_position(done as u64),
+        |done, _| {
+            bar.set_message("generating");
+            bar.set_position(done as u64)
+        },
     )
     .context("generating")?;
     bar.finish_and_clear();
