@@ -590,7 +590,10 @@ fn values_too_large_or_of_unbound_size_are_refused_before_running() {
             "huge.fir",
             // 10^16 elements: an allocation that would abort the process
             "graph huge {\n  %0 = input \"x\" : f32[N]\n  %1 \"big\" = full[value=1.0, dtype=f32, shape=[100000000, N*50000000]]()\n  output \"y\" = %1\n}\n",
-            &["node %1 \"big\" (full)", "2147483648"][..],
+            &[
+                "node %1 \"big\" (full): out of memory: its output f32[100000000, 50000000*N] = [100000000, \
+                 100000000] and their temporaries need 213.2 PiB while 0 B are held, more than the memory available",
+            ][..],
         ),
         (
             "unbound.fir",
@@ -679,4 +682,72 @@ fn inputs_of_a_dtype_the_graph_does_not_declare_are_refused() {
         );
         assert!(!out.exists());
     }
+}
+
+/// The interpreter's memory budget: a node that would need more than `--memory-limit` (default: the memory
+/// available) is refused before it allocates, naming the node and the sizes; an allocation the system refuses
+/// anyway ends the process with one line, not an abort with a backtrace.
+#[test]
+fn running_out_of_memory_is_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ins = dir.path().join("in.safetensors");
+    let t: BTreeMap<String, Tensor> = [("x".to_string(), Tensor::from_f32(vec![2], vec![1.0, 2.0]))].into();
+    write_safetensors(&ins, &t).expect("write");
+    let g = dir.path().join("g.fir");
+    std::fs::write(
+        &g,
+        "graph g {\n  %0 = input \"x\" : f32[N]\n  %1 \"big\" = full[value=1.0, dtype=f32, shape=[3000, 3000]]()\n  %2 = exp(%1)\n  output \"y\" = %2\n}\n",
+    )
+    .expect("write");
+    let out = dir.path().join("out.safetensors");
+    let run = |extra: &[&str]| {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "eval".into(),
+            g.clone().into(),
+            "--inputs".into(),
+            ins.clone().into(),
+            "--out".into(),
+            out.clone().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.into()));
+        fulgur(a)
+    };
+    let line = fails(run(&["--memory-limit", "100MiB"]), &[]);
+    assert_eq!(
+        line,
+        format!(
+            "error: evaluating graph `g` ({}): node %1 \"big\" (full): out of memory: its output f32[3000, 3000] = \
+             [3000, 3000] and their temporaries need 206.0 MiB while 0 B are held, more than the --memory-limit \
+             (100.0 MiB)",
+            g.display()
+        )
+    );
+    assert!(!out.exists());
+    // enough for the values: runs
+    ok(run(&["--memory-limit", "1GiB"]));
+    fails(
+        run(&["--memory-limit", "lots"]),
+        &["`lots` is not a size (write e.g. 512MiB, 8GiB or a number of bytes)"],
+    );
+    // an allocation the system refuses (address space capped below what the budget allows)
+    std::fs::write(
+        &g,
+        "graph g {\n  %0 = input \"x\" : f32[N]\n  %1 = full[value=1.0, dtype=f32, shape=[30000, 30000]]()\n  output \"y\" = %1\n}\n",
+    )
+    .expect("write");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 1000000 && exec \"{}\" eval \"{}\" --inputs \"{}\" --out \"{}\" --memory-limit 100GiB",
+            env!("CARGO_BIN_EXE_fulgur"),
+            g.display(),
+            ins.display(),
+            dir.path().join("o2.safetensors").display()
+        ))
+        .output()
+        .expect("sh");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: out of memory: an allocation of "), "{err}");
 }

@@ -43,6 +43,10 @@ pub enum Precision {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Interpreter {
     pub precision: Precision,
+    /// The most bytes the interpreter may hold at once (its values and their temporaries); `None`: the memory
+    /// the system reports available when a run starts (see [`available_memory`]). A node that would need more
+    /// is an error naming it and the sizes, before anything is allocated.
+    pub memory_limit: Option<u64>,
 }
 
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -142,7 +146,18 @@ fn extend_range(dst: &mut Buffer, src: &Buffer, start: usize, len: usize) {
 
 impl Interpreter {
     pub fn new(precision: Precision) -> Interpreter {
-        Interpreter { precision }
+        Interpreter {
+            precision,
+            memory_limit: None,
+        }
+    }
+
+    /// The same interpreter holding at most `bytes` at once.
+    pub fn with_memory_limit(self, bytes: u64) -> Interpreter {
+        Interpreter {
+            memory_limit: Some(bytes),
+            ..self
+        }
     }
 
     /// Binds symbols from the inputs' shapes and checks every input's dtype and shape.
@@ -223,6 +238,25 @@ impl Interpreter {
 
     /// Runs the graph; returns every declared output by name.
     pub fn run(&self, g: &Graph, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+        let budget = match self.memory_limit {
+            Some(b) => Budget {
+                bytes: b,
+                source: "the --memory-limit",
+            },
+            None => Budget {
+                bytes: available_memory().unwrap_or(u64::MAX),
+                source: "the memory available",
+            },
+        };
+        self.run_within(g, inputs, budget)
+    }
+
+    fn run_within(
+        &self,
+        g: &Graph,
+        inputs: &HashMap<String, Tensor>,
+        budget: Budget,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let env = self.bind(g, inputs)?;
         check_sizes(g, &env)?;
         let mut uses = g.use_counts();
@@ -232,14 +266,39 @@ impl Interpreter {
             m.entry(*v).or_default().push(n.as_str());
             m
         });
+        // bytes held now: the values kept for later nodes and the outputs collected so far
+        let mut held: u64 = 0;
         for (id, node) in g.nodes() {
+            let need = node_bytes(node, &env);
+            if held.saturating_add(need) > budget.bytes {
+                return Err(IrError::Node {
+                    id: id.index(),
+                    name: node.name.clone(),
+                    op: node.op.name().to_string(),
+                    message: format!(
+                        "out of memory: its {} and their temporaries need {} while {} are held, more than {} \
+                         ({})",
+                        describe_outputs(node, &env),
+                        fmt_bytes(need),
+                        fmt_bytes(held),
+                        budget.source,
+                        fmt_bytes(budget.bytes)
+                    ),
+                });
+            }
             let args: Vec<&Tensor> = node.inputs.iter().map(|v| &vals[v]).collect();
-            let results = self.eval_node(id, node, &args, inputs, &env)?;
+            let inner = Budget {
+                bytes: budget.bytes - held,
+                source: budget.source,
+            };
+            let results = self.eval_node(id, node, &args, inputs, &env, inner)?;
             for v in &node.inputs {
                 if let Some(c) = uses.get_mut(v) {
                     *c -= 1;
                     if *c == 0 {
-                        vals.remove(v);
+                        if let Some(t) = vals.remove(v) {
+                            held = held.saturating_sub(tensor_bytes(&t));
+                        }
                     }
                 }
             }
@@ -247,10 +306,12 @@ impl Interpreter {
                 let v = Value::new(id, i as u32);
                 if let Some(names) = wanted.get(&v) {
                     for n in names {
+                        held = held.saturating_add(tensor_bytes(&t));
                         out.insert(n.to_string(), t.clone());
                     }
                 }
                 if uses.get(&v).copied().unwrap_or(0) > 0 {
+                    held = held.saturating_add(tensor_bytes(&t));
                     vals.insert(v, t);
                 }
             }
@@ -265,6 +326,7 @@ impl Interpreter {
         args: &[&Tensor],
         inputs: &HashMap<String, Tensor>,
         env: &HashMap<String, i64>,
+        budget: Budget,
     ) -> Result<Vec<Tensor>> {
         let err = |m: String| IrError::Node {
             id: id.index(),
@@ -297,8 +359,14 @@ impl Interpreter {
             for (i, v) in outs.iter().enumerate() {
                 sub.add_output(format!("out{i}"), *v).map_err(|e| err(e.to_string()))?;
             }
+            // the arguments were copied for the decomposition: what is left of the budget is its own
+            let copied: u64 = args.iter().map(|t| tensor_bytes(t)).sum();
+            let inner = Budget {
+                bytes: budget.bytes.saturating_sub(copied),
+                source: budget.source,
+            };
             let r = self
-                .run(&sub, &sub_inputs)
+                .run_within(&sub, &sub_inputs, inner)
                 .map_err(|e| err(format!("in decomposition: {e}")))?;
             (0..outs.len()).map(|i| r[&format!("out{i}")].clone()).collect()
         } else {
@@ -778,11 +846,9 @@ impl Interpreter {
     }
 }
 
-/// The most elements one value may have in the reference interpreter (16 GiB held widened to 8 bytes).
-pub const MAX_ELEMENTS: u64 = 1 << 31;
-
-/// Refuses, before running, a graph whose values would not fit: every node's output shape is evaluated under
-/// the bound symbols, and none may exceed [`MAX_ELEMENTS`] (an allocation failure would abort the process).
+/// Refuses, before running, a graph whose value shapes cannot be evaluated under the bound symbols (an unbound
+/// symbol) or whose element counts do not fit 64 bits. Whether the values fit in memory is checked node by
+/// node as the graph runs, against the interpreter's budget.
 fn check_sizes(g: &Graph, env: &HashMap<String, i64>) -> Result<()> {
     for (id, n) in g.nodes() {
         let node_error = |message: String| IrError::Node {
@@ -793,16 +859,101 @@ fn check_sizes(g: &Graph, env: &HashMap<String, i64>) -> Result<()> {
         };
         for ty in &n.outputs {
             let shape = ty.shape.eval(env).map_err(node_error)?;
-            let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-            if !matches!(elements, Some(e) if e <= MAX_ELEMENTS) {
+            if shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .is_none()
+            {
                 return Err(node_error(format!(
-                    "its output {ty} = {shape:?} has more than {MAX_ELEMENTS} elements, the reference \
-                     interpreter's limit"
+                    "its output {ty} = {shape:?} has more elements than a 64-bit count holds"
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// A memory budget and where it comes from (for the error message).
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    bytes: u64,
+    source: &'static str,
+}
+
+/// The memory the system reports available (Linux: `MemAvailable` in `/proc/meminfo`), if it can tell.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Bytes one element takes in the interpreter (values are held widened: f64, i64, bool).
+fn elem_bytes(dtype: DType) -> u64 {
+    if dtype == DType::Bool {
+        1
+    } else {
+        8
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.data.len() as u64).saturating_mul(elem_bytes(t.dtype))
+}
+
+/// What evaluating `node` allocates at most: its outputs and, for elementwise and layout ops, an index map of
+/// one `usize` per output element and operand (broadcasting), bounded above by three times its outputs.
+fn node_bytes(node: &Node, env: &HashMap<String, i64>) -> u64 {
+    let out: u64 = node
+        .outputs
+        .iter()
+        .map(|t| {
+            let n = t
+                .shape
+                .eval(env)
+                .ok()
+                .and_then(|s| s.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64)))
+                .unwrap_or(u64::MAX);
+            n.saturating_mul(8).max(n.saturating_mul(elem_bytes(t.dtype)))
+        })
+        .fold(0u64, |a, b| a.saturating_add(b));
+    out.saturating_mul(3)
+}
+
+/// `output f32[B, T] = [2, 40]` (or `outputs ...` for several).
+fn describe_outputs(node: &Node, env: &HashMap<String, i64>) -> String {
+    let parts: Vec<String> = node
+        .outputs
+        .iter()
+        .map(|t| match t.shape.eval(env) {
+            Ok(s) => format!("{t} = {s:?}"),
+            Err(_) => t.to_string(),
+        })
+        .collect();
+    let word = if parts.len() == 1 { "output" } else { "outputs" };
+    format!("{word} {}", parts.join(", "))
+}
+
+/// Bytes in binary units: `12.0 GiB`.
+pub fn fmt_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 fn fmt_env(env: &HashMap<String, i64>) -> String {

@@ -33,6 +33,9 @@ pub trait Backend {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ReferenceBackend {
     pub precision: Precision,
+    /// The interpreter's memory budget in bytes (`None`: the memory available; see
+    /// [`fulgur_ir::Interpreter::memory_limit`]).
+    pub memory_limit: Option<u64>,
 }
 
 impl Backend for ReferenceBackend {
@@ -43,6 +46,10 @@ impl Backend for ReferenceBackend {
         }
     }
     fn run(&self, g: &Graph, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
-        Ok(Interpreter::new(self.precision).run(g, inputs)?)
+        let interp = Interpreter {
+            precision: self.precision,
+            memory_limit: self.memory_limit,
+        };
+        Ok(interp.run(g, inputs)?)
     }
 }

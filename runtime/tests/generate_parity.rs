@@ -37,6 +37,7 @@ fn tiny_a_greedy_decode_matches_transformers() {
     let out = generate::greedy(
         &ReferenceBackend {
             precision: Precision::F32,
+            memory_limit: None,
         },
         &prefill,
         &decode,

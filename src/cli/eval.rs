@@ -50,6 +50,10 @@ pub struct Args {
     /// Print every output: dtype, shape, first values, min/max/mean.
     #[arg(long)]
     pub print: bool,
+    /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available); a node
+    /// that would need more is an error naming it and the sizes.
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
+    pub memory_limit: Option<u64>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -88,7 +92,10 @@ pub fn run(args: Args) -> Result<()> {
         };
         anyhow!("evaluating graph `{}` ({}): {e:#}{hint}", g.name, args.file.display())
     };
-    let interp = Interpreter::new(args.precision.into());
+    let interp = Interpreter {
+        precision: args.precision.into(),
+        memory_limit: args.memory_limit,
+    };
     let start = Instant::now();
     let outputs = interp.run(&g, &inputs).map_err(|e| failed(e.into()))?;
     tracing::info!(graph = %g.name, elapsed = ?start.elapsed(), precision = ?args.precision, "evaluated");

@@ -177,11 +177,62 @@ pub fn config_warnings(path: &Path, cfg: &fulgur_models::MiniMaxConfig) -> Vec<S
         .collect()
 }
 
+/// A size in bytes as a user writes it: `1000000`, `512MiB`, `8 GiB`, `1.5GB` (binary units KiB, MiB, GiB, TiB;
+/// decimal KB, MB, GB, TB; a bare number is bytes; case does not matter).
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let scale: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a size (write e.g. 512MiB, 8GiB or a number of bytes)"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (write e.g. 512MiB, 8GiB or a number of bytes)"))?;
+    let bytes = v * scale;
+    if !(1.0..1.8e19).contains(&bytes) {
+        return Err(format!("`{s}`: a memory limit must be at least 1 byte and fit 64 bits"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Writes `s` to stdout. A closed pipe (`fulgur show g.fir | head`) is not an error.
 pub fn write_stdout(s: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("cannot write to stdout"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("8 GiB"), Ok(8 << 30));
+        assert_eq!(parse_bytes("1.5gb"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("2KB"), Ok(2000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("-5MiB").is_err());
+        assert!(parse_bytes("5 apples").is_err());
+        assert!(parse_bytes("1e30").is_err());
     }
 }

@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// Cost-model target the optimizer plans for.
     #[arg(long, default_value = "H100")]
     pub target: String,
+    /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
+    pub memory_limit: Option<u64>,
 }
 
 /// How much of the optimizer runs before a graph executes.
@@ -121,6 +124,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
     inputs.insert("input_ids".into(), tokens);
     let backend = ReferenceBackend {
         precision: Precision::from(args.precision),
+        memory_limit: args.memory_limit,
     };
     let t1 = Instant::now();
     let outputs = backend.run(&g, &inputs).context("running the forward graph")?;
@@ -171,6 +175,9 @@ pub struct GenerateArgs {
     /// Interpreter precision.
     #[arg(long, value_enum, default_value_t = crate::cli::eval::PrecisionArg::F32)]
     pub precision: crate::cli::eval::PrecisionArg,
+    /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
+    pub memory_limit: Option<u64>,
     /// Generate past the model's max_position_embeddings (prompt plus new tokens) with a warning, instead of
     /// refusing.
     #[arg(long)]
@@ -200,6 +207,27 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         }
         eprintln!("warning: {what}; generating past it (--allow-longer)");
     }
+    // the logits of every step are kept: refuse up front what cannot be held
+    let (b, v) = (prompt.shape[0] as u64, ck.config.vocab_size as u64);
+    let need = (args.max_new_tokens as u64)
+        .saturating_mul(b)
+        .saturating_mul(v)
+        .saturating_mul(8);
+    let (budget, source) = match args.memory_limit {
+        Some(m) => (m, "the --memory-limit"),
+        None => (
+            fulgur_ir::interp::available_memory().unwrap_or(u64::MAX),
+            "the memory available",
+        ),
+    };
+    if need > budget {
+        bail!(
+            "the step logits of {} tokens × {b} sequences × {v} vocabulary entries need {}, more than {source} ({})",
+            args.max_new_tokens,
+            fulgur_ir::interp::fmt_bytes(need),
+            fulgur_ir::interp::fmt_bytes(budget)
+        );
+    }
     let prefill = forward_graph(
         &ck.config,
         &ForwardOptions {
@@ -211,6 +239,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let params = ck.load_params(&prefill)?;
     let backend = ReferenceBackend {
         precision: Precision::from(args.precision),
+        memory_limit: args.memory_limit,
     };
     // progress on stderr when it is a terminal: the prefill, then one tick per token
     let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
