@@ -873,7 +873,8 @@ fn join_projections(eg: &mut EGraph, x: Id) -> Vec<(Id, Id)> {
             },
         ) {
             if eg.find(alt) != pclass {
-                out.push((pclass, alt));
+                // the consumer e-node's own id: an explanation names this rule at it
+                out.push((q, alt));
             }
         }
     }

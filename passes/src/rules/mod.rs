@@ -129,12 +129,24 @@ impl egg::Applier<FNode, ShapeAnalysis> for FnApplier {
                 .cloned()
                 .collect();
             for n in nodes {
+                // the matched e-node's own id (with explanations on, each e-node has one): the union is recorded
+                // between it and the new term, so an explanation names this rule at this node
+                let matched = egraph.add_uncanonical(n.clone());
                 let pairs: Vec<(Id, Id)> = match self.build {
                     Builder::Matched(b) => b(egraph, class, &n, &self.cfg)
                         .into_iter()
-                        .map(|r| (class, r))
+                        .map(|r| (matched, r))
                         .collect(),
-                    Builder::Pairs(b) => b(egraph, class, &n, &self.cfg),
+                    Builder::Pairs(b) => b(egraph, class, &n, &self.cfg)
+                        .into_iter()
+                        .map(|(c, r)| {
+                            if egraph.find(c) == egraph.find(class) {
+                                (matched, r)
+                            } else {
+                                (c, r)
+                            }
+                        })
+                        .collect(),
                 };
                 for (c, rhs) in pairs {
                     if egraph.union_trusted(c, rhs, rule) {
