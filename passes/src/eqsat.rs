@@ -234,6 +234,20 @@ impl egg::Searcher<FNode, ShapeAnalysis> for Counted {
 /// A rule, its family's name, and the counter of its matches.
 type CountedRule = (Rewrite, &'static str, Arc<AtomicUsize>);
 
+/// The name of a node of an instantiated template: `LABEL.OP` for the segment's first `OP`, then `LABEL.OP.1`,
+/// `LABEL.OP.2`, ... in node order, so every node of the optimized graph has a name of its own (`--why` finds
+/// kernels by it).
+pub fn kernel_name(label: &str, op: &'static str, seen: &mut HashMap<&'static str, usize>) -> String {
+    let k = seen.entry(op).or_insert(0);
+    let name = if *k == 0 {
+        format!("{label}.{op}")
+    } else {
+        format!("{label}.{op}.{k}")
+    };
+    *k += 1;
+    name
+}
+
 /// One segment of the input graph.
 struct Segment {
     scope: String,
@@ -710,6 +724,8 @@ impl Pass for EqSat {
             };
             done[idx].report.instances.push(seg.label());
             // instantiate
+            let label = seg.label();
+            let mut seen_ops: HashMap<&'static str, usize> = HashMap::new();
             let opt = &done[idx].graph;
             let mut local: HashMap<Value, Value> = HashMap::new();
             for (tid, n) in opt.nodes() {
@@ -723,7 +739,7 @@ impl Pass for EqSat {
                     }
                     op => {
                         let ins: Vec<Value> = n.inputs.iter().map(|v| local[v]).collect();
-                        let name = format!("{}.{}", seg.scope, op.name());
+                        let name = kernel_name(&label, op.name(), &mut seen_ops);
                         let nid = out.add_node(op.clone(), &ins, Some(name))?;
                         for i in 1..n.outputs.len() {
                             local.insert(Value::new(tid, i as u32), Value::new(nid, i as u32));

@@ -507,6 +507,18 @@ pub fn build_graph(
     outputs: &[(String, Id)],
     names: &HashMap<Id, String>,
 ) -> Result<Graph, IrError> {
+    Ok(build_graph_classes(egraph, ex, graph_name, inputs, outputs, names)?.0)
+}
+
+/// [`build_graph`], also returning the value that stands for each class it emitted.
+pub fn build_graph_classes(
+    egraph: &EGraph,
+    ex: &Extraction,
+    graph_name: &str,
+    inputs: &[Op],
+    outputs: &[(String, Id)],
+    names: &HashMap<Id, String>,
+) -> Result<(Graph, HashMap<Id, Value>), IrError> {
     let mut g = Graph::new(graph_name);
     for op in inputs {
         g.add_node(op.clone(), &[], None)?;
@@ -516,7 +528,7 @@ pub fn build_graph(
         let v = emit(egraph, ex, names, &mut g, &mut done, egraph.find(*root))?;
         g.add_output(oname.clone(), v)?;
     }
-    Ok(g)
+    Ok((g, done))
 }
 
 /// Adds to `g` the value of class `root` under the extraction's choices (and every class it needs), memoized in

@@ -238,3 +238,67 @@ fn nonsensical_limits_are_refused() {
     );
     assert!(Limits::new(1, 0, Some(0.5), 1).is_ok());
 }
+
+/// `--why` explains every node of the optimized graph: kernels a rewrite produced (also inside a larger term:
+/// the MoE router, dispatch and grouped GEMMs, the wide matmul and slices of joined projections) and the input
+/// graph's own nodes; a wrong name lists what may be asked.
+#[test]
+fn every_kernel_of_tiny_a_can_be_explained() {
+    let dir = fixtures().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let g = g.dead_code_eliminated();
+    let eq = EqSat::new(families(&RuleConfig::default(), &[]).unwrap());
+    let (opt, _) = Pipeline::new()
+        .with(Dce)
+        .with(EqSat::new(families(&RuleConfig::default(), &[]).unwrap()))
+        .run(&g, &cx(), None)
+        .unwrap();
+    let model = cx().model;
+    let mut why = fulgur_passes::why::Why::new(&g, &opt, &eq, &model).unwrap();
+    let mut rewritten = 0;
+    let mut within = Vec::new();
+    for (_, n) in opt.nodes() {
+        let Some(name) = &n.name else { continue };
+        // one instance of each template is enough: the others are the same
+        if n.op.is_input()
+            || matches!(n.op, fulgur_ir::Op::Constant { .. })
+            || name.starts_with("layers.1.")
+            || name.starts_with("layers.2.")
+        {
+            continue;
+        }
+        let r = why.explain(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(&r.kernel, name);
+        assert!(!r.steps.is_empty());
+        if r.rewritten {
+            rewritten += 1;
+            assert!(r.steps.len() >= 2, "{name}: {r:?}");
+            assert!(r.steps.iter().skip(1).all(|s| s.rule.is_some()), "{name}: {r:?}");
+        }
+        if let Some(w) = r.within {
+            within.push((r.op, w));
+        }
+    }
+    assert!(rewritten >= 10, "{rewritten}");
+    // the kernels a rewrite introduced inside a larger term are explained through it
+    for op in ["moe_router", "moe_dispatch", "grouped_matmul[swiglu=true]"] {
+        assert!(within.iter().any(|(o, _)| o.starts_with(op)), "{op}: {within:?}");
+    }
+    let err = why.explain("nope").unwrap_err().to_string();
+    assert!(
+        err.starts_with("no kernel named `nope` in the optimized graph: give a kernel's name ("),
+        "{err}"
+    );
+    assert!(
+        err.contains("or an op, for its first kernel: concat, cos, flash_attention_rope, fused,"),
+        "{err}"
+    );
+}

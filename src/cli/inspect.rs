@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Write the graph after each pass as canonical `.fir` and `.dot` into this folder.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub dump: Option<PathBuf>,
     /// Rule families to leave out (comma-separated).
     #[arg(long, value_delimiter = ',')]
@@ -31,11 +31,13 @@ pub struct Args {
     /// Cost-model target.
     #[arg(long, default_value = "H100")]
     pub target: String,
-    /// JSON file of measured ceilings overriding the target's (`mem_bw`, `launch_s`, ...).
-    #[arg(long)]
+    /// JSON file of measured ceilings overriding the target's: `matmul_flops_bf16`, `matmul_flops_f32`,
+    /// `vector_flops` (FLOP/s), `mem_bw`, `link_bw` (bytes/s), `launch_s` (seconds).
+    #[arg(long, value_name = "FILE")]
     pub ceilings: Option<PathBuf>,
-    /// Symbol values the cost model evaluates shapes at, e.g. `B=8,T=32768` (default B=1, T=P=4096).
-    #[arg(long, value_delimiter = ',')]
+    /// Symbol values (elements) the cost model evaluates shapes at, e.g. `B=8,T=32768` (default B=1,
+    /// T=P=N=4096, any other symbol 1024); only the graph's own symbols.
+    #[arg(long, value_name = "SYM=N", value_delimiter = ',')]
     pub bind: Vec<String>,
     /// Most e-nodes in one template's e-graph (saturation stops past it; it also bounds extraction).
     #[arg(long, value_name = "E-NODES", default_value_t = 20_000)]
@@ -50,9 +52,10 @@ pub struct Args {
     /// Most nodes of one template: longer runs of a layer (or a graph without layer names) are cut into windows.
     #[arg(long, value_name = "NODES", default_value_t = 512)]
     pub window: usize,
-    /// Explain how a kernel of the optimized graph was derived: a node name (`layers.0.lightning_attention`)
-    /// or an op name (`lightning_attention`, its first occurrence).
-    #[arg(long)]
+    /// Explain how a kernel of the optimized graph was derived: a node name (`layers.0.lightning_layer`,
+    /// `layers.0.matmul.1`) or an op name for its first kernel (`grouped_matmul`); a wrong name lists the valid
+    /// ones.
+    #[arg(long, value_name = "KERNEL")]
     pub why: Option<String>,
 }
 
@@ -312,6 +315,11 @@ pub fn run(args: Args) -> Result<()> {
             "kernel {} = {} (template {})",
             report.kernel, report.op, report.template
         );
+        if !report.rewritten {
+            let _ = writeln!(o, "  not rewritten: the input graph's own node");
+        } else if let Some(w) = &report.within {
+            let _ = writeln!(o, "  part of the term that replaces the input graph's {w}:");
+        }
         for (i, st) in report.steps.iter().enumerate() {
             let what = match &st.rule {
                 None => format!("input term, rooted at {}", st.at),

@@ -164,7 +164,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "prompt")]
     pub tokens_key: String,
     /// Number of tokens to generate.
-    #[arg(long)]
+    #[arg(long, value_name = "TOKENS")]
     pub max_new_tokens: usize,
     /// Greedy decoding (the only mode implemented; the flag may be omitted).
     #[arg(long)]

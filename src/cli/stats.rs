@@ -12,8 +12,8 @@ pub struct Args {
     /// A MiniMax config (transformers' `MiniMaxConfig` JSON or MiniMax's original format).
     #[arg(long)]
     pub config: PathBuf,
-    /// Sequence length for the FLOPs per token.
-    #[arg(long, default_value_t = 4096)]
+    /// Sequence length in tokens for the FLOPs per token.
+    #[arg(long, value_name = "TOKENS", default_value_t = 4096)]
     pub seq_len: usize,
     /// Print JSON (keys `total_params` and `active_params` at the top level).
     #[arg(long)]
