@@ -22,6 +22,20 @@ pub fn to_dot(g: &Graph) -> String {
                 format!("%{} param {}\n{}", id.index(), name, types.join(", ")),
                 "ellipse",
             ),
+            Op::Composite(crate::op::Composite::Fused { body }) => {
+                // a fused kernel: its body's ops, not its text
+                let ops: Vec<&str> = body
+                    .graph()
+                    .nodes()
+                    .filter(|(_, b)| !b.op.is_input())
+                    .map(|(_, b)| b.op.name())
+                    .collect();
+                let head = match &n.name {
+                    Some(nm) => format!("%{} fused ({})", id.index(), nm),
+                    None => format!("%{} fused", id.index()),
+                };
+                (format!("{head}\n{{{}}}\n{}", ops.join(", "), types.join(", ")), "box")
+            }
             op => {
                 let attrs: Vec<String> = op
                     .attrs()

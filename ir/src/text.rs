@@ -9,7 +9,8 @@
 //! file    := 'graph' (IDENT | STRING) '{' stmt* '}'
 //! stmt    := node | output
 //! node    := VALUE [STRING] '=' ( ('input' | 'param') STRING ':' type
-//!                               | OPNAME ['[' attr (',' attr)* ']'] '(' [ref (',' ref)*] ')' [':' types] )
+//!                               | OPNAME ['[' attr (',' attr)* ']'] '(' [ref (',' ref)*] ')' [':' types]
+//!                               | 'fused' '(' [ref (',' ref)*] ')' [':' types] '{' stmt* '}' )
 //! output  := 'output' STRING '=' ref
 //! VALUE   := '%' INT              (a node's id)
 //! ref     := '%' INT ['#' INT]    (output #k of that node; '#0' may be omitted)
@@ -29,6 +30,19 @@
 //!   `inf` and `-inf`.
 //! - The `: types` annotation of a node is optional when parsing; when present it must equal the inferred
 //!   output types. The printer always writes it, as a parenthesised tuple for nodes with several outputs.
+//! - A `fused` node's body is a nested block after it, indented one level deeper, as MLIR prints regions: a
+//!   graph of its own (inputs `arg0`, `arg1`, … and one output; its value numbers are its own). The form
+//!   `fused[body="graph fused { ... }"](...)` of earlier files is read too; the printer writes the block.
+//!
+//! ```text
+//!   %5 "layers.0.fused" = fused(%3, %4) : f32[B, 64] {
+//!     %0 = input "arg0" : f32[B, 64]
+//!     %1 = input "arg1" : f32[B, 64]
+//!     %2 = mul(%0, %1) : f32[B, 64]
+//!     %3 = silu(%2) : f32[B, 64]
+//!     output "out" = %3
+//!   }
+//! ```
 //!
 //! ```text
 //! graph mlp {
@@ -90,8 +104,16 @@ pub fn print(g: &Graph) -> String {
         quote(&g.name)
     };
     let _ = writeln!(s, "graph {name} {{");
+    print_body(&mut s, g, "  ");
+    s.push_str("}\n");
+    s
+}
+
+/// The statements of a graph, each line indented by `indent`; a `fused` node's body follows it as a nested
+/// block, indented one level deeper.
+fn print_body(s: &mut String, g: &Graph, indent: &str) {
     for (id, n) in g.nodes() {
-        let _ = write!(s, "  %{}", id.index());
+        let _ = write!(s, "{indent}%{}", id.index());
         if let Some(name) = &n.name {
             let _ = write!(s, " {}", quote(name));
         }
@@ -105,7 +127,12 @@ pub fn print(g: &Graph) -> String {
             }
             op => {
                 s.push_str(op.name());
-                let attrs = op.attrs();
+                let body = match op {
+                    Op::Composite(crate::op::Composite::Fused { body }) => Some(body),
+                    _ => None,
+                };
+                // a fused body is written as a block after the node, not as an attribute
+                let attrs: Vec<(&str, AttrValue)> = if body.is_some() { Vec::new() } else { op.attrs() };
                 if !attrs.is_empty() {
                     s.push('[');
                     for (i, (k, v)) in attrs.iter().enumerate() {
@@ -121,7 +148,7 @@ pub fn print(g: &Graph) -> String {
                     if i > 0 {
                         s.push_str(", ");
                     }
-                    write_ref(&mut s, g, *v);
+                    write_ref(s, g, *v);
                 }
                 s.push_str(") : ");
                 if n.outputs.len() == 1 {
@@ -136,17 +163,21 @@ pub fn print(g: &Graph) -> String {
                     }
                     s.push(')');
                 }
+                if let Some(body) = body {
+                    s.push_str(" {\n");
+                    print_body(s, body.graph(), &format!("{indent}  "));
+                    s.push_str(indent);
+                    s.push('}');
+                }
             }
         }
         s.push('\n');
     }
     for (name, v) in g.outputs() {
-        let _ = write!(s, "  output {} = ", quote(name));
-        write_ref(&mut s, g, *v);
+        let _ = write!(s, "{indent}output {} = ", quote(name));
+        write_ref(s, g, *v);
         s.push('\n');
     }
-    s.push_str("}\n");
-    s
 }
 
 /// `%N` for the output of a one-output node, `%N#K` for output `K` of a node with several (`#0` included, so
@@ -207,6 +238,7 @@ pub fn parse(src: &str) -> Result<Graph> {
         src,
         pos: 0,
         ids: HashMap::new(),
+        in_body: false,
     };
     p.file().map_err(|e| {
         let (line, col) = line_col(src, e.pos);
@@ -226,6 +258,7 @@ pub fn parse_op(src: &str) -> std::result::Result<Op, String> {
         src,
         pos: 0,
         ids: HashMap::new(),
+        in_body: false,
     };
     p.skip_ws();
     let at = p.pos;
@@ -293,6 +326,8 @@ struct Parser<'a> {
     pos: usize,
     /// Source value number → (node, byte offset of its definition, number of outputs).
     ids: HashMap<usize, (NodeId, usize, usize)>,
+    /// Inside a `fused` body block.
+    in_body: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -517,16 +552,34 @@ impl<'a> Parser<'a> {
         };
         self.expect('{', "after the graph's name")?;
         let mut g = Graph::new(name);
+        self.block(&mut g, "the graph")?;
+        self.skip_ws();
+        if self.pos < self.src.len() {
+            return self.err(
+                self.pos,
+                format!("expected end of input after the graph's `}}`, found {}", self.found()),
+            );
+        }
+        Ok(g)
+    }
+
+    /// Statements up to and including the closing `}` of `what` (the graph, or a `fused` body).
+    fn block(&mut self, g: &mut Graph, what: &str) -> PResult<()> {
         loop {
             self.skip_ws();
             match self.peek() {
                 Some('}') => {
                     self.pos += 1;
-                    break;
+                    return Ok(());
                 }
-                Some('%') => self.node(&mut g)?,
-                Some(_) if self.peek_ident() == Some("output") => self.output(&mut g)?,
-                None => return self.err(self.pos, "expected `}` at the end of the graph, found end of input"),
+                Some('%') => self.node(g)?,
+                Some(_) if self.peek_ident() == Some("output") => self.output(g)?,
+                None => {
+                    return self.err(
+                        self.pos,
+                        format!("expected `}}` at the end of {what}, found end of input"),
+                    )
+                }
                 Some(_) => {
                     return self.err(
                         self.pos,
@@ -538,14 +591,28 @@ impl<'a> Parser<'a> {
                 }
             }
         }
-        self.skip_ws();
-        if self.pos < self.src.len() {
-            return self.err(
-                self.pos,
-                format!("expected end of input after the graph's `}}`, found {}", self.found()),
-            );
+    }
+
+    /// The body block of a `fused` node (its `{` next): a graph of its own, with its own value numbers.
+    fn fused_block(&mut self) -> PResult<Op> {
+        let open = self.pos;
+        if self.in_body {
+            // bodies do not nest (so neither does this recursion)
+            return self.err(open, "a fused body cannot contain `fused`");
         }
-        Ok(g)
+        self.pos += 1; // `{`
+        let outer = std::mem::take(&mut self.ids);
+        self.in_body = true;
+        let mut body = Graph::new("fused");
+        let r = self.block(&mut body, "the body of `fused`");
+        self.ids = outer;
+        self.in_body = false;
+        r?;
+        let body = crate::composite::fused::FusedBody::from_graph(&body).map_err(|m| PErr {
+            pos: open,
+            message: format!("the body of `fused`: {m}"),
+        })?;
+        Ok(Op::Composite(crate::op::Composite::Fused { body }))
     }
 
     /// `%N` at the current position: the number.
@@ -619,12 +686,48 @@ impl<'a> Parser<'a> {
                     );
                 }
             }
-            let op = Op::from_parts(op_name, &attrs).map_err(|message| PErr { pos: op_pos, message })?;
+            // `fused` carries its body as a block after its type (the `body` attribute is read as well)
+            let block_body = op_name == "fused" && !attrs.iter().any(|(k, _)| k == "body");
+            if block_body {
+                if let Some((k, _)) = attrs.first() {
+                    return self.err(
+                        op_pos,
+                        format!("`fused` has no attribute `{k}`: its body is the block after its type"),
+                    );
+                }
+            }
+            let op = if block_body {
+                None
+            } else {
+                Some(Op::from_parts(op_name, &attrs).map_err(|message| PErr { pos: op_pos, message })?)
+            };
             if self.eat(':') {
                 self.skip_ws();
                 let at = self.pos;
                 annotation = Some((at, self.types()?));
             }
+            self.skip_ws();
+            let op = match op {
+                Some(op) => {
+                    if op_name == "fused" && self.peek() == Some('{') {
+                        return self.err(
+                            self.pos,
+                            "`fused` has its body either as a block or as the `body` attribute, not both",
+                        );
+                    }
+                    op
+                }
+                None if self.peek() == Some('{') => self.fused_block()?,
+                None => {
+                    return self.err(
+                        self.pos,
+                        format!(
+                            "expected `{{` and the body of `fused` after its inputs and type, found {}",
+                            self.found()
+                        ),
+                    )
+                }
+            };
             (op, inputs)
         };
         let op_text = op.name();

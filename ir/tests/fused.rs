@@ -100,9 +100,30 @@ fn body_text_is_canonical_and_identifies_the_body() {
 fn round_trips_through_fir_and_json() {
     let g = outer();
     let s = text::print(&g);
-    assert!(
-        s.contains("= fused[body=\"graph fused {\\n  %0 = input \\\"arg0\\\" : f32[B, T, 8]\\n"),
-        "{s}"
+    // the body is a nested, indented block (as MLIR prints regions), not an escaped string attribute
+    assert_eq!(
+        s,
+        r#"graph outer {
+  %0 = input "x" : f32[B, T, 8]
+  %1 = param "w" : f32[4, 8]
+  %2 = param "b" : f32[4]
+  %3 = permute[perm=[1, 0]](%1) : f32[8, 4]
+  %4 = fused(%0, %3, %2) : f32[B, T, 4] {
+    %0 = input "arg0" : f32[B, T, 8]
+    %1 = input "arg1" : f32[8, 4]
+    %2 = input "arg2" : f32[4]
+    %3 = reshape[shape=[B*T, 8]](%0) : f32[B*T, 8]
+    %4 = matmul(%3, %1) : f32[B*T, 4]
+    %5 = reshape[shape=[B, T, 4]](%4) : f32[B, T, 4]
+    %6 = add(%5, %2) : f32[B, T, 4]
+    %7 "act" = silu(%6) : f32[B, T, 4]
+    %8 = constant[dtype=f32, shape=[], values=[0.5]]() : f32[]
+    %9 = mul(%7, %8) : f32[B, T, 4]
+    output "out" = %9
+  }
+  output "y" = %4
+}
+"#
     );
     let back = text::parse(&s).unwrap();
     assert_eq!(text::print(&back), s);
@@ -305,4 +326,71 @@ fn body_symbols_bound_by_one_argument_instantiate_others() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("input 1 is f32[5, 4]"), "{e}");
+}
+
+/// The block is what the printer writes; the attribute form of earlier files still reads (to the same graph);
+/// mistakes in the block are errors at their line and column.
+#[test]
+fn fused_blocks_parse_and_report_errors_where_they_are() {
+    let g = outer();
+    let block = text::print(&g);
+    let attr = format!(
+        "graph outer {{\n  %0 = input \"x\" : f32[B, T, 8]\n  %1 = param \"w\" : f32[4, 8]\n  %2 = param \"b\" : \
+         f32[4]\n  %3 = permute[perm=[1, 0]](%1)\n  %4 = fused[body={}](%0, %3, %2)\n  output \"y\" = %4\n}}\n",
+        fulgur_ir::op::quote(body().text())
+    );
+    assert_eq!(text::parse(&attr).unwrap(), g);
+    assert_eq!(text::print(&text::parse(&attr).unwrap()), block);
+    // hand-written: no type annotations, comments, other spacing, value numbers of its own
+    let hand = "graph outer {\n  %10 = input \"x\" : f32[B, T, 8]\n  %11 = param \"w\" : f32[4, 8]\n  %12 = param \
+                \"b\" : f32[4]\n  %13 = permute[perm=[1, 0]](%11)\n  %14 = fused(%10, %13, %12) {  // the kernel\n \
+                %7 = input \"arg0\" : f32[B, T, 8]\n %8 = input \"arg1\" : f32[8, 4]\n %9 = input \"arg2\" : f32[4]\n \
+                %3 = reshape[shape=[B*T, 8]](%7)\n %4 = matmul(%3, %8)\n %5 = reshape[shape=[B, T, 4]](%4)\n %6 = \
+                add(%5, %9)\n %1 \"act\" = silu(%6)\n %2 = constant[dtype=f32, shape=[], values=[0.5]]()\n %0 = \
+                mul(%1, %2)\n output \"out\" = %0 }\n  output \"y\" = %14\n}\n";
+    assert_eq!(text::print(&text::parse(hand).unwrap_or_else(|e| panic!("{e}"))), block);
+    let err = |src: &str| text::parse(src).unwrap_err().to_string();
+    let head = "graph g {\n  %0 = input \"x\" : f32[4]\n";
+    assert_eq!(
+        err(&format!("{head}  %1 = fused(%0) : f32[4]\n  output \"y\" = %1\n}}\n")),
+        "4:3: expected `{` and the body of `fused` after its inputs and type, found `output`"
+    );
+    assert_eq!(
+        err(&format!("{head}  %1 = fused(%0) {{\n    %0 = input \"arg0\" : f32[4]\n    %1 = exp(%9)\n    output \"out\" = %1\n  }}\n  output \"y\" = %1\n}}\n")),
+        "5:14: value %9 is not defined (before this use)"
+    );
+    assert_eq!(
+        err(&format!("{head}  %1 = fused(%0) {{\n    %0 = input \"arg0\" : f32[4]\n    %1 = exp(%0)\n  }}\n  output \"y\" = %1\n}}\n")),
+        "3:18: the body of `fused`: a fused body has exactly one output, this one has 0"
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}  %1 = fused[k=1](%0) {{\n    %0 = input \"arg0\" : f32[4]\n    output \"out\" = %0\n  }}\n}}\n"
+        )),
+        "3:8: `fused` has no attribute `k`: its body is the block after its type"
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}  %1 = fused[body={}](%0) {{\n  }}\n}}\n",
+            fulgur_ir::op::quote("graph k {\n  %0 = input \"arg0\" : f32[4]\n  output \"out\" = %0\n}")
+        )),
+        "3:94: `fused` has its body either as a block or as the `body` attribute, not both"
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}  %1 = fused(%0) {{\n    %0 = input \"arg0\" : f32[4]\n    output \"out\" = %0\n"
+        )),
+        "6:1: expected `}` at the end of the body of `fused`, found end of input"
+    );
+}
+
+/// Bodies do not nest, and a deeply nested text is refused at once, not by recursing.
+#[test]
+fn nested_fused_blocks_are_refused() {
+    let mut src = String::from("graph g {\n  %0 = input \"x\" : f32[4]\n");
+    for _ in 0..100_000 {
+        src.push_str("  %1 = fused(%0) {\n    %0 = input \"arg0\" : f32[4]\n");
+    }
+    let e = text::parse(&src).unwrap_err().to_string();
+    assert_eq!(e, "5:18: a fused body cannot contain `fused`");
 }

@@ -1,7 +1,7 @@
 //! `fused`: a fused kernel, written as the small graph it computes.
 //!
-//! `fused[body="graph fused { ... }"](a0, ..., aN)` means: run the body graph with its inputs `arg0..argN` bound
-//! to `a0..aN` and return its one output. The body is ordinary IR (primitives and composites other than
+//! `fused(a0, ..., aN) { body }` (in `.fir`, the body is a block after the node; see [`crate::text`]) means: run
+//! the body graph with its inputs `arg0..argN` bound to `a0..aN` and return its one output. The body is ordinary IR (primitives and composites other than
 //! `fused`), so a pass that fuses a subgraph into one kernel puts *that subgraph* in the body, and the fused
 //! node means exactly what was there.
 //!
