@@ -142,18 +142,26 @@ fn routes(egraph: &EGraph, base: &Extraction, roots: &[Id]) -> HashMap<Id, (Id, 
     pred
 }
 
+/// What routing an alternative needs: the saturated e-graph, its extraction, the routes from the outputs, and
+/// the original graph (its name and signature) with its output classes.
+struct Routes<'a> {
+    egraph: &'a EGraph,
+    base: &'a Extraction,
+    pred: &'a HashMap<Id, (Id, FNode)>,
+    g: &'a Graph,
+    roots: &'a [(String, Id)],
+}
+
 /// The graph that uses e-node `n` of class `c`: the extracted graph, with the outputs of the route's root
 /// recomputed through fresh copies of the route's e-nodes down to `n` (see the module documentation).
-#[allow(clippy::too_many_arguments)]
-fn routed_graph(
-    egraph: &EGraph,
-    base: &Extraction,
-    pred: &HashMap<Id, (Id, FNode)>,
-    g: &Graph,
-    roots: &[(String, Id)],
-    c: Id,
-    n: &FNode,
-) -> Result<Graph, IrError> {
+fn routed_graph(r: &Routes<'_>, c: Id, n: &FNode) -> Result<Graph, IrError> {
+    let Routes {
+        egraph,
+        base,
+        pred,
+        g,
+        roots,
+    } = *r;
     let mut out = Graph::new(g.name.clone());
     for id in g.inputs() {
         out.add_node(g.node(id).op.clone(), &[], None)?;
@@ -270,6 +278,13 @@ pub fn check_soundness(
     let mut classes: Vec<Id> = base.choice.keys().copied().collect();
     classes.sort();
     report.classes = classes.len();
+    let routes = Routes {
+        egraph: &egraph,
+        base: &base,
+        pred: &pred,
+        g,
+        roots: &roots,
+    };
     for c in classes {
         for n in egraph[c].nodes.iter() {
             report.alternatives += 1;
@@ -277,7 +292,7 @@ pub fn check_soundness(
                 report.in_extracted += 1;
                 continue;
             }
-            let Ok(alt) = routed_graph(&egraph, &base, &pred, g, &roots, c, n) else {
+            let Ok(alt) = routed_graph(&routes, c, n) else {
                 report.skipped += 1;
                 continue;
             };
