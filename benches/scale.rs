@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo bench --bench scale            # every case
 //! cargo bench --bench scale -- chain   # the cases whose name contains `chain`
+//! cargo bench --bench scale -- --write-chain 10000 /tmp/chain10000.fir   # a chain as a .fir file, to time
+//!                                      # `fulgur inspect` on it (and an older build on the same file)
 //! ```
 //!
 //! Cases: `chain-N`, N elementwise ops in one chain without layer names, the op of each drawn from a seeded
@@ -122,6 +124,20 @@ fn run_case(case: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    // (a case filter; `cargo bench` also passes `--bench`)
+    if let Some(pos) = std::env::args().position(|a| a == "--write-chain") {
+        let n: usize = std::env::args()
+            .nth(pos + 1)
+            .and_then(|n| n.parse().ok())
+            .expect("--write-chain N PATH");
+        let path = std::env::args().nth(pos + 2).expect("--write-chain N PATH");
+        fulgur::ir::tensor::write_atomic(
+            std::path::Path::new(&path),
+            fulgur::ir::text::print(&chain(n)).as_bytes(),
+        )
+        .expect("write the chain");
+        return;
+    }
     if let Some(pos) = std::env::args().position(|a| a == "--case") {
         let case = std::env::args().nth(pos + 1).expect("--case NAME");
         run_case(&case);

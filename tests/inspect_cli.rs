@@ -223,6 +223,12 @@ fn bindings_and_ceilings_the_spec_does_not_allow_are_refused() {
         fulgur(&[&"inspect", &"examples/mlp.fir", &"--bind", &"T=8"]),
         "error: --bind T: the graph has no symbol `T` (its symbols: B)",
     );
+    // sizes that overflow at the bound values are an error, not a cost of zero
+    exact(
+        fulgur(&[&"inspect", &"examples/mlp.fir", &"--bind", &"B=4611686018427387904"]),
+        "error: the shape f32[B, 64] of node %0 overflows 64 bits at B=4611686018427387904, N=4096, P=4096, \
+         T=4096 (--bind)",
+    );
     let dir = tempfile::tempdir().unwrap();
     for (json, want) in [
         (

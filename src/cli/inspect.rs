@@ -241,6 +241,27 @@ pub fn reports_text(g: &Graph, model: &CostModel, reports: &[PassReport], detail
     o
 }
 
+/// Every shape of `g` must have a size at the cost model's symbol values: a dimension or an element count that
+/// overflows 64 bits would cost nothing (or everything) without a word.
+fn check_costable(g: &Graph, model: &CostModel) -> Result<()> {
+    let mut env: Vec<String> = model.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.sort();
+    for (id, n) in g.nodes() {
+        for t in &n.outputs {
+            let dims: Option<Vec<i64>> = t.dims().iter().map(|d| d.eval_or(&model.env, 1024).ok()).collect();
+            let fits = dims.is_some_and(|d| d.iter().try_fold(1i64, |a, &x| a.checked_mul(x.max(0))).is_some());
+            if !fits {
+                bail!(
+                    "the shape {t} of node %{} overflows 64 bits at {} (--bind)",
+                    id.index(),
+                    env.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks `--dump DIR` before any work: a folder (or a path where one can be made) none of whose dump files
 /// is a file the command reads.
 fn check_dump_dir(dir: &Path, args: &Args, pipeline: &fulgur_passes::Pipeline) -> Result<()> {
@@ -285,6 +306,7 @@ pub fn print_warnings(reports: &[PassReport]) {
 pub fn run(args: Args) -> Result<()> {
     let (g, config_warnings) = input_graph(&args.input)?;
     let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind, &g.summary().symbols)?;
+    check_costable(&g, &model)?;
     let limits =
         Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window).map_err(|e| anyhow!("{e}"))?;
     let pipeline =
