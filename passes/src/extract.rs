@@ -264,10 +264,10 @@ fn dag_choice(cands: &[Vec<Cand>], deadline: Option<Instant>) -> (Vec<Option<usi
                     a.0.total_cmp(&b.0)
                 }
             });
-            let next = match choice[i] {
+            let k = match choice[i] {
                 None => {
                     assigned = true;
-                    Some(options[0].1)
+                    options[0].1
                 }
                 Some(cur) => {
                     let cur_t = options
@@ -275,6 +275,7 @@ fn dag_choice(cands: &[Vec<Cand>], deadline: Option<Instant>) -> (Vec<Option<usi
                         .find(|o| o.1 == cur)
                         .map(|o| o.0)
                         .unwrap_or(f64::INFINITY);
+                    // the cheapest strictly better e-node that does not reach this class through the choices
                     let mut pick = cur;
                     for &(t, k) in &options {
                         if k == cur || t >= cur_t || close(t, cur_t) {
@@ -286,10 +287,9 @@ fn dag_choice(cands: &[Vec<Cand>], deadline: Option<Instant>) -> (Vec<Option<usi
                             break;
                         }
                     }
-                    Some(pick)
+                    pick
                 }
             };
-            let k = next.unwrap_or(0);
             union_into(&sets, &cands[i][k].kids, &mut scratch);
             set_bit(&mut scratch, i);
             let own_before = class_cost[i];
