@@ -15,8 +15,9 @@ pub struct Target {
     pub name: String,
     /// Dense bf16/f16 tensor-core peak.
     pub matmul_flops_bf16: f64,
-    /// Dense tf32 tensor-core peak (used for f32 matmuls).
-    pub matmul_flops_f32: f64,
+    /// Dense TF32 tensor-core peak: f32 matmuls are costed at it only when TF32 is allowed
+    /// ([`CostModel::tf32`]); the numerics contract (`docs/numerics.md`) computes f32 in IEEE f32 otherwise.
+    pub matmul_flops_tf32: f64,
     /// Non-matmul (vector) f32 peak.
     pub vector_flops: f64,
     /// Device memory bandwidth.
@@ -37,7 +38,7 @@ impl Target {
         let t = |name: &str, bf16: f64, tf32: f64, f32v: f64, bw: f64, link: f64, launch: f64, src: &str| Target {
             name: name.into(),
             matmul_flops_bf16: bf16 * T,
-            matmul_flops_f32: tf32 * T,
+            matmul_flops_tf32: tf32 * T,
             vector_flops: f32v * T,
             mem_bw: bw * T,
             link_bw: link * 1e9,
@@ -73,7 +74,7 @@ impl Target {
             };
             match k.as_str() {
                 "matmul_flops_bf16" => self.matmul_flops_bf16 = f()?,
-                "matmul_flops_f32" => self.matmul_flops_f32 = f()?,
+                "matmul_flops_tf32" => self.matmul_flops_tf32 = f()?,
                 "vector_flops" => self.vector_flops = f()?,
                 "mem_bw" => self.mem_bw = f()?,
                 "link_bw" => self.link_bw = f()?,
@@ -105,6 +106,8 @@ pub struct NodeCost {
 pub struct CostModel {
     pub target: Target,
     pub env: HashMap<String, i64>,
+    /// Whether f32 matmuls may run on TF32 tensor cores (a numerics choice the user makes; off by default).
+    pub tf32: bool,
 }
 
 impl CostModel {
@@ -113,7 +116,11 @@ impl CostModel {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        CostModel { target, env }
+        CostModel {
+            target,
+            env,
+            tf32: false,
+        }
     }
 
     /// Number of elements of a type under the costing environment (unknown symbols count 1024).
@@ -216,16 +223,23 @@ impl CostModel {
         }
     }
 
+    /// The peak of a matmul in `dtype` under the numerics contract: bf16/f16 on tensor cores; f32 in IEEE f32 on
+    /// the vector units, or on TF32 tensor cores only when [`CostModel::tf32`] allows it.
+    pub fn matmul_peak(&self, dtype: DType) -> f64 {
+        match dtype {
+            DType::BF16 | DType::F16 => self.target.matmul_flops_bf16,
+            _ if self.tf32 => self.target.matmul_flops_tf32,
+            _ => self.target.vector_flops,
+        }
+    }
+
     /// Seconds for one node.
     pub fn time(&self, c: &NodeCost, dtype: DType) -> f64 {
         if !c.kernel && c.comm_bytes == 0.0 {
             return 0.0;
         }
         let peak = if c.tensor {
-            match dtype {
-                DType::BF16 | DType::F16 => self.target.matmul_flops_bf16,
-                _ => self.target.matmul_flops_f32,
-            }
+            self.matmul_peak(dtype)
         } else {
             self.target.vector_flops
         };
@@ -341,10 +355,7 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
                 .eval_or(&m.env, 1024)
                 .map(|f| f.max(0) as f64)
                 .unwrap_or(0.0);
-            let peak = match x.dtype {
-                DType::BF16 | DType::F16 => m.target.matmul_flops_bf16,
-                _ => m.target.matmul_flops_f32,
-            };
+            let peak = m.matmul_peak(x.dtype);
             let transfer = moved / m.target.link_bw;
             let hidden = transfer.min(0.5 * flops / peak);
             NodeCost {

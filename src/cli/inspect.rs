@@ -4,11 +4,11 @@
 
 use crate::cli::files::{check_not_input, checkpoint_files, load_graph, write_stdout, InputFile};
 use anyhow::{anyhow, bail, Context, Result};
+use fulgur_codegen::compile::{compile, CompileOptions};
 use fulgur_ir::Graph;
 use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
 use fulgur_passes::eqsat::TemplateReport;
-use fulgur_passes::rules::RuleConfig;
-use fulgur_passes::{standard_pipeline, CostModel, Limits, PassContext, PassReport, Target};
+use fulgur_passes::{CostModel, Limits, PassReport};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,7 @@ pub struct Args {
     /// Cost-model target.
     #[arg(long, default_value = "H100")]
     pub target: String,
-    /// JSON file of measured ceilings overriding the target's: `matmul_flops_bf16`, `matmul_flops_f32`,
+    /// JSON file of measured ceilings overriding the target's: `matmul_flops_bf16`, `matmul_flops_tf32`,
     /// `vector_flops` (FLOP/s), `mem_bw`, `link_bw` (bytes/s), `launch_s` (seconds).
     #[arg(long, value_name = "FILE")]
     pub ceilings: Option<PathBuf>,
@@ -39,6 +39,10 @@ pub struct Args {
     /// T=P=N=4096, any other symbol 1024); only the graph's own symbols.
     #[arg(long, value_name = "SYM=N", value_delimiter = ',')]
     pub bind: Vec<String>,
+    /// Let f32 matmuls use TF32 (costed at the TF32 tensor-core peak); by default f32 is IEEE f32
+    /// (`docs/numerics.md`).
+    #[arg(long)]
+    pub tf32: bool,
     /// Most e-nodes in one template's e-graph (saturation stops past it; it also bounds extraction).
     #[arg(long, value_name = "E-NODES", default_value_t = 20_000)]
     pub node_limit: usize,
@@ -90,53 +94,42 @@ fn looks_like_graph(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The cost model from `--target`, `--ceilings` and `--bind`; `symbols` are the graph's, the only names
-/// `--bind` may give (each at most once).
-pub fn cost_model(target: &str, ceilings: Option<&Path>, bind: &[String], symbols: &[String]) -> Result<CostModel> {
-    let mut t = Target::by_name(target).ok_or_else(|| {
-        anyhow!(
-            "unknown target `{target}` (known: {})",
-            Target::all()
-                .iter()
-                .map(|t| t.name.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
-    if let Some(c) = ceilings {
-        let text = std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display()))?;
-        t = t.with_overrides(&text).map_err(|e| anyhow!("{}: {e}", c.display()))?;
-    }
-    let mut m = CostModel::new(t);
-    let mut given: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
-    for b in bind {
-        let (k, v) = b
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--bind expects SYM=N, found `{b}`"))?;
-        let k = k.trim();
-        let v: i64 = v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow!("--bind {k}: `{v}` is not an integer"))?;
-        if v <= 0 {
-            bail!("--bind {k}: the value must be positive, found {v}");
-        }
-        if !symbols.iter().any(|s| s == k) {
-            bail!(
-                "--bind {k}: the graph has no symbol `{k}` (its symbols: {})",
-                if symbols.is_empty() {
-                    "none".to_string()
-                } else {
-                    symbols.join(", ")
-                }
-            );
-        }
-        if let Some(prev) = given.insert(k.to_string(), v) {
-            bail!("--bind {k} is given twice ({prev} and {v})");
-        }
-        m.env.insert(k.to_string(), v);
-    }
-    Ok(m)
+/// `--bind` values (`SYM=N`, or several comma-separated) as pairs.
+pub fn parse_bind(bind: &[String]) -> Result<Vec<(String, i64)>> {
+    bind.iter()
+        .map(|b| {
+            let (k, v) = b
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--bind expects SYM=N, found `{b}`"))?;
+            let k = k.trim();
+            let v: i64 = v
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("--bind {k}: `{v}` is not an integer"))?;
+            Ok((k.to_string(), v))
+        })
+        .collect()
+}
+
+/// The compile options of `inspect`'s arguments (the ceilings file read here, its path kept for errors).
+fn options(args: &Args) -> Result<CompileOptions> {
+    let ceilings = match &args.ceilings {
+        Some(c) => Some((
+            std::fs::read_to_string(c).with_context(|| format!("cannot read {}", c.display()))?,
+            c.display().to_string(),
+        )),
+        None => None,
+    };
+    Ok(CompileOptions {
+        target: args.target.clone(),
+        ceilings,
+        bind: parse_bind(&args.bind)?,
+        tf32: args.tf32,
+        limits: Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window)
+            .map_err(|e| anyhow!("{e}"))?,
+        disabled: args.disable_rules.clone(),
+        ..CompileOptions::default()
+    })
 }
 
 fn ms(s: f64) -> String {
@@ -241,27 +234,6 @@ pub fn reports_text(g: &Graph, model: &CostModel, reports: &[PassReport], detail
     o
 }
 
-/// Every shape of `g` must have a size at the cost model's symbol values: a dimension or an element count that
-/// overflows 64 bits would cost nothing (or everything) without a word.
-fn check_costable(g: &Graph, model: &CostModel) -> Result<()> {
-    let mut env: Vec<String> = model.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    env.sort();
-    for (id, n) in g.nodes() {
-        for t in &n.outputs {
-            let dims: Option<Vec<i64>> = t.dims().iter().map(|d| d.eval_or(&model.env, 1024).ok()).collect();
-            let fits = dims.is_some_and(|d| d.iter().try_fold(1i64, |a, &x| a.checked_mul(x.max(0))).is_some());
-            if !fits {
-                bail!(
-                    "the shape {t} of node %{} overflows 64 bits at {} (--bind)",
-                    id.index(),
-                    env.join(", ")
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Checks `--dump DIR` before any work: a folder (or a path where one can be made) none of whose dump files
 /// is a file the command reads.
 fn check_dump_dir(dir: &Path, args: &Args, pipeline: &fulgur_passes::Pipeline) -> Result<()> {
@@ -292,39 +264,19 @@ fn check_dump_dir(dir: &Path, args: &Args, pipeline: &fulgur_passes::Pipeline) -
     Ok(())
 }
 
-/// Prints the optimizer's warnings (templates a wall-clock limit decided) on stderr, one `warning:` line each.
-pub fn print_warnings(reports: &[PassReport]) {
-    for w in reports
-        .iter()
-        .filter_map(|r| r.eqsat.as_ref())
-        .flat_map(|e| &e.warnings)
-    {
-        eprintln!("warning: {w}");
-    }
-}
-
 pub fn run(args: Args) -> Result<()> {
     let (g, config_warnings) = input_graph(&args.input)?;
-    let model = cost_model(&args.target, args.ceilings.as_deref(), &args.bind, &g.summary().symbols)?;
-    check_costable(&g, &model)?;
-    let limits =
-        Limits::new(args.node_limit, args.iter_limit, args.time_limit, args.window).map_err(|e| anyhow!("{e}"))?;
-    let pipeline =
-        standard_pipeline(&RuleConfig::default(), &args.disable_rules, limits.clone()).map_err(|e| anyhow!("{e}"))?;
+    let opts = options(&args)?;
     if let Some(dir) = &args.dump {
-        check_dump_dir(dir, &args, &pipeline)?;
+        check_dump_dir(dir, &args, &opts.pipeline()?)?;
     }
-    let cx = PassContext { model: model.clone() };
-    let (optimized, reports) = pipeline.run(&g, &cx, args.dump.as_deref())?;
-    print_warnings(&reports);
-    for w in &config_warnings {
+    let compiled = compile(&g, &opts, args.dump.as_deref())?;
+    for w in compiled.warnings.iter().chain(&config_warnings) {
         eprintln!("warning: {w}");
     }
+    let (optimized, reports, model) = (compiled.graph, compiled.reports, compiled.model);
     if let Some(kernel) = &args.why {
-        let mut eq = fulgur_passes::EqSat::new(
-            fulgur_passes::rules::families(&RuleConfig::default(), &args.disable_rules).map_err(|e| anyhow!("{e}"))?,
-        );
-        eq.limits = limits;
+        let eq = opts.eqsat()?;
         let report = fulgur_passes::why::explain(&g.dead_code_eliminated(), &optimized, &eq, &model, kernel)?;
         if args.json {
             let mut s = serde_json::to_string_pretty(&report)?;

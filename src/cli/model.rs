@@ -61,24 +61,31 @@ pub enum OptLevel {
     Full,
 }
 
-/// Runs the standard pipeline on `g` when `opt` is `full`.
+impl From<OptLevel> for fulgur_codegen::compile::OptLevel {
+    fn from(o: OptLevel) -> Self {
+        match o {
+            OptLevel::None => fulgur_codegen::compile::OptLevel::None,
+            OptLevel::Full => fulgur_codegen::compile::OptLevel::Full,
+        }
+    }
+}
+
+/// Compiles `g` at `opt` for `target` (the library's compile; warnings printed here).
 pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulgur_ir::Graph> {
-    if opt == OptLevel::None {
-        return Ok(g);
-    }
-    let model = crate::cli::inspect::cost_model(target, None, &[], &[])?;
-    let pipeline = fulgur_passes::standard_pipeline(
-        &fulgur_passes::rules::RuleConfig::default(),
-        &[],
-        fulgur_passes::Limits::default(),
-    )?;
+    let opts = fulgur_codegen::compile::CompileOptions {
+        opt: opt.into(),
+        target: target.to_string(),
+        ..Default::default()
+    };
     let t = Instant::now();
-    let (out, reports) = pipeline.run(&g, &fulgur_passes::PassContext { model }, None)?;
-    crate::cli::inspect::print_warnings(&reports);
-    if let Some(r) = reports.last() {
-        tracing::info!(elapsed = ?t.elapsed(), kernels_before = reports[0].kernels_before, kernels_after = r.kernels_after, "optimized");
+    let compiled = fulgur_codegen::compile::compile(&g, &opts, None)?;
+    for w in &compiled.warnings {
+        eprintln!("warning: {w}");
     }
-    Ok(out)
+    if let Some(r) = compiled.reports.last() {
+        tracing::info!(elapsed = ?t.elapsed(), kernels_before = compiled.reports[0].kernels_before, kernels_after = r.kernels_after, "optimized");
+    }
+    Ok(compiled.graph)
 }
 
 /// The files `eval-model` and `generate` read: the checkpoint's and the tokens file.
