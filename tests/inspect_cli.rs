@@ -267,7 +267,10 @@ fn the_help_examples_of_why_work_on_the_shipped_models() {
         .nth(1)
         .expect("--why in the help")
         .lines()
-        .take_while(|l| !l.trim_start().starts_with("-h,"))
+        .enumerate()
+        // the --why line and its continuation lines, up to the next option
+        .take_while(|(i, l)| *i == 0 || !l.trim_start().starts_with('-'))
+        .map(|(_, l)| l)
         .collect::<Vec<_>>()
         .join(" ");
     let examples: Vec<&str> = text.split('`').skip(1).step_by(2).collect();
@@ -289,4 +292,35 @@ fn the_help_examples_of_why_work_on_the_shipped_models() {
         o,
         "no kernel named `layers.0.lightning_attention` in the optimized graph: give a kernel's name (",
     );
+}
+
+/// `inspect --kernels` prints the kernel program and its planned memory; with `--dump` it writes it too.
+#[test]
+fn inspect_prints_and_dumps_the_kernel_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(fulgur(&[&"inspect", &tiny_a(), &"--kernels", &"--dump", &dir.path()]));
+    let first = out.lines().next().unwrap();
+    assert!(first.starts_with("kernel program minimax_forward: "), "{first}");
+    assert!(
+        first.contains("distinct codes") && first.ends_with("symbols: B, T"),
+        "{first}"
+    );
+    assert!(out.contains("\nprepare:\n") && out.contains("\nstep:\n"), "{out}");
+    assert!(out.contains(" composite lightning_layer[block="), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(last.starts_with("memory at B=1, T=4096: planned peak "), "{last}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("kernels.txt")).unwrap(), out);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("kernels.json")).unwrap()).unwrap();
+    assert!(v["step"].as_array().unwrap().len() > 10);
+    let json = ok(fulgur(&[
+        &"inspect",
+        &tiny_a(),
+        &"--kernels",
+        &"--json",
+        &"--bind",
+        &"T=16",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["layout"]["arena_bytes"].as_u64().unwrap() > 0);
 }

@@ -7,6 +7,8 @@
 //! `fulgur-passes`.
 
 pub mod compile;
+pub mod oracle;
+pub mod program;
 
 use thiserror::Error;
 

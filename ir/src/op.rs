@@ -611,6 +611,43 @@ pub fn quote(s: &str) -> String {
 }
 
 impl Op {
+    /// The op with the dimensions in its attributes (shapes of `reshape`, `broadcast`, `full`, `iota`; `slice`
+    /// bounds; `all_to_all_start`'s `overlap_flops`; a fused body's argument types and attributes) rewritten by
+    /// `env` (symbols not in `env` stay).
+    pub fn substitute_dims(&self, env: &std::collections::HashMap<String, Dim>) -> Op {
+        let sh = |s: &crate::dim::Shape| crate::dim::Shape(s.0.iter().map(|d| d.substitute(env)).collect());
+        match self {
+            Op::Full { value, dtype, shape } => Op::Full {
+                value: *value,
+                dtype: *dtype,
+                shape: sh(shape),
+            },
+            Op::Iota { dtype, shape, axis } => Op::Iota {
+                dtype: *dtype,
+                shape: sh(shape),
+                axis: *axis,
+            },
+            Op::Reshape { shape } => Op::Reshape { shape: sh(shape) },
+            Op::Broadcast { shape } => Op::Broadcast { shape: sh(shape) },
+            Op::Slice { axis, start, end } => Op::Slice {
+                axis: *axis,
+                start: start.substitute(env),
+                end: end.substitute(env),
+            },
+            Op::Composite(Composite::Fused { body }) => match body.substitute(env) {
+                Ok(body) => Op::Composite(Composite::Fused { body }),
+                Err(_) => self.clone(),
+            },
+            Op::Composite(Composite::AllToAllStart { axis, overlap_flops }) => {
+                Op::Composite(Composite::AllToAllStart {
+                    axis: *axis,
+                    overlap_flops: overlap_flops.substitute(env),
+                })
+            }
+            op => op.clone(),
+        }
+    }
+
     /// The op's name in the text format.
     pub fn name(&self) -> &'static str {
         match self {

@@ -3,8 +3,10 @@
 //!
 //! Sizes are symbolic in the IR; the model evaluates them under a [`CostModel::env`] of representative symbol
 //! values (default `B = 1`, `T = P = 4096`, any other symbol 1024), so one compile is costed at the shapes that
-//! matter. Views (reshape, broadcast, slice, full, iota) cost nothing: a consumer kernel reads them in place.
+//! matter. What is a kernel is [`crate::classify`]'s to say: leaves, views (reshape, broadcast, slice) and
+//! generated values (full, iota) cost nothing; a consumer kernel reads them in place.
 
+use crate::classify::{classify, NodeClass};
 use fulgur_ir::{Composite, DType, Op, TensorType};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -154,11 +156,11 @@ impl CostModel {
             kernel: true,
             ..NodeCost::default()
         };
+        // what is a kernel at all is the shared classification's to say (the lowering follows it too)
+        if !matches!(classify(op), NodeClass::Kernel(_)) {
+            return NodeCost::default();
+        }
         match op {
-            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => NodeCost::default(),
-            Op::Full { .. } | Op::Iota { .. } | Op::Reshape { .. } | Op::Broadcast { .. } | Op::Slice { .. } => {
-                NodeCost::default()
-            }
             Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. } => kernel(out_n, io, false),
             Op::MatMul => {
                 let a = ins[0];

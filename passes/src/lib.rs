@@ -4,6 +4,8 @@
 //! - [`lang`]: the e-graph language mirroring the IR (attributes in the node payload, multi-output nodes as a
 //!   tuple plus projections), the shape/dtype analysis, and conversion Graph → e-graph;
 //! - [`rules`]: rule families, one file each (algebra, …); rules only say what is equal;
+//! - [`classify`]: what is data, a view, generated, or a kernel of which kind (the cost model and the lowering
+//!   share it);
 //! - [`cost`]: the roofline cost model over named targets (H100, H200, H800, H20, A100, CPU);
 //! - [`extract`]: DAG-aware greedy extraction back to a graph (a shared subterm is paid once), deterministic;
 //! - [`eqsat`]: the saturation pass, run once per distinct layer template and stitched, with node, iteration
@@ -12,6 +14,7 @@
 //!
 //! Depends on `fulgur-ir` only. Autodiff and sharding arrive with later issues.
 
+pub mod classify;
 pub mod cost;
 pub mod eqsat;
 pub mod extract;

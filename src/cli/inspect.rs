@@ -61,6 +61,11 @@ pub struct Args {
     /// ones.
     #[arg(long, value_name = "KERNEL")]
     pub why: Option<String>,
+    /// Print the kernel program the optimized graph lowers to: its kernels (kind, op, covered node, views,
+    /// code), buffers, and the planned peak memory at the `--bind` values (with `--dump`, also written there as
+    /// `kernels.txt` and `kernels.json`).
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 /// The graph an inspect/optimize command works on: a `.fir`/`.json` graph, or MiniMax's forward with loss
@@ -261,6 +266,9 @@ fn check_dump_dir(dir: &Path, args: &Args, pipeline: &fulgur_passes::Pipeline) -
             check_not_input(&dir.join(format!("{stem}.{ext}")), &inputs)?;
         }
     }
+    for f in ["kernels.txt", "kernels.json"] {
+        check_not_input(&dir.join(f), &inputs)?;
+    }
     Ok(())
 }
 
@@ -303,6 +311,24 @@ pub fn run(args: Args) -> Result<()> {
         }
         return write_stdout(&o);
     }
+    if args.kernels {
+        let program = fulgur_codegen::program::lower(&optimized)?;
+        let env = binding_env(&program, &model);
+        let layout = program.layout(&env)?;
+        let mut text = program.text();
+        text.push_str(&memory_text(&env, &layout));
+        if let Some(dir) = &args.dump {
+            let json = serde_json::to_string_pretty(&program)?;
+            fulgur_ir::tensor::write_atomic(&dir.join("kernels.txt"), text.as_bytes())?;
+            fulgur_ir::tensor::write_atomic(&dir.join("kernels.json"), json.as_bytes())?;
+        }
+        if args.json {
+            let mut s = serde_json::to_string_pretty(&serde_json::json!({ "program": program, "layout": layout }))?;
+            s.push('\n');
+            return write_stdout(&s);
+        }
+        return write_stdout(&text);
+    }
     if args.json {
         let mut s = serde_json::to_string_pretty(&reports)?;
         s.push('\n');
@@ -310,4 +336,35 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         write_stdout(&reports_text(&g, &model, &reports, args.passes))
     }
+}
+
+/// The symbol values a program's memory is planned at: the cost model's (`--bind`, default B=1, T=4096, ...),
+/// any other symbol of the program 1024.
+fn binding_env(
+    p: &fulgur_codegen::program::KernelProgram,
+    model: &CostModel,
+) -> std::collections::HashMap<String, i64> {
+    p.symbols
+        .iter()
+        .map(|s| (s.clone(), model.env.get(s).copied().unwrap_or(1024)))
+        .collect()
+}
+
+/// The memory report of a layout.
+fn memory_text(env: &std::collections::HashMap<String, i64>, l: &fulgur_codegen::program::Layout) -> String {
+    let mut e: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    e.sort();
+    let b = fulgur_ir::interp::fmt_bytes;
+    format!(
+        "memory at {}: planned peak {} (persistent {}, arena {}); every buffer apart would take {}\n",
+        if e.is_empty() {
+            "no symbols".to_string()
+        } else {
+            e.join(", ")
+        },
+        b(l.planned_peak()),
+        b(l.persistent_bytes),
+        b(l.arena_bytes),
+        b(l.persistent_bytes.saturating_add(l.transient_total_bytes))
+    )
 }

@@ -20,7 +20,7 @@
 //! Typing: the node's inputs must have exactly the argument types the body declares (symbolic dims compared
 //! as polynomials); the result is the body's output type.
 
-use crate::dim::{Dim, Shape};
+use crate::dim::Dim;
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, Value};
 use crate::op::{Composite, Op};
@@ -111,6 +111,37 @@ impl FusedBody {
         })
     }
 
+    /// The body with symbols replaced by `env` in its argument types and attributes (symbols not in `env`
+    /// stay): the body for given shapes.
+    pub fn substitute(&self, env: &HashMap<String, Dim>) -> std::result::Result<FusedBody, String> {
+        let bg = self.graph();
+        let mut g = Graph::new("fused");
+        let mut map: HashMap<Value, Value> = HashMap::new();
+        for (id, n) in bg.nodes() {
+            let v = match &n.op {
+                Op::Input { name, ty } => {
+                    let dims = ty.dims().iter().map(|d| d.substitute(env)).collect();
+                    g.input(name, ty.dtype, dims).map_err(|e| e.to_string())?
+                }
+                op => {
+                    let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
+                    let nid = g
+                        .add_node(op.substitute_dims(env), &ins, n.name.clone())
+                        .map_err(|e| e.to_string())?;
+                    for i in 1..n.outputs.len() {
+                        map.insert(Value::new(id, i as u32), Value::new(nid, i as u32));
+                    }
+                    Value::new(nid, 0)
+                }
+            };
+            map.insert(Value::new(id, 0), v);
+        }
+        for (name, v) in bg.outputs() {
+            g.add_output(name.clone(), map[v]).map_err(|e| e.to_string())?;
+        }
+        FusedBody::from_graph(&g)
+    }
+
     /// The canonical `.fir` text.
     pub fn text(&self) -> &str {
         &self.text
@@ -182,31 +213,6 @@ fn attr_symbols(op: &Op) -> Vec<String> {
     v
 }
 
-/// `op` with its attribute dimensions rewritten by `env`.
-fn substitute_op(op: &Op, env: &HashMap<String, Dim>) -> Op {
-    let sh = |s: &Shape| Shape(s.0.iter().map(|d| d.substitute(env)).collect());
-    match op {
-        Op::Full { value, dtype, shape } => Op::Full {
-            value: *value,
-            dtype: *dtype,
-            shape: sh(shape),
-        },
-        Op::Iota { dtype, shape, axis } => Op::Iota {
-            dtype: *dtype,
-            shape: sh(shape),
-            axis: *axis,
-        },
-        Op::Reshape { shape } => Op::Reshape { shape: sh(shape) },
-        Op::Broadcast { shape } => Op::Broadcast { shape: sh(shape) },
-        Op::Slice { axis, start, end } => Op::Slice {
-            axis: *axis,
-            start: start.substitute(env),
-            end: end.substitute(env),
-        },
-        op => op.clone(),
-    }
-}
-
 /// Appends the body of `fused[body](inputs)` to `g`, instantiated for the inputs' shapes: each symbol that is
 /// a whole dimension of an argument is bound to the input's dimension there (so a body written for
 /// `f32[B, T, 64]` inlines onto `f32[2, 5, 64]`), and the body's attribute dimensions are rewritten accordingly.
@@ -265,7 +271,7 @@ pub fn inline(g: &mut Graph, body: &FusedBody, inputs: &[Value]) -> Result<Value
             continue;
         }
         let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
-        let op = substitute_op(&n.op, &env);
+        let op = n.op.substitute_dims(&env);
         // a body node keeps its name (which node of the original graph it was); others are named by scope
         let outs = match &n.name {
             Some(name) => {

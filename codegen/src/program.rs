@@ -1,0 +1,623 @@
+//! The kernel program: the boundary between the optimizer and every backend, and the only thing backends
+//! consume.
+//!
+//! [`lower`] turns an optimized graph into:
+//! - **kernels**, each of a [`KernelKind`] (the classification shared with the cost model,
+//!   `fulgur_passes::classify`), each naming the IR node it covers and computing that node's op on strided
+//!   views of buffers. Kernels with the same op over the same view shapes share a **code** (`Kernel::code`):
+//!   a layer template's kernels are generated once, not once per layer;
+//! - a **prepare** program (what depends on weights and constants alone: transposed layouts, concatenated
+//!   projections, decay tables; run once at load) and a **step** program (run per call);
+//! - a **buffer plan**: every tensor is a buffer or a view of one ([`TensorRef`]: offset and strides in
+//!   elements, symbolic in the graph's symbols). Reshapes of contiguous data, broadcasts and slices are views
+//!   (no copies); a reshape of data that is not contiguous becomes a copy kernel. Persistent buffers (inputs,
+//!   weights, constants, prepared values) are apart from transient ones, which [`KernelProgram::layout`] packs
+//!   into one arena by liveness over the step order once the symbols are bound;
+//! - a **schedule**: every step kernel has a stream (0 computes, 1 communicates: `all_to_all_start`) and the
+//!   kernels of other streams it waits for. Executing on one stream in step order is always correct.
+//!
+//! Generated values (`full`, `iota`) that are not inside a fused kernel are filled by a small kernel of their
+//! own (the cost model counts them free; inside fused bodies, where the optimizer puts them, they are).
+
+use crate::CodegenError;
+use fulgur_ir::{DType, Dim, Graph, NodeId, Op, TensorType, Value};
+use fulgur_passes::classify::{classify, KernelKind, NodeClass};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+/// What a buffer holds and how long it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufferKind {
+    /// A data input, given per call.
+    Input,
+    /// A weight (graph parameter), loaded once.
+    Weight,
+    /// A constant of the graph, filled at load.
+    Constant,
+    /// Computed by the prepare program from weights and constants, once at load.
+    Prepared,
+    /// Written and read within one step: packed into the arena by liveness.
+    Transient,
+}
+
+/// One buffer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferSpec {
+    pub id: usize,
+    pub kind: BufferKind,
+    pub dtype: DType,
+    /// Size in elements (symbolic).
+    pub elements: Dim,
+    /// The input's or weight's name.
+    pub name: Option<String>,
+    /// A constant's values.
+    pub init: Option<Op>,
+    /// For a transient buffer: the step kernels that write it first and read it last (the end of the step for
+    /// one an output views).
+    pub live: Option<(usize, usize)>,
+}
+
+/// A tensor as a strided view of a buffer (offset and strides in elements).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorRef {
+    pub buffer: usize,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+    pub strides: Vec<Dim>,
+    pub offset: Dim,
+}
+
+impl TensorRef {
+    /// The whole of `buffer` as a row-major tensor of `shape`.
+    pub fn contiguous(buffer: usize, ty: &TensorType) -> TensorRef {
+        TensorRef {
+            buffer,
+            dtype: ty.dtype,
+            shape: ty.dims().to_vec(),
+            strides: row_major(ty.dims()),
+            offset: Dim::from(0),
+        }
+    }
+
+    /// Whether the elements are laid out row-major without gaps (axes of size 1 may have any stride).
+    pub fn is_contiguous(&self) -> bool {
+        let want = row_major(&self.shape);
+        self.shape
+            .iter()
+            .zip(self.strides.iter().zip(&want))
+            .all(|(d, (s, w))| d.is_one() || s == w)
+    }
+
+    fn signature(&self) -> String {
+        let dims = |v: &[Dim]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        format!(
+            "{}[{}]/[{}]+{}",
+            self.dtype,
+            dims(&self.shape),
+            dims(&self.strides),
+            self.offset
+        )
+    }
+}
+
+impl std::fmt::Display for TensorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dims = |v: &[Dim]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        write!(f, "b{}:{}[{}]", self.buffer, self.dtype, dims(&self.shape))?;
+        if !self.is_contiguous() {
+            write!(f, " strides [{}]", dims(&self.strides))?;
+        }
+        if self.offset != Dim::from(0) {
+            write!(f, " +{}", self.offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// Row-major strides of `shape`, in elements.
+pub fn row_major(shape: &[Dim]) -> Vec<Dim> {
+    let mut s = vec![Dim::from(1); shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1].clone() * shape[i + 1].clone();
+    }
+    s
+}
+
+/// One kernel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    pub id: usize,
+    /// The IR node it covers (its name in the optimized graph, or `%N`).
+    pub name: String,
+    pub kind: KernelKind,
+    /// What it computes, over its inputs in order.
+    pub op: Op,
+    pub inputs: Vec<TensorRef>,
+    pub outputs: Vec<TensorRef>,
+    /// Kernels with the same code run the same generated code (the same op over the same view shapes).
+    pub code: usize,
+    /// The stream it runs on (0: compute, 1: communication).
+    pub stream: usize,
+    /// Step kernels of other streams it waits for.
+    pub waits: Vec<usize>,
+}
+
+/// A named input, weight or output of the program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Io {
+    pub name: String,
+    pub ty: TensorType,
+    pub tensor: TensorRef,
+}
+
+/// The kernel program of a graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelProgram {
+    pub name: String,
+    pub symbols: Vec<String>,
+    pub buffers: Vec<BufferSpec>,
+    pub inputs: Vec<Io>,
+    pub params: Vec<Io>,
+    pub outputs: Vec<Io>,
+    /// Run once at load, in order.
+    pub prepare: Vec<Kernel>,
+    /// Run per call, in order (the schedule: each kernel's stream and waits).
+    pub step: Vec<Kernel>,
+    /// The number of distinct codes (generated kernels).
+    pub codes: usize,
+}
+
+/// Where the transient buffers lie in the arena once the symbols are bound, and what memory the program needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    /// Byte offset in the arena of every transient buffer (by buffer id; `None` for persistent ones).
+    pub offsets: Vec<Option<u64>>,
+    /// Bytes of every buffer (by buffer id).
+    pub sizes: Vec<u64>,
+    /// The arena's size: the peak of the transient buffers live at once, as packed.
+    pub arena_bytes: u64,
+    /// Bytes of the persistent buffers (inputs, weights, constants, prepared values).
+    pub persistent_bytes: u64,
+    /// Bytes of every transient buffer if each had its own allocation.
+    pub transient_total_bytes: u64,
+}
+
+impl Layout {
+    /// The planned peak: the persistent buffers and the arena.
+    pub fn planned_peak(&self) -> u64 {
+        self.persistent_bytes.saturating_add(self.arena_bytes)
+    }
+}
+
+/// Arena offsets are multiples of this (bytes).
+pub const ALIGN: u64 = 64;
+
+impl KernelProgram {
+    /// Packs the transient buffers into one arena at the symbol values `env`: the buffers in decreasing size,
+    /// each at the lowest aligned offset that overlaps no placed buffer whose live range meets its own.
+    pub fn layout(&self, env: &HashMap<String, i64>) -> Result<Layout, CodegenError> {
+        let n = self.buffers.len();
+        let mut sizes = vec![0u64; n];
+        for b in &self.buffers {
+            let e = b
+                .elements
+                .eval(env)
+                .map_err(|m| CodegenError::Options(format!("buffer b{} ({} elements): {m}", b.id, b.elements)))?;
+            sizes[b.id] = (e.max(0) as u64)
+                .checked_mul(b.dtype.size_bytes() as u64)
+                .ok_or_else(|| CodegenError::Options(format!("buffer b{}: its size overflows 64 bits", b.id)))?;
+        }
+        let mut transient: Vec<&BufferSpec> = self
+            .buffers
+            .iter()
+            .filter(|b| b.kind == BufferKind::Transient)
+            .collect();
+        transient.sort_by(|a, b| sizes[b.id].cmp(&sizes[a.id]).then(a.id.cmp(&b.id)));
+        let mut offsets: Vec<Option<u64>> = vec![None; n];
+        let mut placed: Vec<(u64, u64, usize, usize)> = Vec::new(); // (offset, end, live from, live to)
+        let mut arena = 0u64;
+        for b in transient {
+            let (from, to) = b.live.unwrap_or((0, usize::MAX));
+            let size = sizes[b.id];
+            let mut clashes: Vec<(u64, u64)> = placed
+                .iter()
+                .filter(|p| p.2 <= to && from <= p.3)
+                .map(|p| (p.0, p.1))
+                .collect();
+            clashes.sort();
+            let mut at = 0u64;
+            for (s, e) in clashes {
+                if at.saturating_add(size) <= s {
+                    break;
+                }
+                at = at.max(e.div_ceil(ALIGN) * ALIGN);
+            }
+            let end = at.saturating_add(size);
+            placed.push((at, end, from, to));
+            offsets[b.id] = Some(at);
+            arena = arena.max(end);
+        }
+        let persistent_bytes = self
+            .buffers
+            .iter()
+            .filter(|b| b.kind != BufferKind::Transient)
+            .map(|b| sizes[b.id])
+            .fold(0u64, u64::saturating_add);
+        let transient_total_bytes = self
+            .buffers
+            .iter()
+            .filter(|b| b.kind == BufferKind::Transient)
+            .map(|b| sizes[b.id])
+            .fold(0u64, u64::saturating_add);
+        Ok(Layout {
+            offsets,
+            sizes,
+            arena_bytes: arena,
+            persistent_bytes,
+            transient_total_bytes,
+        })
+    }
+
+    /// The program as text for people: buffers, then the prepare and step kernels.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let count = |k: BufferKind| self.buffers.iter().filter(|b| b.kind == k).count();
+        let _ = writeln!(
+            s,
+            "kernel program {}: {} prepare and {} step kernels, {} distinct codes; buffers: {} input, {} weight, \
+             {} constant, {} prepared, {} transient; symbols: {}",
+            self.name,
+            self.prepare.len(),
+            self.step.len(),
+            self.codes,
+            count(BufferKind::Input),
+            count(BufferKind::Weight),
+            count(BufferKind::Constant),
+            count(BufferKind::Prepared),
+            count(BufferKind::Transient),
+            if self.symbols.is_empty() {
+                "none".to_string()
+            } else {
+                self.symbols.join(", ")
+            }
+        );
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in &self.step {
+            *kinds.entry(k.kind.name()).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(s, "step kernels by kind: {}", kinds.join(", "));
+        for (title, ks) in [("prepare", &self.prepare), ("step", &self.step)] {
+            let _ = writeln!(s, "{title}:");
+            for k in ks.iter() {
+                let ins: Vec<String> = k.inputs.iter().map(|t| t.to_string()).collect();
+                let outs: Vec<String> = k.outputs.iter().map(|t| t.to_string()).collect();
+                let mut extra = String::new();
+                if k.stream != 0 {
+                    let _ = write!(extra, " stream {}", k.stream);
+                }
+                if !k.waits.is_empty() {
+                    let w: Vec<String> = k.waits.iter().map(|w| format!("k{w}")).collect();
+                    let _ = write!(extra, " waits {}", w.join(" "));
+                }
+                let _ = writeln!(
+                    s,
+                    "  k{} {} {} ({}) code {}{extra}: {} -> {}",
+                    k.id,
+                    k.kind.name(),
+                    op_summary(&k.op),
+                    k.name,
+                    k.code,
+                    ins.join(", "),
+                    outs.join(", ")
+                );
+            }
+        }
+        s
+    }
+}
+
+/// An op for a report line: a fused kernel as its body's ops.
+pub fn op_summary(op: &Op) -> String {
+    match op {
+        Op::Composite(fulgur_ir::Composite::Fused { body }) => {
+            let ops: Vec<&str> = body
+                .graph()
+                .nodes()
+                .filter(|(_, n)| !n.op.is_input())
+                .map(|(_, n)| n.op.name())
+                .collect();
+            format!("fused{{{}}}", ops.join(", "))
+        }
+        op => fulgur_passes::lang::op_text(op),
+    }
+}
+
+/// What the lowering knows of a value.
+#[derive(Clone)]
+struct Val {
+    tensor: TensorRef,
+    /// The step kernel that produced it (for waits across streams), if any.
+    producer: Option<usize>,
+}
+
+/// Lowers an (optimized) graph to its kernel program.
+pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
+    let param_only = fulgur_passes::pass::param_only_nodes(g);
+    let mut p = KernelProgram {
+        name: g.name.clone(),
+        symbols: g.summary().symbols,
+        buffers: Vec::new(),
+        inputs: Vec::new(),
+        params: Vec::new(),
+        outputs: Vec::new(),
+        prepare: Vec::new(),
+        step: Vec::new(),
+        codes: 0,
+    };
+    let mut vals: HashMap<Value, Val> = HashMap::new();
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    let new_buffer = |p: &mut KernelProgram, kind: BufferKind, ty: &TensorType, name: Option<String>| -> usize {
+        let id = p.buffers.len();
+        p.buffers.push(BufferSpec {
+            id,
+            kind,
+            dtype: ty.dtype,
+            elements: ty.shape.numel(),
+            name,
+            init: None,
+            live: None,
+        });
+        id
+    };
+    for (id, n) in g.nodes() {
+        let name = n.name.clone().unwrap_or_else(|| format!("%{}", id.index()));
+        let ins: Vec<Val> = n.inputs.iter().map(|v| vals[v].clone()).collect();
+        let prepared = param_only[id.index()];
+        let set = |vals: &mut HashMap<Value, Val>, i: usize, v: Val| {
+            vals.insert(Value::new(id, i as u32), v);
+        };
+        match (&n.op, classify(&n.op)) {
+            (Op::Input { name: iname, ty }, _) | (Op::Param { name: iname, ty }, _) => {
+                let is_param = matches!(n.op, Op::Param { .. });
+                let kind = if is_param {
+                    BufferKind::Weight
+                } else {
+                    BufferKind::Input
+                };
+                let b = new_buffer(&mut p, kind, ty, Some(iname.clone()));
+                let tensor = TensorRef::contiguous(b, ty);
+                let io = Io {
+                    name: iname.clone(),
+                    ty: ty.clone(),
+                    tensor: tensor.clone(),
+                };
+                if is_param {
+                    p.params.push(io);
+                } else {
+                    p.inputs.push(io);
+                }
+                set(&mut vals, 0, Val { tensor, producer: None });
+            }
+            (Op::Constant { .. }, _) => {
+                let b = new_buffer(&mut p, BufferKind::Constant, &n.outputs[0], None);
+                p.buffers[b].init = Some(n.op.clone());
+                set(
+                    &mut vals,
+                    0,
+                    Val {
+                        tensor: TensorRef::contiguous(b, &n.outputs[0]),
+                        producer: None,
+                    },
+                );
+            }
+            (op, NodeClass::View) => match view(op, &ins[0].tensor, &n.outputs[0]) {
+                Some(t) => set(
+                    &mut vals,
+                    0,
+                    Val {
+                        tensor: t,
+                        producer: ins[0].producer,
+                    },
+                ),
+                // a reshape of data that is not contiguous: copied
+                None => {
+                    let outs = emit(
+                        &mut p,
+                        &mut codes,
+                        &name,
+                        KernelKind::Copy,
+                        op,
+                        &ins,
+                        &n.outputs,
+                        prepared,
+                    );
+                    set(&mut vals, 0, outs.into_iter().next().expect("one output"));
+                }
+            },
+            (_, NodeClass::Sync) => {
+                // a wait: the value is its input's; the wait is recorded on the readers (stream order)
+                set(&mut vals, 0, ins[0].clone());
+            }
+            (op, NodeClass::Generated) => {
+                let outs = emit(
+                    &mut p,
+                    &mut codes,
+                    &name,
+                    KernelKind::Elementwise,
+                    op,
+                    &ins,
+                    &n.outputs,
+                    prepared,
+                );
+                set(&mut vals, 0, outs.into_iter().next().expect("one output"));
+            }
+            (op, NodeClass::Kernel(kind)) => {
+                let outs = emit(&mut p, &mut codes, &name, kind, op, &ins, &n.outputs, prepared);
+                for (i, v) in outs.into_iter().enumerate() {
+                    set(&mut vals, i, v);
+                }
+            }
+            (_, NodeClass::Leaf) => unreachable!("leaves are matched above"),
+        }
+    }
+    for (name, v) in g.outputs() {
+        p.outputs.push(Io {
+            name: name.clone(),
+            ty: g.ty(*v).clone(),
+            tensor: vals[v].tensor.clone(),
+        });
+    }
+    p.codes = codes.len();
+    liveness(&mut p);
+    Ok(p)
+}
+
+/// The view `op` makes of `t`, or `None` when it needs a copy (a reshape of data that is not contiguous).
+fn view(op: &Op, t: &TensorRef, out: &TensorType) -> Option<TensorRef> {
+    match op {
+        Op::Reshape { .. } => t.is_contiguous().then(|| TensorRef {
+            shape: out.dims().to_vec(),
+            strides: row_major(out.dims()),
+            ..t.clone()
+        }),
+        Op::Broadcast { .. } => {
+            let (r_in, r_out) = (t.shape.len(), out.rank());
+            // right-aligned: an axis the input has with the same size keeps its stride; new or stretched
+            // axes have stride 0
+            let strides: Vec<Dim> = (0..r_out)
+                .map(|j| match (j + r_in).checked_sub(r_out) {
+                    Some(i) if t.shape[i] == out.dims()[j] => t.strides[i].clone(),
+                    _ => Dim::from(0),
+                })
+                .collect();
+            Some(TensorRef {
+                shape: out.dims().to_vec(),
+                strides,
+                ..t.clone()
+            })
+        }
+        Op::Slice { axis, start, .. } => {
+            let a = fulgur_ir::infer::norm_axis(*axis, t.shape.len()).ok()?;
+            let offset = t.offset.clone() + start.clone() * t.strides[a].clone();
+            Some(TensorRef {
+                shape: out.dims().to_vec(),
+                offset,
+                ..t.clone()
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Adds a kernel computing `op` over `ins` into new buffers; to the prepare program when it depends on weights
+/// and constants alone.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    p: &mut KernelProgram,
+    codes: &mut HashMap<String, usize>,
+    name: &str,
+    kind: KernelKind,
+    op: &Op,
+    ins: &[Val],
+    outs: &[TensorType],
+    prepared: bool,
+) -> Vec<Val> {
+    let buffer_kind = if prepared {
+        BufferKind::Prepared
+    } else {
+        BufferKind::Transient
+    };
+    let mut outputs = Vec::new();
+    for t in outs {
+        let id = p.buffers.len();
+        p.buffers.push(BufferSpec {
+            id,
+            kind: buffer_kind,
+            dtype: t.dtype,
+            elements: t.shape.numel(),
+            name: None,
+            init: None,
+            live: None,
+        });
+        outputs.push(TensorRef::contiguous(id, t));
+    }
+    let inputs: Vec<TensorRef> = ins.iter().map(|v| v.tensor.clone()).collect();
+    let key = {
+        let mut k = fulgur_passes::lang::op_text(op);
+        for t in inputs.iter().chain(&outputs) {
+            k.push('|');
+            k.push_str(&t.signature());
+        }
+        k
+    };
+    let next = codes.len();
+    let code = *codes.entry(key).or_insert(next);
+    let stream = usize::from(matches!(op, Op::Composite(fulgur_ir::Composite::AllToAllStart { .. })));
+    let list = if prepared { &mut p.prepare } else { &mut p.step };
+    let kid = list.len();
+    let mut waits: Vec<usize> = Vec::new();
+    if !prepared {
+        for v in ins {
+            if let Some(pk) = v.producer {
+                if p.step[pk].stream != stream && !waits.contains(&pk) {
+                    waits.push(pk);
+                }
+            }
+        }
+    }
+    let list = if prepared { &mut p.prepare } else { &mut p.step };
+    list.push(Kernel {
+        id: kid,
+        name: name.to_string(),
+        kind,
+        op: op.clone(),
+        inputs,
+        outputs: outputs.clone(),
+        code,
+        stream,
+        waits,
+    });
+    outputs
+        .into_iter()
+        .map(|tensor| Val {
+            tensor,
+            producer: (!prepared).then_some(kid),
+        })
+        .collect()
+}
+
+/// The live range of every transient buffer over the step kernels: from its writer to its last reader (to the
+/// end of the step when an output views it).
+fn liveness(p: &mut KernelProgram) {
+    let mut first: HashMap<usize, usize> = HashMap::new();
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for k in &p.step {
+        for t in &k.outputs {
+            first.entry(t.buffer).or_insert(k.id);
+            last.insert(t.buffer, k.id);
+        }
+        for t in &k.inputs {
+            let e = last.entry(t.buffer).or_insert(k.id);
+            *e = (*e).max(k.id);
+        }
+    }
+    let end = p.step.len();
+    for o in &p.outputs {
+        last.insert(o.tensor.buffer, end);
+    }
+    for b in &mut p.buffers {
+        if b.kind == BufferKind::Transient {
+            let f = first.get(&b.id).copied().unwrap_or(0);
+            b.live = Some((f, last.get(&b.id).copied().unwrap_or(f)));
+        }
+    }
+}
+
+/// The graph node ids of a program's kernels, for reports (the node of each kernel by name).
+pub fn kernel_nodes(g: &Graph) -> HashMap<String, NodeId> {
+    g.nodes()
+        .filter_map(|(id, n)| n.name.clone().map(|name| (name, id)))
+        .collect()
+}
