@@ -133,3 +133,29 @@ fn examples_lower_exactly() {
         }
     }
 }
+
+/// The full-size config (whose weights cannot be materialised here) lowers, its 80 layers sharing the codes of
+/// their templates, and its memory plans at a 4096-token prefill.
+#[test]
+fn the_full_config_lowers_with_codes_per_template() {
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-text-01.json")).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let og = compiled(&g, OptLevel::Full);
+    let p = lower(&og).unwrap();
+    // the codes of the 80 layers are those of two layer templates (and the head's), not 80 layers' worth
+    let layer_kernels = p.step.iter().filter(|k| k.name.starts_with("layers.")).count();
+    assert!(layer_kernels > 500, "{layer_kernels}");
+    assert!(p.codes < 60, "{} codes for {} step kernels", p.codes, p.step.len());
+    let env: HashMap<String, i64> = [("B".into(), 1), ("T".into(), 4096)].into();
+    let l = p.layout(&env).unwrap();
+    // the weights alone are 456B parameters in f32
+    assert!(l.persistent_bytes > 456_000_000_000 * 4, "{l:?}");
+    assert!(l.arena_bytes < l.transient_total_bytes / 10, "{l:?}");
+}
