@@ -7,6 +7,10 @@
 //! `fulgur-passes`.
 
 pub mod compile;
+pub mod kernels;
+#[cfg(feature = "llvm")]
+pub mod llvm;
+pub mod loops;
 pub mod oracle;
 pub mod program;
 

@@ -7,6 +7,8 @@
 //! Every backend implements [`Backend`]; callers (the CLI, generation) are written against the trait so that
 //! the compiled backends slot in without changing them.
 
+#[cfg(feature = "llvm")]
+pub mod cpu;
 pub mod generate;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};

@@ -1,0 +1,262 @@
+//! The GEMM driver of the CPU backend: cache blocking, packing and threading around the generated
+//! micro-kernel (`fulgur_codegen::llvm::MicroKernel`).
+//!
+//! The loops are the classic ones of BLIS-style GEMMs: `C` in blocks of `NC` columns; `k` in blocks of `KC`;
+//! a `KC × NC` block of `B` packed once into `NR`-wide panels (shared by the threads); the rows of `C` in blocks
+//! of `MC`, each thread packing its `MC × KC` block of `A` into `MR`-tall panels and running the micro-kernel on
+//! every `MR × NR` tile. Operands may be f32, bf16 or f16 with any strides (transposes are strides): packing
+//! converts to f32. `C` is written directly when it is row-major f32; otherwise through an f32 buffer.
+
+use super::SendPtr;
+use fulgur_codegen::llvm::MicroKernel;
+use fulgur_ir::DType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Depth of a packed block.
+const KC: usize = 256;
+
+/// A strided matrix operand (strides in elements).
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: *const u8,
+    pub dtype: DType,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+#[inline(always)]
+unsafe fn read(m: &Mat, i: isize, j: isize) -> f32 {
+    let at = i * m.rs + j * m.cs;
+    match m.dtype {
+        DType::F32 => *(m.ptr as *const f32).offset(at),
+        DType::BF16 => bf16::from_bits(*(m.ptr as *const u16).offset(at)).to_f32(),
+        DType::F16 => f16::from_bits(*(m.ptr as *const u16).offset(at)).to_f32(),
+        _ => 0.0,
+    }
+}
+
+/// The micro-kernel and its tile.
+#[derive(Clone, Copy)]
+pub struct Kernel {
+    pub ukr: MicroKernel,
+    pub mr: usize,
+    pub nr: usize,
+}
+
+thread_local! {
+    static APACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `a` into `MR`-tall panels (zero-padded).
+unsafe fn pack_a(out: &mut [f32], a: &Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize) {
+    let panels = mc.div_ceil(mr);
+    for q in 0..panels {
+        let dst = &mut out[q * kc * mr..(q + 1) * kc * mr];
+        let rows = mr.min(mc - q * mr);
+        for i in 0..mr {
+            if i >= rows {
+                for kk in 0..kc {
+                    dst[kk * mr + i] = 0.0;
+                }
+                continue;
+            }
+            let r = (i0 + q * mr + i) as isize;
+            if a.dtype == DType::F32 && a.cs == 1 {
+                let src = (a.ptr as *const f32).offset(r * a.rs + p0 as isize);
+                for kk in 0..kc {
+                    dst[kk * mr + i] = *src.add(kk);
+                }
+            } else {
+                for kk in 0..kc {
+                    dst[kk * mr + i] = read(a, r, (p0 + kk) as isize);
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `p0..p0+kc`, columns of panel `p` (from `j0`) of `b` into one `NR`-wide panel (zero-padded).
+unsafe fn pack_b_panel(dst: &mut [f32], b: &Mat, p0: usize, kc: usize, j0: usize, cols: usize, nr: usize) {
+    for kk in 0..kc {
+        let row = &mut dst[kk * nr..(kk + 1) * nr];
+        let r = (p0 + kk) as isize;
+        if b.dtype == DType::F32 && b.cs == 1 {
+            let src = (b.ptr as *const f32).offset(r * b.rs + j0 as isize);
+            for (j, x) in row.iter_mut().enumerate().take(cols) {
+                *x = *src.add(j);
+            }
+        } else {
+            for (j, x) in row.iter_mut().enumerate().take(cols) {
+                *x = read(b, r, (j0 + j) as isize);
+            }
+        }
+        for x in row.iter_mut().skip(cols) {
+            *x = 0.0;
+        }
+    }
+}
+
+/// `C = A · B` with `A [m, k]`, `B [k, n]`, `C [m, n]` row-major f32 (leading dimension `ldc`).
+///
+/// # Safety
+/// The pointers must be valid for the shapes and strides given, and `c` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    pool: &rayon::ThreadPool,
+    kern: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let cp = SendPtr(c as *mut u8);
+    if k == 0 {
+        for i in 0..m {
+            std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        }
+        return;
+    }
+    let (mr, nr) = (kern.mr, kern.nr);
+    let threads = pool.current_num_threads().max(1);
+    let flops = (m * n * k) as f64;
+    let parallel = threads > 1 && flops > 2e6;
+    // rows per task: whole MR panels, enough tasks for every thread
+    let mc_max = mr * 16;
+    let mc = if parallel {
+        (m.div_ceil(threads).div_ceil(mr) * mr).clamp(mr, mc_max)
+    } else {
+        mc_max
+    };
+    let nc_max = nr * 64;
+    let mut bpack: Vec<f32> = Vec::new();
+    for jc in (0..n).step_by(nc_max) {
+        let nc = nc_max.min(n - jc);
+        let npanels = nc.div_ceil(nr);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let first = pc == 0;
+            bpack.resize(npanels * kc * nr, 0.0);
+            {
+                let chunk = kc * nr;
+                let fill = |(p, dst): (usize, &mut [f32])| {
+                    let j0 = jc + p * nr;
+                    let cols = nr.min(n - j0);
+                    pack_b_panel(dst, &b, pc, kc, j0, cols, nr);
+                };
+                if parallel && npanels > 1 {
+                    pool.install(|| bpack.par_chunks_mut(chunk).enumerate().for_each(fill));
+                } else {
+                    bpack.chunks_mut(chunk).enumerate().for_each(fill);
+                }
+            }
+            let mblocks = m.div_ceil(mc);
+            // split the panels too when there are fewer row blocks than threads
+            let nsplit = if parallel && mblocks < threads {
+                threads.div_ceil(mblocks).min(npanels)
+            } else {
+                1
+            };
+            let bp = SendPtr(bpack.as_ptr() as *mut u8);
+            let task = |t: usize| {
+                let (cp, bp) = (&cp, &bp);
+                let (mb, ns) = (t / nsplit, t % nsplit);
+                let i0 = mb * mc;
+                let mcb = mc.min(m - i0);
+                let (p_lo, p_hi) = (npanels * ns / nsplit, npanels * (ns + 1) / nsplit);
+                if p_lo == p_hi {
+                    return;
+                }
+                APACK.with(|ap| {
+                    let mut ap = ap.borrow_mut();
+                    let panels_a = mcb.div_ceil(mr);
+                    ap.resize(panels_a * kc * mr, 0.0);
+                    pack_a(&mut ap, &a, i0, mcb, pc, kc, mr);
+                    let bpk = bp.0 as *const f32;
+                    let mut tile = [0f32; 16 * 64];
+                    for p in p_lo..p_hi {
+                        let j0 = jc + p * nr;
+                        let cols = nr.min(n - j0);
+                        let bpanel = bpk.add(p * kc * nr);
+                        for q in 0..panels_a {
+                            let r0 = i0 + q * mr;
+                            let rows = mr.min(m - r0);
+                            let apanel = ap.as_ptr().add(q * kc * mr);
+                            let cptr = (cp.0 as *mut f32).add(r0 * ldc + j0);
+                            if rows == mr && cols == nr {
+                                (kern.ukr)(kc as i64, apanel, bpanel, cptr, ldc as i64, i64::from(!first));
+                            } else {
+                                (kern.ukr)(kc as i64, apanel, bpanel, tile.as_mut_ptr(), nr as i64, 0);
+                                for i in 0..rows {
+                                    let dst = cptr.add(i * ldc);
+                                    for j in 0..cols {
+                                        let v = tile[i * nr + j];
+                                        if first {
+                                            *dst.add(j) = v;
+                                        } else {
+                                            *dst.add(j) += v;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            };
+            let ntasks = mblocks * nsplit;
+            if parallel && ntasks > 1 {
+                pool.install(|| (0..ntasks).into_par_iter().for_each(task));
+            } else {
+                (0..ntasks).for_each(task);
+            }
+        }
+    }
+}
+
+/// `C = A · B` into a `C` of any dtype and strides: straight into it when it is row-major f32, else through
+/// an f32 buffer.
+///
+/// # Safety
+/// As [`sgemm`]; `c` is a strided matrix of `c_dtype`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    pool: &rayon::ThreadPool,
+    kern: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut u8,
+    c_dtype: DType,
+    c_rs: isize,
+    c_cs: isize,
+) {
+    if c_dtype == DType::F32 && c_cs == 1 && c_rs >= n as isize {
+        return sgemm(pool, kern, m, n, k, a, b, c as *mut f32, c_rs as usize);
+    }
+    let mut tmp = vec![0f32; m * n];
+    sgemm(pool, kern, m, n, k, a, b, tmp.as_mut_ptr(), n);
+    for i in 0..m {
+        for j in 0..n {
+            let v = tmp[i * n + j];
+            let at = i as isize * c_rs + j as isize * c_cs;
+            match c_dtype {
+                DType::F32 => *(c as *mut f32).offset(at) = v,
+                DType::BF16 => *(c as *mut u16).offset(at) = bf16::from_f32(v).to_bits(),
+                DType::F16 => *(c as *mut u16).offset(at) = f16::from_f32(v).to_bits(),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,828 @@
+//! The CPU backend: a kernel program JIT-compiled through LLVM and run on the host's cores.
+//!
+//! A [`CpuProgram`] holds the compiled code, the weights (loaded once, in their dtype, and kept resident), the
+//! values the prepare program computes from them, and the memory of a step: one arena for the transient
+//! buffers, packed by the buffer plan at the bound symbols, and one scratch area for the kernels' own scratch
+//! buffers. Tensors are typed bytes (f32, bf16, f16, i32, i64, bool), never f64.
+//!
+//! Each step kernel runs its code's steps in order: a phase is split across the threads of a `rayon` pool
+//! (items in contiguous ranges; a phase too small to be worth it runs on the calling thread), a GEMM step runs
+//! the blocked GEMM ([`gemm`]). A kernel that finds bad data (an index out of range) stops the step with an
+//! error naming the kernel and the value.
+
+pub mod gemm;
+
+use crate::RuntimeError;
+use fulgur_codegen::kernels::build_program;
+use fulgur_codegen::llvm::{compile, JitProgram, LlvmOptions};
+use fulgur_codegen::loops::{LoopKernel, Slot, Step};
+use fulgur_codegen::program::{BufferKind, Kernel, KernelProgram, Layout, TensorRef};
+use fulgur_ir::{Buffer, DType, Dim, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+/// A raw pointer that may cross threads (the kernels' memory is disjoint per item range by construction).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut u8);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Zeroed bytes aligned to 64.
+pub struct Bytes {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+unsafe impl Send for Bytes {}
+unsafe impl Sync for Bytes {}
+
+impl Bytes {
+    /// `len` zero bytes; an error (not an abort) when the system cannot give them.
+    pub fn zeroed(len: usize, what: &str) -> Result<Bytes, RuntimeError> {
+        if len == 0 {
+            return Ok(Bytes {
+                ptr: std::ptr::NonNull::dangling(),
+                len: 0,
+            });
+        }
+        let layout = std::alloc::Layout::from_size_align(len, 64)
+            .map_err(|_| RuntimeError::Other(format!("{what}: {len} bytes is not an allocatable size")))?;
+        // SAFETY: the layout has a non-zero size
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(p).ok_or_else(|| {
+            RuntimeError::Other(format!(
+                "{what}: cannot allocate {} (out of memory)",
+                fulgur_ir::interp::fmt_bytes(len as u64)
+            ))
+        })?;
+        Ok(Bytes { ptr, len })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes allocated (or a dangling pointer with length 0)
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated with this layout in `zeroed`
+            unsafe {
+                std::alloc::dealloc(
+                    self.ptr.as_ptr(),
+                    std::alloc::Layout::from_size_align_unchecked(self.len, 64),
+                )
+            };
+        }
+    }
+}
+
+/// Writes `t` (converted to `dtype`) as `dtype` bytes into `out`.
+pub fn encode_into(t: &Tensor, dtype: DType, out: &mut [u8]) {
+    let es = dtype.size_bytes();
+    match &t.data {
+        Buffer::F(v) => {
+            for (i, &x) in v.iter().enumerate() {
+                put(dtype, x, x as i64, &mut out[i * es..(i + 1) * es]);
+            }
+        }
+        Buffer::I(v) => {
+            for (i, &x) in v.iter().enumerate() {
+                put(dtype, x as f64, x, &mut out[i * es..(i + 1) * es]);
+            }
+        }
+        Buffer::B(v) => {
+            for (i, &x) in v.iter().enumerate() {
+                put(
+                    dtype,
+                    f64::from(u8::from(x)),
+                    i64::from(x),
+                    &mut out[i * es..(i + 1) * es],
+                );
+            }
+        }
+    }
+}
+
+fn put(dtype: DType, f: f64, i: i64, out: &mut [u8]) {
+    match dtype {
+        DType::F32 => out.copy_from_slice(&(f as f32).to_le_bytes()),
+        DType::BF16 => out.copy_from_slice(&bf16::from_f64(f).to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&f16::from_f64(f).to_le_bytes()),
+        DType::I32 => out.copy_from_slice(&(i as i32).to_le_bytes()),
+        DType::I64 => out.copy_from_slice(&i.to_le_bytes()),
+        DType::Bool => out[0] = u8::from(i != 0),
+    }
+}
+
+/// Reads a strided view of typed memory as a host tensor.
+///
+/// # Safety
+/// `base` must hold every element the view addresses.
+unsafe fn decode_view(base: *const u8, dtype: DType, shape: &[usize], strides: &[i64], offset: i64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let es = dtype.size_bytes() as isize;
+    let mut idx = vec![0usize; shape.len()];
+    let mut f = Vec::new();
+    let mut iv = Vec::new();
+    let mut bv = Vec::new();
+    for _ in 0..n {
+        let e = offset + idx.iter().zip(strides).map(|(&i, &s)| i as i64 * s).sum::<i64>();
+        let p = base.offset(e as isize * es);
+        match dtype {
+            DType::F32 => f.push((p as *const f32).read_unaligned() as f64),
+            DType::BF16 => f.push(bf16::from_bits((p as *const u16).read_unaligned()).to_f64()),
+            DType::F16 => f.push(f16::from_bits((p as *const u16).read_unaligned()).to_f64()),
+            DType::I32 => iv.push((p as *const i32).read_unaligned() as i64),
+            DType::I64 => iv.push((p as *const i64).read_unaligned()),
+            DType::Bool => bv.push(*p != 0),
+        }
+        for a in (0..shape.len()).rev() {
+            idx[a] += 1;
+            if idx[a] < shape[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    let data = if dtype.is_float() {
+        Buffer::F(f)
+    } else if dtype.is_int() {
+        Buffer::I(iv)
+    } else {
+        Buffer::B(bv)
+    };
+    Tensor {
+        dtype,
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+/// Options of the CPU backend.
+#[derive(Clone, Debug, Default)]
+pub struct CpuOptions {
+    /// Threads (`None`: one per core).
+    pub threads: Option<usize>,
+    /// The most bytes a binding may plan (persistent buffers, arena and scratch); `None`: no limit.
+    pub max_memory: Option<u64>,
+    pub llvm: LlvmOptions,
+}
+
+/// Time spent per kernel code, for `fulgur bench`.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// Seconds per step kernel (by kernel id), summed over the runs since the last reset.
+    pub kernel_seconds: Vec<f64>,
+    pub runs: usize,
+}
+
+/// The memory and parameters of one binding of the symbols.
+struct Binding {
+    env: HashMap<String, i64>,
+    layout: Layout,
+    /// Parameters of every code.
+    params: Vec<Vec<i64>>,
+    /// Byte offsets of every code's scratch buffers in the scratch area.
+    scratch: Vec<Vec<usize>>,
+    scratch_bytes: usize,
+}
+
+/// A kernel program compiled for the CPU, with its weights resident.
+pub struct CpuProgram {
+    pub program: KernelProgram,
+    pub kernels: Vec<LoopKernel>,
+    pub jit: JitProgram,
+    pool: rayon::ThreadPool,
+    options: CpuOptions,
+    /// Persistent buffers by buffer id (inputs, weights, constants, prepared values).
+    persistent: Vec<Option<Bytes>>,
+    arena: Bytes,
+    scratch: Bytes,
+    binding: Option<Binding>,
+    /// The symbols the prepare program last ran at (`None`: not run since the weights changed).
+    prepared_at: Option<HashMap<String, i64>>,
+    loaded: Vec<bool>,
+    /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
+    pub compile_seconds: f64,
+    pub profile: Option<Profile>,
+}
+
+fn other(m: impl Into<String>) -> RuntimeError {
+    RuntimeError::Other(m.into())
+}
+
+impl CpuProgram {
+    /// Builds the loop form of every kernel and JIT-compiles it for this CPU.
+    pub fn new(program: KernelProgram, options: CpuOptions) -> Result<CpuProgram, RuntimeError> {
+        let t = Instant::now();
+        let kernels = build_program(&program).map_err(|e| other(e.to_string()))?;
+        let jit = compile(&kernels, &options.llvm).map_err(|e| other(e.to_string()))?;
+        let compile_seconds = t.elapsed().as_secs_f64();
+        let threads = options
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .stack_size(16 << 20)
+            .thread_name(|i| format!("fulgur-cpu-{i}"))
+            .build()
+            .map_err(|e| other(format!("cannot start the CPU threads: {e}")))?;
+        let n = program.buffers.len();
+        Ok(CpuProgram {
+            loaded: vec![false; n],
+            persistent: (0..n).map(|_| None).collect(),
+            program,
+            kernels,
+            jit,
+            pool,
+            options,
+            arena: Bytes::zeroed(0, "arena")?,
+            scratch: Bytes::zeroed(0, "scratch")?,
+            binding: None,
+            prepared_at: None,
+            compile_seconds,
+            profile: None,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Loads one weight (converted to the parameter's dtype); its shape must be the parameter's.
+    pub fn set_weight(&mut self, name: &str, t: &Tensor) -> Result<(), RuntimeError> {
+        let io = self
+            .program
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| other(format!("weight `{name}`: the program has no parameter of that name")))?
+            .clone();
+        let want = io.ty.shape.as_consts().ok_or_else(|| {
+            other(format!(
+                "weight `{name}`: the parameter's shape {} is symbolic",
+                io.ty.shape
+            ))
+        })?;
+        if t.shape != want {
+            return Err(other(format!(
+                "weight `{name}`: expected shape {want:?} ({}), got {:?}",
+                io.ty, t.shape
+            )));
+        }
+        let bytes = t.numel() * io.ty.dtype.size_bytes();
+        let mut buf = Bytes::zeroed(bytes, &format!("weight `{name}`"))?;
+        encode_into(t, io.ty.dtype, buf.as_mut_slice());
+        self.persistent[io.tensor.buffer] = Some(buf);
+        self.loaded[io.tensor.buffer] = true;
+        self.prepared_at = None;
+        Ok(())
+    }
+
+    /// Loads every weight from `weights` (by name); all must be present.
+    pub fn load_weights(&mut self, weights: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
+        let names: Vec<String> = self.program.params.iter().map(|p| p.name.clone()).collect();
+        for name in names {
+            let t = weights
+                .get(&name)
+                .ok_or_else(|| other(format!("weight `{name}` is missing")))?;
+            self.set_weight(&name, t)?;
+        }
+        Ok(())
+    }
+
+    /// The names of the weights not loaded yet.
+    pub fn missing_weights(&self) -> Vec<String> {
+        self.program
+            .params
+            .iter()
+            .filter(|p| !self.loaded[p.tensor.buffer])
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Binds the symbols from the inputs' shapes, checking every input's dtype and shape.
+    fn bind_inputs(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, i64>, RuntimeError> {
+        let mut env: HashMap<String, i64> = HashMap::new();
+        for io in &self.program.inputs {
+            let t = inputs
+                .get(&io.name)
+                .ok_or_else(|| other(format!("input `{}` ({}) is missing", io.name, io.ty)))?;
+            if t.dtype != io.ty.dtype {
+                return Err(other(format!(
+                    "input `{}`: expected dtype {}, got {}",
+                    io.name, io.ty.dtype, t.dtype
+                )));
+            }
+            if t.shape.len() != io.ty.rank() {
+                return Err(other(format!(
+                    "input `{}`: expected rank {} ({}), got shape {:?}",
+                    io.name,
+                    io.ty.rank(),
+                    io.ty,
+                    t.shape
+                )));
+            }
+            for (d, &got) in io.ty.dims().iter().zip(&t.shape) {
+                if let [s] = d.symbols().as_slice() {
+                    if *d == Dim::sym(s) {
+                        match env.get(s) {
+                            Some(&v) if v != got as i64 => {
+                                return Err(other(format!(
+                                    "input `{}`: symbol `{s}` is {v} from an earlier input but {got} here",
+                                    io.name
+                                )))
+                            }
+                            _ => {
+                                env.insert(s.clone(), got as i64);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for io in &self.program.inputs {
+            let t = &inputs[&io.name];
+            for (d, &got) in io.ty.dims().iter().zip(&t.shape) {
+                let want = d.eval(&env).map_err(|m| other(format!("input `{}`: {m}", io.name)))?;
+                if want != got as i64 {
+                    return Err(other(format!(
+                        "input `{}`: expected {} (= {want} here), got shape {:?}",
+                        io.name, io.ty, t.shape
+                    )));
+                }
+            }
+        }
+        for s in &self.program.symbols {
+            if !env.contains_key(s) {
+                return Err(other(format!(
+                    "symbol `{s}` is not bound: no input has it as a whole dimension"
+                )));
+            }
+        }
+        Ok(env)
+    }
+
+    /// Plans the memory of a binding (and allocates it), unless already bound to `env`.
+    fn bind(&mut self, env: HashMap<String, i64>) -> Result<(), RuntimeError> {
+        if self.binding.as_ref().map(|b| &b.env) == Some(&env) {
+            return Ok(());
+        }
+        let layout = self.program.layout(&env).map_err(|e| other(e.to_string()))?;
+        let mut params = Vec::with_capacity(self.kernels.len());
+        let mut scratch = Vec::with_capacity(self.kernels.len());
+        let mut scratch_bytes = 0usize;
+        for (c, lk) in self.kernels.iter().enumerate() {
+            let ps = lk
+                .params
+                .iter()
+                .map(|d| d.eval(&env))
+                .collect::<Result<Vec<i64>, String>>()
+                .map_err(|m| other(format!("kernel code {c}: {m}")))?;
+            let mut offs = Vec::with_capacity(lk.scratch.len());
+            let mut at = 0usize;
+            for (dt, n) in &lk.scratch {
+                let n = n.eval(&env).map_err(|m| other(format!("kernel code {c}: {m}")))?;
+                offs.push(at);
+                at = at
+                    .checked_add((n.max(0) as usize).saturating_mul(dt.size_bytes()).div_ceil(64) * 64)
+                    .ok_or_else(|| other("scratch size overflows"))?;
+            }
+            scratch_bytes = scratch_bytes.max(at);
+            params.push(ps);
+            scratch.push(offs);
+        }
+        let planned = layout.planned_peak().saturating_add(scratch_bytes as u64);
+        if let Some(limit) = self.options.max_memory {
+            if planned > limit {
+                let mut syms: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                syms.sort();
+                return Err(other(format!(
+                    "at {} the program needs {} (planned peak {}: persistent {}, arena {}; kernel scratch {}), \
+                     more than the limit of {}",
+                    syms.join(", "),
+                    fulgur_ir::interp::fmt_bytes(planned),
+                    fulgur_ir::interp::fmt_bytes(layout.planned_peak()),
+                    fulgur_ir::interp::fmt_bytes(layout.persistent_bytes),
+                    fulgur_ir::interp::fmt_bytes(layout.arena_bytes),
+                    fulgur_ir::interp::fmt_bytes(scratch_bytes as u64),
+                    fulgur_ir::interp::fmt_bytes(limit)
+                )));
+            }
+        }
+        if self.arena.len() < layout.arena_bytes as usize {
+            self.arena = Bytes::zeroed(layout.arena_bytes as usize, "the arena")?;
+        }
+        if self.scratch.len() < scratch_bytes {
+            self.scratch = Bytes::zeroed(scratch_bytes, "kernel scratch")?;
+        }
+        // persistent buffers whose size depends on the binding are reallocated
+        for b in &self.program.buffers {
+            if b.kind == BufferKind::Transient || b.kind == BufferKind::Weight {
+                continue;
+            }
+            let size = layout.sizes[b.id] as usize;
+            let ok = self.persistent[b.id].as_ref().map(|x| x.len() == size).unwrap_or(false);
+            if !ok {
+                self.persistent[b.id] = Some(Bytes::zeroed(size, &format!("buffer b{}", b.id))?);
+                if b.kind == BufferKind::Prepared || b.kind == BufferKind::Constant {
+                    self.prepared_at = None;
+                }
+            }
+        }
+        self.binding = Some(Binding {
+            env,
+            layout,
+            params,
+            scratch,
+            scratch_bytes,
+        });
+        Ok(())
+    }
+
+    /// Memory of the current binding: (planned peak with scratch, bytes actually allocated).
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        let b = self.binding.as_ref()?;
+        let planned = b.layout.planned_peak() + b.scratch_bytes as u64;
+        let held: usize =
+            self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>() + self.arena.len() + self.scratch.len();
+        Some((planned, held as u64))
+    }
+
+    /// The base pointer of buffer `b`.
+    fn buffer_ptr(&self, b: usize) -> Result<*mut u8, RuntimeError> {
+        let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
+        match binding.layout.offsets[b] {
+            Some(off) => Ok(unsafe { self.arena.as_ptr().add(off as usize) }),
+            None => self.persistent[b]
+                .as_ref()
+                .map(|x| x.as_ptr())
+                .ok_or_else(|| other(format!("buffer b{b} has no memory (a weight not loaded?)"))),
+        }
+    }
+
+    fn fill_constants(&mut self) -> Result<(), RuntimeError> {
+        for b in self.program.buffers.clone() {
+            if let Some(fulgur_ir::Op::Constant { dtype, data, .. }) = &b.init {
+                let t = match data {
+                    fulgur_ir::ConstData::Float(v) => Tensor::from_f64(*dtype, vec![v.len()], v.clone()),
+                    fulgur_ir::ConstData::Int(v) => Tensor::from_i64(*dtype, vec![v.len()], v.clone()),
+                    fulgur_ir::ConstData::Bool(v) => Tensor::from_bool(vec![v.len()], v.clone()),
+                };
+                let buf = self.persistent[b.id]
+                    .as_mut()
+                    .ok_or_else(|| other(format!("constant b{} has no memory", b.id)))?;
+                encode_into(&t, b.dtype, buf.as_mut_slice());
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the prepare program (once per weights and binding).
+    fn prepare(&mut self) -> Result<(), RuntimeError> {
+        let env = self.binding.as_ref().map(|b| b.env.clone());
+        if self.prepared_at.is_some() && self.prepared_at == env {
+            return Ok(());
+        }
+        let missing = self.missing_weights();
+        if !missing.is_empty() {
+            let more = if missing.len() > 3 {
+                format!(" and {} more", missing.len() - 3)
+            } else {
+                String::new()
+            };
+            return Err(other(format!(
+                "weights not loaded: {}{more}",
+                missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        self.fill_constants()?;
+        let kernels = self.program.prepare.clone();
+        for k in &kernels {
+            self.run_kernel(k, false)?;
+        }
+        self.prepared_at = env;
+        Ok(())
+    }
+
+    /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
+    /// kernels; returns every output.
+    pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let env = self.bind_inputs(inputs)?;
+        self.bind(env)?;
+        self.prepare()?;
+        for io in self.program.inputs.clone() {
+            let b = io.tensor.buffer;
+            let buf = self.persistent[b]
+                .as_mut()
+                .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
+            encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice());
+        }
+        let profile = self.profile.is_some();
+        if let Some(p) = &mut self.profile {
+            p.kernel_seconds.resize(self.program.step.len(), 0.0);
+            p.runs += 1;
+        }
+        let kernels = std::mem::take(&mut self.program.step);
+        let mut result = Ok(());
+        for k in &kernels {
+            let t = profile.then(Instant::now);
+            if let Err(e) = self.run_kernel(k, true) {
+                result = Err(e);
+                break;
+            }
+            if let (Some(t), Some(p)) = (t, &mut self.profile) {
+                p.kernel_seconds[k.id] += t.elapsed().as_secs_f64();
+            }
+        }
+        self.program.step = kernels;
+        result?;
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs one step like [`CpuProgram::run`], calling `trace` after every step kernel with the kernel, the
+    /// values of its inputs (read before it ran) and of its outputs: the way to check each kernel against the
+    /// interpreter on real data.
+    pub fn run_traced(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        mut trace: impl FnMut(&Kernel, &[Tensor], &[Tensor]) -> Result<(), RuntimeError>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let env = self.bind_inputs(inputs)?;
+        self.bind(env)?;
+        self.prepare()?;
+        for io in self.program.inputs.clone() {
+            let b = io.tensor.buffer;
+            let buf = self.persistent[b]
+                .as_mut()
+                .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
+            encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice());
+        }
+        for k in self.program.step.clone() {
+            let ins: Vec<Tensor> = k.inputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
+            self.run_kernel(&k, true)?;
+            let outs: Vec<Tensor> = k.outputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
+            trace(&k, &ins, &outs)?;
+        }
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads a view of the current memory as a host tensor.
+    fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let ev = |d: &Dim| d.eval(env).map_err(other);
+        let shape: Vec<usize> = t
+            .shape
+            .iter()
+            .map(|d| ev(d).map(|x| x.max(0) as usize))
+            .collect::<Result<_, _>>()?;
+        let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
+        let offset = ev(&t.offset)?;
+        let base = self.buffer_ptr(t.buffer)?;
+        // SAFETY: the view lies in its buffer by construction of the program
+        Ok(unsafe { decode_view(base, t.dtype, &shape, &strides, offset) })
+    }
+
+    fn run_kernel(&self, k: &Kernel, step: bool) -> Result<(), RuntimeError> {
+        let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
+        let lk = &self.kernels[k.code];
+        let params = &binding.params[k.code];
+        let mut slots: Vec<*mut u8> = Vec::with_capacity(lk.slots.len());
+        for s in &lk.slots {
+            slots.push(match *s {
+                Slot::Input(i) => self.buffer_ptr(k.inputs[i].buffer)?,
+                Slot::Output(i) => self.buffer_ptr(k.outputs[i].buffer)?,
+                Slot::Scratch(i) => unsafe { self.scratch.as_ptr().add(binding.scratch[k.code][i]) },
+            });
+        }
+        let what = if step { "kernel" } else { "prepare kernel" };
+        let fail = |m: String| other(format!("{what} k{} ({}): {m}", k.id, k.name));
+        let ev = |e| {
+            lk.pool
+                .eval(e, params)
+                .ok_or_else(|| fail("a size of its code cannot be evaluated".into()))
+        };
+        for (s, st) in lk.steps.iter().enumerate() {
+            match st {
+                Step::Phase(p) => {
+                    let f = self.jit.phases[k.code][s].ok_or_else(|| fail("a phase without code".into()))?;
+                    let grid = ev(p.grid)?;
+                    let cost = ev(p.item_cost).unwrap_or(1).max(1);
+                    if let Some((code, val)) = self.run_phase(f, &slots, params, grid, cost) {
+                        let check = lk
+                            .checks
+                            .get(code as usize - 1)
+                            .cloned()
+                            .unwrap_or_else(|| "a check failed".into());
+                        return Err(fail(format!("{check}: got {val}")));
+                    }
+                }
+                Step::Gemm(g) => {
+                    let (m, n, kk) = (ev(g.m)?, ev(g.n)?, ev(g.k)?);
+                    let batch: Vec<[i64; 4]> = g
+                        .batch
+                        .iter()
+                        .map(|b| Ok([ev(b[0])?, ev(b[1])?, ev(b[2])?, ev(b[3])?]))
+                        .collect::<Result<_, RuntimeError>>()?;
+                    let total: i64 = batch.iter().map(|b| b[0]).product();
+                    let (ao, bo, co) = (ev(g.a.offset)?, ev(g.b.offset)?, ev(g.c.offset)?);
+                    let (ars, acs, brs, bcs, crs, ccs) = (
+                        ev(g.a.rs)?,
+                        ev(g.a.cs)?,
+                        ev(g.b.rs)?,
+                        ev(g.b.cs)?,
+                        ev(g.c.rs)?,
+                        ev(g.c.cs)?,
+                    );
+                    let kern = gemm::Kernel {
+                        ukr: self.jit.micro_kernel,
+                        mr: self.jit.tile.0,
+                        nr: self.jit.tile.1,
+                    };
+                    let mut idx = vec![0i64; batch.len()];
+                    for _ in 0..total.max(0) {
+                        let (mut da, mut db, mut dc) = (ao, bo, co);
+                        for (j, b) in batch.iter().enumerate() {
+                            da += idx[j] * b[1];
+                            db += idx[j] * b[2];
+                            dc += idx[j] * b[3];
+                        }
+                        let at = |slot: u32, dt: DType, off: i64| unsafe {
+                            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
+                        };
+                        // SAFETY: the operands are views of their buffers (the program's construction)
+                        unsafe {
+                            gemm::gemm(
+                                &self.pool,
+                                kern,
+                                m as usize,
+                                n as usize,
+                                kk as usize,
+                                gemm::Mat {
+                                    ptr: at(g.a.arg, g.a.dtype, da),
+                                    dtype: g.a.dtype,
+                                    rs: ars as isize,
+                                    cs: acs as isize,
+                                },
+                                gemm::Mat {
+                                    ptr: at(g.b.arg, g.b.dtype, db),
+                                    dtype: g.b.dtype,
+                                    rs: brs as isize,
+                                    cs: bcs as isize,
+                                },
+                                at(g.c.arg, g.c.dtype, dc),
+                                g.c.dtype,
+                                crs as isize,
+                                ccs as isize,
+                            );
+                        }
+                        for a in (0..batch.len()).rev() {
+                            idx[a] += 1;
+                            if idx[a] < batch[a][0] {
+                                break;
+                            }
+                            idx[a] = 0;
+                        }
+                    }
+                }
+                Step::GroupedGemm(g) => {
+                    let (m, n, kk, experts) = (ev(g.m)?, ev(g.n)?, ev(g.k)?, ev(g.experts)?);
+                    let (co, cst) = (ev(g.counts_offset)?, ev(g.counts_stride)?);
+                    let mut counts = Vec::with_capacity(experts as usize);
+                    for e in 0..experts {
+                        let at = (co + e * cst) as isize;
+                        // SAFETY: the counts view lies in its buffer
+                        let c = unsafe {
+                            match g.counts_dtype {
+                                DType::I32 => *(slots[g.counts_arg as usize] as *const i32).offset(at) as i64,
+                                _ => *(slots[g.counts_arg as usize] as *const i64).offset(at),
+                            }
+                        };
+                        if c < 0 {
+                            return Err(fail(format!("`grouped_matmul`: expert {e} has a negative count {c}")));
+                        }
+                        counts.push(c);
+                    }
+                    let total: i64 = counts.iter().sum();
+                    if total < m {
+                        return Err(fail(format!(
+                            "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
+                        )));
+                    }
+                    let kern = gemm::Kernel {
+                        ukr: self.jit.micro_kernel,
+                        mr: self.jit.tile.0,
+                        nr: self.jit.tile.1,
+                    };
+                    let (xo, xrs, xcs) = (ev(g.x.offset)?, ev(g.x.rs)?, ev(g.x.cs)?);
+                    let (wo, wrs, wcs, ws) = (ev(g.w.offset)?, ev(g.w.rs)?, ev(g.w.cs)?, ev(g.expert_stride)?);
+                    let (oo, ors, ocs) = (ev(g.out.offset)?, ev(g.out.rs)?, ev(g.out.cs)?);
+                    let mut start = 0i64;
+                    for (e, &c) in counts.iter().enumerate() {
+                        let rows = c.min(m - start);
+                        if rows <= 0 {
+                            continue;
+                        }
+                        let at = |slot: u32, dt: DType, off: i64| unsafe {
+                            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
+                        };
+                        // SAFETY: as for GEMM steps
+                        unsafe {
+                            gemm::gemm(
+                                &self.pool,
+                                kern,
+                                rows as usize,
+                                n as usize,
+                                kk as usize,
+                                gemm::Mat {
+                                    ptr: at(g.x.arg, g.x.dtype, xo + start * xrs),
+                                    dtype: g.x.dtype,
+                                    rs: xrs as isize,
+                                    cs: xcs as isize,
+                                },
+                                gemm::Mat {
+                                    ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
+                                    dtype: g.w.dtype,
+                                    rs: wrs as isize,
+                                    cs: wcs as isize,
+                                },
+                                at(g.out.arg, g.out.dtype, oo + start * ors),
+                                g.out.dtype,
+                                ors as isize,
+                                ocs as isize,
+                            );
+                        }
+                        start += rows;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a phase over `0..grid`; returns a failed check `(check + 1, value)`.
+    fn run_phase(
+        &self,
+        f: fulgur_codegen::llvm::PhaseFn,
+        slots: &[*mut u8],
+        params: &[i64],
+        grid: i64,
+        cost: i64,
+    ) -> Option<(i64, i64)> {
+        if grid <= 0 {
+            return None;
+        }
+        let threads = self.pool.current_num_threads() as i64;
+        let work = grid.saturating_mul(cost);
+        if threads <= 1 || grid == 1 || work < 1 << 15 {
+            let mut err = [0i64; 2];
+            // SAFETY: the slots and parameters are the ones the code was generated for
+            unsafe { f(slots.as_ptr(), params.as_ptr(), 0, grid, err.as_mut_ptr()) };
+            return (err[0] != 0).then_some((err[0], err[1]));
+        }
+        let chunks = grid.min(threads * 4);
+        let sp = SendPtr(slots.as_ptr() as *mut u8);
+        let pp = SendPtr(params.as_ptr() as *mut u8);
+        let failed = std::sync::Mutex::new(None);
+        self.pool.install(|| {
+            (0..chunks).into_par_iter().for_each(|c| {
+                let lo = grid * c / chunks;
+                let hi = grid * (c + 1) / chunks;
+                let mut err = [0i64; 2];
+                let (sp, pp) = (&sp, &pp);
+                // SAFETY: disjoint item ranges of independent items
+                unsafe { f(sp.0 as *const *mut u8, pp.0 as *const i64, lo, hi, err.as_mut_ptr()) };
+                if err[0] != 0 {
+                    if let Ok(mut g) = failed.lock() {
+                        g.get_or_insert((err[0], err[1]));
+                    }
+                }
+            })
+        });
+        failed.into_inner().ok().flatten()
+    }
+}

