@@ -12,8 +12,10 @@ pub mod config;
 pub mod error;
 pub mod fixtures;
 pub mod minimax;
+pub mod random;
 pub mod stats;
 
 pub use config::{Flavor, LayerType, MiniMaxConfig};
 pub use error::ModelError;
 pub use minimax::{decode_graph, forward_graph, ForwardOptions};
+pub use random::{random_tokens, random_weights};

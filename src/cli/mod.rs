@@ -4,6 +4,7 @@
 //! A new subcommand is a new module with an `Args` struct (clap derive) and `run(Args) -> anyhow::Result<()>`,
 //! plus one variant in [`Command`] and one arm in [`run`].
 
+pub mod bench;
 pub mod check;
 pub mod eval;
 pub mod files;
@@ -39,6 +40,9 @@ pub enum Command {
     Stats(stats::Args),
     /// Run the optimizer on a model or graph and report what every pass and rule did.
     Inspect(inspect::Args),
+    /// Time a MiniMax-01 forward pass at each optimization level: kernels, compile time, forward time,
+    /// tokens/s, memory, top kernels.
+    Bench(bench::Args),
 }
 
 /// Runs one parsed command line.
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => model::generate(a),
         Command::Stats(a) => stats::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,0 +1,86 @@
+//! The CPU backend's GEMM (blocked and packed around the generated micro-kernel) against the `gemm` crate, on
+//! the shapes of `models/configs/bench-s.json` at 1 × 1024 tokens (projection, expert, LM head) and a decode
+//! step, f32, all cores.
+//!
+//! `cargo bench --bench gemm`. Built without the `llvm` feature it only says so.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+#[cfg(feature = "llvm")]
+fn bench(c: &mut Criterion) {
+    use fulgur::codegen::llvm::{compile, LlvmOptions};
+    use fulgur::ir::DType;
+    use fulgur::runtime::cpu::gemm::{sgemm, Kernel, Mat};
+    let jit = compile(&[], &LlvmOptions::default()).expect("jit");
+    let kern = Kernel {
+        ukr: jit.micro_kernel,
+        mr: jit.tile.0,
+        nr: jit.tile.1,
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let mut group = c.benchmark_group("gemm_f32");
+    group.sample_size(20);
+    for (m, k, n) in [(1024, 512, 2048), (256, 512, 2048), (1024, 512, 4096), (1, 512, 2048)] {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.01).collect();
+        let mut out = vec![0f32; m * n];
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        let ma = Mat {
+            ptr: a.as_ptr() as *const u8,
+            dtype: DType::F32,
+            rs: k as isize,
+            cs: 1,
+        };
+        let mb = Mat {
+            ptr: b.as_ptr() as *const u8,
+            dtype: DType::F32,
+            rs: n as isize,
+            cs: 1,
+        };
+        group.bench_function(format!("fulgur_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| unsafe { sgemm(&pool, kern, m, n, k, ma, mb, out.as_mut_ptr(), n) })
+        });
+        let mut out2 = vec![0f32; m * n];
+        group.bench_function(format!("gemm_crate_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out2.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                )
+            })
+        });
+        for (x, y) in out.iter().zip(&out2) {
+            assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "llvm"))]
+fn bench(_: &mut Criterion) {
+    eprintln!("skipping: built without the `llvm` feature");
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

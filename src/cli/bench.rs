@@ -1,0 +1,380 @@
+//! `fulgur bench CKPT_DIR|CONFIG [--target cpu|reference] [--compare none,full] [--batch B --seq T] [--json]`:
+//! the forward pass of a MiniMax-01 model at each optimization level: kernels, compile (JIT) time, forward time
+//! (warm-up, then the median of repeats), tokens/s, planned and actual memory, and the kernels that took the
+//! most time.
+//!
+//! Given a config, the weights are random (transformers' initialisation, seeded); given a checkpoint, its own.
+
+use crate::cli::model::{optimize, OptLevel};
+use anyhow::{bail, Context, Result};
+use fulgur_codegen::program::lower;
+use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
+use fulgur_models::checkpoint::Checkpoint;
+use fulgur_models::{forward_graph, random_tokens, random_weights, ForwardOptions, MiniMaxConfig};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTarget {
+    /// The reference interpreter (f32 precision).
+    Reference,
+    /// The CPU backend (LLVM JIT).
+    Cpu,
+}
+
+/// `cpu` where the build has the CPU backend, else `reference`.
+pub fn default_target() -> BenchTarget {
+    if cfg!(feature = "llvm") {
+        BenchTarget::Cpu
+    } else {
+        BenchTarget::Reference
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A checkpoint directory, or a MiniMax config JSON (random weights).
+    pub input: PathBuf,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = default_target())]
+    pub target: BenchTarget,
+    /// Optimization levels to compare (comma-separated): `none` runs the definitional graph op by op, `full`
+    /// the optimizer's output.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none,full")]
+    pub compare: Vec<OptLevel>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: usize,
+    /// Timed forward passes per level (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Untimed forward passes before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Threads of the CPU backend (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seed of the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Kernels listed per level, by time.
+    #[arg(long, default_value_t = 8)]
+    pub top: usize,
+    /// Cost model the optimizer plans for (default: the target's: `CPU` for cpu, `H100` for reference).
+    #[arg(long, value_name = "NAME")]
+    pub cost_model: Option<String>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One level's measurements.
+#[derive(Debug, serde::Serialize)]
+pub struct LevelResult {
+    pub level: String,
+    pub kernels: usize,
+    pub optimize_s: f64,
+    pub compile_s: f64,
+    pub forward_ms: f64,
+    pub forward_ms_all: Vec<f64>,
+    pub tokens_per_s: f64,
+    pub peak_bytes: u64,
+    pub actual_bytes: u64,
+    pub top_kernels: Vec<KernelTime>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct KernelTime {
+    pub name: String,
+    pub op: String,
+    pub calls: usize,
+    pub ms: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A progress line on stderr (rewritten in place on a terminal).
+struct Progress {
+    tty: bool,
+}
+
+impl Progress {
+    fn say(&self, m: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2K{m}");
+        } else {
+            eprintln!("{m}");
+        }
+    }
+    fn done(&self) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.batch == 0 || args.seq == 0 {
+        bail!("--batch and --seq must be at least 1");
+    }
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let (cfg, ckpt) = if args.input.is_dir() {
+        let ck = Checkpoint::open(&args.input)?;
+        (ck.config.clone(), Some(ck))
+    } else {
+        (MiniMaxConfig::from_file(&args.input)?, None)
+    };
+    let progress = Progress {
+        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let base = forward_graph(&cfg, &ForwardOptions::default())?;
+    let weights: HashMap<String, Tensor> = match &ckpt {
+        Some(ck) => {
+            progress.say("loading the checkpoint");
+            ck.load_params(&base)?
+        }
+        None => random_weights(&base, 0.02, args.seed),
+    };
+    let tokens = random_tokens(args.batch, args.seq, cfg.vocab_size, args.seed);
+    let cost_model = args.cost_model.clone().unwrap_or_else(|| match args.target {
+        BenchTarget::Cpu => "CPU".into(),
+        BenchTarget::Reference => "H100".into(),
+    });
+    let mut results = Vec::new();
+    for &level in &args.compare {
+        let lname = format!("{level:?}").to_lowercase();
+        progress.say(&format!("{lname}: optimizing"));
+        let t = Instant::now();
+        let g = optimize(base.clone(), level, &cost_model)?;
+        let optimize_s = t.elapsed().as_secs_f64();
+        let program = lower(&g)?;
+        let kernels = program.step.len();
+        let r = match args.target {
+            BenchTarget::Reference => bench_reference(&args, &g, &weights, &tokens, &lname, &progress)?,
+            BenchTarget::Cpu => bench_cpu(&args, program, &weights, &tokens, &lname, &progress)?,
+        };
+        let (compile_s, mut times, peak, actual, top) = r;
+        let forward_ms = median(&mut times.clone()) * 1e3;
+        times.iter_mut().for_each(|t| *t *= 1e3);
+        results.push(LevelResult {
+            level: lname,
+            kernels,
+            optimize_s,
+            compile_s,
+            forward_ms,
+            forward_ms_all: times,
+            tokens_per_s: (args.batch * args.seq) as f64 / (forward_ms / 1e3),
+            peak_bytes: peak,
+            actual_bytes: actual,
+            top_kernels: top,
+        });
+    }
+    progress.done();
+    let target = format!("{:?}", args.target).to_lowercase();
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.input.display().to_string(),
+            "target": target,
+            "batch": args.batch,
+            "seq": args.seq,
+            "repeats": args.repeats,
+            "levels": results,
+        });
+        crate::cli::files::write_stdout(&(serde_json::to_string_pretty(&v)? + "\n"))?;
+        return Ok(());
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench {} on {target}: batch {} × {} tokens, median of {} after {} warm-up",
+        args.input.display(),
+        args.batch,
+        args.seq,
+        args.repeats,
+        args.warmup
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>8} {:>11} {:>11} {:>12} {:>12} {:>12} {:>12}",
+        "level", "kernels", "optimize s", "compile s", "forward ms", "tokens/s", "planned", "actual"
+    );
+    for r in &results {
+        let _ = writeln!(
+            s,
+            "{:<6} {:>8} {:>11.2} {:>11.2} {:>12.1} {:>12.0} {:>12} {:>12}",
+            r.level,
+            r.kernels,
+            r.optimize_s,
+            r.compile_s,
+            r.forward_ms,
+            r.tokens_per_s,
+            fulgur_ir::interp::fmt_bytes(r.peak_bytes),
+            fulgur_ir::interp::fmt_bytes(r.actual_bytes)
+        );
+    }
+    if results.len() == 2 && results[1].forward_ms > 0.0 {
+        let _ = writeln!(
+            s,
+            "{} is {:.2}x the speed of {}",
+            results[1].level,
+            results[0].forward_ms / results[1].forward_ms,
+            results[0].level
+        );
+    }
+    for r in &results {
+        if r.top_kernels.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "top kernels ({}), ms per forward:", r.level);
+        for k in &r.top_kernels {
+            let _ = writeln!(s, "  {:>9.2}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+        }
+    }
+    crate::cli::files::write_stdout(&s)?;
+    Ok(())
+}
+
+type Measured = (f64, Vec<f64>, u64, u64, Vec<KernelTime>);
+
+fn bench_reference(
+    args: &Args,
+    g: &Graph,
+    weights: &HashMap<String, Tensor>,
+    tokens: &Tensor,
+    lname: &str,
+    progress: &Progress,
+) -> Result<Measured> {
+    let mut inputs = weights.clone();
+    inputs.insert("input_ids".into(), tokens.clone());
+    let interp = Interpreter::new(Precision::F32);
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.repeats {
+        progress.say(&format!(
+            "{lname}: forward {}/{} on the reference interpreter",
+            i + 1,
+            args.warmup + args.repeats
+        ));
+        let t = Instant::now();
+        interp.run(g, &inputs).context("running the forward graph")?;
+        if i >= args.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let planned = lower(g)?
+        .layout(&[("B".to_string(), args.batch as i64), ("T".to_string(), args.seq as i64)].into())?
+        .planned_peak();
+    Ok((0.0, times, planned, 0, Vec::new()))
+}
+
+#[cfg(feature = "llvm")]
+fn bench_cpu(
+    args: &Args,
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HashMap<String, Tensor>,
+    tokens: &Tensor,
+    lname: &str,
+    progress: &Progress,
+) -> Result<Measured> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram, Profile};
+    progress.say(&format!("{lname}: compiling {} kernels", program.step.len()));
+    let mut cpu = CpuProgram::new(
+        program,
+        CpuOptions {
+            threads: args.threads,
+            ..Default::default()
+        },
+    )?;
+    let compile_s = cpu.compile_seconds;
+    cpu.load_weights(weights)?;
+    let inputs: HashMap<String, Tensor> = [("input_ids".to_string(), tokens.clone())].into();
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.repeats {
+        progress.say(&format!("{lname}: forward {}/{}", i + 1, args.warmup + args.repeats));
+        if i == args.warmup {
+            cpu.profile = Some(Profile::default());
+        }
+        let t = Instant::now();
+        cpu.run(&inputs).context("running the forward pass")?;
+        if i >= args.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let (planned, actual) = cpu.memory().unwrap_or((0, 0));
+    let mut top = Vec::new();
+    if let Some(p) = &cpu.profile {
+        // by op summary and node name without the layer index
+        let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+        for k in &cpu.program.step {
+            let name = strip_layer(&k.name);
+            let e = by
+                .entry((fulgur_codegen::program::op_summary(&k.op), name))
+                .or_default();
+            e.0 += 1;
+            e.1 += p.kernel_seconds.get(k.id).copied().unwrap_or(0.0);
+        }
+        let mut v: Vec<KernelTime> = by
+            .into_iter()
+            .map(|((op, name), (calls, s))| KernelTime {
+                name,
+                op: truncate(&op, 60),
+                calls,
+                ms: s * 1e3 / p.runs.max(1) as f64,
+            })
+            .collect();
+        v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
+        v.truncate(args.top);
+        top = v;
+    }
+    Ok((compile_s, times, planned, actual, top))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn bench_cpu(
+    _: &Args,
+    _: fulgur_codegen::program::KernelProgram,
+    _: &HashMap<String, Tensor>,
+    _: &Tensor,
+    _: &str,
+    _: &Progress,
+) -> Result<Measured> {
+    bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
+}
+
+/// `layers.3.matmul.1` → `layers.*.matmul.1`.
+fn strip_layer(name: &str) -> String {
+    match name.strip_prefix("layers.") {
+        Some(rest) => match rest.split_once('.') {
+            Some((_, tail)) => format!("layers.*.{tail}"),
+            None => name.to_string(),
+        },
+        None => name.to_string(),
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let t: String = s.chars().take(n - 1).collect();
+        format!("{t}…")
+    }
+}
