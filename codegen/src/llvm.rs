@@ -80,6 +80,8 @@ pub struct LlvmOptions {
     pub opt_level: u8,
     /// Keep the LLVM IR text of every function as emitted (before optimisation).
     pub keep_ir: bool,
+    /// Write the whole module after optimisation to this file (for looking at what LLVM made of it).
+    pub dump_optimized: Option<std::path::PathBuf>,
 }
 
 impl Default for LlvmOptions {
@@ -87,6 +89,7 @@ impl Default for LlvmOptions {
         LlvmOptions {
             opt_level: 3,
             keep_ir: false,
+            dump_optimized: std::env::var_os("FULGUR_LLVM_DUMP").map(std::path::PathBuf::from),
         }
     }
 }
@@ -234,6 +237,9 @@ pub fn compile(kernels: &[LoopKernel], opts: &LlvmOptions) -> Result<JitProgram,
             .map_err(err)?;
     }
     let optimize_seconds = t1.elapsed().as_secs_f64();
+    if let Some(dir) = &opts.dump_optimized {
+        let _ = std::fs::write(dir, m.print_to_string().to_string());
+    }
     let t2 = Instant::now();
     let engine = m.create_jit_execution_engine(level).map_err(err)?;
     for (name, f) in libm {

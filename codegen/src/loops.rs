@@ -321,7 +321,9 @@ pub enum Acc {
     Min,
 }
 
-/// A statement.
+/// A statement. Expressions are evaluated where their statement runs: an expression reading a local array,
+/// a mutable variable or an argument the phase stores to sees the value at that statement, so a value needed
+/// after a store that changes its inputs must be kept in a mutable variable first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Stmt {
     /// `for var in lo..hi { body }` (i64, step 1, sequential).

@@ -1,15 +1,23 @@
 //! Native loop forms of the composites whose decomposition is not how they should run.
 
-use super::{Built, View};
-use crate::loops::{GroupedGemmStep, Operand, Phase, Slot, Step, Stmt};
+use super::{delinearize, Built, View};
+use crate::loops::{Acc, GroupedGemmStep, LoopKernel, Operand, Phase, Scalar, Slot, Step, Stmt, E};
 use crate::program::Kernel;
 use crate::CodegenError;
-use fulgur_ir::{BinaryOp, Composite, Op, UnaryOp};
+use fulgur_ir::{BinaryOp, CmpOp, Composite, Dim, Op, UnaryOp};
 
-/// Builds `k` natively when its op has a native form; `Ok(false)` when it does not.
+/// Builds `k` natively when its op has a native form; `Ok(false)` when it does not (the generic compiler then
+/// runs its decomposition).
 pub(crate) fn build(k: &Kernel, b: &mut Built) -> Result<bool, CodegenError> {
     match &k.op {
         Op::Composite(Composite::GroupedMatmul { swiglu }) => grouped_matmul(k, b, *swiglu).map(|_| true),
+        Op::Composite(Composite::FlashAttention { scale, causal }) => flash_attention(k, b, *scale, *causal, None),
+        Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }) => {
+            flash_attention(k, b, *scale, *causal, Some(*rotary))
+        }
+        Op::Composite(Composite::LightningAttention { block }) => lightning(k, b, *block, None),
+        Op::Composite(Composite::LightningLayer { block, heads, eps }) => lightning(k, b, *block, Some((*heads, *eps))),
+        Op::Composite(Composite::MoeDispatch { experts }) => moe_dispatch(k, b, *experts),
         _ => Ok(false),
     }
 }
@@ -85,4 +93,800 @@ fn grouped_matmul(k: &Kernel, b: &mut Built, swiglu: bool) -> Result<(), Codegen
         }));
     }
     Ok(())
+}
+
+/// `for v in lo..hi { body(v) }`.
+fn for_(lk: &mut LoopKernel, lo: E, hi: E, body: impl FnOnce(&mut LoopKernel, E) -> Vec<Stmt>) -> Stmt {
+    let (var, v) = lk.loop_var();
+    let body = body(lk, v);
+    Stmt::For { var, lo, hi, body }
+}
+
+fn st_local(local: u32, index: E, value: E) -> Stmt {
+    Stmt::StoreLocal { local, index, value }
+}
+
+/// `a * n + b` for index arithmetic.
+fn mad(lk: &mut LoopKernel, a: E, n: E, b: E) -> E {
+    let m = lk.pool.mul(a, n);
+    lk.pool.addi(m, b)
+}
+
+/// A constant dimension, or `None`.
+fn konst(d: &Dim) -> Option<usize> {
+    d.as_const().and_then(|c| usize::try_from(c).ok())
+}
+
+/// The index of an operand with batch dims `dims` (right-aligned, size 1 broadcast) for output batch
+/// coordinates `ob`.
+fn bcast(lk: &mut LoopKernel, ob: &[E], dims: &[Dim]) -> Vec<E> {
+    let off = ob.len() - dims.len();
+    dims.iter()
+        .enumerate()
+        .map(|(i, d)| if d.is_one() { lk.pool.i(0) } else { ob[off + i] })
+        .collect()
+}
+
+fn product(ds: &[Dim]) -> Dim {
+    ds.iter().fold(Dim::from(1), |a, d| a * d.clone())
+}
+
+fn store(view: &View, lk: &mut LoopKernel, idx: &[E], value: E) -> Stmt {
+    let index = view.index(lk, idx);
+    Stmt::Store {
+        arg: view.slot,
+        dtype: view.dtype,
+        index,
+        value,
+    }
+}
+
+/// Query rows per item and keys per block of the flash-attention kernel.
+const BQ: i64 = 64;
+const BK: i64 = 64;
+
+/// `flash_attention[_rope]`: per item a block of `BQ` query rows of one batch index; the keys in blocks of
+/// `BK` with an online softmax (running max and sum per row), so the score matrix is never stored. Queries
+/// and keys are rotated as they are loaded for the rope form.
+fn flash_attention(
+    k: &Kernel,
+    b: &mut Built,
+    scale: f64,
+    causal: bool,
+    rotary: Option<usize>,
+) -> Result<bool, CodegenError> {
+    let (qt, kt, vt) = (&k.inputs[0], &k.inputs[1], &k.inputs[2]);
+    let (rq, rk, rv) = (qt.shape.len(), kt.shape.len(), vt.shape.len());
+    let (Some(d), Some(dv)) = (konst(&qt.shape[rq - 1]), konst(&vt.shape[rv - 1])) else {
+        return Ok(false);
+    };
+    if !qt.dtype.is_float() {
+        return Ok(false);
+    }
+    let lk = &mut b.lk;
+    let q = View::of(lk.slot(Slot::Input(0)), qt);
+    let kv = View::of(lk.slot(Slot::Input(1)), kt);
+    let v = View::of(lk.slot(Slot::Input(2)), vt);
+    let tables = rotary.map(|_| {
+        (
+            View::of(lk.slot(Slot::Input(3)), &k.inputs[3]),
+            View::of(lk.slot(Slot::Input(4)), &k.inputs[4]),
+        )
+    });
+    let out = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
+    let ro = out.shape.len();
+    let obatch: Vec<Dim> = out.shape[..ro - 2].to_vec();
+    let t = lk.dim(&q.shape[rq - 2].clone());
+    let s = lk.dim(&kv.shape[rk - 2].clone());
+    let p = &mut lk.pool;
+    let (bq, bk) = (p.i(BQ), p.i(BK));
+    let bq1 = p.i(BQ - 1);
+    let tq = p.addi(t, bq1);
+    let nqb = p.div(tq, bq);
+    let shift = p.sub(s, t);
+    let nbatch_e = lk.dim(&product(&obatch));
+    let grid = lk.pool.mul(nbatch_e, nqb);
+    let (item_var, item) = lk.loop_var();
+    let qb = lk.pool.rem(item, nqb);
+    let bi = lk.pool.div(item, nqb);
+    let obd = lk.dims(&obatch);
+    let ob = delinearize(&mut lk.pool, bi, &obd);
+    let qbi = bcast(lk, &ob, &q.shape[..rq - 2]);
+    let kbi = bcast(lk, &ob, &kv.shape[..rk - 2]);
+    let vbi = bcast(lk, &ob, &v.shape[..rv - 2]);
+    let qtl = lk.local(Scalar::F32, BQ as usize * d);
+    let ktl = lk.local(Scalar::F32, d * BK as usize);
+    let vbl = lk.local(Scalar::F32, BK as usize * dv);
+    let scl = lk.local(Scalar::F32, (BQ * BK) as usize);
+    let ml = lk.local(Scalar::F32, BQ as usize);
+    let ll = lk.local(Scalar::F32, BQ as usize);
+    let accl = lk.local(Scalar::F32, BQ as usize * dv);
+    let de = lk.pool.i(d as i64);
+    let dve = lk.pool.i(dv as i64);
+    let zero = lk.pool.i(0);
+    let fzero = lk.pool.f(0.0);
+    let ninf = lk.pool.f(f32::NEG_INFINITY);
+    let t0 = lk.pool.mul(qb, bq);
+    let rest = lk.pool.sub(t, t0);
+    let rows = lk.pool.min(bq, rest);
+    // element `dd` of row `pos` of q or k, rotated when the kernel has tables
+    let rotated = |lk: &mut LoopKernel, view: &View, bidx: &[E], pos: E, dd: E| -> E {
+        let mut idx = bidx.to_vec();
+        idx.push(pos);
+        idx.push(dd);
+        let raw = view.load(lk, &idx);
+        let (Some(r), Some((cos, sin))) = (rotary, tables.as_ref()) else {
+            return raw;
+        };
+        let h = (r / 2) as i64;
+        let p = &mut lk.pool;
+        let he = p.i(h);
+        let re = p.i(r as i64);
+        let r1 = p.i(r as i64 - 1);
+        let first = p.cmp(CmpOp::Lt, dd, he);
+        let up = p.addi(dd, he);
+        let down = p.sub(dd, he);
+        let pidx = p.select(first, up, down);
+        let inside = p.cmp(CmpOp::Lt, dd, re);
+        // keep every load in bounds: past the rotary dims the pair index is clamped (and not used)
+        let pidx = p.min(pidx, r1);
+        let tidx = p.min(dd, r1);
+        let mut pi = bidx.to_vec();
+        pi.push(pos);
+        pi.push(pidx);
+        let pair = view.load(lk, &pi);
+        let c = cos.load(lk, &[pos, tidx]);
+        let sn = sin.load(lk, &[pos, tidx]);
+        let p = &mut lk.pool;
+        let npair = p.un(UnaryOp::Neg, pair);
+        let rot = p.select(first, npair, pair);
+        let a = p.bin(BinaryOp::Mul, raw, c);
+        let bb = p.bin(BinaryOp::Mul, rot, sn);
+        let y = p.bin(BinaryOp::Add, a, bb);
+        p.select(inside, y, raw)
+    };
+    let mut body = Vec::new();
+    // the block's queries
+    body.push(for_(lk, zero, rows, |lk, i| {
+        vec![for_(lk, zero, de, |lk, dd| {
+            let pos = lk.pool.addi(t0, i);
+            let x = rotated(lk, &q, &qbi, pos, dd);
+            let at = mad(lk, i, de, dd);
+            vec![st_local(qtl, at, x)]
+        })]
+    }));
+    body.push(for_(lk, zero, bq, |lk, i| {
+        let clear = for_(lk, zero, dve, |lk, c| {
+            let at = mad(lk, i, dve, c);
+            vec![st_local(accl, at, fzero)]
+        });
+        vec![st_local(ml, i, ninf), st_local(ll, i, fzero), clear]
+    }));
+    // the keys needed: u < S, and with the causal mask u <= t + (S - T) for the block's last row
+    let kend = if causal {
+        let p = &mut lk.pool;
+        let last = p.addi(t0, rows);
+        let e = p.addi(last, shift);
+        let e = p.min(e, s);
+        p.max(e, zero)
+    } else {
+        s
+    };
+    let nkb = {
+        let p = &mut lk.pool;
+        let bk1 = p.i(BK - 1);
+        let x = p.addi(kend, bk1);
+        p.div(x, bk)
+    };
+    let scale_e = lk.pool.f(scale as f32);
+    body.push(for_(lk, zero, nkb, |lk, kb| {
+        let p = &mut lk.pool;
+        let u0 = p.mul(kb, bk);
+        let left = p.sub(kend, u0);
+        let cols = p.min(bk, left);
+        let mut steps = Vec::new();
+        // the block's keys (transposed) and values
+        steps.push(for_(lk, zero, cols, |lk, j| {
+            let pos = lk.pool.addi(u0, j);
+            let kd = for_(lk, zero, de, |lk, dd| {
+                let x = rotated(lk, &kv, &kbi, pos, dd);
+                let at = mad(lk, dd, bk, j);
+                vec![st_local(ktl, at, x)]
+            });
+            let vc = for_(lk, zero, dve, |lk, c| {
+                let mut idx = vbi.clone();
+                idx.push(pos);
+                idx.push(c);
+                let x = v.load(lk, &idx);
+                let at = mad(lk, j, dve, c);
+                vec![st_local(vbl, at, x)]
+            });
+            vec![kd, vc]
+        }));
+        steps.push(for_(lk, zero, rows, |lk, i| {
+            let mut row = Vec::new();
+            row.push(for_(lk, zero, cols, |lk, j| {
+                let at = mad(lk, i, bk, j);
+                vec![st_local(scl, at, fzero)]
+            }));
+            row.push(for_(lk, zero, de, |lk, dd| {
+                let qa = mad(lk, i, de, dd);
+                let qd = lk.load_local(qtl, qa);
+                vec![for_(lk, zero, cols, |lk, j| {
+                    let at = mad(lk, i, bk, j);
+                    let cur = lk.load_local(scl, at);
+                    let ka = mad(lk, dd, bk, j);
+                    let kx = lk.load_local(ktl, ka);
+                    let prod = lk.pool.bin(BinaryOp::Mul, qd, kx);
+                    let sum = lk.pool.bin(BinaryOp::Add, cur, prod);
+                    vec![st_local(scl, at, sum)]
+                })]
+            }));
+            // scale, mask, and the row's maximum
+            let (mx_var, mx) = lk.mutable(Scalar::F32);
+            row.push(Stmt::Set {
+                var: mx_var,
+                value: ninf,
+            });
+            let pos_t = lk.pool.addi(t0, i);
+            let lim = lk.pool.addi(pos_t, shift);
+            row.push(for_(lk, zero, cols, |lk, j| {
+                let at = mad(lk, i, bk, j);
+                let raw = lk.load_local(scl, at);
+                let p = &mut lk.pool;
+                let sc = p.bin(BinaryOp::Mul, raw, scale_e);
+                let val = if causal {
+                    let u = p.addi(u0, j);
+                    let vis = p.cmp(CmpOp::Le, u, lim);
+                    p.select(vis, sc, ninf)
+                } else {
+                    sc
+                };
+                // the value is read again after the store: through a variable, not the expression
+                let (tv, tmp) = lk.mutable(Scalar::F32);
+                vec![
+                    Stmt::Set { var: tv, value: val },
+                    st_local(scl, at, tmp),
+                    Stmt::Accumulate {
+                        var: mx_var,
+                        op: Acc::Max,
+                        value: tmp,
+                    },
+                ]
+            }));
+            // the online softmax: new running max, correction of what was summed before
+            let mold = lk.load_local(ml, i);
+            let p = &mut lk.pool;
+            let mnew = p.bin(BinaryOp::Max, mold, mx);
+            let dead = p.cmp(CmpOp::Eq, mnew, ninf);
+            let fone = p.f(1.0);
+            let dm = p.bin(BinaryOp::Sub, mold, mnew);
+            let em = p.un(UnaryOp::Exp, dm);
+            let corr = p.select(dead, fone, em);
+            let (m_var, mcur) = lk.mutable(Scalar::F32);
+            let (c_var, ccur) = lk.mutable(Scalar::F32);
+            row.push(Stmt::Set {
+                var: m_var,
+                value: mnew,
+            });
+            row.push(Stmt::Set {
+                var: c_var,
+                value: corr,
+            });
+            let (sum_var, sum) = lk.mutable(Scalar::F32);
+            row.push(Stmt::Set {
+                var: sum_var,
+                value: fzero,
+            });
+            row.push(for_(lk, zero, cols, |lk, j| {
+                let at = mad(lk, i, bk, j);
+                let x = lk.load_local(scl, at);
+                let p = &mut lk.pool;
+                let dead = p.cmp(CmpOp::Eq, mcur, ninf);
+                let z = p.bin(BinaryOp::Sub, x, mcur);
+                let e = p.un(UnaryOp::Exp, z);
+                let pr = p.select(dead, fzero, e);
+                let (tv, tmp) = lk.mutable(Scalar::F32);
+                vec![
+                    Stmt::Set { var: tv, value: pr },
+                    st_local(scl, at, tmp),
+                    Stmt::Accumulate {
+                        var: sum_var,
+                        op: Acc::Add,
+                        value: tmp,
+                    },
+                ]
+            }));
+            let lold = lk.load_local(ll, i);
+            let lsc = lk.pool.bin(BinaryOp::Mul, lold, ccur);
+            let lnew = lk.pool.bin(BinaryOp::Add, lsc, sum);
+            row.push(st_local(ll, i, lnew));
+            row.push(st_local(ml, i, mcur));
+            row.push(for_(lk, zero, dve, |lk, c| {
+                let at = mad(lk, i, dve, c);
+                let a = lk.load_local(accl, at);
+                let x = lk.pool.bin(BinaryOp::Mul, a, ccur);
+                vec![st_local(accl, at, x)]
+            }));
+            row.push(for_(lk, zero, cols, |lk, j| {
+                let pa = mad(lk, i, bk, j);
+                let pr = lk.load_local(scl, pa);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let at = mad(lk, i, dve, c);
+                    let a = lk.load_local(accl, at);
+                    let va = mad(lk, j, dve, c);
+                    let vx = lk.load_local(vbl, va);
+                    let prod = lk.pool.bin(BinaryOp::Mul, pr, vx);
+                    let sum = lk.pool.bin(BinaryOp::Add, a, prod);
+                    vec![st_local(accl, at, sum)]
+                })]
+            }));
+            row
+        }));
+        steps
+    }));
+    // normalise and write the block's rows
+    body.push(for_(lk, zero, rows, |lk, i| {
+        let l = lk.load_local(ll, i);
+        vec![for_(lk, zero, dve, |lk, c| {
+            let at = mad(lk, i, dve, c);
+            let a = lk.load_local(accl, at);
+            let y = lk.pool.bin(BinaryOp::Div, a, l);
+            let pos = lk.pool.addi(t0, i);
+            let mut idx = ob.clone();
+            idx.push(pos);
+            idx.push(c);
+            vec![store(&out, lk, &idx, y)]
+        })]
+    }));
+    let cost = {
+        let p = &mut lk.pool;
+        let w = p.i(BQ * (d + dv) as i64 * 2);
+        p.mul(w, s)
+    };
+    lk.steps.push(Step::Phase(Phase {
+        name: "flash_attention".into(),
+        grid,
+        item: item_var,
+        body,
+        item_cost: cost,
+    }));
+    Ok(true)
+}
+
+/// A loader of element `(t, d)` of a q, k or v row for the current item.
+type RowLoad = Box<dyn Fn(&mut LoopKernel, E, E) -> E>;
+/// A writer of element `(t, c)` of the output rows.
+type RowWrite = Box<dyn Fn(&mut LoopKernel, E, E, E) -> Stmt>;
+
+/// `lightning_attention` and `lightning_layer`: per item one (batch, head); the blocks in order, the state
+/// `P [D, Dv]` in a thread-local array carried from block to block:
+/// `O = ((Q Kᵀ) ⊙ M) V + (Q ⊙ q_decay) P`, then `P ← exp(−λ b) P + (K ⊙ k_decay)ᵀ V`. The layer form applies
+/// SiLU to the fused projection as it loads it, writes the heads' outputs to scratch, and a second phase
+/// applies the RMSNorm over all heads and the sigmoid gate, row by row.
+fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)>) -> Result<bool, CodegenError> {
+    let blk = block as i64;
+    let lk = &mut b.lk;
+    let out = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
+    let (item_var, item) = lk.loop_var();
+    let zero = lk.pool.i(0);
+    let (d, dv, t_dim, grid_dim, ld_q, ld_k, ld_v, lam, write, pre): (
+        usize,
+        usize,
+        Dim,
+        Dim,
+        RowLoad,
+        RowLoad,
+        RowLoad,
+        E,
+        RowWrite,
+        Option<View>,
+    ) = match layer {
+        Some((heads, _)) => {
+            let qkv_t = &k.inputs[0];
+            let Some(hd) = konst(&k.inputs[2].shape[0]) else {
+                return Ok(false);
+            };
+            if heads == 0 || hd % heads != 0 || !qkv_t.dtype.is_float() {
+                return Ok(false);
+            }
+            let d = hd / heads;
+            let (bd, td) = (qkv_t.shape[0].clone(), qkv_t.shape[1].clone());
+            let qkv = View::of(lk.slot(Slot::Input(0)), qkv_t);
+            let lamv = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
+            let slot = lk.scratch(out.dtype, bd.clone() * td.clone() * Dim::from(hd as i64));
+            let pre = View::contiguous(slot, out.dtype, &[bd.clone(), td.clone(), Dim::from(hd as i64)]);
+            let he = lk.pool.i(heads as i64);
+            let bi = lk.pool.div(item, he);
+            let h = lk.pool.rem(item, he);
+            let li: Vec<E> = if lamv.shape[0].is_one() {
+                vec![zero; lamv.shape.len()]
+            } else {
+                let mut v = vec![h];
+                v.extend(std::iter::repeat_n(zero, lamv.shape.len().saturating_sub(1)));
+                v
+            };
+            let lam = lamv.load(lk, &li);
+            let d3 = lk.pool.i(3 * d as i64);
+            let base = lk.pool.mul(h, d3);
+            let mk = |off: i64| -> RowLoad {
+                let qkv = qkv.clone();
+                Box::new(move |lk: &mut LoopKernel, tt: E, dd: E| {
+                    let o = lk.pool.i(off);
+                    let c0 = lk.pool.addi(base, o);
+                    let c = lk.pool.addi(c0, dd);
+                    let x = qkv.load(lk, &[bi, tt, c]);
+                    lk.pool.un(UnaryOp::Silu, x)
+                })
+            };
+            let de = lk.pool.i(d as i64);
+            let col0 = lk.pool.mul(h, de);
+            let pre2 = pre.clone();
+            let write: RowWrite = Box::new(move |lk: &mut LoopKernel, tt: E, c: E, val: E| {
+                let col = lk.pool.addi(col0, c);
+                store(&pre2, lk, &[bi, tt, col], val)
+            });
+            (
+                d,
+                d,
+                td,
+                bd * Dim::from(heads as i64),
+                mk(0),
+                mk(d as i64),
+                mk(2 * d as i64),
+                lam,
+                write,
+                Some(pre),
+            )
+        }
+        None => {
+            let (qt, vt) = (&k.inputs[0], &k.inputs[2]);
+            let r = qt.shape.len();
+            let (Some(d), Some(dv)) = (konst(&qt.shape[r - 1]), konst(&vt.shape[r - 1])) else {
+                return Ok(false);
+            };
+            if !qt.dtype.is_float() {
+                return Ok(false);
+            }
+            let q = View::of(lk.slot(Slot::Input(0)), qt);
+            let kk = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
+            let v = View::of(lk.slot(Slot::Input(2)), vt);
+            let lamv = View::of(lk.slot(Slot::Input(3)), &k.inputs[3]);
+            let ro = out.shape.len();
+            let obd = lk.dims(&out.shape[..ro - 2]);
+            let ob = delinearize(&mut lk.pool, item, &obd);
+            let mut full = ob.clone();
+            full.push(zero);
+            full.push(zero);
+            let li = bcast(lk, &full, &lamv.shape);
+            let lam = lamv.load(lk, &li);
+            let mk = |view: View| -> RowLoad {
+                let bdims = view.shape[..view.shape.len() - 2].to_vec();
+                let ob = ob.clone();
+                Box::new(move |lk: &mut LoopKernel, tt: E, dd: E| {
+                    let mut idx = bcast(lk, &ob, &bdims);
+                    idx.push(tt);
+                    idx.push(dd);
+                    view.load(lk, &idx)
+                })
+            };
+            let out2 = out.clone();
+            let ob2 = ob.clone();
+            let write: RowWrite = Box::new(move |lk: &mut LoopKernel, tt: E, c: E, val: E| {
+                let mut idx = ob2.clone();
+                idx.push(tt);
+                idx.push(c);
+                store(&out2, lk, &idx, val)
+            });
+            (
+                d,
+                dv,
+                qt.shape[r - 2].clone(),
+                product(&out.shape[..ro - 2]),
+                mk(q),
+                mk(kk),
+                mk(v),
+                lam,
+                write,
+                None,
+            )
+        }
+    };
+    let t = lk.dim(&t_dim);
+    let grid = lk.dim(&grid_dim);
+    let ql = lk.local(Scalar::F32, block * d);
+    let ktl = lk.local(Scalar::F32, d * block);
+    let vl = lk.local(Scalar::F32, block * dv);
+    let srow = lk.local(Scalar::F32, block);
+    let orow = lk.local(Scalar::F32, dv);
+    let pl = lk.local(Scalar::F32, d * dv);
+    let dq = lk.local(Scalar::F32, block);
+    let dk = lk.local(Scalar::F32, block);
+    let dmask = lk.local(Scalar::F32, block);
+    let one = lk.pool.i(1);
+    let be = lk.pool.i(blk);
+    let de = lk.pool.i(d as i64);
+    let dve = lk.pool.i(dv as i64);
+    let fzero = lk.pool.f(0.0);
+    let mut body = Vec::new();
+    // decay tables: exp(−λ(j+1)), exp(−λ(b−1−j)), exp(−λ n)
+    let decay = |lk: &mut LoopKernel, n: E| -> E {
+        let p = &mut lk.pool;
+        let nf = p.cast(Scalar::F32, n);
+        let x = p.bin(BinaryOp::Mul, lam, nf);
+        let nx = p.un(UnaryOp::Neg, x);
+        p.un(UnaryOp::Exp, nx)
+    };
+    body.push(for_(lk, zero, be, |lk, j| {
+        let j1 = lk.pool.addi(j, one);
+        let a = decay(lk, j1);
+        let b1 = lk.pool.i(blk - 1);
+        let rest = lk.pool.sub(b1, j);
+        let bdk = decay(lk, rest);
+        let m = decay(lk, j);
+        vec![st_local(dq, j, a), st_local(dk, j, bdk), st_local(dmask, j, m)]
+    }));
+    let bdecay = decay(lk, be);
+    let pn = lk.pool.i((d * dv) as i64);
+    body.push(for_(lk, zero, pn, |_, x| vec![st_local(pl, x, fzero)]));
+    let nb = {
+        let p = &mut lk.pool;
+        let b1 = p.i(blk - 1);
+        let x = p.addi(t, b1);
+        p.div(x, be)
+    };
+    body.push(for_(lk, zero, nb, |lk, blkv| {
+        let p = &mut lk.pool;
+        let t0 = p.mul(blkv, be);
+        let left = p.sub(t, t0);
+        let rows = p.min(be, left);
+        let mut s = Vec::new();
+        // the block: q and v row-major, k transposed
+        s.push(for_(lk, zero, rows, |lk, j| {
+            let tt = lk.pool.addi(t0, j);
+            let a = for_(lk, zero, de, |lk, dd| {
+                let qx = ld_q(lk, tt, dd);
+                let kx = ld_k(lk, tt, dd);
+                let qa = mad(lk, j, de, dd);
+                let ka = mad(lk, dd, be, j);
+                vec![st_local(ql, qa, qx), st_local(ktl, ka, kx)]
+            });
+            let bv = for_(lk, zero, dve, |lk, c| {
+                let vx = ld_v(lk, tt, c);
+                let va = mad(lk, j, dve, c);
+                vec![st_local(vl, va, vx)]
+            });
+            vec![a, bv]
+        }));
+        s.push(for_(lk, zero, rows, |lk, j| {
+            let mut r = Vec::new();
+            let j1 = lk.pool.addi(j, one);
+            // scores of row j against rows 0..=j of the block
+            r.push(for_(lk, zero, j1, |_, u| vec![st_local(srow, u, fzero)]));
+            r.push(for_(lk, zero, de, |lk, dd| {
+                let qa = mad(lk, j, de, dd);
+                let qd = lk.load_local(ql, qa);
+                vec![for_(lk, zero, j1, |lk, u| {
+                    let cur = lk.load_local(srow, u);
+                    let ka = mad(lk, dd, be, u);
+                    let kx = lk.load_local(ktl, ka);
+                    let pr = lk.pool.bin(BinaryOp::Mul, qd, kx);
+                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
+                    vec![st_local(srow, u, sm)]
+                })]
+            }));
+            r.push(for_(lk, zero, dve, |_, c| vec![st_local(orow, c, fzero)]));
+            // intra-block: Σ_u s[u] · exp(−λ(j−u)) · v[u]
+            r.push(for_(lk, zero, j1, |lk, u| {
+                let sc = lk.load_local(srow, u);
+                let dist = lk.pool.sub(j, u);
+                let m = lk.load_local(dmask, dist);
+                let w = lk.pool.bin(BinaryOp::Mul, sc, m);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let cur = lk.load_local(orow, c);
+                    let va = mad(lk, u, dve, c);
+                    let vx = lk.load_local(vl, va);
+                    let pr = lk.pool.bin(BinaryOp::Mul, w, vx);
+                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
+                    vec![st_local(orow, c, sm)]
+                })]
+            }));
+            // inter-block: (q ⊙ exp(−λ(j+1))) P
+            let qdec = lk.load_local(dq, j);
+            r.push(for_(lk, zero, de, |lk, dd| {
+                let qa = mad(lk, j, de, dd);
+                let qx = lk.load_local(ql, qa);
+                let w = lk.pool.bin(BinaryOp::Mul, qx, qdec);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let cur = lk.load_local(orow, c);
+                    let pa = mad(lk, dd, dve, c);
+                    let px = lk.load_local(pl, pa);
+                    let pr = lk.pool.bin(BinaryOp::Mul, w, px);
+                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
+                    vec![st_local(orow, c, sm)]
+                })]
+            }));
+            let tt = lk.pool.addi(t0, j);
+            r.push(for_(lk, zero, dve, |lk, c| {
+                let o = lk.load_local(orow, c);
+                vec![write(lk, tt, c, o)]
+            }));
+            r
+        }));
+        // the state after the block
+        s.push(for_(lk, zero, pn, |lk, x| {
+            let cur = lk.load_local(pl, x);
+            let y = lk.pool.bin(BinaryOp::Mul, cur, bdecay);
+            vec![st_local(pl, x, y)]
+        }));
+        s.push(for_(lk, zero, rows, |lk, u| {
+            let kdec = lk.load_local(dk, u);
+            vec![for_(lk, zero, de, |lk, dd| {
+                let ka = mad(lk, dd, be, u);
+                let kx = lk.load_local(ktl, ka);
+                let w = lk.pool.bin(BinaryOp::Mul, kx, kdec);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let pa = mad(lk, dd, dve, c);
+                    let cur = lk.load_local(pl, pa);
+                    let va = mad(lk, u, dve, c);
+                    let vx = lk.load_local(vl, va);
+                    let pr = lk.pool.bin(BinaryOp::Mul, w, vx);
+                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
+                    vec![st_local(pl, pa, sm)]
+                })]
+            })]
+        }));
+        s
+    }));
+    let cost = {
+        let p = &mut lk.pool;
+        let w = p.i((block * (d + dv) * 2 + d * dv * 4) as i64);
+        p.mul(w, t)
+    };
+    lk.steps.push(Step::Phase(Phase {
+        name: "lightning".into(),
+        grid,
+        item: item_var,
+        body,
+        item_cost: cost,
+    }));
+    if let (Some((_, eps)), Some(pre)) = (layer, pre) {
+        // per row: sigmoid(gate) ⊙ ((o · rsqrt(mean(o²) + eps)) · w)
+        let norm_w = View::of(lk.slot(Slot::Input(2)), &k.inputs[2]);
+        let gate = View::of(lk.slot(Slot::Input(3)), &k.inputs[3]);
+        let hde = lk.dim(&pre.shape[2].clone());
+        let (row_var, row) = lk.loop_var();
+        let bi = lk.pool.div(row, t);
+        let ti = lk.pool.rem(row, t);
+        let (acc_var, acc) = lk.mutable(Scalar::F32);
+        let mut body = vec![Stmt::Set {
+            var: acc_var,
+            value: fzero,
+        }];
+        body.push(for_(lk, zero, hde, |lk, c| {
+            let x = pre.load(lk, &[bi, ti, c]);
+            let sq = lk.pool.bin(BinaryOp::Mul, x, x);
+            vec![Stmt::Accumulate {
+                var: acc_var,
+                op: Acc::Add,
+                value: sq,
+            }]
+        }));
+        let p = &mut lk.pool;
+        let n = p.cast(Scalar::F32, hde);
+        let ms = p.bin(BinaryOp::Div, acc, n);
+        let epse = p.f(eps as f32);
+        let ms = p.bin(BinaryOp::Add, ms, epse);
+        let r = p.un(UnaryOp::Rsqrt, ms);
+        let (r_var, rv) = lk.mutable(Scalar::F32);
+        body.push(Stmt::Set { var: r_var, value: r });
+        body.push(for_(lk, zero, hde, |lk, c| {
+            let x = pre.load(lk, &[bi, ti, c]);
+            let w = norm_w.load(lk, &[c]);
+            let g = gate.load(lk, &[bi, ti, c]);
+            let p = &mut lk.pool;
+            let y = p.bin(BinaryOp::Mul, x, rv);
+            let y = p.bin(BinaryOp::Mul, y, w);
+            let s = p.un(UnaryOp::Sigmoid, g);
+            let val = p.bin(BinaryOp::Mul, s, y);
+            vec![store(&out, lk, &[bi, ti, c], val)]
+        }));
+        let rows_dim = lk.dim(&(out.shape[0].clone() * out.shape[1].clone()));
+        lk.steps.push(Step::Phase(Phase {
+            name: "norm_gate".into(),
+            grid: rows_dim,
+            item: row_var,
+            body,
+            item_cost: hde,
+        }));
+    }
+    Ok(true)
+}
+
+/// `moe_dispatch`: a counting sort of the (token, slot) rows by expert, stable. A sequential phase counts the
+/// rows of each expert and places every row (`pos`, `counts`); a parallel phase copies the rows.
+fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, CodegenError> {
+    let Some(kk) = konst(&k.inputs[1].shape[1]) else {
+        return Ok(false);
+    };
+    let lk = &mut b.lk;
+    let x = View::of(lk.slot(Slot::Input(0)), &k.inputs[0]);
+    let ids = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
+    let xs = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
+    let pos = View::of(lk.slot(Slot::Output(1)), &k.outputs[1]);
+    let counts = View::of(lk.slot(Slot::Output(2)), &k.outputs[2]);
+    let n = lk.dim(&ids.shape[0].clone());
+    let ke = lk.pool.i(kk as i64);
+    let rows = lk.pool.mul(n, ke);
+    let ee = lk.pool.i(experts as i64);
+    let cnt = lk.local(Scalar::I64, experts);
+    let off = lk.local(Scalar::I64, experts);
+    let zero = lk.pool.i(0);
+    let one = lk.pool.i(1);
+    let (item_var, _) = lk.loop_var();
+    let what = format!("an expert id of `moe_dispatch` is out of range [0, {experts})");
+    let expert_of = |lk: &mut LoopKernel, r: E| -> E {
+        let tok = lk.pool.div(r, ke);
+        let slot = lk.pool.rem(r, ke);
+        let raw = ids.load(lk, &[tok, slot]);
+        let raw = lk.pool.cast(Scalar::I64, raw);
+        lk.checked(raw, ee, what.clone())
+    };
+    let mut body = vec![for_(lk, zero, ee, |_, e| vec![st_local(cnt, e, zero)])];
+    body.push(for_(lk, zero, rows, |lk, r| {
+        let e = expert_of(lk, r);
+        let c = lk.load_local(cnt, e);
+        let c1 = lk.pool.addi(c, one);
+        vec![st_local(cnt, e, c1)]
+    }));
+    let (run_var, run) = lk.mutable(Scalar::I64);
+    body.push(Stmt::Set {
+        var: run_var,
+        value: zero,
+    });
+    body.push(for_(lk, zero, ee, |lk, e| {
+        let c = lk.load_local(cnt, e);
+        let next = lk.pool.addi(run, c);
+        vec![
+            st_local(off, e, run),
+            store(&counts, lk, &[e], c),
+            Stmt::Set {
+                var: run_var,
+                value: next,
+            },
+        ]
+    }));
+    body.push(for_(lk, zero, rows, |lk, r| {
+        let e = expert_of(lk, r);
+        let p = lk.load_local(off, e);
+        let p1 = lk.pool.addi(p, one);
+        let tok = lk.pool.div(r, ke);
+        let slot = lk.pool.rem(r, ke);
+        vec![store(&pos, lk, &[tok, slot], p), st_local(off, e, p1)]
+    }));
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_dispatch.place".into(),
+        grid: one,
+        item: item_var,
+        body,
+        item_cost: rows,
+    }));
+    // the rows: xs[pos[r]] = x[r / k]
+    let (row_var, r) = lk.loop_var();
+    let c_dim = lk.dim(&x.shape[1].clone());
+    let tok = lk.pool.div(r, ke);
+    let slot = lk.pool.rem(r, ke);
+    let p = pos.load(lk, &[tok, slot]);
+    let copy = for_(lk, zero, c_dim, |lk, c| {
+        let v = x.load(lk, &[tok, c]);
+        vec![store(&xs, lk, &[p, c], v)]
+    });
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_dispatch.copy".into(),
+        grid: rows,
+        item: row_var,
+        body: vec![copy],
+        item_cost: c_dim,
+    }));
+    Ok(true)
 }
