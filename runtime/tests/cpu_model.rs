@@ -157,3 +157,53 @@ fn every_kernel_of_the_small_model_matches_the_interpreter() {
     .unwrap();
     assert_eq!(bad, 0);
 }
+
+/// tiny-a (a real transformers checkpoint) on the CPU backend, optimized and not, against the transformers
+/// reference: hidden states and logits within 1e-4 relative, the loss within 1e-5.
+#[test]
+fn tiny_a_on_the_cpu_matches_transformers() {
+    use fulgur_models::checkpoint::Checkpoint;
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    assert!(dir.join("config.json").exists(), "fixture {} is missing", dir.display());
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            hidden_states: true,
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let weights = ck.load_params(&g).unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og: Graph = compile(
+            &g,
+            &CompileOptions {
+                opt,
+                ..CompileOptions::default()
+            },
+            None,
+        )
+        .unwrap()
+        .graph;
+        let mut cpu = CpuProgram::new(lower(&og).unwrap(), CpuOptions::default()).unwrap();
+        cpu.load_weights(&weights).unwrap();
+        let out = cpu
+            .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+            .unwrap();
+        for i in 0..=ck.config.num_hidden_layers {
+            let name = format!("hidden_states.{i}");
+            let e = out[&name].rel_l2(&reference[&name]);
+            assert!(e < 1e-4, "{opt:?} {name}: relative error {e}");
+        }
+        let e = out["logits"].rel_l2(&reference["logits"]);
+        assert!(e < 1e-4, "{opt:?} logits: relative error {e}");
+        let (a, b) = (out["loss"].to_f64()[0], reference["loss"].to_f64()[0]);
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{opt:?} loss {a} vs reference {b}"
+        );
+    }
+}
