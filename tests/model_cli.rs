@@ -52,18 +52,32 @@ fn no_file_left(dir: &Path) {
 
 #[test]
 fn eval_model_matches_the_reference() {
+    // the default target (the CPU backend where the build has it), then the interpreter
+    for target in [None, Some("reference")] {
+        eval_model_on(target);
+    }
+}
+
+fn eval_model_on(target: Option<&str>) {
     let dir = tiny_a();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o.safetensors");
-    let o = fulgur(&[
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"eval-model",
         &dir,
         &"--tokens",
-        &dir.join("reference.safetensors"),
+        &"PLACEHOLDER",
         &"--out",
         &out,
         &"--hidden-states",
-    ]);
+    ];
+    let tokens = dir.join("reference.safetensors");
+    args[3] = &tokens;
+    if let Some(t) = &target {
+        args.push(&"--target");
+        args.push(t);
+    }
+    let o = fulgur(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = read_safetensors(&out).unwrap();
     let want = read_safetensors(&dir.join("reference.safetensors")).unwrap();

@@ -46,9 +46,13 @@ pub struct EvalArgs {
     /// Optimization level: `none` runs the definitional graph, `full` the optimizer's output.
     #[arg(long, value_enum, default_value_t = OptLevel::Full)]
     pub opt: OptLevel,
-    /// Cost-model target the optimizer plans for.
-    #[arg(long, default_value = "H100")]
-    pub target: String,
+    /// Where to run: `cpu` (the CPU backend, JIT-compiled; the default where the build has it) or
+    /// `reference` (the interpreter, which honours --precision and --memory-limit).
+    #[arg(long, value_enum, default_value_t = crate::cli::bench::default_target())]
+    pub target: crate::cli::bench::BenchTarget,
+    /// Cost model the optimizer plans for (default: `CPU` for the cpu target, `H100` for reference).
+    #[arg(long, value_name = "NAME")]
+    pub cost_model: Option<String>,
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
@@ -125,17 +129,26 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         aux_loss: args.aux_loss,
         states: false,
     };
-    let g = optimize(forward_graph(&ck.config, &opts)?, args.opt, &args.target)?;
+    let cost_model = args.cost_model.clone().unwrap_or_else(|| match args.target {
+        crate::cli::bench::BenchTarget::Cpu => "CPU".into(),
+        crate::cli::bench::BenchTarget::Reference => "H100".into(),
+    });
+    let g = optimize(forward_graph(&ck.config, &opts)?, args.opt, &cost_model)?;
     let mut inputs = ck.load_params(&g)?;
     tracing::info!(elapsed = ?t0.elapsed(), params = inputs.len(), nodes = g.node_count(), "checkpoint loaded, graph built");
-    inputs.insert("input_ids".into(), tokens);
-    let backend = ReferenceBackend {
-        precision: Precision::from(args.precision),
-        memory_limit: args.memory_limit,
-    };
     let t1 = Instant::now();
-    let outputs = backend.run(&g, &inputs).context("running the forward graph")?;
-    tracing::info!(elapsed = ?t1.elapsed(), backend = backend.name(), "forward done");
+    let outputs = match args.target {
+        crate::cli::bench::BenchTarget::Reference => {
+            inputs.insert("input_ids".into(), tokens);
+            let backend = ReferenceBackend {
+                precision: Precision::from(args.precision),
+                memory_limit: args.memory_limit,
+            };
+            backend.run(&g, &inputs).context("running the forward graph")?
+        }
+        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &inputs, tokens)?,
+    };
+    tracing::info!(elapsed = ?t1.elapsed(), target = ?args.target, "forward done");
     for (name, t) in &outputs {
         if t.has_non_finite() {
             eprintln!("warning: output `{name}` contains NaN or infinite values");
@@ -158,6 +171,32 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The forward graph on the CPU backend: lowered, JIT-compiled, weights loaded once, one step.
+#[cfg(feature = "llvm")]
+fn run_cpu(
+    g: &fulgur_ir::Graph,
+    weights: &std::collections::HashMap<String, Tensor>,
+    tokens: Tensor,
+) -> Result<BTreeMap<String, Tensor>> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+    let program = fulgur_codegen::program::lower(g)?;
+    let mut cpu = CpuProgram::new(program, CpuOptions::default()).context("compiling for the CPU")?;
+    tracing::info!(seconds = cpu.compile_seconds, "JIT-compiled");
+    cpu.load_weights(weights)?;
+    Ok(cpu
+        .run(&[("input_ids".to_string(), tokens)].into())
+        .context("running the forward pass on the CPU")?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn run_cpu(
+    _: &fulgur_ir::Graph,
+    _: &std::collections::HashMap<String, Tensor>,
+    _: Tensor,
+) -> Result<BTreeMap<String, Tensor>> {
+    bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }
 
 #[derive(Debug, clap::Args)]
