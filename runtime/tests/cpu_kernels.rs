@@ -144,3 +144,209 @@ fn flash_attention_rope_grouped() {
         );
     }
 }
+
+#[test]
+fn elementwise_reduction_scan_and_index_kernels() {
+    use fulgur_ir::{BinaryOp, CmpOp, ReduceOp, UnaryOp};
+    let mut r = Rng(3);
+    let x = r.tensor(DType::F32, &[3, 17], -2.0, 2.0);
+    let y = r.tensor(DType::F32, &[17], -2.0, 2.0);
+    for u in [
+        UnaryOp::Exp,
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Tanh,
+        UnaryOp::Sin,
+    ] {
+        check(&format!("unary {}", u.name()), Op::Unary(u), vec![x.clone()], 2e-6);
+    }
+    for b in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+    ] {
+        check(
+            &format!("binary {}", b.name()),
+            Op::Binary(b),
+            vec![x.clone(), y.clone()],
+            1e-7,
+        );
+    }
+    check("compare", Op::Compare(CmpOp::Lt), vec![x.clone(), y.clone()], 0.0);
+    let xi = r.tensor(DType::I64, &[4, 9], -50.0, 50.0);
+    let yi = r.tensor(DType::I64, &[9], 1.0, 7.0);
+    check(
+        "integer div",
+        Op::Binary(BinaryOp::Div),
+        vec![xi.clone(), yi.clone()],
+        0.0,
+    );
+    check("cast to bf16", Op::Cast { dtype: DType::BF16 }, vec![x.clone()], 1e-7);
+    check("cast to i32", Op::Cast { dtype: DType::I32 }, vec![x.clone()], 0.0);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+        for (axes, keep) in [(vec![-1], true), (vec![0], false), (vec![0, 1], false)] {
+            check(
+                &format!("{} {axes:?}", op.name()),
+                Op::Reduce {
+                    op,
+                    axes: axes.clone(),
+                    keepdims: keep,
+                },
+                vec![x.clone()],
+                1e-6,
+            );
+        }
+    }
+    check(
+        "integer sum",
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![1],
+            keepdims: false,
+        },
+        vec![xi.clone()],
+        0.0,
+    );
+    for (exclusive, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
+        check(
+            &format!("cumsum {exclusive} {reverse}"),
+            Op::CumSum {
+                axis: 1,
+                exclusive,
+                reverse,
+            },
+            vec![x.clone()],
+            1e-6,
+        );
+    }
+    check("topk", Op::TopK { k: 3, axis: -1 }, vec![x.clone()], 0.0);
+    check(
+        "softmax",
+        Op::Composite(Composite::Softmax { axis: -1 }),
+        vec![x.clone()],
+        1e-6,
+    );
+    check(
+        "log_softmax",
+        Op::Composite(Composite::LogSoftmax { axis: 0 }),
+        vec![x.clone()],
+        1e-6,
+    );
+    check(
+        "rms_norm",
+        Op::Composite(Composite::RmsNorm { eps: 1e-5 }),
+        vec![x.clone(), y.clone()],
+        1e-6,
+    );
+    check("permute", Op::Permute { perm: vec![1, 0] }, vec![x.clone()], 0.0);
+    check(
+        "concat",
+        Op::Concat { axis: 1 },
+        vec![x.clone(), r.tensor(DType::F32, &[3, 5], -1.0, 1.0)],
+        0.0,
+    );
+    let ids = r.tensor(DType::I64, &[2, 5], 0.0, 3.0);
+    check("gather", Op::Gather { axis: 0 }, vec![x.clone(), ids.clone()], 0.0);
+    check(
+        "one_hot",
+        Op::OneHot {
+            depth: 4,
+            dtype: DType::F32,
+        },
+        vec![ids.clone()],
+        0.0,
+    );
+    let upd = r.tensor(DType::F32, &[2, 5, 17], -1.0, 1.0);
+    check(
+        "scatter_add",
+        Op::ScatterAdd { axis: 0 },
+        vec![x.clone(), ids, upd],
+        1e-6,
+    );
+    check(
+        "matmul",
+        Op::MatMul,
+        vec![
+            r.tensor(DType::F32, &[2, 13, 37], -1.0, 1.0),
+            r.tensor(DType::F32, &[37, 33], -1.0, 1.0),
+        ],
+        1e-6,
+    );
+}
+
+#[test]
+fn moe_and_lightning_kernels() {
+    let mut r = Rng(4);
+    for (n, c, e) in [(1, 8, 4), (13, 24, 8)] {
+        let logits = r.tensor(DType::F32, &[n, e], -2.0, 2.0);
+        check(
+            "moe_router",
+            Op::Composite(Composite::MoeRouter { k: 2 }),
+            vec![logits],
+            1e-6,
+        );
+        let x = r.tensor(DType::F32, &[n, c], -1.0, 1.0);
+        let ids = r.tensor(DType::I64, &[n, 2], 0.0, e as f64);
+        check(
+            "moe_dispatch",
+            Op::Composite(Composite::MoeDispatch { experts: e }),
+            vec![x, ids],
+            0.0,
+        );
+    }
+    // grouped matmul: counts that sum to the rows, an empty expert among them
+    let xs = r.tensor(DType::F32, &[10, 24], -1.0, 1.0);
+    let counts = Tensor::from_i64(DType::I64, vec![4], vec![3, 0, 5, 2]);
+    let w = r.tensor(DType::F32, &[4, 24, 14], -1.0, 1.0);
+    for swiglu in [false, true] {
+        check(
+            &format!("grouped_matmul swiglu {swiglu}"),
+            Op::Composite(Composite::GroupedMatmul { swiglu }),
+            vec![xs.clone(), counts.clone(), w.clone()],
+            1e-6,
+        );
+    }
+    let ys = r.tensor(DType::F32, &[10, 6], -1.0, 1.0);
+    let pos = Tensor::from_i64(DType::I64, vec![5, 2], (0..10).rev().collect());
+    let wts = r.tensor(DType::F32, &[5, 2], 0.0, 1.0);
+    check(
+        "moe_combine",
+        Op::Composite(Composite::MoeCombine),
+        vec![ys, pos, wts],
+        1e-6,
+    );
+    for (b, h, t, d, block) in [(1, 1, 1, 8, 4), (2, 3, 37, 8, 16), (1, 2, 64, 16, 16)] {
+        let q = r.tensor(DType::F32, &[b, h, t, d], -1.0, 1.0);
+        let k = r.tensor(DType::F32, &[b, h, t, d], -1.0, 1.0);
+        let v = r.tensor(DType::F32, &[b, h, t, d], -1.0, 1.0);
+        let lam = r.tensor(DType::F32, &[h, 1, 1], 0.01, 0.5);
+        check(
+            &format!("lightning_attention b{b} h{h} t{t} block {block}"),
+            Op::Composite(Composite::LightningAttention { block }),
+            vec![q, k, v, lam],
+            1e-5,
+        );
+    }
+    for (b, t, heads, d, block) in [(1, 1, 2, 8, 4), (2, 21, 3, 8, 8)] {
+        let hd = heads * d;
+        let qkv = r.tensor(DType::F32, &[b, t, 3 * hd], -1.0, 1.0);
+        let lam = r.tensor(DType::F32, &[heads, 1, 1], 0.01, 0.5);
+        let nw = r.tensor(DType::F32, &[hd], 0.5, 1.5);
+        let gate = r.tensor(DType::F32, &[b, t, hd], -1.0, 1.0);
+        check(
+            &format!("lightning_layer b{b} t{t} heads {heads}"),
+            Op::Composite(Composite::LightningLayer {
+                block,
+                heads,
+                eps: 1e-6,
+            }),
+            vec![qkv, lam, nw, gate],
+            1e-5,
+        );
+    }
+}
