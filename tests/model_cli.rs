@@ -390,3 +390,31 @@ fn lengths_past_the_models_positions_are_refused_or_warned() {
         )
     );
 }
+
+#[test]
+fn eval_model_on_the_cpu_refuses_a_plan_over_max_memory() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let o = fulgur(&[
+        &"eval-model",
+        &dir,
+        &"--tokens",
+        &dir.join("reference.safetensors"),
+        &"--out",
+        &out,
+        &"--target",
+        &"cpu",
+        &"--max-memory",
+        &"1MiB",
+    ]);
+    fails(
+        &o,
+        &[
+            "at B=2, T=40 the program needs",
+            "planned peak",
+            "more than the limit of 1.0 MiB",
+        ],
+    );
+    assert!(!out.exists(), "no output file after a refused run");
+}

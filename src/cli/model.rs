@@ -53,6 +53,10 @@ pub struct EvalArgs {
     /// Cost model the optimizer plans for (default: `CPU` for the cpu target, `H100` for reference).
     #[arg(long, value_name = "NAME")]
     pub cost_model: Option<String>,
+    /// On the cpu target, the most memory the program may plan (weights, prepared values, arena and kernel
+    /// scratch), e.g. `4GiB`: a larger plan is refused before anything runs, with its planned peak.
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
+    pub max_memory: Option<u64>,
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
@@ -146,7 +150,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             };
             backend.run(&g, &inputs).context("running the forward graph")?
         }
-        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &inputs, tokens)?,
+        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &inputs, tokens, args.max_memory)?,
     };
     tracing::info!(elapsed = ?t1.elapsed(), target = ?args.target, "forward done");
     for (name, t) in &outputs {
@@ -179,10 +183,15 @@ fn run_cpu(
     g: &fulgur_ir::Graph,
     weights: &std::collections::HashMap<String, Tensor>,
     tokens: Tensor,
+    max_memory: Option<u64>,
 ) -> Result<BTreeMap<String, Tensor>> {
     use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
     let program = fulgur_codegen::program::lower(g)?;
-    let mut cpu = CpuProgram::new(program, CpuOptions::default()).context("compiling for the CPU")?;
+    let opts = CpuOptions {
+        max_memory,
+        ..Default::default()
+    };
+    let mut cpu = CpuProgram::new(program, opts).context("compiling for the CPU")?;
     tracing::info!(seconds = cpu.compile_seconds, "JIT-compiled");
     cpu.load_weights(weights)?;
     cpu.run(&[("input_ids".to_string(), tokens)].into())
@@ -194,6 +203,7 @@ fn run_cpu(
     _: &fulgur_ir::Graph,
     _: &std::collections::HashMap<String, Tensor>,
     _: Tensor,
+    _: Option<u64>,
 ) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }
