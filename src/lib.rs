@@ -12,7 +12,8 @@
 //! | [`runtime`] | `fulgur-runtime` | devices, memory, launches, NCCL, weight loading, training and generation |
 //! | [`models`] | `fulgur-models` | MiniMax-01 configs, graph builders and checkpoint name mapping |
 //!
-//! Only `ir` is implemented so far; the others are empty crates that later issues fill (see
+//! Implemented: the IR and interpreter, the MiniMax-01 models, the optimizer, the kernel program and the CPU
+//! backend (cargo feature `llvm`, on by default); the CUDA backend, training and sharding come next (see
 //! `docs/architecture.md`).
 //!
 //! ```
