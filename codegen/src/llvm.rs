@@ -590,15 +590,12 @@ impl<'a, 'ctx> Codegen<'a, 'ctx> {
             );
         }
         let mut mutables = HashMap::new();
-        let mut used = HashSet::new();
-        collect_mutables(&p.body, &lk.pool, &mut used);
+        let (used, used_locals) = collect_state(&p.body, &lk.pool);
         for v in used {
             let ty = basic(ctx, lk.vars[v as usize].ty);
             mutables.insert(v, b.build_alloca(ty, &format!("m{v}")).map_err(err)?);
         }
         let mut locals = HashMap::new();
-        let mut used_locals = HashSet::new();
-        collect_locals(&p.body, &lk.pool, &mut used_locals);
         for l in used_locals {
             let decl = lk.locals[l as usize];
             let ty = local_type(ctx, decl.ty).array_type(decl.len as u32);
@@ -917,56 +914,43 @@ fn reachable(p: &crate::loops::Pool, roots: Vec<E>) -> Vec<E> {
     out
 }
 
-fn collect_mutables(body: &[Stmt], p: &crate::loops::Pool, out: &mut HashSet<u32>) {
-    fn walk(body: &[Stmt], out: &mut HashSet<u32>) {
+/// The mutable variables and the thread-local arrays a phase body uses (written by its statements or read by
+/// its expressions).
+fn collect_state(body: &[Stmt], p: &crate::loops::Pool) -> (HashSet<u32>, HashSet<u32>) {
+    fn walk(body: &[Stmt], vars: &mut HashSet<u32>, locals: &mut HashSet<u32>) {
         for s in body {
             match s {
-                Stmt::For { body, .. } => walk(body, out),
+                Stmt::For { body, .. } => walk(body, vars, locals),
                 Stmt::If { then, els, .. } => {
-                    walk(then, out);
-                    walk(els, out);
+                    walk(then, vars, locals);
+                    walk(els, vars, locals);
                 }
                 Stmt::Set { var, .. } | Stmt::Accumulate { var, .. } => {
-                    out.insert(*var);
-                }
-                _ => {}
-            }
-        }
-    }
-    walk(body, out);
-    let mut roots = Vec::new();
-    exprs_of(body, &mut roots);
-    for e in reachable(p, roots) {
-        if let Expr::Get(v) = p.get(e) {
-            out.insert(*v);
-        }
-    }
-}
-
-fn collect_locals(body: &[Stmt], p: &crate::loops::Pool, out: &mut HashSet<u32>) {
-    fn walk(body: &[Stmt], out: &mut HashSet<u32>) {
-        for s in body {
-            match s {
-                Stmt::For { body, .. } => walk(body, out),
-                Stmt::If { then, els, .. } => {
-                    walk(then, out);
-                    walk(els, out);
+                    vars.insert(*var);
                 }
                 Stmt::StoreLocal { local, .. } => {
-                    out.insert(*local);
+                    locals.insert(*local);
                 }
-                _ => {}
+                Stmt::Store { .. } => {}
             }
         }
     }
-    walk(body, out);
+    let (mut vars, mut locals) = (HashSet::new(), HashSet::new());
+    walk(body, &mut vars, &mut locals);
     let mut roots = Vec::new();
     exprs_of(body, &mut roots);
     for e in reachable(p, roots) {
-        if let Expr::LoadLocal { local, .. } = p.get(e) {
-            out.insert(*local);
+        match p.get(e) {
+            Expr::Get(v) => {
+                vars.insert(*v);
+            }
+            Expr::LoadLocal { local, .. } => {
+                locals.insert(*local);
+            }
+            _ => {}
         }
     }
+    (vars, locals)
 }
 
 /// Emits one function's statements and expressions.

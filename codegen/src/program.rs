@@ -82,11 +82,7 @@ impl TensorRef {
 
     /// Whether the elements are laid out row-major without gaps (axes of size 1 may have any stride).
     pub fn is_contiguous(&self) -> bool {
-        let want = row_major(&self.shape);
-        self.shape
-            .iter()
-            .zip(self.strides.iter().zip(&want))
-            .all(|(d, (s, w))| d.is_one() || s == w)
+        is_row_major(&self.shape, &self.strides)
     }
 
     fn signature(&self) -> String {
@@ -113,6 +109,15 @@ impl std::fmt::Display for TensorRef {
         }
         Ok(())
     }
+}
+
+/// Whether `strides` lay `shape` out row-major without gaps (axes of size 1 may have any stride).
+pub fn is_row_major(shape: &[Dim], strides: &[Dim]) -> bool {
+    let want = row_major(shape);
+    shape
+        .iter()
+        .zip(strides.iter().zip(&want))
+        .all(|(d, (s, w))| d.is_one() || s == w)
 }
 
 /// Row-major strides of `shape`, in elements.

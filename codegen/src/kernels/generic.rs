@@ -309,7 +309,8 @@ impl<'a> Gen<'a> {
                         }
                     });
                 }
-                result.expect("concat has inputs")
+                result
+                    .ok_or_else(|| CodegenError::Options(format!("kernel {}: `concat` without inputs", self.kname)))?
             }
             Op::Gather { axis } => {
                 let xd = g.dims(ins[0]).to_vec();

@@ -11,7 +11,7 @@ pub(crate) mod generic;
 pub(crate) mod native;
 
 use crate::loops::{LoopKernel, Pool, E};
-use crate::program::{row_major, Kernel, KernelProgram, TensorRef};
+use crate::program::{is_row_major, row_major, Kernel, KernelProgram, TensorRef};
 use crate::CodegenError;
 use fulgur_ir::{DType, Dim};
 
@@ -47,11 +47,7 @@ impl View {
     }
 
     pub fn is_contiguous(&self) -> bool {
-        let want = row_major(&self.shape);
-        self.shape
-            .iter()
-            .zip(self.strides.iter().zip(&want))
-            .all(|(d, (s, w))| d.is_one() || s == w)
+        is_row_major(&self.shape, &self.strides)
     }
 
     /// The element index of `idx`.

@@ -521,19 +521,33 @@ impl CpuProgram {
         Ok(())
     }
 
-    /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
-    /// kernels; returns every output.
-    pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+    /// Binds the symbols from `inputs`, runs the prepare program if needed, and writes the inputs.
+    fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
         let env = self.bind_inputs(inputs)?;
         self.bind(env)?;
         self.prepare()?;
-        for io in self.program.inputs.clone() {
-            let b = io.tensor.buffer;
-            let buf = self.persistent[b]
+        for io in &self.program.inputs {
+            let buf = self.persistent[io.tensor.buffer]
                 .as_mut()
                 .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
             encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice());
         }
+        Ok(())
+    }
+
+    /// Every output of the step just run.
+    fn outputs(&self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
+    /// kernels; returns every output.
+    pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.begin_step(inputs)?;
         let profile = self.profile.is_some();
         if let Some(p) = &mut self.profile {
             p.kernel_seconds.resize(self.program.step.len(), 0.0);
@@ -553,11 +567,7 @@ impl CpuProgram {
         }
         self.program.step = kernels;
         result?;
-        let mut out = BTreeMap::new();
-        for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
-        }
-        Ok(out)
+        self.outputs()
     }
 
     /// Runs one step like [`CpuProgram::run`], calling `trace` after every step kernel with the kernel, the
@@ -568,27 +578,14 @@ impl CpuProgram {
         inputs: &HashMap<String, Tensor>,
         mut trace: impl FnMut(&Kernel, &[Tensor], &[Tensor]) -> Result<(), RuntimeError>,
     ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
-        let env = self.bind_inputs(inputs)?;
-        self.bind(env)?;
-        self.prepare()?;
-        for io in self.program.inputs.clone() {
-            let b = io.tensor.buffer;
-            let buf = self.persistent[b]
-                .as_mut()
-                .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
-            encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice());
-        }
+        self.begin_step(inputs)?;
         for k in self.program.step.clone() {
             let ins: Vec<Tensor> = k.inputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
             self.run_kernel(&k, true)?;
             let outs: Vec<Tensor> = k.outputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
             trace(&k, &ins, &outs)?;
         }
-        let mut out = BTreeMap::new();
-        for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
-        }
-        Ok(out)
+        self.outputs()
     }
 
     /// Reads a view of the current memory as a host tensor.
@@ -626,6 +623,15 @@ impl CpuProgram {
                 .eval(e, params)
                 .ok_or_else(|| fail("a size of its code cannot be evaluated".into()))
         };
+        let kern = gemm::Kernel {
+            ukr: self.jit.micro_kernel,
+            mr: self.jit.tile.0,
+            nr: self.jit.tile.1,
+        };
+        // element `off` of a slot holding `dt` values
+        let at = |slot: u32, dt: DType, off: i64| unsafe {
+            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
+        };
         for (s, st) in lk.steps.iter().enumerate() {
             match st {
                 Step::Phase(p) => {
@@ -658,11 +664,6 @@ impl CpuProgram {
                         ev(g.c.rs)?,
                         ev(g.c.cs)?,
                     );
-                    let kern = gemm::Kernel {
-                        ukr: self.jit.micro_kernel,
-                        mr: self.jit.tile.0,
-                        nr: self.jit.tile.1,
-                    };
                     let mut idx = vec![0i64; batch.len()];
                     for _ in 0..total.max(0) {
                         let (mut da, mut db, mut dc) = (ao, bo, co);
@@ -671,9 +672,6 @@ impl CpuProgram {
                             db += idx[j] * b[2];
                             dc += idx[j] * b[3];
                         }
-                        let at = |slot: u32, dt: DType, off: i64| unsafe {
-                            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
-                        };
                         // SAFETY: the operands are views of their buffers (the program's construction)
                         unsafe {
                             gemm::gemm(
@@ -733,11 +731,6 @@ impl CpuProgram {
                             "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
                         )));
                     }
-                    let kern = gemm::Kernel {
-                        ukr: self.jit.micro_kernel,
-                        mr: self.jit.tile.0,
-                        nr: self.jit.tile.1,
-                    };
                     let (xo, xrs, xcs) = (ev(g.x.offset)?, ev(g.x.rs)?, ev(g.x.cs)?);
                     let (wo, wrs, wcs, ws) = (ev(g.w.offset)?, ev(g.w.rs)?, ev(g.w.cs)?, ev(g.expert_stride)?);
                     let (oo, ors, ocs) = (ev(g.out.offset)?, ev(g.out.rs)?, ev(g.out.cs)?);
@@ -747,9 +740,6 @@ impl CpuProgram {
                         if rows <= 0 {
                             continue;
                         }
-                        let at = |slot: u32, dt: DType, off: i64| unsafe {
-                            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
-                        };
                         // SAFETY: as for GEMM steps
                         unsafe {
                             gemm::gemm(
