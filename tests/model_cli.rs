@@ -92,11 +92,21 @@ fn eval_model_on(target: Option<&str>) {
 
 #[test]
 fn generate_matches_the_reference() {
+    generate_on("reference");
+    #[cfg(feature = "llvm")]
+    generate_on("cpu");
+}
+
+/// `generate --target T --print` against transformers' greedy decode: the tokens written and printed.
+fn generate_on(target: &str) {
     let dir = tiny_a();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
     let o = fulgur(&[
         &"generate",
+        &"--target",
+        &target,
+        &"--print",
         &dir,
         &"--tokens",
         &dir.join("decode.safetensors"),
@@ -115,6 +125,16 @@ fn generate_matches_the_reference() {
     assert_eq!(got["generated"].shape, want["generated"].shape);
     assert_eq!(got["generated"].to_i64(), want["generated"].to_i64());
     assert!(got["step_logits"].rel_l2(&want["step_logits"]) < 1e-4);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let g = want["generated"].to_i64();
+    let (p, w) = (want["prompt"].shape[1], want["generated"].shape[1]);
+    let fmt = |v: &[i64]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+    let line = format!("sequence 0: {} | {}", fmt(&g[..p]), fmt(&g[p..w]));
+    assert!(text.contains(&line), "{target}: want `{line}` in\n{text}");
+    assert!(
+        text.contains(&format!("prefill of {} × {p} tokens", want["prompt"].shape[0])),
+        "{text}"
+    );
 }
 
 #[test]

@@ -2,10 +2,11 @@
 //!
 //! The prefill graph maps `input_ids` `[B, P]` to `logits` `[B, P, V]` plus state outputs; the decode graph
 //! takes `input_ids` `[B, 1]`, `position` (i64 scalar) and, for each of its other data inputs, the output of
-//! the same name from the previous step (prefill or decode). Nothing is recomputed over the prefix.
+//! the same name from the previous step (prefill or decode). Nothing is recomputed over the prefix. Both are
+//! [`Executable`]s: loaded once with their weights resident, so a step passes only tokens and states.
 
-use crate::{Backend, RuntimeError};
-use fulgur_ir::{DType, Graph, Op, Tensor};
+use crate::{Executable, RuntimeError};
+use fulgur_ir::{DType, Tensor};
 use std::collections::{BTreeMap, HashMap};
 
 /// What [`greedy`] returns.
@@ -32,13 +33,11 @@ fn argmax_rows(vals: &[f64], v: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Generates `max_new` tokens greedily. `params` holds the weights (shared by both graphs); `progress` is
+/// Generates `max_new` tokens greedily with the loaded `prefill` and `decode` executables; `progress` is
 /// called after every token with (tokens done, total).
 pub fn greedy(
-    backend: &dyn Backend,
-    prefill: &Graph,
-    decode: &Graph,
-    params: &HashMap<String, Tensor>,
+    prefill: &mut dyn Executable,
+    decode: &mut dyn Executable,
     prompt: &Tensor,
     max_new: usize,
     mut progress: impl FnMut(usize, usize),
@@ -53,18 +52,15 @@ pub fn greedy(
     if p == 0 {
         return Err(RuntimeError::Other("the prompt is empty".into()));
     }
-    let mut inputs = params.clone();
-    inputs.insert("input_ids".into(), prompt.clone());
-    let mut prev: BTreeMap<String, Tensor> = backend.run(prefill, &inputs)?;
+    let inputs: HashMap<String, Tensor> = [("input_ids".to_string(), prompt.clone())].into();
+    let mut prev: BTreeMap<String, Tensor> = prefill.run(&inputs)?;
     let mut tokens: Vec<Vec<i64>> = (0..b).map(|i| prompt.to_i64()[i * p..(i + 1) * p].to_vec()).collect();
     let mut step_logits: Vec<f64> = Vec::new();
     let mut vocab = 0;
     let carried: Vec<String> = decode
-        .nodes()
-        .filter_map(|(_, n)| match &n.op {
-            Op::Input { name, .. } if name != "input_ids" && name != "position" => Some(name.clone()),
-            _ => None,
-        })
+        .input_names()
+        .into_iter()
+        .filter(|name| name != "input_ids" && name != "position")
         .collect();
     for step in 0..max_new {
         let logits = prev
@@ -90,7 +86,7 @@ pub fn greedy(
         if step + 1 == max_new {
             break;
         }
-        let mut inputs = params.clone();
+        let mut inputs = HashMap::new();
         inputs.insert("input_ids".into(), Tensor::from_i64(DType::I64, vec![b, 1], next));
         inputs.insert(
             "position".into(),
@@ -104,7 +100,7 @@ pub fn greedy(
             })?;
             inputs.insert(name.clone(), t);
         }
-        prev = backend.run(decode, &inputs)?;
+        prev = decode.run(&inputs)?;
     }
     let n = max_new;
     Ok(Generation {

@@ -4,15 +4,18 @@
 //! memory arena, launches, collectives, the training loop, and generation ([`generate`]: prefill, decode steps
 //! with carried states, greedy sampling).
 //!
-//! Every backend implements [`Backend`]; callers (the CLI, generation) are written against the trait so that
-//! the compiled backends slot in without changing them.
+//! Every backend implements [`Backend`] (run a graph once) and loads graphs as [`Executable`]s: a graph
+//! with its weights resident, run many times (generation's prefill and decode steps). Callers (the CLI,
+//! generation) are written against the traits so that the compiled backends slot in without changing them.
 
 #[cfg(feature = "llvm")]
 pub mod cpu;
 pub mod generate;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 use thiserror::Error;
 
 /// Runtime errors.
@@ -53,5 +56,58 @@ impl Backend for ReferenceBackend {
             memory_limit: self.memory_limit,
         };
         Ok(interp.run(g, inputs)?)
+    }
+}
+
+/// A graph loaded with its weights, run many times on data inputs alone: the weights are never copied per
+/// call.
+pub trait Executable {
+    /// A short name for logs and reports.
+    fn name(&self) -> &str;
+    /// The names of the data inputs each call takes.
+    fn input_names(&self) -> Vec<String>;
+    /// Runs one call on the data inputs; returns every output by name.
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+}
+
+/// Weights held once and shared by the reference executables of one model (prefill and decode).
+pub type SharedWeights = Rc<RefCell<HashMap<String, Tensor>>>;
+
+/// A graph on the reference interpreter with its weights: each call lends the data inputs to the weight map
+/// for the run and takes them back, so the weights are never cloned.
+pub struct ReferenceExecutable {
+    pub backend: ReferenceBackend,
+    pub graph: Graph,
+    pub weights: SharedWeights,
+}
+
+impl Executable for ReferenceExecutable {
+    fn name(&self) -> &str {
+        self.backend.name()
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.graph
+            .nodes()
+            .filter_map(|(_, n)| match &n.op {
+                fulgur_ir::Op::Input { name, .. } => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let mut map = self.weights.borrow_mut();
+        let mut lent = Vec::new();
+        for (name, t) in inputs {
+            if map.contains_key(name) {
+                return Err(RuntimeError::Other(format!("input `{name}` has the name of a weight")));
+            }
+            map.insert(name.clone(), t.clone());
+            lent.push(name.clone());
+        }
+        let out = self.backend.run(&self.graph, &map);
+        for name in lent {
+            map.remove(&name);
+        }
+        out
     }
 }

@@ -13,7 +13,7 @@ use fulgur_ir::tensor::write_safetensors;
 use fulgur_ir::{Precision, Tensor};
 use fulgur_models::checkpoint::{check_tokens, read_tokens, Checkpoint};
 use fulgur_models::{decode_graph, forward_graph, ForwardOptions};
-use fulgur_runtime::{generate, Backend, ReferenceBackend};
+use fulgur_runtime::{generate, Backend, Executable, ReferenceBackend, ReferenceExecutable};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -230,6 +230,16 @@ pub struct GenerateArgs {
     /// Interpreter precision.
     #[arg(long, value_enum, default_value_t = crate::cli::eval::PrecisionArg::F32)]
     pub precision: crate::cli::eval::PrecisionArg,
+    /// Optimization level: `none` runs the definitional graphs, `full` the optimizer's output.
+    #[arg(long, value_enum, default_value_t = OptLevel::Full)]
+    pub opt: OptLevel,
+    /// Where to run: `cpu` (the CPU backend, prefill and decode JIT-compiled once, weights loaded once and
+    /// shared; the default where the build has it) or `reference` (the interpreter).
+    #[arg(long, value_enum, default_value_t = crate::cli::bench::default_target())]
+    pub target: crate::cli::bench::BenchTarget,
+    /// Print the generated tokens of every sequence and the prefill and decode times.
+    #[arg(long)]
+    pub print: bool,
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
@@ -283,19 +293,47 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             fulgur_ir::interp::fmt_bytes(budget)
         );
     }
-    let prefill = forward_graph(
-        &ck.config,
-        &ForwardOptions {
-            states: true,
-            ..Default::default()
-        },
-    )?;
-    let decode = decode_graph(&ck.config)?;
-    let params = ck.load_params(&prefill)?;
-    let backend = ReferenceBackend {
-        precision: Precision::from(args.precision),
-        memory_limit: args.memory_limit,
+    let cost_model = match args.target {
+        crate::cli::bench::BenchTarget::Cpu => "CPU",
+        crate::cli::bench::BenchTarget::Reference => "H100",
     };
+    let prefill = optimize(
+        forward_graph(
+            &ck.config,
+            &ForwardOptions {
+                states: true,
+                ..Default::default()
+            },
+        )?,
+        args.opt,
+        cost_model,
+    )?;
+    let decode = optimize(decode_graph(&ck.config)?, args.opt, cost_model)?;
+    let params = ck.load_params(&prefill)?;
+    let t_load = Instant::now();
+    let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match args.target {
+        crate::cli::bench::BenchTarget::Reference => {
+            let backend = ReferenceBackend {
+                precision: Precision::from(args.precision),
+                memory_limit: args.memory_limit,
+            };
+            let weights = std::rc::Rc::new(std::cell::RefCell::new(params));
+            (
+                Box::new(ReferenceExecutable {
+                    backend,
+                    graph: prefill,
+                    weights: weights.clone(),
+                }),
+                Box::new(ReferenceExecutable {
+                    backend,
+                    graph: decode,
+                    weights,
+                }),
+            )
+        }
+        crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, params)?,
+    };
+    tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
     // progress on stderr when it is a terminal: the prefill, then one tick per token
     let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
     bar.set_style(
@@ -305,27 +343,90 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     bar.set_message(format!("prefill of {p} tokens, then generating"));
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let t0 = Instant::now();
+    let mut prefill_s = None;
     let out = generate::greedy(
-        &backend,
-        &prefill,
-        &decode,
-        &params,
+        prefill.as_mut(),
+        decode.as_mut(),
         &prompt,
         args.max_new_tokens,
         |done, _| {
+            prefill_s.get_or_insert_with(|| t0.elapsed().as_secs_f64());
             bar.set_message("generating");
             bar.set_position(done as u64)
         },
     )
     .context("generating")?;
     bar.finish_and_clear();
+    let total_s = t0.elapsed().as_secs_f64();
     tracing::info!(elapsed = ?t0.elapsed(), tokens = args.max_new_tokens, "generation done");
     let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();
     outputs.insert("generated".into(), out.generated);
     outputs.insert("step_logits".into(), out.step_logits);
+    let generated = outputs["generated"].to_i64();
     write_safetensors(&args.out, &outputs)?;
     for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), &ck.config) {
         eprintln!("warning: {w}");
     }
+    if args.print {
+        let width = p + args.max_new_tokens;
+        let mut text = String::new();
+        for (i, row) in generated.chunks(width.max(1)).enumerate() {
+            let fmt = |v: &[i64]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+            text.push_str(&format!("sequence {i}: {} | {}\n", fmt(&row[..p]), fmt(&row[p..])));
+        }
+        let prefill_s = prefill_s.unwrap_or(total_s);
+        let decode_s = total_s - prefill_s;
+        let steps = args.max_new_tokens.saturating_sub(1);
+        text.push_str(&format!(
+            "{}: prefill of {} × {p} tokens {:.1} ms; {steps} decode steps {:.1} ms ({:.1} tokens/s)\n",
+            prefill.name(),
+            prompt.shape[0],
+            prefill_s * 1e3,
+            decode_s * 1e3,
+            if decode_s > 0.0 {
+                (steps * prompt.shape[0]) as f64 / decode_s
+            } else {
+                0.0
+            }
+        ));
+        write_stdout(&text)?;
+    }
     Ok(())
+}
+
+/// Prefill and decode on the CPU backend: both JIT-compiled, the weights loaded into the prefill and shared
+/// (not copied) with the decode.
+#[cfg(feature = "llvm")]
+fn load_cpu_pair(
+    prefill: &fulgur_ir::Graph,
+    decode: &fulgur_ir::Graph,
+    weights: std::collections::HashMap<String, Tensor>,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+    let mut p = CpuProgram::new(fulgur_codegen::program::lower(prefill)?, CpuOptions::default())
+        .context("compiling the prefill for the CPU")?;
+    let mut d = CpuProgram::new(fulgur_codegen::program::lower(decode)?, CpuOptions::default())
+        .context("compiling the decode step for the CPU")?;
+    tracing::info!(
+        prefill_s = p.compile_seconds,
+        decode_s = d.compile_seconds,
+        "JIT-compiled"
+    );
+    p.load_weights(&weights)?;
+    drop(weights);
+    d.share_weights(&p);
+    let missing = d.missing_weights();
+    if let Some(name) = missing.first() {
+        bail!("the decode graph's weight `{name}` is not a weight of the prefill graph");
+    }
+    Ok((Box::new(p), Box::new(d)))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn load_cpu_pair(
+    _: &fulgur_ir::Graph,
+    _: &fulgur_ir::Graph,
+    _: std::collections::HashMap<String, Tensor>,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }

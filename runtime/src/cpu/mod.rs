@@ -20,7 +20,8 @@ use fulgur_codegen::program::{BufferKind, Kernel, KernelProgram, Layout, TensorR
 use fulgur_ir::{Buffer, DType, Dim, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A raw pointer that may cross threads (the kernels' memory is disjoint per item range by construction).
@@ -210,14 +211,19 @@ pub struct CpuProgram {
     pub jit: JitProgram,
     pool: rayon::ThreadPool,
     options: CpuOptions,
-    /// Persistent buffers by buffer id (inputs, weights, constants, prepared values).
+    /// Persistent buffers by buffer id (inputs, constants, prepared values).
     persistent: Vec<Option<Bytes>>,
+    /// Weights by buffer id: shared (never copied) with other programs of the same model
+    /// ([`CpuProgram::share_weights`]).
+    weights: Vec<Option<Arc<Bytes>>>,
     arena: Bytes,
     scratch: Bytes,
     binding: Option<Binding>,
-    /// The symbols the prepare program last ran at (`None`: not run since the weights changed).
-    prepared_at: Option<HashMap<String, i64>>,
-    loaded: Vec<bool>,
+    /// The symbols the prepare program depends on (those of its kernels' views and of the buffers it fills):
+    /// a binding that changes only others (a decode step's cache length) does not rerun it.
+    prepare_symbols: BTreeSet<String>,
+    /// Those symbols' values when the prepare program last ran (`None`: not run since the weights changed).
+    prepared_at: Option<BTreeMap<String, i64>>,
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
@@ -244,9 +250,23 @@ impl CpuProgram {
             .build()
             .map_err(|e| other(format!("cannot start the CPU threads: {e}")))?;
         let n = program.buffers.len();
+        let mut prepare_symbols = BTreeSet::new();
+        for k in &program.prepare {
+            for t in k.inputs.iter().chain(&k.outputs) {
+                for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
+                    prepare_symbols.extend(d.symbols());
+                }
+            }
+        }
+        for b in &program.buffers {
+            if matches!(b.kind, BufferKind::Prepared | BufferKind::Constant) {
+                prepare_symbols.extend(b.elements.symbols());
+            }
+        }
         Ok(CpuProgram {
-            loaded: vec![false; n],
+            prepare_symbols,
             persistent: (0..n).map(|_| None).collect(),
+            weights: (0..n).map(|_| None).collect(),
             program,
             kernels,
             jit,
@@ -289,10 +309,31 @@ impl CpuProgram {
         let bytes = t.numel() * io.ty.dtype.size_bytes();
         let mut buf = Bytes::zeroed(bytes, &format!("weight `{name}`"))?;
         encode_into(t, io.ty.dtype, buf.as_mut_slice());
-        self.persistent[io.tensor.buffer] = Some(buf);
-        self.loaded[io.tensor.buffer] = true;
+        self.weights[io.tensor.buffer] = Some(Arc::new(buf));
         self.prepared_at = None;
         Ok(())
+    }
+
+    /// Uses the weights `from` holds for every parameter of the same name, dtype and shape (without copying
+    /// them: both programs read the same memory); returns how many were shared.
+    pub fn share_weights(&mut self, from: &CpuProgram) -> usize {
+        let mut shared = 0;
+        for io in &self.program.params {
+            let Some(src) = from.program.params.iter().find(|p| p.name == io.name) else {
+                continue;
+            };
+            if src.ty != io.ty {
+                continue;
+            }
+            if let Some(w) = &from.weights[src.tensor.buffer] {
+                self.weights[io.tensor.buffer] = Some(Arc::clone(w));
+                shared += 1;
+            }
+        }
+        if shared > 0 {
+            self.prepared_at = None;
+        }
+        shared
     }
 
     /// Loads every weight from `weights` (by name); all must be present.
@@ -312,7 +353,7 @@ impl CpuProgram {
         self.program
             .params
             .iter()
-            .filter(|p| !self.loaded[p.tensor.buffer])
+            .filter(|p| self.weights[p.tensor.buffer].is_none())
             .map(|p| p.name.clone())
             .collect()
     }
@@ -460,8 +501,10 @@ impl CpuProgram {
     pub fn memory(&self) -> Option<(u64, u64)> {
         let b = self.binding.as_ref()?;
         let planned = b.layout.planned_peak() + b.scratch_bytes as u64;
-        let held: usize =
-            self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>() + self.arena.len() + self.scratch.len();
+        let held: usize = self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>()
+            + self.weights.iter().flatten().map(|x| x.len()).sum::<usize>()
+            + self.arena.len()
+            + self.scratch.len();
         Some((planned, held as u64))
     }
 
@@ -470,6 +513,10 @@ impl CpuProgram {
         let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
         match binding.layout.offsets[b] {
             Some(off) => Ok(unsafe { self.arena.as_ptr().add(off as usize) }),
+            None if self.program.buffers[b].kind == BufferKind::Weight => self.weights[b]
+                .as_ref()
+                .map(|x| x.as_ptr())
+                .ok_or_else(|| other(format!("buffer b{b} has no memory (a weight not loaded?)"))),
             None => self.persistent[b]
                 .as_ref()
                 .map(|x| x.as_ptr())
@@ -496,7 +543,13 @@ impl CpuProgram {
 
     /// Runs the prepare program (once per weights and binding).
     fn prepare(&mut self) -> Result<(), RuntimeError> {
-        let env = self.binding.as_ref().map(|b| b.env.clone());
+        let env: Option<BTreeMap<String, i64>> = self.binding.as_ref().map(|b| {
+            b.env
+                .iter()
+                .filter(|(k, _)| self.prepare_symbols.contains(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        });
         if self.prepared_at.is_some() && self.prepared_at == env {
             return Ok(());
         }
@@ -814,5 +867,17 @@ impl CpuProgram {
             })
         });
         failed.into_inner().ok().flatten()
+    }
+}
+
+impl crate::Executable for CpuProgram {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.program.inputs.iter().map(|io| io.name.clone()).collect()
+    }
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        CpuProgram::run(self, inputs)
     }
 }
