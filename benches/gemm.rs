@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench gemm`. Built without the `llvm` feature it only says so.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion};
 
 #[cfg(feature = "llvm")]
 fn bench(c: &mut Criterion) {
@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 * 0.01).collect();
         let mut out = vec![0f32; m * n];
-        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        group.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
         let ma = Mat {
             ptr: a.as_ptr() as *const u8,
             dtype: DType::F32,

@@ -6,6 +6,7 @@
 //! (cargo feature `llvm`); the parallelism-plan and executable artifacts. Depends on `fulgur-ir` and
 //! `fulgur-passes`.
 
+pub mod artifact;
 pub mod compile;
 pub mod kernels;
 #[cfg(feature = "llvm")]

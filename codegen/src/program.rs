@@ -476,7 +476,35 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
     }
     p.codes = codes.len();
     liveness(&mut p);
+    check_symbols(&p)?;
     Ok(p)
+}
+
+/// Refuses a program with a size no input can bind: every symbol of a buffer or kernel view must be a whole
+/// dimension of some input, or the program could never run.
+fn check_symbols(p: &KernelProgram) -> Result<(), CodegenError> {
+    let bound: std::collections::HashSet<&String> = p.symbols.iter().collect();
+    for k in p.prepare.iter().chain(&p.step) {
+        for t in k.inputs.iter().chain(&k.outputs) {
+            for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
+                if let Some(s) = d.symbols().into_iter().find(|s| !bound.contains(s)) {
+                    return Err(CodegenError::Options(format!(
+                        "kernel k{} ({}, {}): its size depends on symbol `{s}`, which no input of graph `{}` has as a dimension (inputs bind {}): the program could never run",
+                        k.id,
+                        k.name,
+                        op_summary(&k.op),
+                        p.name,
+                        if p.symbols.is_empty() {
+                            "no symbol".to_string()
+                        } else {
+                            p.symbols.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                        }
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The view `op` makes of `t`, or `None` when it needs a copy (a reshape of data that is not contiguous).

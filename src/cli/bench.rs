@@ -360,6 +360,7 @@ fn bench_cpu(
 }
 
 /// `layers.3.matmul.1` → `layers.*.matmul.1`.
+#[cfg(feature = "llvm")]
 fn strip_layer(name: &str) -> String {
     match name.strip_prefix("layers.") {
         Some(rest) => match rest.split_once('.') {
@@ -370,6 +371,7 @@ fn strip_layer(name: &str) -> String {
     }
 }
 
+#[cfg(feature = "llvm")]
 fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()

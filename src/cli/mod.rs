@@ -4,6 +4,7 @@
 //! A new subcommand is a new module with an `Args` struct (clap derive) and `run(Args) -> anyhow::Result<()>`,
 //! plus one variant in [`Command`] and one arm in [`run`].
 
+pub mod artifact;
 pub mod bench;
 pub mod check;
 pub mod eval;
@@ -43,6 +44,11 @@ pub enum Command {
     /// Time a MiniMax-01 forward pass at each optimization level: kernels, compile time, forward time,
     /// tokens/s, memory, top kernels.
     Bench(bench::Args),
+    /// Compile a model or graph into an artifact directory: kernel program, buffer plan, optimized graph,
+    /// LLVM IR per kernel, and a manifest with the hashes of them all.
+    Compile(artifact::CompileArgs),
+    /// Run a compiled artifact (JIT-compiled at load): weights and inputs in, outputs out.
+    Run(artifact::RunArgs),
 }
 
 /// Runs one parsed command line.
@@ -56,6 +62,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(a) => stats::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Compile(a) => artifact::compile(a),
+        Command::Run(a) => artifact::run(a),
     }
 }
 

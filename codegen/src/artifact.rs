@@ -1,0 +1,348 @@
+//! Compiled artifacts: a kernel program written to a directory with everything a person needs to read what
+//! was compiled, and everything a runtime needs to run it.
+//!
+//! ```text
+//! DIR/manifest.json        format and version, target, symbols, inputs, weights, outputs, SHA-256 of every file
+//! DIR/program.json         the kernel program (kernels, buffer plan, schedule): what the runtime loads
+//! DIR/program.txt          the same for people (`fulgur inspect --kernels`)
+//! DIR/graph.fir            the optimized graph the program was lowered from
+//! DIR/kernels/codeN.loops  the loop form of kernel code N
+//! DIR/kernels/codeN.ll     its LLVM IR (CPU target, builds with the `llvm` feature)
+//! ```
+//! [`write`] writes a new directory beside the destination and renames it into place, so a failed compile
+//! leaves nothing and an existing artifact is replaced only by a whole new one; a destination that exists and
+//! is not an artifact (nor empty) is refused. [`load`] refuses an artifact of another format or Fulgur version,
+//! one whose files are missing or differ from the hashes in its manifest, and one whose manifest disagrees
+//! with its program.
+
+use crate::program::KernelProgram;
+use crate::CodegenError;
+use fulgur_ir::TensorType;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The `format` field of every manifest.
+pub const FORMAT: &str = "fulgur-artifact";
+/// The layout version of the artifact directory; a change to it or to [`KernelProgram`]'s serialised form
+/// bumps it.
+pub const FORMAT_VERSION: u32 = 1;
+/// The Fulgur version that writes and reads artifacts: one built by another version is refused.
+pub const FULGUR_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A named tensor of the artifact's interface.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decl {
+    pub name: String,
+    pub ty: TensorType,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub fulgur_version: String,
+    /// The backend it was compiled for (`cpu`).
+    pub target: String,
+    /// The graph's name.
+    pub name: String,
+    /// The symbols bound at run time from the inputs' shapes.
+    pub symbols: Vec<String>,
+    pub inputs: Vec<Decl>,
+    /// The weights the runtime must be given (by name, with their types).
+    pub weights: Vec<Decl>,
+    pub outputs: Vec<Decl>,
+    /// Prepare and step kernels, and distinct kernel codes.
+    pub prepare_kernels: usize,
+    pub step_kernels: usize,
+    pub codes: usize,
+    /// What produced the code (e.g. `LLVM 19.1.7 for znver3`), for people.
+    pub codegen: String,
+    /// SHA-256 (hex) of every other file of the artifact, by path relative to it.
+    pub files: BTreeMap<String, String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> CodegenError {
+    CodegenError::Options(format!("{what} {}: {e}", path.display()))
+}
+
+/// The manifest of `program` with the hashes of `files`.
+pub fn manifest(program: &KernelProgram, target: &str, codegen: &str, files: &[(String, Vec<u8>)]) -> Manifest {
+    let decls = |v: &[crate::program::Io]| {
+        v.iter()
+            .map(|io| Decl {
+                name: io.name.clone(),
+                ty: io.ty.clone(),
+            })
+            .collect()
+    };
+    Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        fulgur_version: FULGUR_VERSION.into(),
+        target: target.into(),
+        name: program.name.clone(),
+        symbols: program.symbols.clone(),
+        inputs: decls(&program.inputs),
+        weights: decls(&program.params),
+        outputs: decls(&program.outputs),
+        prepare_kernels: program.prepare.len(),
+        step_kernels: program.step.len(),
+        codes: program.codes,
+        codegen: codegen.into(),
+        files: files.iter().map(|(p, b)| (p.clone(), sha256_hex(b))).collect(),
+    }
+}
+
+/// The files of an artifact of `program` lowered from `graph_text` (the `.fir` of the optimized graph), with
+/// the kernels' loop forms and, where given, their target code (`(extension, text)` per code).
+pub fn files(
+    program: &KernelProgram,
+    graph_text: &str,
+    loops: &[String],
+    code: Option<(&str, &[String])>,
+) -> Result<Vec<(String, Vec<u8>)>, CodegenError> {
+    let json = serde_json::to_vec_pretty(program)
+        .map_err(|e| CodegenError::Options(format!("cannot serialise the kernel program: {e}")))?;
+    let mut v = vec![
+        ("program.json".to_string(), json),
+        ("program.txt".to_string(), program.text().into_bytes()),
+        ("graph.fir".to_string(), graph_text.as_bytes().to_vec()),
+    ];
+    for (c, text) in loops.iter().enumerate() {
+        v.push((format!("kernels/code{c}.loops"), text.clone().into_bytes()));
+    }
+    if let Some((ext, texts)) = code {
+        for (c, text) in texts.iter().enumerate() {
+            v.push((format!("kernels/code{c}.{ext}"), text.clone().into_bytes()));
+        }
+    }
+    Ok(v)
+}
+
+/// Whether `dir` holds an artifact's manifest (of any version).
+fn is_artifact(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("manifest.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .map(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
+        .unwrap_or(false)
+}
+
+/// Checks before any work that `dir` can receive an artifact: it does not exist (its parent does), is empty,
+/// or holds an artifact (which will be replaced).
+pub fn check_destination(dir: &Path) -> Result<(), CodegenError> {
+    let shown = dir.display();
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                return Err(CodegenError::Options(format!(
+                    "cannot write the artifact {shown}: directory {} does not exist",
+                    parent.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) => Err(io_err("cannot write the artifact", dir, e)),
+        Ok(m) if !m.is_dir() => Err(CodegenError::Options(format!(
+            "cannot write the artifact {shown}: it exists and is not a directory"
+        ))),
+        Ok(_) => {
+            let empty = std::fs::read_dir(dir)
+                .map_err(|e| io_err("cannot read", dir, e))?
+                .next()
+                .is_none();
+            if empty || is_artifact(dir) {
+                Ok(())
+            } else {
+                Err(CodegenError::Options(format!(
+                    "refusing to write the artifact into {shown}: the directory exists, is not empty and holds \
+                     no Fulgur artifact (manifest.json); choose a new directory"
+                )))
+            }
+        }
+    }
+}
+
+/// Writes `files` and their manifest as the artifact `dir`: into a new directory beside it, renamed into
+/// place at the end (replacing an artifact or an empty directory there, never anything else).
+pub fn write(dir: &Path, manifest: &Manifest, files: &[(String, Vec<u8>)]) -> Result<(), CodegenError> {
+    check_destination(dir)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| CodegenError::Options(format!("cannot write the artifact {}: no name", dir.display())))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(".{name}.{}.new", std::process::id()));
+    let old = parent.join(format!(".{name}.{}.old", std::process::id()));
+    let result = (|| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("kernels")).map_err(|e| io_err("cannot create", &tmp, e))?;
+        for (path, bytes) in files {
+            let p = tmp.join(path);
+            std::fs::write(&p, bytes).map_err(|e| io_err("cannot write", &p, e))?;
+        }
+        let json = serde_json::to_vec_pretty(manifest)
+            .map_err(|e| CodegenError::Options(format!("cannot serialise the manifest: {e}")))?;
+        let p = tmp.join("manifest.json");
+        std::fs::write(&p, json).map_err(|e| io_err("cannot write", &p, e))?;
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| io_err("cannot move the old artifact", dir, e))?;
+        }
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            let _ = std::fs::rename(&old, dir);
+            return Err(io_err("cannot move the new artifact to", dir, e));
+        }
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Reads and checks the artifact `dir` for `target`: its manifest and kernel program.
+pub fn load(dir: &Path, target: &str) -> Result<(Manifest, KernelProgram), CodegenError> {
+    let shown = dir.display();
+    let bad = |m: String| CodegenError::Options(m);
+    if !dir.is_dir() {
+        return Err(bad(format!("{shown} is not a Fulgur artifact: not a directory")));
+    }
+    let mpath = dir.join("manifest.json");
+    let text = match std::fs::read_to_string(&mpath) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(format!(
+                "{shown} is not a Fulgur artifact: it has no manifest.json (write one with `fulgur compile`)"
+            )))
+        }
+        Err(e) => return Err(io_err("cannot read", &mpath, e)),
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{}: not valid JSON: {e}", mpath.display())))?;
+    if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        return Err(bad(format!(
+            "{}: not a Fulgur artifact manifest (its `format` is not \"{FORMAT}\")",
+            mpath.display()
+        )));
+    }
+    let version = v.get("fulgur_version").and_then(|f| f.as_str()).unwrap_or("unknown");
+    let fv = v.get("format_version").and_then(|f| f.as_u64());
+    if version != FULGUR_VERSION || fv != Some(FORMAT_VERSION as u64) {
+        return Err(bad(format!(
+            "artifact {shown} was written by fulgur {version} (artifact format {}); this is fulgur \
+             {FULGUR_VERSION} (format {FORMAT_VERSION}): compile it again with this version",
+            fv.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into())
+        )));
+    }
+    let m: Manifest =
+        serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))?;
+    if m.target != target {
+        return Err(bad(format!(
+            "artifact {shown} was compiled for the {} target, not {target}",
+            m.target
+        )));
+    }
+    if !m.files.contains_key("program.json") {
+        return Err(bad(format!("{}: lists no program.json", mpath.display())));
+    }
+    let mut program_bytes = Vec::new();
+    for (rel, want) in &m.files {
+        let rel_path = Path::new(rel);
+        if rel_path.is_absolute()
+            || rel_path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(bad(format!(
+                "{}: file `{rel}` lies outside the artifact",
+                mpath.display()
+            )));
+        }
+        let p = dir.join(rel_path);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(bad(format!(
+                    "artifact {shown} is incomplete: {rel} is missing (compile it again)"
+                )))
+            }
+            Err(e) => return Err(io_err("cannot read", &p, e)),
+        };
+        if &sha256_hex(&bytes) != want {
+            return Err(bad(format!(
+                "artifact {shown} was modified after it was written: {rel} does not match its SHA-256 in \
+                 manifest.json (compile it again)"
+            )));
+        }
+        if rel == "program.json" {
+            program_bytes = bytes;
+        }
+    }
+    let program: KernelProgram = serde_json::from_slice(&program_bytes).map_err(|e| {
+        bad(format!(
+            "{}: not a valid kernel program: {e}",
+            dir.join("program.json").display()
+        ))
+    })?;
+    let fresh = manifest(&program, &m.target, &m.codegen, &[]);
+    if fresh.inputs != m.inputs
+        || fresh.weights != m.weights
+        || fresh.outputs != m.outputs
+        || fresh.symbols != m.symbols
+    {
+        return Err(bad(format!(
+            "artifact {shown}: manifest.json's inputs, weights, outputs or symbols differ from program.json's"
+        )));
+    }
+    Ok((m, program))
+}
+
+/// The manifest's interface for people: inputs, weights (counted), outputs.
+pub fn describe(m: &Manifest) -> String {
+    let list = |v: &[Decl]| {
+        v.iter()
+            .map(|d| format!("{}: {}", d.name, d.ty))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let weight_elements: u128 = m
+        .weights
+        .iter()
+        .map(|d| {
+            d.ty.shape
+                .as_consts()
+                .map(|s| s.iter().product::<usize>() as u128)
+                .unwrap_or(0)
+        })
+        .sum();
+    format!(
+        "{} ({} target, fulgur {}): {} step kernels ({} codes), {} prepare kernels; inputs {}; {} weights \
+         ({weight_elements} elements); outputs {}; {}",
+        m.name,
+        m.target,
+        m.fulgur_version,
+        m.step_kernels,
+        m.codes,
+        m.prepare_kernels,
+        list(&m.inputs),
+        m.weights.len(),
+        list(&m.outputs),
+        m.codegen
+    )
+}

@@ -1,0 +1,337 @@
+//! `fulgur compile` and `fulgur run`: compiled artifacts (`fulgur_codegen::artifact`).
+//!
+//! ```text
+//! fulgur compile CKPT_DIR|CONFIG.json|FILE.fir [--target cpu] -o DIR [--opt none|full] [--graph forward|prefill|decode] [--loss] [--hidden-states]
+//! fulgur run DIR [--weights CKPT_DIR|W.safetensors] --inputs IN.safetensors --out OUT.safetensors [--print]
+//! ```
+//! `compile` optimizes, lowers and (for the CPU) emits the LLVM IR of every kernel code, and writes the
+//! artifact atomically. `run` refuses an artifact of another version or one modified after it was written,
+//! JIT-compiles the kernel program for this CPU, loads the weights once and runs one step.
+
+use crate::cli::files::{check_output, write_stdout, InputFile};
+use anyhow::{anyhow, bail, Context, Result};
+use fulgur_codegen::artifact;
+use fulgur_ir::tensor::{read_safetensors, write_safetensors};
+use fulgur_ir::{Graph, Tensor};
+use fulgur_models::{decode_graph, forward_graph, ForwardOptions, MiniMaxConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The backends an artifact can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Cpu,
+}
+
+/// Which graph of a model to compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelGraph {
+    /// `input_ids` [B, T] to `logits` [B, T, V] (with --loss, --hidden-states).
+    Forward,
+    /// The forward that also outputs every layer's state (lightning states, KV caches) for decoding.
+    Prefill,
+    /// One decode step from the carried states.
+    Decode,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompileArgs {
+    /// A checkpoint directory (its config.json), a MiniMax config JSON, or a graph (`.fir`, or `.json` as
+    /// written by `fulgur show --format json`).
+    pub input: PathBuf,
+    /// The backend to compile for.
+    #[arg(long, value_enum, default_value_t = Target::Cpu)]
+    pub target: Target,
+    /// The artifact directory to write (new, empty, or an artifact to replace).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Optimization level: `none` lowers the definitional graph, `full` the optimizer's output.
+    #[arg(long, value_enum, default_value_t = crate::cli::model::OptLevel::Full)]
+    pub opt: crate::cli::model::OptLevel,
+    /// For a model: which graph.
+    #[arg(long, value_enum, default_value_t = ModelGraph::Forward)]
+    pub graph: ModelGraph,
+    /// For a model's forward: also output `loss` (labels = the tokens).
+    #[arg(long)]
+    pub loss: bool,
+    /// For a model's forward: also output `hidden_states.{i}`.
+    #[arg(long)]
+    pub hidden_states: bool,
+    /// Cost model the optimizer plans for (default: `CPU`).
+    #[arg(long, value_name = "NAME", default_value = "CPU")]
+    pub cost_model: String,
+}
+
+/// Whether `p` names a graph file rather than a model config or checkpoint.
+fn is_graph_file(p: &Path) -> bool {
+    if p.is_dir() {
+        return false;
+    }
+    match p.extension().and_then(|e| e.to_str()) {
+        Some("json") => std::fs::read_to_string(p)
+            .map(|s| s.contains("\"nodes\"") && s.contains("\"outputs\""))
+            .unwrap_or(false),
+        _ => true,
+    }
+}
+
+/// The graph `compile` lowers, with the warnings its config calls for.
+fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
+    if is_graph_file(&args.input) {
+        return Ok((crate::cli::files::load_graph(&args.input)?, Vec::new()));
+    }
+    let cfg_path = if args.input.is_dir() {
+        args.input.join("config.json")
+    } else {
+        args.input.clone()
+    };
+    let cfg = MiniMaxConfig::from_file(&cfg_path)?;
+    let warnings = crate::cli::files::config_warnings(&cfg_path, &cfg);
+    if (args.loss || args.hidden_states) && args.graph != ModelGraph::Forward {
+        bail!("--loss and --hidden-states apply to --graph forward only");
+    }
+    let g = match args.graph {
+        ModelGraph::Forward => forward_graph(
+            &cfg,
+            &ForwardOptions {
+                loss: args.loss,
+                hidden_states: args.hidden_states,
+                ..Default::default()
+            },
+        )?,
+        ModelGraph::Prefill => forward_graph(
+            &cfg,
+            &ForwardOptions {
+                states: true,
+                ..Default::default()
+            },
+        )?,
+        ModelGraph::Decode => decode_graph(&cfg)?,
+    };
+    Ok((g, warnings))
+}
+
+pub fn compile(args: CompileArgs) -> Result<()> {
+    artifact::check_destination(&args.out)?;
+    let (g, warnings) = compile_input(&args)?;
+    let t0 = Instant::now();
+    let g = crate::cli::model::optimize(g, args.opt, &args.cost_model)?;
+    let optimize_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let program = fulgur_codegen::program::lower(&g)?;
+    let loops = fulgur_codegen::kernels::build_program(&program)?;
+    let loop_texts: Vec<String> = loops.iter().map(|lk| lk.text()).collect();
+    let target = match args.target {
+        Target::Cpu => "cpu",
+    };
+    let (codegen, code) = target_code(&loops)?;
+    let files = artifact::files(
+        &program,
+        &fulgur_ir::text::print(&g),
+        &loop_texts,
+        code.as_ref().map(|(ext, v)| (*ext, v.as_slice())),
+    )?;
+    let manifest = artifact::manifest(&program, target, &codegen, &files);
+    artifact::write(&args.out, &manifest, &files)?;
+    let lower_s = t1.elapsed().as_secs_f64();
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    write_stdout(&format!(
+        "wrote {}: {}\noptimize {:.2} s, lower and emit {:.2} s\n",
+        args.out.display(),
+        artifact::describe(&manifest),
+        optimize_s,
+        lower_s
+    ))?;
+    Ok(())
+}
+
+/// What produced a target's code, and the code of every kernel code with its file extension.
+type TargetCode = (String, Option<(&'static str, Vec<String>)>);
+
+/// The LLVM IR of every kernel code, and what made it.
+#[cfg(feature = "llvm")]
+fn target_code(loops: &[fulgur_codegen::loops::LoopKernel]) -> Result<TargetCode> {
+    let (cpu, _) = fulgur_codegen::llvm::host_cpu();
+    let texts = fulgur_codegen::llvm::emit_text(loops)?;
+    Ok((
+        format!(
+            "LLVM {} IR for {cpu} (the JIT re-targets the host that runs it)",
+            fulgur_codegen::llvm::llvm_version()
+        ),
+        Some(("ll", texts)),
+    ))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn target_code(_: &[fulgur_codegen::loops::LoopKernel]) -> Result<TargetCode> {
+    Ok((
+        "no LLVM IR (built without the `llvm` feature; the CPU backend JIT-compiles at load)".into(),
+        None,
+    ))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The artifact directory `fulgur compile` wrote.
+    pub artifact: PathBuf,
+    /// The weights: a checkpoint directory (config.json plus safetensors) or a safetensors file with one
+    /// tensor per weight by name (default: the weights are in --inputs).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Safetensors file with one tensor per data input by name (and the weights when --weights is not given).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Output safetensors: one tensor per output by name.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Print the outputs' summaries and the time of the step.
+    #[arg(long)]
+    pub print: bool,
+    /// Threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The most memory the program may plan (weights, prepared values, arena and kernel scratch), e.g.
+    /// `4GiB`: a larger plan is refused before anything runs, with its planned peak.
+    #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
+    pub max_memory: Option<u64>,
+}
+
+/// The weights of the artifact's program: from a checkpoint (through the optimized graph's parameters, with
+/// the checkpoint's name mapping and shape checks), a safetensors file, or the inputs file.
+fn load_weights(
+    args: &RunArgs,
+    manifest: &artifact::Manifest,
+    inputs: &BTreeMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let from_map = |m: &BTreeMap<String, Tensor>, file: &Path| -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for d in &manifest.weights {
+            let t = m.get(&d.name).ok_or_else(|| {
+                anyhow!(
+                    "weight `{}` ({}) is not in {}{}",
+                    d.name,
+                    d.ty,
+                    file.display(),
+                    if args.weights.is_none() {
+                        " (give the weights with --weights)"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
+            if d.ty.shape.as_consts().as_deref() != Some(t.shape.as_slice()) {
+                bail!(
+                    "weight `{}` in {}: the artifact needs {}, the file has shape {:?}",
+                    d.name,
+                    file.display(),
+                    d.ty,
+                    t.shape
+                );
+            }
+            out.insert(d.name.clone(), t.clone());
+        }
+        Ok(out)
+    };
+    match &args.weights {
+        Some(w) if w.is_dir() => {
+            let ck = fulgur_models::checkpoint::Checkpoint::open(w)?;
+            let src = std::fs::read_to_string(args.artifact.join("graph.fir"))
+                .with_context(|| format!("cannot read {}", args.artifact.join("graph.fir").display()))?;
+            let g = fulgur_ir::text::parse(&src)
+                .map_err(|e| anyhow!("{}: {e}", args.artifact.join("graph.fir").display()))?;
+            ck.load_params(&g).with_context(|| {
+                format!(
+                    "checkpoint {} does not fit artifact {}",
+                    w.display(),
+                    args.artifact.display()
+                )
+            })
+        }
+        Some(w) => from_map(&read_safetensors(w)?, w),
+        None => from_map(inputs, &args.inputs),
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let mut files = vec![InputFile::new("the inputs file", &args.inputs)];
+    if let Some(w) = &args.weights {
+        if w.is_dir() {
+            files.extend(crate::cli::files::checkpoint_files(w));
+        } else {
+            files.push(InputFile::new("the weights file", w));
+        }
+    }
+    crate::cli::files::check_not_input(&args.out, &files)?;
+    if args.out.starts_with(&args.artifact) {
+        bail!(
+            "refusing to write {}: it is inside the artifact {}; choose another output path",
+            args.out.display(),
+            args.artifact.display()
+        );
+    }
+    check_output(&args.out, &files)?;
+    let (manifest, program) = artifact::load(&args.artifact, "cpu")?;
+    let inputs = read_safetensors(&args.inputs)?;
+    let weights = load_weights(&args, &manifest, &inputs)?;
+    let mut data: HashMap<String, Tensor> = HashMap::new();
+    for d in &manifest.inputs {
+        let t = inputs
+            .get(&d.name)
+            .ok_or_else(|| anyhow!("input `{}` ({}) is not in {}", d.name, d.ty, args.inputs.display()))?;
+        data.insert(d.name.clone(), t.clone());
+    }
+    for (name, t) in &data {
+        if t.has_non_finite() {
+            eprintln!("warning: input `{name}` contains NaN or infinite values");
+        }
+    }
+    let (outputs, jit_s, step_s) = run_cpu(program, &weights, &data, &args)?;
+    for (name, t) in &outputs {
+        if t.has_non_finite() {
+            eprintln!("warning: output `{name}` contains NaN or infinite values");
+        }
+    }
+    write_safetensors(&args.out, &outputs)?;
+    if args.print {
+        let mut text: String = outputs.iter().map(|(n, t)| crate::cli::eval::describe(n, t)).collect();
+        text.push_str(&format!("cpu: JIT {:.2} s, step {:.1} ms\n", jit_s, step_s * 1e3));
+        write_stdout(&text)?;
+    }
+    Ok(())
+}
+
+type RunResult = (BTreeMap<String, Tensor>, f64, f64);
+
+#[cfg(feature = "llvm")]
+fn run_cpu(
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HashMap<String, Tensor>,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+) -> Result<RunResult> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+    let opts = CpuOptions {
+        threads: args.threads,
+        max_memory: args.max_memory,
+        ..Default::default()
+    };
+    let mut cpu = CpuProgram::new(program, opts).context("compiling the artifact for this CPU")?;
+    cpu.load_weights(weights)
+        .with_context(|| format!("loading the weights into artifact {}", args.artifact.display()))?;
+    let t = Instant::now();
+    let out = cpu.run(data).context("running the artifact")?;
+    Ok((out, cpu.compile_seconds, t.elapsed().as_secs_f64()))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn run_cpu(
+    _: fulgur_codegen::program::KernelProgram,
+    _: &HashMap<String, Tensor>,
+    _: &HashMap<String, Tensor>,
+    _: &RunArgs,
+) -> Result<RunResult> {
+    bail!("this build has no CPU backend (built without the `llvm` feature): it cannot run a cpu artifact")
+}

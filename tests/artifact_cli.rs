@@ -1,0 +1,334 @@
+//! `fulgur compile` and `fulgur run`: artifacts written, run against the reference, and refused when they are
+//! from another version, modified, or given the wrong weights.
+
+use fulgur::ir::tensor::{read_safetensors, write_safetensors};
+use fulgur::ir::Tensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny_a() -> PathBuf {
+    let p = fulgur::models::fixtures::dir().join("tiny-a");
+    assert!(
+        p.join("config.json").exists(),
+        "fixture {} is missing (set FULGUR_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
+fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot start the fulgur binary")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Asserts a failure with one `error:` line containing every needle.
+fn fails(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {err}");
+    }
+}
+
+fn compile(input: &dyn AsRef<std::ffi::OsStr>, out: &Path, extra: &[&str]) {
+    let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"compile", input, &"-o", &out];
+    for e in extra {
+        a.push(e);
+    }
+    ok(&fulgur(&a));
+}
+
+#[test]
+fn an_artifact_holds_its_program_graph_and_code_with_hashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["format"], "fulgur-artifact");
+    assert_eq!(m["fulgur_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(m["target"], "cpu");
+    assert_eq!(m["symbols"], serde_json::json!(["B"]));
+    assert_eq!(m["inputs"][0]["name"], "x");
+    let weights: Vec<&str> = m["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(weights, ["w1", "b1", "w2", "b2"]);
+    assert_eq!(m["outputs"][0]["name"], "y");
+    let files = m["files"].as_object().unwrap();
+    for f in ["program.json", "program.txt", "graph.fir"] {
+        assert!(files.contains_key(f), "{f} not in the manifest");
+    }
+    let codes = m["codes"].as_u64().unwrap() as usize;
+    for c in 0..codes {
+        assert!(files.contains_key(&format!("kernels/code{c}.loops")));
+        #[cfg(feature = "llvm")]
+        {
+            let ll = std::fs::read_to_string(art.join(format!("kernels/code{c}.ll"))).unwrap();
+            assert!(ll.contains(&format!("define void @k{c}_s")), "{ll}");
+        }
+    }
+    // every file listed is there with the hash given
+    for (f, h) in files {
+        let bytes = std::fs::read(art.join(f)).unwrap();
+        use sha2::Digest;
+        let got: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(&got, h.as_str().unwrap(), "{f}");
+    }
+    // the optimized graph parses
+    fulgur::ir::text::parse(&std::fs::read_to_string(art.join("graph.fir")).unwrap()).unwrap();
+    // compiling again replaces the artifact whole
+    compile(&"examples/mlp.fir", &art, &["--opt", "none"]);
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[cfg(feature = "llvm")]
+#[test]
+fn a_compiled_graph_runs_like_the_interpreter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    let out = tmp.path().join("y.safetensors");
+    let text = ok(&fulgur(&[
+        &"run",
+        &art,
+        &"--inputs",
+        &"examples/mlp.inputs.safetensors",
+        &"--out",
+        &out,
+        &"--print",
+    ]));
+    assert!(text.contains("y: f32[4, 16]") && text.contains("cpu: JIT"), "{text}");
+    let reference = tmp.path().join("ref.safetensors");
+    ok(&fulgur(&[
+        &"eval",
+        &"examples/mlp.fir",
+        &"--inputs",
+        &"examples/mlp.inputs.safetensors",
+        &"--out",
+        &reference,
+        &"--precision",
+        &"f64",
+    ]));
+    let (got, want) = (read_safetensors(&out).unwrap(), read_safetensors(&reference).unwrap());
+    let e = got["y"].rel_l2(&want["y"]);
+    assert!(e < 1e-6, "relative error {e}");
+}
+
+/// tiny-a compiled to an artifact and run with the checkpoint's weights: transformers' logits and loss.
+#[cfg(feature = "llvm")]
+#[test]
+fn tiny_a_artifact_matches_transformers() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("tiny-a");
+    compile(&dir, &art, &["--loss"]);
+    let out = tmp.path().join("o.safetensors");
+    ok(&fulgur(&[
+        &"run",
+        &art,
+        &"--weights",
+        &dir,
+        &"--inputs",
+        &dir.join("reference.safetensors"),
+        &"--out",
+        &out,
+    ]));
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-4, "logits: {e}");
+    assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+}
+
+#[test]
+fn modified_or_foreign_artifacts_are_refused_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    let out = tmp.path().join("y.safetensors");
+    let run = |art: &Path| {
+        fulgur(&[
+            &"run",
+            &art,
+            &"--inputs",
+            &"examples/mlp.inputs.safetensors",
+            &"--out",
+            &out,
+        ])
+    };
+    // a kernel program changed after it was written
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(d.join("kernels")).unwrap();
+        for e in walk(&art) {
+            let rel = e.strip_prefix(&art).unwrap();
+            std::fs::copy(&e, d.join(rel)).unwrap();
+        }
+        d
+    };
+    let tampered = copy("tampered");
+    let p = tampered.join("program.json");
+    let s = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("\"Transient\"", "\"Weight\"", 1);
+    std::fs::write(&p, s).unwrap();
+    fails(
+        &run(&tampered),
+        &["was modified after it was written: program.json does not match its SHA-256"],
+    );
+    // a missing file
+    let incomplete = copy("incomplete");
+    std::fs::remove_file(incomplete.join("graph.fir")).unwrap();
+    fails(&run(&incomplete), &["is incomplete: graph.fir is missing"]);
+    // another version
+    let old = copy("old");
+    let p = old.join("manifest.json");
+    let s = std::fs::read_to_string(&p).unwrap().replace(
+        &format!("\"fulgur_version\": \"{}\"", env!("CARGO_PKG_VERSION")),
+        "\"fulgur_version\": \"0.0.1\"",
+    );
+    std::fs::write(&p, s).unwrap();
+    fails(
+        &run(&old),
+        &[&format!(
+            "was written by fulgur 0.0.1 (artifact format 1); this is fulgur {}",
+            env!("CARGO_PKG_VERSION")
+        )],
+    );
+    // not an artifact
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&run(&empty), &["is not a Fulgur artifact: it has no manifest.json"]);
+    assert!(!out.exists(), "an output was written");
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn wrong_weights_and_inputs_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    let mut inputs = read_safetensors(&root().join("examples/mlp.inputs.safetensors")).unwrap();
+    let w1 = inputs["w1"].clone();
+    inputs.insert("w1".into(), Tensor::from_f64(w1.dtype, vec![128, 64], w1.to_f64()));
+    let bad = tmp.path().join("bad.safetensors");
+    write_safetensors(&bad, &inputs).unwrap();
+    let out = tmp.path().join("y.safetensors");
+    let o = fulgur(&[&"run", &art, &"--inputs", &bad, &"--out", &out]);
+    fails(
+        &o,
+        &[
+            "weight `w1` in",
+            "bad.safetensors: the artifact needs f32[64, 128], the file has shape [128, 64]",
+        ],
+    );
+    // a weight absent
+    let mut only_x: BTreeMap<String, Tensor> = BTreeMap::new();
+    only_x.insert("x".into(), inputs["x"].clone());
+    let x = tmp.path().join("x.safetensors");
+    write_safetensors(&x, &only_x).unwrap();
+    fails(
+        &fulgur(&[&"run", &art, &"--inputs", &x, &"--out", &out]),
+        &[
+            "weight `w1` (f32[64, 128]) is not in",
+            "(give the weights with --weights)",
+        ],
+    );
+    // weights from a checkpoint of another model: the tensor, its file and both shapes named
+    let bench = tmp.path().join("bench-s");
+    compile(&"models/configs/bench-s.json", &bench, &[]);
+    let o = fulgur(&[
+        &"run",
+        &bench,
+        &"--weights",
+        &tiny_a(),
+        &"--inputs",
+        &tiny_a().join("reference.safetensors"),
+        &"--out",
+        &out,
+    ]);
+    fails(
+        &o,
+        &[
+            "does not fit artifact",
+            "tensor `model.embed_tokens.weight` in",
+            "model.safetensors`: expected shape [4096, 512], found [512, 128]",
+        ],
+    );
+    assert!(!out.exists(), "an output was written");
+}
+
+/// A symbol no input binds (an `iota` of length `S`) is named when the graph is compiled: such a program
+/// could never run.
+#[test]
+fn an_unbound_symbol_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = tmp.path().join("unbound.fir");
+    std::fs::write(
+        &g,
+        "graph unbound {\n  %0 = input \"x\" : f32[N]\n  %1 = iota[dtype=i64, shape=[S], axis=0]()\n  output \"y\" = %1\n  output \"z\" = %0\n}\n",
+    )
+    .unwrap();
+    let art = tmp.path().join("a");
+    fails(
+        &fulgur(&[&"compile", &g, &"-o", &art]),
+        &["its size depends on symbol `S`, which no input of graph `unbound` has as a dimension (inputs bind `N`)"],
+    );
+    assert!(!art.exists());
+}
+
+#[test]
+fn a_directory_that_is_not_an_artifact_is_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = tmp.path().join("notes");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("mine.txt"), "keep me").unwrap();
+    let o = fulgur(&[&"compile", &"examples/mlp.fir", &"-o", &keep]);
+    fails(&o, &["refusing to write the artifact into", "holds no Fulgur artifact"]);
+    assert_eq!(std::fs::read_to_string(keep.join("mine.txt")).unwrap(), "keep me");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
