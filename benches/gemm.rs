@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 fn bench(c: &mut Criterion) {
     use fulgur::codegen::llvm::{compile, LlvmOptions};
     use fulgur::ir::DType;
-    use fulgur::runtime::cpu::gemm::{sgemm, Kernel, Mat};
+    use fulgur::runtime::cpu::gemm::{sgemm, BOperand, Kernel, Mat, PackedB};
     let jit = compile(&[], &LlvmOptions::default()).expect("jit");
     let kern = Kernel {
         ukr: jit.micro_kernel,
@@ -42,8 +42,27 @@ fn bench(c: &mut Criterion) {
             cs: 1,
         };
         group.bench_function(format!("fulgur_{m}x{k}x{n}"), |bch| {
-            bch.iter(|| unsafe { sgemm(&pool, kern, m, n, k, ma, mb, out.as_mut_ptr(), n) })
+            bch.iter(|| unsafe { sgemm(&pool, kern, m, n, k, ma, BOperand::Mat(mb), out.as_mut_ptr(), n) })
         });
+        // B a weight, packed once (what the runtime does for weights)
+        let packed = unsafe { PackedB::pack(&pool, &mb, k, n, kern.nr) };
+        let mut out3 = vec![0f32; m * n];
+        group.bench_function(format!("fulgur_packed_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| unsafe {
+                sgemm(
+                    &pool,
+                    kern,
+                    m,
+                    n,
+                    k,
+                    ma,
+                    BOperand::Packed(&packed),
+                    out3.as_mut_ptr(),
+                    n,
+                )
+            })
+        });
+        assert_eq!(out, out3, "packing B once changes nothing");
         let mut out2 = vec![0f32; m * n];
         group.bench_function(format!("gemm_crate_{m}x{k}x{n}"), |bch| {
             bch.iter(|| unsafe {
@@ -74,6 +93,18 @@ fn bench(c: &mut Criterion) {
             assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{x} vs {y}");
         }
     }
+    group.finish();
+    // the micro-kernel alone on L1-resident panels, one thread: the ceiling the driver works under
+    let (mr, nr) = (kern.mr, kern.nr);
+    let kc = 256;
+    let ap: Vec<f32> = (0..mr * kc).map(|i| (i % 7) as f32 * 0.1).collect();
+    let bp: Vec<f32> = (0..nr * kc).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut cp = vec![0f32; mr * nr];
+    let mut group = c.benchmark_group("microkernel_f32");
+    group.throughput(criterion::Throughput::Elements((2 * mr * nr * kc) as u64));
+    group.bench_function(format!("{mr}x{nr}x{kc}"), |bch| {
+        bch.iter(|| unsafe { (kern.ukr)(kc as i64, ap.as_ptr(), bp.as_ptr(), cp.as_mut_ptr(), nr as i64, 1) })
+    });
     group.finish();
 }
 

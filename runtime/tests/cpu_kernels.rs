@@ -350,3 +350,44 @@ fn moe_and_lightning_kernels() {
         );
     }
 }
+
+/// GEMMs whose `B` is a weight read it packed once per weights (`examples/mlp.fir`'s two matmuls, one of them
+/// transposed by strides): the results stay the interpreter's across calls with other inputs, and a weight
+/// replaced after a run is used by the next one (never a stale packing).
+#[test]
+fn packed_weights_follow_the_weights() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mlp.fir")).unwrap();
+    let g = fulgur_ir::text::parse(&src).unwrap();
+    let mut rng = Rng(7);
+    let mut weights: HashMap<String, Tensor> = HashMap::new();
+    for (name, shape) in [
+        ("w1", vec![64, 128]),
+        ("b1", vec![128]),
+        ("w2", vec![128, 16]),
+        ("b2", vec![16]),
+    ] {
+        weights.insert(name.into(), rng.tensor(DType::F32, &shape, -0.5, 0.5));
+    }
+    let mut cpu = CpuProgram::new(lower(&g).unwrap(), CpuOptions::default()).unwrap();
+    cpu.load_weights(&weights).unwrap();
+    for (call, b) in [(0, 5usize), (1, 37), (2, 5), (3, 1)] {
+        if call == 2 {
+            let w1 = rng.tensor(DType::F32, &[64, 128], -0.5, 0.5);
+            cpu.set_weight("w1", &w1).unwrap();
+            weights.insert("w1".into(), w1);
+        }
+        let x = rng.tensor(DType::F32, &[b, 64], -1.0, 1.0);
+        let mut feed = weights.clone();
+        feed.insert("x".into(), x.clone());
+        let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let got = cpu.run(&[("x".to_string(), x)].into()).unwrap();
+        let e = got["y"].rel_l2(&want["y"]);
+        assert!(e < 1e-6, "call {call} (B = {b}): relative error {e}");
+        // both weights packed: [64, 128] and [128, 16], each padded to whole NR-wide panels
+        assert!(
+            cpu.packed_bytes() >= (64 * 128 + 128 * 16) * 4,
+            "{}",
+            cpu.packed_bytes()
+        );
+    }
+}

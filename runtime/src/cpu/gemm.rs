@@ -50,6 +50,80 @@ pub struct Kernel {
 
 thread_local! {
     static APACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's buffer for a packed block of `B` (reused: a fresh one per call costs page faults).
+    static BPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Columns of `C` per outer block: `NC = NR · 64`.
+fn nc_max(nr: usize) -> usize {
+    nr * 64
+}
+
+/// A whole `B [k, n]` packed once (a weight): every `KC × NC` block as [`sgemm`] packs it, in the order it reads
+/// them (column blocks outer, depth blocks inner).
+pub struct PackedB {
+    pub k: usize,
+    pub n: usize,
+    pub nr: usize,
+    data: Vec<f32>,
+    /// What it was packed from (pointer, dtype size, strides), so that a changed operand is never read stale.
+    pub source: (usize, isize, isize),
+}
+
+impl PackedB {
+    /// Packs `b` (`[k, n]`, any dtype and strides) for micro-kernels `nr` wide, on `pool`.
+    ///
+    /// # Safety
+    /// `b` must be valid for `[k, n]` with its strides.
+    pub unsafe fn pack(pool: &rayon::ThreadPool, b: &Mat, k: usize, n: usize, nr: usize) -> PackedB {
+        let ncm = nc_max(nr);
+        let mut data = vec![0f32; n.div_ceil(nr) * nr * k];
+        let mut blocks: Vec<(usize, usize, usize)> = Vec::new(); // (offset, jc, pc)
+        for jc in (0..n).step_by(ncm) {
+            for pc in (0..k).step_by(KC) {
+                blocks.push((Self::offset(k, n, nr, jc, pc), jc, pc));
+            }
+        }
+        let dp = SendPtr(data.as_mut_ptr() as *mut u8);
+        let bm = *b;
+        pool.install(|| {
+            blocks.par_iter().for_each(|&(off, jc, pc)| {
+                let dp = &dp;
+                let nc = ncm.min(n - jc);
+                let kc = KC.min(k - pc);
+                for p in 0..nc.div_ceil(nr) {
+                    let j0 = jc + p * nr;
+                    let dst = std::slice::from_raw_parts_mut((dp.0 as *mut f32).add(off + p * kc * nr), kc * nr);
+                    pack_b_panel(dst, &bm, pc, kc, j0, nr.min(n - j0), nr);
+                }
+            })
+        });
+        PackedB {
+            k,
+            n,
+            nr,
+            data,
+            source: (b.ptr as usize, b.rs, b.cs),
+        }
+    }
+
+    /// Where block `(jc, pc)` starts.
+    fn offset(k: usize, n: usize, nr: usize, jc: usize, pc: usize) -> usize {
+        let ncm = nc_max(nr);
+        let npanels = ncm.min(n - jc).div_ceil(nr);
+        jc * k + pc * npanels * nr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// The `B` operand of [`sgemm`]: a matrix packed per call, or a weight packed once.
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    Mat(Mat),
+    Packed(&'a PackedB),
 }
 
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `a` into `MR`-tall panels (zero-padded).
@@ -113,10 +187,13 @@ pub unsafe fn sgemm(
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: BOperand,
     c: *mut f32,
     ldc: usize,
 ) {
+    if let BOperand::Packed(p) = b {
+        assert!(p.k == k && p.n == n && p.nr == kern.nr, "a packed B of another shape");
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -138,89 +215,96 @@ pub unsafe fn sgemm(
     } else {
         mc_max
     };
-    let nc_max = nr * 64;
-    let mut bpack: Vec<f32> = Vec::new();
-    for jc in (0..n).step_by(nc_max) {
-        let nc = nc_max.min(n - jc);
-        let npanels = nc.div_ceil(nr);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let first = pc == 0;
-            bpack.resize(npanels * kc * nr, 0.0);
-            {
-                let chunk = kc * nr;
-                let fill = |(p, dst): (usize, &mut [f32])| {
-                    let j0 = jc + p * nr;
-                    let cols = nr.min(n - j0);
-                    pack_b_panel(dst, &b, pc, kc, j0, cols, nr);
+    let nc_max = nc_max(nr);
+    BPACK.with(|bpack| {
+        let mut bpack = bpack.borrow_mut();
+        for jc in (0..n).step_by(nc_max) {
+            let nc = nc_max.min(n - jc);
+            let npanels = nc.div_ceil(nr);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let first = pc == 0;
+                let bptr = match b {
+                    BOperand::Packed(p) => p.data.as_ptr().add(PackedB::offset(k, n, nr, jc, pc)),
+                    BOperand::Mat(b) => {
+                        bpack.resize(npanels * kc * nr, 0.0);
+                        let buf: &mut [f32] = &mut bpack[..npanels * kc * nr];
+                        let chunk = kc * nr;
+                        let fill = |(p, dst): (usize, &mut [f32])| {
+                            let j0 = jc + p * nr;
+                            let cols = nr.min(n - j0);
+                            pack_b_panel(dst, &b, pc, kc, j0, cols, nr);
+                        };
+                        if parallel && npanels > 1 {
+                            pool.install(|| buf.par_chunks_mut(chunk).enumerate().for_each(fill));
+                        } else {
+                            buf.chunks_mut(chunk).enumerate().for_each(fill);
+                        }
+                        bpack.as_ptr()
+                    }
                 };
-                if parallel && npanels > 1 {
-                    pool.install(|| bpack.par_chunks_mut(chunk).enumerate().for_each(fill));
+                let mblocks = m.div_ceil(mc);
+                // split the panels too when there are fewer row blocks than threads
+                let nsplit = if parallel && mblocks < threads {
+                    threads.div_ceil(mblocks).min(npanels)
                 } else {
-                    bpack.chunks_mut(chunk).enumerate().for_each(fill);
-                }
-            }
-            let mblocks = m.div_ceil(mc);
-            // split the panels too when there are fewer row blocks than threads
-            let nsplit = if parallel && mblocks < threads {
-                threads.div_ceil(mblocks).min(npanels)
-            } else {
-                1
-            };
-            let bp = SendPtr(bpack.as_ptr() as *mut u8);
-            let task = |t: usize| {
-                let (cp, bp) = (&cp, &bp);
-                let (mb, ns) = (t / nsplit, t % nsplit);
-                let i0 = mb * mc;
-                let mcb = mc.min(m - i0);
-                let (p_lo, p_hi) = (npanels * ns / nsplit, npanels * (ns + 1) / nsplit);
-                if p_lo == p_hi {
-                    return;
-                }
-                APACK.with(|ap| {
-                    let mut ap = ap.borrow_mut();
-                    let panels_a = mcb.div_ceil(mr);
-                    ap.resize(panels_a * kc * mr, 0.0);
-                    pack_a(&mut ap, &a, i0, mcb, pc, kc, mr);
-                    let bpk = bp.0 as *const f32;
-                    let mut tile = [0f32; 16 * 64];
-                    for p in p_lo..p_hi {
-                        let j0 = jc + p * nr;
-                        let cols = nr.min(n - j0);
-                        let bpanel = bpk.add(p * kc * nr);
-                        for q in 0..panels_a {
-                            let r0 = i0 + q * mr;
-                            let rows = mr.min(m - r0);
-                            let apanel = ap.as_ptr().add(q * kc * mr);
-                            let cptr = (cp.0 as *mut f32).add(r0 * ldc + j0);
-                            if rows == mr && cols == nr {
-                                (kern.ukr)(kc as i64, apanel, bpanel, cptr, ldc as i64, i64::from(!first));
-                            } else {
-                                (kern.ukr)(kc as i64, apanel, bpanel, tile.as_mut_ptr(), nr as i64, 0);
-                                for i in 0..rows {
-                                    let dst = cptr.add(i * ldc);
-                                    for j in 0..cols {
-                                        let v = tile[i * nr + j];
-                                        if first {
-                                            *dst.add(j) = v;
-                                        } else {
-                                            *dst.add(j) += v;
+                    1
+                };
+                let bp = SendPtr(bptr as *mut u8);
+                let task = |t: usize| {
+                    let (cp, bp) = (&cp, &bp);
+                    let (mb, ns) = (t / nsplit, t % nsplit);
+                    let i0 = mb * mc;
+                    let mcb = mc.min(m - i0);
+                    let (p_lo, p_hi) = (npanels * ns / nsplit, npanels * (ns + 1) / nsplit);
+                    if p_lo == p_hi {
+                        return;
+                    }
+                    APACK.with(|ap| {
+                        let mut ap = ap.borrow_mut();
+                        let panels_a = mcb.div_ceil(mr);
+                        ap.resize(panels_a * kc * mr, 0.0);
+                        pack_a(&mut ap, &a, i0, mcb, pc, kc, mr);
+                        let bpk = bp.0 as *const f32;
+                        let mut tile = [0f32; 16 * 64];
+                        for p in p_lo..p_hi {
+                            let j0 = jc + p * nr;
+                            let cols = nr.min(n - j0);
+                            let bpanel = bpk.add(p * kc * nr);
+                            for q in 0..panels_a {
+                                let r0 = i0 + q * mr;
+                                let rows = mr.min(m - r0);
+                                let apanel = ap.as_ptr().add(q * kc * mr);
+                                let cptr = (cp.0 as *mut f32).add(r0 * ldc + j0);
+                                if rows == mr && cols == nr {
+                                    (kern.ukr)(kc as i64, apanel, bpanel, cptr, ldc as i64, i64::from(!first));
+                                } else {
+                                    (kern.ukr)(kc as i64, apanel, bpanel, tile.as_mut_ptr(), nr as i64, 0);
+                                    for i in 0..rows {
+                                        let dst = cptr.add(i * ldc);
+                                        for j in 0..cols {
+                                            let v = tile[i * nr + j];
+                                            if first {
+                                                *dst.add(j) = v;
+                                            } else {
+                                                *dst.add(j) += v;
+                                            }
                                         }
                                     }
                                 }
                             }
                         }
-                    }
-                });
-            };
-            let ntasks = mblocks * nsplit;
-            if parallel && ntasks > 1 {
-                pool.install(|| (0..ntasks).into_par_iter().for_each(task));
-            } else {
-                (0..ntasks).for_each(task);
+                    });
+                };
+                let ntasks = mblocks * nsplit;
+                if parallel && ntasks > 1 {
+                    pool.install(|| (0..ntasks).into_par_iter().for_each(task));
+                } else {
+                    (0..ntasks).for_each(task);
+                }
             }
         }
-    }
+    });
 }
 
 /// `C = A · B` into a `C` of any dtype and strides: straight into it when it is row-major f32, else through
@@ -236,7 +320,7 @@ pub unsafe fn gemm(
     n: usize,
     k: usize,
     a: Mat,
-    b: Mat,
+    b: BOperand,
     c: *mut u8,
     c_dtype: DType,
     c_rs: isize,

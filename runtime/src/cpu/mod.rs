@@ -224,6 +224,9 @@ pub struct CpuProgram {
     prepare_symbols: BTreeSet<String>,
     /// Those symbols' values when the prepare program last ran (`None`: not run since the weights changed).
     prepared_at: Option<BTreeMap<String, i64>>,
+    /// The `B` operands of GEMMs that read weights (or values prepared from them), packed once per prepare:
+    /// by (step kernel id, step index, expert).
+    packed: HashMap<(usize, usize, usize), gemm::PackedB>,
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
@@ -276,6 +279,7 @@ impl CpuProgram {
             scratch: Bytes::zeroed(0, "scratch")?,
             binding: None,
             prepared_at: None,
+            packed: HashMap::new(),
             compile_seconds,
             profile: None,
         })
@@ -503,6 +507,7 @@ impl CpuProgram {
         let planned = b.layout.planned_peak() + b.scratch_bytes as u64;
         let held: usize = self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>()
             + self.weights.iter().flatten().map(|x| x.len()).sum::<usize>()
+            + self.packed.values().map(|p| p.bytes()).sum::<usize>()
             + self.arena.len()
             + self.scratch.len();
         Some((planned, held as u64))
@@ -566,12 +571,100 @@ impl CpuProgram {
             )));
         }
         self.fill_constants()?;
+        self.packed.clear();
         let kernels = self.program.prepare.clone();
         for k in &kernels {
             self.run_kernel(k, false)?;
         }
+        self.pack_weights()?;
         self.prepared_at = env;
         Ok(())
+    }
+
+    /// Packs the `B` operand of every GEMM step that reads a weight, a constant or a prepared value (and
+    /// whose shape does not depend on the call), once: per call those GEMMs then only pack `A`.
+    fn pack_weights(&mut self) -> Result<(), RuntimeError> {
+        self.packed.clear();
+        let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
+        let nr = self.jit.tile.1;
+        let mut packed = HashMap::new();
+        for k in &self.program.step {
+            let lk = &self.kernels[k.code];
+            let params = &binding.params[k.code];
+            let ev = |e| lk.pool.eval(e, params);
+            let fixed = |slot: u32| match lk.slots.get(slot as usize) {
+                Some(Slot::Input(i)) => {
+                    let b = k.inputs[*i].buffer;
+                    matches!(
+                        self.program.buffers[b].kind,
+                        BufferKind::Weight | BufferKind::Prepared | BufferKind::Constant
+                    )
+                    .then_some(b)
+                }
+                _ => None,
+            };
+            for (s, st) in lk.steps.iter().enumerate() {
+                // (operand, k, n, [(expert, element offset)])
+                let (op, kk, n, starts) = match st {
+                    Step::Gemm(g) if g.batch.is_empty() => {
+                        let (Some(kk), Some(n), Some(o)) = (ev(g.k), ev(g.n), ev(g.b.offset)) else {
+                            continue;
+                        };
+                        (&g.b, kk, n, vec![(0usize, o)])
+                    }
+                    Step::GroupedGemm(g) => {
+                        let (Some(kk), Some(n), Some(o), Some(e), Some(es)) =
+                            (ev(g.k), ev(g.n), ev(g.w.offset), ev(g.experts), ev(g.expert_stride))
+                        else {
+                            continue;
+                        };
+                        (
+                            &g.w,
+                            kk,
+                            n,
+                            (0..e.max(0) as usize).map(|x| (x, o + x as i64 * es)).collect(),
+                        )
+                    }
+                    _ => continue,
+                };
+                let Some(buf) = fixed(op.arg) else { continue };
+                let (Some(rs), Some(cs)) = (ev(op.rs), ev(op.cs)) else {
+                    continue;
+                };
+                if kk <= 0 || n <= 0 {
+                    continue;
+                }
+                let base = self.buffer_ptr(buf)?;
+                for (e, off) in starts {
+                    let mat = gemm::Mat {
+                        // SAFETY: the operand's view lies in its buffer
+                        ptr: unsafe { base.offset(off as isize * op.dtype.size_bytes() as isize) },
+                        dtype: op.dtype,
+                        rs: rs as isize,
+                        cs: cs as isize,
+                    };
+                    // SAFETY: as above, for [kk, n] with these strides
+                    let p = unsafe { gemm::PackedB::pack(&self.pool, &mat, kk as usize, n as usize, nr) };
+                    packed.insert((k.id, s, e), p);
+                }
+            }
+        }
+        self.packed = packed;
+        Ok(())
+    }
+
+    /// Bytes of the weights packed for GEMMs (allocated at the first run after the weights change; counted in
+    /// [`CpuProgram::memory`]'s allocated bytes, not in the planned peak).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.values().map(|p| p.bytes()).sum()
+    }
+
+    /// The packed `B` of (kernel, step, expert) when it was packed from exactly `b`.
+    fn packed_b(&self, key: (usize, usize, usize), b: &gemm::Mat, k: usize, n: usize) -> gemm::BOperand<'_> {
+        match self.packed.get(&key) {
+            Some(p) if p.source == (b.ptr as usize, b.rs, b.cs) && p.k == k && p.n == n => gemm::BOperand::Packed(p),
+            _ => gemm::BOperand::Mat(*b),
+        }
     }
 
     /// Binds the symbols from `inputs`, runs the prepare program if needed, and writes the inputs.
@@ -739,12 +832,17 @@ impl CpuProgram {
                                     rs: ars as isize,
                                     cs: acs as isize,
                                 },
-                                gemm::Mat {
-                                    ptr: at(g.b.arg, g.b.dtype, db),
-                                    dtype: g.b.dtype,
-                                    rs: brs as isize,
-                                    cs: bcs as isize,
-                                },
+                                self.packed_b(
+                                    (k.id, s, 0),
+                                    &gemm::Mat {
+                                        ptr: at(g.b.arg, g.b.dtype, db),
+                                        dtype: g.b.dtype,
+                                        rs: brs as isize,
+                                        cs: bcs as isize,
+                                    },
+                                    kk as usize,
+                                    n as usize,
+                                ),
                                 at(g.c.arg, g.c.dtype, dc),
                                 g.c.dtype,
                                 crs as isize,
@@ -807,12 +905,17 @@ impl CpuProgram {
                                     rs: xrs as isize,
                                     cs: xcs as isize,
                                 },
-                                gemm::Mat {
-                                    ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
-                                    dtype: g.w.dtype,
-                                    rs: wrs as isize,
-                                    cs: wcs as isize,
-                                },
+                                self.packed_b(
+                                    (k.id, s, e),
+                                    &gemm::Mat {
+                                        ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
+                                        dtype: g.w.dtype,
+                                        rs: wrs as isize,
+                                        cs: wcs as isize,
+                                    },
+                                    kk as usize,
+                                    n as usize,
+                                ),
                                 at(g.out.arg, g.out.dtype, oo + start * ors),
                                 g.out.dtype,
                                 ors as isize,
