@@ -63,6 +63,11 @@ fn bench(c: &mut Criterion) {
             })
         });
         assert_eq!(out, out3, "packing B once changes nothing");
+        // the same on one thread: how the driver scales
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        group.bench_function(format!("fulgur_packed_1thread_{m}x{k}x{n}"), |bch| {
+            bch.iter(|| unsafe { sgemm(&one, kern, m, n, k, ma, BOperand::Packed(&packed), out3.as_mut_ptr(), n) })
+        });
         let mut out2 = vec![0f32; m * n];
         group.bench_function(format!("gemm_crate_{m}x{k}x{n}"), |bch| {
             bch.iter(|| unsafe {

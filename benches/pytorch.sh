@@ -3,7 +3,8 @@
 # and machine, f32: forward time, logits agreement and peak memory. Sets up its own Python environment in
 # target/pytorch (torch 2.11 and transformers from PyPI, about a minute and 1 GiB the first time).
 #
-#   benches/pytorch.sh [CONFIG] [--batch B] [--seq T] [--repeats N]     (default: bench-s, 1 x 1024, 3 repeats)
+#   benches/pytorch.sh [CONFIG] [--batch B] [--seq T] [--repeats N] [--rounds R]
+#   (default: bench-s, 1 x 1024, 3 repeats, 3 rounds alternating PyTorch and Fulgur)
 #
 # Prints the JSON of benches/pytorch_minimax.py; the numbers go in docs/perf.md.
 set -euo pipefail

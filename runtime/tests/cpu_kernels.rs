@@ -320,6 +320,35 @@ fn moe_and_lightning_kernels() {
         vec![ys, pos, wts],
         1e-6,
     );
+    // channels not a multiple of the vector width, three slots, rows picked twice
+    let ys = r.tensor(DType::F32, &[21, 37], -1.0, 1.0);
+    let pos = Tensor::from_i64(DType::I64, vec![7, 3], (0..21).map(|i| (i * 5) % 21 / 2).collect());
+    let wts = r.tensor(DType::F32, &[7, 3], 0.0, 1.0);
+    check(
+        "moe_combine 37 channels",
+        Op::Composite(Composite::MoeCombine),
+        vec![ys.clone(), pos, wts.clone()],
+        1e-6,
+    );
+    // a position past the rows is an error naming the kernel, never a read out of bounds
+    let bad = Tensor::from_i64(
+        DType::I64,
+        vec![7, 3],
+        (0..21).map(|i| if i == 9 { 21 } else { 0 }).collect(),
+    );
+    let args = vec![ys, bad, wts];
+    let g = graph(&Op::Composite(Composite::MoeCombine), &args);
+    let feed: HashMap<String, Tensor> = args
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("x{i}"), t.clone()))
+        .collect();
+    let mut cpu = CpuProgram::new(lower(&g).unwrap(), CpuOptions::default()).unwrap();
+    let e = cpu.run(&feed).unwrap_err().to_string();
+    assert!(
+        e.contains("a row index of `moe_combine` is out of range [0, 21): got 21"),
+        "{e}"
+    );
     for (b, h, t, d, block) in [(1, 1, 1, 8, 4), (2, 3, 37, 8, 16), (1, 2, 64, 16, 16)] {
         let q = r.tensor(DType::F32, &[b, h, t, d], -1.0, 1.0);
         let k = r.tensor(DType::F32, &[b, h, t, d], -1.0, 1.0);

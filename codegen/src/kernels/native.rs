@@ -18,6 +18,7 @@ pub(crate) fn build(k: &Kernel, b: &mut Built) -> Result<bool, CodegenError> {
         Op::Composite(Composite::LightningAttention { block }) => lightning(k, b, *block, None),
         Op::Composite(Composite::LightningLayer { block, heads, eps }) => lightning(k, b, *block, Some((*heads, *eps))),
         Op::Composite(Composite::MoeDispatch { experts }) => moe_dispatch(k, b, *experts),
+        Op::Composite(Composite::MoeCombine) => moe_combine(k, b),
         _ => Ok(false),
     }
 }
@@ -887,6 +888,62 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
         item: row_var,
         body: vec![copy],
         item_cost: c_dim,
+    }));
+    Ok(true)
+}
+
+/// `moe_combine`: per token, `out[n] = Σ_slot weights[n, slot] · ys[pos[n, slot]]`, the slots in order into a
+/// row accumulator (so the loop over channels vectorises), each `pos` checked against the rows of `ys`.
+fn moe_combine(k: &Kernel, b: &mut Built) -> Result<bool, CodegenError> {
+    let (Some(kk), Some(c)) = (konst(&k.inputs[1].shape[1]), konst(&k.inputs[0].shape[1])) else {
+        return Ok(false);
+    };
+    if !k.inputs[0].dtype.is_float() {
+        return Ok(false);
+    }
+    let lk = &mut b.lk;
+    let ys = View::of(lk.slot(Slot::Input(0)), &k.inputs[0]);
+    let pos = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
+    let w = View::of(lk.slot(Slot::Input(2)), &k.inputs[2]);
+    let out = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
+    let rows = lk.dim(&ys.shape[0].clone());
+    let n = lk.dim(&pos.shape[0].clone());
+    let acc = lk.local(Scalar::F32, c);
+    let zero = lk.pool.i(0);
+    let fzero = lk.pool.f(0.0);
+    let ce = lk.pool.i(c as i64);
+    let ke = lk.pool.i(kk as i64);
+    let (row_var, t) = lk.loop_var();
+    let what = format!(
+        "a row index of `moe_combine` is out of range [0, {})",
+        k.inputs[0].shape[0]
+    );
+    let mut body = vec![for_(lk, zero, ce, |_, x| vec![st_local(acc, x, fzero)])];
+    body.push(for_(lk, zero, ke, |lk, sl| {
+        let raw = pos.load(lk, &[t, sl]);
+        let raw = lk.pool.cast(Scalar::I64, raw);
+        let p = lk.checked(raw, rows, what.clone());
+        let wt = w.load(lk, &[t, sl]);
+        let wt = lk.pool.cast(Scalar::F32, wt);
+        vec![for_(lk, zero, ce, |lk, x| {
+            let y = ys.load(lk, &[p, x]);
+            let y = lk.pool.cast(Scalar::F32, y);
+            let cur = lk.load_local(acc, x);
+            let pr = lk.pool.bin(BinaryOp::Mul, wt, y);
+            let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
+            vec![st_local(acc, x, sm)]
+        })]
+    }));
+    body.push(for_(lk, zero, ce, |lk, x| {
+        let v = lk.load_local(acc, x);
+        vec![store(&out, lk, &[t, x], v)]
+    }));
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_combine".into(),
+        grid: n,
+        item: row_var,
+        body,
+        item_cost: lk.pool.i((kk * c) as i64),
     }));
     Ok(true)
 }

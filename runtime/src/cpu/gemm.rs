@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Depth of a packed block.
-const KC: usize = 256;
+const KC: usize = 512;
 
 /// A strided matrix operand (strides in elements).
 #[derive(Clone, Copy)]
@@ -245,8 +245,9 @@ pub unsafe fn sgemm(
                 };
                 let mblocks = m.div_ceil(mc);
                 // split the panels too when there are fewer row blocks than threads
-                let nsplit = if parallel && mblocks < threads {
-                    threads.div_ceil(mblocks).min(npanels)
+                // at least four tasks per thread, so that uneven row blocks (the last one) balance out
+                let nsplit = if parallel {
+                    (4 * threads).div_ceil(mblocks).clamp(1, npanels)
                 } else {
                     1
                 };

@@ -138,6 +138,21 @@ fn put(dtype: DType, f: f64, i: i64, out: &mut [u8]) {
 unsafe fn decode_view(base: *const u8, dtype: DType, shape: &[usize], strides: &[i64], offset: i64) -> Tensor {
     let n: usize = shape.iter().product();
     let es = dtype.size_bytes() as isize;
+    // row-major f32 (the usual output): one pass over a slice
+    let mut want = 1i64;
+    let row_major = shape.iter().zip(strides).rev().all(|(&d, &st)| {
+        let ok = d == 1 || st == want;
+        want *= d as i64;
+        ok
+    });
+    if dtype == DType::F32 && row_major && n > 0 {
+        let src = std::slice::from_raw_parts((base as *const f32).offset(offset as isize), n);
+        return Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            data: Buffer::F(src.iter().map(|&x| x as f64).collect()),
+        };
+    }
     let mut idx = vec![0usize; shape.len()];
     let mut f = Vec::new();
     let mut iv = Vec::new();
