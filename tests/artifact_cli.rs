@@ -290,7 +290,7 @@ fn wrong_weights_and_inputs_are_refused_by_name() {
     fails(
         &o,
         &[
-            "does not fit artifact",
+            "do not fit artifact",
             "tensor `model.embed_tokens.weight` in",
             "model.safetensors`: expected shape [4096, 512], found [512, 128]",
         ],

@@ -125,6 +125,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Whether any expression loads from slot `arg`.
+    pub fn loads_slot(&self, arg: u32) -> bool {
+        self.nodes
+            .iter()
+            .any(|(x, _)| matches!(x, Expr::Load { arg: a, .. } if *a == arg))
+    }
     pub fn get(&self, e: E) -> &Expr {
         &self.nodes[e as usize].0
     }

@@ -217,6 +217,17 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// Loads one parameter by its graph name (with the on-disk name mapping), checking its shape, in the
+    /// parameter's dtype: for loading weights one at a time into a backend, never holding them all on the host.
+    pub fn load_param(&self, name: &str, ty: &fulgur_ir::TensorType) -> Result<Tensor, ModelError> {
+        let want = ty.shape.as_consts().ok_or_else(|| ModelError::Tensor {
+            tensor: name.to_string(),
+            file: self.dir.display().to_string(),
+            message: format!("parameter has a symbolic shape {}", ty.shape),
+        })?;
+        Ok(self.load_one(name, &want, &mut HashSet::new())?.cast(ty.dtype))
+    }
+
     fn load_one(&self, name: &str, want: &[usize], used: &mut HashSet<String>) -> Result<Tensor, ModelError> {
         if self.entries.contains_key(name) {
             used.insert(name.to_string());

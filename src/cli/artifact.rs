@@ -9,7 +9,8 @@
 //! JIT-compiles the kernel program for this CPU, loads the weights once and runs one step.
 
 use crate::cli::files::{check_output, write_stdout, InputFile};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::cli::model::HostWeights;
+use anyhow::{anyhow, bail, Result};
 use fulgur_codegen::artifact;
 use fulgur_ir::tensor::{read_safetensors, write_safetensors};
 use fulgur_ir::{Graph, Tensor};
@@ -199,60 +200,37 @@ pub struct RunArgs {
     pub max_memory: Option<u64>,
 }
 
-/// The weights of the artifact's program: from a checkpoint (through the optimized graph's parameters, with
-/// the checkpoint's name mapping and shape checks), a safetensors file, or the inputs file.
-fn load_weights(
-    args: &RunArgs,
+/// The weights of the artifact's program from a safetensors file (`--weights FILE`, or the inputs file),
+/// checked against the manifest's names and shapes.
+fn weights_from_map(
+    m: &BTreeMap<String, Tensor>,
+    file: &Path,
     manifest: &artifact::Manifest,
-    inputs: &BTreeMap<String, Tensor>,
+    hint: bool,
 ) -> Result<HashMap<String, Tensor>> {
-    let from_map = |m: &BTreeMap<String, Tensor>, file: &Path| -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        for d in &manifest.weights {
-            let t = m.get(&d.name).ok_or_else(|| {
-                anyhow!(
-                    "weight `{}` ({}) is not in {}{}",
-                    d.name,
-                    d.ty,
-                    file.display(),
-                    if args.weights.is_none() {
-                        " (give the weights with --weights)"
-                    } else {
-                        ""
-                    }
-                )
-            })?;
-            if d.ty.shape.as_consts().as_deref() != Some(t.shape.as_slice()) {
-                bail!(
-                    "weight `{}` in {}: the artifact needs {}, the file has shape {:?}",
-                    d.name,
-                    file.display(),
-                    d.ty,
-                    t.shape
-                );
-            }
-            out.insert(d.name.clone(), t.clone());
+    let mut out = HashMap::new();
+    for d in &manifest.weights {
+        let t = m.get(&d.name).ok_or_else(|| {
+            anyhow!(
+                "weight `{}` ({}) is not in {}{}",
+                d.name,
+                d.ty,
+                file.display(),
+                if hint { " (give the weights with --weights)" } else { "" }
+            )
+        })?;
+        if d.ty.shape.as_consts().as_deref() != Some(t.shape.as_slice()) {
+            bail!(
+                "weight `{}` in {}: the artifact needs {}, the file has shape {:?}",
+                d.name,
+                file.display(),
+                d.ty,
+                t.shape
+            );
         }
-        Ok(out)
-    };
-    match &args.weights {
-        Some(w) if w.is_dir() => {
-            let ck = fulgur_models::checkpoint::Checkpoint::open(w)?;
-            let src = std::fs::read_to_string(args.artifact.join("graph.fir"))
-                .with_context(|| format!("cannot read {}", args.artifact.join("graph.fir").display()))?;
-            let g = fulgur_ir::text::parse(&src)
-                .map_err(|e| anyhow!("{}: {e}", args.artifact.join("graph.fir").display()))?;
-            ck.load_params(&g).with_context(|| {
-                format!(
-                    "checkpoint {} does not fit artifact {}",
-                    w.display(),
-                    args.artifact.display()
-                )
-            })
-        }
-        Some(w) => from_map(&read_safetensors(w)?, w),
-        None => from_map(inputs, &args.inputs),
+        out.insert(d.name.clone(), t.clone());
     }
+    Ok(out)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -275,7 +253,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     check_output(&args.out, &files)?;
     let (manifest, program) = artifact::load(&args.artifact, "cpu")?;
     let inputs = read_safetensors(&args.inputs)?;
-    let weights = load_weights(&args, &manifest, &inputs)?;
+    // a checkpoint is read one tensor at a time as the program loads it; a file is checked whole first
+    let ck = match &args.weights {
+        Some(w) if w.is_dir() => Some(fulgur_models::checkpoint::Checkpoint::open(w)?),
+        _ => None,
+    };
+    let weights = match (&ck, &args.weights) {
+        (Some(ck), _) => HostWeights::Checkpoint(ck),
+        (None, Some(w)) => HostWeights::Map(weights_from_map(&read_safetensors(w)?, w, &manifest, false)?),
+        (None, None) => HostWeights::Map(weights_from_map(&inputs, &args.inputs, &manifest, true)?),
+    };
     let mut data: HashMap<String, Tensor> = HashMap::new();
     for d in &manifest.inputs {
         let t = inputs
@@ -308,10 +295,11 @@ type RunResult = (BTreeMap<String, Tensor>, f64, f64);
 #[cfg(feature = "llvm")]
 fn run_cpu(
     program: fulgur_codegen::program::KernelProgram,
-    weights: &HashMap<String, Tensor>,
+    weights: &HostWeights,
     data: &HashMap<String, Tensor>,
     args: &RunArgs,
 ) -> Result<RunResult> {
+    use anyhow::Context;
     use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
     let opts = CpuOptions {
         threads: args.threads,
@@ -319,8 +307,17 @@ fn run_cpu(
         ..Default::default()
     };
     let mut cpu = CpuProgram::new(program, opts).context("compiling the artifact for this CPU")?;
-    cpu.load_weights(weights)
-        .with_context(|| format!("loading the weights into artifact {}", args.artifact.display()))?;
+    let source = match &args.weights {
+        Some(w) => w.display().to_string(),
+        None => args.inputs.display().to_string(),
+    };
+    cpu.load_weights_from(|name, ty| weights.fetch(name, ty))
+        .with_context(|| {
+            format!(
+                "the weights in {source} do not fit artifact {}",
+                args.artifact.display()
+            )
+        })?;
     let t = Instant::now();
     let out = cpu.run(data).context("running the artifact")?;
     Ok((out, cpu.compile_seconds, t.elapsed().as_secs_f64()))
@@ -329,7 +326,7 @@ fn run_cpu(
 #[cfg(not(feature = "llvm"))]
 fn run_cpu(
     _: fulgur_codegen::program::KernelProgram,
-    _: &HashMap<String, Tensor>,
+    _: &HostWeights,
     _: &HashMap<String, Tensor>,
     _: &RunArgs,
 ) -> Result<RunResult> {

@@ -5,13 +5,12 @@
 //!
 //! Given a config, the weights are random (transformers' initialisation, seeded); given a checkpoint, its own.
 
-use crate::cli::model::{optimize, OptLevel};
+use crate::cli::model::{optimize, HostWeights, OptLevel};
 use anyhow::{bail, Context, Result};
 use fulgur_codegen::program::lower;
 use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
 use fulgur_models::checkpoint::Checkpoint;
 use fulgur_models::{forward_graph, random_tokens, random_weights, ForwardOptions, MiniMaxConfig};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -147,12 +146,14 @@ pub fn run(args: Args) -> Result<()> {
         tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let base = forward_graph(&cfg, &ForwardOptions::default())?;
-    let weights: HashMap<String, Tensor> = match &ckpt {
-        Some(ck) => {
+    // the CPU backend reads a checkpoint one tensor at a time; the interpreter needs them all on the host
+    let weights = match (&ckpt, args.target) {
+        (Some(ck), BenchTarget::Cpu) => HostWeights::Checkpoint(ck),
+        (Some(ck), BenchTarget::Reference) => {
             progress.say("loading the checkpoint");
-            ck.load_params(&base)?
+            HostWeights::Map(ck.load_params(&base)?)
         }
-        None => random_weights(&base, 0.02, args.seed),
+        (None, _) => HostWeights::Map(random_weights(&base, 0.02, args.seed)),
     };
     let tokens = random_tokens(args.batch, args.seq, cfg.vocab_size, args.seed);
     let cost_model = args.cost_model.clone().unwrap_or_else(|| match args.target {
@@ -258,11 +259,14 @@ type Measured = (f64, Vec<f64>, u64, u64, Vec<KernelTime>);
 fn bench_reference(
     args: &Args,
     g: &Graph,
-    weights: &HashMap<String, Tensor>,
+    weights: &HostWeights,
     tokens: &Tensor,
     lname: &str,
     progress: &Progress,
 ) -> Result<Measured> {
+    let HostWeights::Map(weights) = weights else {
+        bail!("the reference target needs the weights on the host");
+    };
     let mut inputs = weights.clone();
     inputs.insert("input_ids".into(), tokens.clone());
     let interp = Interpreter::new(Precision::F32);
@@ -289,7 +293,7 @@ fn bench_reference(
 fn bench_cpu(
     args: &Args,
     program: fulgur_codegen::program::KernelProgram,
-    weights: &HashMap<String, Tensor>,
+    weights: &HostWeights,
     tokens: &Tensor,
     lname: &str,
     progress: &Progress,
@@ -304,7 +308,9 @@ fn bench_cpu(
         },
     )?;
     let compile_s = cpu.compile_seconds;
-    cpu.load_weights(weights)?;
+    progress.say(&format!("{lname}: loading the weights"));
+    cpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
+    use std::collections::HashMap;
     let inputs: HashMap<String, Tensor> = [("input_ids".to_string(), tokens.clone())].into();
     let mut times = Vec::new();
     for i in 0..args.warmup + args.repeats {
@@ -351,7 +357,7 @@ fn bench_cpu(
 fn bench_cpu(
     _: &Args,
     _: fulgur_codegen::program::KernelProgram,
-    _: &HashMap<String, Tensor>,
+    _: &HostWeights,
     _: &Tensor,
     _: &str,
     _: &Progress,

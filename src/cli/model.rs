@@ -96,6 +96,28 @@ pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulg
     Ok(compiled.graph)
 }
 
+/// Where a backend's weights come from: a map already on the host, or a checkpoint read one tensor at a time
+/// (so that a compiled backend never holds the checkpoint twice).
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+pub enum HostWeights<'a> {
+    Map(std::collections::HashMap<String, Tensor>),
+    Checkpoint(&'a Checkpoint),
+}
+
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+impl HostWeights<'_> {
+    /// The weight `name` of type `ty`.
+    pub fn fetch(&self, name: &str, ty: &fulgur_ir::TensorType) -> Result<Tensor> {
+        match self {
+            HostWeights::Map(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("weight `{name}` ({ty}) is missing")),
+            HostWeights::Checkpoint(ck) => Ok(ck.load_param(name, ty)?),
+        }
+    }
+}
+
 /// The files `eval-model` and `generate` read: the checkpoint's and the tokens file.
 fn model_inputs(checkpoint: &std::path::Path, tokens: &std::path::Path) -> Vec<InputFile> {
     let mut v = checkpoint_files(checkpoint);
@@ -138,11 +160,11 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         crate::cli::bench::BenchTarget::Reference => "H100".into(),
     });
     let g = optimize(forward_graph(&ck.config, &opts)?, args.opt, &cost_model)?;
-    let mut inputs = ck.load_params(&g)?;
-    tracing::info!(elapsed = ?t0.elapsed(), params = inputs.len(), nodes = g.node_count(), "checkpoint loaded, graph built");
+    tracing::info!(elapsed = ?t0.elapsed(), nodes = g.node_count(), "graph built");
     let t1 = Instant::now();
     let outputs = match args.target {
         crate::cli::bench::BenchTarget::Reference => {
+            let mut inputs = ck.load_params(&g)?;
             inputs.insert("input_ids".into(), tokens);
             let backend = ReferenceBackend {
                 precision: Precision::from(args.precision),
@@ -150,7 +172,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             };
             backend.run(&g, &inputs).context("running the forward graph")?
         }
-        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &inputs, tokens, args.max_memory)?,
+        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &HostWeights::Checkpoint(&ck), tokens, args.max_memory)?,
     };
     tracing::info!(elapsed = ?t1.elapsed(), target = ?args.target, "forward done");
     for (name, t) in &outputs {
@@ -181,7 +203,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
 #[cfg(feature = "llvm")]
 fn run_cpu(
     g: &fulgur_ir::Graph,
-    weights: &std::collections::HashMap<String, Tensor>,
+    weights: &HostWeights,
     tokens: Tensor,
     max_memory: Option<u64>,
 ) -> Result<BTreeMap<String, Tensor>> {
@@ -193,18 +215,13 @@ fn run_cpu(
     };
     let mut cpu = CpuProgram::new(program, opts).context("compiling for the CPU")?;
     tracing::info!(seconds = cpu.compile_seconds, "JIT-compiled");
-    cpu.load_weights(weights)?;
+    cpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
     cpu.run(&[("input_ids".to_string(), tokens)].into())
         .context("running the forward pass on the CPU")
 }
 
 #[cfg(not(feature = "llvm"))]
-fn run_cpu(
-    _: &fulgur_ir::Graph,
-    _: &std::collections::HashMap<String, Tensor>,
-    _: Tensor,
-    _: Option<u64>,
-) -> Result<BTreeMap<String, Tensor>> {
+fn run_cpu(_: &fulgur_ir::Graph, _: &HostWeights, _: Tensor, _: Option<u64>) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }
 
@@ -309,7 +326,6 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         cost_model,
     )?;
     let decode = optimize(decode_graph(&ck.config)?, args.opt, cost_model)?;
-    let params = ck.load_params(&prefill)?;
     let t_load = Instant::now();
     let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match args.target {
         crate::cli::bench::BenchTarget::Reference => {
@@ -317,7 +333,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
                 precision: Precision::from(args.precision),
                 memory_limit: args.memory_limit,
             };
-            let weights = std::rc::Rc::new(std::cell::RefCell::new(params));
+            let weights = std::rc::Rc::new(std::cell::RefCell::new(ck.load_params(&prefill)?));
             (
                 Box::new(ReferenceExecutable {
                     backend,
@@ -331,7 +347,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
                 }),
             )
         }
-        crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, params)?,
+        crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, &HostWeights::Checkpoint(&ck))?,
     };
     tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
     // progress on stderr when it is a terminal: the prefill, then one tick per token
@@ -400,7 +416,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 fn load_cpu_pair(
     prefill: &fulgur_ir::Graph,
     decode: &fulgur_ir::Graph,
-    weights: std::collections::HashMap<String, Tensor>,
+    weights: &HostWeights,
 ) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
     use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
     let mut p = CpuProgram::new(fulgur_codegen::program::lower(prefill)?, CpuOptions::default())
@@ -412,8 +428,7 @@ fn load_cpu_pair(
         decode_s = d.compile_seconds,
         "JIT-compiled"
     );
-    p.load_weights(&weights)?;
-    drop(weights);
+    p.load_weights_from(|name, ty| weights.fetch(name, ty))?;
     d.share_weights(&p);
     let missing = d.missing_weights();
     if let Some(name) = missing.first() {
@@ -426,7 +441,7 @@ fn load_cpu_pair(
 fn load_cpu_pair(
     _: &fulgur_ir::Graph,
     _: &fulgur_ir::Graph,
-    _: std::collections::HashMap<String, Tensor>,
+    _: &HostWeights,
 ) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }

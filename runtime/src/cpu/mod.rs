@@ -242,6 +242,12 @@ pub struct CpuProgram {
     /// The `B` operands of GEMMs that read weights (or values prepared from them), packed once per prepare:
     /// by (step kernel id, step index, expert).
     packed: HashMap<(usize, usize, usize), gemm::PackedB>,
+    /// Prepared buffers read by step kernels only as packed GEMM operands: freed once packed (and made again
+    /// when the prepare program reruns).
+    pack_only: Vec<bool>,
+    dropped: Vec<bool>,
+    /// Keep every prepared value (a traced run reads them all).
+    keep_prepared: bool,
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
@@ -281,6 +287,7 @@ impl CpuProgram {
                 prepare_symbols.extend(b.elements.symbols());
             }
         }
+        let pack_only = pack_only_buffers(&program, &kernels);
         Ok(CpuProgram {
             prepare_symbols,
             persistent: (0..n).map(|_| None).collect(),
@@ -295,6 +302,9 @@ impl CpuProgram {
             binding: None,
             prepared_at: None,
             packed: HashMap::new(),
+            pack_only,
+            dropped: vec![false; n],
+            keep_prepared: false,
             compile_seconds,
             profile: None,
         })
@@ -363,6 +373,25 @@ impl CpuProgram {
                 .get(&name)
                 .ok_or_else(|| other(format!("weight `{name}` is missing")))?;
             self.set_weight(&name, t)?;
+        }
+        Ok(())
+    }
+
+    /// Loads every weight from `fetch(name, type)`, one at a time (a weight's host copy is dropped as soon as
+    /// it is in the program's memory): the way to load a large checkpoint without holding it twice.
+    pub fn load_weights_from<E: std::fmt::Display>(
+        &mut self,
+        mut fetch: impl FnMut(&str, &fulgur_ir::TensorType) -> Result<Tensor, E>,
+    ) -> Result<(), RuntimeError> {
+        let params: Vec<(String, fulgur_ir::TensorType)> = self
+            .program
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.ty.clone()))
+            .collect();
+        for (name, ty) in params {
+            let t = fetch(&name, &ty).map_err(|e| other(e.to_string()))?;
+            self.set_weight(&name, &t)?;
         }
         Ok(())
     }
@@ -533,6 +562,7 @@ impl CpuProgram {
         let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
         match binding.layout.offsets[b] {
             Some(off) => Ok(unsafe { self.arena.as_ptr().add(off as usize) }),
+            None if self.dropped[b] => Ok(std::ptr::NonNull::<u8>::dangling().as_ptr()),
             None if self.program.buffers[b].kind == BufferKind::Weight => self.weights[b]
                 .as_ref()
                 .map(|x| x.as_ptr())
@@ -587,11 +617,27 @@ impl CpuProgram {
         }
         self.fill_constants()?;
         self.packed.clear();
+        if let Some(binding) = &self.binding {
+            for b in 0..self.dropped.len() {
+                if self.dropped[b] {
+                    let size = binding.layout.sizes[b] as usize;
+                    self.persistent[b] = Some(Bytes::zeroed(size, &format!("buffer b{b}"))?);
+                    self.dropped[b] = false;
+                }
+            }
+        }
         let kernels = self.program.prepare.clone();
         for k in &kernels {
             self.run_kernel(k, false)?;
         }
         self.pack_weights()?;
+        // a prepared value read only as packed GEMM operands is no longer needed
+        for b in 0..self.pack_only.len() {
+            if self.pack_only[b] && !self.keep_prepared {
+                self.persistent[b] = None;
+                self.dropped[b] = true;
+            }
+        }
         self.prepared_at = env;
         Ok(())
     }
@@ -603,6 +649,7 @@ impl CpuProgram {
         let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
         let nr = self.jit.tile.1;
         let mut packed = HashMap::new();
+        let mut unpacked = Vec::new();
         for k in &self.program.step {
             let lk = &self.kernels[k.code];
             let params = &binding.params[k.code];
@@ -644,9 +691,11 @@ impl CpuProgram {
                 };
                 let Some(buf) = fixed(op.arg) else { continue };
                 let (Some(rs), Some(cs)) = (ev(op.rs), ev(op.cs)) else {
+                    unpacked.push(buf);
                     continue;
                 };
                 if kk <= 0 || n <= 0 {
+                    unpacked.push(buf);
                     continue;
                 }
                 let base = self.buffer_ptr(buf)?;
@@ -665,6 +714,9 @@ impl CpuProgram {
             }
         }
         self.packed = packed;
+        for b in unpacked {
+            self.pack_only[b] = false;
+        }
         Ok(())
     }
 
@@ -674,11 +726,26 @@ impl CpuProgram {
         self.packed.values().map(|p| p.bytes()).sum()
     }
 
-    /// The packed `B` of (kernel, step, expert) when it was packed from exactly `b`.
-    fn packed_b(&self, key: (usize, usize, usize), b: &gemm::Mat, k: usize, n: usize) -> gemm::BOperand<'_> {
+    /// The packed `B` of (kernel, step, expert) when one was packed for this view (the packing is redone
+    /// whenever the prepare program runs, which every change of the weights triggers); else `b` itself, which
+    /// must then have its memory.
+    fn packed_b(
+        &self,
+        key: (usize, usize, usize),
+        b: &gemm::Mat,
+        buffer: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<gemm::BOperand<'_>, RuntimeError> {
         match self.packed.get(&key) {
-            Some(p) if p.source == (b.ptr as usize, b.rs, b.cs) && p.k == k && p.n == n => gemm::BOperand::Packed(p),
-            _ => gemm::BOperand::Mat(*b),
+            Some(p) if (p.source.1, p.source.2) == (b.rs, b.cs) && p.k == k && p.n == n => {
+                Ok(gemm::BOperand::Packed(p))
+            }
+            _ if self.dropped.get(buffer).copied().unwrap_or(false) => Err(other(format!(
+                "buffer b{buffer} was freed after packing, but kernel k{} step {} needs it unpacked",
+                key.0, key.1
+            ))),
+            _ => Ok(gemm::BOperand::Mat(*b)),
         }
     }
 
@@ -739,6 +806,12 @@ impl CpuProgram {
         inputs: &HashMap<String, Tensor>,
         mut trace: impl FnMut(&Kernel, &[Tensor], &[Tensor]) -> Result<(), RuntimeError>,
     ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        if !self.keep_prepared {
+            self.keep_prepared = true;
+            if self.dropped.iter().any(|&d| d) {
+                self.prepared_at = None;
+            }
+        }
         self.begin_step(inputs)?;
         for k in self.program.step.clone() {
             let ins: Vec<Tensor> = k.inputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
@@ -760,6 +833,12 @@ impl CpuProgram {
             .collect::<Result<_, _>>()?;
         let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
         let offset = ev(&t.offset)?;
+        if self.dropped[t.buffer] {
+            return Err(other(format!(
+                "buffer b{} was freed once its GEMM operands were packed",
+                t.buffer
+            )));
+        }
         let base = self.buffer_ptr(t.buffer)?;
         // SAFETY: the view lies in its buffer by construction of the program
         Ok(unsafe { decode_view(base, t.dtype, &shape, &strides, offset) })
@@ -788,6 +867,12 @@ impl CpuProgram {
             ukr: self.jit.micro_kernel,
             mr: self.jit.tile.0,
             nr: self.jit.tile.1,
+        };
+        // the buffer behind a slot (usize::MAX for scratch)
+        let slot_buffer = |slot: u32| match lk.slots[slot as usize] {
+            Slot::Input(i) => k.inputs[i].buffer,
+            Slot::Output(i) => k.outputs[i].buffer,
+            Slot::Scratch(_) => usize::MAX,
         };
         // element `off` of a slot holding `dt` values
         let at = |slot: u32, dt: DType, off: i64| unsafe {
@@ -833,6 +918,18 @@ impl CpuProgram {
                             db += idx[j] * b[2];
                             dc += idx[j] * b[3];
                         }
+                        let b_op = self.packed_b(
+                            (k.id, s, 0),
+                            &gemm::Mat {
+                                ptr: at(g.b.arg, g.b.dtype, db),
+                                dtype: g.b.dtype,
+                                rs: brs as isize,
+                                cs: bcs as isize,
+                            },
+                            slot_buffer(g.b.arg),
+                            kk as usize,
+                            n as usize,
+                        )?;
                         // SAFETY: the operands are views of their buffers (the program's construction)
                         unsafe {
                             gemm::gemm(
@@ -847,17 +944,7 @@ impl CpuProgram {
                                     rs: ars as isize,
                                     cs: acs as isize,
                                 },
-                                self.packed_b(
-                                    (k.id, s, 0),
-                                    &gemm::Mat {
-                                        ptr: at(g.b.arg, g.b.dtype, db),
-                                        dtype: g.b.dtype,
-                                        rs: brs as isize,
-                                        cs: bcs as isize,
-                                    },
-                                    kk as usize,
-                                    n as usize,
-                                ),
+                                b_op,
                                 at(g.c.arg, g.c.dtype, dc),
                                 g.c.dtype,
                                 crs as isize,
@@ -906,6 +993,18 @@ impl CpuProgram {
                         if rows <= 0 {
                             continue;
                         }
+                        let w_op = self.packed_b(
+                            (k.id, s, e),
+                            &gemm::Mat {
+                                ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
+                                dtype: g.w.dtype,
+                                rs: wrs as isize,
+                                cs: wcs as isize,
+                            },
+                            slot_buffer(g.w.arg),
+                            kk as usize,
+                            n as usize,
+                        )?;
                         // SAFETY: as for GEMM steps
                         unsafe {
                             gemm::gemm(
@@ -920,17 +1019,7 @@ impl CpuProgram {
                                     rs: xrs as isize,
                                     cs: xcs as isize,
                                 },
-                                self.packed_b(
-                                    (k.id, s, e),
-                                    &gemm::Mat {
-                                        ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
-                                        dtype: g.w.dtype,
-                                        rs: wrs as isize,
-                                        cs: wcs as isize,
-                                    },
-                                    kk as usize,
-                                    n as usize,
-                                ),
+                                w_op,
                                 at(g.out.arg, g.out.dtype, oo + start * ors),
                                 g.out.dtype,
                                 ors as isize,
@@ -998,4 +1087,51 @@ impl crate::Executable for CpuProgram {
     fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         CpuProgram::run(self, inputs)
     }
+}
+
+/// The prepared buffers that step kernels read only as the `B` operand of GEMM steps that the runtime packs, or
+/// not at all (intermediates of the prepare program), and that no output views: once the prepare program has
+/// run and the operands are packed, they can be freed.
+fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<bool> {
+    let mut ok: Vec<bool> = program.buffers.iter().map(|b| b.kind == BufferKind::Prepared).collect();
+    for io in &program.outputs {
+        ok[io.tensor.buffer] = false;
+    }
+    for k in &program.step {
+        let lk = &kernels[k.code];
+        for (s, slot) in lk.slots.iter().enumerate() {
+            let Slot::Input(i) = *slot else { continue };
+            let b = k.inputs[i].buffer;
+            if !ok[b] {
+                continue;
+            }
+            let s = s as u32;
+            let mut only_b = !lk.pool.loads_slot(s);
+            for st in &lk.steps {
+                match st {
+                    Step::Gemm(g) => {
+                        if g.a.arg == s || g.c.arg == s || (g.b.arg == s && !g.batch.is_empty()) {
+                            only_b = false;
+                        }
+                    }
+                    Step::GroupedGemm(g) => {
+                        if g.x.arg == s || g.out.arg == s || g.counts_arg == s {
+                            only_b = false;
+                        }
+                    }
+                    Step::Phase(_) => {}
+                }
+            }
+            // the slot must actually be a packed operand somewhere
+            let as_b = lk.steps.iter().any(|st| match st {
+                Step::Gemm(g) => g.b.arg == s,
+                Step::GroupedGemm(g) => g.w.arg == s,
+                Step::Phase(_) => false,
+            });
+            if !(only_b && as_b) {
+                ok[b] = false;
+            }
+        }
+    }
+    ok
 }
