@@ -93,6 +93,8 @@ fn tiny_a_greedy_decode_on_cpu_matches_transformers() {
     assert!(d.missing_weights().is_empty());
     let n = fx["step_logits"].shape[0];
     let out = generate::greedy(&mut p, &mut d, &fx["prompt"], n, |_, _| {}).unwrap();
+    // the weights were prepared and packed once per program, not once per decode step
+    assert_eq!((p.prepare_runs(), d.prepare_runs()), (1, 1));
     assert_eq!(out.generated.to_i64(), fx["generated"].to_i64(), "greedy tokens differ");
     let e = out.step_logits.rel_l2(&fx["step_logits"]);
     println!("cpu step_logits: rel {e:.3e}");

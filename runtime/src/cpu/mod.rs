@@ -248,6 +248,8 @@ pub struct CpuProgram {
     dropped: Vec<bool>,
     /// Keep every prepared value (a traced run reads them all).
     keep_prepared: bool,
+    /// How many times the prepare program ran.
+    prepare_runs: usize,
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
@@ -305,6 +307,7 @@ impl CpuProgram {
             pack_only,
             dropped: vec![false; n],
             keep_prepared: false,
+            prepare_runs: 0,
             compile_seconds,
             profile: None,
         })
@@ -523,7 +526,8 @@ impl CpuProgram {
         }
         // persistent buffers whose size depends on the binding are reallocated
         for b in &self.program.buffers {
-            if b.kind == BufferKind::Transient || b.kind == BufferKind::Weight {
+            // weights are loaded, not allocated; a freed prepared value is made again by the prepare program
+            if b.kind == BufferKind::Transient || b.kind == BufferKind::Weight || self.dropped[b.id] {
                 continue;
             }
             let size = layout.sizes[b.id] as usize;
@@ -631,6 +635,7 @@ impl CpuProgram {
             self.run_kernel(k, false)?;
         }
         self.pack_weights()?;
+        self.prepare_runs += 1;
         // a prepared value read only as packed GEMM operands is no longer needed
         for b in 0..self.pack_only.len() {
             if self.pack_only[b] && !self.keep_prepared {
@@ -718,6 +723,12 @@ impl CpuProgram {
             self.pack_only[b] = false;
         }
         Ok(())
+    }
+
+    /// How many times the prepare program (and the packing of weights) ran: once per weights and values of
+    /// the symbols it depends on.
+    pub fn prepare_runs(&self) -> usize {
+        self.prepare_runs
     }
 
     /// Bytes of the weights packed for GEMMs (allocated at the first run after the weights change; counted in
