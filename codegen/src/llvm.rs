@@ -360,6 +360,14 @@ impl<'a, 'ctx> Codegen<'a, 'ctx> {
             AttributeLoc::Function,
             self.ctx.create_string_attribute("target-features", &self.features),
         );
+        // LLVM prefers 256-bit vectors on AVX-512 CPUs (for fear of down-clocking); the GEMM micro-kernel runs
+        // 512-bit FMAs anyway, so the phases use the full width too
+        if self.features.contains("+avx512f") {
+            f.add_attribute(
+                AttributeLoc::Function,
+                self.ctx.create_string_attribute("prefer-vector-width", "512"),
+            );
+        }
         let nounwind = inkwell::attributes::Attribute::get_named_enum_kind_id("nounwind");
         f.add_attribute(AttributeLoc::Function, self.ctx.create_enum_attribute(nounwind, 0));
     }
