@@ -245,9 +245,10 @@ pub unsafe fn sgemm(
                 };
                 let mblocks = m.div_ceil(mc);
                 // split the panels too when there are fewer row blocks than threads
-                // at least four tasks per thread, so that uneven row blocks (the last one) balance out
-                let nsplit = if parallel {
-                    (4 * threads).div_ceil(mblocks).clamp(1, npanels)
+                // split the panels too when there are fewer row blocks than threads (splitting more packs A
+                // once per split: measured slower, see docs/perf.md)
+                let nsplit = if parallel && mblocks < threads {
+                    threads.div_ceil(mblocks).min(npanels)
                 } else {
                     1
                 };
