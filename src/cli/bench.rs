@@ -346,6 +346,12 @@ fn bench_cpu(
                 ms: s * 1e3 / p.runs.max(1) as f64,
             })
             .collect();
+        v.push(KernelTime {
+            name: "(host)".into(),
+            op: "inputs in, outputs out to host tensors".into(),
+            calls: 1,
+            ms: p.host_seconds * 1e3 / p.runs.max(1) as f64,
+        });
         v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
         v.truncate(args.top);
         top = v;

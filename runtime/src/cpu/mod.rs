@@ -135,7 +135,14 @@ fn put(dtype: DType, f: f64, i: i64, out: &mut [u8]) {
 ///
 /// # Safety
 /// `base` must hold every element the view addresses.
-unsafe fn decode_view(base: *const u8, dtype: DType, shape: &[usize], strides: &[i64], offset: i64) -> Tensor {
+unsafe fn decode_view(
+    pool: &rayon::ThreadPool,
+    base: *const u8,
+    dtype: DType,
+    shape: &[usize],
+    strides: &[i64],
+    offset: i64,
+) -> Tensor {
     let n: usize = shape.iter().product();
     let es = dtype.size_bytes() as isize;
     // row-major f32 (the usual output): one pass over a slice
@@ -147,10 +154,22 @@ unsafe fn decode_view(base: *const u8, dtype: DType, shape: &[usize], strides: &
     });
     if dtype == DType::F32 && row_major && n > 0 {
         let src = std::slice::from_raw_parts((base as *const f32).offset(offset as isize), n);
+        // a large output (the logits) is converted by every thread: the new pages fault in parallel
+        let mut data = vec![0f64; n];
+        const CHUNK: usize = 1 << 16;
+        if n > 4 * CHUNK {
+            pool.install(|| {
+                data.par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = s as f64))
+            });
+        } else {
+            data.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f64);
+        }
         return Tensor {
             dtype,
             shape: shape.to_vec(),
-            data: Buffer::F(src.iter().map(|&x| x as f64).collect()),
+            data: Buffer::F(data),
         };
     }
     let mut idx = vec![0usize; shape.len()];
@@ -205,6 +224,8 @@ pub struct CpuOptions {
 pub struct Profile {
     /// Seconds per step kernel (by kernel id), summed over the runs since the last reset.
     pub kernel_seconds: Vec<f64>,
+    /// Seconds outside the kernels: binding and writing the inputs, reading the outputs into host tensors.
+    pub host_seconds: f64,
     pub runs: usize,
 }
 
@@ -786,8 +807,10 @@ impl CpuProgram {
     /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
     /// kernels; returns every output.
     pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let t0 = Instant::now();
         self.begin_step(inputs)?;
         let profile = self.profile.is_some();
+        let mut host = t0.elapsed().as_secs_f64();
         if let Some(p) = &mut self.profile {
             p.kernel_seconds.resize(self.program.step.len(), 0.0);
             p.runs += 1;
@@ -806,7 +829,13 @@ impl CpuProgram {
         }
         self.program.step = kernels;
         result?;
-        self.outputs()
+        let t1 = Instant::now();
+        let out = self.outputs();
+        host += t1.elapsed().as_secs_f64();
+        if let Some(p) = &mut self.profile {
+            p.host_seconds += host;
+        }
+        out
     }
 
     /// Runs one step like [`CpuProgram::run`], calling `trace` after every step kernel with the kernel, the
@@ -852,7 +881,7 @@ impl CpuProgram {
         }
         let base = self.buffer_ptr(t.buffer)?;
         // SAFETY: the view lies in its buffer by construction of the program
-        Ok(unsafe { decode_view(base, t.dtype, &shape, &strides, offset) })
+        Ok(unsafe { decode_view(&self.pool, base, t.dtype, &shape, &strides, offset) })
     }
 
     fn run_kernel(&self, k: &Kernel, step: bool) -> Result<(), RuntimeError> {
