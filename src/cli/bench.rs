@@ -94,6 +94,9 @@ pub struct KernelTime {
     pub op: String,
     pub calls: usize,
     pub ms: f64,
+    /// For a kernel of several steps (phases and GEMMs): each step's name and ms per forward.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<(String, f64)>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -248,6 +251,9 @@ pub fn run(args: Args) -> Result<()> {
         let _ = writeln!(s, "top kernels ({}), ms per forward:", r.level);
         for k in &r.top_kernels {
             let _ = writeln!(s, "  {:>9.2}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+            for (step, ms) in &k.steps {
+                let _ = writeln!(s, "  {:>9.2}         {step}", ms);
+            }
         }
     }
     crate::cli::files::write_stdout(&s)?;
@@ -328,7 +334,8 @@ fn bench_cpu(
     let mut top = Vec::new();
     if let Some(p) = &cpu.profile {
         // by op summary and node name without the layer index
-        let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+        type Group = (usize, f64, Vec<(String, f64)>);
+        let mut by: HashMap<(String, String), Group> = HashMap::new();
         for k in &cpu.program.step {
             let name = strip_layer(&k.name);
             let e = by
@@ -336,14 +343,29 @@ fn bench_cpu(
                 .or_default();
             e.0 += 1;
             e.1 += p.kernel_seconds.get(k.id).copied().unwrap_or(0.0);
+            let lk = &cpu.kernels[k.code];
+            if lk.steps.len() > 1 {
+                let secs = p.step_seconds.get(k.id).cloned().unwrap_or_default();
+                e.2.resize(lk.steps.len(), (String::new(), 0.0));
+                for (i, st) in lk.steps.iter().enumerate() {
+                    e.2[i].0 = match st {
+                        fulgur_codegen::loops::Step::Phase(ph) => ph.name.clone(),
+                        fulgur_codegen::loops::Step::Gemm(_) => format!("gemm {i}"),
+                        fulgur_codegen::loops::Step::GroupedGemm(_) => "grouped gemm".into(),
+                    };
+                    e.2[i].1 += secs.get(i).copied().unwrap_or(0.0);
+                }
+            }
         }
+        let runs = p.runs.max(1) as f64;
         let mut v: Vec<KernelTime> = by
             .into_iter()
-            .map(|((op, name), (calls, s))| KernelTime {
+            .map(|((op, name), (calls, s, steps))| KernelTime {
                 name,
                 op: truncate(&op, 60),
                 calls,
-                ms: s * 1e3 / p.runs.max(1) as f64,
+                ms: s * 1e3 / runs,
+                steps: steps.into_iter().map(|(n, s)| (n, s * 1e3 / runs)).collect(),
             })
             .collect();
         v.push(KernelTime {
@@ -351,6 +373,7 @@ fn bench_cpu(
             op: "inputs in, outputs out to host tensors".into(),
             calls: 1,
             ms: p.host_seconds * 1e3 / p.runs.max(1) as f64,
+            steps: Vec::new(),
         });
         v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
         v.truncate(args.top);

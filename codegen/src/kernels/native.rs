@@ -1,7 +1,7 @@
 //! Native loop forms of the composites whose decomposition is not how they should run.
 
 use super::{delinearize, Built, View};
-use crate::loops::{Acc, GroupedGemmStep, LoopKernel, Operand, Phase, Scalar, Slot, Step, Stmt, E};
+use crate::loops::{Acc, GemmStep, GroupedGemmStep, LoopKernel, Operand, Phase, Scalar, Slot, Step, Stmt, E};
 use crate::program::Kernel;
 use crate::CodegenError;
 use fulgur_ir::{BinaryOp, CmpOp, Composite, Dim, Op, UnaryOp};
@@ -471,7 +471,7 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let out = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
     let (item_var, item) = lk.loop_var();
     let zero = lk.pool.i(0);
-    let (d, dv, t_dim, grid_dim, ld_q, ld_k, ld_v, lam, write, pre): (
+    let (d, dv, t_dim, grid_dim, ld_q, ld_k, ld_v, lam, write): (
         usize,
         usize,
         Dim,
@@ -480,8 +480,7 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         RowLoad,
         RowLoad,
         E,
-        RowWrite,
-        Option<View>,
+        Option<RowWrite>,
     ) = match layer {
         Some((heads, _)) => {
             let qkv_t = &k.inputs[0];
@@ -495,8 +494,6 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
             let (bd, td) = (qkv_t.shape[0].clone(), qkv_t.shape[1].clone());
             let qkv = View::of(lk.slot(Slot::Input(0)), qkv_t);
             let lamv = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
-            let slot = lk.scratch(out.dtype, bd.clone() * td.clone() * Dim::from(hd as i64));
-            let pre = View::contiguous(slot, out.dtype, &[bd.clone(), td.clone(), Dim::from(hd as i64)]);
             let he = lk.pool.i(heads as i64);
             let bi = lk.pool.div(item, he);
             let h = lk.pool.rem(item, he);
@@ -520,13 +517,6 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
                     lk.pool.un(UnaryOp::Silu, x)
                 })
             };
-            let de = lk.pool.i(d as i64);
-            let col0 = lk.pool.mul(h, de);
-            let pre2 = pre.clone();
-            let write: RowWrite = Box::new(move |lk: &mut LoopKernel, tt: E, c: E, val: E| {
-                let col = lk.pool.addi(col0, c);
-                store(&pre2, lk, &[bi, tt, col], val)
-            });
             (
                 d,
                 d,
@@ -536,8 +526,7 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
                 mk(d as i64),
                 mk(2 * d as i64),
                 lam,
-                write,
-                Some(pre),
+                None,
             )
         }
         None => {
@@ -588,19 +577,35 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
                 mk(kk),
                 mk(v),
                 lam,
-                write,
-                None,
+                Some(write),
             )
         }
     };
+    // Block form as batched GEMMs over every (batch·head, block) `n` (N of them), the sequential part (the
+    // state carried across blocks) reduced to an elementwise scan:
+    //   stage:  QS = q, KS = kᵀ, KD = k ⊙ k_decay, A2[:, b..] = q ⊙ q_decay, B2[..b] = v (rows past T zero;
+    //           kᵀ stored so that G1's B is row-major; G2 reads KDᵀ by strides, which its A packing copies fast)
+    //   G1:     A2[:, ..b] = QS · KS                    (scores)
+    //   G2:     KV = KDᵀ · B2[..b]                      (each block's contribution to the state)
+    //   scan:   A2[:, ..b] ⊙= decay mask (causal);  B2[b..] of block i = P_i = e^{-λb} P_{i-1} + KV_{i-1}
+    //   G3:     O = A2 · B2 = ((Q Kᵀ) ⊙ M) V + (Q ⊙ q_decay) P
+    // then the output (the layer form: RMSNorm over the heads and the sigmoid gate) from O.
+    let f32d = fulgur_ir::DType::F32;
     let t = lk.dim(&t_dim);
     let grid = lk.dim(&grid_dim);
-    let ql = lk.local(Scalar::F32, block * d);
-    let ktl = lk.local(Scalar::F32, d * block);
-    let vl = lk.local(Scalar::F32, block * dv);
-    let srow = lk.local(Scalar::F32, block);
-    let orow = lk.local(Scalar::F32, dv);
-    let pl = lk.local(Scalar::F32, d * dv);
+    let nb_dim = t_dim.ceil_div(&Dim::from(blk));
+    let nb = lk.dim(&nb_dim);
+    let n_dim = grid_dim.clone() * nb_dim.clone();
+    let n_all = lk.dim(&n_dim);
+    let w2 = block + d;
+    let sz = |x: usize| n_dim.clone() * Dim::from(x as i64);
+    let qs = lk.scratch(f32d, sz(block * d));
+    let ks = lk.scratch(f32d, sz(block * d));
+    let kd = lk.scratch(f32d, sz(block * d));
+    let a2 = lk.scratch(f32d, sz(block * w2));
+    let b2 = lk.scratch(f32d, sz(w2 * dv));
+    let kv = lk.scratch(f32d, sz(d * dv));
+    let o = lk.scratch(f32d, sz(block * dv));
     let dq = lk.local(Scalar::F32, block);
     let dk = lk.local(Scalar::F32, block);
     let dmask = lk.local(Scalar::F32, block);
@@ -609,8 +614,23 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let de = lk.pool.i(d as i64);
     let dve = lk.pool.i(dv as i64);
     let fzero = lk.pool.f(0.0);
-    let mut body = Vec::new();
-    // decay tables: exp(−λ(j+1)), exp(−λ(b−1−j)), exp(−λ n)
+    let st = |arg: u32, index: E, value: E| Stmt::Store {
+        arg,
+        dtype: f32d,
+        index,
+        value,
+    };
+    // Σ e·c over the terms
+    let ix = |lk: &mut LoopKernel, terms: &[(E, i64)]| -> E {
+        let mut acc = lk.pool.i(0);
+        for &(e, c) in terms {
+            let ce = lk.pool.i(c);
+            let m = lk.pool.mul(e, ce);
+            acc = lk.pool.addi(acc, m);
+        }
+        acc
+    };
+    // decay tables: exp(−λ(j+1)), exp(−λ(b−1−j)), exp(−λ j)
     let decay = |lk: &mut LoopKernel, n: E| -> E {
         let p = &mut lk.pool;
         let nf = p.cast(Scalar::F32, n);
@@ -618,188 +638,285 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         let nx = p.un(UnaryOp::Neg, x);
         p.un(UnaryOp::Exp, nx)
     };
-    body.push(for_(lk, zero, be, |lk, j| {
-        let j1 = lk.pool.addi(j, one);
-        let a = decay(lk, j1);
-        let b1 = lk.pool.i(blk - 1);
-        let rest = lk.pool.sub(b1, j);
-        let bdk = decay(lk, rest);
-        let m = decay(lk, j);
-        vec![st_local(dq, j, a), st_local(dk, j, bdk), st_local(dmask, j, m)]
-    }));
-    let bdecay = decay(lk, be);
-    let pn = lk.pool.i((d * dv) as i64);
-    body.push(for_(lk, zero, pn, |_, x| vec![st_local(pl, x, fzero)]));
-    let nb = {
-        let p = &mut lk.pool;
-        let b1 = p.i(blk - 1);
-        let x = p.addi(t, b1);
-        p.div(x, be)
+    let tables = |lk: &mut LoopKernel| -> Stmt {
+        for_(lk, zero, be, |lk, j| {
+            let j1 = lk.pool.addi(j, one);
+            let a = decay(lk, j1);
+            let b1 = lk.pool.i(blk - 1);
+            let rest = lk.pool.sub(b1, j);
+            let bdk = decay(lk, rest);
+            let m = decay(lk, j);
+            vec![st_local(dq, j, a), st_local(dk, j, bdk), st_local(dmask, j, m)]
+        })
     };
+    // stage
+    let mut body = vec![tables(lk)];
     body.push(for_(lk, zero, nb, |lk, blkv| {
-        let p = &mut lk.pool;
-        let t0 = p.mul(blkv, be);
-        let left = p.sub(t, t0);
-        let rows = p.min(be, left);
+        let t0 = lk.pool.mul(blkv, be);
+        let left = lk.pool.sub(t, t0);
+        let rows = lk.pool.min(be, left);
+        let nbase = lk.pool.mul(item, nb);
+        let n = lk.pool.addi(nbase, blkv);
         let mut s = Vec::new();
-        // the block: q and v row-major, k transposed
         s.push(for_(lk, zero, rows, |lk, j| {
             let tt = lk.pool.addi(t0, j);
+            let kdec = lk.load_local(dk, j);
+            let qdec = lk.load_local(dq, j);
             let a = for_(lk, zero, de, |lk, dd| {
                 let qx = ld_q(lk, tt, dd);
                 let kx = ld_k(lk, tt, dd);
-                let qa = mad(lk, j, de, dd);
-                let ka = mad(lk, dd, be, j);
-                vec![st_local(ql, qa, qx), st_local(ktl, ka, kx)]
+                let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
+                let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
+                let kdx = lk.pool.bin(BinaryOp::Mul, kx, kdec);
+                let qdx = lk.pool.bin(BinaryOp::Mul, qx, qdec);
+                let bo = lk.pool.i(block as i64);
+                let col = lk.pool.addi(bo, dd);
+                let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
+                vec![st(qs, at, qx), st(ks, at_t, kx), st(kd, at, kdx), st(a2, at2, qdx)]
             });
-            let bv = for_(lk, zero, dve, |lk, c| {
+            let v = for_(lk, zero, dve, |lk, c| {
                 let vx = ld_v(lk, tt, c);
-                let va = mad(lk, j, dve, c);
-                vec![st_local(vl, va, vx)]
+                let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
+                vec![st(b2, at, vx)]
             });
-            vec![a, bv]
+            vec![a, v]
         }));
-        s.push(for_(lk, zero, rows, |lk, j| {
-            let mut r = Vec::new();
-            let j1 = lk.pool.addi(j, one);
-            // scores of row j against rows 0..=j of the block
-            r.push(for_(lk, zero, j1, |_, u| vec![st_local(srow, u, fzero)]));
-            r.push(for_(lk, zero, de, |lk, dd| {
-                let qa = mad(lk, j, de, dd);
-                let qd = lk.load_local(ql, qa);
-                vec![for_(lk, zero, j1, |lk, u| {
-                    let cur = lk.load_local(srow, u);
-                    let ka = mad(lk, dd, be, u);
-                    let kx = lk.load_local(ktl, ka);
-                    let pr = lk.pool.bin(BinaryOp::Mul, qd, kx);
-                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
-                    vec![st_local(srow, u, sm)]
-                })]
-            }));
-            r.push(for_(lk, zero, dve, |_, c| vec![st_local(orow, c, fzero)]));
-            // intra-block: Σ_u s[u] · exp(−λ(j−u)) · v[u]
-            r.push(for_(lk, zero, j1, |lk, u| {
-                let sc = lk.load_local(srow, u);
-                let dist = lk.pool.sub(j, u);
-                let m = lk.load_local(dmask, dist);
-                let w = lk.pool.bin(BinaryOp::Mul, sc, m);
-                vec![for_(lk, zero, dve, |lk, c| {
-                    let cur = lk.load_local(orow, c);
-                    let va = mad(lk, u, dve, c);
-                    let vx = lk.load_local(vl, va);
-                    let pr = lk.pool.bin(BinaryOp::Mul, w, vx);
-                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
-                    vec![st_local(orow, c, sm)]
-                })]
-            }));
-            // inter-block: (q ⊙ exp(−λ(j+1))) P
-            let qdec = lk.load_local(dq, j);
-            r.push(for_(lk, zero, de, |lk, dd| {
-                let qa = mad(lk, j, de, dd);
-                let qx = lk.load_local(ql, qa);
-                let w = lk.pool.bin(BinaryOp::Mul, qx, qdec);
-                vec![for_(lk, zero, dve, |lk, c| {
-                    let cur = lk.load_local(orow, c);
-                    let pa = mad(lk, dd, dve, c);
-                    let px = lk.load_local(pl, pa);
-                    let pr = lk.pool.bin(BinaryOp::Mul, w, px);
-                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
-                    vec![st_local(orow, c, sm)]
-                })]
-            }));
-            let tt = lk.pool.addi(t0, j);
-            r.push(for_(lk, zero, dve, |lk, c| {
-                let o = lk.load_local(orow, c);
-                vec![write(lk, tt, c, o)]
-            }));
-            r
-        }));
-        // the state after the block
-        s.push(for_(lk, zero, pn, |lk, x| {
-            let cur = lk.load_local(pl, x);
-            let y = lk.pool.bin(BinaryOp::Mul, cur, bdecay);
-            vec![st_local(pl, x, y)]
-        }));
-        s.push(for_(lk, zero, rows, |lk, u| {
-            let kdec = lk.load_local(dk, u);
-            vec![for_(lk, zero, de, |lk, dd| {
-                let ka = mad(lk, dd, be, u);
-                let kx = lk.load_local(ktl, ka);
-                let w = lk.pool.bin(BinaryOp::Mul, kx, kdec);
-                vec![for_(lk, zero, dve, |lk, c| {
-                    let pa = mad(lk, dd, dve, c);
-                    let cur = lk.load_local(pl, pa);
-                    let va = mad(lk, u, dve, c);
-                    let vx = lk.load_local(vl, va);
-                    let pr = lk.pool.bin(BinaryOp::Mul, w, vx);
-                    let sm = lk.pool.bin(BinaryOp::Add, cur, pr);
-                    vec![st_local(pl, pa, sm)]
-                })]
-            })]
+        // rows past the end of the sequence: zeros
+        s.push(for_(lk, rows, be, |lk, j| {
+            let a = for_(lk, zero, de, |lk, dd| {
+                let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
+                let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
+                let bo = lk.pool.i(block as i64);
+                let col = lk.pool.addi(bo, dd);
+                let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
+                vec![
+                    st(qs, at, fzero),
+                    st(ks, at_t, fzero),
+                    st(kd, at, fzero),
+                    st(a2, at2, fzero),
+                ]
+            });
+            let v = for_(lk, zero, dve, |lk, c| {
+                let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
+                vec![st(b2, at, fzero)]
+            });
+            vec![a, v]
         }));
         s
     }));
-    let cost = {
+    let stage_cost = {
         let p = &mut lk.pool;
-        let w = p.i((block * (d + dv) * 2 + d * dv * 4) as i64);
+        let w = p.i((4 * d + dv) as i64);
         p.mul(w, t)
     };
     lk.steps.push(Step::Phase(Phase {
-        name: "lightning".into(),
+        name: "lightning.stage".into(),
         grid,
         item: item_var,
         body,
-        item_cost: cost,
+        item_cost: stage_cost,
     }));
-    if let (Some((_, eps)), Some(pre)) = (layer, pre) {
-        // per row: sigmoid(gate) ⊙ ((o · rsqrt(mean(o²) + eps)) · w)
-        let norm_w = View::of(lk.slot(Slot::Input(2)), &k.inputs[2]);
-        let gate = View::of(lk.slot(Slot::Input(3)), &k.inputs[3]);
-        let hde = lk.dim(&pre.shape[2].clone());
-        let (row_var, row) = lk.loop_var();
-        let bi = lk.pool.div(row, t);
-        let ti = lk.pool.rem(row, t);
-        let (acc_var, acc) = lk.mutable(Scalar::F32);
-        let mut body = vec![Stmt::Set {
-            var: acc_var,
-            value: fzero,
-        }];
-        body.push(for_(lk, zero, hde, |lk, c| {
-            let x = pre.load(lk, &[bi, ti, c]);
-            let sq = lk.pool.bin(BinaryOp::Mul, x, x);
-            vec![Stmt::Accumulate {
-                var: acc_var,
-                op: Acc::Add,
-                value: sq,
-            }]
+    let i = |lk: &mut LoopKernel, x: usize| lk.pool.i(x as i64);
+    let opnd = |arg: u32, rs: E, cs: E, zero: E| Operand {
+        arg,
+        dtype: f32d,
+        offset: zero,
+        rs,
+        cs,
+    };
+    // G1: scores
+    let (bb, dd_, ww, dvv, bd_, bw, wdv, ddv, bdv) = (
+        i(lk, block),
+        i(lk, d),
+        i(lk, w2),
+        i(lk, dv),
+        i(lk, block * d),
+        i(lk, block * w2),
+        i(lk, w2 * dv),
+        i(lk, d * dv),
+        i(lk, block * dv),
+    );
+    lk.steps.push(Step::Gemm(GemmStep {
+        m: bb,
+        n: bb,
+        k: dd_,
+        batch: vec![[n_all, bd_, bd_, bw]],
+        a: opnd(qs, dd_, one, zero),
+        b: opnd(ks, bb, one, zero),
+        c: opnd(a2, ww, one, zero),
+    }));
+    // G2: each block's state contribution
+    lk.steps.push(Step::Gemm(GemmStep {
+        m: dd_,
+        n: dvv,
+        k: bb,
+        batch: vec![[n_all, bd_, wdv, ddv]],
+        a: opnd(kd, one, dd_, zero),
+        b: opnd(b2, dvv, one, zero),
+        c: opnd(kv, dvv, one, zero),
+    }));
+    // mask and scan
+    let bdecay = decay(lk, be);
+    let mut body = vec![tables(lk)];
+    body.push(for_(lk, zero, nb, |lk, blkv| {
+        let nbase = lk.pool.mul(item, nb);
+        let n = lk.pool.addi(nbase, blkv);
+        let mut s = Vec::new();
+        s.push(for_(lk, zero, be, |lk, j| {
+            let j1 = lk.pool.addi(j, one);
+            let keep = for_(lk, zero, j1, |lk, u| {
+                let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
+                let x = lk.pool.load(a2, f32d, at);
+                let dist = lk.pool.sub(j, u);
+                let m = lk.load_local(dmask, dist);
+                let y = lk.pool.bin(BinaryOp::Mul, x, m);
+                vec![st(a2, at, y)]
+            });
+            let drop = for_(lk, j1, be, |lk, u| {
+                let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
+                vec![st(a2, at, fzero)]
+            });
+            vec![keep, drop]
         }));
+        // the state before this block, in B2's rows b..b+D
+        let first = lk.pool.cmp(CmpOp::Eq, blkv, zero);
+        let pn = lk.pool.i((d * dv) as i64);
+        let zero_state = for_(lk, zero, pn, |lk, x| {
+            let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
+            let bo = lk.pool.i((block * dv) as i64);
+            let at = lk.pool.addi(at, bo);
+            vec![st(b2, at, fzero)]
+        });
+        let next_state = for_(lk, zero, pn, |lk, x| {
+            let prev = lk.pool.sub(n, one);
+            let bo = lk.pool.i((block * dv) as i64);
+            let at_prev = ix(lk, &[(prev, (w2 * dv) as i64), (x, 1)]);
+            let at_prev = lk.pool.addi(at_prev, bo);
+            let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
+            let at = lk.pool.addi(at, bo);
+            let kv_at = ix(lk, &[(prev, (d * dv) as i64), (x, 1)]);
+            let pprev = lk.pool.load(b2, f32d, at_prev);
+            let kvx = lk.pool.load(kv, f32d, kv_at);
+            let dec = lk.pool.bin(BinaryOp::Mul, pprev, bdecay);
+            let v = lk.pool.bin(BinaryOp::Add, dec, kvx);
+            vec![st(b2, at, v)]
+        });
+        s.push(Stmt::If {
+            cond: first,
+            then: vec![zero_state],
+            els: vec![next_state],
+        });
+        s
+    }));
+    let scan_cost = {
         let p = &mut lk.pool;
-        let n = p.cast(Scalar::F32, hde);
-        let ms = p.bin(BinaryOp::Div, acc, n);
-        let epse = p.f(eps as f32);
-        let ms = p.bin(BinaryOp::Add, ms, epse);
-        let r = p.un(UnaryOp::Rsqrt, ms);
-        let (r_var, rv) = lk.mutable(Scalar::F32);
-        body.push(Stmt::Set { var: r_var, value: r });
-        body.push(for_(lk, zero, hde, |lk, c| {
-            let x = pre.load(lk, &[bi, ti, c]);
-            let w = norm_w.load(lk, &[c]);
-            let g = gate.load(lk, &[bi, ti, c]);
+        let w = p.i((block * block / 2 + d * dv) as i64);
+        p.mul(w, nb)
+    };
+    lk.steps.push(Step::Phase(Phase {
+        name: "lightning.mask_scan".into(),
+        grid,
+        item: item_var,
+        body,
+        item_cost: scan_cost,
+    }));
+    // G3: the block outputs
+    lk.steps.push(Step::Gemm(GemmStep {
+        m: bb,
+        n: dvv,
+        k: ww,
+        batch: vec![[n_all, bw, wdv, bdv]],
+        a: opnd(a2, ww, one, zero),
+        b: opnd(b2, dvv, one, zero),
+        c: opnd(o, dvv, one, zero),
+    }));
+    // O's element (row tt of sequence-head `bh`, column c)
+    let o_at = |lk: &mut LoopKernel, bh: E, tt: E, c: E| -> E {
+        let blkv = lk.pool.div(tt, be);
+        let j = lk.pool.rem(tt, be);
+        let nbase = lk.pool.mul(bh, nb);
+        let n = lk.pool.addi(nbase, blkv);
+        let at = ix(lk, &[(n, (block * dv) as i64), (j, dv as i64), (c, 1)]);
+        lk.pool.load(o, f32d, at)
+    };
+    match (write, layer) {
+        (Some(write), _) => {
+            let body = vec![for_(lk, zero, t, |lk, tt| {
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let v = o_at(lk, item, tt, c);
+                    vec![write(lk, tt, c, v)]
+                })]
+            })];
+            let cost = lk.pool.mul(t, dve);
+            lk.steps.push(Step::Phase(Phase {
+                name: "lightning.out".into(),
+                grid,
+                item: item_var,
+                body,
+                item_cost: cost,
+            }));
+        }
+        (None, None) => return Ok(false),
+        (None, Some((heads, eps))) => {
+            // per row: sigmoid(gate) ⊙ ((o · rsqrt(mean(o²) + eps)) · w), o the heads' outputs side by side
+            let norm_w = View::of(lk.slot(Slot::Input(2)), &k.inputs[2]);
+            let gate = View::of(lk.slot(Slot::Input(3)), &k.inputs[3]);
+            let he = lk.pool.i(heads as i64);
+            let (row_var, row) = lk.loop_var();
+            let bi = lk.pool.div(row, t);
+            let ti = lk.pool.rem(row, t);
+            let bh0 = lk.pool.mul(bi, he);
+            let (acc_var, acc) = lk.mutable(Scalar::F32);
+            let mut body = vec![Stmt::Set {
+                var: acc_var,
+                value: fzero,
+            }];
+            body.push(for_(lk, zero, he, |lk, h| {
+                let bh = lk.pool.addi(bh0, h);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let x = o_at(lk, bh, ti, c);
+                    let sq = lk.pool.bin(BinaryOp::Mul, x, x);
+                    vec![Stmt::Accumulate {
+                        var: acc_var,
+                        op: Acc::Add,
+                        value: sq,
+                    }]
+                })]
+            }));
             let p = &mut lk.pool;
-            let y = p.bin(BinaryOp::Mul, x, rv);
-            let y = p.bin(BinaryOp::Mul, y, w);
-            let s = p.un(UnaryOp::Sigmoid, g);
-            let val = p.bin(BinaryOp::Mul, s, y);
-            vec![store(&out, lk, &[bi, ti, c], val)]
-        }));
-        let rows_dim = lk.dim(&(out.shape[0].clone() * out.shape[1].clone()));
-        lk.steps.push(Step::Phase(Phase {
-            name: "norm_gate".into(),
-            grid: rows_dim,
-            item: row_var,
-            body,
-            item_cost: hde,
-        }));
+            let n = p.f((heads * dv) as f32);
+            let ms = p.bin(BinaryOp::Div, acc, n);
+            let epse = p.f(eps as f32);
+            let ms = p.bin(BinaryOp::Add, ms, epse);
+            let r = p.un(UnaryOp::Rsqrt, ms);
+            let (r_var, rv) = lk.mutable(Scalar::F32);
+            body.push(Stmt::Set { var: r_var, value: r });
+            body.push(for_(lk, zero, he, |lk, h| {
+                let bh = lk.pool.addi(bh0, h);
+                let col0 = lk.pool.mul(h, dve);
+                vec![for_(lk, zero, dve, |lk, c| {
+                    let x = o_at(lk, bh, ti, c);
+                    let col = lk.pool.addi(col0, c);
+                    let w = norm_w.load(lk, &[col]);
+                    let g = gate.load(lk, &[bi, ti, col]);
+                    let p = &mut lk.pool;
+                    let y = p.bin(BinaryOp::Mul, x, rv);
+                    let y = p.bin(BinaryOp::Mul, y, w);
+                    let s = p.un(UnaryOp::Sigmoid, g);
+                    let val = p.bin(BinaryOp::Mul, s, y);
+                    vec![store(&out, lk, &[bi, ti, col], val)]
+                })]
+            }));
+            let rows_dim = lk.dim(&(out.shape[0].clone() * out.shape[1].clone()));
+            let hd = lk.pool.i((heads * dv) as i64);
+            lk.steps.push(Step::Phase(Phase {
+                name: "norm_gate".into(),
+                grid: rows_dim,
+                item: row_var,
+                body,
+                item_cost: hd,
+            }));
+        }
     }
     Ok(true)
 }

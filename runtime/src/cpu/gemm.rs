@@ -129,48 +129,82 @@ pub enum BOperand<'a> {
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `a` into `MR`-tall panels (zero-padded).
 unsafe fn pack_a(out: &mut [f32], a: &Mat, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize) {
     let panels = mc.div_ceil(mr);
+    assert!(out.len() >= panels * kc * mr, "the A pack buffer is too small");
     for q in 0..panels {
-        let dst = &mut out[q * kc * mr..(q + 1) * kc * mr];
+        let dst = out.as_mut_ptr().add(q * kc * mr);
         let rows = mr.min(mc - q * mr);
+        let r0 = (i0 + q * mr) as isize;
+        if a.dtype == DType::F32 && a.cs == 1 && rows == mr {
+            // the common case: whole panels of f32 rows, written in order
+            match mr {
+                12 => pack_a_rows::<12>(dst, a, r0, p0, kc),
+                6 => pack_a_rows::<6>(dst, a, r0, p0, kc),
+                4 => pack_a_rows::<4>(dst, a, r0, p0, kc),
+                _ => pack_a_any(dst, a, r0, rows, p0, kc, mr),
+            }
+        } else if a.dtype == DType::F32 && a.rs == 1 {
+            // A stored transposed (column-major): each k's MR values are contiguous
+            let base = a.ptr as *const f32;
+            for kk in 0..kc {
+                let src = base.offset((p0 + kk) as isize * a.cs + r0);
+                let o = dst.add(kk * mr);
+                std::ptr::copy_nonoverlapping(src, o, rows);
+                std::ptr::write_bytes(o.add(rows), 0, mr - rows);
+            }
+        } else {
+            pack_a_any(dst, a, r0, rows, p0, kc, mr);
+        }
+    }
+}
+
+/// One whole `MR`-tall panel of f32 rows with unit column stride: for each `k` the `MR` values side by side.
+#[inline(always)]
+unsafe fn pack_a_rows<const MR: usize>(dst: *mut f32, a: &Mat, r0: isize, p0: usize, kc: usize) {
+    let base = a.ptr as *const f32;
+    let mut src = [std::ptr::null::<f32>(); MR];
+    for (i, p) in src.iter_mut().enumerate() {
+        *p = base.offset((r0 + i as isize) * a.rs + p0 as isize);
+    }
+    for kk in 0..kc {
+        let o = dst.add(kk * MR);
+        for (i, p) in src.iter().enumerate() {
+            *o.add(i) = *p.add(kk);
+        }
+    }
+}
+
+/// Any panel: any dtype and strides, rows past the matrix zero.
+unsafe fn pack_a_any(dst: *mut f32, a: &Mat, r0: isize, rows: usize, p0: usize, kc: usize, mr: usize) {
+    for kk in 0..kc {
+        let o = dst.add(kk * mr);
         for i in 0..mr {
-            if i >= rows {
-                for kk in 0..kc {
-                    dst[kk * mr + i] = 0.0;
-                }
-                continue;
-            }
-            let r = (i0 + q * mr + i) as isize;
-            if a.dtype == DType::F32 && a.cs == 1 {
-                let src = (a.ptr as *const f32).offset(r * a.rs + p0 as isize);
-                for kk in 0..kc {
-                    dst[kk * mr + i] = *src.add(kk);
-                }
+            *o.add(i) = if i < rows {
+                read(a, r0 + i as isize, (p0 + kk) as isize)
             } else {
-                for kk in 0..kc {
-                    dst[kk * mr + i] = read(a, r, (p0 + kk) as isize);
-                }
-            }
+                0.0
+            };
         }
     }
 }
 
 /// Packs rows `p0..p0+kc`, columns of panel `p` (from `j0`) of `b` into one `NR`-wide panel (zero-padded).
 unsafe fn pack_b_panel(dst: &mut [f32], b: &Mat, p0: usize, kc: usize, j0: usize, cols: usize, nr: usize) {
-    for kk in 0..kc {
-        let row = &mut dst[kk * nr..(kk + 1) * nr];
-        let r = (p0 + kk) as isize;
-        if b.dtype == DType::F32 && b.cs == 1 {
-            let src = (b.ptr as *const f32).offset(r * b.rs + j0 as isize);
-            for (j, x) in row.iter_mut().enumerate().take(cols) {
-                *x = *src.add(j);
-            }
-        } else {
-            for (j, x) in row.iter_mut().enumerate().take(cols) {
-                *x = read(b, r, (j0 + j) as isize);
-            }
+    assert!(dst.len() >= kc * nr, "the B pack buffer is too small");
+    let d = dst.as_mut_ptr();
+    if b.dtype == DType::F32 && b.cs == 1 {
+        for kk in 0..kc {
+            let src = (b.ptr as *const f32).offset((p0 + kk) as isize * b.rs + j0 as isize);
+            let row = d.add(kk * nr);
+            std::ptr::copy_nonoverlapping(src, row, cols);
+            std::ptr::write_bytes(row.add(cols), 0, nr - cols);
         }
-        for x in row.iter_mut().skip(cols) {
-            *x = 0.0;
+    } else {
+        for kk in 0..kc {
+            let row = d.add(kk * nr);
+            let r = (p0 + kk) as isize;
+            for j in 0..nr {
+                *row.add(j) = if j < cols { read(b, r, (j0 + j) as isize) } else { 0.0 };
+            }
         }
     }
 }

@@ -226,6 +226,8 @@ pub struct Profile {
     pub kernel_seconds: Vec<f64>,
     /// Seconds outside the kernels: binding and writing the inputs, reading the outputs into host tensors.
     pub host_seconds: f64,
+    /// Seconds per step of every step kernel (by kernel id, then step index: its phases and GEMMs).
+    pub step_seconds: Vec<Vec<f64>>,
     pub runs: usize,
 }
 
@@ -271,6 +273,8 @@ pub struct CpuProgram {
     keep_prepared: bool,
     /// How many times the prepare program ran.
     prepare_runs: usize,
+    /// Seconds per step of every step kernel while profiling (run_kernel borrows the program immutably).
+    step_profile: std::sync::Mutex<Vec<Vec<f64>>>,
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
@@ -329,6 +333,7 @@ impl CpuProgram {
             dropped: vec![false; n],
             keep_prepared: false,
             prepare_runs: 0,
+            step_profile: std::sync::Mutex::new(Vec::new()),
             compile_seconds,
             profile: None,
         })
@@ -813,6 +818,11 @@ impl CpuProgram {
         let mut host = t0.elapsed().as_secs_f64();
         if let Some(p) = &mut self.profile {
             p.kernel_seconds.resize(self.program.step.len(), 0.0);
+            if p.runs == 0 {
+                if let Ok(mut steps) = self.step_profile.lock() {
+                    steps.clear();
+                }
+            }
             p.runs += 1;
         }
         let kernels = std::mem::take(&mut self.program.step);
@@ -834,6 +844,9 @@ impl CpuProgram {
         host += t1.elapsed().as_secs_f64();
         if let Some(p) = &mut self.profile {
             p.host_seconds += host;
+            if let Ok(steps) = self.step_profile.lock() {
+                p.step_seconds = steps.clone();
+            }
         }
         out
     }
@@ -918,7 +931,10 @@ impl CpuProgram {
         let at = |slot: u32, dt: DType, off: i64| unsafe {
             slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
         };
+        let profiling = step && self.profile.is_some();
+        let mut step_times: Vec<f64> = Vec::new();
         for (s, st) in lk.steps.iter().enumerate() {
+            let t_step = profiling.then(Instant::now);
             match st {
                 Step::Phase(p) => {
                     let f = self.jit.phases[k.code][s].ok_or_else(|| fail("a phase without code".into()))?;
@@ -950,6 +966,9 @@ impl CpuProgram {
                         ev(g.c.rs)?,
                         ev(g.c.cs)?,
                     );
+                    // every batch element's operands
+                    let mut calls: Vec<(gemm::Mat, gemm::BOperand, SendPtr)> =
+                        Vec::with_capacity(total.max(0) as usize);
                     let mut idx = vec![0i64; batch.len()];
                     for _ in 0..total.max(0) {
                         let (mut da, mut db, mut dc) = (ao, bo, co);
@@ -970,27 +989,13 @@ impl CpuProgram {
                             kk as usize,
                             n as usize,
                         )?;
-                        // SAFETY: the operands are views of their buffers (the program's construction)
-                        unsafe {
-                            gemm::gemm(
-                                &self.pool,
-                                kern,
-                                m as usize,
-                                n as usize,
-                                kk as usize,
-                                gemm::Mat {
-                                    ptr: at(g.a.arg, g.a.dtype, da),
-                                    dtype: g.a.dtype,
-                                    rs: ars as isize,
-                                    cs: acs as isize,
-                                },
-                                b_op,
-                                at(g.c.arg, g.c.dtype, dc),
-                                g.c.dtype,
-                                crs as isize,
-                                ccs as isize,
-                            );
-                        }
+                        let a_op = gemm::Mat {
+                            ptr: at(g.a.arg, g.a.dtype, da),
+                            dtype: g.a.dtype,
+                            rs: ars as isize,
+                            cs: acs as isize,
+                        };
+                        calls.push((a_op, b_op, SendPtr(at(g.c.arg, g.c.dtype, dc))));
                         for a in (0..batch.len()).rev() {
                             idx[a] += 1;
                             if idx[a] < batch[a][0] {
@@ -998,6 +1003,32 @@ impl CpuProgram {
                             }
                             idx[a] = 0;
                         }
+                    }
+                    let one = |(a_op, b_op, c): &(gemm::Mat, gemm::BOperand, SendPtr)| {
+                        // SAFETY: the operands are views of their buffers (the program's construction), and
+                        // the batch elements write disjoint parts of C
+                        unsafe {
+                            gemm::gemm(
+                                &self.pool,
+                                kern,
+                                m as usize,
+                                n as usize,
+                                kk as usize,
+                                *a_op,
+                                *b_op,
+                                c.0,
+                                g.c.dtype,
+                                crs as isize,
+                                ccs as isize,
+                            );
+                        }
+                    };
+                    // many small GEMMs (a block-form kernel's): one per thread at a time, each on one thread
+                    let small = (m * n * kk) < (1 << 21);
+                    if calls.len() > 1 && small && self.pool.current_num_threads() > 1 {
+                        self.pool.install(|| calls.par_iter().for_each(one));
+                    } else {
+                        calls.iter().for_each(one);
                     }
                 }
                 Step::GroupedGemm(g) => {
@@ -1069,6 +1100,19 @@ impl CpuProgram {
                         start += rows;
                     }
                 }
+            }
+            if let Some(t) = t_step {
+                step_times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        if profiling {
+            if let Ok(mut steps) = self.step_profile.lock() {
+                if steps.len() <= k.id {
+                    steps.resize(k.id + 1, Vec::new());
+                }
+                let acc = &mut steps[k.id];
+                acc.resize(step_times.len(), 0.0);
+                acc.iter_mut().zip(&step_times).for_each(|(a, t)| *a += t);
             }
         }
         Ok(())
