@@ -242,13 +242,22 @@ pub unsafe fn sgemm(
     let threads = pool.current_num_threads().max(1);
     let flops = (m * n * k) as f64;
     let parallel = threads > 1 && flops > 2e6;
-    // rows per task: whole MR panels, enough tasks for every thread
+    // row blocks: whole MR panels, at most 16 per block, as many blocks as a multiple of the threads, the
+    // panels dealt evenly (blocks of 1024 rows cut 192-sized left one thread 576 rows and the other 448)
     let mc_max = mr * 16;
-    let mc = if parallel {
-        (m.div_ceil(threads).div_ceil(mr) * mr).clamp(mr, mc_max)
+    let row_panels = m.div_ceil(mr);
+    let mblocks = if parallel {
+        threads * row_panels.div_ceil(threads * 16)
     } else {
-        mc_max
+        row_panels.div_ceil(16)
+    }
+    .clamp(1, row_panels);
+    // rows of block `mb`: [start, end)
+    let block_rows = move |mb: usize| {
+        let (p0, p1) = (row_panels * mb / mblocks, row_panels * (mb + 1) / mblocks);
+        (p0 * mr, (p1 * mr).min(m))
     };
+    debug_assert!((0..mblocks).all(|b| block_rows(b).1 - block_rows(b).0 <= mc_max));
     let nc_max = nc_max(nr);
     BPACK.with(|bpack| {
         let mut bpack = bpack.borrow_mut();
@@ -277,8 +286,6 @@ pub unsafe fn sgemm(
                         bpack.as_ptr()
                     }
                 };
-                let mblocks = m.div_ceil(mc);
-                // split the panels too when there are fewer row blocks than threads
                 // split the panels too when there are fewer row blocks than threads (splitting more packs A
                 // once per split: measured slower, see docs/perf.md)
                 let nsplit = if parallel && mblocks < threads {
@@ -290,8 +297,11 @@ pub unsafe fn sgemm(
                 let task = |t: usize| {
                     let (cp, bp) = (&cp, &bp);
                     let (mb, ns) = (t / nsplit, t % nsplit);
-                    let i0 = mb * mc;
-                    let mcb = mc.min(m - i0);
+                    let (i0, i1) = block_rows(mb);
+                    let mcb = i1 - i0;
+                    if mcb == 0 {
+                        return;
+                    }
                     let (p_lo, p_hi) = (npanels * ns / nsplit, npanels * (ns + 1) / nsplit);
                     if p_lo == p_hi {
                         return;
