@@ -54,6 +54,12 @@ thread_local! {
     static BPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Whether [`sgemm`] splits an `m × k × n` product over `threads` threads (below this size the threads cost
+/// more than they give). Callers that run many small GEMMs in parallel run only those this says are serial.
+pub fn runs_parallel(threads: usize, m: usize, n: usize, k: usize) -> bool {
+    threads > 1 && (m * n * k) as f64 > 2e6
+}
+
 /// Columns of `C` per outer block: `NC = NR · 64`.
 fn nc_max(nr: usize) -> usize {
     nr * 64
@@ -66,7 +72,7 @@ pub struct PackedB {
     pub n: usize,
     pub nr: usize,
     data: Vec<f32>,
-    /// What it was packed from (pointer, dtype size, strides), so that a changed operand is never read stale.
+    /// What it was packed from (pointer, strides), for the record: the runtime keys packed operands by view.
     pub source: (usize, isize, isize),
 }
 
@@ -240,8 +246,7 @@ pub unsafe fn sgemm(
     }
     let (mr, nr) = (kern.mr, kern.nr);
     let threads = pool.current_num_threads().max(1);
-    let flops = (m * n * k) as f64;
-    let parallel = threads > 1 && flops > 2e6;
+    let parallel = runs_parallel(threads, m, n, k);
     // row blocks: whole MR panels, at most 16 per block, as many blocks as a multiple of the threads, the
     // panels dealt evenly (blocks of 1024 rows cut 192-sized left one thread 576 rows and the other 448)
     let mc_max = mr * 16;
@@ -259,8 +264,10 @@ pub unsafe fn sgemm(
     };
     debug_assert!((0..mblocks).all(|b| block_rows(b).1 - block_rows(b).0 <= mc_max));
     let nc_max = nc_max(nr);
-    BPACK.with(|bpack| {
-        let mut bpack = bpack.borrow_mut();
+    // the pack buffer is taken out of its cell for the call (a GEMM started on this thread while this one
+    // waits for its tasks gets a buffer of its own instead of a second borrow)
+    let mut bpack = BPACK.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    {
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
             let npanels = nc.div_ceil(nr);
@@ -350,7 +357,8 @@ pub unsafe fn sgemm(
                 }
             }
         }
-    });
+    }
+    BPACK.with(|b| *b.borrow_mut() = bpack);
 }
 
 /// `C = A · B` into a `C` of any dtype and strides: straight into it when it is row-major f32, else through
