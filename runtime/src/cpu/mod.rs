@@ -231,6 +231,15 @@ pub struct Profile {
     pub runs: usize,
 }
 
+/// The view a packed GEMM operand was packed from: reused only for exactly this view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedView {
+    buffer: usize,
+    offset: i64,
+    rs: i64,
+    cs: i64,
+}
+
 /// The memory and parameters of one binding of the symbols.
 struct Binding {
     env: HashMap<String, i64>,
@@ -264,7 +273,7 @@ pub struct CpuProgram {
     prepared_at: Option<BTreeMap<String, i64>>,
     /// The `B` operands of GEMMs that read weights (or values prepared from them), packed once per prepare:
     /// by (step kernel id, step index, expert).
-    packed: HashMap<(usize, usize, usize), gemm::PackedB>,
+    packed: HashMap<(usize, usize, usize), (PackedView, gemm::PackedB)>,
     /// Prepared buffers read by step kernels only as packed GEMM operands: freed once packed (and made again
     /// when the prepare program reruns).
     pack_only: Vec<bool>,
@@ -503,6 +512,7 @@ impl CpuProgram {
             return Ok(());
         }
         let layout = self.program.layout(&env).map_err(|e| other(e.to_string()))?;
+        check_views(&self.program, &layout, &env)?;
         let mut params = Vec::with_capacity(self.kernels.len());
         let mut scratch = Vec::with_capacity(self.kernels.len());
         let mut scratch_bytes = 0usize;
@@ -581,7 +591,7 @@ impl CpuProgram {
         let planned = b.layout.planned_peak() + b.scratch_bytes as u64;
         let held: usize = self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>()
             + self.weights.iter().flatten().map(|x| x.len()).sum::<usize>()
-            + self.packed.values().map(|p| p.bytes()).sum::<usize>()
+            + self.packed.values().map(|p| p.1.bytes()).sum::<usize>()
             + self.arena.len()
             + self.scratch.len();
         Some((planned, held as u64))
@@ -633,6 +643,8 @@ impl CpuProgram {
         if self.prepared_at.is_some() && self.prepared_at == env {
             return Ok(());
         }
+        // until this run completes, nothing prepared is valid (a failed one leaves zeroed values behind)
+        self.prepared_at = None;
         let missing = self.missing_weights();
         if !missing.is_empty() {
             let more = if missing.len() > 3 {
@@ -740,7 +752,13 @@ impl CpuProgram {
                     };
                     // SAFETY: as above, for [kk, n] with these strides
                     let p = unsafe { gemm::PackedB::pack(&self.pool, &mat, kk as usize, n as usize, nr) };
-                    packed.insert((k.id, s, e), p);
+                    let view = PackedView {
+                        buffer: buf,
+                        offset: off,
+                        rs,
+                        cs,
+                    };
+                    packed.insert((k.id, s, e), (view, p));
                 }
             }
         }
@@ -760,24 +778,30 @@ impl CpuProgram {
     /// Bytes of the weights packed for GEMMs (allocated at the first run after the weights change; counted in
     /// [`CpuProgram::memory`]'s allocated bytes, not in the planned peak).
     pub fn packed_bytes(&self) -> usize {
-        self.packed.values().map(|p| p.bytes()).sum()
+        self.packed.values().map(|p| p.1.bytes()).sum()
     }
 
     /// The packed `B` of (kernel, step, expert) when one was packed for this view (the packing is redone
     /// whenever the prepare program runs, which every change of the weights triggers); else `b` itself, which
     /// must then have its memory.
+    #[allow(clippy::too_many_arguments)]
     fn packed_b(
         &self,
         key: (usize, usize, usize),
         b: &gemm::Mat,
         buffer: usize,
+        offset: i64,
         k: usize,
         n: usize,
     ) -> Result<gemm::BOperand<'_>, RuntimeError> {
+        let view = PackedView {
+            buffer,
+            offset,
+            rs: b.rs as i64,
+            cs: b.cs as i64,
+        };
         match self.packed.get(&key) {
-            Some(p) if (p.source.1, p.source.2) == (b.rs, b.cs) && p.k == k && p.n == n => {
-                Ok(gemm::BOperand::Packed(p))
-            }
+            Some((v, p)) if *v == view && p.k == k && p.n == n => Ok(gemm::BOperand::Packed(p)),
             _ if self.dropped.get(buffer).copied().unwrap_or(false) => Err(other(format!(
                 "buffer b{buffer} was freed after packing, but kernel k{} step {} needs it unpacked",
                 key.0, key.1
@@ -928,8 +952,9 @@ impl CpuProgram {
             Slot::Scratch(_) => usize::MAX,
         };
         // element `off` of a slot holding `dt` values
-        let at = |slot: u32, dt: DType, off: i64| unsafe {
-            slots[slot as usize].offset(off as isize * dt.size_bytes() as isize)
+        // (wrapping: a freed buffer's slot is a dangling pointer, never dereferenced)
+        let at = |slot: u32, dt: DType, off: i64| {
+            slots[slot as usize].wrapping_offset(off as isize * dt.size_bytes() as isize)
         };
         let profiling = step && self.profile.is_some();
         let mut step_times: Vec<f64> = Vec::new();
@@ -986,6 +1011,7 @@ impl CpuProgram {
                                 cs: bcs as isize,
                             },
                             slot_buffer(g.b.arg),
+                            db,
                             kk as usize,
                             n as usize,
                         )?;
@@ -1023,9 +1049,11 @@ impl CpuProgram {
                             );
                         }
                     };
-                    // many small GEMMs (a block-form kernel's): one per thread at a time, each on one thread
-                    let small = (m * n * kk) < (1 << 21);
-                    if calls.len() > 1 && small && self.pool.current_num_threads() > 1 {
+                    // many small GEMMs (a block-form kernel's): one per thread at a time, each serial (only
+                    // those the driver itself runs serially, so that no GEMM nests parallel work)
+                    let threads = self.pool.current_num_threads();
+                    let small = !gemm::runs_parallel(threads, m as usize, n as usize, kk as usize);
+                    if calls.len() > 1 && small && threads > 1 {
                         self.pool.install(|| calls.par_iter().for_each(one));
                     } else {
                         calls.iter().for_each(one);
@@ -1073,6 +1101,7 @@ impl CpuProgram {
                                 cs: wcs as isize,
                             },
                             slot_buffer(g.w.arg),
+                            wo + e as i64 * ws,
                             kk as usize,
                             n as usize,
                         )?;
@@ -1218,4 +1247,68 @@ fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<boo
         }
     }
     ok
+}
+
+/// Checks that every view of the program lies inside its buffer at the symbol values `env`: the generated
+/// code indexes buffers without bounds checks, so a program read from disk (an artifact's `program.json`)
+/// whose views do not fit is refused here, naming the kernel, instead of reading or writing out of bounds.
+fn check_views(program: &KernelProgram, layout: &Layout, env: &HashMap<String, i64>) -> Result<(), RuntimeError> {
+    let check = |t: &TensorRef, what: &dyn Fn() -> String| -> Result<(), RuntimeError> {
+        let ev = |d: &Dim| d.eval(env).map_err(|m| other(format!("{}: {m}", what())));
+        if t.shape.len() != t.strides.len() {
+            return Err(other(format!(
+                "{}: a view of rank {} has {} strides",
+                what(),
+                t.shape.len(),
+                t.strides.len()
+            )));
+        }
+        let mut lo = ev(&t.offset)? as i128;
+        let mut hi = lo;
+        for (d, st) in t.shape.iter().zip(&t.strides) {
+            let (d, st) = (ev(d)? as i128, ev(st)? as i128);
+            if d <= 0 {
+                return Ok(());
+            }
+            let span = (d - 1) * st;
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+        let b = program
+            .buffers
+            .get(t.buffer)
+            .ok_or_else(|| other(format!("{}: buffer b{} does not exist", what(), t.buffer)))?;
+        let elements = (layout.sizes[t.buffer] / b.dtype.size_bytes().max(1) as u64) as i128;
+        if t.dtype != b.dtype {
+            return Err(other(format!(
+                "{}: a {} view of buffer b{}, which holds {}",
+                what(),
+                t.dtype,
+                t.buffer,
+                b.dtype
+            )));
+        }
+        if lo < 0 || hi >= elements {
+            return Err(other(format!(
+                "{}: its view of buffer b{} spans elements {lo}..={hi}, outside the buffer's {elements}",
+                what(),
+                t.buffer
+            )));
+        }
+        Ok(())
+    };
+    for (title, ks) in [("prepare kernel", &program.prepare), ("kernel", &program.step)] {
+        for k in ks.iter() {
+            for (i, t) in k.inputs.iter().chain(&k.outputs).enumerate() {
+                check(t, &|| format!("{title} k{} ({}) operand {i}", k.id, k.name))?;
+            }
+        }
+    }
+    for io in program.inputs.iter().chain(&program.params).chain(&program.outputs) {
+        check(&io.tensor, &|| format!("`{}`", io.name))?;
+    }
+    Ok(())
 }
