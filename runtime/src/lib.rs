@@ -96,11 +96,12 @@ impl Executable for ReferenceExecutable {
     }
     fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         let mut map = self.weights.borrow_mut();
+        // every name checked before any is lent, so that a refused call leaves the weights as they were
+        if let Some(name) = inputs.keys().find(|n| map.contains_key(*n)) {
+            return Err(RuntimeError::Other(format!("input `{name}` has the name of a weight")));
+        }
         let mut lent = Vec::new();
         for (name, t) in inputs {
-            if map.contains_key(name) {
-                return Err(RuntimeError::Other(format!("input `{name}` has the name of a weight")));
-            }
             map.insert(name.clone(), t.clone());
             lent.push(name.clone());
         }

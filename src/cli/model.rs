@@ -430,9 +430,16 @@ fn load_cpu_pair(
     );
     p.load_weights_from(|name, ty| weights.fetch(name, ty))?;
     d.share_weights(&p);
-    let missing = d.missing_weights();
-    if let Some(name) = missing.first() {
-        bail!("the decode graph's weight `{name}` is not a weight of the prefill graph");
+    // a weight the decode takes in another type than the prefill (or the prefill lacks) is loaded for it alone
+    for name in d.missing_weights() {
+        let ty = d
+            .program
+            .params
+            .iter()
+            .find(|io| io.name == name)
+            .map(|io| io.ty.clone())
+            .ok_or_else(|| anyhow::anyhow!("decode weight `{name}` has no parameter"))?;
+        d.set_weight(&name, &weights.fetch(&name, &ty)?)?;
     }
     Ok((Box::new(p), Box::new(d)))
 }
