@@ -315,6 +315,75 @@ fn an_unbound_symbol_is_named() {
         &["its size depends on symbol `S`, which no input of graph `unbound` has as a dimension (inputs bind `N`)"],
     );
     assert!(!art.exists());
+    // a symbol inside a compound dimension binds nothing: the runtime binds whole dimensions only
+    std::fs::write(
+        &g,
+        "graph unbound {\n  %0 = input \"x\" : f32[2*N]\n  %1 = iota[dtype=i64, shape=[N], axis=0]()\n  output \"y\" = %1\n  output \"z\" = %0\n}\n",
+    )
+    .unwrap();
+    fails(
+        &fulgur(&[&"compile", &g, &"-o", &art]),
+        &["its size depends on symbol `N`, which no input of graph `unbound` has as a dimension (inputs bind no symbol)"],
+    );
+    assert!(!art.exists());
+}
+
+/// A program whose views leave their buffers (an artifact edited with its hash updated) is refused when it
+/// is bound, naming the kernel, never run out of bounds.
+#[cfg(feature = "llvm")]
+#[test]
+fn views_outside_their_buffers_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    let p = art.join("program.json");
+    let mut prog: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    // the first step kernel's first operand, moved past its buffer's end
+    let off = &mut prog["step"][0]["inputs"][0]["offset"];
+    let shifted =
+        serde_json::from_str::<serde_json::Value>(&serde_json::to_string(&fulgur::ir::Dim::from(1_000_000)).unwrap())
+            .unwrap();
+    *off = shifted;
+    let bytes = serde_json::to_vec_pretty(&prog).unwrap();
+    std::fs::write(&p, &bytes).unwrap();
+    let m = art.join("manifest.json");
+    let mut man: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    use sha2::Digest;
+    let h: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    man["files"]["program.json"] = serde_json::Value::String(h);
+    std::fs::write(&m, serde_json::to_vec_pretty(&man).unwrap()).unwrap();
+    let out = tmp.path().join("y.safetensors");
+    fails(
+        &fulgur(&[
+            &"run",
+            &art,
+            &"--inputs",
+            &"examples/mlp.inputs.safetensors",
+            &"--out",
+            &out,
+        ]),
+        &["kernel k0", "operand 0: its view of buffer", "outside the buffer's"],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_artifact_holding_other_files_is_not_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("mlp");
+    compile(&"examples/mlp.fir", &art, &[]);
+    std::fs::write(art.join("notes.txt"), "mine").unwrap();
+    fails(
+        &fulgur(&[&"compile", &"examples/mlp.fir", &"-o", &art]),
+        &[
+            "refusing to replace the artifact",
+            "it holds notes.txt, which is not part of the artifact",
+        ],
+    );
+    assert_eq!(std::fs::read_to_string(art.join("notes.txt")).unwrap(), "mine");
 }
 
 #[test]

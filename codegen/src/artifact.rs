@@ -10,8 +10,9 @@
 //! DIR/kernels/codeN.ll     its LLVM IR (CPU target, builds with the `llvm` feature)
 //! ```
 //! [`write`] writes a new directory beside the destination and renames it into place, so a failed compile
-//! leaves nothing and an existing artifact is replaced only by a whole new one; a destination that exists and
-//! is not an artifact (nor empty) is refused. [`load`] refuses an artifact of another format or Fulgur version,
+//! leaves nothing and an existing artifact is replaced only by a whole new one (its files flushed to disk
+//! first); a destination that exists and is not an artifact (nor empty), or an artifact holding files its
+//! manifest does not list, is refused. [`load`] refuses an artifact of another format or Fulgur version,
 //! one whose files are missing or differ from the hashes in its manifest, and one whose manifest disagrees
 //! with its program.
 
@@ -127,13 +128,27 @@ pub fn files(
     Ok(v)
 }
 
-/// Whether `dir` holds an artifact's manifest (of any version).
-fn is_artifact(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("manifest.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .map(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
-        .unwrap_or(false)
+/// The files an artifact's manifest lists (of any version), or `None` when `dir` holds no artifact manifest.
+fn artifact_files(dir: &Path) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()?;
+    if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        return None;
+    }
+    Some(v.get("files")?.as_object()?.keys().cloned().collect())
+}
+
+/// Every file under `dir`, as paths relative to it.
+fn walk(dir: &Path, rel: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let r = rel.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            walk(&e.path(), &r, out)?;
+        } else {
+            out.push(r.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
 }
 
 /// Checks before any work that `dir` can receive an artifact: it does not exist (its parent does), is empty,
@@ -163,14 +178,28 @@ pub fn check_destination(dir: &Path) -> Result<(), CodegenError> {
                 .map_err(|e| io_err("cannot read", dir, e))?
                 .next()
                 .is_none();
-            if empty || is_artifact(dir) {
-                Ok(())
-            } else {
-                Err(CodegenError::Options(format!(
+            if empty {
+                return Ok(());
+            }
+            let Some(listed) = artifact_files(dir) else {
+                return Err(CodegenError::Options(format!(
                     "refusing to write the artifact into {shown}: the directory exists, is not empty and holds \
                      no Fulgur artifact (manifest.json); choose a new directory"
-                )))
+                )));
+            };
+            // replacing an artifact must not take anything else with it
+            let mut present = Vec::new();
+            walk(dir, Path::new(""), &mut present).map_err(|e| io_err("cannot read", dir, e))?;
+            if let Some(extra) = present
+                .iter()
+                .find(|f| f.as_str() != "manifest.json" && !listed.contains(f))
+            {
+                return Err(CodegenError::Options(format!(
+                    "refusing to replace the artifact {shown}: it holds {extra}, which is not part of the \
+                     artifact; move it away or choose a new directory"
+                )));
             }
+            Ok(())
         }
     }
 }
@@ -187,25 +216,53 @@ pub fn write(dir: &Path, manifest: &Manifest, files: &[(String, Vec<u8>)]) -> Re
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = parent.join(format!(".{name}.{}.new", std::process::id()));
-    let old = parent.join(format!(".{name}.{}.old", std::process::id()));
+    // names no other run uses (a process id alone repeats across containers)
+    let unique = format!(
+        "{}.{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let tmp = parent.join(format!(".{name}.{unique}.new"));
+    let old = parent.join(format!(".{name}.{unique}.old"));
     let result = (|| {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("kernels")).map_err(|e| io_err("cannot create", &tmp, e))?;
-        for (path, bytes) in files {
-            let p = tmp.join(path);
-            std::fs::write(&p, bytes).map_err(|e| io_err("cannot write", &p, e))?;
-        }
         let json = serde_json::to_vec_pretty(manifest)
             .map_err(|e| CodegenError::Options(format!("cannot serialise the manifest: {e}")))?;
-        let p = tmp.join("manifest.json");
-        std::fs::write(&p, json).map_err(|e| io_err("cannot write", &p, e))?;
+        let all = files
+            .iter()
+            .map(|(p, b)| (p.as_str(), b.as_slice()))
+            .chain([("manifest.json", json.as_slice())]);
+        for (path, bytes) in all {
+            let p = tmp.join(path);
+            // written and flushed to disk before the directory takes the artifact's name
+            let mut f = std::fs::File::create(&p).map_err(|e| io_err("cannot write", &p, e))?;
+            std::io::Write::write_all(&mut f, bytes).map_err(|e| io_err("cannot write", &p, e))?;
+            f.sync_all().map_err(|e| io_err("cannot write", &p, e))?;
+        }
+        for d in [tmp.join("kernels"), tmp.clone()] {
+            if let Ok(f) = std::fs::File::open(&d) {
+                let _ = f.sync_all();
+            }
+        }
         if dir.exists() {
             std::fs::rename(dir, &old).map_err(|e| io_err("cannot move the old artifact", dir, e))?;
         }
         if let Err(e) = std::fs::rename(&tmp, dir) {
-            let _ = std::fs::rename(&old, dir);
+            if old.exists() && std::fs::rename(&old, dir).is_err() {
+                return Err(CodegenError::Options(format!(
+                    "cannot move the new artifact to {}: {e}; the previous artifact is kept in {}",
+                    dir.display(),
+                    old.display()
+                )));
+            }
             return Err(io_err("cannot move the new artifact to", dir, e));
+        }
+        if let Ok(f) = std::fs::File::open(&parent) {
+            let _ = f.sync_all();
         }
         let _ = std::fs::remove_dir_all(&old);
         Ok(())

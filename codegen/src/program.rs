@@ -483,7 +483,35 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
 /// Refuses a program with a size no input can bind: every symbol of a buffer or kernel view must be a whole
 /// dimension of some input, or the program could never run.
 fn check_symbols(p: &KernelProgram) -> Result<(), CodegenError> {
-    let bound: std::collections::HashSet<&String> = p.symbols.iter().collect();
+    // a symbol is bound by an input that has it as a whole dimension (the runtimes bind from those)
+    let bound: std::collections::HashSet<String> = p
+        .inputs
+        .iter()
+        .flat_map(|io| io.ty.dims().iter())
+        .filter_map(|d| match d.symbols().as_slice() {
+            [s] if *d == Dim::sym(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    let names = if bound.is_empty() {
+        "no symbol".to_string()
+    } else {
+        let mut v: Vec<String> = bound.iter().map(|s| format!("`{s}`")).collect();
+        v.sort();
+        v.join(", ")
+    };
+    for b in &p.buffers {
+        if let Some(s) = b.elements.symbols().into_iter().find(|s| !bound.contains(s)) {
+            return Err(CodegenError::Options(format!(
+                "buffer b{} ({} elements{}): its size depends on symbol `{s}`, which no input of graph `{}` has \
+                 as a dimension (inputs bind {names}): the program could never run",
+                b.id,
+                b.elements,
+                b.name.as_ref().map(|n| format!(", `{n}`")).unwrap_or_default(),
+                p.name
+            )));
+        }
+    }
     for k in p.prepare.iter().chain(&p.step) {
         for t in k.inputs.iter().chain(&k.outputs) {
             for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
@@ -494,11 +522,7 @@ fn check_symbols(p: &KernelProgram) -> Result<(), CodegenError> {
                         k.name,
                         op_summary(&k.op),
                         p.name,
-                        if p.symbols.is_empty() {
-                            "no symbol".to_string()
-                        } else {
-                            p.symbols.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
-                        }
+                        names
                     )));
                 }
             }
