@@ -12,11 +12,7 @@ fn bench(c: &mut Criterion) {
     use fulgur::ir::DType;
     use fulgur::runtime::cpu::gemm::{sgemm, BOperand, Kernel, Mat, PackedB};
     let jit = compile(&[], &LlvmOptions::default()).expect("jit");
-    let kern = Kernel {
-        ukr: jit.micro_kernel,
-        mr: jit.tile.0,
-        nr: jit.tile.1,
-    };
+    let kern = Kernel::of(&jit);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -103,6 +103,9 @@ pub struct JitProgram {
     pub micro_kernel: MicroKernel,
     /// `(MR, NR)` of the micro-kernel.
     pub tile: (usize, usize),
+    /// Micro-kernels of 1 and 4 rows (the same `NR`), for products of a few rows (a decode step's): the full
+    /// tile would compute padding rows.
+    pub short_kernels: Vec<(usize, MicroKernel)>,
     /// The IR of each code as emitted (with [`LlvmOptions::keep_ir`]).
     pub ir: Vec<String>,
     /// Seconds spent emitting, optimising and compiling.
@@ -220,7 +223,11 @@ pub fn compile(kernels: &[LoopKernel], opts: &LlvmOptions) -> Result<JitProgram,
         );
     }
     let (mr, nr, vw) = gemm_geometry(&features);
-    cg.micro_kernel(mr, nr, vw)?;
+    cg.micro_kernel("fulgur_ukr", mr, nr, vw)?;
+    let short_rows: Vec<usize> = [1usize, 4].into_iter().filter(|&r| r < mr).collect();
+    for &r in &short_rows {
+        cg.micro_kernel(&format!("fulgur_ukr_m{r}"), r, nr, vw)?;
+    }
     let libm = cg.libm.clone();
     drop(cg);
     m.verify()
@@ -274,6 +281,14 @@ pub fn compile(kernels: &[LoopKernel], opts: &LlvmOptions) -> Result<JitProgram,
         .map_err(|e| err(format!("micro-kernel: {e:?}")))?;
     // SAFETY: emitted with exactly this signature
     let micro_kernel = unsafe { std::mem::transmute::<usize, MicroKernel>(addr) };
+    let mut short_kernels = Vec::new();
+    for &r in &short_rows {
+        let addr = engine
+            .get_function_address(&format!("fulgur_ukr_m{r}"))
+            .map_err(|e| err(format!("micro-kernel of {r} rows: {e:?}")))?;
+        // SAFETY: as above
+        short_kernels.push((r, unsafe { std::mem::transmute::<usize, MicroKernel>(addr) }));
+    }
     let codegen_seconds = t2.elapsed().as_secs_f64();
     Ok(JitProgram {
         engine: ManuallyDrop::new(engine),
@@ -281,6 +296,7 @@ pub fn compile(kernels: &[LoopKernel], opts: &LlvmOptions) -> Result<JitProgram,
         phases,
         micro_kernel,
         tile: (mr, nr),
+        short_kernels,
         ir,
         emit_seconds,
         optimize_seconds,
@@ -688,8 +704,8 @@ impl<'a, 'ctx> Codegen<'a, 'ctx> {
         Ok(f)
     }
 
-    /// The micro-kernel `fulgur_ukr` for an `mr × nr` tile, `vw` floats per vector.
-    fn micro_kernel(&mut self, mr: usize, nr: usize, vw: usize) -> Result<(), CodegenError> {
+    /// A micro-kernel `name` for an `mr × nr` tile, `vw` floats per vector.
+    fn micro_kernel(&mut self, name: &str, mr: usize, nr: usize, vw: usize) -> Result<(), CodegenError> {
         let ctx = self.ctx;
         let ptr = ctx.ptr_type(AddressSpace::default());
         let i64t = self.i64t;
@@ -705,7 +721,7 @@ impl<'a, 'ctx> Codegen<'a, 'ctx> {
             ],
             false,
         );
-        let f = self.m.add_function("fulgur_ukr", fty, None);
+        let f = self.m.add_function(name, fty, None);
         self.set_target(f);
         let noalias = inkwell::attributes::Attribute::get_named_enum_kind_id("noalias");
         for i in [1u32, 2, 3] {

@@ -19,11 +19,7 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn gemm_paths_match_an_f64_reference() {
     let jit = compile(&[], &LlvmOptions::default()).unwrap();
-    let kern = Kernel {
-        ukr: jit.micro_kernel,
-        mr: jit.tile.0,
-        nr: jit.tile.1,
-    };
+    let kern = Kernel::of(&jit);
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     // (m, k, n): parallel with an odd row count and depth past KC; few rows (panels split); a vector; tiny
@@ -31,6 +27,8 @@ fn gemm_paths_match_an_f64_reference() {
         (1023, 600, 100),
         (13, 700, 2100),
         (1, 512, 77),
+        (3, 300, 70),
+        (4, 513, 2048),
         (5, 3, 7),
         (256, 1024, 512),
     ] {

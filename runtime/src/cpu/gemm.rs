@@ -46,6 +46,35 @@ pub struct Kernel {
     pub ukr: MicroKernel,
     pub mr: usize,
     pub nr: usize,
+    /// Micro-kernels of fewer rows (same `nr`), by row count: a product of `m` rows uses the smallest that
+    /// covers them when that is fewer than `mr`.
+    pub short: [Option<(usize, MicroKernel)>; 2],
+}
+
+impl Kernel {
+    /// The kernel of JIT-compiled code: its main micro-kernel and its short ones.
+    pub fn of(jit: &fulgur_codegen::llvm::JitProgram) -> Kernel {
+        let mut short = [None, None];
+        for (slot, k) in short.iter_mut().zip(&jit.short_kernels) {
+            *slot = Some(*k);
+        }
+        Kernel {
+            ukr: jit.micro_kernel,
+            mr: jit.tile.0,
+            nr: jit.tile.1,
+            short,
+        }
+    }
+
+    /// The micro-kernel and its row count for a product of `m` rows.
+    fn for_rows(&self, m: usize) -> (MicroKernel, usize) {
+        self.short
+            .iter()
+            .flatten()
+            .find(|(r, _)| m <= *r)
+            .map(|&(r, k)| (k, r))
+            .unwrap_or((self.ukr, self.mr))
+    }
 }
 
 thread_local! {
@@ -57,7 +86,8 @@ thread_local! {
 /// Whether [`sgemm`] splits an `m × k × n` product over `threads` threads (below this size the threads cost
 /// more than they give). Callers that run many small GEMMs in parallel run only those this says are serial.
 pub fn runs_parallel(threads: usize, m: usize, n: usize, k: usize) -> bool {
-    threads > 1 && (m * n * k) as f64 > 2e6
+    // a product of a few rows is bound by reading B: worth both threads' bandwidth from 256 Ki elements of B
+    threads > 1 && ((m * n * k) as f64 > 2e6 || (m <= 4 && n * k >= 1 << 18))
 }
 
 /// Columns of `C` per outer block: `NC = NR · 64`.
@@ -146,6 +176,7 @@ unsafe fn pack_a(out: &mut [f32], a: &Mat, i0: usize, mc: usize, p0: usize, kc: 
                 12 => pack_a_rows::<12>(dst, a, r0, p0, kc),
                 6 => pack_a_rows::<6>(dst, a, r0, p0, kc),
                 4 => pack_a_rows::<4>(dst, a, r0, p0, kc),
+                1 => pack_a_rows::<1>(dst, a, r0, p0, kc),
                 _ => pack_a_any(dst, a, r0, rows, p0, kc, mr),
             }
         } else if a.dtype == DType::F32 && a.rs == 1 {
@@ -244,7 +275,8 @@ pub unsafe fn sgemm(
         }
         return;
     }
-    let (mr, nr) = (kern.mr, kern.nr);
+    let (ukr, mr) = kern.for_rows(m);
+    let nr = kern.nr;
     let threads = pool.current_num_threads().max(1);
     let parallel = runs_parallel(threads, m, n, k);
     // row blocks: whole MR panels, at most 16 per block, as many blocks as a multiple of the threads, the
@@ -330,9 +362,9 @@ pub unsafe fn sgemm(
                                 let apanel = ap.as_ptr().add(q * kc * mr);
                                 let cptr = (cp.0 as *mut f32).add(r0 * ldc + j0);
                                 if rows == mr && cols == nr {
-                                    (kern.ukr)(kc as i64, apanel, bpanel, cptr, ldc as i64, i64::from(!first));
+                                    (ukr)(kc as i64, apanel, bpanel, cptr, ldc as i64, i64::from(!first));
                                 } else {
-                                    (kern.ukr)(kc as i64, apanel, bpanel, tile.as_mut_ptr(), nr as i64, 0);
+                                    (ukr)(kc as i64, apanel, bpanel, tile.as_mut_ptr(), nr as i64, 0);
                                     for i in 0..rows {
                                         let dst = cptr.add(i * ldc);
                                         for j in 0..cols {

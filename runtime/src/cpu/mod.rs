@@ -554,11 +554,14 @@ impl CpuProgram {
                 )));
             }
         }
+        // memory that must grow grows by half again, so that a symbol growing by one per call (a decode
+        // step's cache length) reallocates (and faults in fresh pages) rarely, not at every call
         if self.arena.len() < layout.arena_bytes as usize {
-            self.arena = Bytes::zeroed(layout.arena_bytes as usize, "the arena")?;
+            let size = grown(layout.arena_bytes as usize, self.arena.len());
+            self.arena = Bytes::zeroed(size, "the arena")?;
         }
         if self.scratch.len() < scratch_bytes {
-            self.scratch = Bytes::zeroed(scratch_bytes, "kernel scratch")?;
+            self.scratch = Bytes::zeroed(grown(scratch_bytes, self.scratch.len()), "kernel scratch")?;
         }
         // persistent buffers whose size depends on the binding are reallocated
         for b in &self.program.buffers {
@@ -567,9 +570,20 @@ impl CpuProgram {
                 continue;
             }
             let size = layout.sizes[b.id] as usize;
-            let ok = self.persistent[b.id].as_ref().map(|x| x.len() == size).unwrap_or(false);
+            let have = self.persistent[b.id].as_ref().map(|x| x.len());
+            // an input's buffer may be larger than the call needs (it only ever holds the call's values)
+            let ok = match have {
+                Some(len) if b.kind == BufferKind::Input => len >= size,
+                Some(len) => len == size,
+                None => false,
+            };
             if !ok {
-                self.persistent[b.id] = Some(Bytes::zeroed(size, &format!("buffer b{}", b.id))?);
+                let alloc = if b.kind == BufferKind::Input {
+                    grown(size, have.unwrap_or(0))
+                } else {
+                    size
+                };
+                self.persistent[b.id] = Some(Bytes::zeroed(alloc, &format!("buffer b{}", b.id))?);
                 if b.kind == BufferKind::Prepared || b.kind == BufferKind::Constant {
                     self.prepared_at = None;
                 }
@@ -711,7 +725,7 @@ impl CpuProgram {
             for (s, st) in lk.steps.iter().enumerate() {
                 // (operand, k, n, [(expert, element offset)])
                 let (op, kk, n, starts) = match st {
-                    Step::Gemm(g) if g.batch.is_empty() => {
+                    Step::Gemm(g) if b_shared_by_batch(lk, g) => {
                         let (Some(kk), Some(n), Some(o)) = (ev(g.k), ev(g.n), ev(g.b.offset)) else {
                             continue;
                         };
@@ -940,11 +954,7 @@ impl CpuProgram {
                 .eval(e, params)
                 .ok_or_else(|| fail("a size of its code cannot be evaluated".into()))
         };
-        let kern = gemm::Kernel {
-            ukr: self.jit.micro_kernel,
-            mr: self.jit.tile.0,
-            nr: self.jit.tile.1,
-        };
+        let kern = gemm::Kernel::of(&self.jit);
         // the buffer behind a slot (usize::MAX for scratch)
         let slot_buffer = |slot: u32| match lk.slots[slot as usize] {
             Slot::Input(i) => k.inputs[i].buffer,
@@ -1223,7 +1233,7 @@ fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<boo
             for st in &lk.steps {
                 match st {
                     Step::Gemm(g) => {
-                        if g.a.arg == s || g.c.arg == s || (g.b.arg == s && !g.batch.is_empty()) {
+                        if g.a.arg == s || g.c.arg == s || (g.b.arg == s && !b_shared_by_batch(lk, g)) {
                             only_b = false;
                         }
                     }
@@ -1311,4 +1321,22 @@ fn check_views(program: &KernelProgram, layout: &Layout, env: &HashMap<String, i
         check(&io.tensor, &|| format!("`{}`", io.name))?;
     }
     Ok(())
+}
+
+/// The size to allocate for `need` bytes where `have` were too few: half again as much as before when that
+/// covers the need.
+fn grown(need: usize, have: usize) -> usize {
+    if have == 0 {
+        need
+    } else {
+        need.max(have.saturating_add(have / 2))
+    }
+}
+
+/// Whether every batch element of a GEMM step reads the same `B` (no batch axes, or a `B` stride of zero
+/// along each): such a `B` is packed once for all of them (a decode step's `[B, 1, C] · W`).
+fn b_shared_by_batch(lk: &LoopKernel, g: &fulgur_codegen::loops::GemmStep) -> bool {
+    g.batch
+        .iter()
+        .all(|b| matches!(lk.pool.get(b[2]), fulgur_codegen::loops::Expr::I(0)))
 }
