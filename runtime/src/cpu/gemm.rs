@@ -102,8 +102,6 @@ pub struct PackedB {
     pub n: usize,
     pub nr: usize,
     data: Vec<f32>,
-    /// What it was packed from (pointer, strides), for the record: the runtime keys packed operands by view.
-    pub source: (usize, isize, isize),
 }
 
 impl PackedB {
@@ -134,13 +132,7 @@ impl PackedB {
                 }
             })
         });
-        PackedB {
-            k,
-            n,
-            nr,
-            data,
-            source: (b.ptr as usize, b.rs, b.cs),
-        }
+        PackedB { k, n, nr, data }
     }
 
     /// Where block `(jc, pc)` starts.

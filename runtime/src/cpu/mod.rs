@@ -231,13 +231,16 @@ pub struct Profile {
     pub runs: usize,
 }
 
-/// The view a packed GEMM operand was packed from: reused only for exactly this view.
+/// The view a packed GEMM operand was packed from (buffer, element offset, strides, `[k, n]`): reused only
+/// for exactly this view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PackedView {
     buffer: usize,
     offset: i64,
     rs: i64,
     cs: i64,
+    k: usize,
+    n: usize,
 }
 
 /// The memory and parameters of one binding of the symbols.
@@ -771,6 +774,8 @@ impl CpuProgram {
                         offset: off,
                         rs,
                         cs,
+                        k: kk as usize,
+                        n: n as usize,
                     };
                     packed.insert((k.id, s, e), (view, p));
                 }
@@ -798,27 +803,17 @@ impl CpuProgram {
     /// The packed `B` of (kernel, step, expert) when one was packed for this view (the packing is redone
     /// whenever the prepare program runs, which every change of the weights triggers); else `b` itself, which
     /// must then have its memory.
-    #[allow(clippy::too_many_arguments)]
     fn packed_b(
         &self,
         key: (usize, usize, usize),
+        view: PackedView,
         b: &gemm::Mat,
-        buffer: usize,
-        offset: i64,
-        k: usize,
-        n: usize,
     ) -> Result<gemm::BOperand<'_>, RuntimeError> {
-        let view = PackedView {
-            buffer,
-            offset,
-            rs: b.rs as i64,
-            cs: b.cs as i64,
-        };
         match self.packed.get(&key) {
-            Some((v, p)) if *v == view && p.k == k && p.n == n => Ok(gemm::BOperand::Packed(p)),
-            _ if self.dropped.get(buffer).copied().unwrap_or(false) => Err(other(format!(
-                "buffer b{buffer} was freed after packing, but kernel k{} step {} needs it unpacked",
-                key.0, key.1
+            Some((v, p)) if *v == view => Ok(gemm::BOperand::Packed(p)),
+            _ if self.dropped.get(view.buffer).copied().unwrap_or(false) => Err(other(format!(
+                "buffer b{} was freed after packing, but kernel k{} step {} needs it unpacked",
+                view.buffer, key.0, key.1
             ))),
             _ => Ok(gemm::BOperand::Mat(*b)),
         }
@@ -1014,16 +1009,20 @@ impl CpuProgram {
                         }
                         let b_op = self.packed_b(
                             (k.id, s, 0),
+                            PackedView {
+                                buffer: slot_buffer(g.b.arg),
+                                offset: db,
+                                rs: brs,
+                                cs: bcs,
+                                k: kk as usize,
+                                n: n as usize,
+                            },
                             &gemm::Mat {
                                 ptr: at(g.b.arg, g.b.dtype, db),
                                 dtype: g.b.dtype,
                                 rs: brs as isize,
                                 cs: bcs as isize,
                             },
-                            slot_buffer(g.b.arg),
-                            db,
-                            kk as usize,
-                            n as usize,
                         )?;
                         let a_op = gemm::Mat {
                             ptr: at(g.a.arg, g.a.dtype, da),
@@ -1102,18 +1101,23 @@ impl CpuProgram {
                         if rows <= 0 {
                             continue;
                         }
+                        let w_off = wo + e as i64 * ws;
                         let w_op = self.packed_b(
                             (k.id, s, e),
+                            PackedView {
+                                buffer: slot_buffer(g.w.arg),
+                                offset: w_off,
+                                rs: wrs,
+                                cs: wcs,
+                                k: kk as usize,
+                                n: n as usize,
+                            },
                             &gemm::Mat {
-                                ptr: at(g.w.arg, g.w.dtype, wo + e as i64 * ws),
+                                ptr: at(g.w.arg, g.w.dtype, w_off),
                                 dtype: g.w.dtype,
                                 rs: wrs as isize,
                                 cs: wcs as isize,
                             },
-                            slot_buffer(g.w.arg),
-                            wo + e as i64 * ws,
-                            kk as usize,
-                            n as usize,
                         )?;
                         // SAFETY: as for GEMM steps
                         unsafe {
