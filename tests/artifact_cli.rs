@@ -1,50 +1,17 @@
 //! `fulgur compile` and `fulgur run`: artifacts written, run against the reference, and refused when they are
 //! from another version, modified, or given the wrong weights.
 
+mod common;
+use common::{fails, fulgur, root, tiny_a};
 use fulgur::ir::tensor::{read_safetensors, write_safetensors};
 use fulgur::ir::Tensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny_a() -> PathBuf {
-    let p = fulgur::models::fixtures::dir().join("tiny-a");
-    assert!(
-        p.join("config.json").exists(),
-        "fixture {} is missing (set FULGUR_FIXTURES)",
-        p.display()
-    );
-    p
-}
-
-fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fulgur"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("cannot start the fulgur binary")
-}
+use std::process::Output;
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-/// Asserts a failure with one `error:` line containing every needle.
-fn fails(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {err}");
-    }
 }
 
 fn compile(input: &dyn AsRef<std::ffi::OsStr>, out: &Path, extra: &[&str]) {

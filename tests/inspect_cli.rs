@@ -1,25 +1,9 @@
 //! `fulgur inspect` and `eval-model --opt`, run as processes.
 
+mod common;
+use common::{fulgur, root, tiny_a};
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny_a() -> PathBuf {
-    let base = fulgur::models::fixtures::dir();
-    base.join("tiny-a")
-}
-
-fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fulgur"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("cannot start the fulgur binary")
-}
+use std::process::Output;
 
 fn ok(o: Output) -> String {
     assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));

@@ -1,46 +1,11 @@
 //! `fulgur eval-model`, `generate` and `stats` run as processes against the tiny-a fixture.
 
+mod common;
+use common::{fails, fulgur, root, tiny_a};
 use fulgur::ir::tensor::{read_safetensors, write_safetensors};
 use fulgur::ir::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny_a() -> PathBuf {
-    let base = fulgur::models::fixtures::dir();
-    let p = base.join("tiny-a");
-    assert!(
-        p.join("config.json").exists(),
-        "fixture {} is missing (set FULGUR_FIXTURES)",
-        p.display()
-    );
-    p
-}
-
-fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fulgur"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("cannot start the fulgur binary")
-}
-
-/// Asserts a failure with one `error:` line containing every needle.
-fn fails(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {err}");
-    }
-}
 
 fn no_file_left(dir: &Path) {
     let left: Vec<_> = std::fs::read_dir(dir)

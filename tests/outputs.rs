@@ -3,22 +3,11 @@
 //! the input is left as it was; a symbolic link is followed (its target written, the link kept); a device or
 //! FIFO is written through, never replaced; a directory is refused.
 
+mod common;
+use common::{fulgur, root};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fulgur"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("cannot start the fulgur binary")
-}
 
 /// Asserts one `error:` line equal to `want`.
 fn refused(o: Output, want: &str) {
