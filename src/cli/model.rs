@@ -359,14 +359,15 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     bar.set_message(format!("prefill of {p} tokens, then generating"));
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let t0 = Instant::now();
-    let mut prefill_s = None;
+    // when each token was ready: the first after the prefill, each next after one decode step
+    let mut stamps: Vec<f64> = Vec::with_capacity(args.max_new_tokens);
     let out = generate::greedy(
         prefill.as_mut(),
         decode.as_mut(),
         &prompt,
         args.max_new_tokens,
         |done, _| {
-            prefill_s.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            stamps.push(t0.elapsed().as_secs_f64());
             bar.set_message("generating");
             bar.set_position(done as u64)
         },
@@ -390,11 +391,26 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             let fmt = |v: &[i64]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
             text.push_str(&format!("sequence {i}: {} | {}\n", fmt(&row[..p]), fmt(&row[p..])));
         }
-        let prefill_s = prefill_s.unwrap_or(total_s);
+        let prefill_s = stamps.first().copied().unwrap_or(total_s);
         let decode_s = total_s - prefill_s;
         let steps = args.max_new_tokens.saturating_sub(1);
+        // the first decode step also prepares the decode program; the median of the others is the steady rate
+        let mut each: Vec<f64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+        let split = match each.len() {
+            0 => String::new(),
+            1 => format!("; the step {:.1} ms", each[0] * 1e3),
+            _ => {
+                let first = each.remove(0);
+                each.sort_by(|a, b| a.total_cmp(b));
+                format!(
+                    "; the first {:.1} ms, then a median of {:.1} ms per step",
+                    first * 1e3,
+                    each[each.len() / 2] * 1e3
+                )
+            }
+        };
         text.push_str(&format!(
-            "{}: prefill of {} × {p} tokens {:.1} ms; {steps} decode steps {:.1} ms ({:.1} tokens/s)\n",
+            "{}: prefill of {} × {p} tokens {:.1} ms; {steps} decode steps {:.1} ms ({:.1} tokens/s){split}\n",
             prefill.name(),
             prompt.shape[0],
             prefill_s * 1e3,
