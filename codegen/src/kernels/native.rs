@@ -460,11 +460,12 @@ type RowLoad = Box<dyn Fn(&mut LoopKernel, E, E) -> E>;
 /// A writer of element `(t, c)` of the output rows.
 type RowWrite = Box<dyn Fn(&mut LoopKernel, E, E, E) -> Stmt>;
 
-/// `lightning_attention` and `lightning_layer`: per item one (batch, head); the blocks in order, the state
-/// `P [D, Dv]` in a thread-local array carried from block to block:
-/// `O = ((Q Kᵀ) ⊙ M) V + (Q ⊙ q_decay) P`, then `P ← exp(−λ b) P + (K ⊙ k_decay)ᵀ V`. The layer form applies
-/// SiLU to the fused projection as it loads it, writes the heads' outputs to scratch, and a second phase
-/// applies the RMSNorm over all heads and the sigmoid gate, row by row.
+/// `lightning_attention` and `lightning_layer` in block form: per block `O = ((Q Kᵀ) ⊙ M) V + (Q ⊙ q_decay) P`
+/// with the state `P [D, Dv]` carried across blocks, `P ← exp(−λ b) P + (K ⊙ k_decay)ᵀ V`: three batched GEMMs
+/// over every (batch·head, block), phases whose items are rows (staging, the decay mask, the output) and a
+/// scan whose items are the state's elements, each through the blocks in order. The layer form applies SiLU
+/// to the fused projection as it loads it, and a last phase applies the RMSNorm over all heads and the sigmoid
+/// gate, row by row.
 fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)>) -> Result<bool, CodegenError> {
     let blk = block as i64;
     let lk = &mut b.lk;
@@ -606,9 +607,6 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let b2 = lk.scratch(f32d, sz(w2 * dv));
     let kv = lk.scratch(f32d, sz(d * dv));
     let o = lk.scratch(f32d, sz(block * dv));
-    let dq = lk.local(Scalar::F32, block);
-    let dk = lk.local(Scalar::F32, block);
-    let dmask = lk.local(Scalar::F32, block);
     let one = lk.pool.i(1);
     let be = lk.pool.i(blk);
     let de = lk.pool.i(d as i64);
@@ -638,81 +636,83 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         let nx = p.un(UnaryOp::Neg, x);
         p.un(UnaryOp::Exp, nx)
     };
-    let tables = |lk: &mut LoopKernel| -> Stmt {
-        for_(lk, zero, be, |lk, j| {
-            let j1 = lk.pool.addi(j, one);
-            let a = decay(lk, j1);
-            let b1 = lk.pool.i(blk - 1);
-            let rest = lk.pool.sub(b1, j);
-            let bdk = decay(lk, rest);
-            let m = decay(lk, j);
-            vec![st_local(dq, j, a), st_local(dk, j, bdk), st_local(dmask, j, m)]
-        })
+    // Every phase's item is a row (or a state element), not a whole sequence-head: the sequence-head `bh`
+    // (the builder's `item`, which the loaders read) and the row are bound from the phase's own item by loops
+    // of one iteration, so that the GPU has B·H·T items to spread, not B·H.
+    let bind = |var: u32, at: E, body: Vec<Stmt>, lk: &mut LoopKernel| -> Stmt {
+        let hi = lk.pool.addi(at, one);
+        Stmt::For { var, lo: at, hi, body }
     };
-    // stage
-    let mut body = vec![tables(lk)];
-    body.push(for_(lk, zero, nb, |lk, blkv| {
+    // stage: item (bh, block, j)
+    let (stage_var, stage_item) = lk.loop_var();
+    let rows_all = lk.pool.mul(nb, be);
+    let bh = lk.pool.div(stage_item, rows_all);
+    let rest = lk.pool.rem(stage_item, rows_all);
+    let blk_at = lk.pool.div(rest, be);
+    let j_at = lk.pool.rem(rest, be);
+    let (blk_var, blkv) = lk.loop_var();
+    let (j_var, j) = lk.loop_var();
+    let row_body = {
         let t0 = lk.pool.mul(blkv, be);
-        let left = lk.pool.sub(t, t0);
-        let rows = lk.pool.min(be, left);
         let nbase = lk.pool.mul(item, nb);
         let n = lk.pool.addi(nbase, blkv);
-        let mut s = Vec::new();
-        s.push(for_(lk, zero, rows, |lk, j| {
-            let tt = lk.pool.addi(t0, j);
-            let kdec = lk.load_local(dk, j);
-            let qdec = lk.load_local(dq, j);
-            let a = for_(lk, zero, de, |lk, dd| {
-                let qx = ld_q(lk, tt, dd);
-                let kx = ld_k(lk, tt, dd);
-                let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
-                let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
-                let kdx = lk.pool.bin(BinaryOp::Mul, kx, kdec);
-                let qdx = lk.pool.bin(BinaryOp::Mul, qx, qdec);
-                let bo = lk.pool.i(block as i64);
-                let col = lk.pool.addi(bo, dd);
-                let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
-                vec![st(qs, at, qx), st(ks, at_t, kx), st(kd, at, kdx), st(a2, at2, qdx)]
-            });
-            let v = for_(lk, zero, dve, |lk, c| {
-                let vx = ld_v(lk, tt, c);
-                let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
-                vec![st(b2, at, vx)]
-            });
-            vec![a, v]
-        }));
+        let tt = lk.pool.addi(t0, j);
+        let inside = lk.pool.cmp(CmpOp::Lt, tt, t);
+        let b1 = lk.pool.i(blk - 1);
+        let back = lk.pool.sub(b1, j);
+        let kdec = decay(lk, back);
+        let j1 = lk.pool.addi(j, one);
+        let qdec = decay(lk, j1);
+        let a = for_(lk, zero, de, |lk, dd| {
+            let qx = ld_q(lk, tt, dd);
+            let kx = ld_k(lk, tt, dd);
+            let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
+            let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
+            let kdx = lk.pool.bin(BinaryOp::Mul, kx, kdec);
+            let qdx = lk.pool.bin(BinaryOp::Mul, qx, qdec);
+            let bo = lk.pool.i(block as i64);
+            let col = lk.pool.addi(bo, dd);
+            let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
+            vec![st(qs, at, qx), st(ks, at_t, kx), st(kd, at, kdx), st(a2, at2, qdx)]
+        });
+        let v = for_(lk, zero, dve, |lk, c| {
+            let vx = ld_v(lk, tt, c);
+            let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
+            vec![st(b2, at, vx)]
+        });
         // rows past the end of the sequence: zeros
-        s.push(for_(lk, rows, be, |lk, j| {
-            let a = for_(lk, zero, de, |lk, dd| {
-                let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
-                let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
-                let bo = lk.pool.i(block as i64);
-                let col = lk.pool.addi(bo, dd);
-                let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
-                vec![
-                    st(qs, at, fzero),
-                    st(ks, at_t, fzero),
-                    st(kd, at, fzero),
-                    st(a2, at2, fzero),
-                ]
-            });
-            let v = for_(lk, zero, dve, |lk, c| {
-                let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
-                vec![st(b2, at, fzero)]
-            });
-            vec![a, v]
-        }));
-        s
-    }));
-    let stage_cost = {
-        let p = &mut lk.pool;
-        let w = p.i((4 * d + dv) as i64);
-        p.mul(w, t)
+        let za = for_(lk, zero, de, |lk, dd| {
+            let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
+            let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
+            let bo = lk.pool.i(block as i64);
+            let col = lk.pool.addi(bo, dd);
+            let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
+            vec![
+                st(qs, at, fzero),
+                st(ks, at_t, fzero),
+                st(kd, at, fzero),
+                st(a2, at2, fzero),
+            ]
+        });
+        let zv = for_(lk, zero, dve, |lk, c| {
+            let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
+            vec![st(b2, at, fzero)]
+        });
+        vec![Stmt::If {
+            cond: inside,
+            then: vec![a, v],
+            els: vec![za, zv],
+        }]
     };
+    let inner = bind(j_var, j_at, row_body, lk);
+    let inner = bind(blk_var, blk_at, vec![inner], lk);
+    let body = vec![bind(item_var, bh, vec![inner], lk)];
+    let stage_grid = lk.pool.mul(n_all, be);
+    let stage_cost = lk.pool.i((4 * d + dv) as i64);
     lk.steps.push(Step::Phase(Phase {
         name: "lightning.stage".into(),
-        grid,
-        item: item_var,
+        grid: stage_grid,
+        item: stage_var,
         body,
         item_cost: stage_cost,
     }));
@@ -755,70 +755,82 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         b: opnd(b2, dvv, one, zero),
         c: opnd(kv, dvv, one, zero),
     }));
-    // mask and scan
-    let bdecay = decay(lk, be);
-    let mut body = vec![tables(lk)];
-    body.push(for_(lk, zero, nb, |lk, blkv| {
+    // mask: item (bh, block, j): row j of the block's scores times the causal decay mask
+    let (mask_var, mask_item) = lk.loop_var();
+    let bh = lk.pool.div(mask_item, rows_all);
+    let rest = lk.pool.rem(mask_item, rows_all);
+    let blk_at = lk.pool.div(rest, be);
+    let j_at = lk.pool.rem(rest, be);
+    let (blk_var, blkv) = lk.loop_var();
+    let (j_var, j) = lk.loop_var();
+    let row_body = {
         let nbase = lk.pool.mul(item, nb);
         let n = lk.pool.addi(nbase, blkv);
-        let mut s = Vec::new();
-        s.push(for_(lk, zero, be, |lk, j| {
-            let j1 = lk.pool.addi(j, one);
-            let keep = for_(lk, zero, j1, |lk, u| {
-                let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
-                let x = lk.pool.load(a2, f32d, at);
-                let dist = lk.pool.sub(j, u);
-                let m = lk.load_local(dmask, dist);
-                let y = lk.pool.bin(BinaryOp::Mul, x, m);
-                vec![st(a2, at, y)]
-            });
-            let drop = for_(lk, j1, be, |lk, u| {
-                let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
-                vec![st(a2, at, fzero)]
-            });
-            vec![keep, drop]
-        }));
-        // the state before this block, in B2's rows b..b+D
-        let first = lk.pool.cmp(CmpOp::Eq, blkv, zero);
-        let pn = lk.pool.i((d * dv) as i64);
-        let zero_state = for_(lk, zero, pn, |lk, x| {
-            let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
-            let bo = lk.pool.i((block * dv) as i64);
-            let at = lk.pool.addi(at, bo);
-            vec![st(b2, at, fzero)]
+        let j1 = lk.pool.addi(j, one);
+        let keep = for_(lk, zero, j1, |lk, u| {
+            let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
+            let x = lk.pool.load(a2, f32d, at);
+            let dist = lk.pool.sub(j, u);
+            let m = decay(lk, dist);
+            let y = lk.pool.bin(BinaryOp::Mul, x, m);
+            vec![st(a2, at, y)]
         });
-        let next_state = for_(lk, zero, pn, |lk, x| {
-            let prev = lk.pool.sub(n, one);
-            let bo = lk.pool.i((block * dv) as i64);
-            let at_prev = ix(lk, &[(prev, (w2 * dv) as i64), (x, 1)]);
-            let at_prev = lk.pool.addi(at_prev, bo);
-            let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
-            let at = lk.pool.addi(at, bo);
-            let kv_at = ix(lk, &[(prev, (d * dv) as i64), (x, 1)]);
-            let pprev = lk.pool.load(b2, f32d, at_prev);
-            let kvx = lk.pool.load(kv, f32d, kv_at);
-            let dec = lk.pool.bin(BinaryOp::Mul, pprev, bdecay);
-            let v = lk.pool.bin(BinaryOp::Add, dec, kvx);
-            vec![st(b2, at, v)]
+        let drop = for_(lk, j1, be, |lk, u| {
+            let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
+            vec![st(a2, at, fzero)]
         });
-        s.push(Stmt::If {
-            cond: first,
-            then: vec![zero_state],
-            els: vec![next_state],
-        });
-        s
-    }));
-    let scan_cost = {
-        let p = &mut lk.pool;
-        let w = p.i((block * block / 2 + d * dv) as i64);
-        p.mul(w, nb)
+        vec![keep, drop]
     };
+    let inner = bind(j_var, j_at, row_body, lk);
+    let inner = bind(blk_var, blk_at, vec![inner], lk);
+    let body = vec![bind(item_var, bh, vec![inner], lk)];
+    let mask_grid = lk.pool.mul(n_all, be);
+    let mask_cost = lk.pool.i(blk);
     lk.steps.push(Step::Phase(Phase {
-        name: "lightning.mask_scan".into(),
-        grid,
-        item: item_var,
+        name: "lightning.mask".into(),
+        grid: mask_grid,
+        item: mask_var,
         body,
-        item_cost: scan_cost,
+        item_cost: mask_cost,
+    }));
+    // scan: item (bh, x), x an element of the state: the blocks in order, the state before block i in B2's
+    // rows b..b+D: P_0 = 0, P_i = e^{-λb} P_{i-1} + KV_{i-1}
+    let (scan_var, scan_item) = lk.loop_var();
+    let pn = lk.pool.i((d * dv) as i64);
+    let bh = lk.pool.div(scan_item, pn);
+    let x_at = lk.pool.rem(scan_item, pn);
+    let (x_var, x) = lk.loop_var();
+    let bdecay = decay(lk, be);
+    let scan_body = vec![for_(lk, zero, nb, |lk, blkv| {
+        let nbase = lk.pool.mul(item, nb);
+        let n = lk.pool.addi(nbase, blkv);
+        let first = lk.pool.cmp(CmpOp::Eq, blkv, zero);
+        let bo = lk.pool.i((block * dv) as i64);
+        let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
+        let at = lk.pool.addi(at, bo);
+        let prev = lk.pool.sub(n, one);
+        let at_prev = ix(lk, &[(prev, (w2 * dv) as i64), (x, 1)]);
+        let at_prev = lk.pool.addi(at_prev, bo);
+        let kv_at = ix(lk, &[(prev, (d * dv) as i64), (x, 1)]);
+        let pprev = lk.pool.load(b2, f32d, at_prev);
+        let kvx = lk.pool.load(kv, f32d, kv_at);
+        let dec = lk.pool.bin(BinaryOp::Mul, pprev, bdecay);
+        let v = lk.pool.bin(BinaryOp::Add, dec, kvx);
+        vec![Stmt::If {
+            cond: first,
+            then: vec![st(b2, at, fzero)],
+            els: vec![st(b2, at, v)],
+        }]
+    })];
+    let inner = bind(x_var, x_at, scan_body, lk);
+    let body = vec![bind(item_var, bh, vec![inner], lk)];
+    let scan_grid = lk.pool.mul(grid, pn);
+    lk.steps.push(Step::Phase(Phase {
+        name: "lightning.scan".into(),
+        grid: scan_grid,
+        item: scan_var,
+        body,
+        item_cost: nb,
     }));
     // G3: the block outputs
     lk.steps.push(Step::Gemm(GemmStep {
@@ -841,19 +853,24 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     };
     match (write, layer) {
         (Some(write), _) => {
-            let body = vec![for_(lk, zero, t, |lk, tt| {
-                vec![for_(lk, zero, dve, |lk, c| {
-                    let v = o_at(lk, item, tt, c);
-                    vec![write(lk, tt, c, v)]
-                })]
+            // item (bh, tt): one output row
+            let (out_var, out_item) = lk.loop_var();
+            let bh = lk.pool.div(out_item, t);
+            let tt_at = lk.pool.rem(out_item, t);
+            let (tt_var, tt) = lk.loop_var();
+            let row = vec![for_(lk, zero, dve, |lk, c| {
+                let v = o_at(lk, item, tt, c);
+                vec![write(lk, tt, c, v)]
             })];
-            let cost = lk.pool.mul(t, dve);
+            let inner = bind(tt_var, tt_at, row, lk);
+            let body = vec![bind(item_var, bh, vec![inner], lk)];
+            let out_grid = lk.pool.mul(grid, t);
             lk.steps.push(Step::Phase(Phase {
                 name: "lightning.out".into(),
-                grid,
-                item: item_var,
+                grid: out_grid,
+                item: out_var,
                 body,
-                item_cost: cost,
+                item_cost: dve,
             }));
         }
         (None, None) => return Ok(false),
