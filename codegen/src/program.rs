@@ -363,6 +363,19 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
     };
     let mut vals: HashMap<Value, Val> = HashMap::new();
     let mut codes: HashMap<String, usize> = HashMap::new();
+    // what the prepare program computes: values of weights and constants alone whose sizes do not depend on
+    // the call (a value of the sequence length, such as the unfused graph's [H, T, T] decay masks, is computed
+    // in the step instead, where the arena reuses its memory, rather than held for the program's life and
+    // recomputed whenever the length changes); a value read by one computed in the step is so too
+    let mut in_prepare = vec![false; g.node_count()];
+    for (id, n) in g.nodes() {
+        let fixed = n.outputs.iter().all(|t| t.shape.numel().symbols().is_empty());
+        let inputs_ready = n.inputs.iter().all(|v| {
+            let src = g.node(v.node);
+            src.op.is_input() || matches!(src.op, Op::Constant { .. }) || in_prepare[v.node.index()]
+        });
+        in_prepare[id.index()] = param_only[id.index()] && fixed && inputs_ready;
+    }
     let new_buffer = |p: &mut KernelProgram, kind: BufferKind, ty: &TensorType, name: Option<String>| -> usize {
         let id = p.buffers.len();
         p.buffers.push(BufferSpec {
@@ -379,7 +392,7 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
     for (id, n) in g.nodes() {
         let name = n.name.clone().unwrap_or_else(|| format!("%{}", id.index()));
         let ins: Vec<Val> = n.inputs.iter().map(|v| vals[v].clone()).collect();
-        let prepared = param_only[id.index()];
+        let prepared = in_prepare[id.index()];
         let set = |vals: &mut HashMap<Value, Val>, i: usize, v: Val| {
             vals.insert(Value::new(id, i as u32), v);
         };
