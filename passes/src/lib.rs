@@ -20,6 +20,7 @@ pub mod eqsat;
 pub mod extract;
 pub mod lang;
 pub mod pass;
+pub mod precision;
 pub mod rules;
 pub mod testing;
 pub mod why;
@@ -39,6 +40,9 @@ pub enum PassError {
     Rule(String),
     #[error("{0}")]
     Io(String),
+    /// Options a pass cannot take.
+    #[error("{0}")]
+    Options(String),
 }
 
 pub use cost::{CostModel, Target};
