@@ -28,6 +28,9 @@ pub struct ForwardOptions {
     pub aux_loss: bool,
     /// Outputs each lightning layer's final state and each softmax layer's KV cache (prefill for decoding).
     pub states: bool,
+    /// `logits` of the last position only (`[B, 1, V]`, as transformers' `logits_to_keep=1`): the LM head
+    /// runs on one row per sequence. Not with `loss`, which needs every position.
+    pub last_logits: bool,
 }
 
 /// Where the tokens of a graph sit in the sequence.
@@ -84,7 +87,19 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
     if opts.hidden_states {
         b.g.add_output(format!("hidden_states.{}", cfg.num_hidden_layers), hn)?;
     }
-    let logits = b.lm_head(hn)?;
+    if opts.last_logits && (opts.loss || opts.aux_loss) {
+        return Err(fulgur_ir::IrError::Graph(
+            "`last_logits` keeps one position; the loss needs them all".into(),
+        ));
+    }
+    let head_in = if opts.last_logits {
+        let end = t.clone();
+        let start = t.clone() - Dim::from(1);
+        b.g.slice(hn, 1, start, end)?
+    } else {
+        hn
+    };
+    let logits = b.lm_head(head_in)?;
     b.g.add_output("logits", logits)?;
     if opts.loss || opts.aux_loss {
         let mut loss = b.g.scope("loss", |g| cross_entropy(g, logits, ids, &t))?;
