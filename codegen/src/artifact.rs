@@ -8,6 +8,8 @@
 //! DIR/graph.fir            the optimized graph the program was lowered from
 //! DIR/kernels/codeN.loops  the loop form of kernel code N
 //! DIR/kernels/codeN.ll     its LLVM IR (CPU target, builds with the `llvm` feature)
+//! DIR/kernels/codeN.cu     its CUDA C++ (CUDA target)
+//! DIR/kernels/codeN.ARCH.cubin  that source compiled by NVRTC for ARCH (CUDA target, where NVRTC is present)
 //! ```
 //! [`write`] writes a new directory beside the destination and renames it into place, so a failed compile
 //! leaves nothing and an existing artifact is replaced only by a whole new one (its files flushed to disk
@@ -45,7 +47,7 @@ pub struct Manifest {
     pub format: String,
     pub format_version: u32,
     pub fulgur_version: String,
-    /// The backend it was compiled for (`cpu`).
+    /// The backend it was compiled for (`cpu`, `cuda`).
     pub target: String,
     /// The graph's name.
     pub name: String,
@@ -274,7 +276,7 @@ pub fn write(dir: &Path, manifest: &Manifest, files: &[(String, Vec<u8>)]) -> Re
 }
 
 /// Reads and checks the artifact `dir` for `target`: its manifest and kernel program.
-pub fn load(dir: &Path, target: &str) -> Result<(Manifest, KernelProgram), CodegenError> {
+pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), CodegenError> {
     let shown = dir.display();
     let bad = |m: String| CodegenError::Options(m);
     if !dir.is_dir() {
@@ -309,10 +311,11 @@ pub fn load(dir: &Path, target: &str) -> Result<(Manifest, KernelProgram), Codeg
     }
     let m: Manifest =
         serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))?;
-    if m.target != target {
+    if !targets.contains(&m.target.as_str()) {
         return Err(bad(format!(
-            "artifact {shown} was compiled for the {} target, not {target}",
-            m.target
+            "artifact {shown} was compiled for the {} target, which this build cannot run (it runs {})",
+            m.target,
+            targets.join(", ")
         )));
     }
     if !m.files.contains_key("program.json") {

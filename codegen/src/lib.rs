@@ -8,10 +8,13 @@
 
 pub mod artifact;
 pub mod compile;
+pub mod cuda;
 pub mod kernels;
 #[cfg(feature = "llvm")]
 pub mod llvm;
 pub mod loops;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod oracle;
 pub mod program;
 

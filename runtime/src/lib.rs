@@ -10,7 +10,10 @@
 
 #[cfg(feature = "llvm")]
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod generate;
+pub mod host;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};
 use std::cell::RefCell;

@@ -231,3 +231,29 @@ fn tiny_a_on_the_cpu_matches_transformers() {
         );
     }
 }
+
+/// tiny-a stored in bf16 (`fulgur_passes::precision`) on the CPU backend: logits within 3e-2 of transformers'
+/// f32 logits, the greedy tokens of the reference run unchanged.
+#[test]
+fn tiny_a_bf16_on_the_cpu_is_within_3e_2_of_transformers() {
+    use fulgur_models::checkpoint::Checkpoint;
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    // stored as bf16 after the optimizer: its kernels keep their intermediates in f32
+    let og = compile(&g, &CompileOptions::default(), None).unwrap().graph;
+    let og =
+        fulgur_passes::precision::store_as(&og, fulgur_ir::DType::BF16, &fulgur_passes::precision::keep_f32).unwrap();
+    let p = lower(&og).unwrap();
+    assert!(p.params.iter().all(|io| io.ty.dtype == fulgur_ir::DType::BF16));
+    let mut cpu = CpuProgram::new(p, CpuOptions::default()).unwrap();
+    cpu.load_weights(&ck.load_params(&og).unwrap()).unwrap();
+    let out = cpu
+        .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+        .unwrap();
+    assert_eq!(out["logits"].dtype, fulgur_ir::DType::BF16);
+    let e = out["logits"].rel_l2(&reference["logits"]);
+    eprintln!("bf16 logits: rel {e:.3e}");
+    assert!(e > 1e-4 && e < 3e-2, "bf16 logits relative error {e}");
+}

@@ -23,6 +23,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     Cpu,
+    /// CUDA C++ per kernel code, compiled by NVRTC (at compile time where NVRTC is present, else at load).
+    Cuda,
 }
 
 /// Which graph of a model to compile.
@@ -59,9 +61,15 @@ pub struct CompileArgs {
     /// For a model's forward: also output `hidden_states.{i}`.
     #[arg(long)]
     pub hidden_states: bool,
-    /// Cost model the optimizer plans for (default: `CPU`).
-    #[arg(long, value_name = "NAME", default_value = "CPU")]
-    pub cost_model: String,
+    /// Cost model the optimizer plans for (default: `CPU` for cpu, `H200` for cuda).
+    #[arg(long, value_name = "NAME")]
+    pub cost_model: Option<String>,
+    /// For a model: the dtype weights and activations are stored in.
+    #[arg(long, value_enum, default_value_t = crate::cli::model::Dtype::F32)]
+    pub dtype: crate::cli::model::Dtype,
+    /// For cuda: the architecture NVRTC compiles for.
+    #[arg(long, default_value = "sm_90")]
+    pub arch: String,
 }
 
 /// Whether `p` names a graph file rather than a model config or checkpoint.
@@ -117,22 +125,33 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     artifact::check_destination(&args.out)?;
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
-    let g = crate::cli::model::optimize(g, args.opt, &args.cost_model)?;
+    let cost_model = args.cost_model.clone().unwrap_or_else(|| {
+        match args.target {
+            Target::Cpu => "CPU",
+            Target::Cuda => "H200",
+        }
+        .to_string()
+    });
+    let g = crate::cli::model::with_dtype(crate::cli::model::optimize(g, args.opt, &cost_model)?, args.dtype)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let program = fulgur_codegen::program::lower(&g)?;
-    let loops = fulgur_codegen::kernels::build_program(&program)?;
+    let mut loops = fulgur_codegen::kernels::build_program(&program)?;
     let loop_texts: Vec<String> = loops.iter().map(|lk| lk.text()).collect();
-    let target = match args.target {
-        Target::Cpu => "cpu",
+    let (target, (codegen, code), binaries) = match args.target {
+        Target::Cpu => ("cpu", target_code(&loops)?, Vec::new()),
+        Target::Cuda => {
+            let (code, bins) = cuda_code(&program, &mut loops, &args.arch)?;
+            ("cuda", code, bins)
+        }
     };
-    let (codegen, code) = target_code(&loops)?;
-    let files = artifact::files(
+    let mut files = artifact::files(
         &program,
         &fulgur_ir::text::print(&g),
         &loop_texts,
         code.as_ref().map(|(ext, v)| (*ext, v.as_slice())),
     )?;
+    files.extend(binaries);
     let manifest = artifact::manifest(&program, target, &codegen, &files);
     artifact::write(&args.out, &manifest, &files)?;
     let lower_s = t1.elapsed().as_secs_f64();
@@ -174,6 +193,52 @@ fn target_code(_: &[fulgur_codegen::loops::LoopKernel]) -> Result<TargetCode> {
     ))
 }
 
+/// Named files of an artifact (path, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
+/// The CUDA C++ of every kernel code and, where NVRTC can be opened, each compiled for `arch`.
+fn cuda_code(
+    program: &fulgur_codegen::program::KernelProgram,
+    loops: &mut [fulgur_codegen::loops::LoopKernel],
+    arch: &str,
+) -> Result<(TargetCode, Files)> {
+    let cuda = fulgur_codegen::cuda::emit_program(program, loops)?;
+    let (what, bins) = nvrtc_binaries(&cuda, arch)?;
+    Ok(((what, Some(("cu", cuda.into_iter().map(|c| c.source).collect()))), bins))
+}
+
+#[cfg(feature = "cuda")]
+fn nvrtc_binaries(cuda: &[fulgur_codegen::cuda::CudaKernel], arch: &str) -> Result<(String, Files)> {
+    use fulgur_codegen::nvrtc;
+    let version = match nvrtc::available() {
+        Ok(v) => v,
+        Err(why) => {
+            return Ok((
+                format!("CUDA C++ (not compiled: {why}; the runtime compiles it with NVRTC at load)"),
+                Vec::new(),
+            ))
+        }
+    };
+    let cache = nvrtc::cache_dir();
+    let mut bins = Vec::new();
+    for c in cuda {
+        let out = nvrtc::compile(&c.file, &c.source, arch, cache.as_deref())?;
+        bins.push((format!("kernels/code{}.{arch}.cubin", c.code), out.cubin));
+    }
+    Ok((
+        format!("CUDA C++ compiled for {arch} by NVRTC {}.{}", version.0, version.1),
+        bins,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nvrtc_binaries(_: &[fulgur_codegen::cuda::CudaKernel], _: &str) -> Result<(String, Files)> {
+    Ok((
+        "CUDA C++ (not compiled: built without the `cuda` feature; the runtime compiles it with NVRTC at load)".into(),
+        Vec::new(),
+    ))
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The artifact directory `fulgur compile` wrote.
@@ -198,6 +263,10 @@ pub struct RunArgs {
     /// `4GiB`: a larger plan is refused before anything runs, with its planned peak.
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub max_memory: Option<u64>,
+    /// (cuda) After every kernel, check its outputs for NaN and infinity; stop at the first kernel that
+    /// produced one, naming it and its IR node.
+    #[arg(long)]
+    pub check_finite: bool,
 }
 
 /// The weights of the artifact's program from a safetensors file (`--weights FILE`, or the inputs file),
@@ -251,7 +320,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     check_output(&args.out, &files)?;
-    let (manifest, program) = artifact::load(&args.artifact, "cpu")?;
+    let (manifest, program) = artifact::load(&args.artifact, &["cpu", "cuda"])?;
     let inputs = read_safetensors(&args.inputs)?;
     // a checkpoint is read one tensor at a time as the program loads it; a file is checked whole first
     let ck = match &args.weights {
@@ -275,7 +344,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             eprintln!("warning: input `{name}` contains NaN or infinite values");
         }
     }
-    let (outputs, jit_s, step_s) = run_cpu(program, &weights, &data, &args)?;
+    let (outputs, jit_s, step_s) = match manifest.target.as_str() {
+        "cuda" => run_cuda(program, &weights, &data, &args)?,
+        _ => run_cpu(program, &weights, &data, &args)?,
+    };
     for (name, t) in &outputs {
         if t.has_non_finite() {
             eprintln!("warning: output `{name}` contains NaN or infinite values");
@@ -284,7 +356,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     write_safetensors(&args.out, &outputs)?;
     if args.print {
         let mut text: String = outputs.iter().map(|(n, t)| crate::cli::eval::describe(n, t)).collect();
-        text.push_str(&format!("cpu: JIT {:.2} s, step {:.1} ms\n", jit_s, step_s * 1e3));
+        let load = if manifest.target == "cuda" {
+            "load (NVRTC)"
+        } else {
+            "JIT"
+        };
+        text.push_str(&format!(
+            "{}: {load} {:.2} s, step {:.1} ms\n",
+            manifest.target,
+            jit_s,
+            step_s * 1e3
+        ));
         write_stdout(&text)?;
     }
     Ok(())
@@ -331,4 +413,44 @@ fn run_cpu(
     _: &RunArgs,
 ) -> Result<RunResult> {
     bail!("this build has no CPU backend (built without the `llvm` feature): it cannot run a cpu artifact")
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+) -> Result<RunResult> {
+    use anyhow::Context;
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let opts = CudaOptions {
+        check_finite: args.check_finite,
+        ..Default::default()
+    };
+    let mut gpu = CudaProgram::new(program, opts).context("loading the artifact on the GPU")?;
+    let source = match &args.weights {
+        Some(w) => w.display().to_string(),
+        None => args.inputs.display().to_string(),
+    };
+    gpu.load_weights_from(|name, ty| weights.fetch(name, ty))
+        .with_context(|| {
+            format!(
+                "the weights in {source} do not fit artifact {}",
+                args.artifact.display()
+            )
+        })?;
+    let t = Instant::now();
+    let out = gpu.run(data).context("running the artifact")?;
+    Ok((out, gpu.compile_seconds, t.elapsed().as_secs_f64()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _: fulgur_codegen::program::KernelProgram,
+    _: &HostWeights,
+    _: &HashMap<String, Tensor>,
+    _: &RunArgs,
+) -> Result<RunResult> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): it cannot run a cuda artifact")
 }

@@ -22,14 +22,32 @@ pub enum BenchTarget {
     Reference,
     /// The CPU backend (LLVM JIT).
     Cpu,
+    /// The CUDA backend (NVRTC, cuBLAS) on GPU 0.
+    Cuda,
 }
 
-/// `cpu` where the build has the CPU backend, else `reference`.
+/// `cuda` where the build has the CUDA backend and a GPU is present, else `cpu` where the build has the CPU
+/// backend, else `reference`.
 pub fn default_target() -> BenchTarget {
+    #[cfg(feature = "cuda")]
+    if fulgur_runtime::cuda::device_info().is_ok() {
+        return BenchTarget::Cuda;
+    }
     if cfg!(feature = "llvm") {
         BenchTarget::Cpu
     } else {
         BenchTarget::Reference
+    }
+}
+
+impl BenchTarget {
+    /// The cost model the optimizer plans for on this target by default.
+    pub fn cost_model(self) -> &'static str {
+        match self {
+            BenchTarget::Cpu => "CPU",
+            BenchTarget::Reference => "H100",
+            BenchTarget::Cuda => "H200",
+        }
     }
 }
 
@@ -71,6 +89,16 @@ pub struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The dtype weights and activations are stored in.
+    #[arg(long, value_enum, default_value_t = crate::cli::model::Dtype::F32)]
+    pub dtype: crate::cli::model::Dtype,
+    /// Time decoding instead of the forward: N greedy tokens per sequence after a prompt of --seq tokens
+    /// (on cuda the decode step runs as a CUDA graph), reporting decode tokens/s at --batch.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub decode: usize,
+    /// Compute the logits of the last position only (transformers' `logits_to_keep=1`), not `[B, T, V]`.
+    #[arg(long)]
+    pub last_logits: bool,
 }
 
 /// One level's measurements.
@@ -86,6 +114,9 @@ pub struct LevelResult {
     pub peak_bytes: u64,
     pub actual_bytes: u64,
     pub top_kernels: Vec<KernelTime>,
+    /// Why the level could not run (it does not fit the device, ...); the other levels still run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -148,10 +179,16 @@ pub fn run(args: Args) -> Result<()> {
     let progress = Progress {
         tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let base = forward_graph(&cfg, &ForwardOptions::default())?;
+    let base = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            last_logits: args.last_logits,
+            ..Default::default()
+        },
+    )?;
     // the CPU backend reads a checkpoint one tensor at a time; the interpreter needs them all on the host
     let weights = match (&ckpt, args.target) {
-        (Some(ck), BenchTarget::Cpu) => HostWeights::Checkpoint(ck),
+        (Some(ck), BenchTarget::Cpu | BenchTarget::Cuda) => HostWeights::Checkpoint(ck),
         (Some(ck), BenchTarget::Reference) => {
             progress.say("loading the checkpoint");
             HostWeights::Map(ck.load_params(&base)?)
@@ -159,24 +196,50 @@ pub fn run(args: Args) -> Result<()> {
         (None, _) => HostWeights::Map(random_weights(&base, 0.02, args.seed)),
     };
     let tokens = random_tokens(args.batch, args.seq, cfg.vocab_size, args.seed);
-    let cost_model = args.cost_model.clone().unwrap_or_else(|| match args.target {
-        BenchTarget::Cpu => "CPU".into(),
-        BenchTarget::Reference => "H100".into(),
-    });
+    if args.decode > 0 {
+        return bench_decode(&args, &cfg, &weights, &tokens, &progress);
+    }
+    let cost_model = args
+        .cost_model
+        .clone()
+        .unwrap_or_else(|| args.target.cost_model().to_string());
     let mut results = Vec::new();
     for &level in &args.compare {
         let lname = format!("{level:?}").to_lowercase();
         progress.say(&format!("{lname}: optimizing"));
         let t = Instant::now();
-        let g = optimize(base.clone(), level, &cost_model)?;
+        let g = crate::cli::model::with_dtype(optimize(base.clone(), level, &cost_model)?, args.dtype)?;
         let optimize_s = t.elapsed().as_secs_f64();
         let program = lower(&g)?;
         let kernels = program.step.len();
         let r = match args.target {
-            BenchTarget::Reference => bench_reference(&args, &g, &weights, &tokens, &lname, &progress)?,
-            BenchTarget::Cpu => bench_cpu(&args, program, &weights, &tokens, &lname, &progress)?,
+            BenchTarget::Reference => bench_reference(&args, &g, &weights, &tokens, &lname, &progress),
+            BenchTarget::Cpu => bench_cpu(&args, program, &weights, &tokens, &lname, &progress),
+            BenchTarget::Cuda => bench_cuda(&args, program, &weights, &tokens, &lname, &progress),
         };
-        let (compile_s, mut times, peak, actual, top) = r;
+        let (compile_s, mut times, peak, actual, top) = match r {
+            Ok(r) => r,
+            // a level that cannot run (a plan larger than the device) is reported; the others still run
+            Err(e) if args.compare.len() > 1 => {
+                let msg = format!("{e:#}");
+                progress.say(&format!("{lname}: {msg}"));
+                results.push(LevelResult {
+                    level: lname,
+                    kernels,
+                    optimize_s,
+                    compile_s: 0.0,
+                    forward_ms: f64::NAN,
+                    forward_ms_all: Vec::new(),
+                    tokens_per_s: f64::NAN,
+                    peak_bytes: 0,
+                    actual_bytes: 0,
+                    top_kernels: Vec::new(),
+                    error: Some(msg),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let forward_ms = median(&mut times.clone()) * 1e3;
         times.iter_mut().for_each(|t| *t *= 1e3);
         results.push(LevelResult {
@@ -190,6 +253,7 @@ pub fn run(args: Args) -> Result<()> {
             peak_bytes: peak,
             actual_bytes: actual,
             top_kernels: top,
+            error: None,
         });
     }
     progress.done();
@@ -222,6 +286,14 @@ pub fn run(args: Args) -> Result<()> {
         "level", "kernels", "optimize s", "compile s", "forward ms", "tokens/s", "planned", "actual"
     );
     for r in &results {
+        if let Some(e) = &r.error {
+            let _ = writeln!(
+                s,
+                "{:<6} {:>8} {:>11.2}  could not run: {e}",
+                r.level, r.kernels, r.optimize_s
+            );
+            continue;
+        }
         let _ = writeln!(
             s,
             "{:<6} {:>8} {:>11.2} {:>11.2} {:>12.1} {:>12.0} {:>12} {:>12}",
@@ -235,7 +307,7 @@ pub fn run(args: Args) -> Result<()> {
             fulgur_ir::interp::fmt_bytes(r.actual_bytes)
         );
     }
-    if results.len() == 2 && results[1].forward_ms > 0.0 {
+    if results.len() == 2 && results[1].forward_ms > 0.0 && results.iter().all(|r| r.error.is_none()) {
         let _ = writeln!(
             s,
             "{} is {:.2}x the speed of {}",
@@ -261,6 +333,92 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 type Measured = (f64, Vec<f64>, u64, u64, Vec<KernelTime>);
+
+/// `--decode N`: per level, the prefill of the prompt and N greedy tokens; the decode rate from the median
+/// step (the first step, which prepares the decode program, apart).
+fn bench_decode(
+    args: &Args,
+    cfg: &MiniMaxConfig,
+    weights: &HostWeights,
+    tokens: &Tensor,
+    progress: &Progress,
+) -> Result<()> {
+    use crate::cli::model::{load_cpu_pair, load_cuda_pair, with_dtype};
+    let cost_model = args
+        .cost_model
+        .clone()
+        .unwrap_or_else(|| args.target.cost_model().to_string());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "decode {} on {}: batch {}, prompt {} tokens, {} new tokens per sequence",
+        args.input.display(),
+        format!("{:?}", args.target).to_lowercase(),
+        args.batch,
+        args.seq,
+        args.decode
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>12} {:>16} {:>16} {:>12}",
+        "level", "prefill ms", "first step ms", "median step ms", "tokens/s"
+    );
+    let mut rows = Vec::new();
+    for &level in &args.compare {
+        let lname = format!("{level:?}").to_lowercase();
+        progress.say(&format!("{lname}: optimizing the prefill and the decode step"));
+        let prefill = forward_graph(
+            cfg,
+            &ForwardOptions {
+                states: true,
+                last_logits: true,
+                ..Default::default()
+            },
+        )?;
+        let prefill = with_dtype(optimize(prefill, level, &cost_model)?, args.dtype)?;
+        let decode = with_dtype(
+            optimize(fulgur_models::decode_graph(cfg)?, level, &cost_model)?,
+            args.dtype,
+        )?;
+        progress.say(&format!("{lname}: compiling and loading"));
+        let (mut p, mut d) = match args.target {
+            BenchTarget::Cuda => load_cuda_pair(&prefill, &decode, weights, true)?,
+            BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, weights)?,
+            BenchTarget::Reference => bail!("--decode runs on the cpu or cuda target"),
+        };
+        let mut stamps = Vec::new();
+        let t0 = Instant::now();
+        fulgur_runtime::generate::greedy(p.as_mut(), d.as_mut(), tokens, args.decode, |i, n| {
+            stamps.push(t0.elapsed().as_secs_f64());
+            progress.say(&format!("{lname}: token {i}/{n}"));
+        })
+        .context("decoding")?;
+        let prefill_ms = stamps.first().copied().unwrap_or(0.0) * 1e3;
+        let mut steps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
+        let first = if steps.is_empty() { f64::NAN } else { steps.remove(0) };
+        let med = median(&mut steps);
+        let rate = args.batch as f64 / (med / 1e3);
+        let _ = writeln!(
+            s,
+            "{lname:<6} {prefill_ms:>12.1} {first:>16.2} {med:>16.2} {rate:>12.1}"
+        );
+        rows.push(serde_json::json!({
+            "level": lname, "prefill_ms": prefill_ms, "first_step_ms": first, "median_step_ms": med,
+            "tokens_per_s": rate,
+        }));
+    }
+    progress.done();
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.input.display().to_string(), "target": format!("{:?}", args.target).to_lowercase(),
+            "batch": args.batch, "prompt": args.seq, "new_tokens": args.decode, "levels": rows,
+        });
+        crate::cli::files::write_stdout(&(serde_json::to_string_pretty(&v)? + "\n"))?;
+    } else {
+        crate::cli::files::write_stdout(&s)?;
+    }
+    Ok(())
+}
 
 fn bench_reference(
     args: &Args,
@@ -394,8 +552,79 @@ fn bench_cpu(
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }
 
+/// The forward on the GPU: its time is the device time of the step's kernels (CUDA events), median over the
+/// repeats; the top kernels come from one more, profiled, run (an event after every kernel).
+#[cfg(feature = "cuda")]
+fn bench_cuda(
+    args: &Args,
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HostWeights,
+    tokens: &Tensor,
+    lname: &str,
+    progress: &Progress,
+) -> Result<Measured> {
+    use fulgur_runtime::cuda::{CudaOptions, CudaProfile, CudaProgram};
+    use std::collections::HashMap;
+    progress.say(&format!("{lname}: compiling {} kernels with NVRTC", program.step.len()));
+    let mut gpu = CudaProgram::new(program, CudaOptions::default())?;
+    let compile_s = gpu.compile_seconds;
+    progress.say(&format!("{lname}: uploading the weights"));
+    gpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
+    let inputs: HashMap<String, Tensor> = [("input_ids".to_string(), tokens.clone())].into();
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.repeats {
+        progress.say(&format!("{lname}: forward {}/{}", i + 1, args.warmup + args.repeats));
+        gpu.run(&inputs).context("running the forward pass")?;
+        if i >= args.warmup {
+            times.push(gpu.last_step_ms / 1e3);
+        }
+    }
+    let (planned, actual) = gpu.memory().unwrap_or((0, 0));
+    let mut top = Vec::new();
+    if args.top > 0 {
+        gpu.profile = Some(CudaProfile::default());
+        gpu.run(&inputs).context("running the profiled forward pass")?;
+        if let Some(p) = &gpu.profile {
+            let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+            for k in &gpu.program.step {
+                let e = by
+                    .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
+                    .or_default();
+                e.0 += 1;
+                e.1 += p.kernel_ms.get(k.id).copied().unwrap_or(0.0) / p.runs.max(1) as f64;
+            }
+            let mut v: Vec<KernelTime> = by
+                .into_iter()
+                .map(|((op, name), (calls, ms))| KernelTime {
+                    name,
+                    op: truncate(&op, 60),
+                    calls,
+                    ms,
+                    steps: Vec::new(),
+                })
+                .collect();
+            v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
+            v.truncate(args.top);
+            top = v;
+        }
+    }
+    Ok((compile_s, times, planned, actual, top))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(
+    _: &Args,
+    _: fulgur_codegen::program::KernelProgram,
+    _: &HostWeights,
+    _: &Tensor,
+    _: &str,
+    _: &Progress,
+) -> Result<Measured> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
+}
+
 /// `layers.3.matmul.1` → `layers.*.matmul.1`.
-#[cfg(feature = "llvm")]
+#[cfg(any(feature = "llvm", feature = "cuda"))]
 fn strip_layer(name: &str) -> String {
     match name.strip_prefix("layers.") {
         Some(rest) => match rest.split_once('.') {
@@ -406,7 +635,7 @@ fn strip_layer(name: &str) -> String {
     }
 }
 
-#[cfg(feature = "llvm")]
+#[cfg(any(feature = "llvm", feature = "cuda"))]
 fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()

@@ -57,6 +57,13 @@ pub struct EvalArgs {
     /// scratch), e.g. `4GiB`: a larger plan is refused before anything runs, with its planned peak.
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub max_memory: Option<u64>,
+    /// On the cuda target: after every kernel, check its outputs for NaN and infinity and stop at the first
+    /// kernel that produced one, naming it and its IR node.
+    #[arg(long)]
+    pub check_finite: bool,
+    /// The dtype weights and activations are stored in.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
@@ -67,6 +74,27 @@ pub struct EvalArgs {
 pub enum OptLevel {
     None,
     Full,
+}
+
+/// The dtype a model's weights and activations are stored in (`docs/numerics.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// IEEE f32 everywhere (parity with transformers in f32).
+    F32,
+    /// Weights and activations stored as bf16, arithmetic in f32 inside each kernel; the lightning states
+    /// carried between decode steps and the loss stay f32.
+    Bf16,
+}
+
+/// `g` with its floats stored as `dtype` (`fulgur_passes::precision`): applied to the optimizer's output, so
+/// that the kernels it chose keep their intermediates in f32 and store `dtype`.
+pub fn with_dtype(g: fulgur_ir::Graph, dtype: Dtype) -> Result<fulgur_ir::Graph> {
+    Ok(match dtype {
+        Dtype::F32 => g,
+        Dtype::Bf16 => {
+            fulgur_passes::precision::store_as(&g, fulgur_ir::DType::BF16, &fulgur_passes::precision::keep_f32)?
+        }
+    })
 }
 
 impl From<OptLevel> for fulgur_codegen::compile::OptLevel {
@@ -154,12 +182,16 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         loss: true,
         aux_loss: args.aux_loss,
         states: false,
+        last_logits: false,
     };
-    let cost_model = args.cost_model.clone().unwrap_or_else(|| match args.target {
-        crate::cli::bench::BenchTarget::Cpu => "CPU".into(),
-        crate::cli::bench::BenchTarget::Reference => "H100".into(),
-    });
-    let g = optimize(forward_graph(&ck.config, &opts)?, args.opt, &cost_model)?;
+    let cost_model = args
+        .cost_model
+        .clone()
+        .unwrap_or_else(|| args.target.cost_model().to_string());
+    let g = with_dtype(
+        optimize(forward_graph(&ck.config, &opts)?, args.opt, &cost_model)?,
+        args.dtype,
+    )?;
     tracing::info!(elapsed = ?t0.elapsed(), nodes = g.node_count(), "graph built");
     let t1 = Instant::now();
     let outputs = match args.target {
@@ -173,6 +205,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             backend.run(&g, &inputs).context("running the forward graph")?
         }
         crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &HostWeights::Checkpoint(&ck), tokens, args.max_memory)?,
+        crate::cli::bench::BenchTarget::Cuda => run_cuda(&g, &HostWeights::Checkpoint(&ck), tokens, args.check_finite)?,
     };
     tracing::info!(elapsed = ?t1.elapsed(), target = ?args.target, "forward done");
     for (name, t) in &outputs {
@@ -254,6 +287,12 @@ pub struct GenerateArgs {
     /// shared; the default where the build has it) or `reference` (the interpreter).
     #[arg(long, value_enum, default_value_t = crate::cli::bench::default_target())]
     pub target: crate::cli::bench::BenchTarget,
+    /// The dtype weights and activations are stored in.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// On the cuda target: launch the decode step kernel by kernel instead of as a CUDA graph.
+    #[arg(long)]
+    pub eager: bool,
     /// Print the generated tokens of every sequence and the prefill and decode times.
     #[arg(long)]
     pub print: bool,
@@ -310,22 +349,22 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             fulgur_ir::interp::fmt_bytes(budget)
         );
     }
-    let cost_model = match args.target {
-        crate::cli::bench::BenchTarget::Cpu => "CPU",
-        crate::cli::bench::BenchTarget::Reference => "H100",
-    };
-    let prefill = optimize(
-        forward_graph(
-            &ck.config,
-            &ForwardOptions {
-                states: true,
-                ..Default::default()
-            },
+    let cost_model = args.target.cost_model();
+    let prefill = with_dtype(
+        optimize(
+            forward_graph(
+                &ck.config,
+                &ForwardOptions {
+                    states: true,
+                    ..Default::default()
+                },
+            )?,
+            args.opt,
+            cost_model,
         )?,
-        args.opt,
-        cost_model,
+        args.dtype,
     )?;
-    let decode = optimize(decode_graph(&ck.config)?, args.opt, cost_model)?;
+    let decode = with_dtype(optimize(decode_graph(&ck.config)?, args.opt, cost_model)?, args.dtype)?;
     let t_load = Instant::now();
     let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match args.target {
         crate::cli::bench::BenchTarget::Reference => {
@@ -348,6 +387,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             )
         }
         crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, &HostWeights::Checkpoint(&ck))?,
+        crate::cli::bench::BenchTarget::Cuda => {
+            load_cuda_pair(&prefill, &decode, &HostWeights::Checkpoint(&ck), !args.eager)?
+        }
     };
     tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
     // progress on stderr when it is a terminal: the prefill, then one tick per token
@@ -429,7 +471,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 /// Prefill and decode on the CPU backend: both JIT-compiled, the weights loaded into the prefill and shared
 /// (not copied) with the decode.
 #[cfg(feature = "llvm")]
-fn load_cpu_pair(
+pub(crate) fn load_cpu_pair(
     prefill: &fulgur_ir::Graph,
     decode: &fulgur_ir::Graph,
     weights: &HostWeights,
@@ -461,10 +503,89 @@ fn load_cpu_pair(
 }
 
 #[cfg(not(feature = "llvm"))]
-fn load_cpu_pair(
+pub(crate) fn load_cpu_pair(
     _: &fulgur_ir::Graph,
     _: &fulgur_ir::Graph,
     _: &HostWeights,
 ) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
+}
+
+/// The forward graph on the CUDA backend: lowered, compiled by NVRTC, weights uploaded once, one step.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    g: &fulgur_ir::Graph,
+    weights: &HostWeights,
+    tokens: Tensor,
+    check_finite: bool,
+) -> Result<BTreeMap<String, Tensor>> {
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let program = fulgur_codegen::program::lower(g)?;
+    let opts = CudaOptions {
+        check_finite,
+        ..Default::default()
+    };
+    let mut gpu = CudaProgram::new(program, opts).context("compiling for the GPU")?;
+    tracing::info!(
+        seconds = gpu.compile_seconds,
+        cached = gpu.cached_codes,
+        "compiled and loaded"
+    );
+    gpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
+    gpu.run(&[("input_ids".to_string(), tokens)].into())
+        .context("running the forward pass on the GPU")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &fulgur_ir::Graph, _: &HostWeights, _: Tensor, _: bool) -> Result<BTreeMap<String, Tensor>> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
+}
+
+/// Prefill and decode on the CUDA backend, the decode sharing the prefill's device weights.
+#[cfg(feature = "cuda")]
+pub(crate) fn load_cuda_pair(
+    prefill: &fulgur_ir::Graph,
+    decode: &fulgur_ir::Graph,
+    weights: &HostWeights,
+    graphs: bool,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let mut p = CudaProgram::new(fulgur_codegen::program::lower(prefill)?, CudaOptions::default())
+        .context("compiling the prefill for the GPU")?;
+    let mut d = CudaProgram::new(
+        fulgur_codegen::program::lower(decode)?,
+        CudaOptions {
+            graphs,
+            ..Default::default()
+        },
+    )
+    .context("compiling the decode step for the GPU")?;
+    tracing::info!(
+        prefill_s = p.compile_seconds,
+        decode_s = d.compile_seconds,
+        "compiled and loaded"
+    );
+    p.load_weights_from(|name, ty| weights.fetch(name, ty))?;
+    d.share_weights(&p);
+    for name in d.missing_weights() {
+        let ty = d
+            .program
+            .params
+            .iter()
+            .find(|io| io.name == name)
+            .map(|io| io.ty.clone())
+            .ok_or_else(|| anyhow::anyhow!("decode weight `{name}` has no parameter"))?;
+        d.set_weight(&name, &weights.fetch(&name, &ty)?)?;
+    }
+    Ok((Box::new(p), Box::new(d)))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn load_cuda_pair(
+    _: &fulgur_ir::Graph,
+    _: &fulgur_ir::Graph,
+    _: &HostWeights,
+    _: bool,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
 }

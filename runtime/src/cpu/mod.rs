@@ -12,13 +12,15 @@
 
 pub mod gemm;
 
+pub use crate::host::encode_into;
+use crate::host::{check_views, decode_view, grown};
+
 use crate::RuntimeError;
 use fulgur_codegen::kernels::build_program;
 use fulgur_codegen::llvm::{compile, JitProgram, LlvmOptions};
 use fulgur_codegen::loops::{LoopKernel, Slot, Step};
 use fulgur_codegen::program::{BufferKind, Kernel, KernelProgram, Layout, TensorRef};
-use fulgur_ir::{Buffer, DType, Dim, Tensor};
-use half::{bf16, f16};
+use fulgur_ir::{DType, Dim, Tensor};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -90,122 +92,6 @@ impl Drop for Bytes {
                 )
             };
         }
-    }
-}
-
-/// Writes `t` (converted to `dtype`) as `dtype` bytes into `out`.
-pub fn encode_into(t: &Tensor, dtype: DType, out: &mut [u8]) {
-    let es = dtype.size_bytes();
-    match &t.data {
-        Buffer::F(v) => {
-            for (i, &x) in v.iter().enumerate() {
-                put(dtype, x, x as i64, &mut out[i * es..(i + 1) * es]);
-            }
-        }
-        Buffer::I(v) => {
-            for (i, &x) in v.iter().enumerate() {
-                put(dtype, x as f64, x, &mut out[i * es..(i + 1) * es]);
-            }
-        }
-        Buffer::B(v) => {
-            for (i, &x) in v.iter().enumerate() {
-                put(
-                    dtype,
-                    f64::from(u8::from(x)),
-                    i64::from(x),
-                    &mut out[i * es..(i + 1) * es],
-                );
-            }
-        }
-    }
-}
-
-fn put(dtype: DType, f: f64, i: i64, out: &mut [u8]) {
-    match dtype {
-        DType::F32 => out.copy_from_slice(&(f as f32).to_le_bytes()),
-        DType::BF16 => out.copy_from_slice(&bf16::from_f64(f).to_le_bytes()),
-        DType::F16 => out.copy_from_slice(&f16::from_f64(f).to_le_bytes()),
-        DType::I32 => out.copy_from_slice(&(i as i32).to_le_bytes()),
-        DType::I64 => out.copy_from_slice(&i.to_le_bytes()),
-        DType::Bool => out[0] = u8::from(i != 0),
-    }
-}
-
-/// Reads a strided view of typed memory as a host tensor.
-///
-/// # Safety
-/// `base` must hold every element the view addresses.
-unsafe fn decode_view(
-    pool: &rayon::ThreadPool,
-    base: *const u8,
-    dtype: DType,
-    shape: &[usize],
-    strides: &[i64],
-    offset: i64,
-) -> Tensor {
-    let n: usize = shape.iter().product();
-    let es = dtype.size_bytes() as isize;
-    // row-major f32 (the usual output): one pass over a slice
-    let mut want = 1i64;
-    let row_major = shape.iter().zip(strides).rev().all(|(&d, &st)| {
-        let ok = d == 1 || st == want;
-        want *= d as i64;
-        ok
-    });
-    if dtype == DType::F32 && row_major && n > 0 {
-        let src = std::slice::from_raw_parts((base as *const f32).offset(offset as isize), n);
-        // a large output (the logits) is converted by every thread: the new pages fault in parallel
-        let mut data = vec![0f64; n];
-        const CHUNK: usize = 1 << 16;
-        if n > 4 * CHUNK {
-            pool.install(|| {
-                data.par_chunks_mut(CHUNK)
-                    .zip(src.par_chunks(CHUNK))
-                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = s as f64))
-            });
-        } else {
-            data.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f64);
-        }
-        return Tensor {
-            dtype,
-            shape: shape.to_vec(),
-            data: Buffer::F(data),
-        };
-    }
-    let mut idx = vec![0usize; shape.len()];
-    let mut f = Vec::new();
-    let mut iv = Vec::new();
-    let mut bv = Vec::new();
-    for _ in 0..n {
-        let e = offset + idx.iter().zip(strides).map(|(&i, &s)| i as i64 * s).sum::<i64>();
-        let p = base.offset(e as isize * es);
-        match dtype {
-            DType::F32 => f.push((p as *const f32).read_unaligned() as f64),
-            DType::BF16 => f.push(bf16::from_bits((p as *const u16).read_unaligned()).to_f64()),
-            DType::F16 => f.push(f16::from_bits((p as *const u16).read_unaligned()).to_f64()),
-            DType::I32 => iv.push((p as *const i32).read_unaligned() as i64),
-            DType::I64 => iv.push((p as *const i64).read_unaligned()),
-            DType::Bool => bv.push(*p != 0),
-        }
-        for a in (0..shape.len()).rev() {
-            idx[a] += 1;
-            if idx[a] < shape[a] {
-                break;
-            }
-            idx[a] = 0;
-        }
-    }
-    let data = if dtype.is_float() {
-        Buffer::F(f)
-    } else if dtype.is_int() {
-        Buffer::I(iv)
-    } else {
-        Buffer::B(bv)
-    };
-    Tensor {
-        dtype,
-        shape: shape.to_vec(),
-        data,
     }
 }
 
@@ -449,64 +335,7 @@ impl CpuProgram {
 
     /// Binds the symbols from the inputs' shapes, checking every input's dtype and shape.
     fn bind_inputs(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, i64>, RuntimeError> {
-        let mut env: HashMap<String, i64> = HashMap::new();
-        for io in &self.program.inputs {
-            let t = inputs
-                .get(&io.name)
-                .ok_or_else(|| other(format!("input `{}` ({}) is missing", io.name, io.ty)))?;
-            if t.dtype != io.ty.dtype {
-                return Err(other(format!(
-                    "input `{}`: expected dtype {}, got {}",
-                    io.name, io.ty.dtype, t.dtype
-                )));
-            }
-            if t.shape.len() != io.ty.rank() {
-                return Err(other(format!(
-                    "input `{}`: expected rank {} ({}), got shape {:?}",
-                    io.name,
-                    io.ty.rank(),
-                    io.ty,
-                    t.shape
-                )));
-            }
-            for (d, &got) in io.ty.dims().iter().zip(&t.shape) {
-                if let [s] = d.symbols().as_slice() {
-                    if *d == Dim::sym(s) {
-                        match env.get(s) {
-                            Some(&v) if v != got as i64 => {
-                                return Err(other(format!(
-                                    "input `{}`: symbol `{s}` is {v} from an earlier input but {got} here",
-                                    io.name
-                                )))
-                            }
-                            _ => {
-                                env.insert(s.clone(), got as i64);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for io in &self.program.inputs {
-            let t = &inputs[&io.name];
-            for (d, &got) in io.ty.dims().iter().zip(&t.shape) {
-                let want = d.eval(&env).map_err(|m| other(format!("input `{}`: {m}", io.name)))?;
-                if want != got as i64 {
-                    return Err(other(format!(
-                        "input `{}`: expected {} (= {want} here), got shape {:?}",
-                        io.name, io.ty, t.shape
-                    )));
-                }
-            }
-        }
-        for s in &self.program.symbols {
-            if !env.contains_key(s) {
-                return Err(other(format!(
-                    "symbol `{s}` is not bound: no input has it as a whole dimension"
-                )));
-            }
-        }
-        Ok(env)
+        crate::host::bind_inputs(&self.program, inputs)
     }
 
     /// Plans the memory of a binding (and allocates it), unless already bound to `env`.
@@ -1261,80 +1090,6 @@ fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<boo
         }
     }
     ok
-}
-
-/// Checks that every view of the program lies inside its buffer at the symbol values `env`: the generated
-/// code indexes buffers without bounds checks, so a program read from disk (an artifact's `program.json`)
-/// whose views do not fit is refused here, naming the kernel, instead of reading or writing out of bounds.
-fn check_views(program: &KernelProgram, layout: &Layout, env: &HashMap<String, i64>) -> Result<(), RuntimeError> {
-    let check = |t: &TensorRef, what: &dyn Fn() -> String| -> Result<(), RuntimeError> {
-        let ev = |d: &Dim| d.eval(env).map_err(|m| other(format!("{}: {m}", what())));
-        if t.shape.len() != t.strides.len() {
-            return Err(other(format!(
-                "{}: a view of rank {} has {} strides",
-                what(),
-                t.shape.len(),
-                t.strides.len()
-            )));
-        }
-        let mut lo = ev(&t.offset)? as i128;
-        let mut hi = lo;
-        for (d, st) in t.shape.iter().zip(&t.strides) {
-            let (d, st) = (ev(d)? as i128, ev(st)? as i128);
-            if d <= 0 {
-                return Ok(());
-            }
-            let span = (d - 1) * st;
-            if span < 0 {
-                lo += span;
-            } else {
-                hi += span;
-            }
-        }
-        let b = program
-            .buffers
-            .get(t.buffer)
-            .ok_or_else(|| other(format!("{}: buffer b{} does not exist", what(), t.buffer)))?;
-        let elements = (layout.sizes[t.buffer] / b.dtype.size_bytes().max(1) as u64) as i128;
-        if t.dtype != b.dtype {
-            return Err(other(format!(
-                "{}: a {} view of buffer b{}, which holds {}",
-                what(),
-                t.dtype,
-                t.buffer,
-                b.dtype
-            )));
-        }
-        if lo < 0 || hi >= elements {
-            return Err(other(format!(
-                "{}: its view of buffer b{} spans elements {lo}..={hi}, outside the buffer's {elements}",
-                what(),
-                t.buffer
-            )));
-        }
-        Ok(())
-    };
-    for (title, ks) in [("prepare kernel", &program.prepare), ("kernel", &program.step)] {
-        for k in ks.iter() {
-            for (i, t) in k.inputs.iter().chain(&k.outputs).enumerate() {
-                check(t, &|| format!("{title} k{} ({}) operand {i}", k.id, k.name))?;
-            }
-        }
-    }
-    for io in program.inputs.iter().chain(&program.params).chain(&program.outputs) {
-        check(&io.tensor, &|| format!("`{}`", io.name))?;
-    }
-    Ok(())
-}
-
-/// The size to allocate for `need` bytes where `have` were too few: half again as much as before when that
-/// covers the need.
-fn grown(need: usize, have: usize) -> usize {
-    if have == 0 {
-        need
-    } else {
-        need.max(have.saturating_add(have / 2))
-    }
 }
 
 /// Whether every batch element of a GEMM step reads the same `B` (no batch axes, or a `B` stride of zero

@@ -1,0 +1,45 @@
+#!/bin/bash
+# The CUDA backend on the GPU machine, in one call: the GPU tests, tiny-a through the CLI (compile --target
+# cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
+#   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
+# Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
+#   benches/cuda_check.sh [tests|cli|bench|anchor|decode]...   (default: all)
+set -uo pipefail
+out=${OUT:-/tmp/fulgur-cuda}
+mkdir -p "$out"
+export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
+stages=${*:-tests cli bench anchor decode}
+fx=.device/fixtures/tiny-a
+bin=.device/bin/fulgur
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+status=0
+for s in $stages; do
+  case $s in
+    tests)
+      echo "=== GPU tests"
+      .device/run-tests gpu_ --test-threads 1 2>&1 | tee "$out/tests.log" | grep -E "^test |test result|panicked|GPU:|rel |error" || status=1
+      ;;
+    cli)
+      echo "=== tiny-a through the CLI"
+      { $bin compile $fx --target cuda --loss -o /tmp/tiny-a.cuda &&
+        $bin run /tmp/tiny-a.cuda --weights $fx --inputs $fx/reference.safetensors --out /tmp/tiny-a.out.safetensors --print &&
+        $bin generate $fx --target cuda --tokens $fx/decode.safetensors --max-new-tokens 16 --out /tmp/tiny-a.gen.safetensors --print; } 2>&1 | tee "$out/cli.log" | grep -vE "^ *\[" | tail -20 || status=1
+      ;;
+    bench)
+      echo "=== bench-m, bf16: unfused against optimized"
+      for shape in "1 8192" "8 2048"; do
+        set -- $shape
+        timeout 230 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --compare none,full --batch $1 --seq $2 --last-logits --repeats 5 --top 14 2>&1 | tee -a "$out/bench.log" | grep -v "^full: \|^none: " | tail -36 || status=1
+      done
+      ;;
+    anchor)
+      echo "=== transformers MiniMaxForCausalLM, bf16, sdpa"
+      PYTHONUNBUFFERED=1 timeout 200 python3 benches/transformers_cuda.py models/configs/bench-m.json --shapes 1x8192,8x2048 > "$out/transformers.json" 2> "$out/transformers.err"; tail -3 "$out/transformers.err"
+      ;;
+    decode)
+      echo "=== bench-m decode, bf16, CUDA graphs"
+      timeout 150 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --compare full --batch 8 --seq 512 --decode 64 2>&1 | tee "$out/decode.log" | tail -4 || status=1
+      ;;
+  esac
+done
+exit $status

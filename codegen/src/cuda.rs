@@ -1,0 +1,1101 @@
+//! CUDA C++ emission: the loop IR of every kernel code as CUDA C++ source for NVRTC.
+//!
+//! One translation unit per kernel code (`kernels/codeN.cu` in an artifact). Each code becomes a list of
+//! [`Launch`]es, in the order of its loop kernel's steps:
+//! - a **phase** is a `__global__` function over its grid of independent items, one thread per item with a
+//!   grid-stride loop (the items of a phase are independent by the loop IR's contract). Its body is the phase's
+//!   statements, printed as C: every expression a `const` temporary declared where its statement needs it
+//!   (shared sub-expressions once, as in the LLVM emitter), a guarded load (`Expr::Cond`) as an `if`, a checked
+//!   index recording its failure in the kernel's error word. Thread-local arrays larger than
+//!   [`SPILL_BYTES`] live in a spill area of global memory interleaved by thread (coalesced), so that a large
+//!   accumulator row does not make the driver reserve its size for every resident thread;
+//! - a **GEMM** or **grouped GEMM** step is a library launch (cuBLAS, by the runtime);
+//! - `flash_attention[_rope]` is a **template**: one warp per query row, the online softmax over the keys
+//!   with grouped KV heads by broadcasting and the rotary embedding applied to `q` and `k` as they are loaded,
+//!   instead of the loop form's per-thread query blocks.
+//!
+//! Sources are deterministic: the same kernel program gives the same bytes (the NVRTC cache key hashes them).
+//! Each file's header names its code's op and the IR nodes whose kernels run it.
+//!
+//! Arithmetic follows the numerics contract (`docs/numerics.md`): f32 compute, loads convert from the storage
+//! dtype, stores round to it (bf16 to nearest even), IEEE division and square root (no fast math), `max`/`min`
+//! propagate NaN, float → int conversions saturate with NaN → 0, as the CPU backend does.
+
+use crate::kernels::View;
+use crate::loops::{Acc, Expr, LoopKernel, Phase, Scalar, Slot, Step, Stmt, Table, E};
+use crate::program::{Kernel, KernelProgram};
+use crate::CodegenError;
+use fulgur_ir::{BinaryOp, CmpOp, Composite, DType, Dim, Op, UnaryOp};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// Threads per block of a phase launch.
+pub const BLOCK: u32 = 128;
+/// Thread-local arrays of more bytes than this go to the spill area.
+pub const SPILL_BYTES: usize = 512;
+/// Warps per block of the flash-attention template.
+pub const FLASH_WARPS: u32 = 4;
+
+/// One launch of a kernel code.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Launch {
+    /// `function` over `grid` items (an expression of the loop kernel), `spill` bytes of spilled local arrays
+    /// per thread.
+    Phase { function: String, grid: E, spill: usize },
+    /// Step `step` of the loop kernel, a GEMM or grouped GEMM, run by the runtime's BLAS.
+    Library { step: usize },
+    /// `function` over `items` items, `per_block` of them in each block of `threads` threads.
+    Template {
+        function: String,
+        items: E,
+        per_block: u32,
+        threads: u32,
+    },
+}
+
+/// The CUDA form of one kernel code.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CudaKernel {
+    pub code: usize,
+    /// The file name in an artifact (`codeN.cu`).
+    pub file: String,
+    pub source: String,
+    pub launches: Vec<Launch>,
+    /// For each grouped-GEMM step: a device function computing it with the group sizes read on the device
+    /// (what a CUDA graph captures, since the cuBLAS path reads them back to the host), over `items` outputs.
+    pub device_grouped: Vec<(usize, String, E)>,
+}
+
+/// The name of phase or template function `s` of code `code`.
+pub fn function_name(code: usize, step: usize) -> String {
+    format!("fulgur_code{code}_step{step}")
+}
+
+/// The CUDA form of every code of `p`. `kernels` are the loop kernels by code ([`crate::kernels::build_program`]);
+/// a template may add parameters to its code's loop kernel, which the runtime then evaluates like the others.
+pub fn emit_program(p: &KernelProgram, kernels: &mut [LoopKernel]) -> Result<Vec<CudaKernel>, CodegenError> {
+    let mut users: Vec<Vec<String>> = vec![Vec::new(); kernels.len()];
+    let mut first: Vec<Option<&Kernel>> = vec![None; kernels.len()];
+    for k in p.prepare.iter().chain(&p.step) {
+        if let Some(u) = users.get_mut(k.code) {
+            u.push(format!("k{} {}", k.id, k.name));
+            first[k.code].get_or_insert(k);
+        }
+    }
+    let mut out = Vec::with_capacity(kernels.len());
+    for (c, lk) in kernels.iter_mut().enumerate() {
+        out.push(emit(c, lk, first[c], &users[c]).map_err(|e| match e {
+            CodegenError::Options(m) => CodegenError::Options(format!("CUDA code {c} ({}): {m}", lk.name)),
+            e => e,
+        })?);
+    }
+    Ok(out)
+}
+
+/// The CUDA form of code `code`, whose kernels (for the header) are `users`; `kernel` is one of them (the
+/// templates read its views).
+pub fn emit(
+    code: usize,
+    lk: &mut LoopKernel,
+    kernel: Option<&Kernel>,
+    users: &[String],
+) -> Result<CudaKernel, CodegenError> {
+    let mut bodies: Vec<String> = Vec::new();
+    let mut launches = Vec::new();
+    let mut device_grouped = Vec::new();
+    // templates first: they may add parameters, which every function's signature lists
+    let flash = match kernel.map(|k| &k.op) {
+        Some(Op::Composite(Composite::FlashAttention { scale, causal })) => Some((*scale, *causal, None)),
+        Some(Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary })) => {
+            Some((*scale, *causal, Some(*rotary)))
+        }
+        _ => None,
+    };
+    let flash_text = match (flash, kernel) {
+        (Some((scale, causal, rotary)), Some(k)) if lk.steps.len() == 1 => {
+            flash_template(lk, k, scale, causal, rotary)?
+        }
+        _ => None,
+    };
+    if let Some((text, items)) = flash_text {
+        let f = function_name(code, 0);
+        bodies.push(text.replace("FULGUR_FN", &f));
+        launches.push(Launch::Template {
+            function: f,
+            items,
+            per_block: FLASH_WARPS,
+            threads: FLASH_WARPS * 32,
+        });
+    } else {
+        for (s, step) in lk.steps.iter().enumerate() {
+            match step {
+                Step::Phase(p) => {
+                    let f = function_name(code, s);
+                    let (text, spill) = PhaseEmitter::new(lk, p).emit(&f)?;
+                    bodies.push(text);
+                    launches.push(Launch::Phase {
+                        function: f,
+                        grid: p.grid,
+                        spill,
+                    });
+                }
+                Step::Gemm(_) => launches.push(Launch::Library { step: s }),
+                Step::GroupedGemm(_) => launches.push(Launch::Library { step: s }),
+            }
+        }
+        for s in 0..lk.steps.len() {
+            if let Step::GroupedGemm(g) = lk.steps[s].clone() {
+                let f = format!("{}_grouped", function_name(code, s));
+                let (text, items) = grouped_template(lk, &g, &f);
+                bodies.push(text);
+                device_grouped.push((s, f, items));
+            }
+        }
+    }
+    let mut src = String::new();
+    let _ = writeln!(src, "// Fulgur kernel code {code}: {}", lk.name.replace('\n', " "));
+    let _ = writeln!(src, "// IR nodes run by this code ({}):", users.len());
+    for u in users {
+        let _ = writeln!(src, "//   {}", u.replace('\n', " "));
+    }
+    let _ = writeln!(src, "// launches:");
+    for l in &launches {
+        let _ = match l {
+            Launch::Phase { function, grid, spill } => writeln!(
+                src,
+                "//   {function}: phase over {} items{}",
+                lk.expr(*grid),
+                if *spill > 0 {
+                    format!(", {spill} spilled bytes per thread")
+                } else {
+                    String::new()
+                }
+            ),
+            Launch::Library { step } => writeln!(
+                src,
+                "//   step {step}: {} (cuBLAS)",
+                match lk.steps[*step] {
+                    Step::GroupedGemm(_) => "grouped GEMM",
+                    _ => "GEMM",
+                }
+            ),
+            Launch::Template { function, items, .. } => {
+                writeln!(src, "//   {function}: template over {} rows", lk.expr(*items))
+            }
+        };
+    }
+    src.push_str(PRELUDE);
+    for (i, t) in lk.tables.iter().enumerate() {
+        match t {
+            Table::F32(v) => {
+                let _ = write!(
+                    src,
+                    "__device__ const unsigned int fulgur_t{i}[{}] = {{",
+                    v.len().max(1)
+                );
+                for (j, x) in v.iter().enumerate() {
+                    let _ = write!(src, "{}0x{:08x}u", if j % 8 == 0 { "\n  " } else { " " }, x.to_bits());
+                    src.push(',');
+                }
+                if v.is_empty() {
+                    src.push('0');
+                }
+                src.push_str("\n};\n");
+            }
+            Table::I64(v) => {
+                let _ = write!(src, "__device__ const long long fulgur_t{i}[{}] = {{", v.len().max(1));
+                for (j, x) in v.iter().enumerate() {
+                    let _ = write!(src, "{}{},", if j % 8 == 0 { "\n  " } else { " " }, int_lit(*x));
+                }
+                if v.is_empty() {
+                    src.push('0');
+                }
+                src.push_str("\n};\n");
+            }
+        }
+    }
+    let sig = signature(lk);
+    for b in bodies {
+        src.push('\n');
+        src.push_str(&b.replace("FULGUR_SIGNATURE", &sig));
+    }
+    Ok(CudaKernel {
+        code,
+        file: format!("code{code}.cu"),
+        source: src,
+        launches,
+        device_grouped,
+    })
+}
+
+/// The parameters every function of a code takes, in the order the runtime passes them: the slots, the
+/// kernel parameters, the item count, the error word, the spill area and the number of threads launched.
+fn signature(lk: &LoopKernel) -> String {
+    let mut args: Vec<String> = (0..lk.slots.len()).map(|i| format!("char* s{i}")).collect();
+    args.extend((0..lk.params.len()).map(|i| format!("const long long p{i}")));
+    args.push("const long long fulgur_grid".into());
+    args.push("long long* fulgur_err".into());
+    args.push("char* fulgur_spill".into());
+    args.push("const long long fulgur_threads".into());
+    args.join(", ")
+}
+
+/// What every source begins with: storage conversions and the semantics of the loop IR's operations.
+const PRELUDE: &str = r#"
+typedef long long i64;
+// bf16 and f16 storage (round to nearest even; a NaN stays a quiet NaN)
+__device__ __forceinline__ float fulgur_from_bf16(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ unsigned short fulgur_to_bf16(float x) {
+  unsigned int b = __float_as_uint(x);
+  if (x != x) return (unsigned short)((b >> 16) | 0x40u);
+  return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float fulgur_from_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ unsigned short fulgur_to_f16(float x) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }
+// max and min propagate NaN
+__device__ __forceinline__ float fulgur_fmax(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
+__device__ __forceinline__ float fulgur_fmin(float a, float b) { return (a != a || b != b) ? a + b : fminf(a, b); }
+__device__ __forceinline__ i64 fulgur_imax(i64 a, i64 b) { return a > b ? a : b; }
+__device__ __forceinline__ i64 fulgur_imin(i64 a, i64 b) { return a < b ? a : b; }
+// float -> int saturates, NaN -> 0
+__device__ __forceinline__ i64 fulgur_f2i(float x) {
+  if (x != x) return 0;
+  if (x >= 9.22337204e18f) return 9223372036854775807LL;
+  if (x <= -9.22337204e18f) return -9223372036854775807LL - 1;
+  return (i64)x;
+}
+__device__ __forceinline__ float fulgur_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float fulgur_silu(float x) { return x / (1.0f + expf(-x)); }
+// the first failed check of a launch: its number (from 1) and the offending value
+__device__ __noinline__ void fulgur_fail(i64* err, i64 check, i64 value) {
+  if (atomicCAS((unsigned long long*)err, 0ull, (unsigned long long)check) == 0ull) err[1] = value;
+}
+"#;
+
+fn int_lit(x: i64) -> String {
+    if x == i64::MIN {
+        "(-9223372036854775807LL - 1)".into()
+    } else {
+        format!("{x}LL")
+    }
+}
+
+fn float_lit(bits: u32) -> String {
+    let f = f32::from_bits(bits);
+    if f.is_finite() {
+        let s = format!("{f:?}");
+        let s = if s.contains('.') || s.contains('e') || s.contains("inf") {
+            s
+        } else {
+            format!("{s}.0")
+        };
+        format!("{s}f")
+    } else {
+        format!("__uint_as_float(0x{bits:08x}u)")
+    }
+}
+
+fn ctype(s: Scalar) -> &'static str {
+    match s {
+        Scalar::F32 => "float",
+        Scalar::I64 => "i64",
+        Scalar::Bool => "bool",
+    }
+}
+
+fn local_bytes(s: Scalar) -> usize {
+    match s {
+        Scalar::F32 => 4,
+        Scalar::I64 => 8,
+        Scalar::Bool => 1,
+    }
+}
+
+/// The element of storage dtype `dtype` at index `i` of slot `s`, in its compute type.
+fn load_text(slot: u32, dtype: DType, i: &str) -> String {
+    match dtype {
+        DType::F32 => format!("((const float*)s{slot})[{i}]"),
+        DType::BF16 => format!("fulgur_from_bf16(((const unsigned short*)s{slot})[{i}])"),
+        DType::F16 => format!("fulgur_from_f16(((const unsigned short*)s{slot})[{i}])"),
+        DType::I32 => format!("(i64)((const int*)s{slot})[{i}]"),
+        DType::I64 => format!("((const i64*)s{slot})[{i}]"),
+        DType::Bool => format!("(((const unsigned char*)s{slot})[{i}] != 0)"),
+    }
+}
+
+fn store_text(slot: u32, dtype: DType, i: &str, v: &str) -> String {
+    match dtype {
+        DType::F32 => format!("((float*)s{slot})[{i}] = {v};"),
+        DType::BF16 => format!("((unsigned short*)s{slot})[{i}] = fulgur_to_bf16({v});"),
+        DType::F16 => format!("((unsigned short*)s{slot})[{i}] = fulgur_to_f16({v});"),
+        DType::I32 => format!("((int*)s{slot})[{i}] = (int){v};"),
+        DType::I64 => format!("((i64*)s{slot})[{i}] = {v};"),
+        DType::Bool => format!("((unsigned char*)s{slot})[{i}] = (unsigned char)({v});"),
+    }
+}
+
+/// Prints one phase as a `__global__` function.
+struct PhaseEmitter<'a> {
+    lk: &'a LoopKernel,
+    phase: &'a Phase,
+    out: String,
+    depth: usize,
+    /// Per C block: the temporaries declared, with the statement they belong to (`None`: valid for the
+    /// block, the expression reads nothing a statement changes).
+    scopes: Vec<HashMap<E, (String, Option<u64>)>>,
+    unstable: Vec<bool>,
+    statement: u64,
+    temps: usize,
+    /// Spilled local arrays: their byte offset in a thread's part of the spill area.
+    spilled: HashMap<u32, usize>,
+}
+
+impl<'a> PhaseEmitter<'a> {
+    fn new(lk: &'a LoopKernel, phase: &'a Phase) -> Self {
+        let mut stored = std::collections::HashSet::new();
+        collect_stores(&phase.body, &mut stored);
+        let n = lk.pool.len();
+        let mut unstable = vec![false; n];
+        for e in 0..n {
+            unstable[e] = match lk.pool.get(e as E) {
+                Expr::Get(_) | Expr::LoadLocal { .. } => true,
+                Expr::Load { arg, index, .. } => stored.contains(arg) || unstable[*index as usize],
+                x => children(x).iter().any(|&c| unstable[c as usize]),
+            };
+        }
+        PhaseEmitter {
+            lk,
+            phase,
+            out: String::new(),
+            depth: 1,
+            scopes: vec![HashMap::new()],
+            unstable,
+            statement: 0,
+            temps: 0,
+            spilled: HashMap::new(),
+        }
+    }
+
+    fn line(&mut self, s: &str) {
+        for _ in 0..self.depth {
+            self.out.push_str("  ");
+        }
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+
+    fn emit(mut self, name: &str) -> Result<(String, usize), CodegenError> {
+        let mut vars = std::collections::BTreeSet::new();
+        let mut locals = std::collections::BTreeSet::new();
+        collect_state(&self.phase.body, &self.lk.pool, &mut vars, &mut locals);
+        let mut head = String::new();
+        let _ = writeln!(head, "// phase `{}`", self.phase.name);
+        let _ = writeln!(
+            head,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {name}(FULGUR_SIGNATURE) {{"
+        );
+        let _ = writeln!(
+            head,
+            "  const i64 fulgur_tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;"
+        );
+        let mut spill = 0usize;
+        for &l in &locals {
+            let decl = self.lk.locals[l as usize];
+            let bytes = decl.len * local_bytes(decl.ty);
+            if bytes > SPILL_BYTES {
+                self.spilled.insert(l, spill);
+                spill += bytes.div_ceil(8) * 8;
+            } else {
+                let _ = writeln!(head, "  {} l{l}[{}];", ctype(decl.ty), decl.len);
+            }
+        }
+        for &v in &vars {
+            let ty = self.lk.vars[v as usize].ty;
+            let zero = match ty {
+                Scalar::F32 => "0.0f",
+                Scalar::I64 => "0",
+                Scalar::Bool => "false",
+            };
+            let _ = writeln!(head, "  {} m{v} = {zero};", ctype(ty));
+        }
+        let item = self.phase.item;
+        let _ = writeln!(
+            head,
+            "  for (i64 v{item} = fulgur_tid; v{item} < fulgur_grid; v{item} += fulgur_threads) {{"
+        );
+        self.depth = 2;
+        self.stmts(&self.phase.body)?;
+        let mut s = head;
+        s.push_str(&self.out);
+        s.push_str("  }\n}\n");
+        Ok((s, spill))
+    }
+
+    fn stmts(&mut self, body: &'a [Stmt]) -> Result<(), CodegenError> {
+        for st in body {
+            self.statement += 1;
+            self.stmt(st)?;
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, body: &'a [Stmt]) -> Result<(), CodegenError> {
+        self.depth += 1;
+        self.scopes.push(HashMap::new());
+        self.stmts(body)?;
+        self.scopes.pop();
+        self.depth -= 1;
+        Ok(())
+    }
+
+    fn stmt(&mut self, st: &'a Stmt) -> Result<(), CodegenError> {
+        match st {
+            Stmt::For { var, lo, hi, body } => {
+                let lo = self.val(*lo)?;
+                let hi = self.val(*hi)?;
+                self.line(&format!("for (i64 v{var} = {lo}; v{var} < {hi}; ++v{var}) {{"));
+                self.block(body)?;
+                self.line("}");
+            }
+            Stmt::If { cond, then, els } => {
+                let c = self.val(*cond)?;
+                self.line(&format!("if ({c}) {{"));
+                self.block(then)?;
+                if els.is_empty() {
+                    self.line("}");
+                } else {
+                    self.line("} else {");
+                    self.block(els)?;
+                    self.line("}");
+                }
+            }
+            Stmt::Store {
+                arg,
+                dtype,
+                index,
+                value,
+            } => {
+                let i = self.val(*index)?;
+                let v = self.val(*value)?;
+                let s = store_text(*arg, *dtype, &i, &v);
+                self.line(&s);
+            }
+            Stmt::StoreLocal { local, index, value } => {
+                let i = self.val(*index)?;
+                let v = self.val(*value)?;
+                let at = self.local_at(*local, &i);
+                self.line(&format!("{at} = {v};"));
+            }
+            Stmt::Set { var, value } => {
+                let v = self.val(*value)?;
+                self.line(&format!("m{var} = {v};"));
+            }
+            Stmt::Accumulate { var, op, value } => {
+                let v = self.val(*value)?;
+                let ty = self.lk.vars[*var as usize].ty;
+                let s = match (op, ty) {
+                    (Acc::Add, _) => format!("m{var} = m{var} + {v};"),
+                    (Acc::Max, Scalar::F32) => format!("m{var} = fulgur_fmax(m{var}, {v});"),
+                    (Acc::Min, Scalar::F32) => format!("m{var} = fulgur_fmin(m{var}, {v});"),
+                    (Acc::Max, _) => format!("m{var} = fulgur_imax(m{var}, {v});"),
+                    (Acc::Min, _) => format!("m{var} = fulgur_imin(m{var}, {v});"),
+                };
+                self.line(&s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Where element `i` of local array `l` is.
+    fn local_at(&self, l: u32, i: &str) -> String {
+        match self.spilled.get(&l) {
+            Some(off) => {
+                let ty = ctype(self.lk.locals[l as usize].ty);
+                format!("(({ty}*)(fulgur_spill + {off}LL * fulgur_threads))[({i}) * fulgur_threads + fulgur_tid]")
+            }
+            None => format!("l{l}[{i}]"),
+        }
+    }
+
+    fn lookup(&self, e: E) -> Option<String> {
+        for scope in self.scopes.iter().rev() {
+            if let Some((name, at)) = scope.get(&e) {
+                if at.is_none() || *at == Some(self.statement) {
+                    return Some(name.clone());
+                }
+            }
+        }
+        None
+    }
+
+    /// The C text of expression `e` at this point: a literal or a variable, declaring temporaries as needed.
+    fn val(&mut self, e: E) -> Result<String, CodegenError> {
+        if let Some(s) = self.lookup(e) {
+            return Ok(s);
+        }
+        let p = &self.lk.pool;
+        let x = p.get(e).clone();
+        let ty = p.ty(e);
+        // leaves are written where they are used
+        match &x {
+            Expr::F(b) => return Ok(float_lit(*b)),
+            Expr::I(i) => return Ok(int_lit(*i)),
+            Expr::B(b) => return Ok(b.to_string()),
+            Expr::Var(v) => return Ok(format!("v{v}")),
+            Expr::Param(i) => return Ok(format!("p{i}")),
+            Expr::Get(v) => return Ok(format!("m{v}")),
+            _ => {}
+        }
+        let name = format!("e{}", self.temps);
+        self.temps += 1;
+        let rhs: String = match x {
+            Expr::F(_) | Expr::I(_) | Expr::B(_) | Expr::Var(_) | Expr::Param(_) | Expr::Get(_) => unreachable!(),
+            Expr::Load { arg, dtype, index } => {
+                let i = self.val(index)?;
+                load_text(arg, dtype, &i)
+            }
+            Expr::LoadLocal { local, index } => {
+                let i = self.val(index)?;
+                self.local_at(local, &i)
+            }
+            Expr::LoadConst { table, index } => {
+                let i = self.val(index)?;
+                match self.lk.tables.get(table as usize) {
+                    Some(Table::F32(_)) => format!("__uint_as_float(fulgur_t{table}[{i}])"),
+                    _ => format!("fulgur_t{table}[{i}]"),
+                }
+            }
+            Expr::Un(op, a) => {
+                let a_ty = self.lk.pool.ty(a);
+                let a = self.val(a)?;
+                if a_ty == Scalar::F32 {
+                    match op {
+                        UnaryOp::Neg => format!("-{a}"),
+                        UnaryOp::Abs => format!("fabsf({a})"),
+                        UnaryOp::Exp => format!("expf({a})"),
+                        UnaryOp::Log => format!("logf({a})"),
+                        UnaryOp::Sqrt => format!("sqrtf({a})"),
+                        UnaryOp::Rsqrt => format!("1.0f / sqrtf({a})"),
+                        UnaryOp::Recip => format!("1.0f / {a}"),
+                        UnaryOp::Sigmoid => format!("fulgur_sigmoid({a})"),
+                        UnaryOp::Silu => format!("fulgur_silu({a})"),
+                        UnaryOp::Tanh => format!("tanhf({a})"),
+                        UnaryOp::Sin => format!("sinf({a})"),
+                        UnaryOp::Cos => format!("cosf({a})"),
+                    }
+                } else {
+                    match op {
+                        UnaryOp::Neg => format!("-{a}"),
+                        UnaryOp::Abs => format!("({a} < 0 ? -{a} : {a})"),
+                        _ => return Err(CodegenError::Options(format!("`{}` on an integer", op.name()))),
+                    }
+                }
+            }
+            Expr::Bin(op, a, b) => {
+                let a_ty = self.lk.pool.ty(a);
+                let a = self.val(a)?;
+                let b = self.val(b)?;
+                match (op, a_ty) {
+                    (BinaryOp::Add, _) => format!("{a} + {b}"),
+                    (BinaryOp::Sub, _) => format!("{a} - {b}"),
+                    (BinaryOp::Mul, _) => format!("{a} * {b}"),
+                    (BinaryOp::Div, _) => format!("{a} / {b}"),
+                    (BinaryOp::Max, Scalar::F32) => format!("fulgur_fmax({a}, {b})"),
+                    (BinaryOp::Min, Scalar::F32) => format!("fulgur_fmin({a}, {b})"),
+                    (BinaryOp::Max, _) => format!("fulgur_imax({a}, {b})"),
+                    (BinaryOp::Min, _) => format!("fulgur_imin({a}, {b})"),
+                    (BinaryOp::Pow, Scalar::F32) => format!("powf({a}, {b})"),
+                    (BinaryOp::Pow, _) => return Err(CodegenError::Options("integer pow".into())),
+                }
+            }
+            Expr::Rem(a, b) => {
+                let a = self.val(a)?;
+                let b = self.val(b)?;
+                format!("{a} % {b}")
+            }
+            Expr::Cmp(op, a, b) => {
+                let a = self.val(a)?;
+                let b = self.val(b)?;
+                let o = match op {
+                    CmpOp::Eq => "==",
+                    CmpOp::Ne => "!=",
+                    CmpOp::Lt => "<",
+                    CmpOp::Le => "<=",
+                    CmpOp::Gt => ">",
+                    CmpOp::Ge => ">=",
+                };
+                format!("{a} {o} {b}")
+            }
+            Expr::Logic(l, a, b) => {
+                let a = self.val(a)?;
+                let b = self.val(b)?;
+                format!("{a} {} {b}", if l == crate::loops::Logic::And { "&&" } else { "||" })
+            }
+            Expr::Not(a) => format!("!{}", self.val(a)?),
+            Expr::Select(c, a, b) => {
+                let c = self.val(c)?;
+                let a = self.val(a)?;
+                let b = self.val(b)?;
+                format!("{c} ? {a} : {b}")
+            }
+            Expr::Cond(c, a, b) => {
+                // only the branch taken is evaluated
+                let c = self.val(c)?;
+                self.line(&format!("{} {name};", ctype(ty)));
+                self.line(&format!("if ({c}) {{"));
+                for (branch, close) in [(a, "} else {"), (b, "}")] {
+                    self.depth += 1;
+                    self.scopes.push(HashMap::new());
+                    let v = self.val(branch)?;
+                    self.line(&format!("{name} = {v};"));
+                    self.scopes.pop();
+                    self.depth -= 1;
+                    self.line(close);
+                }
+                self.remember(e, &name);
+                return Ok(name);
+            }
+            Expr::Cast(to, a) => {
+                let from = self.lk.pool.ty(a);
+                let a = self.val(a)?;
+                match (from, to) {
+                    (Scalar::F32, Scalar::I64) => format!("fulgur_f2i({a})"),
+                    (Scalar::F32, Scalar::Bool) => format!("{a} != 0.0f"),
+                    (Scalar::I64, Scalar::Bool) => format!("{a} != 0"),
+                    (_, Scalar::F32) => format!("(float){a}"),
+                    (_, Scalar::I64) => format!("(i64){a}"),
+                    (Scalar::Bool, Scalar::Bool) => a,
+                }
+            }
+            Expr::Round(d, a) => {
+                let a = self.val(a)?;
+                match d {
+                    DType::BF16 => format!("fulgur_from_bf16(fulgur_to_bf16({a}))"),
+                    DType::F16 => format!("fulgur_from_f16(fulgur_to_f16({a}))"),
+                    _ => a,
+                }
+            }
+            Expr::Checked { index, bound, check } => {
+                let i = self.val(index)?;
+                let n = self.val(bound)?;
+                self.line(&format!("i64 {name} = {i};"));
+                self.line(&format!(
+                    "if ((unsigned long long){name} >= (unsigned long long){n}) {{ fulgur_fail(fulgur_err, {}, {name}); {name} = 0; }}",
+                    check + 1
+                ));
+                self.remember(e, &name);
+                return Ok(name);
+            }
+        };
+        self.line(&format!("const {} {name} = {rhs};", ctype(ty)));
+        self.remember(e, &name);
+        Ok(name)
+    }
+
+    fn remember(&mut self, e: E, name: &str) {
+        let at = self.unstable[e as usize].then_some(self.statement);
+        self.scopes
+            .last_mut()
+            .expect("a scope")
+            .insert(e, (name.to_string(), at));
+    }
+}
+
+fn children(x: &Expr) -> Vec<E> {
+    match x {
+        Expr::Load { index, .. } | Expr::LoadLocal { index, .. } | Expr::LoadConst { index, .. } => vec![*index],
+        Expr::Un(_, a) | Expr::Not(a) | Expr::Cast(_, a) | Expr::Round(_, a) => vec![*a],
+        Expr::Bin(_, a, b) | Expr::Rem(a, b) | Expr::Cmp(_, a, b) | Expr::Logic(_, a, b) => vec![*a, *b],
+        Expr::Select(c, a, b) | Expr::Cond(c, a, b) => vec![*c, *a, *b],
+        Expr::Checked { index, bound, .. } => vec![*index, *bound],
+        _ => vec![],
+    }
+}
+
+fn collect_stores(body: &[Stmt], out: &mut std::collections::HashSet<u32>) {
+    for s in body {
+        match s {
+            Stmt::Store { arg, .. } => {
+                out.insert(*arg);
+            }
+            Stmt::For { body, .. } => collect_stores(body, out),
+            Stmt::If { then, els, .. } => {
+                collect_stores(then, out);
+                collect_stores(els, out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The mutable variables and local arrays a body uses.
+fn collect_state(
+    body: &[Stmt],
+    pool: &crate::loops::Pool,
+    vars: &mut std::collections::BTreeSet<u32>,
+    locals: &mut std::collections::BTreeSet<u32>,
+) {
+    let mut roots = Vec::new();
+    fn walk(
+        body: &[Stmt],
+        roots: &mut Vec<E>,
+        vars: &mut std::collections::BTreeSet<u32>,
+        locals: &mut std::collections::BTreeSet<u32>,
+    ) {
+        for s in body {
+            match s {
+                Stmt::For { lo, hi, body, .. } => {
+                    roots.extend([*lo, *hi]);
+                    walk(body, roots, vars, locals);
+                }
+                Stmt::If { cond, then, els } => {
+                    roots.push(*cond);
+                    walk(then, roots, vars, locals);
+                    walk(els, roots, vars, locals);
+                }
+                Stmt::Store { index, value, .. } => roots.extend([*index, *value]),
+                Stmt::StoreLocal { local, index, value } => {
+                    locals.insert(*local);
+                    roots.extend([*index, *value]);
+                }
+                Stmt::Set { var, value } | Stmt::Accumulate { var, value, .. } => {
+                    vars.insert(*var);
+                    roots.push(*value);
+                }
+            }
+        }
+    }
+    walk(body, &mut roots, vars, locals);
+    let mut seen = vec![false; pool.len()];
+    while let Some(e) = roots.pop() {
+        if std::mem::replace(&mut seen[e as usize], true) {
+            continue;
+        }
+        match pool.get(e) {
+            Expr::Get(v) => {
+                vars.insert(*v);
+            }
+            Expr::LoadLocal { local, .. } => {
+                locals.insert(*local);
+            }
+            _ => {}
+        }
+        roots.extend(children(pool.get(e)));
+    }
+}
+
+/// The flash-attention template for kernel `k` (its loop form's single phase replaced): one warp per query
+/// row; returns the function text (name `FULGUR_FN`) and the number of rows.
+fn flash_template(
+    lk: &mut LoopKernel,
+    k: &Kernel,
+    scale: f64,
+    causal: bool,
+    rotary: Option<usize>,
+) -> Result<Option<(String, E)>, CodegenError> {
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
+    let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
+    let (Some(d), Some(dv)) = (qt.shape[rq - 1].as_const(), vt.shape[rv - 1].as_const()) else {
+        return Ok(None);
+    };
+    if !qt.dtype.is_float() || d <= 0 || dv <= 0 || ro < 2 {
+        return Ok(None);
+    }
+    let slot = |lk: &mut LoopKernel, s: Slot| lk.slot(s);
+    let (sq, sk, sv, so) = (
+        slot(lk, Slot::Input(0)),
+        slot(lk, Slot::Input(1)),
+        slot(lk, Slot::Input(2)),
+        slot(lk, Slot::Output(0)),
+    );
+    let q = View::of(sq, qt);
+    let kv = View::of(sk, kt);
+    let v = View::of(sv, vt);
+    let o = View::of(so, ot);
+    let nb = ro - 2;
+    // text of a dimension (a literal or a parameter)
+    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
+        let e = lk.dim(d);
+        match lk.pool.get(e) {
+            Expr::I(i) => int_lit(*i),
+            Expr::Param(p) => format!("p{p}"),
+            _ => unreachable!("a dimension is a literal or a parameter"),
+        }
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "// flash attention{}: one warp per query row, online softmax over the keys (scale {scale:e}{})",
+        if rotary.is_some() { " with rotary q and k" } else { "" },
+        if causal { ", causal" } else { "" }
+    );
+    let dpl = (d as usize).div_ceil(32);
+    let dvpl = (dv as usize).div_ceil(32);
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
+        FLASH_WARPS * 32
+    );
+    let t = dim(lk, &qt.shape[rq - 2]);
+    let sdim = dim(lk, &kt.shape[rk - 2]);
+    let _ = writeln!(s, "  const int lane = threadIdx.x & 31;");
+    let _ = writeln!(
+        s,
+        "  const i64 row = (i64)blockIdx.x * {FLASH_WARPS} + (threadIdx.x >> 5);"
+    );
+    let _ = writeln!(s, "  if (row >= fulgur_grid) return;");
+    let _ = writeln!(s, "  const i64 T = {t}, S = {sdim};");
+    let _ = writeln!(s, "  const i64 t = row % T;");
+    let _ = writeln!(s, "  i64 rest = row / T;");
+    // batch coordinates of the output, last first; each operand's offset (size-1 axes broadcast)
+    let mut offs: Vec<String> = Vec::new();
+    for (name, view, r) in [("q", &q, rq), ("k", &kv, rk), ("v", &v, rv), ("o", &o, ro)] {
+        let off = dim(lk, &view.offset);
+        offs.push(format!("i64 {name}_off = {off};"));
+        let _ = r;
+    }
+    for line in &offs {
+        let _ = writeln!(s, "  {line}");
+    }
+    for a in (0..nb).rev() {
+        let ext = dim(lk, &ot.shape[a]);
+        let _ = writeln!(s, "  {{ const i64 c = rest % {ext}; rest /= {ext};");
+        for (name, view, r) in [("q", &q, rq), ("k", &kv, rk), ("v", &v, rv), ("o", &o, ro)] {
+            let nbv = r - 2;
+            // right-aligned batch axes
+            if let Some(j) = (a + nbv).checked_sub(nb) {
+                if !view.shape[j].is_one() {
+                    let st = dim(lk, &view.strides[j]);
+                    let _ = writeln!(s, "    {name}_off += c * {st};");
+                }
+            }
+        }
+        let _ = writeln!(s, "  }}");
+    }
+    let (qrs, qcs) = (dim(lk, &q.strides[rq - 2]), dim(lk, &q.strides[rq - 1]));
+    let (krs, kcs) = (dim(lk, &kv.strides[rk - 2]), dim(lk, &kv.strides[rk - 1]));
+    let (vrs, vcs) = (dim(lk, &v.strides[rv - 2]), dim(lk, &v.strides[rv - 1]));
+    let (ors, ocs) = (dim(lk, &o.strides[ro - 2]), dim(lk, &o.strides[ro - 1]));
+    let ld = |slot: u32, dt: DType, i: &str| load_text(slot, dt, i);
+    // a row element, rotated when the kernel has tables
+    let rot_tables = match rotary {
+        Some(r) => {
+            let (sc, ss) = (lk.slot(Slot::Input(3)), lk.slot(Slot::Input(4)));
+            let cv = View::of(sc, &k.inputs[3]);
+            let sv_ = View::of(ss, &k.inputs[4]);
+            let c_off = dim(lk, &cv.offset);
+            let c_rs = dim(lk, &cv.strides[0]);
+            let c_cs = dim(lk, &cv.strides[1]);
+            let s_off = dim(lk, &sv_.offset);
+            let s_rs = dim(lk, &sv_.strides[0]);
+            let s_cs = dim(lk, &sv_.strides[1]);
+            Some((r, sc, cv.dtype, c_off, c_rs, c_cs, ss, sv_.dtype, s_off, s_rs, s_cs))
+        }
+        None => None,
+    };
+    // element dd of row `pos` of a q/k operand at offset `base`
+    let elem = |slot: u32, dt: DType, base: &str, rs: &str, cs: &str, pos: &str, dd: &str| -> String {
+        let raw = ld(slot, dt, &format!("{base} + {pos} * {rs} + ({dd}) * {cs}"));
+        match &rot_tables {
+            None => raw,
+            Some((r, sc, cdt, c_off, c_rs, c_cs, ss, sdt, s_off, s_rs, s_cs)) => {
+                let h = r / 2;
+                let pair = ld(
+                    slot,
+                    dt,
+                    &format!("{base} + {pos} * {rs} + (({dd}) < {h} ? ({dd}) + {h} : ({dd}) - {h}) * {cs}"),
+                );
+                let c = ld(*sc, *cdt, &format!("{c_off} + {pos} * {c_rs} + ({dd}) * {c_cs}"));
+                let sn = ld(*ss, *sdt, &format!("{s_off} + {pos} * {s_rs} + ({dd}) * {s_cs}"));
+                format!("(({dd}) < {r} ? {raw} * {c} + (({dd}) < {h} ? -{pair} : {pair}) * {sn} : {raw})")
+            }
+        }
+    };
+    let _ = writeln!(s, "  float qv[{dpl}], acc[{dvpl}];");
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int j = 0; j < {dpl}; ++j) {{");
+    let _ = writeln!(s, "    const i64 dd = lane + 32 * j;");
+    let _ = writeln!(
+        s,
+        "    qv[j] = dd < {d} ? {} : 0.0f;",
+        elem(sq, q.dtype, "q_off", &qrs, &qcs, "t", "dd")
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int j = 0; j < {dvpl}; ++j) acc[j] = 0.0f;");
+    let _ = writeln!(s, "  float m = __uint_as_float(0xff800000u), l = 0.0f;");
+    if causal {
+        let _ = writeln!(
+            s,
+            "  i64 kend = t + (S - T) + 1; if (kend > S) kend = S; if (kend < 0) kend = 0;"
+        );
+    } else {
+        let _ = writeln!(s, "  const i64 kend = S;");
+    }
+    let _ = writeln!(s, "  for (i64 u = 0; u < kend; ++u) {{");
+    let _ = writeln!(s, "    float part = 0.0f;");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int j = 0; j < {dpl}; ++j) {{");
+    let _ = writeln!(s, "      const i64 dd = lane + 32 * j;");
+    let _ = writeln!(
+        s,
+        "      if (dd < {d}) part += qv[j] * {};",
+        elem(sk, kv.dtype, "k_off", &krs, &kcs, "u", "dd")
+    );
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(
+        s,
+        "    for (int w = 16; w > 0; w >>= 1) part += __shfl_xor_sync(0xffffffffu, part, w);"
+    );
+    let _ = writeln!(
+        s,
+        "    const float sc = part * {};",
+        float_lit((scale as f32).to_bits())
+    );
+    let _ = writeln!(s, "    const float mn = fulgur_fmax(m, sc);");
+    let _ = writeln!(s, "    const float corr = expf(m - mn);");
+    let _ = writeln!(s, "    const float pr = expf(sc - mn);");
+    let _ = writeln!(s, "    l = l * corr + pr;");
+    let _ = writeln!(s, "    m = mn;");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int j = 0; j < {dvpl}; ++j) {{");
+    let _ = writeln!(s, "      const i64 c = lane + 32 * j;");
+    let _ = writeln!(
+        s,
+        "      if (c < {dv}) acc[j] = acc[j] * corr + pr * {};",
+        ld(sv, v.dtype, &format!("v_off + u * {vrs} + c * {vcs}"))
+    );
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int j = 0; j < {dvpl}; ++j) {{");
+    let _ = writeln!(s, "    const i64 c = lane + 32 * j;");
+    let _ = writeln!(
+        s,
+        "    if (c < {dv}) {}",
+        store_text(so, o.dtype, &format!("o_off + t * {ors} + c * {ocs}"), "acc[j] / l")
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    let rows: Dim = ot.shape[..ro - 1].iter().fold(Dim::from(1), |a, d| a * d.clone());
+    let items = lk.dim(&rows);
+    Ok(Some((s, items)))
+}
+
+/// A grouped GEMM with the group sizes read on the device: one thread per output element (consecutive threads
+/// along a row, so the weight reads coalesce), the row's group found by walking the counts.
+fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name: &str) -> (String, E) {
+    let e = |lk: &LoopKernel, x: E| -> String {
+        // the step's sizes are literals, parameters or products of them
+        c_expr(lk, x)
+    };
+    let items = lk.pool.mul(g.m, g.n);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "// grouped GEMM with the group sizes read on the device (for CUDA graphs)"
+    );
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {name}(FULGUR_SIGNATURE) {{"
+    );
+    let _ = writeln!(
+        s,
+        "  const i64 M = {}, N = {}, K = {}, E = {};",
+        e(lk, g.m),
+        e(lk, g.n),
+        e(lk, g.k),
+        e(lk, g.experts)
+    );
+    let _ = writeln!(
+        s,
+        "  for (i64 item = (i64)blockIdx.x * blockDim.x + threadIdx.x; item < M * N; item += fulgur_threads) {{"
+    );
+    let _ = writeln!(s, "    const i64 r = item / N, c = item % N;");
+    let _ = writeln!(s, "    i64 start = 0, ex = 0;");
+    let _ = writeln!(s, "    for (; ex < E; ++ex) {{");
+    let _ = writeln!(
+        s,
+        "      const i64 cnt = {};",
+        load_text(
+            g.counts_arg,
+            g.counts_dtype,
+            &format!("{} + ex * {}", e(lk, g.counts_offset), e(lk, g.counts_stride))
+        )
+    );
+    let _ = writeln!(s, "      if (r < start + cnt) break;");
+    let _ = writeln!(s, "      start += cnt;");
+    let _ = writeln!(s, "    }}");
+    let check = lk.checks.len() + 1;
+    lk.checks
+        .push("a row of `grouped_matmul` lies past the sum of the group sizes (row index)".into());
+    let _ = writeln!(
+        s,
+        "    if (ex >= E) {{ fulgur_fail(fulgur_err, {check}, r); continue; }}"
+    );
+    let _ = writeln!(s, "    float acc = 0.0f;");
+    let _ = writeln!(s, "    for (i64 kk = 0; kk < K; ++kk) {{");
+    let _ = writeln!(
+        s,
+        "      acc += {} * {};",
+        load_text(
+            g.x.arg,
+            g.x.dtype,
+            &format!("{} + r * {} + kk * {}", e(lk, g.x.offset), e(lk, g.x.rs), e(lk, g.x.cs))
+        ),
+        load_text(
+            g.w.arg,
+            g.w.dtype,
+            &format!(
+                "{} + ex * {} + kk * {} + c * {}",
+                e(lk, g.w.offset),
+                e(lk, g.expert_stride),
+                e(lk, g.w.rs),
+                e(lk, g.w.cs)
+            )
+        )
+    );
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(
+        s,
+        "    {}",
+        store_text(
+            g.out.arg,
+            g.out.dtype,
+            &format!(
+                "{} + r * {} + c * {}",
+                e(lk, g.out.offset),
+                e(lk, g.out.rs),
+                e(lk, g.out.cs)
+            ),
+            "acc"
+        )
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    (s, items)
+}
+
+/// An expression of literals and parameters as C.
+fn c_expr(lk: &LoopKernel, x: E) -> String {
+    match lk.pool.get(x) {
+        Expr::I(i) => int_lit(*i),
+        Expr::Param(p) => format!("p{p}"),
+        Expr::Bin(op, a, b) => {
+            let (a, b) = (c_expr(lk, *a), c_expr(lk, *b));
+            match op {
+                BinaryOp::Add => format!("({a} + {b})"),
+                BinaryOp::Sub => format!("({a} - {b})"),
+                BinaryOp::Mul => format!("({a} * {b})"),
+                BinaryOp::Div => format!("({a} / {b})"),
+                BinaryOp::Max => format!("fulgur_imax({a}, {b})"),
+                BinaryOp::Min => format!("fulgur_imin({a}, {b})"),
+                BinaryOp::Pow => "0".into(),
+            }
+        }
+        Expr::Rem(a, b) => format!("({} % {})", c_expr(lk, *a), c_expr(lk, *b)),
+        _ => "0".into(),
+    }
+}

@@ -1,0 +1,1432 @@
+//! The CUDA backend: a kernel program compiled by NVRTC and run on one GPU through the driver API and cuBLAS.
+//!
+//! `libcuda`, `libnvrtc` and `libcublas` are opened at run time (cudarc's dynamic loading): the backend builds
+//! on machines without CUDA, and [`device_info`] says why it cannot run where it cannot.
+//!
+//! A [`CudaProgram`] holds:
+//! - the compiled code: per kernel code, the CUDA C++ of [`fulgur_codegen::cuda`] compiled for the device's
+//!   architecture (through the on-disk NVRTC cache) and loaded as a module;
+//! - the weights, uploaded once in their dtype and kept resident (shared by `Arc` with another program of the
+//!   same model: prefill and decode);
+//! - the persistent buffers (inputs, constants, prepared values) and one device arena for the transient
+//!   buffers, packed by the buffer plan at the bound symbols; the kernels' scratch; the spill area of their
+//!   large thread-local arrays; one error record per kernel.
+//!
+//! A step runs the kernels in order on one stream (the schedule's order is always correct; the communication
+//! stream matters only once collectives exist). Phases and templates launch generated functions; GEMM steps
+//! call cuBLAS (`cublasGemmStridedBatchedEx`, f32 or bf16 operands, f32 accumulation, TF32 off); grouped GEMMs
+//! read their group sizes back to the host and call one GEMM per group. Every launch is checked: a launch
+//! error names the kernel and its IR node, and after the step the error records name the kernel whose check
+//! failed (an index out of range) with the value.
+
+use crate::host::{check_views, decode_view, encode_into, grown};
+use crate::RuntimeError;
+use cudarc::cublas::result as blas;
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::result as drv;
+use cudarc::driver::sys;
+use fulgur_codegen::cuda::{emit_program, CudaKernel, Launch, BLOCK};
+use fulgur_codegen::kernels::build_program;
+use fulgur_codegen::loops::{LoopKernel, Operand, Slot, Step};
+use fulgur_codegen::program::{op_summary, BufferKind, Kernel, KernelProgram, Layout, TensorRef};
+use fulgur_ir::{DType, Dim, Tensor};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn other(m: impl Into<String>) -> RuntimeError {
+    RuntimeError::Other(m.into())
+}
+
+fn fmt_bytes(b: u64) -> String {
+    fulgur_ir::interp::fmt_bytes(b)
+}
+
+/// Spilled thread-local arrays of one launch take at most this many bytes (the launch uses fewer threads).
+const SPILL_BUDGET: u64 = 256 << 20;
+
+/// What the device is.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// Compute capability.
+    pub major: i32,
+    pub minor: i32,
+    pub multiprocessors: i32,
+    pub total_memory: u64,
+}
+
+impl DeviceInfo {
+    /// The NVRTC architecture of the device (`sm_90` on Hopper).
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.major, self.minor)
+    }
+}
+
+/// Device 0, or why CUDA cannot run here (no driver library, no device).
+pub fn device_info() -> Result<DeviceInfo, String> {
+    // SAFETY: only tries to open the library
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no CUDA driver (libcuda cannot be opened)".into());
+    }
+    drv::init().map_err(|e| format!("the CUDA driver does not start: {e}"))?;
+    let n = drv::device::get_count().map_err(|e| format!("cannot count CUDA devices: {e}"))?;
+    if n < 1 {
+        return Err("the CUDA driver sees no device".into());
+    }
+    let dev = drv::device::get(0).map_err(|e| format!("CUDA device 0: {e}"))?;
+    let attr = |a| unsafe { drv::device::get_attribute(dev, a) }.map_err(|e| format!("CUDA device 0: {e}"));
+    Ok(DeviceInfo {
+        name: drv::device::get_name(dev).map_err(|e| format!("CUDA device 0: {e}"))?,
+        major: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        minor: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        multiprocessors: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        total_memory: unsafe { drv::device::total_mem(dev) }.map_err(|e| format!("CUDA device 0: {e}"))? as u64,
+    })
+}
+
+/// Device memory, freed on drop.
+pub struct DevBuf {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+impl DevBuf {
+    /// `len` zeroed bytes of device memory; an error naming `what` when the device cannot give them.
+    fn zeroed(len: usize, what: &str) -> Result<DevBuf, RuntimeError> {
+        if len == 0 {
+            return Ok(DevBuf { ptr: 0, len: 0 });
+        }
+        // SAFETY: a plain allocation, freed in Drop
+        let ptr = unsafe { drv::malloc_sync(len) }.map_err(|e| {
+            let free = drv::mem_get_info()
+                .map(|(f, _)| fmt_bytes(f as u64))
+                .unwrap_or_else(|_| "?".into());
+            other(format!(
+                "{what}: cannot allocate {} on the GPU ({e}; {free} free)",
+                fmt_bytes(len as u64)
+            ))
+        })?;
+        let buf = DevBuf { ptr, len };
+        // SAFETY: `ptr` holds `len` bytes
+        unsafe { drv::memset_d8_sync(ptr, 0, len) }.map_err(|e| other(format!("{what}: memset failed: {e}")))?;
+        Ok(buf)
+    }
+
+    fn upload(bytes: &[u8], what: &str) -> Result<DevBuf, RuntimeError> {
+        let b = DevBuf::zeroed(bytes.len(), what)?;
+        if !bytes.is_empty() {
+            // SAFETY: `b` holds `bytes.len()` bytes
+            unsafe { drv::memcpy_htod_sync(b.ptr, bytes) }.map_err(|e| other(format!("{what}: upload failed: {e}")))?;
+        }
+        Ok(b)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync, freed once
+            let _ = unsafe { drv::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Options of the CUDA backend.
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// The NVRTC architecture (`None`: the device's, e.g. `sm_90`).
+    pub arch: Option<String>,
+    /// The NVRTC cache directory (`None`: [`fulgur_codegen::nvrtc::cache_dir`]).
+    pub cache: Option<PathBuf>,
+    /// After every step kernel, check its float outputs for NaN and infinity and stop at the first kernel
+    /// that produced one.
+    pub check_finite: bool,
+    /// Capture each step into a CUDA graph and launch that (updating the one instantiated before when only
+    /// the kernels' arguments changed): one launch per step instead of one per kernel. Grouped GEMMs then
+    /// read their group sizes on the device.
+    pub graphs: bool,
+}
+
+struct Binding {
+    env: HashMap<String, i64>,
+    layout: Layout,
+    /// Per code: its parameters at the bound symbols.
+    params: Vec<Vec<i64>>,
+    /// Per code: the byte offset of each scratch buffer in the scratch area.
+    scratch: Vec<Vec<usize>>,
+    scratch_bytes: usize,
+    spill_bytes: usize,
+}
+
+/// A kernel program compiled for the GPU, with its weights resident.
+pub struct CudaProgram {
+    pub program: KernelProgram,
+    pub kernels: Vec<LoopKernel>,
+    pub cuda: Vec<CudaKernel>,
+    pub device: DeviceInfo,
+    options: CudaOptions,
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    blas: blas_sys::cublasHandle_t,
+    modules: Vec<sys::CUmodule>,
+    /// Per code, per launch: the function (None for library launches).
+    functions: Vec<Vec<Option<sys::CUfunction>>>,
+    weights: Vec<Option<Arc<DevBuf>>>,
+    persistent: Vec<Option<DevBuf>>,
+    arena: DevBuf,
+    scratch: DevBuf,
+    spill: DevBuf,
+    /// Two i64 per kernel (prepare kernels first): the failed check and its value.
+    errors: DevBuf,
+    binding: Option<Binding>,
+    prepare_symbols: BTreeSet<String>,
+    prepared_at: Option<BTreeMap<String, i64>>,
+    prepare_runs: usize,
+    pool: rayon::ThreadPool,
+    /// Seconds spent emitting and compiling (NVRTC, or its cache) and loading the modules.
+    pub compile_seconds: f64,
+    /// How many codes came from the NVRTC cache.
+    pub cached_codes: usize,
+    /// Device time of the last step's kernels, by CUDA events (ms).
+    pub last_step_ms: f64,
+    /// When set, every step kernel is timed by CUDA events into it.
+    pub profile: Option<CudaProfile>,
+    /// Events: the start of the step, then one after each step kernel.
+    events: Vec<sys::CUevent>,
+    /// The instantiated graph of the last captured step.
+    graph_exec: Option<sys::CUgraphExec>,
+    /// Whether launches are being captured (no host synchronisation then).
+    capturing: bool,
+    /// How many steps ran as a graph, and how many of those updated the instantiated graph in place.
+    pub graph_launches: usize,
+    pub graph_updates: usize,
+    _workspace: DevBuf,
+}
+
+/// Device time per step kernel, summed over the runs since it was set.
+#[derive(Clone, Debug, Default)]
+pub struct CudaProfile {
+    /// Milliseconds per step kernel (by kernel id).
+    pub kernel_ms: Vec<f64>,
+    pub runs: usize,
+}
+
+impl CudaProgram {
+    /// Emits CUDA C++ for every kernel code, compiles it for the device (through the cache) and loads it.
+    pub fn new(program: KernelProgram, options: CudaOptions) -> Result<CudaProgram, RuntimeError> {
+        let t = Instant::now();
+        let device = device_info().map_err(other)?;
+        let arch = options.arch.clone().unwrap_or_else(|| device.arch());
+        let mut kernels = build_program(&program).map_err(|e| other(e.to_string()))?;
+        let cuda = emit_program(&program, &mut kernels).map_err(|e| other(e.to_string()))?;
+        // SAFETY: device 0 exists (device_info); its primary context is retained for the program's life
+        let ctx = unsafe {
+            let dev = drv::device::get(0).map_err(|e| other(format!("CUDA device 0: {e}")))?;
+            let ctx = drv::primary_ctx::retain(dev).map_err(|e| other(format!("CUDA context: {e}")))?;
+            drv::ctx::set_current(ctx).map_err(|e| other(format!("CUDA context: {e}")))?;
+            ctx
+        };
+        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(|e| other(format!("CUDA stream: {e}")))?;
+        let blas = blas::create_handle().map_err(|e| other(format!("cuBLAS: {e:?}")))?;
+        // SAFETY: the handle and stream were created above
+        unsafe {
+            blas::set_stream(blas, stream as blas_sys::cudaStream_t).map_err(|e| other(format!("cuBLAS: {e:?}")))?;
+            blas_sys::cublasSetMathMode(blas, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .map_err(|e| other(format!("cuBLAS: {e:?}")))?;
+        }
+        // cuBLAS's workspace is ours, so that no allocation happens while a graph is captured
+        let workspace = DevBuf::zeroed(32 << 20, "the cuBLAS workspace")?;
+        // SAFETY: the buffer outlives the handle (both dropped with the program, the handle first)
+        unsafe { blas_sys::cublasSetWorkspace_v2(blas, workspace.ptr as *mut c_void, workspace.len) }
+            .result()
+            .map_err(|e| other(format!("cuBLAS workspace: {e:?}")))?;
+        let cache = options.cache.clone().or_else(fulgur_codegen::nvrtc::cache_dir);
+        let mut modules = Vec::with_capacity(cuda.len());
+        let mut functions = Vec::with_capacity(cuda.len());
+        // NVRTC compiles the codes in parallel (each its own program); the modules load in order after
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(cuda.len().max(1));
+        let compiled: Vec<Result<fulgur_codegen::nvrtc::Compiled, String>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (cuda, arch, cache) = (&cuda, &arch, &cache);
+                    sc.spawn(move || {
+                        (t..cuda.len())
+                            .step_by(threads)
+                            .map(|i| {
+                                let ck = &cuda[i];
+                                (
+                                    i,
+                                    fulgur_codegen::nvrtc::compile(&ck.file, &ck.source, arch, cache.as_deref())
+                                        .map_err(|e| e.to_string()),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut all: Vec<(usize, Result<_, String>)> = handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![(usize::MAX, Err("an NVRTC thread panicked".into()))])
+                })
+                .collect();
+            all.sort_by_key(|x| x.0);
+            all.into_iter().map(|x| x.1).collect()
+        });
+        if compiled.len() != cuda.len() {
+            return Err(other("an NVRTC compile thread failed"));
+        }
+        let mut cached_codes = 0;
+        for (ck, c) in cuda.iter().zip(compiled) {
+            let c = c.map_err(other)?;
+            cached_codes += usize::from(c.cached);
+            // SAFETY: a cubin NVRTC produced for this device's architecture
+            let module = unsafe { drv::module::load_data(c.cubin.as_ptr() as *const c_void) }
+                .map_err(|e| other(format!("loading {} ({}): {e}", ck.file, kernels[ck.code].name)))?;
+            let mut fs = Vec::new();
+            for l in &ck.launches {
+                fs.push(match l {
+                    Launch::Phase { function, .. } | Launch::Template { function, .. } => {
+                        let name = CString::new(function.as_str()).map_err(|_| other("a function name with NUL"))?;
+                        // SAFETY: the module is loaded
+                        Some(
+                            unsafe { drv::module::get_function(module, name) }
+                                .map_err(|e| other(format!("{}: function {function}: {e}", ck.file)))?,
+                        )
+                    }
+                    Launch::Library { .. } => None,
+                });
+            }
+            for (_, f, _) in &ck.device_grouped {
+                let name = CString::new(f.as_str()).map_err(|_| other("a function name with NUL"))?;
+                // SAFETY: the module is loaded
+                fs.push(Some(
+                    unsafe { drv::module::get_function(module, name) }
+                        .map_err(|e| other(format!("{}: function {f}: {e}", ck.file)))?,
+                ));
+            }
+            modules.push(module);
+            functions.push(fs);
+        }
+        let n = program.buffers.len();
+        let mut prepare_symbols = BTreeSet::new();
+        for k in &program.prepare {
+            for t in k.inputs.iter().chain(&k.outputs) {
+                for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
+                    prepare_symbols.extend(d.symbols());
+                }
+            }
+        }
+        for b in &program.buffers {
+            if matches!(b.kind, BufferKind::Prepared | BufferKind::Constant) {
+                prepare_symbols.extend(b.elements.symbols());
+            }
+        }
+        let errors = DevBuf::zeroed(
+            16 * (program.prepare.len() + program.step.len()).max(1),
+            "error records",
+        )?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .build()
+            .map_err(|e| other(format!("cannot start host threads: {e}")))?;
+        Ok(CudaProgram {
+            program,
+            kernels,
+            cuda,
+            device,
+            options,
+            ctx,
+            stream,
+            blas,
+            modules,
+            functions,
+            weights: (0..n).map(|_| None).collect(),
+            persistent: (0..n).map(|_| None).collect(),
+            arena: DevBuf::zeroed(0, "arena")?,
+            scratch: DevBuf::zeroed(0, "scratch")?,
+            spill: DevBuf::zeroed(0, "spill")?,
+            errors,
+            binding: None,
+            prepare_symbols,
+            prepared_at: None,
+            prepare_runs: 0,
+            pool,
+            compile_seconds: t.elapsed().as_secs_f64(),
+            cached_codes,
+            last_step_ms: 0.0,
+            profile: None,
+            events: Vec::new(),
+            graph_exec: None,
+            capturing: false,
+            graph_launches: 0,
+            graph_updates: 0,
+            _workspace: workspace,
+        })
+    }
+
+    fn current(&self) -> Result<(), RuntimeError> {
+        // SAFETY: the context is retained for the program's life
+        unsafe { drv::ctx::set_current(self.ctx) }.map_err(|e| other(format!("CUDA context: {e}")))
+    }
+
+    /// Uploads one weight (converted to the parameter's dtype); its shape must be the parameter's.
+    pub fn set_weight(&mut self, name: &str, t: &Tensor) -> Result<(), RuntimeError> {
+        self.current()?;
+        let io = self
+            .program
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| other(format!("weight `{name}`: the program has no parameter of that name")))?
+            .clone();
+        let want = io.ty.shape.as_consts().ok_or_else(|| {
+            other(format!(
+                "weight `{name}`: the parameter's shape {} is symbolic",
+                io.ty.shape
+            ))
+        })?;
+        if t.shape != want {
+            return Err(other(format!(
+                "weight `{name}`: expected shape {want:?} ({}), got {:?}",
+                io.ty, t.shape
+            )));
+        }
+        let mut bytes = vec![0u8; t.numel() * io.ty.dtype.size_bytes()];
+        encode_into(t, io.ty.dtype, &mut bytes);
+        self.weights[io.tensor.buffer] = Some(Arc::new(DevBuf::upload(&bytes, &format!("weight `{name}`"))?));
+        self.prepared_at = None;
+        Ok(())
+    }
+
+    /// Checks that the weights fit the device before any is uploaded: their bytes against the free memory.
+    pub fn check_weights_fit(&self) -> Result<(), RuntimeError> {
+        self.current()?;
+        let need: u64 = self
+            .program
+            .params
+            .iter()
+            .filter(|p| self.weights[p.tensor.buffer].is_none())
+            .filter_map(|p| {
+                p.ty.shape
+                    .as_consts()
+                    .map(|s| s.iter().product::<usize>() * p.ty.dtype.size_bytes())
+            })
+            .map(|b| b as u64)
+            .sum();
+        let (free, _) = drv::mem_get_info().map_err(|e| other(format!("cuMemGetInfo: {e}")))?;
+        if need > free as u64 {
+            return Err(other(format!(
+                "the weights need {} on the GPU but {} has {} free",
+                fmt_bytes(need),
+                self.device.name,
+                fmt_bytes(free as u64)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Uses the weights `from` holds for every parameter of the same name and type (the same device memory);
+    /// returns how many were shared.
+    pub fn share_weights(&mut self, from: &CudaProgram) -> usize {
+        let mut shared = 0;
+        for io in &self.program.params {
+            let Some(src) = from.program.params.iter().find(|p| p.name == io.name) else {
+                continue;
+            };
+            if src.ty != io.ty {
+                continue;
+            }
+            if let Some(w) = &from.weights[src.tensor.buffer] {
+                self.weights[io.tensor.buffer] = Some(Arc::clone(w));
+                shared += 1;
+            }
+        }
+        if shared > 0 {
+            self.prepared_at = None;
+        }
+        shared
+    }
+
+    /// Loads every weight from `fetch(name, type)`, one at a time, after checking that they fit.
+    pub fn load_weights_from<E: std::fmt::Display>(
+        &mut self,
+        mut fetch: impl FnMut(&str, &fulgur_ir::TensorType) -> Result<Tensor, E>,
+    ) -> Result<(), RuntimeError> {
+        self.check_weights_fit()?;
+        let params: Vec<(String, fulgur_ir::TensorType)> = self
+            .program
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.ty.clone()))
+            .collect();
+        for (name, ty) in params {
+            let t = fetch(&name, &ty).map_err(|e| other(e.to_string()))?;
+            self.set_weight(&name, &t)?;
+        }
+        Ok(())
+    }
+
+    /// Loads every weight from `weights` (by name); all must be present.
+    pub fn load_weights(&mut self, weights: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
+        self.load_weights_from(|name, _| {
+            weights
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("weight `{name}` is missing"))
+        })
+    }
+
+    /// The names of the weights not loaded yet.
+    pub fn missing_weights(&self) -> Vec<String> {
+        self.program
+            .params
+            .iter()
+            .filter(|p| self.weights[p.tensor.buffer].is_none())
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// How many times the prepare program ran.
+    pub fn prepare_runs(&self) -> usize {
+        self.prepare_runs
+    }
+
+    /// Memory of the current binding: (planned peak with scratch and spill, bytes allocated).
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        let b = self.binding.as_ref()?;
+        let planned = b.layout.planned_peak() + b.scratch_bytes as u64 + b.spill_bytes as u64;
+        let held: usize = self.persistent.iter().flatten().map(|x| x.len()).sum::<usize>()
+            + self.weights.iter().flatten().map(|x| x.len()).sum::<usize>()
+            + self.arena.len()
+            + self.scratch.len()
+            + self.spill.len();
+        Some((planned, held as u64))
+    }
+
+    fn bind_inputs(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, i64>, RuntimeError> {
+        crate::host::bind_inputs(&self.program, inputs)
+    }
+
+    /// The threads and blocks a phase of `grid` items with `spill` spilled bytes per thread launches.
+    fn phase_shape(&self, grid: i64, spill: usize) -> (u32, i64) {
+        let mut blocks = (grid.max(0) as u64).div_ceil(BLOCK as u64);
+        blocks = blocks.min(self.device.multiprocessors.max(1) as u64 * 16).max(1);
+        if spill > 0 {
+            let max_threads = (SPILL_BUDGET / spill as u64).max(BLOCK as u64);
+            blocks = blocks.min((max_threads / BLOCK as u64).max(1));
+        }
+        (blocks as u32, blocks as i64 * BLOCK as i64)
+    }
+
+    /// Plans the memory of a binding (and allocates it), unless already bound to `env`; refuses, before any
+    /// allocation, a binding whose planned peak exceeds the free device memory.
+    fn bind(&mut self, env: HashMap<String, i64>) -> Result<(), RuntimeError> {
+        if self.binding.as_ref().map(|b| &b.env) == Some(&env) {
+            return Ok(());
+        }
+        let layout = self.program.layout(&env).map_err(|e| other(e.to_string()))?;
+        check_views(&self.program, &layout, &env)?;
+        let mut params = Vec::with_capacity(self.kernels.len());
+        let mut scratch = Vec::with_capacity(self.kernels.len());
+        let mut scratch_bytes = 0usize;
+        let mut spill_bytes = 0usize;
+        for (c, lk) in self.kernels.iter().enumerate() {
+            let ps = lk
+                .params
+                .iter()
+                .map(|d| d.eval(&env))
+                .collect::<Result<Vec<i64>, String>>()
+                .map_err(|m| other(format!("kernel code {c}: {m}")))?;
+            let mut offs = Vec::with_capacity(lk.scratch.len());
+            let mut at = 0usize;
+            for (dt, n) in &lk.scratch {
+                let n = n.eval(&env).map_err(|m| other(format!("kernel code {c}: {m}")))?;
+                offs.push(at);
+                at = at
+                    .checked_add((n.max(0) as usize).saturating_mul(dt.size_bytes()).div_ceil(256) * 256)
+                    .ok_or_else(|| other("scratch size overflows"))?;
+            }
+            for l in &self.cuda[c].launches {
+                if let Launch::Phase { grid, spill, .. } = l {
+                    if *spill > 0 {
+                        let g = lk.pool.eval(*grid, &ps).unwrap_or(0);
+                        let (_, threads) = self.phase_shape(g, *spill);
+                        spill_bytes = spill_bytes.max(threads as usize * spill);
+                    }
+                }
+            }
+            scratch_bytes = scratch_bytes.max(at);
+            params.push(ps);
+            scratch.push(offs);
+        }
+        // what this binding allocates beyond what is held: checked against the free memory first
+        let mut need = 0u64;
+        need += (layout.arena_bytes as usize).saturating_sub(self.arena.len()) as u64;
+        need += scratch_bytes.saturating_sub(self.scratch.len()) as u64;
+        need += spill_bytes.saturating_sub(self.spill.len()) as u64;
+        for b in &self.program.buffers {
+            if b.kind != BufferKind::Transient && b.kind != BufferKind::Weight {
+                let have = self.persistent[b.id].as_ref().map_or(0, |x| x.len());
+                need += (layout.sizes[b.id] as usize).saturating_sub(have) as u64;
+            }
+        }
+        self.current()?;
+        let (free, _) = drv::mem_get_info().map_err(|e| other(format!("cuMemGetInfo: {e}")))?;
+        if need > free as u64 {
+            let mut syms: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            syms.sort();
+            return Err(other(format!(
+                "at {} the program needs {} more on the GPU (planned peak {}: persistent {}, arena {}; scratch {}, \
+                 spill {}) but {} has {} free",
+                syms.join(", "),
+                fmt_bytes(need),
+                fmt_bytes(layout.planned_peak() + scratch_bytes as u64 + spill_bytes as u64),
+                fmt_bytes(layout.persistent_bytes),
+                fmt_bytes(layout.arena_bytes),
+                fmt_bytes(scratch_bytes as u64),
+                fmt_bytes(spill_bytes as u64),
+                self.device.name,
+                fmt_bytes(free as u64)
+            )));
+        }
+        if self.arena.len() < layout.arena_bytes as usize {
+            self.arena = DevBuf::zeroed(0, "arena")?;
+            self.arena = DevBuf::zeroed(grown(layout.arena_bytes as usize, self.arena.len()), "the arena")?;
+        }
+        if self.scratch.len() < scratch_bytes {
+            self.scratch = DevBuf::zeroed(scratch_bytes, "kernel scratch")?;
+        }
+        if self.spill.len() < spill_bytes {
+            self.spill = DevBuf::zeroed(spill_bytes, "spill area")?;
+        }
+        for b in &self.program.buffers {
+            if b.kind == BufferKind::Transient || b.kind == BufferKind::Weight {
+                continue;
+            }
+            let size = layout.sizes[b.id] as usize;
+            let have = self.persistent[b.id].as_ref().map(|x| x.len());
+            let ok = match have {
+                Some(len) if b.kind == BufferKind::Input => len >= size,
+                Some(len) => len == size,
+                None => false,
+            };
+            if !ok {
+                self.persistent[b.id] = None;
+                let alloc = if b.kind == BufferKind::Input {
+                    grown(size, have.unwrap_or(0))
+                } else {
+                    size
+                };
+                self.persistent[b.id] = Some(DevBuf::zeroed(alloc, &format!("buffer b{}", b.id))?);
+                if b.kind == BufferKind::Prepared || b.kind == BufferKind::Constant {
+                    self.prepared_at = None;
+                }
+            }
+        }
+        self.binding = Some(Binding {
+            env,
+            layout,
+            params,
+            scratch,
+            scratch_bytes,
+            spill_bytes,
+        });
+        Ok(())
+    }
+
+    /// The device address of buffer `b`.
+    fn buffer_ptr(&self, b: usize) -> Result<sys::CUdeviceptr, RuntimeError> {
+        let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
+        match binding.layout.offsets[b] {
+            Some(off) => Ok(self.arena.ptr + off),
+            None if self.program.buffers[b].kind == BufferKind::Weight => self.weights[b]
+                .as_ref()
+                .map(|x| x.ptr)
+                .ok_or_else(|| other(format!("buffer b{b} has no memory (a weight not loaded?)"))),
+            None => self.persistent[b]
+                .as_ref()
+                .map(|x| x.ptr)
+                .ok_or_else(|| other(format!("buffer b{b} has no memory"))),
+        }
+    }
+
+    fn fill_constants(&mut self) -> Result<(), RuntimeError> {
+        for b in &self.program.buffers {
+            if let Some(fulgur_ir::Op::Constant { dtype, data, .. }) = &b.init {
+                let t = match data {
+                    fulgur_ir::ConstData::Float(v) => Tensor::from_f64(*dtype, vec![v.len()], v.clone()),
+                    fulgur_ir::ConstData::Int(v) => Tensor::from_i64(*dtype, vec![v.len()], v.clone()),
+                    fulgur_ir::ConstData::Bool(v) => Tensor::from_bool(vec![v.len()], v.clone()),
+                };
+                let buf = self.persistent[b.id]
+                    .as_ref()
+                    .ok_or_else(|| other(format!("constant b{} has no memory", b.id)))?;
+                let mut bytes = vec![0u8; t.numel() * b.dtype.size_bytes()];
+                encode_into(&t, b.dtype, &mut bytes);
+                if bytes.len() > buf.len {
+                    return Err(other(format!("constant b{} does not fit its buffer", b.id)));
+                }
+                // SAFETY: the buffer holds the bytes (checked)
+                unsafe { drv::memcpy_htod_sync(buf.ptr, &bytes) }
+                    .map_err(|e| other(format!("constant b{}: upload failed: {e}", b.id)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the prepare program (once per weights and binding).
+    fn prepare(&mut self) -> Result<(), RuntimeError> {
+        let env: Option<BTreeMap<String, i64>> = self.binding.as_ref().map(|b| {
+            b.env
+                .iter()
+                .filter(|(k, _)| self.prepare_symbols.contains(*k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        });
+        if self.prepared_at.is_some() && self.prepared_at == env {
+            return Ok(());
+        }
+        self.prepared_at = None;
+        let missing = self.missing_weights();
+        if !missing.is_empty() {
+            let more = if missing.len() > 3 {
+                format!(" and {} more", missing.len() - 3)
+            } else {
+                String::new()
+            };
+            return Err(other(format!(
+                "weights not loaded: {}{more}",
+                missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        self.fill_constants()?;
+        let kernels = std::mem::take(&mut self.program.prepare);
+        let r = kernels
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, k)| self.launch_kernel(k, false, i));
+        self.program.prepare = kernels;
+        r?;
+        self.finish(false)?;
+        self.prepare_runs += 1;
+        self.prepared_at = env;
+        Ok(())
+    }
+
+    /// Waits for the stream and reports the first failed check of the kernels just run.
+    fn finish(&mut self, step: bool) -> Result<(), RuntimeError> {
+        // SAFETY: the stream is live
+        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| {
+            other(format!(
+                "a kernel of the {} failed on the GPU: {e} (set FULGUR_CUDA_SYNC=1 to find which)",
+                if step { "step" } else { "prepare program" }
+            ))
+        })?;
+        let n = self.program.prepare.len() + self.program.step.len();
+        let mut rec = vec![0i64; 2 * n.max(1)];
+        // SAFETY: the error area holds 2 i64 per kernel
+        unsafe { drv::memcpy_dtoh_sync(&mut rec, self.errors.ptr) }
+            .map_err(|e| other(format!("reading errors: {e}")))?;
+        for i in 0..n {
+            if rec[2 * i] != 0 {
+                let (k, what) = if i < self.program.prepare.len() {
+                    (&self.program.prepare[i], "prepare kernel")
+                } else {
+                    (&self.program.step[i - self.program.prepare.len()], "kernel")
+                };
+                let lk = &self.kernels[k.code];
+                let check = lk
+                    .checks
+                    .get(rec[2 * i] as usize - 1)
+                    .cloned()
+                    .unwrap_or_else(|| "a check failed".into());
+                let m = format!("{what} k{} ({}): {check}: got {}", k.id, k.name, rec[2 * i + 1]);
+                // clear the records for the next call
+                // SAFETY: the error area is `errors.len` bytes
+                let _ = unsafe { drv::memset_d8_sync(self.errors.ptr, 0, self.errors.len) };
+                return Err(other(m));
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches kernel `k` (the `index`-th of its program; prepare kernels first) on the stream.
+    fn launch_kernel(&self, k: &Kernel, step: bool, index: usize) -> Result<(), RuntimeError> {
+        let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
+        let lk = &self.kernels[k.code];
+        let ck = &self.cuda[k.code];
+        let params = &binding.params[k.code];
+        let what = if step { "kernel" } else { "prepare kernel" };
+        let fail = |m: String| other(format!("{what} k{} ({}, {}): {m}", k.id, k.name, op_summary(&k.op)));
+        let ev = |e| {
+            lk.pool
+                .eval(e, params)
+                .ok_or_else(|| fail("a size of its code cannot be evaluated".into()))
+        };
+        let mut slots: Vec<u64> = Vec::with_capacity(lk.slots.len());
+        for s in &lk.slots {
+            slots.push(match *s {
+                Slot::Input(i) => self.buffer_ptr(k.inputs[i].buffer)?,
+                Slot::Output(i) => self.buffer_ptr(k.outputs[i].buffer)?,
+                Slot::Scratch(i) => self.scratch.ptr + binding.scratch[k.code][i] as u64,
+            });
+        }
+        let err_ptr: u64 = self.errors.ptr + 16 * index as u64;
+        for (li, l) in ck.launches.iter().enumerate() {
+            match l {
+                Launch::Phase { grid, spill, .. } => {
+                    let g = ev(*grid)?;
+                    if g <= 0 {
+                        continue;
+                    }
+                    let (blocks, threads) = self.phase_shape(g, *spill);
+                    let f = self.functions[k.code][li].ok_or_else(|| fail("a phase without code".into()))?;
+                    self.launch(f, (blocks, BLOCK), &slots, params, g, err_ptr, threads)
+                        .map_err(|e| fail(format!("launch of phase {li}: {e}")))?;
+                }
+                Launch::Template {
+                    items,
+                    per_block,
+                    threads,
+                    ..
+                } => {
+                    let g = ev(*items)?;
+                    if g <= 0 {
+                        continue;
+                    }
+                    let blocks = (g as u64).div_ceil(*per_block as u64);
+                    if blocks > i32::MAX as u64 {
+                        return Err(fail(format!("{g} rows need more blocks than a launch has")));
+                    }
+                    let f = self.functions[k.code][li].ok_or_else(|| fail("a template without code".into()))?;
+                    self.launch(f, (blocks as u32, *threads), &slots, params, g, err_ptr, 0)
+                        .map_err(|e| fail(format!("launch: {e}")))?;
+                }
+                Launch::Library { step: s } => match &lk.steps[*s] {
+                    Step::Gemm(g) => {
+                        let (m, n, kk) = (ev(g.m)?, ev(g.n)?, ev(g.k)?);
+                        let batch: Vec<[i64; 4]> = g
+                            .batch
+                            .iter()
+                            .map(|b| Ok([ev(b[0])?, ev(b[1])?, ev(b[2])?, ev(b[3])?]))
+                            .collect::<Result<_, RuntimeError>>()?;
+                        let a = self.operand(&slots, &g.a, &ev)?;
+                        let b = self.operand(&slots, &g.b, &ev)?;
+                        let c = self.operand(&slots, &g.c, &ev)?;
+                        // the last batch axis goes to cuBLAS, the others loop here
+                        let (outer, inner) = match batch.split_last() {
+                            Some((last, rest)) => (rest.to_vec(), *last),
+                            None => (Vec::new(), [1, 0, 0, 0]),
+                        };
+                        let total: i64 = outer.iter().map(|b| b[0]).product();
+                        let mut idx = vec![0i64; outer.len()];
+                        for _ in 0..total.max(0) {
+                            let (mut da, mut db, mut dc) = (0, 0, 0);
+                            for (j, b) in outer.iter().enumerate() {
+                                da += idx[j] * b[1];
+                                db += idx[j] * b[2];
+                                dc += idx[j] * b[3];
+                            }
+                            self.gemm(
+                                m,
+                                n,
+                                kk,
+                                a.shifted(da),
+                                b.shifted(db),
+                                c.shifted(dc),
+                                inner[0],
+                                [inner[1], inner[2], inner[3]],
+                            )
+                            .map_err(|e| fail(format!("GEMM (step {s}): {e}")))?;
+                            for ax in (0..outer.len()).rev() {
+                                idx[ax] += 1;
+                                if idx[ax] < outer[ax][0] {
+                                    break;
+                                }
+                                idx[ax] = 0;
+                            }
+                        }
+                    }
+                    Step::GroupedGemm(_) if self.capturing => {
+                        let at = ck
+                            .device_grouped
+                            .iter()
+                            .position(|(st, _, _)| st == s)
+                            .ok_or_else(|| fail("a grouped GEMM without its device form".into()))?;
+                        let items = ev(ck.device_grouped[at].2)?;
+                        if items > 0 {
+                            let f = self.functions[k.code][ck.launches.len() + at]
+                                .ok_or_else(|| fail("a grouped GEMM without code".into()))?;
+                            let (blocks, threads) = self.phase_shape(items, 0);
+                            self.launch(f, (blocks, BLOCK), &slots, params, items, err_ptr, threads)
+                                .map_err(|e| fail(format!("launch of the device grouped GEMM: {e}")))?;
+                        }
+                    }
+                    Step::GroupedGemm(g) => {
+                        let (m, n, kk, experts) = (ev(g.m)?, ev(g.n)?, ev(g.k)?, ev(g.experts)?);
+                        let (co, cst) = (ev(g.counts_offset)?, ev(g.counts_stride)?);
+                        let es = g.counts_dtype.size_bytes();
+                        // the group sizes, read back (the stream is synchronized by the copy)
+                        let mut raw = vec![0u8; (experts.max(0) as usize) * es];
+                        for e in 0..experts.max(0) as usize {
+                            let at = slots[g.counts_arg as usize] + ((co + e as i64 * cst) * es as i64) as u64;
+                            // SAFETY: the counts view lies in its buffer (check_views)
+                            unsafe {
+                                drv::memcpy_dtoh_async(&mut raw[e * es..(e + 1) * es], at, self.stream)
+                                    .map_err(|x| fail(format!("reading the group sizes: {x}")))?;
+                            }
+                        }
+                        // SAFETY: the stream is live
+                        unsafe { drv::stream::synchronize(self.stream) }
+                            .map_err(|x| fail(format!("a kernel before it failed: {x}")))?;
+                        let counts: Vec<i64> = raw
+                            .chunks(es)
+                            .map(|c| match es {
+                                4 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
+                                _ => i64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+                            })
+                            .collect();
+                        if let Some((e, c)) = counts.iter().enumerate().find(|(_, c)| **c < 0) {
+                            return Err(fail(format!("`grouped_matmul`: expert {e} has a negative count {c}")));
+                        }
+                        let total: i64 = counts.iter().sum();
+                        if total < m {
+                            return Err(fail(format!(
+                                "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
+                            )));
+                        }
+                        let x = self.operand(&slots, &g.x, &ev)?;
+                        let w = self.operand(&slots, &g.w, &ev)?;
+                        let out = self.operand(&slots, &g.out, &ev)?;
+                        let ws = ev(g.expert_stride)?;
+                        let mut start = 0i64;
+                        for (e, &c) in counts.iter().enumerate() {
+                            let rows = c.min(m - start);
+                            if rows <= 0 {
+                                continue;
+                            }
+                            self.gemm(
+                                rows,
+                                n,
+                                kk,
+                                x.shifted(start * x.rs),
+                                w.shifted(e as i64 * ws),
+                                out.shifted(start * out.rs),
+                                1,
+                                [0, 0, 0],
+                            )
+                            .map_err(|x| fail(format!("grouped GEMM, expert {e}: {x}")))?;
+                            start += rows;
+                        }
+                    }
+                    Step::Phase(_) => return Err(fail("a library launch of a phase".into())),
+                },
+            }
+        }
+        if !self.capturing && std::env::var("FULGUR_CUDA_SYNC").is_ok_and(|v| v == "1") {
+            // SAFETY: the stream is live
+            unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| fail(format!("failed on the GPU: {e}")))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        f: sys::CUfunction,
+        (blocks, threads): (u32, u32),
+        slots: &[u64],
+        params: &[i64],
+        grid: i64,
+        err: u64,
+        launched: i64,
+    ) -> Result<(), String> {
+        let mut ptrs: Vec<u64> = slots.to_vec();
+        let mut ints: Vec<i64> = params.to_vec();
+        ints.push(grid);
+        let mut tail: [u64; 2] = [err, self.spill.ptr];
+        let mut launched = launched;
+        let mut args: Vec<*mut c_void> = Vec::with_capacity(ptrs.len() + ints.len() + 3);
+        for p in ptrs.iter_mut() {
+            args.push(p as *mut u64 as *mut c_void);
+        }
+        for i in ints.iter_mut() {
+            args.push(i as *mut i64 as *mut c_void);
+        }
+        for t in tail.iter_mut() {
+            args.push(t as *mut u64 as *mut c_void);
+        }
+        args.push(&mut launched as *mut i64 as *mut c_void);
+        // SAFETY: the arguments match the generated signature (slots, parameters, grid, error record, spill
+        // area, threads launched), each pointing at a value that lives through the call
+        unsafe { drv::launch_kernel(f, (blocks, 1, 1), (threads, 1, 1), 0, self.stream, &mut args) }
+            .map_err(|e| e.to_string())
+    }
+
+    fn operand(
+        &self,
+        slots: &[u64],
+        o: &Operand,
+        ev: &dyn Fn(u32) -> Result<i64, RuntimeError>,
+    ) -> Result<Mat, RuntimeError> {
+        Ok(Mat {
+            base: slots[o.arg as usize],
+            dtype: o.dtype,
+            offset: ev(o.offset)?,
+            rs: ev(o.rs)?,
+            cs: ev(o.cs)?,
+        })
+    }
+
+    /// `C = A · B` for `count` batch elements `strides` apart (A, B, C), through cuBLAS: the row-major
+    /// product written as the column-major one cuBLAS computes.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: Mat,
+        b: Mat,
+        c: Mat,
+        count: i64,
+        strides: [i64; 3],
+    ) -> Result<(), String> {
+        if m <= 0 || n <= 0 || count <= 0 {
+            return Ok(());
+        }
+        if a.dtype != b.dtype {
+            return Err(format!("operands of different dtypes ({} and {})", a.dtype, b.dtype));
+        }
+        // C [m, n] as a column-major matrix: directly (C = A·B), or transposed (Cᵀ = Bᵀ·Aᵀ)
+        let (mm, nn, first, second, ldc, (sa, sb)) = if let Some(ldc) = c.col_major(m, n) {
+            (
+                m,
+                n,
+                (a, a.as_cm(m, k)),
+                (b, b.as_cm(k, n)),
+                ldc,
+                (strides[0], strides[1]),
+            )
+        } else if let Some(ldc) = c.transposed().col_major(n, m) {
+            let (at, bt) = (a.transposed(), b.transposed());
+            (
+                n,
+                m,
+                (b, bt.as_cm(n, k)),
+                (a, at.as_cm(k, m)),
+                ldc,
+                (strides[1], strides[0]),
+            )
+        } else {
+            return Err(format!(
+                "an output [{m}, {n}] with strides ({}, {}) (neither is 1)",
+                c.rs, c.cs
+            ));
+        };
+        let (pa_mat, first) = (first.0, first.1.ok_or("an operand with no unit stride")?);
+        let (pb_mat, second) = (second.0, second.1.ok_or("an operand with no unit stride")?);
+        let int =
+            |x: i64, what: &str| i32::try_from(x).map_err(|_| format!("{what} = {x} is beyond cuBLAS's 32-bit sizes"));
+        let ty = |d: DType| match d {
+            DType::F32 => Ok(blas_sys::cudaDataType_t::CUDA_R_32F),
+            DType::BF16 => Ok(blas_sys::cudaDataType_t::CUDA_R_16BF),
+            DType::F16 => Ok(blas_sys::cudaDataType_t::CUDA_R_16F),
+            d => Err(format!("a GEMM on {d}")),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let ptr = |x: &Mat| x.base + (x.offset * x.dtype.size_bytes() as i64) as u64;
+        let (pa, pb) = (ptr(&pa_mat), ptr(&pb_mat));
+        // SAFETY: the operands are views of live device buffers (check_views); sizes checked above
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                self.blas,
+                op(first.0),
+                op(second.0),
+                int(mm, "m")?,
+                int(nn, "n")?,
+                int(k, "k")?,
+                &alpha as *const f32 as *const c_void,
+                pa as *const c_void,
+                ty(a.dtype)?,
+                int(first.1, "lda")?,
+                sa,
+                pb as *const c_void,
+                ty(b.dtype)?,
+                int(second.1, "ldb")?,
+                sb,
+                &beta as *const f32 as *const c_void,
+                ptr(&c) as *mut c_void,
+                ty(c.dtype)?,
+                int(ldc, "ldc")?,
+                strides[2],
+                int(count, "batch")?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("cuBLAS: {e:?}"))
+    }
+
+    /// Binds the symbols from `inputs`, runs the prepare program if needed, and uploads the inputs.
+    fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
+        self.current()?;
+        let env = self.bind_inputs(inputs)?;
+        self.bind(env)?;
+        self.prepare()?;
+        for io in &self.program.inputs {
+            let t = &inputs[&io.name];
+            let mut bytes = vec![0u8; t.numel() * io.ty.dtype.size_bytes()];
+            encode_into(t, io.ty.dtype, &mut bytes);
+            let buf = self.persistent[io.tensor.buffer]
+                .as_ref()
+                .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
+            if !bytes.is_empty() {
+                // SAFETY: the buffer holds at least the input's bytes (bind)
+                unsafe { drv::memcpy_htod_sync(buf.ptr, &bytes) }
+                    .map_err(|e| other(format!("input `{}`: upload failed: {e}", io.name)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a view of device memory as a host tensor.
+    fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let ev = |d: &Dim| d.eval(env).map_err(other);
+        let shape: Vec<usize> = t
+            .shape
+            .iter()
+            .map(|d| ev(d).map(|x| x.max(0) as usize))
+            .collect::<Result<_, _>>()?;
+        let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
+        let offset = ev(&t.offset)?;
+        // the elements the view spans
+        let (mut lo, mut hi) = (offset, offset);
+        let empty = shape.contains(&0);
+        for (&d, &s) in shape.iter().zip(&strides) {
+            if d > 0 {
+                let span = (d as i64 - 1) * s;
+                if span < 0 {
+                    lo += span;
+                } else {
+                    hi += span;
+                }
+            }
+        }
+        let es = t.dtype.size_bytes();
+        let mut host = vec![0u8; if empty { 0 } else { (hi - lo + 1) as usize * es }];
+        if !host.is_empty() {
+            let base = self.buffer_ptr(t.buffer)? + (lo as usize * es) as u64;
+            // SAFETY: the view lies in its buffer (check_views)
+            unsafe { drv::memcpy_dtoh_sync(&mut host, base) }.map_err(|e| other(format!("download failed: {e}")))?;
+        }
+        // SAFETY: `host` holds every element the view addresses, shifted by `lo`
+        Ok(unsafe { decode_view(&self.pool, host.as_ptr(), t.dtype, &shape, &strides, offset - lo) })
+    }
+
+    /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
+    /// kernels; returns every output.
+    pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.begin_step(inputs)?;
+        if self.options.graphs && self.profile.is_none() && !self.options.check_finite {
+            return self.run_graph();
+        }
+        let kernels = std::mem::take(&mut self.program.step);
+        let np = self.program.prepare.len();
+        let profiling = self.profile.is_some();
+        let want = if profiling { kernels.len() + 1 } else { 2 };
+        while self.events.len() < want {
+            let e = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(|e| other(format!("CUDA event: {e}")))?;
+            self.events.push(e);
+        }
+        // SAFETY: the event and stream are live
+        unsafe { drv::event::record(self.events[0], self.stream) }.map_err(|e| other(format!("CUDA event: {e}")))?;
+        let mut result = Ok(());
+        for (i, k) in kernels.iter().enumerate() {
+            if let Err(e) = self.launch_kernel(k, true, np + i) {
+                result = Err(e);
+                break;
+            }
+            if profiling {
+                // SAFETY: as above
+                if let Err(e) = unsafe { drv::event::record(self.events[i + 1], self.stream) } {
+                    result = Err(other(format!("CUDA event: {e}")));
+                    break;
+                }
+            }
+            if self.options.check_finite {
+                if let Err(e) = self.check_finite(k) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let last = if profiling { kernels.len() } else { 1 };
+        self.program.step = kernels;
+        result?;
+        if !profiling {
+            // SAFETY: as above
+            unsafe { drv::event::record(self.events[1], self.stream) }
+                .map_err(|e| other(format!("CUDA event: {e}")))?;
+        }
+        self.finish(true)?;
+        // SAFETY: both events were recorded on the stream, which has finished
+        self.last_step_ms = unsafe { drv::event::elapsed(self.events[0], self.events[last]) }
+            .map_err(|e| other(format!("CUDA event: {e}")))? as f64;
+        if let Some(p) = &mut self.profile {
+            p.kernel_ms.resize(self.program.step.len(), 0.0);
+            for i in 0..self.program.step.len() {
+                // SAFETY: as above
+                let ms = unsafe { drv::event::elapsed(self.events[i], self.events[i + 1]) }
+                    .map_err(|e| other(format!("CUDA event: {e}")))?;
+                p.kernel_ms[i] += ms as f64;
+            }
+            p.runs += 1;
+        }
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// The step as a CUDA graph: captured, instantiated (or the last instantiated graph updated in place),
+    /// launched once.
+    fn run_graph(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        while self.events.len() < 2 {
+            let e = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(|e| other(format!("CUDA event: {e}")))?;
+            self.events.push(e);
+        }
+        let kernels = std::mem::take(&mut self.program.step);
+        let np = self.program.prepare.len();
+        // SAFETY: the stream is live; capture ends below on every path
+        unsafe {
+            drv::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| other(format!("CUDA graph capture: {e}")))?;
+        self.capturing = true;
+        let mut result = Ok(());
+        for (i, k) in kernels.iter().enumerate() {
+            if let Err(e) = self.launch_kernel(k, true, np + i) {
+                result = Err(e);
+                break;
+            }
+        }
+        self.capturing = false;
+        self.program.step = kernels;
+        // SAFETY: capture began above
+        let graph = unsafe { drv::stream::end_capture(self.stream) };
+        let graph = match (result, graph) {
+            (Err(e), g) => {
+                if let Ok(g) = g {
+                    // SAFETY: the captured graph is destroyed once
+                    let _ = unsafe { drv::graph::destroy(g) };
+                }
+                return Err(e);
+            }
+            (Ok(()), g) => g.map_err(|e| other(format!("CUDA graph capture: {e}")))?,
+        };
+        let mut updated = false;
+        if let Some(exec) = self.graph_exec {
+            let mut info = std::mem::MaybeUninit::<sys::CUgraphExecUpdateResultInfo>::zeroed();
+            // SAFETY: both are live; the exec is replaced when the update is refused
+            updated = unsafe { sys::cuGraphExecUpdate_v2(exec, graph, info.as_mut_ptr()) }
+                .result()
+                .is_ok();
+            if !updated {
+                // SAFETY: destroyed once, replaced below
+                let _ = unsafe { drv::graph::exec_destroy(exec) };
+                self.graph_exec = None;
+            }
+        }
+        if self.graph_exec.is_none() {
+            // SAFETY: the graph was captured above
+            let exec = unsafe { drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+            match exec {
+                Ok(x) => self.graph_exec = Some(x),
+                Err(e) => {
+                    // SAFETY: as above
+                    let _ = unsafe { drv::graph::destroy(graph) };
+                    return Err(other(format!("CUDA graph instantiation: {e}")));
+                }
+            }
+        }
+        // SAFETY: the exec holds its own copy of the graph
+        let _ = unsafe { drv::graph::destroy(graph) };
+        let exec = self.graph_exec.ok_or_else(|| other("no CUDA graph"))?;
+        // SAFETY: the events, exec and stream are live
+        unsafe {
+            drv::event::record(self.events[0], self.stream).map_err(|e| other(format!("CUDA event: {e}")))?;
+            drv::graph::launch(exec, self.stream).map_err(|e| other(format!("CUDA graph launch: {e}")))?;
+            drv::event::record(self.events[1], self.stream).map_err(|e| other(format!("CUDA event: {e}")))?;
+        }
+        self.finish(true)?;
+        // SAFETY: both events were recorded on the finished stream
+        self.last_step_ms = unsafe { drv::event::elapsed(self.events[0], self.events[1]) }
+            .map_err(|e| other(format!("CUDA event: {e}")))? as f64;
+        self.graph_launches += 1;
+        self.graph_updates += usize::from(updated);
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs one step like [`CudaProgram::run`], calling `trace` after every step kernel with the kernel, the
+    /// values of its inputs (read before it ran) and of its outputs: the way to check each generated kernel
+    /// against the interpreter on real data.
+    pub fn run_traced(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        mut trace: impl FnMut(&Kernel, &[Tensor], &[Tensor]) -> Result<(), RuntimeError>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.begin_step(inputs)?;
+        let np = self.program.prepare.len();
+        for (i, k) in self.program.step.clone().iter().enumerate() {
+            let ins: Vec<Tensor> = k.inputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
+            self.launch_kernel(k, true, np + i)?;
+            self.finish(true)?;
+            let outs: Vec<Tensor> = k.outputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
+            trace(k, &ins, &outs)?;
+        }
+        let mut out = BTreeMap::new();
+        for io in &self.program.outputs {
+            out.insert(io.name.clone(), self.read(&io.tensor)?);
+        }
+        Ok(out)
+    }
+
+    /// Stops at a kernel whose float outputs hold a NaN or an infinity.
+    fn check_finite(&mut self, k: &Kernel) -> Result<(), RuntimeError> {
+        self.finish(true)?;
+        for (i, t) in k.outputs.iter().enumerate() {
+            if !t.dtype.is_float() {
+                continue;
+            }
+            let v = self.read(t)?;
+            if let fulgur_ir::Buffer::F(data) = &v.data {
+                if let Some((at, x)) = data.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                    return Err(other(format!(
+                        "kernel k{} ({}, {}) produced {x} at element {at} of output {i} ({} {:?}): the first \
+                         kernel of the step with a value that is not finite",
+                        k.id,
+                        k.name,
+                        op_summary(&k.op),
+                        t.dtype,
+                        v.shape
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaProgram {
+    fn drop(&mut self) {
+        let _ = self.current();
+        // SAFETY: created in `new`, destroyed once; device memory is freed by the DevBufs after this
+        unsafe {
+            let _ = drv::stream::synchronize(self.stream);
+            let _ = blas::destroy_handle(self.blas);
+            for m in &self.modules {
+                let _ = drv::module::unload(*m);
+            }
+            for e in &self.events {
+                let _ = drv::event::destroy(*e);
+            }
+            if let Some(x) = self.graph_exec {
+                let _ = drv::graph::exec_destroy(x);
+            }
+            let _ = drv::stream::destroy(self.stream);
+        }
+    }
+}
+
+impl crate::Executable for CudaProgram {
+    fn name(&self) -> &str {
+        "cuda"
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.program.inputs.iter().map(|i| i.name.clone()).collect()
+    }
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        CudaProgram::run(self, inputs)
+    }
+}
+
+/// A strided matrix operand in device memory.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    base: u64,
+    dtype: DType,
+    offset: i64,
+    rs: i64,
+    cs: i64,
+}
+
+impl Mat {
+    fn shifted(self, by: i64) -> Mat {
+        Mat {
+            offset: self.offset + by,
+            ..self
+        }
+    }
+    fn transposed(self) -> Mat {
+        Mat {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+    /// The leading dimension of this `[rows, cols]` matrix read as column-major (element `(i, j)` at
+    /// `i + j·ld`), or `None` when it is not laid out so.
+    fn col_major(self, rows: i64, cols: i64) -> Option<i64> {
+        if rows != 1 && self.rs != 1 {
+            return None;
+        }
+        if cols == 1 {
+            return Some(rows.max(1));
+        }
+        (self.cs >= rows.max(1)).then_some(self.cs)
+    }
+
+    /// This `[rows, cols]` matrix as cuBLAS reads it: (transposed?, leading dimension), or `None` when it
+    /// is neither column- nor row-major.
+    fn as_cm(self, rows: i64, cols: i64) -> Option<(bool, i64)> {
+        if let Some(ld) = self.col_major(rows, cols) {
+            return Some((false, ld));
+        }
+        self.transposed().col_major(cols, rows).map(|ld| (true, ld))
+    }
+}

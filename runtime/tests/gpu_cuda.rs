@@ -1,0 +1,436 @@
+//! The CUDA backend on the GPU: tiny-a against transformers (f32: logits and hidden states within 1e-4
+//! relative, the loss within 1e-5), greedy decoding with the same tokens, every generated kernel of the small
+//! model against the interpreter on the data of a real run, the model against the f64 interpreter at awkward
+//! sizes, and the errors of bad input.
+//!
+//! Without a GPU each test says why and passes; with `FULGUR_REQUIRE_GPU=1` (set by gpu-pack's runner) a
+//! missing GPU fails it.
+#![cfg(feature = "cuda")]
+use fulgur_codegen::compile::{compile, CompileOptions, OptLevel};
+use fulgur_codegen::program::lower;
+use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
+use fulgur_models::checkpoint::Checkpoint;
+use fulgur_models::{decode_graph, forward_graph, ForwardOptions, MiniMaxConfig};
+use fulgur_passes::testing::random_inputs;
+use fulgur_runtime::cuda::{device_info, CudaOptions, CudaProgram};
+use fulgur_runtime::generate;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Whether a GPU is here; panics when one is required and absent.
+fn gpu() -> bool {
+    match device_info() {
+        Ok(d) => {
+            eprintln!("GPU: {} ({}, {} SMs)", d.name, d.arch(), d.multiprocessors);
+            true
+        }
+        Err(why) => {
+            assert!(
+                !std::env::var("FULGUR_REQUIRE_GPU").is_ok_and(|v| v == "1"),
+                "FULGUR_REQUIRE_GPU=1 but no GPU: {why}"
+            );
+            eprintln!("skipped: no GPU ({why})");
+            false
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn optimized(g: &Graph, opt: OptLevel) -> Graph {
+    compile(
+        g,
+        &CompileOptions {
+            opt,
+            target: "H200".into(),
+            ..CompileOptions::default()
+        },
+        None,
+    )
+    .unwrap()
+    .graph
+}
+
+#[test]
+fn gpu_tiny_a_f32_matches_transformers() {
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            hidden_states: true,
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let weights = ck.load_params(&g).unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og = optimized(&g, opt);
+        let mut gpu = CudaProgram::new(lower(&og).unwrap(), CudaOptions::default()).unwrap();
+        gpu.load_weights(&weights).unwrap();
+        let out = gpu
+            .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+            .unwrap();
+        let mut worst = 0f64;
+        for i in 0..=ck.config.num_hidden_layers {
+            let name = format!("hidden_states.{i}");
+            let e = out[&name].rel_l2(&reference[&name]);
+            worst = worst.max(e);
+            assert!(e < 1e-4, "{opt:?} {name}: relative error {e}");
+        }
+        let e = out["logits"].rel_l2(&reference["logits"]);
+        assert!(e < 1e-4, "{opt:?} logits: relative error {e}");
+        let (a, b) = (out["loss"].to_f64()[0], reference["loss"].to_f64()[0]);
+        println!(
+            "{opt:?}: logits rel {e:.3e}, worst hidden state rel {worst:.3e}, loss {a} (transformers {b}), \
+             step {:.3} ms",
+            gpu.last_step_ms
+        );
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{opt:?} loss {a} vs reference {b}"
+        );
+    }
+}
+
+#[test]
+fn gpu_tiny_a_greedy_decode_matches_transformers() {
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let fx = fulgur_ir::tensor::read_safetensors(&dir.join("decode.safetensors")).unwrap();
+    let prefill = optimized(
+        &forward_graph(
+            &ck.config,
+            &ForwardOptions {
+                states: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        OptLevel::Full,
+    );
+    let decode = optimized(&decode_graph(&ck.config).unwrap(), OptLevel::Full);
+    let weights = ck.load_params(&prefill).unwrap();
+    let mut p = CudaProgram::new(lower(&prefill).unwrap(), CudaOptions::default()).unwrap();
+    let mut d = CudaProgram::new(lower(&decode).unwrap(), CudaOptions::default()).unwrap();
+    p.load_weights(&weights).unwrap();
+    assert_eq!(
+        d.share_weights(&p),
+        d.program.params.len(),
+        "every decode weight is shared"
+    );
+    let n = fx["step_logits"].shape[0];
+    let out = generate::greedy(&mut p, &mut d, &fx["prompt"], n, |_, _| {}).unwrap();
+    assert_eq!((p.prepare_runs(), d.prepare_runs()), (1, 1));
+    assert_eq!(out.generated.to_i64(), fx["generated"].to_i64(), "greedy tokens differ");
+    let e = out.step_logits.rel_l2(&fx["step_logits"]);
+    println!("cuda step_logits: rel {e:.3e}");
+    assert!(e < 1e-4, "step_logits relative error {e}");
+}
+
+/// The relative L2 error of `got` over the finite elements of `want`; NaN when a non-finite element of
+/// `want` (a masked score's −∞) is not matched exactly, or a finite one is not finite in `got`.
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    if got.shape != want.shape {
+        return f64::NAN;
+    }
+    let (g, w) = (got.to_f64(), want.to_f64());
+    let (mut num, mut den) = (0.0, 0.0);
+    for (a, b) in g.iter().zip(&w) {
+        if !b.is_finite() {
+            if !(a == b || (a.is_nan() && b.is_nan())) {
+                return f64::NAN;
+            }
+        } else {
+            if !a.is_finite() {
+                return f64::NAN;
+            }
+            num += (a - b) * (a - b);
+            den += b * b;
+        }
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Runs `op` on `args` through the interpreter in f64.
+fn interp_op(op: &fulgur_ir::Op, args: &[Tensor]) -> Vec<Tensor> {
+    use fulgur_ir::{Dim, Value};
+    let mut g = Graph::new("k");
+    let mut ins = Vec::new();
+    let mut feed = HashMap::new();
+    for (i, t) in args.iter().enumerate() {
+        let name = format!("i{i}");
+        ins.push(
+            g.input(&name, t.dtype, t.shape.iter().map(|&d| Dim::from(d as i64)).collect())
+                .unwrap(),
+        );
+        feed.insert(name, t.clone());
+    }
+    let id = g.add_node(op.clone(), &ins, None).unwrap();
+    let n = g.node(id).outputs.len();
+    for i in 0..n {
+        g.add_output(format!("o{i}"), Value::new(id, i as u32)).unwrap();
+    }
+    let out = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+    (0..n).map(|i| out[&format!("o{i}")].clone()).collect()
+}
+
+/// The small model at B 2, T 7 (sizes no tile divides), unoptimized and optimized: every step kernel on the
+/// inputs it saw against the interpreter running its op, and every output against the f64 interpreter.
+#[test]
+fn gpu_every_kernel_of_the_small_model_matches_the_interpreter() {
+    if !gpu() {
+        return;
+    }
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            hidden_states: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut bad = Vec::new();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og = optimized(&g, opt);
+        let p = lower(&og).unwrap();
+        let env: HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 7)].into();
+        let mut ins = random_inputs(&og, &env, 3, cfg.vocab_size as i64);
+        for (name, t) in ins.iter_mut() {
+            if !name.ends_with("norm.weight") && !name.ends_with("layernorm.weight") {
+                if let fulgur_ir::Buffer::F(v) = &mut t.data {
+                    v.iter_mut()
+                        .for_each(|x| *x = fulgur_ir::tensor::round_to(t.dtype, *x * 0.2));
+                }
+            }
+        }
+        let mut gpu = CudaProgram::new(p.clone(), CudaOptions::default()).unwrap();
+        let weights: HashMap<String, Tensor> = p
+            .params
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect();
+        gpu.load_weights(&weights).unwrap();
+        let data: HashMap<String, Tensor> = p
+            .inputs
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect();
+        let dims: HashMap<String, fulgur_ir::Dim> =
+            env.iter().map(|(k, v)| (k.clone(), fulgur_ir::Dim::from(*v))).collect();
+        let got = gpu
+            .run_traced(&data, |k, a, o| {
+                let want = interp_op(&k.op.substitute_dims(&dims), a);
+                for (i, (w, g)) in want.iter().zip(o).enumerate() {
+                    let r = rel_err(g, w);
+                    if r.is_nan() || r >= 1e-5 {
+                        bad.push(format!(
+                            "{opt:?} k{} {} ({}) out {i}: rel {r:.3e}",
+                            k.id,
+                            k.name,
+                            fulgur_codegen::program::op_summary(&k.op)
+                        ));
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let want = Interpreter::new(Precision::F64).run(&og, &ins).unwrap();
+        for (name, w) in &want {
+            let r = rel_err(&got[name], w);
+            if r.is_nan() || r >= 1e-4 {
+                bad.push(format!("{opt:?} output {name}: rel {r:.3e}"));
+            }
+        }
+        // a second plain run gives the same outputs (no state leaks between calls)
+        let again = gpu.run(&data).unwrap();
+        for (name, t) in &again {
+            assert_eq!(t.to_f64(), got[name].to_f64(), "{opt:?} {name} differs between runs");
+        }
+    }
+    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+}
+
+#[test]
+fn gpu_a_token_out_of_range_is_an_error_naming_the_kernel() {
+    if !gpu() {
+        return;
+    }
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(&cfg, &ForwardOptions::default()).unwrap();
+    let og = optimized(&g, OptLevel::Full);
+    let p = lower(&og).unwrap();
+    let env: HashMap<String, i64> = [("B".to_string(), 1), ("T".to_string(), 4)].into();
+    let ins = random_inputs(&og, &env, 5, cfg.vocab_size as i64);
+    let mut gpu = CudaProgram::new(p.clone(), CudaOptions::default()).unwrap();
+    gpu.load_weights(
+        &p.params
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect(),
+    )
+    .unwrap();
+    let bad = Tensor::from_i64(
+        fulgur_ir::DType::I64,
+        vec![1, 4],
+        vec![1, 2, cfg.vocab_size as i64 + 7, 3],
+    );
+    let e = gpu
+        .run(&[("input_ids".to_string(), bad)].into())
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("kernel k"), "{e}");
+    assert!(e.contains(&format!("got {}", cfg.vocab_size + 7)), "{e}");
+    // the program still runs good input afterwards
+    let good = Tensor::from_i64(fulgur_ir::DType::I64, vec![1, 4], vec![1, 2, 3, 4]);
+    gpu.run(&[("input_ids".to_string(), good)].into()).unwrap();
+}
+
+#[test]
+fn gpu_check_finite_names_the_first_kernel_with_a_nan() {
+    if !gpu() {
+        return;
+    }
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(&cfg, &ForwardOptions::default()).unwrap();
+    let og = optimized(&g, OptLevel::Full);
+    let p = lower(&og).unwrap();
+    let env: HashMap<String, i64> = [("B".to_string(), 1), ("T".to_string(), 4)].into();
+    let ins = random_inputs(&og, &env, 5, cfg.vocab_size as i64);
+    let mut weights: HashMap<String, Tensor> = p
+        .params
+        .iter()
+        .map(|io| (io.name.clone(), ins[&io.name].clone()))
+        .collect();
+    // a NaN in the embedding row of token 2
+    let emb = weights.get_mut("model.embed_tokens.weight").unwrap();
+    let c = emb.shape[1];
+    if let fulgur_ir::Buffer::F(v) = &mut emb.data {
+        v[2 * c] = f64::NAN;
+    }
+    let mut gpu = CudaProgram::new(
+        p.clone(),
+        CudaOptions {
+            check_finite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    gpu.load_weights(&weights).unwrap();
+    let toks = Tensor::from_i64(fulgur_ir::DType::I64, vec![1, 4], vec![1, 2, 3, 4]);
+    let e = gpu
+        .run(&[("input_ids".to_string(), toks)].into())
+        .unwrap_err()
+        .to_string();
+    // the first kernel to see the NaN is the first to read the embedding table
+    let table = p
+        .params
+        .iter()
+        .find(|io| io.name == "model.embed_tokens.weight")
+        .unwrap()
+        .tensor
+        .buffer;
+    let first = p
+        .step
+        .iter()
+        .find(|k| k.inputs.iter().any(|t| t.buffer == table))
+        .expect("a kernel reads the embedding table");
+    assert!(e.starts_with(&format!("kernel k{} ({}", first.id, first.name)), "{e}");
+    assert!(e.contains("produced NaN"), "{e}");
+}
+
+#[test]
+fn gpu_tiny_a_bf16_is_within_3e_2_of_transformers() {
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    // stored as bf16 after the optimizer: its kernels keep their intermediates in f32
+    let og = optimized(&g, OptLevel::Full);
+    let og =
+        fulgur_passes::precision::store_as(&og, fulgur_ir::DType::BF16, &fulgur_passes::precision::keep_f32).unwrap();
+    let p = lower(&og).unwrap();
+    assert!(p.params.iter().all(|io| io.ty.dtype == fulgur_ir::DType::BF16));
+    let mut gpu = CudaProgram::new(p, CudaOptions::default()).unwrap();
+    gpu.load_weights(&ck.load_params(&og).unwrap()).unwrap();
+    let out = gpu
+        .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+        .unwrap();
+    assert_eq!(out["logits"].dtype, fulgur_ir::DType::BF16);
+    let e = out["logits"].rel_l2(&reference["logits"]);
+    println!("bf16 logits: rel {e:.3e} against transformers' f32");
+    assert!(e < 3e-2, "bf16 logits relative error {e}");
+}
+
+/// The decode step captured as a CUDA graph each step (the instantiated graph updated in place) gives the
+/// tokens of the eager launches and of transformers.
+#[test]
+fn gpu_tiny_a_decode_under_cuda_graphs_gives_the_same_tokens() {
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let fx = fulgur_ir::tensor::read_safetensors(&dir.join("decode.safetensors")).unwrap();
+    let prefill = optimized(
+        &forward_graph(
+            &ck.config,
+            &ForwardOptions {
+                states: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        OptLevel::Full,
+    );
+    let decode = optimized(&decode_graph(&ck.config).unwrap(), OptLevel::Full);
+    let weights = ck.load_params(&prefill).unwrap();
+    let n = fx["step_logits"].shape[0];
+    let mut runs = Vec::new();
+    for graphs in [false, true] {
+        let mut p = CudaProgram::new(lower(&prefill).unwrap(), CudaOptions::default()).unwrap();
+        let mut d = CudaProgram::new(
+            lower(&decode).unwrap(),
+            CudaOptions {
+                graphs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        p.load_weights(&weights).unwrap();
+        d.share_weights(&p);
+        let out = generate::greedy(&mut p, &mut d, &fx["prompt"], n, |_, _| {}).unwrap();
+        if graphs {
+            assert_eq!(d.graph_launches, n - 1, "every decode step ran as a graph");
+            println!("graph updates in place: {} of {}", d.graph_updates, d.graph_launches);
+        }
+        assert_eq!(
+            out.generated.to_i64(),
+            fx["generated"].to_i64(),
+            "graphs {graphs}: greedy tokens differ"
+        );
+        runs.push(out);
+    }
+    let e = runs[1].step_logits.rel_l2(&runs[0].step_logits);
+    println!("step logits, graphs against eager: rel {e:.3e}");
+    assert!(e < 1e-5, "graph replay changed the logits by {e}");
+}
