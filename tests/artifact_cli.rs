@@ -368,3 +368,85 @@ fn a_directory_that_is_not_an_artifact_is_never_replaced() {
         .collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
+
+/// A bf16 artifact refuses an f32 checkpoint before loading anything, naming the weight and both dtypes;
+/// with --convert-weights it converts them and runs.
+#[cfg(feature = "llvm")]
+#[test]
+fn weights_of_another_dtype_are_refused_unless_converted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("tiny-a.bf16");
+    let ta = tiny_a();
+    compile(&ta, &art, &["--loss", "--dtype", "bf16"]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        m["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["ty"].to_string().contains("bf16")),
+        "{m}"
+    );
+    let out = tmp.path().join("o.safetensors");
+    let inputs = ta.join("reference.safetensors");
+    let o = fulgur(&[&"run", &art, &"--weights", &ta, &"--inputs", &inputs, &"--out", &out]);
+    fails(
+        &o,
+        &[
+            "weight `model.embed_tokens.weight`",
+            "is stored as f32 but artifact",
+            "takes bf16",
+            "--convert-weights",
+        ],
+    );
+    assert!(!out.exists(), "nothing is written");
+    ok(&fulgur(&[
+        &"run",
+        &art,
+        &"--weights",
+        &ta,
+        &"--inputs",
+        &inputs,
+        &"--out",
+        &out,
+        &"--convert-weights",
+    ]));
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&inputs).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 3e-2, "bf16 logits relative error {e}");
+}
+
+/// `compile --target cuda` writes every code's CUDA C++ naming the IR nodes it runs (and, where NVRTC can be
+/// opened, its sm_90 cubin), all listed with hashes in the manifest.
+#[test]
+fn a_cuda_artifact_holds_every_codes_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("tiny-a.cuda");
+    compile(&tiny_a(), &art, &["--target", "cuda", "--loss"]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["target"], "cuda");
+    let files = m["files"].as_object().unwrap();
+    let codes = m["codes"].as_u64().unwrap() as usize;
+    assert!(codes > 10, "{codes}");
+    for c in 0..codes {
+        let src = std::fs::read_to_string(art.join(format!("kernels/code{c}.cu"))).unwrap();
+        assert!(src.starts_with(&format!("// Fulgur kernel code {c}: ")), "{src}");
+        assert!(src.contains("// IR nodes run by this code"), "{src}");
+        assert!(files.contains_key(&format!("kernels/code{c}.cu")));
+    }
+    let cubins = files.keys().filter(|f| f.ends_with(".sm_90.cubin")).count();
+    let codegen = m["codegen"].as_str().unwrap();
+    if cubins > 0 {
+        assert_eq!(cubins, codes);
+        assert!(codegen.starts_with("CUDA C++ compiled for sm_90 by NVRTC"), "{codegen}");
+    } else {
+        assert!(codegen.starts_with("CUDA C++ (not compiled: "), "{codegen}");
+        assert!(
+            !std::env::var("FULGUR_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+            "NVRTC is required here but the artifact has no cubin: {codegen}"
+        );
+    }
+}

@@ -144,6 +144,32 @@ impl Checkpoint {
         })
     }
 
+    /// The dtype parameter `name` (a graph's name, mapped to the checkpoint's as loading maps it) is stored
+    /// in: `None` when it is not in the checkpoint or stored in a dtype no parameter has.
+    pub fn stored_dtype(&self, name: &str) -> Option<fulgur_ir::DType> {
+        let stored = |n: &str| {
+            self.entries.get(n).and_then(|e| match e.dtype {
+                StDtype::F32 => Some(fulgur_ir::DType::F32),
+                StDtype::BF16 => Some(fulgur_ir::DType::BF16),
+                StDtype::F16 => Some(fulgur_ir::DType::F16),
+                _ => None,
+            })
+        };
+        if self.entries.contains_key(name) {
+            return stored(name);
+        }
+        if let Some(p) = name.strip_suffix(".mlp.gate.weight") {
+            return stored(&format!("{p}.block_sparse_moe.gate.weight"));
+        }
+        if let Some(p) = name.strip_suffix(".mlp.experts.gate_up_proj") {
+            return stored(&format!("{p}.block_sparse_moe.experts.0.w1.weight"));
+        }
+        if let Some(p) = name.strip_suffix(".mlp.experts.down_proj") {
+            return stored(&format!("{p}.block_sparse_moe.experts.0.w2.weight"));
+        }
+        None
+    }
+
     /// Names of every tensor stored in the checkpoint.
     pub fn tensor_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.entries.keys().cloned().collect();

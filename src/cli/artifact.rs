@@ -267,6 +267,10 @@ pub struct RunArgs {
     /// produced one, naming it and its IR node.
     #[arg(long)]
     pub check_finite: bool,
+    /// Convert weights stored in another dtype than the artifact's (an f32 checkpoint into a bf16 artifact)
+    /// as they load; without it such a weight is refused before anything is loaded.
+    #[arg(long)]
+    pub convert_weights: bool,
 }
 
 /// The weights of the artifact's program from a safetensors file (`--weights FILE`, or the inputs file),
@@ -332,6 +336,30 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, Some(w)) => HostWeights::Map(weights_from_map(&read_safetensors(w)?, w, &manifest, false)?),
         (None, None) => HostWeights::Map(weights_from_map(&inputs, &args.inputs, &manifest, true)?),
     };
+    // every weight in the artifact's dtype, checked before anything loads
+    if !args.convert_weights {
+        for d in &manifest.weights {
+            let (stored, file) = match (&ck, &weights) {
+                (Some(ck), _) => (ck.stored_dtype(&d.name), args.weights.clone().unwrap_or_default()),
+                (None, HostWeights::Map(m)) => (
+                    m.get(&d.name).map(|t| t.dtype),
+                    args.weights.clone().unwrap_or_else(|| args.inputs.clone()),
+                ),
+                _ => (None, PathBuf::new()),
+            };
+            if let Some(s) = stored {
+                if s != d.ty.dtype {
+                    bail!(
+                        "weight `{}` in {} is stored as {s} but artifact {} takes {}: compile the artifact with                          --dtype {s}, or pass --convert-weights to convert the weights as they load",
+                        d.name,
+                        file.display(),
+                        args.artifact.display(),
+                        d.ty.dtype
+                    );
+                }
+            }
+        }
+    }
     let mut data: HashMap<String, Tensor> = HashMap::new();
     for d in &manifest.inputs {
         let t = inputs
