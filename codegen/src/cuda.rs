@@ -34,7 +34,7 @@ use std::fmt::Write as _;
 pub const BLOCK: u32 = 128;
 /// Thread-local arrays of more bytes than this go to the spill area.
 pub const SPILL_BYTES: usize = 512;
-/// Warps per block of the flash-attention template.
+/// Warps per block of the flash-attention template (each takes `FLASH_BQ / FLASH_WARPS` query rows).
 pub const FLASH_WARPS: u32 = 4;
 
 /// One launch of a kernel code.
@@ -45,12 +45,15 @@ pub enum Launch {
     Phase { function: String, grid: E, spill: usize },
     /// Step `step` of the loop kernel, a GEMM or grouped GEMM, run by the runtime's BLAS.
     Library { step: usize },
-    /// `function` over `items` items, `per_block` of them in each block of `threads` threads.
+    /// `function` over `items` items, `per_block` of them in each block of `threads` threads, with `smem`
+    /// bytes of dynamic shared memory.
     Template {
         function: String,
         items: E,
         per_block: u32,
         threads: u32,
+        #[serde(default)]
+        smem: u32,
     },
 }
 
@@ -118,14 +121,15 @@ pub fn emit(
         }
         _ => None,
     };
-    if let Some((text, items)) = flash_text {
+    if let Some((text, items, smem)) = flash_text {
         let f = function_name(code, 0);
         bodies.push(text.replace("FULGUR_FN", &f));
         launches.push(Launch::Template {
             function: f,
             items,
-            per_block: FLASH_WARPS,
+            per_block: 1,
             threads: FLASH_WARPS * 32,
+            smem,
         });
     } else {
         for (s, step) in lk.steps.iter().enumerate() {
@@ -180,9 +184,13 @@ pub fn emit(
                     _ => "GEMM",
                 }
             ),
-            Launch::Template { function, items, .. } => {
-                writeln!(src, "//   {function}: template over {} rows", lk.expr(*items))
-            }
+            Launch::Template {
+                function, items, smem, ..
+            } => writeln!(
+                src,
+                "//   {function}: template over {} blocks of query rows, {smem} bytes of shared memory",
+                lk.expr(*items)
+            ),
         };
     }
     src.push_str(PRELUDE);
@@ -785,36 +793,43 @@ fn collect_state(
     }
 }
 
-/// The flash-attention template for kernel `k` (its loop form's single phase replaced): one warp per query
-/// row; returns the function text (name `FULGUR_FN`) and the number of rows.
+/// Query rows per block of the flash-attention template, and keys per tile.
+pub const FLASH_BQ: usize = 64;
+pub const FLASH_BK: usize = 64;
+
+/// The flash-attention template for kernel `k` (its loop form's single phase replaced): a block of
+/// [`FLASH_WARPS`] warps takes [`FLASH_BQ`] query rows of one batch index, the keys come in tiles of
+/// [`FLASH_BK`] staged in shared memory (rotated as they load) and shared by all the block's rows; per row
+/// the lanes split the tile's keys for the scores, the online softmax works a tile at a time, and the lanes
+/// split the value columns for the accumulator. Returns the function text (name `FULGUR_FN`), the number of
+/// blocks and the bytes of shared memory.
 fn flash_template(
     lk: &mut LoopKernel,
     k: &Kernel,
     scale: f64,
     causal: bool,
     rotary: Option<usize>,
-) -> Result<Option<(String, E)>, CodegenError> {
+) -> Result<Option<(String, E, u32)>, CodegenError> {
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
     let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
     let (Some(d), Some(dv)) = (qt.shape[rq - 1].as_const(), vt.shape[rv - 1].as_const()) else {
         return Ok(None);
     };
-    if !qt.dtype.is_float() || d <= 0 || dv <= 0 || ro < 2 {
+    if !qt.dtype.is_float() || d <= 0 || dv <= 0 || ro < 2 || d > 256 || dv > 256 {
         return Ok(None);
     }
-    let slot = |lk: &mut LoopKernel, s: Slot| lk.slot(s);
+    let (d, dv) = (d as usize, dv as usize);
     let (sq, sk, sv, so) = (
-        slot(lk, Slot::Input(0)),
-        slot(lk, Slot::Input(1)),
-        slot(lk, Slot::Input(2)),
-        slot(lk, Slot::Output(0)),
+        lk.slot(Slot::Input(0)),
+        lk.slot(Slot::Input(1)),
+        lk.slot(Slot::Input(2)),
+        lk.slot(Slot::Output(0)),
     );
     let q = View::of(sq, qt);
     let kv = View::of(sk, kt);
     let v = View::of(sv, vt);
     let o = View::of(so, ot);
     let nb = ro - 2;
-    // text of a dimension (a literal or a parameter)
     let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
         let e = lk.dim(d);
         match lk.pool.get(e) {
@@ -823,15 +838,19 @@ fn flash_template(
             _ => unreachable!("a dimension is a literal or a parameter"),
         }
     };
+    let (bq, bk, warps) = (FLASH_BQ, FLASH_BK, FLASH_WARPS as usize);
+    let rows_per_warp = bq / warps;
+    let dvpl = dv.div_ceil(32);
+    let kstride = d + 1; // a padded row: lanes reading different keys hit different banks
+    let smem = (bk * kstride + bk * dv + bq * d) * 4;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "// flash attention{}: one warp per query row, online softmax over the keys (scale {scale:e}{})",
+        "// flash attention{}: blocks of {bq} query rows, key/value tiles of {bk} in shared memory, online \
+         softmax per tile (scale {scale:e}{})",
         if rotary.is_some() { " with rotary q and k" } else { "" },
         if causal { ", causal" } else { "" }
     );
-    let dpl = (d as usize).div_ceil(32);
-    let dvpl = (dv as usize).div_ceil(32);
     let _ = writeln!(
         s,
         "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
@@ -839,32 +858,30 @@ fn flash_template(
     );
     let t = dim(lk, &qt.shape[rq - 2]);
     let sdim = dim(lk, &kt.shape[rk - 2]);
-    let _ = writeln!(s, "  const int lane = threadIdx.x & 31;");
+    let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+    let _ = writeln!(s, "  float* Ks = fulgur_smem;                 // [{bk}][{kstride}]");
     let _ = writeln!(
         s,
-        "  const i64 row = (i64)blockIdx.x * {FLASH_WARPS} + (threadIdx.x >> 5);"
+        "  float* Vs = Ks + {};                    // [{bk}][{dv}]",
+        bk * kstride
     );
-    let _ = writeln!(s, "  if (row >= fulgur_grid) return;");
+    let _ = writeln!(s, "  float* Qs = Vs + {};                    // [{bq}][{d}]", bk * dv);
+    let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+    let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
     let _ = writeln!(s, "  const i64 T = {t}, S = {sdim};");
-    let _ = writeln!(s, "  const i64 t = row % T;");
-    let _ = writeln!(s, "  i64 rest = row / T;");
-    // batch coordinates of the output, last first; each operand's offset (size-1 axes broadcast)
-    let mut offs: Vec<String> = Vec::new();
-    for (name, view, r) in [("q", &q, rq), ("k", &kv, rk), ("v", &v, rv), ("o", &o, ro)] {
+    let _ = writeln!(s, "  const i64 nqb = (T + {}) / {bq};", bq - 1);
+    let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {bq};");
+    let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
+    let _ = writeln!(s, "  const i64 rows = T - t0 < {bq} ? T - t0 : {bq};");
+    for (name, view) in [("q", &q), ("k", &kv), ("v", &v), ("o", &o)] {
         let off = dim(lk, &view.offset);
-        offs.push(format!("i64 {name}_off = {off};"));
-        let _ = r;
-    }
-    for line in &offs {
-        let _ = writeln!(s, "  {line}");
+        let _ = writeln!(s, "  i64 {name}_off = {off};");
     }
     for a in (0..nb).rev() {
         let ext = dim(lk, &ot.shape[a]);
         let _ = writeln!(s, "  {{ const i64 c = rest % {ext}; rest /= {ext};");
         for (name, view, r) in [("q", &q, rq), ("k", &kv, rk), ("v", &v, rv), ("o", &o, ro)] {
-            let nbv = r - 2;
-            // right-aligned batch axes
-            if let Some(j) = (a + nbv).checked_sub(nb) {
+            if let Some(j) = (a + r - 2).checked_sub(nb) {
                 if !view.shape[j].is_one() {
                     let st = dim(lk, &view.strides[j]);
                     let _ = writeln!(s, "    {name}_off += c * {st};");
@@ -877,8 +894,6 @@ fn flash_template(
     let (krs, kcs) = (dim(lk, &kv.strides[rk - 2]), dim(lk, &kv.strides[rk - 1]));
     let (vrs, vcs) = (dim(lk, &v.strides[rv - 2]), dim(lk, &v.strides[rv - 1]));
     let (ors, ocs) = (dim(lk, &o.strides[ro - 2]), dim(lk, &o.strides[ro - 1]));
-    let ld = |slot: u32, dt: DType, i: &str| load_text(slot, dt, i);
-    // a row element, rotated when the kernel has tables
     let rot_tables = match rotary {
         Some(r) => {
             let (sc, ss) = (lk.slot(Slot::Input(3)), lk.slot(Slot::Input(4)));
@@ -894,94 +909,158 @@ fn flash_template(
         }
         None => None,
     };
-    // element dd of row `pos` of a q/k operand at offset `base`
     let elem = |slot: u32, dt: DType, base: &str, rs: &str, cs: &str, pos: &str, dd: &str| -> String {
-        let raw = ld(slot, dt, &format!("{base} + {pos} * {rs} + ({dd}) * {cs}"));
+        let raw = load_text(slot, dt, &format!("{base} + {pos} * {rs} + ({dd}) * {cs}"));
         match &rot_tables {
             None => raw,
             Some((r, sc, cdt, c_off, c_rs, c_cs, ss, sdt, s_off, s_rs, s_cs)) => {
                 let h = r / 2;
-                let pair = ld(
+                let pair = load_text(
                     slot,
                     dt,
                     &format!("{base} + {pos} * {rs} + (({dd}) < {h} ? ({dd}) + {h} : ({dd}) - {h}) * {cs}"),
                 );
-                let c = ld(*sc, *cdt, &format!("{c_off} + {pos} * {c_rs} + ({dd}) * {c_cs}"));
-                let sn = ld(*ss, *sdt, &format!("{s_off} + {pos} * {s_rs} + ({dd}) * {s_cs}"));
+                let c = load_text(*sc, *cdt, &format!("{c_off} + {pos} * {c_rs} + ({dd}) * {c_cs}"));
+                let sn = load_text(*ss, *sdt, &format!("{s_off} + {pos} * {s_rs} + ({dd}) * {s_cs}"));
                 format!("(({dd}) < {r} ? {raw} * {c} + (({dd}) < {h} ? -{pair} : {pair}) * {sn} : {raw})")
             }
         }
     };
-    let _ = writeln!(s, "  float qv[{dpl}], acc[{dvpl}];");
-    let _ = writeln!(s, "  #pragma unroll");
-    let _ = writeln!(s, "  for (int j = 0; j < {dpl}; ++j) {{");
-    let _ = writeln!(s, "    const i64 dd = lane + 32 * j;");
+    let threads = FLASH_WARPS * 32;
+    // the block's queries, rotated
+    let _ = writeln!(s, "  for (int x = threadIdx.x; x < {}; x += {threads}) {{", bq * d);
+    let _ = writeln!(s, "    const i64 r = x / {d}, dd = x % {d};");
     let _ = writeln!(
         s,
-        "    qv[j] = dd < {d} ? {} : 0.0f;",
-        elem(sq, q.dtype, "q_off", &qrs, &qcs, "t", "dd")
+        "    Qs[x] = r < rows ? {} : 0.0f;",
+        elem(sq, q.dtype, "q_off", &qrs, &qcs, "(t0 + r)", "dd")
     );
     let _ = writeln!(s, "  }}");
+    let _ = writeln!(
+        s,
+        "  float m[{rows_per_warp}], l[{rows_per_warp}], acc[{rows_per_warp}][{dvpl}];"
+    );
     let _ = writeln!(s, "  #pragma unroll");
-    let _ = writeln!(s, "  for (int j = 0; j < {dvpl}; ++j) acc[j] = 0.0f;");
-    let _ = writeln!(s, "  float m = __uint_as_float(0xff800000u), l = 0.0f;");
+    let _ = writeln!(s, "  for (int i = 0; i < {rows_per_warp}; ++i) {{");
+    let _ = writeln!(s, "    m[i] = __uint_as_float(0xff800000u); l[i] = 0.0f;");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int c = 0; c < {dvpl}; ++c) acc[i][c] = 0.0f;");
+    let _ = writeln!(s, "  }}");
     if causal {
         let _ = writeln!(
             s,
-            "  i64 kend = t + (S - T) + 1; if (kend > S) kend = S; if (kend < 0) kend = 0;"
+            "  i64 kend = t0 + rows + (S - T); if (kend > S) kend = S; if (kend < 0) kend = 0;"
         );
     } else {
         let _ = writeln!(s, "  const i64 kend = S;");
     }
-    let _ = writeln!(s, "  for (i64 u = 0; u < kend; ++u) {{");
-    let _ = writeln!(s, "    float part = 0.0f;");
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int j = 0; j < {dpl}; ++j) {{");
-    let _ = writeln!(s, "      const i64 dd = lane + 32 * j;");
+    let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {bk}) {{");
+    let _ = writeln!(s, "    __syncthreads();");
+    let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * d);
+    let _ = writeln!(s, "      const i64 j = x / {d}, dd = x % {d}, u = u0 + j;");
     let _ = writeln!(
         s,
-        "      if (dd < {d}) part += qv[j] * {};",
+        "      Ks[j * {kstride} + dd] = u < kend ? {} : 0.0f;",
         elem(sk, kv.dtype, "k_off", &krs, &kcs, "u", "dd")
     );
     let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * dv);
+    let _ = writeln!(s, "      const i64 j = x / {dv}, c = x % {dv}, u = u0 + j;");
+    let _ = writeln!(
+        s,
+        "      Vs[x] = u < kend ? {} : 0.0f;",
+        load_text(sv, v.dtype, &format!("v_off + u * {vrs} + c * {vcs}"))
+    );
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int i = 0; i < {rows_per_warp}; ++i) {{");
+    let _ = writeln!(s, "      const int r = warp * {rows_per_warp} + i;");
+    let _ = writeln!(s, "      if (r < rows) {{");
+    let _ = writeln!(s, "        const i64 lim = t0 + r + (S - T);");
+    let _ = writeln!(s, "        const float* qr = Qs + r * {d};");
+    let _ = writeln!(s, "        float sa = 0.0f, sb = 0.0f;");
+    let _ = writeln!(s, "        for (int dd = 0; dd < {d}; ++dd) {{");
+    let _ = writeln!(s, "          const float qd = qr[dd];");
+    let _ = writeln!(s, "          sa += qd * Ks[lane * {kstride} + dd];");
+    let _ = writeln!(s, "          sb += qd * Ks[(lane + 32) * {kstride} + dd];");
+    let _ = writeln!(s, "        }}");
+    let _ = writeln!(s, "        const i64 ua = u0 + lane, ub = u0 + lane + 32;");
+    let vis = |u: &str| {
+        if causal {
+            format!("{u} < kend && {u} <= lim")
+        } else {
+            format!("{u} < kend")
+        }
+    };
+    let ninf = "__uint_as_float(0xff800000u)";
+    let sc = float_lit((scale as f32).to_bits());
+    let _ = writeln!(s, "        const bool va = {}, vb = {};", vis("ua"), vis("ub"));
+    let _ = writeln!(s, "        sa = va ? sa * {sc} : {ninf};");
+    let _ = writeln!(s, "        sb = vb ? sb * {sc} : {ninf};");
+    let _ = writeln!(s, "        float mx = fulgur_fmax(sa, sb);");
+    let _ = writeln!(s, "        #pragma unroll");
     let _ = writeln!(
         s,
-        "    for (int w = 16; w > 0; w >>= 1) part += __shfl_xor_sync(0xffffffffu, part, w);"
+        "        for (int w = 16; w > 0; w >>= 1) mx = fulgur_fmax(mx, __shfl_xor_sync(0xffffffffu, mx, w));"
     );
+    let _ = writeln!(s, "        const float mn = fulgur_fmax(m[i], mx);");
+    let _ = writeln!(s, "        if (mn != {ninf}) {{");
+    let _ = writeln!(s, "          const float corr = expf(m[i] - mn);");
+    let _ = writeln!(s, "          const float pa = va ? expf(sa - mn) : 0.0f;");
+    let _ = writeln!(s, "          const float pb = vb ? expf(sb - mn) : 0.0f;");
+    let _ = writeln!(s, "          float ps = pa + pb;");
+    let _ = writeln!(s, "          #pragma unroll");
     let _ = writeln!(
         s,
-        "    const float sc = part * {};",
-        float_lit((scale as f32).to_bits())
+        "          for (int w = 16; w > 0; w >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, w);"
     );
-    let _ = writeln!(s, "    const float mn = fulgur_fmax(m, sc);");
-    let _ = writeln!(s, "    const float corr = expf(m - mn);");
-    let _ = writeln!(s, "    const float pr = expf(sc - mn);");
-    let _ = writeln!(s, "    l = l * corr + pr;");
-    let _ = writeln!(s, "    m = mn;");
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int j = 0; j < {dvpl}; ++j) {{");
-    let _ = writeln!(s, "      const i64 c = lane + 32 * j;");
+    let _ = writeln!(s, "          l[i] = l[i] * corr + ps;");
+    let _ = writeln!(s, "          m[i] = mn;");
+    let _ = writeln!(s, "          #pragma unroll");
+    let _ = writeln!(s, "          for (int c = 0; c < {dvpl}; ++c) acc[i][c] *= corr;");
+    let _ = writeln!(s, "          for (int j = 0; j < 32; ++j) {{");
+    let _ = writeln!(s, "            const float pj = __shfl_sync(0xffffffffu, pa, j);");
+    let _ = writeln!(s, "            const float pk = __shfl_sync(0xffffffffu, pb, j);");
+    let _ = writeln!(s, "            #pragma unroll");
+    let _ = writeln!(s, "            for (int c = 0; c < {dvpl}; ++c) {{");
+    let _ = writeln!(s, "              const int cc = lane + 32 * c;");
     let _ = writeln!(
         s,
-        "      if (c < {dv}) acc[j] = acc[j] * corr + pr * {};",
-        ld(sv, v.dtype, &format!("v_off + u * {vrs} + c * {vcs}"))
+        "              if (cc < {dv}) acc[i][c] += pj * Vs[j * {dv} + cc] + pk * Vs[(j + 32) * {dv} + cc];"
     );
+    let _ = writeln!(s, "            }}");
+    let _ = writeln!(s, "          }}");
+    let _ = writeln!(s, "        }}");
+    let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  #pragma unroll");
-    let _ = writeln!(s, "  for (int j = 0; j < {dvpl}; ++j) {{");
-    let _ = writeln!(s, "    const i64 c = lane + 32 * j;");
+    let _ = writeln!(s, "  for (int i = 0; i < {rows_per_warp}; ++i) {{");
+    let _ = writeln!(s, "    const int r = warp * {rows_per_warp} + i;");
+    let _ = writeln!(s, "    if (r < rows) {{");
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int c = 0; c < {dvpl}; ++c) {{");
+    let _ = writeln!(s, "        const i64 cc = lane + 32 * c;");
     let _ = writeln!(
         s,
-        "    if (c < {dv}) {}",
-        store_text(so, o.dtype, &format!("o_off + t * {ors} + c * {ocs}"), "acc[j] / l")
+        "        if (cc < {dv}) {}",
+        store_text(
+            so,
+            o.dtype,
+            &format!("o_off + (t0 + r) * {ors} + cc * {ocs}"),
+            "acc[i][c] / l[i]"
+        )
     );
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
-    let rows: Dim = ot.shape[..ro - 1].iter().fold(Dim::from(1), |a, d| a * d.clone());
-    let items = lk.dim(&rows);
-    Ok(Some((s, items)))
+    // blocks: batch × query blocks
+    let batch: Dim = ot.shape[..ro - 2].iter().fold(Dim::from(1), |a, d| a * d.clone());
+    let qblocks = ot.shape[ro - 2].ceil_div(&Dim::from(bq as i64));
+    let items = lk.dim(&(batch * qblocks));
+    Ok(Some((s, items, smem as u32)))
 }
 
 /// A grouped GEMM with the group sizes read on the device: one thread per output element (consecutive threads

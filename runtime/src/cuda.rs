@@ -797,13 +797,14 @@ impl CudaProgram {
                     }
                     let (blocks, threads) = self.phase_shape(g, *spill);
                     let f = self.functions[k.code][li].ok_or_else(|| fail("a phase without code".into()))?;
-                    self.launch(f, (blocks, BLOCK), &slots, params, g, err_ptr, threads)
+                    self.launch(f, (blocks, BLOCK, 0), &slots, params, g, err_ptr, threads)
                         .map_err(|e| fail(format!("launch of phase {li}: {e}")))?;
                 }
                 Launch::Template {
                     items,
                     per_block,
                     threads,
+                    smem,
                     ..
                 } => {
                     let g = ev(*items)?;
@@ -815,7 +816,7 @@ impl CudaProgram {
                         return Err(fail(format!("{g} rows need more blocks than a launch has")));
                     }
                     let f = self.functions[k.code][li].ok_or_else(|| fail("a template without code".into()))?;
-                    self.launch(f, (blocks as u32, *threads), &slots, params, g, err_ptr, 0)
+                    self.launch(f, (blocks as u32, *threads, *smem), &slots, params, g, err_ptr, 0)
                         .map_err(|e| fail(format!("launch: {e}")))?;
                 }
                 Launch::Library { step: s } => match &lk.steps[*s] {
@@ -874,7 +875,7 @@ impl CudaProgram {
                             let f = self.functions[k.code][ck.launches.len() + at]
                                 .ok_or_else(|| fail("a grouped GEMM without code".into()))?;
                             let (blocks, threads) = self.phase_shape(items, 0);
-                            self.launch(f, (blocks, BLOCK), &slots, params, items, err_ptr, threads)
+                            self.launch(f, (blocks, BLOCK, 0), &slots, params, items, err_ptr, threads)
                                 .map_err(|e| fail(format!("launch of the device grouped GEMM: {e}")))?;
                         }
                     }
@@ -950,7 +951,7 @@ impl CudaProgram {
     fn launch(
         &self,
         f: sys::CUfunction,
-        (blocks, threads): (u32, u32),
+        (blocks, threads, smem): (u32, u32, u32),
         slots: &[u64],
         params: &[i64],
         grid: i64,
@@ -975,7 +976,7 @@ impl CudaProgram {
         args.push(&mut launched as *mut i64 as *mut c_void);
         // SAFETY: the arguments match the generated signature (slots, parameters, grid, error record, spill
         // area, threads launched), each pointing at a value that lives through the call
-        unsafe { drv::launch_kernel(f, (blocks, 1, 1), (threads, 1, 1), 0, self.stream, &mut args) }
+        unsafe { drv::launch_kernel(f, (blocks, 1, 1), (threads, 1, 1), smem, self.stream, &mut args) }
             .map_err(|e| e.to_string())
     }
 
