@@ -282,7 +282,8 @@ fn elementwise_reduction_scan_and_index_kernels() {
 #[test]
 fn moe_and_lightning_kernels() {
     let mut r = Rng(4);
-    for (n, c, e) in [(1, 8, 4), (13, 24, 8)] {
+    // 150 tokens: 300 rows, past one chunk of the parallel counting sort
+    for (n, c, e) in [(1, 8, 4), (13, 24, 8), (150, 16, 8)] {
         let logits = r.tensor(DType::F32, &[n, e], -2.0, 2.0);
         check(
             "moe_router",

@@ -938,8 +938,11 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     Ok(true)
 }
 
-/// `moe_dispatch`: a counting sort of the (token, slot) rows by expert, stable. A sequential phase counts the
-/// rows of each expert and places every row (`pos`, `counts`); a parallel phase copies the rows.
+/// Rows per chunk of `moe_dispatch`'s parallel counting sort.
+const DISPATCH_CHUNK: i64 = 64;
+
+/// `moe_dispatch`: a counting sort of the (token, slot) rows by expert, stable, in parallel phases over chunks
+/// of rows (count, offsets per expert, place: `pos`, `counts`); a last parallel phase copies the rows.
 fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, CodegenError> {
     let Some(kk) = konst(&k.inputs[1].shape[1]) else {
         return Ok(false);
@@ -954,11 +957,8 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
     let ke = lk.pool.i(kk as i64);
     let rows = lk.pool.mul(n, ke);
     let ee = lk.pool.i(experts as i64);
-    let cnt = lk.local(Scalar::I64, experts);
-    let off = lk.local(Scalar::I64, experts);
     let zero = lk.pool.i(0);
     let one = lk.pool.i(1);
-    let (item_var, _) = lk.loop_var();
     let what = format!("an expert id of `moe_dispatch` is out of range [0, {experts})");
     let expert_of = |lk: &mut LoopKernel, r: E| -> E {
         let tok = lk.pool.div(r, ke);
@@ -967,44 +967,134 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
         let raw = lk.pool.cast(Scalar::I64, raw);
         lk.checked(raw, ee, what.clone())
     };
-    let mut body = vec![for_(lk, zero, ee, |_, e| vec![st_local(cnt, e, zero)])];
-    body.push(for_(lk, zero, rows, |lk, r| {
+    // A stable counting sort in three parallel phases over chunks of DISPATCH_CHUNK rows: count each
+    // chunk's rows per expert; per expert, its rows' first place in each chunk (the rows of lower experts,
+    // then of the chunks before); place each chunk's rows in order.
+    let ch = lk.pool.i(DISPATCH_CHUNK);
+    let ch1 = lk.pool.i(DISPATCH_CHUNK - 1);
+    let rows_up = lk.pool.addi(rows, ch1);
+    let chunks = lk.pool.div(rows_up, ch);
+    let chunks_dim = (ids.shape[0].clone() * Dim::from(kk as i64)).ceil_div(&Dim::from(DISPATCH_CHUNK));
+    let cnt = lk.scratch(fulgur_ir::DType::I64, chunks_dim.clone() * Dim::from(experts as i64));
+    let offs = lk.scratch(fulgur_ir::DType::I64, chunks_dim * Dim::from(experts as i64));
+    let i64d = fulgur_ir::DType::I64;
+    let at = |lk: &mut LoopKernel, c: E, e: E| -> E { mad(lk, c, ee, e) };
+    let chunk_rows = |lk: &mut LoopKernel, c: E| -> (E, E) {
+        let lo = lk.pool.mul(c, ch);
+        let hi = lk.pool.addi(lo, ch);
+        let hi = lk.pool.min(hi, rows);
+        (lo, hi)
+    };
+    // count
+    let (count_var, c) = lk.loop_var();
+    let (lo, hi) = chunk_rows(lk, c);
+    let mut body = vec![for_(lk, zero, ee, |lk, e| {
+        let i = at(lk, c, e);
+        vec![Stmt::Store {
+            arg: cnt,
+            dtype: i64d,
+            index: i,
+            value: zero,
+        }]
+    })];
+    body.push(for_(lk, lo, hi, |lk, r| {
         let e = expert_of(lk, r);
-        let c = lk.load_local(cnt, e);
-        let c1 = lk.pool.addi(c, one);
-        vec![st_local(cnt, e, c1)]
+        let i = at(lk, c, e);
+        let cur = lk.pool.load(cnt, i64d, i);
+        let next = lk.pool.addi(cur, one);
+        vec![Stmt::Store {
+            arg: cnt,
+            dtype: i64d,
+            index: i,
+            value: next,
+        }]
     }));
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_dispatch.count".into(),
+        grid: chunks,
+        item: count_var,
+        body,
+        item_cost: ch,
+    }));
+    // offsets: per expert
+    let (off_var, e) = lk.loop_var();
     let (run_var, run) = lk.mutable(Scalar::I64);
-    body.push(Stmt::Set {
+    let mut body = vec![Stmt::Set {
         var: run_var,
         value: zero,
-    });
-    body.push(for_(lk, zero, ee, |lk, e| {
-        let c = lk.load_local(cnt, e);
-        let next = lk.pool.addi(run, c);
-        vec![
-            st_local(off, e, run),
-            store(&counts, lk, &[e], c),
-            Stmt::Set {
+    }];
+    body.push(for_(lk, zero, chunks, |lk, c| {
+        vec![for_(lk, zero, e, |lk, e2| {
+            let i = at(lk, c, e2);
+            let x = lk.pool.load(cnt, i64d, i);
+            vec![Stmt::Accumulate {
                 var: run_var,
-                value: next,
+                op: Acc::Add,
+                value: x,
+            }]
+        })]
+    }));
+    let (base_var, base) = lk.mutable(Scalar::I64);
+    body.push(Stmt::Set {
+        var: base_var,
+        value: run,
+    });
+    body.push(for_(lk, zero, chunks, |lk, c| {
+        let i = at(lk, c, e);
+        let x = lk.pool.load(cnt, i64d, i);
+        vec![
+            Stmt::Store {
+                arg: offs,
+                dtype: i64d,
+                index: i,
+                value: run,
+            },
+            Stmt::Accumulate {
+                var: run_var,
+                op: Acc::Add,
+                value: x,
             },
         ]
     }));
-    body.push(for_(lk, zero, rows, |lk, r| {
+    let total = lk.pool.sub(run, base);
+    body.push(store(&counts, lk, &[e], total));
+    let off_cost = lk.pool.mul(chunks, ee);
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_dispatch.offsets".into(),
+        grid: ee,
+        item: off_var,
+        body,
+        item_cost: off_cost,
+    }));
+    // place: per chunk, its rows in order
+    let (place_var, c) = lk.loop_var();
+    let (lo, hi) = chunk_rows(lk, c);
+    let body = vec![for_(lk, lo, hi, |lk, r| {
         let e = expert_of(lk, r);
-        let p = lk.load_local(off, e);
+        let i = at(lk, c, e);
+        let p = lk.pool.load(offs, i64d, i);
         let p1 = lk.pool.addi(p, one);
         let tok = lk.pool.div(r, ke);
         let slot = lk.pool.rem(r, ke);
-        vec![store(&pos, lk, &[tok, slot], p), st_local(off, e, p1)]
-    }));
+        // the place is read before the store that moves it on: through a variable
+        let (pv, pcur) = lk.mutable(Scalar::I64);
+        vec![
+            Stmt::Set { var: pv, value: p },
+            store(&pos, lk, &[tok, slot], pcur),
+            Stmt::Store {
+                arg: offs,
+                dtype: i64d,
+                index: i,
+                value: p1,
+            },
+        ]
+    })];
     lk.steps.push(Step::Phase(Phase {
         name: "moe_dispatch.place".into(),
-        grid: one,
-        item: item_var,
+        grid: chunks,
+        item: place_var,
         body,
-        item_cost: rows,
+        item_cost: ch,
     }));
     // the rows: xs[pos[r]] = x[r / k]
     let (row_var, r) = lk.loop_var();
