@@ -210,6 +210,12 @@ pub struct CudaProgram {
     /// How many steps ran as a graph, and how many of those updated the instantiated graph in place.
     pub graph_launches: usize,
     pub graph_updates: usize,
+    /// How many calls kept their carried inputs on the device ([`CudaProgram::run_carried`]).
+    pub carried_runs: usize,
+    /// Carried outputs held between calls: the buffer and the bytes it holds.
+    carry: HashMap<String, (DevBuf, usize)>,
+    /// The inputs of the call being bound that come from `carry`.
+    carrying: Vec<String>,
     _workspace: DevBuf,
 }
 
@@ -376,6 +382,9 @@ impl CudaProgram {
             capturing: false,
             graph_launches: 0,
             graph_updates: 0,
+            carried_runs: 0,
+            carry: HashMap::new(),
+            carrying: Vec::new(),
             _workspace: workspace,
         })
     }
@@ -1099,6 +1108,18 @@ impl CudaProgram {
         self.bind(env)?;
         self.prepare()?;
         for io in &self.program.inputs {
+            if let Some(h) = self.carry.get(&io.name).filter(|_| self.carrying.contains(&io.name)) {
+                // a carried output, held on the device since the last call
+                let buf = self.persistent[io.tensor.buffer]
+                    .as_ref()
+                    .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
+                if h.1 > 0 {
+                    // SAFETY: the holding buffer has h.1 bytes; the input's buffer at least as many (bind)
+                    unsafe { drv::memcpy_dtod_async(buf.ptr, h.0.ptr, h.1, self.stream) }
+                        .map_err(|e| other(format!("input `{}`: device copy failed: {e}", io.name)))?;
+                }
+                continue;
+            }
             let t = &inputs[&io.name];
             let mut bytes = vec![0u8; t.numel() * io.ty.dtype.size_bytes()];
             encode_into(t, io.ty.dtype, &mut bytes);
@@ -1149,12 +1170,79 @@ impl CudaProgram {
         Ok(unsafe { decode_view(&self.pool, host.as_ptr(), t.dtype, &shape, &strides, offset - lo) })
     }
 
+    /// [`crate::Executable::run_carried`]: each carried output copied on the device into a holding buffer,
+    /// then into its input's buffer once the call is bound; never downloaded.
+    pub fn run_carried(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        carried: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        let binding = self.binding.as_ref()?;
+        let mut views = Vec::new();
+        for name in carried {
+            let out = self.program.outputs.iter().find(|o| &o.name == name)?;
+            let inp = self.program.inputs.iter().find(|i| &i.name == name)?;
+            if out.ty.dtype != inp.ty.dtype || !out.tensor.is_contiguous() {
+                return None;
+            }
+            views.push((name.clone(), out.tensor.clone()));
+        }
+        let env = binding.env.clone();
+        Some((|| {
+            self.current()?;
+            let mut all = inputs.clone();
+            for (name, t) in views {
+                let ev = |d: &Dim| d.eval(&env).map_err(other);
+                let shape: Vec<usize> = t
+                    .shape
+                    .iter()
+                    .map(|d| ev(d).map(|x| x.max(0) as usize))
+                    .collect::<Result<_, _>>()?;
+                let es = t.dtype.size_bytes();
+                let n: usize = shape.iter().product::<usize>() * es;
+                let src = self.buffer_ptr(t.buffer)? + (ev(&t.offset)? as usize * es) as u64;
+                let have = self.carry.get(&name).map_or(0, |h| h.0.len());
+                if have < n {
+                    self.carry.remove(&name);
+                    let b = DevBuf::zeroed(grown(n, have), &format!("carried `{name}`"))?;
+                    self.carry.insert(name.clone(), (b, 0));
+                }
+                let h = self.carry.get_mut(&name).ok_or_else(|| other("no holding buffer"))?;
+                h.1 = n;
+                if n > 0 {
+                    // SAFETY: both hold n bytes; ordered after the last call's kernels on the stream
+                    unsafe { drv::memcpy_dtod_async(h.0.ptr, src, n, self.stream) }
+                        .map_err(|e| other(format!("carrying `{name}`: device copy failed: {e}")))?;
+                }
+                all.insert(name, crate::host::placeholder(t.dtype, shape));
+            }
+            // the copies finish before binding may free the arena they read
+            // SAFETY: the stream is live
+            unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| other(format!("carrying: {e}")))?;
+            self.carrying = carried.to_vec();
+            let r = self.run_skipping(&all, carried);
+            self.carrying.clear();
+            if r.is_ok() {
+                self.carried_runs += 1;
+            }
+            r
+        })())
+    }
+
     /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
     /// kernels; returns every output.
     pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.run_skipping(inputs, &[])
+    }
+
+    fn run_skipping(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        skip: &[String],
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         self.begin_step(inputs)?;
         if self.options.graphs && self.profile.is_none() && !self.options.check_finite {
-            return self.run_graph();
+            return self.run_graph(skip);
         }
         let kernels = std::mem::take(&mut self.program.step);
         let np = self.program.prepare.len();
@@ -1209,16 +1297,12 @@ impl CudaProgram {
             }
             p.runs += 1;
         }
-        let mut out = BTreeMap::new();
-        for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
-        }
-        Ok(out)
+        self.outputs_except(skip)
     }
 
     /// The step as a CUDA graph: captured, instantiated (or the last instantiated graph updated in place),
     /// launched once.
-    fn run_graph(&mut self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+    fn run_graph(&mut self, skip: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         while self.events.len() < 2 {
             let e = drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
                 .map_err(|e| other(format!("CUDA event: {e}")))?;
@@ -1296,11 +1380,7 @@ impl CudaProgram {
             .map_err(|e| other(format!("CUDA event: {e}")))? as f64;
         self.graph_launches += 1;
         self.graph_updates += usize::from(updated);
-        let mut out = BTreeMap::new();
-        for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
-        }
-        Ok(out)
+        self.outputs_except(skip)
     }
 
     /// Runs one step like [`CudaProgram::run`], calling `trace` after every step kernel with the kernel, the
@@ -1320,9 +1400,16 @@ impl CudaProgram {
             let outs: Vec<Tensor> = k.outputs.iter().map(|t| self.read(t)).collect::<Result<_, _>>()?;
             trace(k, &ins, &outs)?;
         }
+        self.outputs_except(&[])
+    }
+
+    /// Every output of the step just run but those named in `skip`.
+    fn outputs_except(&self, skip: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         let mut out = BTreeMap::new();
         for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
+            if !skip.contains(&io.name) {
+                out.insert(io.name.clone(), self.read(&io.tensor)?);
+            }
         }
         Ok(out)
     }
@@ -1383,6 +1470,13 @@ impl crate::Executable for CudaProgram {
     }
     fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         CudaProgram::run(self, inputs)
+    }
+    fn run_carried(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        carried: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        CudaProgram::run_carried(self, inputs, carried)
     }
 }
 

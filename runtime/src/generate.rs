@@ -3,7 +3,9 @@
 //! The prefill graph maps `input_ids` `[B, P]` to `logits` `[B, P, V]` plus state outputs; the decode graph
 //! takes `input_ids` `[B, 1]`, `position` (i64 scalar) and, for each of its other data inputs, the output of
 //! the same name from the previous step (prefill or decode). Nothing is recomputed over the prefix. Both are
-//! [`Executable`]s: loaded once with their weights resident, so a step passes only tokens and states.
+//! [`Executable`]s: loaded once with their weights resident, so a step passes only tokens and states; from the
+//! second decode step on, an executable that can ([`Executable::run_carried`]) keeps the states where its
+//! previous step left them, and only the tokens and the logits cross to and from the host.
 
 use crate::{Executable, RuntimeError};
 use fulgur_ir::{DType, Tensor};
@@ -92,6 +94,13 @@ pub fn greedy(
             "position".into(),
             Tensor::from_i64(DType::I64, vec![], vec![(p + step) as i64]),
         );
+        // after the first decode step the states stay where the decode left them
+        if step > 0 {
+            if let Some(r) = decode.run_carried(&inputs, &carried) {
+                prev = r?;
+                continue;
+            }
+        }
         for name in &carried {
             let t = prev.remove(name).ok_or_else(|| {
                 RuntimeError::Other(format!(

@@ -270,3 +270,15 @@ pub(crate) fn bind_inputs(
     }
     Ok(env)
 }
+
+/// A tensor of `dtype` and `shape` without values: what binding reads of an input whose bytes are held.
+pub(crate) fn placeholder(dtype: DType, shape: Vec<usize>) -> Tensor {
+    let data = if dtype.is_float() {
+        fulgur_ir::Buffer::F(Vec::new())
+    } else if dtype.is_int() {
+        fulgur_ir::Buffer::I(Vec::new())
+    } else {
+        fulgur_ir::Buffer::B(Vec::new())
+    };
+    Tensor { dtype, shape, data }
+}

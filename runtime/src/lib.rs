@@ -71,6 +71,18 @@ pub trait Executable {
     fn input_names(&self) -> Vec<String>;
     /// Runs one call on the data inputs; returns every output by name.
     fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError>;
+    /// Runs one call whose inputs named in `carried` are this executable's own outputs of the same names from
+    /// its previous call, left where they are (device memory stays on the device; nothing becomes a host
+    /// tensor); `inputs` holds the others, and the result every output but the carried ones. `None`, before
+    /// anything runs, when the executable cannot (it has not run yet, or a carried output is not a
+    /// contiguous value of the type its input takes): the caller passes every input to `run` instead.
+    fn run_carried(
+        &mut self,
+        _inputs: &HashMap<String, Tensor>,
+        _carried: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        None
+    }
 }
 
 /// Weights held once and shared by the reference executables of one model (prefill and decode).

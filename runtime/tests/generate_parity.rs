@@ -95,6 +95,8 @@ fn tiny_a_greedy_decode_on_cpu_matches_transformers() {
     let out = generate::greedy(&mut p, &mut d, &fx["prompt"], n, |_, _| {}).unwrap();
     // the weights were prepared and packed once per program, not once per decode step
     assert_eq!((p.prepare_runs(), d.prepare_runs()), (1, 1));
+    // from the second decode step on, the states stayed in the program's memory
+    assert_eq!(d.carried_runs, n - 2, "decode steps that carried their states");
     assert_eq!(out.generated.to_i64(), fx["generated"].to_i64(), "greedy tokens differ");
     let e = out.step_logits.rel_l2(&fx["step_logits"]);
     println!("cpu step_logits: rel {e:.3e}");

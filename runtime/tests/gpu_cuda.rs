@@ -419,6 +419,11 @@ fn gpu_tiny_a_decode_under_cuda_graphs_gives_the_same_tokens() {
         p.load_weights(&weights).unwrap();
         d.share_weights(&p);
         let out = generate::greedy(&mut p, &mut d, &fx["prompt"], n, |_, _| {}).unwrap();
+        assert_eq!(
+            d.carried_runs,
+            n - 2,
+            "decode steps that kept their states on the device"
+        );
         if graphs {
             assert_eq!(d.graph_launches, n - 1, "every decode step ran as a graph");
             println!("graph updates in place: {} of {}", d.graph_updates, d.graph_launches);

@@ -176,6 +176,8 @@ pub struct CpuProgram {
     /// Seconds the JIT took (emit, optimise, compile) and building the loop forms.
     pub compile_seconds: f64,
     pub profile: Option<Profile>,
+    /// How many calls took their carried inputs as the bytes of their previous outputs ([`CpuProgram::run_carried`]).
+    pub carried_runs: usize,
 }
 
 fn other(m: impl Into<String>) -> RuntimeError {
@@ -234,6 +236,7 @@ impl CpuProgram {
             step_profile: std::sync::Mutex::new(Vec::new()),
             compile_seconds,
             profile: None,
+            carried_runs: 0,
         })
     }
 
@@ -650,6 +653,16 @@ impl CpuProgram {
 
     /// Binds the symbols from `inputs`, runs the prepare program if needed, and writes the inputs.
     fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
+        self.begin_step_holding(inputs, &HashMap::new())
+    }
+
+    /// [`CpuProgram::begin_step`] where the inputs in `held` are given as their bytes (`inputs` holds a
+    /// placeholder of their type and shape, for binding).
+    fn begin_step_holding(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        held: &HashMap<String, Vec<u8>>,
+    ) -> Result<(), RuntimeError> {
         let env = self.bind_inputs(inputs)?;
         self.bind(env)?;
         self.prepare()?;
@@ -657,25 +670,102 @@ impl CpuProgram {
             let buf = self.persistent[io.tensor.buffer]
                 .as_mut()
                 .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
-            encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice());
+            match held.get(&io.name) {
+                Some(bytes) => buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes),
+                None => encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice()),
+            }
         }
         Ok(())
     }
 
     /// Every output of the step just run.
     fn outputs(&self) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.outputs_except(&[])
+    }
+
+    /// Every output of the step just run but those named in `skip`.
+    fn outputs_except(&self, skip: &[String]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         let mut out = BTreeMap::new();
         for io in &self.program.outputs {
-            out.insert(io.name.clone(), self.read(&io.tensor)?);
+            if !skip.contains(&io.name) {
+                out.insert(io.name.clone(), self.read(&io.tensor)?);
+            }
         }
         Ok(out)
+    }
+
+    /// The bytes of every carried output of the last call, with placeholders of their types and shapes for
+    /// binding; `None` when one cannot be carried (see [`crate::Executable::run_carried`]).
+    #[allow(clippy::type_complexity)]
+    fn carried_outputs(
+        &self,
+        carried: &[String],
+    ) -> Option<Result<(HashMap<String, Tensor>, HashMap<String, Vec<u8>>), RuntimeError>> {
+        let binding = self.binding.as_ref()?;
+        let mut views = Vec::new();
+        for name in carried {
+            let out = self.program.outputs.iter().find(|o| &o.name == name)?;
+            let inp = self.program.inputs.iter().find(|i| &i.name == name)?;
+            if out.ty.dtype != inp.ty.dtype || !out.tensor.is_contiguous() || self.dropped[out.tensor.buffer] {
+                return None;
+            }
+            views.push((name.clone(), out.tensor.clone()));
+        }
+        Some((|| {
+            let (mut shapes, mut held) = (HashMap::new(), HashMap::new());
+            for (name, t) in views {
+                let ev = |d: &Dim| d.eval(&binding.env).map_err(other);
+                let shape: Vec<usize> = t
+                    .shape
+                    .iter()
+                    .map(|d| ev(d).map(|x| x.max(0) as usize))
+                    .collect::<Result<_, _>>()?;
+                let es = t.dtype.size_bytes();
+                let n: usize = shape.iter().product();
+                let off = ev(&t.offset)? as usize * es;
+                let base = self.buffer_ptr(t.buffer)?;
+                // SAFETY: the view lies in its buffer (check_views)
+                let bytes = unsafe { std::slice::from_raw_parts(base.add(off), n * es) }.to_vec();
+                shapes.insert(name.clone(), crate::host::placeholder(t.dtype, shape));
+                held.insert(name, bytes);
+            }
+            Ok((shapes, held))
+        })())
     }
 
     /// Runs one step: binds the symbols from `inputs`, runs the prepare program if needed, then the step
     /// kernels; returns every output.
     pub fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.run_holding(inputs, &HashMap::new(), &[])
+    }
+
+    /// [`crate::Executable::run_carried`]: the carried outputs' bytes copied to their inputs' buffers, never
+    /// converted to host tensors.
+    pub fn run_carried(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        carried: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        let held = self.carried_outputs(carried)?;
+        Some(held.and_then(|(shapes, held)| {
+            let mut all = inputs.clone();
+            all.extend(shapes);
+            let r = self.run_holding(&all, &held, carried);
+            if r.is_ok() {
+                self.carried_runs += 1;
+            }
+            r
+        }))
+    }
+
+    fn run_holding(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        held: &HashMap<String, Vec<u8>>,
+        skip: &[String],
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         let t0 = Instant::now();
-        self.begin_step(inputs)?;
+        self.begin_step_holding(inputs, held)?;
         let profile = self.profile.is_some();
         let mut host = t0.elapsed().as_secs_f64();
         if let Some(p) = &mut self.profile {
@@ -702,7 +792,7 @@ impl CpuProgram {
         self.program.step = kernels;
         result?;
         let t1 = Instant::now();
-        let out = self.outputs();
+        let out = self.outputs_except(skip);
         host += t1.elapsed().as_secs_f64();
         if let Some(p) = &mut self.profile {
             p.host_seconds += host;
@@ -1042,6 +1132,13 @@ impl crate::Executable for CpuProgram {
     }
     fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         CpuProgram::run(self, inputs)
+    }
+    fn run_carried(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        carried: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        CpuProgram::run_carried(self, inputs, carried)
     }
 }
 
