@@ -10,9 +10,11 @@
 //!   [`SPILL_BYTES`] live in a spill area of global memory interleaved by thread (coalesced), so that a large
 //!   accumulator row does not make the driver reserve its size for every resident thread;
 //! - a **GEMM** or **grouped GEMM** step is a library launch (cuBLAS, by the runtime);
-//! - `flash_attention[_rope]` is a **template**: one warp per query row, the online softmax over the keys
-//!   with grouped KV heads by broadcasting and the rotary embedding applied to `q` and `k` as they are loaded,
-//!   instead of the loop form's per-thread query blocks.
+//! - `flash_attention[_rope]` is a **template**: blocks of 64 query rows sharing key/value tiles in shared
+//!   memory, the online softmax a tile at a time, grouped KV heads by broadcasting and the rotary embedding
+//!   applied to `q` and `k` as they load, instead of the loop form's per-thread query blocks; `moe_combine`
+//!   is one too (a block per token, its threads along the channels, where the loop form's thread per token
+//!   reads a row each, uncoalesced).
 //!
 //! Sources are deterministic: the same kernel program gives the same bytes (the NVRTC cache key hashes them).
 //! Each file's header names its code's op and the IR nodes whose kernels run it.
@@ -119,6 +121,9 @@ pub fn emit(
         (Some((scale, causal, rotary)), Some(k)) if lk.steps.len() == 1 => {
             flash_template(lk, k, scale, causal, rotary)?
         }
+        (None, Some(k)) if lk.steps.len() == 1 && matches!(k.op, Op::Composite(Composite::MoeCombine)) => {
+            combine_template(lk, k)
+        }
         _ => None,
     };
     if let Some((text, items, smem)) = flash_text {
@@ -128,7 +133,7 @@ pub fn emit(
             function: f,
             items,
             per_block: 1,
-            threads: FLASH_WARPS * 32,
+            threads: if flash.is_some() { FLASH_WARPS * 32 } else { BLOCK },
             smem,
         });
     } else {
@@ -188,7 +193,7 @@ pub fn emit(
                 function, items, smem, ..
             } => writeln!(
                 src,
-                "//   {function}: template over {} blocks of query rows, {smem} bytes of shared memory",
+                "//   {function}: template over {} blocks, {smem} bytes of shared memory",
                 lk.expr(*items)
             ),
         };
@@ -1061,6 +1066,84 @@ fn flash_template(
     let qblocks = ot.shape[ro - 2].ceil_div(&Dim::from(bq as i64));
     let items = lk.dim(&(batch * qblocks));
     Ok(Some((s, items, smem as u32)))
+}
+
+/// `moe_combine` as a template: one block per token, its threads along the channels (coalesced), each output
+/// `Σ_slot w[n, slot] · ys[pos[n, slot], c]` summed in slot order as the loop form does; a row index out of
+/// range fails the loop form's check.
+fn combine_template(lk: &mut LoopKernel, k: &Kernel) -> Option<(String, E, u32)> {
+    let (yt, pt, wt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
+    let kk = pt.shape.get(1)?.as_const()?;
+    let check = lk
+        .checks
+        .iter()
+        .position(|c| c.starts_with("a row index of `moe_combine`"))?
+        + 1;
+    let (sy, sp, sw, so) = (
+        lk.slot(Slot::Input(0)),
+        lk.slot(Slot::Input(1)),
+        lk.slot(Slot::Input(2)),
+        lk.slot(Slot::Output(0)),
+    );
+    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
+        let e = lk.dim(d);
+        match lk.pool.get(e) {
+            Expr::I(i) => int_lit(*i),
+            Expr::Param(p) => format!("p{p}"),
+            _ => "0".into(),
+        }
+    };
+    let rows = dim(lk, &yt.shape[0]);
+    let c = dim(lk, &yt.shape[1]);
+    let (yo, yrs, ycs) = (dim(lk, &yt.offset), dim(lk, &yt.strides[0]), dim(lk, &yt.strides[1]));
+    let (po, prs, pcs) = (dim(lk, &pt.offset), dim(lk, &pt.strides[0]), dim(lk, &pt.strides[1]));
+    let (wo, wrs, wcs) = (dim(lk, &wt.offset), dim(lk, &wt.strides[0]), dim(lk, &wt.strides[1]));
+    let (oo, ors, ocs) = (dim(lk, &ot.offset), dim(lk, &ot.strides[0]), dim(lk, &ot.strides[1]));
+    let mut s = String::new();
+    let _ = writeln!(s, "// moe_combine: one block per token, the threads along the channels");
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({BLOCK}) FULGUR_FN(FULGUR_SIGNATURE) {{"
+    );
+    let _ = writeln!(s, "  const i64 n = blockIdx.x;");
+    let _ = writeln!(s, "  if (n >= fulgur_grid) return;");
+    let _ = writeln!(s, "  i64 p[{kk}]; float w[{kk}];");
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int sl = 0; sl < {kk}; ++sl) {{");
+    let _ = writeln!(
+        s,
+        "    i64 r = {};",
+        load_text(sp, pt.dtype, &format!("{po} + n * {prs} + sl * {pcs}"))
+    );
+    let _ = writeln!(
+        s,
+        "    if ((unsigned long long)r >= (unsigned long long){rows}) {{ if (threadIdx.x == 0) fulgur_fail(fulgur_err, {check}, r); r = 0; }}"
+    );
+    let _ = writeln!(s, "    p[sl] = r;");
+    let _ = writeln!(
+        s,
+        "    w[sl] = (float){};",
+        load_text(sw, wt.dtype, &format!("{wo} + n * {wrs} + sl * {wcs}"))
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  for (i64 c = threadIdx.x; c < {c}; c += {BLOCK}) {{");
+    let _ = writeln!(s, "    float acc = 0.0f;");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int sl = 0; sl < {kk}; ++sl)");
+    let _ = writeln!(
+        s,
+        "      acc = acc + w[sl] * {};",
+        load_text(sy, yt.dtype, &format!("{yo} + p[sl] * {yrs} + c * {ycs}"))
+    );
+    let _ = writeln!(
+        s,
+        "    {}",
+        store_text(so, ot.dtype, &format!("{oo} + n * {ors} + c * {ocs}"), "acc")
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    let items = lk.dim(&pt.shape[0]);
+    Some((s, items, 0))
 }
 
 /// A grouped GEMM with the group sizes read on the device: one thread per output element (consecutive threads

@@ -516,3 +516,42 @@ fn gpu_flash_attention_matches_the_interpreter_past_one_tile() {
         assert!(e < 1e-5, "causal {causal}: relative error {e}");
     }
 }
+
+/// The `moe_combine` template: channels not a multiple of the block, three slots, rows picked twice; a row
+/// index out of range is the loop form's error.
+#[test]
+fn gpu_moe_combine_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Op};
+    if !gpu() {
+        return;
+    }
+    let ys = random(DType::F32, vec![21, 300], 5);
+    let pos = Tensor::from_i64(DType::I64, vec![7, 3], (0..21).map(|i| (i * 5) % 21 / 2).collect());
+    let w = random(DType::F32, vec![7, 3], 6);
+    let e = gpu_op_error(Op::Composite(Composite::MoeCombine), vec![ys.clone(), pos, w.clone()]);
+    println!("moe_combine: rel {e:.3e}");
+    assert!(e < 1e-6, "relative error {e}");
+    let mut g = Graph::new("combine");
+    let d = |x: i64| fulgur_ir::Dim::from(x);
+    let a = g.input("ys", DType::F32, vec![d(21), d(300)]).unwrap();
+    let b = g.input("pos", DType::I64, vec![d(7), d(3)]).unwrap();
+    let c = g.input("w", DType::F32, vec![d(7), d(3)]).unwrap();
+    let id = g
+        .add_node(Op::Composite(Composite::MoeCombine), &[a, b, c], None)
+        .unwrap();
+    g.add_output("o", fulgur_ir::Value::new(id, 0)).unwrap();
+    let mut gpu = CudaProgram::new(lower(&g).unwrap(), CudaOptions::default()).unwrap();
+    let bad = Tensor::from_i64(
+        DType::I64,
+        vec![7, 3],
+        (0..21).map(|i| if i == 9 { 40 } else { i / 2 }).collect(),
+    );
+    let e = gpu
+        .run(&[("ys".to_string(), ys), ("pos".to_string(), bad), ("w".to_string(), w)].into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a row index of `moe_combine` is out of range [0, 21): got 40"),
+        "{e}"
+    );
+}
