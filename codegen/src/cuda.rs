@@ -124,6 +124,10 @@ pub fn emit(
         (None, Some(k)) if lk.steps.len() == 1 && matches!(k.op, Op::Composite(Composite::MoeCombine)) => {
             combine_template(lk, k)
         }
+        (None, Some(k)) => match k.op {
+            Op::Composite(Composite::RmsNorm { eps }) => rms_norm_template(lk, k, eps),
+            _ => None,
+        },
         _ => None,
     };
     if let Some((text, items, smem)) = flash_text {
@@ -1143,6 +1147,100 @@ fn combine_template(lk: &mut LoopKernel, k: &Kernel) -> Option<(String, E, u32)>
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
     let items = lk.dim(&pt.shape[0]);
+    Some((s, items, 0))
+}
+
+/// `rms_norm` as a template: one block per row, the threads along the channels (coalesced), the sum of squares
+/// reduced across the block (shuffles, then one word per warp in shared memory), `x · rsqrt(mean + eps) · w`
+/// written by the same threads. The loop form's thread per row reads whole rows, uncoalesced.
+fn rms_norm_template(lk: &mut LoopKernel, k: &Kernel, eps: f64) -> Option<(String, E, u32)> {
+    let (xt, wt, ot) = (&k.inputs[0], &k.inputs[1], &k.outputs[0]);
+    let r = xt.shape.len();
+    if r == 0 || wt.shape.len() != 1 || !xt.dtype.is_float() {
+        return None;
+    }
+    let (sx, sw, so) = (
+        lk.slot(Slot::Input(0)),
+        lk.slot(Slot::Input(1)),
+        lk.slot(Slot::Output(0)),
+    );
+    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
+        let e = lk.dim(d);
+        match lk.pool.get(e) {
+            Expr::I(i) => int_lit(*i),
+            Expr::Param(p) => format!("p{p}"),
+            _ => "0".into(),
+        }
+    };
+    let c = dim(lk, &xt.shape[r - 1]);
+    let (xo, xcs) = (dim(lk, &xt.offset), dim(lk, &xt.strides[r - 1]));
+    let (oo, ocs) = (dim(lk, &ot.offset), dim(lk, &ot.strides[r - 1]));
+    let (wo, wcs) = (dim(lk, &wt.offset), dim(lk, &wt.strides[0]));
+    let warps = BLOCK / 32;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "// rms_norm: one block per row, the threads along the channels (eps {eps:e})"
+    );
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({BLOCK}) FULGUR_FN(FULGUR_SIGNATURE) {{"
+    );
+    let _ = writeln!(s, "  __shared__ float part[{warps}];");
+    let _ = writeln!(s, "  const i64 row = blockIdx.x;");
+    let _ = writeln!(s, "  if (row >= fulgur_grid) return;");
+    let _ = writeln!(s, "  i64 rest = row, x_off = {xo}, o_off = {oo};");
+    for a in (0..r - 1).rev() {
+        let ext = dim(lk, &xt.shape[a]);
+        let xs = dim(lk, &xt.strides[a]);
+        let os = dim(lk, &ot.strides[a]);
+        let _ = writeln!(
+            s,
+            "  {{ const i64 q = rest % {ext}; rest /= {ext}; x_off += q * {xs}; o_off += q * {os}; }}"
+        );
+    }
+    let x_at = |i: &str| load_text(sx, xt.dtype, &format!("x_off + {i} * {xcs}"));
+    let _ = writeln!(s, "  float sq = 0.0f;");
+    let _ = writeln!(
+        s,
+        "  for (i64 c = threadIdx.x; c < {c}; c += {BLOCK}) {{ const float v = {}; sq += v * v; }}",
+        x_at("c")
+    );
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(
+        s,
+        "  for (int w = 16; w > 0; w >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, w);"
+    );
+    let _ = writeln!(s, "  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sq;");
+    let _ = writeln!(s, "  __syncthreads();");
+    let _ = writeln!(s, "  float tot = 0.0f;");
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int w = 0; w < {warps}; ++w) tot += part[w];");
+    let _ = writeln!(
+        s,
+        "  const float rs = 1.0f / sqrtf(tot / (float){c} + {});",
+        float_lit((eps as f32).to_bits())
+    );
+    let _ = writeln!(s, "  for (i64 c = threadIdx.x; c < {c}; c += {BLOCK}) {{");
+    let _ = writeln!(
+        s,
+        "    {}",
+        store_text(
+            so,
+            ot.dtype,
+            "o_off + c * OCS",
+            &format!(
+                "{} * rs * {}",
+                x_at("c"),
+                load_text(sw, wt.dtype, &format!("{wo} + c * {wcs}"))
+            )
+        )
+        .replace("OCS", &ocs)
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    let rows: Dim = xt.shape[..r - 1].iter().fold(Dim::from(1), |a, d| a * d.clone());
+    let items = lk.dim(&rows);
     Some((s, items, 0))
 }
 

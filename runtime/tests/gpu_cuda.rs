@@ -555,3 +555,19 @@ fn gpu_moe_combine_matches_the_interpreter() {
         "{e}"
     );
 }
+
+/// The `rms_norm` template: channels not a multiple of the block, several leading axes.
+#[test]
+fn gpu_rms_norm_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Op};
+    if !gpu() {
+        return;
+    }
+    for c in [7, 300, 2048] {
+        let x = random(DType::F32, vec![3, 5, c], 7);
+        let w = random(DType::F32, vec![c], 8);
+        let e = gpu_op_error(Op::Composite(Composite::RmsNorm { eps: 1e-5 }), vec![x, w]);
+        println!("rms_norm, C {c}: rel {e:.3e}");
+        assert!(e < 1e-6, "C {c}: relative error {e}");
+    }
+}
