@@ -93,6 +93,7 @@ fn a_compiled_graph_runs_like_the_interpreter() {
         &"--print",
     ]));
     assert!(text.contains("y: f32[4, 16]") && text.contains("cpu: JIT"), "{text}");
+    assert!(text.contains("; memory planned ") && text.contains(", held "), "{text}");
     let reference = tmp.path().join("ref.safetensors");
     ok(&fulgur(&[
         &"eval",

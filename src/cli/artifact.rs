@@ -372,7 +372,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             eprintln!("warning: input `{name}` contains NaN or infinite values");
         }
     }
-    let (outputs, jit_s, step_s) = match manifest.target.as_str() {
+    let (outputs, jit_s, step_s, memory) = match manifest.target.as_str() {
         "cuda" => run_cuda(program, &weights, &data, &args)?,
         _ => run_cpu(program, &weights, &data, &args)?,
     };
@@ -389,8 +389,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         } else {
             "JIT"
         };
+        let mem = match memory {
+            Some((planned, held)) => format!(
+                "; memory planned {}, held {}",
+                fulgur_ir::interp::fmt_bytes(planned),
+                fulgur_ir::interp::fmt_bytes(held)
+            ),
+            None => String::new(),
+        };
         text.push_str(&format!(
-            "{}: {load} {:.2} s, step {:.1} ms\n",
+            "{}: {load} {:.2} s, step {:.1} ms{mem}\n",
             manifest.target,
             jit_s,
             step_s * 1e3
@@ -400,7 +408,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-type RunResult = (BTreeMap<String, Tensor>, f64, f64);
+/// The outputs, the load (JIT or NVRTC) seconds, the step's seconds, and the memory (planned peak, held).
+type RunResult = (BTreeMap<String, Tensor>, f64, f64, Option<(u64, u64)>);
 
 #[cfg(feature = "llvm")]
 fn run_cpu(
@@ -430,7 +439,7 @@ fn run_cpu(
         })?;
     let t = Instant::now();
     let out = cpu.run(data).context("running the artifact")?;
-    Ok((out, cpu.compile_seconds, t.elapsed().as_secs_f64()))
+    Ok((out, cpu.compile_seconds, t.elapsed().as_secs_f64(), cpu.memory()))
 }
 
 #[cfg(not(feature = "llvm"))]
@@ -470,7 +479,7 @@ fn run_cuda(
         })?;
     let t = Instant::now();
     let out = gpu.run(data).context("running the artifact")?;
-    Ok((out, gpu.compile_seconds, t.elapsed().as_secs_f64()))
+    Ok((out, gpu.compile_seconds, t.elapsed().as_secs_f64(), gpu.memory()))
 }
 
 #[cfg(not(feature = "cuda"))]
