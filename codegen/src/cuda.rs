@@ -471,7 +471,11 @@ impl<'a> PhaseEmitter<'a> {
             Stmt::For { var, lo, hi, body } => {
                 let lo = self.val(*lo)?;
                 let hi = self.val(*hi)?;
-                self.line(&format!("for (i64 v{var} = {lo}; v{var} < {hi}; ++v{var}) {{"));
+                // the bound is evaluated once, before the loop (a mutable it reads may change inside)
+                let hb = format!("e{}", self.temps);
+                self.temps += 1;
+                self.line(&format!("const i64 {hb} = {hi};"));
+                self.line(&format!("for (i64 v{var} = {lo}; v{var} < {hb}; ++v{var}) {{"));
                 self.block(body)?;
                 self.line("}");
             }
@@ -588,7 +592,7 @@ impl<'a> PhaseEmitter<'a> {
                 let a = self.val(a)?;
                 if a_ty == Scalar::F32 {
                     match op {
-                        UnaryOp::Neg => format!("-{a}"),
+                        UnaryOp::Neg => format!("-({a})"),
                         UnaryOp::Abs => format!("fabsf({a})"),
                         UnaryOp::Exp => format!("expf({a})"),
                         UnaryOp::Log => format!("logf({a})"),
@@ -603,8 +607,8 @@ impl<'a> PhaseEmitter<'a> {
                     }
                 } else {
                     match op {
-                        UnaryOp::Neg => format!("-{a}"),
-                        UnaryOp::Abs => format!("({a} < 0 ? -{a} : {a})"),
+                        UnaryOp::Neg => format!("-({a})"),
+                        UnaryOp::Abs => format!("({a} < 0 ? -({a}) : {a})"),
                         _ => return Err(CodegenError::Options(format!("`{}` on an integer", op.name()))),
                     }
                 }

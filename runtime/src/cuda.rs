@@ -242,8 +242,11 @@ impl CudaProgram {
             drv::ctx::set_current(ctx).map_err(|e| other(format!("CUDA context: {e}")))?;
             ctx
         };
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-            .map_err(|e| other(format!("CUDA stream: {e}")))?;
+        // a blocking stream: the synchronous uploads and memsets (on the legacy stream) are ordered with its
+        // kernels both ways, so a kernel never reads an input whose copy has not landed, nor a buffer whose
+        // zeroing is still to come
+        let stream =
+            drv::stream::create(drv::stream::StreamKind::Default).map_err(|e| other(format!("CUDA stream: {e}")))?;
         let blas = blas::create_handle().map_err(|e| other(format!("cuBLAS: {e:?}")))?;
         // SAFETY: the handle and stream were created above
         unsafe {
@@ -311,10 +314,28 @@ impl CudaProgram {
                     Launch::Phase { function, .. } | Launch::Template { function, .. } => {
                         let name = CString::new(function.as_str()).map_err(|_| other("a function name with NUL"))?;
                         // SAFETY: the module is loaded
-                        Some(
-                            unsafe { drv::module::get_function(module, name) }
-                                .map_err(|e| other(format!("{}: function {function}: {e}", ck.file)))?,
-                        )
+                        let f = unsafe { drv::module::get_function(module, name) }
+                            .map_err(|e| other(format!("{}: function {function}: {e}", ck.file)))?;
+                        if let Launch::Template { smem, .. } = l {
+                            // past 48 KiB a block's dynamic shared memory must be asked for
+                            if *smem > 48 << 10 {
+                                // SAFETY: the function exists; the size is the template's own
+                                unsafe {
+                                    drv::function::set_function_attribute(
+                                        f,
+                                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                        *smem as i32,
+                                    )
+                                }
+                                .map_err(|e| {
+                                    other(format!(
+                                        "{}: {function} needs {smem} bytes of shared memory per block: {e}",
+                                        ck.file
+                                    ))
+                                })?;
+                            }
+                        }
+                        Some(f)
                     }
                     Launch::Library { .. } => None,
                 });
@@ -614,14 +635,20 @@ impl CudaProgram {
                 fmt_bytes(free as u64)
             )));
         }
+        // memory that must grow grows by half again (the old buffer freed first), so that a decode step's
+        // growing cache length reallocates rarely
         if self.arena.len() < layout.arena_bytes as usize {
+            let have = self.arena.len();
             self.arena = DevBuf::zeroed(0, "arena")?;
-            self.arena = DevBuf::zeroed(grown(layout.arena_bytes as usize, self.arena.len()), "the arena")?;
+            self.arena = DevBuf::zeroed(grown(layout.arena_bytes as usize, have), "the arena")?;
         }
         if self.scratch.len() < scratch_bytes {
-            self.scratch = DevBuf::zeroed(scratch_bytes, "kernel scratch")?;
+            let have = self.scratch.len();
+            self.scratch = DevBuf::zeroed(0, "kernel scratch")?;
+            self.scratch = DevBuf::zeroed(grown(scratch_bytes, have), "kernel scratch")?;
         }
         if self.spill.len() < spill_bytes {
+            self.spill = DevBuf::zeroed(0, "spill area")?;
             self.spill = DevBuf::zeroed(spill_bytes, "spill area")?;
         }
         for b in &self.program.buffers {
@@ -1104,6 +1131,10 @@ impl CudaProgram {
     /// Binds the symbols from `inputs`, runs the prepare program if needed, and uploads the inputs.
     fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
         self.current()?;
+        // records a failed launch of the last call left behind are not this call's
+        // SAFETY: the error area is `errors.len` bytes
+        unsafe { drv::memset_d8_sync(self.errors.ptr, 0, self.errors.len) }
+            .map_err(|e| other(format!("clearing the error records: {e}")))?;
         let env = self.bind_inputs(inputs)?;
         self.bind(env)?;
         self.prepare()?;
