@@ -13,6 +13,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod generate;
+#[cfg(any(feature = "llvm", feature = "cuda"))]
 pub mod host;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};
