@@ -3,6 +3,7 @@
 //! tests that need a model without a checkpoint.
 
 use fulgur_ir::{Buffer, Graph, Op, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// A small deterministic generator (SplitMix64) with normal draws by Box–Muller.
@@ -25,6 +26,9 @@ impl Rng {
     }
 }
 
+/// Elements per independently seeded stream of a parameter's values.
+const CHUNK: usize = 1 << 16;
+
 /// Weights for every parameter of `g`: norm weights (names containing `norm`) are ones, the others
 /// `N(0, std²)`, rounded to the parameter's dtype. Parameters must have constant shapes.
 pub fn random_weights(g: &Graph, std: f64, seed: u64) -> HashMap<String, Tensor> {
@@ -39,13 +43,18 @@ pub fn random_weights(g: &Graph, std: f64, seed: u64) -> HashMap<String, Tensor>
         let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        let mut rng = Rng(seed ^ h);
         let data: Vec<f64> = if name.contains("norm") {
             vec![1.0; n]
         } else {
-            (0..n)
-                .map(|_| fulgur_ir::tensor::round_to(ty.dtype, rng.normal() * std))
-                .collect()
+            // chunks of their own streams, drawn in parallel: the same values on any number of threads
+            let mut data = vec![0.0; n];
+            data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, part)| {
+                let mut rng = Rng(seed ^ h ^ (c as u64).wrapping_mul(0xd134_2543_de82_ef95));
+                for x in part.iter_mut() {
+                    *x = fulgur_ir::tensor::round_to(ty.dtype, rng.normal() * std);
+                }
+            });
+            data
         };
         out.insert(
             name.clone(),
@@ -77,10 +86,10 @@ mod tests {
     fn weights_follow_the_init() {
         let mut g = Graph::new("g");
         let w = g
-            .param("layer.weight", DType::F32, vec![Dim::from(200), Dim::from(100)])
+            .param("layer.weight", DType::F32, vec![Dim::from(700), Dim::from(300)])
             .unwrap();
         let n = g
-            .param("input_layernorm.weight", DType::F32, vec![Dim::from(100)])
+            .param("input_layernorm.weight", DType::F32, vec![Dim::from(300)])
             .unwrap();
         let y = g.mul(w, n).unwrap();
         g.add_output("y", y).unwrap();
@@ -92,6 +101,9 @@ mod tests {
         assert!((sd - 0.02).abs() < 1e-3, "{sd}");
         assert!(ws["input_layernorm.weight"].to_f64().iter().all(|&x| x == 1.0));
         assert_eq!(random_weights(&g, 0.02, 7)["layer.weight"].to_f64(), v);
+        // the same values whatever the number of threads drawing them
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(one.install(|| random_weights(&g, 0.02, 7))["layer.weight"].to_f64(), v);
         let t = random_tokens(2, 5, 10, 1);
         assert_eq!(t.shape, vec![2, 5]);
         assert!(t.to_i64().iter().all(|&x| (0..10).contains(&x)));
