@@ -141,15 +141,27 @@ pub fn emit(
             smem,
         });
     } else {
+        // phases that are one loop of independent stores run a thread per (item, iteration)
+        let flat: Vec<Option<(u32, E, E)>> = (0..lk.steps.len())
+            .map(|s| match &lk.steps[s] {
+                Step::Phase(p) => flat_loop(lk, p).map(|(var, hi)| (var, hi, p.grid)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|x| x.map(|(var, hi, grid)| (var, hi, lk.pool.mul(grid, hi))))
+            .collect();
         for (s, step) in lk.steps.iter().enumerate() {
             match step {
                 Step::Phase(p) => {
                     let f = function_name(code, s);
-                    let (text, spill) = PhaseEmitter::new(lk, p).emit(&f)?;
+                    let mut em = PhaseEmitter::new(lk, p);
+                    em.flat = flat[s].map(|(var, hi, _)| (var, hi));
+                    let (text, spill) = em.emit(&f)?;
                     bodies.push(text);
                     launches.push(Launch::Phase {
                         function: f,
-                        grid: p.grid,
+                        grid: flat[s].map_or(p.grid, |x| x.2),
                         spill,
                     });
                 }
@@ -366,6 +378,9 @@ struct PhaseEmitter<'a> {
     temps: usize,
     /// Spilled local arrays: their byte offset in a thread's part of the spill area.
     spilled: HashMap<u32, usize>,
+    /// A phase that is one loop of independent stores ([`flat_loop`]): its loop variable and trip count; the
+    /// launch then has a thread per (item, iteration), consecutive threads on consecutive iterations.
+    flat: Option<(u32, E)>,
 }
 
 impl<'a> PhaseEmitter<'a> {
@@ -391,6 +406,7 @@ impl<'a> PhaseEmitter<'a> {
             statement: 0,
             temps: 0,
             spilled: HashMap::new(),
+            flat: None,
         }
     }
 
@@ -437,12 +453,29 @@ impl<'a> PhaseEmitter<'a> {
             let _ = writeln!(head, "  {} m{v} = {zero};", ctype(ty));
         }
         let item = self.phase.item;
-        let _ = writeln!(
-            head,
-            "  for (i64 v{item} = fulgur_tid; v{item} < fulgur_grid; v{item} += fulgur_threads) {{"
-        );
-        self.depth = 2;
-        self.stmts(&self.phase.body)?;
+        match (self.flat, self.phase.body.as_slice()) {
+            (Some((var, hi)), [Stmt::For { body, .. }]) => {
+                let n = c_expr(self.lk, hi);
+                let _ = writeln!(
+                    head,
+                    "  for (i64 fulgur_t = fulgur_tid; fulgur_t < fulgur_grid; fulgur_t += fulgur_threads) {{"
+                );
+                let _ = writeln!(
+                    head,
+                    "    const i64 v{item} = fulgur_t / ({n}), v{var} = fulgur_t % ({n});"
+                );
+                self.depth = 2;
+                self.stmts(body)?;
+            }
+            _ => {
+                let _ = writeln!(
+                    head,
+                    "  for (i64 v{item} = fulgur_tid; v{item} < fulgur_grid; v{item} += fulgur_threads) {{"
+                );
+                self.depth = 2;
+                self.stmts(&self.phase.body)?;
+            }
+        }
         let mut s = head;
         s.push_str(&self.out);
         s.push_str("  }\n}\n");
@@ -720,6 +753,70 @@ impl<'a> PhaseEmitter<'a> {
             .last_mut()
             .expect("a scope")
             .insert(e, (name.to_string(), at));
+    }
+}
+
+/// Whether `p` is one loop `for v in 0..n` (`n` of literals and parameters) of stores alone, reading no local,
+/// mutable or slot the phase stores to: its iterations are then independent (each item's stores are its own,
+/// and within an item a store's index varies with `v` as the loop form's contract has it), so a launch may
+/// give each (item, iteration) a thread. Returns the loop variable and `n`.
+fn flat_loop(lk: &LoopKernel, p: &Phase) -> Option<(u32, E)> {
+    let [Stmt::For { var, lo, hi, body }] = p.body.as_slice() else {
+        return None;
+    };
+    if !matches!(lk.pool.get(*lo), Expr::I(0)) || !is_static(lk, *hi) || body.is_empty() {
+        return None;
+    }
+    let mut stored = std::collections::HashSet::new();
+    let mut roots = Vec::new();
+    for st in body {
+        match st {
+            // a store whose place does not move with the loop variable keeps the last iteration's value
+            Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) => {
+                stored.insert(*arg);
+                roots.extend([*index, *value]);
+            }
+            _ => return None,
+        }
+    }
+    let mut seen = vec![false; lk.pool.len()];
+    while let Some(e) = roots.pop() {
+        if std::mem::replace(&mut seen[e as usize], true) {
+            continue;
+        }
+        match lk.pool.get(e) {
+            Expr::Get(_) | Expr::LoadLocal { .. } => return None,
+            Expr::Load { arg, .. } if stored.contains(arg) => return None,
+            // a guarded load's branches are evaluated only when taken; keep such phases as they are
+            Expr::Cond(..) => return None,
+            x => roots.extend(children(x)),
+        }
+    }
+    Some((*var, *hi))
+}
+
+/// Whether `e` reads loop variable `v`.
+fn reads_var(lk: &LoopKernel, e: E, v: u32) -> bool {
+    let mut seen = vec![false; lk.pool.len()];
+    let mut todo = vec![e];
+    while let Some(x) = todo.pop() {
+        if std::mem::replace(&mut seen[x as usize], true) {
+            continue;
+        }
+        match lk.pool.get(x) {
+            Expr::Var(w) if *w == v => return true,
+            y => todo.extend(children(y)),
+        }
+    }
+    false
+}
+
+/// Whether `e` is built of literals and parameters alone.
+fn is_static(lk: &LoopKernel, e: E) -> bool {
+    match lk.pool.get(e) {
+        Expr::I(_) | Expr::Param(_) => true,
+        Expr::Bin(_, a, b) | Expr::Rem(a, b) => is_static(lk, *a) && is_static(lk, *b),
+        _ => false,
     }
 }
 

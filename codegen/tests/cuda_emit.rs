@@ -76,3 +76,26 @@ fn flash_attention_moe_combine_and_rms_norm_are_templates() {
         .unwrap();
     assert_eq!(cuda[g.code].device_grouped.len(), 1);
 }
+
+/// A phase that is one loop of independent stores (an embedding gather: a row per item, a channel per
+/// iteration) gets a thread per (item, iteration); one with a reduction keeps a thread per item.
+#[test]
+fn a_loop_of_independent_stores_gets_a_thread_per_iteration() {
+    let p = small_program();
+    let mut kernels = build_program(&p).unwrap();
+    let cuda = emit_program(&p, &mut kernels).unwrap();
+    let code_of = |op: &str| {
+        let k = p
+            .step
+            .iter()
+            .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
+            .unwrap_or_else(|| panic!("no {op} kernel"));
+        cuda[k.code].source.clone()
+    };
+    let gather = code_of("gather");
+    assert!(gather.contains("const i64 v0 = fulgur_t / ("), "{gather}");
+    let dispatch = code_of("moe_dispatch");
+    // the count phase accumulates: a thread per chunk; the row copy is flat
+    assert!(dispatch.contains("// phase `moe_dispatch.count`"));
+    assert_eq!(dispatch.matches("fulgur_t / (").count(), 1, "{dispatch}");
+}
