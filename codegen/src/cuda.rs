@@ -787,8 +787,6 @@ fn flat_loop(lk: &LoopKernel, p: &Phase) -> Option<(u32, E)> {
         match lk.pool.get(e) {
             Expr::Get(_) | Expr::LoadLocal { .. } => return None,
             Expr::Load { arg, .. } if stored.contains(arg) => return None,
-            // a guarded load's branches are evaluated only when taken; keep such phases as they are
-            Expr::Cond(..) => return None,
             x => roots.extend(children(x)),
         }
     }
