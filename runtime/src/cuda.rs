@@ -1051,34 +1051,17 @@ impl CudaProgram {
         if a.dtype != b.dtype {
             return Err(format!("operands of different dtypes ({} and {})", a.dtype, b.dtype));
         }
-        // C [m, n] as a column-major matrix: directly (C = A·B), or transposed (Cᵀ = Bᵀ·Aᵀ)
-        let (mm, nn, first, second, ldc, (sa, sb)) = if let Some(ldc) = c.col_major(m, n) {
-            (
-                m,
-                n,
-                (a, a.as_cm(m, k)),
-                (b, b.as_cm(k, n)),
-                ldc,
-                (strides[0], strides[1]),
-            )
-        } else if let Some(ldc) = c.transposed().col_major(n, m) {
-            let (at, bt) = (a.transposed(), b.transposed());
-            (
-                n,
-                m,
-                (b, bt.as_cm(n, k)),
-                (a, at.as_cm(k, m)),
-                ldc,
-                (strides[1], strides[0]),
-            )
-        } else {
-            return Err(format!(
-                "an output [{m}, {n}] with strides ({}, {}) (neither is 1)",
-                c.rs, c.cs
-            ));
-        };
-        let (pa_mat, first) = (first.0, first.1.ok_or("an operand with no unit stride")?);
-        let (pb_mat, second) = (second.0, second.1.ok_or("an operand with no unit stride")?);
+        let plan = plan_gemm(m, n, k, a, b, c, strides)?;
+        let (mm, nn, first, second, ldc, (sa, sb), pa_mat, pb_mat) = (
+            plan.m,
+            plan.n,
+            (plan.trans_first, plan.ld_first),
+            (plan.trans_second, plan.ld_second),
+            plan.ldc,
+            (plan.stride_first, plan.stride_second),
+            plan.first,
+            plan.second,
+        );
         let int =
             |x: i64, what: &str| i32::try_from(x).map_err(|_| format!("{what} = {x} is beyond cuBLAS's 32-bit sizes"));
         let ty = |d: DType| match d {
@@ -1511,6 +1494,68 @@ impl crate::Executable for CudaProgram {
     }
 }
 
+/// One `cublasGemmStridedBatchedEx` call (column-major): `C = op(first) · op(second)`, `m × n`, depth `k`.
+#[derive(Clone, Copy, Debug)]
+struct GemmPlan {
+    m: i64,
+    n: i64,
+    first: Mat,
+    trans_first: bool,
+    ld_first: i64,
+    stride_first: i64,
+    second: Mat,
+    trans_second: bool,
+    ld_second: i64,
+    stride_second: i64,
+    ldc: i64,
+}
+
+/// The cuBLAS call computing the row-major strided `C [m, n] = A [m, k] · B [k, n]` (batch strides
+/// `[A, B, C]`): directly when `C` reads as column-major, else as `Cᵀ = Bᵀ · Aᵀ`; each operand transposed or
+/// not by its layout. An operand or output with no unit stride is refused.
+fn plan_gemm(m: i64, n: i64, k: i64, a: Mat, b: Mat, c: Mat, strides: [i64; 3]) -> Result<GemmPlan, String> {
+    let (m2, n2, (fa, fl), (sb_, sl), ldc, (s1, s2)) = if let Some(ldc) = c.col_major(m, n) {
+        (
+            m,
+            n,
+            (a, a.as_cm(m, k)),
+            (b, b.as_cm(k, n)),
+            ldc,
+            (strides[0], strides[1]),
+        )
+    } else if let Some(ldc) = c.transposed().col_major(n, m) {
+        let (at, bt) = (a.transposed(), b.transposed());
+        (
+            n,
+            m,
+            (b, bt.as_cm(n, k)),
+            (a, at.as_cm(k, m)),
+            ldc,
+            (strides[1], strides[0]),
+        )
+    } else {
+        return Err(format!(
+            "an output [{m}, {n}] with strides ({}, {}) (neither is 1)",
+            c.rs, c.cs
+        ));
+    };
+    let (trans_first, ld_first) = fl.ok_or("an operand with no unit stride")?;
+    let (trans_second, ld_second) = sl.ok_or("an operand with no unit stride")?;
+    Ok(GemmPlan {
+        m: m2,
+        n: n2,
+        first: fa,
+        trans_first,
+        ld_first,
+        stride_first: s1,
+        second: sb_,
+        trans_second,
+        ld_second,
+        stride_second: s2,
+        ldc,
+    })
+}
+
 /// A strided matrix operand in device memory.
 #[derive(Clone, Copy, Debug)]
 struct Mat {
@@ -1554,5 +1599,140 @@ impl Mat {
             return Some((false, ld));
         }
         self.transposed().col_major(cols, rows).map(|ld| (true, ld))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What cuBLAS computes (column-major, one batch element): `C = op(A) · op(B)`.
+    #[allow(clippy::too_many_arguments)]
+    fn cublas(
+        ta: bool,
+        tb: bool,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: &[f64],
+        lda: i64,
+        b: &[f64],
+        ldb: i64,
+        c: &mut [f64],
+        ldc: i64,
+    ) {
+        assert!(lda >= if ta { k } else { m }.max(1) && ldb >= if tb { n } else { k }.max(1) && ldc >= m.max(1));
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    let x = if ta {
+                        a[(p + i * lda) as usize]
+                    } else {
+                        a[(i + p * lda) as usize]
+                    };
+                    let y = if tb {
+                        b[(j + p * ldb) as usize]
+                    } else {
+                        b[(p + j * ldb) as usize]
+                    };
+                    acc += x * y;
+                }
+                c[(i + j * ldc) as usize] = acc;
+            }
+        }
+    }
+
+    fn mat(offset: i64, rs: i64, cs: i64) -> Mat {
+        Mat {
+            base: 0,
+            dtype: DType::F32,
+            offset,
+            rs,
+            cs,
+        }
+    }
+
+    /// Every layout the lowering gives a GEMM (row- and column-major operands and outputs, padded leading
+    /// dimensions, offsets, size-1 rows and columns): the planned call, run as cuBLAS would, gives the
+    /// row-major product.
+    #[test]
+    fn the_planned_cublas_call_computes_the_row_major_product() {
+        let mut seed = 1u64;
+        let mut rnd = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 33) % 17) as f64 - 8.0
+                })
+                .collect()
+        };
+        let mut checked = 0;
+        for (m, n, k) in [(1, 1, 1), (1, 5, 3), (4, 1, 3), (3, 4, 1), (5, 7, 6), (2, 3, 4)] {
+            // (row-major?, padding) for A, B, C
+            for lay in 0..8u32 {
+                for pad in [0, 2] {
+                    let (ar, br, cr) = (lay & 1 == 0, lay & 2 == 0, lay & 4 == 0);
+                    let layout = |rows: i64, cols: i64, row_major: bool, off: i64| {
+                        if row_major {
+                            mat(off, cols + pad, 1)
+                        } else {
+                            mat(off, 1, rows + pad)
+                        }
+                    };
+                    let (a, b, c) = (layout(m, k, ar, 3), layout(k, n, br, 1), layout(m, n, cr, 2));
+                    let size =
+                        |x: &Mat, rows: i64, cols: i64| (x.offset + (rows - 1) * x.rs + (cols - 1) * x.cs + 1) as usize;
+                    let av = rnd(size(&a, m, k));
+                    let bv = rnd(size(&b, k, n));
+                    let plan = plan_gemm(m, n, k, a, b, c, [0, 0, 0]).unwrap();
+                    let mut cv = vec![f64::NAN; size(&c, m, n)];
+                    let (fv, sv) = if plan.first.offset == a.offset && plan.first.rs == a.rs && plan.first.cs == a.cs {
+                        (&av, &bv)
+                    } else {
+                        (&bv, &av)
+                    };
+                    let (f0, s0) = (plan.first.offset as usize, plan.second.offset as usize);
+                    cublas(
+                        plan.trans_first,
+                        plan.trans_second,
+                        plan.m,
+                        plan.n,
+                        k,
+                        &fv[f0..],
+                        plan.ld_first,
+                        &sv[s0..],
+                        plan.ld_second,
+                        &mut cv[c.offset as usize..],
+                        plan.ldc,
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|p| {
+                                    av[(a.offset + i * a.rs + p * a.cs) as usize]
+                                        * bv[(b.offset + p * b.rs + j * b.cs) as usize]
+                                })
+                                .sum();
+                            let got = cv[(c.offset + i * c.rs + j * c.cs) as usize];
+                            assert_eq!(
+                                got, want,
+                                "m {m} n {n} k {k} layout {lay} pad {pad} at ({i}, {j}): {plan:?}"
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 96);
+    }
+
+    #[test]
+    fn an_operand_with_no_unit_stride_is_refused() {
+        let e = plan_gemm(3, 4, 5, mat(0, 10, 2), mat(0, 4, 1), mat(0, 4, 1), [0, 0, 0]).unwrap_err();
+        assert_eq!(e, "an operand with no unit stride");
+        let e = plan_gemm(3, 4, 5, mat(0, 5, 1), mat(0, 4, 1), mat(0, 8, 2), [0, 0, 0]).unwrap_err();
+        assert_eq!(e, "an output [3, 4] with strides (8, 2) (neither is 1)");
     }
 }
