@@ -142,26 +142,27 @@ pub fn emit(
         });
     } else {
         // phases that are one loop of independent stores run a thread per (item, iteration)
-        let flat: Vec<Option<(u32, E, E)>> = (0..lk.steps.len())
+        let trips: Vec<Option<(E, E)>> = (0..lk.steps.len())
             .map(|s| match &lk.steps[s] {
-                Step::Phase(p) => flat_loop(lk, p).map(|(var, hi)| (var, hi, p.grid)),
+                Step::Phase(p) => flat_loop(lk, p).map(|f| (f.n, p.grid)),
                 _ => None,
             })
-            .collect::<Vec<_>>()
+            .collect();
+        let totals: Vec<Option<E>> = trips
             .into_iter()
-            .map(|x| x.map(|(var, hi, grid)| (var, hi, lk.pool.mul(grid, hi))))
+            .map(|x| x.map(|(n, grid)| lk.pool.mul(grid, n)))
             .collect();
         for (s, step) in lk.steps.iter().enumerate() {
             match step {
                 Step::Phase(p) => {
                     let f = function_name(code, s);
                     let mut em = PhaseEmitter::new(lk, p);
-                    em.flat = flat[s].map(|(var, hi, _)| (var, hi));
+                    em.flat = flat_loop(lk, p);
                     let (text, spill) = em.emit(&f)?;
                     bodies.push(text);
                     launches.push(Launch::Phase {
                         function: f,
-                        grid: flat[s].map_or(p.grid, |x| x.2),
+                        grid: totals[s].unwrap_or(p.grid),
                         spill,
                     });
                 }
@@ -378,9 +379,9 @@ struct PhaseEmitter<'a> {
     temps: usize,
     /// Spilled local arrays: their byte offset in a thread's part of the spill area.
     spilled: HashMap<u32, usize>,
-    /// A phase that is one loop of independent stores ([`flat_loop`]): its loop variable and trip count; the
-    /// launch then has a thread per (item, iteration), consecutive threads on consecutive iterations.
-    flat: Option<(u32, E)>,
+    /// A phase that is one loop of independent stores ([`flat_loop`]): the launch then has a thread per
+    /// (item, iteration), consecutive threads on consecutive iterations.
+    flat: Option<Flat<'a>>,
 }
 
 impl<'a> PhaseEmitter<'a> {
@@ -453,21 +454,28 @@ impl<'a> PhaseEmitter<'a> {
             let _ = writeln!(head, "  {} m{v} = {zero};", ctype(ty));
         }
         let item = self.phase.item;
-        match (self.flat, self.phase.body.as_slice()) {
-            (Some((var, hi)), [Stmt::For { body, .. }]) => {
-                let n = c_expr(self.lk, hi);
+        match self.flat.clone() {
+            Some(flat) => {
+                let n = c_expr(self.lk, flat.n);
                 let _ = writeln!(
                     head,
                     "  for (i64 fulgur_t = fulgur_tid; fulgur_t < fulgur_grid; fulgur_t += fulgur_threads) {{"
                 );
                 let _ = writeln!(
                     head,
-                    "    const i64 v{item} = fulgur_t / ({n}), v{var} = fulgur_t % ({n});"
+                    "    const i64 v{item} = fulgur_t / ({n}), v{} = fulgur_t % ({n});",
+                    flat.var
                 );
                 self.depth = 2;
-                self.stmts(body)?;
+                // the variables the one-iteration loops bind, in order
+                for (v, at) in &flat.binds {
+                    self.statement += 1;
+                    let x = self.val(*at)?;
+                    self.line(&format!("const i64 v{v} = {x};"));
+                }
+                self.stmts(flat.body)?;
             }
-            _ => {
+            None => {
                 let _ = writeln!(
                     head,
                     "  for (i64 v{item} = fulgur_tid; v{item} < fulgur_grid; v{item} += fulgur_threads) {{"
@@ -756,41 +764,79 @@ impl<'a> PhaseEmitter<'a> {
     }
 }
 
-/// Whether `p` is one loop `for v in 0..n` (`n` of literals and parameters) of stores alone, reading no local,
-/// mutable or slot the phase stores to: its iterations are then independent (each item's stores are its own,
-/// and within an item a store's index varies with `v` as the loop form's contract has it), so a launch may
-/// give each (item, iteration) a thread. Returns the loop variable and `n`.
-fn flat_loop(lk: &LoopKernel, p: &Phase) -> Option<(u32, E)> {
-    let [Stmt::For { var, lo, hi, body }] = p.body.as_slice() else {
-        return None;
-    };
-    if !matches!(lk.pool.get(*lo), Expr::I(0)) || !is_static(lk, *hi) || body.is_empty() {
-        return None;
-    }
-    let mut stored = std::collections::HashSet::new();
-    let mut roots = Vec::new();
-    for st in body {
-        match st {
-            // a store whose place does not move with the loop variable keeps the last iteration's value
-            Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) => {
-                stored.insert(*arg);
-                roots.extend([*index, *value]);
-            }
-            _ => return None,
-        }
-    }
-    let mut seen = vec![false; lk.pool.len()];
-    while let Some(e) = roots.pop() {
-        if std::mem::replace(&mut seen[e as usize], true) {
+/// A phase that is, below loops of one iteration that bind variables (`for b in x..x+1`), one loop
+/// `for v in 0..n` (`n` of literals and parameters) of stores alone, each store's place moving with `v`, reading
+/// no local or mutable, and reading a slot the phase writes only at the place the same store writes it: its
+/// iterations are independent (each item's stores are its own), so a launch may give each (item, iteration)
+/// a thread.
+#[derive(Clone, Debug)]
+struct Flat<'a> {
+    binds: Vec<(u32, E)>,
+    var: u32,
+    n: E,
+    body: &'a [Stmt],
+}
+
+fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
+    let mut binds = Vec::new();
+    let mut body: &'a [Stmt] = &p.body;
+    loop {
+        let [Stmt::For {
+            var,
+            lo,
+            hi,
+            body: inner,
+        }] = body
+        else {
+            return None;
+        };
+        let one_iteration = matches!(lk.pool.get(*hi), Expr::Bin(BinaryOp::Add, a, b)
+            if a == lo && matches!(lk.pool.get(*b), Expr::I(1)));
+        if one_iteration {
+            binds.push((*var, *lo));
+            body = inner;
             continue;
         }
-        match lk.pool.get(e) {
-            Expr::Get(_) | Expr::LoadLocal { .. } => return None,
-            Expr::Load { arg, .. } if stored.contains(arg) => return None,
-            x => roots.extend(children(x)),
+        if !matches!(lk.pool.get(*lo), Expr::I(0)) || !is_static(lk, *hi) || inner.is_empty() {
+            return None;
         }
+        // the places each slot is written at
+        let mut written: HashMap<u32, Vec<E>> = HashMap::new();
+        let mut roots = Vec::new();
+        for st in inner.iter() {
+            match st {
+                // a store whose place does not move with the loop variable keeps the last iteration's value
+                Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) => {
+                    written.entry(*arg).or_default().push(*index);
+                    roots.extend([*index, *value]);
+                }
+                _ => return None,
+            }
+        }
+        let mut seen = vec![false; lk.pool.len()];
+        while let Some(e) = roots.pop() {
+            if std::mem::replace(&mut seen[e as usize], true) {
+                continue;
+            }
+            match lk.pool.get(e) {
+                Expr::Get(_) | Expr::LoadLocal { .. } => return None,
+                // a written slot read anywhere but at the one place it is written
+                Expr::Load { arg, index, .. } if written.contains_key(arg) => {
+                    if written[arg].iter().any(|w| w != index) {
+                        return None;
+                    }
+                    roots.push(*index);
+                }
+                x => roots.extend(children(x)),
+            }
+        }
+        return Some(Flat {
+            binds,
+            var: *var,
+            n: *hi,
+            body: inner,
+        });
     }
-    Some((*var, *hi))
 }
 
 /// Whether `e` reads loop variable `v`.

@@ -457,6 +457,9 @@ fn flash_attention(
 
 /// A loader of element `(t, d)` of a q, k or v row for the current item.
 type RowLoad = Box<dyn Fn(&mut LoopKernel, E, E) -> E>;
+/// The stores of one element `x` of row `j` (sequence position `tt`) of block `n` (block index `blk`), given as
+/// `(n, j, tt, x, blk)`.
+type RowBody<'a> = dyn Fn(&mut LoopKernel, E, E, E, E, E) -> Vec<Stmt> + 'a;
 /// A writer of element `(t, c)` of the output rows.
 type RowWrite = Box<dyn Fn(&mut LoopKernel, E, E, E) -> Stmt>;
 
@@ -643,79 +646,65 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         let hi = lk.pool.addi(at, one);
         Stmt::For { var, lo: at, hi, body }
     };
-    // stage: item (bh, block, j)
-    let (stage_var, stage_item) = lk.loop_var();
+    // stage: item (bh, block, j), one loop of stores per phase (q and k, then v), rows past the end of the
+    // sequence zero: each phase a loop of independent stores, which the GPU spreads a thread per element
     let rows_all = lk.pool.mul(nb, be);
-    let bh = lk.pool.div(stage_item, rows_all);
-    let rest = lk.pool.rem(stage_item, rows_all);
-    let blk_at = lk.pool.div(rest, be);
-    let j_at = lk.pool.rem(rest, be);
-    let (blk_var, blkv) = lk.loop_var();
-    let (j_var, j) = lk.loop_var();
-    let row_body = {
+    let row_phase = |lk: &mut LoopKernel, name: &str, width: E, cost: usize, make: &RowBody| -> Step {
+        let (var, phase_item) = lk.loop_var();
+        let bh = lk.pool.div(phase_item, rows_all);
+        let rest = lk.pool.rem(phase_item, rows_all);
+        let blk_at = lk.pool.div(rest, be);
+        let j_at = lk.pool.rem(rest, be);
+        let (blk_var, blkv) = lk.loop_var();
+        let (j_var, j) = lk.loop_var();
         let t0 = lk.pool.mul(blkv, be);
         let nbase = lk.pool.mul(item, nb);
         let n = lk.pool.addi(nbase, blkv);
         let tt = lk.pool.addi(t0, j);
+        let row = vec![for_(lk, zero, width, |lk, x| make(lk, n, j, tt, x, blkv))];
+        let inner = bind(j_var, j_at, row, lk);
+        let inner = bind(blk_var, blk_at, vec![inner], lk);
+        let body = vec![bind(item_var, bh, vec![inner], lk)];
+        let grid = lk.pool.mul(n_all, be);
+        let item_cost = lk.pool.i(cost as i64);
+        Step::Phase(Phase {
+            name: name.into(),
+            grid,
+            item: var,
+            body,
+            item_cost,
+        })
+    };
+    let stage_qk = row_phase(lk, "lightning.stage_qk", de, 4 * d, &|lk, n, j, tt, dd, _| {
         let inside = lk.pool.cmp(CmpOp::Lt, tt, t);
         let b1 = lk.pool.i(blk - 1);
         let back = lk.pool.sub(b1, j);
         let kdec = decay(lk, back);
         let j1 = lk.pool.addi(j, one);
         let qdec = decay(lk, j1);
-        let a = for_(lk, zero, de, |lk, dd| {
-            let qx = ld_q(lk, tt, dd);
-            let kx = ld_k(lk, tt, dd);
-            let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
-            let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
-            let kdx = lk.pool.bin(BinaryOp::Mul, kx, kdec);
-            let qdx = lk.pool.bin(BinaryOp::Mul, qx, qdec);
-            let bo = lk.pool.i(block as i64);
-            let col = lk.pool.addi(bo, dd);
-            let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
-            vec![st(qs, at, qx), st(ks, at_t, kx), st(kd, at, kdx), st(a2, at2, qdx)]
-        });
-        let v = for_(lk, zero, dve, |lk, c| {
-            let vx = ld_v(lk, tt, c);
-            let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
-            vec![st(b2, at, vx)]
-        });
-        // rows past the end of the sequence: zeros
-        let za = for_(lk, zero, de, |lk, dd| {
-            let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
-            let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
-            let bo = lk.pool.i(block as i64);
-            let col = lk.pool.addi(bo, dd);
-            let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
-            vec![
-                st(qs, at, fzero),
-                st(ks, at_t, fzero),
-                st(kd, at, fzero),
-                st(a2, at2, fzero),
-            ]
-        });
-        let zv = for_(lk, zero, dve, |lk, c| {
-            let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
-            vec![st(b2, at, fzero)]
-        });
-        vec![Stmt::If {
-            cond: inside,
-            then: vec![a, v],
-            els: vec![za, zv],
-        }]
-    };
-    let inner = bind(j_var, j_at, row_body, lk);
-    let inner = bind(blk_var, blk_at, vec![inner], lk);
-    let body = vec![bind(item_var, bh, vec![inner], lk)];
-    let stage_grid = lk.pool.mul(n_all, be);
-    let stage_cost = lk.pool.i((4 * d + dv) as i64);
-    lk.steps.push(Step::Phase(Phase {
-        name: "lightning.stage".into(),
-        grid: stage_grid,
-        item: stage_var,
-        body,
-        item_cost: stage_cost,
-    }));
+        // guarded: rows past the end are not loaded
+        let qx = ld_q(lk, tt, dd);
+        let qx = lk.pool.cond(inside, qx, fzero);
+        let kx = ld_k(lk, tt, dd);
+        let kx = lk.pool.cond(inside, kx, fzero);
+        let at = ix(lk, &[(n, (block * d) as i64), (j, d as i64), (dd, 1)]);
+        let at_t = ix(lk, &[(n, (block * d) as i64), (dd, block as i64), (j, 1)]);
+        let kdx = lk.pool.bin(BinaryOp::Mul, kx, kdec);
+        let qdx = lk.pool.bin(BinaryOp::Mul, qx, qdec);
+        let bo = lk.pool.i(block as i64);
+        let col = lk.pool.addi(bo, dd);
+        let at2 = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (col, 1)]);
+        vec![st(qs, at, qx), st(ks, at_t, kx), st(kd, at, kdx), st(a2, at2, qdx)]
+    });
+    lk.steps.push(stage_qk);
+    let stage_v = row_phase(lk, "lightning.stage_v", dve, dv, &|lk, n, j, tt, c, _| {
+        let inside = lk.pool.cmp(CmpOp::Lt, tt, t);
+        let vx = ld_v(lk, tt, c);
+        let vx = lk.pool.cond(inside, vx, fzero);
+        let at = ix(lk, &[(n, (w2 * dv) as i64), (j, dv as i64), (c, 1)]);
+        vec![st(b2, at, vx)]
+    });
+    lk.steps.push(stage_v);
     let i = |lk: &mut LoopKernel, x: usize| lk.pool.i(x as i64);
     let opnd = |arg: u32, rs: E, cs: E, zero: E| Operand {
         arg,
@@ -755,44 +744,21 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         b: opnd(b2, dvv, one, zero),
         c: opnd(kv, dvv, one, zero),
     }));
-    // mask: item (bh, block, j): row j of the block's scores times the causal decay mask
-    let (mask_var, mask_item) = lk.loop_var();
-    let bh = lk.pool.div(mask_item, rows_all);
-    let rest = lk.pool.rem(mask_item, rows_all);
-    let blk_at = lk.pool.div(rest, be);
-    let j_at = lk.pool.rem(rest, be);
-    let (blk_var, blkv) = lk.loop_var();
-    let (j_var, j) = lk.loop_var();
-    let row_body = {
-        let nbase = lk.pool.mul(item, nb);
-        let n = lk.pool.addi(nbase, blkv);
-        let j1 = lk.pool.addi(j, one);
-        let keep = for_(lk, zero, j1, |lk, u| {
-            let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
-            let x = lk.pool.load(a2, f32d, at);
-            let dist = lk.pool.sub(j, u);
-            let m = decay(lk, dist);
-            let y = lk.pool.bin(BinaryOp::Mul, x, m);
-            vec![st(a2, at, y)]
-        });
-        let drop = for_(lk, j1, be, |lk, u| {
-            let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
-            vec![st(a2, at, fzero)]
-        });
-        vec![keep, drop]
-    };
-    let inner = bind(j_var, j_at, row_body, lk);
-    let inner = bind(blk_var, blk_at, vec![inner], lk);
-    let body = vec![bind(item_var, bh, vec![inner], lk)];
-    let mask_grid = lk.pool.mul(n_all, be);
-    let mask_cost = lk.pool.i(blk);
-    lk.steps.push(Step::Phase(Phase {
-        name: "lightning.mask".into(),
-        grid: mask_grid,
-        item: mask_var,
-        body,
-        item_cost: mask_cost,
-    }));
+    // mask: item (bh, block, j): row j of the block's scores times the causal decay mask, zero past the
+    // diagonal (each element read and written by its own iteration)
+    let mask = row_phase(lk, "lightning.mask", be, block, &|lk, n, j, _, u, _| {
+        let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
+        let x = lk.pool.load(a2, f32d, at);
+        let keep = lk.pool.cmp(CmpOp::Le, u, j);
+        // the distance clamped at zero past the diagonal, where the value is not used
+        let dist = lk.pool.sub(j, u);
+        let dist = lk.pool.max(dist, zero);
+        let m = decay(lk, dist);
+        let y = lk.pool.bin(BinaryOp::Mul, x, m);
+        let y = lk.pool.select(keep, y, fzero);
+        vec![st(a2, at, y)]
+    });
+    lk.steps.push(mask);
     // scan: item (bh, x), x an element of the state: the blocks in order, the state before block i in B2's
     // rows b..b+D: P_0 = 0, P_i = e^{-λb} P_{i-1} + KV_{i-1}
     let (scan_var, scan_item) = lk.loop_var();
