@@ -984,14 +984,7 @@ fn flash_template(
     let v = View::of(sv, vt);
     let o = View::of(so, ot);
     let nb = ro - 2;
-    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
-        let e = lk.dim(d);
-        match lk.pool.get(e) {
-            Expr::I(i) => int_lit(*i),
-            Expr::Param(p) => format!("p{p}"),
-            _ => unreachable!("a dimension is a literal or a parameter"),
-        }
-    };
+    let dim = dim_text;
     let (bq, bk, warps) = (FLASH_BQ, FLASH_BK, FLASH_WARPS as usize);
     let rows_per_warp = bq / warps;
     let dvpl = dv.div_ceil(32);
@@ -1234,14 +1227,7 @@ fn combine_template(lk: &mut LoopKernel, k: &Kernel) -> Option<(String, E, u32)>
         lk.slot(Slot::Input(2)),
         lk.slot(Slot::Output(0)),
     );
-    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
-        let e = lk.dim(d);
-        match lk.pool.get(e) {
-            Expr::I(i) => int_lit(*i),
-            Expr::Param(p) => format!("p{p}"),
-            _ => "0".into(),
-        }
-    };
+    let dim = dim_text;
     let rows = dim(lk, &yt.shape[0]);
     let c = dim(lk, &yt.shape[1]);
     let (yo, yrs, ycs) = (dim(lk, &yt.offset), dim(lk, &yt.strides[0]), dim(lk, &yt.strides[1]));
@@ -1309,14 +1295,7 @@ fn rms_norm_template(lk: &mut LoopKernel, k: &Kernel, eps: f64) -> Option<(Strin
         lk.slot(Slot::Input(1)),
         lk.slot(Slot::Output(0)),
     );
-    let dim = |lk: &mut LoopKernel, d: &Dim| -> String {
-        let e = lk.dim(d);
-        match lk.pool.get(e) {
-            Expr::I(i) => int_lit(*i),
-            Expr::Param(p) => format!("p{p}"),
-            _ => "0".into(),
-        }
-    };
+    let dim = dim_text;
     let c = dim(lk, &xt.shape[r - 1]);
     let (xo, xcs) = (dim(lk, &xt.offset), dim(lk, &xt.strides[r - 1]));
     let (oo, ocs) = (dim(lk, &ot.offset), dim(lk, &ot.strides[r - 1]));
@@ -1481,6 +1460,12 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
     (s, items)
+}
+
+/// Dimension `d` of a kernel as C: a literal, or the parameter the kernel evaluates it into.
+fn dim_text(lk: &mut LoopKernel, d: &Dim) -> String {
+    let e = lk.dim(d);
+    c_expr(lk, e)
 }
 
 /// An expression of literals and parameters as C.

@@ -11,7 +11,7 @@
 use crate::CodegenError;
 use cudarc::nvrtc::{result, sys};
 use sha2::{Digest, Sha256};
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 /// The options every kernel is compiled with (besides the architecture): IEEE division and square root,
@@ -148,9 +148,4 @@ fn cubin_of(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
         .result()
         .map_err(|e| format!("nvrtcGetCUBIN failed: {e:?}"))?;
     Ok(buf)
-}
-
-/// The text of a NUL-terminated C string, for messages.
-pub fn c_text(s: &CStr) -> String {
-    s.to_string_lossy().into_owned()
 }

@@ -352,19 +352,7 @@ impl CudaProgram {
             functions.push(fs);
         }
         let n = program.buffers.len();
-        let mut prepare_symbols = BTreeSet::new();
-        for k in &program.prepare {
-            for t in k.inputs.iter().chain(&k.outputs) {
-                for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
-                    prepare_symbols.extend(d.symbols());
-                }
-            }
-        }
-        for b in &program.buffers {
-            if matches!(b.kind, BufferKind::Prepared | BufferKind::Constant) {
-                prepare_symbols.extend(b.elements.symbols());
-            }
-        }
+        let prepare_symbols = crate::host::prepare_symbols(&program);
         let errors = DevBuf::zeroed(
             16 * (program.prepare.len() + program.step.len()).max(1),
             "error records",
@@ -418,25 +406,7 @@ impl CudaProgram {
     /// Uploads one weight (converted to the parameter's dtype); its shape must be the parameter's.
     pub fn set_weight(&mut self, name: &str, t: &Tensor) -> Result<(), RuntimeError> {
         self.current()?;
-        let io = self
-            .program
-            .params
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| other(format!("weight `{name}`: the program has no parameter of that name")))?
-            .clone();
-        let want = io.ty.shape.as_consts().ok_or_else(|| {
-            other(format!(
-                "weight `{name}`: the parameter's shape {} is symbolic",
-                io.ty.shape
-            ))
-        })?;
-        if t.shape != want {
-            return Err(other(format!(
-                "weight `{name}`: expected shape {want:?} ({}), got {:?}",
-                io.ty, t.shape
-            )));
-        }
+        let io = crate::host::weight_param(&self.program, name, t)?.clone();
         let mut bytes = vec![0u8; t.numel() * io.ty.dtype.size_bytes()];
         encode_into(t, io.ty.dtype, &mut bytes);
         self.weights[io.tensor.buffer] = Some(Arc::new(DevBuf::upload(&bytes, &format!("weight `{name}`"))?));
@@ -572,38 +542,18 @@ impl CudaProgram {
         }
         let layout = self.program.layout(&env).map_err(|e| other(e.to_string()))?;
         check_views(&self.program, &layout, &env)?;
-        let mut params = Vec::with_capacity(self.kernels.len());
-        let mut scratch = Vec::with_capacity(self.kernels.len());
-        let mut scratch_bytes = 0usize;
+        let (params, scratch, scratch_bytes) = crate::host::kernel_params(&self.kernels, &env, 256)?;
         let mut spill_bytes = 0usize;
-        for (c, lk) in self.kernels.iter().enumerate() {
-            let ps = lk
-                .params
-                .iter()
-                .map(|d| d.eval(&env))
-                .collect::<Result<Vec<i64>, String>>()
-                .map_err(|m| other(format!("kernel code {c}: {m}")))?;
-            let mut offs = Vec::with_capacity(lk.scratch.len());
-            let mut at = 0usize;
-            for (dt, n) in &lk.scratch {
-                let n = n.eval(&env).map_err(|m| other(format!("kernel code {c}: {m}")))?;
-                offs.push(at);
-                at = at
-                    .checked_add((n.max(0) as usize).saturating_mul(dt.size_bytes()).div_ceil(256) * 256)
-                    .ok_or_else(|| other("scratch size overflows"))?;
-            }
-            for l in &self.cuda[c].launches {
+        for ((lk, ck), ps) in self.kernels.iter().zip(&self.cuda).zip(&params) {
+            for l in &ck.launches {
                 if let Launch::Phase { grid, spill, .. } = l {
                     if *spill > 0 {
-                        let g = lk.pool.eval(*grid, &ps).unwrap_or(0);
+                        let g = lk.pool.eval(*grid, ps).unwrap_or(0);
                         let (_, threads) = self.phase_shape(g, *spill);
                         spill_bytes = spill_bytes.max(threads as usize * spill);
                     }
                 }
             }
-            scratch_bytes = scratch_bytes.max(at);
-            params.push(ps);
-            scratch.push(offs);
         }
         // what this binding allocates beyond what is held: checked against the free memory first
         let mut need = 0u64;
@@ -704,12 +654,7 @@ impl CudaProgram {
 
     fn fill_constants(&mut self) -> Result<(), RuntimeError> {
         for b in &self.program.buffers {
-            if let Some(fulgur_ir::Op::Constant { dtype, data, .. }) = &b.init {
-                let t = match data {
-                    fulgur_ir::ConstData::Float(v) => Tensor::from_f64(*dtype, vec![v.len()], v.clone()),
-                    fulgur_ir::ConstData::Int(v) => Tensor::from_i64(*dtype, vec![v.len()], v.clone()),
-                    fulgur_ir::ConstData::Bool(v) => Tensor::from_bool(vec![v.len()], v.clone()),
-                };
+            if let Some(t) = crate::host::constant_tensor(b) {
                 let buf = self.persistent[b.id]
                     .as_ref()
                     .ok_or_else(|| other(format!("constant b{} has no memory", b.id)))?;
@@ -741,15 +686,7 @@ impl CudaProgram {
         self.prepared_at = None;
         let missing = self.missing_weights();
         if !missing.is_empty() {
-            let more = if missing.len() > 3 {
-                format!(" and {} more", missing.len() - 3)
-            } else {
-                String::new()
-            };
-            return Err(other(format!(
-                "weights not loaded: {}{more}",
-                missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
-            )));
+            return Err(crate::host::missing_weights_error(&missing));
         }
         self.fill_constants()?;
         let kernels = std::mem::take(&mut self.program.prepare);
@@ -1052,16 +989,6 @@ impl CudaProgram {
             return Err(format!("operands of different dtypes ({} and {})", a.dtype, b.dtype));
         }
         let plan = plan_gemm(m, n, k, a, b, c, strides)?;
-        let (mm, nn, first, second, ldc, (sa, sb), pa_mat, pb_mat) = (
-            plan.m,
-            plan.n,
-            (plan.trans_first, plan.ld_first),
-            (plan.trans_second, plan.ld_second),
-            plan.ldc,
-            (plan.stride_first, plan.stride_second),
-            plan.first,
-            plan.second,
-        );
         let int =
             |x: i64, what: &str| i32::try_from(x).map_err(|_| format!("{what} = {x} is beyond cuBLAS's 32-bit sizes"));
         let ty = |d: DType| match d {
@@ -1079,29 +1006,29 @@ impl CudaProgram {
             }
         };
         let ptr = |x: &Mat| x.base + (x.offset * x.dtype.size_bytes() as i64) as u64;
-        let (pa, pb) = (ptr(&pa_mat), ptr(&pb_mat));
+        let (pa, pb) = (ptr(&plan.first), ptr(&plan.second));
         // SAFETY: the operands are views of live device buffers (check_views); sizes checked above
         unsafe {
             blas::gemm_strided_batched_ex(
                 self.blas,
-                op(first.0),
-                op(second.0),
-                int(mm, "m")?,
-                int(nn, "n")?,
+                op(plan.trans_first),
+                op(plan.trans_second),
+                int(plan.m, "m")?,
+                int(plan.n, "n")?,
                 int(k, "k")?,
                 &alpha as *const f32 as *const c_void,
                 pa as *const c_void,
                 ty(a.dtype)?,
-                int(first.1, "lda")?,
-                sa,
+                int(plan.ld_first, "lda")?,
+                plan.stride_first,
                 pb as *const c_void,
                 ty(b.dtype)?,
-                int(second.1, "ldb")?,
-                sb,
+                int(plan.ld_second, "ldb")?,
+                plan.stride_second,
                 &beta as *const f32 as *const c_void,
                 ptr(&c) as *mut c_void,
                 ty(c.dtype)?,
-                int(ldc, "ldc")?,
+                int(plan.ldc, "ldc")?,
                 strides[2],
                 int(count, "batch")?,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,

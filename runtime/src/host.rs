@@ -282,3 +282,113 @@ pub(crate) fn placeholder(dtype: DType, shape: Vec<usize>) -> Tensor {
     };
     Tensor { dtype, shape, data }
 }
+
+/// The symbols the prepare program's views and the prepared and constant buffers' sizes use: the prepare
+/// program reruns when one of them changes.
+pub(crate) fn prepare_symbols(program: &KernelProgram) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for k in &program.prepare {
+        for t in k.inputs.iter().chain(&k.outputs) {
+            for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
+                out.extend(d.symbols());
+            }
+        }
+    }
+    for b in &program.buffers {
+        if matches!(
+            b.kind,
+            fulgur_codegen::program::BufferKind::Prepared | fulgur_codegen::program::BufferKind::Constant
+        ) {
+            out.extend(b.elements.symbols());
+        }
+    }
+    out
+}
+
+/// The parameter of `program` weight `name` is for, after checking `t`'s shape against it.
+pub(crate) fn weight_param<'p>(
+    program: &'p KernelProgram,
+    name: &str,
+    t: &Tensor,
+) -> Result<&'p fulgur_codegen::program::Io, RuntimeError> {
+    let io = program
+        .params
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| other(format!("weight `{name}`: the program has no parameter of that name")))?;
+    let want = io.ty.shape.as_consts().ok_or_else(|| {
+        other(format!(
+            "weight `{name}`: the parameter's shape {} is symbolic",
+            io.ty.shape
+        ))
+    })?;
+    if t.shape != want {
+        return Err(other(format!(
+            "weight `{name}`: expected shape {want:?} ({}), got {:?}",
+            io.ty, t.shape
+        )));
+    }
+    Ok(io)
+}
+
+/// The error for weights not loaded when a program must run (the first three named).
+pub(crate) fn missing_weights_error(missing: &[String]) -> RuntimeError {
+    let more = if missing.len() > 3 {
+        format!(" and {} more", missing.len() - 3)
+    } else {
+        String::new()
+    };
+    other(format!(
+        "weights not loaded: {}{more}",
+        missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+    ))
+}
+
+/// The values of a constant buffer as a host tensor (`None` for a buffer that is not a constant).
+pub(crate) fn constant_tensor(b: &fulgur_codegen::program::BufferSpec) -> Option<Tensor> {
+    let Some(fulgur_ir::Op::Constant { dtype, data, .. }) = &b.init else {
+        return None;
+    };
+    Some(match data {
+        fulgur_ir::ConstData::Float(v) => Tensor::from_f64(*dtype, vec![v.len()], v.clone()),
+        fulgur_ir::ConstData::Int(v) => Tensor::from_i64(*dtype, vec![v.len()], v.clone()),
+        fulgur_ir::ConstData::Bool(v) => Tensor::from_bool(vec![v.len()], v.clone()),
+    })
+}
+
+/// Per kernel code its parameters, per kernel code the byte offset of each of its scratch buffers, and the
+/// scratch area's size.
+pub(crate) type CodeBindings = (Vec<Vec<i64>>, Vec<Vec<usize>>, usize);
+
+/// Per kernel code at the symbol values `env`: its parameters, and the byte offset of each of its scratch
+/// buffers in a scratch area (each rounded up to `align`); and the scratch area's size (the largest code's).
+pub(crate) fn kernel_params(
+    kernels: &[fulgur_codegen::loops::LoopKernel],
+    env: &HashMap<String, i64>,
+    align: usize,
+) -> Result<CodeBindings, RuntimeError> {
+    let mut params = Vec::with_capacity(kernels.len());
+    let mut scratch = Vec::with_capacity(kernels.len());
+    let mut scratch_bytes = 0usize;
+    for (c, lk) in kernels.iter().enumerate() {
+        let ps = lk
+            .params
+            .iter()
+            .map(|d| d.eval(env))
+            .collect::<Result<Vec<i64>, String>>()
+            .map_err(|m| other(format!("kernel code {c}: {m}")))?;
+        let mut offs = Vec::with_capacity(lk.scratch.len());
+        let mut at = 0usize;
+        for (dt, n) in &lk.scratch {
+            let n = n.eval(env).map_err(|m| other(format!("kernel code {c}: {m}")))?;
+            offs.push(at);
+            at = at
+                .checked_add((n.max(0) as usize).saturating_mul(dt.size_bytes()).div_ceil(align) * align)
+                .ok_or_else(|| other("scratch size overflows"))?;
+        }
+        scratch_bytes = scratch_bytes.max(at);
+        params.push(ps);
+        scratch.push(offs);
+    }
+    Ok((params, scratch, scratch_bytes))
+}

@@ -29,9 +29,13 @@ pub enum BenchTarget {
 /// `cuda` where the build has the CUDA backend and a GPU is present, else `cpu` where the build has the CPU
 /// backend, else `reference`.
 pub fn default_target() -> BenchTarget {
+    // asked once per process (every subcommand's arguments name this default)
     #[cfg(feature = "cuda")]
-    if fulgur_runtime::cuda::device_info().is_ok() {
-        return BenchTarget::Cuda;
+    {
+        static GPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *GPU.get_or_init(|| fulgur_runtime::cuda::device_info().is_ok()) {
+            return BenchTarget::Cuda;
+        }
     }
     if cfg!(feature = "llvm") {
         BenchTarget::Cpu

@@ -26,6 +26,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Carried inputs: placeholders of their types and shapes (for binding), and their bytes.
+type Held = (HashMap<String, Tensor>, HashMap<String, Vec<u8>>);
+
 /// A raw pointer that may cross threads (the kernels' memory is disjoint per item range by construction).
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut u8);
@@ -201,19 +204,7 @@ impl CpuProgram {
             .build()
             .map_err(|e| other(format!("cannot start the CPU threads: {e}")))?;
         let n = program.buffers.len();
-        let mut prepare_symbols = BTreeSet::new();
-        for k in &program.prepare {
-            for t in k.inputs.iter().chain(&k.outputs) {
-                for d in t.shape.iter().chain(&t.strides).chain([&t.offset]) {
-                    prepare_symbols.extend(d.symbols());
-                }
-            }
-        }
-        for b in &program.buffers {
-            if matches!(b.kind, BufferKind::Prepared | BufferKind::Constant) {
-                prepare_symbols.extend(b.elements.symbols());
-            }
-        }
+        let prepare_symbols = crate::host::prepare_symbols(&program);
         let pack_only = pack_only_buffers(&program, &kernels);
         Ok(CpuProgram {
             prepare_symbols,
@@ -246,25 +237,7 @@ impl CpuProgram {
 
     /// Loads one weight (converted to the parameter's dtype); its shape must be the parameter's.
     pub fn set_weight(&mut self, name: &str, t: &Tensor) -> Result<(), RuntimeError> {
-        let io = self
-            .program
-            .params
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| other(format!("weight `{name}`: the program has no parameter of that name")))?
-            .clone();
-        let want = io.ty.shape.as_consts().ok_or_else(|| {
-            other(format!(
-                "weight `{name}`: the parameter's shape {} is symbolic",
-                io.ty.shape
-            ))
-        })?;
-        if t.shape != want {
-            return Err(other(format!(
-                "weight `{name}`: expected shape {want:?} ({}), got {:?}",
-                io.ty, t.shape
-            )));
-        }
+        let io = crate::host::weight_param(&self.program, name, t)?.clone();
         let bytes = t.numel() * io.ty.dtype.size_bytes();
         let mut buf = Bytes::zeroed(bytes, &format!("weight `{name}`"))?;
         encode_into(t, io.ty.dtype, buf.as_mut_slice());
@@ -348,29 +321,7 @@ impl CpuProgram {
         }
         let layout = self.program.layout(&env).map_err(|e| other(e.to_string()))?;
         check_views(&self.program, &layout, &env)?;
-        let mut params = Vec::with_capacity(self.kernels.len());
-        let mut scratch = Vec::with_capacity(self.kernels.len());
-        let mut scratch_bytes = 0usize;
-        for (c, lk) in self.kernels.iter().enumerate() {
-            let ps = lk
-                .params
-                .iter()
-                .map(|d| d.eval(&env))
-                .collect::<Result<Vec<i64>, String>>()
-                .map_err(|m| other(format!("kernel code {c}: {m}")))?;
-            let mut offs = Vec::with_capacity(lk.scratch.len());
-            let mut at = 0usize;
-            for (dt, n) in &lk.scratch {
-                let n = n.eval(&env).map_err(|m| other(format!("kernel code {c}: {m}")))?;
-                offs.push(at);
-                at = at
-                    .checked_add((n.max(0) as usize).saturating_mul(dt.size_bytes()).div_ceil(64) * 64)
-                    .ok_or_else(|| other("scratch size overflows"))?;
-            }
-            scratch_bytes = scratch_bytes.max(at);
-            params.push(ps);
-            scratch.push(offs);
-        }
+        let (params, scratch, scratch_bytes) = crate::host::kernel_params(&self.kernels, &env, 64)?;
         let planned = layout.planned_peak().saturating_add(scratch_bytes as u64);
         if let Some(limit) = self.options.max_memory {
             if planned > limit {
@@ -465,12 +416,7 @@ impl CpuProgram {
 
     fn fill_constants(&mut self) -> Result<(), RuntimeError> {
         for b in self.program.buffers.clone() {
-            if let Some(fulgur_ir::Op::Constant { dtype, data, .. }) = &b.init {
-                let t = match data {
-                    fulgur_ir::ConstData::Float(v) => Tensor::from_f64(*dtype, vec![v.len()], v.clone()),
-                    fulgur_ir::ConstData::Int(v) => Tensor::from_i64(*dtype, vec![v.len()], v.clone()),
-                    fulgur_ir::ConstData::Bool(v) => Tensor::from_bool(vec![v.len()], v.clone()),
-                };
+            if let Some(t) = crate::host::constant_tensor(&b) {
                 let buf = self.persistent[b.id]
                     .as_mut()
                     .ok_or_else(|| other(format!("constant b{} has no memory", b.id)))?;
@@ -496,15 +442,7 @@ impl CpuProgram {
         self.prepared_at = None;
         let missing = self.missing_weights();
         if !missing.is_empty() {
-            let more = if missing.len() > 3 {
-                format!(" and {} more", missing.len() - 3)
-            } else {
-                String::new()
-            };
-            return Err(other(format!(
-                "weights not loaded: {}{more}",
-                missing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
-            )));
+            return Err(crate::host::missing_weights_error(&missing));
         }
         self.fill_constants()?;
         self.packed.clear();
@@ -696,11 +634,7 @@ impl CpuProgram {
 
     /// The bytes of every carried output of the last call, with placeholders of their types and shapes for
     /// binding; `None` when one cannot be carried (see [`crate::Executable::run_carried`]).
-    #[allow(clippy::type_complexity)]
-    fn carried_outputs(
-        &self,
-        carried: &[String],
-    ) -> Option<Result<(HashMap<String, Tensor>, HashMap<String, Vec<u8>>), RuntimeError>> {
+    fn carried_outputs(&self, carried: &[String]) -> Option<Result<Held, RuntimeError>> {
         let binding = self.binding.as_ref()?;
         let mut views = Vec::new();
         for name in carried {
