@@ -1368,18 +1368,45 @@ fn rms_norm_template(lk: &mut LoopKernel, k: &Kernel, eps: f64) -> Option<(Strin
     Some((s, items, 0))
 }
 
-/// A grouped GEMM with the group sizes read on the device: one thread per output element (consecutive threads
-/// along a row, so the weight reads coalesce), the row's group found by walking the counts.
+/// A grouped GEMM with the group sizes read on the device (the decode step under CUDA graphs, a few rows per
+/// expert): a block per (chunk of up to `GROUPED_ROWS` rows of one expert, 32 columns). A lane owns a column
+/// (consecutive lanes read consecutive weights), the block's warps split `k` (warp `w` takes `k ≡ w`, so more
+/// loads are in flight than one walk over `k` allows), and warp 0 adds the warps' partial sums in warp order:
+/// the result does not depend on the launch. Each expert's weights are read once per chunk of rows. The
+/// expert's first row is found by summing the counts before it.
 fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name: &str) -> (String, E) {
     let e = |lk: &LoopKernel, x: E| -> String {
         // the step's sizes are literals, parameters or products of them
         c_expr(lk, x)
     };
-    let items = lk.pool.mul(g.m, g.n);
+    let lit = |lk: &mut LoopKernel, v: i64| lk.pool.add(Expr::I(v));
+    let (r, r1, t, t1) = (
+        lit(lk, GROUPED_ROWS),
+        lit(lk, GROUPED_ROWS - 1),
+        lit(lk, 32),
+        lit(lk, 31),
+    );
+    let m_up = lk.pool.addi(g.m, r1);
+    let chunks = lk.pool.div(m_up, r);
+    let n_up = lk.pool.addi(g.n, t1);
+    let tiles = lk.pool.div(n_up, t);
+    let en = lk.pool.mul(g.experts, tiles);
+    let blocks = lk.pool.mul(chunks, en);
+    let block = lit(lk, BLOCK as i64);
+    let items = lk.pool.mul(blocks, block);
+    let count = |ex: &str| {
+        load_text(
+            g.counts_arg,
+            g.counts_dtype,
+            &format!("{} + {ex} * {}", e(lk, g.counts_offset), e(lk, g.counts_stride)),
+        )
+    };
+    let warps = BLOCK / 32;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "// grouped GEMM with the group sizes read on the device (for CUDA graphs)"
+        "// grouped GEMM with the group sizes read on the device (for CUDA graphs): a block per (chunk of \
+         {GROUPED_ROWS} rows of one expert, 32 columns), its {warps} warps splitting k"
     );
     let _ = writeln!(
         s,
@@ -1387,48 +1414,46 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     );
     let _ = writeln!(
         s,
-        "  const i64 M = {}, N = {}, K = {}, E = {};",
+        "  const i64 M = {}, N = {}, K = {}, E = {}, R = {GROUPED_ROWS}, W = {warps};",
         e(lk, g.m),
         e(lk, g.n),
         e(lk, g.k),
         e(lk, g.experts)
     );
+    let _ = writeln!(s, "  __shared__ float part[{warps}][{GROUPED_ROWS}][32];");
+    let _ = writeln!(s, "  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;");
+    let _ = writeln!(s, "  const i64 tiles = (N + 31) / 32;");
     let _ = writeln!(
         s,
-        "  for (i64 item = (i64)blockIdx.x * blockDim.x + threadIdx.x; item < M * N; item += fulgur_threads) {{"
+        "  for (i64 blk = blockIdx.x; blk < (M + R - 1) / R * E * tiles; blk += gridDim.x) {{"
     );
-    let _ = writeln!(s, "    const i64 r = item / N, c = item % N;");
-    let _ = writeln!(s, "    i64 start = 0, ex = 0;");
-    let _ = writeln!(s, "    for (; ex < E; ++ex) {{");
     let _ = writeln!(
         s,
-        "      const i64 cnt = {};",
-        load_text(
-            g.counts_arg,
-            g.counts_dtype,
-            &format!("{} + ex * {}", e(lk, g.counts_offset), e(lk, g.counts_stride))
-        )
+        "    const i64 tn = blk % tiles, ex = (blk / tiles) % E, j = blk / (tiles * E);"
     );
-    let _ = writeln!(s, "      if (r < start + cnt) break;");
-    let _ = writeln!(s, "      start += cnt;");
-    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    i64 start = 0;");
+    let _ = writeln!(s, "    for (i64 e2 = 0; e2 < ex; ++e2) start += {};", count("e2"));
+    let _ = writeln!(s, "    const i64 cnt = {};", count("ex"));
     let check = lk.checks.len() + 1;
     lk.checks
         .push("a row of `grouped_matmul` lies past the sum of the group sizes (row index)".into());
     let _ = writeln!(
         s,
-        "    if (ex >= E) {{ fulgur_fail(fulgur_err, {check}, r); continue; }}"
+        "    if (ex == E - 1 && j == 0 && tn == 0 && threadIdx.x == 0 && start + cnt < M) fulgur_fail(fulgur_err, {check}, start + cnt);"
     );
-    let _ = writeln!(s, "    float acc = 0.0f;");
-    let _ = writeln!(s, "    for (i64 kk = 0; kk < K; ++kk) {{");
+    let _ = writeln!(s, "    const i64 r0 = start + j * R;");
+    let _ = writeln!(s, "    const i64 nr = min(min(R, cnt - j * R), M - r0);");
+    let _ = writeln!(s, "    if (nr <= 0) continue;  // the same for the whole block");
+    let _ = writeln!(s, "    const i64 c = tn * 32 + lane;");
+    let _ = writeln!(s, "    float acc[{GROUPED_ROWS}];");
+    let _ = writeln!(s, "#pragma unroll");
+    let _ = writeln!(s, "    for (int q = 0; q < R; ++q) acc[q] = 0.0f;");
+    let _ = writeln!(s, "    if (c < N) {{");
+    let _ = writeln!(s, "#pragma unroll 4");
+    let _ = writeln!(s, "      for (i64 kk = w; kk < K; kk += W) {{");
     let _ = writeln!(
         s,
-        "      acc += {} * {};",
-        load_text(
-            g.x.arg,
-            g.x.dtype,
-            &format!("{} + r * {} + kk * {}", e(lk, g.x.offset), e(lk, g.x.rs), e(lk, g.x.cs))
-        ),
+        "        const float wv = {};",
         load_text(
             g.w.arg,
             g.w.dtype,
@@ -1441,26 +1466,55 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
             )
         )
     );
-    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "#pragma unroll");
     let _ = writeln!(
         s,
-        "    {}",
+        "        for (int q = 0; q < R; ++q) if (q < nr) acc[q] += {} * wv;",
+        load_text(
+            g.x.arg,
+            g.x.dtype,
+            &format!(
+                "{} + (r0 + q) * {} + kk * {}",
+                e(lk, g.x.offset),
+                e(lk, g.x.rs),
+                e(lk, g.x.cs)
+            )
+        )
+    );
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "#pragma unroll");
+    let _ = writeln!(s, "    for (int q = 0; q < R; ++q) part[w][q][lane] = acc[q];");
+    let _ = writeln!(s, "    __syncthreads();");
+    let _ = writeln!(s, "    if (w == 0 && c < N) {{");
+    let _ = writeln!(s, "      for (int q = 0; q < nr; ++q) {{");
+    let _ = writeln!(s, "        float v = part[0][q][lane];");
+    let _ = writeln!(s, "        for (int w2 = 1; w2 < W; ++w2) v += part[w2][q][lane];");
+    let _ = writeln!(
+        s,
+        "        {}",
         store_text(
             g.out.arg,
             g.out.dtype,
             &format!(
-                "{} + r * {} + c * {}",
+                "{} + (r0 + q) * {} + c * {}",
                 e(lk, g.out.offset),
                 e(lk, g.out.rs),
                 e(lk, g.out.cs)
             ),
-            "acc"
+            "v"
         )
     );
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
     (s, items)
 }
+
+/// Rows of one expert a block of the device grouped GEMM accumulates together.
+const GROUPED_ROWS: i64 = 8;
 
 /// Dimension `d` of a kernel as C: a literal, or the parameter the kernel evaluates it into.
 fn dim_text(lk: &mut LoopKernel, d: &Dim) -> String {

@@ -584,3 +584,81 @@ fn gpu_rms_norm_matches_the_interpreter() {
         assert!(e < 1e-6, "C {c}: relative error {e}");
     }
 }
+
+/// The device form of `grouped_matmul` (the one CUDA graphs capture, with the group sizes read on the device):
+/// an empty expert, an expert past one chunk of rows, outputs not a multiple of the 32-column tile, with and
+/// without SwiGLU, captured and then replayed after an update; group sizes that leave rows without an expert
+/// are the loop form's error.
+#[test]
+fn gpu_grouped_matmul_under_cuda_graphs_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Dim, Op, Value};
+    if !gpu() {
+        return;
+    }
+    let (m, k) = (30usize, 70usize);
+    for (swiglu, o) in [(false, 100usize), (true, 2 * 50)] {
+        let mut g = Graph::new("grouped");
+        let xs = g
+            .input("xs", DType::F32, vec![Dim::from(m as i64), Dim::from(k as i64)])
+            .unwrap();
+        let counts = g.input("counts", DType::I64, vec![Dim::from(5)]).unwrap();
+        let w = g
+            .input(
+                "w",
+                DType::F32,
+                vec![Dim::from(5), Dim::from(k as i64), Dim::from(o as i64)],
+            )
+            .unwrap();
+        let id = g
+            .add_node(
+                Op::Composite(Composite::GroupedMatmul { swiglu }),
+                &[xs, counts, w],
+                None,
+            )
+            .unwrap();
+        g.add_output("o", Value::new(id, 0)).unwrap();
+        let mut gpu = CudaProgram::new(
+            lower(&g).unwrap(),
+            CudaOptions {
+                graphs: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for (step, sizes) in [[3i64, 0, 11, 16, 0], [0, 17, 1, 4, 8]].iter().enumerate() {
+            let feed: HashMap<String, Tensor> = [
+                ("xs".to_string(), random(DType::F32, vec![m, k], 20 + step as u64)),
+                (
+                    "counts".to_string(),
+                    Tensor::from_i64(DType::I64, vec![5], sizes.to_vec()),
+                ),
+                ("w".to_string(), random(DType::F32, vec![5, k, o], 30 + step as u64)),
+            ]
+            .into();
+            let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+            let got = gpu.run(&feed).unwrap();
+            let e = rel_err(&got["o"], &want["o"]);
+            println!("grouped_matmul (swiglu {swiglu}) under a CUDA graph, counts {sizes:?}: rel {e:.3e}");
+            assert!(e < 1e-6, "swiglu {swiglu}, counts {sizes:?}: relative error {e}");
+        }
+        assert!(
+            gpu.graph_launches >= 2,
+            "the steps ran as CUDA graphs: {}",
+            gpu.graph_launches
+        );
+        let feed: HashMap<String, Tensor> = [
+            ("xs".to_string(), random(DType::F32, vec![m, k], 1)),
+            (
+                "counts".to_string(),
+                Tensor::from_i64(DType::I64, vec![5], vec![3, 0, 11, 14, 0]),
+            ),
+            ("w".to_string(), random(DType::F32, vec![5, k, o], 2)),
+        ]
+        .into();
+        let e = gpu.run(&feed).unwrap_err().to_string();
+        assert!(
+            e.contains("a row of `grouped_matmul` lies past the sum of the group sizes (row index): got 28"),
+            "{e}"
+        );
+    }
+}
