@@ -403,3 +403,57 @@ fn eval_model_on_the_cpu_refuses_a_plan_over_max_memory() {
     );
     assert!(!out.exists(), "no output file after a refused run");
 }
+
+/// `fulgur bench` on the CPU target: the forward of both levels and greedy decoding report their times in JSON;
+/// decoding is refused on the interpreter.
+#[cfg(feature = "llvm")]
+#[test]
+fn bench_reports_the_forward_and_decoding_on_the_cpu() {
+    let cfg = "models/configs/minimax-tiny-hf.json";
+    let common = ["--target", "cpu", "--compare", "none,full", "--batch", "2", "--json"];
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"bench", &cfg, &"--seq", &"16", &"--repeats", &"2"];
+    args.extend(common.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let o = fulgur(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{v}");
+    for (l, name) in levels.iter().zip(["none", "full"]) {
+        assert_eq!(l["level"], name);
+        assert_eq!(l["forward_ms_all"].as_array().unwrap().len(), 2, "{l}");
+        assert!(l["forward_ms"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    assert!(
+        levels[1]["kernels"].as_u64().unwrap() < levels[0]["kernels"].as_u64().unwrap(),
+        "the optimized graph runs fewer kernels: {v}"
+    );
+
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"bench", &cfg, &"--seq", &"8", &"--decode", &"4"];
+    args.extend(common.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let o = fulgur(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["batch"].as_u64(), v["prompt"].as_u64(), v["new_tokens"].as_u64()),
+        (Some(2), Some(8), Some(4))
+    );
+    for l in v["levels"].as_array().unwrap() {
+        let step = l["median_step_ms"].as_f64().unwrap();
+        assert!(step > 0.0 && l["prefill_ms"].as_f64().unwrap() > 0.0, "{l}");
+        let rate = l["tokens_per_s"].as_f64().unwrap();
+        assert!((rate - 2.0 / (step / 1e3)).abs() < 1e-6 * rate, "{l}");
+    }
+
+    let o = fulgur(&[
+        &"bench",
+        &cfg,
+        &"--target",
+        &"reference",
+        &"--decode",
+        &"2",
+        &"--seq",
+        &"4",
+    ]);
+    fails(&o, &["--decode runs on the cpu or cuda target"]);
+}

@@ -100,6 +100,9 @@ pub struct Args {
     /// (on cuda the decode step runs as a CUDA graph), reporting decode tokens/s at --batch.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub decode: usize,
+    /// With --decode on the cuda target: launch the decode step kernel by kernel instead of as a CUDA graph.
+    #[arg(long)]
+    pub eager: bool,
     /// Compute the logits of the last position only (transformers' `logits_to_keep=1`), not `[B, T, V]`.
     #[arg(long)]
     pub last_logits: bool,
@@ -123,7 +126,7 @@ pub struct LevelResult {
     pub error: Option<String>,
 }
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelTime {
     pub name: String,
     pub op: String,
@@ -347,7 +350,10 @@ fn bench_decode(
     tokens: &Tensor,
     progress: &Progress,
 ) -> Result<()> {
-    use crate::cli::model::{load_cpu_pair, load_cuda_pair, with_dtype};
+    use crate::cli::model::{load_cpu_pair, with_dtype};
+    if args.target == BenchTarget::Reference {
+        bail!("--decode runs on the cpu or cuda target");
+    }
     let cost_model = args
         .cost_model
         .clone()
@@ -355,12 +361,17 @@ fn bench_decode(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "decode {} on {}: batch {}, prompt {} tokens, {} new tokens per sequence",
+        "decode {} on {}: batch {}, prompt {} tokens, {} new tokens per sequence{}",
         args.input.display(),
         format!("{:?}", args.target).to_lowercase(),
         args.batch,
         args.seq,
-        args.decode
+        args.decode,
+        match (args.target, args.eager) {
+            (BenchTarget::Cuda, false) => " (the step replayed as a CUDA graph)",
+            (BenchTarget::Cuda, true) => " (the step launched kernel by kernel)",
+            _ => "",
+        }
     );
     let _ = writeln!(
         s,
@@ -368,6 +379,7 @@ fn bench_decode(
         "level", "prefill ms", "first step ms", "median step ms", "tokens/s"
     );
     let mut rows = Vec::new();
+    let mut tops: Vec<(String, Vec<KernelTime>)> = Vec::new();
     for &level in &args.compare {
         let lname = format!("{level:?}").to_lowercase();
         progress.say(&format!("{lname}: optimizing the prefill and the decode step"));
@@ -385,18 +397,26 @@ fn bench_decode(
             args.dtype,
         )?;
         progress.say(&format!("{lname}: compiling and loading"));
-        let (mut p, mut d) = match args.target {
-            BenchTarget::Cuda => load_cuda_pair(&prefill, &decode, weights, true)?,
-            BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, weights)?,
-            BenchTarget::Reference => bail!("--decode runs on the cpu or cuda target"),
-        };
         let mut stamps = Vec::new();
-        let t0 = Instant::now();
-        fulgur_runtime::generate::greedy(p.as_mut(), d.as_mut(), tokens, args.decode, |i, n| {
+        let mut stamp = |t0: Instant, i: usize, n: usize| {
             stamps.push(t0.elapsed().as_secs_f64());
             progress.say(&format!("{lname}: token {i}/{n}"));
-        })
-        .context("decoding")?;
+        };
+        match args.target {
+            BenchTarget::Cuda => {
+                let top = decode_cuda(args, &prefill, &decode, weights, tokens, &mut stamp)?;
+                if !top.is_empty() {
+                    tops.push((lname.clone(), top));
+                }
+            }
+            BenchTarget::Cpu => {
+                let (mut p, mut d) = load_cpu_pair(&prefill, &decode, weights)?;
+                let t0 = Instant::now();
+                fulgur_runtime::generate::greedy(p.as_mut(), d.as_mut(), tokens, args.decode, |i, n| stamp(t0, i, n))
+                    .context("decoding")?;
+            }
+            BenchTarget::Reference => bail!("--decode runs on the cpu or cuda target"),
+        }
         let prefill_ms = stamps.first().copied().unwrap_or(0.0) * 1e3;
         let mut steps: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
         let first = if steps.is_empty() { f64::NAN } else { steps.remove(0) };
@@ -406,12 +426,26 @@ fn bench_decode(
             s,
             "{lname:<6} {prefill_ms:>12.1} {first:>16.2} {med:>16.2} {rate:>12.1}"
         );
+        let top = tops
+            .iter()
+            .find(|(l, _)| *l == lname)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(Vec::new);
         rows.push(serde_json::json!({
             "level": lname, "prefill_ms": prefill_ms, "first_step_ms": first, "median_step_ms": med,
-            "tokens_per_s": rate,
+            "tokens_per_s": rate, "top_kernels": top,
         }));
     }
     progress.done();
+    for (lname, top) in &tops {
+        let _ = writeln!(
+            s,
+            "top kernels of one more decode step ({lname}, launched kernel by kernel), ms per step:"
+        );
+        for k in top {
+            let _ = writeln!(s, "  {:>9.3}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+        }
+    }
     if args.json {
         let v = serde_json::json!({
             "model": args.input.display().to_string(), "target": format!("{:?}", args.target).to_lowercase(),
@@ -588,31 +622,101 @@ fn bench_cuda(
     if args.top > 0 {
         gpu.profile = Some(CudaProfile::default());
         gpu.run(&inputs).context("running the profiled forward pass")?;
-        if let Some(p) = &gpu.profile {
-            let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
-            for k in &gpu.program.step {
-                let e = by
-                    .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
-                    .or_default();
-                e.0 += 1;
-                e.1 += p.kernel_ms.get(k.id).copied().unwrap_or(0.0) / p.runs.max(1) as f64;
-            }
-            let mut v: Vec<KernelTime> = by
-                .into_iter()
-                .map(|((op, name), (calls, ms))| KernelTime {
-                    name,
-                    op: truncate(&op, 60),
-                    calls,
-                    ms,
-                    steps: Vec::new(),
-                })
-                .collect();
-            v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
-            v.truncate(args.top);
-            top = v;
-        }
+        top = cuda_top(&gpu, args.top);
     }
     Ok((compile_s, times, planned, actual, top))
+}
+
+/// The profiled kernels of a CUDA program, grouped by op and layer-free name, slowest first.
+#[cfg(feature = "cuda")]
+fn cuda_top(gpu: &fulgur_runtime::cuda::CudaProgram, n: usize) -> Vec<KernelTime> {
+    use std::collections::HashMap;
+    let Some(p) = &gpu.profile else {
+        return Vec::new();
+    };
+    let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+    for k in &gpu.program.step {
+        let e = by
+            .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
+            .or_default();
+        e.0 += 1;
+        e.1 += p.kernel_ms.get(k.id).copied().unwrap_or(0.0) / p.runs.max(1) as f64;
+    }
+    let mut v: Vec<KernelTime> = by
+        .into_iter()
+        .map(|((op, name), (calls, ms))| KernelTime {
+            name,
+            op: truncate(&op, 60),
+            calls,
+            ms,
+            steps: Vec::new(),
+        })
+        .collect();
+    v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
+    v.truncate(n);
+    v
+}
+
+/// Greedy decoding on the GPU, `stamp` called at every token; with --top, one more decode step runs
+/// profiled (kernel by kernel, an event after each) and its slowest kernels are returned.
+#[cfg(feature = "cuda")]
+fn decode_cuda(
+    args: &Args,
+    prefill: &Graph,
+    decode: &Graph,
+    weights: &HostWeights,
+    tokens: &Tensor,
+    stamp: &mut dyn FnMut(Instant, usize, usize),
+) -> Result<Vec<KernelTime>> {
+    use fulgur_runtime::cuda::CudaProfile;
+    use fulgur_runtime::Executable;
+    use std::collections::HashMap;
+    let (mut p, mut d) = crate::cli::model::load_cuda_programs(prefill, decode, weights, !args.eager)?;
+    let t0 = Instant::now();
+    fulgur_runtime::generate::greedy(&mut p, &mut d, tokens, args.decode, |i, n| stamp(t0, i, n))
+        .context("decoding")?;
+    if args.top == 0 || args.decode < 2 {
+        return Ok(Vec::new());
+    }
+    // the states the last step left stay on the device; the tokens do not change what the kernels do
+    let b = tokens.shape[0];
+    let position = (tokens.shape[1] + args.decode - 1) as i64;
+    let inputs: HashMap<String, Tensor> = [
+        (
+            "input_ids".to_string(),
+            Tensor::from_i64(fulgur_ir::DType::I64, vec![b, 1], vec![0; b]),
+        ),
+        (
+            "position".to_string(),
+            Tensor::from_i64(fulgur_ir::DType::I64, vec![], vec![position]),
+        ),
+    ]
+    .into();
+    let carried: Vec<String> = d
+        .input_names()
+        .into_iter()
+        .filter(|n| n != "input_ids" && n != "position")
+        .collect();
+    d.profile = Some(CudaProfile::default());
+    match d.run_carried(&inputs, &carried) {
+        Some(r) => {
+            r.context("running the profiled decode step")?;
+        }
+        None => bail!("the decode step cannot keep its states on the device"),
+    }
+    Ok(cuda_top(&d, args.top))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn decode_cuda(
+    _: &Args,
+    _: &Graph,
+    _: &Graph,
+    _: &HostWeights,
+    _: &Tensor,
+    _: &mut dyn FnMut(Instant, usize, usize),
+) -> Result<Vec<KernelTime>> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
 }
 
 #[cfg(not(feature = "cuda"))]

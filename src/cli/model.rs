@@ -549,6 +549,18 @@ pub(crate) fn load_cuda_pair(
     weights: &HostWeights,
     graphs: bool,
 ) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    let (p, d) = load_cuda_programs(prefill, decode, weights, graphs)?;
+    Ok((Box::new(p), Box::new(d)))
+}
+
+/// The prefill and decode programs on the GPU, the decode sharing the prefill's weights.
+#[cfg(feature = "cuda")]
+pub(crate) fn load_cuda_programs(
+    prefill: &fulgur_ir::Graph,
+    decode: &fulgur_ir::Graph,
+    weights: &HostWeights,
+    graphs: bool,
+) -> Result<(fulgur_runtime::cuda::CudaProgram, fulgur_runtime::cuda::CudaProgram)> {
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
     let mut p = CudaProgram::new(fulgur_codegen::program::lower(prefill)?, CudaOptions::default())
         .context("compiling the prefill for the GPU")?;
@@ -577,7 +589,7 @@ pub(crate) fn load_cuda_pair(
             .ok_or_else(|| anyhow::anyhow!("decode weight `{name}` has no parameter"))?;
         d.set_weight(&name, &weights.fetch(&name, &ty)?)?;
     }
-    Ok((Box::new(p), Box::new(d)))
+    Ok((p, d))
 }
 
 #[cfg(not(feature = "cuda"))]
