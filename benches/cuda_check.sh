@@ -40,8 +40,10 @@ for s in $stages; do
       PYTHONUNBUFFERED=1 timeout 200 python3 benches/transformers_cuda.py models/configs/bench-m.json --shapes 1x8192,8x2048 > "$out/transformers.json" 2> "$out/transformers.err"; tail -3 "$out/transformers.err"
       ;;
     decode)
-      echo "=== bench-m decode, bf16, CUDA graphs"
-      timeout 400 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --compare none,full --batch 8 --seq 512 --decode 64 2>&1 | tr '\r' '\n' | grep -v " token " | tee "$out/decode.log" | tail -5 || status=1
+      echo "=== bench-m decode, bf16: CUDA graphs (a profiled eager step after), then launched kernel by kernel"
+      for e in "" --eager; do
+        timeout 250 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --compare none,full --batch 8 --seq 512 --decode 64 --top 12 $e 2>&1 | tr '\r' '\n' | grep -v " token " | tee -a "$out/decode.log" | grep -v ": optimizing\|: compiling" | tail -32 || status=1
+      done
       ;;
   esac
 done
