@@ -12,8 +12,11 @@
 //!   and time bounds and a report of what every rule did;
 //! - [`pass`]: the pass manager and its reports.
 //!
-//! Depends on `fulgur-ir` only. Autodiff and sharding arrive with later issues.
+//! - [`autodiff`]: reverse-mode differentiation of a graph with a scalar loss.
+//!
+//! Depends on `fulgur-ir` only. Sharding arrives with a later issue.
 
+pub mod autodiff;
 pub mod classify;
 pub mod cost;
 pub mod eqsat;

@@ -1,0 +1,598 @@
+//! Reverse-mode automatic differentiation as a graph transform.
+//!
+//! [`differentiate`] takes a graph with a scalar float output (the loss) and returns one graph that computes
+//! every output of the original and, beside them, `grad.NAME` for every float parameter (and for the data inputs
+//! asked for): the gradient of the loss with respect to it, of its shape and dtype.
+//!
+//! How (see `docs/passes.md`, "Autodiff"):
+//! 1. The forward is copied with its composites expanded into their decompositions (the same ones the
+//!    interpreter runs), except `softmax` and `log_softmax`, which keep their own rules (the decomposition's
+//!    max-subtraction would add a tie rule for nothing). Each node thus keeps the meaning it had.
+//! 2. From the loss backwards, in reverse node order, each node that depends on a differentiated leaf gets
+//!    the vector-Jacobian product of its rule; contributions to one value are summed.
+//!
+//! Rules follow PyTorch's where a function is not differentiable (ties of `max`/`min` share the gradient
+//! evenly, `abs` has gradient 0 at 0). Integer and boolean values carry no gradient. A parameter the loss does
+//! not depend on gets a gradient of zeros.
+
+use crate::PassError;
+use fulgur_ir::{BinaryOp, CmpOp, Composite, DType, Dim, Graph, NodeId, Op, ReduceOp, UnaryOp, Value};
+use std::collections::HashMap;
+
+/// Prefix of the gradient outputs: `grad.model.layers.0.mlp.gate.weight`.
+pub const GRAD_PREFIX: &str = "grad.";
+
+/// What to differentiate.
+#[derive(Clone, Debug, Default)]
+pub struct GradOptions {
+    /// Data inputs to differentiate as well (float inputs only).
+    pub inputs: Vec<String>,
+}
+
+fn err(m: impl Into<String>) -> PassError {
+    PassError::Options(format!("autodiff: {}", m.into()))
+}
+
+/// The graph computing `g`'s outputs and the gradient of its output `loss` with respect to every float
+/// parameter (outputs `grad.NAME`, in parameter order) and to the inputs named in `opts`.
+pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph, PassError> {
+    let lv = g
+        .outputs()
+        .iter()
+        .find(|(n, _)| n == loss)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| err(format!("the graph has no output `{loss}` to differentiate")))?;
+    let lt = g.ty(lv);
+    if !lt.dtype.is_float() || lt.shape.numel().as_const() != Some(1) {
+        return Err(err(format!(
+            "the loss `{loss}` must be a float value of one element, got {lt}"
+        )));
+    }
+    for name in &opts.inputs {
+        let id = g
+            .input_by_name(name)
+            .filter(|&id| matches!(g.node(id).op, Op::Input { .. }))
+            .ok_or_else(|| err(format!("the graph has no data input `{name}` to differentiate")))?;
+        let t = g.ty(Value::new(id, 0));
+        if !t.dtype.is_float() {
+            return Err(err(format!(
+                "the input `{name}` is {t}: only float inputs have gradients"
+            )));
+        }
+    }
+    let mut out = expand(g)?;
+    let loss_v = out
+        .outputs()
+        .iter()
+        .find(|(n, _)| n == loss)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| err("the expanded graph lost its loss output"))?;
+    // the leaves: float parameters, and the inputs asked for
+    let n = out.node_count();
+    let mut leaves: Vec<(String, NodeId)> = Vec::new();
+    for id in out.node_ids() {
+        match &out.node(id).op {
+            Op::Param { name, ty } if ty.dtype.is_float() => leaves.push((name.clone(), id)),
+            Op::Input { name, .. } if opts.inputs.contains(name) => leaves.push((name.clone(), id)),
+            _ => {}
+        }
+    }
+    // which nodes depend on a leaf (node ids are a topological order)
+    let mut live = vec![false; n];
+    for (_, id) in &leaves {
+        live[id.index()] = true;
+    }
+    for id in out.node_ids().collect::<Vec<_>>() {
+        let node = out.node(id);
+        if !live[id.index()] && node.inputs.iter().any(|v| live[v.node.index()]) {
+            live[id.index()] = node.outputs.iter().any(|t| t.dtype.is_float());
+        }
+    }
+    let mut grads: HashMap<Value, Value> = HashMap::new();
+    if live[loss_v.node.index()] {
+        let lt = out.ty(loss_v).clone();
+        let seed = out.full(1.0, lt.dtype, lt.dims().to_vec())?;
+        grads.insert(loss_v, seed);
+    }
+    out.push_scope("grad");
+    for i in (0..=loss_v.node.index()).rev() {
+        let id = NodeId::new(i);
+        if !live[i] {
+            continue;
+        }
+        let node = out.node(id).clone();
+        let gys: Vec<Option<Value>> = (0..node.outputs.len() as u32)
+            .map(|k| grads.get(&Value::new(id, k)).copied())
+            .collect();
+        if gys.iter().all(|g| g.is_none()) || node.inputs.is_empty() {
+            continue;
+        }
+        let want: Vec<bool> = node
+            .inputs
+            .iter()
+            .map(|v| live[v.node.index()] && out.dtype(*v).is_float())
+            .collect();
+        if !want.iter().any(|w| *w) {
+            continue;
+        }
+        let contributions = vjp(&mut out, id, &node.op, &node.inputs, &gys, &want).map_err(|e| match e {
+            PassError::Options(m) => err(format!(
+                "{} (node %{i}{})",
+                m.trim_start_matches("autodiff: "),
+                node.name.as_deref().map(|s| format!(" `{s}`")).unwrap_or_default()
+            )),
+            other => other,
+        })?;
+        for (slot, c) in contributions.into_iter().enumerate() {
+            let (Some(c), true) = (c, want[slot]) else {
+                continue;
+            };
+            let v = node.inputs[slot];
+            let c = fit(&mut out, c, v)?;
+            let acc = match grads.get(&v) {
+                Some(&prev) => out.add(prev, c)?,
+                None => c,
+            };
+            grads.insert(v, acc);
+        }
+    }
+    out.pop_scope();
+    for (name, id) in leaves {
+        let v = Value::new(id, 0);
+        let gv = match grads.get(&v) {
+            Some(&gv) => gv,
+            None => {
+                let t = out.ty(v).clone();
+                out.full(0.0, t.dtype, t.dims().to_vec())?
+            }
+        };
+        out.add_output(format!("{GRAD_PREFIX}{name}"), gv)?;
+    }
+    out.verify().map_err(|e| PassError::Invalid {
+        pass: "autodiff".into(),
+        message: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Whether a composite keeps its own rule rather than being expanded.
+fn kept(c: &Composite) -> bool {
+    matches!(c, Composite::Softmax { .. } | Composite::LogSoftmax { .. })
+}
+
+/// A copy of `g` with every composite but the kept ones replaced by its decomposition (repeatedly, for
+/// decompositions that use composites).
+fn expand(g: &Graph) -> Result<Graph, PassError> {
+    let mut cur = g.clone();
+    for _round in 0..16 {
+        let pending = cur.nodes().any(|(_, n)| matches!(&n.op, Op::Composite(c) if !kept(c)));
+        if !pending {
+            return Ok(cur);
+        }
+        let mut next = Graph::new(cur.name.clone());
+        let mut map: HashMap<Value, Value> = HashMap::new();
+        for (id, node) in cur.nodes() {
+            let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
+            let outs: Vec<Value> = match &node.op {
+                Op::Composite(c) if !kept(c) => {
+                    let scope = node.name.clone().unwrap_or_else(|| c.name().to_string());
+                    next.push_scope(scope);
+                    let r = c.decompose(&mut next, &ins);
+                    next.pop_scope();
+                    r?
+                }
+                op => {
+                    let nid = next.add_node(op.clone(), &ins, node.name.clone())?;
+                    (0..node.outputs.len() as u32).map(|k| Value::new(nid, k)).collect()
+                }
+            };
+            for (k, v) in outs.into_iter().enumerate() {
+                map.insert(Value::new(id, k as u32), v);
+            }
+        }
+        for (name, v) in cur.outputs() {
+            next.add_output(name.clone(), map[v])?;
+        }
+        cur = next;
+    }
+    Err(err(
+        "composites still left after 16 rounds of expansion (a decomposition that uses itself?)",
+    ))
+}
+
+/// Reduces a gradient `gv` (of a value broadcast into a larger shape) to the shape of `v`, and checks it.
+fn fit(g: &mut Graph, gv: Value, v: Value) -> Result<Value, PassError> {
+    let target = g.dims(v).to_vec();
+    let r = unbroadcast(g, gv, &target)?;
+    if g.dims(r) != target.as_slice() {
+        let got = g.ty(r).clone();
+        return Err(PassError::Invalid {
+            pass: "autodiff".into(),
+            message: format!("a gradient of {got} for a value of {}", g.ty(v)),
+        });
+    }
+    if g.dtype(r) != g.dtype(v) {
+        return Ok(g.cast(r, g.dtype(v))?);
+    }
+    Ok(r)
+}
+
+/// Sums `x` over the axes NumPy broadcasting added or stretched to reach its shape from `target`.
+fn unbroadcast(g: &mut Graph, x: Value, target: &[Dim]) -> Result<Value, PassError> {
+    let dims = g.dims(x).to_vec();
+    if dims.as_slice() == target {
+        return Ok(x);
+    }
+    let (r, t) = (dims.len(), target.len());
+    let mut x = x;
+    if r > t {
+        let lead: Vec<i64> = (0..(r - t) as i64).collect();
+        x = g.sum(x, &lead, false)?;
+    }
+    let dims = g.dims(x).to_vec();
+    let axes: Vec<i64> = (0..t.min(dims.len()))
+        .filter(|&i| target[i].is_one() && !dims[i].is_one())
+        .map(|i| i as i64)
+        .collect();
+    if !axes.is_empty() {
+        x = g.sum(x, &axes, true)?;
+    }
+    Ok(x)
+}
+
+fn norm_axis(axis: i64, rank: usize) -> usize {
+    if axis < 0 {
+        (axis + rank as i64) as usize
+    } else {
+        axis as usize
+    }
+}
+
+/// A zero of `x`'s dtype, broadcastable anywhere.
+fn zero(g: &mut Graph, like: Value) -> Result<Value, PassError> {
+    Ok(g.scalar(0.0, g.dtype(like))?)
+}
+
+/// The number of elements of `dims` as a value of `dtype` (a literal when the dims are constants).
+fn count(g: &mut Graph, dims: &[Dim], dtype: DType) -> Result<Value, PassError> {
+    let n = dims.iter().fold(Dim::constant(1), |a, d| a * d.clone());
+    match n.as_const() {
+        Some(c) => Ok(g.scalar(c as f64, dtype)?),
+        None => {
+            let ones = g.full(1.0, dtype, dims.to_vec())?;
+            let all: Vec<i64> = (0..dims.len() as i64).collect();
+            Ok(g.sum(ones, &all, false)?)
+        }
+    }
+}
+
+/// `gy` of a reduction over `axes` (normalized) back to `x`'s shape.
+fn spread(g: &mut Graph, gy: Value, x: Value, axes: &[usize], keepdims: bool) -> Result<Value, PassError> {
+    let xd = g.dims(x).to_vec();
+    let kept: Vec<Dim> = xd
+        .iter()
+        .enumerate()
+        .map(|(i, d)| if axes.contains(&i) { Dim::constant(1) } else { d.clone() })
+        .collect();
+    let gy = if keepdims { gy } else { g.reshape(gy, kept)? };
+    Ok(g.broadcast(gy, xd)?)
+}
+
+/// The vector-Jacobian products of one node: for each input slot, its gradient contribution (`None` where the
+/// input carries none). `gys` holds the gradient of each output (`None`: zero).
+fn vjp(
+    g: &mut Graph,
+    id: NodeId,
+    op: &Op,
+    ins: &[Value],
+    gys: &[Option<Value>],
+    want: &[bool],
+) -> Result<Vec<Option<Value>>, PassError> {
+    let y = Value::new(id, 0);
+    let gy = match gys[0] {
+        Some(v) => v,
+        None => match op {
+            // a multi-output op whose first output has no gradient
+            Op::TopK { .. } => return Ok(vec![None]),
+            _ => return Ok(vec![None; ins.len()]),
+        },
+    };
+    let one = |g: &mut Graph, v: f64, like: Value| -> Result<Value, PassError> { Ok(g.scalar(v, g.dtype(like))?) };
+    Ok(match op {
+        Op::Unary(u) => {
+            let x = ins[0];
+            let gx = match u {
+                UnaryOp::Neg => g.neg(gy)?,
+                UnaryOp::Abs => {
+                    let z = zero(g, x)?;
+                    let pos = g.compare(CmpOp::Gt, x, z)?;
+                    let neg = g.compare(CmpOp::Lt, x, z)?;
+                    let ngy = g.neg(gy)?;
+                    let t = g.select(neg, ngy, z)?;
+                    g.select(pos, gy, t)?
+                }
+                UnaryOp::Exp => g.mul(gy, y)?,
+                UnaryOp::Log => g.div(gy, x)?,
+                UnaryOp::Sqrt => {
+                    let h = g.div(gy, y)?;
+                    g.scale(h, 0.5)?
+                }
+                UnaryOp::Rsqrt => {
+                    // d x^-1/2 = -1/2 · x^-3/2 = -1/2 · y³
+                    let y2 = g.mul(y, y)?;
+                    let y3 = g.mul(y2, y)?;
+                    let t = g.mul(gy, y3)?;
+                    g.scale(t, -0.5)?
+                }
+                UnaryOp::Recip => {
+                    let y2 = g.mul(y, y)?;
+                    let t = g.mul(gy, y2)?;
+                    g.neg(t)?
+                }
+                UnaryOp::Sigmoid => {
+                    let o = one(g, 1.0, y)?;
+                    let c = g.sub(o, y)?;
+                    let d = g.mul(y, c)?;
+                    g.mul(gy, d)?
+                }
+                UnaryOp::Silu => {
+                    // silu' = s · (1 + x · (1 − s)), s = sigmoid(x)
+                    let s = g.sigmoid(x)?;
+                    let o = one(g, 1.0, x)?;
+                    let c = g.sub(o, s)?;
+                    let xc = g.mul(x, c)?;
+                    let t = g.add(o, xc)?;
+                    let d = g.mul(s, t)?;
+                    g.mul(gy, d)?
+                }
+                UnaryOp::Tanh => {
+                    let o = one(g, 1.0, y)?;
+                    let y2 = g.mul(y, y)?;
+                    let d = g.sub(o, y2)?;
+                    g.mul(gy, d)?
+                }
+                UnaryOp::Sin => {
+                    let c = g.cos(x)?;
+                    g.mul(gy, c)?
+                }
+                UnaryOp::Cos => {
+                    let s = g.sin(x)?;
+                    let t = g.mul(gy, s)?;
+                    g.neg(t)?
+                }
+            };
+            vec![Some(gx)]
+        }
+        Op::Binary(b) => {
+            let (a, c) = (ins[0], ins[1]);
+            match b {
+                BinaryOp::Add => vec![Some(gy), Some(gy)],
+                BinaryOp::Sub => {
+                    let n = if want[1] { Some(g.neg(gy)?) } else { None };
+                    vec![Some(gy), n]
+                }
+                BinaryOp::Mul => {
+                    let ga = if want[0] { Some(g.mul(gy, c)?) } else { None };
+                    let gc = if want[1] { Some(g.mul(gy, a)?) } else { None };
+                    vec![ga, gc]
+                }
+                BinaryOp::Div => {
+                    let ga = if want[0] { Some(g.div(gy, c)?) } else { None };
+                    let gc = if want[1] {
+                        // −gy · a / c² = −gy · y / c
+                        let t = g.mul(gy, y)?;
+                        let t = g.div(t, c)?;
+                        Some(g.neg(t)?)
+                    } else {
+                        None
+                    };
+                    vec![ga, gc]
+                }
+                BinaryOp::Max | BinaryOp::Min => {
+                    // the larger (smaller) operand takes the gradient; ties share it evenly
+                    let wins = if *b == BinaryOp::Max { CmpOp::Gt } else { CmpOp::Lt };
+                    let z = zero(g, gy)?;
+                    let half = g.scale(gy, 0.5)?;
+                    let tie = g.compare(CmpOp::Eq, a, c)?;
+                    let mut r = Vec::new();
+                    for (p, q) in [(a, c), (c, a)] {
+                        let w = g.compare(wins, p, q)?;
+                        let t = g.select(tie, half, z)?;
+                        r.push(Some(g.select(w, gy, t)?));
+                    }
+                    r
+                }
+                BinaryOp::Pow => {
+                    let ga = if want[0] {
+                        // gy · c · a^(c−1)
+                        let o = one(g, 1.0, c)?;
+                        let cm = g.sub(c, o)?;
+                        let p = g.binary(BinaryOp::Pow, a, cm)?;
+                        let t = g.mul(p, c)?;
+                        Some(g.mul(gy, t)?)
+                    } else {
+                        None
+                    };
+                    let gc = if want[1] {
+                        // gy · y · ln a, taken as 0 where a = 0 (as PyTorch does for exponents ≥ 0)
+                        let z = zero(g, a)?;
+                        let l = g.log(a)?;
+                        let t = g.mul(y, l)?;
+                        let at0 = g.compare(CmpOp::Eq, a, z)?;
+                        let t = g.select(at0, z, t)?;
+                        Some(g.mul(gy, t)?)
+                    } else {
+                        None
+                    };
+                    vec![ga, gc]
+                }
+            }
+        }
+        Op::Select => {
+            let cnd = ins[0];
+            let z = zero(g, gy)?;
+            let ga = if want[1] { Some(g.select(cnd, gy, z)?) } else { None };
+            let gb = if want[2] { Some(g.select(cnd, z, gy)?) } else { None };
+            vec![None, ga, gb]
+        }
+        Op::Cast { .. } => {
+            let x = ins[0];
+            vec![Some(g.cast(gy, g.dtype(x))?)]
+        }
+        Op::MatMul => {
+            let (a, b) = (ins[0], ins[1]);
+            let ga = if want[0] {
+                let bt = g.transpose(b, -1, -2)?;
+                Some(g.matmul(gy, bt)?)
+            } else {
+                None
+            };
+            let gb = if want[1] {
+                let at = g.transpose(a, -1, -2)?;
+                Some(g.matmul(at, gy)?)
+            } else {
+                None
+            };
+            vec![ga, gb]
+        }
+        Op::Reduce { op: r, axes, keepdims } => {
+            let x = ins[0];
+            let rank = g.rank(x);
+            let axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect();
+            let gx = match r {
+                ReduceOp::Sum => spread(g, gy, x, &axes, *keepdims)?,
+                ReduceOp::Mean => {
+                    let red: Vec<Dim> = axes.iter().map(|&a| g.dims(x)[a].clone()).collect();
+                    let n = count(g, &red, g.dtype(x))?;
+                    let s = spread(g, gy, x, &axes, *keepdims)?;
+                    g.div(s, n)?
+                }
+                ReduceOp::Max | ReduceOp::Min => {
+                    // the extreme elements share the gradient evenly
+                    let yb = spread(g, y, x, &axes, *keepdims)?;
+                    let hit = g.compare(CmpOp::Eq, x, yb)?;
+                    let m = g.cast(hit, g.dtype(x))?;
+                    let ax: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
+                    let cnt = g.sum(m, &ax, true)?;
+                    let gyb = spread(g, gy, x, &axes, *keepdims)?;
+                    let t = g.mul(m, gyb)?;
+                    g.div(t, cnt)?
+                }
+            };
+            vec![Some(gx)]
+        }
+        Op::Reshape { .. } => {
+            let x = ins[0];
+            let d = g.dims(x).to_vec();
+            vec![Some(g.reshape(gy, d)?)]
+        }
+        Op::Permute { perm } => {
+            let mut inv = vec![0usize; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            vec![Some(g.permute(gy, &inv)?)]
+        }
+        Op::Broadcast { .. } => vec![Some(gy)],
+        Op::Slice { axis, start, end } => {
+            let x = ins[0];
+            let xd = g.dims(x).to_vec();
+            let a = norm_axis(*axis, xd.len());
+            let dt = g.dtype(gy);
+            let mut parts = Vec::new();
+            let before = start.clone();
+            let after = xd[a].clone() - end.clone();
+            if before.as_const() != Some(0) {
+                let mut d = xd.clone();
+                d[a] = before;
+                parts.push(g.full(0.0, dt, d)?);
+            }
+            parts.push(gy);
+            if after.as_const() != Some(0) {
+                let mut d = xd.clone();
+                d[a] = after;
+                parts.push(g.full(0.0, dt, d)?);
+            }
+            let gx = if parts.len() == 1 {
+                gy
+            } else {
+                g.concat(&parts, a as i64)?
+            };
+            vec![Some(gx)]
+        }
+        Op::Concat { axis } => {
+            let a = norm_axis(*axis, g.rank(gy));
+            let mut off = Dim::constant(0);
+            let mut r = Vec::new();
+            for (slot, &x) in ins.iter().enumerate() {
+                let len = g.dims(x)[a].clone();
+                let end = off.clone() + len;
+                r.push(if want[slot] {
+                    Some(g.slice(gy, a as i64, off.clone(), end.clone())?)
+                } else {
+                    None
+                });
+                off = end;
+            }
+            r
+        }
+        Op::Gather { axis } => {
+            let (data, idx) = (ins[0], ins[1]);
+            let d = g.dims(data).to_vec();
+            let z = g.full(0.0, g.dtype(data), d)?;
+            vec![Some(g.scatter_add(z, idx, gy, *axis)?), None]
+        }
+        Op::ScatterAdd { axis } => {
+            let idx = ins[1];
+            let gu = if want[2] { Some(g.gather(gy, idx, *axis)?) } else { None };
+            vec![Some(gy), None, gu]
+        }
+        Op::TopK { axis, .. } => {
+            // the chosen elements take their values' gradients: Σ_k one_hot(idx_k) · gy_k
+            let x = ins[0];
+            let rank = g.rank(x);
+            let a = norm_axis(*axis, rank);
+            if a != rank - 1 {
+                return Err(err(format!(
+                    "`topk` along axis {axis} of a rank-{rank} value: only the last axis has a rule"
+                )));
+            }
+            let depth = g.dims(x)[a]
+                .as_const()
+                .ok_or_else(|| err("`topk` over a symbolic dimension has no rule (one_hot needs its depth)"))?;
+            let idx = Value::new(id, 1);
+            let oh = g.one_hot(idx, depth as usize, g.dtype(x))?;
+            let mut d = g.dims(gy).to_vec();
+            d.push(Dim::constant(1));
+            let gyc = g.reshape(gy, d)?;
+            let t = g.mul(oh, gyc)?;
+            vec![Some(g.sum(t, &[-2], false)?)]
+        }
+        Op::CumSum {
+            axis,
+            exclusive,
+            reverse,
+        } => {
+            vec![Some(g.cumsum(gy, *axis, *exclusive, !*reverse)?)]
+        }
+        Op::Composite(Composite::Softmax { axis }) => {
+            // y ⊙ (gy − Σ gy ⊙ y)
+            let p = g.mul(gy, y)?;
+            let s = g.sum(p, &[*axis], true)?;
+            let d = g.sub(gy, s)?;
+            vec![Some(g.mul(y, d)?)]
+        }
+        Op::Composite(Composite::LogSoftmax { axis }) => {
+            // gy − softmax(x) · Σ gy
+            let s = g.sum(gy, &[*axis], true)?;
+            let p = g.exp(y)?;
+            let t = g.mul(p, s)?;
+            vec![Some(g.sub(gy, t)?)]
+        }
+        Op::Compare(_) | Op::OneHot { .. } | Op::Iota { .. } | Op::Full { .. } | Op::Constant { .. } => {
+            vec![None; ins.len()]
+        }
+        Op::Input { .. } | Op::Param { .. } => Vec::new(),
+        other => return Err(err(format!("no gradient rule for `{}`", other.name()))),
+    })
+}
