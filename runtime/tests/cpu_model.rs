@@ -257,3 +257,61 @@ fn tiny_a_bf16_on_the_cpu_is_within_3e_2_of_transformers() {
     eprintln!("bf16 logits: rel {e:.3e}");
     assert!(e > 1e-4 && e < 3e-2, "bf16 logits relative error {e}");
 }
+
+/// tiny-a's training graph (`fulgur_passes::autodiff`) on the CPU backend, unoptimized and optimized: every
+/// parameter's gradient within 1e-4 of transformers' (`grads.safetensors`), and the loss.
+#[test]
+fn tiny_a_gradients_on_the_cpu_match_transformers() {
+    use fulgur_models::checkpoint::Checkpoint;
+    use fulgur_passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let want = fulgur_ir::tensor::read_safetensors(&dir.join("grads.safetensors")).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    let weights = ck.load_params(&g).unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og: Graph = compile(
+            &dg,
+            &CompileOptions {
+                opt,
+                ..CompileOptions::default()
+            },
+            None,
+        )
+        .unwrap()
+        .graph;
+        let mut cpu = CpuProgram::new(lower(&og).unwrap(), CpuOptions::default()).unwrap();
+        cpu.load_weights(&weights).unwrap();
+        let out = cpu
+            .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+            .unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (name, w) in &want {
+            let e = out[&format!("{GRAD_PREFIX}{name}")].rel_l2(w);
+            if e > worst.0 || e.is_nan() {
+                worst = (e, name.clone());
+            }
+        }
+        println!(
+            "{opt:?}: {} kernels; worst gradient {:.2e} ({})",
+            cpu.program.step.len(),
+            worst.0,
+            worst.1
+        );
+        assert!(worst.0 < 1e-4, "{opt:?}: `{}` relative error {}", worst.1, worst.0);
+        let (a, b) = (out["loss"].to_f64()[0], reference["loss"].to_f64()[0]);
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{opt:?} loss {a} vs reference {b}"
+        );
+    }
+}

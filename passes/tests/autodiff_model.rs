@@ -1,0 +1,98 @@
+//! Autodiff on MiniMax: tiny-a's gradients against transformers' (`grads.safetensors`), and differentiation
+//! commuting with the optimizer.
+
+use fulgur_ir::tensor::read_safetensors;
+use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
+use fulgur_models::checkpoint::Checkpoint;
+use fulgur_models::{forward_graph, ForwardOptions};
+use fulgur_passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+use fulgur_passes::rules::{families, RuleConfig};
+use fulgur_passes::{CostModel, Dce, EqSat, PassContext, Pipeline, Target};
+use std::collections::{BTreeMap, HashMap};
+
+fn tiny_a() -> (Checkpoint, Graph, HashMap<String, Tensor>) {
+    let dir = fulgur_models::fixtures::tiny_a();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let mut feed = ck.load_params(&g).unwrap();
+    feed.insert("input_ids".into(), reference["input_ids"].clone());
+    (ck, g, feed)
+}
+
+fn optimize(g: &Graph) -> Graph {
+    let p = Pipeline::new()
+        .with(Dce)
+        .with(EqSat::new(families(&RuleConfig::default(), &[]).unwrap()));
+    let cx = PassContext {
+        model: CostModel::new(Target::by_name("H100").unwrap()),
+    };
+    p.run(g, &cx, None).unwrap().0
+}
+
+/// Every gradient output against transformers' gradients; returns the worst relative error and its tensor.
+fn against_transformers(out: &BTreeMap<String, Tensor>) -> (f64, String) {
+    let want = read_safetensors(&fulgur_models::fixtures::tiny_a().join("grads.safetensors")).unwrap();
+    let mut worst = (0.0f64, String::new());
+    let mut seen = 0;
+    for (name, w) in &want {
+        let got = out
+            .get(&format!("{GRAD_PREFIX}{name}"))
+            .unwrap_or_else(|| panic!("no gradient for `{name}`"));
+        assert_eq!(got.shape, w.shape, "{name}");
+        let e = got.rel_l2(w);
+        if e > worst.0 || e.is_nan() {
+            worst = (e, name.clone());
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 39, "tiny-a has 39 parameter tensors");
+    worst
+}
+
+#[test]
+fn tiny_a_gradients_match_transformers_on_the_interpreter() {
+    let (_, g, feed) = tiny_a();
+    let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    let out = Interpreter::new(Precision::F32).run(&dg, &feed).unwrap();
+    let (e, name) = against_transformers(&out);
+    println!("tiny-a gradients, interpreter f32: worst {e:.2e} ({name})");
+    assert!(e < 1e-4, "worst relative error {e} in `{name}`");
+    let loss =
+        read_safetensors(&fulgur_models::fixtures::tiny_a().join("reference.safetensors")).unwrap()["loss"].to_f64()[0];
+    assert!((out["loss"].to_f64()[0] - loss).abs() < 1e-5);
+}
+
+/// Optimizing then differentiating and differentiating then optimizing give the definitional gradients.
+#[test]
+fn differentiation_commutes_with_the_optimizer_on_tiny_a() {
+    let (_, g, feed) = tiny_a();
+    let interp = Interpreter::new(Precision::F32);
+    let def = interp
+        .run(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed)
+        .unwrap();
+    let after = differentiate(&optimize(&g), "loss", &GradOptions::default()).unwrap();
+    let before = optimize(&differentiate(&g, "loss", &GradOptions::default()).unwrap());
+    for (what, dg) in [
+        ("optimize, then differentiate", after),
+        ("differentiate, then optimize", before),
+    ] {
+        let out = interp.run(&dg, &feed).unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (name, t) in &def {
+            let e = out[name].rel_l2(t);
+            if e > worst.0 || e.is_nan() {
+                worst = (e, name.clone());
+            }
+        }
+        println!("{what}: worst {:.2e} ({}), {} nodes", worst.0, worst.1, dg.node_count());
+        assert!(worst.0 < 1e-5, "{what}: `{}` differs by {}", worst.1, worst.0);
+    }
+}
