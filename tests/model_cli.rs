@@ -457,3 +457,70 @@ fn bench_reports_the_forward_and_decoding_on_the_cpu() {
     ]);
     fails(&o, &["--decode runs on the cpu or cuda target"]);
 }
+
+/// `eval-model --grads`: every parameter's gradient under transformers' names, within 1e-4 of
+/// `grads.safetensors`, on the default target and the interpreter; the --out file keeps the forward outputs only.
+#[test]
+fn eval_model_writes_the_gradients() {
+    let dir = tiny_a();
+    let want = read_safetensors(&dir.join("grads.safetensors")).unwrap();
+    let tokens = dir.join("reference.safetensors");
+    for target in [None, Some("reference")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, grads) = (tmp.path().join("o.safetensors"), tmp.path().join("g.safetensors"));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"eval-model",
+            &dir,
+            &"--tokens",
+            &tokens,
+            &"--out",
+            &out,
+            &"--grads",
+            &grads,
+        ];
+        if let Some(t) = &target {
+            args.push(&"--target");
+            args.push(t);
+        }
+        let o = fulgur(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = read_safetensors(&grads).unwrap();
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{target:?}: the gradient names"
+        );
+        for (name, w) in &want {
+            let e = got[name].rel_l2(w);
+            assert!(e < 1e-4, "{target:?} {name}: {e}");
+        }
+        let fwd = read_safetensors(&out).unwrap();
+        assert_eq!(fwd.keys().collect::<Vec<_>>(), vec!["logits", "loss"], "{target:?}");
+    }
+    // the gradients file may not be the --out file or an input
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let o = fulgur(&[
+        &"eval-model",
+        &dir,
+        &"--tokens",
+        &tokens,
+        &"--out",
+        &out,
+        &"--grads",
+        &out,
+    ]);
+    fails(&o, &["refusing to write", "it is the --out file too"]);
+    let o = fulgur(&[
+        &"eval-model",
+        &dir,
+        &"--tokens",
+        &tokens,
+        &"--out",
+        &out,
+        &"--grads",
+        &tokens,
+    ]);
+    fails(&o, &["refusing to write", "which this command reads"]);
+    no_file_left(tmp.path());
+}

@@ -100,6 +100,53 @@ fn gpu_tiny_a_f32_matches_transformers() {
     }
 }
 
+/// tiny-a's training graph (`fulgur_passes::autodiff`) on the GPU in f32, unoptimized and optimized: every
+/// parameter's gradient within 1e-4 of transformers' (`grads.safetensors`).
+#[test]
+fn gpu_tiny_a_gradients_match_transformers() {
+    use fulgur_passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::dir().join("tiny-a");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let reference = fulgur_ir::tensor::read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let want = fulgur_ir::tensor::read_safetensors(&dir.join("grads.safetensors")).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    let weights = ck.load_params(&g).unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og = optimized(&dg, opt);
+        let mut gpu = CudaProgram::new(lower(&og).unwrap(), CudaOptions::default()).unwrap();
+        gpu.load_weights(&weights).unwrap();
+        let out = gpu
+            .run(&[("input_ids".to_string(), reference["input_ids"].clone())].into())
+            .unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (name, w) in &want {
+            let e = out[&format!("{GRAD_PREFIX}{name}")].rel_l2(w);
+            if e > worst.0 || e.is_nan() {
+                worst = (e, name.clone());
+            }
+        }
+        println!(
+            "{opt:?}: {} kernels, worst gradient rel {:.3e} ({}), step {:.3} ms",
+            gpu.program.step.len(),
+            worst.0,
+            worst.1,
+            gpu.last_step_ms
+        );
+        assert!(worst.0 < 1e-4, "{opt:?}: `{}` relative error {}", worst.1, worst.0);
+    }
+}
+
 #[test]
 fn gpu_tiny_a_greedy_decode_matches_transformers() {
     if !gpu() {

@@ -34,6 +34,10 @@ pub struct EvalArgs {
     /// Also write `hidden_states.{i}` (0: embeddings, i: output of layer i-1, last: after the final norm).
     #[arg(long)]
     pub hidden_states: bool,
+    /// Also write the gradient of `loss` with respect to every parameter to this safetensors file, under the
+    /// parameters' names (transformers' in-memory names, as `grads.safetensors` of the fixtures).
+    #[arg(long, value_name = "FILE")]
+    pub grads: Option<PathBuf>,
     /// Add the auxiliary load-balancing loss to `loss` and write `aux_loss`.
     #[arg(long)]
     pub aux_loss: bool,
@@ -155,6 +159,18 @@ fn model_inputs(checkpoint: &std::path::Path, tokens: &std::path::Path) -> Vec<I
 
 pub fn eval_model(args: EvalArgs) -> Result<()> {
     check_output(&args.out, &model_inputs(&args.checkpoint, &args.tokens))?;
+    if let Some(gp) = &args.grads {
+        let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut inputs = model_inputs(&args.checkpoint, &args.tokens);
+        inputs.push(crate::cli::files::InputFile::new("the --out file", &args.out));
+        if abs(gp) == abs(&args.out) {
+            bail!(
+                "refusing to write {}: it is the --out file too; choose another path for --grads",
+                gp.display()
+            );
+        }
+        check_output(gp, &inputs)?;
+    }
     let t0 = Instant::now();
     let ck = Checkpoint::open(&args.checkpoint)?;
     let tokens = read_tokens(&args.tokens, &args.tokens_key)?;
@@ -188,10 +204,11 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         .cost_model
         .clone()
         .unwrap_or_else(|| args.target.cost_model().to_string());
-    let g = with_dtype(
-        optimize(forward_graph(&ck.config, &opts)?, args.opt, &cost_model)?,
-        args.dtype,
-    )?;
+    let mut g = forward_graph(&ck.config, &opts)?;
+    if args.grads.is_some() {
+        g = fulgur_passes::autodiff::differentiate(&g, "loss", &Default::default())?;
+    }
+    let g = with_dtype(optimize(g, args.opt, &cost_model)?, args.dtype)?;
     tracing::info!(elapsed = ?t0.elapsed(), nodes = g.node_count(), "graph built");
     let t1 = Instant::now();
     let outputs = match args.target {
@@ -213,7 +230,23 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             eprintln!("warning: output `{name}` contains NaN or infinite values");
         }
     }
-    write_safetensors(&args.out, &outputs)?;
+    let (grads, outputs): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) = outputs
+        .into_iter()
+        .partition(|(n, _)| n.starts_with(fulgur_passes::autodiff::GRAD_PREFIX));
+    if let Some(gp) = &args.grads {
+        let grads: BTreeMap<String, Tensor> = grads
+            .into_iter()
+            .map(|(n, t)| (n[fulgur_passes::autodiff::GRAD_PREFIX.len()..].to_string(), t))
+            .collect();
+        write_safetensors(gp, &grads)?;
+        if let Err(e) = write_safetensors(&args.out, &outputs) {
+            // neither file is left as if the run had succeeded
+            let _ = std::fs::remove_file(gp);
+            return Err(e.into());
+        }
+    } else {
+        write_safetensors(&args.out, &outputs)?;
+    }
     warnings.extend(crate::cli::files::config_warnings(
         &args.checkpoint.join("config.json"),
         &ck.config,
