@@ -12,7 +12,8 @@
 //!   and time bounds and a report of what every rule did;
 //! - [`pass`]: the pass manager and its reports.
 //!
-//! - [`autodiff`]: reverse-mode differentiation of a graph with a scalar loss.
+//! - [`autodiff`]: reverse-mode differentiation of a graph with a scalar loss;
+//! - [`optim`]: the training step (loss, gradients, clipping, AdamW) as one graph.
 //!
 //! Depends on `fulgur-ir` only. Sharding arrives with a later issue.
 
@@ -22,6 +23,7 @@ pub mod cost;
 pub mod eqsat;
 pub mod extract;
 pub mod lang;
+pub mod optim;
 pub mod pass;
 pub mod precision;
 pub mod rules;

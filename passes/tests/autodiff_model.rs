@@ -96,3 +96,68 @@ fn differentiation_commutes_with_the_optimizer_on_tiny_a() {
         assert!(worst.0 < 1e-5, "{what}: `{}` differs by {}", worst.1, worst.0);
     }
 }
+
+/// The three AdamW steps of `tiny-a/train/` (lr 1e-2, betas 0.9/0.95, eps 1e-8, weight decay 0.1 on tensors of
+/// two or more dimensions, clipping at 1.0) through the step graph on the interpreter: each step's loss and
+/// gradient norm, and every parameter after the third step.
+#[test]
+fn tiny_a_three_adamw_steps_match_transformers_on_the_interpreter() {
+    use fulgur_passes::optim::{train_step, AdamW, ADAM_M, ADAM_V};
+    let (_, g, feed) = tiny_a();
+    let dir = fulgur_models::fixtures::tiny_a().join("train");
+    let data = read_safetensors(&dir.join("train.safetensors")).unwrap();
+    let want = read_safetensors(&dir.join("final.safetensors")).unwrap();
+    let hp = AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip: Some(1.0),
+    };
+    let step = train_step(&g, "loss", &hp).unwrap();
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in feed.iter().filter(|(n, _)| *n != "input_ids") {
+        let zeros = Tensor::from_f64(fulgur_ir::DType::F32, t.shape.clone(), vec![0.0; t.numel()]);
+        state.insert(format!("{ADAM_M}{name}"), zeros.clone());
+        state.insert(format!("{ADAM_V}{name}"), zeros);
+        state.insert(name.clone(), t.clone());
+    }
+    let ids = data["input_ids"].to_i64();
+    let (b, t) = (data["input_ids"].shape[1], data["input_ids"].shape[2]);
+    let interp = Interpreter::new(Precision::F32);
+    for s in 0..3 {
+        let mut inputs = state.clone();
+        inputs.insert(
+            "input_ids".into(),
+            Tensor::from_i64(
+                fulgur_ir::DType::I64,
+                vec![b, t],
+                ids[s * b * t..(s + 1) * b * t].to_vec(),
+            ),
+        );
+        for (n, v) in hp.scalars(1e-2, s as u64 + 1) {
+            inputs.insert(n.into(), Tensor::from_f64(fulgur_ir::DType::F32, vec![], vec![v]));
+        }
+        let out = interp.run(&step, &inputs).unwrap();
+        let (l, wl) = (out["loss"].to_f64()[0], data["loss"].to_f64()[s]);
+        let (n, wn) = (out["grad_norm"].to_f64()[0], data["grad_norm"].to_f64()[s]);
+        println!(
+            "step {}: loss {l} (transformers {wl}), grad norm {n} (transformers {wn})",
+            s + 1
+        );
+        assert!((l - wl).abs() < 1e-5, "step {}: loss {l} vs {wl}", s + 1);
+        assert!((n - wn).abs() < 1e-4 * wn, "step {}: grad norm {n} vs {wn}", s + 1);
+        for name in state.keys().cloned().collect::<Vec<_>>() {
+            state.insert(name.clone(), out[&name].clone());
+        }
+    }
+    let mut worst = (0.0f64, String::new());
+    for (name, w) in &want {
+        let e = state[name].rel_l2(w);
+        if e > worst.0 || e.is_nan() {
+            worst = (e, name.clone());
+        }
+    }
+    println!("after three steps: worst parameter rel {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 < 1e-4, "`{}` differs by {}", worst.1, worst.0);
+}

@@ -1,0 +1,202 @@
+//! The training step as one graph: the loss, its gradients ([`crate::autodiff`]), global-norm clipping and an
+//! AdamW update of every parameter, so the optimizer fuses the update and every backend runs it.
+//!
+//! The step graph has no parameters: each parameter `NAME` of the loss graph becomes a data input of the same
+//! name and type (the master weight, f32), with its AdamW moments `adam_m.NAME` and `adam_v.NAME` (f32, its
+//! shape). Outputs: `loss` (and `aux_loss` where the loss graph has it), `grad_norm` (the global L2 norm of the
+//! gradients before clipping, as `torch.nn.utils.clip_grad_norm_` returns it) and, under their input names,
+//! the updated weights and moments, so an executable can carry them from one step to the next.
+//!
+//! The update is PyTorch's single-tensor AdamW (`torch.optim.AdamW`, `foreach=False`), in its order:
+//! `p ← p·(1 − lr·wd)` (parameters with weight decay only), `m ← m + (1 − β1)(g − m)`,
+//! `v ← β2·v + (1 − β2)·g²`, `p ← p − step_size · m / (√v / √bc2 + eps)`. The step-dependent scalars are
+//! inputs the host computes in f64, as PyTorch does: `opt.decay` = 1 − lr·wd, `opt.step_size` =
+//! lr / (1 − β1ᵗ) and `opt.bc2_sqrt` = √(1 − β2ᵗ) (see [`AdamW::scalars`]).
+
+use crate::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+use crate::PassError;
+use fulgur_ir::{DType, Graph, Op, TensorType, Value};
+use std::collections::HashMap;
+
+/// Prefix of the first-moment inputs and outputs.
+pub const ADAM_M: &str = "adam_m.";
+/// Prefix of the second-moment inputs and outputs.
+pub const ADAM_V: &str = "adam_v.";
+
+/// AdamW's hyperparameters (the learning rate comes per step, from a schedule).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the gradients to this global L2 norm before the update.
+    pub clip: Option<f64>,
+}
+
+impl Default for AdamW {
+    /// The defaults of `fulgur train`: betas 0.9 and 0.95, eps 1e-8, weight decay 0.1, clipping at 1.0.
+    fn default() -> AdamW {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: Some(1.0),
+        }
+    }
+}
+
+impl AdamW {
+    /// The step's scalar inputs for learning rate `lr` at step `t` (1-based): `opt.decay`, `opt.step_size`,
+    /// `opt.bc2_sqrt`, computed in f64.
+    pub fn scalars(&self, lr: f64, t: u64) -> [(&'static str, f64); 3] {
+        let bc1 = 1.0 - self.beta1.powf(t as f64);
+        let bc2 = 1.0 - self.beta2.powf(t as f64);
+        [
+            ("opt.decay", 1.0 - lr * self.weight_decay),
+            ("opt.step_size", lr / bc1),
+            ("opt.bc2_sqrt", bc2.sqrt()),
+        ]
+    }
+}
+
+/// Whether a parameter takes weight decay: those of two or more dimensions (matrices and expert stacks), not
+/// norms or other vectors — the rule of MiniMax's and transformers' recipes.
+pub fn decays(ty: &TensorType) -> bool {
+    ty.rank() >= 2
+}
+
+/// The training step of `g` (a graph with the scalar output `loss`): see the module docs.
+pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError> {
+    if !(0.0..1.0).contains(&hp.beta1) || !(0.0..1.0).contains(&hp.beta2) || hp.eps <= 0.0 {
+        return Err(PassError::Options(format!(
+            "AdamW needs betas in [0, 1) and eps > 0, got beta1 {}, beta2 {}, eps {}",
+            hp.beta1, hp.beta2, hp.eps
+        )));
+    }
+    if let Some(c) = hp.clip {
+        if c.is_nan() || c <= 0.0 {
+            return Err(PassError::Options(format!(
+                "the clipping norm must be positive, got {c}"
+            )));
+        }
+    }
+    let dg = differentiate(g, loss, &GradOptions::default())?;
+    let mut s = Graph::new(format!("{}_train_step", g.name));
+    let mut map: HashMap<Value, Value> = HashMap::new();
+    let mut params: Vec<(String, TensorType, Value)> = Vec::new();
+    for (id, node) in dg.nodes() {
+        let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
+        let op = match &node.op {
+            Op::Param { name, ty } => Op::Input {
+                name: name.clone(),
+                ty: ty.clone(),
+            },
+            op => op.clone(),
+        };
+        let nid = s.add_node(op, &ins, node.name.clone())?;
+        for k in 0..node.outputs.len() as u32 {
+            map.insert(Value::new(id, k), Value::new(nid, k));
+        }
+        if let Op::Param { name, ty } = &node.op {
+            if ty.dtype.is_float() {
+                params.push((name.clone(), ty.clone(), Value::new(nid, 0)));
+            }
+        }
+    }
+    let out = |n: &str| dg.outputs().iter().find(|(o, _)| o == n).map(|(_, v)| map[v]);
+    for keep in [loss, "aux_loss"] {
+        if let Some(v) = out(keep) {
+            s.add_output(keep, v)?;
+        }
+    }
+    let mut grads = Vec::new();
+    for (name, _, _) in &params {
+        grads.push(out(&format!("{GRAD_PREFIX}{name}")).ok_or_else(|| PassError::Invalid {
+            pass: "train_step".into(),
+            message: format!("no gradient output for `{name}`"),
+        })?);
+    }
+    s.push_scope("optimizer");
+    // the global norm, in f32 as the gradients are
+    let f = DType::F32;
+    let mut total: Option<Value> = None;
+    for &gv in &grads {
+        let gv = if s.dtype(gv) != f { s.cast(gv, f)? } else { gv };
+        let sq = s.mul(gv, gv)?;
+        let all: Vec<i64> = (0..s.rank(sq) as i64).collect();
+        let part = s.sum(sq, &all, false)?;
+        total = Some(match total {
+            Some(t) => s.add(t, part)?,
+            None => part,
+        });
+    }
+    let total = match total {
+        Some(t) => t,
+        None => s.scalar(0.0, f)?,
+    };
+    let norm = s.sqrt(total)?;
+    let norm1 = s.reshape(norm, vec![fulgur_ir::Dim::from(1)])?;
+    s.add_output("grad_norm", norm1)?;
+    // clip_grad_norm_: coef = min(1, max_norm / (norm + 1e-6))
+    let coef = match hp.clip {
+        Some(c) => {
+            let d = s.add_scalar(norm, 1e-6)?;
+            let mx = s.scalar(c, f)?;
+            let q = s.div(mx, d)?;
+            let one = s.scalar(1.0, f)?;
+            Some(s.binary(fulgur_ir::BinaryOp::Min, q, one)?)
+        }
+        None => None,
+    };
+    let scalar_in = |s: &mut Graph, n: &str| s.input(n, f, vec![]);
+    let decay = scalar_in(&mut s, "opt.decay")?;
+    let step_size = scalar_in(&mut s, "opt.step_size")?;
+    let bc2_sqrt = scalar_in(&mut s, "opt.bc2_sqrt")?;
+    for ((name, ty, p), gv) in params.iter().zip(grads) {
+        if ty.dtype != f {
+            return Err(PassError::Options(format!(
+                "training needs f32 master weights: parameter `{name}` is {ty}"
+            )));
+        }
+        s.push_scope(name.clone());
+        let gv = match coef {
+            Some(c) => s.mul(gv, c)?,
+            None => gv,
+        };
+        let m = s.input(&format!("{ADAM_M}{name}"), f, ty.dims().to_vec())?;
+        let v = s.input(&format!("{ADAM_V}{name}"), f, ty.dims().to_vec())?;
+        let p1 = if decays(ty) && hp.weight_decay != 0.0 {
+            s.mul(*p, decay)?
+        } else {
+            *p
+        };
+        // m.lerp_(g, 1 − β1)
+        let d = s.sub(gv, m)?;
+        let d = s.scale(d, 1.0 - hp.beta1)?;
+        let m1 = s.add(m, d)?;
+        // v.mul_(β2).addcmul_(g, g, value = 1 − β2)
+        let vb = s.scale(v, hp.beta2)?;
+        let gg = s.mul(gv, gv)?;
+        let gg = s.scale(gg, 1.0 - hp.beta2)?;
+        let v1 = s.add(vb, gg)?;
+        // denom = √v / √bc2 + eps; p.addcdiv_(m, denom, value = −step_size)
+        let r = s.sqrt(v1)?;
+        let r = s.div(r, bc2_sqrt)?;
+        let den = s.add_scalar(r, hp.eps)?;
+        let q = s.div(m1, den)?;
+        let q = s.mul(q, step_size)?;
+        let p2 = s.sub(p1, q)?;
+        s.pop_scope();
+        s.add_output(name.clone(), p2)?;
+        s.add_output(format!("{ADAM_M}{name}"), m1)?;
+        s.add_output(format!("{ADAM_V}{name}"), v1)?;
+    }
+    s.pop_scope();
+    s.verify().map_err(|e| PassError::Invalid {
+        pass: "train_step".into(),
+        message: e.to_string(),
+    })?;
+    Ok(s)
+}
