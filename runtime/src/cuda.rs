@@ -1419,6 +1419,17 @@ impl crate::Executable for CudaProgram {
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         CudaProgram::run_carried(self, inputs, carried)
     }
+    fn last_outputs(&mut self, names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        self.binding.as_ref()?;
+        let skip: Vec<String> = self
+            .program
+            .outputs
+            .iter()
+            .filter(|o| !names.contains(&o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        Some(self.outputs_except(&skip))
+    }
 }
 
 /// One `cublasGemmStridedBatchedEx` call (column-major): `C = op(first) · op(second)`, `m × n`, depth `k`.

@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod generate;
 #[cfg(any(feature = "llvm", feature = "cuda"))]
 pub mod host;
+pub mod train;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};
 use std::cell::RefCell;
@@ -82,6 +83,11 @@ pub trait Executable {
         _inputs: &HashMap<String, Tensor>,
         _carried: &[String],
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        None
+    }
+    /// The named outputs of the last call, read from where the executable keeps them (after `run_carried`, the
+    /// carried outputs it did not return). `None` when the executable keeps no outputs between calls.
+    fn last_outputs(&mut self, _names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         None
     }
 }

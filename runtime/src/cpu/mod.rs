@@ -1074,6 +1074,17 @@ impl crate::Executable for CpuProgram {
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         CpuProgram::run_carried(self, inputs, carried)
     }
+    fn last_outputs(&mut self, names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        self.binding.as_ref()?;
+        let skip: Vec<String> = self
+            .program
+            .outputs
+            .iter()
+            .filter(|o| !names.contains(&o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        Some(self.outputs_except(&skip))
+    }
 }
 
 /// The prepared buffers that step kernels read only as the `B` operand of GEMM steps that the runtime packs, or
