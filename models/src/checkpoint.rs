@@ -406,3 +406,104 @@ pub fn check_tokens(t: &Tensor, vocab: usize, key: &str, file: &Path) -> Result<
     }
     Ok(())
 }
+
+/// The tensors of a checkpoint in the on-disk layout `Checkpoint::open` reads and transformers'
+/// `MiniMaxForCausalLM.from_pretrained` loads: the stacked expert tensors of the in-memory names split per
+/// expert (`block_sparse_moe.experts.{e}.w1/w2/w3.weight`, the router as `block_sparse_moe.gate.weight`), every
+/// other tensor under its own name.
+pub fn to_disk_layout(
+    weights: &HashMap<String, Tensor>,
+) -> Result<std::collections::BTreeMap<String, Tensor>, ModelError> {
+    let mut out = std::collections::BTreeMap::new();
+    let bad = |name: &str, m: String| ModelError::Tensor {
+        tensor: name.to_string(),
+        file: "(the weights to save)".into(),
+        message: m,
+    };
+    for (name, t) in weights {
+        if let Some(p) = name.strip_suffix(".mlp.gate.weight") {
+            out.insert(format!("{p}.block_sparse_moe.gate.weight"), t.clone());
+        } else if let Some(p) = name.strip_suffix(".mlp.experts.gate_up_proj") {
+            let [e, i2, c] = t.shape[..] else {
+                return Err(bad(name, format!("expected [E, 2I, C], got {:?}", t.shape)));
+            };
+            let v = t.to_f64();
+            let i = i2 / 2;
+            for x in 0..e {
+                for (k, w) in ["w1", "w3"].iter().enumerate() {
+                    let at = (x * i2 + k * i) * c;
+                    out.insert(
+                        format!("{p}.block_sparse_moe.experts.{x}.{w}.weight"),
+                        Tensor::from_f64(t.dtype, vec![i, c], v[at..at + i * c].to_vec()),
+                    );
+                }
+            }
+        } else if let Some(p) = name.strip_suffix(".mlp.experts.down_proj") {
+            let [e, c, i] = t.shape[..] else {
+                return Err(bad(name, format!("expected [E, C, I], got {:?}", t.shape)));
+            };
+            let v = t.to_f64();
+            for x in 0..e {
+                out.insert(
+                    format!("{p}.block_sparse_moe.experts.{x}.w2.weight"),
+                    Tensor::from_f64(t.dtype, vec![c, i], v[x * c * i..(x + 1) * c * i].to_vec()),
+                );
+            }
+        } else {
+            out.insert(name.clone(), t.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a checkpoint directory `dir` atomically: `config.json` (the given text), `model.safetensors` (the
+/// weights in the on-disk layout, [`to_disk_layout`]) and any `extra` files, into a temporary directory beside
+/// `dir` that then replaces it. A failure leaves `dir` as it was.
+pub fn save_checkpoint(
+    dir: &Path,
+    config_json: &str,
+    weights: &HashMap<String, Tensor>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), ModelError> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = dir
+        .file_name()
+        .ok_or_else(|| io(dir, "not a directory path"))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{base}.{}.tmp", std::process::id()));
+    let old = parent.join(format!(".{base}.{}.old", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let write = || -> Result<(), ModelError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        std::fs::write(tmp.join("config.json"), config_json).map_err(|e| io(&tmp.join("config.json"), e))?;
+        fulgur_ir::tensor::write_safetensors(&tmp.join("model.safetensors"), &to_disk_layout(weights)?)?;
+        for (name, bytes) in extra {
+            fulgur_ir::tensor::write_atomic(&tmp.join(name), bytes)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    // swap: the old directory aside, the new one in, the old one removed
+    let had = dir.exists();
+    if had {
+        std::fs::rename(dir, &old).map_err(|e| io(dir, format!("cannot replace it: {e}")))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(dir, format!("cannot move the new checkpoint into place: {e}")));
+    }
+    if had {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
