@@ -200,3 +200,28 @@ pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError>
     })?;
     Ok(s)
 }
+
+/// `g` with every parameter turned into a data input of the same name and type (a graph whose weights change
+/// between calls, such as the held-out loss during training).
+pub fn params_to_inputs(g: &Graph) -> Result<Graph, PassError> {
+    let mut s = Graph::new(g.name.clone());
+    let mut map: HashMap<Value, Value> = HashMap::new();
+    for (id, node) in g.nodes() {
+        let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
+        let op = match &node.op {
+            Op::Param { name, ty } => Op::Input {
+                name: name.clone(),
+                ty: ty.clone(),
+            },
+            op => op.clone(),
+        };
+        let nid = s.add_node(op, &ins, node.name.clone())?;
+        for k in 0..node.outputs.len() as u32 {
+            map.insert(Value::new(id, k), Value::new(nid, k));
+        }
+    }
+    for (n, v) in g.outputs() {
+        s.add_output(n.clone(), map[v])?;
+    }
+    Ok(s)
+}

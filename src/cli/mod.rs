@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod model;
 pub mod show;
 pub mod stats;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -49,6 +50,9 @@ pub enum Command {
     Compile(artifact::CompileArgs),
     /// Run a compiled artifact (JIT-compiled at load): weights and inputs in, outputs out.
     Run(artifact::RunArgs),
+    /// Train a MiniMax-01 model with AdamW: from a config (random weights) or a checkpoint, on text or
+    /// pre-tokenized batches, writing a JSON-lines log and transformers checkpoints.
+    Train(train::Args),
 }
 
 /// Runs one parsed command line.
@@ -64,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Compile(a) => artifact::compile(a),
         Command::Run(a) => artifact::run(a),
+        Command::Train(a) => train::run(a),
     }
 }
 

@@ -1,0 +1,481 @@
+//! `fulgur train CONFIG|CKPT_DIR --data FILE --steps N --out DIR`: AdamW training of a MiniMax-01 model on the
+//! chosen backend (`docs/training.md`).
+//!
+//! The step is one graph (`fulgur_passes::optim::train_step`: the loss, its gradients, clipping and AdamW),
+//! optimized and lowered like any other; the weights and moments stay in the executable between steps. The
+//! run directory holds `log.jsonl` (a line per step, and one per held-out evaluation) and `checkpoint/` (a
+//! transformers checkpoint plus `optimizer.safetensors` and `trainer.json`), replaced atomically at every save.
+
+use crate::cli::bench::BenchTarget;
+use crate::cli::model::{optimize, OptLevel};
+use anyhow::{bail, Context, Result};
+use fulgur_ir::tensor::{read_safetensors, write_safetensors};
+use fulgur_ir::{DType, Tensor};
+use fulgur_models::checkpoint::{save_checkpoint, Checkpoint};
+use fulgur_models::random::random_weights;
+use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
+use fulgur_passes::optim::{params_to_inputs, train_step, AdamW, ADAM_M, ADAM_V};
+use fulgur_runtime::train::{Data, DataCursor, LrSchedule, Schedule, Trainer};
+use fulgur_runtime::Executable;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Cosine,
+    Wsd,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model config (`config.json` of transformers' `MiniMaxConfig`) to train from random weights, or a
+    /// checkpoint directory to train on from.
+    pub input: PathBuf,
+    /// Training data: a plain-text file (a token per byte) or a safetensors file of pre-tokenized batches
+    /// (`input_ids` [steps, B, T], used in order).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Steps to train (in all, counting those of a resumed run).
+    #[arg(long)]
+    pub steps: u64,
+    /// Sequences per step (text data).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence (text data).
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
+    pub schedule: ScheduleArg,
+    /// Steps of linear warm-up.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// The last learning rate of `cosine` and `wsd`, as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// The fraction of the steps `wsd` decays over.
+    #[arg(long, default_value_t = 0.1)]
+    pub decay_fraction: f64,
+    /// Decoupled weight decay (on parameters of two or more dimensions only).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the gradients to this global L2 norm before each update (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Seed of the random weights and of the data's split and shuffle.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Standard deviation of the random weights (norm weights start at 1).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_std: f64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = crate::cli::bench::default_target())]
+    pub target: BenchTarget,
+    /// Optimization level of the step graph.
+    #[arg(long, value_enum, default_value_t = OptLevel::Full)]
+    pub opt: OptLevel,
+    /// Evaluate the held-out loss every K steps (text data; 0: at the end only).
+    #[arg(long, value_name = "K", default_value_t = 50)]
+    pub eval_every: u64,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batches: usize,
+    /// Write the checkpoint every K steps (0: at the end only).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub save_every: u64,
+    /// The run directory: `log.jsonl` and `checkpoint/`.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Continue the run in this directory (its `checkpoint/`): weights, optimizer state, step and data position.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// What `trainer.json` records: enough to continue the run exactly.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TrainerState {
+    step: u64,
+    cursor: DataCursor,
+    seed: u64,
+    /// The config the weights belong to (its canonical JSON).
+    config: serde_json::Value,
+}
+
+fn hyper(args: &Args) -> AdamW {
+    AdamW {
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        weight_decay: args.weight_decay,
+        clip: (args.clip > 0.0).then_some(args.clip),
+    }
+}
+
+/// An executable for a graph without weights on `target`.
+fn executable(g: &fulgur_ir::Graph, target: BenchTarget) -> Result<Box<dyn Executable>> {
+    Ok(match target {
+        BenchTarget::Reference => Box::new(fulgur_runtime::ReferenceExecutable {
+            backend: fulgur_runtime::ReferenceBackend {
+                precision: fulgur_ir::Precision::F32,
+                memory_limit: None,
+            },
+            graph: g.clone(),
+            weights: Default::default(),
+        }),
+        #[cfg(feature = "llvm")]
+        BenchTarget::Cpu => {
+            use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+            Box::new(CpuProgram::new(
+                fulgur_codegen::program::lower(g)?,
+                CpuOptions::default(),
+            )?)
+        }
+        #[cfg(feature = "cuda")]
+        BenchTarget::Cuda => {
+            use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+            Box::new(CudaProgram::new(
+                fulgur_codegen::program::lower(g)?,
+                CudaOptions::default(),
+            )?)
+        }
+        #[allow(unreachable_patterns)]
+        t => bail!("this build has no {t:?} backend"),
+    })
+}
+
+fn load_data(args: &Args) -> Result<Data> {
+    let what = format!("`{}`", args.data.display());
+    if args.data.extension().is_some_and(|e| e == "safetensors") {
+        let t = read_safetensors(&args.data)?;
+        let ids = t
+            .get("input_ids")
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{what} has no tensor `input_ids` (pre-tokenized batches [steps, B, T])"))?;
+        return Data::batches(ids, &what).map_err(anyhow::Error::msg);
+    }
+    let bytes = std::fs::read(&args.data).with_context(|| format!("reading the data {what}"))?;
+    Data::text(&bytes, args.seq, args.batch, args.seed, &what).map_err(anyhow::Error::msg)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let t_start = Instant::now();
+    let hp = hyper(&args);
+    let run_dir = &args.out;
+    let ck_dir = run_dir.join("checkpoint");
+    let resume_dir = args.resume.as_ref().map(|d| {
+        if d.join("trainer.json").exists() {
+            d.clone()
+        } else {
+            d.join("checkpoint")
+        }
+    });
+    if resume_dir.is_none() && ck_dir.exists() {
+        bail!(
+            "{} already holds a training run ({}): pass --resume {} to continue it, or choose another --out",
+            run_dir.display(),
+            ck_dir.display(),
+            run_dir.display()
+        );
+    }
+    if run_dir.exists() && !run_dir.is_dir() {
+        bail!("--out {} is not a directory", run_dir.display());
+    }
+    // the model
+    let (config_text, cfg, init): (String, MiniMaxConfig, Option<Checkpoint>) = if args.input.is_dir() {
+        let ck = Checkpoint::open(&args.input)?;
+        let text = std::fs::read_to_string(args.input.join("config.json"))?;
+        (text, ck.config.clone(), Some(ck))
+    } else {
+        let text = std::fs::read_to_string(&args.input)
+            .with_context(|| format!("reading the config `{}`", args.input.display()))?;
+        (text, MiniMaxConfig::from_file(&args.input)?, None)
+    };
+    let data = load_data(&args)?;
+    if data.vocab_needed() > cfg.vocab_size {
+        bail!(
+            "the data needs token ids up to {} (`{}`), but the model's vocabulary has {} ids (vocab_size in {})",
+            data.vocab_needed() - 1,
+            args.data.display(),
+            cfg.vocab_size,
+            args.input.display()
+        );
+    }
+    if let Some(n) = data.steps_available() {
+        if args.steps > n {
+            bail!("--steps {} but `{}` holds {n} batches", args.steps, args.data.display());
+        }
+    }
+    let (b, t) = data.shape();
+    let loss_graph = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )?;
+    let config_json: serde_json::Value = serde_json::from_str(&config_text).context("parsing the config as JSON")?;
+    // the state: weights and moments, from a checkpoint being resumed, a checkpoint, or random
+    let (mut state, mut step0, mut cursor) = (HashMap::new(), 0u64, DataCursor::default());
+    if let Some(rd) = &resume_dir {
+        let ts: TrainerState = serde_json::from_slice(
+            &std::fs::read(rd.join("trainer.json"))
+                .with_context(|| format!("--resume: reading {}", rd.join("trainer.json").display()))?,
+        )
+        .with_context(|| format!("--resume: {} is not a trainer state", rd.join("trainer.json").display()))?;
+        if ts.config != config_json {
+            bail!(
+                "--resume {}: its checkpoint was trained with another config than {}",
+                rd.display(),
+                args.input.display()
+            );
+        }
+        let ck = Checkpoint::open(rd)?;
+        state = ck.load_params(&loss_graph)?.into_iter().collect();
+        let opt_file = rd.join("optimizer.safetensors");
+        let moments =
+            read_safetensors(&opt_file).with_context(|| format!("--resume: reading {}", opt_file.display()))?;
+        let names: Vec<String> = state.keys().cloned().collect();
+        for name in names {
+            for pre in [ADAM_M, ADAM_V] {
+                let key = format!("{pre}{name}");
+                let m = moments.get(&key).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "tensor `{key}` in `{}`: missing (the optimizer state is incomplete)",
+                        opt_file.display()
+                    )
+                })?;
+                if m.shape != state[&name].shape {
+                    bail!(
+                        "tensor `{key}` in `{}`: shape {:?}, but the parameter has {:?}",
+                        opt_file.display(),
+                        m.shape,
+                        state[&name].shape
+                    );
+                }
+                state.insert(key, m.clone());
+            }
+        }
+        step0 = ts.step;
+        cursor = ts.cursor;
+        if step0 >= args.steps {
+            bail!(
+                "--resume {}: the run is already at step {step0}, not before --steps {}",
+                rd.display(),
+                args.steps
+            );
+        }
+    } else {
+        let weights: HashMap<String, Tensor> = match &init {
+            Some(ck) => ck.load_params(&loss_graph)?,
+            None => random_weights(&loss_graph, args.init_std, args.seed),
+        };
+        for (name, w) in weights {
+            let zeros = Tensor::from_f64(DType::F32, w.shape.clone(), vec![0.0; w.numel()]);
+            state.insert(format!("{ADAM_M}{name}"), zeros.clone());
+            state.insert(format!("{ADAM_V}{name}"), zeros);
+            state.insert(name, w);
+        }
+    }
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // the programs
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let say = |m: &str| {
+        if tty {
+            eprint!("\r\x1b[2K{m}");
+        } else {
+            eprintln!("{m}");
+        }
+    };
+    say("building and optimizing the training step");
+    let cost_model = args.target.cost_model().to_string();
+    let t0 = Instant::now();
+    let step_graph = optimize(train_step(&loss_graph, "loss", &hp)?, args.opt, &cost_model)?;
+    let eval_graph = optimize(params_to_inputs(&loss_graph)?, args.opt, &cost_model)?;
+    let optimize_s = t0.elapsed().as_secs_f64();
+    let kernels = fulgur_codegen::program::lower(&step_graph)?.step.len();
+    say("compiling");
+    let mut step_exe = executable(&step_graph, args.target).context("compiling the training step")?;
+    let mut eval_exe = executable(&eval_graph, args.target).context("compiling the held-out loss")?;
+    let param_names: Vec<String> = state
+        .keys()
+        .filter(|n| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V))
+        .cloned()
+        .collect();
+    let heldout = data.heldout(args.eval_batches);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("log.jsonl"))
+        .with_context(|| format!("opening {}", run_dir.join("log.jsonl").display()))?;
+    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    let schedule = LrSchedule {
+        lr: args.lr,
+        warmup: args.warmup,
+        total: args.steps,
+        kind: match args.schedule {
+            ScheduleArg::Constant => Schedule::Constant,
+            ScheduleArg::Cosine => Schedule::Cosine {
+                min_ratio: args.min_lr_ratio,
+            },
+            ScheduleArg::Wsd => Schedule::Wsd {
+                decay_fraction: args.decay_fraction,
+                min_ratio: args.min_lr_ratio,
+            },
+        },
+    };
+    let mut trainer = Trainer::new(step_exe.as_mut(), state);
+    let eval = |trainer: &mut Trainer, eval_exe: &mut Box<dyn Executable>| -> Result<Option<f64>> {
+        if heldout.is_empty() {
+            return Ok(None);
+        }
+        let st = trainer.state()?;
+        let mut inputs: HashMap<String, Tensor> = param_names.iter().map(|n| (n.clone(), st[n].clone())).collect();
+        let mut total = 0.0;
+        for h in &heldout {
+            inputs.insert("input_ids".into(), h.clone());
+            total += eval_exe.run(&inputs)?["loss"].to_f64()[0];
+        }
+        Ok(Some(total / heldout.len() as f64))
+    };
+    let save = |trainer: &mut Trainer, step: u64, cursor: &DataCursor| -> Result<()> {
+        let st = trainer.state()?;
+        let weights: HashMap<String, Tensor> = param_names.iter().map(|n| (n.clone(), st[n].clone())).collect();
+        let moments: BTreeMap<String, Tensor> = st
+            .iter()
+            .filter(|(n, _)| n.starts_with(ADAM_M) || n.starts_with(ADAM_V))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let tmp = std::env::temp_dir().join(format!("fulgur-opt-{}.safetensors", std::process::id()));
+        write_safetensors(&tmp, &moments)?;
+        let opt_bytes = std::fs::read(&tmp)?;
+        let _ = std::fs::remove_file(&tmp);
+        let ts = TrainerState {
+            step,
+            cursor: cursor.clone(),
+            seed: args.seed,
+            config: config_json.clone(),
+        };
+        save_checkpoint(
+            &ck_dir,
+            &config_text,
+            &weights,
+            &[
+                ("optimizer.safetensors", opt_bytes),
+                ("trainer.json", serde_json::to_vec_pretty(&ts)?),
+            ],
+        )?;
+        Ok(())
+    };
+    let tokens_per_step = (b * t) as f64;
+    let mut first_loss = None;
+    let mut last = (f64::NAN, f64::NAN);
+    let mut saved_at = step0;
+    let t_loop = Instant::now();
+    let mut done = step0;
+    for step in step0 + 1..=args.steps {
+        let ids = data.next(&mut cursor).map_err(anyhow::Error::msg)?;
+        let lr = schedule.at(step);
+        let ts = Instant::now();
+        let out = trainer
+            .step(ids, &hp.scalars(lr, step))
+            .with_context(|| format!("training step {step}"))?;
+        let secs = ts.elapsed().as_secs_f64();
+        if !out.loss.is_finite() || !out.grad_norm.is_finite() {
+            let what = if out.loss.is_finite() {
+                format!("the gradient norm is {} (loss {})", out.grad_norm, out.loss)
+            } else {
+                format!("the loss is {} (gradient norm {})", out.loss, out.grad_norm)
+            };
+            bail!(
+                "step {step}: {what} at learning rate {lr:e}; stopped. {}",
+                if saved_at > 0 {
+                    format!("The last good checkpoint, of step {saved_at}, is {}", ck_dir.display())
+                } else {
+                    "No checkpoint was written".to_string()
+                }
+            );
+        }
+        first_loss.get_or_insert(out.loss);
+        last = (out.loss, out.grad_norm);
+        done = step;
+        let mut line = serde_json::json!({
+            "step": step, "loss": out.loss, "grad_norm": out.grad_norm, "lr": lr,
+            "tokens_per_s": tokens_per_step / secs, "seconds": secs,
+        });
+        let eval_now = (args.eval_every > 0 && step % args.eval_every == 0) || step == args.steps;
+        if eval_now {
+            if let Some(h) = eval(&mut trainer, &mut eval_exe)? {
+                line["heldout_loss"] = serde_json::json!(h);
+            }
+        }
+        writeln!(log, "{line}")?;
+        let elapsed = t_loop.elapsed().as_secs_f64();
+        let rate = (step - step0) as f64 * tokens_per_step / elapsed;
+        say(&format!(
+            "step {step}/{}  loss {:.4}  lr {lr:.2e}  {:.0} tokens/s{}",
+            args.steps,
+            out.loss,
+            rate,
+            line.get("heldout_loss")
+                .and_then(|h| h.as_f64())
+                .map(|h| format!("  held-out {h:.4}"))
+                .unwrap_or_default()
+        ));
+        let stop = STOP.load(Ordering::SeqCst);
+        if stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps {
+            save(&mut trainer, step, &cursor)?;
+            saved_at = step;
+        }
+        if stop {
+            if tty {
+                eprintln!();
+            }
+            eprintln!(
+                "interrupted: stopped after step {step}; checkpoint written to {}",
+                ck_dir.display()
+            );
+            break;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let heldout_final = std::fs::read_to_string(run_dir.join("log.jsonl")).ok().and_then(|s| {
+        s.lines().rev().find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("heldout_loss")?
+                .as_f64()
+        })
+    });
+    let trained = done - step0;
+    println!(
+        "trained steps {}–{done} on {:?} in {:.1} s ({:.0} tokens/s; optimize {optimize_s:.1} s, {} kernels): loss {:.4} → {:.4}, gradient norm {:.3}{}; unigram entropy of the data {:.4}; checkpoint {}",
+        step0 + 1,
+        args.target,
+        t_start.elapsed().as_secs_f64(),
+        trained as f64 * tokens_per_step / t_loop.elapsed().as_secs_f64(),
+        kernels,
+        first_loss.unwrap_or(f64::NAN),
+        last.0,
+        last.1,
+        heldout_final.map(|h| format!("; held-out loss {h:.4}")).unwrap_or_default(),
+        data.unigram_entropy(),
+        ck_dir.display()
+    );
+    Ok(())
+}

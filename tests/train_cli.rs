@@ -1,0 +1,184 @@
+//! `fulgur train` as a process: tiny-a's three AdamW steps against transformers, a resumed run equal bit for bit
+//! to an uninterrupted one, a checkpoint `eval-model` loads, and the refusals that leave earlier runs whole.
+
+mod common;
+use common::{fails, fulgur, tiny_a};
+use fulgur::ir::tensor::read_safetensors;
+use fulgur::models::checkpoint::Checkpoint;
+use fulgur::models::{forward_graph, ForwardOptions};
+use std::path::Path;
+
+fn train(dir: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
+    let ck = tiny_a();
+    let data = ck.join("train/train.safetensors");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"train", &ck, &"--data", &data, &"--steps", &steps, &"--out", &dir];
+    if !extra.contains(&"--lr") {
+        args.extend([&"--lr" as &dyn AsRef<std::ffi::OsStr>, &"0.01"]);
+    }
+    for e in extra {
+        args.push(e);
+    }
+    fulgur(&args)
+}
+
+fn log_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn three_steps_of_tiny_a_match_transformers_and_the_checkpoint_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&run, "3", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = read_safetensors(&tiny_a().join("train/train.safetensors")).unwrap();
+    let want = meta["loss"].to_f64();
+    let got = log_losses(&run);
+    assert_eq!(got.len(), 3);
+    for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {}: loss {a} vs transformers {b}", s + 1);
+    }
+    // the checkpoint: transformers' layout, the parameters after three steps
+    let ck = Checkpoint::open(&run.join("checkpoint")).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    let params = ck.load_params(&g).unwrap();
+    let fin = read_safetensors(&tiny_a().join("train/final.safetensors")).unwrap();
+    let mut worst = (0.0f64, String::new());
+    for (name, w) in &fin {
+        let e = params[name].rel_l2(w);
+        if e > worst.0 || e.is_nan() {
+            worst = (e, name.clone());
+        }
+    }
+    println!("worst parameter after three steps: {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 < 1e-4, "`{}` differs by {}", worst.1, worst.0);
+    let out = tmp.path().join("e.safetensors");
+    let tokens = tiny_a().join("reference.safetensors");
+    let o = fulgur(&[
+        &"eval-model",
+        &run.join("checkpoint"),
+        &"--tokens",
+        &tokens,
+        &"--out",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let o = train(&a, "3", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(&b, "2", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bs = b.display().to_string();
+    let o = train(&b, "3", &["--resume", &bs]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(log_losses(&a), log_losses(&b));
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (x, y) = (
+            std::fs::read(a.join("checkpoint").join(f)).unwrap(),
+            std::fs::read(b.join("checkpoint").join(f)).unwrap(),
+        );
+        assert!(x == y, "{f} differs between the resumed and the uninterrupted run");
+    }
+}
+
+#[test]
+fn bad_runs_are_refused_and_leave_earlier_ones_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&run, "1", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let model = run.join("checkpoint/model.safetensors");
+    let before = std::fs::read(&model).unwrap();
+    // a directory holding a run, not resumed
+    fails(&train(&run, "2", &[]), &["already holds a training run", "--resume"]);
+    // resumed with another config
+    let rs = run.display().to_string();
+    let data = fulgur::models::fixtures::dir().join("../data/tinyshakespeare.txt");
+    let o = fulgur(&[
+        &"train",
+        &"models/configs/minimax-tiny-hf.json",
+        &"--data",
+        &data,
+        &"--steps",
+        &"2",
+        &"--out",
+        &run,
+        &"--resume",
+        &rs,
+    ]);
+    fails(&o, &["its checkpoint was trained with another config"]);
+    // a truncated optimizer state
+    let opt = run.join("checkpoint/optimizer.safetensors");
+    let bytes = std::fs::read(&opt).unwrap();
+    std::fs::write(&opt, &bytes[..bytes.len() / 2]).unwrap();
+    fails(&train(&run, "2", &["--resume", &rs]), &["optimizer.safetensors"]);
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        before,
+        "the checkpoint was left as it was"
+    );
+    // more steps than the batches
+    fails(
+        &train(&tmp.path().join("x"), "4", &[]),
+        &["--steps 4", "holds 3 batches"],
+    );
+    // text too small for two sequences
+    let small = tmp.path().join("small.txt");
+    std::fs::write(&small, "too short").unwrap();
+    let o = fulgur(&[
+        &"train",
+        &tiny_a(),
+        &"--data",
+        &small,
+        &"--steps",
+        &"1",
+        &"--seq",
+        &"8",
+        &"--out",
+        &tmp.path().join("y"),
+    ]);
+    fails(&o, &["small.txt", "9 bytes", "too small for two sequences of 8 tokens"]);
+    // a vocabulary too small for the byte tokenizer
+    let cfgtext = std::fs::read_to_string(tiny_a().join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&cfgtext).unwrap();
+    cfg["vocab_size"] = serde_json::json!(100);
+    let cfgpath = tmp.path().join("small-vocab.json");
+    std::fs::write(&cfgpath, cfg.to_string()).unwrap();
+    let shake = fulgur::models::fixtures::dir().join("../data/tinyshakespeare.txt");
+    let o = fulgur(&[
+        &"train",
+        &cfgpath,
+        &"--data",
+        &shake,
+        &"--steps",
+        &"1",
+        &"--out",
+        &tmp.path().join("z"),
+    ]);
+    fails(&o, &["the model's vocabulary has 100 ids"]);
+    // a loss that becomes NaN stops the run, naming the step
+    let o = train(&tmp.path().join("nan"), "3", &["--lr", "1e30", "--clip", "0"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: step 2: the gradient norm is NaN")
+            && last.ends_with("stopped. No checkpoint was written"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("nan/checkpoint").exists());
+}
