@@ -3,7 +3,8 @@
 # cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
 #   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
 # Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
-#   benches/cuda_check.sh [tests|cli|bench|anchor|decode]...   (default: all)
+#   benches/cuda_check.sh [tests|cli|bench|anchor|decode|train]...   (default: all)
+# `train` also needs the text corpus beside the pack: mkdir -p .device/data && cp ../shared/data/tinyshakespeare.txt .device/data/
 # One device call runs at most 10 minutes: the stages together can take longer (bench-m's random weights are
 # generated on the host for every bench), so give them in two or three calls, e.g. `tests cli anchor`, then
 # `bench`, then `decode`.
@@ -11,7 +12,7 @@ set -uo pipefail
 out=${OUT:-/tmp/fulgur-cuda}
 mkdir -p "$out"
 export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
-stages=${*:-tests cli bench anchor decode}
+stages=${*:-tests cli bench anchor decode train}
 fx=.device/fixtures/tiny-a
 bin=.device/bin/fulgur
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -44,6 +45,14 @@ for s in $stages; do
       for e in "" --eager; do
         timeout 250 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --compare none,full --batch 8 --seq 512 --decode 64 --top 12 $e 2>&1 | tr '\r' '\n' | grep -v " token " | tee -a "$out/decode.log" | grep -v ": optimizing\|: compiling" | tail -32 || status=1
       done
+      ;;
+    train)
+      echo "=== training on the GPU (f32): tiny-a/train's three steps, tinyshakespeare from scratch, a bench-m step"
+      sh=.device/data/tinyshakespeare.txt; rm -rf /tmp/fulgur-r1 /tmp/fulgur-sh /tmp/fulgur-bm
+      { timeout 120 $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --target cuda --out /tmp/fulgur-r1 2>&1 | tr '\r' '\n' | tail -1; cat /tmp/fulgur-r1/log.jsonl
+        timeout 200 $bin train models/configs/minimax-tiny-hf.json --data $sh --steps 500 --batch 16 --seq 128 --lr 3e-3 --schedule cosine --warmup 20 --eval-every 50 --target cuda --out /tmp/fulgur-sh 2>&1 | tr '\r' '\n' | tail -1; grep heldout /tmp/fulgur-sh/log.jsonl
+        timeout 200 $bin train models/configs/bench-m.json --data $sh --steps 4 --batch 4 --seq 2048 --eval-every 0 --eval-batches 1 --target cuda --out /tmp/fulgur-bm 2>&1 | tr '\r' '\n' | tail -2; cat /tmp/fulgur-bm/log.jsonl
+      } 2>&1 | tee "$out/train.log" | cut -c1-200 || status=1
       ;;
   esac
 done

@@ -805,8 +805,10 @@ fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
         let mut roots = Vec::new();
         for st in inner.iter() {
             match st {
-                // a store whose place does not move with the loop variable keeps the last iteration's value
-                Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) => {
+                // a store whose place does not move with the loop variable keeps the last iteration's value;
+                // one whose place is read from memory (a scatter) may repeat a place across iterations, whose
+                // order then matters: both stay a loop in one thread
+                Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) && !loads(lk, *index) => {
                     written.entry(*arg).or_default().push(*index);
                     roots.extend([*index, *value]);
                 }
@@ -849,6 +851,22 @@ fn reads_var(lk: &LoopKernel, e: E, v: u32) -> bool {
         }
         match lk.pool.get(x) {
             Expr::Var(w) if *w == v => return true,
+            y => todo.extend(children(y)),
+        }
+    }
+    false
+}
+
+/// Whether `e` reads memory (its value depends on data, not on indices alone).
+fn loads(lk: &LoopKernel, e: E) -> bool {
+    let mut seen = vec![false; lk.pool.len()];
+    let mut todo = vec![e];
+    while let Some(x) = todo.pop() {
+        if std::mem::replace(&mut seen[x as usize], true) {
+            continue;
+        }
+        match lk.pool.get(x) {
+            Expr::Load { .. } | Expr::LoadLocal { .. } | Expr::Get(_) => return true,
             y => todo.extend(children(y)),
         }
     }

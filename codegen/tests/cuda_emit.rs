@@ -99,3 +99,30 @@ fn a_loop_of_independent_stores_gets_a_thread_per_iteration() {
     assert!(dispatch.contains("// phase `moe_dispatch.count`"));
     assert_eq!(dispatch.matches("fulgur_t / (").count(), 1, "{dispatch}");
 }
+
+/// A scatter (the adjoint of a gather: `scatter_add`, the embedding's gradient) adds into places read from
+/// memory, which repeat: its loop over the indices stays in one thread per item, in order, never a thread per
+/// iteration.
+#[test]
+fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let mut g = Graph::new("scatter");
+    let data = g.input("data", DType::F32, vec![Dim::from(10), Dim::from(4)]).unwrap();
+    let idx = g.input("idx", DType::I64, vec![Dim::from(6)]).unwrap();
+    let upd = g.input("upd", DType::F32, vec![Dim::from(6), Dim::from(4)]).unwrap();
+    let s = g.scatter_add(data, idx, upd, 0).unwrap();
+    g.add_output("o", s).unwrap();
+    let p = lower(&g).unwrap();
+    let mut kernels = build_program(&p).unwrap();
+    let cuda = emit_program(&p, &mut kernels).unwrap();
+    let k = p
+        .step
+        .iter()
+        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("scatter_add"))
+        .unwrap();
+    let src = &cuda[k.code].source;
+    let phase = &src[src.find("// phase `").unwrap()..];
+    let add = &phase[phase.rfind("// phase `").unwrap()..];
+    assert!(add.contains("for (i64"), "the scatter's loop is kept: {add}");
+    assert!(!add.contains("fulgur_t / ("), "no thread per iteration: {add}");
+}

@@ -709,3 +709,19 @@ fn gpu_grouped_matmul_under_cuda_graphs_matches_the_interpreter() {
         );
     }
 }
+
+/// `scatter_add` with repeated indices (the embedding's gradient: a token id appears many times) adds every
+/// update: the loop over the indices runs in order in one thread per item.
+#[test]
+fn gpu_scatter_add_with_repeated_indices_matches_the_interpreter() {
+    use fulgur_ir::{DType, Op};
+    if !gpu() {
+        return;
+    }
+    let data = random(DType::F32, vec![7, 33], 11);
+    let idx = Tensor::from_i64(DType::I64, vec![50], (0..50).map(|i| (i * i) % 7).collect());
+    let upd = random(DType::F32, vec![50, 33], 12);
+    let e = gpu_op_error(Op::ScatterAdd { axis: 0 }, vec![data, idx, upd]);
+    println!("scatter_add, 50 updates into 7 rows: rel {e:.3e}");
+    assert!(e < 1e-6, "relative error {e}");
+}
