@@ -451,3 +451,52 @@ fn a_cuda_artifact_holds_every_codes_source() {
         );
     }
 }
+
+/// `compile --graph train`: the training step as an artifact (weights and AdamW moments as inputs and outputs);
+/// `run` on tiny-a/train's first batch gives transformers' loss and gradient norm, and the summary line counts
+/// the interface instead of listing it.
+#[test]
+fn a_training_step_artifact_runs() {
+    use fulgur::models::checkpoint::Checkpoint;
+    use fulgur::models::{forward_graph, ForwardOptions};
+    use fulgur::passes::optim::{AdamW, ADAM_M, ADAM_V};
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("train");
+    let summary = ok(&fulgur(&[&"compile", &dir, &"--graph", &"train", &"-o", &art]));
+    assert!(
+        summary.contains("… (121 in all)") && summary.contains("… (119 in all)"),
+        "{summary}"
+    );
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    let mut inputs: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in ck.load_params(&g).unwrap() {
+        let z = Tensor::from_f64(t.dtype, t.shape.clone(), vec![0.0; t.numel()]);
+        inputs.insert(format!("{ADAM_M}{name}"), z.clone());
+        inputs.insert(format!("{ADAM_V}{name}"), z);
+        inputs.insert(name, t);
+    }
+    let data = read_safetensors(&dir.join("train/train.safetensors")).unwrap();
+    let (b, t) = (data["input_ids"].shape[1], data["input_ids"].shape[2]);
+    inputs.insert(
+        "input_ids".into(),
+        Tensor::from_i64(
+            fulgur::ir::DType::I64,
+            vec![b, t],
+            data["input_ids"].to_i64()[..b * t].to_vec(),
+        ),
+    );
+    for (n, v) in AdamW::default().scalars(0.01, 1) {
+        inputs.insert(n.into(), Tensor::from_f64(fulgur::ir::DType::F32, vec![], vec![v]));
+    }
+    let inp = tmp.path().join("in.safetensors");
+    write_safetensors(&inp, &inputs).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    ok(&fulgur(&[&"run", &art, &"--inputs", &inp, &"--out", &out]));
+    let got = read_safetensors(&out).unwrap();
+    let (l, wl) = (got["loss"].to_f64()[0], data["loss"].to_f64()[0]);
+    let (n, wn) = (got["grad_norm"].to_f64()[0], data["grad_norm"].to_f64()[0]);
+    assert!((l - wl).abs() < 1e-5, "loss {l} vs {wl}");
+    assert!((n - wn).abs() < 1e-4 * wn, "grad norm {n} vs {wn}");
+}

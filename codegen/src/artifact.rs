@@ -373,13 +373,21 @@ pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), C
     Ok((m, program))
 }
 
-/// The manifest's interface for people: inputs, weights (counted), outputs.
+/// The manifest's interface for people: inputs, weights (counted), outputs. A long list (a training step has
+/// three inputs and outputs per parameter) shows its first entries and the count; `manifest.json` has them all.
 pub fn describe(m: &Manifest) -> String {
+    const SHOWN: usize = 6;
     let list = |v: &[Decl]| {
-        v.iter()
+        let mut s = v
+            .iter()
+            .take(SHOWN)
             .map(|d| format!("{}: {}", d.name, d.ty))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        if v.len() > SHOWN {
+            s.push_str(&format!(", … ({} in all)", v.len()));
+        }
+        s
     };
     let weight_elements: u128 = m
         .weights

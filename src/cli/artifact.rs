@@ -1,7 +1,7 @@
 //! `fulgur compile` and `fulgur run`: compiled artifacts (`fulgur_codegen::artifact`).
 //!
 //! ```text
-//! fulgur compile CKPT_DIR|CONFIG.json|FILE.fir [--target cpu] -o DIR [--opt none|full] [--graph forward|prefill|decode] [--loss] [--hidden-states]
+//! fulgur compile CKPT_DIR|CONFIG.json|FILE.fir [--target cpu] -o DIR [--opt none|full] [--graph forward|prefill|decode|train] [--loss] [--hidden-states]
 //! fulgur run DIR [--weights CKPT_DIR|W.safetensors] --inputs IN.safetensors --out OUT.safetensors [--print]
 //! ```
 //! `compile` optimizes, lowers and (for the CPU) emits the LLVM IR of every kernel code, and writes the
@@ -36,6 +36,9 @@ pub enum ModelGraph {
     Prefill,
     /// One decode step from the carried states.
     Decode,
+    /// One training step (`fulgur_passes::optim::train_step`: the loss, its gradients, clipping at 1.0 and
+    /// AdamW with `fulgur train`'s defaults); weights and moments are inputs and outputs (`docs/training.md`).
+    Train,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +120,16 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
             },
         )?,
         ModelGraph::Decode => decode_graph(&cfg)?,
+        ModelGraph::Train => {
+            let g = forward_graph(
+                &cfg,
+                &ForwardOptions {
+                    loss: true,
+                    ..Default::default()
+                },
+            )?;
+            fulgur_passes::optim::train_step(&g, "loss", &fulgur_passes::optim::AdamW::default())?
+        }
     };
     Ok((g, warnings))
 }
