@@ -74,6 +74,32 @@ fn three_steps_of_tiny_a_match_transformers_and_the_checkpoint_loads() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Two micro-batches of one sequence each accumulate the gradient of the batch of two: the same losses and
+/// parameters as transformers' steps on the whole batch.
+#[test]
+fn micro_batches_accumulate_the_whole_batch_gradient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&run, "3", &["--micro-batch", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = read_safetensors(&tiny_a().join("train/train.safetensors")).unwrap();
+    for (s, (a, b)) in log_losses(&run).iter().zip(meta["loss"].to_f64()).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {}: loss {a} vs transformers {b}", s + 1);
+    }
+    let ck = Checkpoint::open(&run.join("checkpoint")).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    let params = ck.load_params(&g).unwrap();
+    let fin = read_safetensors(&tiny_a().join("train/final.safetensors")).unwrap();
+    for (name, w) in &fin {
+        let e = params[name].rel_l2(w);
+        assert!(e < 1e-4, "`{name}` differs by {e}");
+    }
+    fails(
+        &train(&tmp.path().join("x"), "1", &["--micro-batch", "3"]),
+        &["--micro-batch 3 does not divide the batch of 2 sequences"],
+    );
+}
+
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();

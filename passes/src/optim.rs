@@ -67,8 +67,25 @@ pub fn decays(ty: &TensorType) -> bool {
     ty.rank() >= 2
 }
 
+/// Prefix of the gradient accumulators of a step over micro-batches ([`train_step_accumulating`]).
+pub const GRAD_ACC: &str = "grad_acc.";
+
 /// The training step of `g` (a graph with the scalar output `loss`): see the module docs.
 pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError> {
+    train_step_accumulating(g, loss, hp, 1)
+}
+
+/// The training step over `micro_batches` micro-batches of equal token counts (gradient accumulation). With
+/// more than one, the graph also carries `grad_acc.NAME` (f32, the parameter's shape: the sum so far of the
+/// micro-batches' gradients, each divided by `micro_batches`) and takes the scalar input `opt.apply`. Each call
+/// adds its micro-batch's gradient; where `opt.apply` is 1 (the last micro-batch) the accumulated gradient is
+/// clipped and applied and the accumulators reset to zero, elsewhere the weights and moments pass through
+/// unchanged. `grad_norm` is the norm of the accumulated gradient. The mean of the micro-batches' `loss` is the
+/// whole batch's loss.
+pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches: usize) -> Result<Graph, PassError> {
+    if micro_batches == 0 {
+        return Err(PassError::Options("a step needs at least one micro-batch".into()));
+    }
     if !(0.0..1.0).contains(&hp.beta1) || !(0.0..1.0).contains(&hp.beta2) || hp.eps <= 0.0 {
         return Err(PassError::Options(format!(
             "AdamW needs betas in [0, 1) and eps > 0, got beta1 {}, beta2 {}, eps {}",
@@ -119,8 +136,31 @@ pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError>
         })?);
     }
     s.push_scope("optimizer");
-    // the global norm, in f32 as the gradients are
     let f = DType::F32;
+    // over micro-batches: the gradient so far, and whether this call applies it
+    let apply = if micro_batches > 1 {
+        let a = s.input("opt.apply", f, vec![])?;
+        let half = s.scalar(0.5, f)?;
+        let on = s.compare(fulgur_ir::CmpOp::Gt, a, half)?;
+        let mut acc = Vec::new();
+        for ((name, ty, _), gv) in params.iter().zip(grads.iter_mut()) {
+            let a_in = s.input(&format!("{GRAD_ACC}{name}"), f, ty.dims().to_vec())?;
+            let gf = if s.dtype(*gv) != f { s.cast(*gv, f)? } else { *gv };
+            let part = s.scale(gf, 1.0 / micro_batches as f64)?;
+            let total = s.add(a_in, part)?;
+            let zero = s.scalar(0.0, f)?;
+            let next = s.select(on, zero, total)?;
+            acc.push((format!("{GRAD_ACC}{name}"), next));
+            *gv = total;
+        }
+        for (n, v) in acc {
+            s.add_output(n, v)?;
+        }
+        Some(on)
+    } else {
+        None
+    };
+    // the global norm, in f32 as the gradients are
     let mut total: Option<Value> = None;
     for &gv in &grads {
         let gv = if s.dtype(gv) != f { s.cast(gv, f)? } else { gv };
@@ -188,6 +228,11 @@ pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError>
         let q = s.div(m1, den)?;
         let q = s.mul(q, step_size)?;
         let p2 = s.sub(p1, q)?;
+        // between micro-batches, the state passes through
+        let (p2, m1, v1) = match apply {
+            Some(on) => (s.select(on, p2, *p)?, s.select(on, m1, m)?, s.select(on, v1, v)?),
+            None => (p2, m1, v1),
+        };
         s.pop_scope();
         s.add_output(name.clone(), p2)?;
         s.add_output(format!("{ADAM_M}{name}"), m1)?;

@@ -14,7 +14,7 @@ use fulgur_ir::{DType, Tensor};
 use fulgur_models::checkpoint::{save_checkpoint, Checkpoint};
 use fulgur_models::random::random_weights;
 use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
-use fulgur_passes::optim::{params_to_inputs, train_step, AdamW, ADAM_M, ADAM_V};
+use fulgur_passes::optim::{params_to_inputs, train_step_accumulating, AdamW, ADAM_M, ADAM_V, GRAD_ACC};
 use fulgur_runtime::train::{Data, DataCursor, LrSchedule, Schedule, Trainer};
 use fulgur_runtime::Executable;
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +48,10 @@ pub struct Args {
     /// Tokens per sequence (text data).
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    /// Sequences per micro-batch: each step accumulates the gradients of --batch / M micro-batches before one
+    /// update (M must divide the batch; default: the whole batch at once).
+    #[arg(long, value_name = "M")]
+    pub micro_batch: Option<usize>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
@@ -220,6 +224,11 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let (b, t) = data.shape();
+    let micro = args.micro_batch.unwrap_or(b);
+    if micro == 0 || b % micro != 0 {
+        bail!("--micro-batch {micro} does not divide the batch of {b} sequences");
+    }
+    let micro_batches = b / micro;
     let loss_graph = forward_graph(
         &cfg,
         &ForwardOptions {
@@ -290,6 +299,17 @@ pub fn run(args: Args) -> Result<()> {
             state.insert(name, w);
         }
     }
+    if micro_batches > 1 {
+        let names: Vec<(String, Vec<usize>)> = state
+            .iter()
+            .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V))
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
+            .collect();
+        for (n, shape) in names {
+            let z = Tensor::from_f64(DType::F32, shape.clone(), vec![0.0; shape.iter().product()]);
+            state.insert(format!("{GRAD_ACC}{n}"), z);
+        }
+    }
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     // the programs
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -303,7 +323,11 @@ pub fn run(args: Args) -> Result<()> {
     say("building and optimizing the training step");
     let cost_model = args.target.cost_model().to_string();
     let t0 = Instant::now();
-    let step_graph = optimize(train_step(&loss_graph, "loss", &hp)?, args.opt, &cost_model)?;
+    let step_graph = optimize(
+        train_step_accumulating(&loss_graph, "loss", &hp, micro_batches)?,
+        args.opt,
+        &cost_model,
+    )?;
     let eval_graph = optimize(params_to_inputs(&loss_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let kernels = fulgur_codegen::program::lower(&step_graph)?.step.len();
@@ -312,7 +336,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut eval_exe = executable(&eval_graph, args.target).context("compiling the held-out loss")?;
     let param_names: Vec<String> = state
         .keys()
-        .filter(|n| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V))
+        .filter(|n| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
         .cloned()
         .collect();
     let heldout = data.heldout(args.eval_batches);
@@ -390,9 +414,34 @@ pub fn run(args: Args) -> Result<()> {
         let ids = data.next(&mut cursor).map_err(anyhow::Error::msg)?;
         let lr = schedule.at(step);
         let ts = Instant::now();
-        let out = trainer
-            .step(ids, &hp.scalars(lr, step))
-            .with_context(|| format!("training step {step}"))?;
+        let mut scalars: Vec<(&str, f64)> = hp.scalars(lr, step).to_vec();
+        let mut out = fulgur_runtime::train::StepOutput {
+            loss: 0.0,
+            grad_norm: f64::NAN,
+        };
+        if micro_batches == 1 {
+            out = trainer
+                .step(ids, &scalars)
+                .with_context(|| format!("training step {step}"))?;
+        } else {
+            // the micro-batches in order; the last applies the update
+            scalars.push(("opt.apply", 0.0));
+            let all = ids.to_i64();
+            for j in 0..micro_batches {
+                let last = scalars.len() - 1;
+                scalars[last].1 = if j + 1 == micro_batches { 1.0 } else { 0.0 };
+                let part = Tensor::from_i64(
+                    DType::I64,
+                    vec![micro, t],
+                    all[j * micro * t..(j + 1) * micro * t].to_vec(),
+                );
+                let o = trainer
+                    .step(part, &scalars)
+                    .with_context(|| format!("training step {step}, micro-batch {}", j + 1))?;
+                out.loss += o.loss / micro_batches as f64;
+                out.grad_norm = o.grad_norm;
+            }
+        }
         let secs = ts.elapsed().as_secs_f64();
         if !out.loss.is_finite() || !out.grad_norm.is_finite() {
             let what = if out.loss.is_finite() {
