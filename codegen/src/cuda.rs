@@ -806,9 +806,11 @@ fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
         for st in inner.iter() {
             match st {
                 // a store whose place does not move with the loop variable keeps the last iteration's value;
-                // one whose place is read from memory (a scatter) may repeat a place across iterations, whose
-                // order then matters: both stay a loop in one thread
-                Stmt::Store { arg, index, value, .. } if reads_var(lk, *index, *var) && !loads(lk, *index) => {
+                // one whose place is read from memory at a place that moves with it (a scatter) may repeat a
+                // place across iterations, whose order then matters: both stay a loop in one thread
+                Stmt::Store { arg, index, value, .. }
+                    if reads_var(lk, *index, *var) && !loads_at_var(lk, *index, *var) =>
+                {
                     written.entry(*arg).or_default().push(*index);
                     roots.extend([*index, *value]);
                 }
@@ -857,8 +859,9 @@ fn reads_var(lk: &LoopKernel, e: E, v: u32) -> bool {
     false
 }
 
-/// Whether `e` reads memory (its value depends on data, not on indices alone).
-fn loads(lk: &LoopKernel, e: E) -> bool {
+/// Whether `e` reads memory at a place that depends on loop variable `v` (its value then changes with `v`
+/// in a way only the data knows).
+fn loads_at_var(lk: &LoopKernel, e: E, v: u32) -> bool {
     let mut seen = vec![false; lk.pool.len()];
     let mut todo = vec![e];
     while let Some(x) = todo.pop() {
@@ -866,7 +869,8 @@ fn loads(lk: &LoopKernel, e: E) -> bool {
             continue;
         }
         match lk.pool.get(x) {
-            Expr::Load { .. } | Expr::LoadLocal { .. } | Expr::Get(_) => return true,
+            Expr::Load { index, .. } | Expr::LoadLocal { index, .. } if reads_var(lk, *index, v) => return true,
+            Expr::Get(_) => return true,
             y => todo.extend(children(y)),
         }
     }
