@@ -9,6 +9,8 @@
 //!   positions, rotary angles and masks are computed exactly as before; where such a value meets a `dtype`
 //!   value in one op it is cast to `dtype` there (as transformers casts `cos`/`sin` to the query's dtype);
 //! - every other op takes its inputs' dtype (inference decides), so activations are `dtype`;
+//! - `log_softmax` (the loss) reads its input cast to f32, as transformers' loss upcasts the logits, so the
+//!   cross-entropy and its mean are computed and stored in f32;
 //! - outputs `keep` names are cast back to f32 (the loss, the states); the others keep the dtype they have.
 
 use crate::PassError;
@@ -87,6 +89,15 @@ fn convert(
                             let c = out.add_node(Op::Cast { dtype }, &[*v], None)?;
                             *v = Value::new(c, 0);
                         }
+                    }
+                }
+                // the loss reads the logits in f32, as transformers' loss upcasts them (`logits.float()`): the
+                // log-softmax and the cross-entropy's reductions are not rounded to `dtype`
+                if matches!(op, Op::Composite(Composite::LogSoftmax { .. })) && top {
+                    let d = out.ty(ins2[0]).dtype;
+                    if d.is_float() && d != DType::F32 {
+                        let c = out.add_node(Op::Cast { dtype: DType::F32 }, &[ins2[0]], None)?;
+                        ins2[0] = Value::new(c, 0);
                     }
                 }
                 let op = match op {
@@ -197,4 +208,43 @@ mod tests {
         let e = store_as(&g, DType::I32, &keep_f32).unwrap_err().to_string();
         assert_eq!(e, "cannot store a graph's floats as i32");
     }
+}
+
+/// `g` with every float parameter not stored in f32 turned into an f32 parameter of the same name (the master
+/// weight) cast to its dtype where it is read: a graph stored in bf16 by [`store_as`], made trainable with f32
+/// master weights. Autodiff then returns f32 gradients (a cast passes its gradient straight through), while
+/// activations and their gradients are stored in the narrow dtype.
+pub fn master_weights(g: &Graph) -> Result<Graph, PassError> {
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<Value, Value> = HashMap::new();
+    for (id, n) in g.nodes() {
+        let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
+        let vals: Vec<Value> = match &n.op {
+            Op::Param { name, ty } if ty.dtype.is_float() && ty.dtype != DType::F32 => {
+                let mut t32 = ty.clone();
+                t32.dtype = DType::F32;
+                let p = out.add_node(
+                    Op::Param {
+                        name: name.clone(),
+                        ty: t32,
+                    },
+                    &[],
+                    n.name.clone(),
+                )?;
+                let c = out.add_node(Op::Cast { dtype: ty.dtype }, &[Value::new(p, 0)], None)?;
+                vec![Value::new(c, 0)]
+            }
+            op => {
+                let nid = out.add_node(op.clone(), &ins, n.name.clone())?;
+                (0..n.outputs.len() as u32).map(|k| Value::new(nid, k)).collect()
+            }
+        };
+        for (k, v) in vals.into_iter().enumerate() {
+            map.insert(Value::new(id, k as u32), v);
+        }
+    }
+    for (name, v) in g.outputs() {
+        out.add_output(name.clone(), map[v])?;
+    }
+    Ok(out)
 }
