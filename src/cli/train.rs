@@ -87,6 +87,10 @@ pub struct Args {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = crate::cli::bench::default_target())]
     pub target: BenchTarget,
+    /// The dtype of the forward and backward's stored values: `bf16` stores activations and their gradients in
+    /// bf16 (arithmetic in f32 inside kernels) with f32 master weights, AdamW moments and update.
+    #[arg(long, value_enum, default_value_t = crate::cli::model::Dtype::F32)]
+    pub dtype: crate::cli::model::Dtype,
     /// Optimization level of the step graph.
     #[arg(long, value_enum, default_value_t = OptLevel::Full)]
     pub opt: OptLevel,
@@ -323,12 +327,20 @@ pub fn run(args: Args) -> Result<()> {
     say("building and optimizing the training step");
     let cost_model = args.target.cost_model().to_string();
     let t0 = Instant::now();
+    // bf16: the loss graph stored in bf16, its parameters f32 master weights cast where read
+    let compute_graph = match args.dtype {
+        crate::cli::model::Dtype::F32 => loss_graph.clone(),
+        crate::cli::model::Dtype::Bf16 => {
+            use fulgur_passes::precision::{keep_f32, master_weights, store_as};
+            master_weights(&store_as(&loss_graph, DType::BF16, &keep_f32)?)?
+        }
+    };
     let step_graph = optimize(
-        train_step_accumulating(&loss_graph, "loss", &hp, micro_batches)?,
+        train_step_accumulating(&compute_graph, "loss", &hp, micro_batches)?,
         args.opt,
         &cost_model,
     )?;
-    let eval_graph = optimize(params_to_inputs(&loss_graph)?, args.opt, &cost_model)?;
+    let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let kernels = fulgur_codegen::program::lower(&step_graph)?.step.len();
     say("compiling");
