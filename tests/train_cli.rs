@@ -272,3 +272,63 @@ fn bad_runs_are_refused_and_leave_earlier_ones_whole() {
     );
     assert!(!tmp.path().join("nan/checkpoint").exists());
 }
+
+/// A checkpoint's own `tokenizer.json` tokenizes text data (through the tokenizers crate): the data's unigram
+/// entropy is that of its words, not its bytes; `--tokenizer` names one explicitly; a file that is not a
+/// tokenizer is refused by name.
+#[test]
+fn a_checkpoints_tokenizer_tokenizes_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(tiny_a().join(f), ck.join(f)).unwrap();
+    }
+    let tok = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+        "model":{"type":"WordLevel","vocab":{"[UNK]":0,"to":1,"be":2,"or":3,"not":4},"unk_token":"[UNK]"}}"#;
+    std::fs::write(ck.join("tokenizer.json"), tok).unwrap();
+    let text = tmp.path().join("t.txt");
+    std::fs::write(&text, "to be or not to be ".repeat(40)).unwrap();
+    let out = tmp.path().join("run");
+    let o = fulgur(&[
+        &"train", &ck, &"--data", &text, &"--steps", &"2", &"--batch", &"2", &"--seq", &"12", &"--out", &out,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("240 tokens by"), "{err}");
+    // to and be are a third each, or and not a sixth: −(2·⅓·ln ⅓ + 2·⅙·ln ⅙) = 1.3297 nats
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("unigram entropy of the data 1.3"), "{said}");
+    // the same tokenizer named explicitly, from a config
+    let o = fulgur(&[
+        &"train",
+        &tiny_a().join("config.json"),
+        &"--data",
+        &text,
+        &"--tokenizer",
+        &ck.join("tokenizer.json"),
+        &"--steps",
+        &"1",
+        &"--batch",
+        &"2",
+        &"--seq",
+        &"12",
+        &"--out",
+        &tmp.path().join("run2"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = fulgur(&[
+        &"train",
+        &ck,
+        &"--data",
+        &text,
+        &"--tokenizer",
+        &text,
+        &"--steps",
+        &"1",
+        &"--out",
+        &tmp.path().join("run3"),
+    ]);
+    fails(&o, &["t.txt", "not a tokenizer the tokenizers crate reads"]);
+}

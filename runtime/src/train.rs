@@ -75,6 +75,8 @@ pub enum Data {
     /// Text as bytes, packed into sequences of `seq` tokens: `train` and `heldout` hold the sequences' starts.
     Text {
         tokens: Vec<i64>,
+        /// The tokenizer's vocabulary size.
+        vocab: usize,
         seq: usize,
         batch: usize,
         train: Vec<usize>,
@@ -105,16 +107,31 @@ impl Data {
     /// Plain text through the byte-level tokenizer (a token per byte, ids 0–255), packed into sequences of
     /// `seq` tokens; about one sequence in twenty (at least one) is held out. `what` names the source in errors.
     pub fn text(bytes: &[u8], seq: usize, batch: usize, seed: u64, what: &str) -> Result<Data, String> {
+        let tokens: Vec<i64> = bytes.iter().map(|&b| b as i64).collect();
+        Data::tokens(tokens, 256, "bytes", seq, batch, seed, what)
+    }
+
+    /// A stream of token ids from a tokenizer of `vocab` ids (`unit` names what a token is, for errors),
+    /// packed and split as [`Data::text`] does.
+    pub fn tokens(
+        tokens: Vec<i64>,
+        vocab: usize,
+        unit: &str,
+        seq: usize,
+        batch: usize,
+        seed: u64,
+        what: &str,
+    ) -> Result<Data, String> {
         if seq < 2 || batch == 0 {
             return Err(format!(
                 "training needs --seq of at least 2 and --batch of at least 1, got {seq} and {batch}"
             ));
         }
-        let n = bytes.len() / seq;
+        let n = tokens.len() / seq;
         if n < 2 {
             return Err(format!(
-                "{what} has {} bytes: too small for two sequences of {seq} tokens (one to train on, one held out)",
-                bytes.len()
+                "{what} has {} {unit}: too small for two sequences of {seq} tokens (one to train on, one held out)",
+                tokens.len()
             ));
         }
         let held = (n / 20).max(1);
@@ -128,7 +145,8 @@ impl Data {
             ));
         }
         Ok(Data::Text {
-            tokens: bytes.iter().map(|&b| b as i64).collect(),
+            tokens,
+            vocab,
             seq,
             batch,
             train,
@@ -152,7 +170,7 @@ impl Data {
     pub fn vocab_needed(&self) -> usize {
         match self {
             Data::Batches { ids } => ids.to_i64().into_iter().max().unwrap_or(0).max(0) as usize + 1,
-            Data::Text { .. } => 256,
+            Data::Text { vocab, .. } => *vocab,
         }
     }
 

@@ -42,6 +42,10 @@ pub struct Args {
     /// Steps to train (in all, counting those of a resumed run).
     #[arg(long)]
     pub steps: u64,
+    /// The tokenizer of text data: a `tokenizer.json` (default: the checkpoint's own `tokenizer.json` where it
+    /// has one, else a token per byte).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// Sequences per step (text data).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -176,6 +180,41 @@ fn load_data(args: &Args) -> Result<Data> {
         return Data::batches(ids, &what).map_err(anyhow::Error::msg);
     }
     let bytes = std::fs::read(&args.data).with_context(|| format!("reading the data {what}"))?;
+    let tokenizer = args.tokenizer.clone().or_else(|| {
+        let own = args.input.join("tokenizer.json");
+        (args.input.is_dir() && own.is_file()).then_some(own)
+    });
+    if let Some(tp) = tokenizer {
+        let tok = tokenizers::Tokenizer::from_file(&tp)
+            .map_err(|e| anyhow::anyhow!("`{}`: not a tokenizer the tokenizers crate reads: {e}", tp.display()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{what} is not UTF-8 text (byte {}), which `{}` needs",
+                e.utf8_error().valid_up_to(),
+                tp.display()
+            )
+        })?;
+        let enc = tok
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {what} with `{}`: {e}", tp.display()))?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+        eprintln!(
+            "{what}: {} tokens by `{}` ({} ids)",
+            ids.len(),
+            tp.display(),
+            tok.get_vocab_size(true)
+        );
+        return Data::tokens(
+            ids,
+            tok.get_vocab_size(true),
+            "tokens",
+            args.seq,
+            args.batch,
+            args.seed,
+            &what,
+        )
+        .map_err(anyhow::Error::msg);
+    }
     Data::text(&bytes, args.seq, args.batch, args.seed, &what).map_err(anyhow::Error::msg)
 }
 
