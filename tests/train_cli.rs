@@ -267,7 +267,24 @@ fn bad_runs_are_refused_and_leave_earlier_ones_whole() {
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("error: step 2: the gradient norm is NaN")
-            && last.ends_with("stopped. No checkpoint was written"),
+            && last.ends_with(
+                "stopped. No checkpoint was written; rerun with --check-finite to name the first kernel that \
+                 produces a NaN"
+            ),
+        "{err}"
+    );
+    // --check-finite names the kernel: nothing in step 1 (masks and all) trips it, step 2 does
+    let o = train(
+        &tmp.path().join("nan2"),
+        "3",
+        &["--lr", "1e30", "--clip", "0", "--check-finite"],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: training step 2: kernel k")
+            && last.contains("the first kernel of the step to produce a NaN"),
         "{err}"
     );
     assert!(!tmp.path().join("nan/checkpoint").exists());

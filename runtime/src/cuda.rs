@@ -1355,7 +1355,8 @@ impl CudaProgram {
         Ok(out)
     }
 
-    /// Stops at a kernel whose float outputs hold a NaN or an infinity.
+    /// Stops at a kernel whose float outputs hold a NaN (an infinity alone is not an error: causal masks hold
+    /// −inf; an overflow shows as a NaN where it is used).
     fn check_finite(&mut self, k: &Kernel) -> Result<(), RuntimeError> {
         self.finish(true)?;
         for (i, t) in k.outputs.iter().enumerate() {
@@ -1364,10 +1365,10 @@ impl CudaProgram {
             }
             let v = self.read(t)?;
             if let fulgur_ir::Buffer::F(data) = &v.data {
-                if let Some((at, x)) = data.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                if let Some((at, x)) = data.iter().enumerate().find(|(_, x)| x.is_nan()) {
                     return Err(other(format!(
                         "kernel k{} ({}, {}) produced {x} at element {at} of output {i} ({} {:?}): the first \
-                         kernel of the step with a value that is not finite",
+                         kernel of the step to produce a NaN",
                         k.id,
                         k.name,
                         op_summary(&k.op),

@@ -391,3 +391,72 @@ fn tiny_a_three_adamw_steps_on_the_cpu_match_transformers() {
     assert!(worst.0 < 1e-4, "`{}` differs by {}", worst.1, worst.0);
     assert_eq!(cpu.carried_runs, 2, "steps 2 and 3 kept the state in the program");
 }
+
+/// `CpuOptions::check_finite` names the first kernel whose output holds a NaN (a NaN planted in the
+/// embedding row of a token is first seen by the first kernel reading the table); the same run without a NaN
+/// passes the check (the causal masks' −inf are not errors).
+#[test]
+fn check_finite_names_the_first_kernel_with_a_nan() {
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(&cfg, &ForwardOptions::default()).unwrap();
+    for opt in [OptLevel::None, OptLevel::Full] {
+        let og = compile(
+            &g,
+            &CompileOptions {
+                opt,
+                ..CompileOptions::default()
+            },
+            None,
+        )
+        .unwrap()
+        .graph;
+        let p = lower(&og).unwrap();
+        let env: HashMap<String, i64> = [("B".to_string(), 1), ("T".to_string(), 4)].into();
+        let ins = random_inputs(&og, &env, 5, cfg.vocab_size as i64);
+        let mut weights: HashMap<String, Tensor> = p
+            .params
+            .iter()
+            .map(|io| (io.name.clone(), ins[&io.name].clone()))
+            .collect();
+        let toks = Tensor::from_i64(fulgur_ir::DType::I64, vec![1, 4], vec![1, 2, 3, 4]);
+        let opts = CpuOptions {
+            check_finite: true,
+            ..Default::default()
+        };
+        let mut cpu = CpuProgram::new(p.clone(), opts.clone()).unwrap();
+        cpu.load_weights(&weights).unwrap();
+        cpu.run(&[("input_ids".to_string(), toks.clone())].into())
+            .unwrap_or_else(|e| panic!("{opt:?}: a finite run stopped: {e}"));
+        let emb = weights.get_mut("model.embed_tokens.weight").unwrap();
+        let c = emb.shape[1];
+        if let fulgur_ir::Buffer::F(v) = &mut emb.data {
+            v[2 * c] = f64::NAN;
+        }
+        let mut cpu = CpuProgram::new(p.clone(), opts).unwrap();
+        cpu.load_weights(&weights).unwrap();
+        let e = cpu
+            .run(&[("input_ids".to_string(), toks)].into())
+            .unwrap_err()
+            .to_string();
+        let table = p
+            .params
+            .iter()
+            .find(|io| io.name == "model.embed_tokens.weight")
+            .unwrap()
+            .tensor
+            .buffer;
+        let first = p
+            .step
+            .iter()
+            .find(|k| k.inputs.iter().any(|t| t.buffer == table))
+            .expect("a kernel reads the embedding table");
+        assert!(
+            e.starts_with(&format!("kernel k{} ({}", first.id, first.name)),
+            "{opt:?}: {e}"
+        );
+        assert!(
+            e.contains("produced NaN") && e.contains("the first kernel of the step to produce a NaN"),
+            "{e}"
+        );
+    }
+}

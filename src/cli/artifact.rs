@@ -276,8 +276,8 @@ pub struct RunArgs {
     /// `4GiB`: a larger plan is refused before anything runs, with its planned peak.
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub max_memory: Option<u64>,
-    /// (cuda) After every kernel, check its outputs for NaN and infinity; stop at the first kernel that
-    /// produced one, naming it and its IR node.
+    /// After every kernel, check its outputs and stop at the first kernel that produced a NaN, naming it and
+    /// its IR node (an infinity alone is not an error: causal masks hold −inf).
     #[arg(long)]
     pub check_finite: bool,
     /// Convert weights stored in another dtype than the artifact's (an f32 checkpoint into a bf16 artifact)
@@ -436,6 +436,7 @@ fn run_cpu(
     let opts = CpuOptions {
         threads: args.threads,
         max_memory: args.max_memory,
+        check_finite: args.check_finite,
         ..Default::default()
     };
     let mut cpu = CpuProgram::new(program, opts).context("compiling the artifact for this CPU")?;

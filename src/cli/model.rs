@@ -61,8 +61,8 @@ pub struct EvalArgs {
     /// scratch), e.g. `4GiB`: a larger plan is refused before anything runs, with its planned peak.
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub max_memory: Option<u64>,
-    /// On the cuda target: after every kernel, check its outputs for NaN and infinity and stop at the first
-    /// kernel that produced one, naming it and its IR node.
+    /// On the cpu and cuda targets: after every kernel, check its outputs and stop at the first kernel that
+    /// produced a NaN, naming it and its IR node (an infinity alone is not an error: causal masks hold −inf).
     #[arg(long)]
     pub check_finite: bool,
     /// The dtype weights and activations are stored in.
@@ -221,7 +221,13 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             };
             backend.run(&g, &inputs).context("running the forward graph")?
         }
-        crate::cli::bench::BenchTarget::Cpu => run_cpu(&g, &HostWeights::Checkpoint(&ck), tokens, args.max_memory)?,
+        crate::cli::bench::BenchTarget::Cpu => run_cpu(
+            &g,
+            &HostWeights::Checkpoint(&ck),
+            tokens,
+            args.max_memory,
+            args.check_finite,
+        )?,
         crate::cli::bench::BenchTarget::Cuda => run_cuda(&g, &HostWeights::Checkpoint(&ck), tokens, args.check_finite)?,
     };
     tracing::info!(elapsed = ?t1.elapsed(), target = ?args.target, "forward done");
@@ -272,11 +278,13 @@ fn run_cpu(
     weights: &HostWeights,
     tokens: Tensor,
     max_memory: Option<u64>,
+    check_finite: bool,
 ) -> Result<BTreeMap<String, Tensor>> {
     use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
     let program = fulgur_codegen::program::lower(g)?;
     let opts = CpuOptions {
         max_memory,
+        check_finite,
         ..Default::default()
     };
     let mut cpu = CpuProgram::new(program, opts).context("compiling for the CPU")?;
@@ -287,7 +295,13 @@ fn run_cpu(
 }
 
 #[cfg(not(feature = "llvm"))]
-fn run_cpu(_: &fulgur_ir::Graph, _: &HostWeights, _: Tensor, _: Option<u64>) -> Result<BTreeMap<String, Tensor>> {
+fn run_cpu(
+    _: &fulgur_ir::Graph,
+    _: &HostWeights,
+    _: Tensor,
+    _: Option<u64>,
+    _: bool,
+) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
 }
 

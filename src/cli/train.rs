@@ -95,6 +95,10 @@ pub struct Args {
     /// bf16 (arithmetic in f32 inside kernels) with f32 master weights, AdamW moments and update.
     #[arg(long, value_enum, default_value_t = crate::cli::model::Dtype::F32)]
     pub dtype: crate::cli::model::Dtype,
+    /// After every kernel of the step, check its outputs and stop at the first NaN, naming the kernel and its
+    /// IR node (slow: for finding where a run that went NaN went wrong; cpu and cuda targets).
+    #[arg(long)]
+    pub check_finite: bool,
     /// Optimization level of the step graph.
     #[arg(long, value_enum, default_value_t = OptLevel::Full)]
     pub opt: OptLevel,
@@ -138,7 +142,10 @@ fn hyper(args: &Args) -> AdamW {
 }
 
 /// An executable for a graph without weights on `target`.
-fn executable(g: &fulgur_ir::Graph, target: BenchTarget) -> Result<Box<dyn Executable>> {
+fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite: bool) -> Result<Box<dyn Executable>> {
+    if check_finite && target == BenchTarget::Reference {
+        bail!("--check-finite runs on the cpu and cuda targets");
+    }
     Ok(match target {
         BenchTarget::Reference => Box::new(fulgur_runtime::ReferenceExecutable {
             backend: fulgur_runtime::ReferenceBackend {
@@ -153,7 +160,10 @@ fn executable(g: &fulgur_ir::Graph, target: BenchTarget) -> Result<Box<dyn Execu
             use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
             Box::new(CpuProgram::new(
                 fulgur_codegen::program::lower(g)?,
-                CpuOptions::default(),
+                CpuOptions {
+                    check_finite,
+                    ..Default::default()
+                },
             )?)
         }
         #[cfg(feature = "cuda")]
@@ -161,7 +171,10 @@ fn executable(g: &fulgur_ir::Graph, target: BenchTarget) -> Result<Box<dyn Execu
             use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
             Box::new(CudaProgram::new(
                 fulgur_codegen::program::lower(g)?,
-                CudaOptions::default(),
+                CudaOptions {
+                    check_finite,
+                    ..Default::default()
+                },
             )?)
         }
         #[allow(unreachable_patterns)]
@@ -383,8 +396,9 @@ pub fn run(args: Args) -> Result<()> {
     let optimize_s = t0.elapsed().as_secs_f64();
     let kernels = fulgur_codegen::program::lower(&step_graph)?.step.len();
     say("compiling");
-    let mut step_exe = executable(&step_graph, args.target).context("compiling the training step")?;
-    let mut eval_exe = executable(&eval_graph, args.target).context("compiling the held-out loss")?;
+    let mut step_exe =
+        executable(&step_graph, args.target, args.check_finite).context("compiling the training step")?;
+    let mut eval_exe = executable(&eval_graph, args.target, false).context("compiling the held-out loss")?;
     let param_names: Vec<String> = state
         .keys()
         .filter(|n| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
@@ -502,10 +516,17 @@ pub fn run(args: Args) -> Result<()> {
             };
             bail!(
                 "step {step}: {what} at learning rate {lr:e}; stopped. {}",
-                if saved_at > 0 {
-                    format!("The last good checkpoint, of step {saved_at}, is {}", ck_dir.display())
-                } else {
-                    "No checkpoint was written".to_string()
+                match (saved_at > 0, args.check_finite) {
+                    (true, false) => format!(
+                        "The last good checkpoint, of step {saved_at}, is {}; resume from it with --check-finite to \
+                         name the first kernel that produces a NaN",
+                        ck_dir.display()
+                    ),
+                    (true, true) => format!("The last good checkpoint, of step {saved_at}, is {}", ck_dir.display()),
+                    (false, false) => "No checkpoint was written; rerun with --check-finite to name the first \
+                                       kernel that produces a NaN"
+                        .to_string(),
+                    (false, true) => "No checkpoint was written".to_string(),
                 }
             );
         }

@@ -106,6 +106,9 @@ pub struct CpuOptions {
     /// The most bytes a binding may plan (persistent buffers, arena and scratch); `None`: no limit.
     pub max_memory: Option<u64>,
     pub llvm: LlvmOptions,
+    /// After every step kernel, check its float outputs and stop at the first NaN, naming the kernel (slow:
+    /// for finding where a run went wrong).
+    pub check_finite: bool,
 }
 
 /// Time spent per kernel code, for `fulgur bench`.
@@ -719,6 +722,12 @@ impl CpuProgram {
                 result = Err(e);
                 break;
             }
+            if self.options.check_finite {
+                if let Err(e) = self.check_finite(k) {
+                    result = Err(e);
+                    break;
+                }
+            }
             if let (Some(t), Some(p)) = (t, &mut self.profile) {
                 p.kernel_seconds[k.id] += t.elapsed().as_secs_f64();
             }
@@ -762,6 +771,31 @@ impl CpuProgram {
     }
 
     /// Reads a view of the current memory as a host tensor.
+    /// Stops at a kernel whose float outputs hold a NaN (an infinity alone is not an error: causal masks hold
+    /// −inf; an overflow shows as a NaN where it is used).
+    fn check_finite(&self, k: &Kernel) -> Result<(), RuntimeError> {
+        for (i, t) in k.outputs.iter().enumerate() {
+            if !t.dtype.is_float() {
+                continue;
+            }
+            let v = self.read(t)?;
+            if let fulgur_ir::Buffer::F(data) = &v.data {
+                if let Some((at, x)) = data.iter().enumerate().find(|(_, x)| x.is_nan()) {
+                    return Err(other(format!(
+                        "kernel k{} ({}, {}) produced {x} at element {at} of output {i} ({} {:?}): the first \
+                         kernel of the step to produce a NaN",
+                        k.id,
+                        k.name,
+                        fulgur_codegen::program::op_summary(&k.op),
+                        t.dtype,
+                        v.shape
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
         let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
         let ev = |d: &Dim| d.eval(env).map_err(other);
