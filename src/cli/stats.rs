@@ -24,7 +24,7 @@ fn billions(x: u64) -> String {
     format!("{:.2}B", x as f64 / 1e9)
 }
 
-fn bytes(x: u64) -> String {
+pub(crate) fn bytes(x: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = x as f64;
     let mut u = 0;

@@ -394,7 +394,13 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
-    let kernels = fulgur_codegen::program::lower(&step_graph)?.step.len();
+    let step_program = fulgur_codegen::program::lower(&step_graph)?;
+    let kernels = step_program.step.len();
+    // the step's planned memory: the state (weights, moments, accumulators, inputs) and the arena of transient
+    // values (the activations the backward reads, the gradients, the update's temporaries)
+    let env: HashMap<String, i64> = [("B".to_string(), micro as i64), ("T".to_string(), t as i64)].into();
+    let plan = step_program.layout(&env)?;
+    drop(step_program);
     say("compiling");
     let mut step_exe =
         executable(&step_graph, args.target, args.check_finite).context("compiling the training step")?;
@@ -585,12 +591,14 @@ pub fn run(args: Args) -> Result<()> {
     });
     let trained = done - step0;
     println!(
-        "trained steps {}–{done} on {:?} in {:.1} s ({:.0} tokens/s; optimize {optimize_s:.1} s, {} kernels): loss {:.4} → {:.4}, gradient norm {:.3}{}; unigram entropy of the data {:.4}; checkpoint {}",
+        "trained steps {}–{done} on {:?} in {:.1} s ({:.0} tokens/s; optimize {optimize_s:.1} s, {} kernels, planned memory {} state + {} transient): loss {:.4} → {:.4}, gradient norm {:.3}{}; unigram entropy of the data {:.4}; checkpoint {}",
         step0 + 1,
         args.target,
         t_start.elapsed().as_secs_f64(),
         trained as f64 * tokens_per_step / t_loop.elapsed().as_secs_f64(),
         kernels,
+        crate::cli::stats::bytes(plan.persistent_bytes),
+        crate::cli::stats::bytes(plan.arena_bytes),
         first_loss.unwrap_or(f64::NAN),
         last.0,
         last.1,
