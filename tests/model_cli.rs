@@ -404,8 +404,8 @@ fn eval_model_on_the_cpu_refuses_a_plan_over_max_memory() {
     assert!(!out.exists(), "no output file after a refused run");
 }
 
-/// `fulgur bench` on the CPU target: the forward of both levels and greedy decoding report their times in JSON;
-/// decoding is refused on the interpreter.
+/// `fulgur bench` on the CPU target: the forward of both levels, greedy decoding and training steps report
+/// their times in JSON; decoding is refused on the interpreter.
 #[cfg(feature = "llvm")]
 #[test]
 fn bench_reports_the_forward_and_decoding_on_the_cpu() {
@@ -456,6 +456,23 @@ fn bench_reports_the_forward_and_decoding_on_the_cpu() {
         &"4",
     ]);
     fails(&o, &["--decode runs on the cpu or cuda target"]);
+
+    // training steps: both levels report a step time and the planned state and transient memory
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"bench", &cfg, &"--seq", &"16", &"--train", &"--repeats", &"2"];
+    args.extend(common.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let o = fulgur(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["train"], true);
+    for l in v["levels"].as_array().unwrap() {
+        assert_eq!(l["step_ms_all"].as_array().unwrap().len(), 2, "{l}");
+        assert!(l["step_ms"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(
+            l["state_bytes"].as_u64().unwrap() > 0 && l["transient_bytes"].as_u64().unwrap() > 0,
+            "{l}"
+        );
+    }
 }
 
 /// `eval-model --grads`: every parameter's gradient under transformers' names, within 1e-4 of

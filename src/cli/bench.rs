@@ -106,6 +106,10 @@ pub struct Args {
     /// Compute the logits of the last position only (transformers' `logits_to_keep=1`), not `[B, T, V]`.
     #[arg(long)]
     pub last_logits: bool,
+    /// Time training steps instead of the forward: the loss, its gradients and an AdamW update of every
+    /// parameter (`fulgur train`'s step graph, f32 master weights), on random tokens.
+    #[arg(long)]
+    pub train: bool,
 }
 
 /// One level's measurements.
@@ -205,6 +209,9 @@ pub fn run(args: Args) -> Result<()> {
     let tokens = random_tokens(args.batch, args.seq, cfg.vocab_size, args.seed);
     if args.decode > 0 {
         return bench_decode(&args, &cfg, &weights, &tokens, &progress);
+    }
+    if args.train {
+        return bench_train(&args, &cfg, &weights, &tokens, &progress);
     }
     let cost_model = args
         .cost_model
@@ -450,6 +457,136 @@ fn bench_decode(
         let v = serde_json::json!({
             "model": args.input.display().to_string(), "target": format!("{:?}", args.target).to_lowercase(),
             "batch": args.batch, "prompt": args.seq, "new_tokens": args.decode, "levels": rows,
+        });
+        crate::cli::files::write_stdout(&(serde_json::to_string_pretty(&v)? + "\n"))?;
+    } else {
+        crate::cli::files::write_stdout(&s)?;
+    }
+    Ok(())
+}
+
+/// `--train`: per level, the median wall time of a whole training step (forward, backward, clipping, AdamW)
+/// over --repeats steps after --warmup, the state kept in the executable between steps.
+fn bench_train(
+    args: &Args,
+    cfg: &MiniMaxConfig,
+    weights: &HostWeights,
+    tokens: &Tensor,
+    progress: &Progress,
+) -> Result<()> {
+    use fulgur_passes::optim::{train_step, AdamW, ADAM_M, ADAM_V};
+    use fulgur_runtime::train::Trainer;
+    use std::collections::HashMap;
+    if args.last_logits || args.decode > 0 {
+        bail!("--train times the training step: it takes neither --last-logits nor --decode");
+    }
+    let cost_model = args
+        .cost_model
+        .clone()
+        .unwrap_or_else(|| args.target.cost_model().to_string());
+    let loss_graph = forward_graph(
+        cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )?;
+    let compute = crate::cli::train::compute_graph(&loss_graph, args.dtype)?;
+    let hp = AdamW::default();
+    let mut state = HashMap::new();
+    for id in loss_graph.params() {
+        if let fulgur_ir::Op::Param { name, ty } = &loss_graph.node(id).op {
+            let w = weights.fetch(name, ty)?;
+            let z = Tensor::from_f64(fulgur_ir::DType::F32, w.shape.clone(), vec![0.0; w.numel()]);
+            state.insert(format!("{ADAM_M}{name}"), z.clone());
+            state.insert(format!("{ADAM_V}{name}"), z);
+            state.insert(name.clone(), w);
+        }
+    }
+    let env: HashMap<String, i64> = [("B".to_string(), args.batch as i64), ("T".to_string(), args.seq as i64)].into();
+    let tokens_per_step = (args.batch * args.seq) as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench {} on {}: training steps of {} × {} tokens ({:?}), median of {} after {} warm-up",
+        args.input.display(),
+        format!("{:?}", args.target).to_lowercase(),
+        args.batch,
+        args.seq,
+        args.dtype,
+        args.repeats,
+        args.warmup
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>8} {:>11} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "level", "kernels", "optimize s", "compile s", "step ms", "tokens/s", "state", "transient"
+    );
+    let mut rows = Vec::new();
+    let mut steps_ms = Vec::new();
+    for &level in &args.compare {
+        let lname = format!("{level:?}").to_lowercase();
+        progress.say(&format!("{lname}: building and optimizing the training step"));
+        let t = Instant::now();
+        let g = optimize(train_step(&compute, "loss", &hp)?, level, &cost_model)?;
+        let optimize_s = t.elapsed().as_secs_f64();
+        let program = lower(&g)?;
+        let plan = program.layout(&env)?;
+        let kernels = program.step.len();
+        drop(program);
+        let run = || -> Result<(f64, Vec<f64>)> {
+            progress.say(&format!("{lname}: compiling {kernels} kernels"));
+            let t = Instant::now();
+            let mut exe = crate::cli::train::executable(&g, args.target, false)?;
+            let compile_s = t.elapsed().as_secs_f64();
+            let mut trainer = Trainer::new(exe.as_mut(), state.clone());
+            let mut times = Vec::new();
+            for i in 0..args.warmup + args.repeats {
+                progress.say(&format!("{lname}: step {}/{}", i + 1, args.warmup + args.repeats));
+                let t = Instant::now();
+                let out = trainer.step(tokens.clone(), &hp.scalars(1e-4, i as u64 + 1))?;
+                if !out.loss.is_finite() {
+                    bail!("step {}: the loss is {}", i + 1, out.loss);
+                }
+                if i >= args.warmup {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok((compile_s, times))
+        };
+        match run() {
+            Ok((compile_s, mut times)) => {
+                let ms = median(&mut times);
+                let _ = writeln!(
+                    s,
+                    "{lname:<6} {kernels:>8} {optimize_s:>11.2} {compile_s:>10.2} {ms:>10.1} {:>12.0} {:>12} {:>12}",
+                    tokens_per_step / (ms / 1e3),
+                    crate::cli::stats::bytes(plan.persistent_bytes),
+                    crate::cli::stats::bytes(plan.arena_bytes)
+                );
+                steps_ms.push((lname.clone(), ms));
+                rows.push(serde_json::json!({
+                    "level": lname, "kernels": kernels, "optimize_s": optimize_s, "compile_s": compile_s,
+                    "step_ms": ms, "step_ms_all": times, "tokens_per_s": tokens_per_step / (ms / 1e3),
+                    "state_bytes": plan.persistent_bytes, "transient_bytes": plan.arena_bytes,
+                }));
+            }
+            Err(e) if args.compare.len() > 1 => {
+                let msg = format!("{e:#}");
+                let _ = writeln!(s, "{lname:<6} {kernels:>8} {optimize_s:>11.2}  could not run: {msg}");
+                rows.push(serde_json::json!({"level": lname, "kernels": kernels, "error": msg}));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    progress.done();
+    if let ([(a, x), (b, y)], true) = (steps_ms.as_slice(), steps_ms.len() == 2) {
+        let _ = writeln!(s, "{b} is {:.2}x the speed of {a}", x / y);
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "model": args.input.display().to_string(), "target": format!("{:?}", args.target).to_lowercase(),
+            "batch": args.batch, "seq": args.seq, "train": true, "levels": rows,
         });
         crate::cli::files::write_stdout(&(serde_json::to_string_pretty(&v)? + "\n"))?;
     } else {

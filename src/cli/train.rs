@@ -141,8 +141,22 @@ fn hyper(args: &Args) -> AdamW {
     }
 }
 
+/// The loss graph training runs: as built (f32), or stored in bf16 with f32 master weights.
+pub(crate) fn compute_graph(
+    loss_graph: &fulgur_ir::Graph,
+    dtype: crate::cli::model::Dtype,
+) -> Result<fulgur_ir::Graph> {
+    Ok(match dtype {
+        crate::cli::model::Dtype::F32 => loss_graph.clone(),
+        crate::cli::model::Dtype::Bf16 => {
+            use fulgur_passes::precision::{keep_f32, master_weights, store_as};
+            master_weights(&store_as(loss_graph, DType::BF16, &keep_f32)?)?
+        }
+    })
+}
+
 /// An executable for a graph without weights on `target`.
-fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite: bool) -> Result<Box<dyn Executable>> {
+pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite: bool) -> Result<Box<dyn Executable>> {
     if check_finite && target == BenchTarget::Reference {
         bail!("--check-finite runs on the cpu and cuda targets");
     }
@@ -380,13 +394,7 @@ pub fn run(args: Args) -> Result<()> {
     let cost_model = args.target.cost_model().to_string();
     let t0 = Instant::now();
     // bf16: the loss graph stored in bf16, its parameters f32 master weights cast where read
-    let compute_graph = match args.dtype {
-        crate::cli::model::Dtype::F32 => loss_graph.clone(),
-        crate::cli::model::Dtype::Bf16 => {
-            use fulgur_passes::precision::{keep_f32, master_weights, store_as};
-            master_weights(&store_as(&loss_graph, DType::BF16, &keep_f32)?)?
-        }
-    };
+    let compute_graph = compute_graph(&loss_graph, args.dtype)?;
     let step_graph = optimize(
         train_step_accumulating(&compute_graph, "loss", &hp, micro_batches)?,
         args.opt,
