@@ -524,6 +524,7 @@ fn bench_train(
     );
     let mut rows = Vec::new();
     let mut steps_ms = Vec::new();
+    let mut tops: Vec<(String, Vec<KernelTime>)> = Vec::new();
     for &level in &args.compare {
         let lname = format!("{level:?}").to_lowercase();
         progress.say(&format!("{lname}: building and optimizing the training step"));
@@ -534,28 +535,98 @@ fn bench_train(
         let plan = program.layout(&env)?;
         let kernels = program.step.len();
         drop(program);
-        let run = || -> Result<(f64, Vec<f64>)> {
+        let run = || -> Result<(f64, Vec<f64>, Vec<KernelTime>)> {
             progress.say(&format!("{lname}: compiling {kernels} kernels"));
             let t = Instant::now();
-            let mut exe = crate::cli::train::executable(&g, args.target, false)?;
+            // on the CPU with --top, the program itself, to profile the timed steps
+            #[cfg(feature = "llvm")]
+            let mut cpu = if args.target == BenchTarget::Cpu && args.top > 0 {
+                Some(fulgur_runtime::cpu::CpuProgram::new(
+                    lower(&g)?,
+                    fulgur_runtime::cpu::CpuOptions {
+                        threads: args.threads,
+                        ..Default::default()
+                    },
+                )?)
+            } else {
+                None
+            };
+            #[cfg(not(feature = "llvm"))]
+            let mut cpu: Option<fulgur_runtime::ReferenceExecutable> = None;
+            let mut boxed = match cpu {
+                Some(_) => None,
+                None => Some(crate::cli::train::executable(&g, args.target, false)?),
+            };
             let compile_s = t.elapsed().as_secs_f64();
-            let mut trainer = Trainer::new(exe.as_mut(), state.clone());
             let mut times = Vec::new();
-            for i in 0..args.warmup + args.repeats {
-                progress.say(&format!("{lname}: step {}/{}", i + 1, args.warmup + args.repeats));
-                let t = Instant::now();
-                let out = trainer.step(tokens.clone(), &hp.scalars(1e-4, i as u64 + 1))?;
-                if !out.loss.is_finite() {
-                    bail!("step {}: the loss is {}", i + 1, out.loss);
-                }
-                if i >= args.warmup {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
+            {
+                let exe: &mut dyn fulgur_runtime::Executable = match (&mut cpu, &mut boxed) {
+                    (Some(c), _) => c,
+                    (None, Some(b)) => b.as_mut(),
+                    (None, None) => bail!("no executable"),
+                };
+                let mut trainer = Trainer::new(exe, state.clone());
+                for i in 0..args.warmup + args.repeats {
+                    progress.say(&format!("{lname}: step {}/{}", i + 1, args.warmup + args.repeats));
+                    let t = Instant::now();
+                    let out = trainer.step(tokens.clone(), &hp.scalars(1e-4, i as u64 + 1))?;
+                    if !out.loss.is_finite() {
+                        bail!("step {}: the loss is {}", i + 1, out.loss);
+                    }
+                    if i >= args.warmup {
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
                 }
             }
-            Ok((compile_s, times))
+            // one more step, profiled kernel by kernel
+            #[cfg_attr(not(feature = "llvm"), allow(unused_mut))]
+            let mut top = Vec::new();
+            #[cfg(feature = "llvm")]
+            if let Some(c) = &mut cpu {
+                c.profile = Some(fulgur_runtime::cpu::Profile::default());
+                let mut inputs: HashMap<String, Tensor> = HashMap::new();
+                inputs.insert("input_ids".into(), tokens.clone());
+                for (n, v) in hp.scalars(1e-4, (args.warmup + args.repeats) as u64 + 1) {
+                    inputs.insert(n.into(), Tensor::from_f64(fulgur_ir::DType::F32, vec![], vec![v]));
+                }
+                let carried: Vec<String> = state.keys().cloned().collect();
+                match c.run_carried(&inputs, &carried) {
+                    Some(r) => {
+                        r.context("the profiled step")?;
+                    }
+                    None => bail!("the training step cannot keep its state in the program"),
+                }
+                if let Some(p) = &c.profile {
+                    let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+                    for k in &c.program.step {
+                        let e = by
+                            .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
+                            .or_default();
+                        e.0 += 1;
+                        e.1 += p.kernel_seconds.get(k.id).copied().unwrap_or(0.0) * 1e3 / p.runs.max(1) as f64;
+                    }
+                    let mut v: Vec<KernelTime> = by
+                        .into_iter()
+                        .map(|((op, name), (calls, ms))| KernelTime {
+                            name,
+                            op: truncate(&op, 60),
+                            calls,
+                            ms,
+                            steps: Vec::new(),
+                        })
+                        .collect();
+                    v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
+                    v.truncate(args.top);
+                    top = v;
+                }
+            }
+            Ok((compile_s, times, top))
         };
         match run() {
-            Ok((compile_s, mut times)) => {
+            Ok((compile_s, mut times, top)) => {
+                if !top.is_empty() {
+                    tops.push((lname.clone(), top));
+                }
                 let ms = median(&mut times);
                 let _ = writeln!(
                     s,
@@ -582,6 +653,12 @@ fn bench_train(
     progress.done();
     if let ([(a, x), (b, y)], true) = (steps_ms.as_slice(), steps_ms.len() == 2) {
         let _ = writeln!(s, "{b} is {:.2}x the speed of {a}", x / y);
+    }
+    for (lname, top) in &tops {
+        let _ = writeln!(s, "top kernels of one more step ({lname}), ms per step:");
+        for k in top {
+            let _ = writeln!(s, "  {:>9.2}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+        }
     }
     if args.json {
         let v = serde_json::json!({
