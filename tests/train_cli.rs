@@ -172,6 +172,10 @@ fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = train(&b, "2", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // a step logged after the last checkpoint (a run killed before its next save) is dropped on resume
+    let mut log = std::fs::read_to_string(b.join("log.jsonl")).unwrap();
+    log.push_str("{\"step\":3,\"loss\":99.0}\n");
+    std::fs::write(b.join("log.jsonl"), log).unwrap();
     let bs = b.display().to_string();
     let o = train(&b, "3", &["--resume", &bs]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -211,6 +215,11 @@ fn bad_runs_are_refused_and_leave_earlier_ones_whole() {
         &rs,
     ]);
     fails(&o, &["its checkpoint was trained with another config"]);
+    // resumed with another seed: the data position would mean other batches
+    fails(
+        &train(&run, "2", &["--resume", &rs, "--seed", "5"]),
+        &["the run was trained with --seed 0, this command gives 5"],
+    );
     // a truncated optimizer state
     let opt = run.join("checkpoint/optimizer.safetensors");
     let bytes = std::fs::read(&opt).unwrap();

@@ -474,9 +474,15 @@ pub fn save_checkpoint(
         .ok_or_else(|| io(dir, "not a directory path"))?
         .to_string_lossy()
         .to_string();
+    if dir.exists() && !dir.is_dir() {
+        return Err(io(dir, "exists and is not a directory: not replaced by a checkpoint"));
+    }
+    // a save interrupted between its two renames left the last checkpoint aside: put it back first
+    recover_checkpoint(dir)?;
     let tmp = parent.join(format!(".{base}.{}.tmp", std::process::id()));
     let old = parent.join(format!(".{base}.{}.old", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&old);
     let write = || -> Result<(), ModelError> {
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         std::fs::write(tmp.join("config.json"), config_json).map_err(|e| io(&tmp.join("config.json"), e))?;
@@ -493,7 +499,10 @@ pub fn save_checkpoint(
     // swap: the old directory aside, the new one in, the old one removed
     let had = dir.exists();
     if had {
-        std::fs::rename(dir, &old).map_err(|e| io(dir, format!("cannot replace it: {e}")))?;
+        if let Err(e) = std::fs::rename(dir, &old) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(dir, format!("cannot replace it: {e}")));
+        }
     }
     if let Err(e) = std::fs::rename(&tmp, dir) {
         if had {
@@ -504,6 +513,51 @@ pub fn save_checkpoint(
     }
     if had {
         let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// The hidden directories a checkpoint save uses beside `dir`: `(temporary, set aside)` of any process.
+fn save_leftovers(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(base) = dir.file_name().map(|b| b.to_string_lossy().to_string()) else {
+        return (Vec::new(), Vec::new());
+    };
+    let (mut tmp, mut old) = (Vec::new(), Vec::new());
+    if let Ok(rd) = std::fs::read_dir(parent) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some(rest) = n.strip_prefix(&format!(".{base}.")) {
+                if rest.ends_with(".tmp") {
+                    tmp.push(e.path());
+                } else if rest.ends_with(".old") {
+                    old.push(e.path());
+                }
+            }
+        }
+    }
+    (tmp, old)
+}
+
+/// Puts back a checkpoint a save set aside before it was interrupted (`dir` missing, its previous contents in a
+/// hidden `.NAME.PID.old` beside it), and removes the temporary directories of interrupted saves. Nothing to
+/// do (`Ok`) when `dir` exists or no save was interrupted.
+pub fn recover_checkpoint(dir: &Path) -> Result<(), ModelError> {
+    let (tmp, old) = save_leftovers(dir);
+    for t in tmp {
+        let _ = std::fs::remove_dir_all(t);
+    }
+    if dir.exists() {
+        for o in old {
+            let _ = std::fs::remove_dir_all(o);
+        }
+        return Ok(());
+    }
+    if let Some(o) = old.first() {
+        std::fs::rename(o, dir).map_err(|e| io(dir, format!("cannot restore it from {}: {e}", o.display())))?;
     }
     Ok(())
 }

@@ -72,3 +72,31 @@ fn a_failed_save_leaves_the_previous_checkpoint() {
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("ck")]);
 }
+
+/// A save interrupted between its two renames (the old checkpoint set aside, the new one not yet in place) is
+/// put right by the next save or by `recover_checkpoint`; a path that is a file is never replaced.
+#[test]
+fn an_interrupted_save_is_recovered() {
+    use fulgur_models::checkpoint::recover_checkpoint;
+    let dir = fulgur_models::fixtures::tiny_a();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+    let weights = ck.load_params(&g).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ck");
+    save_checkpoint(&out, "{\"v\": 1}", &weights, &[]).unwrap();
+    std::fs::rename(&out, tmp.path().join(".ck.4242.old")).unwrap();
+    std::fs::create_dir(tmp.path().join(".ck.4242.tmp")).unwrap();
+    recover_checkpoint(&out).unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{\"v\": 1}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("ck")]);
+    let file = tmp.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    let e = save_checkpoint(&file, "{}", &weights, &[]).unwrap_err().to_string();
+    assert!(e.contains("exists and is not a directory"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+}

@@ -404,11 +404,14 @@ fn vjp(
                 }
                 BinaryOp::Pow => {
                     let ga = if want[0] {
-                        // gy · c · a^(c−1)
+                        // gy · c · a^(c−1), taken as 0 where c = 0 (0 · a^(−1) is NaN at a = 0; PyTorch masks it)
                         let o = one(g, 1.0, c)?;
                         let cm = g.sub(c, o)?;
                         let p = g.binary(BinaryOp::Pow, a, cm)?;
                         let t = g.mul(p, c)?;
+                        let z = zero(g, c)?;
+                        let c0 = g.compare(CmpOp::Eq, c, z)?;
+                        let t = g.select(c0, z, t)?;
                         Some(g.mul(gy, t)?)
                     } else {
                         None

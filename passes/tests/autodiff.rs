@@ -397,3 +397,22 @@ fn casts_pass_the_gradient_straight_through() {
     let got = Interpreter::new(Precision::F64).run(&dg, &feed).unwrap();
     assert_eq!(got["grad.x"].to_f64(), vec![0.5, -2.0, 3.0, 0.25]);
 }
+
+/// `pow` at a zero base with a zero exponent: the base's gradient is 0, not NaN (as PyTorch).
+#[test]
+fn pow_at_zero_to_the_zero_has_a_zero_gradient() {
+    let mut g = Graph::new("pow");
+    let a = g.param("a", DType::F32, vec![Dim::from(2)]).unwrap();
+    let c = g.param("c", DType::F32, vec![Dim::from(2)]).unwrap();
+    let y = g.binary(fulgur_ir::BinaryOp::Pow, a, c).unwrap();
+    let l = g.sum(y, &[0], false).unwrap();
+    g.add_output("loss", l).unwrap();
+    let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    let feed: HashMap<String, Tensor> = [
+        ("a".to_string(), tensor(&[2], vec![0.0, 2.0])),
+        ("c".to_string(), tensor(&[2], vec![0.0, 0.0])),
+    ]
+    .into();
+    let got = Interpreter::new(Precision::F64).run(&dg, &feed).unwrap();
+    assert_eq!(got["grad.a"].to_f64(), vec![0.0, 0.0]);
+}

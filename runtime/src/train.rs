@@ -163,6 +163,15 @@ impl Data {
                 ids.dtype, ids.shape
             ));
         }
+        if let Some((at, x)) = ids.to_i64().into_iter().enumerate().find(|(_, x)| *x < 0) {
+            let (b, t) = (ids.shape[1], ids.shape[2]);
+            return Err(format!(
+                "{what}: `input_ids` holds the negative id {x} at [{}, {}, {}]",
+                at / (b * t),
+                at / t % b,
+                at % t
+            ));
+        }
         Ok(Data::Batches { ids })
     }
 
@@ -199,11 +208,12 @@ impl Data {
                 if k >= s {
                     return Err(format!("the data holds {s} batches; step {} has none", k + 1));
                 }
-                Tensor::from_i64(
-                    DType::I64,
-                    vec![b, t],
-                    ids.to_i64()[k * b * t..(k + 1) * b * t].to_vec(),
-                )
+                let at = k * b * t;
+                let v: Vec<i64> = match &ids.data {
+                    fulgur_ir::Buffer::I(all) => all[at..at + b * t].to_vec(),
+                    _ => ids.to_i64()[at..at + b * t].to_vec(),
+                };
+                Tensor::from_i64(DType::I64, vec![b, t], v)
             }
             Data::Text {
                 tokens,
@@ -229,18 +239,14 @@ impl Data {
         Ok(t)
     }
 
-    /// The held-out batches (text data only), at most `max` of them.
-    pub fn heldout(&self, max: usize) -> Vec<Tensor> {
+    /// The held-out sequences (text data only) in batches of up to `batch` (at most `max` batches).
+    pub fn heldout(&self, batch: usize, max: usize) -> Vec<Tensor> {
         match self {
             Data::Batches { .. } => Vec::new(),
             Data::Text {
-                tokens,
-                seq,
-                batch,
-                heldout,
-                ..
+                tokens, seq, heldout, ..
             } => {
-                let b = (*batch).min(heldout.len());
+                let b = batch.max(1).min(heldout.len());
                 heldout
                     .chunks(b)
                     .filter(|c| c.len() == b)
@@ -287,6 +293,8 @@ pub struct Trainer<'a> {
     carried: Vec<String>,
     /// The state on the host: before the first step, and after every step of an executable that cannot carry.
     host: Option<HashMap<String, Tensor>>,
+    /// A carried step failed part-way: the executable's outputs are neither the old state nor the new one.
+    broken: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -298,11 +306,17 @@ impl<'a> Trainer<'a> {
             exe,
             carried,
             host: Some(state),
+            broken: false,
         }
     }
 
     /// One step on `ids` with the optimizer's scalar inputs.
     pub fn step(&mut self, ids: Tensor, scalars: &[(&str, f64)]) -> Result<StepOutput, RuntimeError> {
+        if self.broken {
+            return Err(RuntimeError::Other(
+                "an earlier step failed part-way: the state is lost (resume from the last checkpoint)".into(),
+            ));
+        }
         let mut inputs: HashMap<String, Tensor> = HashMap::new();
         inputs.insert("input_ids".into(), ids);
         for (n, v) in scalars {
@@ -313,14 +327,31 @@ impl<'a> Trainer<'a> {
             None => self.exe.run_carried(&inputs, &self.carried),
         };
         let out: BTreeMap<String, Tensor> = match carried {
-            Some(r) => r?,
+            Some(Ok(o)) => o,
+            Some(Err(e)) => {
+                // a step that failed part-way left its outputs half written: no state to carry or read
+                self.broken = true;
+                return Err(e);
+            }
             None => {
                 let host = self.host.take().ok_or_else(|| {
                     RuntimeError::Other("the executable stopped carrying its state between steps".into())
                 })?;
                 let mut all = inputs;
                 all.extend(host);
-                let mut out = self.exe.run(&all)?;
+                let mut out = match self.exe.run(&all) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        // the state stays what it was before the step
+                        self.host = Some(
+                            self.carried
+                                .iter()
+                                .filter_map(|n| all.remove(n).map(|t| (n.clone(), t)))
+                                .collect(),
+                        );
+                        return Err(e);
+                    }
+                };
                 // keep the new state on the host when the executable cannot hold it
                 let mut host = HashMap::new();
                 for n in &self.carried {
@@ -347,6 +378,11 @@ impl<'a> Trainer<'a> {
 
     /// The current weights and moments.
     pub fn state(&mut self) -> Result<HashMap<String, Tensor>, RuntimeError> {
+        if self.broken {
+            return Err(RuntimeError::Other(
+                "a step failed part-way: the state is lost (resume from the last checkpoint)".into(),
+            ));
+        }
         if let Some(h) = &self.host {
             return Ok(h.clone());
         }

@@ -9,7 +9,7 @@
 use crate::cli::bench::BenchTarget;
 use crate::cli::model::{optimize, OptLevel};
 use anyhow::{bail, Context, Result};
-use fulgur_ir::tensor::{read_safetensors, write_safetensors};
+use fulgur_ir::tensor::read_safetensors;
 use fulgur_ir::{DType, Tensor};
 use fulgur_models::checkpoint::{save_checkpoint, Checkpoint};
 use fulgur_models::random::random_weights;
@@ -129,6 +129,12 @@ struct TrainerState {
     seed: u64,
     /// The config the weights belong to (its canonical JSON).
     config: serde_json::Value,
+    /// What the data position means: the data file's size and hash, the sequence length and the batch.
+    data: String,
+    seq: usize,
+    batch: usize,
+    /// The tokenizer file's hash, where one tokenized the data.
+    tokenizer: Option<String>,
 }
 
 fn hyper(args: &Args) -> AdamW {
@@ -196,22 +202,47 @@ pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite
     })
 }
 
-fn load_data(args: &Args) -> Result<Data> {
+/// FNV-1a over bytes: identifies a data or tokenizer file in `trainer.json` (not a security hash).
+fn fnv(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The training data, the identity of its file, and the tokenizer file's bytes where one tokenized it.
+struct Loaded {
+    data: Data,
+    data_id: String,
+    tokenizer: Option<Vec<u8>>,
+}
+
+fn load_data(args: &Args) -> Result<Loaded> {
     let what = format!("`{}`", args.data.display());
+    let bytes = std::fs::read(&args.data).with_context(|| format!("reading the data {what}"))?;
+    let data_id = format!("{} bytes, fnv {}", bytes.len(), fnv(&bytes));
     if args.data.extension().is_some_and(|e| e == "safetensors") {
+        drop(bytes);
         let t = read_safetensors(&args.data)?;
         let ids = t
             .get("input_ids")
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("{what} has no tensor `input_ids` (pre-tokenized batches [steps, B, T])"))?;
-        return Data::batches(ids, &what).map_err(anyhow::Error::msg);
+        let data = Data::batches(ids, &what).map_err(anyhow::Error::msg)?;
+        return Ok(Loaded {
+            data,
+            data_id,
+            tokenizer: None,
+        });
     }
-    let bytes = std::fs::read(&args.data).with_context(|| format!("reading the data {what}"))?;
     let tokenizer = args.tokenizer.clone().or_else(|| {
         let own = args.input.join("tokenizer.json");
         (args.input.is_dir() && own.is_file()).then_some(own)
     });
     if let Some(tp) = tokenizer {
+        let tok_bytes = std::fs::read(&tp).with_context(|| format!("reading the tokenizer `{}`", tp.display()))?;
         let tok = tokenizers::Tokenizer::from_file(&tp)
             .map_err(|e| anyhow::anyhow!("`{}`: not a tokenizer the tokenizers crate reads: {e}", tp.display()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
@@ -231,7 +262,7 @@ fn load_data(args: &Args) -> Result<Data> {
             tp.display(),
             tok.get_vocab_size(true)
         );
-        return Data::tokens(
+        let data = Data::tokens(
             ids,
             tok.get_vocab_size(true),
             "tokens",
@@ -240,9 +271,19 @@ fn load_data(args: &Args) -> Result<Data> {
             args.seed,
             &what,
         )
-        .map_err(anyhow::Error::msg);
+        .map_err(anyhow::Error::msg)?;
+        return Ok(Loaded {
+            data,
+            data_id,
+            tokenizer: Some(tok_bytes),
+        });
     }
-    Data::text(&bytes, args.seq, args.batch, args.seed, &what).map_err(anyhow::Error::msg)
+    let data = Data::text(&bytes, args.seq, args.batch, args.seed, &what).map_err(anyhow::Error::msg)?;
+    Ok(Loaded {
+        data,
+        data_id,
+        tokenizer: None,
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -257,6 +298,26 @@ pub fn run(args: Args) -> Result<()> {
             d.join("checkpoint")
         }
     });
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    // saves interrupted between their two renames are put right first
+    fulgur_models::checkpoint::recover_checkpoint(&ck_dir)?;
+    if let Some(rd) = &resume_dir {
+        fulgur_models::checkpoint::recover_checkpoint(rd)?;
+        let same = |a: &std::path::Path, b: &std::path::Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        };
+        if ck_dir.exists() && !same(&ck_dir, rd) {
+            bail!(
+                "--out {} holds another training run ({}); resuming {} would write over it: choose another --out",
+                run_dir.display(),
+                ck_dir.display(),
+                rd.display()
+            );
+        }
+    }
     if resume_dir.is_none() && ck_dir.exists() {
         bail!(
             "{} already holds a training run ({}): pass --resume {} to continue it, or choose another --out",
@@ -278,7 +339,12 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("reading the config `{}`", args.input.display()))?;
         (text, MiniMaxConfig::from_file(&args.input)?, None)
     };
-    let data = load_data(&args)?;
+    let Loaded {
+        data,
+        data_id,
+        tokenizer: tokenizer_bytes,
+    } = load_data(&args)?;
+    let tokenizer_id = tokenizer_bytes.as_deref().map(fnv);
     if data.vocab_needed() > cfg.vocab_size {
         bail!(
             "the data needs token ids up to {} (`{}`), but the model's vocabulary has {} ids (vocab_size in {})",
@@ -322,6 +388,26 @@ pub fn run(args: Args) -> Result<()> {
                 args.input.display()
             );
         }
+        // the data position means something only for the same data, split and shuffled the same way
+        let differs = |what: &str, then: String, now: String| -> Result<()> {
+            if then != now {
+                bail!(
+                    "--resume {}: the run was trained with {what} {then}, this command gives {now}: its data position \
+                     would not continue the run",
+                    rd.display()
+                );
+            }
+            Ok(())
+        };
+        differs("--seed", ts.seed.to_string(), args.seed.to_string())?;
+        differs("the data", ts.data.clone(), data_id.clone())?;
+        differs("--seq", ts.seq.to_string(), t.to_string())?;
+        differs("--batch", ts.batch.to_string(), b.to_string())?;
+        differs(
+            "the tokenizer",
+            ts.tokenizer.clone().unwrap_or_else(|| "bytes".into()),
+            tokenizer_id.clone().unwrap_or_else(|| "bytes".into()),
+        )?;
         let ck = Checkpoint::open(rd)?;
         state = ck.load_params(&loss_graph)?.into_iter().collect();
         let opt_file = rd.join("optimizer.safetensors");
@@ -412,19 +498,48 @@ pub fn run(args: Args) -> Result<()> {
     say("compiling");
     let mut step_exe =
         executable(&step_graph, args.target, args.check_finite).context("compiling the training step")?;
-    let mut eval_exe = executable(&eval_graph, args.target, false).context("compiling the held-out loss")?;
+    // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
+    let heldout = data.heldout(micro, args.eval_batches);
+    let mut eval_exe = if heldout.is_empty() {
+        None
+    } else {
+        Some(executable(&eval_graph, args.target, false).context("compiling the held-out loss")?)
+    };
     let param_names: Vec<String> = state
         .keys()
         .filter(|n| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
         .cloned()
         .collect();
-    let heldout = data.heldout(args.eval_batches);
+    // the log: a resumed run keeps the lines of the steps its checkpoint holds (a run that stopped after its last
+    // save logged steps the resumed run takes again); a new run starts it afresh
+    let log_path = run_dir.join("log.jsonl");
+    let kept: String = if step0 > 0 {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|st| st <= step0)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    } else {
+        String::new()
+    };
+    fulgur_ir::tensor::write_atomic(&log_path, kept.as_bytes())?;
     let mut log = std::fs::OpenOptions::new()
-        .create(true)
         .append(true)
-        .open(run_dir.join("log.jsonl"))
-        .with_context(|| format!("opening {}", run_dir.join("log.jsonl").display()))?;
-    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    // Ctrl-C finishes the step and saves; a second one ends the process at once
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\ninterrupted twice: stopping without a checkpoint");
+            std::process::exit(130);
+        }
+    });
     let schedule = LrSchedule {
         lr: args.lr,
         warmup: args.warmup,
@@ -441,10 +556,10 @@ pub fn run(args: Args) -> Result<()> {
         },
     };
     let mut trainer = Trainer::new(step_exe.as_mut(), state);
-    let eval = |trainer: &mut Trainer, eval_exe: &mut Box<dyn Executable>| -> Result<Option<f64>> {
-        if heldout.is_empty() {
+    let eval = |trainer: &mut Trainer, eval_exe: &mut Option<Box<dyn Executable>>| -> Result<Option<f64>> {
+        let Some(eval_exe) = eval_exe else {
             return Ok(None);
-        }
+        };
         let st = trainer.state()?;
         let mut inputs: HashMap<String, Tensor> = param_names.iter().map(|n| (n.clone(), st[n].clone())).collect();
         let mut total = 0.0;
@@ -462,31 +577,34 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|(n, _)| n.starts_with(ADAM_M) || n.starts_with(ADAM_V))
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
-        let tmp = std::env::temp_dir().join(format!("fulgur-opt-{}.safetensors", std::process::id()));
-        write_safetensors(&tmp, &moments)?;
-        let opt_bytes = std::fs::read(&tmp)?;
-        let _ = std::fs::remove_file(&tmp);
+        let opt_bytes = fulgur_ir::tensor::safetensors_bytes(&moments)?;
         let ts = TrainerState {
             step,
             cursor: cursor.clone(),
             seed: args.seed,
             config: config_json.clone(),
+            data: data_id.clone(),
+            seq: t,
+            batch: b,
+            tokenizer: tokenizer_id.clone(),
         };
-        save_checkpoint(
-            &ck_dir,
-            &config_text,
-            &weights,
-            &[
-                ("optimizer.safetensors", opt_bytes),
-                ("trainer.json", serde_json::to_vec_pretty(&ts)?),
-            ],
-        )?;
+        let mut extra = vec![
+            ("optimizer.safetensors", opt_bytes),
+            ("trainer.json", serde_json::to_vec_pretty(&ts)?),
+        ];
+        // the tokenizer travels with the weights it was trained with
+        if let Some(tb) = &tokenizer_bytes {
+            extra.push(("tokenizer.json", tb.clone()));
+        }
+        save_checkpoint(&ck_dir, &config_text, &weights, &extra)?;
         Ok(())
     };
     let tokens_per_step = (b * t) as f64;
     let mut first_loss = None;
     let mut last = (f64::NAN, f64::NAN);
-    let mut saved_at = step0;
+    // the last good checkpoint: the one resumed from, then each one written
+    let mut last_good: Option<(u64, PathBuf)> = resume_dir.clone().map(|d| (step0, d));
+    let mut last_heldout: Option<f64> = None;
     let t_loop = Instant::now();
     let mut done = step0;
     for step in step0 + 1..=args.steps {
@@ -530,17 +648,17 @@ pub fn run(args: Args) -> Result<()> {
             };
             bail!(
                 "step {step}: {what} at learning rate {lr:e}; stopped. {}",
-                match (saved_at > 0, args.check_finite) {
-                    (true, false) => format!(
-                        "The last good checkpoint, of step {saved_at}, is {}; resume from it with --check-finite to \
-                         name the first kernel that produces a NaN",
-                        ck_dir.display()
+                match (&last_good, args.check_finite) {
+                    (Some((at, d)), false) => format!(
+                        "The last good checkpoint, of step {at}, is {}; resume from it with --check-finite to name \
+                         the first kernel that produces a NaN",
+                        d.display()
                     ),
-                    (true, true) => format!("The last good checkpoint, of step {saved_at}, is {}", ck_dir.display()),
-                    (false, false) => "No checkpoint was written; rerun with --check-finite to name the first \
-                                       kernel that produces a NaN"
+                    (Some((at, d)), true) => format!("The last good checkpoint, of step {at}, is {}", d.display()),
+                    (None, false) => "No checkpoint was written; rerun with --check-finite to name the first \
+                                      kernel that produces a NaN"
                         .to_string(),
-                    (false, true) => "No checkpoint was written".to_string(),
+                    (None, true) => "No checkpoint was written".to_string(),
                 }
             );
         }
@@ -555,6 +673,7 @@ pub fn run(args: Args) -> Result<()> {
         if eval_now {
             if let Some(h) = eval(&mut trainer, &mut eval_exe)? {
                 line["heldout_loss"] = serde_json::json!(h);
+                last_heldout = Some(h);
             }
         }
         writeln!(log, "{line}")?;
@@ -573,9 +692,9 @@ pub fn run(args: Args) -> Result<()> {
         let stop = STOP.load(Ordering::SeqCst);
         if stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps {
             save(&mut trainer, step, &cursor)?;
-            saved_at = step;
+            last_good = Some((step, ck_dir.clone()));
         }
-        if stop {
+        if stop && step < args.steps {
             if tty {
                 eprintln!();
             }
@@ -589,14 +708,7 @@ pub fn run(args: Args) -> Result<()> {
     if tty {
         eprintln!();
     }
-    let heldout_final = std::fs::read_to_string(run_dir.join("log.jsonl")).ok().and_then(|s| {
-        s.lines().rev().find_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()?
-                .get("heldout_loss")?
-                .as_f64()
-        })
-    });
+    let heldout_final = last_heldout;
     let trained = done - step0;
     println!(
         "trained steps {}–{done} on {:?} in {:.1} s ({:.0} tokens/s; optimize {optimize_s:.1} s, {} kernels, planned memory {} state + {} transient): loss {:.4} → {:.4}, gradient norm {:.3}{}; unigram entropy of the data {:.4}; checkpoint {}",
