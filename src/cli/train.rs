@@ -679,16 +679,21 @@ pub fn run(args: Args) -> Result<()> {
         writeln!(log, "{line}")?;
         let elapsed = t_loop.elapsed().as_secs_f64();
         let rate = (step - step0) as f64 * tokens_per_step / elapsed;
-        say(&format!(
-            "step {step}/{}  loss {:.4}  lr {lr:.2e}  {:.0} tokens/s{}",
-            args.steps,
-            out.loss,
-            rate,
-            line.get("heldout_loss")
-                .and_then(|h| h.as_f64())
-                .map(|h| format!("  held-out {h:.4}"))
-                .unwrap_or_default()
-        ));
+        // on a terminal every step rewrites the line; elsewhere (a log) about fifty lines in all, and the last
+        let every = (args.steps / 50).max(1);
+        let show = tty || step % every == 0 || step == args.steps || line.get("heldout_loss").is_some();
+        if show {
+            say(&format!(
+                "step {step}/{}  loss {:.4}  lr {lr:.2e}  {:.0} tokens/s{}",
+                args.steps,
+                out.loss,
+                rate,
+                line.get("heldout_loss")
+                    .and_then(|h| h.as_f64())
+                    .map(|h| format!("  held-out {h:.4}"))
+                    .unwrap_or_default()
+            ));
+        }
         let stop = STOP.load(Ordering::SeqCst);
         if stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps {
             save(&mut trainer, step, &cursor)?;
