@@ -445,13 +445,8 @@ fn bench_decode(
     }
     progress.done();
     for (lname, top) in &tops {
-        let _ = writeln!(
-            s,
-            "top kernels of one more decode step ({lname}, launched kernel by kernel), ms per step:"
-        );
-        for k in top {
-            let _ = writeln!(s, "  {:>9.3}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
-        }
+        let title = format!("top kernels of one more decode step ({lname}, launched kernel by kernel), ms per step:");
+        write_top(&mut s, &title, top);
     }
     if args.json {
         let v = serde_json::json!({
@@ -534,40 +529,16 @@ fn bench_train(
         let program = lower(&g)?;
         let plan = program.layout(&env)?;
         let kernels = program.step.len();
-        drop(program);
+        // called once: it takes the lowered program
         let run = || -> Result<(f64, Vec<f64>, Vec<KernelTime>)> {
             progress.say(&format!("{lname}: compiling {kernels} kernels"));
             let t = Instant::now();
-            // on the CPU with --top, the program itself, to profile the timed steps
-            #[cfg(feature = "llvm")]
-            let mut cpu = if args.target == BenchTarget::Cpu && args.top > 0 {
-                Some(fulgur_runtime::cpu::CpuProgram::new(
-                    lower(&g)?,
-                    fulgur_runtime::cpu::CpuOptions {
-                        threads: args.threads,
-                        ..Default::default()
-                    },
-                )?)
-            } else {
-                None
-            };
-            #[cfg(not(feature = "llvm"))]
-            let mut cpu: Option<fulgur_runtime::ReferenceExecutable> = None;
-            let mut boxed = match cpu {
-                Some(_) => None,
-                None => Some(crate::cli::train::executable(&g, args.target, false)?),
-            };
-            let compile_s = t.elapsed().as_secs_f64();
-            let mut times = Vec::new();
-            {
-                let exe: &mut dyn fulgur_runtime::Executable = match (&mut cpu, &mut boxed) {
-                    (Some(c), _) => c,
-                    (None, Some(b)) => b.as_mut(),
-                    (None, None) => bail!("no executable"),
-                };
+            let steps = args.warmup + args.repeats;
+            let time_steps = |exe: &mut dyn fulgur_runtime::Executable| -> Result<Vec<f64>> {
                 let mut trainer = Trainer::new(exe, state.clone());
-                for i in 0..args.warmup + args.repeats {
-                    progress.say(&format!("{lname}: step {}/{}", i + 1, args.warmup + args.repeats));
+                let mut times = Vec::new();
+                for i in 0..steps {
+                    progress.say(&format!("{lname}: step {}/{steps}", i + 1));
                     let t = Instant::now();
                     let out = trainer.step(tokens.clone(), &hp.scalars(1e-4, i as u64 + 1))?;
                     if !out.loss.is_finite() {
@@ -577,50 +548,35 @@ fn bench_train(
                         times.push(t.elapsed().as_secs_f64() * 1e3);
                     }
                 }
-            }
-            // one more step, profiled kernel by kernel
-            #[cfg_attr(not(feature = "llvm"), allow(unused_mut))]
-            let mut top = Vec::new();
-            #[cfg(feature = "llvm")]
-            if let Some(c) = &mut cpu {
-                c.profile = Some(fulgur_runtime::cpu::Profile::default());
-                let mut inputs: HashMap<String, Tensor> = HashMap::new();
-                inputs.insert("input_ids".into(), tokens.clone());
-                for (n, v) in hp.scalars(1e-4, (args.warmup + args.repeats) as u64 + 1) {
-                    inputs.insert(n.into(), Tensor::from_f64(fulgur_ir::DType::F32, vec![], vec![v]));
+                Ok(times)
+            };
+            match args.target {
+                // on the CPU with --top, the program itself, to profile one more step
+                #[cfg(feature = "llvm")]
+                BenchTarget::Cpu if args.top > 0 => {
+                    let opts = fulgur_runtime::cpu::CpuOptions {
+                        threads: args.threads,
+                        ..Default::default()
+                    };
+                    let mut cpu = fulgur_runtime::cpu::CpuProgram::new(program, opts)?;
+                    let compile_s = t.elapsed().as_secs_f64();
+                    let times = time_steps(&mut cpu)?;
+                    let carried: Vec<String> = state.keys().cloned().collect();
+                    let top = profile_cpu_step(
+                        &mut cpu,
+                        tokens,
+                        &hp.scalars(1e-4, steps as u64 + 1),
+                        &carried,
+                        args.top,
+                    )?;
+                    Ok((compile_s, times, top))
                 }
-                let carried: Vec<String> = state.keys().cloned().collect();
-                match c.run_carried(&inputs, &carried) {
-                    Some(r) => {
-                        r.context("the profiled step")?;
-                    }
-                    None => bail!("the training step cannot keep its state in the program"),
-                }
-                if let Some(p) = &c.profile {
-                    let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
-                    for k in &c.program.step {
-                        let e = by
-                            .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
-                            .or_default();
-                        e.0 += 1;
-                        e.1 += p.kernel_seconds.get(k.id).copied().unwrap_or(0.0) * 1e3 / p.runs.max(1) as f64;
-                    }
-                    let mut v: Vec<KernelTime> = by
-                        .into_iter()
-                        .map(|((op, name), (calls, ms))| KernelTime {
-                            name,
-                            op: truncate(&op, 60),
-                            calls,
-                            ms,
-                            steps: Vec::new(),
-                        })
-                        .collect();
-                    v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
-                    v.truncate(args.top);
-                    top = v;
+                _ => {
+                    let mut exe = crate::cli::train::executable(&g, Some(program), args.target, false)?;
+                    let compile_s = t.elapsed().as_secs_f64();
+                    Ok((compile_s, time_steps(exe.as_mut())?, Vec::new()))
                 }
             }
-            Ok((compile_s, times, top))
         };
         match run() {
             Ok((compile_s, mut times, top)) => {
@@ -655,10 +611,11 @@ fn bench_train(
         let _ = writeln!(s, "{b} is {:.2}x the speed of {a}", x / y);
     }
     for (lname, top) in &tops {
-        let _ = writeln!(s, "top kernels of one more step ({lname}), ms per step:");
-        for k in top {
-            let _ = writeln!(s, "  {:>9.2}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
-        }
+        write_top(
+            &mut s,
+            &format!("top kernels of one more step ({lname}), ms per step:"),
+            top,
+        );
     }
     if args.json {
         let v = serde_json::json!({
@@ -844,17 +801,28 @@ fn bench_cuda(
 /// The profiled kernels of a CUDA program, grouped by op and layer-free name, slowest first.
 #[cfg(feature = "cuda")]
 fn cuda_top(gpu: &fulgur_runtime::cuda::CudaProgram, n: usize) -> Vec<KernelTime> {
-    use std::collections::HashMap;
     let Some(p) = &gpu.profile else {
         return Vec::new();
     };
+    top_kernels(
+        &gpu.program.step,
+        |id| p.kernel_ms.get(id).copied().unwrap_or(0.0) / p.runs.max(1) as f64,
+        n,
+    )
+}
+
+/// Step kernels grouped by op and layer-free name with their summed ms per step (`ms` of a kernel id), the
+/// slowest `n` first.
+#[cfg(any(feature = "llvm", feature = "cuda"))]
+fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f64, n: usize) -> Vec<KernelTime> {
+    use std::collections::HashMap;
     let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
-    for k in &gpu.program.step {
+    for k in step {
         let e = by
             .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
             .or_default();
         e.0 += 1;
-        e.1 += p.kernel_ms.get(k.id).copied().unwrap_or(0.0) / p.runs.max(1) as f64;
+        e.1 += ms(k.id);
     }
     let mut v: Vec<KernelTime> = by
         .into_iter()
@@ -943,6 +911,50 @@ fn bench_cuda(
     _: &Progress,
 ) -> Result<Measured> {
     bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
+}
+
+/// One more training step on a CPU program that kept its state from the last, profiled kernel by kernel: its
+/// slowest kernel groups.
+#[cfg(feature = "llvm")]
+fn profile_cpu_step(
+    cpu: &mut fulgur_runtime::cpu::CpuProgram,
+    tokens: &Tensor,
+    scalars: &[(&str, f64)],
+    carried: &[String],
+    n: usize,
+) -> Result<Vec<KernelTime>> {
+    use std::collections::HashMap;
+    cpu.profile = Some(fulgur_runtime::cpu::Profile::default());
+    let mut inputs: HashMap<String, Tensor> = HashMap::new();
+    inputs.insert("input_ids".into(), tokens.clone());
+    for (name, v) in scalars {
+        inputs.insert(
+            name.to_string(),
+            Tensor::from_f64(fulgur_ir::DType::F32, vec![], vec![*v]),
+        );
+    }
+    match cpu.run_carried(&inputs, carried) {
+        Some(r) => {
+            r.context("the profiled step")?;
+        }
+        None => bail!("the training step cannot keep its state in the program"),
+    }
+    let Some(p) = &cpu.profile else {
+        return Ok(Vec::new());
+    };
+    Ok(top_kernels(
+        &cpu.program.step,
+        |id| p.kernel_seconds.get(id).copied().unwrap_or(0.0) * 1e3 / p.runs.max(1) as f64,
+        n,
+    ))
+}
+
+/// A table of the slowest kernels under `title`.
+fn write_top(s: &mut String, title: &str, top: &[KernelTime]) {
+    let _ = writeln!(s, "{title}");
+    for k in top {
+        let _ = writeln!(s, "  {:>9.3}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+    }
 }
 
 /// `layers.3.matmul.1` → `layers.*.matmul.1`.

@@ -161,8 +161,14 @@ pub(crate) fn compute_graph(
     })
 }
 
-/// An executable for a graph without weights on `target`.
-pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite: bool) -> Result<Box<dyn Executable>> {
+/// An executable for a graph without weights on `target`; `program` is the graph already lowered, where the
+/// caller has it (the cpu and cuda targets lower it otherwise).
+pub(crate) fn executable(
+    g: &fulgur_ir::Graph,
+    program: Option<fulgur_codegen::program::KernelProgram>,
+    target: BenchTarget,
+    check_finite: bool,
+) -> Result<Box<dyn Executable>> {
     if check_finite && target == BenchTarget::Reference {
         bail!("--check-finite runs on the cpu and cuda targets");
     }
@@ -178,8 +184,12 @@ pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite
         #[cfg(feature = "llvm")]
         BenchTarget::Cpu => {
             use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+            let program = match program {
+                Some(p) => p,
+                None => fulgur_codegen::program::lower(g)?,
+            };
             Box::new(CpuProgram::new(
-                fulgur_codegen::program::lower(g)?,
+                program,
                 CpuOptions {
                     check_finite,
                     ..Default::default()
@@ -189,8 +199,12 @@ pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite
         #[cfg(feature = "cuda")]
         BenchTarget::Cuda => {
             use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+            let program = match program {
+                Some(p) => p,
+                None => fulgur_codegen::program::lower(g)?,
+            };
             Box::new(CudaProgram::new(
-                fulgur_codegen::program::lower(g)?,
+                program,
                 CudaOptions {
                     check_finite,
                     ..Default::default()
@@ -198,7 +212,10 @@ pub(crate) fn executable(g: &fulgur_ir::Graph, target: BenchTarget, check_finite
             )?)
         }
         #[allow(unreachable_patterns)]
-        t => bail!("this build has no {t:?} backend"),
+        t => {
+            drop(program);
+            bail!("this build has no {t:?} backend")
+        }
     })
 }
 
@@ -494,16 +511,15 @@ pub fn run(args: Args) -> Result<()> {
     // values (the activations the backward reads, the gradients, the update's temporaries)
     let env: HashMap<String, i64> = [("B".to_string(), micro as i64), ("T".to_string(), t as i64)].into();
     let plan = step_program.layout(&env)?;
-    drop(step_program);
     say("compiling");
-    let mut step_exe =
-        executable(&step_graph, args.target, args.check_finite).context("compiling the training step")?;
+    let mut step_exe = executable(&step_graph, Some(step_program), args.target, args.check_finite)
+        .context("compiling the training step")?;
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
     let mut eval_exe = if heldout.is_empty() {
         None
     } else {
-        Some(executable(&eval_graph, args.target, false).context("compiling the held-out loss")?)
+        Some(executable(&eval_graph, None, args.target, false).context("compiling the held-out loss")?)
     };
     let param_names: Vec<String> = state
         .keys()
