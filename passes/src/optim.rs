@@ -100,28 +100,14 @@ pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches:
         }
     }
     let dg = differentiate(g, loss, &GradOptions::default())?;
-    let mut s = Graph::new(format!("{}_train_step", g.name));
-    let mut map: HashMap<Value, Value> = HashMap::new();
-    let mut params: Vec<(String, TensorType, Value)> = Vec::new();
-    for (id, node) in dg.nodes() {
-        let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
-        let op = match &node.op {
-            Op::Param { name, ty } => Op::Input {
-                name: name.clone(),
-                ty: ty.clone(),
-            },
-            op => op.clone(),
-        };
-        let nid = s.add_node(op, &ins, node.name.clone())?;
-        for k in 0..node.outputs.len() as u32 {
-            map.insert(Value::new(id, k), Value::new(nid, k));
-        }
-        if let Op::Param { name, ty } = &node.op {
-            if ty.dtype.is_float() {
-                params.push((name.clone(), ty.clone(), Value::new(nid, 0)));
-            }
-        }
-    }
+    let (mut s, map) = with_params_as_inputs(&dg, format!("{}_train_step", g.name))?;
+    let params: Vec<(String, TensorType, Value)> = dg
+        .nodes()
+        .filter_map(|(id, node)| match &node.op {
+            Op::Param { name, ty } if ty.dtype.is_float() => Some((name.clone(), ty.clone(), map[&Value::new(id, 0)])),
+            _ => None,
+        })
+        .collect();
     let out = |n: &str| dg.outputs().iter().find(|(o, _)| o == n).map(|(_, v)| map[v]);
     for keep in [loss, "aux_loss"] {
         if let Some(v) = out(keep) {
@@ -249,7 +235,17 @@ pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches:
 /// `g` with every parameter turned into a data input of the same name and type (a graph whose weights change
 /// between calls, such as the held-out loss during training).
 pub fn params_to_inputs(g: &Graph) -> Result<Graph, PassError> {
-    let mut s = Graph::new(g.name.clone());
+    let (mut s, map) = with_params_as_inputs(g, g.name.clone())?;
+    for (n, v) in g.outputs() {
+        s.add_output(n.clone(), map[v])?;
+    }
+    Ok(s)
+}
+
+/// `g`'s nodes copied into a graph `name` (no outputs yet), parameters turned into data inputs of the same
+/// names and types; with the map from `g`'s values to the copy's.
+fn with_params_as_inputs(g: &Graph, name: String) -> Result<(Graph, HashMap<Value, Value>), PassError> {
+    let mut s = Graph::new(name);
     let mut map: HashMap<Value, Value> = HashMap::new();
     for (id, node) in g.nodes() {
         let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
@@ -265,8 +261,5 @@ pub fn params_to_inputs(g: &Graph) -> Result<Graph, PassError> {
             map.insert(Value::new(id, k), Value::new(nid, k));
         }
     }
-    for (n, v) in g.outputs() {
-        s.add_output(n.clone(), map[v])?;
-    }
-    Ok(s)
+    Ok((s, map))
 }

@@ -378,15 +378,24 @@ impl<'a> Trainer<'a> {
 
     /// The current weights and moments.
     pub fn state(&mut self) -> Result<HashMap<String, Tensor>, RuntimeError> {
+        let names = self.carried.clone();
+        self.state_of(&names)
+    }
+
+    /// The named parts of the current state (read from the executable only for those names).
+    pub fn state_of(&mut self, names: &[String]) -> Result<HashMap<String, Tensor>, RuntimeError> {
         if self.broken {
             return Err(RuntimeError::Other(
                 "a step failed part-way: the state is lost (resume from the last checkpoint)".into(),
             ));
         }
         if let Some(h) = &self.host {
-            return Ok(h.clone());
+            return Ok(names
+                .iter()
+                .filter_map(|n| h.get(n).map(|t| (n.clone(), t.clone())))
+                .collect());
         }
-        match self.exe.last_outputs(&self.carried) {
+        match self.exe.last_outputs(names) {
             Some(r) => Ok(r?.into_iter().collect()),
             None => Err(RuntimeError::Other("the executable keeps no state to read".into())),
         }

@@ -576,8 +576,8 @@ pub fn run(args: Args) -> Result<()> {
         let Some(eval_exe) = eval_exe else {
             return Ok(None);
         };
-        let st = trainer.state()?;
-        let mut inputs: HashMap<String, Tensor> = param_names.iter().map(|n| (n.clone(), st[n].clone())).collect();
+        // the weights alone: the moments stay where they are
+        let mut inputs = trainer.state_of(&param_names)?;
         let mut total = 0.0;
         for h in &heldout {
             inputs.insert("input_ids".into(), h.clone());
@@ -586,13 +586,13 @@ pub fn run(args: Args) -> Result<()> {
         Ok(Some(total / heldout.len() as f64))
     };
     let save = |trainer: &mut Trainer, step: u64, cursor: &DataCursor| -> Result<()> {
-        let st = trainer.state()?;
-        let weights: HashMap<String, Tensor> = param_names.iter().map(|n| (n.clone(), st[n].clone())).collect();
-        let moments: BTreeMap<String, Tensor> = st
-            .iter()
-            .filter(|(n, _)| n.starts_with(ADAM_M) || n.starts_with(ADAM_V))
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect();
+        // the state minus the gradient accumulators (zero between steps), split without copies
+        let (moments, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) = trainer
+            .state()?
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with(GRAD_ACC))
+            .partition(|(n, _)| n.starts_with(ADAM_M) || n.starts_with(ADAM_V));
+        let moments: BTreeMap<String, Tensor> = moments.into_iter().collect();
         let opt_bytes = fulgur_ir::tensor::safetensors_bytes(&moments)?;
         let ts = TrainerState {
             step,
