@@ -173,7 +173,11 @@ pub fn emit(
         for s in 0..lk.steps.len() {
             if let Step::GroupedGemm(g) = lk.steps[s].clone() {
                 let f = format!("{}_grouped", function_name(code, s));
-                let (text, items) = grouped_template(lk, &g, &f);
+                let (text, items) = if g.depth {
+                    grouped_depth_template(lk, &g, &f)
+                } else {
+                    grouped_template(lk, &g, &f)
+                };
                 bodies.push(text);
                 device_grouped.push((s, f, items));
             }
@@ -1530,6 +1534,82 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "    __syncthreads();");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    (s, items)
+}
+
+/// The device form of a grouped GEMM over the depth (`grouped_matmul_wgrad` under CUDA graphs): a thread per
+/// element `(e, i, j)` of `out`, summing over its group's rows. Plain and slow; the eager path calls cuBLAS per
+/// group. The kernel's zeroing phase has already written the empty groups.
+fn grouped_depth_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name: &str) -> (String, E) {
+    let e = |lk: &LoopKernel, x: E| -> String { c_expr(lk, x) };
+    let mn = lk.pool.mul(g.m, g.n);
+    let items = lk.pool.mul(g.experts, mn);
+    let count = |ex: &str| {
+        load_text(
+            g.counts_arg,
+            g.counts_dtype,
+            &format!("{} + {ex} * {}", e(lk, g.counts_offset), e(lk, g.counts_stride)),
+        )
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "// grouped GEMM over the depth with the group sizes read on the device: a thread per output element"
+    );
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {name}(FULGUR_SIGNATURE) {{"
+    );
+    let _ = writeln!(
+        s,
+        "  const i64 M = {}, N = {}, K = {}, E = {};",
+        e(lk, g.m),
+        e(lk, g.n),
+        e(lk, g.k),
+        e(lk, g.experts)
+    );
+    let _ = writeln!(
+        s,
+        "  for (i64 it = (i64)blockIdx.x * blockDim.x + threadIdx.x; it < E * M * N; it += (i64)gridDim.x * blockDim.x) {{"
+    );
+    let _ = writeln!(s, "    const i64 j = it % N, i = (it / N) % M, ex = it / (M * N);");
+    let _ = writeln!(s, "    i64 start = 0;");
+    let _ = writeln!(s, "    for (i64 e2 = 0; e2 < ex; ++e2) start += {};", count("e2"));
+    let _ = writeln!(s, "    const i64 stop = min(start + {}, K);", count("ex"));
+    let _ = writeln!(s, "    if (start >= stop) continue;");
+    let _ = writeln!(s, "    float acc = 0.0f;");
+    let _ = writeln!(
+        s,
+        "    for (i64 kk = start; kk < stop; ++kk) acc += {} * {};",
+        load_text(
+            g.x.arg,
+            g.x.dtype,
+            &format!("{} + i * {} + kk * {}", e(lk, g.x.offset), e(lk, g.x.rs), e(lk, g.x.cs))
+        ),
+        load_text(
+            g.w.arg,
+            g.w.dtype,
+            &format!("{} + kk * {} + j * {}", e(lk, g.w.offset), e(lk, g.w.rs), e(lk, g.w.cs))
+        )
+    );
+    let _ = writeln!(
+        s,
+        "    {}",
+        store_text(
+            g.out.arg,
+            g.out.dtype,
+            &format!(
+                "{} + ex * {} + i * {} + j * {}",
+                e(lk, g.out.offset),
+                e(lk, g.expert_stride),
+                e(lk, g.out.rs),
+                e(lk, g.out.cs)
+            ),
+            "acc"
+        )
+    );
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
     (s, items)

@@ -408,8 +408,15 @@ pub struct GemmStep {
 
 /// `grouped_matmul`: rows of `x [m, k]` in consecutive groups of `counts[e]` rows, group `e` multiplied by
 /// `w[e] [k, n]` into `out [m, n]`.
+///
+/// With `depth` (`grouped_matmul_wgrad`), the groups split the depth instead: `x` is `A [m, k]`, `w` is
+/// `B [k, n]`, and group `e`, columns `start..start + counts[e]` of `A` and the same rows of `B`, gives
+/// `out[e] = A_e · B_e` (`[m, n]`, `e · expert_stride` past `out`'s offset). An empty group's `out[e]` is not
+/// written (the kernel zeroes `out` first).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupedGemmStep {
+    #[serde(default)]
+    pub depth: bool,
     pub m: E,
     pub n: E,
     pub k: E,
@@ -417,6 +424,7 @@ pub struct GroupedGemmStep {
     pub x: Operand,
     /// `w[e]` starts `e · expert_stride` past the operand's offset.
     pub w: Operand,
+    /// Between consecutive experts' `w[e]` (or, with `depth`, `out[e]`).
     pub expert_stride: E,
     pub out: Operand,
     pub counts_arg: u32,

@@ -656,6 +656,28 @@ impl Graph {
         self.op1(Op::Composite(Composite::GroupedMatmul { swiglu }), &[xs, counts, w])
     }
 
+    /// `flash_attention_grad[scale, causal](q, k, v, do)`; returns (dq, dk, dv).
+    pub fn flash_attention_grad(
+        &mut self,
+        q: Value,
+        k: Value,
+        v: Value,
+        d_out: Value,
+        scale: f64,
+        causal: bool,
+    ) -> Result<(Value, Value, Value)> {
+        let o = self.op(
+            Op::Composite(Composite::FlashAttentionGrad { scale, causal }),
+            &[q, k, v, d_out],
+        )?;
+        Ok((o[0], o[1], o[2]))
+    }
+
+    /// `grouped_matmul_wgrad(xs, counts, dy)`: the per-group weight gradient `[E, C, O]`.
+    pub fn grouped_matmul_wgrad(&mut self, xs: Value, counts: Value, dy: Value) -> Result<Value> {
+        self.op1(Op::Composite(Composite::GroupedMatmulWgrad), &[xs, counts, dy])
+    }
+
     /// `moe_combine(ys, pos, weights)`.
     pub fn moe_combine(&mut self, ys: Value, pos: Value, weights: Value) -> Result<Value> {
         self.op1(Op::Composite(Composite::MoeCombine), &[ys, pos, weights])

@@ -457,6 +457,8 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),
         Composite::GroupedMatmul { swiglu } => infer_grouped_matmul(*swiglu, ins),
         Composite::MoeCombine => infer_combine(ins),
+        Composite::FlashAttentionGrad { .. } => infer_flash_grad(ins),
+        Composite::GroupedMatmulWgrad => infer_grouped_wgrad(ins),
         Composite::Fused { body } => body.infer(ins),
         Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
             crate::composite::collective::infer_all_to_all(c.name(), *axis, ins)
@@ -634,6 +636,46 @@ fn infer_grouped_matmul(swiglu: bool, ins: &[&TensorType]) -> R<Vec<TensorType>>
         o.clone()
     };
     Ok(vec![TensorType::new(xs.dtype, vec![xs.dims()[0].clone(), out])])
+}
+
+/// `q, k, v` as for `flash_attention`, `do` of its output's type → `(dq, dk, dv)` of the types of `q, k, v`.
+fn infer_flash_grad(ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let out = infer_flash(&ins[..3])
+        .map_err(|e| e.replacen("`flash_attention`", "`flash_attention_grad`", 1))?
+        .remove(0);
+    if *ins[3] != out {
+        return Err(format!(
+            "`flash_attention_grad` needs `do` of the forward output's type {out}, got {}",
+            ins[3]
+        ));
+    }
+    Ok(vec![ins[0].clone(), ins[1].clone(), ins[2].clone()])
+}
+
+/// `xs: [M, C]`, `counts: int [E]`, `dy: [M, O]` (dtype of xs) → `[E, C, O]`.
+fn infer_grouped_wgrad(ins: &[&TensorType]) -> R<Vec<TensorType>> {
+    let (xs, counts, dy) = (ins[0], ins[1], ins[2]);
+    if !xs.dtype.is_float() || dy.dtype != xs.dtype || xs.rank() != 2 || dy.rank() != 2 {
+        return Err(format!(
+            "`grouped_matmul_wgrad` needs float xs: [M, C] and dy: [M, O] of one dtype, got xs {xs} and dy {dy}"
+        ));
+    }
+    if !counts.dtype.is_int() || counts.rank() != 1 {
+        return Err(format!(
+            "`grouped_matmul_wgrad` needs integer group sizes counts: [E], got {counts}"
+        ));
+    }
+    if xs.dims()[0] != dy.dims()[0] {
+        return Err(format!(
+            "`grouped_matmul_wgrad` needs one row of dy per row of xs: xs {xs}, dy {dy} (`{}` vs `{}`)",
+            xs.dims()[0],
+            dy.dims()[0]
+        ));
+    }
+    Ok(vec![TensorType::new(
+        xs.dtype,
+        vec![counts.dims()[0].clone(), xs.dims()[1].clone(), dy.dims()[1].clone()],
+    )])
 }
 
 /// `ys: [M, C]`, `pos: int [N, k]`, `weights: [N, k]` (dtype of ys) → `[N, C]`.

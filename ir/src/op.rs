@@ -302,6 +302,19 @@ pub enum Composite {
     /// MoE combine: `ys [M, C]`, `pos: int [N, k]`, `weights [N, k]` → `[N, C]` =
     /// `Σ_slot weights[n, slot] · ys[pos[n, slot]]`.
     MoeCombine,
+    /// The backward of `flash_attention[scale, causal]`: inputs `q, k, v` (as for the forward) and `do`, the
+    /// gradient of its output; outputs `(dq, dk, dv)` of the types of `q, k, v` (a batch axis `k` or `v`
+    /// broadcast along is summed back). The softmax is recomputed from `q` and `k`, never stored (see
+    /// [`crate::composite::attention::decompose_grad`]).
+    FlashAttentionGrad {
+        #[serde(with = "crate::json::f64_repr")]
+        scale: f64,
+        causal: bool,
+    },
+    /// The weight gradient of `grouped_matmul` (without `swiglu`): `xs [M, C]`, `counts: int [E]`,
+    /// `dy [M, O]` → `dw [E, C, O]`, `dw[e] = xs_eᵀ · dy_e` over the rows of group `e` (zero for an empty
+    /// group; rows past the sum of the counts belong to no group).
+    GroupedMatmulWgrad,
     /// A fused kernel: a small graph (its [`FusedBody`], written as canonical `.fir` text) whose inputs
     /// `arg0..argN` are the node's inputs, in order, with exactly one output. Its decomposition is the body,
     /// inlined (see [`crate::composite::fused`]).
@@ -331,6 +344,8 @@ impl Composite {
             Composite::MoeDispatch { .. } => "moe_dispatch",
             Composite::GroupedMatmul { .. } => "grouped_matmul",
             Composite::MoeCombine => "moe_combine",
+            Composite::FlashAttentionGrad { .. } => "flash_attention_grad",
+            Composite::GroupedMatmulWgrad => "grouped_matmul_wgrad",
             Composite::Fused { .. } => "fused",
             Composite::AllToAll { .. } => "all_to_all",
             Composite::AllToAllStart { .. } => "all_to_all_start",
@@ -338,7 +353,7 @@ impl Composite {
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -350,6 +365,8 @@ impl Composite {
         "moe_dispatch",
         "grouped_matmul",
         "moe_combine",
+        "flash_attention_grad",
+        "grouped_matmul_wgrad",
         "fused",
         "all_to_all",
         "all_to_all_start",
@@ -379,7 +396,11 @@ impl Composite {
             Composite::MoeRouter { k } => vec![("k", AttrValue::Int(*k as i64))],
             Composite::MoeDispatch { experts } => vec![("experts", AttrValue::Int(*experts as i64))],
             Composite::GroupedMatmul { swiglu } => vec![("swiglu", AttrValue::Bool(*swiglu))],
-            Composite::MoeCombine => vec![],
+            Composite::MoeCombine | Composite::GroupedMatmulWgrad => vec![],
+            Composite::FlashAttentionGrad { scale, causal } => vec![
+                ("scale", AttrValue::Float(*scale)),
+                ("causal", AttrValue::Bool(*causal)),
+            ],
             Composite::Fused { body } => vec![("body", AttrValue::Str(body.text().to_string()))],
             Composite::AllToAll { axis } => vec![("axis", AttrValue::Int(*axis))],
             Composite::AllToAllStart { axis, overlap_flops } => vec![
@@ -394,8 +415,13 @@ impl Composite {
         Some(match self {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
             Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
-            Composite::FlashAttention { .. } | Composite::GroupedMatmul { .. } | Composite::MoeCombine => 3,
-            Composite::LightningAttention { .. } | Composite::LightningLayer { .. } => 4,
+            Composite::FlashAttention { .. }
+            | Composite::GroupedMatmul { .. }
+            | Composite::MoeCombine
+            | Composite::GroupedMatmulWgrad => 3,
+            Composite::LightningAttention { .. }
+            | Composite::LightningLayer { .. }
+            | Composite::FlashAttentionGrad { .. } => 4,
             Composite::FlashAttentionRope { .. } => 5,
             Composite::Fused { .. } => return None,
             Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => 1,
@@ -405,7 +431,7 @@ impl Composite {
     pub fn num_outputs(&self) -> usize {
         match self {
             Composite::MoeRouter { .. } => 2,
-            Composite::MoeDispatch { .. } => 3,
+            Composite::MoeDispatch { .. } | Composite::FlashAttentionGrad { .. } => 3,
             _ => 1,
         }
     }
@@ -897,6 +923,11 @@ impl Op {
                 swiglu: a.bool("swiglu")?,
             }),
             "moe_combine" => Op::Composite(Composite::MoeCombine),
+            "flash_attention_grad" => Op::Composite(Composite::FlashAttentionGrad {
+                scale: a.float("scale")?,
+                causal: a.bool("causal")?,
+            }),
+            "grouped_matmul_wgrad" => Op::Composite(Composite::GroupedMatmulWgrad),
             "fused" => {
                 let text = a.string("body")?;
                 let body = FusedBody::parse(&text).map_err(|e| format!("attribute `body` of `fused`: {e}"))?;

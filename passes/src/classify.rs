@@ -39,7 +39,8 @@ pub enum KernelKind {
     /// Indexing: `gather`, `scatter_add`, `one_hot`, `topk`.
     Index,
     /// One of the optimizer's composite kernels: `lightning_attention`, `lightning_layer`,
-    /// `flash_attention[_rope]`, `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`.
+    /// `flash_attention[_rope]`, `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`, and the backward
+    /// composites `flash_attention_grad`, `grouped_matmul_wgrad`.
     Composite,
     /// A collective: `all_to_all`, `all_to_all_start` (on the communication stream).
     Collective,
@@ -83,7 +84,9 @@ pub fn classify(op: &Op) -> NodeClass {
             | C::MoeRouter { .. }
             | C::MoeDispatch { .. }
             | C::GroupedMatmul { .. }
-            | C::MoeCombine => Composite,
+            | C::MoeCombine
+            | C::FlashAttentionGrad { .. }
+            | C::GroupedMatmulWgrad => Composite,
         },
     })
 }

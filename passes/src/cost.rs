@@ -310,6 +310,20 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
             (2.0 * m.numel(xs) * m.dim(w, 2), true)
         }
         Composite::MoeCombine => (2.0 * ins.first().map(|t| m.numel(t)).unwrap_or(0.0), false),
+        Composite::FlashAttentionGrad { causal, .. } => {
+            // the scores recomputed (2·T·S·D), dV, dP, dQ and dK (2·T·S·D each): 2.5× the forward's FLOPs
+            let (q, k) = (ins[0], ins[1]);
+            let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));
+            let s = m.dim(k, k.rank() - 2);
+            let heads = m.numel(q) / (t * d).max(1.0);
+            let full = 10.0 * heads * t * s * d;
+            (if *causal { full / 2.0 } else { full }, true)
+        }
+        Composite::GroupedMatmulWgrad => {
+            // 2·M·C·O on tensor cores for xs [M, C]ᵀ · dy [M, O]
+            let (xs, dy) = (ins[0], ins[2]);
+            (2.0 * m.numel(xs) * m.dim(dy, 1), true)
+        }
         _ => (out_n, false),
     }
 }

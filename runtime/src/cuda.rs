@@ -880,6 +880,32 @@ impl CudaProgram {
                             return Err(fail(format!("`grouped_matmul`: expert {e} has a negative count {c}")));
                         }
                         let total: i64 = counts.iter().sum();
+                        if g.depth {
+                            // out[e] = A[:, group e] · B[group e, :] (the kernel zeroed out first)
+                            let a = self.operand(&slots, &g.x, &ev)?;
+                            let b = self.operand(&slots, &g.w, &ev)?;
+                            let out = self.operand(&slots, &g.out, &ev)?;
+                            let es = ev(g.expert_stride)?;
+                            let mut start = 0i64;
+                            for (e, &c) in counts.iter().enumerate() {
+                                let depth = c.min(kk - start);
+                                if depth > 0 {
+                                    self.gemm(
+                                        m,
+                                        n,
+                                        depth,
+                                        a.shifted(start * a.cs),
+                                        b.shifted(start * b.rs),
+                                        out.shifted(e as i64 * es),
+                                        1,
+                                        [0, 0, 0],
+                                    )
+                                    .map_err(|x| fail(format!("grouped weight-gradient GEMM, expert {e}: {x}")))?;
+                                }
+                                start += c;
+                            }
+                            continue;
+                        }
                         if total < m {
                             return Err(fail(format!(
                                 "`grouped_matmul`: the counts sum to {total} but there are {m} rows"

@@ -279,6 +279,44 @@ fn elementwise_reduction_scan_and_index_kernels() {
     );
 }
 
+/// The backward composites autodiff emits: `flash_attention_grad` (the generic kernel of its decomposition)
+/// and `grouped_matmul_wgrad` (a grouped GEMM over the depth, after zeroing for the empty groups).
+#[test]
+fn backward_composite_kernels() {
+    let mut r = Rng(9);
+    for (b, h, g, t, s, d, causal) in [
+        (1, 2, 3, 7, 7, 16, true),
+        (2, 1, 1, 5, 9, 4, false),
+        (1, 1, 2, 3, 6, 8, true),
+    ] {
+        let q = r.tensor(DType::F32, &[b, h, g, t, d], -1.0, 1.0);
+        let k = r.tensor(DType::F32, &[b, h, 1, s, d], -1.0, 1.0);
+        let v = r.tensor(DType::F32, &[b, h, 1, s, d + 1], -1.0, 1.0);
+        let dout = r.tensor(DType::F32, &[b, h, g, t, d + 1], -1.0, 1.0);
+        check(
+            &format!("flash_attention_grad b{b} h{h} g{g} t{t} s{s} d{d} causal {causal}"),
+            Op::Composite(Composite::FlashAttentionGrad { scale: 0.4, causal }),
+            vec![q, k, v, dout],
+            1e-5,
+        );
+    }
+    // groups 3, 0, 5, 2 of 10 rows (an empty group gets zeros), and groups covering 12 of 13 rows
+    for (m, counts) in [(10, vec![3, 0, 5, 2]), (13, vec![0, 12, 0, 0])] {
+        let e = counts.len();
+        let xs = r.tensor(DType::F32, &[m, 24], -1.0, 1.0);
+        let dy = r.tensor(DType::F32, &[m, 14], -1.0, 1.0);
+        for dtype in [DType::I64, DType::I32] {
+            let c = Tensor::from_i64(dtype, vec![e], counts.clone());
+            check(
+                &format!("grouped_matmul_wgrad counts {counts:?} ({dtype})"),
+                Op::Composite(Composite::GroupedMatmulWgrad),
+                vec![xs.clone(), c, dy.clone()],
+                1e-6,
+            );
+        }
+    }
+}
+
 #[test]
 fn moe_and_lightning_kernels() {
     let mut r = Rng(4);

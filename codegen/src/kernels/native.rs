@@ -19,6 +19,7 @@ pub(crate) fn build(k: &Kernel, b: &mut Built) -> Result<bool, CodegenError> {
         Op::Composite(Composite::LightningLayer { block, heads, eps }) => lightning(k, b, *block, Some((*heads, *eps))),
         Op::Composite(Composite::MoeDispatch { experts }) => moe_dispatch(k, b, *experts),
         Op::Composite(Composite::MoeCombine) => moe_combine(k, b),
+        Op::Composite(Composite::GroupedMatmulWgrad) => grouped_wgrad(k, b).map(|_| true),
         _ => Ok(false),
     }
 }
@@ -46,6 +47,7 @@ fn grouped_matmul(k: &Kernel, b: &mut Built, swiglu: bool) -> Result<(), Codegen
         cs: lk.dim(&v.strides[r0 + 1]),
     };
     let step = GroupedGemmStep {
+        depth: false,
         m: lk.dim(&xs.shape[0]),
         n: lk.dim(&o),
         k: lk.dim(&xs.shape[1]),
@@ -93,6 +95,70 @@ fn grouped_matmul(k: &Kernel, b: &mut Built, swiglu: bool) -> Result<(), Codegen
             item_cost: h,
         }));
     }
+    Ok(())
+}
+
+/// `grouped_matmul_wgrad`: `out` zeroed (for the empty groups), then a grouped GEMM over the depth:
+/// `out[e] = xs_eᵀ · dy_e` for the rows of each group.
+fn grouped_wgrad(k: &Kernel, b: &mut Built) -> Result<(), CodegenError> {
+    let lk = &mut b.lk;
+    let xs = View::of(lk.slot(Slot::Input(0)), &k.inputs[0]);
+    let counts = View::of(lk.slot(Slot::Input(1)), &k.inputs[1]);
+    let dy = View::of(lk.slot(Slot::Input(2)), &k.inputs[2]);
+    let out = View::of(lk.slot(Slot::Output(0)), &k.outputs[0]);
+    let (e, c, o) = (out.shape[0].clone(), out.shape[1].clone(), out.shape[2].clone());
+    // zero: an item per row (e, i) of out, a loop over its columns
+    let (item_var, item) = lk.loop_var();
+    let cd = lk.dim(&c);
+    let ex = lk.pool.div(item, cd);
+    let i = lk.pool.rem(item, cd);
+    let (jv, j) = lk.loop_var();
+    let index = out.index(lk, &[ex, i, j]);
+    let zero = lk.pool.i(0);
+    let zf = lk.pool.f(0.0);
+    let hi = lk.dim(&o);
+    let grid = lk.dim(&(e.clone() * c.clone()));
+    lk.steps.push(Step::Phase(Phase {
+        name: "zero".into(),
+        grid,
+        item: item_var,
+        body: vec![Stmt::For {
+            var: jv,
+            lo: zero,
+            hi,
+            body: vec![Stmt::Store {
+                arg: out.slot,
+                dtype: out.dtype,
+                index,
+                value: zf,
+            }],
+        }],
+        item_cost: hi,
+    }));
+    let operand = |lk: &mut crate::loops::LoopKernel, v: &View, rs: usize, cs: usize| Operand {
+        arg: v.slot,
+        dtype: v.dtype,
+        offset: lk.dim(&v.offset),
+        rs: lk.dim(&v.strides[rs]),
+        cs: lk.dim(&v.strides[cs]),
+    };
+    let step = GroupedGemmStep {
+        depth: true,
+        m: lk.dim(&c),
+        n: lk.dim(&o),
+        k: lk.dim(&xs.shape[0]),
+        experts: lk.dim(&e),
+        // A [C, M] = xsᵀ
+        x: operand(lk, &xs, 1, 0),
+        w: operand(lk, &dy, 0, 1),
+        expert_stride: lk.dim(&out.strides[0]),
+        out: operand(lk, &out, 1, 2),
+        counts_arg: counts.slot,
+        counts_dtype: counts.dtype,
+        counts_offset: lk.dim(&counts.offset),
+        counts_stride: lk.dim(&counts.strides[0]),
+    };
+    lk.steps.push(Step::GroupedGemm(step));
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! `flash_attention`: softmax attention, decomposed into its plain (materialised scores) form.
+//! `flash_attention`: softmax attention, decomposed into its plain (materialised scores) form; and its backward,
+//! `flash_attention_grad`.
 //!
 //! `o = softmax(q kᵀ · scale + mask) v` for `q: [..., T, D]`, `k: [..., S, D]`, `v: [..., S, Dv]` (batch axes
 //! broadcast as in `matmul`, so grouped-query attention is `q: [B, KVH, G, T, D]` against
@@ -13,6 +14,12 @@ use crate::op::CmpOp;
 
 /// Appends the decomposition of `flash_attention[scale, causal](q, k, v)` to `g`.
 pub fn decompose(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v: Value) -> Result<Value> {
+    let p = probabilities(g, scale, causal, q, k)?;
+    g.matmul(p, v)
+}
+
+/// `softmax(q kᵀ · scale + mask)`, `[batch..., T, S]`.
+fn probabilities(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value) -> Result<Value> {
     let kt = g.transpose(k, -2, -1)?;
     let s = g.matmul(q, kt)?; // [batch..., T, S]
     let s = g.scale(s, scale)?;
@@ -35,8 +42,64 @@ pub fn decompose(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v:
     } else {
         s
     };
-    let p = super::softmax(g, s, -1)?;
-    g.matmul(p, v)
+    super::softmax(g, s, -1)
+}
+
+/// Appends the decomposition of `flash_attention_grad[scale, causal](q, k, v, do)` to `g`; returns
+/// `(dq, dk, dv)`. The probabilities `P` are recomputed from `q` and `k` (the forward keeps only its output), then
+///
+/// ```text
+/// dV = Pᵀ dO      dP = dO Vᵀ      dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale      dQ = dS K      dK = dSᵀ Q
+/// ```
+///
+/// each summed over the batch axes its input was broadcast along (grouped-query attention's shared keys).
+pub fn decompose_grad(
+    g: &mut Graph,
+    scale: f64,
+    causal: bool,
+    q: Value,
+    k: Value,
+    v: Value,
+    d_out: Value,
+) -> Result<(Value, Value, Value)> {
+    let p = probabilities(g, scale, causal, q, k)?; // [batch..., T, S]
+    let pt = g.transpose(p, -2, -1)?;
+    let dv = g.matmul(pt, d_out)?; // [batch..., S, Dv]
+    let vt = g.transpose(v, -2, -1)?;
+    let dp = g.matmul(d_out, vt)?; // [batch..., T, S]
+    let pdp = g.mul(p, dp)?;
+    let delta = g.sum(pdp, &[-1], true)?; // [batch..., T, 1]
+    let centred = g.sub(dp, delta)?;
+    let ds = g.mul(p, centred)?;
+    let ds = g.scale(ds, scale)?;
+    let dq = g.matmul(ds, k)?; // [batch..., T, D]
+    let dst = g.transpose(ds, -2, -1)?;
+    let dk = g.matmul(dst, q)?; // [batch..., S, D]
+    let dq = sum_to(g, dq, q)?;
+    let dk = sum_to(g, dk, k)?;
+    let dv = sum_to(g, dv, v)?;
+    Ok((dq, dk, dv))
+}
+
+/// `x` summed over the axes broadcasting stretched to reach its shape from `like`'s.
+fn sum_to(g: &mut Graph, x: Value, like: Value) -> Result<Value> {
+    let target = g.dims(like).to_vec();
+    let mut x = x;
+    let r = g.rank(x);
+    if r > target.len() {
+        let lead: Vec<i64> = (0..(r - target.len()) as i64).collect();
+        x = g.sum(x, &lead, false)?;
+    }
+    let dims = g.dims(x).to_vec();
+    let axes: Vec<i64> = (0..target.len())
+        .filter(|&i| target[i].is_one() && !dims[i].is_one())
+        .map(|i| i as i64)
+        .collect();
+    if axes.is_empty() {
+        Ok(x)
+    } else {
+        g.sum(x, &axes, true)
+    }
 }
 
 /// Rotary embedding of `x: [..., T, D]` on its first `rotary` dims with tables `cos, sin: [T, rotary]`:

@@ -6,9 +6,10 @@
 //! output types [`crate::infer::infer`] gives.
 //!
 //! - this module: `softmax`, `log_softmax`, `rms_norm`, and the dispatch over all composites;
-//! - [`attention`]: `flash_attention` (the plain softmax form);
+//! - [`attention`]: `flash_attention` (the plain softmax form) and its backward `flash_attention_grad`;
 //! - [`lightning`]: `lightning_attention` (the block form of MiniMax-01's lightning attention);
-//! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`;
+//! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`, and `grouped_matmul_wgrad` (the
+//!   weight gradient of `grouped_matmul`);
 //! - [`fused`]: `fused` (a fused kernel: its body graph, inlined);
 //! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait` (ranks simulated on a leading axis).
 
@@ -83,6 +84,12 @@ impl Composite {
                 Ok(vec![moe::grouped_matmul(g, *swiglu, inputs[0], inputs[1], inputs[2])?])
             }
             Composite::MoeCombine => Ok(vec![moe::combine(g, inputs[0], inputs[1], inputs[2])?]),
+            Composite::FlashAttentionGrad { scale, causal } => {
+                let (dq, dk, dv) =
+                    attention::decompose_grad(g, *scale, *causal, inputs[0], inputs[1], inputs[2], inputs[3])?;
+                Ok(vec![dq, dk, dv])
+            }
+            Composite::GroupedMatmulWgrad => Ok(vec![moe::grouped_wgrad(g, inputs[0], inputs[1], inputs[2])?]),
             Composite::Fused { body } => Ok(vec![fused::inline(g, body, inputs)?]),
             Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
                 Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])

@@ -89,6 +89,29 @@ pub fn grouped_matmul(g: &mut Graph, swiglu: bool, xs: Value, counts: Value, w: 
     g.mul(act, up)
 }
 
+/// `grouped_matmul_wgrad(xs, counts, dy)`: `dw[e] = Σ_{rows m of group e} xs[m]ᵀ dy[m]`, `[E, C, O]`, as one
+/// batched matmul of the rows masked per group (`[E, C, M] · [M, O]`: the meaning, not how it runs).
+pub fn grouped_wgrad(g: &mut Graph, xs: Value, counts: Value, dy: Value) -> Result<Value> {
+    let m = g.dims(xs)[0].clone();
+    let e = g.dims(counts)[0].clone();
+    let dt = g.dtype(xs);
+    let counts = g.cast(counts, DType::I64)?;
+    let end = g.cumsum(counts, 0, false, false)?; // [E]
+    let row = g.iota(DType::I64, vec![m.clone(), Dim::from(1)], 0)?; // [M, 1]
+    let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
+    let past = g.cast(past, DType::I64)?;
+    let group = g.sum(past, &[1], false)?; // [M]: E for a row past every group
+    let group = g.reshape(group, vec![Dim::from(1), m.clone()])?;
+    let ids = g.iota(DType::I64, vec![e, Dim::from(1)], 0)?; // [E, 1]
+    let member = g.compare(CmpOp::Eq, group, ids)?; // [E, M]
+    let member = g.cast(member, dt)?;
+    let me = g.dims(member).to_vec();
+    let member = g.reshape(member, vec![me[0].clone(), m, Dim::from(1)])?; // [E, M, 1]
+    let xe = g.mul(member, xs)?; // [E, M, C]
+    let xet = g.transpose(xe, -2, -1)?; // [E, C, M]
+    g.matmul(xet, dy)
+}
+
 /// `moe_combine(ys, pos, weights)`: `out[n] = Σ_slot weights[n, slot] · ys[pos[n, slot]]`.
 pub fn combine(g: &mut Graph, ys: Value, pos: Value, weights: Value) -> Result<Value> {
     let pd = g.dims(pos).to_vec();

@@ -507,7 +507,7 @@ impl CpuProgram {
                         };
                         (&g.b, kk, n, vec![(0usize, o)])
                     }
-                    Step::GroupedGemm(g) => {
+                    Step::GroupedGemm(g) if !g.depth => {
                         let (Some(kk), Some(n), Some(o), Some(e), Some(es)) =
                             (ev(g.k), ev(g.n), ev(g.w.offset), ev(g.experts), ev(g.expert_stride))
                         else {
@@ -974,6 +974,49 @@ impl CpuProgram {
                         counts.push(c);
                     }
                     let total: i64 = counts.iter().sum();
+                    if g.depth {
+                        // out[e] = A[:, group e] · B[group e, :]; rows past the groups belong to none
+                        let (xo, xrs, xcs) = (ev(g.x.offset)?, ev(g.x.rs)?, ev(g.x.cs)?);
+                        let (wo, wrs, wcs) = (ev(g.w.offset)?, ev(g.w.rs)?, ev(g.w.cs)?);
+                        let (oo, ors, ocs, es) =
+                            (ev(g.out.offset)?, ev(g.out.rs)?, ev(g.out.cs)?, ev(g.expert_stride)?);
+                        let mut start = 0i64;
+                        for (e, &c) in counts.iter().enumerate() {
+                            let depth = c.min(kk - start);
+                            if depth <= 0 {
+                                start += c;
+                                continue;
+                            }
+                            // SAFETY: as for GEMM steps: the operands are views of their buffers
+                            unsafe {
+                                gemm::gemm(
+                                    &self.pool,
+                                    kern,
+                                    m as usize,
+                                    n as usize,
+                                    depth as usize,
+                                    gemm::Mat {
+                                        ptr: at(g.x.arg, g.x.dtype, xo + start * xcs),
+                                        dtype: g.x.dtype,
+                                        rs: xrs as isize,
+                                        cs: xcs as isize,
+                                    },
+                                    gemm::BOperand::Mat(gemm::Mat {
+                                        ptr: at(g.w.arg, g.w.dtype, wo + start * wrs),
+                                        dtype: g.w.dtype,
+                                        rs: wrs as isize,
+                                        cs: wcs as isize,
+                                    }),
+                                    at(g.out.arg, g.out.dtype, oo + e as i64 * es),
+                                    g.out.dtype,
+                                    ors as isize,
+                                    ocs as isize,
+                                );
+                            }
+                            start += c;
+                        }
+                        continue;
+                    }
                     if total < m {
                         return Err(fail(format!(
                             "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
@@ -1147,7 +1190,7 @@ fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<boo
                         }
                     }
                     Step::GroupedGemm(g) => {
-                        if g.x.arg == s || g.out.arg == s || g.counts_arg == s {
+                        if g.x.arg == s || g.out.arg == s || g.counts_arg == s || (g.depth && g.w.arg == s) {
                             only_b = false;
                         }
                     }
