@@ -16,6 +16,7 @@
 //! not depend on gets a gradient of zeros.
 
 use crate::PassError;
+use fulgur_ir::composite::attention::rope;
 use fulgur_ir::{BinaryOp, CmpOp, Composite, DType, Dim, Graph, NodeId, Op, ReduceOp, UnaryOp, Value};
 use std::collections::HashMap;
 
@@ -27,6 +28,9 @@ pub const GRAD_PREFIX: &str = "grad.";
 pub struct GradOptions {
     /// Data inputs to differentiate as well (float inputs only).
     pub inputs: Vec<String>,
+    /// Differentiate every composite through its decomposition, the backward composites unused (the oracle
+    /// the backward composites are checked against; far slower to run).
+    pub expand_all: bool,
 }
 
 fn err(m: impl Into<String>) -> PassError {
@@ -60,7 +64,7 @@ pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph,
             )));
         }
     }
-    let mut out = expand(g)?;
+    let mut out = expand(g, opts.expand_all)?;
     let loss_v = out
         .outputs()
         .iter()
@@ -155,14 +159,24 @@ pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph,
     Ok(out)
 }
 
-/// Whether a composite keeps its own rule rather than being expanded.
-fn kept(c: &Composite) -> bool {
-    matches!(c, Composite::Softmax { .. } | Composite::LogSoftmax { .. })
+/// Whether a composite keeps its own rule rather than being expanded: those whose backward is a composite kernel
+/// (or a few) rather than the autodiff of a decomposition that is not how they run.
+fn kept(c: &Composite, expand_all: bool) -> bool {
+    match c {
+        Composite::Softmax { .. } | Composite::LogSoftmax { .. } => true,
+        Composite::LightningAttention { .. }
+        | Composite::FlashAttention { .. }
+        | Composite::GroupedMatmul { .. }
+        | Composite::MoeDispatch { .. }
+        | Composite::MoeCombine => !expand_all,
+        _ => false,
+    }
 }
 
 /// A copy of `g` with every composite but the kept ones replaced by its decomposition (repeatedly, for
 /// decompositions that use composites).
-fn expand(g: &Graph) -> Result<Graph, PassError> {
+fn expand(g: &Graph, expand_all: bool) -> Result<Graph, PassError> {
+    let kept = |c: &Composite| kept(c, expand_all);
     let mut cur = g.clone();
     for _round in 0..16 {
         let pending = cur.nodes().any(|(_, n)| matches!(&n.op, Op::Composite(c) if !kept(c)));
@@ -174,6 +188,18 @@ fn expand(g: &Graph) -> Result<Graph, PassError> {
         for (id, node) in cur.nodes() {
             let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
             let outs: Vec<Value> = match &node.op {
+                // rotary embeddings, then the flash_attention composite (whose backward is a composite)
+                Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }) if !expand_all => {
+                    let scope = node.name.clone().unwrap_or_else(|| "flash_attention_rope".to_string());
+                    next.push_scope(scope);
+                    let r = (|| -> fulgur_ir::Result<Value> {
+                        let q = rope(&mut next, *rotary, ins[0], ins[3], ins[4])?;
+                        let k = rope(&mut next, *rotary, ins[1], ins[3], ins[4])?;
+                        next.flash_attention(q, k, ins[2], *scale, *causal)
+                    })();
+                    next.pop_scope();
+                    vec![r?]
+                }
                 Op::Composite(c) if !kept(c) => {
                     let scope = node.name.clone().unwrap_or_else(|| c.name().to_string());
                     next.push_scope(scope);
@@ -246,6 +272,15 @@ fn norm_axis(axis: i64, rank: usize) -> usize {
     } else {
         axis as usize
     }
+}
+
+/// `x: [..., T, D]` with its time axis (the second last) reversed: `x[..., T − 1 − t, :]`.
+fn reverse_time(g: &mut Graph, x: Value) -> Result<Value, PassError> {
+    let r = g.rank(x);
+    let t = g.dims(x)[r - 2].clone();
+    let ones = g.full(1.0, DType::I64, vec![t])?;
+    let back = g.cumsum(ones, 0, true, true)?; // T − 1 − t
+    Ok(g.gather(x, back, r as i64 - 2)?)
 }
 
 /// A zero of `x`'s dtype, broadcastable anywhere.
@@ -591,6 +626,135 @@ fn vjp(
             let p = g.exp(y)?;
             let t = g.mul(p, s)?;
             vec![Some(g.sub(gy, t)?)]
+        }
+        Op::Composite(Composite::LightningAttention { block }) => {
+            // The backward is lightning attention again (the "state gradient carried backwards through the
+            // blocks" is the forward scan run on reversed time):
+            //   dq_t = Σ_{u≤t} e^{−λ(t−u)} (do_t·v_u) k_u  = LA(do, v, k)
+            //   dk_u = Σ_{t≥u} e^{−λ(t−u)} (do_t·v_u) q_t  = rev LA(rev v, rev do, rev q)
+            //   dv_u = Σ_{t≥u} e^{−λ(t−u)} (q_t·k_u) do_t  = rev LA(rev k, rev q, rev do)
+            //   dλ   = −Σ_t do_t · Σ_{u≤t} (t−u) e^{−λ(t−u)} (q_t·k_u) v_u = −Σ_t do_t · (t·o_t − LA(q, k, u·v)_t)
+            // (MiniMax-01's rates are constants, so a model never asks for the last)
+            let (q, k, v, lam) = (ins[0], ins[1], ins[2], ins[3]);
+            let la = |g: &mut Graph, a: Value, b: Value, c: Value| -> Result<Value, PassError> {
+                Ok(g.op1(
+                    Op::Composite(Composite::LightningAttention { block: *block }),
+                    &[a, b, c, lam],
+                )?)
+            };
+            let dq = if want[0] { Some(la(g, gy, v, k)?) } else { None };
+            let (dk, dv) = if want[1] || want[2] {
+                let (rq, rk, rv, rd) = (
+                    reverse_time(g, q)?,
+                    reverse_time(g, k)?,
+                    reverse_time(g, v)?,
+                    reverse_time(g, gy)?,
+                );
+                let dk = if want[1] {
+                    let r = la(g, rv, rd, rq)?;
+                    Some(reverse_time(g, r)?)
+                } else {
+                    None
+                };
+                let dv = if want[2] {
+                    let r = la(g, rk, rq, rd)?;
+                    Some(reverse_time(g, r)?)
+                } else {
+                    None
+                };
+                (dk, dv)
+            } else {
+                (None, None)
+            };
+            let dlam = if want[3] {
+                let r = g.rank(q);
+                let t = g.dims(q)[r - 2].clone();
+                let pos = g.iota(g.dtype(v), vec![t, Dim::constant(1)], 0)?; // [T, 1]
+                let uv = g.mul(v, pos)?;
+                let shifted = la(g, q, k, uv)?;
+                let to = g.mul(y, pos)?;
+                let inner = g.sub(to, shifted)?;
+                let prod = g.mul(gy, inner)?;
+                let s = g.sum(prod, &[r as i64 - 2, r as i64 - 1], true)?;
+                Some(g.neg(s)?)
+            } else {
+                None
+            };
+            vec![dq, dk, dv, dlam]
+        }
+        Op::Composite(Composite::FlashAttention { scale, causal }) => {
+            let (dq, dk, dv) = g.flash_attention_grad(ins[0], ins[1], ins[2], gy, *scale, *causal)?;
+            vec![Some(dq), Some(dk), Some(dv)]
+        }
+        Op::Composite(Composite::GroupedMatmul { swiglu }) => {
+            let (xs, counts, w) = (ins[0], ins[1], ins[2]);
+            let dh = if *swiglu {
+                // y = silu(h₁) ⊙ h₂ with h = xs·w per group, recomputed (one grouped GEMM) rather than stored
+                let h = g.grouped_matmul(xs, counts, w, false)?;
+                let o = g.dims(h)[1].clone();
+                let half = g.dims(y)[1].clone();
+                let h1 = g.slice(h, -1, 0, half.clone())?;
+                let h2 = g.slice(h, -1, half, o)?;
+                let s = g.sigmoid(h1)?;
+                let act = g.mul(h1, s)?;
+                let o1 = one(g, 1.0, h1)?;
+                let c = g.sub(o1, s)?;
+                let hc = g.mul(h1, c)?;
+                let t = g.add(o1, hc)?;
+                let d = g.mul(s, t)?; // silu'(h₁)
+                let gh2 = g.mul(gy, h2)?;
+                let dh1 = g.mul(gh2, d)?;
+                let dh2 = g.mul(gy, act)?;
+                g.concat(&[dh1, dh2], -1)?
+            } else {
+                gy
+            };
+            let dxs = if want[0] {
+                let wt = g.permute(w, &[0, 2, 1])?;
+                Some(g.grouped_matmul(dh, counts, wt, false)?)
+            } else {
+                None
+            };
+            let dw = if want[2] {
+                Some(g.grouped_matmul_wgrad(xs, counts, dh)?)
+            } else {
+                None
+            };
+            vec![dxs, None, dw]
+        }
+        Op::Composite(Composite::MoeDispatch { .. }) => {
+            // x's row n went to rows pos[n, ·] of xs: its gradient sums theirs (moe_combine with unit weights)
+            let pos = Value::new(id, 1);
+            let pd = g.dims(pos).to_vec();
+            let ones = g.full(1.0, g.dtype(gy), pd)?;
+            vec![Some(g.moe_combine(gy, pos, ones)?), None]
+        }
+        Op::Composite(Composite::MoeCombine) => {
+            // out[n] = Σ_s w[n, s] · ys[pos[n, s]]
+            let (ys, pos, wts) = (ins[0], ins[1], ins[2]);
+            let pd = g.dims(pos).to_vec();
+            let c = g.dims(gy)[1].clone();
+            let gy3 = g.reshape(gy, vec![pd[0].clone(), Dim::constant(1), c.clone()])?; // [N, 1, C]
+            let dys = if want[0] {
+                let w3 = g.reshape(wts, vec![pd[0].clone(), pd[1].clone(), Dim::constant(1)])?;
+                let rows = g.mul(w3, gy3)?; // [N, k, C]
+                let nk = pd[0].clone() * pd[1].clone();
+                let rows = g.reshape(rows, vec![nk.clone(), c.clone()])?;
+                let flat = g.reshape(pos, vec![nk])?;
+                let m = g.dims(ys)[0].clone();
+                let zeros = g.full(0.0, g.dtype(ys), vec![m, c])?;
+                Some(g.scatter_add(zeros, flat, rows, 0)?)
+            } else {
+                None
+            };
+            let dw = if want[2] {
+                let picked = g.gather(ys, pos, 0)?; // [N, k, C]
+                let t = g.mul(picked, gy3)?;
+                Some(g.sum(t, &[-1], false)?)
+            } else {
+                None
+            };
+            vec![dys, None, dw]
         }
         Op::Compare(_) | Op::OneHot { .. } | Op::Iota { .. } | Op::Full { .. } | Op::Constant { .. } => {
             vec![None; ins.len()]

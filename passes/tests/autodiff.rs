@@ -305,6 +305,7 @@ fn inputs_with_symbolic_dimensions_get_gradients() {
         "loss",
         &GradOptions {
             inputs: vec!["x".into()],
+            ..Default::default()
         },
     )
     .unwrap();
@@ -346,7 +347,8 @@ fn what_cannot_be_differentiated_is_refused() {
             &g,
             "loss",
             &GradOptions {
-                inputs: vec!["ids".into()]
+                inputs: vec!["ids".into()],
+                ..Default::default()
             }
         )),
         "autodiff: the input `ids` is i64[3]: only float inputs have gradients"
@@ -356,7 +358,8 @@ fn what_cannot_be_differentiated_is_refused() {
             &g,
             "loss",
             &GradOptions {
-                inputs: vec!["w".into()]
+                inputs: vec!["w".into()],
+                ..Default::default()
             }
         )),
         "autodiff: the graph has no data input `w` to differentiate"

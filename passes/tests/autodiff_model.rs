@@ -80,9 +80,36 @@ fn differentiation_commutes_with_the_optimizer_on_tiny_a() {
         .unwrap();
     let after = differentiate(&optimize(&g), "loss", &GradOptions::default()).unwrap();
     let before = optimize(&differentiate(&g, "loss", &GradOptions::default()).unwrap());
+    // what the training commands do: the backward of the optimizer's composites is their backward composites
+    let count = |g: &Graph, op: &str| g.nodes().filter(|(_, n)| n.op.name() == op).count();
+    let fwd = optimize(&g);
+    let lightning = count(&fwd, "lightning_attention") + count(&fwd, "lightning_layer");
+    let softmax = count(&fwd, "flash_attention") + count(&fwd, "flash_attention_rope");
+    let moe = count(&fwd, "grouped_matmul") / 2;
+    assert!(
+        lightning > 0 && softmax > 0 && moe > 0,
+        "the optimized tiny-a lacks a composite"
+    );
+    // per layer: the forward's, then the backward's (dq, dk, dv scans; the swiglu pre-activation recomputed
+    // and two input gradients; a weight gradient per grouped GEMM)
+    for (op, layers, fwd_n, bwd_n) in [
+        ("lightning_attention", lightning, 1, 3),
+        ("flash_attention", softmax, 1, 0),
+        ("flash_attention_grad", softmax, 0, 1),
+        ("grouped_matmul", moe, 2, 3),
+        ("grouped_matmul_wgrad", moe, 0, 2),
+    ] {
+        assert_eq!(
+            count(&after, op),
+            layers * (fwd_n + bwd_n),
+            "`{op}` in the differentiated optimized graph ({layers} layers)"
+        );
+    }
+    let both = optimize(&after);
     for (what, dg) in [
         ("optimize, then differentiate", after),
         ("differentiate, then optimize", before),
+        ("optimize, differentiate, optimize", both),
     ] {
         let out = interp.run(&dg, &feed).unwrap();
         let mut worst = (0.0f64, String::new());

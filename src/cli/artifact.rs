@@ -89,6 +89,17 @@ fn is_graph_file(p: &Path) -> bool {
 }
 
 /// The graph `compile` lowers, with the warnings its config calls for.
+/// The cost model `compile` plans for: `--cost-model`, else the target's.
+fn cost_model_of(args: &CompileArgs) -> String {
+    args.cost_model.clone().unwrap_or_else(|| {
+        match args.target {
+            Target::Cpu => "CPU",
+            Target::Cuda => "H200",
+        }
+        .to_string()
+    })
+}
+
 fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
     if is_graph_file(&args.input) {
         return Ok((crate::cli::files::load_graph(&args.input)?, Vec::new()));
@@ -128,6 +139,11 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
                     ..Default::default()
                 },
             )?;
+            // the forward optimized first (see `model::with_backward`); `compile` optimizes the whole step after
+            let g = match args.opt {
+                crate::cli::model::OptLevel::None => g,
+                crate::cli::model::OptLevel::Full => crate::cli::model::optimize(g, args.opt, &cost_model_of(args))?,
+            };
             fulgur_passes::optim::train_step(&g, "loss", &fulgur_passes::optim::AdamW::default())?
         }
     };
@@ -138,13 +154,7 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     artifact::check_destination(&args.out)?;
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
-    let cost_model = args.cost_model.clone().unwrap_or_else(|| {
-        match args.target {
-            Target::Cpu => "CPU",
-            Target::Cuda => "H200",
-        }
-        .to_string()
-    });
+    let cost_model = cost_model_of(&args);
     let g = crate::cli::model::with_dtype(crate::cli::model::optimize(g, args.opt, &cost_model)?, args.dtype)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();

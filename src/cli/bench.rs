@@ -5,7 +5,7 @@
 //!
 //! Given a config, the weights are random (transformers' initialisation, seeded); given a checkpoint, its own.
 
-use crate::cli::model::{optimize, HostWeights, OptLevel};
+use crate::cli::model::{optimize, with_backward, HostWeights, OptLevel};
 use anyhow::{bail, Context, Result};
 use fulgur_codegen::program::lower;
 use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
@@ -524,7 +524,7 @@ fn bench_train(
         let lname = format!("{level:?}").to_lowercase();
         progress.say(&format!("{lname}: building and optimizing the training step"));
         let t = Instant::now();
-        let g = optimize(train_step(&compute, "loss", &hp)?, level, &cost_model)?;
+        let g = with_backward(compute.clone(), level, &cost_model, |f| train_step(f, "loss", &hp))?;
         let optimize_s = t.elapsed().as_secs_f64();
         let program = lower(&g)?;
         let plan = program.layout(&env)?;

@@ -128,6 +128,24 @@ pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulg
     Ok(compiled.graph)
 }
 
+/// A graph holding the backward of the loss graph `g`, built by `build` (autodiff, or a whole training step)
+/// the way every command builds it: at `--opt full` the forward is optimized first, so that autodiff sees the
+/// optimizer's composites and emits their backward composites (flash attention's, the grouped GEMMs', lightning
+/// attention on reversed time; `docs/training.md`), then the whole graph is optimized; at `none` the
+/// definitional graph is differentiated as it is.
+pub fn with_backward(
+    g: fulgur_ir::Graph,
+    opt: OptLevel,
+    target: &str,
+    build: impl FnOnce(&fulgur_ir::Graph) -> Result<fulgur_ir::Graph, fulgur_passes::PassError>,
+) -> Result<fulgur_ir::Graph> {
+    let fwd = match opt {
+        OptLevel::None => g,
+        OptLevel::Full => optimize(g, opt, target)?,
+    };
+    optimize(build(&fwd)?, opt, target)
+}
+
 /// Where a backend's weights come from: a map already on the host, or a checkpoint read one tensor at a time
 /// (so that a compiled backend never holds the checkpoint twice).
 #[cfg_attr(not(feature = "llvm"), allow(dead_code))]
@@ -204,11 +222,15 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         .cost_model
         .clone()
         .unwrap_or_else(|| args.target.cost_model().to_string());
-    let mut g = forward_graph(&ck.config, &opts)?;
-    if args.grads.is_some() {
-        g = fulgur_passes::autodiff::differentiate(&g, "loss", &Default::default())?;
-    }
-    let g = with_dtype(optimize(g, args.opt, &cost_model)?, args.dtype)?;
+    let g = forward_graph(&ck.config, &opts)?;
+    let g = if args.grads.is_some() {
+        with_backward(g, args.opt, &cost_model, |f| {
+            fulgur_passes::autodiff::differentiate(f, "loss", &Default::default())
+        })?
+    } else {
+        optimize(g, args.opt, &cost_model)?
+    };
+    let g = with_dtype(g, args.dtype)?;
     tracing::info!(elapsed = ?t0.elapsed(), nodes = g.node_count(), "graph built");
     let t1 = Instant::now();
     let outputs = match args.target {

@@ -7,7 +7,7 @@
 //! transformers checkpoint plus `optimizer.safetensors` and `trainer.json`), replaced atomically at every save.
 
 use crate::cli::bench::BenchTarget;
-use crate::cli::model::{optimize, OptLevel};
+use crate::cli::model::{optimize, with_backward, OptLevel};
 use anyhow::{bail, Context, Result};
 use fulgur_ir::tensor::read_safetensors;
 use fulgur_ir::{DType, Tensor};
@@ -498,11 +498,9 @@ pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     // bf16: the loss graph stored in bf16, its parameters f32 master weights cast where read
     let compute_graph = compute_graph(&loss_graph, args.dtype)?;
-    let step_graph = optimize(
-        train_step_accumulating(&compute_graph, "loss", &hp, micro_batches)?,
-        args.opt,
-        &cost_model,
-    )?;
+    let step_graph = with_backward(compute_graph.clone(), args.opt, &cost_model, |f| {
+        train_step_accumulating(f, "loss", &hp, micro_batches)
+    })?;
     let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let step_program = fulgur_codegen::program::lower(&step_graph)?;

@@ -1,0 +1,260 @@
+//! Every backward composite against the autodiff of its forward composite's decomposition, in f64 on the
+//! reference interpreter: the rules autodiff uses for `lightning_attention`, `flash_attention`,
+//! `grouped_matmul`, `moe_dispatch` and `moe_combine` (which emit `lightning_attention` on reversed time,
+//! `flash_attention_grad`, `grouped_matmul_wgrad`, `moe_combine` and `scatter_add`) must give the gradients the
+//! primitives give. A stray factor, a wrong reversal or a group misplaced shows as a relative error near 1;
+//! the tolerance is rounding.
+
+use fulgur_ir::{Buffer, Composite, ConstData, DType, Dim, Graph, Interpreter, Op, Precision, Tensor, Value};
+use fulgur_passes::autodiff::{differentiate, GradOptions};
+use std::collections::HashMap;
+
+type Build = dyn Fn(&mut Graph, &[Value]) -> fulgur_ir::Result<Value>;
+/// A case: its name, the parameters' shapes, and the graph over them.
+type Case = (&'static str, Vec<&'static [usize]>, Box<Build>);
+
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x2545_F491);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    d / n.max(1e-300)
+}
+
+/// `loss = Σ build(params) ⊙ r`, differentiated with the backward composites and through the decompositions;
+/// returns the worst relative difference over the parameters, and the composite graph's op names.
+fn compare(name: &str, shapes: &[&[usize]], build: &Build, seed: u64) -> (f64, Vec<String>) {
+    let mut g = Graph::new(name);
+    let ps: Vec<Value> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            g.param(&format!("p{i}"), DType::F32, s.iter().map(|&d| Dim::from(d)).collect())
+                .unwrap()
+        })
+        .collect();
+    let y = build(&mut g, &ps).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let yd: Vec<usize> = g.dims(y).iter().map(|d| d.as_const().unwrap() as usize).collect();
+    let n: usize = yd.iter().product();
+    let r = g
+        .constant(DType::F32, yd.clone(), ConstData::Float(values(n, seed ^ 0xABCD)))
+        .unwrap();
+    let p = g.mul(y, r).unwrap();
+    let all: Vec<i64> = (0..yd.len() as i64).collect();
+    let loss = g.sum(p, &all, false).unwrap();
+    g.add_output("loss", loss).unwrap();
+    let fast = differentiate(&g, "loss", &GradOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let slow = differentiate(
+        &g,
+        "loss",
+        &GradOptions {
+            expand_all: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let feed: HashMap<String, Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n: usize = s.iter().product();
+            let t = Tensor {
+                dtype: DType::F32,
+                shape: s.to_vec(),
+                data: Buffer::F(values(n, seed + i as u64)),
+            };
+            (format!("p{i}"), t)
+        })
+        .collect();
+    let interp = Interpreter::new(Precision::F64);
+    let a = interp.run(&fast, &feed).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let b = interp.run(&slow, &feed).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut worst: f64 = 0.0;
+    for i in 0..shapes.len() {
+        let k = format!("grad.p{i}");
+        let (x, y) = (a[&k].to_f64(), b[&k].to_f64());
+        assert!(
+            y.iter().any(|v| *v != 0.0),
+            "{name}: {k} is zero through the decomposition"
+        );
+        let e = rel(&x, &y);
+        println!("{name}: {k} rel {e:.2e}");
+        worst = worst.max(if e.is_nan() { f64::INFINITY } else { e });
+    }
+    let ops = fast.nodes().map(|(_, n)| n.op.name().to_string()).collect();
+    (worst, ops)
+}
+
+fn count(ops: &[String], name: &str) -> usize {
+    ops.iter().filter(|o| *o == name).count()
+}
+
+fn positive(g: &mut Graph, x: Value) -> fulgur_ir::Result<Value> {
+    let s = g.mul(x, x)?;
+    g.add_scalar(s, 0.5)
+}
+
+const TOL: f64 = 1e-10;
+
+#[test]
+fn lightning_backward_is_lightning_attention_on_reversed_time() {
+    // three blocks, the last short; decay rates differentiated too
+    let (e, ops) = compare(
+        "lightning, T 7, block 3",
+        &[&[2, 7, 3], &[2, 7, 3], &[2, 7, 4], &[2, 1, 1]],
+        &|g, p| {
+            let lam = positive(g, p[3])?;
+            g.lightning_attention(p[0], p[1], p[2], lam, 3)
+        },
+        3,
+    );
+    assert!(e < TOL, "lightning attention's backward is off by {e:.3e}");
+    // the forward, dq, dk, dv and dλ: five scans, no quadratic decomposition
+    assert_eq!(count(&ops, "lightning_attention"), 5, "{ops:?}");
+    assert_eq!(count(&ops, "matmul"), 0, "{ops:?}");
+    // heads on a batch axis, the rates a constant per head (as MiniMax-01's): no dλ scan
+    let (e, ops) = compare(
+        "lightning, [1, 2, 8, 4], block 4",
+        &[&[1, 2, 8, 4], &[1, 2, 8, 4], &[1, 2, 8, 2]],
+        &|g, p| {
+            let lam = g.constant(DType::F32, vec![2, 1, 1], ConstData::Float(vec![0.3, 1.1]))?;
+            g.lightning_attention(p[0], p[1], p[2], lam, 4)
+        },
+        4,
+    );
+    assert!(
+        e < TOL,
+        "lightning attention's backward (constant rates) is off by {e:.3e}"
+    );
+    assert_eq!(count(&ops, "lightning_attention"), 4, "{ops:?}");
+}
+
+#[test]
+fn flash_backward_recomputes_the_softmax() {
+    let cases: Vec<Case> = vec![
+        (
+            "flash, causal, grouped-query (k and v shared by 3 query heads)",
+            vec![&[1, 2, 3, 5, 4], &[1, 2, 1, 5, 4], &[1, 2, 1, 5, 3]],
+            Box::new(|g, p| g.flash_attention(p[0], p[1], p[2], 0.5, true)),
+        ),
+        (
+            "flash, not causal, S ≠ T",
+            vec![&[2, 3, 4], &[2, 6, 4], &[2, 6, 5]],
+            Box::new(|g, p| g.flash_attention(p[0], p[1], p[2], 0.8, false)),
+        ),
+        (
+            "flash, causal, queries the last 2 of 5 positions",
+            vec![&[2, 2, 4], &[2, 5, 4], &[2, 5, 4]],
+            Box::new(|g, p| g.flash_attention(p[0], p[1], p[2], 0.6, true)),
+        ),
+        (
+            "flash with rotary embeddings (its decomposition's rope, then flash)",
+            vec![&[1, 2, 4, 4], &[1, 2, 4, 4], &[1, 2, 4, 3], &[4, 4], &[4, 4]],
+            Box::new(|g, p| {
+                let op = Op::Composite(Composite::FlashAttentionRope {
+                    scale: 0.5,
+                    causal: true,
+                    rotary: 4,
+                });
+                g.op1(op, &[p[0], p[1], p[2], p[3], p[4]])
+            }),
+        ),
+    ];
+    for (i, (name, shapes, build)) in cases.iter().enumerate() {
+        let (e, ops) = compare(name, shapes, build.as_ref(), 40 + i as u64);
+        assert!(e < TOL, "{name}: off by {e:.3e}");
+        assert_eq!(count(&ops, "flash_attention_grad"), 1, "{name}: {ops:?}");
+        assert_eq!(
+            count(&ops, "softmax"),
+            0,
+            "{name}: the backward stored a softmax: {ops:?}"
+        );
+    }
+}
+
+#[test]
+fn grouped_matmul_backward_runs_over_the_same_groups() {
+    let cases: Vec<Case> = vec![
+        (
+            "grouped matmul, groups 3, 0, 3 (an empty group)",
+            vec![&[6, 4], &[3, 4, 5]],
+            Box::new(|g, p| {
+                let counts = g.constant(DType::I64, vec![3], ConstData::Int(vec![3, 0, 3]))?;
+                g.grouped_matmul(p[0], counts, p[1], false)
+            }),
+        ),
+        (
+            "grouped swiglu matmul, groups 2, 2, 2",
+            vec![&[6, 4], &[3, 4, 10]],
+            Box::new(|g, p| {
+                let counts = g.constant(DType::I32, vec![3], ConstData::Int(vec![2, 2, 2]))?;
+                g.grouped_matmul(p[0], counts, p[1], true)
+            }),
+        ),
+    ];
+    for (i, (name, shapes, build)) in cases.iter().enumerate() {
+        let (e, ops) = compare(name, shapes, build.as_ref(), 60 + i as u64);
+        assert!(e < TOL, "{name}: off by {e:.3e}");
+        assert_eq!(count(&ops, "grouped_matmul_wgrad"), 1, "{name}: {ops:?}");
+        assert_eq!(
+            count(&ops, "gather"),
+            0,
+            "{name}: the backward gathers weights per row: {ops:?}"
+        );
+    }
+}
+
+#[test]
+fn moe_backward_through_router_dispatch_experts_and_combine() {
+    let (e, ops) = compare(
+        "moe: router, dispatch, grouped swiglu matmul, combine",
+        &[&[6, 4], &[4, 3], &[3, 4, 10], &[3, 5, 4]],
+        &|g, p| {
+            let logits = g.matmul(p[0], p[1])?;
+            let (w, ids) = g.moe_router(logits, 2)?;
+            let (xs, pos, counts) = g.moe_dispatch(p[0], ids, 3)?;
+            let h = g.grouped_matmul(xs, counts, p[2], true)?;
+            let ys = g.grouped_matmul(h, counts, p[3], false)?;
+            g.moe_combine(ys, pos, w)
+        },
+        80,
+    );
+    assert!(e < TOL, "the MoE layer's backward is off by {e:.3e}");
+    assert_eq!(count(&ops, "grouped_matmul_wgrad"), 2, "{ops:?}");
+    // dispatch's backward is a combine with unit weights: the forward's and that one
+    assert_eq!(count(&ops, "moe_combine"), 2, "{ops:?}");
+    assert_eq!(count(&ops, "moe_dispatch"), 1, "{ops:?}");
+}
+
+/// The backward composites' own decompositions are what the interpreter runs; their types are checked.
+#[test]
+fn backward_composites_refuse_ill_typed_inputs() {
+    let mut g = Graph::new("bad");
+    let q = g.param("q", DType::F32, vec![2.into(), 3.into(), 4.into()]).unwrap();
+    let k = g.param("k", DType::F32, vec![2.into(), 5.into(), 4.into()]).unwrap();
+    let v = g.param("v", DType::F32, vec![2.into(), 5.into(), 6.into()]).unwrap();
+    let d = g.param("d", DType::F32, vec![2.into(), 3.into(), 5.into()]).unwrap();
+    let e = g.flash_attention_grad(q, k, v, d, 1.0, false).unwrap_err().to_string();
+    assert!(
+        e.contains("`flash_attention_grad` needs `do` of the forward output's type f32[2, 3, 6], got f32[2, 3, 5]"),
+        "{e}"
+    );
+    let xs = g.param("xs", DType::F32, vec![6.into(), 4.into()]).unwrap();
+    let dy = g.param("dy", DType::F32, vec![5.into(), 3.into()]).unwrap();
+    let counts = g.constant(DType::I64, vec![2], ConstData::Int(vec![3, 3])).unwrap();
+    let e = g.grouped_matmul_wgrad(xs, counts, dy).unwrap_err().to_string();
+    assert!(
+        e.contains("`grouped_matmul_wgrad` needs one row of dy per row of xs"),
+        "{e}"
+    );
+}
