@@ -131,6 +131,45 @@ fn convert(
     Ok(out)
 }
 
+/// `g` with every float parameter not stored in f32 turned into an f32 parameter of the same name (the master
+/// weight) cast to its dtype where it is read: a graph stored in bf16 by [`store_as`], made trainable with f32
+/// master weights. Autodiff then returns f32 gradients (a cast passes its gradient straight through), while
+/// activations and their gradients are stored in the narrow dtype.
+pub fn master_weights(g: &Graph) -> Result<Graph, PassError> {
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<Value, Value> = HashMap::new();
+    for (id, n) in g.nodes() {
+        let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
+        let vals: Vec<Value> = match &n.op {
+            Op::Param { name, ty } if ty.dtype.is_float() && ty.dtype != DType::F32 => {
+                let mut t32 = ty.clone();
+                t32.dtype = DType::F32;
+                let p = out.add_node(
+                    Op::Param {
+                        name: name.clone(),
+                        ty: t32,
+                    },
+                    &[],
+                    n.name.clone(),
+                )?;
+                let c = out.add_node(Op::Cast { dtype: ty.dtype }, &[Value::new(p, 0)], None)?;
+                vec![Value::new(c, 0)]
+            }
+            op => {
+                let nid = out.add_node(op.clone(), &ins, n.name.clone())?;
+                (0..n.outputs.len() as u32).map(|k| Value::new(nid, k)).collect()
+            }
+        };
+        for (k, v) in vals.into_iter().enumerate() {
+            map.insert(Value::new(id, k as u32), v);
+        }
+    }
+    for (name, v) in g.outputs() {
+        out.add_output(name.clone(), map[v])?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,43 +247,4 @@ mod tests {
         let e = store_as(&g, DType::I32, &keep_f32).unwrap_err().to_string();
         assert_eq!(e, "cannot store a graph's floats as i32");
     }
-}
-
-/// `g` with every float parameter not stored in f32 turned into an f32 parameter of the same name (the master
-/// weight) cast to its dtype where it is read: a graph stored in bf16 by [`store_as`], made trainable with f32
-/// master weights. Autodiff then returns f32 gradients (a cast passes its gradient straight through), while
-/// activations and their gradients are stored in the narrow dtype.
-pub fn master_weights(g: &Graph) -> Result<Graph, PassError> {
-    let mut out = Graph::new(g.name.clone());
-    let mut map: HashMap<Value, Value> = HashMap::new();
-    for (id, n) in g.nodes() {
-        let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
-        let vals: Vec<Value> = match &n.op {
-            Op::Param { name, ty } if ty.dtype.is_float() && ty.dtype != DType::F32 => {
-                let mut t32 = ty.clone();
-                t32.dtype = DType::F32;
-                let p = out.add_node(
-                    Op::Param {
-                        name: name.clone(),
-                        ty: t32,
-                    },
-                    &[],
-                    n.name.clone(),
-                )?;
-                let c = out.add_node(Op::Cast { dtype: ty.dtype }, &[Value::new(p, 0)], None)?;
-                vec![Value::new(c, 0)]
-            }
-            op => {
-                let nid = out.add_node(op.clone(), &ins, n.name.clone())?;
-                (0..n.outputs.len() as u32).map(|k| Value::new(nid, k)).collect()
-            }
-        };
-        for (k, v) in vals.into_iter().enumerate() {
-            map.insert(Value::new(id, k as u32), v);
-        }
-    }
-    for (name, v) in g.outputs() {
-        out.add_output(name.clone(), map[v])?;
-    }
-    Ok(out)
 }

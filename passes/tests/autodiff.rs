@@ -7,6 +7,8 @@ use fulgur_passes::autodiff::{differentiate, GradOptions};
 use std::collections::HashMap;
 
 type Build = dyn Fn(&mut Graph, &[Value]) -> fulgur_ir::Result<Value>;
+/// A case: its name, the parameters' shapes, and the graph over them.
+type Case<'a> = (&'a str, Vec<&'a [usize]>, Box<Build>);
 
 /// Random values in [-1, 1], from a seed.
 fn values(n: usize, seed: u64) -> Vec<f64> {
@@ -98,7 +100,7 @@ fn check(name: &str, shapes: &[&[usize]], build: &Build, seed: u64) -> f64 {
 }
 
 /// Runs the cases, prints each, and fails naming every case past the tolerance.
-fn run_cases(cases: Vec<(&str, Vec<&[usize]>, Box<Build>)>) {
+fn run_cases(cases: Vec<Case>) {
     let mut bad = Vec::new();
     for (i, (name, shapes, build)) in cases.iter().enumerate() {
         let e = check(name, shapes, build.as_ref(), 17 + 31 * i as u64);
@@ -117,7 +119,7 @@ fn positive(g: &mut Graph, x: Value) -> fulgur_ir::Result<Value> {
 
 #[test]
 fn unary_rules_match_finite_differences() {
-    let mut cases: Vec<(&str, Vec<&[usize]>, Box<Build>)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     for u in UnaryOp::ALL {
         let needs_positive = matches!(u, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Recip);
         cases.push((
@@ -135,7 +137,7 @@ fn unary_rules_match_finite_differences() {
 #[test]
 fn binary_rules_with_broadcasting_match_finite_differences() {
     use fulgur_ir::BinaryOp::*;
-    let mut cases: Vec<(&str, Vec<&[usize]>, Box<Build>)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
     for b in [Add, Sub, Mul, Div, Max, Min, Pow] {
         for shapes in [vec![&[3usize, 4][..], &[4][..]], vec![&[2, 1, 4][..], &[3, 1][..]]] {
             cases.push((
@@ -159,7 +161,7 @@ fn binary_rules_with_broadcasting_match_finite_differences() {
 
 #[test]
 fn structural_rules_match_finite_differences() {
-    let cases: Vec<(&str, Vec<&[usize]>, Box<Build>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "select",
             vec![&[3, 4], &[4], &[3, 1]],
@@ -256,7 +258,7 @@ fn structural_rules_match_finite_differences() {
 
 #[test]
 fn composites_match_finite_differences_through_their_decompositions() {
-    let cases: Vec<(&str, Vec<&[usize]>, Box<Build>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "rms_norm",
             vec![&[2, 3, 6], &[6]],
