@@ -3,7 +3,8 @@
 # cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
 #   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
 # Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
-#   benches/cuda_check.sh [tests|cli|bench|anchor|decode|train|trainbench]...   (default: all)
+#   benches/cuda_check.sh [tests|cli|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
+# `trainbench` takes TRAIN_LEVELS (default none,full) and TRAIN_ANCHOR=0 to leave transformers out.
 # `train` also needs the text corpus beside the pack: mkdir -p .device/data && cp ../shared/data/tinyshakespeare.txt .device/data/
 # One device call runs at most 10 minutes: the stages together can take longer (bench-m's random weights are
 # generated on the host for every bench), so give them in two or three calls, e.g. `tests cli anchor`, then
@@ -12,7 +13,7 @@ set -uo pipefail
 out=${OUT:-/tmp/fulgur-cuda}
 mkdir -p "$out"
 export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
-stages=${*:-tests cli bench anchor decode train trainbench}
+stages=${*:-tests cli bench anchor decode train trainstep trainbench}
 fx=.device/fixtures/tiny-a
 bin=.device/bin/fulgur
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -47,20 +48,29 @@ for s in $stages; do
       done
       ;;
     train)
-      echo "=== training on the GPU (f32): tiny-a/train's three steps, tinyshakespeare from scratch, a bench-m step"
-      sh=.device/data/tinyshakespeare.txt; rm -rf /tmp/fulgur-r1 /tmp/fulgur-sh /tmp/fulgur-bm
+      echo "=== training on the GPU: tiny-a/train's three steps (f32), tinyshakespeare from scratch in f32 and in bf16"
+      sh=.device/data/tinyshakespeare.txt; rm -rf /tmp/fulgur-r1 /tmp/fulgur-sh /tmp/fulgur-sh16
       { timeout 120 $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --target cuda --out /tmp/fulgur-r1 2>&1 | tr '\r' '\n' | tail -1; cat /tmp/fulgur-r1/log.jsonl
-        timeout 200 $bin train models/configs/minimax-tiny-hf.json --data $sh --steps 500 --batch 16 --seq 128 --lr 3e-3 --schedule cosine --warmup 20 --eval-every 50 --target cuda --out /tmp/fulgur-sh 2>&1 | tr '\r' '\n' | tail -1; grep heldout /tmp/fulgur-sh/log.jsonl
-        timeout 200 $bin train models/configs/bench-m.json --data $sh --steps 4 --batch 4 --seq 2048 --eval-every 0 --eval-batches 1 --target cuda --out /tmp/fulgur-bm 2>&1 | tr '\r' '\n' | tail -2; cat /tmp/fulgur-bm/log.jsonl
+        for dt in f32 bf16; do
+          d=/tmp/fulgur-sh; [ $dt = bf16 ] && d=/tmp/fulgur-sh16
+          timeout 200 $bin train models/configs/minimax-tiny-hf.json --data $sh --steps 500 --batch 16 --seq 128 --lr 3e-3 --schedule cosine --warmup 20 --eval-every 50 --target cuda --dtype $dt --out $d 2>&1 | tr '\r' '\n' | tail -1; grep heldout $d/log.jsonl
+          cp $d/log.jsonl "$out/tinyshakespeare-$dt.jsonl"
+        done
       } 2>&1 | tee "$out/train.log" | cut -c1-200 || status=1
+      ;;
+    trainstep)
+      echo "=== bench-m: four training steps through fulgur train (bf16, f32 master weights)"
+      sh=.device/data/tinyshakespeare.txt; rm -rf /tmp/fulgur-bm
+      { timeout 240 $bin train models/configs/bench-m.json --data $sh --steps 4 --batch 4 --seq 2048 --dtype bf16 --eval-every 0 --eval-batches 1 --target cuda --out /tmp/fulgur-bm 2>&1 | tr '\r' '\n' | tail -2; cat /tmp/fulgur-bm/log.jsonl
+      } 2>&1 | tee "$out/trainstep.log" | cut -c1-300 || status=1
       ;;
     trainbench)
       echo "=== bench-m training steps (bf16 compute, f32 master weights): fulgur unfused/optimized, then transformers"
       for shape in "4 2048" "1 8192"; do
         set -- $shape
-        timeout 240 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --train --compare none,full --batch $1 --seq $2 --repeats 3 2>&1 | tr '\r' '\n' | grep -v ": step \|: compiling\|: building" | tee -a "$out/trainbench.log" | tail -6 || status=1
+        timeout 240 $bin bench models/configs/bench-m.json --target cuda --dtype bf16 --train --compare ${TRAIN_LEVELS:-none,full} --batch $1 --seq $2 --repeats 3 --top 16 2>&1 | tr '\r' '\n' | grep -v ": step \|: compiling\|: building" | tee -a "$out/trainbench.log" | tail -24 || status=1
       done
-      PYTHONUNBUFFERED=1 timeout 200 python3 benches/transformers_train.py models/configs/bench-m.json --shapes 4x2048,1x8192 > "$out/transformers_train.json" 2> "$out/transformers_train.err"; tail -3 "$out/transformers_train.err"
+      [ "${TRAIN_ANCHOR:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 200 python3 benches/transformers_train.py models/configs/bench-m.json --shapes 4x2048,1x8192 > "$out/transformers_train.json" 2> "$out/transformers_train.err"; tail -3 "$out/transformers_train.err"
       ;;
   esac
 done

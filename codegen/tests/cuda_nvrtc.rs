@@ -57,11 +57,28 @@ fn every_kernel_of_every_config_compiles_for_sm_90() {
         )
         .unwrap();
         let dec = decode_graph(&cfg).unwrap();
-        for (what, g, opt) in [
+        let full = |g: &fulgur_ir::Graph| {
+            let opts = CompileOptions {
+                opt: OptLevel::Full,
+                ..CompileOptions::default()
+            };
+            compile(g, &opts, None).unwrap().graph
+        };
+        // the training step as `fulgur train` builds it (its backward composites' kernels), for the small
+        // configs (the full model's kernels are the same codes at other sizes)
+        let train = (!name.contains("text-01")).then(|| {
+            let hp = fulgur_passes::optim::AdamW::default();
+            fulgur_passes::optim::train_step(&full(&fwd), "loss", &hp).unwrap()
+        });
+        let mut graphs = vec![
             ("forward, unoptimized", &fwd, OptLevel::None),
             ("forward", &fwd, OptLevel::Full),
             ("decode", &dec, OptLevel::Full),
-        ] {
+        ];
+        if let Some(t) = &train {
+            graphs.push(("training step", t, OptLevel::Full));
+        }
+        for (what, g, opt) in graphs {
             let og = compile(
                 g,
                 &CompileOptions {

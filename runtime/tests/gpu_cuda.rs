@@ -121,9 +121,18 @@ fn gpu_tiny_a_gradients_match_transformers() {
     )
     .unwrap();
     let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    // what the training commands run: the optimized forward differentiated (its composites' backward
+    // composites: flash_attention_grad, grouped_matmul_wgrad, lightning attention on reversed time), optimized
+    let composite_bwd = optimized(
+        &differentiate(&optimized(&g, OptLevel::Full), "loss", &GradOptions::default()).unwrap(),
+        OptLevel::Full,
+    );
     let weights = ck.load_params(&g).unwrap();
-    for opt in [OptLevel::None, OptLevel::Full] {
-        let og = optimized(&dg, opt);
+    for (opt, og) in [
+        (OptLevel::None, optimized(&dg, OptLevel::None)),
+        (OptLevel::Full, optimized(&dg, OptLevel::Full)),
+        (OptLevel::Full, composite_bwd),
+    ] {
         let mut gpu = CudaProgram::new(lower(&og).unwrap(), CudaOptions::default()).unwrap();
         gpu.load_weights(&weights).unwrap();
         let out = gpu
@@ -629,6 +638,103 @@ fn gpu_rms_norm_matches_the_interpreter() {
         let e = gpu_op_error(Op::Composite(Composite::RmsNorm { eps: 1e-5 }), vec![x, w]);
         println!("rms_norm, C {c}: rel {e:.3e}");
         assert!(e < 1e-6, "C {c}: relative error {e}");
+    }
+}
+
+/// The backward composites autodiff emits: `flash_attention_grad` (grouped-query heads, causal, more keys than
+/// queries) and `grouped_matmul_wgrad` (cuBLAS per group; its device form under CUDA graphs), with an empty
+/// group and rows past the groups.
+#[test]
+fn gpu_backward_composites_match_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Dim, Op, Value};
+    if !gpu() {
+        return;
+    }
+    for (t, s, causal) in [(70usize, 70usize, true), (33, 150, false), (20, 90, true)] {
+        let shapes = [
+            vec![2usize, 2, 3, t, 16],
+            vec![2, 2, 1, s, 16],
+            vec![2, 2, 1, s, 24],
+            vec![2, 2, 3, t, 24],
+        ];
+        let mut g = Graph::new("flash_grad");
+        let mut feed = HashMap::new();
+        let mut ins = Vec::new();
+        for (i, sh) in shapes.iter().enumerate() {
+            let name = format!("i{i}");
+            ins.push(
+                g.input(&name, DType::F32, sh.iter().map(|&d| Dim::from(d as i64)).collect())
+                    .unwrap(),
+            );
+            feed.insert(name, random(DType::F32, sh.clone(), 50 + i as u64));
+        }
+        let id = g
+            .add_node(
+                Op::Composite(Composite::FlashAttentionGrad { scale: 0.25, causal }),
+                &ins,
+                None,
+            )
+            .unwrap();
+        for (i, n) in ["dq", "dk", "dv"].iter().enumerate() {
+            g.add_output(*n, Value::new(id, i as u32)).unwrap();
+        }
+        let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let got = CudaProgram::new(lower(&g).unwrap(), CudaOptions::default())
+            .unwrap()
+            .run(&feed)
+            .unwrap();
+        for n in ["dq", "dk", "dv"] {
+            let e = rel_err(&got[n], &want[n]);
+            println!("flash_attention_grad t{t} s{s} causal {causal}: {n} rel {e:.3e}");
+            assert!(
+                e < 1e-5,
+                "flash_attention_grad t{t} s{s} causal {causal}: {n} relative error {e}"
+            );
+        }
+    }
+    let (m, c, o) = (30usize, 70usize, 100usize);
+    let mut g = Graph::new("wgrad");
+    let xs = g
+        .input("xs", DType::F32, vec![Dim::from(m as i64), Dim::from(c as i64)])
+        .unwrap();
+    let counts = g.input("counts", DType::I64, vec![Dim::from(5)]).unwrap();
+    let dy = g
+        .input("dy", DType::F32, vec![Dim::from(m as i64), Dim::from(o as i64)])
+        .unwrap();
+    let w = g.grouped_matmul_wgrad(xs, counts, dy).unwrap();
+    g.add_output("o", w).unwrap();
+    for graphs in [false, true] {
+        let mut gpu = CudaProgram::new(
+            lower(&g).unwrap(),
+            CudaOptions {
+                graphs,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for (step, sizes) in [[3i64, 0, 11, 16, 0], [0, 17, 1, 4, 5]].iter().enumerate() {
+            let feed: HashMap<String, Tensor> = [
+                ("xs".to_string(), random(DType::F32, vec![m, c], 60 + step as u64)),
+                (
+                    "counts".to_string(),
+                    Tensor::from_i64(DType::I64, vec![5], sizes.to_vec()),
+                ),
+                ("dy".to_string(), random(DType::F32, vec![m, o], 70 + step as u64)),
+            ]
+            .into();
+            let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+            let got = gpu.run(&feed).unwrap();
+            let e = rel_err(&got["o"], &want["o"]);
+            println!("grouped_matmul_wgrad (graphs {graphs}), counts {sizes:?}: rel {e:.3e}");
+            assert!(e < 1e-6, "graphs {graphs}, counts {sizes:?}: relative error {e}");
+        }
+        if graphs {
+            assert!(
+                gpu.graph_launches >= 2,
+                "the steps ran as CUDA graphs: {}",
+                gpu.graph_launches
+            );
+        }
     }
 }
 
