@@ -126,3 +126,38 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
     assert!(add.contains("for (i64"), "the scatter's loop is kept: {add}");
     assert!(!add.contains("fulgur_t / ("), "no thread per iteration: {add}");
 }
+
+/// A reduction with few outputs over a long range runs in levels of partials (one thread per output would walk
+/// the range alone): a sum of 600001 elements is 1172 chunks, then 3, then the total; a short one stays one
+/// phase; a norm weight's gradient (2048 outputs over 8192 rows) is split too, 70000 outputs are not.
+#[test]
+fn long_reductions_with_few_outputs_are_split_into_levels() {
+    use fulgur_codegen::loops::Step;
+    use fulgur_ir::{DType, Dim, Graph};
+    let phases = |dims: &[i64], axes: &[i64]| -> Vec<i64> {
+        let mut g = Graph::new("reduce");
+        let x = g
+            .input("x", DType::F32, dims.iter().map(|&d| Dim::from(d)).collect())
+            .unwrap();
+        let s = g.sum(x, axes, false).unwrap();
+        g.add_output("o", s).unwrap();
+        let p = lower(&g).unwrap();
+        let kernels = build_program(&p).unwrap();
+        let k = &kernels[p.step[0].code];
+        k.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Phase(ph) => Some(match k.pool.get(ph.grid) {
+                    fulgur_codegen::loops::Expr::I(v) => *v,
+                    _ => -1,
+                }),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(phases(&[600_001], &[0]), vec![1172, 3, 1]);
+    assert_eq!(phases(&[100], &[0]), vec![1]);
+    assert_eq!(phases(&[8192, 2048], &[0]), vec![2048 * 16, 2048]);
+    // enough outputs to fill the machine: one phase, a thread per output
+    assert_eq!(phases(&[4096, 70_000], &[0]), vec![70_000]);
+}

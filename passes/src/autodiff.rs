@@ -735,7 +735,45 @@ fn vjp(
             let pd = g.dims(pos).to_vec();
             let c = g.dims(gy)[1].clone();
             let gy3 = g.reshape(gy, vec![pd[0].clone(), Dim::constant(1), c.clone()])?; // [N, 1, C]
-            let dys = if want[0] {
+            let dispatched = match &g.node(pos.node).op {
+                Op::Composite(Composite::MoeDispatch { experts }) if pos.index == 1 => {
+                    Some((*experts, g.node(pos.node).inputs[1], Value::new(pos.node, 2)))
+                }
+                _ => None,
+            };
+            let dys = if !want[0] {
+                None
+            } else if let Some((experts, ids, counts)) = dispatched {
+                // pos is a dispatch's: every row of ys holds one (n, slot), so dys is a dispatch of dy's rows
+                // times the weight of the row's slot, found as the slot whose expert is the row's group (no
+                // scatter, which would walk the rows serially)
+                let k = pd[1].clone();
+                let disp = |g: &mut Graph, x: Value| -> Result<Value, PassError> {
+                    Ok(g.op(Op::Composite(Composite::MoeDispatch { experts }), &[x, ids])?[0])
+                };
+                let rows = disp(g, gy)?; // [M, C]: dy of the row's token
+                                         // in f32, where expert ids are exact (bf16 holds integers only up to 256)
+                let dt = DType::F32;
+                let idf = g.cast(ids, dt)?;
+                let wf = g.cast(wts, dt)?;
+                let wx = g.concat(&[wf, idf], -1)?; // [N, 2k]
+                let wr = disp(g, wx)?; // [M, 2k]
+                let w_rows = g.slice(wr, -1, 0, k.clone())?;
+                let e_rows = g.slice(wr, -1, k.clone(), k.clone() * Dim::constant(2))?;
+                let m = g.dims(ys)[0].clone();
+                let c64 = g.cast(counts, DType::I64)?;
+                let end = g.cumsum(c64, 0, false, false)?; // [E]
+                let row = g.iota(DType::I64, vec![m, Dim::constant(1)], 0)?;
+                let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
+                let past = g.cast(past, dt)?;
+                let group = g.sum(past, &[1], true)?; // [M, 1]: the row's expert
+                let mine = g.compare(CmpOp::Eq, e_rows, group)?; // [M, k]
+                let mine = g.cast(mine, dt)?;
+                let wm = g.mul(w_rows, mine)?;
+                let w_sel = g.sum(wm, &[1], true)?; // [M, 1]
+                let w_sel = g.cast(w_sel, g.dtype(gy))?;
+                Some(g.mul(rows, w_sel)?)
+            } else {
                 let w3 = g.reshape(wts, vec![pd[0].clone(), pd[1].clone(), Dim::constant(1)])?;
                 let rows = g.mul(w3, gy3)?; // [N, k, C]
                 let nk = pd[0].clone() * pd[1].clone();
@@ -744,8 +782,6 @@ fn vjp(
                 let m = g.dims(ys)[0].clone();
                 let zeros = g.full(0.0, g.dtype(ys), vec![m, c])?;
                 Some(g.scatter_add(zeros, flat, rows, 0)?)
-            } else {
-                None
             };
             let dw = if want[2] {
                 let picked = g.gather(ys, pos, 0)?; // [N, k, C]

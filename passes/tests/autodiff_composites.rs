@@ -231,9 +231,27 @@ fn moe_backward_through_router_dispatch_experts_and_combine() {
     );
     assert!(e < TOL, "the MoE layer's backward is off by {e:.3e}");
     assert_eq!(count(&ops, "grouped_matmul_wgrad"), 2, "{ops:?}");
-    // dispatch's backward is a combine with unit weights: the forward's and that one
+    // dispatch's backward is a combine with unit weights (the forward's and that one); combine's is two
+    // dispatches (dy's rows, and the weights with the expert ids), no scatter
     assert_eq!(count(&ops, "moe_combine"), 2, "{ops:?}");
-    assert_eq!(count(&ops, "moe_dispatch"), 1, "{ops:?}");
+    assert_eq!(count(&ops, "moe_dispatch"), 3, "{ops:?}");
+    assert_eq!(count(&ops, "scatter_add"), 0, "{ops:?}");
+}
+
+/// `moe_combine` whose positions are not a dispatch's: its backward scatters.
+#[test]
+fn moe_combine_backward_without_a_dispatch_scatters() {
+    let (e, ops) = compare(
+        "combine over positions given as a constant",
+        &[&[6, 5], &[3, 2]],
+        &|g, p| {
+            let pos = g.constant(DType::I64, vec![3, 2], ConstData::Int(vec![5, 0, 2, 3, 1, 4]))?;
+            g.moe_combine(p[0], pos, p[1])
+        },
+        90,
+    );
+    assert!(e < TOL, "moe_combine's backward is off by {e:.3e}");
+    assert_eq!(count(&ops, "scatter_add"), 1, "{ops:?}");
 }
 
 /// The backward composites' own decompositions are what the interpreter runs; their types are checked.

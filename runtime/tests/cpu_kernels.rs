@@ -212,6 +212,55 @@ fn elementwise_reduction_scan_and_index_kernels() {
         vec![xi.clone()],
         0.0,
     );
+    // few outputs over long ranges run in levels (partials per chunk, then combined): a full reduction,
+    // the middle axis of three (kept axes on both sides), a range that is not a multiple of the chunk size, and
+    // one of two levels of partials (600001 elements: 1172 chunks, then 3)
+    let very_long = r.tensor(DType::F32, &[600_001], -2.0, 2.0);
+    for op in [ReduceOp::Sum, ReduceOp::Max] {
+        check(
+            &format!("split in two levels {}", op.name()),
+            Op::Reduce {
+                op,
+                axes: vec![0],
+                keepdims: true,
+            },
+            vec![very_long.clone()],
+            if op == ReduceOp::Sum { 1e-5 } else { 0.0 },
+        );
+    }
+    let long = r.tensor(DType::F32, &[3, 40_001, 2], -2.0, 2.0);
+    let long_i = r.tensor(DType::I64, &[70_003], -50.0, 50.0);
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+        for (axes, keep) in [(vec![0, 1, 2], false), (vec![1], true), (vec![0, 1], false)] {
+            check(
+                &format!("split {} {axes:?}", op.name()),
+                Op::Reduce {
+                    op,
+                    axes: axes.clone(),
+                    keepdims: keep,
+                },
+                vec![long.clone()],
+                // f32 sums of 10⁵ terms of either sign, against f64
+                if matches!(op, ReduceOp::Sum | ReduceOp::Mean) {
+                    1e-5
+                } else {
+                    0.0
+                },
+            );
+        }
+        if op != ReduceOp::Mean {
+            check(
+                &format!("split integer {}", op.name()),
+                Op::Reduce {
+                    op,
+                    axes: vec![0],
+                    keepdims: false,
+                },
+                vec![long_i.clone()],
+                0.0,
+            );
+        }
+    }
     for (exclusive, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
         check(
             &format!("cumsum {exclusive} {reverse}"),

@@ -641,6 +641,38 @@ fn gpu_rms_norm_matches_the_interpreter() {
     }
 }
 
+/// Reductions with few outputs over long ranges, run in levels of partials (`kernels::generic`): a sum in two
+/// levels, the middle axis of three, a maximum.
+#[test]
+fn gpu_long_reductions_match_the_interpreter() {
+    use fulgur_ir::{Op, ReduceOp};
+    if !gpu() {
+        return;
+    }
+    for (shape, axes, op) in [
+        (vec![600_001usize], vec![0i64], ReduceOp::Sum),
+        (vec![3, 40_001, 2], vec![1], ReduceOp::Mean),
+        (vec![8192, 2048], vec![0], ReduceOp::Sum),
+        (vec![600_001], vec![0], ReduceOp::Max),
+    ] {
+        let x = random(fulgur_ir::DType::F32, shape.clone(), 80);
+        let e = gpu_op_error(
+            Op::Reduce {
+                op,
+                axes: axes.clone(),
+                keepdims: false,
+            },
+            vec![x],
+        );
+        println!("{} over {shape:?} axes {axes:?}: rel {e:.3e}", op.name());
+        assert!(
+            e < 1e-5,
+            "{} over {shape:?} axes {axes:?}: relative error {e}",
+            op.name()
+        );
+    }
+}
+
 /// The backward composites autodiff emits: `flash_attention_grad` (grouped-query heads, causal, more keys than
 /// queries) and `grouped_matmul_wgrad` (cuBLAS per group; its device form under CUDA graphs), with an empty
 /// group and rows past the groups.

@@ -156,6 +156,41 @@ pub(crate) fn build(k: &Kernel, built: &mut Built) -> Result<(), CodegenError> {
     Ok(())
 }
 
+/// Reductions with at most this many outputs are split when their range is long: one thread per output would
+/// walk it alone (a weight's sum of squares for the global gradient norm: 10⁸ elements in one GPU thread; a
+/// norm weight's gradient: 2048 threads over 8192 rows each).
+const SPLIT_MAX_OUTPUTS: i64 = 1 << 16;
+/// The shortest range (elements per output) split; a symbolic range is split.
+const SPLIT_MIN_RANGE: i64 = 2048;
+/// Elements (or partials) one item of a split reduction combines.
+const SPLIT_FAN_IN: i64 = 512;
+
+/// How a reduction of `x`'s axes `red` runs in levels, when it should (few outputs, each over a long range): the
+/// number of chunks per output at each level, the first over the range (chunks of `SPLIT_FAN_IN` elements, or
+/// 1024 chunks of a symbolic range), each next over the last level's partials (`SPLIT_FAN_IN` of them per
+/// chunk), until one level has at most `SPLIT_FAN_IN` chunks; a final phase combines those.
+fn split_reduction(xd: &[Dim], red: &[bool]) -> Option<Vec<i64>> {
+    let prod = |reduced: bool| {
+        xd.iter()
+            .zip(red)
+            .filter(|(_, r)| **r == reduced)
+            .fold(Dim::from(1), |a, (d, _)| a * d.clone())
+    };
+    let outputs = prod(false).as_const()?;
+    if outputs > SPLIT_MAX_OUTPUTS {
+        return None;
+    }
+    let mut levels = vec![match prod(true).as_const() {
+        Some(range) if range < SPLIT_MIN_RANGE => return None,
+        Some(range) => (range + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN,
+        None => 1024,
+    }];
+    while let Some(&last) = levels.last().filter(|&&c| c > SPLIT_FAN_IN) {
+        levels.push((last + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN);
+    }
+    Some(levels)
+}
+
 impl<'a> Gen<'a> {
     /// An item index split into coordinates of `dims`.
     fn coords(&mut self, item: E, dims: &[Dim]) -> Vec<E> {
@@ -520,6 +555,9 @@ impl<'a> Gen<'a> {
         }
         let kept: Vec<usize> = (0..n).filter(|&a| !red[a]).collect();
         let kept_dims: Vec<Dim> = kept.iter().map(|&a| xd[a].clone()).collect();
+        if let Some(levels) = split_reduction(&xd, &red) {
+            return self.reduce_split(name, x, op, &red, keepdims, home, levels);
+        }
         let (item_var, item) = self.lk.loop_var();
         let kc = self.coords(item, &kept_dims);
         let s = Scalar::of(xt);
@@ -606,6 +644,198 @@ impl<'a> Gen<'a> {
             item: item_var,
             body: stmts,
             item_cost: count_e,
+        }));
+        Ok(())
+    }
+
+    /// A reduction in levels (see [`split_reduction`]): item `(k, c)` of the first phase reduces chunk `c` of
+    /// output `k`'s range (the reduced axes linearized, row-major; consecutive elements) into a partial, each
+    /// next phase reduces chunks of the last one's partials, and the final phase combines each output's
+    /// partials in order. Deterministic: the same chunks in the same order on every backend and launch.
+    #[allow(clippy::too_many_arguments)] // the arguments of `reduce`, and the levels
+    fn reduce_split(
+        &mut self,
+        name: &str,
+        x: Value,
+        op: ReduceOp,
+        red: &[bool],
+        keepdims: bool,
+        home: &View,
+        levels: Vec<i64>,
+    ) -> Result<(), CodegenError> {
+        let xd = self.g.dims(x).to_vec();
+        let xt = self.g.dtype(x);
+        let n = xd.len();
+        let kept_dims: Vec<Dim> = (0..n).filter(|&a| !red[a]).map(|a| xd[a].clone()).collect();
+        let red_dims: Vec<Dim> = (0..n).filter(|&a| red[a]).map(|a| xd[a].clone()).collect();
+        let s = Scalar::of(xt);
+        let part_dtype = if s == Scalar::F32 { DType::F32 } else { DType::I64 };
+        let items = kept_dims.iter().fold(Dim::from(1), |a, d| a * d.clone());
+        let accop = match op {
+            ReduceOp::Sum | ReduceOp::Mean => Acc::Add,
+            ReduceOp::Max => Acc::Max,
+            ReduceOp::Min => Acc::Min,
+        };
+        let init = |p: &mut crate::loops::Pool| match (s, op) {
+            (Scalar::F32, ReduceOp::Max) => p.f(f32::NEG_INFINITY),
+            (Scalar::F32, ReduceOp::Min) => p.f(f32::INFINITY),
+            (Scalar::F32, _) => p.f(0.0),
+            (_, ReduceOp::Max) => p.i(if xt == DType::I32 { i32::MIN as i64 } else { i64::MIN }),
+            (_, ReduceOp::Min) => p.i(if xt == DType::I32 { i32::MAX as i64 } else { i64::MAX }),
+            _ => p.i(0),
+        };
+        let count = red_dims.iter().fold(Dim::from(1), |c, d| c * d.clone());
+        let count_e = self.lk.dim(&count);
+        // the previous level's partials: (slot, chunks per output), or None for the range itself
+        let mut prev: Option<(u32, i64)> = None;
+        for &chunks in &levels {
+            let part = self.lk.scratch(part_dtype, items.clone() * Dim::from(chunks));
+            let ce = self.lk.pool.i(chunks);
+            let (item_var, item) = self.lk.loop_var();
+            let k = self.lk.pool.div(item, ce);
+            let c = self.lk.pool.rem(item, ce);
+            // the chunk's range [lo, hi) of the level's input (the reduced elements, or the last partials)
+            let total = match prev {
+                None => count_e,
+                Some((_, pc)) => self.lk.pool.i(pc),
+            };
+            let p = &mut self.lk.pool;
+            let c1 = p.i(chunks - 1);
+            let up = p.addi(total, c1);
+            let size = p.div(up, ce);
+            let lo = p.mul(c, size);
+            let lo = p.min(lo, total);
+            let end = p.addi(lo, size);
+            let hi = p.min(end, total);
+            let (acc_var, acc) = self.lk.mutable(s);
+            let (rv, r) = self.lk.loop_var();
+            let val = match prev {
+                None => {
+                    let kc = self.coords(k, &kept_dims);
+                    let rc = self.coords(r, &red_dims);
+                    let (mut ki, mut ri) = (0, 0);
+                    let idx: Vec<E> = (0..n)
+                        .map(|a| {
+                            if red[a] {
+                                ri += 1;
+                                rc[ri - 1]
+                            } else {
+                                ki += 1;
+                                kc[ki - 1]
+                            }
+                        })
+                        .collect();
+                    self.at(x, &idx)?
+                }
+                Some((slot, pc)) => {
+                    let p = &mut self.lk.pool;
+                    let pce = p.i(pc);
+                    let base = p.mul(k, pce);
+                    let at = p.addi(base, r);
+                    p.load(slot, part_dtype, at)
+                }
+            };
+            let body = vec![
+                Stmt::Set {
+                    var: acc_var,
+                    value: init(&mut self.lk.pool),
+                },
+                Stmt::For {
+                    var: rv,
+                    lo,
+                    hi,
+                    body: vec![Stmt::Accumulate {
+                        var: acc_var,
+                        op: accop,
+                        value: val,
+                    }],
+                },
+                Stmt::Store {
+                    arg: part,
+                    dtype: part_dtype,
+                    index: item,
+                    value: acc,
+                },
+            ];
+            let grid = items.clone() * Dim::from(chunks);
+            let grid = self.lk.dim(&grid);
+            self.lk.steps.push(Step::Phase(Phase {
+                name: format!("{name} (partials)"),
+                grid,
+                item: item_var,
+                body,
+                item_cost: size,
+            }));
+            prev = Some((part, chunks));
+        }
+        let Some((part, chunks)) = prev else {
+            return Err(CodegenError::Options(format!(
+                "kernel {}: a split reduction without levels",
+                self.kname
+            )));
+        };
+        // the final phase: output k combines its partials
+        let (item_var, k) = self.lk.loop_var();
+        let kc = self.coords(k, &kept_dims);
+        let (acc_var, acc) = self.lk.mutable(s);
+        let (cv, c) = self.lk.loop_var();
+        let p = &mut self.lk.pool;
+        let ce = p.i(chunks);
+        let zero = p.i(0);
+        let base = p.mul(k, ce);
+        let at = p.addi(base, c);
+        let partial = p.load(part, part_dtype, at);
+        let result = if op == ReduceOp::Mean {
+            let cnt = p.cast(Scalar::F32, count_e);
+            p.bin(BinaryOp::Div, acc, cnt)
+        } else {
+            acc
+        };
+        let out_idx: Vec<E> = if keepdims {
+            let mut ki = 0;
+            (0..n)
+                .map(|a| {
+                    if red[a] {
+                        zero
+                    } else {
+                        ki += 1;
+                        kc[ki - 1]
+                    }
+                })
+                .collect()
+        } else {
+            kc
+        };
+        let index = home.index(&mut self.lk, &out_idx);
+        let body = vec![
+            Stmt::Set {
+                var: acc_var,
+                value: init(&mut self.lk.pool),
+            },
+            Stmt::For {
+                var: cv,
+                lo: zero,
+                hi: ce,
+                body: vec![Stmt::Accumulate {
+                    var: acc_var,
+                    op: accop,
+                    value: partial,
+                }],
+            },
+            Stmt::Store {
+                arg: home.slot,
+                dtype: home.dtype,
+                index,
+                value: result,
+            },
+        ];
+        let grid = self.lk.dim(&items);
+        self.lk.steps.push(Step::Phase(Phase {
+            name: name.into(),
+            grid,
+            item: item_var,
+            body,
+            item_cost: ce,
         }));
         Ok(())
     }
