@@ -1446,6 +1446,13 @@ impl crate::Executable for CudaProgram {
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         CudaProgram::run_carried(self, inputs, carried)
     }
+    fn run_keeping(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        keep: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        Some(self.run_skipping(inputs, keep))
+    }
     fn last_outputs(&mut self, names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         self.binding.as_ref()?;
         let skip: Vec<String> = self

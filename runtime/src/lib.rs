@@ -85,6 +85,17 @@ pub trait Executable {
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         None
     }
+    /// Runs one call like `run`, but returns every output except those named in `keep`, which stay where the
+    /// executable holds them (for the next `run_carried` and for `last_outputs`): a training step's first call,
+    /// whose new weights and moments need not come back to the host. `None`, before anything runs, when the
+    /// executable keeps no outputs between calls: the caller uses `run`.
+    fn run_keeping(
+        &mut self,
+        _inputs: &HashMap<String, Tensor>,
+        _keep: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        None
+    }
     /// The named outputs of the last call, read from where the executable keeps them (after `run_carried`, the
     /// carried outputs it did not return). `None` when the executable keeps no outputs between calls.
     fn last_outputs(&mut self, _names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {

@@ -339,7 +339,12 @@ impl<'a> Trainer<'a> {
                 })?;
                 let mut all = inputs;
                 all.extend(host);
-                let mut out = match self.exe.run(&all) {
+                // the new state stays in the executable when it can hold it (never downloaded)
+                let (run, kept) = match self.exe.run_keeping(&all, &self.carried) {
+                    Some(r) => (r, true),
+                    None => (self.exe.run(&all), false),
+                };
+                let mut out = match run {
                     Ok(o) => o,
                     Err(e) => {
                         // the state stays what it was before the step
@@ -353,14 +358,16 @@ impl<'a> Trainer<'a> {
                     }
                 };
                 // keep the new state on the host when the executable cannot hold it
-                let mut host = HashMap::new();
-                for n in &self.carried {
-                    if let Some(t) = out.remove(n) {
-                        host.insert(n.clone(), t);
+                if !kept {
+                    let mut host = HashMap::new();
+                    for n in &self.carried {
+                        if let Some(t) = out.remove(n) {
+                            host.insert(n.clone(), t);
+                        }
                     }
-                }
-                if self.exe.last_outputs(&[]).is_none() {
-                    self.host = Some(host);
+                    if self.exe.last_outputs(&[]).is_none() {
+                        self.host = Some(host);
+                    }
                 }
                 out
             }

@@ -1151,6 +1151,13 @@ impl crate::Executable for CpuProgram {
     ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         CpuProgram::run_carried(self, inputs, carried)
     }
+    fn run_keeping(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        keep: &[String],
+    ) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        Some(self.run_holding(inputs, &HashMap::new(), keep))
+    }
     fn last_outputs(&mut self, names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
         self.binding.as_ref()?;
         let skip: Vec<String> = self
