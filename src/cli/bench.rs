@@ -211,7 +211,7 @@ pub fn run(args: Args) -> Result<()> {
         return bench_decode(&args, &cfg, &weights, &tokens, &progress);
     }
     if args.train {
-        return bench_train(&args, &cfg, &weights, &tokens, &progress);
+        return bench_train(&args, &cfg, weights, &tokens, &progress);
     }
     let cost_model = args
         .cost_model
@@ -465,7 +465,7 @@ fn bench_decode(
 fn bench_train(
     args: &Args,
     cfg: &MiniMaxConfig,
-    weights: &HostWeights,
+    mut weights: HostWeights,
     tokens: &Tensor,
     progress: &Progress,
 ) -> Result<()> {
@@ -486,12 +486,11 @@ fn bench_train(
             ..Default::default()
         },
     )?;
-    let compute = crate::cli::train::compute_graph(&loss_graph, args.dtype)?;
     let hp = AdamW::default();
     let mut state = HashMap::new();
     for id in loss_graph.params() {
         if let fulgur_ir::Op::Param { name, ty } = &loss_graph.node(id).op {
-            let w = weights.fetch(name, ty)?;
+            let w = weights.take(name, ty)?;
             let z = Tensor::from_f64(fulgur_ir::DType::F32, w.shape.clone(), vec![0.0; w.numel()]);
             state.insert(format!("{ADAM_M}{name}"), z.clone());
             state.insert(format!("{ADAM_V}{name}"), z);
@@ -520,11 +519,22 @@ fn bench_train(
     let mut rows = Vec::new();
     let mut steps_ms = Vec::new();
     let mut tops: Vec<(String, Vec<KernelTime>)> = Vec::new();
-    for &level in &args.compare {
+    #[cfg_attr(not(any(feature = "llvm", feature = "cuda")), allow(unused_variables))] // the profiles'
+    let carried: Vec<String> = state.keys().cloned().collect();
+    for (li, &level) in args.compare.iter().enumerate() {
+        // the last level takes the state itself: bench-m's weights and moments are tens of GB on the host
+        let level_state = std::cell::RefCell::new(Some(if li + 1 == args.compare.len() {
+            std::mem::take(&mut state)
+        } else {
+            state.clone()
+        }));
         let lname = format!("{level:?}").to_lowercase();
         progress.say(&format!("{lname}: building and optimizing the training step"));
         let t = Instant::now();
-        let g = with_backward(compute.clone(), level, &cost_model, |f| train_step(f, "loss", &hp))?;
+        // optimized in f32, then stored as --dtype (see `train::compute_graph`), then differentiated
+        let g = with_backward(loss_graph.clone(), level, &cost_model, |f| {
+            train_step(&crate::cli::train::compute_graph(f, args.dtype)?, "loss", &hp)
+        })?;
         let optimize_s = t.elapsed().as_secs_f64();
         let program = lower(&g)?;
         let plan = program.layout(&env)?;
@@ -535,7 +545,8 @@ fn bench_train(
             let t = Instant::now();
             let steps = args.warmup + args.repeats;
             let time_steps = |exe: &mut dyn fulgur_runtime::Executable| -> Result<Vec<f64>> {
-                let mut trainer = Trainer::new(exe, state.clone());
+                let st = level_state.borrow_mut().take().unwrap_or_default();
+                let mut trainer = Trainer::new(exe, st);
                 let mut times = Vec::new();
                 for i in 0..steps {
                     progress.say(&format!("{lname}: step {}/{steps}", i + 1));
@@ -561,7 +572,6 @@ fn bench_train(
                     let mut cpu = fulgur_runtime::cpu::CpuProgram::new(program, opts)?;
                     let compile_s = t.elapsed().as_secs_f64();
                     let times = time_steps(&mut cpu)?;
-                    let carried: Vec<String> = state.keys().cloned().collect();
                     let top = profile_cpu_step(
                         &mut cpu,
                         tokens,
@@ -570,6 +580,30 @@ fn bench_train(
                         args.top,
                     )?;
                     Ok((compile_s, times, top))
+                }
+                // on the GPU with --top, one more step profiled kernel by kernel (an event after each)
+                #[cfg(feature = "cuda")]
+                BenchTarget::Cuda if args.top > 0 => {
+                    use fulgur_runtime::cuda::{CudaOptions, CudaProfile, CudaProgram};
+                    let mut gpu = CudaProgram::new(program, CudaOptions::default())?;
+                    let compile_s = t.elapsed().as_secs_f64();
+                    let times = time_steps(&mut gpu)?;
+                    gpu.profile = Some(CudaProfile::default());
+                    let mut inputs: HashMap<String, Tensor> = HashMap::new();
+                    inputs.insert("input_ids".into(), tokens.clone());
+                    for (name, v) in hp.scalars(1e-4, steps as u64 + 1) {
+                        inputs.insert(
+                            name.to_string(),
+                            Tensor::from_f64(fulgur_ir::DType::F32, vec![], vec![v]),
+                        );
+                    }
+                    match gpu.run_carried(&inputs, &carried) {
+                        Some(r) => {
+                            r.context("the profiled step")?;
+                        }
+                        None => bail!("the training step cannot keep its state in the program"),
+                    }
+                    Ok((compile_s, times, cuda_top(&gpu, args.top)))
                 }
                 _ => {
                     let mut exe = crate::cli::train::executable(&g, Some(program), args.target, false)?;

@@ -139,11 +139,18 @@ pub fn with_backward(
     target: &str,
     build: impl FnOnce(&fulgur_ir::Graph) -> Result<fulgur_ir::Graph, fulgur_passes::PassError>,
 ) -> Result<fulgur_ir::Graph> {
-    let fwd = match opt {
-        OptLevel::None => g,
-        OptLevel::Full => optimize(g, opt, target)?,
-    };
+    let fwd = optimized_forward(g, opt, target)?;
     optimize(build(&fwd)?, opt, target)
+}
+
+/// The forward a backward is built from (see [`with_backward`]): optimized at `--opt full`, as it is at `none`.
+/// In f32: a bf16 training step converts it after (`train::compute_graph`), since the optimizer's patterns are
+/// those of the f32 model.
+pub fn optimized_forward(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulgur_ir::Graph> {
+    match opt {
+        OptLevel::None => Ok(g),
+        OptLevel::Full => optimize(g, opt, target),
+    }
 }
 
 /// Where a backend's weights come from: a map already on the host, or a checkpoint read one tensor at a time
@@ -162,6 +169,17 @@ impl HostWeights<'_> {
             HostWeights::Map(m) => m
                 .get(name)
                 .cloned()
+                .ok_or_else(|| anyhow::anyhow!("weight `{name}` ({ty}) is missing")),
+            HostWeights::Checkpoint(ck) => Ok(ck.load_param(name, ty)?),
+        }
+    }
+
+    /// The weight `name` of type `ty`, moved out of a map (so that a caller building its own copy of the
+    /// weights never holds them twice).
+    pub fn take(&mut self, name: &str, ty: &fulgur_ir::TensorType) -> Result<Tensor> {
+        match self {
+            HostWeights::Map(m) => m
+                .remove(name)
                 .ok_or_else(|| anyhow::anyhow!("weight `{name}` ({ty}) is missing")),
             HostWeights::Checkpoint(ck) => Ok(ck.load_param(name, ty)?),
         }

@@ -7,7 +7,7 @@
 //! transformers checkpoint plus `optimizer.safetensors` and `trainer.json`), replaced atomically at every save.
 
 use crate::cli::bench::BenchTarget;
-use crate::cli::model::{optimize, with_backward, OptLevel};
+use crate::cli::model::{optimize, optimized_forward, OptLevel};
 use anyhow::{bail, Context, Result};
 use fulgur_ir::tensor::read_safetensors;
 use fulgur_ir::{DType, Tensor};
@@ -151,7 +151,7 @@ fn hyper(args: &Args) -> AdamW {
 pub(crate) fn compute_graph(
     loss_graph: &fulgur_ir::Graph,
     dtype: crate::cli::model::Dtype,
-) -> Result<fulgur_ir::Graph> {
+) -> Result<fulgur_ir::Graph, fulgur_passes::PassError> {
     Ok(match dtype {
         crate::cli::model::Dtype::F32 => loss_graph.clone(),
         crate::cli::model::Dtype::Bf16 => {
@@ -496,11 +496,15 @@ pub fn run(args: Args) -> Result<()> {
     say("building and optimizing the training step");
     let cost_model = args.target.cost_model().to_string();
     let t0 = Instant::now();
-    // bf16: the loss graph stored in bf16, its parameters f32 master weights cast where read
-    let compute_graph = compute_graph(&loss_graph, args.dtype)?;
-    let step_graph = with_backward(compute_graph.clone(), args.opt, &cost_model, |f| {
-        train_step_accumulating(f, "loss", &hp, micro_batches)
-    })?;
+    // the forward optimized in f32 (the optimizer's patterns are f32 ones), then for bf16 stored in bf16 with
+    // its parameters f32 master weights cast where read; then differentiated (see `model::with_backward`)
+    let fwd = optimized_forward(loss_graph.clone(), args.opt, &cost_model)?;
+    let compute_graph = compute_graph(&fwd, args.dtype)?;
+    let step_graph = optimize(
+        train_step_accumulating(&compute_graph, "loss", &hp, micro_batches)?,
+        args.opt,
+        &cost_model,
+    )?;
     let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let step_program = fulgur_codegen::program::lower(&step_graph)?;
