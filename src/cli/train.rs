@@ -751,3 +751,49 @@ pub fn run(args: Args) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bf16 training step is built from the f32-optimized forward: its lightning, attention and MoE layers
+    /// are the optimizer's composites (not the quadratic definitional forms the f32 patterns would miss in
+    /// bf16), and their backward is the backward composites.
+    #[test]
+    fn a_bf16_training_step_keeps_the_optimizers_composites() {
+        let path = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/configs/minimax-tiny-hf.json"
+        ));
+        let cfg = MiniMaxConfig::from_file(&path).unwrap();
+        let opts = ForwardOptions {
+            loss: true,
+            ..Default::default()
+        };
+        let loss_graph = forward_graph(&cfg, &opts).unwrap();
+        let fwd = optimized_forward(loss_graph, OptLevel::Full, "CPU").unwrap();
+        let compute = compute_graph(&fwd, crate::cli::model::Dtype::Bf16).unwrap();
+        let step = train_step_accumulating(&compute, "loss", &AdamW::default(), 1).unwrap();
+        let count = |g: &fulgur_ir::Graph, op: &str| g.nodes().filter(|(_, n)| n.op.name() == op).count();
+        let lightning = count(&fwd, "lightning_layer") + count(&fwd, "lightning_attention");
+        let softmax = count(&fwd, "flash_attention_rope") + count(&fwd, "flash_attention");
+        assert_eq!(
+            lightning + softmax,
+            cfg.num_hidden_layers,
+            "every attention layer is a composite"
+        );
+        assert!(lightning > 0 && softmax > 0);
+        assert_eq!(
+            count(&step, "lightning_attention"),
+            4 * lightning,
+            "three backward scans per forward one"
+        );
+        assert_eq!(count(&step, "flash_attention_grad"), softmax);
+        assert_eq!(count(&step, "grouped_matmul_wgrad"), 2 * cfg.num_hidden_layers);
+        assert!(
+            step.nodes()
+                .any(|(_, n)| n.outputs.iter().any(|t| t.dtype == DType::BF16)),
+            "the step computes in bf16"
+        );
+    }
+}
