@@ -15,6 +15,7 @@
 //! evenly, `abs` has gradient 0 at 0). Integer and boolean values carry no gradient. A parameter the loss does
 //! not depend on gets a gradient of zeros.
 
+use crate::cost::Target;
 use crate::PassError;
 use fulgur_ir::composite::attention::rope;
 use fulgur_ir::{BinaryOp, CmpOp, Composite, DType, Dim, Graph, NodeId, Op, ReduceOp, UnaryOp, Value};
@@ -31,6 +32,84 @@ pub struct GradOptions {
     /// Differentiate every composite through its decomposition, the backward composites unused (the oracle
     /// the backward composites are checked against; far slower to run).
     pub expand_all: bool,
+    /// Whether a value the backward needs and the forward's kernels do not keep is stored or recomputed.
+    pub recompute: Recompute,
+    /// The machine [`Recompute::Auto`] prices the two for (none: store).
+    pub target: Option<Target>,
+}
+
+/// Activation recompute versus storing, for a value the backward reads that a fused forward kernel does not
+/// write: `grouped_matmul[swiglu]`'s pre-activation `h = xs·w` (`[M, 2I]`). (Flash attention's probabilities
+/// are always recomputed: storing `[.., T, S]` is what its kernel exists to avoid.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Per value, the cheaper in time on [`GradOptions::target`]: writing it and reading it back, or
+    /// recomputing it (a grouped GEMM). Store without a target.
+    #[default]
+    Auto,
+    /// Store every such value (the forward computes it unfused and keeps it).
+    Store,
+    /// Recompute every such value in the backward.
+    All,
+}
+
+/// One store-or-recompute decision of [`differentiate_report`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecomputeChoice {
+    /// The forward node and the value it concerns, e.g. `layers.3.grouped_matmul` and `pre-activation
+    /// f32[M, 8192]`.
+    pub node: String,
+    pub value: String,
+    pub recomputed: bool,
+    /// The bytes kept for the backward when stored (saved when recomputed).
+    pub bytes: Dim,
+    /// The FLOPs recomputing adds (avoided when stored).
+    pub flops: Dim,
+}
+
+/// What [`differentiate_report`] chose: every store-or-recompute decision, in forward order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GradReport {
+    pub choices: Vec<RecomputeChoice>,
+}
+
+impl GradReport {
+    /// A one-line summary at the symbol values `env` (unknown symbols 1024): per kind of decision, how many
+    /// values, the bytes stored or saved, the FLOPs added or avoided.
+    pub fn summary(&self, env: &HashMap<String, i64>) -> String {
+        let ev = |d: &Dim| d.eval_or(env, 1024).map(|x| x as f64).unwrap_or(f64::NAN);
+        let mut parts = Vec::new();
+        for (recomputed, what) in [(false, "stored"), (true, "recomputed")] {
+            let mut by: std::collections::BTreeMap<&str, (usize, f64, f64)> = Default::default();
+            for c in self.choices.iter().filter(|c| c.recomputed == recomputed) {
+                let kind = c.value.split(' ').next().unwrap_or("");
+                let e = by.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += ev(&c.bytes);
+                e.2 += ev(&c.flops);
+            }
+            for (kind, (n, bytes, flops)) in by {
+                parts.push(if recomputed {
+                    format!(
+                        "{n} {kind} {what} (saves {:.1} MiB, adds {:.2} GFLOP)",
+                        bytes / 1048576.0,
+                        flops / 1e9
+                    )
+                } else {
+                    format!(
+                        "{n} {kind} {what} ({:.1} MiB kept for the backward; recomputing would add {:.2} GFLOP)",
+                        bytes / 1048576.0,
+                        flops / 1e9
+                    )
+                });
+            }
+        }
+        if parts.is_empty() {
+            "nothing to store or recompute".into()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 fn err(m: impl Into<String>) -> PassError {
@@ -40,6 +119,11 @@ fn err(m: impl Into<String>) -> PassError {
 /// The graph computing `g`'s outputs and the gradient of its output `loss` with respect to every float
 /// parameter (outputs `grad.NAME`, in parameter order) and to the inputs named in `opts`.
 pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph, PassError> {
+    Ok(differentiate_report(g, loss, opts)?.0)
+}
+
+/// [`differentiate`], with its store-or-recompute decisions.
+pub fn differentiate_report(g: &Graph, loss: &str, opts: &GradOptions) -> Result<(Graph, GradReport), PassError> {
     let lv = g
         .outputs()
         .iter()
@@ -64,7 +148,8 @@ pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph,
             )));
         }
     }
-    let mut out = expand(g, opts.expand_all)?;
+    let mut report = GradReport::default();
+    let mut out = expand(g, opts, &mut report)?;
     let loss_v = out
         .outputs()
         .iter()
@@ -156,7 +241,7 @@ pub fn differentiate(g: &Graph, loss: &str, opts: &GradOptions) -> Result<Graph,
         pass: "autodiff".into(),
         message: e.to_string(),
     })?;
-    Ok(out)
+    Ok((out, report))
 }
 
 /// Whether a composite keeps its own rule rather than being expanded: those whose backward is a composite kernel
@@ -175,21 +260,74 @@ fn kept(c: &Composite, expand_all: bool) -> bool {
 
 /// A copy of `g` with every composite but the kept ones replaced by its decomposition (repeatedly, for
 /// decompositions that use composites).
-fn expand(g: &Graph, expand_all: bool) -> Result<Graph, PassError> {
+fn expand(g: &Graph, opts: &GradOptions, report: &mut GradReport) -> Result<Graph, PassError> {
+    let expand_all = opts.expand_all;
     let kept = |c: &Composite| kept(c, expand_all);
     let mut cur = g.clone();
-    for _round in 0..16 {
+    for round in 0..16 {
+        // round 0 always runs: it makes the store-or-recompute decisions (and records them once)
         let pending = cur.nodes().any(|(_, n)| matches!(&n.op, Op::Composite(c) if !kept(c)));
-        if !pending {
+        if !pending && round > 0 {
             return Ok(cur);
         }
+        let first = round == 0;
         let mut next = Graph::new(cur.name.clone());
         let mut map: HashMap<Value, Value> = HashMap::new();
         for (id, node) in cur.nodes() {
             let ins: Vec<Value> = node.inputs.iter().map(|v| map[v]).collect();
             let outs: Vec<Value> = match &node.op {
+                // a fused swiglu whose pre-activation the backward reads: store it (the forward computes it
+                // unfused) or recompute it (the node stays fused; its rule recomputes)
+                Op::Composite(Composite::GroupedMatmul { swiglu: true }) if !expand_all && first => {
+                    let (m, c) = (cur.dims(node.inputs[0])[0].clone(), cur.dims(node.inputs[0])[1].clone());
+                    let o = cur.dims(node.inputs[2])[2].clone();
+                    let dt = cur.dtype(node.inputs[0]);
+                    let bytes = m.clone() * o.clone() * Dim::from(dt.size_bytes() as i64);
+                    let flops = Dim::from(2) * m.clone() * c * o.clone();
+                    let recompute = match (opts.recompute, &opts.target) {
+                        (Recompute::Store, _) | (Recompute::Auto, None) => false,
+                        (Recompute::All, _) => true,
+                        (Recompute::Auto, Some(t)) => {
+                            let ev = |d: &Dim| d.eval_or(&HashMap::new(), 1024).map(|x| x as f64).unwrap_or(0.0);
+                            let peak = if dt == DType::F32 {
+                                t.vector_flops
+                            } else {
+                                t.matmul_flops_bf16
+                            };
+                            ev(&flops) / peak < 2.0 * ev(&bytes) / t.mem_bw
+                        }
+                    };
+                    let name = node.name.clone().unwrap_or_else(|| format!("%{}", id.index()));
+                    report.choices.push(RecomputeChoice {
+                        node: name,
+                        value: format!("swiglu-pre-activation {dt}[{m}, {o}]"),
+                        recomputed: recompute,
+                        bytes,
+                        flops,
+                    });
+                    if recompute {
+                        let nid = next.add_node(node.op.clone(), &ins, node.name.clone())?;
+                        vec![Value::new(nid, 0)]
+                    } else {
+                        let scope = node.name.clone().unwrap_or_else(|| "grouped_matmul".to_string());
+                        next.push_scope(scope);
+                        let r = (|| -> fulgur_ir::Result<Value> {
+                            let h = next.grouped_matmul(ins[0], ins[1], ins[2], false)?;
+                            let half = o.div_exact(&Dim::from(2)).unwrap_or_else(|| o.clone());
+                            let gate = next.slice(h, -1, 0, half.clone())?;
+                            let up = next.slice(h, -1, half, o.clone())?;
+                            let act = next.silu(gate)?;
+                            next.mul(act, up)
+                        })();
+                        next.pop_scope();
+                        vec![r?]
+                    }
+                }
                 // rotary embeddings, then the flash_attention composite (whose backward is a composite)
                 Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }) if !expand_all => {
+                    report
+                        .choices
+                        .push(probabilities(&cur, &node.inputs, node.name.as_deref(), id));
                     let scope = node.name.clone().unwrap_or_else(|| "flash_attention_rope".to_string());
                     next.push_scope(scope);
                     let r = (|| -> fulgur_ir::Result<Value> {
@@ -208,6 +346,11 @@ fn expand(g: &Graph, expand_all: bool) -> Result<Graph, PassError> {
                     r?
                 }
                 op => {
+                    if matches!(op, Op::Composite(Composite::FlashAttention { .. })) && !expand_all && first {
+                        report
+                            .choices
+                            .push(probabilities(&cur, &node.inputs, node.name.as_deref(), id));
+                    }
                     let nid = next.add_node(op.clone(), &ins, node.name.clone())?;
                     (0..node.outputs.len() as u32).map(|k| Value::new(nid, k)).collect()
                 }
@@ -224,6 +367,23 @@ fn expand(g: &Graph, expand_all: bool) -> Result<Graph, PassError> {
     Err(err(
         "composites still left after 16 rounds of expansion (a decomposition that uses itself?)",
     ))
+}
+
+/// The decision flash attention's backward composite always takes: its probabilities `[.., T, S]` recomputed
+/// (the scores' `2·T·S·D` FLOPs per head again) rather than stored.
+fn probabilities(g: &Graph, ins: &[Value], name: Option<&str>, id: NodeId) -> RecomputeChoice {
+    let (q, k) = (g.dims(ins[0]).to_vec(), g.dims(ins[1]).to_vec());
+    let (r, rk) = (q.len(), k.len());
+    let heads = q[..r - 2].iter().fold(Dim::from(1), |a, d| a * d.clone());
+    let (t, d, s) = (q[r - 2].clone(), q[r - 1].clone(), k[rk - 2].clone());
+    let dt = g.dtype(ins[0]);
+    RecomputeChoice {
+        node: name.map(str::to_string).unwrap_or_else(|| format!("%{}", id.index())),
+        value: format!("attention-probabilities {dt}[.., {t}, {s}]"),
+        recomputed: true,
+        bytes: heads.clone() * t.clone() * s.clone() * Dim::from(dt.size_bytes() as i64),
+        flops: Dim::from(2) * heads * t * s * d,
+    }
 }
 
 /// Reduces a gradient `gv` (of a value broadcast into a larger shape) to the shape of `v`, and checks it.

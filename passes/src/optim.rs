@@ -13,7 +13,7 @@
 //! inputs the host computes in f64, as PyTorch does: `opt.decay` = 1 − lr·wd, `opt.step_size` =
 //! lr / (1 − β1ᵗ) and `opt.bc2_sqrt` = √(1 − β2ᵗ) (see [`AdamW::scalars`]).
 
-use crate::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+use crate::autodiff::{differentiate_report, GradOptions, GradReport, GRAD_PREFIX};
 use crate::PassError;
 use fulgur_ir::{DType, Graph, Op, TensorType, Value};
 use std::collections::HashMap;
@@ -83,6 +83,23 @@ pub fn train_step(g: &Graph, loss: &str, hp: &AdamW) -> Result<Graph, PassError>
 /// unchanged. `grad_norm` is the norm of the accumulated gradient. The mean of the micro-batches' `loss` is the
 /// whole batch's loss.
 pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches: usize) -> Result<Graph, PassError> {
+    Ok(train_step_with(g, loss, hp, micro_batches, &GradOptions::default())?.0)
+}
+
+/// [`train_step_accumulating`] differentiating with `grad` (its store-or-recompute policy; `grad.inputs` must
+/// be empty), and the decisions autodiff made.
+pub fn train_step_with(
+    g: &Graph,
+    loss: &str,
+    hp: &AdamW,
+    micro_batches: usize,
+    grad: &GradOptions,
+) -> Result<(Graph, GradReport), PassError> {
+    if !grad.inputs.is_empty() {
+        return Err(PassError::Options(
+            "a training step differentiates the parameters only".into(),
+        ));
+    }
     if micro_batches == 0 {
         return Err(PassError::Options("a step needs at least one micro-batch".into()));
     }
@@ -99,7 +116,7 @@ pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches:
             )));
         }
     }
-    let dg = differentiate(g, loss, &GradOptions::default())?;
+    let (dg, report) = differentiate_report(g, loss, grad)?;
     let (mut s, map) = with_params_as_inputs(&dg, format!("{}_train_step", g.name))?;
     let params: Vec<(String, TensorType, Value)> = dg
         .nodes()
@@ -229,7 +246,7 @@ pub fn train_step_accumulating(g: &Graph, loss: &str, hp: &AdamW, micro_batches:
         pass: "train_step".into(),
         message: e.to_string(),
     })?;
-    Ok(s)
+    Ok((s, report))
 }
 
 /// `g` with every parameter turned into a data input of the same name and type (a graph whose weights change

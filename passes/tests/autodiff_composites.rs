@@ -6,7 +6,8 @@
 //! the tolerance is rounding.
 
 use fulgur_ir::{Buffer, Composite, ConstData, DType, Dim, Graph, Interpreter, Op, Precision, Tensor, Value};
-use fulgur_passes::autodiff::{differentiate, GradOptions};
+use fulgur_passes::autodiff::{differentiate, differentiate_report, GradOptions, Recompute};
+use fulgur_passes::cost::Target;
 use std::collections::HashMap;
 
 type Build = dyn Fn(&mut Graph, &[Value]) -> fulgur_ir::Result<Value>;
@@ -236,6 +237,101 @@ fn moe_backward_through_router_dispatch_experts_and_combine() {
     assert_eq!(count(&ops, "moe_combine"), 2, "{ops:?}");
     assert_eq!(count(&ops, "moe_dispatch"), 3, "{ops:?}");
     assert_eq!(count(&ops, "scatter_add"), 0, "{ops:?}");
+}
+
+/// The swiglu pre-activation stored or recomputed: the same gradients either way, the choice reported with its
+/// bytes and FLOPs; `Auto` prices both on the target (a 4-wide product is cheaper to recompute than to store
+/// and read back; a 2048-wide one is not).
+#[test]
+fn the_swiglu_pre_activation_is_stored_or_recomputed_as_asked() {
+    let build = |c: usize| {
+        let mut g = Graph::new("swiglu");
+        let xs = g.param("xs", DType::F32, vec![6.into(), Dim::from(c as i64)]).unwrap();
+        let w = g
+            .param("w", DType::F32, vec![3.into(), Dim::from(c as i64), 10.into()])
+            .unwrap();
+        let counts = g.constant(DType::I64, vec![3], ConstData::Int(vec![2, 1, 3])).unwrap();
+        let y = g.grouped_matmul(xs, counts, w, true).unwrap();
+        let loss = g.sum(y, &[0, 1], false).unwrap();
+        g.add_output("loss", loss).unwrap();
+        g
+    };
+    let g = build(4);
+    let feed: HashMap<String, Tensor> = [("xs", vec![6, 4], 1), ("w", vec![3, 4, 10], 2)]
+        .into_iter()
+        .map(|(n, s, seed): (&str, Vec<usize>, u64)| {
+            let v = values(s.iter().product(), seed);
+            (
+                n.to_string(),
+                Tensor {
+                    dtype: DType::F32,
+                    shape: s,
+                    data: Buffer::F(v),
+                },
+            )
+        })
+        .collect();
+    let interp = Interpreter::new(Precision::F64);
+    let oracle = interp
+        .run(
+            &differentiate(
+                &g,
+                "loss",
+                &GradOptions {
+                    expand_all: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+            &feed,
+        )
+        .unwrap();
+    let h200 = Target::by_name("H200");
+    for (policy, target, recomputed, swiglu_nodes, plain_nodes) in [
+        (Recompute::Store, None, false, 0, 2),
+        (Recompute::All, None, true, 1, 2),
+        (Recompute::Auto, None, false, 0, 2),
+        (Recompute::Auto, h200.clone(), true, 1, 2),
+    ] {
+        let opts = GradOptions {
+            recompute: policy,
+            target,
+            ..Default::default()
+        };
+        let (dg, report) = differentiate_report(&g, "loss", &opts).unwrap();
+        assert_eq!(report.choices.len(), 1, "{policy:?}: {report:?}");
+        let c = &report.choices[0];
+        assert_eq!(c.recomputed, recomputed, "{policy:?}: {c:?}");
+        assert_eq!(c.value, "swiglu-pre-activation f32[6, 10]");
+        assert_eq!(
+            (c.bytes.as_const(), c.flops.as_const()),
+            (Some(6 * 10 * 4), Some(2 * 6 * 4 * 10))
+        );
+        let gm = |swiglu: bool| {
+            dg.nodes()
+                .filter(|(_, n)| matches!(n.op, Op::Composite(Composite::GroupedMatmul { swiglu: s }) if s == swiglu))
+                .count()
+        };
+        assert_eq!((gm(true), gm(false)), (swiglu_nodes, plain_nodes), "{policy:?}");
+        let got = interp.run(&dg, &feed).unwrap();
+        for k in ["grad.xs", "grad.w"] {
+            let e = rel(&got[k].to_f64(), &oracle[k].to_f64());
+            assert!(e < TOL, "{policy:?}: {k} off by {e:.3e}");
+        }
+    }
+    // 2048 wide: storing and reading back 6·10 values is cheaper on an H200 than 2·6·2048·10 FLOPs again
+    let opts = GradOptions {
+        recompute: Recompute::Auto,
+        target: h200,
+        ..Default::default()
+    };
+    let (_, report) = differentiate_report(&build(2048), "loss", &opts).unwrap();
+    assert!(!report.choices[0].recomputed, "{report:?}");
+    let env = HashMap::new();
+    assert_eq!(
+        report.summary(&env),
+        "1 swiglu-pre-activation stored (0.0 MiB kept for the backward; recomputing would add 0.00 GFLOP)"
+    );
 }
 
 /// `moe_combine` whose positions are not a dispatch's: its backward scatters.

@@ -110,6 +110,9 @@ pub struct Args {
     /// parameter (`fulgur train`'s step graph, f32 master weights), on random tokens.
     #[arg(long)]
     pub train: bool,
+    /// With --train: activation recompute versus storing (`auto`: the cost model's choice per value).
+    #[arg(long, value_enum, default_value_t = crate::cli::model::RecomputeArg::Auto)]
+    pub recompute: crate::cli::model::RecomputeArg,
 }
 
 /// One level's measurements.
@@ -469,7 +472,7 @@ fn bench_train(
     tokens: &Tensor,
     progress: &Progress,
 ) -> Result<()> {
-    use fulgur_passes::optim::{train_step, AdamW, ADAM_M, ADAM_V};
+    use fulgur_passes::optim::{train_step_with, AdamW, ADAM_M, ADAM_V};
     use fulgur_runtime::train::Trainer;
     use std::collections::HashMap;
     if args.last_logits || args.decode > 0 {
@@ -519,6 +522,7 @@ fn bench_train(
     let mut rows = Vec::new();
     let mut steps_ms = Vec::new();
     let mut tops: Vec<(String, Vec<KernelTime>)> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     #[cfg_attr(not(any(feature = "llvm", feature = "cuda")), allow(unused_variables))] // the profiles'
     let carried: Vec<String> = state.keys().cloned().collect();
     for (li, &level) in args.compare.iter().enumerate() {
@@ -532,9 +536,14 @@ fn bench_train(
         progress.say(&format!("{lname}: building and optimizing the training step"));
         let t = Instant::now();
         // optimized in f32, then stored as --dtype (see `train::compute_graph`), then differentiated
+        let mut report = None;
         let g = with_backward(loss_graph.clone(), level, &cost_model, |f| {
-            train_step(&crate::cli::train::compute_graph(f, args.dtype)?, "loss", &hp)
+            let compute = crate::cli::train::compute_graph(f, args.dtype)?;
+            let (g, r) = train_step_with(&compute, "loss", &hp, 1, &args.recompute.grad_options(&cost_model))?;
+            report = Some(r);
+            Ok(g)
         })?;
+        let activations = report.map(|r| r.summary(&env)).unwrap_or_default();
         let optimize_s = t.elapsed().as_secs_f64();
         let program = lower(&g)?;
         let plan = program.layout(&env)?;
@@ -630,7 +639,9 @@ fn bench_train(
                     "level": lname, "kernels": kernels, "optimize_s": optimize_s, "compile_s": compile_s,
                     "step_ms": ms, "step_ms_all": times, "tokens_per_s": tokens_per_step / (ms / 1e3),
                     "state_bytes": plan.persistent_bytes, "transient_bytes": plan.arena_bytes,
+                    "activations": activations,
                 }));
+                notes.push(format!("{lname}: activations for the backward: {activations}"));
             }
             Err(e) if args.compare.len() > 1 => {
                 let msg = format!("{e:#}");
@@ -643,6 +654,9 @@ fn bench_train(
     progress.done();
     if let ([(a, x), (b, y)], true) = (steps_ms.as_slice(), steps_ms.len() == 2) {
         let _ = writeln!(s, "{b} is {:.2}x the speed of {a}", x / y);
+    }
+    for n in &notes {
+        let _ = writeln!(s, "{n}");
     }
     for (lname, top) in &tops {
         write_top(

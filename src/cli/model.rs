@@ -80,6 +80,33 @@ pub enum OptLevel {
     Full,
 }
 
+/// Activation recompute versus storing in a training step (`fulgur_passes::autodiff::Recompute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecomputeArg {
+    /// The cost model's choice per value: the cheaper in time on the target's cost model.
+    Auto,
+    /// Store every value the backward reads.
+    Store,
+    /// Recompute every value the backward reads that a fused forward kernel does not keep.
+    All,
+}
+
+impl RecomputeArg {
+    /// The autodiff options for this choice, priced on the cost model `target`.
+    pub fn grad_options(self, target: &str) -> fulgur_passes::autodiff::GradOptions {
+        use fulgur_passes::autodiff::{GradOptions, Recompute};
+        GradOptions {
+            recompute: match self {
+                RecomputeArg::Auto => Recompute::Auto,
+                RecomputeArg::Store => Recompute::Store,
+                RecomputeArg::All => Recompute::All,
+            },
+            target: fulgur_passes::cost::Target::by_name(target),
+            ..Default::default()
+        }
+    }
+}
+
 /// The dtype a model's weights and activations are stored in (`docs/numerics.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {

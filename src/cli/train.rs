@@ -14,7 +14,7 @@ use fulgur_ir::{DType, Tensor};
 use fulgur_models::checkpoint::{save_checkpoint, Checkpoint};
 use fulgur_models::random::random_weights;
 use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
-use fulgur_passes::optim::{params_to_inputs, train_step_accumulating, AdamW, ADAM_M, ADAM_V, GRAD_ACC};
+use fulgur_passes::optim::{params_to_inputs, train_step_with, AdamW, ADAM_M, ADAM_V, GRAD_ACC};
 use fulgur_runtime::train::{Data, DataCursor, LrSchedule, Schedule, Trainer};
 use fulgur_runtime::Executable;
 use std::collections::{BTreeMap, HashMap};
@@ -102,6 +102,9 @@ pub struct Args {
     /// Optimization level of the step graph.
     #[arg(long, value_enum, default_value_t = OptLevel::Full)]
     pub opt: OptLevel,
+    /// Activation recompute versus storing: `auto` lets the target's cost model choose per value.
+    #[arg(long, value_enum, default_value_t = crate::cli::model::RecomputeArg::Auto)]
+    pub recompute: crate::cli::model::RecomputeArg,
     /// Evaluate the held-out loss every K steps (text data; 0: at the end only).
     #[arg(long, value_name = "K", default_value_t = 50)]
     pub eval_every: u64,
@@ -500,11 +503,14 @@ pub fn run(args: Args) -> Result<()> {
     // its parameters f32 master weights cast where read; then differentiated (see `model::with_backward`)
     let fwd = optimized_forward(loss_graph.clone(), args.opt, &cost_model)?;
     let compute_graph = compute_graph(&fwd, args.dtype)?;
-    let step_graph = optimize(
-        train_step_accumulating(&compute_graph, "loss", &hp, micro_batches)?,
-        args.opt,
-        &cost_model,
+    let (step_graph, grad_report) = train_step_with(
+        &compute_graph,
+        "loss",
+        &hp,
+        micro_batches,
+        &args.recompute.grad_options(&cost_model),
     )?;
+    let step_graph = optimize(step_graph, args.opt, &cost_model)?;
     let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
     let optimize_s = t0.elapsed().as_secs_f64();
     let step_program = fulgur_codegen::program::lower(&step_graph)?;
@@ -513,6 +519,11 @@ pub fn run(args: Args) -> Result<()> {
     // values (the activations the backward reads, the gradients, the update's temporaries)
     let env: HashMap<String, i64> = [("B".to_string(), micro as i64), ("T".to_string(), t as i64)].into();
     let plan = step_program.layout(&env)?;
+    // what the backward keeps and what it recomputes (`--recompute`), at this run's shape
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+    eprintln!("activations for the backward: {}", grad_report.summary(&env));
     say("compiling");
     let mut step_exe = executable(&step_graph, Some(step_program), args.target, args.check_finite)
         .context("compiling the training step")?;
@@ -773,7 +784,7 @@ mod tests {
         let loss_graph = forward_graph(&cfg, &opts).unwrap();
         let fwd = optimized_forward(loss_graph, OptLevel::Full, "CPU").unwrap();
         let compute = compute_graph(&fwd, crate::cli::model::Dtype::Bf16).unwrap();
-        let step = train_step_accumulating(&compute, "loss", &AdamW::default(), 1).unwrap();
+        let step = fulgur_passes::optim::train_step(&compute, "loss", &AdamW::default()).unwrap();
         let count = |g: &fulgur_ir::Graph, op: &str| g.nodes().filter(|(_, n)| n.op.name() == op).count();
         let lightning = count(&fwd, "lightning_layer") + count(&fwd, "lightning_attention");
         let softmax = count(&fwd, "flash_attention_rope") + count(&fwd, "flash_attention");
