@@ -1319,6 +1319,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
         Composite::MoeDispatch { experts: 2 },
         Composite::GroupedMatmul { swiglu: true },
         Composite::MoeCombine,
+        Composite::FlashAttentionGrad {
+            scale: 0.5,
+            causal: true,
+        },
+        Composite::GroupedMatmulWgrad,
         Composite::Fused {
             body: fulgur_ir::op::FusedBody::parse(
                 "graph f {\n  %0 = input \"arg0\" : f32[N]\n  %1 = exp(%0)\n  output \"out\" = %1\n}",
