@@ -161,3 +161,26 @@ fn long_reductions_with_few_outputs_are_split_into_levels() {
     // enough outputs to fill the machine: one phase, a thread per output
     assert_eq!(phases(&[4096, 70_000], &[0]), vec![70_000]);
 }
+
+/// An elementwise kernel over rows longer than a tile: a constant row is split into tiles that divide it, so its
+/// loop runs from 0 and the launch gets a thread per element (rows of 8192 were a loop of 4096 per thread:
+/// 38 ms for bench-m's swiglu backward on the H200); a row with no such divisor (8191, a prime) keeps the loop.
+#[test]
+fn long_constant_rows_get_a_thread_per_element() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let source = |width: i64| {
+        let mut g = Graph::new("rows");
+        let x = g.input("x", DType::F32, vec![Dim::from(3), Dim::from(width)]).unwrap();
+        let y = g.exp(x).unwrap();
+        g.add_output("o", y).unwrap();
+        let p = lower(&g).unwrap();
+        let mut kernels = build_program(&p).unwrap();
+        emit_program(&p, &mut kernels).unwrap()[p.step[0].code].source.clone()
+    };
+    for width in [8192, 32000, 100] {
+        let src = source(width);
+        assert!(src.contains("fulgur_t / ("), "width {width}: {src}");
+    }
+    let src = source(8191);
+    assert!(!src.contains("fulgur_t / ("), "{src}");
+}

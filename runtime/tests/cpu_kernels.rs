@@ -186,6 +186,23 @@ fn elementwise_reduction_scan_and_index_kernels() {
         vec![xi.clone(), yi.clone()],
         0.0,
     );
+    // rows longer than a tile, split into tiles that divide them (8192 → 4096, 12000 → 4000), or not (8191)
+    for width in [8192usize, 12000, 8191] {
+        let a = r.tensor(DType::F32, &[2, width], -2.0, 2.0);
+        let b = r.tensor(DType::F32, &[width], -2.0, 2.0);
+        check(
+            &format!("exp over rows of {width}"),
+            Op::Unary(UnaryOp::Exp),
+            vec![a.clone()],
+            1e-6,
+        );
+        check(
+            &format!("broadcast add over rows of {width}"),
+            Op::Binary(BinaryOp::Add),
+            vec![a, b],
+            1e-6,
+        );
+    }
     check("cast to bf16", Op::Cast { dtype: DType::BF16 }, vec![x.clone()], 1e-7);
     check("cast to i32", Op::Cast { dtype: DType::I32 }, vec![x.clone()], 0.0);
     for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {

@@ -25,6 +25,16 @@ use std::collections::HashMap;
 /// Elements of the last axis one item of an elementwise phase writes at most.
 const TILE: i64 = 4096;
 
+/// For a constant last axis longer than [`TILE`], the largest tile of at least `TILE / 4` elements that
+/// divides it (8192 → 4096, 32000 → 4000); `None` for a short, symbolic or awkward (prime) one.
+fn exact_tile(last: &Dim) -> Option<i64> {
+    let n = last.as_const()?;
+    if n <= TILE {
+        return None;
+    }
+    (TILE / 4..=TILE).rev().find(|t| n % t == 0)
+}
+
 /// Appends `op(ins)` to `g` with every composite expanded into primitives.
 pub(crate) fn expand(g: &mut Graph, op: &Op, ins: &[Value]) -> Result<Vec<Value>, CodegenError> {
     match op {
@@ -498,25 +508,53 @@ impl<'a> Gen<'a> {
             return Ok(());
         }
         let last = self.lk.dim(&dst.shape[r - 1]);
-        let tile = self.lk.pool.i(TILE);
-        let p = &mut self.lk.pool;
-        let tm1 = p.i(TILE - 1);
-        let lt = p.addi(last, tm1);
-        let ntiles = p.div(lt, tile);
-        let row = p.div(item, ntiles);
-        let t = p.rem(item, ntiles);
-        let lo = p.mul(t, tile);
-        let hi0 = p.addi(lo, tile);
-        let hi = p.min(hi0, last);
-        let mut idx = self.coords(row, &dst.shape[..r - 1]);
-        let (jv, j) = self.lk.loop_var();
+        let (item_row, lo, hi, j, jv, ntiles, cost);
+        if let Some(tile) = exact_tile(&dst.shape[r - 1]) {
+            // a constant row longer than a tile, split into tiles that divide it: the loop runs 0..tile, which a
+            // GPU launch can give a thread per iteration (`cuda.rs`, `flat_loop`)
+            let p = &mut self.lk.pool;
+            let te = p.i(tile);
+            let n = p.i(dst.shape[r - 1].as_const().unwrap_or(tile) / tile);
+            let row = p.div(item, n);
+            let t = p.rem(item, n);
+            let base = p.mul(t, te);
+            let (kv, k) = self.lk.loop_var();
+            let p = &mut self.lk.pool;
+            item_row = row;
+            lo = p.i(0);
+            hi = te;
+            j = p.addi(base, k);
+            jv = kv;
+            ntiles = n;
+            cost = te;
+        } else {
+            let tile = self.lk.pool.i(TILE);
+            let p = &mut self.lk.pool;
+            let tm1 = p.i(TILE - 1);
+            let lt = p.addi(last, tm1);
+            let n = p.div(lt, tile);
+            let row = p.div(item, n);
+            let t = p.rem(item, n);
+            let l = p.mul(t, tile);
+            let hi0 = p.addi(l, tile);
+            let h = p.min(hi0, last);
+            let c = p.min(last, tile);
+            let (v, e) = self.lk.loop_var();
+            item_row = row;
+            lo = l;
+            hi = h;
+            j = e;
+            jv = v;
+            ntiles = n;
+            cost = c;
+        }
+        let mut idx = self.coords(item_row, &dst.shape[..r - 1]);
         idx.push(j);
         let v = f(self, &idx)?;
         let index = dst.index(&mut self.lk, &idx);
         let rows = dst.shape[..r - 1].iter().fold(Dim::from(1), |a, d| a * d.clone());
         let rows = self.lk.dim(&rows);
         let grid = self.lk.pool.mul(rows, ntiles);
-        let cost = self.lk.pool.min(last, tile);
         self.lk.steps.push(Step::Phase(Phase {
             name: name.into(),
             grid,
