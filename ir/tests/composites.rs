@@ -862,6 +862,123 @@ fn moe_combine_against_loops() {
     }
 }
 
+#[test]
+fn grouped_matmul_wgrad_against_loops() {
+    let mut rng = StdRng::seed_from_u64(51);
+    for case_no in 0..40 {
+        let e = rng.gen_range(1..=4);
+        let m = rng.gen_range(1..=9);
+        let (c, o) = (rng.gen_range(1..=4), rng.gen_range(1..=5));
+        // group sizes summing to at most M (rows past them belong to no group), some empty
+        let mut counts = vec![0i64; e];
+        let mut left = rng.gen_range(0..=m) as i64;
+        for slot in counts.iter_mut() {
+            let take = rng.gen_range(0..=left);
+            *slot = take;
+            left -= take;
+        }
+        let cdt = if rng.gen_bool(0.5) { DType::I64 } else { DType::I32 };
+        let xs = rand_t(&mut rng, &[m, c]);
+        let dy = rand_t(&mut rng, &[m, o]);
+        let ct = it(cdt, &[e], counts.clone());
+        let g = composite_graph(
+            Composite::GroupedMatmulWgrad,
+            &[
+                ("xs", DType::F32, cd(&[m, c])),
+                ("counts", cdt, cd(&[e])),
+                ("dy", DType::F32, cd(&[m, o])),
+            ],
+        )
+        .unwrap();
+        let got = run(&g, &[("xs", &xs), ("counts", &ct), ("dy", &dy)])["out0"].to_f64();
+        let (x, d) = (xs.to_f64(), dy.to_f64());
+        let mut want = vec![0.0; e * c * o];
+        let mut start = 0usize;
+        for (ex, &n) in counts.iter().enumerate() {
+            for r in start..start + n as usize {
+                for a in 0..c {
+                    for b in 0..o {
+                        want[(ex * c + a) * o + b] += x[r * c + a] * d[r * o + b];
+                    }
+                }
+            }
+            start += n as usize;
+        }
+        assert_close(
+            &got,
+            &want,
+            1e-14,
+            &format!("case {case_no}: E={e} M={m} counts {counts:?}"),
+        );
+    }
+}
+
+/// `flash_attention_grad` against the gradients written out by loops (softmax rows, then `dV = Pᵀ dO`,
+/// `dS = P ⊙ (dO Vᵀ − rowsum) · scale`, `dQ = dS K`, `dK = dSᵀ Q`), causal with `S ≥ T`, and grouped-query keys
+/// shared by two query heads (their gradients summed).
+#[test]
+fn flash_attention_grad_against_loops() {
+    let mut rng = StdRng::seed_from_u64(52);
+    for case_no in 0..20 {
+        let (t, d, dv) = (rng.gen_range(1..=5), rng.gen_range(1..=4), rng.gen_range(1..=3));
+        let s = t + rng.gen_range(0..=3);
+        let causal = rng.gen_bool(0.5);
+        let scale = 0.7;
+        let hq = 2; // query heads per key head
+        let q = rand_t(&mut rng, &[hq, t, d]);
+        let k = rand_t(&mut rng, &[1, s, d]);
+        let v = rand_t(&mut rng, &[1, s, dv]);
+        let dout = rand_t(&mut rng, &[hq, t, dv]);
+        let g = composite_graph(
+            Composite::FlashAttentionGrad { scale, causal },
+            &[
+                ("q", DType::F32, cd(&[hq, t, d])),
+                ("k", DType::F32, cd(&[1, s, d])),
+                ("v", DType::F32, cd(&[1, s, dv])),
+                ("do", DType::F32, cd(&[hq, t, dv])),
+            ],
+        )
+        .unwrap();
+        let out = run(&g, &[("q", &q), ("k", &k), ("v", &v), ("do", &dout)]);
+        let (qv, kv, vv, ov) = (q.to_f64(), k.to_f64(), v.to_f64(), dout.to_f64());
+        let (mut dq, mut dk, mut dvv) = (vec![0.0; hq * t * d], vec![0.0; s * d], vec![0.0; s * dv]);
+        for h in 0..hq {
+            for i in 0..t {
+                let seen = |u: usize| !causal || u <= i + (s - t);
+                let sc: Vec<f64> = (0..s)
+                    .map(|u| (0..d).map(|a| qv[(h * t + i) * d + a] * kv[u * d + a]).sum::<f64>() * scale)
+                    .collect();
+                let mx = (0..s)
+                    .filter(|&u| seen(u))
+                    .map(|u| sc[u])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..s).filter(|&u| seen(u)).map(|u| (sc[u] - mx).exp()).sum();
+                let p: Vec<f64> = (0..s)
+                    .map(|u| if seen(u) { (sc[u] - mx).exp() / z } else { 0.0 })
+                    .collect();
+                let dp: Vec<f64> = (0..s)
+                    .map(|u| (0..dv).map(|b| ov[(h * t + i) * dv + b] * vv[u * dv + b]).sum())
+                    .collect();
+                let delta: f64 = (0..s).map(|u| p[u] * dp[u]).sum();
+                for u in 0..s {
+                    let ds = p[u] * (dp[u] - delta) * scale;
+                    for a in 0..d {
+                        dq[(h * t + i) * d + a] += ds * kv[u * d + a];
+                        dk[u * d + a] += ds * qv[(h * t + i) * d + a];
+                    }
+                    for b in 0..dv {
+                        dvv[u * dv + b] += p[u] * ov[(h * t + i) * dv + b];
+                    }
+                }
+            }
+        }
+        let what = format!("case {case_no}: T={t} S={s} D={d} causal {causal}");
+        assert_close(&out["out0"].to_f64(), &dq, 1e-13, &format!("{what}: dq"));
+        assert_close(&out["out1"].to_f64(), &dk, 1e-13, &format!("{what}: dk"));
+        assert_close(&out["out2"].to_f64(), &dvv, 1e-13, &format!("{what}: dv"));
+    }
+}
+
 // ------------------------------------------------------------- the chain
 
 /// The dense definitional MoE from primitives (as `fulgur-models` writes it): softmax, top-k, renormalise,

@@ -242,6 +242,8 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "moe_dispatch",
     "grouped_matmul",
     "moe_combine",
+    "flash_attention_grad",
+    "grouped_matmul_wgrad",
     // in `collectives.rs`
     "all_to_all",
     "all_to_all_start",
