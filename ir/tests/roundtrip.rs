@@ -302,7 +302,17 @@ impl Gen {
                 };
                 let scale = self.f64();
                 let causal = self.rng.gen_bool(0.5);
-                self.add(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v]);
+                if self.add(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v]) {
+                    // its backward, given a gradient of the output's type
+                    let o = *self.pool.last().expect("the node just added");
+                    let od = self.g.dims(o).to_vec();
+                    if let Some(d_out) = self.value_of(f, od) {
+                        self.add(
+                            Op::Composite(Composite::FlashAttentionGrad { scale, causal }),
+                            &[q, k, v, d_out],
+                        );
+                    }
+                }
                 // with rotary embeddings in the prologue: q and k at the same positions, constant head dim
                 let (t, hd) = (self.dim(), self.rng.gen_range(1..4usize) * 2);
                 let rotary = 2 * self.rng.gen_range(1..=hd / 2);
@@ -357,13 +367,18 @@ impl Gen {
                     self.dim()
                 };
                 let (Some(xs), Some(counts), Some(w)) = (
-                    self.value_of(f, vec![m, c.clone()]),
+                    self.value_of(f, vec![m.clone(), c.clone()]),
                     self.value_of(idt, vec![e.clone()]),
                     self.value_of(f, vec![e, c, o]),
                 ) else {
                     return;
                 };
                 self.add(Op::Composite(Composite::GroupedMatmul { swiglu }), &[xs, counts, w]);
+                // the weight gradient over the same groups
+                let o2 = self.dim();
+                if let Some(dy) = self.value_of(f, vec![m, o2]) {
+                    self.add(Op::Composite(Composite::GroupedMatmulWgrad), &[xs, counts, dy]);
+                }
             }
             _ => {
                 let pos = match self.pick(|g, v| g.dtype(v).is_int() && g.rank(v) == 2) {
