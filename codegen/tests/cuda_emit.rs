@@ -128,8 +128,8 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
 }
 
 /// A reduction with few outputs over a long range runs in levels of partials (one thread per output would walk
-/// the range alone): a sum of 600001 elements is 1172 chunks, then 3, then the total; a short one stays one
-/// phase; a norm weight's gradient (2048 outputs over 8192 rows) is split too, 70000 outputs are not.
+/// the range alone): a sum of 600001 elements is 1172 chunks, then 3, then the total; three outputs over 40000
+/// rows are split; a short range, or many outputs, stay one phase.
 #[test]
 fn long_reductions_with_few_outputs_are_split_into_levels() {
     use fulgur_codegen::loops::Step;
@@ -157,9 +157,10 @@ fn long_reductions_with_few_outputs_are_split_into_levels() {
     };
     assert_eq!(phases(&[600_001], &[0]), vec![1172, 3, 1]);
     assert_eq!(phases(&[100], &[0]), vec![1]);
-    assert_eq!(phases(&[8192, 2048], &[0]), vec![2048 * 16, 2048]);
-    // enough outputs to fill the machine: one phase, a thread per output
-    assert_eq!(phases(&[4096, 70_000], &[0]), vec![70_000]);
+    assert_eq!(phases(&[40_000, 3], &[0]), vec![3 * 79, 3]);
+    // more outputs than 64, or a range under 32768: one phase, a thread per output
+    assert_eq!(phases(&[8192, 2048], &[0]), vec![2048]);
+    assert_eq!(phases(&[20_000], &[0]), vec![1]);
 }
 
 /// An elementwise kernel over rows longer than a tile: a constant row is split into tiles that divide it, so its

@@ -167,11 +167,13 @@ pub(crate) fn build(k: &Kernel, built: &mut Built) -> Result<(), CodegenError> {
 }
 
 /// Reductions with at most this many outputs are split when their range is long: one thread per output would
-/// walk it alone (a weight's sum of squares for the global gradient norm: 10⁸ elements in one GPU thread; a
-/// norm weight's gradient: 2048 threads over 8192 rows each).
-const SPLIT_MAX_OUTPUTS: i64 = 1 << 16;
+/// walk it alone (a weight's sum of squares for the global gradient norm: 10⁸ elements in one GPU thread). Not
+/// more: a split chunk finds its elements' coordinates by division, which costs the CPU more than it gains
+/// where there are outputs enough to share out (a norm weight's gradient, 2048 outputs over 8192 rows each,
+/// stays one item per output: 3× slower split on the 2-core CPU for tiny-hf's training step).
+const SPLIT_MAX_OUTPUTS: i64 = 64;
 /// The shortest range (elements per output) split; a symbolic range is split.
-const SPLIT_MIN_RANGE: i64 = 2048;
+const SPLIT_MIN_RANGE: i64 = 1 << 15;
 /// Elements (or partials) one item of a split reduction combines.
 const SPLIT_FAN_IN: i64 = 512;
 
