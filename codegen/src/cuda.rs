@@ -1420,13 +1420,7 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     let blocks = lk.pool.mul(chunks, en);
     let block = lit(lk, BLOCK as i64);
     let items = lk.pool.mul(blocks, block);
-    let count = |ex: &str| {
-        load_text(
-            g.counts_arg,
-            g.counts_dtype,
-            &format!("{} + {ex} * {}", e(lk, g.counts_offset), e(lk, g.counts_stride)),
-        )
-    };
+    let count = |ex: &str| group_count(lk, g, ex);
     let warps = BLOCK / 32;
     let mut s = String::new();
     let _ = writeln!(
@@ -1546,13 +1540,7 @@ fn grouped_depth_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep
     let e = |lk: &LoopKernel, x: E| -> String { c_expr(lk, x) };
     let mn = lk.pool.mul(g.m, g.n);
     let items = lk.pool.mul(g.experts, mn);
-    let count = |ex: &str| {
-        load_text(
-            g.counts_arg,
-            g.counts_dtype,
-            &format!("{} + {ex} * {}", e(lk, g.counts_offset), e(lk, g.counts_stride)),
-        )
-    };
+    let count = |ex: &str| group_count(lk, g, ex);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -1613,6 +1601,19 @@ fn grouped_depth_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
     (s, items)
+}
+
+/// The size of group `ex` (a C expression) of a grouped GEMM step, read on the device.
+fn group_count(lk: &LoopKernel, g: &crate::loops::GroupedGemmStep, ex: &str) -> String {
+    load_text(
+        g.counts_arg,
+        g.counts_dtype,
+        &format!(
+            "{} + {ex} * {}",
+            c_expr(lk, g.counts_offset),
+            c_expr(lk, g.counts_stride)
+        ),
+    )
 }
 
 /// Rows of one expert a block of the device grouped GEMM accumulates together.

@@ -921,12 +921,9 @@ fn vjp(
                 let w_rows = g.slice(wr, -1, 0, k.clone())?;
                 let e_rows = g.slice(wr, -1, k.clone(), k.clone() * Dim::constant(2))?;
                 let m = g.dims(ys)[0].clone();
-                let c64 = g.cast(counts, DType::I64)?;
-                let end = g.cumsum(c64, 0, false, false)?; // [E]
-                let row = g.iota(DType::I64, vec![m, Dim::constant(1)], 0)?;
-                let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
-                let past = g.cast(past, dt)?;
-                let group = g.sum(past, &[1], true)?; // [M, 1]: the row's expert
+                let group = fulgur_ir::composite::moe::row_groups(g, counts, &m)?; // [M]: the row's expert
+                let group = g.cast(group, dt)?;
+                let group = g.reshape(group, vec![m, Dim::constant(1)])?;
                 let mine = g.compare(CmpOp::Eq, e_rows, group)?; // [M, k]
                 let mine = g.cast(mine, dt)?;
                 let wm = g.mul(w_rows, mine)?;

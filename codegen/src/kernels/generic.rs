@@ -203,6 +203,27 @@ fn split_reduction(xd: &[Dim], red: &[bool]) -> Option<Vec<i64>> {
     Some(levels)
 }
 
+/// The starting value of a reduction `op` over values of `xt` (its compute type's identity for the op).
+fn reduce_init(p: &mut crate::loops::Pool, op: ReduceOp, xt: DType) -> E {
+    match (Scalar::of(xt), op) {
+        (Scalar::F32, ReduceOp::Max) => p.f(f32::NEG_INFINITY),
+        (Scalar::F32, ReduceOp::Min) => p.f(f32::INFINITY),
+        (Scalar::F32, _) => p.f(0.0),
+        (_, ReduceOp::Max) => p.i(if xt == DType::I32 { i32::MIN as i64 } else { i64::MIN }),
+        (_, ReduceOp::Min) => p.i(if xt == DType::I32 { i32::MAX as i64 } else { i64::MAX }),
+        _ => p.i(0),
+    }
+}
+
+/// How a reduction `op` accumulates (a mean sums; the division comes after).
+fn reduce_acc(op: ReduceOp) -> Acc {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => Acc::Add,
+        ReduceOp::Max => Acc::Max,
+        ReduceOp::Min => Acc::Min,
+    }
+}
+
 impl<'a> Gen<'a> {
     /// An item index split into coordinates of `dims`.
     fn coords(&mut self, item: E, dims: &[Dim]) -> Vec<E> {
@@ -603,14 +624,7 @@ impl<'a> Gen<'a> {
         let s = Scalar::of(xt);
         let (acc_var, acc) = self.lk.mutable(s);
         let p = &mut self.lk.pool;
-        let init = match (s, op) {
-            (Scalar::F32, ReduceOp::Max) => p.f(f32::NEG_INFINITY),
-            (Scalar::F32, ReduceOp::Min) => p.f(f32::INFINITY),
-            (Scalar::F32, _) => p.f(0.0),
-            (_, ReduceOp::Max) => p.i(if xt == DType::I32 { i32::MIN as i64 } else { i64::MIN }),
-            (_, ReduceOp::Min) => p.i(if xt == DType::I32 { i32::MAX as i64 } else { i64::MAX }),
-            _ => p.i(0),
-        };
+        let init = reduce_init(p, op, xt);
         let zero = p.i(0);
         // the full index: kept axes from the item, reduced axes from loops
         let mut idx = vec![zero; n];
@@ -625,14 +639,9 @@ impl<'a> Gen<'a> {
             loops.push((v, hi));
         }
         let val = self.at(x, &idx)?;
-        let accop = match op {
-            ReduceOp::Sum | ReduceOp::Mean => Acc::Add,
-            ReduceOp::Max => Acc::Max,
-            ReduceOp::Min => Acc::Min,
-        };
         let mut body = vec![Stmt::Accumulate {
             var: acc_var,
-            op: accop,
+            op: reduce_acc(op),
             value: val,
         }];
         for (v, hi) in loops.into_iter().rev() {
@@ -711,19 +720,8 @@ impl<'a> Gen<'a> {
         let s = Scalar::of(xt);
         let part_dtype = if s == Scalar::F32 { DType::F32 } else { DType::I64 };
         let items = kept_dims.iter().fold(Dim::from(1), |a, d| a * d.clone());
-        let accop = match op {
-            ReduceOp::Sum | ReduceOp::Mean => Acc::Add,
-            ReduceOp::Max => Acc::Max,
-            ReduceOp::Min => Acc::Min,
-        };
-        let init = |p: &mut crate::loops::Pool| match (s, op) {
-            (Scalar::F32, ReduceOp::Max) => p.f(f32::NEG_INFINITY),
-            (Scalar::F32, ReduceOp::Min) => p.f(f32::INFINITY),
-            (Scalar::F32, _) => p.f(0.0),
-            (_, ReduceOp::Max) => p.i(if xt == DType::I32 { i32::MIN as i64 } else { i64::MIN }),
-            (_, ReduceOp::Min) => p.i(if xt == DType::I32 { i32::MAX as i64 } else { i64::MAX }),
-            _ => p.i(0),
-        };
+        let accop = reduce_acc(op);
+        let init = |p: &mut crate::loops::Pool| reduce_init(p, op, xt);
         let count = red_dims.iter().fold(Dim::from(1), |c, d| c * d.clone());
         let count_e = self.lk.dim(&count);
         // the previous level's partials: (slot, chunks per output), or None for the range itself

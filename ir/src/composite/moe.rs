@@ -58,6 +58,17 @@ pub fn dispatch(g: &mut Graph, experts: usize, x: Value, ids: Value) -> Result<(
     Ok((xs, pos, counts))
 }
 
+/// The group of each of `m` rows in consecutive groups of `counts[e]` rows: `e(r) = Σ_e (r ≥ end_e)` with `end`
+/// the inclusive cumsum of `counts`, `i64 [M]` (`E` for a row past every group).
+pub fn row_groups(g: &mut Graph, counts: Value, m: &Dim) -> Result<Value> {
+    let counts = g.cast(counts, DType::I64)?;
+    let end = g.cumsum(counts, 0, false, false)?; // [E]
+    let row = g.iota(DType::I64, vec![m.clone(), Dim::from(1)], 0)?; // [M, 1]
+    let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
+    let past = g.cast(past, DType::I64)?;
+    g.sum(past, &[1], false)
+}
+
 /// `grouped_matmul[swiglu](xs, counts, w)`: row `r` is multiplied by `w[e(r)]`, `e(r) = Σ_e (r ≥ end_e)` with
 /// `end` the inclusive cumsum of `counts`. A row past the sum of `counts` is a run-time error (of the gather
 /// of its weight).
@@ -65,12 +76,7 @@ pub fn grouped_matmul(g: &mut Graph, swiglu: bool, xs: Value, counts: Value, w: 
     let xd = g.dims(xs).to_vec();
     let (m, c) = (xd[0].clone(), xd[1].clone());
     let o = g.dims(w)[2].clone();
-    let counts = g.cast(counts, DType::I64)?;
-    let end = g.cumsum(counts, 0, false, false)?; // [E]
-    let row = g.iota(DType::I64, vec![m.clone(), Dim::from(1)], 0)?; // [M, 1]
-    let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
-    let past = g.cast(past, DType::I64)?;
-    let group = g.sum(past, &[1], false)?; // [M]
+    let group = row_groups(g, counts, &m)?; // [M]
     let wr = g.gather(w, group, 0)?; // [M, C, O]
     let x3 = g.reshape(xs, vec![m.clone(), Dim::from(1), c])?;
     let y = g.matmul(x3, wr)?; // [M, 1, O]
@@ -95,12 +101,7 @@ pub fn grouped_wgrad(g: &mut Graph, xs: Value, counts: Value, dy: Value) -> Resu
     let m = g.dims(xs)[0].clone();
     let e = g.dims(counts)[0].clone();
     let dt = g.dtype(xs);
-    let counts = g.cast(counts, DType::I64)?;
-    let end = g.cumsum(counts, 0, false, false)?; // [E]
-    let row = g.iota(DType::I64, vec![m.clone(), Dim::from(1)], 0)?; // [M, 1]
-    let past = g.compare(CmpOp::Ge, row, end)?; // [M, E]
-    let past = g.cast(past, DType::I64)?;
-    let group = g.sum(past, &[1], false)?; // [M]: E for a row past every group
+    let group = row_groups(g, counts, &m)?; // [M]: E for a row past every group
     let group = g.reshape(group, vec![Dim::from(1), m.clone()])?;
     let ids = g.iota(DType::I64, vec![e, Dim::from(1)], 0)?; // [E, 1]
     let member = g.compare(CmpOp::Eq, group, ids)?; // [E, M]
