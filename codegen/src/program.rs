@@ -430,7 +430,9 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
                     },
                 );
             }
-            (op, NodeClass::View) => match view(op, &ins[0].tensor, &n.outputs[0]) {
+            // a permute is a view too (its readers take strided operands: GEMMs transpose, loops index); the
+            // optimizer still prices it as the copy it would be in a fused body
+            (op, NodeClass::View) | (op @ Op::Permute { .. }, _) => match view(op, &ins[0].tensor, &n.outputs[0]) {
                 Some(t) => set(
                     &mut vals,
                     0,
@@ -544,7 +546,8 @@ fn check_symbols(p: &KernelProgram) -> Result<(), CodegenError> {
     Ok(())
 }
 
-/// The view `op` makes of `t`, or `None` when it needs a copy (a reshape of data that is not contiguous).
+/// The view `op` makes of `t` (a reshape, broadcast, slice or permute), or `None` when it needs a copy (a
+/// reshape of data that is not contiguous).
 fn view(op: &Op, t: &TensorRef, out: &TensorType) -> Option<TensorRef> {
     match op {
         Op::Reshape { .. } => t.is_contiguous().then(|| TensorRef {
@@ -577,6 +580,11 @@ fn view(op: &Op, t: &TensorRef, out: &TensorType) -> Option<TensorRef> {
                 ..t.clone()
             })
         }
+        Op::Permute { perm } => (perm.len() == t.shape.len()).then(|| TensorRef {
+            shape: perm.iter().map(|&p| t.shape[p].clone()).collect(),
+            strides: perm.iter().map(|&p| t.strides[p].clone()).collect(),
+            ..t.clone()
+        }),
         _ => None,
     }
 }

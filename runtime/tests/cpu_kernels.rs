@@ -56,7 +56,13 @@ fn graph(op: &Op, args: &[Tensor]) -> Graph {
 /// Runs `op` on the CPU backend and on the interpreter (f64); every output within `tol` relative L2 (exact for
 /// integers and bools).
 fn check(what: &str, op: Op, args: Vec<Tensor>, tol: f64) {
-    let g = graph(&op, &args);
+    check_graph(what, &graph(&op, &args), &args, tol);
+}
+
+/// Runs graph `g` (inputs `x0`, `x1`, ... given by `args`) on the CPU backend and on the interpreter (f64), as
+/// [`check`] does.
+fn check_graph(what: &str, g: &Graph, args: &[Tensor], tol: f64) {
+    let g = g.clone();
     let feed: HashMap<String, Tensor> = args
         .iter()
         .enumerate()
@@ -96,6 +102,41 @@ fn check(what: &str, op: Op, args: Vec<Tensor>, tol: f64) {
             assert_eq!(gt.to_f64(), w.to_f64(), "{what} {name}");
         }
     }
+}
+
+/// Permutes are views (`program::lower`): a GEMM reads a transposed operand as it is, an operand whose last
+/// axis moved into the batch (no unit stride) is copied inside the GEMM's kernel, an elementwise kernel reads
+/// the strided view, and a permute that is an output is read through its strides. No copy kernel is left.
+#[test]
+fn permutes_are_views_read_by_their_consumers() {
+    let mut r = Rng(7);
+    let x = r.tensor(DType::F32, &[4, 3, 5], -1.0, 1.0);
+    let w = r.tensor(DType::F32, &[6, 5], -1.0, 1.0);
+    let y = r.tensor(DType::F32, &[5, 4, 6], -1.0, 1.0);
+    let mut g = Graph::new("permutes");
+    let d = |v: &[i64]| v.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+    let xi = g.input("x0", DType::F32, d(&[4, 3, 5])).unwrap();
+    let wi = g.input("x1", DType::F32, d(&[6, 5])).unwrap();
+    let yi = g.input("x2", DType::F32, d(&[5, 4, 6])).unwrap();
+    let a = g.permute(xi, &[2, 1, 0]).unwrap(); // [5, 3, 4], strides [1, 5, 15]
+    let r1 = g.matmul(a, yi).unwrap();
+    let wt = g.permute(wi, &[1, 0]).unwrap(); // [5, 6], strides [1, 5]
+    let r2 = g.matmul(xi, wt).unwrap();
+    let xt = g.permute(xi, &[0, 2, 1]).unwrap();
+    let r3 = g.exp(xt).unwrap();
+    let r4 = g.permute(xi, &[1, 0, 2]).unwrap();
+    for (i, v) in [r1, r2, r3, r4].into_iter().enumerate() {
+        g.add_output(format!("y{i}"), v).unwrap();
+    }
+    let p = lower(&g).unwrap();
+    let copies: Vec<&str> = p
+        .step
+        .iter()
+        .filter(|k| k.kind == fulgur_passes::classify::KernelKind::Copy)
+        .map(|k| k.name.as_str())
+        .collect();
+    assert!(copies.is_empty(), "copy kernels left: {copies:?}");
+    check_graph("permuted views", &g, &[x, w, y], 1e-5);
 }
 
 #[test]

@@ -1226,13 +1226,28 @@ impl<'a> Gen<'a> {
         Ok(home)
     }
 
+    /// A GEMM operand: a view of memory whose rows or columns are unit-strided (what a BLAS reads), copied to
+    /// scratch when it is not (a permute that moved the last axis into the batch).
+    fn gemm_operand(&mut self, v: Value, name: &str) -> Result<View, CodegenError> {
+        let view = self.in_memory(v, name)?;
+        let r = view.shape.len();
+        if r < 2 || view.strides[r - 1].is_one() || view.strides[r - 2].is_one() {
+            return Ok(view);
+        }
+        let ty = self.g.ty(v).clone();
+        let slot = self.lk.scratch(ty.dtype, ty.shape.numel());
+        let home = View::contiguous(slot, ty.dtype, ty.dims());
+        self.write(name, &home, |gen, idx| gen.at(v, idx))?;
+        Ok(home)
+    }
+
     fn matmul(&mut self, name: &str, a: Value, b: Value, home: &View) -> Result<(), CodegenError> {
         let at = self.g.dtype(a);
         if !at.is_float() {
             return self.matmul_loops(name, a, b, home);
         }
-        let av = self.in_memory(a, &format!("{name}.lhs"))?;
-        let bv = self.in_memory(b, &format!("{name}.rhs"))?;
+        let av = self.gemm_operand(a, &format!("{name}.lhs"))?;
+        let bv = self.gemm_operand(b, &format!("{name}.rhs"))?;
         let (ra, rb, rc) = (av.shape.len(), bv.shape.len(), home.shape.len());
         let m = self.lk.dim(&av.shape[ra - 2]);
         let k = self.lk.dim(&av.shape[ra - 1]);
