@@ -148,16 +148,31 @@ pub fn emit(
                 _ => None,
             })
             .collect();
-        let totals: Vec<Option<E>> = trips
+        let mut totals: Vec<Option<E>> = trips
             .into_iter()
             .map(|x| x.map(|(n, grid)| lk.pool.mul(grid, n)))
             .collect();
+        // phases run by a warp per item: 32 threads an item
+        let warps: Vec<bool> = (0..lk.steps.len())
+            .map(|s| match &lk.steps[s] {
+                Step::Phase(p) => totals[s].is_none() && warp_phase(lk, p),
+                _ => false,
+            })
+            .collect();
+        for s in 0..lk.steps.len() {
+            if let (true, Step::Phase(p)) = (warps[s], &lk.steps[s]) {
+                let grid = p.grid;
+                let lanes = lk.pool.i(32);
+                totals[s] = Some(lk.pool.mul(grid, lanes));
+            }
+        }
         for (s, step) in lk.steps.iter().enumerate() {
             match step {
                 Step::Phase(p) => {
                     let f = function_name(code, s);
                     let mut em = PhaseEmitter::new(lk, p);
                     em.flat = flat_loop(lk, p);
+                    em.warp = warps[s];
                     let (text, spill) = em.emit(&f)?;
                     bodies.push(text);
                     launches.push(Launch::Phase {
@@ -386,6 +401,10 @@ struct PhaseEmitter<'a> {
     /// A phase that is one loop of independent stores ([`flat_loop`]): the launch then has a thread per
     /// (item, iteration), consecutive threads on consecutive iterations.
     flat: Option<Flat<'a>>,
+    /// A phase run by a warp per item ([`warp_phase`]).
+    warp: bool,
+    /// Row loops of a warp phase entered and not left.
+    rows: usize,
 }
 
 impl<'a> PhaseEmitter<'a> {
@@ -412,6 +431,8 @@ impl<'a> PhaseEmitter<'a> {
             temps: 0,
             spilled: HashMap::new(),
             flat: None,
+            warp: false,
+            rows: 0,
         }
     }
 
@@ -479,6 +500,19 @@ impl<'a> PhaseEmitter<'a> {
                 }
                 self.stmts(flat.body)?;
             }
+            None if self.warp => {
+                // a warp per item: the launch has 32 threads per item, and every warp is whole inside the loop
+                let _ = writeln!(
+                    head,
+                    "  for (i64 fulgur_t = fulgur_tid; fulgur_t < fulgur_grid; fulgur_t += fulgur_threads) {{"
+                );
+                let _ = writeln!(
+                    head,
+                    "    const i64 v{item} = fulgur_t >> 5; const int fulgur_lane = (int)(fulgur_t & 31);"
+                );
+                self.depth = 2;
+                self.stmts(&self.phase.body)?;
+            }
             None => {
                 let _ = writeln!(
                     head,
@@ -520,9 +554,43 @@ impl<'a> PhaseEmitter<'a> {
                 let hb = format!("e{}", self.temps);
                 self.temps += 1;
                 self.line(&format!("const i64 {hb} = {hi};"));
-                self.line(&format!("for (i64 v{var} = {lo}; v{var} < {hb}; ++v{var}) {{"));
-                self.block(body)?;
-                self.line("}");
+                if self.warp && self.rows == 0 {
+                    // a row loop: the lanes take every 32nd iteration, from a partial of the identity but
+                    // lane 0 (which keeps the value from before the loop), then combine with shuffles
+                    let mut acc = Vec::new();
+                    accumulated(body, &mut acc);
+                    for &(v, op) in &acc {
+                        let id = identity(op, self.lk.vars[v as usize].ty);
+                        self.line(&format!("if (fulgur_lane != 0) m{v} = {id};"));
+                    }
+                    self.line(&format!(
+                        "for (i64 v{var} = {lo} + fulgur_lane; v{var} < {hb}; v{var} += 32) {{"
+                    ));
+                    self.rows += 1;
+                    self.block(body)?;
+                    self.rows -= 1;
+                    self.line("}");
+                    for &(v, op) in &acc {
+                        let ty = self.lk.vars[v as usize].ty;
+                        let other = format!("__shfl_xor_sync(0xffffffffu, m{v}, fulgur_o)");
+                        let combine = match (op, ty) {
+                            (Acc::Add, _) => format!("m{v} + {other}"),
+                            (Acc::Max, Scalar::F32) => format!("fulgur_fmax(m{v}, {other})"),
+                            (Acc::Min, Scalar::F32) => format!("fulgur_fmin(m{v}, {other})"),
+                            (Acc::Max, _) => format!("fulgur_imax(m{v}, {other})"),
+                            (Acc::Min, _) => format!("fulgur_imin(m{v}, {other})"),
+                        };
+                        self.line(&format!(
+                            "for (int fulgur_o = 16; fulgur_o > 0; fulgur_o >>= 1) m{v} = {combine};"
+                        ));
+                    }
+                    // what one lane stored in the loop is read by the others after it
+                    self.line("__syncwarp();");
+                } else {
+                    self.line(&format!("for (i64 v{var} = {lo}; v{var} < {hb}; ++v{var}) {{"));
+                    self.block(body)?;
+                    self.line("}");
+                }
             }
             Stmt::If { cond, then, els } => {
                 let c = self.val(*cond)?;
@@ -844,6 +912,172 @@ fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
             n: *hi,
             body: inner,
         });
+    }
+}
+
+/// Whether phase `p` runs a warp per item: every loop at its top level (through `if`s) is a *row loop*, not
+/// known to be shorter than 64 iterations, whose
+/// iterations are independent but for accumulations (`+`, max, min) into mutable variables that the loop
+/// itself does not read, that reads memory along its variable with unit stride (a row's contiguous axis) and
+/// stores only at places that move with it (and reads back none of them); no local arrays. The lanes then
+/// split each row loop's iterations (coalesced reads where a thread per item read 32 rows apart), combine
+/// the accumulations with shuffles, and the statements between loops run in every lane on the same values.
+fn warp_phase(lk: &LoopKernel, p: &Phase) -> bool {
+    let mut vars = std::collections::BTreeSet::new();
+    let mut locals = std::collections::BTreeSet::new();
+    collect_state(&p.body, &lk.pool, &mut vars, &mut locals);
+    if !locals.is_empty() {
+        return false;
+    }
+    fn top(lk: &LoopKernel, body: &[Stmt], rows: &mut usize) -> bool {
+        for st in body {
+            match st {
+                Stmt::For { var, lo, hi, body } => {
+                    // a loop known to be short keeps its thread (a warp of lanes would mostly wait)
+                    let short = match (lk.pool.get(*lo), lk.pool.get(*hi)) {
+                        (Expr::I(a), Expr::I(b)) => b - a < 64,
+                        (_, Expr::Bin(BinaryOp::Add, a, b)) if a == lo => {
+                            matches!(lk.pool.get(*b), Expr::I(n) if *n < 64)
+                        }
+                        _ => false,
+                    };
+                    if short || !row_loop(lk, *var, body) {
+                        return false;
+                    }
+                    *rows += 1;
+                }
+                Stmt::If { then, els, .. } => {
+                    if !top(lk, then, rows) || !top(lk, els, rows) {
+                        return false;
+                    }
+                }
+                Stmt::StoreLocal { .. } => return false,
+                Stmt::Store { .. } | Stmt::Set { .. } | Stmt::Accumulate { .. } => {}
+            }
+        }
+        true
+    }
+    let mut rows = 0;
+    top(lk, &p.body, &mut rows) && rows > 0
+}
+
+/// The variables a body accumulates into, and whether it has no other kind of assignment (see [`warp_phase`]).
+fn accumulations(
+    lk: &LoopKernel,
+    body: &[Stmt],
+    acc: &mut Vec<u32>,
+    roots: &mut Vec<E>,
+    stores: &mut Vec<(u32, E, E)>,
+) -> bool {
+    for st in body {
+        match st {
+            Stmt::For { lo, hi, body, .. } => {
+                roots.extend([*lo, *hi]);
+                if !accumulations(lk, body, acc, roots, stores) {
+                    return false;
+                }
+            }
+            Stmt::If { cond, then, els } => {
+                roots.push(*cond);
+                if !accumulations(lk, then, acc, roots, stores) || !accumulations(lk, els, acc, roots, stores) {
+                    return false;
+                }
+            }
+            Stmt::Accumulate { var, value, .. } => {
+                if lk.vars[*var as usize].ty == Scalar::Bool {
+                    return false;
+                }
+                if !acc.contains(var) {
+                    acc.push(*var);
+                }
+                roots.push(*value);
+            }
+            Stmt::Store { arg, index, value, .. } => {
+                stores.push((*arg, *index, *value));
+                roots.extend([*index, *value]);
+            }
+            Stmt::Set { .. } | Stmt::StoreLocal { .. } => return false,
+        }
+    }
+    true
+}
+
+/// Whether index `e` moves with loop variable `v` with stride one: `v` itself, plus or minus terms free of it.
+fn unit_stride(lk: &LoopKernel, e: E, v: u32) -> bool {
+    match lk.pool.get(e) {
+        Expr::Var(w) => *w == v,
+        Expr::Bin(BinaryOp::Add, a, b) => {
+            (unit_stride(lk, *a, v) && !reads_var(lk, *b, v)) || (unit_stride(lk, *b, v) && !reads_var(lk, *a, v))
+        }
+        Expr::Bin(BinaryOp::Sub, a, b) => unit_stride(lk, *a, v) && !reads_var(lk, *b, v),
+        Expr::Checked { index, bound, .. } => unit_stride(lk, *index, v) && !reads_var(lk, *bound, v),
+        _ => false,
+    }
+}
+
+/// A loop of [`warp_phase`]'s kind over variable `v`.
+fn row_loop(lk: &LoopKernel, v: u32, body: &[Stmt]) -> bool {
+    let (mut acc, mut roots, mut stores) = (Vec::new(), Vec::new(), Vec::new());
+    if !accumulations(lk, body, &mut acc, &mut roots, &mut stores) {
+        return false;
+    }
+    let stored: std::collections::HashSet<u32> = stores.iter().map(|s| s.0).collect();
+    for (_, index, _) in &stores {
+        if !reads_var(lk, *index, v) || !unit_stride(lk, *index, v) {
+            return false;
+        }
+    }
+    let mut along = 0;
+    let mut seen = vec![false; lk.pool.len()];
+    while let Some(e) = roots.pop() {
+        if std::mem::replace(&mut seen[e as usize], true) {
+            continue;
+        }
+        match lk.pool.get(e) {
+            Expr::Get(w) if acc.contains(w) => return false,
+            Expr::LoadLocal { .. } => return false,
+            Expr::Load { arg, index, .. } => {
+                if stored.contains(arg) {
+                    return false;
+                }
+                if reads_var(lk, *index, v) {
+                    if !unit_stride(lk, *index, v) {
+                        return false;
+                    }
+                    along += 1;
+                }
+                roots.push(*index);
+            }
+            x => roots.extend(children(x)),
+        }
+    }
+    along > 0
+}
+
+/// The value no accumulation of `op` changes, for a variable of type `ty`.
+fn identity(op: Acc, ty: Scalar) -> &'static str {
+    match (op, ty) {
+        (Acc::Add, Scalar::F32) => "0.0f",
+        (Acc::Add, _) => "0LL",
+        (Acc::Max, Scalar::F32) => "__uint_as_float(0xff800000u)",
+        (Acc::Min, Scalar::F32) => "__uint_as_float(0x7f800000u)",
+        (Acc::Max, _) => "(-9223372036854775807LL - 1)",
+        (Acc::Min, _) => "9223372036854775807LL",
+    }
+}
+
+/// The accumulations of a body with their operation.
+fn accumulated(body: &[Stmt], out: &mut Vec<(u32, Acc)>) {
+    for st in body {
+        match st {
+            Stmt::For { body, .. } => accumulated(body, out),
+            Stmt::If { then, els, .. } => {
+                accumulated(then, out);
+                accumulated(els, out);
+            }
+            Stmt::Accumulate { var, op, .. } if !out.iter().any(|(v, _)| v == var) => out.push((*var, *op)),
+            _ => {}
+        }
     }
 }
 

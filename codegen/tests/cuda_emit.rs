@@ -185,3 +185,33 @@ fn long_constant_rows_get_a_thread_per_element() {
     let src = source(8191);
     assert!(!src.contains("fulgur_t / ("), "{src}");
 }
+
+/// A reduction along a row's contiguous axis runs a warp per output: the lanes split the row (coalesced reads)
+/// and combine with shuffles. Along a strided axis (a column sum), or over rows shorter than 64, a thread per
+/// output stays: there, neighbouring threads already read neighbouring elements.
+#[test]
+fn row_reductions_run_a_warp_per_output() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let source = |dims: &[i64], axes: &[i64]| {
+        let mut g = Graph::new("reduce");
+        let x = g
+            .input("x", DType::BF16, dims.iter().map(|&d| Dim::from(d)).collect())
+            .unwrap();
+        let s = g.sum(x, axes, false).unwrap();
+        let m = g.max(x, axes, false).unwrap();
+        g.add_output("s", s).unwrap();
+        g.add_output("m", m).unwrap();
+        let p = lower(&g).unwrap();
+        let mut kernels = build_program(&p).unwrap();
+        let cuda = emit_program(&p, &mut kernels).unwrap();
+        p.step.iter().map(|k| cuda[k.code].source.clone()).collect::<Vec<_>>()
+    };
+    for src in source(&[300, 5000], &[1]) {
+        assert!(src.contains("const int fulgur_lane = (int)(fulgur_t & 31);"), "{src}");
+        assert!(src.contains(" += 32) {"), "{src}");
+        assert!(src.contains("__shfl_xor_sync(0xffffffffu, m"), "{src}");
+    }
+    for src in source(&[5000, 300], &[0]).into_iter().chain(source(&[5000, 40], &[1])) {
+        assert!(!src.contains("fulgur_lane"), "{src}");
+    }
+}

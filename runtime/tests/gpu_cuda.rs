@@ -915,3 +915,37 @@ fn gpu_permuted_views_match_the_interpreter() {
         }
     }
 }
+
+/// Reductions along a row's contiguous axis, run a warp per output (the lanes split the row and combine with
+/// shuffles): rows not a multiple of 32, sums, means, maxima and minima in f32 and bf16, and a log-softmax
+/// over rows of 32000 (a max, a sum of exponentials and a store per element, one warp per row).
+#[test]
+fn gpu_row_reductions_by_warps_match_the_interpreter() {
+    use fulgur_ir::{DType, Op, ReduceOp};
+    if !gpu() {
+        return;
+    }
+    for dt in [DType::F32, DType::BF16] {
+        for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+            let x = random(dt, vec![37, 5001], 95);
+            let e = gpu_op_error(
+                Op::Reduce {
+                    op,
+                    axes: vec![1],
+                    keepdims: true,
+                },
+                vec![x],
+            );
+            println!("{dt} {} over rows of 5001: rel {e:.3e}", op.name());
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(e < tol, "{dt} {}: relative error {e}", op.name());
+        }
+        let x = random(dt, vec![9, 32000], 96);
+        let e = gpu_op_error(Op::Composite(fulgur_ir::Composite::LogSoftmax { axis: -1 }), vec![x]);
+        println!("{dt} log_softmax over rows of 32000: rel {e:.3e}");
+        assert!(
+            e < if dt == DType::F32 { 1e-5 } else { 1e-2 },
+            "{dt} log_softmax: relative error {e}"
+        );
+    }
+}
