@@ -500,3 +500,39 @@ fn a_training_step_artifact_runs() {
     assert!((l - wl).abs() < 1e-5, "loss {l} vs {wl}");
     assert!((n - wn).abs() < 1e-4 * wn, "grad norm {n} vs {wn}");
 }
+
+/// `compile --graph train --dtype bf16` is the step `fulgur train --dtype bf16` runs: weights and AdamW moments
+/// stay f32 inputs and outputs (master weights), the forward and backward compute in bf16; the moments were
+/// converted to bf16 with the rest of the graph before.
+#[test]
+fn a_bf16_training_step_artifact_keeps_f32_master_weights_and_moments() {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("train16");
+    ok(&fulgur(&[
+        &"compile", &dir, &"--graph", &"train", &"--dtype", &"bf16", &"-o", &art,
+    ]));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    let dtype_of = |list: &str, name: &str| -> String {
+        m[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|io| io["name"] == name)
+            .unwrap_or_else(|| panic!("no {list} {name}"))["ty"]["dtype"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for name in [
+        "model.embed_tokens.weight",
+        "adam_m.model.embed_tokens.weight",
+        "adam_v.lm_head.weight",
+    ] {
+        assert_eq!(dtype_of("inputs", name), "f32", "input {name}");
+        assert_eq!(dtype_of("outputs", name), "f32", "output {name}");
+    }
+    let graph = std::fs::read_to_string(art.join("graph.fir")).unwrap();
+    assert!(graph.contains("bf16"), "the step computes in bf16");
+}

@@ -139,11 +139,11 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
                     ..Default::default()
                 },
             )?;
-            // the forward optimized first (see `model::with_backward`); `compile` optimizes the whole step after
-            let g = match args.opt {
-                crate::cli::model::OptLevel::None => g,
-                crate::cli::model::OptLevel::Full => crate::cli::model::optimize(g, args.opt, &cost_model_of(args))?,
-            };
+            // what `fulgur train` runs: the forward optimized first in f32 (see `model::with_backward`), stored
+            // as --dtype with f32 master weights (`train::compute_graph`), then the step; `compile` optimizes the
+            // whole step after and leaves its dtypes as they are
+            let g = crate::cli::model::optimized_forward(g, args.opt, &cost_model_of(args))?;
+            let g = crate::cli::train::compute_graph(&g, args.dtype)?;
             fulgur_passes::optim::train_step(&g, "loss", &fulgur_passes::optim::AdamW::default())?
         }
     };
@@ -155,7 +155,13 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
     let cost_model = cost_model_of(&args);
-    let g = crate::cli::model::with_dtype(crate::cli::model::optimize(g, args.opt, &cost_model)?, args.dtype)?;
+    let g = crate::cli::model::optimize(g, args.opt, &cost_model)?;
+    // a training step is already in --dtype, its master weights and moments f32 (`compile_input`)
+    let g = if args.graph == ModelGraph::Train && !is_graph_file(&args.input) {
+        g
+    } else {
+        crate::cli::model::with_dtype(g, args.dtype)?
+    };
     let optimize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let program = fulgur_codegen::program::lower(&g)?;
