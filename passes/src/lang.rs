@@ -182,6 +182,10 @@ pub struct ClassData {
     /// The value depends on parameters and constants only (no data input): it is prepared once when the
     /// weights are loaded (e.g. a transposed weight layout), not on every run.
     pub param_only: bool,
+    /// The class is an output of the graph the e-graph was built from ([`graph_to_egraph`]: a graph output, or
+    /// for a template a value used outside its segment). Its value is needed as it is, so a fused region ends
+    /// there rather than only recomputing it inside a consumer.
+    pub output: bool,
 }
 
 impl ClassData {
@@ -262,6 +266,7 @@ impl egg::Analysis<FNode> for ShapeAnalysis {
             scalar,
             conflict: None,
             param_only,
+            output: false,
         }
     }
 
@@ -293,9 +298,13 @@ impl egg::Analysis<FNode> for ShapeAnalysis {
             a.conflict = b.conflict.clone();
             changed_a = true;
         }
+        if b.output && !a.output {
+            a.output = true;
+            changed_a = true;
+        }
         DidMerge(
             changed_a,
-            a.types != b.types || a.scalar != b.scalar || a.param_only != b.param_only,
+            a.types != b.types || a.scalar != b.scalar || a.param_only != b.param_only || a.output != b.output,
         )
     }
 }
@@ -325,7 +334,8 @@ impl ValueMap {
     }
 }
 
-/// Adds every node of `g` to `egraph`; returns the class of every value.
+/// Adds every node of `g` to `egraph`; returns the class of every value. The classes of `g`'s outputs are
+/// marked ([`ClassData::output`]).
 pub fn graph_to_egraph(g: &Graph, egraph: &mut EGraph) -> ValueMap {
     let mut map = ValueMap::default();
     for (id, n) in g.nodes() {
@@ -339,6 +349,10 @@ pub fn graph_to_egraph(g: &Graph, egraph: &mut EGraph) -> ValueMap {
                 map.ids.insert(Value::new(id, i as u32), p);
             }
         }
+    }
+    for (_, v) in g.outputs() {
+        let c = egraph.find(map.ids[v]);
+        egraph[c].data.output = true;
     }
     map
 }

@@ -179,6 +179,38 @@ fn fused_producers_are_inlined_into_their_consumers() {
     );
 }
 
+/// A value the graph outputs ends a kernel even when one elementwise op reads it: AdamW's new moment
+/// `m1 = m + (g·c − m)·0.1` is an output and the update `w − m1 / (√v + ε)` reads it. Before, only the update was
+/// fused (recomputing `m1`) and the output `m1` stayed four kernels (`mul`, `sub`, `mul`, `add`); now the
+/// extracted graph is two kernels.
+#[test]
+fn an_output_read_by_one_elementwise_op_is_its_own_kernel() {
+    let mut g = Graph::new("adam");
+    let w = g.input("w", DType::F32, bt(3)).unwrap();
+    let m = g.input("m", DType::F32, bt(3)).unwrap();
+    let v = g.input("v", DType::F32, bt(3)).unwrap();
+    let gr = g.input("g", DType::F32, bt(3)).unwrap();
+    let c = g.input("c", DType::F32, vec![]).unwrap();
+    let gc = g.mul(gr, c).unwrap();
+    let d = g.sub(gc, m).unwrap();
+    let d = g.scale(d, 0.1).unwrap();
+    let m1 = g.add(m, d).unwrap();
+    let r = g.sqrt(v).unwrap();
+    let den = g.add_scalar(r, 1e-8).unwrap();
+    let q = g.div(m1, den).unwrap();
+    let w1 = g.sub(w, q).unwrap();
+    g.add_output("m1", m1).unwrap();
+    g.add_output("w1", w1).unwrap();
+    check(&g, &sizes());
+    let opt = extracted(&g);
+    let kernels: Vec<String> = opt
+        .nodes()
+        .filter(|(_, n)| !n.op.is_input())
+        .map(|(_, n)| n.op.name().to_string())
+        .collect();
+    assert_eq!(kernels, ["fused", "fused"], "{}", fulgur_ir::text::print(&opt));
+}
+
 #[test]
 fn views_and_broadcasts_of_arguments_are_absorbed() {
     let mut g = Graph::new("views");

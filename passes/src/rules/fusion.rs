@@ -273,7 +273,7 @@ fn without_shared(eg: &EGraph, r: &Region) -> Region {
             .filter(|(&c, n)| {
                 c != r.root
                     && !matches!(node_kind(n), Some(Kind::View | Kind::Leaf))
-                    && users(eg, c).any(|u| !members.contains(&u))
+                    && (eg[c].data.output || users(eg, c).any(|u| !members.contains(&u)))
             })
             .map(|(&c, _)| c)
             .collect();
@@ -451,6 +451,11 @@ fn build_fused_args(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> (Vec<I
 /// region too long for one kernel (see [`build_elementwise`]): a chain of `n` ops then costs `n / 32`
 /// regions, not `n`.
 fn boundary(eg: &EGraph, c: Id) -> bool {
+    // a value the graph outputs is needed as it is: a kernel ends there (its one elementwise consumer, such as
+    // AdamW's update reading the new moment, may recompute it too; the extractor weighs both)
+    if eg[c].data.output {
+        return true;
+    }
     let mut user: Option<Id> = None;
     for p in users(eg, c) {
         match user {
