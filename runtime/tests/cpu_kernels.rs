@@ -566,3 +566,52 @@ fn packed_weights_follow_the_weights() {
         );
     }
 }
+
+/// The CPU backend's inline `exp` (`codegen/src/llvm.rs`, `expf`): within 2 ulp of the correctly rounded value
+/// for normal results, gradual underflow for results below the smallest normal, 0 below the underflow threshold
+/// (a causal mask's −inf), infinity past the overflow threshold, and NaN for NaN; across a sweep of inputs.
+#[test]
+fn inline_exp_is_within_2_ulp_and_exact_at_the_edges() {
+    let mut xs: Vec<f32> = vec![
+        f32::NEG_INFINITY,
+        -1e30,
+        -200.0,
+        -104.0,
+        -103.98,
+        -103.97,
+        -100.0,
+        -90.0,
+        -87.5,
+        -87.3,
+        0.0,
+        -0.0,
+        1e-30,
+        88.72,
+        88.73,
+        100.0,
+        f32::INFINITY,
+        f32::NAN,
+    ];
+    xs.extend((0..2000).map(|i| -103.0 + i as f32 * (192.0 / 2000.0)));
+    let n = xs.len();
+    let x = Tensor::from_f64(DType::F32, vec![n], xs.iter().map(|&v| v as f64).collect());
+    let g = graph(&Op::Unary(fulgur_ir::UnaryOp::Exp), std::slice::from_ref(&x));
+    let mut cpu = CpuProgram::new(lower(&g).unwrap(), CpuOptions::default()).unwrap();
+    let got = cpu.run(&[("x0".to_string(), x)].into()).unwrap()["y0"].to_f64();
+    for (i, &xi) in xs.iter().enumerate() {
+        let y = got[i] as f32;
+        let want = (xi as f64).exp() as f32; // correctly rounded to f32, subnormals included
+        if xi.is_nan() {
+            assert!(y.is_nan(), "exp({xi}) = {y}");
+        } else if want == 0.0 || want.is_infinite() {
+            assert_eq!(y, want, "exp({xi})");
+        } else if want < f32::MIN_POSITIVE {
+            // gradual underflow: within 2 subnormal steps
+            let d = (y.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(d <= 2, "exp({xi}) = {y:e}, want {want:e} (subnormal, {d} steps)");
+        } else {
+            let d = (y.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(d <= 2, "exp({xi}) = {y:e}, want {want:e} ({d} ulp)");
+        }
+    }
+}
