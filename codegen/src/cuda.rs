@@ -573,13 +573,7 @@ impl<'a> PhaseEmitter<'a> {
                     for &(v, op) in &acc {
                         let ty = self.lk.vars[v as usize].ty;
                         let other = format!("__shfl_xor_sync(0xffffffffu, m{v}, fulgur_o)");
-                        let combine = match (op, ty) {
-                            (Acc::Add, _) => format!("m{v} + {other}"),
-                            (Acc::Max, Scalar::F32) => format!("fulgur_fmax(m{v}, {other})"),
-                            (Acc::Min, Scalar::F32) => format!("fulgur_fmin(m{v}, {other})"),
-                            (Acc::Max, _) => format!("fulgur_imax(m{v}, {other})"),
-                            (Acc::Min, _) => format!("fulgur_imin(m{v}, {other})"),
-                        };
+                        let combine = combined(op, ty, &format!("m{v}"), &other);
                         self.line(&format!(
                             "for (int fulgur_o = 16; fulgur_o > 0; fulgur_o >>= 1) m{v} = {combine};"
                         ));
@@ -628,14 +622,8 @@ impl<'a> PhaseEmitter<'a> {
             Stmt::Accumulate { var, op, value } => {
                 let v = self.val(*value)?;
                 let ty = self.lk.vars[*var as usize].ty;
-                let s = match (op, ty) {
-                    (Acc::Add, _) => format!("m{var} = m{var} + {v};"),
-                    (Acc::Max, Scalar::F32) => format!("m{var} = fulgur_fmax(m{var}, {v});"),
-                    (Acc::Min, Scalar::F32) => format!("m{var} = fulgur_fmin(m{var}, {v});"),
-                    (Acc::Max, _) => format!("m{var} = fulgur_imax(m{var}, {v});"),
-                    (Acc::Min, _) => format!("m{var} = fulgur_imin(m{var}, {v});"),
-                };
-                self.line(&s);
+                let s = combined(*op, ty, &format!("m{var}"), &v);
+                self.line(&format!("m{var} = {s};"));
             }
         }
         Ok(())
@@ -1063,6 +1051,17 @@ fn identity(op: Acc, ty: Scalar) -> &'static str {
         (Acc::Min, Scalar::F32) => "__uint_as_float(0x7f800000u)",
         (Acc::Max, _) => "(-9223372036854775807LL - 1)",
         (Acc::Min, _) => "9223372036854775807LL",
+    }
+}
+
+/// The C text of `a ⊕ b` for accumulation `op` on values of type `ty`.
+fn combined(op: Acc, ty: Scalar, a: &str, b: &str) -> String {
+    match (op, ty) {
+        (Acc::Add, _) => format!("{a} + {b}"),
+        (Acc::Max, Scalar::F32) => format!("fulgur_fmax({a}, {b})"),
+        (Acc::Min, Scalar::F32) => format!("fulgur_fmin({a}, {b})"),
+        (Acc::Max, _) => format!("fulgur_imax({a}, {b})"),
+        (Acc::Min, _) => format!("fulgur_imin({a}, {b})"),
     }
 }
 
