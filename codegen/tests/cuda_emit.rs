@@ -66,6 +66,8 @@ fn flash_attention_moe_combine_and_rms_norm_are_templates() {
     };
     let flash = template_of("flash_attention");
     assert!(flash.contains("extern __shared__ float fulgur_smem[];"), "{flash}");
+    // f32 operands keep the f32 arithmetic of the numerics contract: no tensor cores
+    assert!(!flash.contains("mma.sync"), "{flash}");
     assert!(template_of("moe_combine").contains("one block per token"));
     assert!(template_of("rms_norm").contains("one block per row"));
     // a grouped GEMM carries its device form for CUDA graphs
@@ -214,4 +216,35 @@ fn row_reductions_run_a_warp_per_output() {
     for src in source(&[5000, 300], &[0]).into_iter().chain(source(&[5000, 40], &[1])) {
         assert!(!src.contains("fulgur_lane"), "{src}");
     }
+}
+
+/// Stored in bf16, the flash attention runs on the tensor cores (`mma.m16n8k16`, bf16 operands, f32
+/// accumulators): the same template's mma form, still one launch of 4 warps.
+#[test]
+fn bf16_flash_attention_takes_the_tensor_core_form() {
+    use fulgur_passes::precision::{keep_f32, store_as};
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let cfg = MiniMaxConfig::from_file(&root.join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(&cfg, &ForwardOptions::default()).unwrap();
+    let g = compile(&g, &CompileOptions::default(), None).unwrap().graph;
+    let g = store_as(&g, fulgur_ir::DType::BF16, &keep_f32).unwrap();
+    let p = lower(&g).unwrap();
+    let mut kernels = build_program(&p).unwrap();
+    let cuda = emit_program(&p, &mut kernels).unwrap();
+    let k = p
+        .step
+        .iter()
+        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("flash_attention"))
+        .expect("a flash_attention kernel");
+    let c = &cuda[k.code];
+    assert!(
+        matches!(c.launches.as_slice(), [Launch::Template { threads: 128, .. }]),
+        "{:?}",
+        c.launches
+    );
+    assert!(
+        c.source.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+        "{}",
+        c.source
+    );
 }

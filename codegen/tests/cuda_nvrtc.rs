@@ -1,5 +1,5 @@
 //! Every CUDA kernel Fulgur generates compiles with NVRTC for `sm_90`: the forward graph (with loss) of every
-//! config in `models/configs/`, unoptimized and optimized, and its optimized decode step. Needs only
+//! config in `models/configs/`, unoptimized and optimized (and stored in bf16), and its optimized decode step. Needs only
 //! `libnvrtc` (no GPU): CI installs it from PyPI. Without it the test says why and passes, unless
 //! `FULGUR_REQUIRE_NVRTC=1` or `FULGUR_REQUIRE_GPU=1` is set.
 #![cfg(feature = "cuda")]
@@ -77,6 +77,15 @@ fn every_kernel_of_every_config_compiles_for_sm_90() {
         ];
         if let Some(t) = &train {
             graphs.push(("training step", t, OptLevel::Full));
+        }
+        // bf16 storage (`--dtype bf16`: the optimized graph stored in bf16, which takes the templates' bf16
+        // forms such as the tensor-core flash attention), for the small configs
+        let bf16 = (!name.contains("text-01")).then(|| {
+            use fulgur_passes::precision::{keep_f32, store_as};
+            store_as(&full(&fwd), fulgur_ir::DType::BF16, &keep_f32).unwrap()
+        });
+        if let Some(b) = &bf16 {
+            graphs.push(("forward, bf16", b, OptLevel::None));
         }
         for (what, g, opt) in graphs {
             let og = compile(

@@ -586,6 +586,50 @@ fn gpu_flash_attention_matches_the_interpreter_past_one_tile() {
     }
 }
 
+/// The tensor-core form of the flash-attention template (bf16 q, k and v): head dims 64 and 128, a partial
+/// last tile (150 rows), grouped KV heads, causal with rope, more keys than queries, against the interpreter
+/// in f64 on the same bf16 inputs. The form rounds the rotated q and k and the probabilities to bf16 before
+/// the tensor cores multiply them (`docs/numerics.md`): a few 1e-3 relative, where an error of the tiling or
+/// the masking is of order one.
+#[test]
+fn gpu_bf16_flash_attention_on_tensor_cores_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Op};
+    if !gpu() {
+        return;
+    }
+    let bf = DType::BF16;
+    for (d, r) in [(128, 64), (64, 32)] {
+        let (kvh, grp, t) = (2, 2, 150);
+        let q = random(bf, vec![1, kvh, grp, t, d], 21);
+        let k = random(bf, vec![1, kvh, 1, t, d], 22);
+        let v = random(bf, vec![1, kvh, 1, t, d], 23);
+        let ang: Vec<f64> = (0..t * r)
+            .map(|x| (x / r) as f64 * 0.01 * ((x % r) as f64 + 1.0))
+            .collect();
+        let cos = Tensor::from_f64(bf, vec![t, r], ang.iter().map(|a| a.cos()).collect());
+        let sin = Tensor::from_f64(bf, vec![t, r], ang.iter().map(|a| a.sin()).collect());
+        let e = gpu_op_error(
+            Op::Composite(Composite::FlashAttentionRope {
+                scale: 1.0 / (d as f64).sqrt(),
+                causal: true,
+                rotary: r,
+            }),
+            vec![q.clone(), k.clone(), v.clone(), cos, sin],
+        );
+        println!("bf16 flash_attention_rope, D {d}, causal, T 150: rel {e:.3e}");
+        assert!(e < 1e-2, "D {d}: relative error {e}");
+        let q2 = random(bf, vec![1, kvh, grp, 70, d], 24);
+        for causal in [true, false] {
+            let e = gpu_op_error(
+                Op::Composite(Composite::FlashAttention { scale: 0.3, causal }),
+                vec![q2.clone(), k.clone(), v.clone()],
+            );
+            println!("bf16 flash_attention, D {d}, causal {causal}, T 70, S 150: rel {e:.3e}");
+            assert!(e < 1e-2, "D {d}, causal {causal}: relative error {e}");
+        }
+    }
+}
+
 /// The `moe_combine` template: channels not a multiple of the block, three slots, rows picked twice; a row
 /// index out of range is the loop form's error.
 #[test]
