@@ -490,9 +490,132 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
         });
     }
     p.codes = codes.len();
+    donate(&mut p);
     liveness(&mut p);
     check_symbols(&p)?;
     Ok(p)
+}
+
+/// Writes each output that has the name of an input (a training step's new weights and moments: the state a
+/// call carries to the next) into that input's buffer, when that is safe: the output is the whole of a
+/// transient buffer written by one step kernel `K`, of the input's dtype and size; `K` is elementwise in the
+/// input (it reads it only through the output's own view and only at the element it writes, see
+/// [`reads_in_place`]); no kernel after `K` reads the input and no other output views it. The call's result
+/// is unchanged (every backend copies inputs into their buffers before a call), the transient buffer is not
+/// needed (its size becomes 0), and a call that carries its state to the next needs no copy. Returns the
+/// names donated.
+pub fn donate(p: &mut KernelProgram) -> Vec<String> {
+    let mut donated = Vec::new();
+    // with a second stream, step order is not the order kernels run in
+    if p.step.iter().any(|k| k.stream != 0) {
+        return donated;
+    }
+    for oi in 0..p.outputs.len() {
+        let out = p.outputs[oi].clone();
+        let Some(inp) = p.inputs.iter().find(|i| i.name == out.name).cloned() else {
+            continue;
+        };
+        let (bi, bo) = (inp.tensor.buffer, out.tensor.buffer);
+        if bi == bo
+            || p.buffers[bo].kind != BufferKind::Transient
+            || p.buffers[bi].kind != BufferKind::Input
+            || out.ty.dtype != inp.ty.dtype
+            || p.buffers[bo].elements != p.buffers[bi].elements
+            || out.tensor.offset != Dim::from(0)
+            || !out.tensor.is_contiguous()
+            || out.tensor.shape.iter().fold(Dim::from(1), |a, d| a * d.clone()) != p.buffers[bo].elements
+        {
+            continue;
+        }
+        // the one kernel writing the output's buffer
+        let writers: Vec<usize> = p
+            .step
+            .iter()
+            .filter(|k| k.outputs.iter().any(|t| t.buffer == bo))
+            .map(|k| k.id)
+            .collect();
+        let [mut w] = writers[..] else { continue };
+        // a writer followed by readers of the old value moves after the last of them, when none of those reads
+        // what it writes (AdamW's moment kernels: the weight's update after them recomputes the moments from
+        // the old values)
+        if let Some(last) = p.step.iter().rposition(|k| k.inputs.iter().any(|t| t.buffer == bi)) {
+            if last > w {
+                let outs: Vec<usize> = p.step[w].outputs.iter().map(|t| t.buffer).collect();
+                let uses = p.step[w + 1..=last]
+                    .iter()
+                    .any(|k| k.inputs.iter().any(|t| outs.contains(&t.buffer)));
+                if !uses {
+                    let k = p.step.remove(w);
+                    p.step.insert(last, k);
+                    for (i, k) in p.step.iter_mut().enumerate() {
+                        k.id = i;
+                    }
+                    w = last;
+                }
+            }
+        }
+        let k = &p.step[w];
+        let same_view = |t: &TensorRef| {
+            t.shape == out.tensor.shape && t.strides == out.tensor.strides && t.offset == out.tensor.offset
+        };
+        let in_place = k.outputs.iter().filter(|t| t.buffer == bo).all(same_view)
+            && k.inputs
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.buffer == bi)
+                .all(|(i, t)| same_view(t) && reads_in_place(&k.op, i));
+        let read_later = p.step[w + 1..].iter().any(|k| k.inputs.iter().any(|t| t.buffer == bi));
+        let viewed = p
+            .outputs
+            .iter()
+            .enumerate()
+            .any(|(j, o)| j != oi && (o.tensor.buffer == bi || o.tensor.buffer == bo));
+        if !in_place || read_later || viewed || p.prepare.iter().any(|k| k.inputs.iter().any(|t| t.buffer == bi)) {
+            continue;
+        }
+        for k in p.step.iter_mut() {
+            for t in k.inputs.iter_mut().chain(k.outputs.iter_mut()) {
+                if t.buffer == bo {
+                    t.buffer = bi;
+                }
+            }
+        }
+        p.outputs[oi].tensor.buffer = bi;
+        p.buffers[bo].elements = Dim::from(0);
+        donated.push(out.name.clone());
+    }
+    donated
+}
+
+/// Whether `op` reads its input `i` only at the element of its output it computes: an elementwise primitive,
+/// or a fused body in which every op the input reaches is one (no view, broadcast or reduction of it).
+pub fn reads_in_place(op: &Op, i: usize) -> bool {
+    let elementwise = |op: &Op| {
+        matches!(
+            op,
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }
+        )
+    };
+    match op {
+        Op::Composite(fulgur_ir::Composite::Fused { body }) => {
+            let bg = body.graph();
+            let Some(&arg) = bg.inputs().get(i) else {
+                return false;
+            };
+            let mut reached = vec![false; bg.node_count()];
+            reached[arg.index()] = true;
+            for (id, n) in bg.nodes() {
+                if n.inputs.iter().any(|v| reached[v.node.index()]) {
+                    if !elementwise(&n.op) {
+                        return false;
+                    }
+                    reached[id.index()] = true;
+                }
+            }
+            true
+        }
+        op => elementwise(op),
+    }
 }
 
 /// Refuses a program with a size no input can bind: every symbol of a buffer or kernel view must be a whole

@@ -159,3 +159,120 @@ fn the_full_config_lowers_with_codes_per_template() {
     assert!(l.persistent_bytes > 456_000_000_000 * 4, "{l:?}");
     assert!(l.arena_bytes < l.transient_total_bytes / 10, "{l:?}");
 }
+
+/// A training step writes its new weights and moments into the buffers of the inputs they replace
+/// (`program::donate`): each is written by one elementwise kernel that is the last to read the old value, so
+/// no transient buffer holds a second copy of the state and a call that carries it needs no copy. The step
+/// still computes what the graph computes, bit for bit, on the oracle (which lays the buffers out as a
+/// backend does).
+#[test]
+fn a_training_step_writes_its_new_state_in_place() {
+    use fulgur_passes::optim::{train_step, AdamW, ADAM_M, ADAM_V};
+    let cfg = MiniMaxConfig::from_file(&root().join("models/configs/minimax-small.json")).unwrap();
+    let fwd = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let step = compiled(
+        &train_step(&compiled(&fwd, OptLevel::Full), "loss", &AdamW::default()).unwrap(),
+        OptLevel::Full,
+    );
+    let p = lower(&step).unwrap();
+    let mut state = 0;
+    for o in &p.outputs {
+        let Some(i) = p.inputs.iter().find(|i| i.name == o.name) else {
+            continue;
+        };
+        state += 1;
+        assert_eq!(
+            o.tensor.buffer, i.tensor.buffer,
+            "`{}` is not written in place of its input",
+            o.name
+        );
+    }
+    let params = fwd.params().len();
+    assert_eq!(state, 3 * params, "weights and both moments of {params} parameters");
+    assert!(p.outputs.iter().any(|o| o.name.starts_with(ADAM_M)));
+    assert!(p.outputs.iter().any(|o| o.name.starts_with(ADAM_V)));
+    // the arena holds no new state: less than the state itself for this small model's activations
+    let env: HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 8)].into();
+    let layout = p.layout(&env).unwrap();
+    let state_bytes: u64 = p
+        .inputs
+        .iter()
+        .filter(|i| p.outputs.iter().any(|o| o.name == i.name))
+        .map(|i| layout.sizes[i.tensor.buffer])
+        .sum();
+    assert!(
+        layout.arena_bytes < state_bytes,
+        "arena {} bytes, state {state_bytes} bytes",
+        layout.arena_bytes
+    );
+    let mut ins = inputs(&step, &[("B", 2), ("T", 8)], cfg.vocab_size as i64);
+    for (name, t) in ins.iter_mut() {
+        if name.starts_with(ADAM_V) {
+            // second moments are non-negative
+            if let fulgur_ir::Buffer::F(v) = &mut t.data {
+                v.iter_mut().for_each(|x| *x = x.abs());
+            }
+        }
+    }
+    agrees(&step, &p, &ins, "minimax-small's training step");
+}
+
+/// Donation refuses what would change a result: an output whose input a later kernel reads along with the new
+/// value, or computed from its input at another element (a transpose), keeps a buffer of its own; `x · 2 + 1`
+/// is written in place, and so is `x + 1` once moved after a later reader of `x` that does not read it. Each program still equals the graph on the oracle.
+#[test]
+fn donation_keeps_an_output_apart_when_the_input_is_read_after_or_elsewhere() {
+    use fulgur_ir::{DType, Dim};
+    let ty = |g: &mut Graph| g.input("x", DType::F32, vec![Dim::from(4), Dim::from(4)]).unwrap();
+    let x0 = Tensor::from_f64(DType::F32, vec![4, 4], (0..16).map(|i| i as f64 * 0.5 - 3.0).collect());
+    let ins: HashMap<String, Tensor> = [("x".to_string(), x0)].into();
+    let check = |g: &Graph, donated: bool, what: &str| {
+        let p = lower(g).unwrap();
+        let (o, i) = (
+            p.outputs.iter().find(|o| o.name == "x").unwrap(),
+            p.inputs.iter().find(|i| i.name == "x").unwrap(),
+        );
+        assert_eq!(o.tensor.buffer == i.tensor.buffer, donated, "{what}");
+        agrees(g, &p, &ins, what);
+    };
+    // x · 2 + 1: in place
+    let mut g = Graph::new("axpb");
+    let x = ty(&mut g);
+    let y = g.scale(x, 2.0).unwrap();
+    let y = g.add_scalar(y, 1.0).unwrap();
+    g.add_output("x", y).unwrap();
+    check(&compiled(&g, OptLevel::Full), true, "x · 2 + 1");
+    // xᵀ + 1: element (i, j) reads x at (j, i)
+    let mut g = Graph::new("transpose");
+    let x = ty(&mut g);
+    let t = g.transpose(x, 0, 1).unwrap();
+    let y = g.add_scalar(t, 1.0).unwrap();
+    g.add_output("x", y).unwrap();
+    check(&compiled(&g, OptLevel::Full), false, "xᵀ + 1");
+    // x + 1, then x read by a later kernel (a sum over rows) that does not read x + 1: the writer moves after
+    // it and writes in place
+    let mut g = Graph::new("later");
+    let x = ty(&mut g);
+    let y = g.add_scalar(x, 1.0).unwrap();
+    g.add_output("x", y).unwrap();
+    let s = g.sum(x, &[1], false).unwrap();
+    let s = g.mul(s, s).unwrap();
+    g.add_output("s", s).unwrap();
+    check(&g, true, "x read after by a kernel independent of x + 1");
+    // x + 1, then a kernel reading both x and x + 1: the writer cannot move after it
+    let mut g = Graph::new("both");
+    let x = ty(&mut g);
+    let y = g.add_scalar(x, 1.0).unwrap();
+    g.add_output("x", y).unwrap();
+    let z = g.mul(x, y).unwrap();
+    let s = g.sum(z, &[1], false).unwrap();
+    g.add_output("s", s).unwrap();
+    check(&g, false, "x read after with its new value");
+}

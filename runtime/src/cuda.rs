@@ -1075,15 +1075,18 @@ impl CudaProgram {
         self.bind(env)?;
         self.prepare()?;
         for io in &self.program.inputs {
-            if let Some(h) = self.carry.get(&io.name).filter(|_| self.carrying.contains(&io.name)) {
-                // a carried output, held on the device since the last call
-                let buf = self.persistent[io.tensor.buffer]
-                    .as_ref()
-                    .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
-                if h.1 > 0 {
-                    // SAFETY: the holding buffer has h.1 bytes; the input's buffer at least as many (bind)
-                    unsafe { drv::memcpy_dtod_async(buf.ptr, h.0.ptr, h.1, self.stream) }
-                        .map_err(|e| other(format!("input `{}`: device copy failed: {e}", io.name)))?;
+            if self.carrying.contains(&io.name) {
+                // a carried output: held on the device since the last call, or already in the input's buffer
+                // (donated: the program wrote it there)
+                if let Some(h) = self.carry.get(&io.name) {
+                    let buf = self.persistent[io.tensor.buffer]
+                        .as_ref()
+                        .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
+                    if h.1 > 0 {
+                        // SAFETY: the holding buffer has h.1 bytes; the input's buffer at least as many (bind)
+                        unsafe { drv::memcpy_dtod_async(buf.ptr, h.0.ptr, h.1, self.stream) }
+                            .map_err(|e| other(format!("input `{}`: device copy failed: {e}", io.name)))?;
+                    }
                 }
                 continue;
             }
@@ -1152,19 +1155,25 @@ impl CudaProgram {
             if out.ty.dtype != inp.ty.dtype || !out.tensor.is_contiguous() {
                 return None;
             }
-            views.push((name.clone(), out.tensor.clone()));
+            views.push((name.clone(), out.tensor.clone(), out.tensor.buffer == inp.tensor.buffer));
         }
         let env = binding.env.clone();
         Some((|| {
             self.current()?;
             let mut all = inputs.clone();
-            for (name, t) in views {
+            for (name, t, donated) in views {
                 let ev = |d: &Dim| d.eval(&env).map_err(other);
                 let shape: Vec<usize> = t
                     .shape
                     .iter()
                     .map(|d| ev(d).map(|x| x.max(0) as usize))
                     .collect::<Result<_, _>>()?;
+                if donated {
+                    // the output is already in its input's buffer: nothing to hold
+                    self.carry.remove(&name);
+                    all.insert(name, crate::host::placeholder(t.dtype, shape));
+                    continue;
+                }
                 let es = t.dtype.size_bytes();
                 let n: usize = shape.iter().product::<usize>() * es;
                 let src = self.buffer_ptr(t.buffer)? + (ev(&t.offset)? as usize * es) as u64;

@@ -612,6 +612,7 @@ impl CpuProgram {
                 .as_mut()
                 .ok_or_else(|| other(format!("input `{}` has no memory", io.name)))?;
             match held.get(&io.name) {
+                // (no bytes: a donated output, already in this buffer)
                 Some(bytes) => buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes),
                 None => encode_into(&inputs[&io.name], io.ty.dtype, buf.as_mut_slice()),
             }
@@ -646,17 +647,23 @@ impl CpuProgram {
             if out.ty.dtype != inp.ty.dtype || !out.tensor.is_contiguous() || self.dropped[out.tensor.buffer] {
                 return None;
             }
-            views.push((name.clone(), out.tensor.clone()));
+            views.push((name.clone(), out.tensor.clone(), out.tensor.buffer == inp.tensor.buffer));
         }
         Some((|| {
             let (mut shapes, mut held) = (HashMap::new(), HashMap::new());
-            for (name, t) in views {
+            for (name, t, donated) in views {
                 let ev = |d: &Dim| d.eval(&binding.env).map_err(other);
                 let shape: Vec<usize> = t
                     .shape
                     .iter()
                     .map(|d| ev(d).map(|x| x.max(0) as usize))
                     .collect::<Result<_, _>>()?;
+                if donated {
+                    // already in its input's buffer (the program wrote it there): no bytes to copy back
+                    shapes.insert(name.clone(), crate::host::placeholder(t.dtype, shape));
+                    held.insert(name, Vec::new());
+                    continue;
+                }
                 let es = t.dtype.size_bytes();
                 let n: usize = shape.iter().product();
                 let off = ev(&t.offset)? as usize * es;
