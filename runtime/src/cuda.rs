@@ -216,6 +216,10 @@ pub struct CudaProgram {
     carry: HashMap<String, (DevBuf, usize)>,
     /// The inputs of the call being bound that come from `carry`.
     carrying: Vec<String>,
+    /// The group sizes of grouped GEMMs read back in this call, by their view of a transient buffer (written
+    /// once per call): the later GEMMs over the same groups (the layer's second expert GEMM, the backward's)
+    /// reuse them instead of synchronising with the stream again.
+    group_sizes: std::cell::RefCell<HashMap<TensorRef, Vec<i64>>>,
     _workspace: DevBuf,
 }
 
@@ -394,6 +398,7 @@ impl CudaProgram {
             carried_runs: 0,
             carry: HashMap::new(),
             carrying: Vec::new(),
+            group_sizes: Default::default(),
             _workspace: workspace,
         })
     }
@@ -856,26 +861,43 @@ impl CudaProgram {
                         let (m, n, kk, experts) = (ev(g.m)?, ev(g.n)?, ev(g.k)?, ev(g.experts)?);
                         let (co, cst) = (ev(g.counts_offset)?, ev(g.counts_stride)?);
                         let es = g.counts_dtype.size_bytes();
-                        // the group sizes, read back (the stream is synchronized by the copy)
-                        let mut raw = vec![0u8; (experts.max(0) as usize) * es];
-                        for e in 0..experts.max(0) as usize {
-                            let at = slots[g.counts_arg as usize] + ((co + e as i64 * cst) * es as i64) as u64;
-                            // SAFETY: the counts view lies in its buffer (check_views)
-                            unsafe {
-                                drv::memcpy_dtoh_async(&mut raw[e * es..(e + 1) * es], at, self.stream)
-                                    .map_err(|x| fail(format!("reading the group sizes: {x}")))?;
-                            }
+                        // the kernel input the counts slot reads: a transient buffer's view is written once
+                        // per call, so its values read back once serve every later GEMM over it
+                        let key = match lk.slots.get(g.counts_arg as usize) {
+                            Some(Slot::Input(i)) => Some(k.inputs[*i].clone()),
+                            _ => None,
                         }
-                        // SAFETY: the stream is live
-                        unsafe { drv::stream::synchronize(self.stream) }
-                            .map_err(|x| fail(format!("a kernel before it failed: {x}")))?;
-                        let counts: Vec<i64> = raw
-                            .chunks(es)
-                            .map(|c| match es {
-                                4 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
-                                _ => i64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
-                            })
-                            .collect();
+                        .filter(|t| self.program.buffers[t.buffer].kind == BufferKind::Transient);
+                        let known = key.as_ref().and_then(|t| self.group_sizes.borrow().get(t).cloned());
+                        let counts: Vec<i64> = match known {
+                            Some(c) => c,
+                            None => {
+                                // the group sizes, read back (the stream is synchronized by the copy)
+                                let mut raw = vec![0u8; (experts.max(0) as usize) * es];
+                                for e in 0..experts.max(0) as usize {
+                                    let at = slots[g.counts_arg as usize] + ((co + e as i64 * cst) * es as i64) as u64;
+                                    // SAFETY: the counts view lies in its buffer (check_views)
+                                    unsafe {
+                                        drv::memcpy_dtoh_async(&mut raw[e * es..(e + 1) * es], at, self.stream)
+                                            .map_err(|x| fail(format!("reading the group sizes: {x}")))?;
+                                    }
+                                }
+                                // SAFETY: the stream is live
+                                unsafe { drv::stream::synchronize(self.stream) }
+                                    .map_err(|x| fail(format!("a kernel before it failed: {x}")))?;
+                                let c: Vec<i64> = raw
+                                    .chunks(es)
+                                    .map(|c| match es {
+                                        4 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
+                                        _ => i64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+                                    })
+                                    .collect();
+                                if let Some(t) = key {
+                                    self.group_sizes.borrow_mut().insert(t, c.clone());
+                                }
+                                c
+                            }
+                        };
                         if let Some((e, c)) = counts.iter().enumerate().find(|(_, c)| **c < 0) {
                             return Err(fail(format!("`grouped_matmul`: expert {e} has a negative count {c}")));
                         }
@@ -1067,6 +1089,7 @@ impl CudaProgram {
     /// Binds the symbols from `inputs`, runs the prepare program if needed, and uploads the inputs.
     fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
         self.current()?;
+        self.group_sizes.borrow_mut().clear();
         // records a failed launch of the last call left behind are not this call's
         // SAFETY: the error area is `errors.len` bytes
         unsafe { drv::memset_d8_sync(self.errors.ptr, 0, self.errors.len) }
