@@ -1387,6 +1387,12 @@ fn flash_template(
         }
     };
     let threads = FLASH_WARPS * 32;
+    // the keys the block's rows see: all of them, or (causal) up to its last row's limit
+    let kend = if causal {
+        "  i64 kend = t0 + rows + (S - T); if (kend > S) kend = S; if (kend < 0) kend = 0;"
+    } else {
+        "  const i64 kend = S;"
+    };
     if mma {
         let ninf = "__uint_as_float(0xff800000u)";
         let sc = float_lit((scale as f32).to_bits());
@@ -1424,14 +1430,7 @@ fn flash_template(
         // m: the row's running max (the same in the 4 lanes of a row); l: this lane's share of its sum
         let _ = writeln!(s, "  float m0 = {ninf}, m1 = {ninf}, l0 = 0.0f, l1 = 0.0f;");
         let _ = writeln!(s, "  const i64 lim0 = t0 + wr + g + (S - T), lim1 = lim0 + 8;");
-        if causal {
-            let _ = writeln!(
-                s,
-                "  i64 kend = t0 + rows + (S - T); if (kend > S) kend = S; if (kend < 0) kend = 0;"
-            );
-        } else {
-            let _ = writeln!(s, "  const i64 kend = S;");
-        }
+        let _ = writeln!(s, "{kend}");
         let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {bk}) {{");
         let _ = writeln!(s, "    __syncthreads();");
         let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * d);
@@ -1579,10 +1578,7 @@ fn flash_template(
         let _ = writeln!(s, "    }}");
         let _ = writeln!(s, "  }}");
         let _ = writeln!(s, "}}");
-        let batch: Dim = ot.shape[..ro - 2].iter().fold(Dim::from(1), |a, d| a * d.clone());
-        let qblocks = ot.shape[ro - 2].ceil_div(&Dim::from(bq as i64));
-        let items = lk.dim(&(batch * qblocks));
-        return Ok(Some((s, items, smem as u32)));
+        return Ok(Some((s, flash_blocks(lk, ot, bq), smem as u32)));
     }
     // the block's queries, rotated
     let _ = writeln!(s, "  for (int x = threadIdx.x; x < {}; x += {threads}) {{", bq * d);
@@ -1603,14 +1599,7 @@ fn flash_template(
     let _ = writeln!(s, "    #pragma unroll");
     let _ = writeln!(s, "    for (int c = 0; c < {dvpl}; ++c) acc[i][c] = 0.0f;");
     let _ = writeln!(s, "  }}");
-    if causal {
-        let _ = writeln!(
-            s,
-            "  i64 kend = t0 + rows + (S - T); if (kend > S) kend = S; if (kend < 0) kend = 0;"
-        );
-    } else {
-        let _ = writeln!(s, "  const i64 kend = S;");
-    }
+    let _ = writeln!(s, "{kend}");
     let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {bk}) {{");
     let _ = writeln!(s, "    __syncthreads();");
     let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * d);
@@ -1713,11 +1702,15 @@ fn flash_template(
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
-    // blocks: batch × query blocks
+    Ok(Some((s, flash_blocks(lk, ot, bq), smem as u32)))
+}
+
+/// The blocks of a flash-attention launch: the output's batch × its blocks of `bq` query rows.
+fn flash_blocks(lk: &mut LoopKernel, ot: &crate::program::TensorRef, bq: usize) -> E {
+    let ro = ot.shape.len();
     let batch: Dim = ot.shape[..ro - 2].iter().fold(Dim::from(1), |a, d| a * d.clone());
     let qblocks = ot.shape[ro - 2].ceil_div(&Dim::from(bq as i64));
-    let items = lk.dim(&(batch * qblocks));
-    Ok(Some((s, items, smem as u32)))
+    lk.dim(&(batch * qblocks))
 }
 
 /// `moe_combine` as a template: one block per token, its threads along the channels (coalesced), each output
