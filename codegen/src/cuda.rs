@@ -23,6 +23,8 @@
 //! dtype, stores round to it (bf16 to nearest even), IEEE division and square root (no fast math), `max`/`min`
 //! propagate NaN, float → int conversions saturate with NaN → 0, as the CPU backend does.
 
+mod flash_grad;
+
 use crate::kernels::View;
 use crate::loops::{Acc, Expr, LoopKernel, Phase, Scalar, Slot, Step, Stmt, Table, E};
 use crate::program::{Kernel, KernelProgram};
@@ -130,7 +132,32 @@ pub fn emit(
         },
         _ => None,
     };
-    if let Some((text, items, smem)) = flash_text {
+    // `flash_attention_grad`'s tensor-core form replaces its loop form's steps, their slots and scratch
+    let grad = match kernel {
+        Some(k) => match k.op {
+            Op::Composite(Composite::FlashAttentionGrad { scale, causal }) if flash_grad::applies(k) => {
+                lk.steps.clear();
+                lk.scratch.clear();
+                lk.slots.clear();
+                Some(flash_grad::templates(lk, k, scale, causal))
+            }
+            _ => None,
+        },
+        None => None,
+    };
+    if let Some(ts) = grad {
+        for (i, (text, items, smem)) in ts.into_iter().enumerate() {
+            let f = function_name(code, i);
+            bodies.push(text.replace("FULGUR_FN", &f));
+            launches.push(Launch::Template {
+                function: f,
+                items,
+                per_block: 1,
+                threads: FLASH_WARPS * 32,
+                smem,
+            });
+        }
+    } else if let Some((text, items, smem)) = flash_text {
         let f = function_name(code, 0);
         bodies.push(text.replace("FULGUR_FN", &f));
         launches.push(Launch::Template {

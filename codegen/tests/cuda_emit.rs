@@ -248,3 +248,70 @@ fn bf16_flash_attention_takes_the_tensor_core_form() {
         c.source
     );
 }
+
+/// `flash_attention_grad` with bf16 inputs takes the tensor-core form: two templates of 4 warps (dQ with the
+/// rows' log-sum-exp, then dK and dV over the query heads sharing the keys) and two scratch vectors, in place of
+/// its loop form; f32 inputs, a head dim the tiles do not divide, or a broadcast `q` keep the loop form.
+#[test]
+fn bf16_flash_attention_grad_takes_the_tensor_core_form() {
+    use fulgur_ir::{Composite, DType, Dim, Graph, Op, Value};
+    let launches = |dtype: DType, q: [i64; 5], d: i64| {
+        let mut g = Graph::new("flash_grad");
+        let dims = |v: &[i64]| v.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+        let (t, s, dv) = (q[3], 90, 32);
+        let ins = vec![
+            g.input("q", dtype, dims(&[q[0], q[1], q[2], t, d])).unwrap(),
+            g.input("k", dtype, dims(&[2, 2, 1, s, d])).unwrap(),
+            g.input("v", dtype, dims(&[2, 2, 1, s, dv])).unwrap(),
+            g.input("do", dtype, dims(&[2, 2, 3, t, dv])).unwrap(),
+        ];
+        let id = g
+            .add_node(
+                Op::Composite(Composite::FlashAttentionGrad {
+                    scale: 0.2,
+                    causal: true,
+                }),
+                &ins,
+                None,
+            )
+            .unwrap();
+        for (i, n) in ["dq", "dk", "dv"].iter().enumerate() {
+            g.add_output(*n, Value::new(id, i as u32)).unwrap();
+        }
+        let p = lower(&g).unwrap();
+        let mut kernels = build_program(&p).unwrap();
+        let cuda = emit_program(&p, &mut kernels).unwrap();
+        let k = &p.step[0];
+        (cuda[k.code].clone(), kernels[k.code].scratch.clone())
+    };
+    let (c, scratch) = launches(DType::BF16, [2, 2, 3, 70, 0], 64);
+    assert!(
+        matches!(
+            c.launches.as_slice(),
+            [
+                Launch::Template { threads: 128, .. },
+                Launch::Template { threads: 128, .. }
+            ]
+        ),
+        "{:?}",
+        c.launches
+    );
+    assert!(c.source.contains("ldmatrix.sync.aligned.m8n8.x4.trans"), "{}", c.source);
+    // the rows' log-sum-exp and delta: f32, one per (batch, query row)
+    assert_eq!(scratch.len(), 2, "{scratch:?}");
+    assert!(scratch
+        .iter()
+        .all(|(d, n)| *d == DType::F32 && *n == Dim::from(2 * 2 * 3 * 70)));
+    for (dtype, q, d) in [
+        (DType::F32, [2, 2, 3, 70, 0], 64),
+        (DType::BF16, [2, 2, 3, 70, 0], 24),
+        (DType::BF16, [2, 1, 3, 70, 0], 64),
+    ] {
+        let (c, _) = launches(dtype, q, d);
+        assert!(
+            !c.source.contains("mma.sync"),
+            "{dtype:?} q {q:?} d {d}: {:?}",
+            c.launches
+        );
+    }
+}

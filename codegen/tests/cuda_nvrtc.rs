@@ -1,5 +1,6 @@
 //! Every CUDA kernel Fulgur generates compiles with NVRTC for `sm_90`: the forward graph (with loss) of every
-//! config in `models/configs/`, unoptimized and optimized (and stored in bf16), and its optimized decode step. Needs only
+//! config in `models/configs/`, unoptimized and optimized (and stored in bf16), its optimized decode step, and
+//! the training steps of the small configs in f32 and bf16. Needs only
 //! `libnvrtc` (no GPU): CI installs it from PyPI. Without it the test says why and passes, unless
 //! `FULGUR_REQUIRE_NVRTC=1` or `FULGUR_REQUIRE_GPU=1` is set.
 #![cfg(feature = "cuda")]
@@ -86,6 +87,16 @@ fn every_kernel_of_every_config_compiles_for_sm_90() {
         });
         if let Some(b) = &bf16 {
             graphs.push(("forward, bf16", b, OptLevel::None));
+        }
+        // the bf16 training step (f32 master weights), as `fulgur train --dtype bf16` builds it: its backward
+        // takes the tensor-core `flash_attention_grad`
+        let train_bf16 = (!name.contains("text-01")).then(|| {
+            use fulgur_passes::precision::{keep_f32, master_weights, store_as};
+            let stored = master_weights(&store_as(&full(&fwd), fulgur_ir::DType::BF16, &keep_f32).unwrap()).unwrap();
+            fulgur_passes::optim::train_step(&stored, "loss", &fulgur_passes::optim::AdamW::default()).unwrap()
+        });
+        if let Some(t) = &train_bf16 {
+            graphs.push(("training step, bf16", t, OptLevel::Full));
         }
         for (what, g, opt) in graphs {
             let og = compile(

@@ -630,6 +630,73 @@ fn gpu_bf16_flash_attention_on_tensor_cores_matches_the_interpreter() {
     }
 }
 
+/// The tensor-core form of `flash_attention_grad` (bf16 `q`, `k`, `v`, `do`): head dims 128 and 64, a partial
+/// last tile (150 query rows), grouped KV heads, causal and plain, more keys than queries, and a `q` read
+/// through a transposed view (the tile loads' element-by-element path), against the interpreter in f64 on
+/// the same bf16 inputs; two runs give the same bits (every gradient written once, no atomics). The form
+/// rounds the probabilities and dS to bf16 for the tensor cores (`docs/numerics.md`): a few 1e-3 relative,
+/// where an error of the tiling, the masking or the head grouping is of order one.
+#[test]
+fn gpu_bf16_flash_attention_grad_on_tensor_cores_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Dim, Op, Value};
+    if !gpu() {
+        return;
+    }
+    let bf = DType::BF16;
+    for (d, t, s, causal, transposed) in [
+        (128usize, 150usize, 150usize, true, false),
+        (64, 70, 150, true, false),
+        (64, 150, 70, false, false),
+        (128, 100, 130, true, true),
+    ] {
+        let (kvh, grp) = (2usize, 3usize);
+        let dims = |v: &[usize]| v.iter().map(|&x| Dim::from(x as i64)).collect::<Vec<_>>();
+        let mut g = Graph::new("flash_grad_bf16");
+        let q_shape = if transposed {
+            vec![1, kvh, grp, d, t]
+        } else {
+            vec![1, kvh, grp, t, d]
+        };
+        let shapes = [
+            q_shape,
+            vec![1, kvh, 1, s, d],
+            vec![1, kvh, 1, s, d],
+            vec![1, kvh, grp, t, d],
+        ];
+        let mut feed = HashMap::new();
+        let mut ins = Vec::new();
+        for (i, sh) in shapes.iter().enumerate() {
+            let name = format!("i{i}");
+            ins.push(g.input(&name, bf, dims(sh)).unwrap());
+            feed.insert(name, random(bf, sh.clone(), 90 + i as u64));
+        }
+        if transposed {
+            ins[0] = g.transpose(ins[0], -2, -1).unwrap();
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let id = g
+            .add_node(
+                Op::Composite(Composite::FlashAttentionGrad { scale, causal }),
+                &ins,
+                None,
+            )
+            .unwrap();
+        for (i, n) in ["dq", "dk", "dv"].iter().enumerate() {
+            g.add_output(*n, Value::new(id, i as u32)).unwrap();
+        }
+        let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let mut gpu = CudaProgram::new(lower(&g).unwrap(), CudaOptions::default()).unwrap();
+        let got = gpu.run(&feed).unwrap();
+        let again = gpu.run(&feed).unwrap();
+        for n in ["dq", "dk", "dv"] {
+            let e = rel_err(&got[n], &want[n]);
+            println!("bf16 flash_attention_grad D {d} T {t} S {s} causal {causal} transposed q {transposed}: {n} rel {e:.3e}");
+            assert!(e < 1e-2, "D {d} T {t} S {s} causal {causal}: {n} relative error {e}");
+            assert_eq!(got[n].to_f64(), again[n].to_f64(), "{n} differs between two runs");
+        }
+    }
+}
+
 /// The `moe_combine` template: channels not a multiple of the block, three slots, rows picked twice; a row
 /// index out of range is the loop form's error.
 #[test]

@@ -1,0 +1,662 @@
+//! `flash_attention_grad` on the tensor cores: the backward of flash attention as two templates, for bf16 `q`,
+//! `k`, `v` and `do` whose head dims are multiples of 16 up to 128 (other kernels keep the loop form of the
+//! composite's decomposition).
+//!
+//! The composite's inputs are `q`, `k`, `v` and `do`, not the forward's output or its log-sum-exp, so the
+//! first template recomputes them:
+//! 1. **dQ**, a block per 64 query rows (16 a warp), as the forward template walks the keys: a first pass over
+//!    the key tiles is the forward (`S = Q Kᵀ`, online softmax, `O += P V`), which gives each row's
+//!    log-sum-exp `lse` and `delta = Σ O ⊙ dO` (the `rowsum(P ⊙ dP)` of the decomposition), written to two
+//!    scratch vectors; a second pass forms `P = exp(S · scale − lse)`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − delta)`
+//!    and accumulates `dQ += dS K` in registers.
+//! 2. **dK and dV**, a block per 64 keys of one key/value batch index (16 keys a warp), looping over the
+//!    query heads that share those keys (grouped-query attention's broadcast axes) and their query tiles
+//!    (from the first one the causal mask lets see the block): `Sᵀ = K Qᵀ`, `Pᵀ` from the first template's
+//!    `lse`, `dPᵀ = V dOᵀ`, `dSᵀ`, then `dV += Pᵀ dO` and `dK += dSᵀ Q` in registers.
+//!
+//! Every gradient is written once by the block that owns it, summed in a fixed order: no atomics, the same
+//! bits on every run. The price is recomputing `S` and `dP` in both templates (9 tile products per key and
+//! query tile pair against the 7 of an atomic `dQ`). The products are `mma.m16n8k16` (bf16 operands, f32
+//! accumulators); the operands a product needs transposed (`V` and `K` in the first, `dO` and `Q` in the
+//! second) are read from the row-major tiles by `ldmatrix.trans`. Tiles load 16 bytes a thread where a row is
+//! contiguous and 16-byte aligned, element by element otherwise. Probabilities and `dS` are rounded to bf16
+//! for the products, as flash attention does (`docs/numerics.md`).
+
+use super::{dim_text, float_lit, FLASH_WARPS};
+use crate::kernels::View;
+use crate::loops::{LoopKernel, Slot, E};
+use crate::program::{Kernel, TensorRef};
+use fulgur_ir::{DType, Dim};
+use std::fmt::Write as _;
+
+/// Rows of a tile: query rows per block of the first template, keys per block of the second, and the tiles
+/// each walks.
+const B: usize = 64;
+
+/// Whether a `flash_attention_grad` kernel takes this form: bf16 throughout, head dims multiples of 16 up to
+/// 128, `q` not broadcast, and `k` and `v` broadcast along the same batch axes.
+pub(super) fn applies(k: &Kernel) -> bool {
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.inputs[3]);
+    let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
+    if k.inputs.len() != 4 || k.outputs.len() != 3 || ro < 2 || rq != ro {
+        return false;
+    }
+    if [qt, kt, vt, ot].iter().any(|t| t.dtype != DType::BF16) || k.outputs.iter().any(|t| t.dtype != DType::BF16) {
+        return false;
+    }
+    let (Some(d), Some(dv)) = (qt.shape[rq - 1].as_const(), vt.shape[rv - 1].as_const()) else {
+        return false;
+    };
+    if d <= 0 || dv <= 0 || d % 16 != 0 || dv % 16 != 0 || d > 128 || dv > 128 {
+        return false;
+    }
+    let nb = ro - 2;
+    (0..nb).all(|a| {
+        let at = |t: &TensorRef, r: usize| (a + r - 2).checked_sub(nb).map(|j| t.shape[j].clone());
+        let one = |x: &Option<Dim>| x.as_ref().is_none_or(|d| d.is_one());
+        let out = &ot.shape[a];
+        // q is not broadcast (its gradient would need a sum), and k and v share their broadcast axes
+        at(qt, rq).as_ref() == Some(out) && (out.is_one() || one(&at(kt, rk)) == one(&at(vt, rv)))
+    })
+}
+
+/// The two templates of a kernel [`applies`] holds for: each its function text (name `FULGUR_FN`), its number
+/// of blocks and its bytes of shared memory. Builds its own slots and scratch: the caller has dropped the loop
+/// form's.
+pub(super) fn templates(lk: &mut LoopKernel, k: &Kernel, scale: f64, causal: bool) -> Vec<(String, E, u32)> {
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.inputs[3]);
+    let (dqt, dkt, dvt) = (&k.outputs[0], &k.outputs[1], &k.outputs[2]);
+    let ro = ot.shape.len();
+    let nb = ro - 2;
+    let d = qt.shape[qt.shape.len() - 1].as_const().unwrap_or(16) as usize;
+    let dv = vt.shape[vt.shape.len() - 1].as_const().unwrap_or(16) as usize;
+    let mut slots: Vec<u32> = (0..4).map(|i| lk.slot(Slot::Input(i))).collect();
+    slots.extend((0..3).map(|i| lk.slot(Slot::Output(i))));
+    let views: Vec<(&str, View)> = ["q", "k", "v", "o", "dq", "dk", "dv"]
+        .into_iter()
+        .zip([qt, kt, vt, ot, dqt, dkt, dvt])
+        .zip(&slots)
+        .map(|((n, t), &s)| (n, View::of(s, t)))
+        .collect();
+    let batch: Dim = ot.shape[..nb].iter().fold(Dim::from(1), |a, x| a * x.clone());
+    let t_dim = ot.shape[ro - 2].clone();
+    let s_dim = kt.shape[kt.shape.len() - 2].clone();
+    let lse = lk.scratch(DType::F32, batch.clone() * t_dim.clone());
+    let delta = lk.scratch(DType::F32, batch.clone() * t_dim.clone());
+    // the out's batch axes k (and v) are broadcast along: the second template loops over them
+    let bcast: Vec<bool> = (0..nb)
+        .map(|a| {
+            let r = kt.shape.len();
+            !ot.shape[a].is_one() && (a + r - 2).checked_sub(nb).is_none_or(|j| kt.shape[j].is_one())
+        })
+        .collect();
+    let tt = dim_text(lk, &t_dim);
+    let st = dim_text(lk, &s_dim);
+    let mut ctx = Ctx {
+        d,
+        dv,
+        nb,
+        scale: float_lit((scale as f32).to_bits()),
+        causal,
+        lse,
+        delta,
+        slots,
+        tt,
+        st,
+        offsets: Vec::new(),
+        strides: Vec::new(),
+    };
+    for (name, v) in &views {
+        let off = dim_text(lk, &v.offset);
+        let r = v.shape.len();
+        let axes: Vec<Option<String>> = (0..nb)
+            .map(|a| {
+                (a + r - 2)
+                    .checked_sub(nb)
+                    .filter(|&j| !v.shape[j].is_one())
+                    .map(|j| dim_text(lk, &v.strides[j]))
+            })
+            .collect();
+        let (rs, cs) = (dim_text(lk, &v.strides[r - 2]), dim_text(lk, &v.strides[r - 1]));
+        ctx.offsets.push((name.to_string(), off, axes));
+        ctx.strides.push((rs, cs));
+    }
+    let exts: Vec<String> = (0..nb).map(|a| dim_text(lk, &ot.shape[a])).collect();
+    let inner: Vec<String> = (0..nb)
+        .map(|a| {
+            let p = ot.shape[a + 1..nb].iter().fold(Dim::from(1), |x, y| x * y.clone());
+            dim_text(lk, &p)
+        })
+        .collect();
+    let dq_items = {
+        let qblocks = t_dim.ceil_div(&Dim::from(B as i64));
+        lk.dim(&(batch * qblocks))
+    };
+    let kv_items = {
+        let kvb = (0..nb)
+            .filter(|&a| !bcast[a])
+            .fold(Dim::from(1), |x, a| x * ot.shape[a].clone());
+        let kblocks = s_dim.ceil_div(&Dim::from(B as i64));
+        lk.dim(&(kvb * kblocks))
+    };
+    let (dp, dvp) = (d + 8, dv + 8);
+    let smem1 = (2 * B * dp + 2 * B * dvp) * 2;
+    let smem2 = smem1 + 2 * B * 4;
+    vec![
+        (ctx.dq_template(&exts, &inner), dq_items, smem1 as u32),
+        (ctx.dkv_template(&exts, &inner, &bcast), kv_items, smem2 as u32),
+    ]
+}
+
+struct Ctx {
+    d: usize,
+    dv: usize,
+    nb: usize,
+    scale: String,
+    causal: bool,
+    lse: u32,
+    delta: u32,
+    /// q, k, v, do, dq, dk, dv
+    slots: Vec<u32>,
+    tt: String,
+    st: String,
+    /// Per view (q, k, v, o, dq, dk, dv): its name, offset, and per out batch axis its stride (`None` where
+    /// the view does not vary along it).
+    offsets: Vec<(String, String, Vec<Option<String>>)>,
+    /// Per view: the strides of its rows and columns.
+    strides: Vec<(String, String)>,
+}
+
+const NINF: &str = "__uint_as_float(0xff800000u)";
+const PINF: &str = "__uint_as_float(0x7f800000u)";
+
+impl Ctx {
+    /// The helpers of one function: the product, the bf16 pair, the transposed fragment load and the tile load.
+    fn helpers(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "__device__ __forceinline__ void FULGUR_FN_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {{\n  \
+             asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, \
+             {{%8,%9}}, {{%0,%1,%2,%3}};\" : \"+f\"(c[0]), \"+f\"(c[1]), \"+f\"(c[2]), \"+f\"(c[3]) : \"r\"(a[0]), \
+             \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b0), \"r\"(b1));\n}}"
+        );
+        let _ = writeln!(
+            s,
+            "__device__ __forceinline__ unsigned FULGUR_FN_pack(float lo, float hi) {{ return \
+             (unsigned)fulgur_to_bf16(lo) | ((unsigned)fulgur_to_bf16(hi) << 16); }}"
+        );
+        // four 8×8 bf16 matrices transposed: lanes 8m..8m+7 give the rows of matrix m
+        let _ = writeln!(
+            s,
+            "__device__ __forceinline__ void FULGUR_FN_ldt(unsigned* r, const unsigned short* p) {{\n  \
+             const unsigned a = (unsigned)__cvta_generic_to_shared(p);\n  \
+             asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%0,%1,%2,%3}}, [%4];\" : \"=r\"(r[0]), \
+             \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(a));\n}}"
+        );
+        // A fragment of 16 rows × 16 columns from a row-major tile
+        let _ = writeln!(
+            s,
+            "__device__ __forceinline__ void FULGUR_FN_lda(unsigned* a, const unsigned short* p, int ld) {{\n  \
+             const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;\n  \
+             const unsigned short* x = p + g * ld + 2 * c;\n  \
+             a[0] = *(const unsigned*)x; a[1] = *(const unsigned*)(x + 8 * ld);\n  \
+             a[2] = *(const unsigned*)(x + 8); a[3] = *(const unsigned*)(x + 8 * ld + 8);\n}}"
+        );
+        let _ = writeln!(
+            s,
+            "// rows [r0, r0 + {B}) of a bf16 matrix at element offset off (row stride rs, column stride cs) into a \
+             shared tile of row pitch ld, zeros from row n on\n\
+             __device__ __forceinline__ void FULGUR_FN_tile(unsigned short* dst, int ld, const unsigned short* src, \
+             i64 off, i64 rs, i64 cs, i64 r0, i64 n, int w) {{\n  \
+             const int chunks = w >> 3;\n  \
+             const bool vec = cs == 1 && (rs & 7) == 0 && (off & 7) == 0;\n  \
+             for (int x = threadIdx.x; x < {B} * chunks; x += {threads}) {{\n    \
+             const int r = x / chunks, ch = x - r * chunks;\n    \
+             uint4 val = make_uint4(0u, 0u, 0u, 0u);\n    \
+             if (r0 + r < n) {{\n      \
+             const i64 at = off + (r0 + r) * rs + (i64)(ch * 8) * cs;\n      \
+             if (vec) val = *(const uint4*)(src + at);\n      \
+             else {{\n        \
+             unsigned e[8];\n        \
+             for (int i = 0; i < 8; ++i) e[i] = src[at + i * cs];\n        \
+             val = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));\n      \
+             }}\n    \
+             }}\n    \
+             *(uint4*)(dst + r * ld + ch * 8) = val;\n  \
+             }}\n}}",
+            threads = FLASH_WARPS * 32
+        );
+    }
+
+    /// Declares `NAME_off` for every view and `bflat` (the out's flat batch index), with the coordinates of
+    /// the out batch axes `take` decoded from `from` (last axis fastest); adds to them where `add`.
+    fn decode(
+        &self,
+        s: &mut String,
+        exts: &[String],
+        inner: &[String],
+        from: &str,
+        take: &dyn Fn(usize) -> bool,
+        add: bool,
+    ) {
+        if !add {
+            for (name, off, _) in &self.offsets {
+                let _ = writeln!(s, "  i64 {name}_off = {off};");
+            }
+            let _ = writeln!(s, "  i64 bflat = 0;");
+        }
+        for a in (0..self.nb).rev().filter(|&a| take(a)) {
+            let ext = &exts[a];
+            let _ = writeln!(s, "  {{ const i64 c = {from} % {ext}; {from} /= {ext};");
+            for (name, _, axes) in &self.offsets {
+                if let Some(st) = &axes[a] {
+                    let _ = writeln!(s, "    {name}_off += c * {st};");
+                }
+            }
+            let _ = writeln!(s, "    bflat += c * {}; }}", inner[a]);
+        }
+    }
+
+    fn ptr(&self, i: usize) -> String {
+        format!("(const unsigned short*)s{}", self.slots[i])
+    }
+
+    /// `FULGUR_FN_tile` of view `i` (q 0, k 1, v 2, o 3) into `dst` from row `r0`, `n` rows in all.
+    fn tile(&self, i: usize, dst: &str, ld: usize, r0: &str, n: &str, w: usize) -> String {
+        let name = &self.offsets[i].0;
+        let (rs, cs) = &self.strides[i];
+        format!(
+            "FULGUR_FN_tile({dst}, {ld}, {}, {name}_off, {rs}, {cs}, {r0}, {n}, {w});",
+            self.ptr(i)
+        )
+    }
+
+    /// `acc = A Bᵀ` over 16 rows × 64 columns: A's rows from tile `a` (its pitch `lda`; the warp's 16), B's
+    /// from tile `b` (pitch `ldb`), `kd` slabs of 16 along the shared dim.
+    fn product_abt(&self, s: &mut String, acc: &str, (a, lda): (&str, usize), (b, ldb): (&str, usize), kd: usize) {
+        let _ = writeln!(s, "    float {acc}[{}][4];", B / 8);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(
+            s,
+            "    for (int n = 0; n < {}; ++n) {acc}[n][0] = {acc}[n][1] = {acc}[n][2] = {acc}[n][3] = 0.0f;",
+            B / 8
+        );
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int kk = 0; kk < {kd}; ++kk) {{");
+        let _ = writeln!(s, "      unsigned fa[4];");
+        let _ = writeln!(s, "      FULGUR_FN_lda(fa, {a} + wr * {lda} + kk * 16, {lda});");
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(
+            s,
+            "        const unsigned short* b0 = {b} + (n * 8 + g) * {ldb} + kk * 16 + 2 * c;"
+        );
+        let _ = writeln!(
+            s,
+            "        FULGUR_FN_mma({acc}[n], fa, *(const unsigned*)b0, *(const unsigned*)(b0 + 8));"
+        );
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+    }
+
+    /// `out[n] += P X` where P (16 rows × 64, the accumulators `p`) is the A operand, rounded to bf16, and X
+    /// (64 rows × `w` columns, row-major at `x` with pitch `ld`) is read transposed by `ldmatrix`.
+    fn product_px(&self, s: &mut String, out: &str, p: &str, x: &str, ld: usize, w: usize) {
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int kt = 0; kt < {}; ++kt) {{", B / 16);
+        let _ = writeln!(s, "      unsigned pa[4];");
+        let _ = writeln!(s, "      pa[0] = FULGUR_FN_pack({p}[2 * kt][0], {p}[2 * kt][1]);");
+        let _ = writeln!(s, "      pa[1] = FULGUR_FN_pack({p}[2 * kt][2], {p}[2 * kt][3]);");
+        let _ = writeln!(
+            s,
+            "      pa[2] = FULGUR_FN_pack({p}[2 * kt + 1][0], {p}[2 * kt + 1][1]);"
+        );
+        let _ = writeln!(
+            s,
+            "      pa[3] = FULGUR_FN_pack({p}[2 * kt + 1][2], {p}[2 * kt + 1][3]);"
+        );
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int np = 0; np < {}; ++np) {{", w / 16);
+        let _ = writeln!(s, "        unsigned fb[4];");
+        let _ = writeln!(
+            s,
+            "        FULGUR_FN_ldt(fb, {x} + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {ld} + np * 16 + (lane >> 4) * 8);"
+        );
+        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np], pa, fb[0], fb[1]);");
+        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np + 1], pa, fb[2], fb[3]);");
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+    }
+
+    fn zero(&self, s: &mut String, name: &str, w: usize) {
+        let _ = writeln!(s, "  float {name}[{}][4];", w / 8);
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(
+            s,
+            "  for (int n = 0; n < {}; ++n) {name}[n][0] = {name}[n][1] = {name}[n][2] = {name}[n][3] = 0.0f;",
+            w / 8
+        );
+    }
+
+    /// Stores accumulators `acc` (rows `r0`, `r0 + 8` of the tile starting at row `base`, `w` columns) times
+    /// `mul` into view `i` (dq 4, dk 5, dv 6), the rows below `n`.
+    fn store(&self, s: &mut String, i: usize, acc: &str, (base, n): (&str, &str), w: usize, mul: &str) {
+        let name = &self.offsets[i].0;
+        let (rs, cs) = &self.strides[i];
+        let slot = self.slots[i];
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int n = 0; n < {}; ++n) {{", w / 8);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int e = 0; e < 2; ++e) {{");
+        let _ = writeln!(s, "      const i64 cc = n * 8 + 2 * c + e;");
+        for (h, row) in [(0, "r0"), (2, "r1")] {
+            let _ = writeln!(
+                s,
+                "      if ({base} + {row} < {n}) ((unsigned short*)s{slot})[{name}_off + ({base} + {row}) * {rs} + cc * {cs}] \
+                 = fulgur_to_bf16({acc}[n][{h} + e]{mul});"
+            );
+        }
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "  }}");
+    }
+
+    fn dq_template(&self, exts: &[String], inner: &[String]) -> String {
+        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (dp, dvp) = (d + 8, dv + 8);
+        let sc = &self.scale;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "// flash attention's gradient, dq: blocks of {B} query rows (16 a warp); a forward pass over the key \
+             tiles for each row's log-sum-exp and Σ O ⊙ dO, then dQ += dS K (scale {sc}{})",
+            if self.causal { ", causal" } else { "" }
+        );
+        self.helpers(&mut s);
+        let _ = writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+        let _ = writeln!(s, "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
+        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
+        let _ = writeln!(s, "  unsigned short* Ks = Os + {};  // [{B}][{dp}]", B * dvp);
+        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
+        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
+        let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
+        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
+        let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
+        self.decode(&mut s, exts, inner, "rest", &|_| true, false);
+        let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
+        let _ = writeln!(s, "  {}", self.tile(3, "Os", dvp, "t0", "T", dv));
+        if self.causal {
+            let _ = writeln!(
+                s,
+                "  i64 kend = t0 + rows + (S - T); if (kend > S) kend = S; if (kend < 0) kend = 0;"
+            );
+        } else {
+            let _ = writeln!(s, "  const i64 kend = S;");
+        }
+        let _ = writeln!(s, "  const i64 lim0 = t0 + wr + g + (S - T), lim1 = lim0 + 8;");
+        let mask = |s: &mut String| {
+            let _ = writeln!(s, "        const i64 u = u0 + n * 8 + 2 * c + e;");
+            if self.causal {
+                let _ = writeln!(
+                    s,
+                    "        const bool v0 = u < kend && u <= lim0, v1 = u < kend && u <= lim1;"
+                );
+            } else {
+                let _ = writeln!(s, "        const bool v0 = u < kend, v1 = v0;");
+            }
+        };
+        let load_kv = |s: &mut String| {
+            let _ = writeln!(s, "    __syncthreads();");
+            let _ = writeln!(s, "    {}", self.tile(1, "Ks", dp, "u0", "kend", d));
+            let _ = writeln!(s, "    {}", self.tile(2, "Vs", dvp, "u0", "kend", dv));
+            let _ = writeln!(s, "    __syncthreads();");
+        };
+        // pass 1: the forward
+        self.zero(&mut s, "acc", dv);
+        let _ = writeln!(s, "  float m0 = {NINF}, m1 = {NINF}, l0 = 0.0f, l1 = 0.0f;");
+        let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {B}) {{");
+        load_kv(&mut s);
+        self.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
+        let _ = writeln!(s, "    float x0 = {NINF}, x1 = {NINF};");
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
+        mask(&mut s);
+        let _ = writeln!(s, "        sc[n][e] = v0 ? sc[n][e] * {sc} : {NINF};");
+        let _ = writeln!(s, "        sc[n][2 + e] = v1 ? sc[n][2 + e] * {sc} : {NINF};");
+        let _ = writeln!(
+            s,
+            "        x0 = fulgur_fmax(x0, sc[n][e]); x1 = fulgur_fmax(x1, sc[n][2 + e]);"
+        );
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int w = 1; w < 4; w <<= 1) {{");
+        let _ = writeln!(s, "      x0 = fulgur_fmax(x0, __shfl_xor_sync(0xffffffffu, x0, w));");
+        let _ = writeln!(s, "      x1 = fulgur_fmax(x1, __shfl_xor_sync(0xffffffffu, x1, w));");
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "    const float n0 = fulgur_fmax(m0, x0), n1 = fulgur_fmax(m1, x1);");
+        let _ = writeln!(
+            s,
+            "    const float z0 = n0 == {NINF} ? 0.0f : n0, z1 = n1 == {NINF} ? 0.0f : n1;"
+        );
+        let _ = writeln!(s, "    const float f0 = expf(m0 - z0), f1 = expf(m1 - z1);");
+        let _ = writeln!(s, "    m0 = n0; m1 = n1; l0 *= f0; l1 *= f1;");
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(
+            s,
+            "    for (int n = 0; n < {}; ++n) {{ acc[n][0] *= f0; acc[n][1] *= f0; acc[n][2] *= f1; acc[n][3] *= f1; }}",
+            dv / 8
+        );
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(
+            s,
+            "      sc[n][0] = expf(sc[n][0] - z0); sc[n][1] = expf(sc[n][1] - z0);"
+        );
+        let _ = writeln!(
+            s,
+            "      sc[n][2] = expf(sc[n][2] - z1); sc[n][3] = expf(sc[n][3] - z1);"
+        );
+        let _ = writeln!(s, "      l0 += sc[n][0] + sc[n][1]; l1 += sc[n][2] + sc[n][3];");
+        let _ = writeln!(s, "    }}");
+        self.product_px(&mut s, "acc", "sc", "Vs", dvp, dv);
+        let _ = writeln!(s, "  }}");
+        // the rows' log-sum-exp and delta = Σ O ⊙ dO (a row that sees no key: lse +∞, so that P is 0)
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
+        let _ = writeln!(s, "    l0 += __shfl_xor_sync(0xffffffffu, l0, w);");
+        let _ = writeln!(s, "    l1 += __shfl_xor_sync(0xffffffffu, l1, w);");
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
+        let _ = writeln!(s, "  float d0 = 0.0f, d1 = 0.0f;");
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int n = 0; n < {}; ++n) {{", dv / 8);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int e = 0; e < 2; ++e) {{");
+        let _ = writeln!(s, "      const int cc = n * 8 + 2 * c + e;");
+        let _ = writeln!(s, "      d0 += acc[n][e] * fulgur_from_bf16(Os[r0 * {dvp} + cc]);");
+        let _ = writeln!(s, "      d1 += acc[n][2 + e] * fulgur_from_bf16(Os[r1 * {dvp} + cc]);");
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
+        let _ = writeln!(s, "    d0 += __shfl_xor_sync(0xffffffffu, d0, w);");
+        let _ = writeln!(s, "    d1 += __shfl_xor_sync(0xffffffffu, d1, w);");
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  const float lse0 = l0 > 0.0f ? m0 + logf(l0) : {PINF};");
+        let _ = writeln!(s, "  const float lse1 = l1 > 0.0f ? m1 + logf(l1) : {PINF};");
+        let _ = writeln!(
+            s,
+            "  const float dl0 = l0 > 0.0f ? d0 / l0 : 0.0f, dl1 = l1 > 0.0f ? d1 / l1 : 0.0f;"
+        );
+        let _ = writeln!(s, "  if (c == 0) {{");
+        for (row, l, dl) in [("r0", "lse0", "dl0"), ("r1", "lse1", "dl1")] {
+            let _ = writeln!(s, "    if ({row} < rows) {{");
+            let _ = writeln!(s, "      ((float*)s{})[bflat * T + t0 + {row}] = {l};", self.lse);
+            let _ = writeln!(s, "      ((float*)s{})[bflat * T + t0 + {row}] = {dl};", self.delta);
+            let _ = writeln!(s, "    }}");
+        }
+        let _ = writeln!(s, "  }}");
+        // pass 2: dQ
+        self.zero(&mut s, "dq", d);
+        let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {B}) {{");
+        load_kv(&mut s);
+        self.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
+        self.product_abt(&mut s, "dp", ("Os", dvp), ("Vs", dvp), dv / 16);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
+        mask(&mut s);
+        let _ = writeln!(
+            s,
+            "        sc[n][e] = v0 ? expf(sc[n][e] * {sc} - lse0) * (dp[n][e] - dl0) : 0.0f;"
+        );
+        let _ = writeln!(
+            s,
+            "        sc[n][2 + e] = v1 ? expf(sc[n][2 + e] * {sc} - lse1) * (dp[n][2 + e] - dl1) : 0.0f;"
+        );
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        self.product_px(&mut s, "dq", "sc", "Ks", dp, d);
+        let _ = writeln!(s, "  }}");
+        self.store(&mut s, 4, "dq", ("t0", "T"), d, &format!(" * {sc}"));
+        let _ = writeln!(s, "}}");
+        s
+    }
+
+    fn dkv_template(&self, exts: &[String], inner: &[String], bcast: &[bool]) -> String {
+        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (dp, dvp) = (d + 8, dv + 8);
+        let sc = &self.scale;
+        let groups: Vec<usize> = (0..self.nb).filter(|&a| bcast[a]).collect();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "// flash attention's gradient, dk and dv: blocks of {B} keys (16 a warp) of one key/value batch index, \
+             over the query heads sharing them ({} broadcast axes) and their query tiles: dV += Pᵀ dO, dK += dSᵀ Q \
+             (scale {sc}{})",
+            groups.len(),
+            if self.causal { ", causal" } else { "" }
+        );
+        self.helpers(&mut s);
+        let _ = writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+        let _ = writeln!(s, "  unsigned short* Ks = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
+        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
+        let _ = writeln!(s, "  unsigned short* Qs = Vs + {};  // [{B}][{dp}]", B * dvp);
+        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
+        let _ = writeln!(
+            s,
+            "  float* Ls = (float*)(Os + {});  // the tile's lse and delta",
+            B * dvp
+        );
+        let _ = writeln!(s, "  float* Ds = Ls + {B};");
+        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
+        let _ = writeln!(s, "  const i64 nsb = (S + {}) / {B};", B - 1);
+        let _ = writeln!(s, "  const i64 kb0 = ((i64)blockIdx.x % nsb) * {B};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nsb;");
+        self.decode(&mut s, exts, inner, "rest", &|a| !bcast[a], false);
+        let _ = writeln!(s, "  {}", self.tile(1, "Ks", dp, "kb0", "S", d));
+        let _ = writeln!(s, "  {}", self.tile(2, "Vs", dvp, "kb0", "S", dv));
+        self.zero(&mut s, "dk", d);
+        self.zero(&mut s, "dv", dv);
+        let _ = writeln!(s, "  const i64 key0 = kb0 + wr + g, key1 = key0 + 8;");
+        // the first query that sees the block's first key: t + (S − T) >= s0
+        if self.causal {
+            let _ = writeln!(
+                s,
+                "  i64 qstart = kb0 - (S - T); if (qstart < 0) qstart = 0; qstart = qstart / {B} * {B};"
+            );
+        } else {
+            let _ = writeln!(s, "  const i64 qstart = 0;");
+        }
+        let gcount = if groups.is_empty() {
+            "1".to_string()
+        } else {
+            groups.iter().map(|&a| exts[a].clone()).collect::<Vec<_>>().join(" * ")
+        };
+        let _ = writeln!(s, "  const i64 qo_off = q_off, oo_off = o_off, bflat0 = bflat;");
+        let _ = writeln!(s, "  for (i64 gi = 0; gi < {gcount}; ++gi) {{");
+        let _ = writeln!(s, "  q_off = qo_off; o_off = oo_off; bflat = bflat0;");
+        let _ = writeln!(s, "  i64 grest = gi;");
+        // only q, o and bflat vary along the broadcast axes (k, v and their gradients do not)
+        let mut g = String::new();
+        self.decode(&mut g, exts, inner, "grest", &|a| bcast[a], true);
+        s.push_str(&g);
+        let _ = writeln!(s, "  for (i64 t0 = qstart; t0 < T; t0 += {B}) {{");
+        let _ = writeln!(s, "    __syncthreads();");
+        let _ = writeln!(s, "    {}", self.tile(0, "Qs", dp, "t0", "T", d));
+        let _ = writeln!(s, "    {}", self.tile(3, "Os", dvp, "t0", "T", dv));
+        let _ = writeln!(
+            s,
+            "    for (int x = threadIdx.x; x < {B}; x += {}) {{",
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "      const i64 t = t0 + x;");
+        let _ = writeln!(
+            s,
+            "      Ls[x] = t < T ? ((const float*)s{})[bflat * T + t] : {PINF};",
+            self.lse
+        );
+        let _ = writeln!(
+            s,
+            "      Ds[x] = t < T ? ((const float*)s{})[bflat * T + t] : 0.0f;",
+            self.delta
+        );
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "    __syncthreads();");
+        self.product_abt(&mut s, "sc", ("Ks", dp), ("Qs", dp), d / 16);
+        self.product_abt(&mut s, "dp", ("Vs", dvp), ("Os", dvp), dv / 16);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
+        let _ = writeln!(s, "        const int j = n * 8 + 2 * c + e;");
+        let _ = writeln!(s, "        const float ls = Ls[j], dl = Ds[j];");
+        if self.causal {
+            let _ = writeln!(s, "        const i64 lim = t0 + j + (S - T);");
+            let _ = writeln!(s, "        const bool v0 = key0 <= lim, v1 = key1 <= lim;");
+        } else {
+            let _ = writeln!(s, "        const bool v0 = true, v1 = true;");
+        }
+        let _ = writeln!(s, "        const float p0 = v0 ? expf(sc[n][e] * {sc} - ls) : 0.0f;");
+        let _ = writeln!(
+            s,
+            "        const float p1 = v1 ? expf(sc[n][2 + e] * {sc} - ls) : 0.0f;"
+        );
+        let _ = writeln!(
+            s,
+            "        dp[n][e] = p0 * (dp[n][e] - dl); dp[n][2 + e] = p1 * (dp[n][2 + e] - dl);"
+        );
+        let _ = writeln!(s, "        sc[n][e] = p0; sc[n][2 + e] = p1;");
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        self.product_px(&mut s, "dv", "sc", "Os", dvp, dv);
+        self.product_px(&mut s, "dk", "dp", "Qs", dp, d);
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
+        self.store(&mut s, 5, "dk", ("kb0", "S"), d, &format!(" * {sc}"));
+        self.store(&mut s, 6, "dv", ("kb0", "S"), dv, "");
+        let _ = writeln!(s, "}}");
+        s
+    }
+}
