@@ -74,7 +74,11 @@ def main():
             losses.append(out.loss.item())
         ms = statistics.median(times)
         row = {"batch": b, "seq": t, "step_ms": ms, "tokens_per_s": b * t / (ms / 1e3), "all_ms": times,
-               "losses": losses, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+               "losses": losses, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+               # what the caching allocator held from the device at its peak, and the device's memory in use
+               # (with the CUDA context): the measures beside fulgur's program-held bytes and cuMemGetInfo
+               "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+               "device_used_bytes": (lambda f, t: t - f)(*torch.cuda.mem_get_info()) if cuda else None}
         print(f"transformers training step {b}x{t}: {ms:.1f} ms ({b * t / (ms / 1e3):.0f} tokens/s)",
               file=sys.stderr)
         results.append(row)

@@ -524,6 +524,15 @@ impl CudaProgram {
         Some((planned, held as u64))
     }
 
+    /// The device's memory in use now, as the driver counts it (`cuMemGetInfo`: total − free): this program's
+    /// buffers, cuBLAS's workspace, the loaded modules and the CUDA context, and whatever else this process or
+    /// another holds on the device.
+    pub fn device_used(&self) -> Result<u64, RuntimeError> {
+        self.current()?;
+        let (free, total) = drv::mem_get_info().map_err(|e| other(format!("cuMemGetInfo: {e}")))?;
+        Ok(total.saturating_sub(free) as u64)
+    }
+
     fn bind_inputs(&self, inputs: &HashMap<String, Tensor>) -> Result<HashMap<String, i64>, RuntimeError> {
         crate::host::bind_inputs(&self.program, inputs)
     }

@@ -463,6 +463,10 @@ fn bench_decode(
     Ok(())
 }
 
+/// What timing one level's training steps gives: compile seconds, the step times (ms), the profiled step's
+/// kernels, and (CUDA) the bytes the program holds and the device's memory in use after the profiled step.
+type TrainRun = (f64, Vec<f64>, Vec<KernelTime>, Option<(u64, u64)>);
+
 /// `--train`: per level, the median wall time of a whole training step (forward, backward, clipping, AdamW)
 /// over --repeats steps after --warmup, the state kept in the executable between steps.
 fn bench_train(
@@ -549,7 +553,7 @@ fn bench_train(
         let plan = program.layout(&env)?;
         let kernels = program.step.len();
         // called once: it takes the lowered program
-        let run = || -> Result<(f64, Vec<f64>, Vec<KernelTime>)> {
+        let run = || -> Result<TrainRun> {
             progress.say(&format!("{lname}: compiling {kernels} kernels"));
             let t = Instant::now();
             let steps = args.warmup + args.repeats;
@@ -588,7 +592,7 @@ fn bench_train(
                         &carried,
                         args.top,
                     )?;
-                    Ok((compile_s, times, top))
+                    Ok((compile_s, times, top, None))
                 }
                 // on the GPU with --top, one more step profiled kernel by kernel (an event after each)
                 #[cfg(feature = "cuda")]
@@ -612,17 +616,24 @@ fn bench_train(
                         }
                         None => bail!("the training step cannot keep its state in the program"),
                     }
-                    Ok((compile_s, times, cuda_top(&gpu, args.top)))
+                    let held = gpu.memory().map(|m| m.1);
+                    let used = gpu.device_used()?;
+                    Ok((
+                        compile_s,
+                        times,
+                        cuda_top(&gpu, args.top),
+                        Some((held.unwrap_or(0), used)),
+                    ))
                 }
                 _ => {
                     let mut exe = crate::cli::train::executable(&g, Some(program), args.target, false)?;
                     let compile_s = t.elapsed().as_secs_f64();
-                    Ok((compile_s, time_steps(exe.as_mut())?, Vec::new()))
+                    Ok((compile_s, time_steps(exe.as_mut())?, Vec::new(), None))
                 }
             }
         };
         match run() {
-            Ok((compile_s, mut times, top)) => {
+            Ok((compile_s, mut times, top, device)) => {
                 if !top.is_empty() {
                     tops.push((lname.clone(), top));
                 }
@@ -640,8 +651,18 @@ fn bench_train(
                     "step_ms": ms, "step_ms_all": times, "tokens_per_s": tokens_per_step / (ms / 1e3),
                     "state_bytes": plan.persistent_bytes, "transient_bytes": plan.arena_bytes,
                     "activations": activations,
+                    "held_bytes": device.map(|d| d.0), "device_used_bytes": device.map(|d| d.1),
                 }));
                 notes.push(format!("{lname}: activations for the backward: {activations}"));
+                if let Some((held, used)) = device {
+                    notes.push(format!(
+                        "{lname}: memory after the profiled step: {} held by the program (state, arena, scratch, \
+                         spill), {} in use on the device (cuMemGetInfo: with cuBLAS's workspace, the modules and \
+                         the CUDA context)",
+                        crate::cli::stats::bytes(held),
+                        crate::cli::stats::bytes(used)
+                    ));
+                }
             }
             Err(e) if args.compare.len() > 1 => {
                 let msg = format!("{e:#}");
