@@ -685,6 +685,13 @@ fn vjp(
             vec![Some(g.reshape(gy, d)?)]
         }
         Op::Permute { perm } => {
+            // a gradient that is itself this permutation's inverse applied to a value (a grouped GEMM's weight
+            // gradient written in the layout of the weight it was read from, below): that value
+            if let Op::Permute { perm: p2 } = &g.node(gy.node).op {
+                if p2.len() == perm.len() && (0..perm.len()).all(|i| p2[perm[i]] == i) {
+                    return Ok(vec![Some(g.node(gy.node).inputs[0])]);
+                }
+            }
             let mut inv = vec![0usize; perm.len()];
             for (i, &p) in perm.iter().enumerate() {
                 inv[p] = i;
@@ -875,10 +882,21 @@ fn vjp(
             } else {
                 None
             };
-            let dw = if want[2] {
-                Some(g.grouped_matmul_wgrad(xs, counts, dh)?)
-            } else {
+            let dw = if !want[2] {
                 None
+            } else if let Op::Permute { perm } = &g.node(w.node).op {
+                // an expert weight stored [E, out, in] and read transposed: its gradient computed in the stored
+                // layout, wgrad(xs, dy)ᵀ = wgrad(dy, xs) per group, so that the permutation's backward is a
+                // plain view of it and its readers (the cast to the f32 master weight, the optimizer) do not
+                // stride across rows
+                if perm.as_slice() == [0, 2, 1] {
+                    let t = g.grouped_matmul_wgrad(dh, counts, xs)?;
+                    Some(g.permute(t, &[0, 2, 1])?)
+                } else {
+                    Some(g.grouped_matmul_wgrad(xs, counts, dh)?)
+                }
+            } else {
+                Some(g.grouped_matmul_wgrad(xs, counts, dh)?)
             };
             vec![dxs, None, dw]
         }

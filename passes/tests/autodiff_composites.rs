@@ -215,6 +215,40 @@ fn grouped_matmul_backward_runs_over_the_same_groups() {
     }
 }
 
+/// An expert weight stored `[E, out, in]` (transformers' layout) and read transposed: its gradient is the
+/// weight gradient with the operands swapped, `wgrad(xs, dy)ᵀ = wgrad(dy, xs)` per group, so that the gradient
+/// output is the weight gradient itself in the stored layout, not a transposed view its readers would stride
+/// across; the same values as through the decomposition.
+#[test]
+fn a_transposed_expert_weight_gets_its_gradient_in_its_own_layout() {
+    let build = |g: &mut Graph, p: &[Value]| {
+        let counts = g.constant(DType::I64, vec![3], ConstData::Int(vec![2, 0, 4]))?;
+        let wt = g.permute(p[1], &[0, 2, 1])?;
+        g.grouped_matmul(p[0], counts, wt, false)
+    };
+    let (e, ops) = compare(
+        "grouped matmul, weight [E, out, in]",
+        &[&[6, 4], &[3, 5, 4]],
+        &build,
+        70,
+    );
+    assert!(e < TOL, "off by {e:.3e}");
+    assert_eq!(count(&ops, "grouped_matmul_wgrad"), 1, "{ops:?}");
+    let mut g = Graph::new("transposed");
+    let x = g.param("x", DType::F32, vec![Dim::from(6), Dim::from(4)]).unwrap();
+    let w = g
+        .param("w", DType::F32, vec![Dim::from(3), Dim::from(5), Dim::from(4)])
+        .unwrap();
+    let y = build(&mut g, &[x, w]).unwrap();
+    let loss = g.sum(y, &[0, 1], false).unwrap();
+    g.add_output("loss", loss).unwrap();
+    let dg = differentiate(&g, "loss", &GradOptions::default()).unwrap();
+    let (_, gw) = dg.outputs().iter().find(|(n, _)| n.as_str() == "grad.w").unwrap();
+    let op = &dg.node(gw.node).op;
+    assert_eq!(op.name(), "grouped_matmul_wgrad", "grad.w comes from {op:?}");
+    assert_eq!(dg.dims(*gw), g.dims(w), "grad.w in w's layout");
+}
+
 #[test]
 fn moe_backward_through_router_dispatch_experts_and_combine() {
     let (e, ops) = compare(
