@@ -2,7 +2,7 @@
 //! and the templates chosen where the loop form would run badly on a GPU.
 use fulgur_codegen::compile::{compile, CompileOptions};
 use fulgur_codegen::cuda::{emit_program, Launch};
-use fulgur_codegen::kernels::build_program;
+use fulgur_codegen::kernels::{build_program_for, Target};
 use fulgur_codegen::program::lower;
 use fulgur_models::{forward_graph, ForwardOptions, MiniMaxConfig};
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ fn small_program() -> fulgur_codegen::program::KernelProgram {
 fn sources_are_deterministic_and_name_the_ir_nodes_they_run() {
     let p = small_program();
     let emit = || {
-        let mut kernels = build_program(&p).unwrap();
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
         emit_program(&p, &mut kernels).unwrap()
     };
     let (a, b) = (emit(), emit());
@@ -48,7 +48,7 @@ fn sources_are_deterministic_and_name_the_ir_nodes_they_run() {
 #[test]
 fn flash_attention_moe_combine_and_rms_norm_are_templates() {
     let p = small_program();
-    let mut kernels = build_program(&p).unwrap();
+    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
     let cuda = emit_program(&p, &mut kernels).unwrap();
     let template_of = |op: &str| {
         let k = p
@@ -84,7 +84,7 @@ fn flash_attention_moe_combine_and_rms_norm_are_templates() {
 #[test]
 fn a_loop_of_independent_stores_gets_a_thread_per_iteration() {
     let p = small_program();
-    let mut kernels = build_program(&p).unwrap();
+    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
     let cuda = emit_program(&p, &mut kernels).unwrap();
     let code_of = |op: &str| {
         let k = p
@@ -115,7 +115,7 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
     let s = g.scatter_add(data, idx, upd, 0).unwrap();
     g.add_output("o", s).unwrap();
     let p = lower(&g).unwrap();
-    let mut kernels = build_program(&p).unwrap();
+    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
     let cuda = emit_program(&p, &mut kernels).unwrap();
     let k = p
         .step
@@ -131,12 +131,14 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
 
 /// A reduction with few outputs over a long range runs in levels of partials (one thread per output would walk
 /// the range alone): a sum of 600001 elements is 1172 chunks, then 3, then the total; three outputs over 40000
-/// rows are split; a short range, or many outputs, stay one phase.
+/// rows are split; a short range, or many outputs, stay one phase on the CPU. For CUDA a column reduction with
+/// too few outputs to fill the device is split too (a norm weight's gradient: 2048 columns over 8192 rows, 32
+/// chunks of 256 rows), while a row reduction keeps its item per output (the emitter gives it a warp).
 #[test]
 fn long_reductions_with_few_outputs_are_split_into_levels() {
     use fulgur_codegen::loops::Step;
     use fulgur_ir::{DType, Dim, Graph};
-    let phases = |dims: &[i64], axes: &[i64]| -> Vec<i64> {
+    let phases_for = |target: Target, dims: &[i64], axes: &[i64]| -> Vec<i64> {
         let mut g = Graph::new("reduce");
         let x = g
             .input("x", DType::F32, dims.iter().map(|&d| Dim::from(d)).collect())
@@ -144,7 +146,7 @@ fn long_reductions_with_few_outputs_are_split_into_levels() {
         let s = g.sum(x, axes, false).unwrap();
         g.add_output("o", s).unwrap();
         let p = lower(&g).unwrap();
-        let kernels = build_program(&p).unwrap();
+        let kernels = build_program_for(&p, target).unwrap();
         let k = &kernels[p.step[0].code];
         k.steps
             .iter()
@@ -157,12 +159,21 @@ fn long_reductions_with_few_outputs_are_split_into_levels() {
             })
             .collect()
     };
+    let phases = |dims: &[i64], axes: &[i64]| phases_for(Target::Cpu, dims, axes);
     assert_eq!(phases(&[600_001], &[0]), vec![1172, 3, 1]);
     assert_eq!(phases(&[100], &[0]), vec![1]);
     assert_eq!(phases(&[40_000, 3], &[0]), vec![3 * 79, 3]);
     // more outputs than 64, or a range under 32768: one phase, a thread per output
     assert_eq!(phases(&[8192, 2048], &[0]), vec![2048]);
     assert_eq!(phases(&[20_000], &[0]), vec![1]);
+    let cuda = |dims: &[i64], axes: &[i64]| phases_for(Target::Cuda, dims, axes);
+    assert_eq!(cuda(&[600_001], &[0]), vec![1172, 3, 1]);
+    assert_eq!(cuda(&[8192, 2048], &[0]), vec![32 * 2048, 2048]);
+    assert_eq!(cuda(&[4, 2048, 2048], &[0, 1]), vec![32 * 2048, 2048]);
+    // a row reduction, a short column, or columns enough to fill the device: one phase
+    assert_eq!(cuda(&[2048, 8192], &[1]), vec![2048]);
+    assert_eq!(cuda(&[2048, 2048], &[0]), vec![2048]);
+    assert_eq!(cuda(&[8192, 65536], &[0]), vec![65536]);
 }
 
 /// An elementwise kernel over rows longer than a tile: a constant row is split into tiles that divide it, so its
@@ -177,7 +188,7 @@ fn long_constant_rows_get_a_thread_per_element() {
         let y = g.exp(x).unwrap();
         g.add_output("o", y).unwrap();
         let p = lower(&g).unwrap();
-        let mut kernels = build_program(&p).unwrap();
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
         emit_program(&p, &mut kernels).unwrap()[p.step[0].code].source.clone()
     };
     for width in [8192, 32000, 100] {
@@ -204,7 +215,7 @@ fn row_reductions_run_a_warp_per_output() {
         g.add_output("s", s).unwrap();
         g.add_output("m", m).unwrap();
         let p = lower(&g).unwrap();
-        let mut kernels = build_program(&p).unwrap();
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
         let cuda = emit_program(&p, &mut kernels).unwrap();
         p.step.iter().map(|k| cuda[k.code].source.clone()).collect::<Vec<_>>()
     };
@@ -229,7 +240,7 @@ fn bf16_flash_attention_takes_the_tensor_core_form() {
     let g = compile(&g, &CompileOptions::default(), None).unwrap().graph;
     let g = store_as(&g, fulgur_ir::DType::BF16, &keep_f32).unwrap();
     let p = lower(&g).unwrap();
-    let mut kernels = build_program(&p).unwrap();
+    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
     let cuda = emit_program(&p, &mut kernels).unwrap();
     let k = p
         .step
@@ -279,7 +290,7 @@ fn bf16_flash_attention_grad_takes_the_tensor_core_form() {
             g.add_output(*n, Value::new(id, i as u32)).unwrap();
         }
         let p = lower(&g).unwrap();
-        let mut kernels = build_program(&p).unwrap();
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
         let cuda = emit_program(&p, &mut kernels).unwrap();
         let k = &p.step[0];
         (cuda[k.code].clone(), kernels[k.code].scratch.clone())

@@ -6,7 +6,7 @@
 #![cfg(feature = "cuda")]
 use fulgur_codegen::compile::{compile, CompileOptions, OptLevel};
 use fulgur_codegen::cuda::emit_program;
-use fulgur_codegen::kernels::build_program;
+use fulgur_codegen::kernels::{build_program_for, Target};
 use fulgur_codegen::nvrtc;
 use fulgur_codegen::program::lower;
 use fulgur_models::{decode_graph, forward_graph, ForwardOptions, MiniMaxConfig};
@@ -110,7 +110,7 @@ fn every_kernel_of_every_config_compiles_for_sm_90() {
             .unwrap()
             .graph;
             let p = lower(&og).unwrap();
-            let mut kernels = build_program(&p).unwrap();
+            let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
             let cuda = emit_program(&p, &mut kernels).unwrap();
             assert_eq!(cuda.len(), p.codes);
             programs += 1;

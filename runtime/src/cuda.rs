@@ -26,7 +26,7 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::result as drv;
 use cudarc::driver::sys;
 use fulgur_codegen::cuda::{emit_program, CudaKernel, Launch, BLOCK};
-use fulgur_codegen::kernels::build_program;
+use fulgur_codegen::kernels::{build_program_for, Target};
 use fulgur_codegen::loops::{LoopKernel, Operand, Slot, Step};
 use fulgur_codegen::program::{op_summary, BufferKind, Kernel, KernelProgram, Layout, TensorRef};
 use fulgur_ir::{DType, Dim, Tensor};
@@ -237,7 +237,7 @@ impl CudaProgram {
         let t = Instant::now();
         let device = device_info().map_err(other)?;
         let arch = options.arch.clone().unwrap_or_else(|| device.arch());
-        let mut kernels = build_program(&program).map_err(|e| other(e.to_string()))?;
+        let mut kernels = build_program_for(&program, Target::Cuda).map_err(|e| other(e.to_string()))?;
         let cuda = emit_program(&program, &mut kernels).map_err(|e| other(e.to_string()))?;
         // SAFETY: device 0 exists (device_info); its primary context is retained for the program's life
         let ctx = unsafe {

@@ -165,7 +165,13 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     let optimize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let program = fulgur_codegen::program::lower(&g)?;
-    let mut loops = fulgur_codegen::kernels::build_program(&program)?;
+    let mut loops = fulgur_codegen::kernels::build_program_for(
+        &program,
+        match args.target {
+            Target::Cpu => fulgur_codegen::kernels::Target::Cpu,
+            Target::Cuda => fulgur_codegen::kernels::Target::Cuda,
+        },
+    )?;
     let loop_texts: Vec<String> = loops.iter().map(|lk| lk.text()).collect();
     let (target, (codegen, code), binaries) = match args.target {
         Target::Cpu => ("cpu", target_code(&loops)?, Vec::new()),

@@ -13,7 +13,7 @@
 //! A `matmul` becomes a [`GemmStep`] over its operands as strided views when they are views of memory
 //! (transposes and broadcasts are strides), else the operand is written to scratch first.
 
-use super::{delinearize, Built, View};
+use super::{delinearize, Built, Target, View};
 use crate::loops::{Acc, GemmStep, LoopKernel, Operand, Phase, Scalar, Slot, Step, Stmt, Table, E};
 use crate::program::{row_major, Kernel};
 use crate::CodegenError;
@@ -80,6 +80,8 @@ pub(crate) struct Gen<'a> {
     memo: HashMap<(Value, Vec<E>), E>,
     /// The kernel's name, for error messages of checks.
     kname: String,
+    /// The backend the loop form is shaped for.
+    target: Target,
 }
 
 /// Compiles kernel `k` through its primitive graph.
@@ -106,6 +108,7 @@ pub(crate) fn build(k: &Kernel, built: &mut Built) -> Result<(), CodegenError> {
         homes: HashMap::new(),
         memo: HashMap::new(),
         kname: format!("k{} ({})", k.id, k.name),
+        target: built.target,
     };
     for (i, (&v, t)) in ins.iter().zip(&k.inputs).enumerate() {
         let slot = gen.lk.slot(Slot::Input(i));
@@ -168,20 +171,31 @@ pub(crate) fn build(k: &Kernel, built: &mut Built) -> Result<(), CodegenError> {
 
 /// Reductions with at most this many outputs are split when their range is long: one thread per output would
 /// walk it alone (a weight's sum of squares for the global gradient norm: 10⁸ elements in one GPU thread). Not
-/// more: a split chunk finds its elements' coordinates by division, which costs the CPU more than it gains
-/// where there are outputs enough to share out (a norm weight's gradient, 2048 outputs over 8192 rows each,
-/// stays one item per output: 3× slower split on the 2-core CPU for tiny-hf's training step).
+/// more on the CPU: a split chunk finds its elements' coordinates by division, which costs the CPU more than
+/// it gains where there are outputs enough to share out (a norm weight's gradient, 2048 outputs over 8192 rows
+/// each, stays one item per output: 3× slower split on the 2-core CPU for tiny-hf's training step).
 const SPLIT_MAX_OUTPUTS: i64 = 64;
 /// The shortest range (elements per output) split; a symbolic range is split.
 const SPLIT_MIN_RANGE: i64 = 1 << 15;
 /// Elements (or partials) one item of a split reduction combines.
 const SPLIT_FAN_IN: i64 = 512;
+/// For CUDA, a *column* reduction (the last axis kept, so that neighbouring outputs are neighbours in memory)
+/// with at most this many outputs is split too: 2048 threads, one per column of a norm weight's gradient
+/// summing 8192 rows, fill 16 of the H200's 132 multiprocessors (1 ms a reduction in bench-m's step). Its
+/// first level has about [`SPLIT_COLUMN_ITEMS`] items (neighbouring items on neighbouring columns of one chunk
+/// of rows: coalesced), over a range of at least [`SPLIT_COLUMN_MIN_RANGE`]. A row reduction keeps its item,
+/// which the CUDA emitter gives a warp (coalesced along the row).
+const SPLIT_COLUMN_MAX_OUTPUTS: i64 = 1 << 15;
+const SPLIT_COLUMN_ITEMS: i64 = 1 << 16;
+const SPLIT_COLUMN_MIN_RANGE: i64 = 1 << 12;
 
-/// How a reduction of `x`'s axes `red` runs in levels, when it should (few outputs, each over a long range): the
-/// number of chunks per output at each level, the first over the range (chunks of `SPLIT_FAN_IN` elements, or
-/// 1024 chunks of a symbolic range), each next over the last level's partials (`SPLIT_FAN_IN` of them per
-/// chunk), until one level has at most `SPLIT_FAN_IN` chunks; a final phase combines those.
-fn split_reduction(xd: &[Dim], red: &[bool]) -> Option<Vec<i64>> {
+/// How a reduction of `x`'s axes `red` runs in levels, when it should (few outputs, each over a long range; on
+/// CUDA also a column reduction of fewer outputs than fill the device): the number of chunks per output at
+/// each level, the first over the range (chunks of `SPLIT_FAN_IN` elements, or 1024 chunks of a symbolic
+/// range; a CUDA column reduction's chunks give about `SPLIT_COLUMN_ITEMS` items), each next over the last
+/// level's partials (`SPLIT_FAN_IN` of them per chunk), until one level has at most `SPLIT_FAN_IN` chunks; a
+/// final phase combines those.
+fn split_reduction(xd: &[Dim], red: &[bool], target: Target) -> Option<Vec<i64>> {
     let prod = |reduced: bool| {
         xd.iter()
             .zip(red)
@@ -189,14 +203,25 @@ fn split_reduction(xd: &[Dim], red: &[bool]) -> Option<Vec<i64>> {
             .fold(Dim::from(1), |a, (d, _)| a * d.clone())
     };
     let outputs = prod(false).as_const()?;
-    if outputs > SPLIT_MAX_OUTPUTS {
+    let range = prod(true).as_const();
+    let column = target == Target::Cuda && red.last() == Some(&false) && red.iter().any(|&r| r);
+    let first = if outputs <= SPLIT_MAX_OUTPUTS {
+        match range {
+            Some(range) if range < SPLIT_MIN_RANGE => return None,
+            Some(range) => (range + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN,
+            None => 1024,
+        }
+    } else if column && outputs <= SPLIT_COLUMN_MAX_OUTPUTS {
+        let chunks = (SPLIT_COLUMN_ITEMS / outputs).clamp(2, 1024);
+        match range {
+            Some(range) if range < SPLIT_COLUMN_MIN_RANGE => return None,
+            Some(range) => chunks.min(range / (SPLIT_COLUMN_MIN_RANGE / 16)),
+            None => chunks,
+        }
+    } else {
         return None;
-    }
-    let mut levels = vec![match prod(true).as_const() {
-        Some(range) if range < SPLIT_MIN_RANGE => return None,
-        Some(range) => (range + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN,
-        None => 1024,
-    }];
+    };
+    let mut levels = vec![first];
     while let Some(&last) = levels.last().filter(|&&c| c > SPLIT_FAN_IN) {
         levels.push((last + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN);
     }
@@ -616,7 +641,7 @@ impl<'a> Gen<'a> {
         }
         let kept: Vec<usize> = (0..n).filter(|&a| !red[a]).collect();
         let kept_dims: Vec<Dim> = kept.iter().map(|&a| xd[a].clone()).collect();
-        if let Some(levels) = split_reduction(&xd, &red) {
+        if let Some(levels) = split_reduction(&xd, &red, self.target) {
             return self.reduce_split(name, x, op, &red, keepdims, home, levels);
         }
         let (item_var, item) = self.lk.loop_var();
@@ -697,8 +722,8 @@ impl<'a> Gen<'a> {
         Ok(())
     }
 
-    /// A reduction in levels (see [`split_reduction`]): item `(k, c)` of the first phase reduces chunk `c` of
-    /// output `k`'s range (the reduced axes linearized, row-major; consecutive elements) into a partial, each
+    /// A reduction in levels (see [`split_reduction`]): item `c · outputs + k` of the first phase reduces chunk
+    /// `c` of output `k`'s range (the reduced axes linearized, row-major; consecutive elements) into a partial, each
     /// next phase reduces chunks of the last one's partials, and the final phase combines each output's
     /// partials in order. Deterministic: the same chunks in the same order on every backend and launch.
     #[allow(clippy::too_many_arguments)] // the arguments of `reduce`, and the levels
@@ -729,9 +754,12 @@ impl<'a> Gen<'a> {
         for &chunks in &levels {
             let part = self.lk.scratch(part_dtype, items.clone() * Dim::from(chunks));
             let ce = self.lk.pool.i(chunks);
+            // item c · outputs + k: neighbouring items take neighbouring outputs of one chunk (coalesced where
+            // neighbouring outputs are neighbours in memory, as a column reduction's are)
             let (item_var, item) = self.lk.loop_var();
-            let k = self.lk.pool.div(item, ce);
-            let c = self.lk.pool.rem(item, ce);
+            let oe = self.lk.dim(&items);
+            let k = self.lk.pool.rem(item, oe);
+            let c = self.lk.pool.div(item, oe);
             // the chunk's range [lo, hi) of the level's input (the reduced elements, or the last partials)
             let total = match prev {
                 None => count_e,
@@ -765,11 +793,10 @@ impl<'a> Gen<'a> {
                         .collect();
                     self.at(x, &idx)?
                 }
-                Some((slot, pc)) => {
+                Some((slot, _)) => {
                     let p = &mut self.lk.pool;
-                    let pce = p.i(pc);
-                    let base = p.mul(k, pce);
-                    let at = p.addi(base, r);
+                    let base = p.mul(r, oe);
+                    let at = p.addi(base, k);
                     p.load(slot, part_dtype, at)
                 }
             };
@@ -817,11 +844,12 @@ impl<'a> Gen<'a> {
         let kc = self.coords(k, &kept_dims);
         let (acc_var, acc) = self.lk.mutable(s);
         let (cv, c) = self.lk.loop_var();
+        let oe = self.lk.dim(&items);
         let p = &mut self.lk.pool;
         let ce = p.i(chunks);
         let zero = p.i(0);
-        let base = p.mul(k, ce);
-        let at = p.addi(base, c);
+        let base = p.mul(c, oe);
+        let at = p.addi(base, k);
         let partial = p.load(part, part_dtype, at);
         let result = if op == ReduceOp::Mean {
             let cnt = p.cast(Scalar::F32, count_e);

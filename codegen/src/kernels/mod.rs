@@ -80,15 +80,32 @@ pub(crate) fn delinearize(p: &mut Pool, item: E, dims: &[E]) -> Vec<E> {
     out
 }
 
+/// The backend a loop form is shaped for. The loop IR means the same on both; what differs is how work is cut
+/// into items (a reduction with too few outputs to fill a GPU is split into chunks on CUDA, kept whole on the
+/// CPU, whose threads the outputs already fill).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
 /// What building a kernel fills in.
 pub(crate) struct Built {
     pub lk: LoopKernel,
+    pub target: Target,
 }
 
-/// The loop form of kernel `k`.
+/// The loop form of kernel `k` for the CPU.
 pub fn build(k: &Kernel) -> Result<LoopKernel, CodegenError> {
+    build_for(k, Target::Cpu)
+}
+
+/// The loop form of kernel `k` for `target`.
+pub fn build_for(k: &Kernel, target: Target) -> Result<LoopKernel, CodegenError> {
     let mut built = Built {
         lk: LoopKernel::new(crate::program::op_summary(&k.op)),
+        target,
     };
     if !native::build(k, &mut built)? {
         generic::build(k, &mut built)?;
@@ -96,12 +113,17 @@ pub fn build(k: &Kernel) -> Result<LoopKernel, CodegenError> {
     Ok(built.lk)
 }
 
-/// The loop form of every code of `p`, by code.
+/// The loop form of every code of `p` for the CPU, by code.
 pub fn build_program(p: &KernelProgram) -> Result<Vec<LoopKernel>, CodegenError> {
+    build_program_for(p, Target::Cpu)
+}
+
+/// The loop form of every code of `p` for `target`, by code.
+pub fn build_program_for(p: &KernelProgram, target: Target) -> Result<Vec<LoopKernel>, CodegenError> {
     let mut out: Vec<Option<LoopKernel>> = vec![None; p.codes];
     for k in p.prepare.iter().chain(&p.step) {
         if out[k.code].is_none() {
-            out[k.code] = Some(build(k).map_err(|e| match e {
+            out[k.code] = Some(build_for(k, target).map_err(|e| match e {
                 CodegenError::Options(m) if !m.starts_with("kernel ") => {
                     CodegenError::Options(format!("kernel k{} ({}): {m}", k.id, k.name))
                 }
