@@ -23,7 +23,7 @@
 //! dtype, stores round to it (bf16 to nearest even), IEEE division and square root (no fast math), `max`/`min`
 //! propagate NaN, float → int conversions saturate with NaN → 0, as the CPU backend does.
 
-mod flash_grad;
+mod flash_mma;
 
 use crate::kernels::View;
 use crate::loops::{Acc, Expr, LoopKernel, Phase, Scalar, Slot, Step, Stmt, Table, E};
@@ -135,11 +135,11 @@ pub fn emit(
     // `flash_attention_grad`'s tensor-core form replaces its loop form's steps, their slots and scratch
     let grad = match kernel {
         Some(k) => match k.op {
-            Op::Composite(Composite::FlashAttentionGrad { scale, causal }) if flash_grad::applies(k) => {
+            Op::Composite(Composite::FlashAttentionGrad { scale, causal }) if flash_mma::grad_applies(k) => {
                 lk.steps.clear();
                 lk.scratch.clear();
                 lk.slots.clear();
-                Some(flash_grad::templates(lk, k, scale, causal))
+                Some(flash_mma::grad_templates(lk, k, scale, causal))
             }
             _ => None,
         },
@@ -1250,6 +1250,10 @@ fn flash_template(
     causal: bool,
     rotary: Option<usize>,
 ) -> Result<Option<(String, E, u32)>, CodegenError> {
+    // bf16 operands of head dims the tensor cores' tiles divide take the mma form
+    if flash_mma::forward_applies(k) {
+        return Ok(Some(flash_mma::forward_template(lk, k, scale, causal, rotary)));
+    }
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
     let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
     let (Some(d), Some(dv)) = (qt.shape[rq - 1].as_const(), vt.shape[rv - 1].as_const()) else {
@@ -1275,52 +1279,15 @@ fn flash_template(
     let rows_per_warp = bq / warps;
     let dvpl = dv.div_ceil(32);
     let kstride = d + 1; // a padded row: lanes reading different keys hit different banks
-                         // bf16 operands of head dims the tensor cores' tiles divide take the mma form
-    let mma =
-        [qt, kt, vt].iter().all(|t| t.dtype == DType::BF16) && d % 16 == 0 && dv % 16 == 0 && d <= 128 && dv <= 128;
-    // the mma form's rows are padded by 8 bf16 (16 bytes): the fragment loads of a warp's 8 rows × 4 words
-    // then fall in 32 different banks
-    let (dp, bkp) = (d + 8, bk + 8);
-    let smem = if mma {
-        (bq * dp + bk * dp + dv * bkp) * 2
-    } else {
-        (bk * kstride + bk * dv + bq * d) * 4
-    };
+    let smem = (bk * kstride + bk * dv + bq * d) * 4;
     let mut s = String::new();
-    if mma {
-        let _ = writeln!(
-            s,
-            "// flash attention{} on the tensor cores: blocks of {bq} query rows (16 a warp), key/value tiles of \
-             {bk} in shared memory as bf16, S = Q Kᵀ and O += P V by mma.m16n8k16 (bf16 in, f32 accumulate), \
-             online softmax per tile in f32 (scale {scale:e}{})",
-            if rotary.is_some() { " with rotary q and k" } else { "" },
-            if causal { ", causal" } else { "" }
-        );
-        let _ = writeln!(
-            s,
-            "__device__ __forceinline__ void FULGUR_FN_mma(float* c, const unsigned* a, unsigned b0, unsigned b1) {{"
-        );
-        let _ = writeln!(
-            s,
-            "  asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{%0,%1,%2,%3}}, \
-             {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};\" : \"+f\"(c[0]), \"+f\"(c[1]), \"+f\"(c[2]), \
-             \"+f\"(c[3]) : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b0), \"r\"(b1));"
-        );
-        let _ = writeln!(s, "}}");
-        let _ = writeln!(
-            s,
-            "__device__ __forceinline__ unsigned FULGUR_FN_pack(float lo, float hi) {{ return \
-             (unsigned)fulgur_to_bf16(lo) | ((unsigned)fulgur_to_bf16(hi) << 16); }}"
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "// flash attention{}: blocks of {bq} query rows, key/value tiles of {bk} in shared memory, online \
-             softmax per tile (scale {scale:e}{})",
-            if rotary.is_some() { " with rotary q and k" } else { "" },
-            if causal { ", causal" } else { "" }
-        );
-    }
+    let _ = writeln!(
+        s,
+        "// flash attention{}: blocks of {bq} query rows, key/value tiles of {bk} in shared memory, online \
+         softmax per tile (scale {scale:e}{})",
+        if rotary.is_some() { " with rotary q and k" } else { "" },
+        if causal { ", causal" } else { "" }
+    );
     let _ = writeln!(
         s,
         "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
@@ -1329,30 +1296,13 @@ fn flash_template(
     let t = dim(lk, &qt.shape[rq - 2]);
     let sdim = dim(lk, &kt.shape[rk - 2]);
     let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
-    if mma {
-        let _ = writeln!(
-            s,
-            "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{bq}][{dp}]"
-        );
-        let _ = writeln!(
-            s,
-            "  unsigned short* Ks = Qs + {};              // [{bk}][{dp}]",
-            bq * dp
-        );
-        let _ = writeln!(
-            s,
-            "  unsigned short* Vt = Ks + {};              // [{dv}][{bkp}]: V transposed",
-            bk * dp
-        );
-    } else {
-        let _ = writeln!(s, "  float* Ks = fulgur_smem;                 // [{bk}][{kstride}]");
-        let _ = writeln!(
-            s,
-            "  float* Vs = Ks + {};                    // [{bk}][{dv}]",
-            bk * kstride
-        );
-        let _ = writeln!(s, "  float* Qs = Vs + {};                    // [{bq}][{d}]", bk * dv);
-    }
+    let _ = writeln!(s, "  float* Ks = fulgur_smem;                 // [{bk}][{kstride}]");
+    let _ = writeln!(
+        s,
+        "  float* Vs = Ks + {};                    // [{bk}][{dv}]",
+        bk * kstride
+    );
+    let _ = writeln!(s, "  float* Qs = Vs + {};                    // [{bq}][{d}]", bk * dv);
     let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
     let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
     let _ = writeln!(s, "  const i64 T = {t}, S = {sdim};");
@@ -1420,193 +1370,6 @@ fn flash_template(
     } else {
         "  const i64 kend = S;"
     };
-    if mma {
-        let ninf = "__uint_as_float(0xff800000u)";
-        let sc = float_lit((scale as f32).to_bits());
-        let (kd, nv) = (d / 16, dv / 8);
-        // the block's queries, rotated in f32, then rounded to bf16
-        let _ = writeln!(s, "  for (int x = threadIdx.x; x < {}; x += {threads}) {{", bq * d);
-        let _ = writeln!(s, "    const i64 r = x / {d}, dd = x % {d};");
-        let _ = writeln!(
-            s,
-            "    Qs[r * {dp} + dd] = r < rows ? fulgur_to_bf16({}) : (unsigned short)0;",
-            elem(sq, q.dtype, "q_off", &qrs, &qcs, "(t0 + r)", "dd")
-        );
-        let _ = writeln!(s, "  }}");
-        let _ = writeln!(s, "  __syncthreads();");
-        // a lane's fragments: rows g and g + 8 of the warp's 16, columns 2c, 2c + 1 (+ 8)
-        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
-        let _ = writeln!(s, "  unsigned qa[{kd}][4];");
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int kk = 0; kk < {kd}; ++kk) {{");
-        let _ = writeln!(
-            s,
-            "    const unsigned short* q0 = Qs + (wr + g) * {dp} + kk * 16 + 2 * c;"
-        );
-        let _ = writeln!(s, "    qa[kk][0] = *(const unsigned*)q0;");
-        let _ = writeln!(s, "    qa[kk][1] = *(const unsigned*)(q0 + 8 * {dp});");
-        let _ = writeln!(s, "    qa[kk][2] = *(const unsigned*)(q0 + 8);");
-        let _ = writeln!(s, "    qa[kk][3] = *(const unsigned*)(q0 + 8 * {dp} + 8);");
-        let _ = writeln!(s, "  }}");
-        let _ = writeln!(s, "  float acc[{nv}][4];");
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(
-            s,
-            "  for (int n = 0; n < {nv}; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;"
-        );
-        // m: the row's running max (the same in the 4 lanes of a row); l: this lane's share of its sum
-        let _ = writeln!(s, "  float m0 = {ninf}, m1 = {ninf}, l0 = 0.0f, l1 = 0.0f;");
-        let _ = writeln!(s, "  const i64 lim0 = t0 + wr + g + (S - T), lim1 = lim0 + 8;");
-        let _ = writeln!(s, "{kend}");
-        let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {bk}) {{");
-        let _ = writeln!(s, "    __syncthreads();");
-        let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * d);
-        let _ = writeln!(s, "      const i64 j = x / {d}, dd = x % {d}, u = u0 + j;");
-        let _ = writeln!(
-            s,
-            "      Ks[j * {dp} + dd] = u < kend ? fulgur_to_bf16({}) : (unsigned short)0;",
-            elem(sk, kv.dtype, "k_off", &krs, &kcs, "u", "dd")
-        );
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", bk * dv);
-        let _ = writeln!(s, "      const i64 j = x / {dv}, cc = x % {dv}, u = u0 + j;");
-        let _ = writeln!(
-            s,
-            "      Vt[cc * {bkp} + j] = u < kend ? ((const unsigned short*)s{sv})[v_off + u * {vrs} + cc * {vcs}] : \
-             (unsigned short)0;"
-        );
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "    __syncthreads();");
-        // S = Q Kᵀ: 16 rows × {bk} keys a warp
-        let _ = writeln!(s, "    float sc[{}][4];", bk / 8);
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", bk / 8);
-        let _ = writeln!(s, "      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;");
-        let _ = writeln!(s, "      #pragma unroll");
-        let _ = writeln!(s, "      for (int kk = 0; kk < {kd}; ++kk) {{");
-        let _ = writeln!(
-            s,
-            "        const unsigned short* k0 = Ks + (n * 8 + g) * {dp} + kk * 16 + 2 * c;"
-        );
-        let _ = writeln!(
-            s,
-            "        FULGUR_FN_mma(sc[n], qa[kk], *(const unsigned*)k0, *(const unsigned*)(k0 + 8));"
-        );
-        let _ = writeln!(s, "      }}");
-        let _ = writeln!(s, "    }}");
-        // scale and mask; the rows' maxima over the tile
-        let _ = writeln!(s, "    float x0 = {ninf}, x1 = {ninf};");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", bk / 8);
-        let _ = writeln!(s, "      #pragma unroll");
-        let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
-        let _ = writeln!(s, "        const i64 u = u0 + n * 8 + 2 * c + e;");
-        if causal {
-            let _ = writeln!(
-                s,
-                "        const bool v0 = u < kend && u <= lim0, v1 = u < kend && u <= lim1;"
-            );
-        } else {
-            let _ = writeln!(s, "        const bool v0 = u < kend, v1 = v0;");
-        }
-        let _ = writeln!(s, "        sc[n][e] = v0 ? sc[n][e] * {sc} : {ninf};");
-        let _ = writeln!(s, "        sc[n][2 + e] = v1 ? sc[n][2 + e] * {sc} : {ninf};");
-        let _ = writeln!(
-            s,
-            "        x0 = fulgur_fmax(x0, sc[n][e]); x1 = fulgur_fmax(x1, sc[n][2 + e]);"
-        );
-        let _ = writeln!(s, "      }}");
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "      x0 = fulgur_fmax(x0, __shfl_xor_sync(0xffffffffu, x0, w));");
-        let _ = writeln!(s, "      x1 = fulgur_fmax(x1, __shfl_xor_sync(0xffffffffu, x1, w));");
-        let _ = writeln!(s, "    }}");
-        // a row with no visible key yet keeps its zeros: its shift is 0, exp(−inf) = 0
-        let _ = writeln!(s, "    const float n0 = fulgur_fmax(m0, x0), n1 = fulgur_fmax(m1, x1);");
-        let _ = writeln!(
-            s,
-            "    const float z0 = n0 == {ninf} ? 0.0f : n0, z1 = n1 == {ninf} ? 0.0f : n1;"
-        );
-        let _ = writeln!(s, "    const float f0 = expf(m0 - z0), f1 = expf(m1 - z1);");
-        let _ = writeln!(s, "    m0 = n0; m1 = n1; l0 *= f0; l1 *= f1;");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int n = 0; n < {nv}; ++n) {{");
-        let _ = writeln!(
-            s,
-            "      acc[n][0] *= f0; acc[n][1] *= f0; acc[n][2] *= f1; acc[n][3] *= f1;"
-        );
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", bk / 8);
-        let _ = writeln!(
-            s,
-            "      sc[n][0] = expf(sc[n][0] - z0); sc[n][1] = expf(sc[n][1] - z0);"
-        );
-        let _ = writeln!(
-            s,
-            "      sc[n][2] = expf(sc[n][2] - z1); sc[n][3] = expf(sc[n][3] - z1);"
-        );
-        let _ = writeln!(s, "      l0 += sc[n][0] + sc[n][1]; l1 += sc[n][2] + sc[n][3];");
-        let _ = writeln!(s, "    }}");
-        // O += P V: the score accumulators of two key octets are the A fragment of 16 keys
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int kt = 0; kt < {}; ++kt) {{", bk / 16);
-        let _ = writeln!(s, "      unsigned pa[4];");
-        let _ = writeln!(s, "      pa[0] = FULGUR_FN_pack(sc[2 * kt][0], sc[2 * kt][1]);");
-        let _ = writeln!(s, "      pa[1] = FULGUR_FN_pack(sc[2 * kt][2], sc[2 * kt][3]);");
-        let _ = writeln!(s, "      pa[2] = FULGUR_FN_pack(sc[2 * kt + 1][0], sc[2 * kt + 1][1]);");
-        let _ = writeln!(s, "      pa[3] = FULGUR_FN_pack(sc[2 * kt + 1][2], sc[2 * kt + 1][3]);");
-        let _ = writeln!(s, "      #pragma unroll");
-        let _ = writeln!(s, "      for (int n = 0; n < {nv}; ++n) {{");
-        let _ = writeln!(
-            s,
-            "        const unsigned short* v0 = Vt + (n * 8 + g) * {bkp} + kt * 16 + 2 * c;"
-        );
-        let _ = writeln!(
-            s,
-            "        FULGUR_FN_mma(acc[n], pa, *(const unsigned*)v0, *(const unsigned*)(v0 + 8));"
-        );
-        let _ = writeln!(s, "      }}");
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "  }}");
-        // the rows' sums over their 4 lanes, then O / l
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "    l0 += __shfl_xor_sync(0xffffffffu, l0, w);");
-        let _ = writeln!(s, "    l1 += __shfl_xor_sync(0xffffffffu, l1, w);");
-        let _ = writeln!(s, "  }}");
-        let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int n = 0; n < {nv}; ++n) {{");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int e = 0; e < 2; ++e) {{");
-        let _ = writeln!(s, "      const i64 cc = n * 8 + 2 * c + e;");
-        let _ = writeln!(
-            s,
-            "      if (r0 < rows) {}",
-            store_text(
-                so,
-                o.dtype,
-                &format!("o_off + (t0 + r0) * {ors} + cc * {ocs}"),
-                "acc[n][e] / l0"
-            )
-        );
-        let _ = writeln!(
-            s,
-            "      if (r1 < rows) {}",
-            store_text(
-                so,
-                o.dtype,
-                &format!("o_off + (t0 + r1) * {ors} + cc * {ocs}"),
-                "acc[n][2 + e] / l1"
-            )
-        );
-        let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "  }}");
-        let _ = writeln!(s, "}}");
-        return Ok(Some((s, flash_blocks(lk, ot, bq), smem as u32)));
-    }
     // the block's queries, rotated
     let _ = writeln!(s, "  for (int x = threadIdx.x; x < {}; x += {threads}) {{", bq * d);
     let _ = writeln!(s, "    const i64 r = x / {d}, dd = x % {d};");

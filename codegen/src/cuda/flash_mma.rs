@@ -1,28 +1,33 @@
-//! `flash_attention_grad` on the tensor cores: the backward of flash attention as two templates, for bf16 `q`,
-//! `k`, `v` and `do` whose head dims are multiples of 16 up to 128 (other kernels keep the loop form of the
-//! composite's decomposition).
+//! Flash attention on the tensor cores: the forward and the backward as templates for bf16 operands whose
+//! head dims are multiples of 16 up to 128 (other dtypes and dims keep the SIMT template or the loop form).
 //!
-//! The composite's inputs are `q`, `k`, `v` and `do`, not the forward's output or its log-sum-exp, so the
-//! first template recomputes them:
-//! 1. **dQ**, a block per 64 query rows (16 a warp), as the forward template walks the keys: a first pass over
-//!    the key tiles is the forward (`S = Q Kᵀ`, online softmax, `O += P V`), which gives each row's
+//! Tiles of 64 rows are staged in shared memory as bf16, row-major with rows padded by 16 bytes (a warp's
+//! fragment loads then fall in 32 different banks); they load 16 bytes a thread where a row is contiguous and
+//! 16-byte aligned, element by element otherwise. Products are `mma.m16n8k16` (bf16 operands, f32
+//! accumulators), a warp taking 16 rows; an operand a product needs transposed is read from its row-major tile
+//! by `ldmatrix.trans`. Rotated `q` and `k`, the probabilities and `dS` are rounded to bf16 for the products,
+//! as flash attention does (`docs/numerics.md`).
+//!
+//! **Forward** (`flash_attention[_rope]`): a block per 64 query rows, key/value tiles of 64 in turn (the
+//! rotary embedding applied to the staged `q` and `k` tiles in place), `S = Q Kᵀ`, online softmax in f32,
+//! `O += P V`.
+//!
+//! **Backward** (`flash_attention_grad`). The composite's inputs are `q`, `k`, `v` and `do`, not the forward's
+//! output or its log-sum-exp, so the first of its two templates recomputes them:
+//! 1. **dQ**, a block per 64 query rows: a first pass over the key tiles is the forward, which gives each row's
 //!    log-sum-exp `lse` and `delta = Σ O ⊙ dO` (the `rowsum(P ⊙ dP)` of the decomposition), written to two
 //!    scratch vectors; a second pass forms `P = exp(S · scale − lse)`, `dP = dO Vᵀ`, `dS = P ⊙ (dP − delta)`
 //!    and accumulates `dQ += dS K` in registers.
-//! 2. **dK and dV**, a block per 64 keys of one key/value batch index (16 keys a warp), looping over the
-//!    query heads that share those keys (grouped-query attention's broadcast axes) and their query tiles
-//!    (from the first one the causal mask lets see the block): `Sᵀ = K Qᵀ`, `Pᵀ` from the first template's
-//!    `lse`, `dPᵀ = V dOᵀ`, `dSᵀ`, then `dV += Pᵀ dO` and `dK += dSᵀ Q` in registers.
+//! 2. **dK and dV**, a block per 64 keys of one key/value batch index, looping over the query heads that share
+//!    those keys (grouped-query attention's broadcast axes) and their query tiles (from the first one the
+//!    causal mask lets see the block): `Sᵀ = K Qᵀ`, `Pᵀ` from the first template's `lse`, `dPᵀ = V dOᵀ`, `dSᵀ`,
+//!    then `dV += Pᵀ dO` and `dK += dSᵀ Q` in registers.
 //!
 //! Every gradient is written once by the block that owns it, summed in a fixed order: no atomics, the same
 //! bits on every run. The price is recomputing `S` and `dP` in both templates (9 tile products per key and
-//! query tile pair against the 7 of an atomic `dQ`). The products are `mma.m16n8k16` (bf16 operands, f32
-//! accumulators); the operands a product needs transposed (`V` and `K` in the first, `dO` and `Q` in the
-//! second) are read from the row-major tiles by `ldmatrix.trans`. Tiles load 16 bytes a thread where a row is
-//! contiguous and 16-byte aligned, element by element otherwise. Probabilities and `dS` are rounded to bf16
-//! for the products, as flash attention does (`docs/numerics.md`).
+//! query tile pair against the 7 of an atomic `dQ`).
 
-use super::{dim_text, float_lit, FLASH_WARPS};
+use super::{dim_text, float_lit, load_text, FLASH_WARPS};
 use crate::kernels::View;
 use crate::loops::{LoopKernel, Slot, E};
 use crate::program::{Kernel, TensorRef};
@@ -33,9 +38,9 @@ use std::fmt::Write as _;
 /// each walks.
 const B: usize = 64;
 
-/// Whether a `flash_attention_grad` kernel takes this form: bf16 throughout, head dims multiples of 16 up to
+/// Whether a `flash_attention_grad` kernel takes the tensor-core form: bf16 throughout, head dims multiples of 16 up to
 /// 128, `q` not broadcast, and `k` and `v` broadcast along the same batch axes.
-pub(super) fn applies(k: &Kernel) -> bool {
+pub(super) fn grad_applies(k: &Kernel) -> bool {
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.inputs[3]);
     let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
     if k.inputs.len() != 4 || k.outputs.len() != 3 || ro < 2 || rq != ro {
@@ -60,29 +65,79 @@ pub(super) fn applies(k: &Kernel) -> bool {
     })
 }
 
-/// The two templates of a kernel [`applies`] holds for: each its function text (name `FULGUR_FN`), its number
-/// of blocks and its bytes of shared memory. Builds its own slots and scratch: the caller has dropped the loop
-/// form's.
-pub(super) fn templates(lk: &mut LoopKernel, k: &Kernel, scale: f64, causal: bool) -> Vec<(String, E, u32)> {
+/// Whether a `flash_attention[_rope]` kernel takes the tensor-core form: bf16 `q`, `k` and `v`, head dims
+/// multiples of 16 up to 128.
+pub(super) fn forward_applies(k: &Kernel) -> bool {
+    let (qt, kt, vt) = (&k.inputs[0], &k.inputs[1], &k.inputs[2]);
+    let head = |t: &TensorRef| t.shape[t.shape.len() - 1].as_const();
+    [qt, kt, vt]
+        .iter()
+        .all(|t| t.dtype == DType::BF16 && t.shape.len() >= 2)
+        && k.outputs.len() == 1
+        && k.outputs[0].shape.len() >= 2
+        && [head(qt), head(vt)]
+            .iter()
+            .all(|d| d.is_some_and(|d| d > 0 && d % 16 == 0 && d <= 128))
+}
+
+/// The forward template of a kernel [`forward_applies`] holds for (`rotary`: `flash_attention_rope`'s rotated
+/// dims, its tables inputs 3 and 4): the function text (name `FULGUR_FN`), its number of blocks and its bytes
+/// of shared memory.
+pub(super) fn forward_template(
+    lk: &mut LoopKernel,
+    k: &Kernel,
+    scale: f64,
+    causal: bool,
+    rotary: Option<usize>,
+) -> (String, E, u32) {
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
+    let views = [
+        ("q", Slot::Input(0), qt),
+        ("k", Slot::Input(1), kt),
+        ("v", Slot::Input(2), vt),
+        ("out", Slot::Output(0), ot),
+    ];
+    let mut ctx = Ctx::new(lk, &views, ot, kt, scale, causal);
+    if let Some(r) = rotary {
+        let mut table = |i: usize| {
+            let slot = lk.slot(Slot::Input(i));
+            let v = View::of(slot, &k.inputs[i]);
+            let (off, rs, cs) = (
+                dim_text(lk, &v.offset),
+                dim_text(lk, &v.strides[0]),
+                dim_text(lk, &v.strides[1]),
+            );
+            (slot, v.dtype, off, rs, cs)
+        };
+        ctx.rope = Some((r, table(3), table(4)));
+    }
+    let (dp, dvp) = (ctx.d + 8, ctx.dv + 8);
+    let smem = (2 * B * dp + B * dvp) * 2;
+    let items = ctx.blocks(lk, ot.shape[ot.shape.len() - 2].clone(), None);
+    (ctx.forward_text(), items, smem as u32)
+}
+
+/// The two templates of a kernel [`grad_applies`] holds for: each its function text (name `FULGUR_FN`), its
+/// number of blocks and its bytes of shared memory. Builds its own slots and scratch: the caller has dropped
+/// the loop form's.
+pub(super) fn grad_templates(lk: &mut LoopKernel, k: &Kernel, scale: f64, causal: bool) -> Vec<(String, E, u32)> {
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.inputs[3]);
-    let (dqt, dkt, dvt) = (&k.outputs[0], &k.outputs[1], &k.outputs[2]);
-    let ro = ot.shape.len();
-    let nb = ro - 2;
-    let d = qt.shape[qt.shape.len() - 1].as_const().unwrap_or(16) as usize;
-    let dv = vt.shape[vt.shape.len() - 1].as_const().unwrap_or(16) as usize;
-    let mut slots: Vec<u32> = (0..4).map(|i| lk.slot(Slot::Input(i))).collect();
-    slots.extend((0..3).map(|i| lk.slot(Slot::Output(i))));
-    let views: Vec<(&str, View)> = ["q", "k", "v", "o", "dq", "dk", "dv"]
-        .into_iter()
-        .zip([qt, kt, vt, ot, dqt, dkt, dvt])
-        .zip(&slots)
-        .map(|((n, t), &s)| (n, View::of(s, t)))
-        .collect();
+    let views = [
+        ("q", Slot::Input(0), qt),
+        ("k", Slot::Input(1), kt),
+        ("v", Slot::Input(2), vt),
+        ("o", Slot::Input(3), ot),
+        ("dq", Slot::Output(0), &k.outputs[0]),
+        ("dk", Slot::Output(1), &k.outputs[1]),
+        ("dv", Slot::Output(2), &k.outputs[2]),
+    ];
+    let mut ctx = Ctx::new(lk, &views, ot, kt, scale, causal);
+    let nb = ctx.nb;
     let batch: Dim = ot.shape[..nb].iter().fold(Dim::from(1), |a, x| a * x.clone());
-    let t_dim = ot.shape[ro - 2].clone();
+    let t_dim = ot.shape[nb].clone();
     let s_dim = kt.shape[kt.shape.len() - 2].clone();
-    let lse = lk.scratch(DType::F32, batch.clone() * t_dim.clone());
-    let delta = lk.scratch(DType::F32, batch.clone() * t_dim.clone());
+    ctx.lse = lk.scratch(DType::F32, batch.clone() * t_dim.clone());
+    ctx.delta = lk.scratch(DType::F32, batch * t_dim.clone());
     // the out's batch axes k (and v) are broadcast along: the second template loops over them
     let bcast: Vec<bool> = (0..nb)
         .map(|a| {
@@ -90,87 +145,120 @@ pub(super) fn templates(lk: &mut LoopKernel, k: &Kernel, scale: f64, causal: boo
             !ot.shape[a].is_one() && (a + r - 2).checked_sub(nb).is_none_or(|j| kt.shape[j].is_one())
         })
         .collect();
-    let tt = dim_text(lk, &t_dim);
-    let st = dim_text(lk, &s_dim);
-    let mut ctx = Ctx {
-        d,
-        dv,
-        nb,
-        scale: float_lit((scale as f32).to_bits()),
-        causal,
-        lse,
-        delta,
-        slots,
-        tt,
-        st,
-        offsets: Vec::new(),
-        strides: Vec::new(),
-    };
-    for (name, v) in &views {
-        let off = dim_text(lk, &v.offset);
-        let r = v.shape.len();
-        let axes: Vec<Option<String>> = (0..nb)
-            .map(|a| {
-                (a + r - 2)
-                    .checked_sub(nb)
-                    .filter(|&j| !v.shape[j].is_one())
-                    .map(|j| dim_text(lk, &v.strides[j]))
-            })
-            .collect();
-        let (rs, cs) = (dim_text(lk, &v.strides[r - 2]), dim_text(lk, &v.strides[r - 1]));
-        ctx.offsets.push((name.to_string(), off, axes));
-        ctx.strides.push((rs, cs));
-    }
-    let exts: Vec<String> = (0..nb).map(|a| dim_text(lk, &ot.shape[a])).collect();
-    let inner: Vec<String> = (0..nb)
-        .map(|a| {
-            let p = ot.shape[a + 1..nb].iter().fold(Dim::from(1), |x, y| x * y.clone());
-            dim_text(lk, &p)
-        })
-        .collect();
-    let dq_items = {
-        let qblocks = t_dim.ceil_div(&Dim::from(B as i64));
-        lk.dim(&(batch * qblocks))
-    };
-    let kv_items = {
-        let kvb = (0..nb)
-            .filter(|&a| !bcast[a])
-            .fold(Dim::from(1), |x, a| x * ot.shape[a].clone());
-        let kblocks = s_dim.ceil_div(&Dim::from(B as i64));
-        lk.dim(&(kvb * kblocks))
-    };
-    let (dp, dvp) = (d + 8, dv + 8);
+    let dq_items = ctx.blocks(lk, t_dim, None);
+    let kv_items = ctx.blocks(lk, s_dim, Some(&bcast));
+    let (dp, dvp) = (ctx.d + 8, ctx.dv + 8);
     let smem1 = (2 * B * dp + 2 * B * dvp) * 2;
     let smem2 = smem1 + 2 * B * 4;
     vec![
-        (ctx.dq_template(&exts, &inner), dq_items, smem1 as u32),
-        (ctx.dkv_template(&exts, &inner, &bcast), kv_items, smem2 as u32),
+        (ctx.dq_template(), dq_items, smem1 as u32),
+        (ctx.dkv_template(&bcast), kv_items, smem2 as u32),
     ]
-}
-
-struct Ctx {
-    d: usize,
-    dv: usize,
-    nb: usize,
-    scale: String,
-    causal: bool,
-    lse: u32,
-    delta: u32,
-    /// q, k, v, do, dq, dk, dv
-    slots: Vec<u32>,
-    tt: String,
-    st: String,
-    /// Per view (q, k, v, o, dq, dk, dv): its name, offset, and per out batch axis its stride (`None` where
-    /// the view does not vary along it).
-    offsets: Vec<(String, String, Vec<Option<String>>)>,
-    /// Per view: the strides of its rows and columns.
-    strides: Vec<(String, String)>,
 }
 
 const NINF: &str = "__uint_as_float(0xff800000u)";
 const PINF: &str = "__uint_as_float(0x7f800000u)";
 
+/// A rotary table: slot, dtype, offset, row and column strides.
+type Table = (u32, DType, String, String, String);
+
+/// What the templates' text needs of a kernel: head dims, the views (by name) with their offsets and strides
+/// as C expressions, the out's batch axes, the scale and the mask.
+struct Ctx {
+    d: usize,
+    dv: usize,
+    /// The out's batch axes (all but its last two).
+    nb: usize,
+    scale: String,
+    causal: bool,
+    /// The backward's scratch slots: the rows' log-sum-exp and delta.
+    lse: u32,
+    delta: u32,
+    /// Per view: its slot.
+    slots: Vec<u32>,
+    /// The query and key counts.
+    tt: String,
+    st: String,
+    /// Per view: its name, offset, and per out batch axis its stride (`None` where the view does not vary
+    /// along it).
+    offsets: Vec<(String, String, Vec<Option<String>>)>,
+    /// Per view: the strides of its rows and columns.
+    strides: Vec<(String, String)>,
+    /// Per out batch axis: its extent (as a dim and as C), and the product of the extents after it.
+    batch: Vec<Dim>,
+    exts: Vec<String>,
+    inner: Vec<String>,
+    /// The forward's rotary embedding: rotated dims, cos and sin tables.
+    rope: Option<(usize, Table, Table)>,
+}
+
 impl Ctx {
+    /// The context of views `views` (name, slot, tensor); `out` gives the batch axes and the query count, `k`
+    /// the key count.
+    fn new(
+        lk: &mut LoopKernel,
+        views: &[(&str, Slot, &TensorRef)],
+        out: &TensorRef,
+        k: &TensorRef,
+        scale: f64,
+        causal: bool,
+    ) -> Ctx {
+        let ro = out.shape.len();
+        let nb = ro - 2;
+        let head = |t: &TensorRef| t.shape[t.shape.len() - 1].as_const().unwrap_or(16) as usize;
+        let mut ctx = Ctx {
+            d: head(views[0].2),
+            dv: head(views[2].2),
+            nb,
+            scale: float_lit((scale as f32).to_bits()),
+            causal,
+            lse: 0,
+            delta: 0,
+            slots: Vec::new(),
+            tt: dim_text(lk, &out.shape[ro - 2]),
+            st: dim_text(lk, &k.shape[k.shape.len() - 2]),
+            offsets: Vec::new(),
+            strides: Vec::new(),
+            batch: out.shape[..nb].to_vec(),
+            exts: (0..nb).map(|a| dim_text(lk, &out.shape[a])).collect(),
+            inner: (0..nb)
+                .map(|a| {
+                    let p = out.shape[a + 1..nb].iter().fold(Dim::from(1), |x, y| x * y.clone());
+                    dim_text(lk, &p)
+                })
+                .collect(),
+            rope: None,
+        };
+        for &(name, slot, t) in views {
+            let slot = lk.slot(slot);
+            let v = View::of(slot, t);
+            let off = dim_text(lk, &v.offset);
+            let r = v.shape.len();
+            let axes: Vec<Option<String>> = (0..nb)
+                .map(|a| {
+                    (a + r - 2)
+                        .checked_sub(nb)
+                        .filter(|&j| !v.shape[j].is_one())
+                        .map(|j| dim_text(lk, &v.strides[j]))
+                })
+                .collect();
+            let (rs, cs) = (dim_text(lk, &v.strides[r - 2]), dim_text(lk, &v.strides[r - 1]));
+            ctx.slots.push(slot);
+            ctx.offsets.push((name.to_string(), off, axes));
+            ctx.strides.push((rs, cs));
+        }
+        ctx
+    }
+
+    /// The blocks of a launch over `rows` in tiles of [`B`], times the out's batch axes (but those `skip`
+    /// marks).
+    fn blocks(&self, lk: &mut LoopKernel, rows: Dim, skip: Option<&[bool]>) -> E {
+        let batch = (0..self.nb)
+            .filter(|&a| skip.is_none_or(|s| !s[a]))
+            .fold(Dim::from(1), |x, a| x * self.batch[a].clone());
+        lk.dim(&(batch * rows.ceil_div(&Dim::from(B as i64))))
+    }
+
     /// The helpers of one function: the product, the bf16 pair, the transposed fragment load and the tile load.
     fn helpers(&self, s: &mut String) {
         let _ = writeln!(
@@ -230,15 +318,8 @@ impl Ctx {
 
     /// Declares `NAME_off` for every view and `bflat` (the out's flat batch index), with the coordinates of
     /// the out batch axes `take` decoded from `from` (last axis fastest); adds to them where `add`.
-    fn decode(
-        &self,
-        s: &mut String,
-        exts: &[String],
-        inner: &[String],
-        from: &str,
-        take: &dyn Fn(usize) -> bool,
-        add: bool,
-    ) {
+    fn decode(&self, s: &mut String, from: &str, take: &dyn Fn(usize) -> bool, add: bool) {
+        let (exts, inner) = (&self.exts, &self.inner);
         if !add {
             for (name, off, _) in &self.offsets {
                 let _ = writeln!(s, "  i64 {name}_off = {off};");
@@ -339,8 +420,8 @@ impl Ctx {
     }
 
     /// Stores accumulators `acc` (rows `r0`, `r0 + 8` of the tile starting at row `base`, `w` columns) times
-    /// `mul` into view `i` (dq 4, dk 5, dv 6), the rows below `n`.
-    fn store(&self, s: &mut String, i: usize, acc: &str, (base, n): (&str, &str), w: usize, mul: &str) {
+    /// `muls` (the suffix of row `r0`'s value, then `r1`'s) into view `i`, the rows below `n`.
+    fn store(&self, s: &mut String, i: usize, acc: &str, (base, n): (&str, &str), w: usize, muls: [&str; 2]) {
         let name = &self.offsets[i].0;
         let (rs, cs) = &self.strides[i];
         let slot = self.slots[i];
@@ -349,7 +430,7 @@ impl Ctx {
         let _ = writeln!(s, "    #pragma unroll");
         let _ = writeln!(s, "    for (int e = 0; e < 2; ++e) {{");
         let _ = writeln!(s, "      const i64 cc = n * 8 + 2 * c + e;");
-        for (h, row) in [(0, "r0"), (2, "r1")] {
+        for (h, row, mul) in [(0, "r0", muls[0]), (2, "r1", muls[1])] {
             let _ = writeln!(
                 s,
                 "      if ({base} + {row} < {n}) ((unsigned short*)s{slot})[{name}_off + ({base} + {row}) * {rs} + cc * {cs}] \
@@ -360,15 +441,86 @@ impl Ctx {
         let _ = writeln!(s, "  }}");
     }
 
-    fn dq_template(&self, exts: &[String], inner: &[String]) -> String {
-        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
-        let (dp, dvp) = (d + 8, dv + 8);
-        let sc = &self.scale;
-        let mut s = String::new();
+    /// The validity `v0`, `v1` of key `u` (column `n * 8 + 2c + e` of tile `u0`) for the lane's two rows.
+    fn mask(&self, s: &mut String) {
+        let _ = writeln!(s, "        const i64 u = u0 + n * 8 + 2 * c + e;");
+        if self.causal {
+            let _ = writeln!(
+                s,
+                "        const bool v0 = u < kend && u <= lim0, v1 = u < kend && u <= lim1;"
+            );
+        } else {
+            let _ = writeln!(s, "        const bool v0 = u < kend, v1 = v0;");
+        }
+    }
+
+    /// Key and value tile `u0` into `Ks` and `Vs` (the keys rotated where the template has a rotary embedding).
+    fn load_kv(&self, s: &mut String) {
+        let (d, dv) = (self.d, self.dv);
+        let _ = writeln!(s, "    __syncthreads();");
+        let _ = writeln!(s, "    {}", self.tile(1, "Ks", d + 8, "u0", "kend", d));
+        let _ = writeln!(s, "    {}", self.tile(2, "Vs", dv + 8, "u0", "kend", dv));
+        let _ = writeln!(s, "    __syncthreads();");
+        if self.rope.is_some() {
+            self.rotate(s, "Ks", "u0", "kend");
+        }
+    }
+
+    /// Rotates the first dims of the staged rows of `tile` (rows from `r0`, those below `n`) in place, in f32
+    /// from their bf16 values, rounding back to bf16: `x · cos + rotate_half(x) · sin` at each row's position.
+    fn rotate(&self, s: &mut String, tile: &str, r0: &str, n: &str) {
+        let Some((r, cos, sin)) = &self.rope else {
+            return;
+        };
+        let (h, ld) = (r / 2, self.d + 8);
+        let at = |t: &Table, col: &str| {
+            let (slot, dt, off, rs, cs) = t;
+            load_text(*slot, *dt, &format!("{off} + pos * {rs} + ({col}) * {cs}"))
+        };
         let _ = writeln!(
             s,
-            "// flash attention's gradient, dq: blocks of {B} query rows (16 a warp); a forward pass over the key \
-             tiles for each row's log-sum-exp and Σ O ⊙ dO, then dQ += dS K (scale {sc}{})",
+            "    for (int x = threadIdx.x; x < {}; x += {}) {{",
+            B * h,
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "      const int r = x / {h}, i = x - r * {h};");
+        let _ = writeln!(s, "      const i64 pos = {r0} + r;");
+        let _ = writeln!(s, "      if (pos < {n}) {{");
+        let _ = writeln!(s, "        unsigned short* row = {tile} + r * {ld};");
+        let _ = writeln!(
+            s,
+            "        const float a = fulgur_from_bf16(row[i]), b = fulgur_from_bf16(row[i + {h}]);"
+        );
+        let _ = writeln!(
+            s,
+            "        row[i] = fulgur_to_bf16(a * {} + -b * {});",
+            at(cos, "i"),
+            at(sin, "i")
+        );
+        let _ = writeln!(
+            s,
+            "        row[i + {h}] = fulgur_to_bf16(b * {} + a * {});",
+            at(cos, &format!("i + {h}")),
+            at(sin, &format!("i + {h}"))
+        );
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "    __syncthreads();");
+    }
+
+    /// The forward template's text.
+    fn forward_text(&self) -> String {
+        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (dp, dvp) = (d + 8, dv + 8);
+        let mut s = String::new();
+        let _ =
+            writeln!(
+            s,
+            "// flash attention{} on the tensor cores: blocks of {B} query rows (16 a warp), key/value tiles of {B} \
+             in shared memory as bf16, S = Q Kᵀ and O += P V by mma.m16n8k16 (bf16 in, f32 accumulate), online \
+             softmax per tile in f32 (scale {}{})",
+            if self.rope.is_some() { " with rotary q and k" } else { "" },
+            self.scale,
             if self.causal { ", causal" } else { "" }
         );
         self.helpers(&mut s);
@@ -379,8 +531,7 @@ impl Ctx {
         );
         let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
         let _ = writeln!(s, "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
-        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
-        let _ = writeln!(s, "  unsigned short* Ks = Os + {};  // [{B}][{dp}]", B * dvp);
+        let _ = writeln!(s, "  unsigned short* Ks = Qs + {};  // [{B}][{dp}]", B * dp);
         let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
         let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
         let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
@@ -390,9 +541,30 @@ impl Ctx {
         let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
         let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
         let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
-        self.decode(&mut s, exts, inner, "rest", &|_| true, false);
+        self.decode(&mut s, "rest", &|_| true, false);
         let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
-        let _ = writeln!(s, "  {}", self.tile(3, "Os", dvp, "t0", "T", dv));
+        let _ = writeln!(s, "  __syncthreads();");
+        self.rotate(&mut s, "Qs", "t0", "T");
+        self.forward_pass(&mut s);
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
+        let _ = writeln!(s, "    l0 += __shfl_xor_sync(0xffffffffu, l0, w);");
+        let _ = writeln!(s, "    l1 += __shfl_xor_sync(0xffffffffu, l1, w);");
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
+        self.store(&mut s, 3, "acc", ("t0", "T"), dv, [" / l0", " / l1"]);
+        let _ = writeln!(s, "}}");
+        s
+    }
+
+    /// The forward over the key tiles for the block's query rows (staged in `Qs`): declares `kend`, `lim0`,
+    /// `lim1`, and leaves the rows' unnormalised outputs in `acc`, their running maxima in `m0`, `m1` and this
+    /// lane's share of their sums in `l0`, `l1`. Key and value tiles go through `Ks` and `Vs`, the keys
+    /// rotated in place where the template has a rotary embedding.
+    fn forward_pass(&self, s: &mut String) {
+        let (d, dv) = (self.d, self.dv);
+        let (dp, dvp) = (d + 8, dv + 8);
+        let sc = &self.scale;
         if self.causal {
             let _ = writeln!(
                 s,
@@ -402,35 +574,18 @@ impl Ctx {
             let _ = writeln!(s, "  const i64 kend = S;");
         }
         let _ = writeln!(s, "  const i64 lim0 = t0 + wr + g + (S - T), lim1 = lim0 + 8;");
-        let mask = |s: &mut String| {
-            let _ = writeln!(s, "        const i64 u = u0 + n * 8 + 2 * c + e;");
-            if self.causal {
-                let _ = writeln!(
-                    s,
-                    "        const bool v0 = u < kend && u <= lim0, v1 = u < kend && u <= lim1;"
-                );
-            } else {
-                let _ = writeln!(s, "        const bool v0 = u < kend, v1 = v0;");
-            }
-        };
-        let load_kv = |s: &mut String| {
-            let _ = writeln!(s, "    __syncthreads();");
-            let _ = writeln!(s, "    {}", self.tile(1, "Ks", dp, "u0", "kend", d));
-            let _ = writeln!(s, "    {}", self.tile(2, "Vs", dvp, "u0", "kend", dv));
-            let _ = writeln!(s, "    __syncthreads();");
-        };
         // pass 1: the forward
-        self.zero(&mut s, "acc", dv);
+        self.zero(s, "acc", dv);
         let _ = writeln!(s, "  float m0 = {NINF}, m1 = {NINF}, l0 = 0.0f, l1 = 0.0f;");
         let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {B}) {{");
-        load_kv(&mut s);
-        self.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
+        self.load_kv(s);
+        self.product_abt(s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
         let _ = writeln!(s, "    float x0 = {NINF}, x1 = {NINF};");
         let _ = writeln!(s, "    #pragma unroll");
         let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
         let _ = writeln!(s, "      #pragma unroll");
         let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
-        mask(&mut s);
+        self.mask(s);
         let _ = writeln!(s, "        sc[n][e] = v0 ? sc[n][e] * {sc} : {NINF};");
         let _ = writeln!(s, "        sc[n][2 + e] = v1 ? sc[n][2 + e] * {sc} : {NINF};");
         let _ = writeln!(
@@ -469,8 +624,44 @@ impl Ctx {
         );
         let _ = writeln!(s, "      l0 += sc[n][0] + sc[n][1]; l1 += sc[n][2] + sc[n][3];");
         let _ = writeln!(s, "    }}");
-        self.product_px(&mut s, "acc", "sc", "Vs", dvp, dv);
+        self.product_px(s, "acc", "sc", "Vs", dvp, dv);
         let _ = writeln!(s, "  }}");
+    }
+
+    fn dq_template(&self) -> String {
+        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (dp, dvp) = (d + 8, dv + 8);
+        let sc = &self.scale;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "// flash attention's gradient, dq: blocks of {B} query rows (16 a warp); a forward pass over the key \
+             tiles for each row's log-sum-exp and Σ O ⊙ dO, then dQ += dS K (scale {sc}{})",
+            if self.causal { ", causal" } else { "" }
+        );
+        self.helpers(&mut s);
+        let _ = writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+        let _ = writeln!(s, "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
+        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
+        let _ = writeln!(s, "  unsigned short* Ks = Os + {};  // [{B}][{dp}]", B * dvp);
+        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
+        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
+        let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
+        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
+        let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
+        self.decode(&mut s, "rest", &|_| true, false);
+        let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
+        let _ = writeln!(s, "  {}", self.tile(3, "Os", dvp, "t0", "T", dv));
+        self.forward_pass(&mut s);
         // the rows' log-sum-exp and delta = Σ O ⊙ dO (a row that sees no key: lse +∞, so that P is 0)
         let _ = writeln!(s, "  #pragma unroll");
         let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
@@ -510,14 +701,14 @@ impl Ctx {
         // pass 2: dQ
         self.zero(&mut s, "dq", d);
         let _ = writeln!(s, "  for (i64 u0 = 0; u0 < kend; u0 += {B}) {{");
-        load_kv(&mut s);
+        self.load_kv(&mut s);
         self.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
         self.product_abt(&mut s, "dp", ("Os", dvp), ("Vs", dvp), dv / 16);
         let _ = writeln!(s, "    #pragma unroll");
         let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
         let _ = writeln!(s, "      #pragma unroll");
         let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
-        mask(&mut s);
+        self.mask(&mut s);
         let _ = writeln!(
             s,
             "        sc[n][e] = v0 ? expf(sc[n][e] * {sc} - lse0) * (dp[n][e] - dl0) : 0.0f;"
@@ -530,12 +721,13 @@ impl Ctx {
         let _ = writeln!(s, "    }}");
         self.product_px(&mut s, "dq", "sc", "Ks", dp, d);
         let _ = writeln!(s, "  }}");
-        self.store(&mut s, 4, "dq", ("t0", "T"), d, &format!(" * {sc}"));
+        let m = format!(" * {sc}");
+        self.store(&mut s, 4, "dq", ("t0", "T"), d, [&m, &m]);
         let _ = writeln!(s, "}}");
         s
     }
 
-    fn dkv_template(&self, exts: &[String], inner: &[String], bcast: &[bool]) -> String {
+    fn dkv_template(&self, bcast: &[bool]) -> String {
         let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
         let (dp, dvp) = (d + 8, dv + 8);
         let sc = &self.scale;
@@ -573,7 +765,7 @@ impl Ctx {
         let _ = writeln!(s, "  const i64 nsb = (S + {}) / {B};", B - 1);
         let _ = writeln!(s, "  const i64 kb0 = ((i64)blockIdx.x % nsb) * {B};");
         let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nsb;");
-        self.decode(&mut s, exts, inner, "rest", &|a| !bcast[a], false);
+        self.decode(&mut s, "rest", &|a| !bcast[a], false);
         let _ = writeln!(s, "  {}", self.tile(1, "Ks", dp, "kb0", "S", d));
         let _ = writeln!(s, "  {}", self.tile(2, "Vs", dvp, "kb0", "S", dv));
         self.zero(&mut s, "dk", d);
@@ -591,7 +783,11 @@ impl Ctx {
         let gcount = if groups.is_empty() {
             "1".to_string()
         } else {
-            groups.iter().map(|&a| exts[a].clone()).collect::<Vec<_>>().join(" * ")
+            groups
+                .iter()
+                .map(|&a| self.exts[a].clone())
+                .collect::<Vec<_>>()
+                .join(" * ")
         };
         let _ = writeln!(s, "  const i64 qo_off = q_off, oo_off = o_off, bflat0 = bflat;");
         let _ = writeln!(s, "  for (i64 gi = 0; gi < {gcount}; ++gi) {{");
@@ -599,7 +795,7 @@ impl Ctx {
         let _ = writeln!(s, "  i64 grest = gi;");
         // only q, o and bflat vary along the broadcast axes (k, v and their gradients do not)
         let mut g = String::new();
-        self.decode(&mut g, exts, inner, "grest", &|a| bcast[a], true);
+        self.decode(&mut g, "grest", &|a| bcast[a], true);
         s.push_str(&g);
         let _ = writeln!(s, "  for (i64 t0 = qstart; t0 < T; t0 += {B}) {{");
         let _ = writeln!(s, "    __syncthreads();");
@@ -654,8 +850,9 @@ impl Ctx {
         let _ = writeln!(s, "  }}");
         let _ = writeln!(s, "  }}");
         let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
-        self.store(&mut s, 5, "dk", ("kb0", "S"), d, &format!(" * {sc}"));
-        self.store(&mut s, 6, "dv", ("kb0", "S"), dv, "");
+        let m = format!(" * {sc}");
+        self.store(&mut s, 5, "dk", ("kb0", "S"), d, [&m, &m]);
+        self.store(&mut s, 6, "dv", ("kb0", "S"), dv, ["", ""]);
         let _ = writeln!(s, "}}");
         s
     }
