@@ -723,9 +723,10 @@ impl<'a> Gen<'a> {
     }
 
     /// A reduction in levels (see [`split_reduction`]): item `c · outputs + k` of the first phase reduces chunk
-    /// `c` of output `k`'s range (the reduced axes linearized, row-major; consecutive elements) into a partial, each
-    /// next phase reduces chunks of the last one's partials, and the final phase combines each output's
-    /// partials in order. Deterministic: the same chunks in the same order on every backend and launch.
+    /// `c` of output `k`'s range (the reduced axes linearized, row-major; on the CPU consecutive elements, on
+    /// CUDA the elements `c + j · chunks`) into a partial, each next phase reduces chunks of the last one's
+    /// partials, and the final phase combines each output's partials in order. Deterministic: the same chunks
+    /// in the same order on every launch of a target (the CPU and CUDA sum in different orders).
     #[allow(clippy::too_many_arguments)] // the arguments of `reduce`, and the levels
     fn reduce_split(
         &mut self,
@@ -765,19 +766,36 @@ impl<'a> Gen<'a> {
                 None => count_e,
                 Some((_, pc)) => self.lk.pool.i(pc),
             };
+            // on CUDA the first level's chunks interleave: chunk c takes elements c, c + chunks, …, so that
+            // neighbouring items read neighbouring elements of a contiguous range (one thread walking 512
+            // consecutive elements made every load of a warp touch 32 sectors: 0.55 ms for a sum of squares
+            // over 134M bf16 on the H200); the CPU's threads walk their consecutive chunks
+            let interleave = prev.is_none() && self.target == Target::Cuda;
             let p = &mut self.lk.pool;
             let c1 = p.i(chunks - 1);
             let up = p.addi(total, c1);
             let size = p.div(up, ce);
-            let lo = p.mul(c, size);
-            let lo = p.min(lo, total);
-            let end = p.addi(lo, size);
-            let hi = p.min(end, total);
+            let (lo, hi) = if interleave {
+                let left = p.sub(up, c);
+                (p.i(0), p.div(left, ce))
+            } else {
+                let lo = p.mul(c, size);
+                let lo = p.min(lo, total);
+                let end = p.addi(lo, size);
+                (lo, p.min(end, total))
+            };
             let (acc_var, acc) = self.lk.mutable(s);
             let (rv, r) = self.lk.loop_var();
             let val = match prev {
                 None => {
                     let kc = self.coords(k, &kept_dims);
+                    let r = if interleave {
+                        let p = &mut self.lk.pool;
+                        let step = p.mul(r, ce);
+                        p.addi(c, step)
+                    } else {
+                        r
+                    };
                     let rc = self.coords(r, &red_dims);
                     let (mut ki, mut ri) = (0, 0);
                     let idx: Vec<E> = (0..n)
