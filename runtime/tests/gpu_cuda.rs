@@ -697,6 +697,48 @@ fn gpu_bf16_flash_attention_grad_on_tensor_cores_matches_the_interpreter() {
     }
 }
 
+/// Lightning attention with bf16 inputs stages its operands in bf16 for the tensor cores (`kernels::native`):
+/// `lightning_attention` over three blocks (the last partial) with two decay rates, and `lightning_layer`
+/// (silu on q, k and v, the state, RMSNorm over the heads, the sigmoid gate), against the interpreter in f64 on
+/// the same bf16 inputs. The decayed operands and the staged state are rounded to bf16 (`docs/numerics.md`):
+/// a few 1e-3 relative, where an error of the blocking or the state carried across blocks is of order one.
+#[test]
+fn gpu_bf16_lightning_on_tensor_cores_matches_the_interpreter() {
+    use fulgur_ir::{Composite, DType, Op};
+    if !gpu() {
+        return;
+    }
+    let bf = DType::BF16;
+    let (h, t, d) = (2usize, 150usize, 64usize);
+    let lam = Tensor::from_f64(bf, vec![h, 1, 1], vec![0.05, 0.3]);
+    let e = gpu_op_error(
+        Op::Composite(Composite::LightningAttention { block: 64 }),
+        vec![
+            random(bf, vec![1, h, t, d], 31),
+            random(bf, vec![1, h, t, d], 32),
+            random(bf, vec![1, h, t, d], 33),
+            lam.clone(),
+        ],
+    );
+    println!("bf16 lightning_attention, T {t}, D {d}: rel {e:.3e}");
+    assert!(e < 1e-2, "lightning_attention: relative error {e}");
+    let e = gpu_op_error(
+        Op::Composite(Composite::LightningLayer {
+            block: 64,
+            heads: h,
+            eps: 1e-6,
+        }),
+        vec![
+            random(bf, vec![2, t, 3 * h * d], 34),
+            lam,
+            random(bf, vec![h * d], 35),
+            random(bf, vec![2, t, h * d], 36),
+        ],
+    );
+    println!("bf16 lightning_layer, T {t}, D {d}: rel {e:.3e}");
+    assert!(e < 1e-2, "lightning_layer: relative error {e}");
+}
+
 /// The `moe_combine` template: channels not a multiple of the block, three slots, rows picked twice; a row
 /// index out of range is the loop form's error.
 #[test]

@@ -661,6 +661,12 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     //   G3:     O = A2 · B2 = ((Q Kᵀ) ⊙ M) V + (Q ⊙ q_decay) P
     // then the output (the layer form: RMSNorm over the heads and the sigmoid gate) from O.
     let f32d = fulgur_ir::DType::F32;
+    // on CUDA, bf16 inputs stage their operands in bf16: the three batched GEMMs run on the tensor cores (bf16
+    // operands, f32 accumulators and outputs) and the staging reads and writes half the bytes. The scores go
+    // to an f32 scratch that the mask rounds into the bf16 operand once; the state is carried in f32 by the
+    // scan and rounded only where it is staged (docs/numerics.md)
+    let narrow = b.target == super::Target::Cuda && k.inputs[0].dtype == fulgur_ir::DType::BF16;
+    let nd = if narrow { fulgur_ir::DType::BF16 } else { f32d };
     let t = lk.dim(&t_dim);
     let grid = lk.dim(&grid_dim);
     let nb_dim = t_dim.ceil_div(&Dim::from(blk));
@@ -669,21 +675,28 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let n_all = lk.dim(&n_dim);
     let w2 = block + d;
     let sz = |x: usize| n_dim.clone() * Dim::from(x as i64);
-    let qs = lk.scratch(f32d, sz(block * d));
-    let ks = lk.scratch(f32d, sz(block * d));
-    let kd = lk.scratch(f32d, sz(block * d));
-    let a2 = lk.scratch(f32d, sz(block * w2));
-    let b2 = lk.scratch(f32d, sz(w2 * dv));
+    let qs = lk.scratch(nd, sz(block * d));
+    let ks = lk.scratch(nd, sz(block * d));
+    let kd = lk.scratch(nd, sz(block * d));
+    let a2 = lk.scratch(nd, sz(block * w2));
+    let b2 = lk.scratch(nd, sz(w2 * dv));
     let kv = lk.scratch(f32d, sz(d * dv));
     let o = lk.scratch(f32d, sz(block * dv));
+    // the scores in f32 where the operands are narrow: (slot, row pitch); else G1 writes them into A2
+    let scores = if narrow {
+        (lk.scratch(f32d, sz(block * block)), block)
+    } else {
+        (a2, w2)
+    };
     let one = lk.pool.i(1);
     let be = lk.pool.i(blk);
     let de = lk.pool.i(d as i64);
     let dve = lk.pool.i(dv as i64);
     let fzero = lk.pool.f(0.0);
+    // a store into a staged operand (bf16 where narrow) or an f32 scratch
     let st = |arg: u32, index: E, value: E| Stmt::Store {
         arg,
-        dtype: f32d,
+        dtype: if [qs, ks, kd, a2, b2].contains(&arg) { nd } else { f32d },
         index,
         value,
     };
@@ -774,7 +787,7 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let i = |lk: &mut LoopKernel, x: usize| lk.pool.i(x as i64);
     let opnd = |arg: u32, rs: E, cs: E, zero: E| Operand {
         arg,
-        dtype: f32d,
+        dtype: if [qs, ks, kd, a2, b2].contains(&arg) { nd } else { f32d },
         offset: zero,
         rs,
         cs,
@@ -791,14 +804,16 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
         i(lk, d * dv),
         i(lk, block * dv),
     );
+    let sc_stride = i(lk, block * scores.1);
+    let sc_pitch = i(lk, scores.1);
     lk.steps.push(Step::Gemm(GemmStep {
         m: bb,
         n: bb,
         k: dd_,
-        batch: vec![[n_all, bd_, bd_, bw]],
+        batch: vec![[n_all, bd_, bd_, sc_stride]],
         a: opnd(qs, dd_, one, zero),
         b: opnd(ks, bb, one, zero),
-        c: opnd(a2, ww, one, zero),
+        c: opnd(scores.0, sc_pitch, one, zero),
     }));
     // G2: each block's state contribution
     lk.steps.push(Step::Gemm(GemmStep {
@@ -814,7 +829,8 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     // diagonal (each element read and written by its own iteration)
     let mask = row_phase(lk, "lightning.mask", be, block, &|lk, n, j, _, u, _| {
         let at = ix(lk, &[(n, (block * w2) as i64), (j, w2 as i64), (u, 1)]);
-        let x = lk.pool.load(a2, f32d, at);
+        let s_at = ix(lk, &[(n, (block * scores.1) as i64), (j, scores.1 as i64), (u, 1)]);
+        let x = lk.pool.load(scores.0, f32d, s_at);
         let keep = lk.pool.cmp(CmpOp::Le, u, j);
         // the distance clamped at zero past the diagonal, where the value is not used
         let dist = lk.pool.sub(j, u);
@@ -833,27 +849,24 @@ fn lightning(k: &Kernel, b: &mut Built, block: usize, layer: Option<(usize, f64)
     let x_at = lk.pool.rem(scan_item, pn);
     let (x_var, x) = lk.loop_var();
     let bdecay = decay(lk, be);
-    let scan_body = vec![for_(lk, zero, nb, |lk, blkv| {
+    // the state P, carried in f32 across the blocks: stored for block i, then P ← e^{-λb} P + KV_i
+    let (run_var, run) = lk.mutable(Scalar::F32);
+    let mut scan_body = vec![Stmt::Set {
+        var: run_var,
+        value: fzero,
+    }];
+    scan_body.push(for_(lk, zero, nb, |lk, blkv| {
         let nbase = lk.pool.mul(item, nb);
         let n = lk.pool.addi(nbase, blkv);
-        let first = lk.pool.cmp(CmpOp::Eq, blkv, zero);
         let bo = lk.pool.i((block * dv) as i64);
         let at = ix(lk, &[(n, (w2 * dv) as i64), (x, 1)]);
         let at = lk.pool.addi(at, bo);
-        let prev = lk.pool.sub(n, one);
-        let at_prev = ix(lk, &[(prev, (w2 * dv) as i64), (x, 1)]);
-        let at_prev = lk.pool.addi(at_prev, bo);
-        let kv_at = ix(lk, &[(prev, (d * dv) as i64), (x, 1)]);
-        let pprev = lk.pool.load(b2, f32d, at_prev);
+        let kv_at = ix(lk, &[(n, (d * dv) as i64), (x, 1)]);
         let kvx = lk.pool.load(kv, f32d, kv_at);
-        let dec = lk.pool.bin(BinaryOp::Mul, pprev, bdecay);
+        let dec = lk.pool.bin(BinaryOp::Mul, run, bdecay);
         let v = lk.pool.bin(BinaryOp::Add, dec, kvx);
-        vec![Stmt::If {
-            cond: first,
-            then: vec![st(b2, at, fzero)],
-            els: vec![st(b2, at, v)],
-        }]
-    })];
+        vec![st(b2, at, run), Stmt::Set { var: run_var, value: v }]
+    }));
     let inner = bind(x_var, x_at, scan_body, lk);
     let body = vec![bind(item_var, bh, vec![inner], lk)];
     let scan_grid = lk.pool.mul(grid, pn);
