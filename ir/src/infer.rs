@@ -464,6 +464,12 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             crate::composite::collective::infer_all_to_all(c.name(), *axis, ins)
         }
         Composite::CollectiveWait => crate::composite::collective::infer_wait(ins),
+        Composite::AllReduce { mesh, over } => {
+            crate::composite::collective::infer_grouped(c.name(), None, mesh, *over, ins)
+        }
+        Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+            crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
+        }
     }
 }
 

@@ -328,6 +328,15 @@ pub enum Composite {
     AllToAllStart { axis: i64, overlap_flops: Dim },
     /// Where a started collective's data is needed: the identity.
     CollectiveWait,
+    /// Sum over the ranks of each group, every rank receiving the sum: `out[r] = Σ_s x[s]` over the ranks `s`
+    /// of `r`'s group, in rank order. The groups: `mesh` factors the leading rank axis (row-major; empty: one
+    /// group of all ranks) and the group runs along mesh axis `over` (see [`crate::composite::collective`]).
+    AllReduce { mesh: Vec<usize>, over: usize },
+    /// Each rank receives every group member's `x`, concatenated along `axis` in rank order:
+    /// `[R, ..., c (axis), ...]` → `[R, ..., G·c, ...]`.
+    AllGather { axis: i64, mesh: Vec<usize>, over: usize },
+    /// The group's sum, rank `r` keeping chunk `r` of `axis`: `[R, ..., G·c (axis), ...]` → `[R, ..., c, ...]`.
+    ReduceScatter { axis: i64, mesh: Vec<usize>, over: usize },
 }
 
 impl Composite {
@@ -350,10 +359,13 @@ impl Composite {
             Composite::AllToAll { .. } => "all_to_all",
             Composite::AllToAllStart { .. } => "all_to_all_start",
             Composite::CollectiveWait => "collective_wait",
+            Composite::AllReduce { .. } => "all_reduce",
+            Composite::AllGather { .. } => "all_gather",
+            Composite::ReduceScatter { .. } => "reduce_scatter",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 20] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -371,6 +383,9 @@ impl Composite {
         "all_to_all",
         "all_to_all_start",
         "collective_wait",
+        "all_reduce",
+        "all_gather",
+        "reduce_scatter",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -408,6 +423,15 @@ impl Composite {
                 ("overlap_flops", AttrValue::dim(overlap_flops.clone())),
             ],
             Composite::CollectiveWait => vec![],
+            Composite::AllReduce { mesh, over } => vec![
+                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
+                ("over", AttrValue::Int(*over as i64)),
+            ],
+            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => vec![
+                ("axis", AttrValue::Int(*axis)),
+                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
+                ("over", AttrValue::Int(*over as i64)),
+            ],
         }
     }
     /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
@@ -424,7 +448,12 @@ impl Composite {
             | Composite::FlashAttentionGrad { .. } => 4,
             Composite::FlashAttentionRope { .. } => 5,
             Composite::Fused { .. } => return None,
-            Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => 1,
+            Composite::AllToAll { .. }
+            | Composite::AllToAllStart { .. }
+            | Composite::CollectiveWait
+            | Composite::AllReduce { .. }
+            | Composite::AllGather { .. }
+            | Composite::ReduceScatter { .. } => 1,
         })
     }
     /// Number of outputs.
@@ -939,6 +968,20 @@ impl Op {
                 overlap_flops: a.dim("overlap_flops")?,
             }),
             "collective_wait" => Op::Composite(Composite::CollectiveWait),
+            "all_reduce" => Op::Composite(Composite::AllReduce {
+                mesh: a.sizes("mesh")?,
+                over: a.usize("over")?,
+            }),
+            "all_gather" => Op::Composite(Composite::AllGather {
+                axis: a.int("axis")?,
+                mesh: a.sizes("mesh")?,
+                over: a.usize("over")?,
+            }),
+            "reduce_scatter" => Op::Composite(Composite::ReduceScatter {
+                axis: a.int("axis")?,
+                mesh: a.sizes("mesh")?,
+                over: a.usize("over")?,
+            }),
             "input" | "param" => return Err(format!("`{name}` is declared as `%N = {name} \"NAME\" : TYPE`")),
             _ => {
                 if let Some(u) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
@@ -1067,6 +1110,16 @@ impl Attrs<'_> {
             .map(|v| match v {
                 AttrValue::Int(i) => Ok(*i),
                 v => Err(self.wrong(key, "a list of integers", v)),
+            })
+            .collect()
+    }
+    fn sizes(&mut self, key: &str) -> Result<Vec<usize>, String> {
+        let op = self.op;
+        self.ints(key)?
+            .into_iter()
+            .map(|i| {
+                usize::try_from(i)
+                    .map_err(|_| format!("attribute `{key}` of `{op}` must hold non-negative sizes, found {i}"))
             })
             .collect()
     }

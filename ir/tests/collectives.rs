@@ -272,3 +272,232 @@ fn text_and_json_round_trip() {
     assert_eq!(text::print(&back), printed);
     assert!(j.contains("\"all_to_all_start\""), "{j}");
 }
+
+// ------------------------------------------------------------ grouped collectives
+
+/// The group of rank `r` under `mesh`/`over`: its members in order along `over` (an empty mesh: all ranks),
+/// and `r`'s place among them.
+fn group_of(r: usize, ranks: usize, mesh: &[usize], over: usize) -> (Vec<usize>, usize) {
+    if mesh.is_empty() {
+        return ((0..ranks).collect(), r);
+    }
+    let st = strides(mesh);
+    let coord: Vec<usize> = (0..mesh.len()).map(|d| (r / st[d]) % mesh[d]).collect();
+    let members = (0..mesh[over])
+        .map(|i| {
+            let mut c = coord.clone();
+            c[over] = i;
+            c.iter().zip(&st).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    (members, coord[over])
+}
+
+/// `all_reduce` (axis `None`), `all_gather` or `reduce_scatter` written as a loop over ranks and their groups.
+fn grouped_reference(
+    op: &str,
+    x: &[f64],
+    shape: &[usize],
+    axis: usize,
+    mesh: &[usize],
+    over: usize,
+) -> (Vec<f64>, Vec<usize>) {
+    let ranks = shape[0];
+    let g = if mesh.is_empty() { ranks } else { mesh[over] };
+    let mut out_shape = shape.to_vec();
+    match op {
+        "all_gather" => out_shape[axis] *= g,
+        "reduce_scatter" => out_shape[axis] /= g,
+        _ => {}
+    }
+    let (st, ost) = (strides(shape), strides(&out_shape));
+    let n: usize = out_shape.iter().product();
+    let at = |idx: &[usize]| idx.iter().zip(&st).map(|(i, k)| i * k).sum::<usize>();
+    let out = (0..n)
+        .map(|flat| {
+            let idx: Vec<usize> = (0..out_shape.len()).map(|d| (flat / ost[d]) % out_shape[d]).collect();
+            let (members, me) = group_of(idx[0], ranks, mesh, over);
+            let mut src = idx.clone();
+            match op {
+                "all_reduce" => members
+                    .iter()
+                    .map(|&s| {
+                        src[0] = s;
+                        x[at(&src)]
+                    })
+                    .sum(),
+                "all_gather" => {
+                    let c = shape[axis];
+                    src[0] = members[idx[axis] / c];
+                    src[axis] = idx[axis] % c;
+                    x[at(&src)]
+                }
+                _ => {
+                    let c = out_shape[axis];
+                    src[axis] = me * c + idx[axis];
+                    members
+                        .iter()
+                        .map(|&s| {
+                            src[0] = s;
+                            x[at(&src)]
+                        })
+                        .sum()
+                }
+            }
+        })
+        .collect();
+    (out, out_shape)
+}
+
+fn grouped_op(op: &str, axis: i64, mesh: &[usize], over: usize) -> Op {
+    let mesh = mesh.to_vec();
+    Op::Composite(match op {
+        "all_reduce" => Composite::AllReduce { mesh, over },
+        "all_gather" => Composite::AllGather { axis, mesh, over },
+        _ => Composite::ReduceScatter { axis, mesh, over },
+    })
+}
+
+#[test]
+fn grouped_collectives_match_a_loop_over_ranks() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let meshes: [&[usize]; 6] = [&[], &[2, 3], &[3, 2], &[2, 2, 2], &[4], &[1, 3]];
+    let mut cases = 0;
+    for _ in 0..150 {
+        let mesh = meshes[rng.gen_range(0..meshes.len())];
+        let ranks: usize = if mesh.is_empty() {
+            rng.gen_range(1..=4)
+        } else {
+            mesh.iter().product()
+        };
+        let over = if mesh.is_empty() {
+            0
+        } else {
+            rng.gen_range(0..mesh.len())
+        };
+        let group = if mesh.is_empty() { ranks } else { mesh[over] };
+        let rank = rng.gen_range(2..=4usize);
+        let axis = rng.gen_range(1..rank);
+        for op in ["all_reduce", "all_gather", "reduce_scatter"] {
+            let mut shape: Vec<usize> = (0..rank).map(|_| rng.gen_range(1..=3usize)).collect();
+            shape[0] = ranks;
+            if op == "reduce_scatter" {
+                shape[axis] = group * rng.gen_range(1..=2usize);
+            }
+            let n: usize = shape.iter().product();
+            let vals: Vec<f64> = (0..n).map(|_| rng.gen_range(-4..=4) as f64 * 0.5).collect();
+            let ax = if rng.gen_bool(0.5) {
+                axis as i64 - rank as i64
+            } else {
+                axis as i64
+            };
+            let (want, want_shape) = grouped_reference(op, &vals, &shape, axis, mesh, over);
+            let (g, y) = one_op(grouped_op(op, ax, mesh, over), DType::F32, cd(&shape));
+            assert_eq!(g.dims(y), cd(&want_shape).as_slice(), "{op} type");
+            let got = run1(&g, "x", &Tensor::from_f64(DType::F32, shape.clone(), vals));
+            assert_eq!(got.shape, want_shape);
+            assert_eq!(
+                got.to_f64(),
+                want,
+                "{op} shape {shape:?} axis {ax} mesh {mesh:?} over {over}"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 450);
+}
+
+/// `reduce_scatter` then `all_gather` over the same groups is `all_reduce`; an `all_gather` then keeping rank
+/// `r`'s own chunk is the identity (checked through `reduce_scatter` of a gathered tensor: G times `x`).
+#[test]
+fn gather_and_scatter_compose_to_the_reduction() {
+    let shape = vec![6usize, 4, 6];
+    let n: usize = shape.iter().product();
+    let vals: Vec<f64> = (0..n).map(|i| (i % 7) as f64 - 3.0).collect();
+    for (mesh, over) in [(vec![2usize, 3], 1usize), (vec![2, 3], 0), (vec![], 0)] {
+        let mut g = Graph::new("c");
+        let x = g.input("x", DType::F32, cd(&shape)).unwrap();
+        let rs = g.op1(grouped_op("reduce_scatter", 2, &mesh, over), &[x]).unwrap();
+        let ag = g.op1(grouped_op("all_gather", 2, &mesh, over), &[rs]).unwrap();
+        let ar = g.op1(grouped_op("all_reduce", 0, &mesh, over), &[x]).unwrap();
+        let d = g.sub(ag, ar).unwrap();
+        g.add_output("d", d).unwrap();
+        let got = run1(&g, "x", &Tensor::from_f64(DType::F32, shape.clone(), vals.clone()));
+        assert!(got.to_f64().iter().all(|v| *v == 0.0), "mesh {mesh:?} over {over}");
+    }
+}
+
+#[test]
+fn grouped_collectives_refuse_bad_groups_and_axes() {
+    let x = |shape: &[usize]| cd(shape);
+    for (op, shape, mesh, over, axis, want) in [
+        (
+            "all_reduce",
+            vec![6usize, 2],
+            vec![2usize, 2],
+            0usize,
+            0i64,
+            "mesh [2, 2] has 4 ranks but the rank axis of f32[6, 2] has `6`",
+        ),
+        (
+            "all_reduce",
+            vec![6, 2],
+            vec![2, 3],
+            2,
+            0,
+            "over=2 is not an axis of mesh [2, 3]",
+        ),
+        (
+            "all_reduce",
+            vec![6, 2],
+            vec![],
+            1,
+            0,
+            "over=1 needs a mesh with axis 1",
+        ),
+        (
+            "all_gather",
+            vec![6, 2],
+            vec![2, 3],
+            0,
+            0,
+            "axis 0 is the rank axis of f32[6, 2]",
+        ),
+        (
+            "reduce_scatter",
+            vec![6, 4],
+            vec![2, 3],
+            1,
+            1,
+            "axis 1 of f32[6, 4] has size `4`, which the group size G = `3` does not divide",
+        ),
+        (
+            "all_gather",
+            vec![6],
+            vec![],
+            0,
+            1,
+            "`all_gather` needs a tensor [R, ...] with a leading rank axis and at least one more axis",
+        ),
+    ] {
+        let mut g = Graph::new("c");
+        let v = g.input("x", DType::F32, x(&shape)).unwrap();
+        let e = g.op1(grouped_op(op, axis, &mesh, over), &[v]).unwrap_err().to_string();
+        assert!(e.contains(want), "{op}: {e}");
+    }
+}
+
+#[test]
+fn grouped_collectives_round_trip_through_text() {
+    let src = "graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[2, 3], over=1](%0) : f32[6, 4]\n  %2 = all_gather[axis=1, mesh=[], over=0](%1) : f32[6, 24]\n  %3 = reduce_scatter[axis=-1, mesh=[6], over=0](%2) : f32[6, 4]\n  output \"y\" = %3\n}\n";
+    let g = text::parse(src).unwrap();
+    assert_eq!(text::print(&g), src);
+    assert_eq!(g.dims(g.outputs()[0].1), cd(&[6, 4]).as_slice());
+    let e = text::parse("graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[-2], over=0](%0)\n}\n")
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("attribute `mesh` of `all_reduce` must hold non-negative sizes, found -2"),
+        "{e}"
+    );
+}

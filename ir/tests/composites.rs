@@ -1453,6 +1453,17 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             overlap_flops: fulgur_ir::Dim::from(0usize),
         },
         Composite::CollectiveWait,
+        Composite::AllReduce { mesh: vec![], over: 0 },
+        Composite::AllGather {
+            axis: 1,
+            mesh: vec![2, 3],
+            over: 1,
+        },
+        Composite::ReduceScatter {
+            axis: -1,
+            mesh: vec![4],
+            over: 0,
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

@@ -247,6 +247,9 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     // in `collectives.rs`
     "all_to_all",
     "all_to_all_start",
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
     "collective_wait",
 ];
 

@@ -195,8 +195,12 @@ impl Gen {
         self.new_input(dt, dims)
     }
 
-    /// A collective over a leading rank axis `[R, ..., R·c, ...]`: `all_to_all`, or a started one and its wait.
+    /// A collective over a leading rank axis `[R, ..., R·c, ...]`: `all_to_all`, or a started one and its wait;
+    /// or a grouped one (`all_reduce`, `all_gather`, `reduce_scatter`), of all ranks or over a `[2, 3]` mesh.
     fn collective(&mut self) {
+        if self.rng.gen_bool(0.5) {
+            return self.grouped_collective();
+        }
         let (r, c) = (self.dim(), self.dim());
         let mut dims = vec![r.clone()];
         let n = self.rng.gen_range(0..2);
@@ -221,6 +225,41 @@ impl Gen {
                 self.add(Op::Composite(Composite::CollectiveWait), &[h]);
             }
         }
+    }
+
+    fn grouped_collective(&mut self) {
+        let (mesh, over, r) = if self.rng.gen_bool(0.5) {
+            (vec![], 0, self.dim())
+        } else {
+            (vec![2usize, 3], self.rng.gen_range(0..2usize), Dim::from(6))
+        };
+        let group = if mesh.is_empty() {
+            r.clone()
+        } else {
+            Dim::from(mesh[over])
+        };
+        let kind = self.rng.gen_range(0..3);
+        let mut dims = vec![r];
+        let n = self.rng.gen_range(0..2);
+        dims.extend(self.dims(n));
+        let axis = dims.len() as i64;
+        let c = self.dim();
+        dims.push(if kind == 2 { group * c } else { c });
+        let n = self.rng.gen_range(0..2);
+        dims.extend(self.dims(n));
+        let axis = if self.rng.gen_bool(0.5) {
+            axis - dims.len() as i64
+        } else {
+            axis
+        };
+        let dt = self.dtype();
+        let Some(x) = self.value_of(dt, dims) else { return };
+        let op = match kind {
+            0 => Composite::AllReduce { mesh, over },
+            1 => Composite::AllGather { axis, mesh, over },
+            _ => Composite::ReduceScatter { axis, mesh, over },
+        };
+        self.add(Op::Composite(op), &[x]);
     }
 
     /// One of the optimizer's attention and MoE composites, on inputs that mostly type-check.

@@ -253,7 +253,10 @@ fn kept(c: &Composite, expand_all: bool) -> bool {
         | Composite::FlashAttention { .. }
         | Composite::GroupedMatmul { .. }
         | Composite::MoeDispatch { .. }
-        | Composite::MoeCombine => !expand_all,
+        | Composite::MoeCombine
+        | Composite::AllReduce { .. }
+        | Composite::AllGather { .. }
+        | Composite::ReduceScatter { .. } => !expand_all,
         _ => false,
     }
 }
@@ -899,6 +902,31 @@ fn vjp(
                 Some(g.grouped_matmul_wgrad(xs, counts, dh)?)
             };
             vec![dxs, None, dw]
+        }
+        // a collective's backward is the transposed collective over the same groups: a sum broadcast to the
+        // group is its own transpose, a gather's is the scatter of the summed gradient, and back
+        Op::Composite(Composite::AllReduce { mesh, over }) => {
+            let op = Op::Composite(Composite::AllReduce {
+                mesh: mesh.clone(),
+                over: *over,
+            });
+            vec![Some(g.op(op, &[gy])?[0])]
+        }
+        Op::Composite(Composite::AllGather { axis, mesh, over }) => {
+            let op = Op::Composite(Composite::ReduceScatter {
+                axis: *axis,
+                mesh: mesh.clone(),
+                over: *over,
+            });
+            vec![Some(g.op(op, &[gy])?[0])]
+        }
+        Op::Composite(Composite::ReduceScatter { axis, mesh, over }) => {
+            let op = Op::Composite(Composite::AllGather {
+                axis: *axis,
+                mesh: mesh.clone(),
+                over: *over,
+            });
+            vec![Some(g.op(op, &[gy])?[0])]
         }
         Op::Composite(Composite::MoeDispatch { .. }) => {
             // x's row n went to rows pos[n, ·] of xs: its gradient sums theirs (moe_combine with unit weights)

@@ -76,7 +76,11 @@ pub fn classify(op: &Op) -> NodeClass {
             C::Softmax { .. } | C::LogSoftmax { .. } | C::RmsNorm { .. } => Reduction,
             C::Fused { body } => fused_kind(body),
             C::CollectiveWait => return NodeClass::Sync,
-            C::AllToAll { .. } | C::AllToAllStart { .. } => Collective,
+            C::AllToAll { .. }
+            | C::AllToAllStart { .. }
+            | C::AllReduce { .. }
+            | C::AllGather { .. }
+            | C::ReduceScatter { .. } => Collective,
             C::LightningAttention { .. }
             | C::LightningLayer { .. }
             | C::FlashAttention { .. }

@@ -186,9 +186,12 @@ impl CostModel {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } => k(5.0 * n_in, false),
             Composite::RmsNorm { .. } => k(4.0 * n_in, false),
             Composite::Fused { body } => self.fused_cost(body, io),
-            Composite::AllToAll { .. } | Composite::AllToAllStart { .. } | Composite::CollectiveWait => {
-                collective_cost(self, c, ins)
-            }
+            Composite::AllToAll { .. }
+            | Composite::AllToAllStart { .. }
+            | Composite::CollectiveWait
+            | Composite::AllReduce { .. }
+            | Composite::AllGather { .. }
+            | Composite::ReduceScatter { .. } => collective_cost(self, c, ins),
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);
@@ -377,6 +380,29 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
             NodeCost {
                 comm_bytes: (transfer - hidden).max(0.0) * m.target.link_bw,
                 kernel: false,
+                ..NodeCost::default()
+            }
+        }
+        // ring algorithms within groups of G: an all-reduce moves 2(G−1)/G of each rank's bytes, a reduce-scatter
+        // (G−1)/G of its input, an all-gather (G−1)/G of its output, G times its input
+        Composite::AllReduce { mesh, over }
+        | Composite::AllGather { mesh, over, .. }
+        | Composite::ReduceScatter { mesh, over, .. } => {
+            let g = if mesh.is_empty() {
+                ranks
+            } else {
+                mesh.get(*over).copied().unwrap_or(1).max(1) as f64
+            };
+            let share = (g - 1.0) / g;
+            let bytes = m.bytes(x);
+            let moved = match c {
+                Composite::AllReduce { .. } => 2.0 * share * bytes,
+                Composite::AllGather { .. } => share * g * bytes,
+                _ => share * bytes,
+            };
+            NodeCost {
+                comm_bytes: moved,
+                kernel: true,
                 ..NodeCost::default()
             }
         }

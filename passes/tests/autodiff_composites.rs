@@ -406,3 +406,49 @@ fn backward_composites_refuse_ill_typed_inputs() {
         "{e}"
     );
 }
+
+/// A collective's backward is the transposed collective over the same groups (`all_reduce` its own,
+/// `all_gather` ↔ `reduce_scatter`), agreeing with the autodiff of the decompositions.
+#[test]
+fn collectives_backward_is_the_transposed_collective() {
+    let op = |c: Composite| Op::Composite(c);
+    let cases: Vec<(&str, Vec<&[usize]>, Op, &str)> = vec![
+        (
+            "all_reduce, mesh [2, 3] over 1",
+            vec![&[6, 4]],
+            op(Composite::AllReduce {
+                mesh: vec![2, 3],
+                over: 1,
+            }),
+            "all_reduce",
+        ),
+        (
+            "all_gather, axis 1, mesh [2, 3] over 0",
+            vec![&[6, 3]],
+            op(Composite::AllGather {
+                axis: 1,
+                mesh: vec![2, 3],
+                over: 0,
+            }),
+            "reduce_scatter",
+        ),
+        (
+            "reduce_scatter, axis -1, one group",
+            vec![&[3, 2, 6]],
+            op(Composite::ReduceScatter {
+                axis: -1,
+                mesh: vec![],
+                over: 0,
+            }),
+            "all_gather",
+        ),
+    ];
+    for (i, (name, shapes, op, backward)) in cases.into_iter().enumerate() {
+        let build = move |g: &mut Graph, p: &[Value]| Ok(g.op(op.clone(), &[p[0]])?[0]);
+        let (e, ops) = compare(name, &shapes, &build, 80 + i as u64);
+        assert!(e < TOL, "{name}: off by {e:.3e}");
+        // the forward's op and the backward's (all_reduce's backward is another all_reduce)
+        let want = if name.starts_with(backward) { 2 } else { 1 };
+        assert_eq!(count(&ops, backward), want, "{name}: `{backward}` in {ops:?}");
+    }
+}

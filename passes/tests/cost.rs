@@ -31,3 +31,52 @@ fn f32_matmuls_are_ieee_unless_tf32_is_asked_for() {
     // the contract costs an f32 matmul 7.4 times the TF32 one on an H100
     assert!(matmul_seconds(&ieee, DType::F32) > 7.0 * matmul_seconds(&tf32, DType::F32));
 }
+
+/// The grouped collectives are priced as ring algorithms within their groups (summed over the simulated ranks
+/// like every cost): an all-reduce moves 2(G−1)/G of its input's bytes, a reduce-scatter (G−1)/G, an
+/// all-gather (G−1)/G of its output (G times its input).
+#[test]
+fn grouped_collectives_move_ring_bytes() {
+    use fulgur_ir::Composite;
+    let m = CostModel::new(Target::by_name("H100").unwrap());
+    let x = TensorType::new(DType::F32, vec![Dim::from(6), Dim::from(1024)]);
+    let bytes = 6.0 * 1024.0 * 4.0;
+    for (c, g, want) in [
+        (
+            Composite::AllReduce {
+                mesh: vec![2, 3],
+                over: 1,
+            },
+            3.0,
+            2.0 * 2.0 / 3.0,
+        ),
+        (Composite::AllReduce { mesh: vec![], over: 0 }, 6.0, 2.0 * 5.0 / 6.0),
+        (
+            Composite::ReduceScatter {
+                axis: 1,
+                mesh: vec![2, 3],
+                over: 0,
+            },
+            2.0,
+            0.5,
+        ),
+        (
+            Composite::AllGather {
+                axis: 1,
+                mesh: vec![2, 3],
+                over: 1,
+            },
+            3.0,
+            2.0,
+        ),
+    ] {
+        let op = Op::Composite(c.clone());
+        let out = fulgur_ir::infer::infer(&op, &[&x]).unwrap();
+        let cost = m.node_cost(&op, &[&x], &out);
+        assert!(
+            (cost.comm_bytes - want * bytes).abs() < 1e-6,
+            "{c:?} (G {g}): {}",
+            cost.comm_bytes
+        );
+    }
+}

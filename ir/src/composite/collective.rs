@@ -1,4 +1,5 @@
-//! Collectives over ranks, simulated in one graph: `all_to_all`, `all_to_all_start`, `collective_wait`.
+//! Collectives over ranks, simulated in one graph: `all_to_all`, `all_to_all_start`, `collective_wait`,
+//! `all_reduce`, `all_gather`, `reduce_scatter`.
 //!
 //! A graph spanning `R` ranks carries a **leading rank axis**: the per-rank tensor `[X...]` of every rank is
 //! the simulated tensor `[R, X...]`, whose slice `[r]` is rank `r`'s copy. A collective is then an ordinary
@@ -21,6 +22,23 @@
 //! independent compute between the two. `overlap_flops` is a schedule annotation with no effect on the
 //! meaning: the matmul FLOPs of the independent compute the transfer was placed alongside (the optimizer's
 //! cost model hides the transfer behind part of it; see `docs/passes.md`); `0` for a transfer with none.
+//!
+//! **Groups.** `all_reduce`, `all_gather` and `reduce_scatter` run within groups of ranks: `mesh` factors the
+//! rank axis (`R = Π mesh`, rank `r`'s coordinates row-major over it) and the ranks that differ only in
+//! coordinate `over` form a group of `G = mesh[over]`; an empty `mesh` is one group of all `R` ranks. Within a
+//! group (ranks `r, s` numbered along `over`):
+//!
+//! ```text
+//! all_reduce:              out[r] = Σ_s x[s]                                      (summed in rank order)
+//! all_gather[axis=a]:      out[r, ..., s·c + j, ...] = x[s, ..., j, ...]          [R, .., c, ..] → [R, .., G·c, ..]
+//! reduce_scatter[axis=a]:  out[r, ..., j, ...] = Σ_s x[s, ..., r·c + j, ...]      [R, .., G·c, ..] → [R, .., c, ..]
+//! ```
+//!
+//! Decomposition: view the rank axis as the mesh, move axis `over` first and fold the others into one axis
+//! carried along, apply the collective of one group along axis 0 (a sum over it broadcast back; the rank
+//! axis moved next to `a` and merged into it, then broadcast; the sum, `a` viewed as `[G, c]` and that `G`
+//! moved to axis 0), and undo the views. `all_gather` and `reduce_scatter` are each other's transposes (the
+//! backward of one is the other), `all_reduce` its own.
 
 use crate::dim::Dim;
 use crate::error::{IrError, Result};
@@ -94,4 +112,188 @@ pub fn all_to_all(g: &mut Graph, axis: i64, x: Value) -> Result<Value> {
     perm.swap(0, a);
     let v = g.permute(v, &perm)?;
     g.reshape(v, dims)
+}
+
+/// The group size of `mesh`/`over` on a rank axis of size `ranks` (named `op` in messages): the product of the
+/// mesh must be the rank count, `over` one of its axes; an empty mesh is one group of all ranks.
+fn group_size(op: &str, mesh: &[usize], over: usize, ranks: &Dim, t: &TensorType) -> std::result::Result<Dim, String> {
+    if mesh.is_empty() {
+        if over != 0 {
+            return Err(format!(
+                "`{op}`: over={over} needs a mesh with axis {over}; with mesh=[] the group is all ranks (over=0)"
+            ));
+        }
+        return Ok(ranks.clone());
+    }
+    if mesh.contains(&0) {
+        return Err(format!("`{op}`: mesh {mesh:?} has an axis of size 0"));
+    }
+    let prod: usize = mesh.iter().product();
+    if Dim::from(prod) != *ranks {
+        return Err(format!(
+            "`{op}`: mesh {mesh:?} has {prod} ranks but the rank axis of {t} has `{ranks}`"
+        ));
+    }
+    match mesh.get(over) {
+        Some(&g) => Ok(Dim::from(g)),
+        None => Err(format!("`{op}`: over={over} is not an axis of mesh {mesh:?}")),
+    }
+}
+
+/// Typing rule of `all_reduce`, `all_gather[axis]` and `reduce_scatter[axis]` (`axis` `None` for
+/// `all_reduce`): the input `[R, ...]`, `axis` a per-rank axis, the mesh's groups valid (see
+/// [`group_size`]); `reduce_scatter`'s axis divisible by the group size.
+pub fn infer_grouped(
+    op: &str,
+    axis: Option<i64>,
+    mesh: &[usize],
+    over: usize,
+    ins: &[&TensorType],
+) -> std::result::Result<Vec<TensorType>, String> {
+    let t = ins[0];
+    if t.rank() < 1 || (axis.is_some() && t.rank() < 2) {
+        return Err(format!(
+            "`{op}` needs a tensor [R, ...] with a leading rank axis{}, got {t}",
+            if axis.is_some() {
+                " and at least one more axis"
+            } else {
+                ""
+            }
+        ));
+    }
+    let ranks = t.dims()[0].clone();
+    let g = group_size(op, mesh, over, &ranks, t)?;
+    let Some(axis) = axis else {
+        return Ok(vec![t.clone()]);
+    };
+    let r = t.rank() as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a <= 0 || a >= r {
+        return Err(format!(
+            "`{op}`: axis {axis} is {} of {t}; gather or scatter along one of the per-rank axes 1..{}",
+            if a == 0 { "the rank axis" } else { "out of range" },
+            r - 1
+        ));
+    }
+    let mut dims = t.dims().to_vec();
+    let d = dims[a as usize].clone();
+    dims[a as usize] = if op == "all_gather" {
+        g * d
+    } else {
+        d.div_exact(&g).ok_or_else(|| {
+            format!("`{op}`: axis {axis} of {t} has size `{d}`, which the group size G = `{g}` does not divide")
+        })?
+    };
+    Ok(vec![TensorType::new(t.dtype, dims)])
+}
+
+/// Which collective of one group [`grouped`] applies.
+#[derive(Clone, Copy)]
+pub enum Within {
+    Reduce,
+    Gather(usize),
+    Scatter(usize),
+}
+
+/// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
+/// `axis` is the per-rank axis of `Gather`/`Scatter` in `x`'s numbering.
+pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: usize, x: Value) -> Result<Value> {
+    let dims = g.dims(x).to_vec();
+    let err = |m: String| IrError::Graph(format!("`{op}`: {m}"));
+    if dims.is_empty() {
+        return Err(err("a rank axis is needed".into()));
+    }
+    if mesh.is_empty() {
+        // one group: the collective along axis 0, with an empty carried axis
+        let v = g.reshape(x, [vec![dims[0].clone(), Dim::from(1)], dims[1..].to_vec()].concat())?;
+        let y = one_group(g, within, v)?;
+        let mut out = g.dims(y).to_vec();
+        out.remove(1);
+        return g.reshape(y, out);
+    }
+    let k = mesh.len();
+    if over >= k {
+        return Err(err(format!("over={over} is not an axis of mesh {mesh:?}")));
+    }
+    // [R, X...] → [m0, .., m(k-1), X...] → [m_over, others..., X...] → [G, B, X...]
+    let mut split: Vec<Dim> = mesh.iter().map(|&m| Dim::from(m)).collect();
+    split.extend_from_slice(&dims[1..]);
+    let v = g.reshape(x, split)?;
+    let mut perm: Vec<usize> = vec![over];
+    perm.extend((0..k).filter(|&i| i != over));
+    perm.extend(k..k + dims.len() - 1);
+    let v = g.permute(v, &perm)?;
+    let b: usize = mesh
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != over)
+        .map(|(_, &m)| m)
+        .product();
+    let mut folded = vec![Dim::from(mesh[over]), Dim::from(b)];
+    folded.extend_from_slice(&dims[1..]);
+    let v = g.reshape(v, folded)?;
+    let y = one_group(g, within, v)?;
+    // and back: [G, B, Y...] → [m_over, others..., Y...] → [m0, .., Y...] → [R, Y...]
+    let yd = g.dims(y).to_vec();
+    let mut unfold: Vec<Dim> = perm[..k].iter().map(|&i| Dim::from(mesh[i])).collect();
+    unfold.extend_from_slice(&yd[2..]);
+    let y = g.reshape(y, unfold)?;
+    let mut inv = vec![0usize; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    let y = g.permute(y, &inv)?;
+    let mut out = vec![dims[0].clone()];
+    out.extend_from_slice(&yd[2..]);
+    g.reshape(y, out)
+}
+
+/// One group's collective along axis 0 of `v: [G, B, X...]` (axis 1 carried along); `Gather`/`Scatter`'s
+/// axis counts in `[R, X...]`, so it is axis `a + 1` here.
+fn one_group(g: &mut Graph, within: Within, v: Value) -> Result<Value> {
+    let dims = g.dims(v).to_vec();
+    let gs = dims[0].clone();
+    match within {
+        Within::Reduce => {
+            let s = g.sum(v, &[0], true)?;
+            g.broadcast(s, dims)
+        }
+        Within::Gather(a) => {
+            let a = a + 1;
+            // [G, B, .., c (a), ..] → [B, .., G, c, ..] → [B, .., G·c, ..] → [1, ..] → [G, ..]
+            let mut perm: Vec<usize> = (1..a).collect();
+            perm.push(0);
+            perm.extend(a..dims.len());
+            let t = g.permute(v, &perm)?;
+            let mut merged: Vec<Dim> = vec![Dim::from(1)];
+            merged.extend_from_slice(&dims[1..a]);
+            merged.push(gs.clone() * dims[a].clone());
+            merged.extend_from_slice(&dims[a + 1..]);
+            let t = g.reshape(t, merged.clone())?;
+            let mut full = merged;
+            full[0] = gs;
+            g.broadcast(t, full)
+        }
+        Within::Scatter(a) => {
+            let a = a + 1;
+            let c = dims[a].div_exact(&gs).ok_or_else(|| {
+                IrError::Graph(format!(
+                    "`reduce_scatter`: the group size `{gs}` does not divide axis size `{}`",
+                    dims[a]
+                ))
+            })?;
+            // sum over the group, then [B, .., G, c, ..] with that G moved to the front
+            let s = g.sum(v, &[0], false)?;
+            let mut split: Vec<Dim> = dims[1..a].to_vec();
+            split.push(gs);
+            split.push(c);
+            split.extend_from_slice(&dims[a + 1..]);
+            let t = g.reshape(s, split)?;
+            let n = dims.len();
+            let mut perm: Vec<usize> = vec![a - 1];
+            perm.extend(0..a - 1);
+            perm.extend(a..n);
+            g.permute(t, &perm)
+        }
+    }
 }

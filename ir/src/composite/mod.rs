@@ -11,7 +11,8 @@
 //! - [`moe`]: `moe_router`, `moe_dispatch`, `grouped_matmul`, `moe_combine`, and `grouped_matmul_wgrad` (the
 //!   weight gradient of `grouped_matmul`);
 //! - [`fused`]: `fused` (a fused kernel: its body graph, inlined);
-//! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait` (ranks simulated on a leading axis).
+//! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait`, `all_reduce`, `all_gather`,
+//!   `reduce_scatter` (ranks simulated on a leading axis).
 
 pub mod attention;
 pub mod collective;
@@ -95,6 +96,37 @@ impl Composite {
                 Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
             }
             Composite::CollectiveWait => Ok(vec![inputs[0]]),
+            Composite::AllReduce { mesh, over } => Ok(vec![collective::grouped(
+                g,
+                "all_reduce",
+                collective::Within::Reduce,
+                mesh,
+                *over,
+                inputs[0],
+            )?]),
+            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+                let r = g.rank(inputs[0]) as i64;
+                let a = if *axis < 0 { axis + r } else { *axis };
+                let a = usize::try_from(a)
+                    .ok()
+                    .filter(|&a| a > 0 && (a as i64) < r)
+                    .ok_or_else(|| {
+                        crate::error::IrError::Graph(format!("`{}`: axis {axis} is not a per-rank axis", self.name()))
+                    })?;
+                let within = if matches!(self, Composite::AllGather { .. }) {
+                    collective::Within::Gather(a)
+                } else {
+                    collective::Within::Scatter(a)
+                };
+                Ok(vec![collective::grouped(
+                    g,
+                    self.name(),
+                    within,
+                    mesh,
+                    *over,
+                    inputs[0],
+                )?])
+            }
         }
     }
 }
