@@ -170,6 +170,9 @@ fn long_reductions_with_few_outputs_are_split_into_levels() {
     assert_eq!(cuda(&[600_001], &[0]), vec![1172, 3, 1]);
     assert_eq!(cuda(&[8192, 2048], &[0]), vec![32 * 2048, 2048]);
     assert_eq!(cuda(&[4, 2048, 2048], &[0, 1]), vec![32 * 2048, 2048]);
+    // few columns over a range too short for the few-outputs rule: still split as a column reduction
+    assert_eq!(cuda(&[8192, 32], &[0]), vec![32 * 32, 32]);
+    assert_eq!(phases(&[8192, 32], &[0]), vec![32]);
     // a row reduction, a short column, or columns enough to fill the device: one phase
     assert_eq!(cuda(&[2048, 8192], &[1]), vec![2048]);
     assert_eq!(cuda(&[2048, 2048], &[0]), vec![2048]);

@@ -796,7 +796,8 @@ fn gpu_rms_norm_matches_the_interpreter() {
 
 /// Reductions with few outputs over long ranges, run in levels of partials (`kernels::generic`): a sum in two
 /// levels, the middle axis of three, a maximum; and the column reductions CUDA splits (columns too few to fill
-/// the device: a norm weight's gradient, a ragged count of columns and rows, two leading axes, a minimum).
+/// the device: a norm weight's gradient, a ragged count of columns and rows, two leading axes, a minimum, a few
+/// columns over a range the few-outputs rule leaves alone).
 #[test]
 fn gpu_long_reductions_match_the_interpreter() {
     use fulgur_ir::{Op, ReduceOp};
@@ -811,6 +812,7 @@ fn gpu_long_reductions_match_the_interpreter() {
         (vec![9001, 300], vec![0], ReduceOp::Sum),
         (vec![3, 2500, 700], vec![0, 1], ReduceOp::Mean),
         (vec![5000, 129], vec![0], ReduceOp::Min),
+        (vec![8192, 32], vec![0], ReduceOp::Sum),
     ] {
         let x = random(fulgur_ir::DType::F32, shape.clone(), 80);
         let e = gpu_op_error(

@@ -205,9 +205,9 @@ fn split_reduction(xd: &[Dim], red: &[bool], target: Target) -> Option<Vec<i64>>
     let outputs = prod(false).as_const()?;
     let range = prod(true).as_const();
     let column = target == Target::Cuda && red.last() == Some(&false) && red.iter().any(|&r| r);
-    let first = if outputs <= SPLIT_MAX_OUTPUTS {
+    let few = outputs <= SPLIT_MAX_OUTPUTS && range.is_none_or(|r| r >= SPLIT_MIN_RANGE);
+    let first = if few {
         match range {
-            Some(range) if range < SPLIT_MIN_RANGE => return None,
             Some(range) => (range + SPLIT_FAN_IN - 1) / SPLIT_FAN_IN,
             None => 1024,
         }
