@@ -470,6 +470,7 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
+        Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),
     }
 }
 

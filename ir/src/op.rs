@@ -337,6 +337,10 @@ pub enum Composite {
     AllGather { axis: i64, mesh: Vec<usize>, over: usize },
     /// The group's sum, rank `r` keeping chunk `r` of `axis`: `[R, ..., G·c (axis), ...]` → `[R, ..., c, ...]`.
     ReduceScatter { axis: i64, mesh: Vec<usize>, over: usize },
+    /// Each rank sends `x` to the member `shift` places on in its group (cyclically) and receives from the one
+    /// `shift` places back: `out[r] = x[r − shift]` along the group (a pipeline stage's activations, a ring
+    /// attention step).
+    SendRecv { shift: i64, mesh: Vec<usize>, over: usize },
 }
 
 impl Composite {
@@ -362,10 +366,11 @@ impl Composite {
             Composite::AllReduce { .. } => "all_reduce",
             Composite::AllGather { .. } => "all_gather",
             Composite::ReduceScatter { .. } => "reduce_scatter",
+            Composite::SendRecv { .. } => "send_recv",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 20] = [
+    pub const NAMES: [&'static str; 21] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -386,6 +391,7 @@ impl Composite {
         "all_reduce",
         "all_gather",
         "reduce_scatter",
+        "send_recv",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -432,6 +438,11 @@ impl Composite {
                 ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
                 ("over", AttrValue::Int(*over as i64)),
             ],
+            Composite::SendRecv { shift, mesh, over } => vec![
+                ("shift", AttrValue::Int(*shift)),
+                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
+                ("over", AttrValue::Int(*over as i64)),
+            ],
         }
     }
     /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
@@ -453,7 +464,8 @@ impl Composite {
             | Composite::CollectiveWait
             | Composite::AllReduce { .. }
             | Composite::AllGather { .. }
-            | Composite::ReduceScatter { .. } => 1,
+            | Composite::ReduceScatter { .. }
+            | Composite::SendRecv { .. } => 1,
         })
     }
     /// Number of outputs.
@@ -979,6 +991,11 @@ impl Op {
             }),
             "reduce_scatter" => Op::Composite(Composite::ReduceScatter {
                 axis: a.int("axis")?,
+                mesh: a.sizes("mesh")?,
+                over: a.usize("over")?,
+            }),
+            "send_recv" => Op::Composite(Composite::SendRecv {
+                shift: a.int("shift")?,
                 mesh: a.sizes("mesh")?,
                 over: a.usize("over")?,
             }),

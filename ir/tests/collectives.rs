@@ -293,7 +293,8 @@ fn group_of(r: usize, ranks: usize, mesh: &[usize], over: usize) -> (Vec<usize>,
     (members, coord[over])
 }
 
-/// `all_reduce` (axis `None`), `all_gather` or `reduce_scatter` written as a loop over ranks and their groups.
+/// `all_reduce`, `all_gather`, `reduce_scatter` or `send_recv` (its `axis` argument the shift, in `0..G`)
+/// written as a loop over ranks and their groups.
 fn grouped_reference(
     op: &str,
     x: &[f64],
@@ -319,6 +320,10 @@ fn grouped_reference(
             let (members, me) = group_of(idx[0], ranks, mesh, over);
             let mut src = idx.clone();
             match op {
+                "send_recv" => {
+                    src[0] = members[(me + g - axis % g) % g];
+                    x[at(&src)]
+                }
                 "all_reduce" => members
                     .iter()
                     .map(|&s| {
@@ -354,6 +359,11 @@ fn grouped_op(op: &str, axis: i64, mesh: &[usize], over: usize) -> Op {
     Op::Composite(match op {
         "all_reduce" => Composite::AllReduce { mesh, over },
         "all_gather" => Composite::AllGather { axis, mesh, over },
+        "send_recv" => Composite::SendRecv {
+            shift: axis,
+            mesh,
+            over,
+        },
         _ => Composite::ReduceScatter { axis, mesh, over },
     })
 }
@@ -489,7 +499,7 @@ fn grouped_collectives_refuse_bad_groups_and_axes() {
 
 #[test]
 fn grouped_collectives_round_trip_through_text() {
-    let src = "graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[2, 3], over=1](%0) : f32[6, 4]\n  %2 = all_gather[axis=1, mesh=[], over=0](%1) : f32[6, 24]\n  %3 = reduce_scatter[axis=-1, mesh=[6], over=0](%2) : f32[6, 4]\n  output \"y\" = %3\n}\n";
+    let src = "graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[2, 3], over=1](%0) : f32[6, 4]\n  %2 = all_gather[axis=1, mesh=[], over=0](%1) : f32[6, 24]\n  %3 = reduce_scatter[axis=-1, mesh=[6], over=0](%2) : f32[6, 4]\n  %4 = send_recv[shift=-1, mesh=[3, 2], over=0](%3) : f32[6, 4]\n  output \"y\" = %4\n}\n";
     let g = text::parse(src).unwrap();
     assert_eq!(text::print(&g), src);
     assert_eq!(g.dims(g.outputs()[0].1), cd(&[6, 4]).as_slice());
@@ -500,4 +510,39 @@ fn grouped_collectives_round_trip_through_text() {
             .contains("attribute `mesh` of `all_reduce` must hold non-negative sizes, found -2"),
         "{e}"
     );
+}
+
+/// `send_recv[shift=k]` against a loop over ranks and groups: every shift in `−G..2G` (normalised modulo the
+/// group size), meshes of one group and of several, and `send_recv[−k]` undoing `send_recv[k]`.
+#[test]
+fn send_recv_rotates_within_groups() {
+    let meshes: [&[usize]; 4] = [&[], &[2, 3], &[3, 2], &[2, 2, 2]];
+    for mesh in meshes {
+        let ranks: usize = if mesh.is_empty() { 5 } else { mesh.iter().product() };
+        for over in 0..mesh.len().max(1) {
+            let group = if mesh.is_empty() { ranks } else { mesh[over] } as i64;
+            let shape = vec![ranks, 2, 3];
+            let n: usize = shape.iter().product();
+            let vals: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            for shift in -group..2 * group {
+                let k = shift.rem_euclid(group) as usize;
+                let (want, _) = grouped_reference("send_recv", &vals, &shape, k, mesh, over);
+                let (g, _) = one_op(grouped_op("send_recv", shift, mesh, over), DType::F32, cd(&shape));
+                let got = run1(&g, "x", &Tensor::from_f64(DType::F32, shape.clone(), vals.clone()));
+                assert_eq!(got.to_f64(), want, "mesh {mesh:?} over {over} shift {shift}");
+                let mut g = Graph::new("c");
+                let x = g.input("x", DType::F32, cd(&shape)).unwrap();
+                let y = g.op1(grouped_op("send_recv", shift, mesh, over), &[x]).unwrap();
+                let back = g.op1(grouped_op("send_recv", -shift, mesh, over), &[y]).unwrap();
+                g.add_output("y", back).unwrap();
+                let got = run1(&g, "x", &Tensor::from_f64(DType::F32, shape.clone(), vals.clone()));
+                assert_eq!(got.to_f64(), vals, "send_recv[{shift}] then [{}]", -shift);
+            }
+        }
+    }
+    // a symbolic group size has no constant split point
+    let mut g = Graph::new("c");
+    let x = g.input("x", DType::F32, vec![Dim::sym("R"), Dim::from(2)]).unwrap();
+    let e = g.op1(grouped_op("send_recv", 1, &[], 0), &[x]).unwrap_err().to_string();
+    assert!(e.contains("`send_recv` needs a constant group size, got `R`"), "{e}");
 }

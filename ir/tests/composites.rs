@@ -1464,6 +1464,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             mesh: vec![4],
             over: 0,
         },
+        Composite::SendRecv {
+            shift: -1,
+            mesh: vec![2, 2],
+            over: 1,
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

@@ -250,6 +250,7 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "all_reduce",
     "all_gather",
     "reduce_scatter",
+    "send_recv",
     "collective_wait",
 ];
 

@@ -238,7 +238,23 @@ impl Gen {
         } else {
             Dim::from(mesh[over])
         };
-        let kind = self.rng.gen_range(0..3);
+        let kind = self.rng.gen_range(0..4);
+        if kind == 3 {
+            // send_recv needs a constant group size
+            let (mesh, over) = if self.rng.gen_bool(0.5) {
+                (vec![6usize], 0usize)
+            } else {
+                (vec![2, 3], self.rng.gen_range(0..2usize))
+            };
+            let n = self.rng.gen_range(0..3);
+            let mut dims = vec![Dim::from(6)];
+            dims.extend(self.dims(n));
+            let dt = self.dtype();
+            let Some(x) = self.value_of(dt, dims) else { return };
+            let shift = self.rng.gen_range(-3..4);
+            self.add(Op::Composite(Composite::SendRecv { shift, mesh, over }), &[x]);
+            return;
+        }
         let mut dims = vec![r];
         let n = self.rng.gen_range(0..2);
         dims.extend(self.dims(n));

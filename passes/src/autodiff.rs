@@ -256,7 +256,8 @@ fn kept(c: &Composite, expand_all: bool) -> bool {
         | Composite::MoeCombine
         | Composite::AllReduce { .. }
         | Composite::AllGather { .. }
-        | Composite::ReduceScatter { .. } => !expand_all,
+        | Composite::ReduceScatter { .. }
+        | Composite::SendRecv { .. } => !expand_all,
         _ => false,
     }
 }
@@ -923,6 +924,14 @@ fn vjp(
         Op::Composite(Composite::ReduceScatter { axis, mesh, over }) => {
             let op = Op::Composite(Composite::AllGather {
                 axis: *axis,
+                mesh: mesh.clone(),
+                over: *over,
+            });
+            vec![Some(g.op(op, &[gy])?[0])]
+        }
+        Op::Composite(Composite::SendRecv { shift, mesh, over }) => {
+            let op = Op::Composite(Composite::SendRecv {
+                shift: -shift,
                 mesh: mesh.clone(),
                 over: *over,
             });

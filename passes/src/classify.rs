@@ -80,7 +80,8 @@ pub fn classify(op: &Op) -> NodeClass {
             | C::AllToAllStart { .. }
             | C::AllReduce { .. }
             | C::AllGather { .. }
-            | C::ReduceScatter { .. } => Collective,
+            | C::ReduceScatter { .. }
+            | C::SendRecv { .. } => Collective,
             C::LightningAttention { .. }
             | C::LightningLayer { .. }
             | C::FlashAttention { .. }

@@ -191,7 +191,8 @@ impl CostModel {
             | Composite::CollectiveWait
             | Composite::AllReduce { .. }
             | Composite::AllGather { .. }
-            | Composite::ReduceScatter { .. } => collective_cost(self, c, ins),
+            | Composite::ReduceScatter { .. }
+            | Composite::SendRecv { .. } => collective_cost(self, c, ins),
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);
@@ -402,6 +403,20 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
             };
             NodeCost {
                 comm_bytes: moved,
+                kernel: true,
+                ..NodeCost::default()
+            }
+        }
+        // every rank sends its whole tensor to one peer (nothing when the shift is a whole turn of the group)
+        Composite::SendRecv { shift, mesh, over } => {
+            let g = if mesh.is_empty() {
+                ranks
+            } else {
+                mesh.get(*over).copied().unwrap_or(1).max(1) as f64
+            };
+            let moves = (*shift as f64).rem_euclid(g) != 0.0;
+            NodeCost {
+                comm_bytes: if moves { m.bytes(x) } else { 0.0 },
                 kernel: true,
                 ..NodeCost::default()
             }

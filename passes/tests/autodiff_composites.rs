@@ -408,7 +408,8 @@ fn backward_composites_refuse_ill_typed_inputs() {
 }
 
 /// A collective's backward is the transposed collective over the same groups (`all_reduce` its own,
-/// `all_gather` ↔ `reduce_scatter`), agreeing with the autodiff of the decompositions.
+/// `all_gather` ↔ `reduce_scatter`, `send_recv[k]` ↔ `send_recv[−k]`), agreeing with the autodiff of the
+/// decompositions.
 #[test]
 fn collectives_backward_is_the_transposed_collective() {
     let op = |c: Composite| Op::Composite(c);
@@ -441,6 +442,16 @@ fn collectives_backward_is_the_transposed_collective() {
                 over: 0,
             }),
             "all_gather",
+        ),
+        (
+            "send_recv, shift 1, mesh [3, 2] over 0",
+            vec![&[6, 2, 3]],
+            op(Composite::SendRecv {
+                shift: 1,
+                mesh: vec![3, 2],
+                over: 0,
+            }),
+            "send_recv",
         ),
     ];
     for (i, (name, shapes, op, backward)) in cases.into_iter().enumerate() {

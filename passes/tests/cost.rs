@@ -34,7 +34,8 @@ fn f32_matmuls_are_ieee_unless_tf32_is_asked_for() {
 
 /// The grouped collectives are priced as ring algorithms within their groups (summed over the simulated ranks
 /// like every cost): an all-reduce moves 2(G−1)/G of its input's bytes, a reduce-scatter (G−1)/G, an
-/// all-gather (G−1)/G of its output (G times its input).
+/// all-gather (G−1)/G of its output (G times its input); a send-receive its whole input, nothing for a shift of a
+/// whole turn.
 #[test]
 fn grouped_collectives_move_ring_bytes() {
     use fulgur_ir::Composite;
@@ -68,6 +69,24 @@ fn grouped_collectives_move_ring_bytes() {
             },
             3.0,
             2.0,
+        ),
+        (
+            Composite::SendRecv {
+                shift: 1,
+                mesh: vec![2, 3],
+                over: 1,
+            },
+            3.0,
+            1.0,
+        ),
+        (
+            Composite::SendRecv {
+                shift: 3,
+                mesh: vec![2, 3],
+                over: 1,
+            },
+            3.0,
+            0.0,
         ),
     ] {
         let op = Op::Composite(c.clone());

@@ -1,5 +1,5 @@
 //! Collectives over ranks, simulated in one graph: `all_to_all`, `all_to_all_start`, `collective_wait`,
-//! `all_reduce`, `all_gather`, `reduce_scatter`.
+//! `all_reduce`, `all_gather`, `reduce_scatter`, `send_recv`.
 //!
 //! A graph spanning `R` ranks carries a **leading rank axis**: the per-rank tensor `[X...]` of every rank is
 //! the simulated tensor `[R, X...]`, whose slice `[r]` is rank `r`'s copy. A collective is then an ordinary
@@ -32,13 +32,15 @@
 //! all_reduce:              out[r] = Σ_s x[s]                                      (summed in rank order)
 //! all_gather[axis=a]:      out[r, ..., s·c + j, ...] = x[s, ..., j, ...]          [R, .., c, ..] → [R, .., G·c, ..]
 //! reduce_scatter[axis=a]:  out[r, ..., j, ...] = Σ_s x[s, ..., r·c + j, ...]      [R, .., G·c, ..] → [R, .., c, ..]
+//! send_recv[shift=k]:      out[r] = x[(r − k) mod G]                              (a constant group size)
 //! ```
 //!
 //! Decomposition: view the rank axis as the mesh, move axis `over` first and fold the others into one axis
 //! carried along, apply the collective of one group along axis 0 (a sum over it broadcast back; the rank
 //! axis moved next to `a` and merged into it, then broadcast; the sum, `a` viewed as `[G, c]` and that `G`
-//! moved to axis 0), and undo the views. `all_gather` and `reduce_scatter` are each other's transposes (the
-//! backward of one is the other), `all_reduce` its own.
+//! moved to axis 0; the group axis rotated by `k`), and undo the views. `all_gather` and `reduce_scatter` are
+//! each other's transposes (the backward of one is the other), `all_reduce` its own, `send_recv[k]`'s is
+//! `send_recv[−k]`.
 
 use crate::dim::Dim;
 use crate::error::{IrError, Result};
@@ -187,12 +189,34 @@ pub fn infer_grouped(
     Ok(vec![TensorType::new(t.dtype, dims)])
 }
 
+/// Typing rule of `send_recv`: the groups valid (see [`group_size`]) and the group size a constant (the
+/// rotation's split point); the output has the input's type.
+pub fn infer_send_recv(
+    mesh: &[usize],
+    over: usize,
+    ins: &[&TensorType],
+) -> std::result::Result<Vec<TensorType>, String> {
+    let t = ins[0];
+    if t.rank() < 1 {
+        return Err(format!(
+            "`send_recv` needs a tensor [R, ...] with a leading rank axis, got {t}"
+        ));
+    }
+    let g = group_size("send_recv", mesh, over, &t.dims()[0], t)?;
+    if g.as_const().is_none() {
+        return Err(format!("`send_recv` needs a constant group size, got `{g}` in {t}"));
+    }
+    Ok(vec![t.clone()])
+}
+
 /// Which collective of one group [`grouped`] applies.
 #[derive(Clone, Copy)]
 pub enum Within {
     Reduce,
     Gather(usize),
     Scatter(usize),
+    /// `out[r] = x[(r − k) mod G]`.
+    Shift(i64),
 }
 
 /// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
@@ -254,6 +278,19 @@ fn one_group(g: &mut Graph, within: Within, v: Value) -> Result<Value> {
     let dims = g.dims(v).to_vec();
     let gs = dims[0].clone();
     match within {
+        Within::Shift(k) => {
+            let n = gs
+                .as_const()
+                .ok_or_else(|| IrError::Graph(format!("`send_recv` needs a constant group size, got `{gs}`")))?;
+            let k = k.rem_euclid(n.max(1));
+            if k == 0 {
+                return Ok(v);
+            }
+            // the last k members' values first: out[r] = x[r − k]
+            let tail = g.slice(v, 0, n - k, n)?;
+            let head = g.slice(v, 0, 0, n - k)?;
+            g.concat(&[tail, head], 0)
+        }
         Within::Reduce => {
             let s = g.sum(v, &[0], true)?;
             g.broadcast(s, dims)

@@ -12,7 +12,7 @@
 //!   weight gradient of `grouped_matmul`);
 //! - [`fused`]: `fused` (a fused kernel: its body graph, inlined);
 //! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait`, `all_reduce`, `all_gather`,
-//!   `reduce_scatter` (ranks simulated on a leading axis).
+//!   `reduce_scatter`, `send_recv` (ranks simulated on a leading axis).
 
 pub mod attention;
 pub mod collective;
@@ -127,6 +127,14 @@ impl Composite {
                     inputs[0],
                 )?])
             }
+            Composite::SendRecv { shift, mesh, over } => Ok(vec![collective::grouped(
+                g,
+                "send_recv",
+                collective::Within::Shift(*shift),
+                mesh,
+                *over,
+                inputs[0],
+            )?]),
         }
     }
 }
