@@ -460,8 +460,8 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::FlashAttentionGrad { .. } => infer_flash_grad(ins),
         Composite::GroupedMatmulWgrad => infer_grouped_wgrad(ins),
         Composite::Fused { body } => body.infer(ins),
-        Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
-            crate::composite::collective::infer_all_to_all(c.name(), *axis, ins)
+        Composite::AllToAll { axis, mesh, over } | Composite::AllToAllStart { axis, mesh, over, .. } => {
+            crate::composite::collective::infer_all_to_all(c.name(), *axis, mesh, *over, ins)
         }
         Composite::CollectiveWait => crate::composite::collective::infer_wait(ins),
         Composite::AllReduce { mesh, over } => {

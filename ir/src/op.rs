@@ -321,11 +321,26 @@ pub enum Composite {
     Fused { body: FusedBody },
     /// All-to-all over the leading rank axis of `x: [R, ..., R·c (axis), ...]`: rank `r`'s chunk `s` of `axis`
     /// comes from rank `s`'s chunk `r` (see [`crate::composite::collective`]).
-    AllToAll { axis: i64 },
+    /// With `mesh`/`over` (as for [`Composite::AllReduce`]) the exchange runs within each group; an empty mesh
+    /// is one group of all ranks (printed without the two attributes).
+    AllToAll {
+        axis: i64,
+        #[serde(default)]
+        mesh: Vec<usize>,
+        #[serde(default)]
+        over: usize,
+    },
     /// The same exchange, started: its value is `all_to_all[axis](x)`, needed at a [`Composite::CollectiveWait`].
     /// `overlap_flops` annotates the schedule (matmul FLOPs of the compute placed alongside; no effect on the
     /// meaning).
-    AllToAllStart { axis: i64, overlap_flops: Dim },
+    AllToAllStart {
+        axis: i64,
+        overlap_flops: Dim,
+        #[serde(default)]
+        mesh: Vec<usize>,
+        #[serde(default)]
+        over: usize,
+    },
     /// Where a started collective's data is needed: the identity.
     CollectiveWait,
     /// Sum over the ranks of each group, every rank receiving the sum: `out[r] = Σ_s x[s]` over the ranks `s`
@@ -341,6 +356,18 @@ pub enum Composite {
     /// `shift` places back: `out[r] = x[r − shift]` along the group (a pipeline stage's activations, a ring
     /// attention step).
     SendRecv { shift: i64, mesh: Vec<usize>, over: usize },
+}
+
+/// A collective's group attributes, omitted for the default (`mesh=[]`: one group of all ranks).
+fn group_attrs(mesh: &[usize], over: usize) -> Vec<(&'static str, AttrValue)> {
+    if mesh.is_empty() && over == 0 {
+        vec![]
+    } else {
+        vec![
+            ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
+            ("over", AttrValue::Int(over as i64)),
+        ]
+    }
 }
 
 impl Composite {
@@ -423,26 +450,36 @@ impl Composite {
                 ("causal", AttrValue::Bool(*causal)),
             ],
             Composite::Fused { body } => vec![("body", AttrValue::Str(body.text().to_string()))],
-            Composite::AllToAll { axis } => vec![("axis", AttrValue::Int(*axis))],
-            Composite::AllToAllStart { axis, overlap_flops } => vec![
-                ("axis", AttrValue::Int(*axis)),
-                ("overlap_flops", AttrValue::dim(overlap_flops.clone())),
-            ],
+            Composite::AllToAll { axis, mesh, over } => {
+                let mut v = vec![("axis", AttrValue::Int(*axis))];
+                v.extend(group_attrs(mesh, *over));
+                v
+            }
+            Composite::AllToAllStart {
+                axis,
+                overlap_flops,
+                mesh,
+                over,
+            } => {
+                let mut v = vec![
+                    ("axis", AttrValue::Int(*axis)),
+                    ("overlap_flops", AttrValue::dim(overlap_flops.clone())),
+                ];
+                v.extend(group_attrs(mesh, *over));
+                v
+            }
             Composite::CollectiveWait => vec![],
-            Composite::AllReduce { mesh, over } => vec![
-                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
-                ("over", AttrValue::Int(*over as i64)),
-            ],
-            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => vec![
-                ("axis", AttrValue::Int(*axis)),
-                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
-                ("over", AttrValue::Int(*over as i64)),
-            ],
-            Composite::SendRecv { shift, mesh, over } => vec![
-                ("shift", AttrValue::Int(*shift)),
-                ("mesh", AttrValue::ints(mesh.iter().map(|&m| m as i64))),
-                ("over", AttrValue::Int(*over as i64)),
-            ],
+            Composite::AllReduce { mesh, over } => group_attrs(mesh, *over),
+            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+                let mut v = vec![("axis", AttrValue::Int(*axis))];
+                v.extend(group_attrs(mesh, *over));
+                v
+            }
+            Composite::SendRecv { shift, mesh, over } => {
+                let mut v = vec![("shift", AttrValue::Int(*shift))];
+                v.extend(group_attrs(mesh, *over));
+                v
+            }
         }
     }
     /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
@@ -705,12 +742,17 @@ impl Op {
                 Ok(body) => Op::Composite(Composite::Fused { body }),
                 Err(_) => self.clone(),
             },
-            Op::Composite(Composite::AllToAllStart { axis, overlap_flops }) => {
-                Op::Composite(Composite::AllToAllStart {
-                    axis: *axis,
-                    overlap_flops: overlap_flops.substitute(env),
-                })
-            }
+            Op::Composite(Composite::AllToAllStart {
+                axis,
+                overlap_flops,
+                mesh,
+                over,
+            }) => Op::Composite(Composite::AllToAllStart {
+                axis: *axis,
+                overlap_flops: overlap_flops.substitute(env),
+                mesh: mesh.clone(),
+                over: *over,
+            }),
             op => op.clone(),
         }
     }
@@ -974,30 +1016,36 @@ impl Op {
                 let body = FusedBody::parse(&text).map_err(|e| format!("attribute `body` of `fused`: {e}"))?;
                 Op::Composite(Composite::Fused { body })
             }
-            "all_to_all" => Op::Composite(Composite::AllToAll { axis: a.int("axis")? }),
+            "all_to_all" => Op::Composite(Composite::AllToAll {
+                axis: a.int("axis")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
+            }),
             "all_to_all_start" => Op::Composite(Composite::AllToAllStart {
                 axis: a.int("axis")?,
                 overlap_flops: a.dim("overlap_flops")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
             }),
             "collective_wait" => Op::Composite(Composite::CollectiveWait),
             "all_reduce" => Op::Composite(Composite::AllReduce {
-                mesh: a.sizes("mesh")?,
-                over: a.usize("over")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
             }),
             "all_gather" => Op::Composite(Composite::AllGather {
                 axis: a.int("axis")?,
-                mesh: a.sizes("mesh")?,
-                over: a.usize("over")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
             }),
             "reduce_scatter" => Op::Composite(Composite::ReduceScatter {
                 axis: a.int("axis")?,
-                mesh: a.sizes("mesh")?,
-                over: a.usize("over")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
             }),
             "send_recv" => Op::Composite(Composite::SendRecv {
                 shift: a.int("shift")?,
-                mesh: a.sizes("mesh")?,
-                over: a.usize("over")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
             }),
             "input" | "param" => return Err(format!("`{name}` is declared as `%N = {name} \"NAME\" : TYPE`")),
             _ => {
@@ -1129,6 +1177,22 @@ impl Attrs<'_> {
                 v => Err(self.wrong(key, "a list of integers", v)),
             })
             .collect()
+    }
+    /// A collective's `mesh` (absent: `[]`, one group of all ranks).
+    fn mesh(&mut self) -> Result<Vec<usize>, String> {
+        if self.attrs.iter().any(|(k, _)| k == "mesh") {
+            self.sizes("mesh")
+        } else {
+            Ok(vec![])
+        }
+    }
+    /// A collective's `over` (absent: 0).
+    fn over(&mut self) -> Result<usize, String> {
+        if self.attrs.iter().any(|(k, _)| k == "over") {
+            self.usize("over")
+        } else {
+            Ok(0)
+        }
     }
     fn sizes(&mut self, key: &str) -> Result<Vec<usize>, String> {
         let op = self.op;

@@ -9,13 +9,19 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
 fn a2a(axis: i64) -> Op {
-    Op::Composite(Composite::AllToAll { axis })
+    Op::Composite(Composite::AllToAll {
+        axis,
+        mesh: vec![],
+        over: 0,
+    })
 }
 
 fn start(axis: i64, overlap: Dim) -> Op {
     Op::Composite(Composite::AllToAllStart {
         axis,
         overlap_flops: overlap,
+        mesh: vec![],
+        over: 0,
     })
 }
 
@@ -324,6 +330,13 @@ fn grouped_reference(
                     src[0] = members[(me + g - axis % g) % g];
                     x[at(&src)]
                 }
+                "all_to_all" => {
+                    // rank r's chunk s of `axis` comes from member s's chunk r
+                    let c = shape[axis] / g;
+                    src[0] = members[idx[axis] / c];
+                    src[axis] = me * c + idx[axis] % c;
+                    x[at(&src)]
+                }
                 "all_reduce" => members
                     .iter()
                     .map(|&s| {
@@ -364,6 +377,7 @@ fn grouped_op(op: &str, axis: i64, mesh: &[usize], over: usize) -> Op {
             mesh,
             over,
         },
+        "all_to_all" => Composite::AllToAll { axis, mesh, over },
         _ => Composite::ReduceScatter { axis, mesh, over },
     })
 }
@@ -388,10 +402,10 @@ fn grouped_collectives_match_a_loop_over_ranks() {
         let group = if mesh.is_empty() { ranks } else { mesh[over] };
         let rank = rng.gen_range(2..=4usize);
         let axis = rng.gen_range(1..rank);
-        for op in ["all_reduce", "all_gather", "reduce_scatter"] {
+        for op in ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"] {
             let mut shape: Vec<usize> = (0..rank).map(|_| rng.gen_range(1..=3usize)).collect();
             shape[0] = ranks;
-            if op == "reduce_scatter" {
+            if op == "reduce_scatter" || op == "all_to_all" {
                 shape[axis] = group * rng.gen_range(1..=2usize);
             }
             let n: usize = shape.iter().product();
@@ -414,7 +428,7 @@ fn grouped_collectives_match_a_loop_over_ranks() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 450);
+    assert_eq!(cases, 600);
 }
 
 /// `reduce_scatter` then `all_gather` over the same groups is `all_reduce`; an `all_gather` then keeping rank
@@ -499,10 +513,13 @@ fn grouped_collectives_refuse_bad_groups_and_axes() {
 
 #[test]
 fn grouped_collectives_round_trip_through_text() {
-    let src = "graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[2, 3], over=1](%0) : f32[6, 4]\n  %2 = all_gather[axis=1, mesh=[], over=0](%1) : f32[6, 24]\n  %3 = reduce_scatter[axis=-1, mesh=[6], over=0](%2) : f32[6, 4]\n  %4 = send_recv[shift=-1, mesh=[3, 2], over=0](%3) : f32[6, 4]\n  output \"y\" = %4\n}\n";
+    let src = "graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[2, 3], over=1](%0) : f32[6, 4]\n  %2 = all_gather[axis=1](%1) : f32[6, 24]\n  %3 = reduce_scatter[axis=-1, mesh=[6], over=0](%2) : f32[6, 4]\n  %4 = send_recv[shift=-1, mesh=[3, 2], over=0](%3) : f32[6, 4]\n  %5 = all_to_all[axis=1, mesh=[2, 3], over=0](%4) : f32[6, 4]\n  %6 = all_to_all[axis=1, mesh=[3, 2], over=1](%5) : f32[6, 4]\n  output \"y\" = %6\n}\n";
     let g = text::parse(src).unwrap();
     assert_eq!(text::print(&g), src);
     assert_eq!(g.dims(g.outputs()[0].1), cd(&[6, 4]).as_slice());
+    // one group of all ranks prints (and reads) without the group attributes
+    let src = "graph g {\n  %0 = input \"x\" : f32[2, 4]\n  %1 = all_to_all[axis=1](%0) : f32[2, 4]\n  %2 = all_reduce(%1) : f32[2, 4]\n  output \"y\" = %2\n}\n";
+    assert_eq!(text::print(&text::parse(src).unwrap()), src);
     let e = text::parse("graph g {\n  %0 = input \"x\" : f32[6, 4]\n  %1 = all_reduce[mesh=[-2], over=0](%0)\n}\n")
         .unwrap_err();
     assert!(

@@ -1447,10 +1447,16 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             )
             .unwrap(),
         },
-        Composite::AllToAll { axis: 1 },
+        Composite::AllToAll {
+            axis: 1,
+            mesh: vec![],
+            over: 0,
+        },
         Composite::AllToAllStart {
             axis: -1,
             overlap_flops: fulgur_ir::Dim::from(0usize),
+            mesh: vec![2, 3],
+            over: 1,
         },
         Composite::CollectiveWait,
         Composite::AllReduce { mesh: vec![], over: 0 },

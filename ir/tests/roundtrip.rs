@@ -217,10 +217,25 @@ impl Gen {
         let dt = self.dtype();
         let Some(x) = self.value_of(dt, dims) else { return };
         if self.rng.gen_bool(0.5) {
-            self.add(Op::Composite(Composite::AllToAll { axis }), &[x]);
+            self.add(
+                Op::Composite(Composite::AllToAll {
+                    axis,
+                    mesh: vec![],
+                    over: 0,
+                }),
+                &[x],
+            );
         } else {
             let overlap_flops = self.dim();
-            if self.add(Op::Composite(Composite::AllToAllStart { axis, overlap_flops }), &[x]) {
+            if self.add(
+                Op::Composite(Composite::AllToAllStart {
+                    axis,
+                    overlap_flops,
+                    mesh: vec![],
+                    over: 0,
+                }),
+                &[x],
+            ) {
                 let h = *self.pool.last().expect("just added");
                 self.add(Op::Composite(Composite::CollectiveWait), &[h]);
             }

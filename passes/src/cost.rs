@@ -363,7 +363,14 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
         return NodeCost::default();
     };
     let ranks = m.dim(x, 0).max(1.0);
-    let moved = m.bytes(x) * (ranks - 1.0) / ranks;
+    // an exchange within groups of G keeps 1/G of each rank's bytes
+    let group = match c {
+        Composite::AllToAll { mesh, over, .. } | Composite::AllToAllStart { mesh, over, .. } if !mesh.is_empty() => {
+            mesh.get(*over).copied().unwrap_or(1).max(1) as f64
+        }
+        _ => ranks,
+    };
+    let moved = m.bytes(x) * (group - 1.0) / group;
     match c {
         Composite::AllToAll { .. } => NodeCost {
             comm_bytes: moved,

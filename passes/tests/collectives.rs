@@ -112,7 +112,11 @@ fn ep_moe(s: Ep, layout: Layout, tokens: Dim, twist: Twist) -> Graph {
             let recv = g
                 .named(
                     "dispatch",
-                    Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }),
+                    Op::Composite(fulgur_ir::Composite::AllToAll {
+                        axis: 1,
+                        mesh: vec![],
+                        over: 0,
+                    }),
                     &[send],
                 )
                 .unwrap();
@@ -150,7 +154,11 @@ fn ep_moe(s: Ep, layout: Layout, tokens: Dim, twist: Twist) -> Graph {
             let back = g
                 .named(
                     "combine",
-                    Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }),
+                    Op::Composite(fulgur_ir::Composite::AllToAll {
+                        axis: 1,
+                        mesh: vec![],
+                        over: 0,
+                    }),
                     &[y],
                 )
                 .unwrap();
@@ -168,7 +176,11 @@ fn ep_moe(s: Ep, layout: Layout, tokens: Dim, twist: Twist) -> Graph {
             let recv = g
                 .named(
                     "dispatch",
-                    Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }),
+                    Op::Composite(fulgur_ir::Composite::AllToAll {
+                        axis: 1,
+                        mesh: vec![],
+                        over: 0,
+                    }),
                     &[send],
                 )
                 .unwrap();
@@ -180,7 +192,11 @@ fn ep_moe(s: Ep, layout: Layout, tokens: Dim, twist: Twist) -> Graph {
             let back = g
                 .named(
                     "combine",
-                    Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }),
+                    Op::Composite(fulgur_ir::Composite::AllToAll {
+                        axis: 1,
+                        mesh: vec![],
+                        over: 0,
+                    }),
                     &[y],
                 )
                 .unwrap();
@@ -485,7 +501,14 @@ fn ep_segment(ranks: usize, local: usize, cap: usize, c: usize, i: usize, dt: DT
         .input("x", dt, vec![r.clone(), r.clone(), d(local), d(cap), d(c)])
         .unwrap();
     let recv = g
-        .op1(Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }), &[x])
+        .op1(
+            Op::Composite(fulgur_ir::Composite::AllToAll {
+                axis: 1,
+                mesh: vec![],
+                over: 0,
+            }),
+            &[x],
+        )
         .unwrap();
     let y = if swiglu {
         let w13 = g
@@ -504,7 +527,14 @@ fn ep_segment(ranks: usize, local: usize, cap: usize, c: usize, i: usize, dt: DT
         g.silu(v).unwrap()
     };
     let back = g
-        .op1(Op::Composite(fulgur_ir::Composite::AllToAll { axis: 1 }), &[y])
+        .op1(
+            Op::Composite(fulgur_ir::Composite::AllToAll {
+                axis: 1,
+                mesh: vec![],
+                over: 0,
+            }),
+            &[y],
+        )
         .unwrap();
     g.add_output("y", back).unwrap();
     g

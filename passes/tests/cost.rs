@@ -34,14 +34,14 @@ fn f32_matmuls_are_ieee_unless_tf32_is_asked_for() {
 
 /// The grouped collectives are priced as ring algorithms within their groups (summed over the simulated ranks
 /// like every cost): an all-reduce moves 2(G−1)/G of its input's bytes, a reduce-scatter (G−1)/G, an
-/// all-gather (G−1)/G of its output (G times its input); a send-receive its whole input, nothing for a shift of a
-/// whole turn.
+/// all-gather (G−1)/G of its output (G times its input), an all-to-all (G−1)/G of its input; a send-receive its
+/// whole input, nothing for a shift of a whole turn.
 #[test]
 fn grouped_collectives_move_ring_bytes() {
     use fulgur_ir::Composite;
     let m = CostModel::new(Target::by_name("H100").unwrap());
-    let x = TensorType::new(DType::F32, vec![Dim::from(6), Dim::from(1024)]);
-    let bytes = 6.0 * 1024.0 * 4.0;
+    let x = TensorType::new(DType::F32, vec![Dim::from(6), Dim::from(1032)]);
+    let bytes = 6.0 * 1032.0 * 4.0;
     for (c, g, want) in [
         (
             Composite::AllReduce {
@@ -69,6 +69,24 @@ fn grouped_collectives_move_ring_bytes() {
             },
             3.0,
             2.0,
+        ),
+        (
+            Composite::AllToAll {
+                axis: 1,
+                mesh: vec![2, 3],
+                over: 0,
+            },
+            2.0,
+            0.5,
+        ),
+        (
+            Composite::AllToAll {
+                axis: 1,
+                mesh: vec![],
+                over: 0,
+            },
+            6.0,
+            5.0 / 6.0,
         ),
         (
             Composite::SendRecv {

@@ -23,7 +23,8 @@
 //! meaning: the matmul FLOPs of the independent compute the transfer was placed alongside (the optimizer's
 //! cost model hides the transfer behind part of it; see `docs/passes.md`); `0` for a transfer with none.
 //!
-//! **Groups.** `all_reduce`, `all_gather` and `reduce_scatter` run within groups of ranks: `mesh` factors the
+//! **Groups.** `all_reduce`, `all_gather`, `reduce_scatter`, `send_recv` and (with a mesh) `all_to_all` run within
+//! groups of ranks: `mesh` factors the
 //! rank axis (`R = Π mesh`, rank `r`'s coordinates row-major over it) and the ranks that differ only in
 //! coordinate `over` form a group of `G = mesh[over]`; an empty `mesh` is one group of all `R` ranks. Within a
 //! group (ranks `r, s` numbered along `over`):
@@ -50,7 +51,13 @@ use crate::types::TensorType;
 /// Typing rule of `all_to_all[axis]` and `all_to_all_start[axis, ..]` (named `op` in messages): the input
 /// `[R, ...]` has rank ≥ 2, `axis` is not the rank axis 0, and `R` (a constant or a symbol) divides the size
 /// of `axis`. The output has the input's type.
-pub fn infer_all_to_all(op: &str, axis: i64, ins: &[&TensorType]) -> std::result::Result<Vec<TensorType>, String> {
+pub fn infer_all_to_all(
+    op: &str,
+    axis: i64,
+    mesh: &[usize],
+    over: usize,
+    ins: &[&TensorType],
+) -> std::result::Result<Vec<TensorType>, String> {
     let t = ins[0];
     if t.rank() < 2 {
         return Err(format!(
@@ -73,9 +80,23 @@ pub fn infer_all_to_all(op: &str, axis: i64, ins: &[&TensorType]) -> std::result
         return Err(format!("`{op}` needs at least one rank, got R = 0 in {t}"));
     }
     let d = &t.dims()[a as usize];
-    if d.div_exact(ranks).is_none() {
+    if mesh.is_empty() {
+        if over != 0 {
+            return Err(format!(
+                "`{op}`: over={over} needs a mesh with axis {over}; with mesh=[] the group is all ranks (over=0)"
+            ));
+        }
+        if d.div_exact(ranks).is_none() {
+            return Err(format!(
+                "`{op}`: axis {axis} of {t} has size `{d}`, which the rank count R = `{ranks}` does not divide"
+            ));
+        }
+        return Ok(vec![t.clone()]);
+    }
+    let g = group_size(op, mesh, over, ranks, t)?;
+    if d.div_exact(&g).is_none() {
         return Err(format!(
-            "`{op}`: axis {axis} of {t} has size `{d}`, which the rank count R = `{ranks}` does not divide"
+            "`{op}`: axis {axis} of {t} has size `{d}`, which the group size G = `{g}` does not divide"
         ));
     }
     Ok(vec![t.clone()])
@@ -217,6 +238,8 @@ pub enum Within {
     Scatter(usize),
     /// `out[r] = x[(r − k) mod G]`.
     Shift(i64),
+    /// `all_to_all` along axis `a` (in `[R, X...]`'s numbering).
+    Exchange(usize),
 }
 
 /// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
@@ -278,6 +301,7 @@ fn one_group(g: &mut Graph, within: Within, v: Value) -> Result<Value> {
     let dims = g.dims(v).to_vec();
     let gs = dims[0].clone();
     match within {
+        Within::Exchange(a) => all_to_all(g, (a + 1) as i64, v),
         Within::Shift(k) => {
             let n = gs
                 .as_const()

@@ -92,8 +92,30 @@ impl Composite {
             }
             Composite::GroupedMatmulWgrad => Ok(vec![moe::grouped_wgrad(g, inputs[0], inputs[1], inputs[2])?]),
             Composite::Fused { body } => Ok(vec![fused::inline(g, body, inputs)?]),
-            Composite::AllToAll { axis } | Composite::AllToAllStart { axis, .. } => {
-                Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
+            Composite::AllToAll { axis, mesh, over } | Composite::AllToAllStart { axis, mesh, over, .. } => {
+                if mesh.is_empty() {
+                    Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
+                } else {
+                    let r = g.rank(inputs[0]) as i64;
+                    let a = if *axis < 0 { axis + r } else { *axis };
+                    let a = usize::try_from(a)
+                        .ok()
+                        .filter(|&a| a > 0 && (a as i64) < r)
+                        .ok_or_else(|| {
+                            crate::error::IrError::Graph(format!(
+                                "`{}`: axis {axis} is not a per-rank axis",
+                                self.name()
+                            ))
+                        })?;
+                    Ok(vec![collective::grouped(
+                        g,
+                        self.name(),
+                        collective::Within::Exchange(a),
+                        mesh,
+                        *over,
+                        inputs[0],
+                    )?])
+                }
             }
             Composite::CollectiveWait => Ok(vec![inputs[0]]),
             Composite::AllReduce { mesh, over } => Ok(vec![collective::grouped(

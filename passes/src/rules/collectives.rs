@@ -128,7 +128,8 @@ impl Walk<'_> {
     /// A dispatch `all_to_all` in `id` fitting the mode: `(input, axis)`.
     fn dispatch_in(&self, id: Id) -> Option<(Id, usize)> {
         self.eg[id].nodes.iter().find_map(|n| match n.ir_op() {
-            Some(Op::Composite(Composite::AllToAll { axis })) => {
+            // the rule's blocks are the exchange of one group of all ranks
+            Some(Op::Composite(Composite::AllToAll { axis, mesh, .. })) if mesh.is_empty() => {
                 let a = norm_axis(*axis, self.rank)?;
                 ((a == self.t) == self.block).then(|| (self.eg.find(n.children[0]), a))
             }
@@ -215,9 +216,12 @@ impl Walk<'_> {
 
 /// Every reading of `n` as the combine of an expert-parallel segment.
 fn match_segments(eg: &EGraph, n: &FNode) -> Vec<Segment> {
-    let Some(Op::Composite(Composite::AllToAll { axis })) = n.ir_op() else {
+    let Some(Op::Composite(Composite::AllToAll { axis, mesh, .. })) = n.ir_op() else {
         return vec![];
     };
+    if !mesh.is_empty() {
+        return vec![];
+    }
     let y = eg.find(n.children[0]);
     let Some(ty) = class_ty(eg, y) else { return vec![] };
     let rank = ty.rank();
@@ -362,6 +366,8 @@ fn chunked(eg: &mut EGraph, s: &Segment, c: usize) -> Option<Id> {
             Op::Composite(Composite::AllToAllStart {
                 axis: axis as i64,
                 overlap_flops: overlap.clone(),
+                mesh: vec![],
+                over: 0,
             }),
             &[v],
         )?;
