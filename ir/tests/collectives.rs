@@ -563,3 +563,97 @@ fn send_recv_rotates_within_groups() {
     let e = g.op1(grouped_op("send_recv", 1, &[], 0), &[x]).unwrap_err().to_string();
     assert!(e.contains("`send_recv` needs a constant group size, got `R`"), "{e}");
 }
+
+// ------------------------------------------------------------ hand-sharded patterns
+
+/// A ring of `G − 1` `send_recv[1]` steps, each rank adding what it received, is the group's `all_reduce` (the
+/// communication pattern of ring attention and of a ring all-reduce), within each group of a mesh.
+#[test]
+fn a_ring_of_send_recv_steps_is_the_all_reduce() {
+    for (mesh, over) in [(vec![4usize], 0usize), (vec![2, 3], 1), (vec![3, 2], 0)] {
+        let ranks: usize = mesh.iter().product();
+        let shape = vec![ranks, 2, 3];
+        let n: usize = shape.iter().product();
+        let vals: Vec<f64> = (0..n).map(|i| ((i * 7) % 11) as f64 - 5.0).collect();
+        let mut g = Graph::new("ring");
+        let x = g.input("x", DType::F32, cd(&shape)).unwrap();
+        let (mut acc, mut v) = (x, x);
+        for _ in 1..mesh[over] {
+            v = g.op1(grouped_op("send_recv", 1, &mesh, over), &[v]).unwrap();
+            acc = g.add(acc, v).unwrap();
+        }
+        let ar = g.op1(grouped_op("all_reduce", 0, &mesh, over), &[x]).unwrap();
+        let d = g.sub(acc, ar).unwrap();
+        g.add_output("d", d).unwrap();
+        let got = run1(&g, "x", &Tensor::from_f64(DType::F32, shape.clone(), vals));
+        assert!(got.to_f64().iter().all(|v| *v == 0.0), "mesh {mesh:?} over {over}");
+    }
+}
+
+/// Tensor parallelism by hand on a `[dp = 2, tp = 2]` mesh: the batch split over `dp`, the first weight's columns
+/// and the second weight's rows split over `tp`; each rank's partial product summed by `all_reduce` over `tp`
+/// gives every rank its batch shard of the single-device `silu(x W1) W2` (the pattern the sharding pass will
+/// produce for an MLP or an attention block's projections).
+#[test]
+fn a_tensor_parallel_mlp_by_hand_equals_the_single_device_mlp() {
+    let (dp, tp, b, c, h) = (2usize, 2usize, 3usize, 4usize, 6usize);
+    let vals =
+        |n: usize, seed: usize| -> Vec<f64> { (0..n).map(|i| (((i + seed) * 37) % 17) as f64 / 8.0 - 1.0).collect() };
+    let (x, w1, w2) = (vals(dp * b * c, 1), vals(c * h, 2), vals(h * c, 3));
+    // single device
+    let mut g = Graph::new("mlp");
+    let xv = g.input("x", DType::F32, cd(&[dp * b, c])).unwrap();
+    let w1v = g.input("w1", DType::F32, cd(&[c, h])).unwrap();
+    let w2v = g.input("w2", DType::F32, cd(&[h, c])).unwrap();
+    let a = g.matmul(xv, w1v).unwrap();
+    let a = g.silu(a).unwrap();
+    let y = g.matmul(a, w2v).unwrap();
+    g.add_output("y", y).unwrap();
+    let feed: HashMap<String, Tensor> = [
+        (
+            "x".to_string(),
+            Tensor::from_f64(DType::F32, vec![dp * b, c], x.clone()),
+        ),
+        ("w1".to_string(), Tensor::from_f64(DType::F32, vec![c, h], w1.clone())),
+        ("w2".to_string(), Tensor::from_f64(DType::F32, vec![h, c], w2.clone())),
+    ]
+    .into();
+    let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap()["y"].to_f64();
+    // the shards of rank (d, t) = rank d·tp + t
+    let (hs, ranks) = (h / tp, dp * tp);
+    let mut xs = Vec::new();
+    let mut w1s = Vec::new();
+    let mut w2s = Vec::new();
+    for r in 0..ranks {
+        let (d, t) = (r / tp, r % tp);
+        xs.extend_from_slice(&x[d * b * c..(d + 1) * b * c]);
+        for i in 0..c {
+            w1s.extend_from_slice(&w1[i * h + t * hs..i * h + (t + 1) * hs]);
+        }
+        w2s.extend_from_slice(&w2[t * hs * c..(t + 1) * hs * c]);
+    }
+    let mut g = Graph::new("mlp_tp");
+    let xv = g.input("x", DType::F32, cd(&[ranks, b, c])).unwrap();
+    let w1v = g.input("w1", DType::F32, cd(&[ranks, c, hs])).unwrap();
+    let w2v = g.input("w2", DType::F32, cd(&[ranks, hs, c])).unwrap();
+    let a = g.matmul(xv, w1v).unwrap();
+    let a = g.silu(a).unwrap();
+    let partial = g.matmul(a, w2v).unwrap();
+    let y = g.op1(grouped_op("all_reduce", 0, &[dp, tp], 1), &[partial]).unwrap();
+    g.add_output("y", y).unwrap();
+    let feed: HashMap<String, Tensor> = [
+        ("x".to_string(), Tensor::from_f64(DType::F32, vec![ranks, b, c], xs)),
+        ("w1".to_string(), Tensor::from_f64(DType::F32, vec![ranks, c, hs], w1s)),
+        ("w2".to_string(), Tensor::from_f64(DType::F32, vec![ranks, hs, c], w2s)),
+    ]
+    .into();
+    let got = Interpreter::new(Precision::F64).run(&g, &feed).unwrap()["y"].to_f64();
+    for r in 0..ranks {
+        let d = r / tp;
+        let mine = &got[r * b * c..(r + 1) * b * c];
+        let theirs = &want[d * b * c..(d + 1) * b * c];
+        for (u, v) in mine.iter().zip(theirs) {
+            assert!((u - v).abs() < 1e-12, "rank {r}: {u} against {v}");
+        }
+    }
+}
