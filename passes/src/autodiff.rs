@@ -257,7 +257,8 @@ fn kept(c: &Composite, expand_all: bool) -> bool {
         | Composite::AllReduce { .. }
         | Composite::AllGather { .. }
         | Composite::ReduceScatter { .. }
-        | Composite::SendRecv { .. } => !expand_all,
+        | Composite::SendRecv { .. }
+        | Composite::AllToAll { .. } => !expand_all,
         _ => false,
     }
 }
@@ -923,6 +924,15 @@ fn vjp(
         }
         Op::Composite(Composite::ReduceScatter { axis, mesh, over }) => {
             let op = Op::Composite(Composite::AllGather {
+                axis: *axis,
+                mesh: mesh.clone(),
+                over: *over,
+            });
+            vec![Some(g.op(op, &[gy])?[0])]
+        }
+        // the exchange is a permutation that is its own inverse, so its own transpose
+        Op::Composite(Composite::AllToAll { axis, mesh, over }) => {
+            let op = Op::Composite(Composite::AllToAll {
                 axis: *axis,
                 mesh: mesh.clone(),
                 over: *over,

@@ -408,8 +408,8 @@ fn backward_composites_refuse_ill_typed_inputs() {
 }
 
 /// A collective's backward is the transposed collective over the same groups (`all_reduce` its own,
-/// `all_gather` ↔ `reduce_scatter`, `send_recv[k]` ↔ `send_recv[−k]`), agreeing with the autodiff of the
-/// decompositions.
+/// `all_gather` ↔ `reduce_scatter`, `send_recv[k]` ↔ `send_recv[−k]`, `all_to_all` its own), agreeing with the
+/// autodiff of the decompositions.
 #[test]
 fn collectives_backward_is_the_transposed_collective() {
     let op = |c: Composite| Op::Composite(c);
@@ -442,6 +442,16 @@ fn collectives_backward_is_the_transposed_collective() {
                 over: 0,
             }),
             "all_gather",
+        ),
+        (
+            "all_to_all, axis 1, mesh [2, 3] over 1",
+            vec![&[6, 6, 2]],
+            op(Composite::AllToAll {
+                axis: 1,
+                mesh: vec![2, 3],
+                over: 1,
+            }),
+            "all_to_all",
         ),
         (
             "send_recv, shift 1, mesh [3, 2] over 0",
