@@ -41,9 +41,12 @@ const B: usize = 64;
 /// Whether a `flash_attention_grad` kernel takes the tensor-core form: bf16 throughout, head dims multiples of 16 up to
 /// 128, `q` not broadcast, and `k` and `v` broadcast along the same batch axes.
 pub(super) fn grad_applies(k: &Kernel) -> bool {
+    if k.inputs.len() != 4 || k.outputs.len() != 3 {
+        return false;
+    }
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.inputs[3]);
     let (rq, rk, rv, ro) = (qt.shape.len(), kt.shape.len(), vt.shape.len(), ot.shape.len());
-    if k.inputs.len() != 4 || k.outputs.len() != 3 || ro < 2 || rq != ro {
+    if ro < 2 || rq != ro {
         return false;
     }
     if [qt, kt, vt, ot].iter().any(|t| t.dtype != DType::BF16) || k.outputs.iter().any(|t| t.dtype != DType::BF16) {
@@ -68,6 +71,9 @@ pub(super) fn grad_applies(k: &Kernel) -> bool {
 /// Whether a `flash_attention[_rope]` kernel takes the tensor-core form: bf16 `q`, `k` and `v`, head dims
 /// multiples of 16 up to 128.
 pub(super) fn forward_applies(k: &Kernel) -> bool {
+    if k.inputs.len() < 3 {
+        return false;
+    }
     let (qt, kt, vt) = (&k.inputs[0], &k.inputs[1], &k.inputs[2]);
     let head = |t: &TensorRef| t.shape[t.shape.len() - 1].as_const();
     [qt, kt, vt]
