@@ -15,7 +15,10 @@
 //! - [`autodiff`]: reverse-mode differentiation of a graph with a scalar loss;
 //! - [`optim`]: the training step (loss, gradients, clipping, AdamW) as one graph.
 //!
-//! Depends on `fulgur-ir` only. Sharding arrives with a later issue.
+//! - [`shard`]: device meshes with named axes and the shardings of values on them (the sharding pass's
+//!   vocabulary; `docs/parallelism.md`).
+//!
+//! Depends on `fulgur-ir` only.
 
 pub mod autodiff;
 pub mod classify;
@@ -27,6 +30,7 @@ pub mod optim;
 pub mod pass;
 pub mod precision;
 pub mod rules;
+pub mod shard;
 pub mod testing;
 pub mod why;
 

@@ -1,0 +1,221 @@
+//! Meshes and shardings (`docs/parallelism.md`, §2 and §4): the vocabulary the sharding pass is built from.
+//!
+//! A [`Mesh`] is an ordered list of named axes with degrees; a rank's coordinates are row-major over them, and a
+//! collective running along one axis names its groups by the mesh's sizes and that axis's index
+//! ([`Mesh::group`], the `mesh`/`over` attributes of the IR's collectives). A [`Sharding`] places a value on the
+//! mesh, per axis: replicated, split along one of the value's dims, or a partial sum; [`Sharding::local_dims`]
+//! gives a rank's shard, refusing a degree that does not divide the dimension it splits, naming both.
+
+use crate::PassError;
+use fulgur_ir::Dim;
+use std::fmt;
+
+/// A device mesh: named axes (`dp`, `tp`, `ep`, ...) with their degrees, ranks row-major over them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    axes: Vec<(String, usize)>,
+}
+
+impl Mesh {
+    /// A mesh of `axes` (name, degree): names distinct and non-empty, degrees at least 1.
+    pub fn new(axes: &[(&str, usize)]) -> Result<Mesh, PassError> {
+        let mut seen = std::collections::HashSet::new();
+        for &(name, degree) in axes {
+            if name.is_empty() {
+                return Err(PassError::Options("a mesh axis needs a name".into()));
+            }
+            if !seen.insert(name) {
+                return Err(PassError::Options(format!("mesh axis `{name}` is named twice")));
+            }
+            if degree == 0 {
+                return Err(PassError::Options(format!("mesh axis `{name}` has degree 0")));
+            }
+        }
+        Ok(Mesh {
+            axes: axes.iter().map(|&(n, d)| (n.to_string(), d)).collect(),
+        })
+    }
+
+    /// The number of ranks: the product of the degrees.
+    pub fn ranks(&self) -> usize {
+        self.axes.iter().map(|a| a.1).product()
+    }
+
+    /// The axes' degrees, in order (a collective's `mesh` attribute).
+    pub fn sizes(&self) -> Vec<usize> {
+        self.axes.iter().map(|a| a.1).collect()
+    }
+
+    /// The index of axis `name`.
+    pub fn axis(&self, name: &str) -> Result<usize, PassError> {
+        self.axes
+            .iter()
+            .position(|a| a.0 == name)
+            .ok_or_else(|| PassError::Options(format!("the mesh {self} has no axis `{name}`")))
+    }
+
+    /// The degree of axis `name`.
+    pub fn degree(&self, name: &str) -> Result<usize, PassError> {
+        Ok(self.axes[self.axis(name)?].1)
+    }
+
+    /// Rank `r`'s coordinate on each axis (row-major: the last axis varies fastest).
+    pub fn coords(&self, r: usize) -> Vec<usize> {
+        let mut rest = r;
+        let mut c = vec![0; self.axes.len()];
+        for (i, a) in self.axes.iter().enumerate().rev() {
+            c[i] = rest % a.1;
+            rest /= a.1;
+        }
+        c
+    }
+
+    /// The groups of a collective along axis `name`: its `mesh` and `over` attributes.
+    pub fn group(&self, name: &str) -> Result<(Vec<usize>, usize), PassError> {
+        Ok((self.sizes(), self.axis(name)?))
+    }
+}
+
+impl fmt::Display for Mesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.axes.iter().map(|(n, d)| format!("{n}={d}")).collect();
+        write!(f, "[{}]", parts.join(", "))
+    }
+}
+
+/// How a value lies along one mesh axis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Every rank of the axis holds the whole value.
+    Replicated,
+    /// The value's dim `d` is cut into as many chunks as the axis's degree, rank `i` of the axis holding chunk
+    /// `i` (where several axes split one dim, the earlier axis's chunks are the outer ones).
+    Split(usize),
+    /// Every rank of the axis holds a summand; the value is their sum.
+    Partial,
+}
+
+/// A value's placement on each axis of a mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sharding {
+    pub per_axis: Vec<Placement>,
+}
+
+impl Sharding {
+    /// Replicated on every axis of `mesh`.
+    pub fn replicated(mesh: &Mesh) -> Sharding {
+        Sharding {
+            per_axis: vec![Placement::Replicated; mesh.axes.len()],
+        }
+    }
+
+    /// A rank's shard of a value of global dims `dims` named `what` (for errors): each dim divided by the
+    /// degrees of the axes that split it. A degree that does not divide its dimension, a split of a dim the
+    /// value lacks, or a placement list of the wrong length is an error naming the value, the dim and the
+    /// axis.
+    pub fn local_dims(&self, mesh: &Mesh, what: &str, dims: &[Dim]) -> Result<Vec<Dim>, PassError> {
+        if self.per_axis.len() != mesh.axes.len() {
+            return Err(PassError::Options(format!(
+                "`{what}`: a sharding of {} placements on the mesh {mesh} of {} axes",
+                self.per_axis.len(),
+                mesh.axes.len()
+            )));
+        }
+        let mut out = dims.to_vec();
+        for (p, (name, degree)) in self.per_axis.iter().zip(&mesh.axes) {
+            if let Placement::Split(d) = p {
+                let Some(size) = out.get(*d).cloned() else {
+                    return Err(PassError::Options(format!(
+                        "`{what}` has {} dims; mesh axis `{name}` cannot split its dim {d}",
+                        dims.len()
+                    )));
+                };
+                out[*d] = size.div_exact(&Dim::from(*degree)).ok_or_else(|| {
+                    PassError::Options(format!(
+                        "`{what}`: dim {d} of size `{}` is split by mesh axis `{name}` of degree {degree}, which does \
+                         not divide `{size}`",
+                        dims[*d]
+                    ))
+                })?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_coordinates_and_groups() {
+        let m = Mesh::new(&[("dp", 2), ("tp", 4)]).unwrap();
+        assert_eq!(m.ranks(), 8);
+        assert_eq!(m.coords(6), vec![1, 2]);
+        assert_eq!(m.group("tp").unwrap(), (vec![2, 4], 1));
+        assert_eq!(m.degree("dp").unwrap(), 2);
+        assert_eq!(m.to_string(), "[dp=2, tp=4]");
+        let e = m.axis("ep").unwrap_err().to_string();
+        assert_eq!(e, "the mesh [dp=2, tp=4] has no axis `ep`");
+        let e = Mesh::new(&[("dp", 2), ("dp", 2)]).unwrap_err().to_string();
+        assert_eq!(e, "mesh axis `dp` is named twice");
+        let e = Mesh::new(&[("tp", 0)]).unwrap_err().to_string();
+        assert_eq!(e, "mesh axis `tp` has degree 0");
+    }
+
+    #[test]
+    fn local_dims_divide_by_the_splitting_degrees_or_name_what_does_not_divide() {
+        let m = Mesh::new(&[("dp", 2), ("tp", 4)]).unwrap();
+        let dims = vec![Dim::sym("B"), Dim::from(4096), Dim::from(6144)];
+        let s = Sharding {
+            per_axis: vec![Placement::Split(0), Placement::Split(2)],
+        };
+        // B over dp: symbolic, divisible only where B is a multiple of 2
+        let e = s.local_dims(&m, "x", &dims).unwrap_err().to_string();
+        assert!(
+            e.contains("`x`: dim 0 of size `B` is split by mesh axis `dp` of degree 2"),
+            "{e}"
+        );
+        let dims = vec![Dim::from(8), Dim::from(4096), Dim::from(6144)];
+        assert_eq!(
+            s.local_dims(&m, "x", &dims).unwrap(),
+            vec![Dim::from(4), Dim::from(4096), Dim::from(1536)]
+        );
+        // two axes splitting one dim divide it by both degrees
+        let both = Sharding {
+            per_axis: vec![Placement::Split(1), Placement::Split(1)],
+        };
+        assert_eq!(
+            both.local_dims(&m, "x", &dims).unwrap(),
+            vec![Dim::from(8), Dim::from(512), Dim::from(6144)]
+        );
+        let tp3 = Mesh::new(&[("tp", 3)]).unwrap();
+        let e = Sharding {
+            per_axis: vec![Placement::Split(1)],
+        }
+        .local_dims(&tp3, "w_qkv", &dims)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "`w_qkv`: dim 1 of size `4096` is split by mesh axis `tp` of degree 3, which does not divide `4096`"
+        );
+        let e = Sharding {
+            per_axis: vec![Placement::Split(5), Placement::Partial],
+        }
+        .local_dims(&m, "x", &dims)
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "`x` has 3 dims; mesh axis `dp` cannot split its dim 5");
+        let e = Sharding::replicated(&tp3)
+            .local_dims(&m, "x", &dims)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "`x`: a sharding of 1 placements on the mesh [dp=2, tp=4] of 2 axes");
+        // partial sums and replicas keep the global dims
+        let p = Sharding {
+            per_axis: vec![Placement::Replicated, Placement::Partial],
+        };
+        assert_eq!(p.local_dims(&m, "y", &dims).unwrap(), dims);
+    }
+}
