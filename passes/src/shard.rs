@@ -5,6 +5,8 @@
 //! ([`Mesh::group`], the `mesh`/`over` attributes of the IR's collectives). A [`Sharding`] places a value on the
 //! mesh, per axis: replicated, split along one of the value's dims, or a partial sum; [`Sharding::local_dims`]
 //! gives a rank's shard, refusing a degree that does not divide the dimension it splits, naming both.
+//! [`reshard`] inserts the collectives that turn one sharding of a value into another (tested on the
+//! interpreter against the target's shards of the same global tensor).
 
 use crate::PassError;
 use fulgur_ir::Dim;
@@ -143,9 +145,208 @@ impl Sharding {
     }
 }
 
+/// The collectives turning value `x` (its per-rank shards on the simulated rank axis: `[R, local dims...]`) from
+/// sharding `from` into sharding `to`, axis by axis: a partial sum becomes replicated by `all_reduce` or split by
+/// `reduce_scatter`, a split becomes replicated by `all_gather`. What needs no communication (a placement
+/// kept) adds nothing; a transition that does not communicate but selects a rank's chunk (replicated to split)
+/// or one between two splits is refused for now, naming the axis.
+pub fn reshard(
+    g: &mut fulgur_ir::Graph,
+    x: fulgur_ir::Value,
+    mesh: &Mesh,
+    from: &Sharding,
+    to: &Sharding,
+) -> Result<fulgur_ir::Value, PassError> {
+    use fulgur_ir::{Composite, Op};
+    let n = mesh.axes.len();
+    if from.per_axis.len() != n || to.per_axis.len() != n {
+        return Err(PassError::Options(format!(
+            "a resharding on the mesh {mesh} needs {n} placements on each side"
+        )));
+    }
+    let sizes = mesh.sizes();
+    let mut v = x;
+    // gathers first, the innermost axis first (an earlier axis's chunks hold the later axes' chunks), then the
+    // rest in mesh order; a collective on a dim that a later axis still splits would nest the chunks wrongly
+    let gather = |k: usize| {
+        matches!(
+            (&from.per_axis[k], &to.per_axis[k]),
+            (Placement::Split(_), Placement::Replicated)
+        )
+    };
+    let mut order: Vec<usize> = (0..n).rev().filter(|&k| gather(k)).collect();
+    order.extend((0..n).filter(|&k| !gather(k)));
+    let mut cur = from.per_axis.clone();
+    for k in order {
+        let (f, t) = (&from.per_axis[k], &to.per_axis[k]);
+        let moved = match (f, t) {
+            (Placement::Split(d), _) | (_, Placement::Split(d)) if f != t => Some(*d),
+            _ => None,
+        };
+        if let Some(d) = moved {
+            if let Some(inner) = (k + 1..n).find(|&j| cur[j] == Placement::Split(d)) {
+                return Err(PassError::Options(format!(
+                    "resharding dim {d} along mesh axis `{}` while the later axis `{}` splits it (chunks nest in \
+                     mesh order) is not supported yet",
+                    mesh.axes[k].0, mesh.axes[inner].0
+                )));
+            }
+        }
+        cur[k] = t.clone();
+        let (mesh_v, over) = (sizes.clone(), k);
+        let op = match (f, t) {
+            (a, b) if a == b => continue,
+            (Placement::Partial, Placement::Replicated) => Composite::AllReduce { mesh: mesh_v, over },
+            (Placement::Partial, Placement::Split(d)) => Composite::ReduceScatter {
+                axis: *d as i64 + 1,
+                mesh: mesh_v,
+                over,
+            },
+            (Placement::Split(d), Placement::Replicated) => Composite::AllGather {
+                axis: *d as i64 + 1,
+                mesh: mesh_v,
+                over,
+            },
+            (a, b) => {
+                return Err(PassError::Options(format!(
+                    "resharding along mesh axis `{}` from {a:?} to {b:?} is not supported yet",
+                    mesh.axes[k].0
+                )))
+            }
+        };
+        v = g.op(Op::Composite(op), &[v])?[0];
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fulgur_ir::{DType, Graph, Interpreter, Precision, Tensor};
+    use std::collections::HashMap;
+
+    /// The simulated shards `[R, local...]` of a global row-major tensor: per rank, each split dim cut to the
+    /// rank's chunk (axes in mesh order, the earlier outer); a partial sum held whole by the ranks at
+    /// coordinate 0 of that axis and zero elsewhere.
+    fn shards(global: &[f64], dims: &[usize], mesh: &Mesh, s: &Sharding) -> (Vec<f64>, Vec<usize>) {
+        let ld: Vec<usize> = s
+            .local_dims(mesh, "t", &dims.iter().map(|&d| Dim::from(d)).collect::<Vec<_>>())
+            .unwrap()
+            .iter()
+            .map(|d| d.as_const().unwrap() as usize)
+            .collect();
+        let st = |ds: &[usize]| {
+            let mut s = vec![1; ds.len()];
+            for i in (0..ds.len().saturating_sub(1)).rev() {
+                s[i] = s[i + 1] * ds[i + 1];
+            }
+            s
+        };
+        let (gst, lst) = (st(dims), st(&ld));
+        let local_n: usize = ld.iter().product();
+        let mut out = Vec::with_capacity(mesh.ranks() * local_n);
+        for r in 0..mesh.ranks() {
+            let c = mesh.coords(r);
+            let zero = s
+                .per_axis
+                .iter()
+                .zip(&c)
+                .any(|(p, &ci)| *p == Placement::Partial && ci != 0);
+            for flat in 0..local_n {
+                let mut idx: Vec<usize> = (0..ld.len()).map(|d| (flat / lst[d]) % ld[d]).collect();
+                // the chunk offsets: for each dim, the splitting axes in order, outermost first
+                for d in 0..dims.len() {
+                    let mut chunk = dims[d];
+                    let mut off = 0;
+                    for (k, p) in s.per_axis.iter().enumerate() {
+                        if *p == Placement::Split(d) {
+                            chunk /= mesh.axes[k].1;
+                            off += c[k] * chunk;
+                        }
+                    }
+                    idx[d] += off;
+                }
+                let at: usize = idx.iter().zip(&gst).map(|(i, s)| i * s).sum();
+                out.push(if zero { 0.0 } else { global[at] });
+            }
+        }
+        let mut shape = vec![mesh.ranks()];
+        shape.extend(ld);
+        (out, shape)
+    }
+
+    #[test]
+    fn resharding_through_collectives_gives_the_target_shards() {
+        use Placement::*;
+        let mesh = Mesh::new(&[("dp", 2), ("tp", 3)]).unwrap();
+        let dims = [4usize, 6];
+        let global: Vec<f64> = (0..24).map(|i| (i * 5 % 13) as f64 - 6.0).collect();
+        let cases = [
+            (vec![Replicated, Partial], vec![Replicated, Replicated]),
+            (vec![Replicated, Partial], vec![Replicated, Split(1)]),
+            (vec![Partial, Partial], vec![Split(0), Replicated]),
+            (vec![Split(0), Split(1)], vec![Replicated, Replicated]),
+            (vec![Split(0), Split(1)], vec![Split(0), Replicated]),
+            (vec![Split(1), Split(1)], vec![Split(1), Replicated]),
+            (vec![Partial, Split(1)], vec![Replicated, Replicated]),
+            (vec![Split(1), Split(1)], vec![Replicated, Replicated]),
+            (vec![Split(1), Partial], vec![Split(1), Split(1)]),
+        ];
+        for (from, to) in cases {
+            let (from, to) = (Sharding { per_axis: from }, Sharding { per_axis: to });
+            let (xs, shape) = shards(&global, &dims, &mesh, &from);
+            let (want, want_shape) = shards(&global, &dims, &mesh, &to);
+            let mut g = Graph::new("reshard");
+            let x = g
+                .input("x", DType::F32, shape.iter().map(|&d| Dim::from(d)).collect())
+                .unwrap();
+            let y = reshard(&mut g, x, &mesh, &from, &to).unwrap();
+            g.add_output("y", y).unwrap();
+            let feed: HashMap<String, Tensor> = [("x".to_string(), Tensor::from_f64(DType::F32, shape, xs))].into();
+            let got = Interpreter::new(Precision::F64).run(&g, &feed).unwrap()["y"].clone();
+            assert_eq!(got.shape, want_shape, "{from:?} → {to:?}");
+            assert_eq!(got.to_f64(), want, "{from:?} → {to:?}");
+        }
+        let mut g = Graph::new("g");
+        let x = g
+            .input("x", DType::F32, vec![Dim::from(6), Dim::from(4), Dim::from(6)])
+            .unwrap();
+        let e = reshard(
+            &mut g,
+            x,
+            &mesh,
+            &Sharding {
+                per_axis: vec![Replicated, Replicated],
+            },
+            &Sharding {
+                per_axis: vec![Replicated, Split(0)],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "resharding along mesh axis `tp` from Replicated to Split(0) is not supported yet"
+        );
+        let e = reshard(
+            &mut g,
+            x,
+            &mesh,
+            &Sharding {
+                per_axis: vec![Split(1), Split(1)],
+            },
+            &Sharding {
+                per_axis: vec![Replicated, Split(1)],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "resharding dim 1 along mesh axis `dp` while the later axis `tp` splits it (chunks nest in mesh order) is \
+             not supported yet"
+        );
+    }
 
     #[test]
     fn ranks_coordinates_and_groups() {
