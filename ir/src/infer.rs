@@ -467,7 +467,9 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::AllReduce { mesh, over } => {
             crate::composite::collective::infer_grouped(c.name(), None, mesh, *over, ins)
         }
-        Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+        Composite::AllGather { axis, mesh, over }
+        | Composite::ReduceScatter { axis, mesh, over }
+        | Composite::ShardSlice { axis, mesh, over } => {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
         Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),

@@ -356,6 +356,9 @@ pub enum Composite {
     /// `shift` places back: `out[r] = x[r − shift]` along the group (a pipeline stage's activations, a ring
     /// attention step).
     SendRecv { shift: i64, mesh: Vec<usize>, over: usize },
+    /// Each rank keeps its own chunk of `axis` (no communication: a replicated value made split), chunk `i`
+    /// for the rank at position `i` of its group: `[R, ..., G·c (axis), ...]` → `[R, ..., c, ...]`.
+    ShardSlice { axis: i64, mesh: Vec<usize>, over: usize },
 }
 
 /// A collective's group attributes, omitted for the default (`mesh=[]`: one group of all ranks).
@@ -394,10 +397,11 @@ impl Composite {
             Composite::AllGather { .. } => "all_gather",
             Composite::ReduceScatter { .. } => "reduce_scatter",
             Composite::SendRecv { .. } => "send_recv",
+            Composite::ShardSlice { .. } => "shard_slice",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 22] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -419,6 +423,7 @@ impl Composite {
         "all_gather",
         "reduce_scatter",
         "send_recv",
+        "shard_slice",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -470,7 +475,9 @@ impl Composite {
             }
             Composite::CollectiveWait => vec![],
             Composite::AllReduce { mesh, over } => group_attrs(mesh, *over),
-            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+            Composite::AllGather { axis, mesh, over }
+            | Composite::ReduceScatter { axis, mesh, over }
+            | Composite::ShardSlice { axis, mesh, over } => {
                 let mut v = vec![("axis", AttrValue::Int(*axis))];
                 v.extend(group_attrs(mesh, *over));
                 v
@@ -502,7 +509,8 @@ impl Composite {
             | Composite::AllReduce { .. }
             | Composite::AllGather { .. }
             | Composite::ReduceScatter { .. }
-            | Composite::SendRecv { .. } => 1,
+            | Composite::SendRecv { .. }
+            | Composite::ShardSlice { .. } => 1,
         })
     }
     /// Number of outputs.
@@ -1038,6 +1046,11 @@ impl Op {
                 over: a.over()?,
             }),
             "reduce_scatter" => Op::Composite(Composite::ReduceScatter {
+                axis: a.int("axis")?,
+                mesh: a.mesh()?,
+                over: a.over()?,
+            }),
+            "shard_slice" => Op::Composite(Composite::ShardSlice {
                 axis: a.int("axis")?,
                 mesh: a.mesh()?,
                 over: a.over()?,

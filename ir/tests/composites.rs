@@ -1475,6 +1475,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             mesh: vec![2, 2],
             over: 1,
         },
+        Composite::ShardSlice {
+            axis: 2,
+            mesh: vec![],
+            over: 0,
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

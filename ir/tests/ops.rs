@@ -251,6 +251,7 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "all_gather",
     "reduce_scatter",
     "send_recv",
+    "shard_slice",
     "collective_wait",
 ];
 

@@ -288,6 +288,7 @@ impl Gen {
         let op = match kind {
             0 => Composite::AllReduce { mesh, over },
             1 => Composite::AllGather { axis, mesh, over },
+            _ if self.rng.gen_bool(0.5) => Composite::ShardSlice { axis, mesh, over },
             _ => Composite::ReduceScatter { axis, mesh, over },
         };
         self.add(Op::Composite(op), &[x]);

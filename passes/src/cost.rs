@@ -186,6 +186,8 @@ impl CostModel {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } => k(5.0 * n_in, false),
             Composite::RmsNorm { .. } => k(4.0 * n_in, false),
             Composite::Fused { body } => self.fused_cost(body, io),
+            // each rank copies its own chunk: the bytes in and out, no communication
+            Composite::ShardSlice { .. } => k(0.0, false),
             Composite::AllToAll { .. }
             | Composite::AllToAllStart { .. }
             | Composite::CollectiveWait

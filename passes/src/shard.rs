@@ -147,9 +147,9 @@ impl Sharding {
 
 /// The collectives turning value `x` (its per-rank shards on the simulated rank axis: `[R, local dims...]`) from
 /// sharding `from` into sharding `to`, axis by axis: a partial sum becomes replicated by `all_reduce` or split by
-/// `reduce_scatter`, a split becomes replicated by `all_gather`. What needs no communication (a placement
-/// kept) adds nothing; a transition that does not communicate but selects a rank's chunk (replicated to split)
-/// or one between two splits is refused for now, naming the axis.
+/// `reduce_scatter`, a split becomes replicated by `all_gather`, a replica becomes split by `shard_slice` (each
+/// rank keeping its chunk, no communication). A placement kept adds nothing; a change between two splits is
+/// refused for now, naming the axis.
 pub fn reshard(
     g: &mut fulgur_ir::Graph,
     x: fulgur_ir::Value,
@@ -203,6 +203,11 @@ pub fn reshard(
                 over,
             },
             (Placement::Split(d), Placement::Replicated) => Composite::AllGather {
+                axis: *d as i64 + 1,
+                mesh: mesh_v,
+                over,
+            },
+            (Placement::Replicated, Placement::Split(d)) => Composite::ShardSlice {
                 axis: *d as i64 + 1,
                 mesh: mesh_v,
                 over,
@@ -291,6 +296,8 @@ mod tests {
             (vec![Partial, Split(1)], vec![Replicated, Replicated]),
             (vec![Split(1), Split(1)], vec![Replicated, Replicated]),
             (vec![Split(1), Partial], vec![Split(1), Split(1)]),
+            (vec![Replicated, Replicated], vec![Split(0), Split(1)]),
+            (vec![Replicated, Partial], vec![Split(1), Replicated]),
         ];
         for (from, to) in cases {
             let (from, to) = (Sharding { per_axis: from }, Sharding { per_axis: to });
@@ -316,17 +323,17 @@ mod tests {
             x,
             &mesh,
             &Sharding {
-                per_axis: vec![Replicated, Replicated],
+                per_axis: vec![Replicated, Split(0)],
             },
             &Sharding {
-                per_axis: vec![Replicated, Split(0)],
+                per_axis: vec![Replicated, Split(1)],
             },
         )
         .unwrap_err()
         .to_string();
         assert_eq!(
             e,
-            "resharding along mesh axis `tp` from Replicated to Split(0) is not supported yet"
+            "resharding along mesh axis `tp` from Split(0) to Split(1) is not supported yet"
         );
         let e = reshard(
             &mut g,

@@ -1,5 +1,5 @@
 //! Collectives over ranks, simulated in one graph: `all_to_all`, `all_to_all_start`, `collective_wait`,
-//! `all_reduce`, `all_gather`, `reduce_scatter`, `send_recv`.
+//! `all_reduce`, `all_gather`, `reduce_scatter`, `send_recv`, and the local `shard_slice`.
 //!
 //! A graph spanning `R` ranks carries a **leading rank axis**: the per-rank tensor `[X...]` of every rank is
 //! the simulated tensor `[R, X...]`, whose slice `[r]` is rank `r`'s copy. A collective is then an ordinary
@@ -34,7 +34,11 @@
 //! all_gather[axis=a]:      out[r, ..., s·c + j, ...] = x[s, ..., j, ...]          [R, .., c, ..] → [R, .., G·c, ..]
 //! reduce_scatter[axis=a]:  out[r, ..., j, ...] = Σ_s x[s, ..., r·c + j, ...]      [R, .., G·c, ..] → [R, .., c, ..]
 //! send_recv[shift=k]:      out[r] = x[(r − k) mod G]                              (a constant group size)
+//! shard_slice[axis=a]:     out[r, ..., j, ...] = x[r, ..., r·c + j, ...]           [R, .., G·c, ..] → [R, .., c, ..]
 //! ```
+//!
+//! `shard_slice` moves no data between ranks: each keeps its own chunk (a replicated value made split). Its
+//! decomposition selects the chunk whose index equals the rank's position in its group and sums it out.
 //!
 //! Decomposition: view the rank axis as the mesh, move axis `over` first and fold the others into one axis
 //! carried along, apply the collective of one group along axis 0 (a sum over it broadcast back; the rank
@@ -47,6 +51,7 @@ use crate::dim::Dim;
 use crate::error::{IrError, Result};
 use crate::graph::{Graph, Value};
 use crate::types::TensorType;
+use crate::{CmpOp, DType};
 
 /// Typing rule of `all_to_all[axis]` and `all_to_all_start[axis, ..]` (named `op` in messages): the input
 /// `[R, ...]` has rank ≥ 2, `axis` is not the rank axis 0, and `R` (a constant or a symbol) divides the size
@@ -240,6 +245,8 @@ pub enum Within {
     Shift(i64),
     /// `all_to_all` along axis `a` (in `[R, X...]`'s numbering).
     Exchange(usize),
+    /// Each member's own chunk of axis `a`.
+    Slice(usize),
 }
 
 /// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
@@ -302,6 +309,32 @@ fn one_group(g: &mut Graph, within: Within, v: Value) -> Result<Value> {
     let gs = dims[0].clone();
     match within {
         Within::Exchange(a) => all_to_all(g, (a + 1) as i64, v),
+        Within::Slice(a) => {
+            let a = a + 1;
+            let c = dims[a].div_exact(&gs).ok_or_else(|| {
+                IrError::Graph(format!(
+                    "`shard_slice`: the group size `{gs}` does not divide axis size `{}`",
+                    dims[a]
+                ))
+            })?;
+            // [G, B, .., G', c, ..]: keep the chunk G' equal to the member's index on axis 0
+            let mut split: Vec<Dim> = dims[..a].to_vec();
+            split.push(gs.clone());
+            split.push(c);
+            split.extend_from_slice(&dims[a + 1..]);
+            let t = g.reshape(v, split.clone())?;
+            let ones = |at: usize| -> Vec<Dim> {
+                (0..split.len())
+                    .map(|i| if i == at { gs.clone() } else { Dim::from(1) })
+                    .collect()
+            };
+            let member = g.iota(DType::I64, ones(0), 0)?;
+            let chunk = g.iota(DType::I64, ones(a), a as i64)?;
+            let mine = g.compare(CmpOp::Eq, member, chunk)?;
+            let zero = g.scalar(0.0, g.dtype(t))?;
+            let kept = g.select(mine, t, zero)?;
+            g.sum(kept, &[a as i64], false)
+        }
         Within::Shift(k) => {
             let n = gs
                 .as_const()

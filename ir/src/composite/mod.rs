@@ -12,7 +12,7 @@
 //!   weight gradient of `grouped_matmul`);
 //! - [`fused`]: `fused` (a fused kernel: its body graph, inlined);
 //! - [`collective`]: `all_to_all`, `all_to_all_start`, `collective_wait`, `all_reduce`, `all_gather`,
-//!   `reduce_scatter`, `send_recv` (ranks simulated on a leading axis).
+//!   `reduce_scatter`, `send_recv`, `shard_slice` (ranks simulated on a leading axis).
 
 pub mod attention;
 pub mod collective;
@@ -126,7 +126,9 @@ impl Composite {
                 *over,
                 inputs[0],
             )?]),
-            Composite::AllGather { axis, mesh, over } | Composite::ReduceScatter { axis, mesh, over } => {
+            Composite::AllGather { axis, mesh, over }
+            | Composite::ReduceScatter { axis, mesh, over }
+            | Composite::ShardSlice { axis, mesh, over } => {
                 let r = g.rank(inputs[0]) as i64;
                 let a = if *axis < 0 { axis + r } else { *axis };
                 let a = usize::try_from(a)
@@ -135,10 +137,10 @@ impl Composite {
                     .ok_or_else(|| {
                         crate::error::IrError::Graph(format!("`{}`: axis {axis} is not a per-rank axis", self.name()))
                     })?;
-                let within = if matches!(self, Composite::AllGather { .. }) {
-                    collective::Within::Gather(a)
-                } else {
-                    collective::Within::Scatter(a)
+                let within = match self {
+                    Composite::AllGather { .. } => collective::Within::Gather(a),
+                    Composite::ShardSlice { .. } => collective::Within::Slice(a),
+                    _ => collective::Within::Scatter(a),
                 };
                 Ok(vec![collective::grouped(
                     g,
