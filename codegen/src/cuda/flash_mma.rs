@@ -514,9 +514,74 @@ impl Ctx {
         let _ = writeln!(s, "    __syncthreads();");
     }
 
+    /// A function's start: its helpers, its signature, and its shared tiles (`(name, pitch, note)`, bf16 rows of
+    /// [`B`] one after the other).
+    fn header(&self, s: &mut String, tiles: &[(&str, usize, &str)]) {
+        self.helpers(s);
+        let _ = writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
+            FLASH_WARPS * 32
+        );
+        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+        let mut prev: Option<(&str, usize)> = None;
+        for &(name, pitch, note) in tiles {
+            match prev {
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "  unsigned short* {name} = (unsigned short*)fulgur_smem; // {note}[{B}][{pitch}]"
+                    );
+                }
+                Some((p, pp)) => {
+                    let _ = writeln!(
+                        s,
+                        "  unsigned short* {name} = {p} + {};  // {note}[{B}][{pitch}]",
+                        B * pp
+                    );
+                }
+            }
+            prev = Some((name, pitch));
+        }
+    }
+
+    /// The lane's place in its warp's fragments, the grid guard, and the query and key counts.
+    fn locals(&self, s: &mut String) {
+        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+        let _ = writeln!(s, "  const i64 T = {}, S = {};", self.tt, self.st);
+    }
+
+    /// The block's query tile `t0` (its `rows`) and its batch index decoded into every view's offset.
+    fn query_block(&self, s: &mut String) {
+        let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
+        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
+        let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
+        self.decode(s, "rest", &|_| true, false);
+    }
+
+    /// Combines `a` and `b` across the 4 lanes that hold a row (`+`, or the maximum), at `indent`.
+    fn quad(&self, s: &mut String, indent: &str, [a, b]: [&str; 2], max: bool) {
+        let _ = writeln!(s, "{indent}#pragma unroll");
+        let _ = writeln!(s, "{indent}for (int w = 1; w < 4; w <<= 1) {{");
+        for v in [a, b] {
+            if max {
+                let _ = writeln!(
+                    s,
+                    "{indent}  {v} = fulgur_fmax({v}, __shfl_xor_sync(0xffffffffu, {v}, w));"
+                );
+            } else {
+                let _ = writeln!(s, "{indent}  {v} += __shfl_xor_sync(0xffffffffu, {v}, w);");
+            }
+        }
+        let _ = writeln!(s, "{indent}}}");
+    }
+
     /// The forward template's text.
     fn forward_text(&self) -> String {
-        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (d, dv) = (self.d, self.dv);
         let (dp, dvp) = (d + 8, dv + 8);
         let mut s = String::new();
         let _ =
@@ -529,34 +594,14 @@ impl Ctx {
             self.scale,
             if self.causal { ", causal" } else { "" }
         );
-        self.helpers(&mut s);
-        let _ = writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
-            FLASH_WARPS * 32
-        );
-        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
-        let _ = writeln!(s, "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
-        let _ = writeln!(s, "  unsigned short* Ks = Qs + {};  // [{B}][{dp}]", B * dp);
-        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
-        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
-        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
-        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
-        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
-        let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
-        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
-        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
-        let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
-        self.decode(&mut s, "rest", &|_| true, false);
+        self.header(&mut s, &[("Qs", dp, ""), ("Ks", dp, ""), ("Vs", dvp, "")]);
+        self.locals(&mut s);
+        self.query_block(&mut s);
         let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
         let _ = writeln!(s, "  __syncthreads();");
         self.rotate(&mut s, "Qs", "t0", "T");
         self.forward_pass(&mut s);
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "    l0 += __shfl_xor_sync(0xffffffffu, l0, w);");
-        let _ = writeln!(s, "    l1 += __shfl_xor_sync(0xffffffffu, l1, w);");
-        let _ = writeln!(s, "  }}");
+        self.quad(&mut s, "  ", ["l0", "l1"], false);
         let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
         self.store(&mut s, 3, "acc", ("t0", "T"), dv, [" / l0", " / l1"]);
         let _ = writeln!(s, "}}");
@@ -600,11 +645,7 @@ impl Ctx {
         );
         let _ = writeln!(s, "      }}");
         let _ = writeln!(s, "    }}");
-        let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "      x0 = fulgur_fmax(x0, __shfl_xor_sync(0xffffffffu, x0, w));");
-        let _ = writeln!(s, "      x1 = fulgur_fmax(x1, __shfl_xor_sync(0xffffffffu, x1, w));");
-        let _ = writeln!(s, "    }}");
+        self.quad(s, "    ", ["x0", "x1"], true);
         let _ = writeln!(s, "    const float n0 = fulgur_fmax(m0, x0), n1 = fulgur_fmax(m1, x1);");
         let _ = writeln!(
             s,
@@ -635,7 +676,7 @@ impl Ctx {
     }
 
     fn dq_template(&self) -> String {
-        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (d, dv) = (self.d, self.dv);
         let (dp, dvp) = (d + 8, dv + 8);
         let sc = &self.scale;
         let mut s = String::new();
@@ -645,35 +686,17 @@ impl Ctx {
              tiles for each row's log-sum-exp and Σ O ⊙ dO, then dQ += dS K (scale {sc}{})",
             if self.causal { ", causal" } else { "" }
         );
-        self.helpers(&mut s);
-        let _ = writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
-            FLASH_WARPS * 32
+        self.header(
+            &mut s,
+            &[("Qs", dp, ""), ("Os", dvp, "dO "), ("Ks", dp, ""), ("Vs", dvp, "")],
         );
-        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
-        let _ = writeln!(s, "  unsigned short* Qs = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
-        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
-        let _ = writeln!(s, "  unsigned short* Ks = Os + {};  // [{B}][{dp}]", B * dvp);
-        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
-        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
-        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
-        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
-        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
-        let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
-        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
-        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
-        let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
-        self.decode(&mut s, "rest", &|_| true, false);
+        self.locals(&mut s);
+        self.query_block(&mut s);
         let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
         let _ = writeln!(s, "  {}", self.tile(3, "Os", dvp, "t0", "T", dv));
         self.forward_pass(&mut s);
         // the rows' log-sum-exp and delta = Σ O ⊙ dO (a row that sees no key: lse +∞, so that P is 0)
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "    l0 += __shfl_xor_sync(0xffffffffu, l0, w);");
-        let _ = writeln!(s, "    l1 += __shfl_xor_sync(0xffffffffu, l1, w);");
-        let _ = writeln!(s, "  }}");
+        self.quad(&mut s, "  ", ["l0", "l1"], false);
         let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
         let _ = writeln!(s, "  float d0 = 0.0f, d1 = 0.0f;");
         let _ = writeln!(s, "  #pragma unroll");
@@ -685,11 +708,7 @@ impl Ctx {
         let _ = writeln!(s, "      d1 += acc[n][2 + e] * fulgur_from_bf16(Os[r1 * {dvp} + cc]);");
         let _ = writeln!(s, "    }}");
         let _ = writeln!(s, "  }}");
-        let _ = writeln!(s, "  #pragma unroll");
-        let _ = writeln!(s, "  for (int w = 1; w < 4; w <<= 1) {{");
-        let _ = writeln!(s, "    d0 += __shfl_xor_sync(0xffffffffu, d0, w);");
-        let _ = writeln!(s, "    d1 += __shfl_xor_sync(0xffffffffu, d1, w);");
-        let _ = writeln!(s, "  }}");
+        self.quad(&mut s, "  ", ["d0", "d1"], false);
         let _ = writeln!(s, "  const float lse0 = l0 > 0.0f ? m0 + logf(l0) : {PINF};");
         let _ = writeln!(s, "  const float lse1 = l1 > 0.0f ? m1 + logf(l1) : {PINF};");
         let _ = writeln!(
@@ -734,7 +753,7 @@ impl Ctx {
     }
 
     fn dkv_template(&self, bcast: &[bool]) -> String {
-        let (d, dv, tt, st) = (self.d, self.dv, &self.tt, &self.st);
+        let (d, dv) = (self.d, self.dv);
         let (dp, dvp) = (d + 8, dv + 8);
         let sc = &self.scale;
         let groups: Vec<usize> = (0..self.nb).filter(|&a| bcast[a]).collect();
@@ -747,27 +766,17 @@ impl Ctx {
             groups.len(),
             if self.causal { ", causal" } else { "" }
         );
-        self.helpers(&mut s);
-        let _ = writeln!(
-            s,
-            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
-            FLASH_WARPS * 32
+        self.header(
+            &mut s,
+            &[("Ks", dp, ""), ("Vs", dvp, ""), ("Qs", dp, ""), ("Os", dvp, "dO ")],
         );
-        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
-        let _ = writeln!(s, "  unsigned short* Ks = (unsigned short*)fulgur_smem; // [{B}][{dp}]");
-        let _ = writeln!(s, "  unsigned short* Vs = Ks + {};  // [{B}][{dvp}]", B * dp);
-        let _ = writeln!(s, "  unsigned short* Qs = Vs + {};  // [{B}][{dp}]", B * dvp);
-        let _ = writeln!(s, "  unsigned short* Os = Qs + {};  // dO [{B}][{dvp}]", B * dp);
         let _ = writeln!(
             s,
             "  float* Ls = (float*)(Os + {});  // the tile's lse and delta",
             B * dvp
         );
         let _ = writeln!(s, "  float* Ds = Ls + {B};");
-        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
-        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
-        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
-        let _ = writeln!(s, "  const i64 T = {tt}, S = {st};");
+        self.locals(&mut s);
         let _ = writeln!(s, "  const i64 nsb = (S + {}) / {B};", B - 1);
         let _ = writeln!(s, "  const i64 kb0 = ((i64)blockIdx.x % nsb) * {B};");
         let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nsb;");
