@@ -906,46 +906,26 @@ fn vjp(
             vec![dxs, None, dw]
         }
         // a collective's backward is the transposed collective over the same groups: a sum broadcast to the
-        // group is its own transpose, a gather's is the scatter of the summed gradient, and back
-        Op::Composite(Composite::AllReduce { mesh, over }) => {
-            let op = Op::Composite(Composite::AllReduce {
-                mesh: mesh.clone(),
-                over: *over,
-            });
-            vec![Some(g.op(op, &[gy])?[0])]
-        }
-        Op::Composite(Composite::AllGather { axis, mesh, over }) => {
-            let op = Op::Composite(Composite::ReduceScatter {
-                axis: *axis,
-                mesh: mesh.clone(),
-                over: *over,
-            });
-            vec![Some(g.op(op, &[gy])?[0])]
-        }
-        Op::Composite(Composite::ReduceScatter { axis, mesh, over }) => {
-            let op = Op::Composite(Composite::AllGather {
-                axis: *axis,
-                mesh: mesh.clone(),
-                over: *over,
-            });
-            vec![Some(g.op(op, &[gy])?[0])]
-        }
-        // the exchange is a permutation that is its own inverse, so its own transpose
-        Op::Composite(Composite::AllToAll { axis, mesh, over }) => {
-            let op = Op::Composite(Composite::AllToAll {
-                axis: *axis,
-                mesh: mesh.clone(),
-                over: *over,
-            });
-            vec![Some(g.op(op, &[gy])?[0])]
-        }
-        Op::Composite(Composite::SendRecv { shift, mesh, over }) => {
-            let op = Op::Composite(Composite::SendRecv {
-                shift: -shift,
-                mesh: mesh.clone(),
-                over: *over,
-            });
-            vec![Some(g.op(op, &[gy])?[0])]
+        // group is its own transpose, a gather's is the scatter of the summed gradient and back, the exchange
+        // a permutation that is its own inverse, a rotation undone by the opposite one
+        Op::Composite(
+            c @ (Composite::AllReduce { .. }
+            | Composite::AllGather { .. }
+            | Composite::ReduceScatter { .. }
+            | Composite::AllToAll { .. }
+            | Composite::SendRecv { .. }),
+        ) => {
+            let t = match c.clone() {
+                Composite::AllGather { axis, mesh, over } => Composite::ReduceScatter { axis, mesh, over },
+                Composite::ReduceScatter { axis, mesh, over } => Composite::AllGather { axis, mesh, over },
+                Composite::SendRecv { shift, mesh, over } => Composite::SendRecv {
+                    shift: -shift,
+                    mesh,
+                    over,
+                },
+                same => same,
+            };
+            vec![Some(g.op(Op::Composite(t), &[gy])?[0])]
         }
         Op::Composite(Composite::MoeDispatch { .. }) => {
             // x's row n went to rows pos[n, ·] of xs: its gradient sums theirs (moe_combine with unit weights)

@@ -365,11 +365,17 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
         return NodeCost::default();
     };
     let ranks = m.dim(x, 0).max(1.0);
+    // the group size G of a collective's mesh/over (an empty mesh: every rank)
+    let group_of = |mesh: &[usize], over: usize| {
+        if mesh.is_empty() {
+            ranks
+        } else {
+            mesh.get(over).copied().unwrap_or(1).max(1) as f64
+        }
+    };
     // an exchange within groups of G keeps 1/G of each rank's bytes
     let group = match c {
-        Composite::AllToAll { mesh, over, .. } | Composite::AllToAllStart { mesh, over, .. } if !mesh.is_empty() => {
-            mesh.get(*over).copied().unwrap_or(1).max(1) as f64
-        }
+        Composite::AllToAll { mesh, over, .. } | Composite::AllToAllStart { mesh, over, .. } => group_of(mesh, *over),
         _ => ranks,
     };
     let moved = m.bytes(x) * (group - 1.0) / group;
@@ -398,11 +404,7 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
         Composite::AllReduce { mesh, over }
         | Composite::AllGather { mesh, over, .. }
         | Composite::ReduceScatter { mesh, over, .. } => {
-            let g = if mesh.is_empty() {
-                ranks
-            } else {
-                mesh.get(*over).copied().unwrap_or(1).max(1) as f64
-            };
+            let g = group_of(mesh, *over);
             let share = (g - 1.0) / g;
             let bytes = m.bytes(x);
             let moved = match c {
@@ -418,11 +420,7 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
         }
         // every rank sends its whole tensor to one peer (nothing when the shift is a whole turn of the group)
         Composite::SendRecv { shift, mesh, over } => {
-            let g = if mesh.is_empty() {
-                ranks
-            } else {
-                mesh.get(*over).copied().unwrap_or(1).max(1) as f64
-            };
+            let g = group_of(mesh, *over);
             let moves = (*shift as f64).rem_euclid(g) != 0.0;
             NodeCost {
                 comm_bytes: if moves { m.bytes(x) } else { 0.0 },

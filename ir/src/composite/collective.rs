@@ -235,6 +235,16 @@ pub fn infer_send_recv(
     Ok(vec![t.clone()])
 }
 
+/// Per-rank axis `axis` (negative from the end) of a `[R, ...]` tensor of rank `rank`, as an index ≥ 1.
+pub fn per_rank_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    usize::try_from(a)
+        .ok()
+        .filter(|&a| a > 0 && (a as i64) < r)
+        .ok_or_else(|| IrError::Graph(format!("`{op}`: axis {axis} is not a per-rank axis")))
+}
+
 /// Which collective of one group [`grouped`] applies.
 #[derive(Clone, Copy)]
 pub enum Within {

@@ -92,30 +92,8 @@ impl Composite {
             }
             Composite::GroupedMatmulWgrad => Ok(vec![moe::grouped_wgrad(g, inputs[0], inputs[1], inputs[2])?]),
             Composite::Fused { body } => Ok(vec![fused::inline(g, body, inputs)?]),
-            Composite::AllToAll { axis, mesh, over } | Composite::AllToAllStart { axis, mesh, over, .. } => {
-                if mesh.is_empty() {
-                    Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
-                } else {
-                    let r = g.rank(inputs[0]) as i64;
-                    let a = if *axis < 0 { axis + r } else { *axis };
-                    let a = usize::try_from(a)
-                        .ok()
-                        .filter(|&a| a > 0 && (a as i64) < r)
-                        .ok_or_else(|| {
-                            crate::error::IrError::Graph(format!(
-                                "`{}`: axis {axis} is not a per-rank axis",
-                                self.name()
-                            ))
-                        })?;
-                    Ok(vec![collective::grouped(
-                        g,
-                        self.name(),
-                        collective::Within::Exchange(a),
-                        mesh,
-                        *over,
-                        inputs[0],
-                    )?])
-                }
+            Composite::AllToAll { axis, mesh, .. } | Composite::AllToAllStart { axis, mesh, .. } if mesh.is_empty() => {
+                Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
             }
             Composite::CollectiveWait => Ok(vec![inputs[0]]),
             Composite::AllReduce { mesh, over } => Ok(vec![collective::grouped(
@@ -126,21 +104,17 @@ impl Composite {
                 *over,
                 inputs[0],
             )?]),
-            Composite::AllGather { axis, mesh, over }
+            Composite::AllToAll { axis, mesh, over }
+            | Composite::AllToAllStart { axis, mesh, over, .. }
+            | Composite::AllGather { axis, mesh, over }
             | Composite::ReduceScatter { axis, mesh, over }
             | Composite::ShardSlice { axis, mesh, over } => {
-                let r = g.rank(inputs[0]) as i64;
-                let a = if *axis < 0 { axis + r } else { *axis };
-                let a = usize::try_from(a)
-                    .ok()
-                    .filter(|&a| a > 0 && (a as i64) < r)
-                    .ok_or_else(|| {
-                        crate::error::IrError::Graph(format!("`{}`: axis {axis} is not a per-rank axis", self.name()))
-                    })?;
+                let a = collective::per_rank_axis(self.name(), *axis, g.rank(inputs[0]))?;
                 let within = match self {
                     Composite::AllGather { .. } => collective::Within::Gather(a),
                     Composite::ShardSlice { .. } => collective::Within::Slice(a),
-                    _ => collective::Within::Scatter(a),
+                    Composite::ReduceScatter { .. } => collective::Within::Scatter(a),
+                    _ => collective::Within::Exchange(a),
                 };
                 Ok(vec![collective::grouped(
                     g,
