@@ -12,9 +12,10 @@
 //! | [`runtime`] | `fulgur-runtime` | devices, memory, launches, NCCL, weight loading, training and generation |
 //! | [`models`] | `fulgur-models` | MiniMax-01 configs, graph builders and checkpoint name mapping |
 //!
-//! Implemented: the IR and interpreter, the MiniMax-01 models, the optimizer, the kernel program and the CPU
-//! backend (cargo feature `llvm`, on by default); the CUDA backend, training and sharding come next (see
-//! `docs/architecture.md`).
+//! Implemented: the IR and interpreter, the MiniMax-01 models, the optimizer, the kernel program, the CPU
+//! backend (cargo feature `llvm`, on by default), the CUDA backend (feature `cuda`), training, and the sharding
+//! pass with MiniMax-01's data, expert and tensor parallel plans ([`parallel`]); per-rank execution comes next
+//! (see `docs/architecture.md` and `docs/parallelism.md`).
 //!
 //! ```
 //! use fulgur::ir::{text, DType, Dim, Graph, Interpreter, Tensor};
@@ -34,3 +35,5 @@ pub use fulgur_ir as ir;
 pub use fulgur_models as models;
 pub use fulgur_passes as passes;
 pub use fulgur_runtime as runtime;
+
+pub mod parallel;

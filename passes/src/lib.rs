@@ -14,9 +14,9 @@
 //!
 //! - [`autodiff`]: reverse-mode differentiation of a graph with a scalar loss;
 //! - [`optim`]: the training step (loss, gradients, clipping, AdamW) as one graph.
-//!
-//! - [`shard`]: device meshes with named axes and the shardings of values on them (the sharding pass's
-//!   vocabulary; `docs/parallelism.md`).
+//! - [`shard`]: device meshes with named axes, the shardings of values on them, the collectives between two
+//!   shardings, and the sharding pass (a single-device graph and a plan → the simulated SPMD graph;
+//!   `docs/parallelism.md`).
 //!
 //! Depends on `fulgur-ir` only.
 

@@ -8,6 +8,10 @@
 //! [`reshard`] inserts the collectives that turn one sharding of a value into another (tested on the
 //! interpreter against the target's shards of the same global tensor).
 
+mod spmd;
+
+pub use spmd::{glob, shard_graph, ShardPlan, ShardReport};
+
 use crate::PassError;
 use fulgur_ir::Dim;
 use std::fmt;
@@ -148,8 +152,8 @@ impl Sharding {
 /// The collectives turning value `x` (its per-rank shards on the simulated rank axis: `[R, local dims...]`) from
 /// sharding `from` into sharding `to`, axis by axis: a partial sum becomes replicated by `all_reduce` or split by
 /// `reduce_scatter`, a split becomes replicated by `all_gather`, a replica becomes split by `shard_slice` (each
-/// rank keeping its chunk, no communication). A placement kept adds nothing; a change between two splits is
-/// refused for now, naming the axis.
+/// rank keeping its chunk, no communication), a split on one dim becomes a split on another by `all_to_all`. A
+/// placement kept adds nothing; a change that would nest chunks out of mesh order is refused, naming the axes.
 pub fn reshard(
     g: &mut fulgur_ir::Graph,
     x: fulgur_ir::Value,
@@ -179,11 +183,12 @@ pub fn reshard(
     let mut cur = from.per_axis.clone();
     for k in order {
         let (f, t) = (&from.per_axis[k], &to.per_axis[k]);
-        let moved = match (f, t) {
-            (Placement::Split(d), _) | (_, Placement::Split(d)) if f != t => Some(*d),
-            _ => None,
+        let moved: Vec<usize> = match (f, t) {
+            (Placement::Split(p), Placement::Split(q)) if p != q => vec![*p, *q],
+            (Placement::Split(d), _) | (_, Placement::Split(d)) if f != t => vec![*d],
+            _ => vec![],
         };
-        if let Some(d) = moved {
+        for d in moved {
             if let Some(inner) = (k + 1..n).find(|&j| cur[j] == Placement::Split(d)) {
                 return Err(PassError::Options(format!(
                     "resharding dim {d} along mesh axis `{}` while the later axis `{}` splits it (chunks nest in \
@@ -212,6 +217,10 @@ pub fn reshard(
                 mesh: mesh_v,
                 over,
             },
+            (Placement::Split(p), Placement::Split(q)) => {
+                v = split_to_split(g, v, mesh, k, *p, *q)?;
+                continue;
+            }
             (a, b) => {
                 return Err(PassError::Options(format!(
                     "resharding along mesh axis `{}` from {a:?} to {b:?} is not supported yet",
@@ -222,6 +231,53 @@ pub fn reshard(
         v = g.op(Op::Composite(op), &[v])?[0];
     }
     Ok(v)
+}
+
+/// Split on dim `p` → split on dim `q` along mesh axis `k` (group size `G`) by one `all_to_all`: dim `q` of each
+/// shard is cut into `G` chunks on a new axis, the exchange sends chunk `r` to rank `r` of the group (the new
+/// axis then indexes the source rank), and that axis is merged into dim `p` as its outer factor (the source's
+/// chunk of `p`).
+fn split_to_split(
+    g: &mut fulgur_ir::Graph,
+    x: fulgur_ir::Value,
+    mesh: &Mesh,
+    k: usize,
+    p: usize,
+    q: usize,
+) -> Result<fulgur_ir::Value, PassError> {
+    use fulgur_ir::{Composite, Op};
+    let gsize = mesh.axes[k].1;
+    let dims = g.dims(x).to_vec(); // [R, local...]
+    let (p1, q1) = (p + 1, q + 1);
+    let chunk = dims[q1].div_exact(&Dim::from(gsize)).ok_or_else(|| {
+        PassError::Options(format!(
+            "dim {q} of size `{}` is split by mesh axis `{}` of degree {gsize}, which does not divide it",
+            dims[q1], mesh.axes[k].0
+        ))
+    })?;
+    let mut cut = dims[..q1].to_vec();
+    cut.push(Dim::from(gsize));
+    cut.push(chunk.clone());
+    cut.extend(dims[q1 + 1..].iter().cloned());
+    let y = g.reshape(x, cut)?;
+    let y = g.op(
+        Op::Composite(Composite::AllToAll {
+            axis: q1 as i64,
+            mesh: mesh.sizes(),
+            over: k,
+        }),
+        &[y],
+    )?[0];
+    // move the source axis (at q1) to just before dim p, then merge the two
+    let at_p = if p1 < q1 { p1 } else { p1 + 1 };
+    let mut perm: Vec<usize> = (0..dims.len() + 1).filter(|&i| i != q1).collect();
+    let pos = perm.iter().position(|&i| i == at_p).expect("dim p is kept");
+    perm.insert(pos, q1);
+    let y = g.permute(y, &perm)?;
+    let mut merged = dims.clone();
+    merged[p1] = dims[p1].clone() * Dim::from(gsize);
+    merged[q1] = chunk;
+    Ok(g.reshape(y, merged)?)
 }
 
 #[cfg(test)]
@@ -284,8 +340,8 @@ mod tests {
     fn resharding_through_collectives_gives_the_target_shards() {
         use Placement::*;
         let mesh = Mesh::new(&[("dp", 2), ("tp", 3)]).unwrap();
-        let dims = [4usize, 6];
-        let global: Vec<f64> = (0..24).map(|i| (i * 5 % 13) as f64 - 6.0).collect();
+        let dims = [6usize, 6];
+        let global: Vec<f64> = (0..36).map(|i| (i * 5 % 13) as f64 - 6.0).collect();
         let cases = [
             (vec![Replicated, Partial], vec![Replicated, Replicated]),
             (vec![Replicated, Partial], vec![Replicated, Split(1)]),
@@ -298,6 +354,11 @@ mod tests {
             (vec![Split(1), Partial], vec![Split(1), Split(1)]),
             (vec![Replicated, Replicated], vec![Split(0), Split(1)]),
             (vec![Replicated, Partial], vec![Split(1), Replicated]),
+            // split to split: one all_to_all per axis that moves
+            (vec![Replicated, Split(0)], vec![Replicated, Split(1)]),
+            (vec![Split(0), Split(0)], vec![Split(0), Split(1)]),
+            (vec![Split(0), Replicated], vec![Split(1), Replicated]),
+            (vec![Split(1), Replicated], vec![Split(0), Split(1)]),
         ];
         for (from, to) in cases {
             let (from, to) = (Sharding { per_axis: from }, Sharding { per_axis: to });
@@ -323,17 +384,18 @@ mod tests {
             x,
             &mesh,
             &Sharding {
-                per_axis: vec![Replicated, Split(0)],
+                per_axis: vec![Split(1), Split(0)],
             },
             &Sharding {
-                per_axis: vec![Replicated, Split(1)],
+                per_axis: vec![Split(0), Split(1)],
             },
         )
         .unwrap_err()
         .to_string();
         assert_eq!(
             e,
-            "resharding along mesh axis `tp` from Split(0) to Split(1) is not supported yet"
+            "resharding dim 0 along mesh axis `dp` while the later axis `tp` splits it (chunks nest in mesh order) is \
+             not supported yet"
         );
         let e = reshard(
             &mut g,

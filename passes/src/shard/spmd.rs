@@ -1,0 +1,977 @@
+//! The sharding pass (`docs/parallelism.md`, §4): a single-device graph and a [`ShardPlan`] → the simulated SPMD
+//! graph, every value of which carries a leading rank axis `R` (slice `[r]` is rank `r`'s shard).
+//!
+//! The plan places the parameters and inputs (by name pattern); every other value's sharding is *propagated*
+//! through the ops, node by node in topological order, by one rule per op: elementwise ops keep a split (the
+//! other operands are cut alike) and a partial sum where the op is linear in it; a matmul's rows, columns and
+//! batch dims follow its operands' splits and a split contraction dim gives a partial sum; a reduction over a
+//! split dim gives a partial sum (a mean scaled by the split's degree); a reshape maps a split onto the dim that
+//! carries its chunks; a permute moves it; an op along a split axis (softmax, top-k, slice, concat, cumulative
+//! sum) first gathers that axis. Where an operand's sharding is not the one the rule needs, [`reshard`] inserts
+//! the collective (`all_reduce`, `all_gather`, `reduce_scatter`, or the local `shard_slice`). On a conflict (a
+//! matmul's rows split against its columns split on the same mesh axis) the right operand (the weights, in a
+//! linear layer) keeps its split and the left one is resharded, which is what turns a column-parallel weight into
+//! a gather-free layer and an expert-split weight into expert parallelism. A value the same on every rank
+//! (computed from constants and replicated parameters only) stays without the rank axis, so replicated work is
+//! written once. Outputs are made replicated and rank 0's copy is returned: the sharded graph has the
+//! single-device graph's inputs, parameters and outputs, which is what makes it checkable against it (the
+//! oracle) and differentiable by the same autodiff.
+
+use super::{reshard, Mesh, Placement, Sharding};
+use crate::PassError;
+use fulgur_ir::{BinaryOp, Composite, Dim, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp, Value};
+use std::collections::{BTreeMap, HashMap};
+
+/// What the sharding pass needs besides the graph.
+#[derive(Clone, Debug)]
+pub struct ShardPlan {
+    pub mesh: Mesh,
+    /// Sizes bound to the graph's symbols (`B`, `T`): the sharded graph is specialised to them, so that a split
+    /// of a symbolic dim can be checked for divisibility.
+    pub sizes: HashMap<String, i64>,
+    /// `(pattern, placements)`: a parameter or input whose name matches `pattern` (`*` matches any run of
+    /// characters) is placed on the named mesh axes as given (axes not named: replicated). The first match
+    /// wins; an unmatched one is replicated.
+    pub rules: Vec<(String, Vec<(String, Placement)>)>,
+}
+
+/// What the pass did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardReport {
+    /// Collectives inserted, by op name.
+    pub collectives: BTreeMap<String, usize>,
+    /// Every conversion inserted: the source node (its name, or `%id`), the value's placements before and after.
+    pub conversions: Vec<String>,
+    /// Parameters and inputs that a rule placed, with their placements.
+    pub placed: Vec<(String, String)>,
+}
+
+/// `true` when `name` matches `pattern`, where `*` matches any run of characters.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for p in &parts[1..parts.len() - 1] {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+impl ShardPlan {
+    /// The sharding of parameter or input `name` of global dims `dims`, its shard checked to divide.
+    pub fn placement_of(&self, name: &str, dims: &[Dim]) -> Result<Sharding, PassError> {
+        let mut s = Sharding::replicated(&self.mesh);
+        if let Some((_, places)) = self.rules.iter().find(|(p, _)| glob(p, name)) {
+            for (axis, p) in places {
+                let k = self.mesh.axis(axis)?;
+                if let Placement::Split(d) = p {
+                    if *d >= dims.len() {
+                        return Err(PassError::Options(format!(
+                            "`{name}` has {} dims; mesh axis `{axis}` cannot split its dim {d}",
+                            dims.len()
+                        )));
+                    }
+                }
+                s.per_axis[k] = p.clone();
+            }
+        }
+        s.local_dims(&self.mesh, name, dims)?;
+        Ok(s)
+    }
+}
+
+/// A value of the sharded graph standing for a value of the source graph.
+#[derive(Clone, Debug)]
+struct Sv {
+    v: Value,
+    /// `false`: the same on every rank, without the rank axis (its sharding is replicated).
+    ranked: bool,
+    sh: Sharding,
+    /// The source value's (global) dims.
+    dims: Vec<Dim>,
+}
+
+struct Pass<'a> {
+    out: Graph,
+    mesh: &'a Mesh,
+    report: ShardReport,
+    /// The source node being rewritten (for the report and errors).
+    at: String,
+}
+
+fn norm_axis(axis: i64, rank: usize) -> usize {
+    if axis < 0 {
+        (axis + rank as i64) as usize
+    } else {
+        axis as usize
+    }
+}
+
+fn is_rep(s: &Sharding) -> bool {
+    s.per_axis.iter().all(|p| *p == Placement::Replicated)
+}
+
+fn describe(mesh: &Mesh, s: &Sharding) -> String {
+    let names = mesh.to_string();
+    let names: Vec<&str> = names
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|a| a.split('=').next().unwrap_or(""))
+        .collect();
+    let parts: Vec<String> = s
+        .per_axis
+        .iter()
+        .zip(names)
+        .map(|(p, n)| match p {
+            Placement::Replicated => format!("{n}:rep"),
+            Placement::Split(d) => format!("{n}:split({d})"),
+            Placement::Partial => format!("{n}:partial"),
+        })
+        .collect();
+    parts.join(",")
+}
+
+impl Pass<'_> {
+    fn rep(&self) -> Sharding {
+        Sharding::replicated(self.mesh)
+    }
+
+    fn degree(&self, k: usize) -> usize {
+        self.mesh.sizes()[k]
+    }
+
+    /// Placements on axes of degree 1 are all the same: written as replicated.
+    fn normal(&self, mut s: Sharding) -> Sharding {
+        for (k, p) in s.per_axis.iter_mut().enumerate() {
+            if self.degree(k) == 1 {
+                *p = Placement::Replicated;
+            }
+        }
+        s
+    }
+
+    fn local(&self, s: &Sharding, dims: &[Dim]) -> Result<Vec<Dim>, PassError> {
+        s.local_dims(self.mesh, &self.at, dims)
+    }
+
+    /// `x` with the rank axis: an unranked value broadcast to every rank.
+    fn ranked(&mut self, x: &Sv) -> Result<Sv, PassError> {
+        if x.ranked {
+            return Ok(x.clone());
+        }
+        let mut shape = vec![Dim::from(self.mesh.ranks())];
+        shape.extend(x.dims.iter().cloned());
+        let v = self.out.broadcast(x.v, shape)?;
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: self.rep(),
+            dims: x.dims.clone(),
+        })
+    }
+
+    /// `x` converted to sharding `to` by collectives (splits that go first, by `all_gather`, or move to another
+    /// dim, by `all_to_all`; then the rest; through the fully replicated form where chunks would nest out of
+    /// mesh order).
+    fn to(&mut self, x: &Sv, to: &Sharding) -> Result<Sv, PassError> {
+        let to = self.normal(to.clone());
+        if x.sh == to {
+            return Ok(x.clone());
+        }
+        if !x.ranked && is_rep(&to) {
+            return Ok(x.clone());
+        }
+        self.local(&to, &x.dims)?;
+        let x = self.ranked(x)?;
+        self.report.conversions.push(format!(
+            "{}: {} → {}",
+            self.at,
+            describe(self.mesh, &x.sh),
+            describe(self.mesh, &to)
+        ));
+        let mid = Sharding {
+            per_axis: x
+                .sh
+                .per_axis
+                .iter()
+                .zip(&to.per_axis)
+                .map(|(f, t)| match (f, t) {
+                    (Placement::Split(_), Placement::Split(_)) => t.clone(),
+                    (Placement::Split(_), _) if f != t => Placement::Replicated,
+                    _ => f.clone(),
+                })
+                .collect(),
+        };
+        let direct = reshard(&mut self.out, x.v, self.mesh, &x.sh, &mid)
+            .and_then(|v| reshard(&mut self.out, v, self.mesh, &mid, &to));
+        let v = match direct {
+            Ok(v) => v,
+            Err(_) => {
+                // the nodes of the failed attempt stay unused: dead code, dropped at the end
+                let all = Sharding {
+                    per_axis: x
+                        .sh
+                        .per_axis
+                        .iter()
+                        .map(|p| match p {
+                            Placement::Partial => Placement::Partial,
+                            _ => Placement::Replicated,
+                        })
+                        .collect(),
+                };
+                let v = reshard(&mut self.out, x.v, self.mesh, &x.sh, &all)?;
+                let rep = self.rep();
+                let v = reshard(&mut self.out, v, self.mesh, &all, &rep)?;
+                reshard(&mut self.out, v, self.mesh, &rep, &to)?
+            }
+        };
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: to,
+            dims: x.dims,
+        })
+    }
+
+    /// A ranked value `[R, local...]` reshaped to `[R, 1, ..., local...]` of `1 + rank` dims.
+    fn pad(&mut self, x: &Sv, rank: usize) -> Result<Value, PassError> {
+        if !x.ranked || x.dims.len() == rank {
+            return Ok(x.v);
+        }
+        let mut shape = vec![Dim::from(self.mesh.ranks())];
+        shape.extend(std::iter::repeat_n(Dim::from(1), rank - x.dims.len()));
+        shape.extend(self.local(&x.sh, &x.dims)?);
+        Ok(self.out.reshape(x.v, shape)?)
+    }
+
+    fn emit(&mut self, op: Op, ins: &[Value]) -> Result<Vec<Value>, PassError> {
+        Ok(self.out.op(op, ins)?)
+    }
+
+    /// Unary, binary, compare, select, cast: numpy broadcasting, operands right-aligned to the output.
+    fn elementwise(&mut self, op: &Op, ins: &[Sv], out_dims: &[Dim]) -> Result<Sv, PassError> {
+        let n = out_dims.len();
+        let naxes = self.mesh.sizes().len();
+        let mut target = self.rep();
+        for k in 0..naxes {
+            let split = ins.iter().find_map(|s| match s.sh.per_axis[k] {
+                Placement::Split(d) => Some(d + n - s.dims.len()),
+                _ => None,
+            });
+            if let Some(d) = split {
+                target.per_axis[k] = Placement::Split(d);
+                continue;
+            }
+            let partial: Vec<bool> = ins.iter().map(|s| s.sh.per_axis[k] == Placement::Partial).collect();
+            if partial.iter().any(|&p| p) && linear_in(op, &partial) {
+                target.per_axis[k] = Placement::Partial;
+            }
+        }
+        let mut vals = Vec::with_capacity(ins.len());
+        let mut ranked = false;
+        for s in ins {
+            let off = n - s.dims.len();
+            let want = Sharding {
+                per_axis: target
+                    .per_axis
+                    .iter()
+                    .enumerate()
+                    .map(|(k, t)| match t {
+                        Placement::Split(d) if *d >= off && s.dims[*d - off] == out_dims[*d] => {
+                            Placement::Split(*d - off)
+                        }
+                        Placement::Partial if s.sh.per_axis[k] == Placement::Partial => Placement::Partial,
+                        _ => Placement::Replicated,
+                    })
+                    .collect(),
+            };
+            let c = self.to(s, &want)?;
+            ranked |= c.ranked;
+            vals.push(c);
+        }
+        let vals: Vec<Value> = vals.iter().map(|c| self.pad(c, n)).collect::<Result<_, _>>()?;
+        let v = self.emit(op.clone(), &vals)?[0];
+        Ok(Sv {
+            v,
+            ranked,
+            sh: if ranked { target } else { self.rep() },
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    fn matmul(&mut self, a: &Sv, b: &Sv, out_dims: &[Dim]) -> Result<Sv, PassError> {
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum C {
+            Rep,
+            Row,
+            Col,
+            K,
+            Batch(usize),
+            Part,
+        }
+        let no = out_dims.len();
+        let (na, nb) = (a.dims.len(), b.dims.len());
+        let class = |p: &Placement, n: usize, lhs: bool| match p {
+            Placement::Replicated => C::Rep,
+            Placement::Partial => C::Part,
+            Placement::Split(d) if lhs && *d == n - 2 => C::Row,
+            Placement::Split(d) if !lhs && *d == n - 1 => C::Col,
+            Placement::Split(d) if (lhs && *d == n - 1) || (!lhs && *d == n - 2) => C::K,
+            Placement::Split(d) => C::Batch(d + no - n),
+        };
+        // whether operand `x` (of rank n) has out batch dim `o` with its full size (not broadcast)
+        let has = |x: &Sv, o: usize| {
+            o + x.dims.len() >= no
+                && o + x.dims.len() - no < x.dims.len() - 2
+                && x.dims[o + x.dims.len() - no] == out_dims[o]
+        };
+        let mut ta = self.rep();
+        let mut tb = self.rep();
+        let mut out = self.rep();
+        for k in 0..self.mesh.sizes().len() {
+            let (pa, pb) = (class(&a.sh.per_axis[k], na, true), class(&b.sh.per_axis[k], nb, false));
+            let (o, ca, cb) = match (pa, pb) {
+                (C::Rep, C::Rep) => (C::Rep, C::Rep, C::Rep),
+                (C::Row, C::Rep) => (C::Row, C::Row, C::Rep),
+                (_, C::Col) => (C::Col, C::Rep, C::Col),
+                (C::K, C::K) | (C::K, C::Rep) | (_, C::K) => (C::Part, C::K, C::K),
+                (C::Part, C::Rep) => (C::Part, C::Part, C::Rep),
+                (_, C::Part) => (C::Part, C::Rep, C::Part),
+                (C::Batch(o), C::Rep) => (C::Batch(o), C::Batch(o), if has(b, o) { C::Batch(o) } else { C::Rep }),
+                (_, C::Batch(o)) => (C::Batch(o), if has(a, o) { C::Batch(o) } else { C::Rep }, C::Batch(o)),
+                (pa, pb) => unreachable!("matmul placements {pa:?} × {pb:?}"),
+            };
+            let place = |c: C, n: usize, lhs: bool| match c {
+                C::Rep => Placement::Replicated,
+                C::Part => Placement::Partial,
+                C::Row => Placement::Split(n - 2),
+                C::Col => Placement::Split(n - 1),
+                C::K => Placement::Split(if lhs { n - 1 } else { n - 2 }),
+                C::Batch(o) => Placement::Split(o + n - no),
+            };
+            ta.per_axis[k] = place(ca, na, true);
+            tb.per_axis[k] = place(cb, nb, false);
+            out.per_axis[k] = place(o, no, true);
+        }
+        let a = self.to(a, &ta)?;
+        let b = self.to(b, &tb)?;
+        let ranked = a.ranked || b.ranked;
+        let va = self.pad(&a, no)?;
+        let vb = self.pad(&b, no)?;
+        let v = self.emit(Op::MatMul, &[va, vb])?[0];
+        Ok(Sv {
+            v,
+            ranked,
+            sh: if ranked { out } else { self.rep() },
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    fn reduce(
+        &mut self,
+        op: ReduceOp,
+        axes: &[i64],
+        keepdims: bool,
+        x: &Sv,
+        out_dims: &[Dim],
+    ) -> Result<Sv, PassError> {
+        let n = x.dims.len();
+        let axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, n)).collect();
+        let linear = matches!(op, ReduceOp::Sum | ReduceOp::Mean);
+        let mut want = x.sh.clone();
+        for p in want.per_axis.iter_mut() {
+            let keep = match p {
+                Placement::Split(d) => !axes.contains(d) || linear,
+                Placement::Partial => linear,
+                Placement::Replicated => true,
+            };
+            if !keep {
+                *p = Placement::Replicated;
+            }
+        }
+        let x = self.to(x, &want)?;
+        if !x.ranked {
+            let v = self.emit(
+                Op::Reduce {
+                    op,
+                    axes: axes.iter().map(|&a| a as i64).collect(),
+                    keepdims,
+                },
+                &[x.v],
+            )?[0];
+            return Ok(self.unranked(v, out_dims));
+        }
+        let mut out = self.rep();
+        let mut cut = 1usize;
+        for (k, p) in x.sh.per_axis.iter().enumerate() {
+            out.per_axis[k] = match p {
+                Placement::Split(d) if axes.contains(d) => {
+                    cut *= self.degree(k);
+                    Placement::Partial
+                }
+                Placement::Split(d) if keepdims => Placement::Split(*d),
+                Placement::Split(d) => Placement::Split(d - axes.iter().filter(|&&a| a < *d).count()),
+                p => p.clone(),
+            };
+        }
+        let mut v = self.emit(
+            Op::Reduce {
+                op,
+                axes: axes.iter().map(|&a| a as i64 + 1).collect(),
+                keepdims,
+            },
+            &[x.v],
+        )?[0];
+        if op == ReduceOp::Mean && cut > 1 {
+            // a local mean is over 1/cut of the elements: the global mean is the sum of local means over cut
+            v = self.out.scale(v, 1.0 / cut as f64)?;
+        }
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: out,
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    fn unranked(&self, v: Value, dims: &[Dim]) -> Sv {
+        Sv {
+            v,
+            ranked: false,
+            sh: self.rep(),
+            dims: dims.to_vec(),
+        }
+    }
+
+    fn reshape(&mut self, x: &Sv, out_dims: &[Dim]) -> Result<Sv, PassError> {
+        if !x.ranked {
+            let v = self.out.reshape(x.v, out_dims.to_vec())?;
+            return Ok(self.unranked(v, out_dims));
+        }
+        let blocks = blocks(&x.dims, out_dims);
+        let mut want = x.sh.clone();
+        let mut out = self.rep();
+        for k in 0..want.per_axis.len() {
+            out.per_axis[k] = match &x.sh.per_axis[k] {
+                Placement::Split(d) => {
+                    let target = blocks
+                        .iter()
+                        .find(|(i, o)| i.start == *d && !o.is_empty())
+                        .map(|(_, o)| o.start)
+                        .filter(|&o| out_dims[o].div_exact(&Dim::from(self.degree(k))).is_some());
+                    match target {
+                        Some(o) => Placement::Split(o),
+                        None => {
+                            want.per_axis[k] = Placement::Replicated;
+                            Placement::Replicated
+                        }
+                    }
+                }
+                p => p.clone(),
+            };
+        }
+        // several axes splitting one dim must still divide it
+        if self.local(&out, out_dims).is_err() {
+            for (w, o) in want.per_axis.iter_mut().zip(out.per_axis.iter_mut()) {
+                if let Placement::Split(_) = o {
+                    *w = Placement::Replicated;
+                    *o = Placement::Replicated;
+                }
+            }
+        }
+        let x = self.to(x, &want)?;
+        let mut shape = vec![Dim::from(self.mesh.ranks())];
+        shape.extend(self.local(&out, out_dims)?);
+        let v = self.out.reshape(x.v, shape)?;
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: out,
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    /// An op working along `axis` of its first operand (softmax, top-k, slice, cumulative sum, one-hot on
+    /// the indices): that axis gathered, a partial sum reduced unless `linear`; the op's own axis attribute
+    /// shifted by the rank axis by `shift`.
+    fn along(
+        &mut self,
+        x: &Sv,
+        axis: Option<usize>,
+        linear: bool,
+        shifted: impl FnOnce(i64) -> Op,
+        out_dims: &[Vec<Dim>],
+    ) -> Result<Vec<Sv>, PassError> {
+        let mut want = x.sh.clone();
+        for p in want.per_axis.iter_mut() {
+            let gather = match p {
+                Placement::Split(d) => Some(*d) == axis,
+                Placement::Partial => !linear,
+                Placement::Replicated => false,
+            };
+            if gather {
+                *p = Placement::Replicated;
+            }
+        }
+        let x = self.to(x, &want)?;
+        let a = axis.unwrap_or(0) as i64;
+        if !x.ranked {
+            let vs = self.emit(shifted(a), &[x.v])?;
+            return Ok(vs.iter().zip(out_dims).map(|(&v, d)| self.unranked(v, d)).collect());
+        }
+        let vs = self.emit(shifted(a + 1), &[x.v])?;
+        Ok(vs
+            .iter()
+            .zip(out_dims)
+            .map(|(&v, d)| Sv {
+                v,
+                ranked: true,
+                sh: want.clone(),
+                dims: d.clone(),
+            })
+            .collect())
+    }
+}
+
+/// `true` when elementwise `op` is linear in the operands marked `partial` jointly (so that per-rank summands
+/// stay summands): negation; a sum or difference of summands; a product or a quotient with one summand factor
+/// (the numerator) and replicated others.
+fn linear_in(op: &Op, partial: &[bool]) -> bool {
+    let count = partial.iter().filter(|&&p| p).count();
+    match op {
+        Op::Unary(UnaryOp::Neg) => true,
+        Op::Binary(BinaryOp::Add | BinaryOp::Sub) => count == partial.len(),
+        Op::Binary(BinaryOp::Mul) => count == 1,
+        Op::Binary(BinaryOp::Div) => partial == [true, false],
+        _ => false,
+    }
+}
+
+/// The dims of a reshape grouped into blocks of equal size: `(input dims, output dims)` ranges. Equal dims
+/// pair up; constant dims are merged until the products agree; what cannot be matched is one last block.
+fn blocks(a: &[Dim], b: &[Dim]) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let one = Dim::from(1);
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push((i..i + 1, j..j + 1));
+            i += 1;
+            j += 1;
+            continue;
+        }
+        if i < a.len() && a[i] == one {
+            out.push((i..i + 1, j..j));
+            i += 1;
+            continue;
+        }
+        if j < b.len() && b[j] == one {
+            out.push((i..i, j..j + 1));
+            j += 1;
+            continue;
+        }
+        let (si, sj) = (i, j);
+        let rest = (si..a.len(), sj..b.len());
+        let (Some(mut pa), Some(mut pb)) = (a.get(i).and_then(|d| d.as_const()), b.get(j).and_then(|d| d.as_const()))
+        else {
+            out.push(rest);
+            break;
+        };
+        i += 1;
+        j += 1;
+        let mut ok = true;
+        while pa != pb {
+            let next = if pa < pb { a.get(i) } else { b.get(j) };
+            match next.and_then(|d| d.as_const()) {
+                Some(c) if pa < pb => {
+                    pa *= c;
+                    i += 1;
+                }
+                Some(c) => {
+                    pb *= c;
+                    j += 1;
+                }
+                None => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok {
+            out.push(rest);
+            break;
+        }
+        out.push((si..i, sj..j));
+    }
+    out
+}
+
+/// The source graph with `sizes` bound: every symbol `sizes` names replaced in every type and attribute.
+fn specialise(g: &Graph, sizes: &HashMap<String, i64>) -> Result<Graph, PassError> {
+    let env: HashMap<String, Dim> = sizes.iter().map(|(k, &v)| (k.clone(), Dim::from(v))).collect();
+    let mut out = Graph::new(g.name.clone());
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for (id, n) in g.nodes() {
+        let op = match &n.op {
+            Op::Input { name, ty } => Op::Input {
+                name: name.clone(),
+                ty: TensorType::new(ty.dtype, ty.shape.0.iter().map(|d| d.substitute(&env)).collect()),
+            },
+            Op::Param { name, ty } => Op::Param {
+                name: name.clone(),
+                ty: TensorType::new(ty.dtype, ty.shape.0.iter().map(|d| d.substitute(&env)).collect()),
+            },
+            op => op.substitute_dims(&env),
+        };
+        let ins: Vec<Value> = n.inputs.iter().map(|v| Value::new(map[&v.node], v.index)).collect();
+        map.insert(id, out.add_node(op, &ins, n.name.clone())?);
+    }
+    for (name, v) in g.outputs() {
+        out.add_output(name.clone(), Value::new(map[&v.node], v.index))?;
+    }
+    Ok(out)
+}
+
+/// Shards `g` by `plan`: the simulated SPMD graph (same inputs, parameters and outputs as `g`, specialised to
+/// `plan.sizes`) and a report of what was inserted. Errors name the node, value, dim and mesh axis.
+pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), PassError> {
+    let g = specialise(g, &plan.sizes)?;
+    let mut p = Pass {
+        out: Graph::new(format!("{}_sharded", g.name)),
+        mesh: &plan.mesh,
+        report: ShardReport::default(),
+        at: String::new(),
+    };
+    let mut vals: HashMap<Value, Sv> = HashMap::new();
+    for (id, n) in g.nodes() {
+        p.at = match n.op.input_decl() {
+            Some((name, _, _)) => name.to_string(),
+            None => n.name.clone().unwrap_or_else(|| format!("%{}", id.index())),
+        };
+        let ins: Vec<Sv> = n.inputs.iter().map(|v| vals[v].clone()).collect();
+        let outs: Vec<Vec<Dim>> = n.outputs.iter().map(|t| t.shape.0.clone()).collect();
+        // new nodes are named in the source node's scope (`layers.3.moe.all_gather`), keeping layer templates
+        let scope = n
+            .name
+            .as_deref()
+            .and_then(|s| s.rsplit_once('.'))
+            .map(|(s, _)| s.to_string());
+        if let Some(s) = &scope {
+            p.out.push_scope(s.clone());
+        }
+        let res = rewrite(&mut p, plan, n, &ins, &outs);
+        if scope.is_some() {
+            p.out.pop_scope();
+        }
+        let res = res.map_err(|e| match e {
+            PassError::Options(m) | PassError::Rule(m) if !m.starts_with("sharding ") => {
+                PassError::Options(format!("sharding `{}` ({}): {m}", p.at, n.op.name()))
+            }
+            e => e,
+        })?;
+        for (i, sv) in res.into_iter().enumerate() {
+            vals.insert(Value::new(id, i as u32), sv);
+        }
+    }
+    for (name, v) in g.outputs() {
+        p.at = format!("output `{name}`");
+        let rep = p.rep();
+        let sv = p.to(&vals[v], &rep)?;
+        let v = if sv.ranked {
+            let s = p.out.slice(sv.v, 0, 0, 1)?;
+            p.out.reshape(s, sv.dims.clone())?
+        } else {
+            sv.v
+        };
+        p.out.add_output(name.clone(), v)?;
+    }
+    let out = p.out.dead_code_eliminated();
+    for (_, n) in out.nodes() {
+        if let Op::Composite(c) = &n.op {
+            if matches!(
+                c,
+                Composite::AllReduce { .. }
+                    | Composite::AllGather { .. }
+                    | Composite::ReduceScatter { .. }
+                    | Composite::AllToAll { .. }
+                    | Composite::SendRecv { .. }
+                    | Composite::ShardSlice { .. }
+            ) {
+                *p.report.collectives.entry(c.name().to_string()).or_default() += 1;
+            }
+        }
+    }
+    Ok((out, p.report))
+}
+
+fn rewrite(
+    p: &mut Pass,
+    plan: &ShardPlan,
+    n: &fulgur_ir::Node,
+    ins: &[Sv],
+    outs: &[Vec<Dim>],
+) -> Result<Vec<Sv>, PassError> {
+    let all_unranked = ins.iter().all(|s| !s.ranked);
+    let first = || ins[0].clone();
+    let rank0 = ins.first().map(|s| s.dims.len()).unwrap_or(0);
+    match &n.op {
+        Op::Input { name, .. } | Op::Param { name, .. } => {
+            let v = p.out.add_node(n.op.clone(), &[], n.name.clone())?;
+            let sv = p.unranked(Value::new(v, 0), &outs[0]);
+            let sh = p.normal(plan.placement_of(name, &outs[0])?);
+            if is_rep(&sh) {
+                return Ok(vec![sv]);
+            }
+            p.report.placed.push((name.clone(), describe(p.mesh, &sh)));
+            Ok(vec![p.to(&sv, &sh)?])
+        }
+        _ if all_unranked => {
+            let vals: Vec<Value> = ins.iter().map(|s| s.v).collect();
+            let vs = p.out.op(n.op.clone(), &vals)?;
+            Ok(vs.iter().zip(outs).map(|(&v, d)| p.unranked(v, d)).collect())
+        }
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. } => {
+            Ok(vec![p.elementwise(&n.op, ins, &outs[0])?])
+        }
+        Op::MatMul => Ok(vec![p.matmul(&ins[0], &ins[1], &outs[0])?]),
+        Op::Reduce { op, axes, keepdims } => Ok(vec![p.reduce(*op, axes, *keepdims, &ins[0], &outs[0])?]),
+        Op::Reshape { .. } => Ok(vec![p.reshape(&ins[0], &outs[0])?]),
+        Op::Permute { perm } => {
+            let x = first();
+            let mut sh = x.sh.clone();
+            for pl in sh.per_axis.iter_mut() {
+                if let Placement::Split(d) = pl {
+                    *d = perm.iter().position(|q| q == d).expect("a permutation");
+                }
+            }
+            let mut perm1 = vec![0];
+            perm1.extend(perm.iter().map(|q| q + 1));
+            let v = p.out.permute(x.v, &perm1)?;
+            Ok(vec![Sv {
+                v,
+                ranked: true,
+                sh,
+                dims: outs[0].clone(),
+            }])
+        }
+        Op::Broadcast { .. } => {
+            let x = first();
+            let off = outs[0].len() - x.dims.len();
+            let mut sh = x.sh.clone();
+            for pl in sh.per_axis.iter_mut() {
+                if let Placement::Split(d) = pl {
+                    *d += off;
+                }
+            }
+            let mut shape = vec![Dim::from(p.mesh.ranks())];
+            shape.extend(p.local(&sh, &outs[0])?);
+            let v = p.pad(&x, outs[0].len())?;
+            let v = p.out.broadcast(v, shape)?;
+            Ok(vec![Sv {
+                v,
+                ranked: true,
+                sh,
+                dims: outs[0].clone(),
+            }])
+        }
+        Op::Slice { axis, start, end } => {
+            let a = norm_axis(*axis, rank0);
+            let (s, e) = (start.clone(), end.clone());
+            p.along(
+                &first(),
+                Some(a),
+                true,
+                |ax| Op::Slice {
+                    axis: ax,
+                    start: s,
+                    end: e,
+                },
+                outs,
+            )
+        }
+        Op::CumSum {
+            axis,
+            exclusive,
+            reverse,
+        } => {
+            let a = norm_axis(*axis, rank0);
+            let (ex, rv) = (*exclusive, *reverse);
+            p.along(
+                &first(),
+                Some(a),
+                true,
+                |ax| Op::CumSum {
+                    axis: ax,
+                    exclusive: ex,
+                    reverse: rv,
+                },
+                outs,
+            )
+        }
+        Op::TopK { k, axis } => {
+            let a = norm_axis(*axis, rank0);
+            let k = *k;
+            p.along(&first(), Some(a), false, |ax| Op::TopK { k, axis: ax }, outs)
+        }
+        Op::OneHot { .. } => {
+            let op = n.op.clone();
+            p.along(&first(), None, false, |_| op, outs)
+        }
+        Op::Composite(Composite::Softmax { axis }) => {
+            let a = norm_axis(*axis, rank0);
+            p.along(
+                &first(),
+                Some(a),
+                false,
+                |ax| Op::Composite(Composite::Softmax { axis: ax }),
+                outs,
+            )
+        }
+        Op::Composite(Composite::LogSoftmax { axis }) => {
+            let a = norm_axis(*axis, rank0);
+            p.along(
+                &first(),
+                Some(a),
+                false,
+                |ax| Op::Composite(Composite::LogSoftmax { axis: ax }),
+                outs,
+            )
+        }
+        Op::Concat { axis } => {
+            let a = norm_axis(*axis, rank0);
+            let mut target = p.rep();
+            for k in 0..target.per_axis.len() {
+                let split = ins.iter().find_map(|s| match s.sh.per_axis[k] {
+                    Placement::Split(d) if d != a => Some(d),
+                    _ => None,
+                });
+                target.per_axis[k] = match split {
+                    Some(d) => Placement::Split(d),
+                    None if ins.iter().all(|s| s.sh.per_axis[k] == Placement::Partial) => Placement::Partial,
+                    None => Placement::Replicated,
+                };
+            }
+            let mut vals = Vec::new();
+            for s in ins {
+                let c = p.to(s, &target)?;
+                vals.push(p.ranked(&c)?.v);
+            }
+            let v = p.emit(Op::Concat { axis: a as i64 + 1 }, &vals)?[0];
+            Ok(vec![Sv {
+                v,
+                ranked: true,
+                sh: target,
+                dims: outs[0].clone(),
+            }])
+        }
+        Op::Gather { axis } => {
+            let (data, idx) = (&ins[0], &ins[1]);
+            if data.ranked {
+                return Err(PassError::Options(
+                    "a gather from a sharded or per-rank table is not supported yet; replicate it".into(),
+                ));
+            }
+            let a = norm_axis(*axis, data.dims.len());
+            let mut want = idx.sh.clone();
+            for pl in want.per_axis.iter_mut() {
+                if *pl == Placement::Partial {
+                    *pl = Placement::Replicated;
+                }
+            }
+            let idx = p.to(idx, &want)?;
+            let mut v = p.emit(Op::Gather { axis: a as i64 }, &[data.v, idx.v])?[0];
+            if a > 0 {
+                // the rank axis lands at `a`: moved to the front
+                let r = outs[0].len() + 1;
+                let mut perm = vec![a];
+                perm.extend((0..r).filter(|&q| q != a));
+                v = p.out.permute(v, &perm)?;
+            }
+            let mut sh = want;
+            for pl in sh.per_axis.iter_mut() {
+                if let Placement::Split(d) = pl {
+                    *d += a;
+                }
+            }
+            Ok(vec![Sv {
+                v,
+                ranked: true,
+                sh,
+                dims: outs[0].clone(),
+            }])
+        }
+        Op::Composite(Composite::RmsNorm { eps }) => {
+            let (x, w) = (&ins[0], &ins[1]);
+            let last = x.dims.len() - 1;
+            let mut want = x.sh.clone();
+            for pl in want.per_axis.iter_mut() {
+                if *pl == Placement::Partial || *pl == Placement::Split(last) {
+                    *pl = Placement::Replicated;
+                }
+            }
+            let x = p.to(x, &want)?;
+            let rep = p.rep();
+            let w = p.to(w, &rep)?;
+            let w = if w.ranked {
+                let mut shape = vec![Dim::from(p.mesh.ranks())];
+                shape.extend(std::iter::repeat_n(Dim::from(1), x.dims.len() - w.dims.len()));
+                shape.extend(w.dims.iter().cloned());
+                p.out.reshape(w.v, shape)?
+            } else {
+                w.v
+            };
+            let v = p.emit(Op::Composite(Composite::RmsNorm { eps: *eps }), &[x.v, w])?[0];
+            Ok(vec![Sv {
+                v,
+                ranked: true,
+                sh: want,
+                dims: outs[0].clone(),
+            }])
+        }
+        op => Err(PassError::Options(format!(
+            "the sharding pass has no rule for `{}` on per-rank operands",
+            op.name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.qkv_proj.weight", "model.layers.3.self_attn.qkv_proj.weight"));
+        assert!(glob("model.*.mlp.*", "model.layers.0.mlp.experts.down_proj"));
+        assert!(!glob("*.o_proj.weight", "model.layers.3.self_attn.out_proj.weight"));
+        assert!(glob("input_ids", "input_ids"));
+        assert!(!glob("a*a", "a"));
+    }
+
+    #[test]
+    fn reshape_blocks() {
+        let d = |v: &[i64]| v.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+        assert_eq!(
+            blocks(&d(&[2, 40, 128]), &d(&[2, 40, 4, 32])),
+            vec![(0..1, 0..1), (1..2, 1..2), (2..3, 2..4)]
+        );
+        assert_eq!(
+            blocks(&d(&[2, 40, 128]), &d(&[80, 128])),
+            vec![(0..2, 0..1), (2..3, 1..2)]
+        );
+        assert_eq!(blocks(&d(&[6, 1, 4]), &d(&[24])), vec![(0..3, 0..1)]);
+        assert_eq!(
+            blocks(&d(&[1, 6]), &d(&[6, 1])),
+            vec![(0..1, 0..0), (1..2, 0..1), (2..2, 1..2)]
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! MiniMax-01's sharding plans (`docs/parallelism.md`, §4): the degrees a user asks for
+//! (`--parallel tp=2,ep=2,dp=1`) turned into a mesh and the placements of the model's parameters and inputs,
+//! which the sharding pass (`passes::shard::shard_graph`) propagates through the rest of the graph.
+//!
+//! The mesh is `[dp, ep, tp]` (ranks row-major, `tp` innermost so that a tensor-parallel group is the closest
+//! GPUs). Attention and the dense layers are tensor parallel over `tp` (heads split: `qkv`, `q`/`k`/`v` and
+//! the output gate column-parallel, the output projection row-parallel) and data parallel over `dp` and `ep`
+//! (the batch split over both). The experts are split over `ep` and `tp` together (expert `e` on the rank whose
+//! `(ep, tp)` coordinates hold it), so each rank runs `E / (ep·tp)` experts and no expert's work is repeated:
+//! the tokens of an `ep` group are gathered to the ranks holding the experts and the expert outputs summed
+//! back (`all_gather` then `reduce_scatter` over `ep`, `all_reduce` over `tp`), MiniMax-01's decoupling of the
+//! expert groups from the attention's. Sequence, pipeline and expert-tensor parallelism are refused with that
+//! reason until they are built.
+
+use crate::models::MiniMaxConfig;
+use crate::passes::shard::{Mesh, Placement, ShardPlan};
+use std::collections::HashMap;
+use std::fmt;
+
+/// Parallel degrees, as `--parallel` spells them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parallel {
+    pub dp: usize,
+    pub ep: usize,
+    pub tp: usize,
+}
+
+impl Default for Parallel {
+    fn default() -> Parallel {
+        Parallel { dp: 1, ep: 1, tp: 1 }
+    }
+}
+
+impl fmt::Display for Parallel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dp={},ep={},tp={}", self.dp, self.ep, self.tp)
+    }
+}
+
+impl Parallel {
+    /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp`, `sp`, `pp` and `edp` are known
+    /// names but only 1 is accepted for them yet.
+    pub fn parse(s: &str) -> Result<Parallel, String> {
+        let mut p = Parallel::default();
+        let mut seen = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}`: a degree is written `name=N` (e.g. `tp=2`)"))?;
+            let value: usize = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| format!("`{part}`: the degree must be a whole number at least 1"))?;
+            let name = name.trim();
+            if seen.contains(&name.to_string()) {
+                return Err(format!("`{name}` is given twice"));
+            }
+            seen.push(name.to_string());
+            match name {
+                "dp" => p.dp = value,
+                "ep" => p.ep = value,
+                "tp" => p.tp = value,
+                "etp" | "sp" | "pp" | "edp" if value == 1 => {}
+                "etp" | "sp" | "pp" | "edp" => {
+                    return Err(format!(
+                        "`{name}={value}`: {} is not built yet (dp, ep and tp are)",
+                        match name {
+                            "etp" => "expert-tensor parallelism",
+                            "sp" => "sequence parallelism",
+                            "pp" => "pipeline parallelism",
+                            _ => "a separate expert data-parallel degree",
+                        }
+                    ))
+                }
+                _ => return Err(format!("unknown degree `{name}` (known: dp, ep, tp, etp, sp, pp, edp)")),
+            }
+        }
+        Ok(p)
+    }
+
+    /// The number of ranks: the product of the degrees.
+    pub fn ranks(&self) -> usize {
+        self.dp * self.ep * self.tp
+    }
+
+    /// The mesh `[dp, ep, tp]`.
+    pub fn mesh(&self) -> Mesh {
+        Mesh::new(&[("dp", self.dp), ("ep", self.ep), ("tp", self.tp)]).expect("distinct names, degrees ≥ 1")
+    }
+}
+
+/// MiniMax-01's plan at degrees `par` for a batch of `batch` sequences of `seq` tokens. A degree that does not
+/// divide the dimension it splits (heads, key-value heads, experts, batch) is refused naming both.
+pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usize) -> Result<ShardPlan, String> {
+    let check = |what: &str, n: usize, by: usize, axes: &str| {
+        if n.is_multiple_of(by) {
+            Ok(())
+        } else {
+            Err(format!("{what} ({n}) is not divisible by {axes} ({by})"))
+        }
+    };
+    check("the batch", batch, par.dp * par.ep, "dp·ep")?;
+    check("num_attention_heads", cfg.num_attention_heads, par.tp, "tp")?;
+    check("num_key_value_heads", cfg.num_key_value_heads, par.tp, "tp")?;
+    check("num_local_experts", cfg.num_local_experts, par.ep * par.tp, "ep·tp")?;
+    if cfg.shared_intermediate_size > 0 {
+        check("shared_intermediate_size", cfg.shared_intermediate_size, par.tp, "tp")?;
+    }
+    let split = |d: usize| vec![("tp".to_string(), Placement::Split(d))];
+    let experts = vec![
+        ("ep".to_string(), Placement::Split(0)),
+        ("tp".to_string(), Placement::Split(0)),
+    ];
+    let rules = vec![
+        // lightning attention: per-head interleaved qkv, so whole heads go to each rank
+        ("*.self_attn.qkv_proj.weight".to_string(), split(0)),
+        ("*.self_attn.output_gate.weight".to_string(), split(0)),
+        ("*.self_attn.norm.weight".to_string(), split(0)),
+        ("*.self_attn.out_proj.weight".to_string(), split(1)),
+        // softmax attention
+        ("*.self_attn.q_proj.weight".to_string(), split(0)),
+        ("*.self_attn.k_proj.weight".to_string(), split(0)),
+        ("*.self_attn.v_proj.weight".to_string(), split(0)),
+        ("*.self_attn.o_proj.weight".to_string(), split(1)),
+        // MoE
+        ("*.mlp.experts.gate_up_proj".to_string(), experts.clone()),
+        ("*.mlp.experts.down_proj".to_string(), experts),
+        ("*.shared_mlp.gate_proj.weight".to_string(), split(0)),
+        ("*.shared_mlp.up_proj.weight".to_string(), split(0)),
+        ("*.shared_mlp.down_proj.weight".to_string(), split(1)),
+        (
+            "input_ids".to_string(),
+            vec![
+                ("dp".to_string(), Placement::Split(0)),
+                ("ep".to_string(), Placement::Split(0)),
+            ],
+        ),
+    ];
+    Ok(ShardPlan {
+        mesh: par.mesh(),
+        sizes: HashMap::from([("B".to_string(), batch as i64), ("T".to_string(), seq as i64)]),
+        rules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degrees_parse_or_say_why_not() {
+        assert_eq!(Parallel::parse("tp=2, ep=4").unwrap(), Parallel { dp: 1, ep: 4, tp: 2 });
+        assert_eq!(Parallel::parse("").unwrap(), Parallel::default());
+        assert_eq!(Parallel::parse("etp=1,sp=1,pp=1").unwrap(), Parallel::default());
+        assert_eq!(Parallel::parse("tp=2,dp=2,ep=2").unwrap().ranks(), 8);
+        assert_eq!(
+            Parallel::parse("tp").unwrap_err(),
+            "`tp`: a degree is written `name=N` (e.g. `tp=2`)"
+        );
+        assert_eq!(
+            Parallel::parse("tp=0").unwrap_err(),
+            "`tp=0`: the degree must be a whole number at least 1"
+        );
+        assert_eq!(Parallel::parse("tp=2,tp=2").unwrap_err(), "`tp` is given twice");
+        assert_eq!(
+            Parallel::parse("sp=2").unwrap_err(),
+            "`sp=2`: sequence parallelism is not built yet (dp, ep and tp are)"
+        );
+        assert_eq!(
+            Parallel::parse("xp=2").unwrap_err(),
+            "unknown degree `xp` (known: dp, ep, tp, etp, sp, pp, edp)"
+        );
+    }
+}
