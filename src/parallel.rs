@@ -2,16 +2,19 @@
 //! (`--parallel tp=2,ep=2,dp=1`) turned into a mesh and the placements of the model's parameters and inputs,
 //! which the sharding pass (`passes::shard::shard_graph`) propagates through the rest of the graph.
 //!
-//! The mesh is `[dp, ep, tp]` (ranks row-major, `tp` innermost so that a tensor-parallel group is the closest
-//! GPUs). Attention and the dense layers are tensor parallel over `tp` (heads split: `qkv`, `q`/`k`/`v` and
-//! the output gate column-parallel, the output projection row-parallel) and data parallel over `dp` and `ep`
-//! (the batch split over both). The experts are split over `ep` and `tp` together (expert `e` on the rank whose
+//! The mesh is `[dp, ep, sp, tp]` (ranks row-major, `tp` innermost so that a tensor-parallel group is the
+//! closest GPUs). Attention and the dense layers are tensor parallel over `tp` (heads split: `qkv`,
+//! `q`/`k`/`v` and the output gate column-parallel, the output projection row-parallel), data parallel over
+//! `dp` and `ep` (the batch split over both) and sequence parallel over `sp` (the tokens split by position:
+//! LASP+ for lightning attention, ring attention for softmax attention, once the optimizer's structural
+//! rules have formed those composites: [`structural`]). The experts are split over `ep` and `tp` together (expert `e` on the rank whose
 //! `(ep, tp)` coordinates hold it), so each rank runs `E / (ep·tp)` experts and no expert's work is repeated:
 //! the tokens of an `ep` group are gathered to the ranks holding the experts and the expert outputs summed
 //! back (`all_gather` then `reduce_scatter` over `ep`, `all_reduce` over `tp`), MiniMax-01's decoupling of the
-//! expert groups from the attention's. Sequence, pipeline and expert-tensor parallelism are refused with that
-//! reason until they are built.
+//! expert groups from the attention's. Pipeline and expert-tensor parallelism are refused with that reason
+//! until they are built.
 
+use crate::ir::Graph;
 use crate::models::MiniMaxConfig;
 use crate::passes::shard::{Mesh, Placement, ShardPlan};
 use std::collections::HashMap;
@@ -22,24 +25,30 @@ use std::fmt;
 pub struct Parallel {
     pub dp: usize,
     pub ep: usize,
+    pub sp: usize,
     pub tp: usize,
 }
 
 impl Default for Parallel {
     fn default() -> Parallel {
-        Parallel { dp: 1, ep: 1, tp: 1 }
+        Parallel {
+            dp: 1,
+            ep: 1,
+            sp: 1,
+            tp: 1,
+        }
     }
 }
 
 impl fmt::Display for Parallel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dp={},ep={},tp={}", self.dp, self.ep, self.tp)
+        write!(f, "dp={},ep={},sp={},tp={}", self.dp, self.ep, self.sp, self.tp)
     }
 }
 
 impl Parallel {
-    /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp`, `sp`, `pp` and `edp` are known
-    /// names but only 1 is accepted for them yet.
+    /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp`, `pp` and `edp` are known names
+    /// but only 1 is accepted for them yet.
     pub fn parse(s: &str) -> Result<Parallel, String> {
         let mut p = Parallel::default();
         let mut seen = Vec::new();
@@ -62,13 +71,13 @@ impl Parallel {
                 "dp" => p.dp = value,
                 "ep" => p.ep = value,
                 "tp" => p.tp = value,
-                "etp" | "sp" | "pp" | "edp" if value == 1 => {}
-                "etp" | "sp" | "pp" | "edp" => {
+                "sp" => p.sp = value,
+                "etp" | "pp" | "edp" if value == 1 => {}
+                "etp" | "pp" | "edp" => {
                     return Err(format!(
-                        "`{name}={value}`: {} is not built yet (dp, ep and tp are)",
+                        "`{name}={value}`: {} is not built yet (dp, ep, sp and tp are)",
                         match name {
                             "etp" => "expert-tensor parallelism",
-                            "sp" => "sequence parallelism",
                             "pp" => "pipeline parallelism",
                             _ => "a separate expert data-parallel degree",
                         }
@@ -82,12 +91,13 @@ impl Parallel {
 
     /// The number of ranks: the product of the degrees.
     pub fn ranks(&self) -> usize {
-        self.dp * self.ep * self.tp
+        self.dp * self.ep * self.sp * self.tp
     }
 
-    /// The mesh `[dp, ep, tp]`.
+    /// The mesh `[dp, ep, sp, tp]`.
     pub fn mesh(&self) -> Mesh {
-        Mesh::new(&[("dp", self.dp), ("ep", self.ep), ("tp", self.tp)]).expect("distinct names, degrees ≥ 1")
+        Mesh::new(&[("dp", self.dp), ("ep", self.ep), ("sp", self.sp), ("tp", self.tp)])
+            .expect("distinct names, degrees ≥ 1")
     }
 }
 
@@ -102,6 +112,7 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
         }
     };
     check("the batch", batch, par.dp * par.ep, "dp·ep")?;
+    check("the sequence length", seq, par.sp, "sp")?;
     check("num_attention_heads", cfg.num_attention_heads, par.tp, "tp")?;
     check("num_key_value_heads", cfg.num_key_value_heads, par.tp, "tp")?;
     check("num_local_experts", cfg.num_local_experts, par.ep * par.tp, "ep·tp")?;
@@ -135,6 +146,7 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
             vec![
                 ("dp".to_string(), Placement::Split(0)),
                 ("ep".to_string(), Placement::Split(0)),
+                ("sp".to_string(), Placement::Split(1)),
             ],
         ),
     ];
@@ -145,15 +157,40 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
     })
 }
 
+/// The graph the sharding pass reads: the model's definitional graph with the optimizer's structural rule
+/// families applied (`algebra`, `lightning`: lightning attention and flash attention become their composites,
+/// whose sharding rules know LASP+ and ring attention), not yet the MoE's routed form, fusion or the
+/// collectives' overlap, which run on the sharded graph.
+pub fn structural(g: &Graph) -> Result<Graph, String> {
+    use crate::passes::rules::{families, RuleConfig};
+    use crate::passes::{CostModel, Dce, EqSat, PassContext, Pipeline, Target};
+    let disabled = ["moe", "fusion", "collectives"].map(String::from);
+    let fams = families(&RuleConfig::default(), &disabled)?;
+    let p = Pipeline::new().with(Dce).with(EqSat::new(fams));
+    let cx = PassContext {
+        model: CostModel::new(Target::by_name("H100").expect("a known target")),
+    };
+    Ok(p.run(g, &cx, None).map_err(|e| e.to_string())?.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn degrees_parse_or_say_why_not() {
-        assert_eq!(Parallel::parse("tp=2, ep=4").unwrap(), Parallel { dp: 1, ep: 4, tp: 2 });
+        assert_eq!(
+            Parallel::parse("tp=2, ep=4").unwrap(),
+            Parallel {
+                dp: 1,
+                ep: 4,
+                sp: 1,
+                tp: 2
+            }
+        );
         assert_eq!(Parallel::parse("").unwrap(), Parallel::default());
         assert_eq!(Parallel::parse("etp=1,sp=1,pp=1").unwrap(), Parallel::default());
+        assert_eq!(Parallel::parse("sp=4,tp=2").unwrap().to_string(), "dp=1,ep=1,sp=4,tp=2");
         assert_eq!(Parallel::parse("tp=2,dp=2,ep=2").unwrap().ranks(), 8);
         assert_eq!(
             Parallel::parse("tp").unwrap_err(),
@@ -165,8 +202,8 @@ mod tests {
         );
         assert_eq!(Parallel::parse("tp=2,tp=2").unwrap_err(), "`tp` is given twice");
         assert_eq!(
-            Parallel::parse("sp=2").unwrap_err(),
-            "`sp=2`: sequence parallelism is not built yet (dp, ep and tp are)"
+            Parallel::parse("pp=2").unwrap_err(),
+            "`pp=2`: pipeline parallelism is not built yet (dp, ep, sp and tp are)"
         );
         assert_eq!(
             Parallel::parse("xp=2").unwrap_err(),

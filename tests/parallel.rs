@@ -8,7 +8,7 @@ use fulgur::ir::tensor::read_safetensors;
 use fulgur::ir::{Graph, Interpreter, Precision, Tensor};
 use fulgur::models::checkpoint::Checkpoint;
 use fulgur::models::{forward_graph, random_tokens, ForwardOptions};
-use fulgur::parallel::{minimax_plan, Parallel};
+use fulgur::parallel::{minimax_plan, structural, Parallel};
 use fulgur::passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
 use fulgur::passes::shard::shard_graph;
 use std::collections::{BTreeMap, HashMap};
@@ -135,6 +135,60 @@ fn tiny_a_sharded_gradients_equal_the_single_device_gradients() {
         println!("{par}: gradients worst {e:.1e} ({name})");
         assert!(e < 1e-10, "{par}: `{name}` off by {e}");
     }
+}
+
+/// Sequence parallelism on the structural graph: lightning attention by LASP+ (one `all_gather` of the chunk
+/// summaries per layer), softmax attention by ring attention (`send_recv` of the key/value blocks), alone and
+/// with tensor and data parallelism; the definitional graph sharded by sequence (no composites: the keys are
+/// gathered) gives the same.
+#[test]
+fn tiny_a_sequence_parallel_by_lasp_and_ring_attention() {
+    let (ck, g, mut feed) = tiny_a();
+    let reference = read_safetensors(&common::tiny_a().join("reference.safetensors")).unwrap();
+    feed.insert("input_ids".into(), reference["input_ids"].clone());
+    let single = run(&g, &feed);
+    let sg0 = structural(&g).unwrap();
+    let count = |g: &Graph, name: &str| g.nodes().filter(|(_, n)| n.op.name() == name).count();
+    assert_eq!(count(&sg0, "lightning_attention"), 3);
+    assert_eq!(count(&sg0, "flash_attention_rope"), 1);
+    for par in ["sp=2", "sp=4", "sp=2,tp=2", "dp=2,sp=2", "ep=2,sp=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let plan = minimax_plan(&ck.config, &p, 2, 40).unwrap();
+        let (sg, report) = shard_graph(&sg0, &plan).unwrap();
+        let out = run(&sg, &feed);
+        let (e, name) = worst(&out, &single);
+        println!("{par}: worst {e:.1e} ({name}); {:?}", report.collectives);
+        assert!(e < 1e-10, "{par}: `{name}` off by {e}");
+        // LASP+: the chunks' summaries gathered once per lightning layer; ring: sp − 1 shifts of k and of v
+        assert_eq!(count(&sg, "lightning_attention"), 3, "{par}");
+        assert_eq!(count(&sg, "send_recv"), 2 * (p.sp - 1), "{par}");
+        assert!(report.collectives["all_gather"] >= 3, "{par}");
+        let (dg, _) = shard_graph(&g, &plan).unwrap();
+        let (e, name) = worst(&run(&dg, &feed), &single);
+        assert!(e < 1e-10, "{par}, definitional: `{name}` off by {e}");
+    }
+    let e = minimax_plan(&ck.config, &Parallel::parse("sp=3").unwrap(), 2, 40).unwrap_err();
+    assert_eq!(e, "the sequence length (40) is not divisible by sp (3)");
+}
+
+/// The backward of LASP+ and of ring attention: gradients through the sequence-parallel graph equal the
+/// single device's.
+#[test]
+fn tiny_a_sequence_parallel_gradients() {
+    let (ck, g, mut feed) = tiny_a();
+    feed.insert("input_ids".into(), random_tokens(1, 16, ck.config.vocab_size, 9));
+    let single = run(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed);
+    let grads: BTreeMap<String, Tensor> = single
+        .iter()
+        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let plan = minimax_plan(&ck.config, &Parallel::parse("sp=2,tp=2").unwrap(), 1, 16).unwrap();
+    let (sg, _) = shard_graph(&structural(&g).unwrap(), &plan).unwrap();
+    let out = run(&differentiate(&sg, "loss", &GradOptions::default()).unwrap(), &feed);
+    let (e, name) = worst(&out, &grads);
+    println!("sp=2,tp=2: gradients worst {e:.1e} ({name})");
+    assert!(e < 1e-10, "`{name}` off by {e}");
 }
 
 /// Degrees that do not divide what they split are refused naming both.

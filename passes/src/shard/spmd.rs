@@ -17,6 +17,9 @@
 //! single-device graph's inputs, parameters and outputs, which is what makes it checkable against it (the
 //! oracle) and differentiable by the same autodiff.
 
+#[path = "attention.rs"]
+mod attention;
+
 use super::{reshard, Mesh, Placement, Sharding};
 use crate::PassError;
 use fulgur_ir::{BinaryOp, Composite, Dim, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp, Value};
@@ -459,25 +462,61 @@ impl Pass<'_> {
         }
         let blocks = blocks(&x.dims, out_dims);
         let mut want = x.sh.clone();
-        let mut out = self.rep();
-        for k in 0..want.per_axis.len() {
-            out.per_axis[k] = match &x.sh.per_axis[k] {
-                Placement::Split(d) => {
-                    let target = blocks
-                        .iter()
-                        .find(|(i, o)| i.start == *d && !o.is_empty())
-                        .map(|(_, o)| o.start)
-                        .filter(|&o| out_dims[o].div_exact(&Dim::from(self.degree(k))).is_some());
-                    match target {
-                        Some(o) => Placement::Split(o),
-                        None => {
-                            want.per_axis[k] = Placement::Replicated;
-                            Placement::Replicated
+        let mut out = x.sh.clone();
+        let local = self.local(&x.sh, &x.dims)?;
+        let one = Dim::from(1);
+        for (ir, or) in &blocks {
+            // the mesh axes splitting dims of this block, in mesh order
+            let axes: Vec<(usize, usize)> = (0..x.sh.per_axis.len())
+                .filter_map(|k| match x.sh.per_axis[k] {
+                    Placement::Split(d) if ir.contains(&d) => Some((k, d)),
+                    _ => None,
+                })
+                .collect();
+            let Some(last) = axes.iter().map(|a| a.1).max() else {
+                continue;
+            };
+            // one dim cut into several: the axes, in mesh order, cut the first output dim until it is cut to
+            // size 1, then the next (so the shard stays one contiguous run, chunks numbered in mesh order)
+            let mut cuts: Vec<usize> = Vec::new();
+            if or.len() > 1 && axes.iter().all(|a| a.1 == ir.start) {
+                let mut left: Vec<Dim> = out_dims[or.clone()].to_vec();
+                let mut o = 0;
+                for (k, _) in &axes {
+                    while o < left.len() && left[o] == one {
+                        o += 1;
+                    }
+                    match left.get(o).and_then(|d| d.div_exact(&Dim::from(self.degree(*k)))) {
+                        Some(rest) => {
+                            left[o] = rest;
+                            cuts.push(or.start + o);
                         }
+                        None => break,
                     }
                 }
-                p => p.clone(),
+            }
+            if cuts.len() == axes.len() && or.len() > 1 {
+                for ((k, _), o) in axes.iter().zip(&cuts) {
+                    out.per_axis[*k] = Placement::Split(*o);
+                }
+                continue;
+            }
+            let ok = match or.len() {
+                0 => false,
+                // dims merged into one: the shard is one contiguous run of it when every dim before the last
+                // split one is cut to size 1, and its chunks are numbered in mesh order when the axes split the
+                // dims in order (earlier dims by earlier axes)
+                1 => axes.windows(2).all(|w| w[0].1 <= w[1].1) && (ir.start..last).all(|d| local[d] == one),
+                _ => false,
             };
+            for (k, _) in axes {
+                if ok {
+                    out.per_axis[k] = Placement::Split(or.start);
+                } else {
+                    want.per_axis[k] = Placement::Replicated;
+                    out.per_axis[k] = Placement::Replicated;
+                }
+            }
         }
         // several axes splitting one dim must still divide it
         if self.local(&out, out_dims).is_err() {
@@ -937,6 +976,19 @@ fn rewrite(
                 dims: outs[0].clone(),
             }])
         }
+        Op::Composite(Composite::LightningAttention { block }) => {
+            Ok(vec![p.lightning_attention(ins, *block, &outs[0])?])
+        }
+        Op::Composite(Composite::FlashAttention { scale, causal }) => {
+            Ok(vec![p.flash_attention(ins, *scale, *causal, None, &outs[0])?])
+        }
+        Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }) => Ok(vec![p.flash_attention(
+            ins,
+            *scale,
+            *causal,
+            Some(*rotary),
+            &outs[0],
+        )?]),
         op => Err(PassError::Options(format!(
             "the sharding pass has no rule for `{}` on per-rank operands",
             op.name()
