@@ -473,6 +473,29 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
         Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),
+        Composite::PerRank { op } => {
+            let lead = ins.first().and_then(|t| t.dims().first().cloned());
+            let Some(lead) = lead.filter(|l| ins.iter().all(|t| t.dims().first() == Some(l))) else {
+                return Err(format!(
+                    "`per_rank` needs inputs with one common leading axis, got {}",
+                    fmt_types(ins)
+                ));
+            };
+            let inner: Vec<TensorType> = ins
+                .iter()
+                .map(|t| TensorType::new(t.dtype, t.dims()[1..].to_vec()))
+                .collect();
+            let refs: Vec<&TensorType> = inner.iter().collect();
+            let outs = infer(op, &refs).map_err(|e| format!("`per_rank` of {e}"))?;
+            Ok(outs
+                .into_iter()
+                .map(|t| {
+                    let mut d = vec![lead.clone()];
+                    d.extend(t.dims().iter().cloned());
+                    TensorType::new(t.dtype, d)
+                })
+                .collect())
+        }
     }
 }
 

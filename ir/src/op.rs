@@ -359,6 +359,12 @@ pub enum Composite {
     /// Each rank keeps its own chunk of `axis` (no communication: a replicated value made split), chunk `i`
     /// for the rank at position `i` of its group: `[R, ..., G·c (axis), ...]` → `[R, ..., c, ...]`.
     ShardSlice { axis: i64, mesh: Vec<usize>, over: usize },
+    /// `per_rank[op=NAME, ...](x0, x1, ...)`: the op (its attributes inline) applied to each slice of the
+    /// inputs' common leading axis independently, the results stacked along it: `out[r] = op(x0[r], x1[r],
+    /// ...)`. The sharding pass writes it for ops without a batch axis of their own (`scatter_add`, `gather`
+    /// from a sharded table, the MoE composites) on values with the rank axis; dropping the rank axis unwraps
+    /// it.
+    PerRank { op: Box<Op> },
 }
 
 /// A collective's group attributes, omitted for the default (`mesh=[]`: one group of all ranks).
@@ -398,10 +404,11 @@ impl Composite {
             Composite::ReduceScatter { .. } => "reduce_scatter",
             Composite::SendRecv { .. } => "send_recv",
             Composite::ShardSlice { .. } => "shard_slice",
+            Composite::PerRank { .. } => "per_rank",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 22] = [
+    pub const NAMES: [&'static str; 23] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -424,6 +431,7 @@ impl Composite {
         "reduce_scatter",
         "send_recv",
         "shard_slice",
+        "per_rank",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -487,6 +495,11 @@ impl Composite {
                 v.extend(group_attrs(mesh, *over));
                 v
             }
+            Composite::PerRank { op } => {
+                let mut v = vec![("op", AttrValue::Str(op.name().to_string()))];
+                v.extend(op.attrs());
+                v
+            }
         }
     }
     /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
@@ -511,6 +524,7 @@ impl Composite {
             | Composite::ReduceScatter { .. }
             | Composite::SendRecv { .. }
             | Composite::ShardSlice { .. } => 1,
+            Composite::PerRank { op } => return op.num_inputs(),
         })
     }
     /// Number of outputs.
@@ -518,6 +532,11 @@ impl Composite {
         match self {
             Composite::MoeRouter { .. } => 2,
             Composite::MoeDispatch { .. } | Composite::FlashAttentionGrad { .. } => 3,
+            Composite::PerRank { op } => match &**op {
+                Op::TopK { .. } => 2,
+                Op::Composite(c) => c.num_outputs(),
+                _ => 1,
+            },
             _ => 1,
         }
     }
@@ -1055,6 +1074,16 @@ impl Op {
                 mesh: a.mesh()?,
                 over: a.over()?,
             }),
+            "per_rank" => {
+                let inner = a.string("op")?;
+                let rest: Vec<(String, AttrValue)> = attrs.iter().filter(|(k, _)| k != "op").cloned().collect();
+                a.used.iter_mut().for_each(|u| *u = true);
+                let op = Op::from_parts(&inner, &rest).map_err(|e| format!("`per_rank[op={inner}]`: {e}"))?;
+                if op.is_input() || matches!(op, Op::Composite(Composite::PerRank { .. })) {
+                    return Err(format!("`per_rank` cannot wrap `{inner}`"));
+                }
+                Op::Composite(Composite::PerRank { op: Box::new(op) })
+            }
             "send_recv" => Op::Composite(Composite::SendRecv {
                 shift: a.int("shift")?,
                 mesh: a.mesh()?,

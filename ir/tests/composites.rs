@@ -1480,6 +1480,9 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             mesh: vec![],
             over: 0,
         },
+        Composite::PerRank {
+            op: Box::new(Op::ScatterAdd { axis: 0 }),
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());
@@ -1716,4 +1719,106 @@ fn flash_attention_rope_rotates_then_attends() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("one length"), "{e}");
+}
+
+// ------------------------------------------------------------ per_rank
+
+/// `per_rank[op]` against the op applied to each slice of the leading axis by hand: one output
+/// (`scatter_add`), two (`topk`), three (`moe_dispatch`); its text round trip; its typing errors.
+#[test]
+fn per_rank_applies_the_op_to_each_slice() {
+    use fulgur_ir::{Interpreter, Precision, Tensor};
+    let src = r#"graph g {
+  %0 = input "data" : f32[3, 5, 2]
+  %1 = input "idx" : i64[3, 4]
+  %2 = input "upd" : f32[3, 4, 2]
+  %3 = input "x" : f32[3, 4, 6]
+  %4 = input "e" : i64[3, 4, 2]
+  %5 = per_rank[op="scatter_add", axis=0](%0, %1, %2) : f32[3, 5, 2]
+  %6 = per_rank[op="topk", k=2, axis=-1](%3) : (f32[3, 4, 2], i64[3, 4, 2])
+  %7 = per_rank[op="moe_dispatch", experts=3](%3, %4) : (f32[3, 8, 6], i64[3, 4, 2], i64[3, 3])
+  output "s" = %5
+  output "tv" = %6#0
+  output "ti" = %6#1
+  output "xs" = %7#0
+  output "pos" = %7#1
+  output "counts" = %7#2
+}
+"#;
+    let g = text::parse(src).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(text::print(&g), src);
+    let f = |n: usize, k: u64| -> Vec<f64> { (0..n).map(|i| ((i as u64 * 7 + k * 13) % 11) as f64 - 5.0).collect() };
+    let feed: HashMap<String, Tensor> = [
+        (
+            "data".to_string(),
+            Tensor::from_f64(DType::F32, vec![3, 5, 2], f(30, 1)),
+        ),
+        (
+            "idx".to_string(),
+            Tensor::from_i64(DType::I64, vec![3, 4], (0..12).map(|i| (i * 3) % 5).collect()),
+        ),
+        ("upd".to_string(), Tensor::from_f64(DType::F32, vec![3, 4, 2], f(24, 2))),
+        ("x".to_string(), Tensor::from_f64(DType::F32, vec![3, 4, 6], f(72, 3))),
+        (
+            "e".to_string(),
+            Tensor::from_i64(
+                DType::I64,
+                vec![3, 4, 2],
+                (0..24).map(|i| (i * 2 + i / 5) % 3).collect(),
+            ),
+        ),
+    ]
+    .into();
+    let interp = Interpreter::new(Precision::F64);
+    let got = interp.run(&g, &feed).unwrap();
+    // each slice by hand, through the unwrapped ops
+    let slice = |t: &Tensor, r: usize| {
+        let n: usize = t.shape[1..].iter().product();
+        if t.dtype.is_float() {
+            Tensor::from_f64(t.dtype, t.shape[1..].to_vec(), t.to_f64()[r * n..(r + 1) * n].to_vec())
+        } else {
+            Tensor::from_i64(t.dtype, t.shape[1..].to_vec(), t.to_i64()[r * n..(r + 1) * n].to_vec())
+        }
+    };
+    for r in 0..3 {
+        let one = r#"graph one {
+  %0 = input "data" : f32[5, 2]
+  %1 = input "idx" : i64[4]
+  %2 = input "upd" : f32[4, 2]
+  %3 = input "x" : f32[4, 6]
+  %4 = input "e" : i64[4, 2]
+  %5 = scatter_add[axis=0](%0, %1, %2) : f32[5, 2]
+  %6 = topk[k=2, axis=-1](%3) : (f32[4, 2], i64[4, 2])
+  %7 = moe_dispatch[experts=3](%3, %4) : (f32[8, 6], i64[4, 2], i64[3])
+  output "s" = %5
+  output "tv" = %6#0
+  output "ti" = %6#1
+  output "xs" = %7#0
+  output "pos" = %7#1
+  output "counts" = %7#2
+}
+"#;
+        let g1 = text::parse(one).unwrap();
+        let feed1: HashMap<String, Tensor> = feed.iter().map(|(k, v)| (k.clone(), slice(v, r))).collect();
+        let want = interp.run(&g1, &feed1).unwrap();
+        for (name, w) in &want {
+            assert_eq!(slice(&got[name], r).to_f64(), w.to_f64(), "{name} of slice {r}");
+        }
+    }
+    let e = text::parse("graph g {\n  %0 = input \"x\" : f32[3, 4]\n  %1 = input \"y\" : f32[2, 4]\n  %2 = per_rank[op=\"add\"](%0, %1)\n}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`per_rank` needs inputs with one common leading axis"),
+        "{e}"
+    );
+    let e =
+        text::parse("graph g {\n  %0 = input \"x\" : f32[3, 4]\n  %1 = per_rank[op=\"topk\", k=9, axis=-1](%0)\n}\n")
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("`per_rank` of"), "{e}");
+    let e = text::parse("graph g {\n  %0 = input \"x\" : f32[3, 4]\n  %1 = per_rank[op=\"per_rank\"](%0)\n}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("per_rank"), "{e}");
 }

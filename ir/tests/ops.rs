@@ -253,6 +253,7 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "send_recv",
     "shard_slice",
     "collective_wait",
+    "per_rank",
 ];
 
 #[test]

@@ -253,6 +253,21 @@ impl Gen {
         } else {
             Dim::from(mesh[over])
         };
+        if self.rng.gen_bool(0.2) {
+            // an op without a batch axis of its own, once per slice of a leading axis
+            let mut dims = vec![Dim::from(3)];
+            let n = self.rng.gen_range(1..3);
+            dims.extend(self.dims(n));
+            let dt = self.float_dtype();
+            let Some(x) = self.value_of(dt, dims) else { return };
+            let inner = if self.rng.gen_bool(0.5) {
+                Op::TopK { k: 1, axis: -1 }
+            } else {
+                Op::Composite(Composite::Softmax { axis: 0 })
+            };
+            self.add(Op::Composite(Composite::PerRank { op: Box::new(inner) }), &[x]);
+            return;
+        }
         let kind = self.rng.gen_range(0..4);
         if kind == 3 {
             // send_recv needs a constant group size

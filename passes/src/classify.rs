@@ -76,6 +76,8 @@ pub fn classify(op: &Op) -> NodeClass {
             C::Softmax { .. } | C::LogSoftmax { .. } | C::RmsNorm { .. } => Reduction,
             C::Fused { body } => fused_kind(body),
             C::CollectiveWait => return NodeClass::Sync,
+            // the wrapped op, once per slice of the leading axis
+            C::PerRank { op } => return classify(op),
             // a rank keeping its own chunk: a local copy, no communication
             C::ShardSlice { .. } => Copy,
             C::AllToAll { .. }

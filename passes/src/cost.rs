@@ -188,6 +188,21 @@ impl CostModel {
             Composite::Fused { body } => self.fused_cost(body, io),
             // each rank copies its own chunk: the bytes in and out, no communication
             Composite::ShardSlice { .. } => k(0.0, false),
+            // the wrapped op once per slice of the leading axis (every rank's, summed as a simulated graph is)
+            Composite::PerRank { op } => {
+                let strip = |t: &TensorType| TensorType::new(t.dtype, t.dims()[1..].to_vec());
+                let inner_ins: Vec<TensorType> = ins.iter().map(|t| strip(t)).collect();
+                let refs: Vec<&TensorType> = inner_ins.iter().collect();
+                let inner_outs: Vec<TensorType> = outs.iter().map(strip).collect();
+                let lead = ins.first().map(|t| self.dim(t, 0)).unwrap_or(1.0);
+                let c = self.node_cost(op, &refs, &inner_outs);
+                NodeCost {
+                    flops: c.flops * lead,
+                    bytes: c.bytes * lead,
+                    comm_bytes: c.comm_bytes * lead,
+                    ..c
+                }
+            }
             Composite::AllToAll { .. }
             | Composite::AllToAllStart { .. }
             | Composite::CollectiveWait

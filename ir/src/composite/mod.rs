@@ -125,6 +125,33 @@ impl Composite {
                     inputs[0],
                 )?])
             }
+            Composite::PerRank { op } => {
+                let lead = g.dims(inputs[0])[0].as_const().ok_or_else(|| {
+                    IrError::Graph("decomposing `per_rank`: the leading axis must have a constant size".into())
+                })? as usize;
+                let mut outs: Vec<Vec<Value>> = Vec::new();
+                for r in 0..lead {
+                    let ins: Vec<Value> = inputs
+                        .iter()
+                        .map(|&x| {
+                            let s = g.slice(x, 0, r as i64, r as i64 + 1)?;
+                            let d = g.dims(s)[1..].to_vec();
+                            g.reshape(s, d)
+                        })
+                        .collect::<Result<_>>()?;
+                    let ys = g.op((**op).clone(), &ins)?;
+                    for (i, y) in ys.into_iter().enumerate() {
+                        let mut d = vec![crate::Dim::from(1)];
+                        d.extend(g.dims(y).iter().cloned());
+                        let y = g.reshape(y, d)?;
+                        if outs.len() <= i {
+                            outs.push(Vec::new());
+                        }
+                        outs[i].push(y);
+                    }
+                }
+                outs.iter().map(|ys| g.concat(ys, 0)).collect()
+            }
             Composite::SendRecv { shift, mesh, over } => Ok(vec![collective::grouped(
                 g,
                 "send_recv",
