@@ -157,6 +157,64 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
     })
 }
 
+/// The plan of MiniMax-01's training step (`passes::optim::train_step` of the forward graph): the model's plan
+/// for the weights (the step's inputs named as the parameters) and the tokens, and each AdamW moment
+/// (`adam_m.NAME`, `adam_v.NAME`) placed as its weight and, for optimizer-state sharding over `dp` and `ep`
+/// (ZeRO-1), split on the first dim that no other axis splits and that the data-parallel degree divides (a
+/// moment with none stays replicated).
+pub fn minimax_train_plan(
+    cfg: &MiniMaxConfig,
+    par: &Parallel,
+    batch: usize,
+    seq: usize,
+    step: &Graph,
+) -> Result<ShardPlan, String> {
+    let mut plan = minimax_plan(cfg, par, batch, seq)?;
+    let mesh = plan.mesh.clone();
+    let mut moments = Vec::new();
+    for id in step.inputs() {
+        let (name, ty, _) = step.node(id).op.input_decl().expect("an input");
+        let Some(weight) = name.strip_prefix("adam_m.").or_else(|| name.strip_prefix("adam_v.")) else {
+            continue;
+        };
+        let dims = ty
+            .shape
+            .as_consts()
+            .ok_or_else(|| format!("`{name}` has a symbolic shape"))?;
+        let mut s = plan.placement_of(weight, &ty.shape.0).map_err(|e| e.to_string())?;
+        for (p, degree) in s.per_axis.iter_mut().zip(mesh.sizes()) {
+            if degree == 1 {
+                *p = Placement::Replicated;
+            }
+        }
+        for axis in ["dp", "ep"] {
+            let k = mesh.axis(axis).map_err(|e| e.to_string())?;
+            let degree = mesh.sizes()[k];
+            if degree == 1 {
+                continue;
+            }
+            let local = s.local_dims(&mesh, name, &ty.shape.0).map_err(|e| e.to_string())?;
+            let free = (0..dims.len()).find(|&d| {
+                !s.per_axis.contains(&Placement::Split(d))
+                    && local[d].as_const().is_some_and(|n| (n as usize).is_multiple_of(degree))
+            });
+            if let Some(d) = free {
+                s.per_axis[k] = Placement::Split(d);
+            }
+        }
+        let places = s
+            .per_axis
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| **p != Placement::Replicated)
+            .map(|(k, p)| (["dp", "ep", "sp", "tp"][k].to_string(), p.clone()))
+            .collect();
+        moments.push((name.to_string(), places));
+    }
+    plan.rules.splice(0..0, moments);
+    Ok(plan)
+}
+
 /// The graph the sharding pass reads: the model's definitional graph with the optimizer's structural rule
 /// families applied (`algebra`, `lightning`: lightning attention and flash attention become their composites,
 /// whose sharding rules know LASP+ and ring attention), not yet the MoE's routed form, fusion or the

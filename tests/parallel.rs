@@ -71,9 +71,10 @@ fn tiny_a_sharded_gives_the_single_device_logits() {
         // every plan communicates; the degrees decide which collectives
         let n = |k: &str| report.collectives.get(k).copied().unwrap_or(0);
         if p.tp > 1 {
-            // per layer: the attention's row-parallel output summed (and its norm's statistics in lightning)
+            // per layer: the attention's row-parallel output summed, to a token split (`reduce_scatter`, then
+            // gathered before the next column-parallel projection: Megatron's sequence parallelism)
             assert!(
-                n("all_reduce") >= ck.config.num_hidden_layers,
+                n("all_reduce") + n("reduce_scatter") >= 2 * ck.config.num_hidden_layers,
                 "{par}: {:?}",
                 report.collectives
             );
@@ -191,6 +192,52 @@ fn tiny_a_sequence_parallel_gradients() {
     assert!(e < 1e-10, "`{name}` off by {e}");
 }
 
+/// The training step (loss, gradients, clipping, AdamW) sharded as one graph: data parallel with the AdamW
+/// moments sharded over `dp` (ZeRO-1: the gradients reduce-scattered, each rank updating its shard, the new
+/// weights gathered), with tensor and expert parallelism; the updated weights and moments equal the single
+/// device's step.
+#[test]
+fn tiny_a_training_step_sharded_with_optimizer_state_sharding() {
+    use fulgur::passes::optim::{train_step, AdamW};
+    let (ck, g, params) = tiny_a();
+    let step = train_step(&g, "loss", &AdamW::default()).unwrap();
+    let mut feed = params.clone();
+    feed.insert("input_ids".into(), random_tokens(4, 8, ck.config.vocab_size, 21));
+    let mut rng_state = 1u64;
+    for (name, t) in &params {
+        for pre in ["adam_m.", "adam_v."] {
+            let vals: Vec<f64> = t
+                .to_f64()
+                .iter()
+                .map(|_| {
+                    rng_state = rng_state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = (rng_state >> 11) as f64 / (1u64 << 53) as f64;
+                    if pre == "adam_m." {
+                        (u - 0.5) * 1e-3
+                    } else {
+                        u * 1e-6
+                    }
+                })
+                .collect();
+            feed.insert(format!("{pre}{name}"), Tensor::from_f64(t.dtype, t.shape.clone(), vals));
+        }
+    }
+    for (k, v) in AdamW::default().scalars(1e-3, 3) {
+        feed.insert(k.to_string(), Tensor::from_f64(fulgur::ir::DType::F32, vec![], vec![v]));
+    }
+    let single = run(&step, &feed);
+    for par in ["dp=2", "dp=2,tp=2", "dp=2,ep=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let plan = fulgur::parallel::minimax_train_plan(&ck.config, &p, 4, 8, &step).unwrap();
+        let (sg, report) = shard_graph(&step, &plan).unwrap();
+        let (e, name) = worst(&run(&sg, &feed), &single);
+        println!("{par}: worst {e:.1e} ({name}); {:?}", report.collectives);
+        assert!(e < 1e-9, "{par}: `{name}` off by {e}");
+    }
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {
@@ -221,7 +268,9 @@ fn plans_that_do_not_divide_are_refused() {
 
 /// Any placement of the parameters is a valid plan: random placements (each parameter replicated, split on a
 /// dim its axis degree divides, on each axis of a `[a=2, b=2]` mesh) give the single-device outputs. This runs
-/// the propagation rules through their conflicts and every resharding path, not only the presets' patterns.
+/// the propagation rules through their conflicts and every resharding path, not only the presets' patterns,
+/// and the embedding's table split by rows (vocabulary parallel: a partial sum of each rank's rows) or by
+/// hidden dim.
 #[test]
 fn random_placements_give_the_single_device_outputs() {
     use fulgur::passes::shard::{Mesh, Placement, ShardPlan};
@@ -236,9 +285,6 @@ fn random_placements_give_the_single_device_outputs() {
         for id in g.params() {
             let n = g.node(id);
             let (name, ty, _) = n.op.input_decl().unwrap();
-            if name == "model.embed_tokens.weight" {
-                continue; // a gather from a sharded table is refused (tested below)
-            }
             let dims: Vec<usize> = ty.shape.as_consts().unwrap();
             let mut places = Vec::new();
             let mut left = dims.clone();
@@ -272,18 +318,27 @@ fn random_placements_give_the_single_device_outputs() {
         println!("case {case}: worst {e:.1e} ({name}); {:?}", report.collectives);
         assert!(e < 1e-10, "case {case}: `{name}` off by {e}");
     }
-    let plan = ShardPlan {
-        mesh,
-        sizes: HashMap::from([("B".to_string(), 4), ("T".to_string(), 8)]),
-        rules: vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![("a".to_string(), Placement::Split(1))],
-        )],
-    };
-    let e = shard_graph(&g, &plan).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        "sharding `embed_tokens.gather` (gather): a gather from a sharded or per-rank table is not supported yet; \
-         replicate it"
-    );
+    // a vocabulary-parallel embedding (rows split on both axes) and one split by hidden dim
+    for places in [
+        vec![
+            ("a".to_string(), Placement::Split(0)),
+            ("b".to_string(), Placement::Split(0)),
+        ],
+        vec![
+            ("a".to_string(), Placement::Split(1)),
+            ("b".to_string(), Placement::Split(0)),
+        ],
+    ] {
+        let plan = ShardPlan {
+            mesh: mesh.clone(),
+            sizes: HashMap::from([("B".to_string(), 4), ("T".to_string(), 8)]),
+            rules: vec![
+                ("model.embed_tokens.weight".to_string(), places),
+                ("input_ids".to_string(), vec![("b".to_string(), Placement::Split(1))]),
+            ],
+        };
+        let (sg, _) = shard_graph(&g, &plan).unwrap();
+        let (e, name) = worst(&run(&sg, &feed), &single);
+        assert!(e < 1e-10, "embedding: `{name}` off by {e}");
+    }
 }

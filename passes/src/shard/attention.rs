@@ -24,7 +24,7 @@ const MASKED: f64 = -1e30;
 
 impl Pass<'_> {
     /// A constant with the rank axis: rank `r`'s slice is `f(coords of r)`, of shape `shape`.
-    fn per_rank(
+    pub(super) fn per_rank(
         &mut self,
         dtype: DType,
         shape: &[usize],
@@ -38,11 +38,16 @@ impl Pass<'_> {
         }
         let mut full = vec![self.mesh.ranks()];
         full.extend_from_slice(shape);
-        Ok(self.out.constant(dtype, full, ConstData::Float(data))?)
+        let data = if dtype.is_float() {
+            ConstData::Float(data)
+        } else {
+            ConstData::Int(data.into_iter().map(|x| x as i64).collect())
+        };
+        Ok(self.out.constant(dtype, full, data)?)
     }
 
     /// `[R, s...]` viewed as `[R, 1, ..., s...]` of `1 + rank` dims.
-    fn lift(&mut self, v: Value, rank: usize) -> Result<Value, PassError> {
+    pub(super) fn lift(&mut self, v: Value, rank: usize) -> Result<Value, PassError> {
         let dims = self.out.dims(v).to_vec();
         if dims.len() == rank + 1 {
             return Ok(v);

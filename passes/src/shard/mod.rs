@@ -90,7 +90,7 @@ impl fmt::Display for Mesh {
 }
 
 /// How a value lies along one mesh axis.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Placement {
     /// Every rank of the axis holds the whole value.
     Replicated,

@@ -109,6 +109,12 @@ struct Pass<'a> {
     report: ShardReport,
     /// The source node being rewritten (for the report and errors).
     at: String,
+    /// Conversions already written: (value, target placements) → the converted value, so that a value
+    /// several consumers need in one placement is converted once.
+    converted: HashMap<(Value, Vec<Placement>), Sv>,
+    /// Partial sums already reduced (to replicated or split): later consumers take the reduced value
+    /// rather than reducing again.
+    reduced: HashMap<Value, Sv>,
 }
 
 fn norm_axis(axis: i64, rank: usize) -> usize {
@@ -194,6 +200,43 @@ impl Pass<'_> {
             return Ok(x.clone());
         }
         self.local(&to, &x.dims)?;
+        let key = (x.v, to.per_axis.clone());
+        if let Some(done) = self.converted.get(&key) {
+            return Ok(done.clone());
+        }
+        let done = self.convert(x, to)?;
+        self.converted.insert(key, done.clone());
+        if x.sh.per_axis.contains(&Placement::Partial) && !done.sh.per_axis.contains(&Placement::Partial) {
+            self.reduced.entry(x.v).or_insert_with(|| done.clone());
+        }
+        Ok(done)
+    }
+
+    fn convert(&mut self, x: &Sv, to: Sharding) -> Result<Sv, PassError> {
+        // a whole value made a partial sum: rank 0 of each such axis keeps it, the others hold zeros
+        let fresh: Vec<usize> = (0..to.per_axis.len())
+            .filter(|&k| to.per_axis[k] == Placement::Partial && x.sh.per_axis[k] != Placement::Partial)
+            .collect();
+        if !fresh.is_empty() {
+            let mut whole = to.clone();
+            for &k in &fresh {
+                whole.per_axis[k] = Placement::Replicated;
+            }
+            let y = self.to(x, &whole)?;
+            let dt = self.out.dtype(y.v);
+            if !dt.is_float() {
+                return Err(PassError::Options(format!(
+                    "`{}`: a {dt} value cannot be a partial sum",
+                    self.at
+                )));
+            }
+            let keep = self.per_rank(dt, &[], |c| {
+                vec![if fresh.iter().all(|&k| c[k] == 0) { 1.0 } else { 0.0 }]
+            })?;
+            let keep = self.lift(keep, y.dims.len())?;
+            let v = self.out.mul(y.v, keep)?;
+            return Ok(Sv { v, sh: to, ..y });
+        }
         let x = self.ranked(x)?;
         self.report.conversions.push(format!(
             "{}: {} → {}",
@@ -277,6 +320,29 @@ impl Pass<'_> {
             let partial: Vec<bool> = ins.iter().map(|s| s.sh.per_axis[k] == Placement::Partial).collect();
             if partial.iter().any(|&p| p) && linear_in(op, &partial) {
                 target.per_axis[k] = Placement::Partial;
+            }
+        }
+        // a partial sum into an op not linear in it: reduced to a split (`reduce_scatter`, the op then runs on
+        // a shard) on the first dim no axis splits, that the degree divides and that every partial operand
+        // has whole; only a value with no such dim is reduced whole (`all_reduce`). The same bytes move as an
+        // `all_reduce` would (that is a `reduce_scatter` and an `all_gather`), and a later consumer needing the
+        // whole value gathers it then.
+        for k in 0..naxes {
+            let partial: Vec<&Sv> = ins.iter().filter(|s| s.sh.per_axis[k] == Placement::Partial).collect();
+            if partial.is_empty() || target.per_axis[k] != Placement::Replicated {
+                continue;
+            }
+            let degree = Dim::from(self.degree(k));
+            let free = (0..n).find(|&d| {
+                !target.per_axis.contains(&Placement::Split(d))
+                    && out_dims[d].div_exact(&degree).is_some()
+                    && partial.iter().all(|s| {
+                        let off = n - s.dims.len();
+                        d >= off && s.dims[d - off] == out_dims[d]
+                    })
+            });
+            if let Some(d) = free {
+                target.per_axis[k] = Placement::Split(d);
             }
         }
         let mut vals = Vec::with_capacity(ins.len());
@@ -437,6 +503,151 @@ impl Pass<'_> {
         if op == ReduceOp::Mean && cut > 1 {
             // a local mean is over 1/cut of the elements: the global mean is the sum of local means over cut
             v = self.out.scale(v, 1.0 / cut as f64)?;
+        }
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: out,
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    /// `scatter_add[axis](data, indices, updates)`: updates split along an index dim (their indices cut
+    /// alike) scatter into a partial sum (the data made one); split along a data dim other than `axis` (the
+    /// data cut alike), into a split; partial updates into partial data, a partial sum. Written as `per_rank`.
+    fn scatter_add(&mut self, ins: &[Sv], axis: i64, out_dims: &[Dim]) -> Result<Sv, PassError> {
+        let (data, idx, upd) = (&ins[0], &ins[1], &ins[2]);
+        let a = norm_axis(axis, data.dims.len());
+        let ir = idx.dims.len();
+        // an updates dim: an index dim (its position in the indices) or a data dim
+        let of_upd = |j: usize| {
+            if j >= a && j < a + ir {
+                Err(j - a)
+            } else if j < a {
+                Ok(j)
+            } else {
+                Ok(j + 1 - ir)
+            }
+        };
+        let upd_of_data = |d: usize| if d < a { d } else { d + ir - 1 };
+        let (mut td, mut ti, mut tu, mut out) = (self.rep(), self.rep(), self.rep(), self.rep());
+        for k in 0..td.per_axis.len() {
+            let from_u = match upd.sh.per_axis[k] {
+                Placement::Split(j) => Some(of_upd(j)),
+                _ => None,
+            };
+            let from_i = match idx.sh.per_axis[k] {
+                Placement::Split(x) => Some(Err(x)),
+                _ => None,
+            };
+            let from_d = match data.sh.per_axis[k] {
+                Placement::Split(d) if d != a => Some(Ok(d)),
+                _ => None,
+            };
+            match from_u.or(from_i).or(from_d) {
+                Some(Err(x)) => {
+                    tu.per_axis[k] = Placement::Split(a + x);
+                    ti.per_axis[k] = Placement::Split(x);
+                    td.per_axis[k] = Placement::Partial;
+                    out.per_axis[k] = Placement::Partial;
+                }
+                Some(Ok(d)) => {
+                    tu.per_axis[k] = Placement::Split(upd_of_data(d));
+                    td.per_axis[k] = Placement::Split(d);
+                    out.per_axis[k] = Placement::Split(d);
+                }
+                None if upd.sh.per_axis[k] == Placement::Partial || data.sh.per_axis[k] == Placement::Partial => {
+                    tu.per_axis[k] = Placement::Partial;
+                    td.per_axis[k] = Placement::Partial;
+                    out.per_axis[k] = Placement::Partial;
+                }
+                None => {}
+            }
+        }
+        let data = self.to(data, &td)?;
+        let data = self.ranked(&data)?;
+        let idx = self.to(idx, &ti)?;
+        let idx = self.ranked(&idx)?;
+        let upd = self.to(upd, &tu)?;
+        let upd = self.ranked(&upd)?;
+        let op = Op::Composite(Composite::PerRank {
+            op: Box::new(Op::ScatterAdd { axis: a as i64 }),
+        });
+        let v = self.emit(op, &[data.v, idx.v, upd.v])?[0];
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh: out,
+            dims: out_dims.to_vec(),
+        })
+    }
+
+    /// `gather[axis](table, indices)` from a table with the rank axis (`per_rank`): a table split along a dim
+    /// other than `axis` gives that split; split along `axis` (a vocabulary-parallel embedding), each rank
+    /// looks up the indices in its range (others read row 0, zeroed) and the results are a partial sum.
+    fn gather_ranked(&mut self, ins: &[Sv], axis: i64, out_dims: &[Dim]) -> Result<Sv, PassError> {
+        let (data, idx) = (&ins[0], &ins[1]);
+        let a = norm_axis(axis, data.dims.len());
+        let ir = idx.dims.len();
+        let out_of_data = |d: usize| if d < a { d } else { d + ir - 1 };
+        let (mut td, mut ti, mut out) = (self.rep(), self.rep(), self.rep());
+        let mut rows_axis = None;
+        for k in 0..td.per_axis.len() {
+            match (&data.sh.per_axis[k], &idx.sh.per_axis[k]) {
+                (Placement::Split(d), _) if *d == a && rows_axis.is_none() => {
+                    rows_axis = Some(k);
+                    td.per_axis[k] = Placement::Split(a);
+                    out.per_axis[k] = Placement::Partial;
+                }
+                (Placement::Split(d), _) if *d != a => {
+                    td.per_axis[k] = Placement::Split(*d);
+                    out.per_axis[k] = Placement::Split(out_of_data(*d));
+                }
+                (_, Placement::Split(x)) => {
+                    ti.per_axis[k] = Placement::Split(*x);
+                    out.per_axis[k] = Placement::Split(a + x);
+                }
+                _ => {}
+            }
+        }
+        let data = self.to(data, &td)?;
+        let idx = self.to(idx, &ti)?;
+        let idx = self.ranked(&idx)?;
+        let mut iv = idx.v;
+        let mut valid = None;
+        if let Some(k) = rows_axis {
+            let rows = self.local(&td, &data.dims)?[a].as_const().ok_or_else(|| {
+                PassError::Options(format!("`{}`: a split table needs a constant row count", self.at))
+            })?;
+            let it = self.out.dtype(iv);
+            let off = self.per_rank(it, &[], |c| vec![(c[k] as i64 * rows) as f64])?;
+            let off = self.lift(off, ir)?;
+            let local = self.out.sub(iv, off)?;
+            let zero = self.out.scalar(0.0, it)?;
+            let end = self.out.scalar(rows as f64, it)?;
+            let ge = self.out.compare(fulgur_ir::CmpOp::Ge, local, zero)?;
+            let lt = self.out.compare(fulgur_ir::CmpOp::Lt, local, end)?;
+            let zi = self.out.cast(ge, it)?;
+            let li = self.out.cast(lt, it)?;
+            let both = self.out.mul(zi, li)?; // 1 where the row is this rank's
+            iv = self.out.mul(local, both)?; // out-of-range rows read row 0 ...
+            valid = Some(both);
+        }
+        let op = Op::Composite(Composite::PerRank {
+            op: Box::new(Op::Gather { axis: a as i64 }),
+        });
+        let mut v = self.emit(op, &[data.v, iv])?[0];
+        if let Some(both) = valid {
+            // ... and are zeroed: [R, idx...] against [R, data[..a], idx..., data[a+1..]]
+            let dt = self.out.dtype(v);
+            let m = self.out.cast(both, dt)?;
+            let idims = self.out.dims(m).to_vec();
+            let mut shape = vec![idims[0].clone()];
+            shape.extend(std::iter::repeat_n(Dim::from(1), a));
+            shape.extend(idims[1..].iter().cloned());
+            shape.extend(std::iter::repeat_n(Dim::from(1), data.dims.len() - a - 1));
+            let m = self.out.reshape(m, shape)?;
+            v = self.out.mul(v, m)?;
         }
         Ok(Sv {
             v,
@@ -689,6 +900,8 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
         mesh: &plan.mesh,
         report: ShardReport::default(),
         at: String::new(),
+        converted: HashMap::new(),
+        reduced: HashMap::new(),
     };
     let mut vals: HashMap<Value, Sv> = HashMap::new();
     for (id, n) in g.nodes() {
@@ -696,7 +909,14 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
             Some((name, _, _)) => name.to_string(),
             None => n.name.clone().unwrap_or_else(|| format!("%{}", id.index())),
         };
-        let ins: Vec<Sv> = n.inputs.iter().map(|v| vals[v].clone()).collect();
+        let ins: Vec<Sv> = n
+            .inputs
+            .iter()
+            .map(|v| {
+                let sv = &vals[v];
+                p.reduced.get(&sv.v).unwrap_or(sv).clone()
+            })
+            .collect();
         let outs: Vec<Vec<Dim>> = n.outputs.iter().map(|t| t.shape.0.clone()).collect();
         // new nodes are named in the source node's scope (`layers.3.moe.all_gather`), keeping layer templates
         let scope = n
@@ -912,13 +1132,10 @@ fn rewrite(
                 dims: outs[0].clone(),
             }])
         }
+        Op::ScatterAdd { axis } => Ok(vec![p.scatter_add(ins, *axis, &outs[0])?]),
+        Op::Gather { axis } if ins[0].ranked => Ok(vec![p.gather_ranked(ins, *axis, &outs[0])?]),
         Op::Gather { axis } => {
             let (data, idx) = (&ins[0], &ins[1]);
-            if data.ranked {
-                return Err(PassError::Options(
-                    "a gather from a sharded or per-rank table is not supported yet; replicate it".into(),
-                ));
-            }
             let a = norm_axis(*axis, data.dims.len());
             let mut want = idx.sh.clone();
             for pl in want.per_axis.iter_mut() {
