@@ -238,6 +238,69 @@ fn tiny_a_training_step_sharded_with_optimizer_state_sharding() {
     }
 }
 
+/// Each rank's program (the per-rank lowering of the simulated graph) run on simulated ranks (a thread per rank,
+/// collectives through shared memory) gives exactly the simulated graph's outputs, on every rank; a rank that
+/// fails or never arrives fails the others naming it.
+#[test]
+fn per_rank_programs_on_simulated_ranks_equal_the_simulated_graph() {
+    use fulgur::ir::Precision;
+    use fulgur::passes::shard::lower_rank;
+    use fulgur::runtime::ranks::run_ranks;
+    use std::time::Duration;
+    let (ck, g, mut feed) = tiny_a();
+    feed.insert("input_ids".into(), random_tokens(2, 16, ck.config.vocab_size, 5));
+    let structural_g = structural(&g).unwrap();
+    for par in ["tp=2", "ep=2,tp=2", "dp=2,sp=2", "sp=4", "dp=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let plan = minimax_plan(&ck.config, &p, 2, 16).unwrap();
+        let (sg, _) = shard_graph(&structural_g, &plan).unwrap();
+        let sim = run(&sg, &feed);
+        let programs: Vec<Graph> = (0..p.ranks())
+            .map(|r| lower_rank(&sg, &plan.mesh, r).unwrap())
+            .collect();
+        let collectives = programs[0].nodes().filter(|(_, n)| n.op.name() == "on_rank").count();
+        let outs = run_ranks(&programs, &feed, Precision::F64, Duration::from_secs(120)).unwrap();
+        for (r, out) in outs.iter().enumerate() {
+            let (e, name) = worst(out, &sim);
+            assert!(e < 1e-13, "{par}, rank {r}: `{name}` off the simulated graph by {e}");
+        }
+        println!(
+            "{par}: {} ranks, {collectives} collectives each, outputs equal",
+            p.ranks()
+        );
+    }
+    // rank 1 errs before its first collective: the others fail naming it, not waiting for it
+    let plan = minimax_plan(&ck.config, &Parallel::parse("tp=2").unwrap(), 2, 16).unwrap();
+    let (sg, _) = shard_graph(&g, &plan).unwrap();
+    let mut programs: Vec<Graph> = (0..2).map(|r| lower_rank(&sg, &plan.mesh, r).unwrap()).collect();
+    let mut broken = Graph::new("broken");
+    let x = broken
+        .input("not_fed", fulgur::ir::DType::F32, vec![fulgur::ir::Dim::from(1)])
+        .unwrap();
+    broken.add_output("x", x).unwrap();
+    programs[1] = broken;
+    let e = run_ranks(&programs, &feed, Precision::F64, Duration::from_secs(60)).unwrap_err();
+    assert!(e.starts_with("rank 1: "), "{e}");
+    assert!(e.contains("not_fed"), "{e}");
+    // rank 1 finishes without the collectives: rank 0 times out naming it
+    let mut idle = Graph::new("idle");
+    let x = idle
+        .input(
+            "input_ids",
+            fulgur::ir::DType::I64,
+            vec![fulgur::ir::Dim::from(2), fulgur::ir::Dim::from(16)],
+        )
+        .unwrap();
+    idle.add_output("x", x).unwrap();
+    programs[1] = idle;
+    let start = std::time::Instant::now();
+    let e = run_ranks(&programs, &feed, Precision::F64, Duration::from_millis(500)).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert!(e.starts_with("rank 0: "), "{e}");
+    assert!(e.contains("rank(s) 1 did not reach collective #0 (`"), "{e}");
+    assert!(e.ends_with("`) within 0.5 s"), "{e}");
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {

@@ -473,6 +473,43 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
         Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),
+        Composite::OnRank { op, rank } => {
+            let mesh = match &**op {
+                Op::Composite(
+                    Composite::AllReduce { mesh, .. }
+                    | Composite::AllGather { mesh, .. }
+                    | Composite::ReduceScatter { mesh, .. }
+                    | Composite::AllToAll { mesh, .. }
+                    | Composite::SendRecv { mesh, .. }
+                    | Composite::ShardSlice { mesh, .. },
+                ) if !mesh.is_empty() => mesh,
+                _ => {
+                    return Err(format!(
+                        "`on_rank` wraps a collective with its `mesh` (all_reduce, all_gather, reduce_scatter, \
+                         all_to_all, send_recv, shard_slice), got `{}`",
+                        op.name()
+                    ))
+                }
+            };
+            let ranks: usize = mesh.iter().product();
+            if *rank >= ranks {
+                return Err(format!("`on_rank`: rank {rank} of a mesh of {ranks} ranks"));
+            }
+            let whole: Vec<TensorType> = ins
+                .iter()
+                .map(|t| {
+                    let mut d = vec![Dim::from(ranks)];
+                    d.extend(t.dims().iter().cloned());
+                    TensorType::new(t.dtype, d)
+                })
+                .collect();
+            let refs: Vec<&TensorType> = whole.iter().collect();
+            let outs = infer(op, &refs).map_err(|e| format!("`on_rank` of {e}"))?;
+            Ok(outs
+                .into_iter()
+                .map(|t| TensorType::new(t.dtype, t.dims()[1..].to_vec()))
+                .collect())
+        }
         Composite::PerRank { op } => {
             let lead = ins.first().and_then(|t| t.dims().first().cloned());
             let Some(lead) = lead.filter(|l| ins.iter().all(|t| t.dims().first() == Some(l))) else {

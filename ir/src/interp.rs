@@ -27,6 +27,13 @@ pub enum Precision {
     F64,
 }
 
+/// Runs the collectives of per-rank programs (`on_rank`): each rank's program calls it with its own slices, in
+/// the same order on every rank.
+pub trait Transport: Sync {
+    /// Rank `rank`'s outputs of collective `op` (its `mesh` names the ranks) given the rank's inputs.
+    fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> std::result::Result<Vec<Tensor>, String>;
+}
+
 /// The reference interpreter.
 ///
 /// ```
@@ -248,7 +255,27 @@ impl Interpreter {
                 source: "the memory available",
             },
         };
-        self.run_within(g, inputs, budget)
+        self.run_within(g, inputs, budget, None)
+    }
+
+    /// [`Interpreter::run`] of one rank's program, its collectives (`on_rank`) run by `transport`.
+    pub fn run_on(
+        &self,
+        g: &Graph,
+        inputs: &HashMap<String, Tensor>,
+        transport: &dyn Transport,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let budget = match self.memory_limit {
+            Some(b) => Budget {
+                bytes: b,
+                source: "the --memory-limit",
+            },
+            None => Budget {
+                bytes: available_memory().unwrap_or(u64::MAX),
+                source: "the memory available",
+            },
+        };
+        self.run_within(g, inputs, budget, Some(transport))
     }
 
     fn run_within(
@@ -256,6 +283,7 @@ impl Interpreter {
         g: &Graph,
         inputs: &HashMap<String, Tensor>,
         budget: Budget,
+        transport: Option<&dyn Transport>,
     ) -> Result<BTreeMap<String, Tensor>> {
         let env = self.bind(g, inputs)?;
         check_sizes(g, &env)?;
@@ -291,7 +319,7 @@ impl Interpreter {
                 bytes: budget.bytes - held,
                 source: budget.source,
             };
-            let results = self.eval_node(id, node, &args, inputs, &env, inner)?;
+            let results = self.eval_node(id, node, &args, inputs, &env, inner, transport)?;
             for v in &node.inputs {
                 if let Some(c) = uses.get_mut(v) {
                     *c -= 1;
@@ -319,6 +347,7 @@ impl Interpreter {
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)] // the node, its arguments, and where it runs
     fn eval_node(
         &self,
         id: NodeId,
@@ -327,6 +356,7 @@ impl Interpreter {
         inputs: &HashMap<String, Tensor>,
         env: &HashMap<String, i64>,
         budget: Budget,
+        transport: Option<&dyn Transport>,
     ) -> Result<Vec<Tensor>> {
         let err = |m: String| IrError::Node {
             id: id.index(),
@@ -340,7 +370,16 @@ impl Interpreter {
             .map(|t| t.shape.eval(env))
             .collect::<std::result::Result<_, _>>()
             .map_err(err)?;
-        let mut res = if let Op::Composite(c) = &node.op {
+        let mut res = if let Op::Composite(crate::op::Composite::OnRank { op, rank }) = &node.op {
+            let t = transport.ok_or_else(|| {
+                err(format!(
+                    "`on_rank[op={}]` needs a collective transport: run the rank's program on simulated ranks or \
+                     NCCL",
+                    op.name()
+                ))
+            })?;
+            t.collective(op, *rank, args).map_err(err)?
+        } else if let Op::Composite(c) = &node.op {
             let mut sub = Graph::new(format!("{}_decomposition", c.name()));
             let mut sub_inputs = HashMap::new();
             let mut vs = Vec::new();
@@ -366,7 +405,7 @@ impl Interpreter {
                 source: budget.source,
             };
             let r = self
-                .run_within(&sub, &sub_inputs, inner)
+                .run_within(&sub, &sub_inputs, inner, transport)
                 .map_err(|e| err(format!("in decomposition: {e}")))?;
             (0..outs.len()).map(|i| r[&format!("out{i}")].clone()).collect()
         } else {

@@ -28,7 +28,7 @@ pub use dim::{Dim, Shape};
 pub use dtype::DType;
 pub use error::{IrError, Result};
 pub use graph::{Graph, GraphSummary, Node, NodeId, Value};
-pub use interp::{Interpreter, Precision};
+pub use interp::{Interpreter, Precision, Transport};
 pub use op::{AttrValue, BinaryOp, CmpOp, Composite, ConstData, Op, ReduceOp, UnaryOp};
 pub use tensor::{Buffer, Tensor};
 pub use types::TensorType;

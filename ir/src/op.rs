@@ -365,6 +365,11 @@ pub enum Composite {
     /// from a sharded table, the MoE composites) on values with the rank axis; dropping the rank axis unwraps
     /// it.
     PerRank { op: Box<Op> },
+    /// `on_rank[op=NAME, rank=r, ...](x_local...)`: rank `r`'s view of collective `op` (which must name its
+    /// `mesh`) in a per-rank program: the inputs are the rank's slices, the outputs its slices of what `op`
+    /// gives on the stacked inputs of every rank. It has no decomposition: a collective transport runs it
+    /// (simulated ranks, or NCCL).
+    OnRank { op: Box<Op>, rank: usize },
 }
 
 /// A collective's group attributes, omitted for the default (`mesh=[]`: one group of all ranks).
@@ -405,10 +410,11 @@ impl Composite {
             Composite::SendRecv { .. } => "send_recv",
             Composite::ShardSlice { .. } => "shard_slice",
             Composite::PerRank { .. } => "per_rank",
+            Composite::OnRank { .. } => "on_rank",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 24] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -432,6 +438,7 @@ impl Composite {
         "send_recv",
         "shard_slice",
         "per_rank",
+        "on_rank",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -500,6 +507,14 @@ impl Composite {
                 v.extend(op.attrs());
                 v
             }
+            Composite::OnRank { op, rank } => {
+                let mut v = vec![
+                    ("op", AttrValue::Str(op.name().to_string())),
+                    ("rank", AttrValue::Int(*rank as i64)),
+                ];
+                v.extend(op.attrs());
+                v
+            }
         }
     }
     /// Number of inputs (`None`: variadic, at least one: `fused` takes one per argument of its body).
@@ -524,7 +539,7 @@ impl Composite {
             | Composite::ReduceScatter { .. }
             | Composite::SendRecv { .. }
             | Composite::ShardSlice { .. } => 1,
-            Composite::PerRank { op } => return op.num_inputs(),
+            Composite::PerRank { op } | Composite::OnRank { op, .. } => return op.num_inputs(),
         })
     }
     /// Number of outputs.
@@ -532,7 +547,7 @@ impl Composite {
         match self {
             Composite::MoeRouter { .. } => 2,
             Composite::MoeDispatch { .. } | Composite::FlashAttentionGrad { .. } => 3,
-            Composite::PerRank { op } => match &**op {
+            Composite::PerRank { op } | Composite::OnRank { op, .. } => match &**op {
                 Op::TopK { .. } => 2,
                 Op::Composite(c) => c.num_outputs(),
                 _ => 1,
@@ -1074,6 +1089,18 @@ impl Op {
                 mesh: a.mesh()?,
                 over: a.over()?,
             }),
+            "on_rank" => {
+                let inner = a.string("op")?;
+                let rank = a.usize("rank")?;
+                let rest: Vec<(String, AttrValue)> = attrs
+                    .iter()
+                    .filter(|(k, _)| k != "op" && k != "rank")
+                    .cloned()
+                    .collect();
+                a.used.iter_mut().for_each(|u| *u = true);
+                let op = Op::from_parts(&inner, &rest).map_err(|e| format!("`on_rank[op={inner}]`: {e}"))?;
+                Op::Composite(Composite::OnRank { op: Box::new(op), rank })
+            }
             "per_rank" => {
                 let inner = a.string("op")?;
                 let rest: Vec<(String, AttrValue)> = attrs.iter().filter(|(k, _)| k != "op").cloned().collect();

@@ -1483,6 +1483,14 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
         Composite::PerRank {
             op: Box::new(Op::ScatterAdd { axis: 0 }),
         },
+        Composite::OnRank {
+            op: Box::new(Op::Composite(Composite::AllGather {
+                axis: 1,
+                mesh: vec![2, 2],
+                over: 1,
+            })),
+            rank: 3,
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());
@@ -1821,4 +1829,41 @@ fn per_rank_applies_the_op_to_each_slice() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("per_rank"), "{e}");
+}
+
+// ------------------------------------------------------------ on_rank
+
+/// `on_rank`: typed as the rank's slice of the wrapped collective, round-trips through the text, refuses what is
+/// not a collective with a mesh or a rank outside it, and needs a transport to run.
+#[test]
+fn on_rank_is_a_rank_view_of_a_collective() {
+    use fulgur_ir::{Interpreter, Tensor};
+    let src = r#"graph g {
+  %0 = input "x" : f32[3, 4]
+  %1 = on_rank[op="all_gather", rank=1, axis=1, mesh=[2, 2], over=0](%0) : f32[6, 4]
+  %2 = on_rank[op="reduce_scatter", rank=3, axis=-1, mesh=[4], over=0](%0) : f32[3, 1]
+  %3 = on_rank[op="all_reduce", rank=0, mesh=[2], over=0](%0) : f32[3, 4]
+  output "y" = %1
+  output "z" = %2
+  output "w" = %3
+}
+"#;
+    let g = text::parse(src).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(text::print(&g), src);
+    let bad = |body: &str| {
+        text::parse(&format!(
+            "graph g {{\n  %0 = input \"x\" : f32[3, 4]\n  %1 = {body}(%0)\n}}\n"
+        ))
+        .unwrap_err()
+        .to_string()
+    };
+    let e = bad(r#"on_rank[op="exp", rank=0]"#);
+    assert!(e.contains("`on_rank` wraps a collective with its `mesh`"), "{e}");
+    let e = bad(r#"on_rank[op="all_reduce", rank=0]"#);
+    assert!(e.contains("`on_rank` wraps a collective with its `mesh`"), "{e}");
+    let e = bad(r#"on_rank[op="all_reduce", rank=2, mesh=[2], over=0]"#);
+    assert!(e.contains("`on_rank`: rank 2 of a mesh of 2 ranks"), "{e}");
+    let feed: HashMap<String, Tensor> = [("x".to_string(), Tensor::from_f32(vec![3, 4], vec![1.0; 12]))].into();
+    let e = Interpreter::default().run(&g, &feed).unwrap_err().to_string();
+    assert!(e.contains("needs a collective transport"), "{e}");
 }

@@ -254,6 +254,7 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "shard_slice",
     "collective_wait",
     "per_rank",
+    "on_rank",
 ];
 
 #[test]

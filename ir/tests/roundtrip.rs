@@ -253,6 +253,18 @@ impl Gen {
         } else {
             Dim::from(mesh[over])
         };
+        if self.rng.gen_bool(0.1) {
+            // a rank's view of a collective, in a per-rank program
+            let n = self.rng.gen_range(1..3);
+            let dims = self.dims(n);
+            let dt = self.float_dtype();
+            let Some(x) = self.value_of(dt, dims) else { return };
+            let over = self.rng.gen_range(0..2usize);
+            let rank = self.rng.gen_range(0..6usize);
+            let op = Op::Composite(Composite::AllReduce { mesh: vec![2, 3], over });
+            self.add(Op::Composite(Composite::OnRank { op: Box::new(op), rank }), &[x]);
+            return;
+        }
         if self.rng.gen_bool(0.2) {
             // an op without a batch axis of its own, once per slice of a leading axis
             let mut dims = vec![Dim::from(3)];

@@ -78,6 +78,8 @@ pub fn classify(op: &Op) -> NodeClass {
             C::CollectiveWait => return NodeClass::Sync,
             // the wrapped op, once per slice of the leading axis
             C::PerRank { op } => return classify(op),
+            // one rank's part of a collective: communication
+            C::OnRank { .. } => Collective,
             // a rank keeping its own chunk: a local copy, no communication
             C::ShardSlice { .. } => Copy,
             C::AllToAll { .. }

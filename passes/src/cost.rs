@@ -188,6 +188,36 @@ impl CostModel {
             Composite::Fused { body } => self.fused_cost(body, io),
             // each rank copies its own chunk: the bytes in and out, no communication
             Composite::ShardSlice { .. } => k(0.0, false),
+            // one rank's part of a collective: the whole collective's cost (summed over the ranks) over the ranks
+            Composite::OnRank { op, .. } => {
+                let ranks = match &**op {
+                    Op::Composite(
+                        Composite::AllReduce { mesh, .. }
+                        | Composite::AllGather { mesh, .. }
+                        | Composite::ReduceScatter { mesh, .. }
+                        | Composite::AllToAll { mesh, .. }
+                        | Composite::SendRecv { mesh, .. }
+                        | Composite::ShardSlice { mesh, .. },
+                    ) => mesh.iter().product::<usize>().max(1),
+                    _ => 1,
+                };
+                let lift = |t: &TensorType| {
+                    let mut d = vec![fulgur_ir::Dim::from(ranks)];
+                    d.extend(t.dims().iter().cloned());
+                    TensorType::new(t.dtype, d)
+                };
+                let whole_ins: Vec<TensorType> = ins.iter().map(|t| lift(t)).collect();
+                let refs: Vec<&TensorType> = whole_ins.iter().collect();
+                let whole_outs: Vec<TensorType> = outs.iter().map(lift).collect();
+                let c = self.node_cost(op, &refs, &whole_outs);
+                let r = ranks as f64;
+                NodeCost {
+                    flops: c.flops / r,
+                    bytes: c.bytes / r,
+                    comm_bytes: c.comm_bytes / r,
+                    ..c
+                }
+            }
             // the wrapped op once per slice of the leading axis (every rank's, summed as a simulated graph is)
             Composite::PerRank { op } => {
                 let strip = |t: &TensorType| TensorType::new(t.dtype, t.dims()[1..].to_vec());

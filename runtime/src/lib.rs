@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod generate;
 #[cfg(any(feature = "llvm", feature = "cuda"))]
 pub mod host;
+pub mod ranks;
 pub mod train;
 
 use fulgur_ir::{Graph, Interpreter, IrError, Precision, Tensor};

@@ -125,6 +125,10 @@ impl Composite {
                     inputs[0],
                 )?])
             }
+            Composite::OnRank { op, .. } => Err(IrError::Graph(format!(
+                "`on_rank[op={}]` has no decomposition: a collective transport runs it",
+                op.name()
+            ))),
             Composite::PerRank { op } => {
                 let lead = g.dims(inputs[0])[0].as_const().ok_or_else(|| {
                     IrError::Graph("decomposing `per_rank`: the leading axis must have a constant size".into())

@@ -43,7 +43,15 @@ impl Pass<'_> {
         } else {
             ConstData::Int(data.into_iter().map(|x| x as i64).collect())
         };
-        Ok(self.out.constant(dtype, full, data)?)
+        Ok(self.out.named(
+            super::RANK_CONSTANT,
+            Op::Constant {
+                dtype,
+                shape: full,
+                data,
+            },
+            &[],
+        )?)
     }
 
     /// `[R, s...]` viewed as `[R, 1, ..., s...]` of `1 + rank` dims.

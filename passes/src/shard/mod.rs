@@ -8,8 +8,10 @@
 //! [`reshard`] inserts the collectives that turn one sharding of a value into another (tested on the
 //! interpreter against the target's shards of the same global tensor).
 
+mod lower;
 mod spmd;
 
+pub use lower::lower_rank;
 pub use spmd::{glob, shard_graph, ShardPlan, ShardReport};
 
 use crate::PassError;

@@ -25,6 +25,14 @@ use crate::PassError;
 use fulgur_ir::{BinaryOp, Composite, Dim, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp, Value};
 use std::collections::{BTreeMap, HashMap};
 
+/// Node names (the last component, after the scope) that mark where the rank axis comes and goes, for the
+/// per-rank lowering ([`super::lower_rank`]): a value the same on every rank given the axis, a constant per
+/// rank, rank 0's copy taken at an output, and the axis moved to the front after a gather placed it inside.
+pub(crate) const RANK_REPLICATE: &str = "rank_replicate";
+pub(crate) const RANK_CONSTANT: &str = "rank_constant";
+pub(crate) const RANK_FIRST: &str = "rank_first";
+pub(crate) const RANK_FRONT: &str = "rank_front";
+
 /// What the sharding pass needs besides the graph.
 #[derive(Clone, Debug)]
 pub struct ShardPlan {
@@ -179,7 +187,13 @@ impl Pass<'_> {
         }
         let mut shape = vec![Dim::from(self.mesh.ranks())];
         shape.extend(x.dims.iter().cloned());
-        let v = self.out.broadcast(x.v, shape)?;
+        let v = self.out.named(
+            RANK_REPLICATE,
+            Op::Broadcast {
+                shape: fulgur_ir::Shape(shape),
+            },
+            &[x.v],
+        )?;
         Ok(Sv {
             v,
             ranked: true,
@@ -946,8 +960,22 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
         let rep = p.rep();
         let sv = p.to(&vals[v], &rep)?;
         let v = if sv.ranked {
-            let s = p.out.slice(sv.v, 0, 0, 1)?;
-            p.out.reshape(s, sv.dims.clone())?
+            let s = p.out.named(
+                RANK_FIRST,
+                Op::Slice {
+                    axis: 0,
+                    start: Dim::from(0),
+                    end: Dim::from(1),
+                },
+                &[sv.v],
+            )?;
+            p.out.named(
+                RANK_FIRST,
+                Op::Reshape {
+                    shape: fulgur_ir::Shape(sv.dims.clone()),
+                },
+                &[s],
+            )?
         } else {
             sv.v
         };
@@ -1150,7 +1178,7 @@ fn rewrite(
                 let r = outs[0].len() + 1;
                 let mut perm = vec![a];
                 perm.extend((0..r).filter(|&q| q != a));
-                v = p.out.permute(v, &perm)?;
+                v = p.out.named(RANK_FRONT, Op::Permute { perm }, &[v])?;
             }
             let mut sh = want;
             for pl in sh.per_axis.iter_mut() {
