@@ -301,6 +301,68 @@ fn per_rank_programs_on_simulated_ranks_equal_the_simulated_graph() {
     assert!(e.ends_with("`) within 0.5 s"), "{e}");
 }
 
+/// `fulgur eval-model --parallel`: tiny-a on four simulated ranks gives transformers' logits and loss; a target
+/// other than the reference interpreter, and degrees that do not divide, are refused with the reason.
+#[test]
+fn eval_model_runs_on_simulated_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"reference",
+        &"--parallel",
+        &"ep=2,tp=2",
+        &"--out",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("ran on 4 simulated ranks (dp=1,ep=2,sp=1,tp=2)"), "{err}");
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&tokens).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-5, "logits off transformers' by {e}");
+    assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"cpu",
+        &"--parallel",
+        &"tp=2",
+        &"--out",
+        &out,
+    ]);
+    common::fails(
+        &o,
+        &["--parallel runs on simulated ranks with the reference interpreter: add --target reference"],
+    );
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"reference",
+        &"--parallel",
+        &"tp=4",
+        &"--out",
+        &out,
+    ]);
+    common::fails(
+        &o,
+        &["--parallel tp=4: num_key_value_heads (2) is not divisible by tp (4)"],
+    );
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {

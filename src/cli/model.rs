@@ -71,6 +71,11 @@ pub struct EvalArgs {
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
+    /// Run sharded on simulated ranks (a thread per rank, collectives through shared memory) with these
+    /// degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp; the ranks are their product; `docs/parallelism.md`). With
+    /// `--target reference` only, for now; the outputs are rank 0's (every rank holds the same).
+    #[arg(long, value_name = "DEGREES")]
+    pub parallel: Option<String>,
 }
 
 /// How much of the optimizer runs before a graph executes.
@@ -268,6 +273,60 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.target.cost_model().to_string());
     let g = forward_graph(&ck.config, &opts)?;
+    if let Some(degrees) = &args.parallel {
+        let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
+        if args.target != crate::cli::bench::BenchTarget::Reference {
+            bail!(
+                "--parallel runs on simulated ranks with the reference interpreter: add --target reference (the \
+                 cpu and cuda kernel programs have no collectives yet)"
+            );
+        }
+        if args.grads.is_some() {
+            bail!("--parallel does not take --grads yet");
+        }
+        let (b, t) = (tokens.shape[0], tokens.shape[1]);
+        let plan = fulgur::parallel::minimax_plan(&ck.config, &par, b, t)
+            .map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))?;
+        let g = fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?;
+        let g = with_dtype(g, args.dtype)?;
+        let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
+        let programs = (0..par.ranks())
+            .map(|r| fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut feed = ck.load_params(&g)?;
+        feed.insert("input_ids".into(), tokens);
+        let t1 = Instant::now();
+        let mut outs = fulgur_runtime::ranks::run_ranks(
+            &programs,
+            &feed,
+            Precision::from(args.precision),
+            std::time::Duration::from_secs(600),
+        )
+        .map_err(|e| anyhow::anyhow!("running on simulated ranks: {e}"))?;
+        let collectives: usize = report.collectives.values().sum();
+        eprintln!(
+            "ran on {} simulated ranks ({par}) in {:.2} s: {collectives} collectives ({})",
+            par.ranks(),
+            t1.elapsed().as_secs_f64(),
+            report
+                .collectives
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let outputs = outs.swap_remove(0);
+        write_safetensors(&args.out, &outputs)?;
+        if args.print {
+            write_stdout(
+                &outputs
+                    .iter()
+                    .map(|(n, t)| crate::cli::eval::describe(n, t))
+                    .collect::<String>(),
+            )?;
+        }
+        return Ok(());
+    }
     let g = if args.grads.is_some() {
         with_backward(g, args.opt, &cost_model, |f| {
             fulgur_passes::autodiff::differentiate(f, "loss", &Default::default())
