@@ -452,6 +452,14 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
         Composite::LightningAttention { block } => infer_lightning(*block, ins),
         Composite::LightningLayer { block, heads, .. } => infer_lightning_layer(*block, *heads, ins),
         Composite::FlashAttention { .. } => infer_flash(ins),
+        Composite::FlashAttentionLse { .. } => {
+            let o = infer_flash(ins).map_err(|e| e.replace("`flash_attention`", "`flash_attention_lse`"))?;
+            let mut d = o[0].dims().to_vec();
+            let last = d.len() - 1;
+            d[last] = Dim::from(1);
+            let lse = TensorType::new(o[0].dtype, d);
+            Ok(vec![o[0].clone(), lse])
+        }
         Composite::FlashAttentionRope { rotary, .. } => infer_flash_rope(*rotary, ins),
         Composite::MoeRouter { k } => infer_router(*k, ins),
         Composite::MoeDispatch { experts } => infer_dispatch(*experts, ins),

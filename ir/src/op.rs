@@ -289,6 +289,13 @@ pub enum Composite {
         scale: f64,
         causal: bool,
     },
+    /// `flash_attention` that also outputs each query's log-sum-exp of its masked, scaled scores
+    /// (`[batch..., T, 1]`), so that partial attentions over blocks of keys merge exactly (ring attention).
+    FlashAttentionLse {
+        #[serde(with = "crate::json::f64_repr")]
+        scale: f64,
+        causal: bool,
+    },
     /// MoE routing: `logits [..., E]` → (`weights [..., k]`, `experts: i64 [..., k]`): softmax, top-k,
     /// weights renormalised to sum to 1.
     MoeRouter { k: usize },
@@ -393,6 +400,7 @@ impl Composite {
             Composite::LightningAttention { .. } => "lightning_attention",
             Composite::LightningLayer { .. } => "lightning_layer",
             Composite::FlashAttention { .. } => "flash_attention",
+            Composite::FlashAttentionLse { .. } => "flash_attention_lse",
             Composite::FlashAttentionRope { .. } => "flash_attention_rope",
             Composite::MoeRouter { .. } => "moe_router",
             Composite::MoeDispatch { .. } => "moe_dispatch",
@@ -414,7 +422,7 @@ impl Composite {
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 24] = [
+    pub const NAMES: [&'static str; 25] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -439,6 +447,7 @@ impl Composite {
         "shard_slice",
         "per_rank",
         "on_rank",
+        "flash_attention_lse",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -455,7 +464,7 @@ impl Composite {
                 ("causal", AttrValue::Bool(*causal)),
                 ("rotary", AttrValue::Int(*rotary as i64)),
             ],
-            Composite::FlashAttention { scale, causal } => {
+            Composite::FlashAttention { scale, causal } | Composite::FlashAttentionLse { scale, causal } => {
                 vec![
                     ("scale", AttrValue::Float(*scale)),
                     ("causal", AttrValue::Bool(*causal)),
@@ -523,6 +532,7 @@ impl Composite {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
             Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
             Composite::FlashAttention { .. }
+            | Composite::FlashAttentionLse { .. }
             | Composite::GroupedMatmul { .. }
             | Composite::MoeCombine
             | Composite::GroupedMatmulWgrad => 3,
@@ -547,6 +557,7 @@ impl Composite {
         match self {
             Composite::MoeRouter { .. } => 2,
             Composite::MoeDispatch { .. } | Composite::FlashAttentionGrad { .. } => 3,
+            Composite::FlashAttentionLse { .. } => 2,
             Composite::PerRank { op } | Composite::OnRank { op, .. } => match &**op {
                 Op::TopK { .. } => 2,
                 Op::Composite(c) => c.num_outputs(),
@@ -1037,6 +1048,10 @@ impl Op {
                 rotary: a.usize("rotary")?,
             }),
             "flash_attention" => Op::Composite(Composite::FlashAttention {
+                scale: a.float("scale")?,
+                causal: a.bool("causal")?,
+            }),
+            "flash_attention_lse" => Op::Composite(Composite::FlashAttentionLse {
                 scale: a.float("scale")?,
                 causal: a.bool("causal")?,
             }),

@@ -1491,6 +1491,10 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             })),
             rank: 3,
         },
+        Composite::FlashAttentionLse {
+            scale: 0.5,
+            causal: true,
+        },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());
@@ -1866,4 +1870,101 @@ fn on_rank_is_a_rank_view_of_a_collective() {
     let feed: HashMap<String, Tensor> = [("x".to_string(), Tensor::from_f32(vec![3, 4], vec![1.0; 12]))].into();
     let e = Interpreter::default().run(&g, &feed).unwrap_err().to_string();
     assert!(e.contains("needs a collective transport"), "{e}");
+}
+
+// ------------------------------------------------------------ flash_attention_lse
+
+/// `flash_attention_lse`: its output is `flash_attention`'s, its log-sum-exp is the masked scores' by a loop,
+/// and two halves of the keys merged by their log-sum-exps give the whole (what ring attention relies on).
+#[test]
+fn flash_attention_lse_merges_halves_of_the_keys_exactly() {
+    let (t, s, d) = (5usize, 6usize, 3usize);
+    let f = |n: usize, k: u64| -> Vec<f64> {
+        (0..n)
+            .map(|i| (((i as u64 * 37 + k * 11) % 23) as f64 - 11.0) / 7.0)
+            .collect()
+    };
+    let (qv, kv, vv) = (f(t * d, 1), f(s * d, 2), f(s * d, 3));
+    let scale = 0.7;
+    for causal in [false, true] {
+        let mut g = Graph::new("lse");
+        let q = g.input("q", DType::F32, vec![Dim::from(t), Dim::from(d)]).unwrap();
+        let k = g.input("k", DType::F32, vec![Dim::from(s), Dim::from(d)]).unwrap();
+        let v = g.input("v", DType::F32, vec![Dim::from(s), Dim::from(d)]).unwrap();
+        let r = g
+            .op(
+                Op::Composite(Composite::FlashAttentionLse { scale, causal }),
+                &[q, k, v],
+            )
+            .unwrap();
+        let whole = g
+            .op(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v])
+            .unwrap()[0];
+        g.add_output("o", r[0]).unwrap();
+        g.add_output("lse", r[1]).unwrap();
+        g.add_output("whole", whole).unwrap();
+        // the keys in two halves (non-causal), merged
+        if !causal {
+            let h = s / 2;
+            let k1 = g.slice(k, 0, 0, h).unwrap();
+            let k2 = g.slice(k, 0, h, s).unwrap();
+            let v1 = g.slice(v, 0, 0, h).unwrap();
+            let v2 = g.slice(v, 0, h, s).unwrap();
+            let op = Op::Composite(Composite::FlashAttentionLse { scale, causal: false });
+            let a = g.op(op.clone(), &[q, k1, v1]).unwrap();
+            let b = g.op(op, &[q, k2, v2]).unwrap();
+            let mx = g.maximum(a[1], b[1]).unwrap();
+            let da = g.sub(a[1], mx).unwrap();
+            let ea = g.exp(da).unwrap();
+            let db = g.sub(b[1], mx).unwrap();
+            let eb = g.exp(db).unwrap();
+            let sum = g.add(ea, eb).unwrap();
+            let ls = g.log(sum).unwrap();
+            let l = g.add(mx, ls).unwrap();
+            let wa = g.sub(a[1], l).unwrap();
+            let wa = g.exp(wa).unwrap();
+            let wb = g.sub(b[1], l).unwrap();
+            let wb = g.exp(wb).unwrap();
+            let oa = g.mul(a[0], wa).unwrap();
+            let ob = g.mul(b[0], wb).unwrap();
+            let o = g.add(oa, ob).unwrap();
+            g.add_output("merged", o).unwrap();
+            g.add_output("merged_lse", l).unwrap();
+        }
+        let feed: HashMap<String, Tensor> = [
+            ("q".to_string(), Tensor::from_f64(DType::F32, vec![t, d], qv.clone())),
+            ("k".to_string(), Tensor::from_f64(DType::F32, vec![s, d], kv.clone())),
+            ("v".to_string(), Tensor::from_f64(DType::F32, vec![s, d], vv.clone())),
+        ]
+        .into();
+        let out = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        assert_eq!(out["lse"].shape, vec![t, 1]);
+        // the inputs as stored (rounded to f32)
+        let (qv, kv) = (feed["q"].to_f64(), feed["k"].to_f64());
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        assert!(close(&out["o"].to_f64(), &out["whole"].to_f64()));
+        // the log-sum-exp by a loop: keys u ≤ i + (S − T) when causal
+        let lse = out["lse"].to_f64();
+        for i in 0..t {
+            let mut terms = Vec::new();
+            for u in 0..s {
+                if causal && u > i + (s - t) {
+                    continue;
+                }
+                let dot: f64 = (0..d).map(|j| qv[i * d + j] * kv[u * d + j]).sum();
+                terms.push(dot * scale);
+            }
+            let m = terms.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let want = m + terms.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            assert!(
+                (lse[i] - want).abs() < 1e-12,
+                "causal {causal}, row {i}: {} vs {want}",
+                lse[i]
+            );
+        }
+        if !causal {
+            assert!(close(&out["merged"].to_f64(), &out["whole"].to_f64()));
+            assert!(close(&out["merged_lse"].to_f64(), &lse));
+        }
+    }
 }

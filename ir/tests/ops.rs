@@ -237,6 +237,7 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "lightning_attention",
     "lightning_layer",
     "flash_attention",
+    "flash_attention_lse",
     "flash_attention_rope",
     "moe_router",
     "moe_dispatch",

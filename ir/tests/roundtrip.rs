@@ -400,6 +400,13 @@ impl Gen {
                 };
                 let scale = self.f64();
                 let causal = self.rng.gen_bool(0.5);
+                if self.rng.gen_bool(0.25) {
+                    self.add(
+                        Op::Composite(Composite::FlashAttentionLse { scale, causal }),
+                        &[q, k, v],
+                    );
+                    return;
+                }
                 if self.add(Op::Composite(Composite::FlashAttention { scale, causal }), &[q, k, v]) {
                     // its backward, given a gradient of the output's type
                     let o = *self.pool.last().expect("the node just added");

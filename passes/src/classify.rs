@@ -91,6 +91,7 @@ pub fn classify(op: &Op) -> NodeClass {
             C::LightningAttention { .. }
             | C::LightningLayer { .. }
             | C::FlashAttention { .. }
+            | C::FlashAttentionLse { .. }
             | C::FlashAttentionRope { .. }
             | C::MoeRouter { .. }
             | C::MoeDispatch { .. }

@@ -343,7 +343,7 @@ pub fn composite_flops(m: &CostModel, c: &Composite, ins: &[&TensorType], outs: 
             let rope = 3.0 * (m.numel(q) + m.numel(k));
             (if *causal { full / 2.0 } else { full } + rope, true)
         }
-        Composite::FlashAttention { causal, .. } => {
+        Composite::FlashAttention { causal, .. } | Composite::FlashAttentionLse { causal, .. } => {
             let (q, k) = (ins[0], ins[1]);
             let (t, d) = (m.dim(q, q.rank() - 2), m.dim(q, q.rank() - 1));
             let s = m.dim(k, k.rank() - 2);

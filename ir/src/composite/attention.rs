@@ -18,8 +18,31 @@ pub fn decompose(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v:
     g.matmul(p, v)
 }
 
+/// Appends the decomposition of `flash_attention_lse[scale, causal](q, k, v)` to `g`: `flash_attention`'s output
+/// and the log-sum-exp of each query's masked, scaled scores (`[batch..., T, 1]`): `m + log(Σ exp(s − m))`,
+/// `m` the row's maximum. Two outputs merge by `lse = log(e^lse₁ + e^lse₂)`, `o = o₁·e^(lse₁−lse) + o₂·e^(lse₂−lse)`
+/// (ring attention's rounds).
+pub fn decompose_lse(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value, v: Value) -> Result<(Value, Value)> {
+    let s = scores(g, scale, causal, q, k)?;
+    let m = g.max(s, &[-1], true)?;
+    let x = g.sub(s, m)?;
+    let e = g.exp(x)?;
+    let l = g.sum(e, &[-1], true)?;
+    let pv = g.matmul(e, v)?;
+    let o = g.div(pv, l)?;
+    let ll = g.log(l)?;
+    let lse = g.add(m, ll)?;
+    Ok((o, lse))
+}
+
 /// `softmax(q kᵀ · scale + mask)`, `[batch..., T, S]`.
 fn probabilities(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value) -> Result<Value> {
+    let s = scores(g, scale, causal, q, k)?;
+    super::softmax(g, s, -1)
+}
+
+/// `q kᵀ · scale + mask`, `[batch..., T, S]`.
+fn scores(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value) -> Result<Value> {
     let kt = g.transpose(k, -2, -1)?;
     let s = g.matmul(q, kt)?; // [batch..., T, S]
     let s = g.scale(s, scale)?;
@@ -42,7 +65,7 @@ fn probabilities(g: &mut Graph, scale: f64, causal: bool, q: Value, k: Value) ->
     } else {
         s
     };
-    super::softmax(g, s, -1)
+    Ok(s)
 }
 
 /// Appends the decomposition of `flash_attention_grad[scale, causal](q, k, v, do)` to `g`; returns

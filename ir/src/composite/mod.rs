@@ -70,6 +70,10 @@ impl Composite {
                 let k = attention::rope(g, *rotary, inputs[1], inputs[3], inputs[4])?;
                 Ok(vec![attention::decompose(g, *scale, *causal, q, k, inputs[2])?])
             }
+            Composite::FlashAttentionLse { scale, causal } => {
+                let (o, lse) = attention::decompose_lse(g, *scale, *causal, inputs[0], inputs[1], inputs[2])?;
+                Ok(vec![o, lse])
+            }
             Composite::FlashAttention { scale, causal } => Ok(vec![attention::decompose(
                 g, *scale, *causal, inputs[0], inputs[1], inputs[2],
             )?]),

@@ -9,17 +9,17 @@
 //! `γ^(t−u) = γ^(i+1) · γ^(L·(c−1−s)) · γ^(L−1−j)` for `t = c·L + i` and `u = s·L + j`.
 //!
 //! Ring attention: each rank rotates its queries and keys by its chunk's rows of the rope tables, then `G`
-//! rounds: scores of its queries against the key/value block it holds (its own first, then each
-//! `send_recv[shift=1]` brings the previous rank's), masked by where that block lies (before: all visible;
-//! its own: causal; after: none), merged by the online softmax (running max, sum and output rescaled).
+//! rounds: `flash_attention_lse` of its queries against the key/value block it holds (its own first, causal;
+//! then each `send_recv[shift=1]` brings the previous rank's, seen whole when it lies before the rank's own
+//! and not at all after it), the rounds' outputs merged exactly by their log-sum-exps.
 
 use super::{Pass, Sv};
 use crate::shard::Placement;
 use crate::PassError;
-use fulgur_ir::{CmpOp, Composite, ConstData, DType, Dim, Op, ReduceOp, Value};
+use fulgur_ir::{Composite, ConstData, DType, Dim, Op, ReduceOp, Value};
 
-/// A large finite negative for masked scores: `exp` of it minus any real score is exactly 0, and it cannot
-/// give `∞ − ∞` in a fully masked row (that row's weight is zeroed by the merge).
+/// A large finite negative for a round's log-sum-exp where the rank sees none of the round's keys: its weight
+/// in the merge, `exp` of it minus a real log-sum-exp, is exactly 0, and it cannot give `∞ − ∞`.
 const MASKED: f64 = -1e30;
 
 impl Pass<'_> {
@@ -268,10 +268,6 @@ impl Pass<'_> {
         // ring attention along mesh axis `ax`
         let g = self.degree(ax);
         let dt = self.out.dtype(q.v);
-        let l = self.local(&tq, &q.dims)?[n - 2]
-            .as_const()
-            .ok_or_else(|| PassError::Options(format!("`{}`: a sequence split needs a constant length", self.at)))?
-            as usize;
         let (mut qr, mut kr) = (q.v, k.v);
         if let Some(r) = rotary {
             let mut rows = rep.clone();
@@ -283,18 +279,12 @@ impl Pass<'_> {
             qr = self.rope(qr, cos.v, sin.v, r)?;
             kr = self.rope(kr, cos.v, sin.v, r)?;
         }
-        // the causal mask of the diagonal block, and which blocks each rank sees whole or not at all
-        let tri = if causal {
-            let i = self.out.iota(DType::I64, vec![Dim::from(l), Dim::from(l)], 0)?;
-            let u = self.out.iota(DType::I64, vec![Dim::from(l), Dim::from(l)], 1)?;
-            let c = self.out.compare(CmpOp::Ge, i, u)?;
-            Some(self.out.cast(c, dt)?)
-        } else {
-            None
-        };
+        // round 0: the rank's own block (causal where the attention is); round j: the block of rank c − j, seen
+        // whole before the rank's own and not at all after it (its log-sum-exp pushed to MASKED, so its weight in
+        // the merge is exactly zero); each round one flash attention with its log-sum-exp, merged exactly
         let (mesh, over) = (self.mesh.sizes(), ax);
         let (mut kj, mut vj) = (kr, v.v);
-        let mut acc: Option<(Value, Value, Value)> = None; // (max, sum, output)
+        let mut acc: Option<(Value, Value)> = None; // (output, log-sum-exp)
         for j in 0..g {
             if j > 0 {
                 let op = Op::Composite(Composite::SendRecv {
@@ -305,46 +295,40 @@ impl Pass<'_> {
                 kj = self.emit(op.clone(), &[kj])?[0];
                 vj = self.emit(op, &[vj])?[0];
             }
-            let kt = self.out.transpose(kj, -2, -1)?;
-            let s = self.out.matmul(qr, kt)?;
-            let mut s = self.out.scale(s, scale)?;
-            if let Some(tri) = tri {
-                // visible = before + own·tri; scores += MASKED·(1 − visible)
-                let src = move |c: &[usize]| (c[ax] + g - j) % g;
-                let before = self.per_rank(dt, &[], |c| vec![if src(c) < c[ax] { 1.0 } else { 0.0 }])?;
-                let own = self.per_rank(dt, &[], |c| vec![if src(c) == c[ax] { 1.0 } else { 0.0 }])?;
-                let before = self.lift(before, n)?;
-                let own = self.lift(own, n)?;
-                let seen = self.out.mul(own, tri)?;
-                let seen = self.out.add(seen, before)?;
-                let one = self.out.scalar_like(1.0, seen)?;
-                let hidden = self.out.sub(one, seen)?;
-                let bias = self.out.scale(hidden, MASKED)?;
-                s = self.out.add(s, bias)?;
+            let round = Op::Composite(Composite::FlashAttentionLse {
+                scale,
+                causal: causal && j == 0,
+            });
+            let r = self.emit(round, &[qr, kj, vj])?;
+            let (oj, mut lj) = (r[0], r[1]);
+            if causal && j > 0 {
+                let hidden = self.per_rank(dt, &[], |c| vec![if c[ax] < j { MASKED } else { 0.0 }])?;
+                let hidden = self.lift(hidden, n)?;
+                lj = self.out.add(lj, hidden)?;
             }
-            let mj = self.out.reduce(ReduceOp::Max, s, &[-1], true)?;
-            let x = self.out.sub(s, mj)?;
-            let p = self.out.exp(x)?;
-            let lj = self.out.reduce(ReduceOp::Sum, p, &[-1], true)?;
-            let oj = self.out.matmul(p, vj)?;
             acc = Some(match acc {
-                None => (mj, lj, oj),
-                Some((m, lsum, o)) => {
-                    let m2 = self.out.maximum(m, mj)?;
-                    let da = self.out.sub(m, m2)?;
+                None => (oj, lj),
+                Some((o, l)) => {
+                    let mx = self.out.maximum(l, lj)?;
+                    let da = self.out.sub(l, mx)?;
                     let a = self.out.exp(da)?;
-                    let db = self.out.sub(mj, m2)?;
+                    let db = self.out.sub(lj, mx)?;
                     let b = self.out.exp(db)?;
-                    let oa = self.out.mul(o, a)?;
-                    let ob = self.out.mul(oj, b)?;
-                    let la = self.out.mul(lsum, a)?;
-                    let lb = self.out.mul(lj, b)?;
-                    (m2, self.out.add(la, lb)?, self.out.add(oa, ob)?)
+                    let sum = self.out.add(a, b)?;
+                    let log = self.out.log(sum)?;
+                    let l2 = self.out.add(mx, log)?;
+                    let wa = self.out.sub(l, l2)?;
+                    let wa = self.out.exp(wa)?;
+                    let wb = self.out.sub(lj, l2)?;
+                    let wb = self.out.exp(wb)?;
+                    let oa = self.out.mul(o, wa)?;
+                    let ob = self.out.mul(oj, wb)?;
+                    (self.out.add(oa, ob)?, l2)
                 }
             });
         }
-        let (_, lsum, o) = acc.expect("at least one round");
-        Ok(done(self.out.div(o, lsum)?))
+        let (o, _) = acc.expect("at least one round");
+        Ok(done(o))
     }
 
     /// `rope(x)` on `x: [R, batch..., L, D]` with the rank's table rows `cos, sin: [R, L, r]`, as
