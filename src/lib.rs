@@ -37,3 +37,4 @@ pub use fulgur_passes as passes;
 pub use fulgur_runtime as runtime;
 
 pub mod parallel;
+pub mod plan;

@@ -7,8 +7,9 @@
 //! `q`/`k`/`v` and the output gate column-parallel, the output projection row-parallel), data parallel over
 //! `dp` and `ep` (the batch split over both) and sequence parallel over `sp` (the tokens split by position:
 //! LASP+ for lightning attention, ring attention for softmax attention, once the optimizer's structural
-//! rules have formed those composites: [`structural`]). The experts are split over `ep` and `tp` together (expert `e` on the rank whose
-//! `(ep, tp)` coordinates hold it), so each rank runs `E / (ep·tp)` experts and no expert's work is repeated:
+//! rules have formed those composites: [`structural`]). The experts are split over `ep` and `tp` together, and
+//! over `sp` too where `ep·sp·tp` divides them (expert `e` on the rank whose coordinates hold it), so each rank
+//! runs `E / (ep·tp)` (or `E / (ep·sp·tp)`) experts and no expert's work is repeated:
 //! the tokens of an `ep` group are gathered to the ranks holding the experts and the expert outputs summed
 //! back (`all_gather` then `reduce_scatter` over `ep`, `all_reduce` over `tp`), MiniMax-01's decoupling of the
 //! expert groups from the attention's. Pipeline and expert-tensor parallelism are refused with that reason
@@ -94,6 +95,17 @@ impl Parallel {
         self.dp * self.ep * self.sp * self.tp
     }
 
+    /// Whether the experts are split over `sp` too (when `ep·sp·tp` divides the experts): the tokens of a
+    /// sequence-parallel group then go to its experts as an expert-parallel group's do.
+    pub fn expert_sp(&self, cfg: &MiniMaxConfig) -> bool {
+        self.sp > 1 && cfg.num_local_experts.is_multiple_of(self.ep * self.sp * self.tp)
+    }
+
+    /// The ranks one expert's replicas are spread over: `ep·tp`, and `sp` with them when it divides.
+    pub fn expert_group(&self, cfg: &MiniMaxConfig) -> usize {
+        self.ep * self.tp * if self.expert_sp(cfg) { self.sp } else { 1 }
+    }
+
     /// The mesh `[dp, ep, sp, tp]`.
     pub fn mesh(&self) -> Mesh {
         Mesh::new(&[("dp", self.dp), ("ep", self.ep), ("sp", self.sp), ("tp", self.tp)])
@@ -120,10 +132,11 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
         check("shared_intermediate_size", cfg.shared_intermediate_size, par.tp, "tp")?;
     }
     let split = |d: usize| vec![("tp".to_string(), Placement::Split(d))];
-    let experts = vec![
-        ("ep".to_string(), Placement::Split(0)),
-        ("tp".to_string(), Placement::Split(0)),
-    ];
+    let mut experts = vec![("ep".to_string(), Placement::Split(0))];
+    if par.expert_sp(cfg) {
+        experts.push(("sp".to_string(), Placement::Split(0)));
+    }
+    experts.push(("tp".to_string(), Placement::Split(0)));
     let rules = vec![
         // lightning attention: per-head interleaved qkv, so whole heads go to each rank
         ("*.self_attn.qkv_proj.weight".to_string(), split(0)),
@@ -170,38 +183,13 @@ pub fn minimax_train_plan(
     step: &Graph,
 ) -> Result<ShardPlan, String> {
     let mut plan = minimax_plan(cfg, par, batch, seq)?;
-    let mesh = plan.mesh.clone();
     let mut moments = Vec::new();
     for id in step.inputs() {
         let (name, ty, _) = step.node(id).op.input_decl().expect("an input");
         let Some(weight) = name.strip_prefix("adam_m.").or_else(|| name.strip_prefix("adam_v.")) else {
             continue;
         };
-        let dims = ty
-            .shape
-            .as_consts()
-            .ok_or_else(|| format!("`{name}` has a symbolic shape"))?;
-        let mut s = plan.placement_of(weight, &ty.shape.0).map_err(|e| e.to_string())?;
-        for (p, degree) in s.per_axis.iter_mut().zip(mesh.sizes()) {
-            if degree == 1 {
-                *p = Placement::Replicated;
-            }
-        }
-        for axis in ["dp", "ep"] {
-            let k = mesh.axis(axis).map_err(|e| e.to_string())?;
-            let degree = mesh.sizes()[k];
-            if degree == 1 {
-                continue;
-            }
-            let local = s.local_dims(&mesh, name, &ty.shape.0).map_err(|e| e.to_string())?;
-            let free = (0..dims.len()).find(|&d| {
-                !s.per_axis.contains(&Placement::Split(d))
-                    && local[d].as_const().is_some_and(|n| (n as usize).is_multiple_of(degree))
-            });
-            if let Some(d) = free {
-                s.per_axis[k] = Placement::Split(d);
-            }
-        }
+        let s = optimizer_state_placement(&plan, weight, &ty.shape.0)?;
         let places = s
             .per_axis
             .iter()
@@ -213,6 +201,38 @@ pub fn minimax_train_plan(
     }
     plan.rules.splice(0..0, moments);
     Ok(plan)
+}
+
+/// Where the optimizer state of weight `weight` (of dims `dims`) lies: as the weight, and split over `dp` and
+/// `ep` on the first dim no other axis splits and that the degree divides.
+pub fn optimizer_state_placement(
+    plan: &ShardPlan,
+    weight: &str,
+    dims: &[crate::ir::Dim],
+) -> Result<crate::passes::shard::Sharding, String> {
+    let mesh = &plan.mesh;
+    let mut s = plan.placement_of(weight, dims).map_err(|e| e.to_string())?;
+    for (p, degree) in s.per_axis.iter_mut().zip(mesh.sizes()) {
+        if degree == 1 {
+            *p = Placement::Replicated;
+        }
+    }
+    for axis in ["dp", "ep"] {
+        let k = mesh.axis(axis).map_err(|e| e.to_string())?;
+        let degree = mesh.sizes()[k];
+        if degree == 1 {
+            continue;
+        }
+        let local = s.local_dims(mesh, weight, dims).map_err(|e| e.to_string())?;
+        let free = (0..dims.len()).find(|&d| {
+            !s.per_axis.contains(&Placement::Split(d))
+                && local[d].as_const().is_some_and(|n| (n as usize).is_multiple_of(degree))
+        });
+        if let Some(d) = free {
+            s.per_axis[k] = Placement::Split(d);
+        }
+    }
+    Ok(s)
 }
 
 /// The graph the sharding pass reads: the model's definitional graph with the optimizer's structural rule

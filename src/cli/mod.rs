@@ -11,6 +11,7 @@ pub mod eval;
 pub mod files;
 pub mod inspect;
 pub mod model;
+pub mod plan;
 pub mod show;
 pub mod stats;
 pub mod train;
@@ -50,6 +51,9 @@ pub enum Command {
     Compile(artifact::CompileArgs),
     /// Run a compiled artifact (JIT-compiled at load): weights and inputs in, outputs out.
     Run(artifact::RunArgs),
+    /// Search the parallelism plan of a MiniMax-01 config on a cluster: degrees, micro-batches, recompute;
+    /// step time, tokens/s, MFU and memory per GPU.
+    Plan(plan::Args),
     /// Train a MiniMax-01 model with AdamW: from a config (random weights) or a checkpoint, on text or
     /// pre-tokenized batches, writing a JSON-lines log and transformers checkpoints.
     Train(train::Args),
@@ -69,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compile(a) => artifact::compile(a),
         Command::Run(a) => artifact::run(a),
         Command::Train(a) => train::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }
 
