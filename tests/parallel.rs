@@ -363,6 +363,60 @@ fn eval_model_runs_on_simulated_ranks() {
     );
 }
 
+/// `fulgur launch -n 4 -- fulgur eval-model ... --parallel ep=2,tp=2`: four processes, one rank each, meeting at
+/// the rendezvous and exchanging their collectives over TCP, give transformers' logits; a rank that exits at its
+/// first collective makes the launch fail naming it, and rank 0 says which collective it did not reach; a job
+/// launched with fewer ranks than the degrees need is refused.
+#[test]
+fn launched_ranks_in_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let run = |n: &str, par: &str, fault: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
+            .arg(&ck)
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--target", "reference", "--parallel", par, "--out"])
+            .arg(&out)
+            .current_dir(common::root())
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        if let Some(f) = fault {
+            c.env("FULGUR_FAULT_EXIT", f);
+        }
+        c.output().unwrap()
+    };
+    let o = run("4", "ep=2,tp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("ran as 4 processes (dp=1,ep=2,sp=1,tp=2)"), "{err}");
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&tokens).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-5, "logits off transformers' by {e}");
+    std::fs::remove_file(&out).unwrap();
+    let o = run("2", "tp=2", Some("1:0"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 1 did not reach collective #0 (`"), "{err}");
+    assert!(
+        err.contains("error: rank(s) 1 (exit status 3) of 2 failed")
+            || err.contains("error: rank(s) 0 (exit status 1), 1 (exit status 3) of 2 failed"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed job leaves no output");
+    let o = run("2", "ep=2,tp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("launched as 2 ranks (torchrun's variables) but --parallel ep=2,tp=2 needs 4"),
+        "{err}"
+    );
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {

@@ -239,3 +239,477 @@ pub fn run_ranks(
         .map(|(r, x)| x.map_err(|e| format!("rank {r}: {e}")))
         .collect()
 }
+
+/// A rank's place in a job started by a launcher: from torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, Slurm's
+/// `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` or Open MPI's `OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`,
+/// `OMPI_COMM_WORLD_LOCAL_RANK` (in that order of precedence), and the rendezvous at `MASTER_ADDR:MASTER_PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankEnv {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Which launcher's variables were read.
+    pub source: &'static str,
+}
+
+impl RankEnv {
+    /// The job's rank from the process environment: `None` when no launcher variables are set.
+    pub fn from_env() -> Result<Option<RankEnv>, String> {
+        RankEnv::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// [`RankEnv::from_env`] over any variable lookup (tests).
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<RankEnv>, String> {
+        let families: [(&'static str, [&str; 3]); 3] = [
+            ("torchrun", ["RANK", "WORLD_SIZE", "LOCAL_RANK"]),
+            ("Slurm", ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"]),
+            (
+                "Open MPI",
+                [
+                    "OMPI_COMM_WORLD_RANK",
+                    "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_RANK",
+                ],
+            ),
+        ];
+        let Some((source, [r, w, l])) = families.into_iter().find(|(_, v)| get(v[0]).is_some()) else {
+            return Ok(None);
+        };
+        let num = |k: &str, need: bool| -> Result<Option<usize>, String> {
+            match get(k) {
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .map(Some)
+                    .map_err(|_| format!("{source}'s `{k}` must be a whole number, found `{v}`")),
+                None if need => Err(format!("{source}'s `{k}` is not set (it is read with `{r}`)")),
+                None => Ok(None),
+            }
+        };
+        let rank = num(r, true)?.expect("needed");
+        let world = num(w, true)?.expect("needed");
+        let local_rank = num(l, false)?.unwrap_or(rank);
+        if world == 0 || rank >= world {
+            return Err(format!("{source}'s `{r}`={rank} is not a rank of `{w}`={world}"));
+        }
+        let master_addr = get("MASTER_ADDR").ok_or_else(|| {
+            format!("`MASTER_ADDR` is not set: the ranks meet at MASTER_ADDR:MASTER_PORT ({source} job)")
+        })?;
+        let port = get("MASTER_PORT").ok_or_else(|| {
+            format!("`MASTER_PORT` is not set: the ranks meet at MASTER_ADDR:MASTER_PORT ({source} job)")
+        })?;
+        let master_port = port
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| format!("`MASTER_PORT` must be a port number, found `{port}`"))?;
+        Ok(Some(RankEnv {
+            rank,
+            world,
+            local_rank,
+            master_addr,
+            master_port,
+            source,
+        }))
+    }
+}
+
+/// Frames on a stream: a little-endian `u64` length, then that many bytes.
+fn write_frame(s: &mut std::net::TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    s.write_all(&(bytes.len() as u64).to_le_bytes())?;
+    s.write_all(bytes)
+}
+
+fn read_frame(s: &mut std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > (1usize << 40) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a frame of more than 1 TiB",
+        ));
+    }
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    dtype: fulgur_ir::DType,
+    shape: Vec<usize>,
+}
+
+/// Tensors as frames: their types as JSON, then each one's values as they are held (f64, i64, or a byte per
+/// bool), so that a value crosses ranks unrounded.
+fn send_tensors(s: &mut std::net::TcpStream, header: serde_json::Value, ts: &[&Tensor]) -> std::io::Result<()> {
+    let metas: Vec<Meta> = ts
+        .iter()
+        .map(|t| Meta {
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let head = serde_json::json!({ "head": header, "tensors": metas });
+    write_frame(s, head.to_string().as_bytes())?;
+    for t in ts {
+        let bytes: Vec<u8> = match &t.data {
+            Buffer::F(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Buffer::I(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Buffer::B(v) => v.iter().map(|&b| u8::from(b)).collect(),
+        };
+        write_frame(s, &bytes)?;
+    }
+    Ok(())
+}
+
+fn recv_tensors(s: &mut std::net::TcpStream) -> Result<(serde_json::Value, Vec<Tensor>), String> {
+    let head = read_frame(s).map_err(|e| e.to_string())?;
+    let head: serde_json::Value = serde_json::from_slice(&head).map_err(|e| format!("a malformed message: {e}"))?;
+    let metas: Vec<Meta> =
+        serde_json::from_value(head["tensors"].clone()).map_err(|e| format!("a malformed message: {e}"))?;
+    let mut ts = Vec::new();
+    for m in metas {
+        let bytes = read_frame(s).map_err(|e| e.to_string())?;
+        let n: usize = m.shape.iter().product();
+        let data = if m.dtype.is_float() {
+            Buffer::F(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            )
+        } else if m.dtype.is_int() {
+            Buffer::I(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            )
+        } else {
+            Buffer::B(bytes.iter().map(|&b| b != 0).collect())
+        };
+        let got = match &data {
+            Buffer::F(v) => v.len(),
+            Buffer::I(v) => v.len(),
+            Buffer::B(v) => v.len(),
+        };
+        if got != n {
+            return Err(format!("a tensor of shape {:?} with {got} values", m.shape));
+        }
+        ts.push(Tensor {
+            dtype: m.dtype,
+            shape: m.shape,
+            data,
+        });
+    }
+    Ok((head["head"].clone(), ts))
+}
+
+/// The transport of ranks in separate processes (started by `fulgur launch` or another launcher): every rank
+/// connects to rank 0 at `MASTER_ADDR:MASTER_PORT`; at each collective the ranks send their inputs to rank 0,
+/// which computes it as [`SimTransport`] does (the collective's definition on the stacked inputs, exact and
+/// deterministic) and sends each its slice. Rank 0 names a rank that disconnects (it exited or failed) or does
+/// not answer within the timeout, and every other rank fails with that message rather than waiting.
+pub struct TcpTransport {
+    rank: usize,
+    world: usize,
+    precision: Precision,
+    timeout: Duration,
+    /// Rank 0: a stream per other rank (index = rank; its own is `None`). Others: the stream to rank 0.
+    streams: Mutex<Vec<Option<std::net::TcpStream>>>,
+    seq: Mutex<u64>,
+}
+
+impl TcpTransport {
+    /// Meets the other ranks at the rendezvous (rank 0 listens, the others connect, retrying until `timeout`).
+    pub fn connect(env: &RankEnv, precision: Precision, timeout: Duration) -> Result<TcpTransport, String> {
+        use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+        let addr = format!("{}:{}", env.master_addr, env.master_port);
+        let deadline = Instant::now() + timeout;
+        let mut streams: Vec<Option<TcpStream>> = (0..env.world).map(|_| None).collect();
+        if env.rank == 0 {
+            let listener = TcpListener::bind(&addr).map_err(|e| format!("rank 0 cannot listen at {addr}: {e}"))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut joined = 1;
+            while joined < env.world {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        s.set_nodelay(true).ok();
+                        s.set_read_timeout(Some(timeout)).ok();
+                        let hello = read_frame(&mut s).map_err(|e| format!("a rank's greeting: {e}"))?;
+                        let hello: serde_json::Value =
+                            serde_json::from_slice(&hello).map_err(|e| format!("a rank's greeting: {e}"))?;
+                        let (r, w) = (
+                            hello["rank"].as_u64().unwrap_or(u64::MAX) as usize,
+                            hello["world"].as_u64(),
+                        );
+                        if w != Some(env.world as u64) || r == 0 || r >= env.world || streams[r].is_some() {
+                            return Err(format!(
+                                "a rank greeted as rank {r} of {w:?}; this job has {} ranks",
+                                env.world
+                            ));
+                        }
+                        streams[r] = Some(s);
+                        joined += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            let missing: Vec<String> = (1..env.world)
+                                .filter(|&r| streams[r].is_none())
+                                .map(|r| r.to_string())
+                                .collect();
+                            return Err(format!(
+                                "rank(s) {} did not connect to {addr} within {:.1} s",
+                                missing.join(", "),
+                                timeout.as_secs_f64()
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(format!("rank 0 accepting at {addr}: {e}")),
+                }
+            }
+        } else {
+            let target = addr
+                .to_socket_addrs()
+                .map_err(|e| format!("MASTER_ADDR:MASTER_PORT {addr}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("MASTER_ADDR:MASTER_PORT {addr} resolves to nothing"))?;
+            let mut s = loop {
+                match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(format!(
+                            "rank {} could not reach rank 0 at {addr} within {:.1} s: {e}",
+                            env.rank,
+                            timeout.as_secs_f64()
+                        ))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            s.set_nodelay(true).ok();
+            s.set_read_timeout(Some(timeout)).ok();
+            let hello = serde_json::json!({ "rank": env.rank, "world": env.world });
+            write_frame(&mut s, hello.to_string().as_bytes()).map_err(|e| e.to_string())?;
+            streams[0] = Some(s);
+        }
+        Ok(TcpTransport {
+            rank: env.rank,
+            world: env.world,
+            precision,
+            timeout,
+            streams: Mutex::new(streams),
+            seq: Mutex::new(0),
+        })
+    }
+
+    /// A fault for tests of failure handling: `FULGUR_FAULT_EXIT=RANK:SEQ` makes rank `RANK` exit (status 3) when
+    /// it reaches collective `SEQ`, as a crashed process would.
+    fn fault(&self, seq: u64) {
+        if let Ok(v) = std::env::var("FULGUR_FAULT_EXIT") {
+            if let Some((r, s)) = v.split_once(':') {
+                if r.parse::<usize>().ok() == Some(self.rank) && s.parse::<u64>().ok() == Some(seq) {
+                    eprintln!("rank {}: exiting at collective #{seq} (FULGUR_FAULT_EXIT)", self.rank);
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        if rank != self.rank {
+            return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
+        }
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        let n = *seq;
+        *seq += 1;
+        self.fault(n);
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let op_json = serde_json::to_value(op).map_err(|e| e.to_string())?;
+        if self.rank != 0 {
+            let s = streams[0].as_mut().expect("connected to rank 0");
+            send_tensors(s, serde_json::json!({ "seq": n, "op": op_json }), args)
+                .map_err(|e| format!("sending collective #{n} (`{}`) to rank 0: {e}", op.name()))?;
+            let (head, ts) = recv_tensors(s).map_err(|e| {
+                format!(
+                    "rank 0 did not answer collective #{n} (`{}`): {e} (it exited, failed, or waited past {:.1} s)",
+                    op.name(),
+                    self.timeout.as_secs_f64()
+                )
+            })?;
+            if let Some(err) = head["error"].as_str() {
+                return Err(err.to_string());
+            }
+            return Ok(ts);
+        }
+        // rank 0: gather every rank's inputs, compute, answer
+        let mut all: Vec<Vec<Tensor>> = vec![args.iter().map(|&t| t.clone()).collect()];
+        let mut failure = None;
+        for r in 1..self.world {
+            let s = streams[r].as_mut().expect("connected");
+            match recv_tensors(s) {
+                Ok((head, ts)) => {
+                    let other: Option<Op> = serde_json::from_value(head["op"].clone()).ok();
+                    if head["seq"].as_u64() != Some(n) || other.as_ref() != Some(op) {
+                        failure = Some(format!(
+                            "the ranks disagree at collective #{n}: rank 0 runs `{}`, rank {r} runs `{}` (#{})",
+                            op.name(),
+                            other.map(|o| o.name().to_string()).unwrap_or_default(),
+                            head["seq"]
+                        ));
+                        break;
+                    }
+                    all.push(ts);
+                }
+                Err(e) => {
+                    failure = Some(format!(
+                        "rank {r} did not reach collective #{n} (`{}`): {e} (it exited, failed, or waited past {:.1} s)",
+                        op.name(),
+                        self.timeout.as_secs_f64()
+                    ));
+                    break;
+                }
+            }
+        }
+        let sim = SimTransport::new(self.world, self.precision, self.timeout);
+        let result = match failure {
+            Some(f) => Err(f),
+            None => sim.compute(op, &all),
+        };
+        for r in 1..self.world {
+            if let Some(s) = streams[r].as_mut() {
+                let sent = match &result {
+                    Ok(per) => {
+                        let refs: Vec<&Tensor> = per[r].iter().collect();
+                        send_tensors(s, serde_json::json!({ "seq": n }), &refs)
+                    }
+                    Err(e) => send_tensors(s, serde_json::json!({ "seq": n, "error": e }), &[]),
+                };
+                let _ = sent;
+            }
+        }
+        result.map(|mut per| per.swap_remove(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k: &str| m.get(k).cloned()
+    }
+
+    #[test]
+    fn ranks_come_from_the_launchers_variables() {
+        assert_eq!(RankEnv::from_vars(&vars(&[])).unwrap(), None);
+        let addr = [("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")];
+        let torchrun = [
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "3"),
+            addr[0],
+            addr[1],
+        ];
+        let e = RankEnv::from_vars(&vars(&torchrun)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world, e.local_rank, e.source), (3, 8, 3, "torchrun"));
+        assert_eq!((e.master_addr.as_str(), e.master_port), ("10.0.0.1", 29500));
+        let slurm = [
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "1"),
+            addr[0],
+            addr[1],
+        ];
+        let e = RankEnv::from_vars(&vars(&slurm)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world, e.local_rank, e.source), (5, 16, 1, "Slurm"));
+        let ompi = [
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            addr[0],
+            addr[1],
+        ];
+        let e = RankEnv::from_vars(&vars(&ompi)).unwrap().unwrap();
+        assert_eq!((e.rank, e.world, e.local_rank, e.source), (0, 2, 0, "Open MPI"));
+        let e = RankEnv::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "2"), addr[0], addr[1]])).unwrap_err();
+        assert_eq!(e, "torchrun's `RANK`=2 is not a rank of `WORLD_SIZE`=2");
+        let e = RankEnv::from_vars(&vars(&[("RANK", "0"), addr[0], addr[1]])).unwrap_err();
+        assert_eq!(e, "torchrun's `WORLD_SIZE` is not set (it is read with `RANK`)");
+        let e = RankEnv::from_vars(&vars(&[("RANK", "x"), ("WORLD_SIZE", "2")])).unwrap_err();
+        assert_eq!(e, "torchrun's `RANK` must be a whole number, found `x`");
+        let e = RankEnv::from_vars(&vars(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap_err();
+        assert_eq!(
+            e,
+            "`MASTER_ADDR` is not set: the ranks meet at MASTER_ADDR:MASTER_PORT (torchrun job)"
+        );
+        let e = RankEnv::from_vars(&vars(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            addr[0],
+            ("MASTER_PORT", "70000"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e, "`MASTER_PORT` must be a port number, found `70000`");
+    }
+
+    /// Two ranks in one process over the TCP transport: an all-reduce of each rank's value gives both the sum;
+    /// a rank that never connects is named after the timeout.
+    #[test]
+    fn tcp_ranks_meet_and_reduce() {
+        use fulgur_ir::Composite;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let env = |rank| RankEnv {
+            rank,
+            world: 2,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            source: "test",
+        };
+        let op = Op::Composite(Composite::AllReduce { mesh: vec![2], over: 0 });
+        let outs: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    let (env, op) = (env(r), op.clone());
+                    s.spawn(move || {
+                        let t = TcpTransport::connect(&env, Precision::F64, Duration::from_secs(30)).unwrap();
+                        let x = Tensor::from_f64(fulgur_ir::DType::F32, vec![3], vec![r as f64 + 0.25; 3]);
+                        t.collective(&op, r, &[&x]).unwrap()[0].to_f64()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(outs, vec![vec![1.5; 3], vec![1.5; 3]]);
+        let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let alone = RankEnv {
+            master_port: port2,
+            ..env(0)
+        };
+        let e = TcpTransport::connect(&alone, Precision::F64, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert_eq!(
+            e,
+            format!("rank(s) 1 did not connect to 127.0.0.1:{port2} within 0.3 s")
+        );
+    }
+}

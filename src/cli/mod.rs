@@ -10,6 +10,7 @@ pub mod check;
 pub mod eval;
 pub mod files;
 pub mod inspect;
+pub mod launch;
 pub mod model;
 pub mod plan;
 pub mod show;
@@ -51,6 +52,9 @@ pub enum Command {
     Compile(artifact::CompileArgs),
     /// Run a compiled artifact (JIT-compiled at load): weights and inputs in, outputs out.
     Run(artifact::RunArgs),
+    /// Start N local ranks of a command with the launcher variables torchrun sets (RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT); fail naming the ranks that failed.
+    Launch(launch::Args),
     /// Search the parallelism plan of a MiniMax-01 config on a cluster: degrees, micro-batches, recompute;
     /// step time, tokens/s, MFU and memory per GPU.
     Plan(plan::Args),
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => artifact::run(a),
         Command::Train(a) => train::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Launch(a) => launch::run(a),
     }
 }
 

@@ -296,6 +296,51 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         let mut feed = ck.load_params(&g)?;
         feed.insert("input_ids".into(), tokens);
         let t1 = Instant::now();
+        // started by a launcher: this process is one rank, its collectives over the rendezvous
+        if let Some(env) = fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? {
+            if env.world != par.ranks() {
+                bail!(
+                    "launched as {} ranks ({}'s variables) but --parallel {degrees} needs {}",
+                    env.world,
+                    env.source,
+                    par.ranks()
+                );
+            }
+            let timeout = std::time::Duration::from_secs(
+                std::env::var("FULGUR_RANK_TIMEOUT")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(600),
+            );
+            let transport =
+                fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+            let program = programs.into_iter().nth(env.rank).expect("a program per rank");
+            let interp = fulgur_ir::Interpreter {
+                precision: Precision::from(args.precision),
+                memory_limit: args.memory_limit,
+            };
+            let outputs = interp
+                .run_on(&program, &feed, &transport)
+                .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+            if env.rank == 0 {
+                eprintln!(
+                    "ran as {} processes ({par}) in {:.2} s",
+                    env.world,
+                    t1.elapsed().as_secs_f64()
+                );
+                write_safetensors(&args.out, &outputs)?;
+                if args.print {
+                    write_stdout(
+                        &outputs
+                            .iter()
+                            .map(|(n, t)| crate::cli::eval::describe(n, t))
+                            .collect::<String>(),
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         let mut outs = fulgur_runtime::ranks::run_ranks(
             &programs,
             &feed,
