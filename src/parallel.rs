@@ -167,7 +167,40 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
         mesh: par.mesh(),
         sizes: HashMap::from([("B".to_string(), batch as i64), ("T".to_string(), seq as i64)]),
         rules,
+        stored: Vec::new(),
     })
+}
+
+/// Adds to `plan` the sharded storage of the expert weights over the expert-data-parallel ranks (`dp`, ZeRO-3 /
+/// FSDP for the experts): each expert weight stored split over `dp` on its first dim no other axis splits and
+/// `dp` divides (the hidden dim: the expert dim is split over the expert group), gathered before its layer
+/// uses it, its gradient reduce-scattered back. `params` are the model's parameters with their dims.
+pub fn store_experts_sharded(plan: &mut ShardPlan, params: &[(String, Vec<crate::ir::Dim>)]) -> Result<(), String> {
+    let mesh = plan.mesh.clone();
+    let k = mesh.axis("dp").map_err(|e| e.to_string())?;
+    let degree = mesh.sizes()[k];
+    if degree == 1 {
+        return Ok(());
+    }
+    for (name, dims) in params {
+        if !name.contains(".mlp.experts.") {
+            continue;
+        }
+        let s = plan.placement_of(name, dims).map_err(|e| e.to_string())?;
+        let local = s.local_dims(&mesh, name, dims).map_err(|e| e.to_string())?;
+        let free = (0..dims.len()).find(|&d| {
+            !s.per_axis
+                .iter()
+                .zip(mesh.sizes())
+                .any(|(p, g)| g > 1 && *p == Placement::Split(d))
+                && local[d].as_const().is_some_and(|n| (n as usize).is_multiple_of(degree))
+        });
+        if let Some(d) = free {
+            plan.stored
+                .push((name.clone(), vec![("dp".to_string(), Placement::Split(d))]));
+        }
+    }
+    Ok(())
 }
 
 /// The plan of MiniMax-01's training step (`passes::optim::train_step` of the forward graph): the model's plan

@@ -17,7 +17,7 @@
 
 use crate::ir::{Composite, DType, Graph, Op, TensorType};
 use crate::models::{LayerType, MiniMaxConfig};
-use crate::parallel::{minimax_plan, optimizer_state_placement, structural, Parallel};
+use crate::parallel::{minimax_plan, optimizer_state_placement, store_experts_sharded, structural, Parallel};
 use crate::passes::cost::{CostModel, Target};
 use crate::passes::shard::shard_graph;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,9 @@ pub struct Estimate {
     pub parallel: String,
     pub micro_batches: usize,
     pub recompute: bool,
+    /// Training: the expert weights stored sharded over `dp` (ZeRO-3 for the experts: gathered per layer,
+    /// their gradients reduce-scattered).
+    pub experts_sharded: bool,
     /// Seconds per training step, or per prefill in inference.
     pub step_s: f64,
     pub compute_s: f64,
@@ -411,7 +414,11 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 let mut weights = 0.0;
                 let mut gradients = 0.0;
                 let mut optimizer = 0.0;
+                // the experts' weights as placed, and as stored sharded over dp (ZeRO-3 for the experts)
+                let (mut experts, mut experts_stored) = (0.0, 0.0);
                 let full_plan = minimax_plan(cfg, &par, b_m, seq).map_err(|e| e.to_string())?;
+                let mut zero3 = full_plan.clone();
+                store_experts_sharded(&mut zero3, &params)?;
                 for (name, dims) in &params {
                     let local = |s: &crate::passes::shard::Sharding| -> Result<f64, String> {
                         let d = s.local_dims(&full_plan.mesh, name, dims).map_err(|e| e.to_string())?;
@@ -420,20 +427,45 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     let ws = full_plan.placement_of(name, dims).map_err(|e| e.to_string())?;
                     let n_w = local(&ws)?;
                     weights += 2.0 * n_w;
+                    if name.contains(".mlp.experts.") {
+                        experts += n_w;
+                        experts_stored += local(&zero3.stored_placement_of(name, dims).map_err(|e| e.to_string())?)?;
+                    }
                     if mode == Mode::Train {
                         gradients += 4.0 * n_w;
                         let os = optimizer_state_placement(&full_plan, name, dims)?;
                         optimizer += 12.0 * local(&os)?;
                     }
                 }
+                let layers_n = cfg.num_hidden_layers as f64;
                 let flops_per_step = stats.forward_flops_per_token * (batch * seq) as f64;
                 match mode {
                     Mode::Train => {
                         for &m in &micro {
                             let scale = (batch / m) as f64 / b_m as f64;
-                            for recompute in [false, true] {
+                            let shardings: &[bool] = if experts_stored < experts {
+                                &[false, true]
+                            } else {
+                                &[false]
+                            };
+                            for (&recompute, &sharded) in
+                                [false, true].iter().flat_map(|r| shardings.iter().map(move |s| (r, s)))
+                            {
                                 candidates += 1;
                                 let passes = if recompute { 4.0 } else { 3.0 };
+                                // experts stored sharded over dp: one layer's gathered at a time (and the next
+                                // prefetched), their gradients reduce-scattered as each layer's backward ends
+                                let (weights, gradients, fsdp, zero1) = if sharded {
+                                    let w = weights - 2.0 * (experts - experts_stored) + 2.0 * 2.0 * experts / layers_n;
+                                    let g = gradients - 4.0 * (experts - experts_stored) + 4.0 * experts / layers_n;
+                                    let gf = dp as f64;
+                                    let gathers = if recompute { 3.0 } else { 2.0 };
+                                    let bytes = (gf - 1.0) / gf * (gathers * 2.0 * experts + 4.0 * experts);
+                                    let per = pricing.ring(bytes, (gathers + 1.0) * (gf - 1.0) * layers_n, gpus);
+                                    (w, g, m as f64 * per, 6.0 * experts)
+                                } else {
+                                    (weights, gradients, 0.0, 0.0)
+                                };
                                 let compute = m as f64 * scale * fwd_compute * passes;
                                 let bwd_compute = m as f64 * scale * fwd_compute * (passes - 1.0);
                                 let blocking = m as f64 * scale * fwd_exposed * 2.0;
@@ -443,11 +475,13 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 let sync = if dgroup > 1 {
                                     let gf = dgroup as f64;
                                     let span = dgroup * sp * tp;
-                                    pricing.ring((gf - 1.0) / gf * (gradients + weights), 2.0 * (gf - 1.0), span)
+                                    let bytes = (gradients + weights - zero1).max(0.0);
+                                    pricing.ring((gf - 1.0) / gf * bytes, 2.0 * (gf - 1.0), span)
                                 } else {
                                     0.0
                                 };
-                                let sync_exposed = (sync - bwd_compute).max(0.0);
+                                let sync_exposed = (sync - bwd_compute).max(0.0) + (fsdp - compute).max(0.0);
+                                let sync = sync + fsdp;
                                 let adam = optimizer / 12.0 * 32.0 / target.mem_bw;
                                 let step = compute + blocking + sync_exposed + adam;
                                 let act = scale
@@ -469,6 +503,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                     parallel: par.to_string(),
                                     micro_batches: m,
                                     recompute,
+                                    experts_sharded: sharded,
                                     step_s: step,
                                     compute_s: compute,
                                     exposed_comm_s: blocking + sync_exposed,
@@ -547,6 +582,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                             parallel: par.to_string(),
                             micro_batches: chunks,
                             recompute: false,
+                            experts_sharded: false,
                             step_s: step,
                             compute_s: fwd_compute,
                             exposed_comm_s: fwd_exposed,
@@ -602,9 +638,14 @@ pub fn report(s: &Search, why: bool) -> String {
             e.parallel,
             if s.mode == Mode::Train {
                 format!(
-                    "micro-batches {} recompute {}",
+                    "micro-batches {} recompute {}{}",
                     e.micro_batches,
-                    if e.recompute { "on" } else { "off" }
+                    if e.recompute { "on" } else { "off" },
+                    if e.experts_sharded {
+                        " experts sharded over dp"
+                    } else {
+                        ""
+                    }
                 )
             } else {
                 format!("prefill chunks {}", e.micro_batches)

@@ -228,12 +228,33 @@ fn tiny_a_training_step_sharded_with_optimizer_state_sharding() {
         feed.insert(k.to_string(), Tensor::from_f64(fulgur::ir::DType::F32, vec![], vec![v]));
     }
     let single = run(&step, &feed);
-    for par in ["dp=2", "dp=2,tp=2", "dp=2,ep=2"] {
+    let params: Vec<(String, Vec<fulgur::ir::Dim>)> = g
+        .params()
+        .into_iter()
+        .map(|id| {
+            let (n, t, _) = g.node(id).op.input_decl().unwrap();
+            (n.to_string(), t.shape.0.clone())
+        })
+        .collect();
+    for (par, experts_sharded) in [
+        ("dp=2", false),
+        ("dp=2,tp=2", false),
+        ("dp=2,ep=2", false),
+        ("dp=2", true),
+        ("dp=2,tp=2", true),
+    ] {
         let p = Parallel::parse(par).unwrap();
-        let plan = fulgur::parallel::minimax_train_plan(&ck.config, &p, 4, 8, &step).unwrap();
+        let mut plan = fulgur::parallel::minimax_train_plan(&ck.config, &p, 4, 8, &step).unwrap();
+        if experts_sharded {
+            fulgur::parallel::store_experts_sharded(&mut plan, &params).unwrap();
+            assert_eq!(plan.stored.len(), 8, "two expert weights per layer");
+        }
         let (sg, report) = shard_graph(&step, &plan).unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);
-        println!("{par}: worst {e:.1e} ({name}); {:?}", report.collectives);
+        println!(
+            "{par} (experts stored sharded: {experts_sharded}): worst {e:.1e} ({name}); {:?}",
+            report.collectives
+        );
         assert!(e < 1e-9, "{par}: `{name}` off by {e}");
     }
 }
@@ -491,6 +512,7 @@ fn random_placements_give_the_single_device_outputs() {
             mesh: mesh.clone(),
             sizes: HashMap::from([("B".to_string(), 4), ("T".to_string(), 8)]),
             rules,
+            stored: Vec::new(),
         };
         let (sg, report) = shard_graph(&g, &plan).unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);
@@ -515,6 +537,7 @@ fn random_placements_give_the_single_device_outputs() {
                 ("model.embed_tokens.weight".to_string(), places),
                 ("input_ids".to_string(), vec![("b".to_string(), Placement::Split(1))]),
             ],
+            stored: Vec::new(),
         };
         let (sg, _) = shard_graph(&g, &plan).unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);

@@ -178,3 +178,16 @@ fn fulgur_plan_prints_text_and_json() {
         ],
     );
 }
+
+/// MiniMax-Text-01 training at 512 × 8k tokens on 2,048 H800: a plan fits only with the expert weights stored
+/// sharded over the data-parallel ranks (their 435B parameters outgrow 80 GiB GPUs otherwise), and the search
+/// says so.
+#[test]
+fn minimax_text_01_training_on_2048_gpus_needs_the_experts_sharded() {
+    let cfg = config("minimax-text-01.json");
+    let s = search(&cfg, &cluster("2048xh800.json"), Mode::Train, 8192, 512).unwrap();
+    let best = s.best.expect("a plan fits");
+    assert!(best.experts_sharded, "{}", best.parallel);
+    assert!(s.fitting.iter().all(|e| e.experts_sharded));
+    assert!(s.too_big.iter().any(|e| !e.experts_sharded));
+}

@@ -44,6 +44,10 @@ pub struct ShardPlan {
     /// characters) is placed on the named mesh axes as given (axes not named: replicated). The first match
     /// wins; an unmatched one is replicated.
     pub rules: Vec<(String, Vec<(String, Placement)>)>,
+    /// `(pattern, placements)`: a parameter or input matching is *stored* split further on these axes (where
+    /// its rule leaves them replicated) and gathered to its rule's placement before use: ZeRO-3 / FSDP. Its
+    /// gradient comes back reduce-scattered to the stored shard (the gather's backward). First match wins.
+    pub stored: Vec<(String, Vec<(String, Placement)>)>,
 }
 
 /// What the pass did.
@@ -93,6 +97,22 @@ impl ShardPlan {
                     }
                 }
                 s.per_axis[k] = p.clone();
+            }
+        }
+        s.local_dims(&self.mesh, name, dims)?;
+        Ok(s)
+    }
+
+    /// How parameter or input `name` is stored: its placement, split further on the axes of a `stored` entry
+    /// that the placement leaves replicated (checked to divide, naming the value, dim and axis).
+    pub fn stored_placement_of(&self, name: &str, dims: &[Dim]) -> Result<Sharding, PassError> {
+        let mut s = self.placement_of(name, dims)?;
+        if let Some((_, places)) = self.stored.iter().find(|(p, _)| glob(p, name)) {
+            for (axis, p) in places {
+                let k = self.mesh.axis(axis)?;
+                if s.per_axis[k] == Placement::Replicated {
+                    s.per_axis[k] = p.clone();
+                }
             }
         }
         s.local_dims(&self.mesh, name, dims)?;
@@ -1015,11 +1035,14 @@ fn rewrite(
             let v = p.out.add_node(n.op.clone(), &[], n.name.clone())?;
             let sv = p.unranked(Value::new(v, 0), &outs[0]);
             let sh = p.normal(plan.placement_of(name, &outs[0])?);
-            if is_rep(&sh) {
+            let stored = p.normal(plan.stored_placement_of(name, &outs[0])?);
+            if is_rep(&stored) {
                 return Ok(vec![sv]);
             }
-            p.report.placed.push((name.clone(), describe(p.mesh, &sh)));
-            Ok(vec![p.to(&sv, &sh)?])
+            p.report.placed.push((name.clone(), describe(p.mesh, &stored)));
+            let kept = p.to(&sv, &stored)?;
+            // stored split further: gathered to the rule's placement for its use
+            Ok(vec![p.to(&kept, &sh)?])
         }
         _ if all_unranked => {
             let vals: Vec<Value> = ins.iter().map(|s| s.v).collect();
