@@ -438,6 +438,44 @@ fn launched_ranks_in_separate_processes() {
     );
 }
 
+/// A scaled-down MiniMax-01 layout (`models/configs/minimax-small.json`: MiniMax's own config format, 16 layers
+/// with a softmax layer in every eight, post-norm, 8 experts, 8 query and 2 key-value heads) with random weights:
+/// tensor, expert, data and sequence parallel plans and their combinations give the single-device logits and
+/// loss.
+#[test]
+fn a_scaled_down_minimax_layout_sharded() {
+    let cfg =
+        fulgur::models::MiniMaxConfig::from_file(&common::root().join("models/configs/minimax-small.json")).unwrap();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut feed = fulgur::models::random_weights(&g, 0.05, 17);
+    feed.insert("input_ids".into(), random_tokens(2, 32, cfg.vocab_size, 8));
+    let single = run(&g, &feed);
+    let structural_g = structural(&g).unwrap();
+    for par in [
+        "tp=2",
+        "ep=2,tp=2",
+        "dp=2,ep=1",
+        "sp=2",
+        "sp=4",
+        "dp=2,sp=2,tp=2",
+        "ep=2,sp=2",
+    ] {
+        let p = Parallel::parse(par).unwrap();
+        let plan = minimax_plan(&cfg, &p, 2, 32).unwrap();
+        let (sg, report) = shard_graph(&structural_g, &plan).unwrap();
+        let (e, name) = worst(&run(&sg, &feed), &single);
+        println!("minimax-small {par}: worst {e:.1e} ({name}); {:?}", report.collectives);
+        assert!(e < 1e-10, "{par}: `{name}` off by {e}");
+    }
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {
