@@ -350,6 +350,8 @@ fn eval_model_runs_on_simulated_ranks() {
     let e = got["logits"].rel_l2(&want["logits"]);
     assert!(e < 1e-5, "logits off transformers' by {e}");
     assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+    // each rank's program compiled for the CPU
+    std::fs::remove_file(&out).unwrap();
     let o = common::fulgur(&[
         &"eval-model",
         &ck,
@@ -362,9 +364,24 @@ fn eval_model_runs_on_simulated_ranks() {
         &"--out",
         &out,
     ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = read_safetensors(&out).unwrap()["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-4, "cpu ranks: logits off transformers' by {e}");
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"cuda",
+        &"--parallel",
+        &"tp=2",
+        &"--out",
+        &out,
+    ]);
     common::fails(
         &o,
-        &["--parallel runs on simulated ranks with the reference interpreter: add --target reference"],
+        &["--parallel runs each rank on the reference interpreter or the CPU backend (--target reference or cpu)"],
     );
     let o = common::fulgur(&[
         &"eval-model",
@@ -394,13 +411,13 @@ fn launched_ranks_in_separate_processes() {
     let out = dir.path().join("out.safetensors");
     let ck = common::tiny_a();
     let tokens = ck.join("reference.safetensors");
-    let run = |n: &str, par: &str, fault: Option<&str>| {
+    let run_on = |target: &str, n: &str, par: &str, fault: Option<&str>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
         c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
             .arg(&ck)
             .arg("--tokens")
             .arg(&tokens)
-            .args(["--target", "reference", "--parallel", par, "--out"])
+            .args(["--target", target, "--parallel", par, "--out"])
             .arg(&out)
             .current_dir(common::root())
             .env_remove("RUST_LOG")
@@ -410,6 +427,7 @@ fn launched_ranks_in_separate_processes() {
         }
         c.output().unwrap()
     };
+    let run = |n: &str, par: &str, fault: Option<&str>| run_on("reference", n, par, fault);
     let o = run("4", "ep=2,tp=2", None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -429,6 +447,13 @@ fn launched_ranks_in_separate_processes() {
         "{err}"
     );
     assert!(!out.exists(), "a failed job leaves no output");
+    // two processes, each rank's program compiled for the CPU, collectives over TCP
+    let o = run_on("cpu", "2", "tp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let e = read_safetensors(&out).unwrap()["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-4, "launched cpu ranks: logits off transformers' by {e}");
+    std::fs::remove_file(&out).unwrap();
     let o = run("2", "ep=2,tp=2", None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -473,6 +498,33 @@ fn a_scaled_down_minimax_layout_sharded() {
         let (e, name) = worst(&run(&sg, &feed), &single);
         println!("minimax-small {par}: worst {e:.1e} ({name}); {:?}", report.collectives);
         assert!(e < 1e-10, "{par}: `{name}` off by {e}");
+    }
+}
+
+/// Each rank's program compiled by the CPU backend (LLVM JIT), its collectives as host steps through the
+/// simulated transport: tiny-a's logits and loss on every rank equal transformers' within the f32 tolerance.
+#[test]
+#[cfg(feature = "llvm")]
+fn per_rank_programs_compiled_for_the_cpu() {
+    use fulgur::passes::shard::lower_rank;
+    use fulgur::runtime::ranks::run_ranks_cpu;
+    let (ck, g, mut feed) = tiny_a();
+    let reference = read_safetensors(&common::tiny_a().join("reference.safetensors")).unwrap();
+    feed.insert("input_ids".into(), reference["input_ids"].clone());
+    for par in ["tp=2", "dp=2,sp=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let plan = minimax_plan(&ck.config, &p, 2, 40).unwrap();
+        let (sg, _) = shard_graph(&structural(&g).unwrap(), &plan).unwrap();
+        let programs: Vec<Graph> = (0..p.ranks())
+            .map(|r| lower_rank(&sg, &plan.mesh, r).unwrap())
+            .collect();
+        let outs = run_ranks_cpu(&programs, &feed, std::time::Duration::from_secs(300)).unwrap();
+        for (r, out) in outs.iter().enumerate() {
+            let e = out["logits"].rel_l2(&reference["logits"]);
+            println!("{par}, rank {r}: logits {e:.1e} off transformers'");
+            assert!(e < 1e-4, "{par}, rank {r}: logits off transformers' by {e}");
+            assert!((out["loss"].to_f64()[0] - reference["loss"].to_f64()[0]).abs() < 1e-4);
+        }
     }
 }
 

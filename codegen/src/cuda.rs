@@ -210,6 +210,13 @@ pub fn emit(
                 }
                 Step::Gemm(_) => launches.push(Launch::Library { step: s }),
                 Step::GroupedGemm(_) => launches.push(Launch::Library { step: s }),
+                Step::Collective(op) => {
+                    return Err(CodegenError::Options(format!(
+                        "kernel code {code}: a collective (`{}`) in a per-rank program is run by the CPU backend \
+                         (and the reference interpreter) only, not yet by the CUDA backend",
+                        op.name()
+                    )))
+                }
             }
         }
         for s in 0..lk.steps.len() {

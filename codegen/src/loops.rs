@@ -439,6 +439,9 @@ pub enum Step {
     Phase(Phase),
     Gemm(GemmStep),
     GroupedGemm(GroupedGemmStep),
+    /// A rank's part of a collective (`on_rank`), run by the program's collective transport on the host: its
+    /// inputs are the kernel's inputs, its outputs the kernel's outputs (contiguous). No generated code.
+    Collective(fulgur_ir::Op),
 }
 
 /// What an argument slot is bound to.
@@ -646,6 +649,9 @@ impl LoopKernel {
                         g.c.arg,
                         self.expr(g.c.offset)
                     );
+                }
+                Step::Collective(op) => {
+                    let _ = writeln!(s, "  collective {} (host transport)", op.name());
                 }
                 Step::GroupedGemm(g) => {
                     let _ = writeln!(

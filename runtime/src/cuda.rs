@@ -967,6 +967,7 @@ impl CudaProgram {
                         }
                     }
                     Step::Phase(_) => return Err(fail("a library launch of a phase".into())),
+                    Step::Collective(_) => return Err(fail("a collective on the CUDA backend".into())),
                 },
             }
         }

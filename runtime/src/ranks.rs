@@ -601,6 +601,67 @@ impl Transport for TcpTransport {
     }
 }
 
+/// [`run_ranks`] with each rank's program compiled by the CPU backend (LLVM JIT), its collectives (`on_rank`
+/// kernels) through a [`SimTransport`] at f32: the per-rank programs as compiled code. Weights and inputs come
+/// from `feed` by name.
+#[cfg(feature = "llvm")]
+pub fn run_ranks_cpu(
+    programs: &[Graph],
+    feed: &HashMap<String, Tensor>,
+    timeout: Duration,
+) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+    use crate::cpu::{CpuOptions, CpuProgram};
+    let t = std::sync::Arc::new(SimTransport::new(programs.len(), Precision::F32, timeout));
+    let results: Vec<Result<BTreeMap<String, Tensor>, String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = programs
+            .iter()
+            .enumerate()
+            .map(|(r, g)| {
+                let t = t.clone();
+                sc.spawn(move || {
+                    let out = (|| -> Result<BTreeMap<String, Tensor>, String> {
+                        let program = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
+                        let mut cpu = CpuProgram::new(program, CpuOptions::default()).map_err(|e| e.to_string())?;
+                        cpu.set_transport(t.clone());
+                        cpu.load_weights_from(|name, _| {
+                            feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
+                        })
+                        .map_err(|e| e.to_string())?;
+                        let inputs: HashMap<String, Tensor> = cpu
+                            .program
+                            .inputs
+                            .iter()
+                            .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+                            .collect();
+                        cpu.run(&inputs).map_err(|e| e.to_string())
+                    })();
+                    if let Err(e) = &out {
+                        t.fail(r, e);
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| h.join().unwrap_or_else(|_| Err(format!("rank {r} panicked"))))
+            .collect()
+    });
+    let own = results
+        .iter()
+        .enumerate()
+        .find(|(_, r)| matches!(r, Err(e) if !e.contains("failed:") && !e.contains("did not reach")));
+    if let Some((r, Err(e))) = own {
+        return Err(format!("rank {r}: {e}"));
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(r, x)| x.map_err(|e| format!("rank {r}: {e}")))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -788,6 +788,7 @@ fn bench_cpu(
                         fulgur_codegen::loops::Step::Phase(ph) => ph.name.clone(),
                         fulgur_codegen::loops::Step::Gemm(_) => format!("gemm {i}"),
                         fulgur_codegen::loops::Step::GroupedGemm(_) => "grouped gemm".into(),
+                        fulgur_codegen::loops::Step::Collective(op) => format!("collective {}", op.name()),
                     };
                     e.2[i].1 += secs.get(i).copied().unwrap_or(0.0);
                 }

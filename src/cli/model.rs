@@ -71,9 +71,10 @@ pub struct EvalArgs {
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
-    /// Run sharded on simulated ranks (a thread per rank, collectives through shared memory) with these
-    /// degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp; the ranks are their product; `docs/parallelism.md`). With
-    /// `--target reference` only, for now; the outputs are rank 0's (every rank holds the same).
+    /// Run sharded with these degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp; the ranks are their product;
+    /// `docs/parallelism.md`): on simulated ranks (a thread per rank, collectives through shared memory), or as
+    /// one rank of a job started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI). Each rank runs on
+    /// `--target reference` or `cpu` (not yet cuda); the outputs are rank 0's (every rank holds the same).
     #[arg(long, value_name = "DEGREES")]
     pub parallel: Option<String>,
 }
@@ -275,12 +276,14 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
     let g = forward_graph(&ck.config, &opts)?;
     if let Some(degrees) = &args.parallel {
         let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
-        if args.target != crate::cli::bench::BenchTarget::Reference {
-            bail!(
-                "--parallel runs on simulated ranks with the reference interpreter: add --target reference (the \
-                 cpu and cuda kernel programs have no collectives yet)"
-            );
-        }
+        let on_cpu = match args.target {
+            crate::cli::bench::BenchTarget::Reference => false,
+            crate::cli::bench::BenchTarget::Cpu => true,
+            crate::cli::bench::BenchTarget::Cuda => bail!(
+                "--parallel runs each rank on the reference interpreter or the CPU backend (--target reference or \
+                 cpu): the CUDA backend's kernel programs have no collectives yet"
+            ),
+        };
         if args.grads.is_some() {
             bail!("--parallel does not take --grads yet");
         }
@@ -316,13 +319,18 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                 fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
             let program = programs.into_iter().nth(env.rank).expect("a program per rank");
-            let interp = fulgur_ir::Interpreter {
-                precision: Precision::from(args.precision),
-                memory_limit: args.memory_limit,
+            let outputs = if on_cpu {
+                rank_on_cpu(&program, &feed, std::sync::Arc::new(transport))
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
+            } else {
+                let interp = fulgur_ir::Interpreter {
+                    precision: Precision::from(args.precision),
+                    memory_limit: args.memory_limit,
+                };
+                interp
+                    .run_on(&program, &feed, &transport)
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             };
-            let outputs = interp
-                .run_on(&program, &feed, &transport)
-                .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
             if env.rank == 0 {
                 eprintln!(
                     "ran as {} processes ({par}) in {:.2} s",
@@ -341,12 +349,16 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let mut outs = fulgur_runtime::ranks::run_ranks(
-            &programs,
-            &feed,
-            Precision::from(args.precision),
-            std::time::Duration::from_secs(600),
-        )
+        let mut outs = if on_cpu {
+            run_ranks_on_cpu(&programs, &feed)
+        } else {
+            fulgur_runtime::ranks::run_ranks(
+                &programs,
+                &feed,
+                Precision::from(args.precision),
+                std::time::Duration::from_secs(600),
+            )
+        }
         .map_err(|e| anyhow::anyhow!("running on simulated ranks: {e}"))?;
         let collectives: usize = report.collectives.values().sum();
         eprintln!(
@@ -463,6 +475,52 @@ fn run_cpu(
     cpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
     cpu.run(&[("input_ids".to_string(), tokens)].into())
         .context("running the forward pass on the CPU")
+}
+
+/// One launched rank's program on the CPU backend, its collectives through `transport`.
+#[cfg(feature = "llvm")]
+fn rank_on_cpu(
+    g: &fulgur_ir::Graph,
+    feed: &std::collections::HashMap<String, Tensor>,
+    transport: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>,
+) -> Result<BTreeMap<String, Tensor>> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+    let program = fulgur_codegen::program::lower(g)?;
+    let mut cpu = CpuProgram::new(program, CpuOptions::default()).context("compiling for the CPU")?;
+    cpu.set_transport(transport);
+    cpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
+    let inputs: std::collections::HashMap<String, Tensor> = cpu
+        .program
+        .inputs
+        .iter()
+        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+        .collect();
+    Ok(cpu.run(&inputs)?)
+}
+
+#[cfg(not(feature = "llvm"))]
+fn rank_on_cpu(
+    _: &fulgur_ir::Graph,
+    _: &std::collections::HashMap<String, Tensor>,
+    _: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>,
+) -> Result<BTreeMap<String, Tensor>> {
+    bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
+}
+
+#[cfg(feature = "llvm")]
+fn run_ranks_on_cpu(
+    programs: &[fulgur_ir::Graph],
+    feed: &std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
+    fulgur_runtime::ranks::run_ranks_cpu(programs, feed, std::time::Duration::from_secs(600))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn run_ranks_on_cpu(
+    _: &[fulgur_ir::Graph],
+    _: &std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
+    Err("this build has no CPU backend (built without the `llvm` feature): use --target reference".into())
 }
 
 #[cfg(not(feature = "llvm"))]

@@ -20,6 +20,17 @@ pub(crate) fn build(k: &Kernel, b: &mut Built) -> Result<bool, CodegenError> {
         Op::Composite(Composite::MoeDispatch { experts }) => moe_dispatch(k, b, *experts),
         Op::Composite(Composite::MoeCombine) => moe_combine(k, b),
         Op::Composite(Composite::GroupedMatmulWgrad) => grouped_wgrad(k, b).map(|_| true),
+        Op::Composite(Composite::OnRank { .. }) => {
+            // the transport reads the inputs and writes the outputs: bind every one to a slot
+            for i in 0..k.inputs.len() {
+                b.lk.slot(Slot::Input(i));
+            }
+            for i in 0..k.outputs.len() {
+                b.lk.slot(Slot::Output(i));
+            }
+            b.lk.steps.push(Step::Collective(k.op.clone()));
+            Ok(true)
+        }
         _ => Ok(false),
     }
 }

@@ -184,6 +184,8 @@ pub struct CpuProgram {
     pub profile: Option<Profile>,
     /// How many calls took their carried inputs as the bytes of their previous outputs ([`CpuProgram::run_carried`]).
     pub carried_runs: usize,
+    /// The transport of a rank's program: runs its collectives (`on_rank`).
+    transport: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
 }
 
 fn other(m: impl Into<String>) -> RuntimeError {
@@ -231,6 +233,7 @@ impl CpuProgram {
             compile_seconds,
             profile: None,
             carried_runs: 0,
+            transport: None,
         })
     }
 
@@ -803,6 +806,30 @@ impl CpuProgram {
         Ok(())
     }
 
+    /// Makes this program one rank's: its collectives (`on_rank`) go through `t`.
+    pub fn set_transport(&mut self, t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>) {
+        self.transport = Some(t);
+    }
+
+    /// Writes `v` into the contiguous view `t` (a collective's output).
+    fn write(&self, t: &TensorRef, v: &Tensor) -> Result<(), RuntimeError> {
+        if !t.is_contiguous() {
+            return Err(other(format!("a collective's output b{} is not contiguous", t.buffer)));
+        }
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let offset = t.offset.eval(env).map_err(other)?;
+        let bytes = v.numel() * t.dtype.size_bytes();
+        let mut buf = vec![0u8; bytes];
+        crate::host::encode_into(v, t.dtype, &mut buf);
+        let base = self.buffer_ptr(t.buffer)?;
+        // SAFETY: the view lies in its buffer by construction of the program, and no kernel runs beside this one
+        unsafe {
+            let dst = base.add(offset as usize * t.dtype.size_bytes());
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, bytes);
+        }
+        Ok(())
+    }
+
     fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
         let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
         let ev = |d: &Dim| d.eval(env).map_err(other);
@@ -860,6 +887,23 @@ impl CpuProgram {
         for (s, st) in lk.steps.iter().enumerate() {
             let t_step = profiling.then(Instant::now);
             match st {
+                Step::Collective(op) => {
+                    let fulgur_ir::Op::Composite(fulgur_ir::Composite::OnRank { op: inner, rank }) = op else {
+                        return Err(fail(format!("a collective step of `{}`", op.name())));
+                    };
+                    let t = self.transport.as_ref().ok_or_else(|| {
+                        fail(
+                            "a collective (`on_rank`) needs a transport: run the rank's program on simulated ranks"
+                                .into(),
+                        )
+                    })?;
+                    let args: Vec<Tensor> = k.inputs.iter().map(|r| self.read(r)).collect::<Result<_, _>>()?;
+                    let refs: Vec<&Tensor> = args.iter().collect();
+                    let outs = t.collective(inner, *rank, &refs).map_err(fail)?;
+                    for (r, o) in k.outputs.iter().zip(&outs) {
+                        self.write(r, o)?;
+                    }
+                }
                 Step::Phase(p) => {
                     let f = self.jit.phases[k.code][s].ok_or_else(|| fail("a phase without code".into()))?;
                     let grid = ev(p.grid)?;
@@ -1209,13 +1253,14 @@ fn pack_only_buffers(program: &KernelProgram, kernels: &[LoopKernel]) -> Vec<boo
                         }
                     }
                     Step::Phase(_) => {}
+                    Step::Collective(_) => only_b = false,
                 }
             }
             // the slot must actually be a packed operand somewhere
             let as_b = lk.steps.iter().any(|st| match st {
                 Step::Gemm(g) => g.b.arg == s,
                 Step::GroupedGemm(g) => g.w.arg == s,
-                Step::Phase(_) => false,
+                Step::Phase(_) | Step::Collective(_) => false,
             });
             if !(only_b && as_b) {
                 ok[b] = false;
