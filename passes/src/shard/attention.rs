@@ -81,6 +81,10 @@ impl Pass<'_> {
         let mut tq = self.rep();
         let mut tk = self.rep();
         let mut seq = None;
+        if nk != n {
+            // keys of another rank than the queries (batch dims broadcast from either side): run replicated
+            return (tq, tk, seq);
+        }
         for ax in 0..tq.per_axis.len() {
             let from_q = match q.sh.per_axis[ax] {
                 Placement::Split(d) if d < n - 1 => Some(d),
@@ -98,12 +102,13 @@ impl Pass<'_> {
                 }
                 Some(d) if d == t => {}
                 Some(d) => {
-                    // a batch dim: q must have it at full size; k/v follow where they have it
-                    let kd = d as isize - (n - nk) as isize;
-                    let k_full = kd >= 0 && k.dims[kd as usize] == q.dims[d];
+                    // a batch dim: q must have it at full size (not broadcast); k/v follow where they have it
+                    if q.dims[d] == Dim::from(1) && k.dims[d] != Dim::from(1) {
+                        continue;
+                    }
                     tq.per_axis[ax] = Placement::Split(d);
-                    if k_full {
-                        tk.per_axis[ax] = Placement::Split(kd as usize);
+                    if k.dims[d] == q.dims[d] {
+                        tk.per_axis[ax] = Placement::Split(d);
                     }
                 }
                 None => {}
@@ -228,7 +233,10 @@ impl Pass<'_> {
         let (q, k, v) = (&ins[0], &ins[1], &ins[2]);
         let n = q.dims.len();
         let prefill = k.dims[k.dims.len() - 2] == q.dims[n - 2];
-        let (tq, tk, seq) = self.attention_placements(q, k, prefill);
+        let (mut tq, mut tk, mut seq) = self.attention_placements(q, k, prefill);
+        if v.dims.len() != k.dims.len() {
+            (tq, tk, seq) = (self.rep(), self.rep(), None);
+        }
         let q = self.to(q, &tq)?;
         let q = self.ranked(&q)?;
         let k = self.to(k, &tk)?;

@@ -269,7 +269,12 @@ impl Pass<'_> {
             })?;
             let keep = self.lift(keep, y.dims.len())?;
             let v = self.out.mul(y.v, keep)?;
-            return Ok(Sv { v, sh: to, ..y });
+            return Ok(Sv {
+                v,
+                ranked: true,
+                sh: to,
+                dims: y.dims,
+            });
         }
         let x = self.ranked(x)?;
         self.report.conversions.push(format!(
@@ -308,10 +313,21 @@ impl Pass<'_> {
                         })
                         .collect(),
                 };
+                // whole on every axis, but for the partial sums the target keeps
+                let whole = Sharding {
+                    per_axis: all
+                        .per_axis
+                        .iter()
+                        .zip(&to.per_axis)
+                        .map(|(f, t)| match (f, t) {
+                            (Placement::Partial, Placement::Partial) => Placement::Partial,
+                            _ => Placement::Replicated,
+                        })
+                        .collect(),
+                };
                 let v = reshard(&mut self.out, x.v, self.mesh, &x.sh, &all)?;
-                let rep = self.rep();
-                let v = reshard(&mut self.out, v, self.mesh, &all, &rep)?;
-                reshard(&mut self.out, v, self.mesh, &rep, &to)?
+                let v = reshard(&mut self.out, v, self.mesh, &all, &whole)?;
+                reshard(&mut self.out, v, self.mesh, &whole, &to)?
             }
         };
         Ok(Sv {
@@ -1226,17 +1242,17 @@ fn rewrite(
                 }
             }
             let x = p.to(x, &want)?;
+            let x = p.ranked(&x)?;
             let rep = p.rep();
             let w = p.to(w, &rep)?;
-            let w = if w.ranked {
-                let mut shape = vec![Dim::from(p.mesh.ranks())];
-                shape.extend(std::iter::repeat_n(Dim::from(1), x.dims.len() - w.dims.len()));
-                shape.extend(w.dims.iter().cloned());
-                p.out.reshape(w.v, shape)?
+            // the weight must be rank 1: a weight with the rank axis (a gathered shard) goes per rank
+            let op = Op::Composite(Composite::RmsNorm { eps: *eps });
+            let v = if w.ranked {
+                let op = Op::Composite(Composite::PerRank { op: Box::new(op) });
+                p.emit(op, &[x.v, w.v])?[0]
             } else {
-                w.v
+                p.emit(op, &[x.v, w.v])?[0]
             };
-            let v = p.emit(Op::Composite(Composite::RmsNorm { eps: *eps }), &[x.v, w])?[0];
             Ok(vec![Sv {
                 v,
                 ranked: true,
@@ -1275,6 +1291,48 @@ mod tests {
         assert!(!glob("*.o_proj.weight", "model.layers.3.self_attn.out_proj.weight"));
         assert!(glob("input_ids", "input_ids"));
         assert!(!glob("a*a", "a"));
+    }
+
+    /// Regressions: an input placed as a partial sum (its value kept by rank 0, zeros elsewhere) comes back
+    /// whole; an `rms_norm` whose weight is split is run per rank with the gathered weight.
+    #[test]
+    fn partial_inputs_and_split_norm_weights_give_the_single_device_result() {
+        use fulgur_ir::{DType, Interpreter, Precision, Tensor};
+        let mut g = Graph::new("g");
+        let x = g.input("x", DType::F32, vec![Dim::from(4), Dim::from(8)]).unwrap();
+        let w = g.param("w", DType::F32, vec![Dim::from(8)]).unwrap();
+        let y = g.rms_norm(x, w, 1e-5).unwrap();
+        let z = g.add(y, x).unwrap();
+        g.add_output("z", z).unwrap();
+        g.add_output("x", x).unwrap();
+        let feed: HashMap<String, Tensor> = [
+            (
+                "x".to_string(),
+                Tensor::from_f64(DType::F32, vec![4, 8], (0..32).map(|i| (i % 7) as f64 - 3.0).collect()),
+            ),
+            (
+                "w".to_string(),
+                Tensor::from_f64(DType::F32, vec![8], (0..8).map(|i| 1.0 + i as f64 / 8.0).collect()),
+            ),
+        ]
+        .into();
+        let single = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let plan = ShardPlan {
+            mesh: Mesh::new(&[("a", 2), ("b", 2)]).unwrap(),
+            sizes: HashMap::new(),
+            rules: vec![
+                ("x".into(), vec![("a".into(), Placement::Partial)]),
+                ("w".into(), vec![("b".into(), Placement::Split(0))]),
+            ],
+            stored: vec![("w".into(), vec![("a".into(), Placement::Split(0))])],
+        };
+        let (sg, _) = shard_graph(&g, &plan).unwrap();
+        let out = Interpreter::new(Precision::F64).run(&sg, &feed).unwrap();
+        for name in ["z", "x"] {
+            assert_eq!(out[name].shape, single[name].shape, "{name}");
+            let e = out[name].rel_l2(&single[name]);
+            assert!(e < 1e-12, "`{name}` off by {e}");
+        }
     }
 
     #[test]
