@@ -151,7 +151,9 @@ impl Transport for SimTransport {
                 return Err(f);
             }
             let stacked: Vec<Vec<Tensor>> = all.into_iter().map(|(_, a)| a).collect();
-            match self.compute(op, &stacked) {
+            let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compute(op, &stacked)))
+                .unwrap_or_else(|_| Err("the collective panicked".into()));
+            match computed {
                 Ok(res) => {
                     for (slot, r) in s.results.iter_mut().zip(res) {
                         *slot = Some(r);
@@ -209,9 +211,12 @@ pub fn run_ranks(
             .map(|(r, g)| {
                 let t = &t;
                 sc.spawn(move || {
-                    let out = Interpreter::new(precision)
-                        .run_on(g, feed, t)
-                        .map_err(|e| e.to_string());
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        Interpreter::new(precision)
+                            .run_on(g, feed, t)
+                            .map_err(|e| e.to_string())
+                    }))
+                    .unwrap_or_else(|_| Err("its program panicked".into()));
                     if let Err(e) = &out {
                         t.fail(r, e);
                     }
@@ -315,6 +320,9 @@ impl RankEnv {
     }
 }
 
+/// The largest frame a rank accepts (16 GiB): a tensor of a collective, or a message's header.
+const MAX_FRAME: u64 = 16 << 30;
+
 /// Frames on a stream: a little-endian `u64` length, then that many bytes.
 fn write_frame(s: &mut std::net::TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -326,14 +334,17 @@ fn read_frame(s: &mut std::net::TcpStream) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut len = [0u8; 8];
     s.read_exact(&mut len)?;
-    let n = u64::from_le_bytes(len) as usize;
-    if n > (1usize << 40) {
+    let n = u64::from_le_bytes(len);
+    if n > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            "a frame of more than 1 TiB",
+            format!("a frame of {n} bytes, more than {MAX_FRAME} (not a rank of this job?)"),
         ));
     }
-    let mut buf = vec![0u8; n];
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n as usize)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::OutOfMemory, format!("a frame of {n} bytes: {e}")))?;
+    buf.resize(n as usize, 0);
     s.read_exact(&mut buf)?;
     Ok(buf)
 }
@@ -438,23 +449,35 @@ impl TcpTransport {
             let mut joined = 1;
             while joined < env.world {
                 match listener.accept() {
-                    Ok((mut s, _)) => {
+                    Ok((mut s, peer)) => {
                         s.set_nonblocking(false).map_err(|e| e.to_string())?;
                         s.set_nodelay(true).ok();
-                        s.set_read_timeout(Some(timeout)).ok();
-                        let hello = read_frame(&mut s).map_err(|e| format!("a rank's greeting: {e}"))?;
-                        let hello: serde_json::Value =
-                            serde_json::from_slice(&hello).map_err(|e| format!("a rank's greeting: {e}"))?;
+                        // a greeting is due at once: a silent or stray peer is dropped, not waited for
+                        let left = deadline
+                            .saturating_duration_since(Instant::now())
+                            .max(Duration::from_millis(50));
+                        s.set_read_timeout(Some(left.min(Duration::from_secs(10)))).ok();
+                        let hello = read_frame(&mut s)
+                            .ok()
+                            .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok());
+                        let Some(hello) = hello else {
+                            eprintln!("rank 0: a connection from {peer} sent no greeting; dropped");
+                            continue;
+                        };
                         let (r, w) = (
                             hello["rank"].as_u64().unwrap_or(u64::MAX) as usize,
                             hello["world"].as_u64(),
                         );
                         if w != Some(env.world as u64) || r == 0 || r >= env.world || streams[r].is_some() {
-                            return Err(format!(
-                                "a rank greeted as rank {r} of {w:?}; this job has {} ranks",
+                            eprintln!(
+                                "rank 0: a connection from {peer} greeted as rank {r} of {w:?} (this job has {} \
+                                 ranks); dropped",
                                 env.world
-                            ));
+                            );
+                            continue;
                         }
+                        s.set_read_timeout(Some(timeout)).ok();
+                        s.set_write_timeout(Some(timeout)).ok();
                         streams[r] = Some(s);
                         joined += 1;
                     }
@@ -495,7 +518,9 @@ impl TcpTransport {
                 }
             };
             s.set_nodelay(true).ok();
-            s.set_read_timeout(Some(timeout)).ok();
+            // rank 0 answers after the slowest rank's inputs arrive (each within `timeout`): wait for it longer
+            s.set_read_timeout(Some(timeout * 2 + Duration::from_secs(5))).ok();
+            s.set_write_timeout(Some(timeout)).ok();
             let hello = serde_json::json!({ "rank": env.rank, "world": env.world });
             write_frame(&mut s, hello.to_string().as_bytes()).map_err(|e| e.to_string())?;
             streams[0] = Some(s);
@@ -619,22 +644,25 @@ pub fn run_ranks_cpu(
             .map(|(r, g)| {
                 let t = t.clone();
                 sc.spawn(move || {
-                    let out = (|| -> Result<BTreeMap<String, Tensor>, String> {
-                        let program = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
-                        let mut cpu = CpuProgram::new(program, CpuOptions::default()).map_err(|e| e.to_string())?;
-                        cpu.set_transport(t.clone());
-                        cpu.load_weights_from(|name, _| {
-                            feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
-                        })
-                        .map_err(|e| e.to_string())?;
-                        let inputs: HashMap<String, Tensor> = cpu
-                            .program
-                            .inputs
-                            .iter()
-                            .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
-                            .collect();
-                        cpu.run(&inputs).map_err(|e| e.to_string())
-                    })();
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                        || -> Result<BTreeMap<String, Tensor>, String> {
+                            let program = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
+                            let mut cpu = CpuProgram::new(program, CpuOptions::default()).map_err(|e| e.to_string())?;
+                            cpu.set_transport(t.clone());
+                            cpu.load_weights_from(|name, _| {
+                                feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
+                            })
+                            .map_err(|e| e.to_string())?;
+                            let inputs: HashMap<String, Tensor> = cpu
+                                .program
+                                .inputs
+                                .iter()
+                                .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+                                .collect();
+                            cpu.run(&inputs).map_err(|e| e.to_string())
+                        },
+                    ))
+                    .unwrap_or_else(|_| Err("its program panicked".into()));
                     if let Err(e) = &out {
                         t.fail(r, e);
                     }
