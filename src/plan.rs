@@ -455,6 +455,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 let passes = if recompute { 4.0 } else { 3.0 };
                                 // experts stored sharded over dp: one layer's gathered at a time (and the next
                                 // prefetched), their gradients reduce-scattered as each layer's backward ends
+                                let dense = weights + gradients;
                                 let (weights, gradients, fsdp, zero1) = if sharded {
                                     let w = weights - 2.0 * (experts - experts_stored) + 2.0 * 2.0 * experts / layers_n;
                                     let g = gradients - 4.0 * (experts - experts_stored) + 4.0 * experts / layers_n;
@@ -468,14 +469,17 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 };
                                 let compute = m as f64 * scale * fwd_compute * passes;
                                 let bwd_compute = m as f64 * scale * fwd_compute * (passes - 1.0);
-                                let blocking = m as f64 * scale * fwd_exposed * 2.0;
-                                let comm_all = m as f64 * scale * fwd_comm * 2.0;
+                                // the forward's collectives again in the backward, and once more with recompute
+                                let rounds = passes - 1.0;
+                                let blocking = m as f64 * scale * fwd_exposed * rounds;
+                                let comm_all = m as f64 * scale * fwd_comm * rounds;
                                 // gradients reduce-scattered and weights gathered over the data-parallel ranks
                                 let dgroup = dp * ep;
                                 let sync = if dgroup > 1 {
                                     let gf = dgroup as f64;
                                     let span = dgroup * sp * tp;
-                                    let bytes = (gradients + weights - zero1).max(0.0);
+                                    // the experts' own gradients and weights go by the ZeRO-3 exchanges
+                                    let bytes = (dense - zero1).max(0.0);
                                     pricing.ring((gf - 1.0) / gf * bytes, 2.0 * (gf - 1.0), span)
                                 } else {
                                     0.0
@@ -486,7 +490,9 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 let step = compute + blocking + sync_exposed + adam;
                                 let act = scale
                                     * if recompute {
-                                        (cfg.num_hidden_layers as f64) * tokens_rank * c * 2.0 + act_layer_max
+                                        // each layer's input, for the rank's tokens (replicated over tp)
+                                        (cfg.num_hidden_layers as f64) * tokens_m / (dp * ep * sp) as f64 * c * 2.0
+                                            + act_layer_max
                                     } else {
                                         act_store
                                     }
