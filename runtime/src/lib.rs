@@ -15,6 +15,8 @@ pub mod cuda;
 pub mod generate;
 #[cfg(any(feature = "llvm", feature = "cuda"))]
 pub mod host;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ranks;
 pub mod train;
 

@@ -535,6 +535,24 @@ impl TcpTransport {
         })
     }
 
+    /// Passes bytes from rank 0 to every rank (`data` on rank 0, `None` elsewhere): what a transport built on
+    /// this rendezvous needs before its first collective (NCCL's unique ids). Every rank calls it at the same
+    /// point.
+    pub fn share(&self, data: Option<Vec<u8>>) -> Result<Vec<u8>, String> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if self.rank == 0 {
+            let data = data.ok_or("rank 0 shares no bytes")?;
+            for (r, s) in streams.iter_mut().enumerate().skip(1) {
+                let s = s.as_mut().expect("connected");
+                write_frame(s, &data).map_err(|e| format!("sharing with rank {r}: {e}"))?;
+            }
+            Ok(data)
+        } else {
+            let s = streams[0].as_mut().expect("connected to rank 0");
+            read_frame(s).map_err(|e| format!("rank {}: rank 0 shared nothing: {e}", self.rank))
+        }
+    }
+
     /// A fault for tests of failure handling: `FULGUR_FAULT_EXIT=RANK:SEQ` makes rank `RANK` exit (status 3) when
     /// it reaches collective `SEQ`, as a crashed process would.
     fn fault(&self, seq: u64) {

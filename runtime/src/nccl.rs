@@ -1,0 +1,327 @@
+//! The NCCL transport (`docs/parallelism.md`, §5): a rank's collectives (`on_rank`) on its GPU through NCCL,
+//! one communicator per group of each mesh axis (the ranks differing only in that axis's coordinate), their
+//! unique ids made by rank 0 and passed through the TCP rendezvous. Values go to the device as f64 (exact for
+//! the f32, bf16 and integer values the programs hold), so the results equal the simulated transport's up to
+//! the order NCCL sums in.
+//!
+//! `all_reduce`, `all_gather` and `reduce_scatter` map to NCCL's; `all_to_all` and `send_recv` are grouped
+//! point-to-point sends and receives. The chunks of a gathered or scattered axis are made contiguous per rank on
+//! the host before and put back after.
+
+use crate::ranks::{RankEnv, TcpTransport};
+use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+use fulgur_ir::tensor::Buffer;
+use fulgur_ir::{Composite, Op, Tensor, Transport};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A rank's communicators, by mesh axis.
+pub struct NcclTransport {
+    rank: usize,
+    mesh: Vec<usize>,
+    stream: Arc<CudaStream>,
+    comms: Mutex<HashMap<usize, Comm>>,
+}
+
+// SAFETY: a communicator is used by one collective at a time (behind the mutex), on its own stream
+unsafe impl Send for NcclTransport {}
+unsafe impl Sync for NcclTransport {}
+
+fn coords(mesh: &[usize], r: usize) -> Vec<usize> {
+    let mut c = vec![0; mesh.len()];
+    let mut rest = r;
+    for i in (0..mesh.len()).rev() {
+        c[i] = rest % mesh[i];
+        rest /= mesh[i];
+    }
+    c
+}
+
+/// Rank `r`'s group along axis `k`: the index of its group (the other coordinates, row-major) and its place in it.
+fn group_of(mesh: &[usize], r: usize, k: usize) -> (usize, usize) {
+    let c = coords(mesh, r);
+    let mut g = 0;
+    for (i, (&ci, &m)) in c.iter().zip(mesh).enumerate() {
+        if i != k {
+            g = g * m + ci;
+        }
+    }
+    (g, c[k])
+}
+
+fn groups(mesh: &[usize], k: usize) -> usize {
+    mesh.iter()
+        .enumerate()
+        .filter(|&(i, _)| i != k)
+        .map(|(_, m)| m)
+        .product()
+}
+
+impl NcclTransport {
+    /// The communicators of rank `rank` on `mesh`, from `ids[(axis, group)]`, on GPU `device`.
+    pub fn new(
+        rank: usize,
+        mesh: &[usize],
+        ids: &HashMap<(usize, usize), Id>,
+        device: usize,
+    ) -> Result<NcclTransport, String> {
+        let ctx = CudaContext::new(device).map_err(|e| format!("GPU {device}: {e}"))?;
+        let stream = ctx.default_stream();
+        let mut comms = HashMap::new();
+        // every rank makes its communicators axis by axis, in the same order: no two groups wait on each other
+        for (k, &size) in mesh.iter().enumerate() {
+            let (g, place) = group_of(mesh, rank, k);
+            let id = ids
+                .get(&(k, g))
+                .ok_or_else(|| format!("no NCCL id for group {g} of mesh axis {k}"))?;
+            let comm = Comm::from_rank(stream.clone(), place, size, *id)
+                .map_err(|e| format!("NCCL communicator of mesh axis {k} (group {g}, {size} ranks): {e:?}"))?;
+            comms.insert(k, comm);
+        }
+        Ok(NcclTransport {
+            rank,
+            mesh: mesh.to_vec(),
+            stream,
+            comms: Mutex::new(comms),
+        })
+    }
+
+    /// A job of one rank (every axis of degree 1): its ids made here.
+    pub fn single(mesh: &[usize], device: usize) -> Result<NcclTransport, String> {
+        if mesh.iter().product::<usize>() != 1 {
+            return Err(format!("a single-rank transport on the mesh {mesh:?} of more ranks"));
+        }
+        let mut ids = HashMap::new();
+        for k in 0..mesh.len() {
+            ids.insert((k, 0), Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?);
+        }
+        NcclTransport::new(0, mesh, &ids, device)
+    }
+
+    /// Joins a launched job: rank 0 makes a unique id per group of each mesh axis and passes them through the
+    /// rendezvous at `MASTER_ADDR:MASTER_PORT`; each rank uses GPU `LOCAL_RANK`.
+    pub fn connect(env: &RankEnv, mesh: &[usize], timeout: std::time::Duration) -> Result<NcclTransport, String> {
+        if mesh.iter().product::<usize>() != env.world {
+            return Err(format!("the mesh {mesh:?} is not {} ranks", env.world));
+        }
+        let tcp = TcpTransport::connect(env, fulgur_ir::Precision::F32, timeout)?;
+        let keys: Vec<(usize, usize)> = (0..mesh.len())
+            .flat_map(|k| (0..groups(mesh, k)).map(move |g| (k, g)))
+            .collect();
+        let bytes = if env.rank == 0 {
+            let mut b = Vec::with_capacity(keys.len() * 128);
+            for _ in &keys {
+                let id = Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?;
+                b.extend(id.internal().iter().map(|&c| c as u8));
+            }
+            tcp.share(Some(b))?
+        } else {
+            tcp.share(None)?
+        };
+        if bytes.len() != keys.len() * 128 {
+            return Err(format!("{} bytes of NCCL ids for {} groups", bytes.len(), keys.len()));
+        }
+        let ids: HashMap<(usize, usize), Id> = keys
+            .iter()
+            .zip(bytes.chunks_exact(128))
+            .map(|(&key, c)| {
+                let mut internal = [0 as std::ffi::c_char; 128];
+                for (d, &s) in internal.iter_mut().zip(c) {
+                    *d = s as std::ffi::c_char;
+                }
+                (key, Id::uninit(internal))
+            })
+            .collect();
+        NcclTransport::new(env.rank, mesh, &ids, env.local_rank)
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    match &t.data {
+        Buffer::F(v) => v.clone(),
+        Buffer::I(v) => v.iter().map(|&x| x as f64).collect(),
+        Buffer::B(v) => v.iter().map(|&x| f64::from(u8::from(x))).collect(),
+    }
+}
+
+fn tensor(like: &Tensor, shape: Vec<usize>, v: Vec<f64>) -> Tensor {
+    let data = match &like.data {
+        Buffer::F(_) => Buffer::F(v),
+        Buffer::I(_) => Buffer::I(v.iter().map(|&x| x as i64).collect()),
+        Buffer::B(_) => Buffer::B(v.iter().map(|&x| x != 0.0).collect()),
+    };
+    Tensor {
+        dtype: like.dtype,
+        shape,
+        data,
+    }
+}
+
+/// `[pre, G·c, post]` (axis `a` of `shape` cut into `g` chunks) → `[G, pre, c, post]`; `back` undoes it.
+fn chunks(v: &[f64], shape: &[usize], a: usize, g: usize, back: bool) -> Vec<f64> {
+    let pre: usize = shape[..a].iter().product();
+    let post: usize = shape[a + 1..].iter().product();
+    let c = shape[a] / g;
+    let mut out = vec![0.0; v.len()];
+    for p in 0..pre {
+        for s in 0..g {
+            for j in 0..c {
+                for q in 0..post {
+                    let inner = ((p * g + s) * c + j) * post + q;
+                    let outer = ((s * pre + p) * c + j) * post + q;
+                    if back {
+                        out[inner] = v[outer];
+                    } else {
+                        out[outer] = v[inner];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl NcclTransport {
+    fn run(&self, op: &Op, x: &Tensor) -> Result<Tensor, String> {
+        let err = |e: String| format!("NCCL `{}`: {e}", op.name());
+        let (mesh, over) = match op {
+            Op::Composite(
+                Composite::AllReduce { mesh, over }
+                | Composite::AllGather { mesh, over, .. }
+                | Composite::ReduceScatter { mesh, over, .. }
+                | Composite::AllToAll { mesh, over, .. }
+                | Composite::SendRecv { mesh, over, .. },
+            ) => (mesh, *over),
+            _ => return Err(format!("`{}` is not a collective NCCL runs", op.name())),
+        };
+        if mesh != &self.mesh {
+            return Err(err(format!(
+                "the mesh {mesh:?} is not this transport's {:?}",
+                self.mesh
+            )));
+        }
+        let g = mesh[over];
+        let comms = self.comms.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = comms
+            .get(&over)
+            .ok_or_else(|| err(format!("no communicator for mesh axis {over}")))?;
+        let (_, place) = group_of(mesh, self.rank, over);
+        let n = x.shape.len();
+        let axis_of = |a: i64| -> Result<usize, String> {
+            let a = if a < 0 { a + n as i64 + 1 } else { a };
+            if a < 1 || a as usize > n {
+                return Err(format!("axis {a} of a per-rank value of rank {n}"));
+            }
+            Ok(a as usize - 1)
+        };
+        let s = &self.stream;
+        let v = values(x);
+        let d = |e: cudarc::driver::DriverError| err(e.to_string());
+        let nc = |e: cudarc::nccl::result::NcclError| err(format!("{e:?}"));
+        let (shape, out) = match op {
+            Op::Composite(Composite::AllReduce { .. }) => {
+                let send = s.clone_htod(&v).map_err(d)?;
+                let mut recv = s.alloc_zeros::<f64>(v.len()).map_err(d)?;
+                comm.all_reduce(&send, &mut recv, &ReduceOp::Sum).map_err(nc)?;
+                (x.shape.clone(), s.clone_dtoh(&recv).map_err(d)?)
+            }
+            Op::Composite(Composite::AllGather { axis, .. }) => {
+                let a = axis_of(*axis)?;
+                let send = s.clone_htod(&v).map_err(d)?;
+                let mut recv = s.alloc_zeros::<f64>(v.len() * g).map_err(d)?;
+                comm.all_gather(&send, &mut recv).map_err(nc)?;
+                let mut shape = x.shape.clone();
+                shape[a] *= g;
+                let got = s.clone_dtoh(&recv).map_err(d)?;
+                (shape.clone(), chunks(&got, &shape, a, g, true))
+            }
+            Op::Composite(Composite::ReduceScatter { axis, .. }) => {
+                let a = axis_of(*axis)?;
+                if !x.shape[a].is_multiple_of(g) {
+                    return Err(err(format!("dim {a} of {:?} is not divisible by {g}", x.shape)));
+                }
+                let send = s.clone_htod(&chunks(&v, &x.shape, a, g, false)).map_err(d)?;
+                let mut recv = s.alloc_zeros::<f64>(v.len() / g).map_err(d)?;
+                comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum).map_err(nc)?;
+                let mut shape = x.shape.clone();
+                shape[a] /= g;
+                (shape, s.clone_dtoh(&recv).map_err(d)?)
+            }
+            Op::Composite(Composite::AllToAll { axis, .. }) => {
+                let a = axis_of(*axis)?;
+                if !x.shape[a].is_multiple_of(g) {
+                    return Err(err(format!("dim {a} of {:?} is not divisible by {g}", x.shape)));
+                }
+                let block = v.len() / g;
+                let host = chunks(&v, &x.shape, a, g, false);
+                let sends = (0..g)
+                    .map(|p| s.clone_htod(&host[p * block..(p + 1) * block]))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(d)?;
+                let mut recvs = (0..g)
+                    .map(|_| s.alloc_zeros::<f64>(block))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(d)?;
+                {
+                    let mut grp = comm.group();
+                    for (p, (sd, rv)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
+                        grp.send(sd.as_view(), p as i32).map_err(nc)?;
+                        grp.recv(rv.as_view_mut(), p as i32).map_err(nc)?;
+                    }
+                }
+                let mut got = Vec::with_capacity(v.len());
+                for rv in &recvs {
+                    got.extend(s.clone_dtoh(rv).map_err(d)?);
+                }
+                (x.shape.clone(), chunks(&got, &x.shape, a, g, true))
+            }
+            Op::Composite(Composite::SendRecv { shift, .. }) => {
+                let k = shift.rem_euclid(g as i64) as usize;
+                let to = (place + k) % g;
+                let from = (place + g - k) % g;
+                let send = s.clone_htod(&v).map_err(d)?;
+                let mut recv = s.alloc_zeros::<f64>(v.len()).map_err(d)?;
+                {
+                    let mut grp = comm.group();
+                    grp.send(send.as_view(), to as i32).map_err(nc)?;
+                    grp.recv(recv.as_view_mut(), from as i32).map_err(nc)?;
+                }
+                (x.shape.clone(), s.clone_dtoh(&recv).map_err(d)?)
+            }
+            _ => unreachable!("matched above"),
+        };
+        s.synchronize().map_err(d)?;
+        Ok(tensor(x, shape, out))
+    }
+}
+
+impl Transport for NcclTransport {
+    fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        if rank != self.rank {
+            return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
+        }
+        let [x] = args else {
+            return Err(format!("`{}` takes one input, got {}", op.name(), args.len()));
+        };
+        Ok(vec![self.run(op, x)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_move_a_cut_axis_first_and_back() {
+        // shape [2, 4, 3] cut along axis 1 into 2 chunks of 2
+        let v: Vec<f64> = (0..24).map(f64::from).collect();
+        let f = chunks(&v, &[2, 4, 3], 1, 2, false);
+        // chunk 0 of both rows first: rows 0 and 1, positions 0..2 of axis 1
+        assert_eq!(&f[..12], &[0., 1., 2., 3., 4., 5., 12., 13., 14., 15., 16., 17.]);
+        assert_eq!(chunks(&f, &[2, 4, 3], 1, 2, true), v);
+        assert_eq!(group_of(&[2, 3], 4, 1), (1, 1));
+        assert_eq!(group_of(&[2, 3], 4, 0), (1, 1));
+        assert_eq!(groups(&[2, 3], 0), 3);
+    }
+}
