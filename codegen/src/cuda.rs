@@ -210,13 +210,8 @@ pub fn emit(
                 }
                 Step::Gemm(_) => launches.push(Launch::Library { step: s }),
                 Step::GroupedGemm(_) => launches.push(Launch::Library { step: s }),
-                Step::Collective(op) => {
-                    return Err(CodegenError::Options(format!(
-                        "kernel code {code}: a collective (`{}`) in a per-rank program is run by the CPU backend \
-                         (and the reference interpreter) only, not yet by the CUDA backend",
-                        op.name()
-                    )))
-                }
+                // run on the host by the program's transport, between launches
+                Step::Collective(_) => launches.push(Launch::Library { step: s }),
             }
         }
         for s in 0..lk.steps.len() {
@@ -253,10 +248,11 @@ pub fn emit(
             ),
             Launch::Library { step } => writeln!(
                 src,
-                "//   step {step}: {} (cuBLAS)",
+                "//   step {step}: {}",
                 match lk.steps[*step] {
-                    Step::GroupedGemm(_) => "grouped GEMM",
-                    _ => "GEMM",
+                    Step::GroupedGemm(_) => "grouped GEMM (cuBLAS)",
+                    Step::Collective(_) => "collective (the program's transport, on the host)",
+                    _ => "GEMM (cuBLAS)",
                 }
             ),
             Launch::Template {

@@ -207,6 +207,8 @@ pub struct CudaProgram {
     graph_exec: Option<sys::CUgraphExec>,
     /// Whether launches are being captured (no host synchronisation then).
     capturing: bool,
+    /// The transport of a rank's program: runs its collectives (`on_rank`) on the host between launches.
+    transport: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
     /// How many steps ran as a graph, and how many of those updated the instantiated graph in place.
     pub graph_launches: usize,
     pub graph_updates: usize,
@@ -393,6 +395,7 @@ impl CudaProgram {
             events: Vec::new(),
             graph_exec: None,
             capturing: false,
+            transport: None,
             graph_launches: 0,
             graph_updates: 0,
             carried_runs: 0,
@@ -967,7 +970,27 @@ impl CudaProgram {
                         }
                     }
                     Step::Phase(_) => return Err(fail("a library launch of a phase".into())),
-                    Step::Collective(_) => return Err(fail("a collective on the CUDA backend".into())),
+                    Step::Collective(op) => {
+                        if self.capturing {
+                            return Err(fail("a collective cannot run inside a CUDA graph".into()));
+                        }
+                        let fulgur_ir::Op::Composite(fulgur_ir::Composite::OnRank { op: inner, rank }) = op else {
+                            return Err(fail(format!("a collective step of `{}`", op.name())));
+                        };
+                        let t = self.transport.as_ref().ok_or_else(|| {
+                            fail("a collective (`on_rank`) needs a transport: run the rank's program on ranks".into())
+                        })?;
+                        // the launches before it have written its inputs
+                        // SAFETY: the stream is live
+                        unsafe { drv::stream::synchronize(self.stream) }
+                            .map_err(|e| fail(format!("failed on the GPU: {e}")))?;
+                        let args: Vec<Tensor> = k.inputs.iter().map(|r| self.read(r)).collect::<Result<_, _>>()?;
+                        let refs: Vec<&Tensor> = args.iter().collect();
+                        let outs = t.collective(inner, *rank, &refs).map_err(fail)?;
+                        for (r, o) in k.outputs.iter().zip(&outs) {
+                            self.write(r, o)?;
+                        }
+                    }
                 },
             }
         }
@@ -1139,6 +1162,30 @@ impl CudaProgram {
     }
 
     /// Reads a view of device memory as a host tensor.
+    /// Makes this program one rank's: its collectives (`on_rank`) go through `t`.
+    pub fn set_transport(&mut self, t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>) {
+        self.transport = Some(t);
+    }
+
+    /// Writes `v` into the contiguous view `t` (a collective's output).
+    fn write(&self, t: &TensorRef, v: &Tensor) -> Result<(), RuntimeError> {
+        if !t.is_contiguous() {
+            return Err(other(format!("a collective's output b{} is not contiguous", t.buffer)));
+        }
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let offset = t.offset.eval(env).map_err(other)?;
+        let es = t.dtype.size_bytes();
+        let mut bytes = vec![0u8; v.numel() * es];
+        crate::host::encode_into(v, t.dtype, &mut bytes);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let at = self.buffer_ptr(t.buffer)? + (offset as usize * es) as u64;
+        // SAFETY: the view lies in its buffer (check_views); the stream was synchronised before the step
+        unsafe { drv::memcpy_htod_sync(at, &bytes) }.map_err(|e| other(format!("upload failed: {e}")))?;
+        Ok(())
+    }
+
     fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
         let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
         let ev = |d: &Dim| d.eval(env).map_err(other);

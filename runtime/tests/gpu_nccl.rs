@@ -93,3 +93,74 @@ fn gpu_nccl_single_rank_collectives_equal_the_simulated_transport() {
     let e = NcclTransport::single(&[2], 0).err().unwrap();
     assert_eq!(e, "a single-rank transport on the mesh [2] of more ranks");
 }
+
+/// Each rank's program of tiny-a sharded tensor-parallel two ways runs on the CUDA backend (two programs on the
+/// one GPU, a thread each), its collectives as host steps through the simulated transport: both ranks give
+/// transformers' logits within the f32 tolerance.
+#[test]
+fn gpu_per_rank_programs_on_the_cuda_backend() {
+    use fulgur_ir::tensor::read_safetensors;
+    use fulgur_models::checkpoint::Checkpoint;
+    use fulgur_models::{forward_graph, ForwardOptions};
+    use fulgur_passes::shard::{lower_rank, shard_graph, Mesh, Placement, ShardPlan};
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    if !gpu() {
+        return;
+    }
+    let dir = fulgur_models::fixtures::tiny_a();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let g = forward_graph(
+        &ck.config,
+        &ForwardOptions {
+            loss: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+    let split = |d: usize| vec![("tp".to_string(), Placement::Split(d))];
+    let plan = ShardPlan {
+        mesh: Mesh::new(&[("tp", 2)]).unwrap(),
+        sizes: HashMap::from([("B".to_string(), 2), ("T".to_string(), 40)]),
+        rules: vec![
+            ("*.qkv_proj.weight".into(), split(0)),
+            ("*.output_gate.weight".into(), split(0)),
+            ("*.self_attn.norm.weight".into(), split(0)),
+            ("*.out_proj.weight".into(), split(1)),
+            ("*.q_proj.weight".into(), split(0)),
+            ("*.k_proj.weight".into(), split(0)),
+            ("*.v_proj.weight".into(), split(0)),
+            ("*.o_proj.weight".into(), split(1)),
+            ("*.mlp.experts.*".into(), split(0)),
+        ],
+        stored: vec![],
+    };
+    let (sg, _) = shard_graph(&g, &plan).unwrap();
+    let programs: Vec<_> = (0..2).map(|r| lower_rank(&sg, &plan.mesh, r).unwrap()).collect();
+    let weights = ck.load_params(&g).unwrap();
+    let t: Arc<dyn Transport + Send + Sync> = Arc::new(SimTransport::new(2, Precision::F32, Duration::from_secs(120)));
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = programs
+            .iter()
+            .map(|p| {
+                let (t, weights, ids) = (t.clone(), &weights, reference["input_ids"].clone());
+                s.spawn(move || {
+                    let kp = fulgur_codegen::program::lower(p).unwrap();
+                    let mut cuda = CudaProgram::new(kp, CudaOptions::default()).unwrap();
+                    cuda.set_transport(t);
+                    cuda.load_weights_from(|name, _| weights.get(name).cloned().ok_or(format!("no `{name}`")))
+                        .unwrap();
+                    cuda.run(&[("input_ids".to_string(), ids)].into()).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, out) in outs.iter().enumerate() {
+        let e = out["logits"].rel_l2(&reference["logits"]);
+        println!("rank {r}: logits {e:.1e} off transformers'");
+        assert!(e < 1e-4, "rank {r}: logits off transformers' by {e}");
+    }
+}
