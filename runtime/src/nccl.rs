@@ -100,8 +100,13 @@ impl NcclTransport {
     }
 
     /// Joins a launched job: rank 0 makes a unique id per group of each mesh axis and passes them through the
-    /// rendezvous at `MASTER_ADDR:MASTER_PORT`; each rank uses GPU `LOCAL_RANK`.
-    pub fn connect(env: &RankEnv, mesh: &[usize], timeout: std::time::Duration) -> Result<NcclTransport, String> {
+    /// rendezvous at `MASTER_ADDR:MASTER_PORT`; this rank's communicators on GPU `device`.
+    pub fn connect(
+        env: &RankEnv,
+        mesh: &[usize],
+        device: usize,
+        timeout: std::time::Duration,
+    ) -> Result<NcclTransport, String> {
         if mesh.iter().product::<usize>() != env.world {
             return Err(format!("the mesh {mesh:?} is not {} ranks", env.world));
         }
@@ -133,7 +138,7 @@ impl NcclTransport {
                 (key, Id::uninit(internal))
             })
             .collect();
-        NcclTransport::new(env.rank, mesh, &ids, env.local_rank)
+        NcclTransport::new(env.rank, mesh, &ids, device)
     }
 }
 

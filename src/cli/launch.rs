@@ -15,6 +15,9 @@ pub struct Args {
     /// The rendezvous port on 127.0.0.1 (default: a free one).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Give each rank its own GPU: `CUDA_VISIBLE_DEVICES` set to its local rank.
+    #[arg(long)]
+    pub gpu_per_rank: bool,
     /// Seconds the whole job may run before its ranks are stopped.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
@@ -38,7 +41,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut children: Vec<Child> = Vec::new();
     for r in 0..args.nproc {
-        let child = Command::new(&program)
+        let mut cmd = Command::new(&program);
+        if args.gpu_per_rank {
+            cmd.env("CUDA_VISIBLE_DEVICES", r.to_string());
+        }
+        let child = cmd
             .args(&args.command[1..])
             .env("RANK", r.to_string())
             .env("WORLD_SIZE", args.nproc.to_string())

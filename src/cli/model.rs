@@ -74,7 +74,8 @@ pub struct EvalArgs {
     /// Run sharded with these degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp; the ranks are their product;
     /// `docs/parallelism.md`): on simulated ranks (a thread per rank, collectives through shared memory), or as
     /// one rank of a job started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI). Each rank runs on
-    /// `--target reference` or `cpu` (not yet cuda); the outputs are rank 0's (every rank holds the same).
+    /// the `--target` (on cuda, collectives staged through the host; launched cuda ranks use their process's first
+    /// visible GPU and NCCL with `FULGUR_TRANSPORT=nccl`); the outputs are rank 0's (every rank holds the same).
     #[arg(long, value_name = "DEGREES")]
     pub parallel: Option<String>,
 }
@@ -276,14 +277,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
     let g = forward_graph(&ck.config, &opts)?;
     if let Some(degrees) = &args.parallel {
         let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
-        let on_cpu = match args.target {
-            crate::cli::bench::BenchTarget::Reference => false,
-            crate::cli::bench::BenchTarget::Cpu => true,
-            crate::cli::bench::BenchTarget::Cuda => bail!(
-                "--parallel runs each rank on the reference interpreter or the CPU backend (--target reference or \
-                 cpu): the CUDA backend's kernel programs have no collectives yet"
-            ),
-        };
+        let target = args.target;
         if args.grads.is_some() {
             bail!("--parallel does not take --grads yet");
         }
@@ -315,14 +309,19 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(600),
             );
-            let transport =
-                fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
             let program = programs.into_iter().nth(env.rank).expect("a program per rank");
-            let outputs = if on_cpu {
-                rank_on_cpu(&program, &feed, std::sync::Arc::new(transport))
+            let tcp = || {
+                fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))
+            };
+            let outputs = if target == crate::cli::bench::BenchTarget::Cpu {
+                rank_on_cpu(&program, &feed, std::sync::Arc::new(tcp()?))
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
+            } else if target == crate::cli::bench::BenchTarget::Cuda {
+                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes())
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             } else {
+                let transport = tcp()?;
                 let interp = fulgur_ir::Interpreter {
                     precision: Precision::from(args.precision),
                     memory_limit: args.memory_limit,
@@ -349,8 +348,10 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let mut outs = if on_cpu {
+        let mut outs = if target == crate::cli::bench::BenchTarget::Cpu {
             run_ranks_on_cpu(&programs, &feed)
+        } else if target == crate::cli::bench::BenchTarget::Cuda {
+            run_ranks_on_cuda(&programs, &feed)
         } else {
             fulgur_runtime::ranks::run_ranks(
                 &programs,
@@ -505,6 +506,112 @@ fn rank_on_cpu(
     _: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>,
 ) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
+}
+
+/// Every rank's program on the CUDA backend (GPU 0, a program and a thread per rank), collectives staged
+/// through the host by the simulated transport.
+#[cfg(feature = "cuda")]
+fn run_ranks_on_cuda(
+    programs: &[fulgur_ir::Graph],
+    feed: &std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync> = std::sync::Arc::new(
+        fulgur_runtime::ranks::SimTransport::new(programs.len(), Precision::F32, std::time::Duration::from_secs(600)),
+    );
+    let sim = t.clone();
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = programs
+            .iter()
+            .map(|g| {
+                let t = t.clone();
+                sc.spawn(move || -> std::result::Result<BTreeMap<String, Tensor>, String> {
+                    let kp = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
+                    let mut gpu = CudaProgram::new(kp, CudaOptions::default()).map_err(|e| e.to_string())?;
+                    gpu.set_transport(t);
+                    gpu.load_weights_from(|name, _| {
+                        feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
+                    })
+                    .map_err(|e| e.to_string())?;
+                    let inputs: std::collections::HashMap<String, Tensor> = gpu
+                        .program
+                        .inputs
+                        .iter()
+                        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+                        .collect();
+                    gpu.run(&inputs).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let _ = &sim;
+        hs.into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err("panicked".into()))
+                    .map_err(|e| format!("rank {r}: {e}"))
+            })
+            .collect()
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_ranks_on_cuda(
+    _: &[fulgur_ir::Graph],
+    _: &std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
+    Err("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference".into())
+}
+
+/// One launched rank's program on the CUDA backend, on the process's first visible GPU (`fulgur launch
+/// --gpu-per-rank` gives each rank its own), its collectives through NCCL with `FULGUR_TRANSPORT=nccl`, else
+/// through the TCP rendezvous.
+#[cfg(feature = "cuda")]
+fn rank_on_cuda(
+    g: &fulgur_ir::Graph,
+    feed: &std::collections::HashMap<String, Tensor>,
+    env: &fulgur_runtime::ranks::RankEnv,
+    mesh: &[usize],
+) -> Result<BTreeMap<String, Tensor>> {
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let timeout = std::time::Duration::from_secs(
+        std::env::var("FULGUR_RANK_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    );
+    let transport: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync> =
+        if std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
+            std::sync::Arc::new(
+                fulgur_runtime::nccl::NcclTransport::connect(env, mesh, 0, timeout).map_err(|e| anyhow::anyhow!(e))?,
+            )
+        } else {
+            std::sync::Arc::new(
+                fulgur_runtime::ranks::TcpTransport::connect(env, Precision::F32, timeout)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            )
+        };
+    let kp = fulgur_codegen::program::lower(g)?;
+    let mut gpu = CudaProgram::new(kp, CudaOptions::default()).context("compiling for the GPU")?;
+    gpu.set_transport(transport);
+    gpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
+    let inputs: std::collections::HashMap<String, Tensor> = gpu
+        .program
+        .inputs
+        .iter()
+        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+        .collect();
+    Ok(gpu.run(&inputs)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn rank_on_cuda(
+    _: &fulgur_ir::Graph,
+    _: &std::collections::HashMap<String, Tensor>,
+    _: &fulgur_runtime::ranks::RankEnv,
+    _: &[usize],
+) -> Result<BTreeMap<String, Tensor>> {
+    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
 }
 
 #[cfg(feature = "llvm")]
