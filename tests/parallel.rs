@@ -531,6 +531,67 @@ fn per_rank_programs_compiled_for_the_cpu() {
     }
 }
 
+/// `fulgur plan --json` feeds `eval-model --plan`: tiny-a on the degrees the search chose for 8 GPUs runs on
+/// simulated ranks with transformers' logits; a plan that chose nothing is refused, naming the file.
+#[test]
+fn eval_model_takes_the_plan_a_search_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    let out = dir.path().join("out.safetensors");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let o = common::fulgur(&[
+        &"plan",
+        &ck,
+        &"--cluster",
+        &"clusters/8xh200.json",
+        &"--mode",
+        &"infer",
+        &"--seq",
+        &"40",
+        &"--batch",
+        &"2",
+        &"--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(&plan, &o.stdout).unwrap();
+    let chosen: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let degrees = chosen["best"]["parallel"].as_str().unwrap().to_string();
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"reference",
+        &"--plan",
+        &plan,
+        &"--out",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("ran on 8 simulated ranks ({degrees})")), "{err}");
+    let e = read_safetensors(&out).unwrap()["logits"].rel_l2(&read_safetensors(&tokens).unwrap()["logits"]);
+    assert!(e < 1e-5, "logits off transformers' by {e}");
+    let mut none = chosen.clone();
+    none["best"] = serde_json::Value::Null;
+    std::fs::write(&plan, none.to_string()).unwrap();
+    let o = common::fulgur(&[
+        &"eval-model",
+        &ck,
+        &"--tokens",
+        &tokens,
+        &"--target",
+        &"reference",
+        &"--plan",
+        &plan,
+        &"--out",
+        &out,
+    ]);
+    common::fails(&o, &["chose nothing (no candidate fit)", "plan.json"]);
+}
+
 /// Degrees that do not divide what they split are refused naming both.
 #[test]
 fn plans_that_do_not_divide_are_refused() {

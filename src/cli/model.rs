@@ -78,6 +78,25 @@ pub struct EvalArgs {
     /// visible GPU and NCCL with `FULGUR_TRANSPORT=nccl`); the outputs are rank 0's (every rank holds the same).
     #[arg(long, value_name = "DEGREES")]
     pub parallel: Option<String>,
+    /// Run with the degrees a plan search chose: the JSON `fulgur plan ... --json` writes (its `best`).
+    #[arg(long, value_name = "PLAN.json", conflicts_with = "parallel")]
+    pub plan: Option<PathBuf>,
+}
+
+/// The degrees of a `fulgur plan --json` file: its chosen plan's `parallel`.
+pub fn degrees_of_plan(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the plan {}", path.display()))?;
+    let j: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("the plan {} is not JSON", path.display()))?;
+    if j.get("best").is_some_and(|b| b.is_null()) {
+        bail!("the plan {} chose nothing (no candidate fit)", path.display());
+    }
+    j["best"]["parallel"].as_str().map(str::to_string).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the plan {} has no `best.parallel` (not `fulgur plan --json` output?)",
+            path.display()
+        )
+    })
 }
 
 /// How much of the optimizer runs before a graph executes.
@@ -228,7 +247,11 @@ fn model_inputs(checkpoint: &std::path::Path, tokens: &std::path::Path) -> Vec<I
 }
 
 pub fn eval_model(args: EvalArgs) -> Result<()> {
-    check_output(&args.out, &model_inputs(&args.checkpoint, &args.tokens))?;
+    let mut guarded = model_inputs(&args.checkpoint, &args.tokens);
+    if let Some(p) = &args.plan {
+        guarded.push(InputFile::new("the --plan file", p));
+    }
+    check_output(&args.out, &guarded)?;
     if let Some(gp) = &args.grads {
         let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         let mut inputs = model_inputs(&args.checkpoint, &args.tokens);
@@ -275,7 +298,11 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.target.cost_model().to_string());
     let g = forward_graph(&ck.config, &opts)?;
-    if let Some(degrees) = &args.parallel {
+    let from_plan = match &args.plan {
+        Some(p) => Some(degrees_of_plan(p)?),
+        None => None,
+    };
+    if let Some(degrees) = args.parallel.as_ref().or(from_plan.as_ref()) {
         let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
         let target = args.target;
         if args.grads.is_some() {
