@@ -327,6 +327,15 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
     );
     let peak = target.matmul_flops_bf16;
     let budget = cluster.memory_gib * 1024f64.powi(3) * 0.9;
+    let over_budget = |total: f64| {
+        (total > budget).then(|| {
+            format!(
+                "needs {:.1} GiB per GPU, more than 90% of {:.0} GiB",
+                total / 1024f64.powi(3),
+                cluster.memory_gib
+            )
+        })
+    };
     let mut fitting = Vec::new();
     let mut too_big = Vec::new();
     let mut refused = Vec::new();
@@ -517,13 +526,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                     tokens_per_s: (batch * seq) as f64 / step,
                                     mfu: 3.0 * flops_per_step / (step * gpus as f64 * peak),
                                     decode_token_s: None,
-                                    rejected: (memory.total > budget).then(|| {
-                                        format!(
-                                            "needs {:.1} GiB per GPU, more than 90% of {:.0} GiB",
-                                            memory.total / 1024f64.powi(3),
-                                            cluster.memory_gib
-                                        )
-                                    }),
+                                    rejected: over_budget(memory.total),
                                     memory,
                                 };
                                 if est.rejected.is_some() {
@@ -596,13 +599,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                             tokens_per_s: (batch * seq) as f64 / step,
                             mfu: flops_per_step / (step * gpus as f64 * peak),
                             decode_token_s: Some(read / target.mem_bw + latency),
-                            rejected: (memory.total > budget).then(|| {
-                                format!(
-                                    "needs {:.1} GiB per GPU, more than 90% of {:.0} GiB",
-                                    memory.total / 1024f64.powi(3),
-                                    cluster.memory_gib
-                                )
-                            }),
+                            rejected: over_budget(memory.total),
                             memory,
                         };
                         if est.rejected.is_some() {

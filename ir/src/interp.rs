@@ -245,17 +245,7 @@ impl Interpreter {
 
     /// Runs the graph; returns every declared output by name.
     pub fn run(&self, g: &Graph, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
-        let budget = match self.memory_limit {
-            Some(b) => Budget {
-                bytes: b,
-                source: "the --memory-limit",
-            },
-            None => Budget {
-                bytes: available_memory().unwrap_or(u64::MAX),
-                source: "the memory available",
-            },
-        };
-        self.run_within(g, inputs, budget, None)
+        self.run_within(g, inputs, self.budget(), None)
     }
 
     /// [`Interpreter::run`] of one rank's program, its collectives (`on_rank`) run by `transport`.
@@ -265,7 +255,12 @@ impl Interpreter {
         inputs: &HashMap<String, Tensor>,
         transport: &dyn Transport,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let budget = match self.memory_limit {
+        self.run_within(g, inputs, self.budget(), Some(transport))
+    }
+
+    /// The memory a run may hold: the limit, or what the system reports available when it starts.
+    fn budget(&self) -> Budget {
+        match self.memory_limit {
             Some(b) => Budget {
                 bytes: b,
                 source: "the --memory-limit",
@@ -274,8 +269,7 @@ impl Interpreter {
                 bytes: available_memory().unwrap_or(u64::MAX),
                 source: "the memory available",
             },
-        };
-        self.run_within(g, inputs, budget, Some(transport))
+        }
     }
 
     fn run_within(

@@ -20,6 +20,8 @@ struct State {
     args: Vec<Option<(Op, Vec<Tensor>)>>,
     results: Vec<Option<Vec<Tensor>>>,
     failed: Option<String>,
+    /// The rank whose own failure failed the others (not set by a timeout, which the waiting rank reports).
+    first_failed: Option<usize>,
 }
 
 /// The shared-memory transport of [`run_ranks`].
@@ -42,6 +44,7 @@ impl SimTransport {
                 args: vec![None; ranks],
                 results: vec![None; ranks],
                 failed: None,
+                first_failed: None,
             }),
             cv: Condvar::new(),
         }
@@ -52,19 +55,21 @@ impl SimTransport {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.failed.is_none() {
             s.failed = Some(format!("rank {rank} failed: {why}"));
+            s.first_failed = Some(rank);
         }
         self.cv.notify_all();
     }
 
-    /// The collective on every rank's inputs stacked along a leading rank axis.
-    fn compute(&self, op: &Op, args: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>, String> {
+    /// The collective on every rank's inputs stacked along a leading rank axis, by its definition (the
+    /// interpreter at `precision`): what both transports compute.
+    fn compute(ranks: usize, precision: Precision, op: &Op, args: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>, String> {
         let n_in = args[0].len();
         let mut g = Graph::new("collective");
         let mut feed = HashMap::new();
         let mut ins = Vec::new();
         for i in 0..n_in {
             let t0 = &args[0][i];
-            let mut shape = vec![self.ranks];
+            let mut shape = vec![ranks];
             shape.extend(&t0.shape);
             let mut data = match &t0.data {
                 Buffer::F(_) => Buffer::F(Vec::new()),
@@ -104,10 +109,8 @@ impl SimTransport {
         for (i, v) in outs.iter().enumerate() {
             g.add_output(format!("y{i}"), *v).map_err(|e| e.to_string())?;
         }
-        let r = Interpreter::new(self.precision)
-            .run(&g, &feed)
-            .map_err(|e| e.to_string())?;
-        let mut per_rank = vec![Vec::new(); self.ranks];
+        let r = Interpreter::new(precision).run(&g, &feed).map_err(|e| e.to_string())?;
+        let mut per_rank = vec![Vec::new(); ranks];
         for i in 0..outs.len() {
             let y = &r[&format!("y{i}")];
             let shape = y.shape[1..].to_vec();
@@ -151,8 +154,10 @@ impl Transport for SimTransport {
                 return Err(f);
             }
             let stacked: Vec<Vec<Tensor>> = all.into_iter().map(|(_, a)| a).collect();
-            let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compute(op, &stacked)))
-                .unwrap_or_else(|_| Err("the collective panicked".into()));
+            let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                SimTransport::compute(self.ranks, self.precision, op, &stacked)
+            }))
+            .unwrap_or_else(|_| Err("the collective panicked".into()));
             match computed {
                 Ok(res) => {
                     for (slot, r) in s.results.iter_mut().zip(res) {
@@ -194,29 +199,27 @@ impl Transport for SimTransport {
     }
 }
 
-/// Runs `programs[r]` (rank `r`'s program, as the per-rank lowering writes it) on its own thread with the
-/// interpreter at `precision`, every rank fed `feed`, collectives through a [`SimTransport`]. Returns each rank's
-/// outputs, or the first failure naming its rank.
-pub fn run_ranks(
-    programs: &[Graph],
-    feed: &HashMap<String, Tensor>,
+/// Runs `rank(r, transport)` for every rank `r` on its own thread, the ranks' collectives through one
+/// [`SimTransport`] at `precision`: a rank that errs or panics fails the others at their next collective.
+/// Returns each rank's outputs, or the failure of the rank that failed first on its own (else the first error),
+/// naming it.
+pub fn on_threads<F>(
+    ranks: usize,
     precision: Precision,
     timeout: Duration,
-) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
-    let t = SimTransport::new(programs.len(), precision, timeout);
+    rank: F,
+) -> Result<Vec<BTreeMap<String, Tensor>>, String>
+where
+    F: Fn(usize, std::sync::Arc<SimTransport>) -> Result<BTreeMap<String, Tensor>, String> + Sync,
+{
+    let t = std::sync::Arc::new(SimTransport::new(ranks, precision, timeout));
     let results: Vec<Result<BTreeMap<String, Tensor>, String>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = programs
-            .iter()
-            .enumerate()
-            .map(|(r, g)| {
-                let t = &t;
+        let handles: Vec<_> = (0..ranks)
+            .map(|r| {
+                let (t, rank) = (t.clone(), &rank);
                 sc.spawn(move || {
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Interpreter::new(precision)
-                            .run_on(g, feed, t)
-                            .map_err(|e| e.to_string())
-                    }))
-                    .unwrap_or_else(|_| Err("its program panicked".into()));
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rank(r, t.clone())))
+                        .unwrap_or_else(|_| Err("its program panicked".into()));
                     if let Err(e) = &out {
                         t.fail(r, e);
                     }
@@ -230,19 +233,38 @@ pub fn run_ranks(
             .map(|(r, h)| h.join().unwrap_or_else(|_| Err(format!("rank {r} panicked"))))
             .collect()
     });
-    // the first rank to fail on its own, not one failed by another's failure
-    let own = results
-        .iter()
-        .enumerate()
-        .find(|(_, r)| matches!(r, Err(e) if !e.contains("failed:") && !e.contains("did not reach")));
-    if let Some((r, Err(e))) = own {
-        return Err(format!("rank {r}: {e}"));
+    let first = t.state.lock().unwrap_or_else(|e| e.into_inner()).first_failed;
+    if let Some(r) = first.or_else(|| results.iter().position(Result::is_err)) {
+        if let Err(e) = &results[r] {
+            return Err(format!("rank {r}: {e}"));
+        }
     }
     results
         .into_iter()
-        .enumerate()
-        .map(|(r, x)| x.map_err(|e| format!("rank {r}: {e}")))
+        .map(|x| x.map_err(|e| format!("a rank: {e}")))
         .collect()
+}
+
+/// The inputs of a compiled rank's program taken from `feed` by name.
+pub fn inputs_from(ios: &[fulgur_codegen::program::Io], feed: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    ios.iter()
+        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
+        .collect()
+}
+
+/// Runs `programs[r]` (rank `r`'s program, as the per-rank lowering writes it) on its own thread with the
+/// interpreter at `precision`, every rank fed `feed` (see [`on_threads`]).
+pub fn run_ranks(
+    programs: &[Graph],
+    feed: &HashMap<String, Tensor>,
+    precision: Precision,
+    timeout: Duration,
+) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+    on_threads(programs.len(), precision, timeout, |r, t| {
+        Interpreter::new(precision)
+            .run_on(&programs[r], feed, &*t)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// A rank's place in a job started by a launcher: from torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, Slurm's
@@ -623,10 +645,9 @@ impl Transport for TcpTransport {
                 }
             }
         }
-        let sim = SimTransport::new(self.world, self.precision, self.timeout);
         let result = match failure {
             Some(f) => Err(f),
-            None => sim.compute(op, &all),
+            None => SimTransport::compute(self.world, self.precision, op, &all),
         };
         for r in 1..self.world {
             if let Some(s) = streams[r].as_mut() {
@@ -654,58 +675,15 @@ pub fn run_ranks_cpu(
     timeout: Duration,
 ) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
     use crate::cpu::{CpuOptions, CpuProgram};
-    let t = std::sync::Arc::new(SimTransport::new(programs.len(), Precision::F32, timeout));
-    let results: Vec<Result<BTreeMap<String, Tensor>, String>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = programs
-            .iter()
-            .enumerate()
-            .map(|(r, g)| {
-                let t = t.clone();
-                sc.spawn(move || {
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-                        || -> Result<BTreeMap<String, Tensor>, String> {
-                            let program = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
-                            let mut cpu = CpuProgram::new(program, CpuOptions::default()).map_err(|e| e.to_string())?;
-                            cpu.set_transport(t.clone());
-                            cpu.load_weights_from(|name, _| {
-                                feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
-                            })
-                            .map_err(|e| e.to_string())?;
-                            let inputs: HashMap<String, Tensor> = cpu
-                                .program
-                                .inputs
-                                .iter()
-                                .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
-                                .collect();
-                            cpu.run(&inputs).map_err(|e| e.to_string())
-                        },
-                    ))
-                    .unwrap_or_else(|_| Err("its program panicked".into()));
-                    if let Err(e) = &out {
-                        t.fail(r, e);
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(r, h)| h.join().unwrap_or_else(|_| Err(format!("rank {r} panicked"))))
-            .collect()
-    });
-    let own = results
-        .iter()
-        .enumerate()
-        .find(|(_, r)| matches!(r, Err(e) if !e.contains("failed:") && !e.contains("did not reach")));
-    if let Some((r, Err(e))) = own {
-        return Err(format!("rank {r}: {e}"));
-    }
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(r, x)| x.map_err(|e| format!("rank {r}: {e}")))
-        .collect()
+    on_threads(programs.len(), Precision::F32, timeout, |r, t| {
+        let program = fulgur_codegen::program::lower(&programs[r]).map_err(|e| e.to_string())?;
+        let mut cpu = CpuProgram::new(program, CpuOptions::default()).map_err(|e| e.to_string())?;
+        cpu.set_transport(t);
+        cpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))
+            .map_err(|e| e.to_string())?;
+        let inputs = inputs_from(&cpu.program.inputs, feed);
+        cpu.run(&inputs).map_err(|e| e.to_string())
+    })
 }
 
 #[cfg(test)]

@@ -12,28 +12,13 @@ use fulgur_ir::{Graph, Interpreter, Precision, Tensor};
 use fulgur_models::checkpoint::Checkpoint;
 use fulgur_models::{decode_graph, forward_graph, ForwardOptions, MiniMaxConfig};
 use fulgur_passes::testing::random_inputs;
-use fulgur_runtime::cuda::{device_info, CudaOptions, CudaProgram};
+use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
 use fulgur_runtime::generate;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Whether a GPU is here; panics when one is required and absent.
-fn gpu() -> bool {
-    match device_info() {
-        Ok(d) => {
-            eprintln!("GPU: {} ({}, {} SMs)", d.name, d.arch(), d.multiprocessors);
-            true
-        }
-        Err(why) => {
-            assert!(
-                !std::env::var("FULGUR_REQUIRE_GPU").is_ok_and(|v| v == "1"),
-                "FULGUR_REQUIRE_GPU=1 but no GPU: {why}"
-            );
-            eprintln!("skipped: no GPU ({why})");
-            false
-        }
-    }
-}
+mod common;
+use common::gpu;
 
 fn root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

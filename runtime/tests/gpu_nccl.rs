@@ -7,27 +7,12 @@
 //! missing GPU fails it.
 #![cfg(feature = "cuda")]
 use fulgur_ir::{Composite, DType, Op, Precision, Tensor, Transport};
-use fulgur_runtime::cuda::device_info;
 use fulgur_runtime::nccl::NcclTransport;
 use fulgur_runtime::ranks::SimTransport;
 use std::time::Duration;
 
-fn gpu() -> bool {
-    match device_info() {
-        Ok(d) => {
-            eprintln!("GPU: {} ({}, {} SMs)", d.name, d.arch(), d.multiprocessors);
-            true
-        }
-        Err(why) => {
-            assert!(
-                !std::env::var("FULGUR_REQUIRE_GPU").is_ok_and(|v| v == "1"),
-                "FULGUR_REQUIRE_GPU=1 but no GPU: {why}"
-            );
-            eprintln!("skipped: no GPU ({why})");
-            false
-        }
-    }
-}
+mod common;
+use common::gpu;
 
 #[test]
 fn gpu_nccl_single_rank_collectives_equal_the_simulated_transport() {

@@ -314,9 +314,6 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         let g = fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?;
         let g = with_dtype(g, args.dtype)?;
         let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
-        let programs = (0..par.ranks())
-            .map(|r| fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut feed = ck.load_params(&g)?;
         feed.insert("input_ids".into(), tokens);
         let t1 = Instant::now();
@@ -336,7 +333,8 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(600),
             );
-            let program = programs.into_iter().nth(env.rank).expect("a program per rank");
+            // this rank's program only
+            let program = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, env.rank)?;
             let tcp = || {
                 fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))
@@ -345,7 +343,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                 rank_on_cpu(&program, &feed, std::sync::Arc::new(tcp()?))
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             } else if target == crate::cli::bench::BenchTarget::Cuda {
-                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes())
+                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes(), timeout)
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             } else {
                 let transport = tcp()?;
@@ -375,6 +373,9 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             }
             return Ok(());
         }
+        let programs = (0..par.ranks())
+            .map(|r| fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut outs = if target == crate::cli::bench::BenchTarget::Cpu {
             run_ranks_on_cpu(&programs, &feed)
         } else if target == crate::cli::bench::BenchTarget::Cuda {
@@ -517,12 +518,7 @@ fn rank_on_cpu(
     let mut cpu = CpuProgram::new(program, CpuOptions::default()).context("compiling for the CPU")?;
     cpu.set_transport(transport);
     cpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
-    let inputs: std::collections::HashMap<String, Tensor> = cpu
-        .program
-        .inputs
-        .iter()
-        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
-        .collect();
+    let inputs = fulgur_runtime::ranks::inputs_from(&cpu.program.inputs, feed);
     Ok(cpu.run(&inputs)?)
 }
 
@@ -543,42 +539,15 @@ fn run_ranks_on_cuda(
     feed: &std::collections::HashMap<String, Tensor>,
 ) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync> = std::sync::Arc::new(
-        fulgur_runtime::ranks::SimTransport::new(programs.len(), Precision::F32, std::time::Duration::from_secs(600)),
-    );
-    let sim = t.clone();
-    std::thread::scope(|sc| {
-        let hs: Vec<_> = programs
-            .iter()
-            .map(|g| {
-                let t = t.clone();
-                sc.spawn(move || -> std::result::Result<BTreeMap<String, Tensor>, String> {
-                    let kp = fulgur_codegen::program::lower(g).map_err(|e| e.to_string())?;
-                    let mut gpu = CudaProgram::new(kp, CudaOptions::default()).map_err(|e| e.to_string())?;
-                    gpu.set_transport(t);
-                    gpu.load_weights_from(|name, _| {
-                        feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`"))
-                    })
-                    .map_err(|e| e.to_string())?;
-                    let inputs: std::collections::HashMap<String, Tensor> = gpu
-                        .program
-                        .inputs
-                        .iter()
-                        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
-                        .collect();
-                    gpu.run(&inputs).map_err(|e| e.to_string())
-                })
-            })
-            .collect();
-        let _ = &sim;
-        hs.into_iter()
-            .enumerate()
-            .map(|(r, h)| {
-                h.join()
-                    .unwrap_or_else(|_| Err("panicked".into()))
-                    .map_err(|e| format!("rank {r}: {e}"))
-            })
-            .collect()
+    let timeout = std::time::Duration::from_secs(600);
+    fulgur_runtime::ranks::on_threads(programs.len(), Precision::F32, timeout, |r, t| {
+        let kp = fulgur_codegen::program::lower(&programs[r]).map_err(|e| e.to_string())?;
+        let mut gpu = CudaProgram::new(kp, CudaOptions::default()).map_err(|e| e.to_string())?;
+        gpu.set_transport(t);
+        gpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))
+            .map_err(|e| e.to_string())?;
+        let inputs = fulgur_runtime::ranks::inputs_from(&gpu.program.inputs, feed);
+        gpu.run(&inputs).map_err(|e| e.to_string())
     })
 }
 
@@ -599,14 +568,9 @@ fn rank_on_cuda(
     feed: &std::collections::HashMap<String, Tensor>,
     env: &fulgur_runtime::ranks::RankEnv,
     mesh: &[usize],
+    timeout: std::time::Duration,
 ) -> Result<BTreeMap<String, Tensor>> {
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let timeout = std::time::Duration::from_secs(
-        std::env::var("FULGUR_RANK_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(600),
-    );
     let transport: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync> =
         if std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
             std::sync::Arc::new(
@@ -622,12 +586,7 @@ fn rank_on_cuda(
     let mut gpu = CudaProgram::new(kp, CudaOptions::default()).context("compiling for the GPU")?;
     gpu.set_transport(transport);
     gpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
-    let inputs: std::collections::HashMap<String, Tensor> = gpu
-        .program
-        .inputs
-        .iter()
-        .filter_map(|io| feed.get(&io.name).map(|v| (io.name.clone(), v.clone())))
-        .collect();
+    let inputs = fulgur_runtime::ranks::inputs_from(&gpu.program.inputs, feed);
     Ok(gpu.run(&inputs)?)
 }
 
@@ -637,6 +596,7 @@ fn rank_on_cuda(
     _: &std::collections::HashMap<String, Tensor>,
     _: &fulgur_runtime::ranks::RankEnv,
     _: &[usize],
+    _: std::time::Duration,
 ) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
 }

@@ -17,9 +17,22 @@ use crate::PassError;
 use fulgur_ir::{Composite, ConstData, Dim, Graph, NodeId, Op, Shape, Value};
 use std::collections::HashMap;
 
-fn marked(name: &Option<String>, mark: &str) -> bool {
-    name.as_deref()
-        .is_some_and(|n| n == mark || n.ends_with(&format!(".{mark}")))
+/// Whether node `n` is one the sharding pass marked `mark`: the name and the op it writes under it (a
+/// broadcast, a constant, a slice or reshape, a permute), so that a source node that happens to carry such a
+/// name is not taken for one.
+fn marked(n: &fulgur_ir::Node, mark: &str) -> bool {
+    let named = n
+        .name
+        .as_deref()
+        .is_some_and(|x| x == mark || x.ends_with(&format!(".{mark}")));
+    let op = match mark {
+        RANK_REPLICATE => matches!(n.op, Op::Broadcast { .. }),
+        RANK_CONSTANT => matches!(n.op, Op::Constant { .. }),
+        RANK_FIRST => matches!(n.op, Op::Slice { .. } | Op::Reshape { .. }),
+        RANK_FRONT => matches!(n.op, Op::Permute { .. }),
+        _ => false,
+    };
+    named && op && (mark == RANK_CONSTANT || n.inputs.len() == 1)
 }
 
 /// An axis attribute of an op on a value with the rank axis, in the rank's program: non-negative ones lose the
@@ -54,11 +67,11 @@ pub fn lower_rank(sim: &Graph, mesh: &Mesh, rank: usize) -> Result<Graph, PassEr
         };
         let ins: Vec<Value> = n.inputs.iter().map(|v| map[v]).collect();
         let any_ranked = n.inputs.iter().any(|v| ranked[v]);
-        let (outs, is_ranked): (Vec<Value>, bool) = if marked(&n.name, RANK_REPLICATE) {
+        let (outs, is_ranked): (Vec<Value>, bool) = if marked(n, RANK_REPLICATE) {
             (vec![ins[0]], true)
-        } else if marked(&n.name, RANK_FIRST) || marked(&n.name, RANK_FRONT) {
-            (vec![ins[0]], !marked(&n.name, RANK_FIRST))
-        } else if marked(&n.name, RANK_CONSTANT) {
+        } else if marked(n, RANK_FIRST) || marked(n, RANK_FRONT) {
+            (vec![ins[0]], !marked(n, RANK_FIRST))
+        } else if marked(n, RANK_CONSTANT) {
             let Op::Constant { dtype, shape, data } = &n.op else {
                 return Err(err("a per-rank constant that is not a constant".into()));
             };
