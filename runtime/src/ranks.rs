@@ -20,8 +20,10 @@ struct State {
     args: Vec<Option<(Op, Vec<Tensor>)>>,
     results: Vec<Option<Vec<Tensor>>>,
     failed: Option<String>,
-    /// The rank whose own failure failed the others (not set by a timeout, which the waiting rank reports).
-    first_failed: Option<usize>,
+    /// Ranks a collective answered with an error (another rank's failure, a timeout, the collective's own).
+    answered_err: Vec<bool>,
+    /// Ranks that failed on their own: an error of their program, not one a collective handed them.
+    own: Vec<bool>,
 }
 
 /// The shared-memory transport of [`run_ranks`].
@@ -44,7 +46,8 @@ impl SimTransport {
                 args: vec![None; ranks],
                 results: vec![None; ranks],
                 failed: None,
-                first_failed: None,
+                answered_err: vec![false; ranks],
+                own: vec![false; ranks],
             }),
             cv: Condvar::new(),
         }
@@ -53,9 +56,11 @@ impl SimTransport {
     /// Marks rank `rank` failed: the others fail at their next collective instead of waiting for it.
     pub fn fail(&self, rank: usize, why: &str) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.answered_err[rank] {
+            s.own[rank] = true;
+        }
         if s.failed.is_none() {
             s.failed = Some(format!("rank {rank} failed: {why}"));
-            s.first_failed = Some(rank);
         }
         self.cv.notify_all();
     }
@@ -134,6 +139,16 @@ impl SimTransport {
 
 impl Transport for SimTransport {
     fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        let out = self.exchange(op, rank, args);
+        if out.is_err() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).answered_err[rank] = true;
+        }
+        out
+    }
+}
+
+impl SimTransport {
+    fn exchange(&self, op: &Op, rank: usize, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = &s.failed {
             return Err(f.clone());
@@ -201,8 +216,8 @@ impl Transport for SimTransport {
 
 /// Runs `rank(r, transport)` for every rank `r` on its own thread, the ranks' collectives through one
 /// [`SimTransport`] at `precision`: a rank that errs or panics fails the others at their next collective.
-/// Returns each rank's outputs, or the failure of the rank that failed first on its own (else the first error),
-/// naming it.
+/// Returns each rank's outputs, or the failure of the first rank (by index) that failed on its own rather than
+/// by an error a collective handed it (else the first error), naming it.
 pub fn on_threads<F>(
     ranks: usize,
     precision: Precision,
@@ -233,7 +248,9 @@ where
             .map(|(r, h)| h.join().unwrap_or_else(|_| Err(format!("rank {r} panicked"))))
             .collect()
     });
-    let first = t.state.lock().unwrap_or_else(|e| e.into_inner()).first_failed;
+    // the first rank (by index) that failed on its own, else the first error
+    let own = t.state.lock().unwrap_or_else(|e| e.into_inner()).own.clone();
+    let first = (0..ranks).find(|&r| own[r] && results[r].is_err());
     if let Some(r) = first.or_else(|| results.iter().position(Result::is_err)) {
         if let Err(e) = &results[r] {
             return Err(format!("rank {r}: {e}"));
