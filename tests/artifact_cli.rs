@@ -187,8 +187,9 @@ fn modified_or_foreign_artifacts_are_refused_and_nothing_is_written() {
     fails(
         &run(&old),
         &[&format!(
-            "was written by fulgur 0.0.1 (artifact format 1); this is fulgur {}",
-            env!("CARGO_PKG_VERSION")
+            "was written by fulgur 0.0.1 (artifact format {v}); this is fulgur {} (format {v})",
+            env!("CARGO_PKG_VERSION"),
+            v = fulgur::codegen::artifact::FORMAT_VERSION
         )],
     );
     // not an artifact

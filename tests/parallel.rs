@@ -698,3 +698,125 @@ fn random_placements_give_the_single_device_outputs() {
         assert!(e < 1e-10, "embedding: `{name}` off by {e}");
     }
 }
+
+/// `fulgur compile --parallel` writes one program per rank as one artifact; `fulgur run` runs it on simulated
+/// ranks and, started by `fulgur launch`, one rank per process: both give transformers' logits and the same
+/// bytes. A launch of the wrong size, a rank's modified program, and what `--parallel` cannot compile are
+/// refused with their reasons, and nothing is written.
+#[test]
+#[cfg(feature = "llvm")]
+fn a_parallel_artifact_runs_on_simulated_and_launched_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("art");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let fulgur = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        c.output().unwrap()
+    };
+    let ck_s = ck.to_str().unwrap();
+    let tokens_s = tokens.to_str().unwrap();
+    let o = fulgur(&[
+        "compile",
+        ck_s,
+        "--parallel",
+        "ep=2,tp=2",
+        "--batch",
+        "2",
+        "--seq",
+        "40",
+        "--loss",
+        "-o",
+        "art",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("wrote art: 4 programs (dp=1,ep=2,sp=1,tp=2)"), "{text}");
+    for r in 0..4 {
+        assert!(art.join(format!("rank{r}/program.json")).is_file());
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["parallel"]["ranks"], 4);
+    assert_eq!(manifest["inputs"][0]["name"], "input_ids");
+    let want = read_safetensors(&tokens).unwrap();
+    let run_args = |out: &'static str| vec!["run", "art", "--weights", ck_s, "--inputs", tokens_s, "-o", out];
+    let launched = |n: &'static str, out: &'static str| {
+        let mut v = vec!["launch", "-n", n, "--timeout", "300", "--", "fulgur"];
+        v.extend(run_args(out));
+        v
+    };
+    // simulated ranks
+    let o = fulgur(&run_args("sim.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("ran on 4 simulated ranks (dp=1,ep=2,sp=1,tp=2)"), "{err}");
+    let sim = read_safetensors(&dir.path().join("sim.safetensors")).unwrap();
+    let e = sim["logits"].rel_l2(&want["logits"]);
+    println!("compiled ep=2,tp=2 on simulated ranks: logits {e:.1e} off transformers'");
+    assert!(e < 1e-4, "logits off transformers' by {e}");
+    assert!((sim["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-4);
+    // four launched processes, collectives over the TCP rendezvous: the same bytes
+    let o = fulgur(&launched("4", "launched.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("ran as 4 processes (dp=1,ep=2,sp=1,tp=2)"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.path().join("launched.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("sim.safetensors")).unwrap()
+    );
+    // a launch of another size
+    let o = fulgur(&launched("2", "two.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("launched as 2 ranks (torchrun's variables) but artifact art has 4 (dp=1,ep=2,sp=1,tp=2)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("two.safetensors").exists());
+    // a rank's program changed after it was written
+    let p = art.join("rank2/program.json");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(&p, bytes).unwrap();
+    let o = fulgur(&run_args("bad.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("artifact art was modified after it was written: rank2/program.json does not match its SHA-256"),
+        "{err}"
+    );
+    assert!(!dir.path().join("bad.safetensors").exists());
+    // what --parallel refuses
+    for (args, msg) in [
+        (
+            vec!["--parallel", "tp=2"],
+            "--parallel needs --batch and --seq: each rank's program is specialised to the batch and sequence it \
+             splits",
+        ),
+        (
+            vec!["--parallel", "tp=3", "--batch", "2", "--seq", "40"],
+            "--parallel tp=3: num_attention_heads (4) is not divisible by tp (3)",
+        ),
+        (
+            vec!["--parallel", "tp=2", "--batch", "2", "--seq", "40", "--graph", "decode"],
+            "--parallel compiles --graph forward only",
+        ),
+        (
+            vec!["--batch", "2"],
+            "--batch and --seq apply with --parallel or --plan only",
+        ),
+    ] {
+        let mut v = vec!["compile", ck_s, "-o", "new"];
+        v.extend(args);
+        let o = fulgur(&v);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains(msg), "{v:?}: {err}");
+        assert!(!dir.path().join("new").exists());
+    }
+}

@@ -11,6 +11,11 @@
 //! DIR/kernels/codeN.cu     its CUDA C++ (CUDA target)
 //! DIR/kernels/codeN.ARCH.cubin  that source compiled by NVRTC for ARCH (CUDA target, where NVRTC is present)
 //! ```
+//! A **parallel artifact** (`fulgur compile --parallel`, `docs/parallelism.md` §5.4) holds one program per rank:
+//! the files above under `DIR/rankR/` for every rank `R`, and one `manifest.json` at the top whose
+//! [`Manifest::parallel`] names the mesh; every rank's program has the interface the manifest lists (the
+//! sharded graph keeps the single device's inputs, weights and outputs). [`load`] refuses it and
+//! [`load_rank`] reads one rank's program.
 //! [`write`] writes a new directory beside the destination and renames it into place, so a failed compile
 //! leaves nothing and an existing artifact is replaced only by a whole new one (its files flushed to disk
 //! first); a destination that exists and is not an artifact (nor empty), or an artifact holding files its
@@ -30,7 +35,7 @@ use std::path::{Path, PathBuf};
 pub const FORMAT: &str = "fulgur-artifact";
 /// The layout version of the artifact directory; a change to it or to [`KernelProgram`]'s serialised form
 /// bumps it.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The Fulgur version that writes and reads artifacts: one built by another version is refused.
 pub const FULGUR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -65,6 +70,29 @@ pub struct Manifest {
     pub codegen: String,
     /// SHA-256 (hex) of every other file of the artifact, by path relative to it.
     pub files: BTreeMap<String, String>,
+    /// A parallel artifact's mesh: one program per rank under `rankR/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelManifest>,
+}
+
+/// The mesh of a parallel artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelManifest {
+    /// The degrees as `--parallel` spells them (e.g. `dp=1,ep=2,sp=1,tp=2`).
+    pub degrees: String,
+    /// The mesh's axes (name, degree), ranks row-major over them.
+    pub mesh: Vec<(String, usize)>,
+    /// The number of ranks (the product of the degrees): programs `rank0` .. `rank{ranks-1}`.
+    pub ranks: usize,
+    /// The collectives in each rank's program, by kind.
+    pub collectives: BTreeMap<String, usize>,
+}
+
+impl ParallelManifest {
+    /// The directory of rank `r`'s program inside the artifact.
+    pub fn rank_dir(r: usize) -> String {
+        format!("rank{r}")
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -101,6 +129,7 @@ pub fn manifest(program: &KernelProgram, target: &str, codegen: &str, files: &[(
         codes: program.codes,
         codegen: codegen.into(),
         files: files.iter().map(|(p, b)| (p.clone(), sha256_hex(b))).collect(),
+        parallel: None,
     }
 }
 
@@ -231,22 +260,28 @@ pub fn write(dir: &Path, manifest: &Manifest, files: &[(String, Vec<u8>)]) -> Re
     let old = parent.join(format!(".{name}.{unique}.old"));
     let result = (|| {
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(tmp.join("kernels")).map_err(|e| io_err("cannot create", &tmp, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
         let json = serde_json::to_vec_pretty(manifest)
             .map_err(|e| CodegenError::Options(format!("cannot serialise the manifest: {e}")))?;
         let all = files
             .iter()
             .map(|(p, b)| (p.as_str(), b.as_slice()))
             .chain([("manifest.json", json.as_slice())]);
+        let mut dirs = std::collections::BTreeSet::from([tmp.clone()]);
         for (path, bytes) in all {
             let p = tmp.join(path);
+            if let Some(parent) = p.parent() {
+                if dirs.insert(parent.to_path_buf()) {
+                    std::fs::create_dir_all(parent).map_err(|e| io_err("cannot create", parent, e))?;
+                }
+            }
             // written and flushed to disk before the directory takes the artifact's name
             let mut f = std::fs::File::create(&p).map_err(|e| io_err("cannot write", &p, e))?;
             std::io::Write::write_all(&mut f, bytes).map_err(|e| io_err("cannot write", &p, e))?;
             f.sync_all().map_err(|e| io_err("cannot write", &p, e))?;
         }
-        for d in [tmp.join("kernels"), tmp.clone()] {
-            if let Ok(f) = std::fs::File::open(&d) {
+        for d in dirs.iter().rev() {
+            if let Ok(f) = std::fs::File::open(d) {
                 let _ = f.sync_all();
             }
         }
@@ -275,8 +310,21 @@ pub fn write(dir: &Path, manifest: &Manifest, files: &[(String, Vec<u8>)]) -> Re
     result
 }
 
-/// Reads and checks the artifact `dir` for `target`: its manifest and kernel program.
+/// Reads and checks the artifact `dir` for `target`: its manifest and kernel program. A parallel artifact is
+/// refused (its programs are per rank: [`load_rank`]).
 pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), CodegenError> {
+    load_program(dir, targets, None)
+}
+
+/// Reads and checks the parallel artifact `dir` for `target`: its manifest and rank `rank`'s kernel program.
+/// An artifact of one program, or a rank past the artifact's, is refused.
+pub fn load_rank(dir: &Path, targets: &[&str], rank: usize) -> Result<(Manifest, KernelProgram), CodegenError> {
+    load_program(dir, targets, Some(rank))
+}
+
+/// The manifest of the artifact `dir`, checked for format and version but not its files' hashes: enough to tell
+/// a parallel artifact from another before loading a rank.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CodegenError> {
     let shown = dir.display();
     let bad = |m: String| CodegenError::Options(m);
     if !dir.is_dir() {
@@ -309,8 +357,14 @@ pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), C
             fv.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into())
         )));
     }
-    let m: Manifest =
-        serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))?;
+    serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))
+}
+
+fn load_program(dir: &Path, targets: &[&str], rank: Option<usize>) -> Result<(Manifest, KernelProgram), CodegenError> {
+    let shown = dir.display();
+    let bad = |m: String| CodegenError::Options(m);
+    let mpath = dir.join("manifest.json");
+    let m = read_manifest(dir)?;
     if !targets.contains(&m.target.as_str()) {
         return Err(bad(format!(
             "artifact {shown} was compiled for the {} target, which this build cannot run (it runs {})",
@@ -318,8 +372,30 @@ pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), C
             targets.join(", ")
         )));
     }
-    if !m.files.contains_key("program.json") {
-        return Err(bad(format!("{}: lists no program.json", mpath.display())));
+    let program_rel = match (&m.parallel, rank) {
+        (None, None) => "program.json".to_string(),
+        (Some(p), Some(r)) if r < p.ranks => format!("{}/program.json", ParallelManifest::rank_dir(r)),
+        (Some(p), Some(r)) => {
+            return Err(bad(format!(
+                "artifact {shown} has {} ranks ({}); there is no rank {r}",
+                p.ranks, p.degrees
+            )))
+        }
+        (Some(p), None) => {
+            return Err(bad(format!(
+                "artifact {shown} is a parallel artifact of {} ranks ({}): one program per rank, run by `fulgur \
+                 run` on simulated ranks or by each process of a launched job",
+                p.ranks, p.degrees
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(bad(format!(
+                "artifact {shown} holds one program, not one per rank (compile it with --parallel)"
+            )))
+        }
+    };
+    if !m.files.contains_key(&program_rel) {
+        return Err(bad(format!("{}: lists no {program_rel}", mpath.display())));
     }
     let mut program_bytes = Vec::new();
     for (rel, want) in &m.files {
@@ -350,14 +426,14 @@ pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), C
                  manifest.json (compile it again)"
             )));
         }
-        if rel == "program.json" {
+        if *rel == program_rel {
             program_bytes = bytes;
         }
     }
     let program: KernelProgram = serde_json::from_slice(&program_bytes).map_err(|e| {
         bad(format!(
             "{}: not a valid kernel program: {e}",
-            dir.join("program.json").display()
+            dir.join(&program_rel).display()
         ))
     })?;
     let fresh = manifest(&program, &m.target, &m.codegen, &[]);
@@ -367,7 +443,7 @@ pub fn load(dir: &Path, targets: &[&str]) -> Result<(Manifest, KernelProgram), C
         || fresh.symbols != m.symbols
     {
         return Err(bad(format!(
-            "artifact {shown}: manifest.json's inputs, weights, outputs or symbols differ from program.json's"
+            "artifact {shown}: manifest.json's inputs, weights, outputs or symbols differ from {program_rel}'s"
         )));
     }
     Ok((m, program))

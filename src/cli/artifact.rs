@@ -10,7 +10,7 @@
 
 use crate::cli::files::{check_output, write_stdout, InputFile};
 use crate::cli::model::HostWeights;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use fulgur_codegen::artifact;
 use fulgur_ir::tensor::{read_safetensors, write_safetensors};
 use fulgur_ir::{Graph, Tensor};
@@ -73,6 +73,20 @@ pub struct CompileArgs {
     /// For cuda: the architecture NVRTC compiles for.
     #[arg(long, default_value = "sm_90")]
     pub arch: String,
+    /// Compile one program per rank, sharded with these degrees (e.g. `tp=2,ep=2`; dp, ep, sp, tp;
+    /// `docs/parallelism.md`): a parallel artifact, which `fulgur run` runs on simulated ranks or, started by
+    /// a launcher, as one rank per process. Needs --batch and --seq.
+    #[arg(long, value_name = "DEGREES")]
+    pub parallel: Option<String>,
+    /// Compile one program per rank with the degrees a plan search chose (`fulgur plan ... --json`'s `best`).
+    #[arg(long, value_name = "PLAN.json", conflicts_with = "parallel")]
+    pub plan: Option<PathBuf>,
+    /// With --parallel: the sequences per step the programs are specialised to.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// With --parallel: the tokens per sequence the programs are specialised to.
+    #[arg(long)]
+    pub seq: Option<usize>,
 }
 
 /// Whether `p` names a graph file rather than a model config or checkpoint.
@@ -100,17 +114,23 @@ fn cost_model_of(args: &CompileArgs) -> String {
     })
 }
 
+/// A model input's config (a checkpoint directory's `config.json`, or a config file) and its warnings.
+fn model_config(input: &Path) -> Result<(MiniMaxConfig, Vec<String>)> {
+    let cfg_path = if input.is_dir() {
+        input.join("config.json")
+    } else {
+        input.to_path_buf()
+    };
+    let cfg = MiniMaxConfig::from_file(&cfg_path)?;
+    let warnings = crate::cli::files::config_warnings(&cfg_path, &cfg);
+    Ok((cfg, warnings))
+}
+
 fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
     if is_graph_file(&args.input) {
         return Ok((crate::cli::files::load_graph(&args.input)?, Vec::new()));
     }
-    let cfg_path = if args.input.is_dir() {
-        args.input.join("config.json")
-    } else {
-        args.input.clone()
-    };
-    let cfg = MiniMaxConfig::from_file(&cfg_path)?;
-    let warnings = crate::cli::files::config_warnings(&cfg_path, &cfg);
+    let (cfg, warnings) = model_config(&args.input)?;
     if (args.loss || args.hidden_states) && args.graph != ModelGraph::Forward {
         bail!("--loss and --hidden-states apply to --graph forward only");
     }
@@ -152,6 +172,20 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
 
 pub fn compile(args: CompileArgs) -> Result<()> {
     artifact::check_destination(&args.out)?;
+    if let Some(p) = &args.plan {
+        crate::cli::files::check_not_input(&args.out, &[InputFile::new("the --plan file", p)])?;
+    }
+    let degrees = match (&args.parallel, &args.plan) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(p)) => Some(crate::cli::model::degrees_of_plan(p)?),
+        (None, None) => None,
+    };
+    if let Some(degrees) = degrees {
+        return compile_parallel(&args, &degrees);
+    }
+    if args.batch.is_some() || args.seq.is_some() {
+        bail!("--batch and --seq apply with --parallel or --plan only (a single program takes any batch and length)");
+    }
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
     let cost_model = cost_model_of(&args);
@@ -164,30 +198,8 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     };
     let optimize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let program = fulgur_codegen::program::lower(&g)?;
-    let mut loops = fulgur_codegen::kernels::build_program_for(
-        &program,
-        match args.target {
-            Target::Cpu => fulgur_codegen::kernels::Target::Cpu,
-            Target::Cuda => fulgur_codegen::kernels::Target::Cuda,
-        },
-    )?;
-    let loop_texts: Vec<String> = loops.iter().map(|lk| lk.text()).collect();
-    let (target, (codegen, code), binaries) = match args.target {
-        Target::Cpu => ("cpu", target_code(&loops)?, Vec::new()),
-        Target::Cuda => {
-            let (code, bins) = cuda_code(&program, &mut loops, &args.arch)?;
-            ("cuda", code, bins)
-        }
-    };
-    let mut files = artifact::files(
-        &program,
-        &fulgur_ir::text::print(&g),
-        &loop_texts,
-        code.as_ref().map(|(ext, v)| (*ext, v.as_slice())),
-    )?;
-    files.extend(binaries);
-    let manifest = artifact::manifest(&program, target, &codegen, &files);
+    let (program, codegen, files) = emit(&g, &args, "")?;
+    let manifest = artifact::manifest(&program, target_name(args.target), &codegen, &files);
     artifact::write(&args.out, &manifest, &files)?;
     let lower_s = t1.elapsed().as_secs_f64();
     for w in warnings {
@@ -199,6 +211,145 @@ pub fn compile(args: CompileArgs) -> Result<()> {
         artifact::describe(&manifest),
         optimize_s,
         lower_s
+    ))?;
+    Ok(())
+}
+
+fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Cpu => "cpu",
+        Target::Cuda => "cuda",
+    }
+}
+
+/// Lowers `g` to a kernel program and emits its files for `--target`, each path under `prefix` (`""`, or
+/// `rankR/` in a parallel artifact): the program, what made its code, and the files.
+fn emit(
+    g: &Graph,
+    args: &CompileArgs,
+    prefix: &str,
+) -> Result<(fulgur_codegen::program::KernelProgram, String, Files)> {
+    let program = fulgur_codegen::program::lower(g)?;
+    let mut loops = fulgur_codegen::kernels::build_program_for(
+        &program,
+        match args.target {
+            Target::Cpu => fulgur_codegen::kernels::Target::Cpu,
+            Target::Cuda => fulgur_codegen::kernels::Target::Cuda,
+        },
+    )?;
+    let loop_texts: Vec<String> = loops.iter().map(|lk| lk.text()).collect();
+    let ((codegen, code), binaries) = match args.target {
+        Target::Cpu => (target_code(&loops)?, Vec::new()),
+        Target::Cuda => cuda_code(&program, &mut loops, &args.arch)?,
+    };
+    let mut files = artifact::files(
+        &program,
+        &fulgur_ir::text::print(g),
+        &loop_texts,
+        code.as_ref().map(|(ext, v)| (*ext, v.as_slice())),
+    )?;
+    files.extend(binaries);
+    let files = files.into_iter().map(|(p, b)| (format!("{prefix}{p}"), b)).collect();
+    Ok((program, codegen, files))
+}
+
+/// `compile --parallel D` (or `--plan`): MiniMax-01's forward sharded at degrees `D` for `--batch` sequences of
+/// `--seq` tokens (`fulgur::parallel::minimax_plan`, the pass of `docs/parallelism.md` §4.1), one program per
+/// rank lowered from the sharded graph (`passes::shard::lower_rank`), written as one parallel artifact.
+fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
+    if is_graph_file(&args.input) {
+        bail!(
+            "--parallel compiles a model (a checkpoint directory or a config), not the graph file {}: the plan \
+             places a model's parameters by name",
+            args.input.display()
+        );
+    }
+    if args.graph != ModelGraph::Forward {
+        bail!(
+            "--parallel compiles --graph forward only (per-rank prefill, decode and training steps are not built yet)"
+        );
+    }
+    if args.hidden_states {
+        bail!("--parallel does not take --hidden-states");
+    }
+    let (Some(batch), Some(seq)) = (args.batch, args.seq) else {
+        bail!("--parallel needs --batch and --seq: each rank's program is specialised to the batch and sequence it splits");
+    };
+    let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow!("--parallel: {e}"))?;
+    let (cfg, warnings) = model_config(&args.input)?;
+    let plan =
+        fulgur::parallel::minimax_plan(&cfg, &par, batch, seq).map_err(|e| anyhow!("--parallel {degrees}: {e}"))?;
+    let t0 = Instant::now();
+    let g = forward_graph(
+        &cfg,
+        &ForwardOptions {
+            loss: args.loss,
+            ..Default::default()
+        },
+    )?;
+    let g = fulgur::parallel::structural(&g).map_err(|e| anyhow!(e))?;
+    let g = crate::cli::model::with_dtype(g, args.dtype)?;
+    let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
+    let shard_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let ranks = par.ranks();
+    let mut files = Vec::new();
+    let mut first: Option<(fulgur_codegen::program::KernelProgram, String)> = None;
+    // progress on stderr when it is a terminal: one tick per rank's program
+    let progress = indicatif::ProgressBar::new(ranks as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} lowering and emitting {pos}/{len} ranks [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for r in 0..ranks {
+        let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
+        let rg = crate::cli::model::optimize(rg, args.opt, &cost_model_of(args))
+            .with_context(|| format!("optimizing rank {r}'s program"))?;
+        let (program, codegen, rank_files) = emit(&rg, args, &format!("{}/", artifact::ParallelManifest::rank_dir(r)))?;
+        files.extend(rank_files);
+        match &first {
+            None => first = Some((program, codegen)),
+            Some((p0, _)) => {
+                let io = |p: &fulgur_codegen::program::KernelProgram| {
+                    (p.inputs.clone(), p.params.clone(), p.outputs.clone())
+                };
+                if io(p0) != io(&program) {
+                    bail!("rank {r}'s program has another interface than rank 0's (a bug in the per-rank lowering)");
+                }
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let (program, codegen) = first.expect("at least one rank");
+    let mut manifest = artifact::manifest(&program, target_name(args.target), &codegen, &files);
+    manifest.parallel = Some(artifact::ParallelManifest {
+        degrees: par.to_string(),
+        mesh: plan.mesh.names().into_iter().zip(plan.mesh.sizes()).collect(),
+        ranks,
+        collectives: report.collectives.clone(),
+    });
+    artifact::write(&args.out, &manifest, &files)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let collectives: usize = report.collectives.values().sum();
+    write_stdout(&format!(
+        "wrote {}: {} programs ({par}), {collectives} collectives in the sharded graph ({}); rank 0: {}\nshard \
+         {:.2} s, lower and emit {:.2} s\n",
+        args.out.display(),
+        ranks,
+        report
+            .collectives
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        artifact::describe(&manifest),
+        shard_s,
+        t1.elapsed().as_secs_f64()
     ))?;
     Ok(())
 }
@@ -274,7 +425,7 @@ fn nvrtc_binaries(_: &[fulgur_codegen::cuda::CudaKernel], _: &str) -> Result<(St
     ))
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
     /// The artifact directory `fulgur compile` wrote.
     pub artifact: PathBuf,
@@ -359,7 +510,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     check_output(&args.out, &files)?;
-    let (manifest, program) = artifact::load(&args.artifact, &["cpu", "cuda"])?;
+    let manifest = artifact::read_manifest(&args.artifact)?;
+    let (manifest, program) = match manifest.parallel {
+        Some(_) => (manifest, None),
+        None => {
+            let (m, p) = artifact::load(&args.artifact, &["cpu", "cuda"])?;
+            (m, Some(p))
+        }
+    };
     let inputs = read_safetensors(&args.inputs)?;
     // a checkpoint is read one tensor at a time as the program loads it; a file is checked whole first
     let ck = match &args.weights {
@@ -407,9 +565,17 @@ pub fn run(args: RunArgs) -> Result<()> {
             eprintln!("warning: input `{name}` contains NaN or infinite values");
         }
     }
-    let (outputs, jit_s, step_s, memory) = match manifest.target.as_str() {
-        "cuda" => run_cuda(program, &weights, &data, &args)?,
-        _ => run_cpu(program, &weights, &data, &args)?,
+    let (outputs, jit_s, step_s, memory) = match (program, &manifest.parallel) {
+        (Some(program), _) => match manifest.target.as_str() {
+            "cuda" => run_cuda(program, &weights, &data, &args)?,
+            _ => run_cpu(program, &weights, &data, &args)?,
+        },
+        (None, Some(pm)) => match run_parallel(pm, &manifest, &weights, &data, &args)? {
+            Some(r) => r,
+            // a launched rank other than 0: rank 0 writes the outputs
+            None => return Ok(()),
+        },
+        (None, None) => unreachable!("an artifact of one program is loaded above"),
     };
     for (name, t) in &outputs {
         if t.has_non_finite() {
@@ -446,12 +612,177 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// The outputs, the load (JIT or NVRTC) seconds, the step's seconds, and the memory (planned peak, held).
 type RunResult = (BTreeMap<String, Tensor>, f64, f64, Option<(u64, u64)>);
 
-#[cfg(feature = "llvm")]
+/// A parallel artifact's ranks (`docs/parallelism.md` §5.4). Started by a launcher (torchrun's, Slurm's or
+/// Open MPI's variables; `fulgur launch`), this process runs its rank's program, its collectives over the TCP
+/// rendezvous (NCCL with `FULGUR_TRANSPORT=nccl` on cuda), and returns rank 0's outputs on rank 0 and `None`
+/// on the others; otherwise every rank runs on its own thread, collectives through the simulated transport,
+/// and rank 0's outputs are returned (every rank holds the same).
+fn run_parallel(
+    pm: &artifact::ParallelManifest,
+    manifest: &artifact::Manifest,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+) -> Result<Option<RunResult>> {
+    use fulgur_runtime::ranks::RankEnv;
+    let timeout = std::time::Duration::from_secs(
+        std::env::var("FULGUR_RANK_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    );
+    let cuda = manifest.target == "cuda";
+    let targets = ["cpu", "cuda"];
+    if let Some(env) = RankEnv::from_env().map_err(|e| anyhow!(e))? {
+        if env.world != pm.ranks {
+            bail!(
+                "launched as {} ranks ({}'s variables) but artifact {} has {} ({})",
+                env.world,
+                env.source,
+                args.artifact.display(),
+                pm.ranks,
+                pm.degrees
+            );
+        }
+        let (_, program) = artifact::load_rank(&args.artifact, &targets, env.rank)?;
+        let sizes: Vec<usize> = pm.mesh.iter().map(|a| a.1).collect();
+        let out = rank_program(
+            program,
+            cuda,
+            weights,
+            data,
+            args,
+            RankTransport::Launched(&env, &sizes, timeout),
+        )
+        .map_err(|e| anyhow!("rank {}: {e}", env.rank))?;
+        if env.rank == 0 {
+            eprintln!("ran as {} processes ({})", env.world, pm.degrees);
+            return Ok(Some(out));
+        }
+        return Ok(None);
+    }
+    let programs = (0..pm.ranks)
+        .map(|r| artifact::load_rank(&args.artifact, &targets, r).map(|(_, p)| p))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let rank_args = RunArgs {
+        threads: args.threads.or(Some((threads / pm.ranks).max(1))),
+        ..args.clone()
+    };
+    let first = std::sync::Mutex::new(None);
+    let t = Instant::now();
+    let mut outs = fulgur_runtime::ranks::on_threads(pm.ranks, fulgur_ir::interp::Precision::F32, timeout, |r, t| {
+        let (out, jit_s, step_s, memory) = rank_program(
+            programs[r].clone(),
+            cuda,
+            weights,
+            data,
+            &rank_args,
+            RankTransport::Simulated(t),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        if r == 0 {
+            *first.lock().unwrap_or_else(|e| e.into_inner()) = Some((jit_s, step_s, memory));
+        }
+        Ok(out)
+    })
+    .map_err(|e| anyhow!("running on simulated ranks: {e}"))?;
+    eprintln!(
+        "ran on {} simulated ranks ({}) in {:.2} s",
+        pm.ranks,
+        pm.degrees,
+        t.elapsed().as_secs_f64()
+    );
+    let (jit_s, step_s, memory) = first
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or((0.0, 0.0, None));
+    Ok(Some((outs.swap_remove(0), jit_s, step_s, memory)))
+}
+
+/// Where a rank's collectives go.
+enum RankTransport<'a> {
+    /// The in-process simulated transport of threads.
+    Simulated(std::sync::Arc<fulgur_runtime::ranks::SimTransport>),
+    /// A launched process: its rank, the mesh's sizes and the timeout.
+    Launched(&'a fulgur_runtime::ranks::RankEnv, &'a [usize], std::time::Duration),
+}
+
+/// Runs one rank's program on the CPU or the GPU with its collectives through `transport`.
+fn rank_program(
+    program: fulgur_codegen::program::KernelProgram,
+    cuda: bool,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+    transport: RankTransport,
+) -> Result<RunResult> {
+    use fulgur_runtime::ranks::TcpTransport;
+    type Shared = std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>;
+    let transport: Shared = match transport {
+        RankTransport::Simulated(t) => t,
+        RankTransport::Launched(env, sizes, timeout) => {
+            if cuda && std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
+                nccl_transport(env, sizes, timeout)?
+            } else {
+                std::sync::Arc::new(
+                    TcpTransport::connect(env, fulgur_ir::interp::Precision::F32, timeout).map_err(|e| anyhow!(e))?,
+                )
+            }
+        }
+    };
+    if cuda {
+        run_cuda_with(program, weights, data, args, Some(transport))
+    } else {
+        run_cpu_with(program, weights, data, args, Some(transport))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_transport(
+    env: &fulgur_runtime::ranks::RankEnv,
+    sizes: &[usize],
+    timeout: std::time::Duration,
+) -> Result<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>> {
+    Ok(std::sync::Arc::new(
+        fulgur_runtime::nccl::NcclTransport::connect(env, sizes, 0, timeout).map_err(|e| anyhow!(e))?,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_transport(
+    _: &fulgur_runtime::ranks::RankEnv,
+    _: &[usize],
+    _: std::time::Duration,
+) -> Result<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>> {
+    bail!("FULGUR_TRANSPORT=nccl: this build has no CUDA backend (built without the `cuda` feature)")
+}
+
 fn run_cpu(
     program: fulgur_codegen::program::KernelProgram,
     weights: &HostWeights,
     data: &HashMap<String, Tensor>,
     args: &RunArgs,
+) -> Result<RunResult> {
+    run_cpu_with(program, weights, data, args, None)
+}
+
+fn run_cuda(
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+) -> Result<RunResult> {
+    run_cuda_with(program, weights, data, args, None)
+}
+
+#[cfg(feature = "llvm")]
+fn run_cpu_with(
+    program: fulgur_codegen::program::KernelProgram,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+    transport: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
 ) -> Result<RunResult> {
     use anyhow::Context;
     use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
@@ -462,6 +793,9 @@ fn run_cpu(
         ..Default::default()
     };
     let mut cpu = CpuProgram::new(program, opts).context("compiling the artifact for this CPU")?;
+    if let Some(t) = transport {
+        cpu.set_transport(t);
+    }
     let source = match &args.weights {
         Some(w) => w.display().to_string(),
         None => args.inputs.display().to_string(),
@@ -479,21 +813,23 @@ fn run_cpu(
 }
 
 #[cfg(not(feature = "llvm"))]
-fn run_cpu(
+fn run_cpu_with(
     _: fulgur_codegen::program::KernelProgram,
     _: &HostWeights,
     _: &HashMap<String, Tensor>,
     _: &RunArgs,
+    _: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
 ) -> Result<RunResult> {
     bail!("this build has no CPU backend (built without the `llvm` feature): it cannot run a cpu artifact")
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda(
+fn run_cuda_with(
     program: fulgur_codegen::program::KernelProgram,
     weights: &HostWeights,
     data: &HashMap<String, Tensor>,
     args: &RunArgs,
+    transport: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
 ) -> Result<RunResult> {
     use anyhow::Context;
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
@@ -502,6 +838,9 @@ fn run_cuda(
         ..Default::default()
     };
     let mut gpu = CudaProgram::new(program, opts).context("loading the artifact on the GPU")?;
+    if let Some(t) = transport {
+        gpu.set_transport(t);
+    }
     let source = match &args.weights {
         Some(w) => w.display().to_string(),
         None => args.inputs.display().to_string(),
@@ -519,11 +858,12 @@ fn run_cuda(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda(
+fn run_cuda_with(
     _: fulgur_codegen::program::KernelProgram,
     _: &HostWeights,
     _: &HashMap<String, Tensor>,
     _: &RunArgs,
+    _: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
 ) -> Result<RunResult> {
     bail!("this build has no CUDA backend (built without the `cuda` feature): it cannot run a cuda artifact")
 }

@@ -49,6 +49,11 @@ impl Mesh {
         self.axes.iter().map(|a| a.1).product()
     }
 
+    /// The axes' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.axes.iter().map(|a| a.0.clone()).collect()
+    }
+
     /// The axes' degrees, in order (a collective's `mesh` attribute).
     pub fn sizes(&self) -> Vec<usize> {
         self.axes.iter().map(|a| a.1).collect()
