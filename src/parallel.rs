@@ -12,11 +12,14 @@
 //! runs `E / (ep·tp)` (or `E / (ep·sp·tp)`) experts and no expert's work is repeated:
 //! the tokens of an `ep` group are gathered to the ranks holding the experts and the expert outputs summed
 //! back (`all_gather` then `reduce_scatter` over `ep`, `all_reduce` over `tp`), MiniMax-01's decoupling of the
-//! expert groups from the attention's. Pipeline and expert-tensor parallelism are refused with that reason
-//! until they are built.
+//! expert groups from the attention's. With expert-tensor parallelism (`etp=tp`) the experts are split over
+//! `ep` (and `sp`) only and each expert's width over `tp`: the gate and up halves of `gate_up_proj` (sliced apart
+//! in the forward built with `ForwardOptions::split_gate_up`, placed by a sharding constraint) and `down_proj`
+//! split on the intermediate dim, the down projection's partial sums reduced with the rest. Pipeline
+//! parallelism is refused with that reason until it is built.
 
 use crate::ir::Graph;
-use crate::models::MiniMaxConfig;
+use crate::models::{ForwardOptions, MiniMaxConfig};
 use crate::passes::shard::{Mesh, Placement, ShardPlan};
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +31,9 @@ pub struct Parallel {
     pub ep: usize,
     pub sp: usize,
     pub tp: usize,
+    /// Expert-tensor parallelism: 1 (each expert whole on one rank, the experts split over `ep·tp`) or `tp`
+    /// (the experts split over `ep`, each expert's width over the `tp` group).
+    pub etp: usize,
 }
 
 impl Default for Parallel {
@@ -37,19 +43,24 @@ impl Default for Parallel {
             ep: 1,
             sp: 1,
             tp: 1,
+            etp: 1,
         }
     }
 }
 
 impl fmt::Display for Parallel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "dp={},ep={},sp={},tp={}", self.dp, self.ep, self.sp, self.tp)
+        write!(f, "dp={},ep={},sp={},tp={}", self.dp, self.ep, self.sp, self.tp)?;
+        if self.etp > 1 {
+            write!(f, ",etp={}", self.etp)?;
+        }
+        Ok(())
     }
 }
 
 impl Parallel {
-    /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp`, `pp` and `edp` are known names
-    /// but only 1 is accepted for them yet.
+    /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp` is 1 or `tp` (the expert-tensor
+    /// group is the attention's tensor group); `pp` and `edp` are known names but only 1 is accepted for them yet.
     pub fn parse(s: &str) -> Result<Parallel, String> {
         let mut p = Parallel::default();
         let mut seen = Vec::new();
@@ -73,12 +84,12 @@ impl Parallel {
                 "ep" => p.ep = value,
                 "tp" => p.tp = value,
                 "sp" => p.sp = value,
-                "etp" | "pp" | "edp" if value == 1 => {}
-                "etp" | "pp" | "edp" => {
+                "etp" => p.etp = value,
+                "pp" | "edp" if value == 1 => {}
+                "pp" | "edp" => {
                     return Err(format!(
-                        "`{name}={value}`: {} is not built yet (dp, ep, sp and tp are)",
+                        "`{name}={value}`: {} is not built yet (dp, ep, sp, tp and etp are)",
                         match name {
-                            "etp" => "expert-tensor parallelism",
                             "pp" => "pipeline parallelism",
                             _ => "a separate expert data-parallel degree",
                         }
@@ -86,6 +97,13 @@ impl Parallel {
                 }
                 _ => return Err(format!("unknown degree `{name}` (known: dp, ep, tp, etp, sp, pp, edp)")),
             }
+        }
+        if p.etp != 1 && p.etp != p.tp {
+            return Err(format!(
+                "`etp={}`: expert-tensor parallelism splits each expert over the tensor-parallel group, so etp is 1 \
+                 or tp ({})",
+                p.etp, p.tp
+            ));
         }
         Ok(p)
     }
@@ -95,15 +113,39 @@ impl Parallel {
         self.dp * self.ep * self.sp * self.tp
     }
 
-    /// Whether the experts are split over `sp` too (when `ep·sp·tp` divides the experts): the tokens of a
-    /// sequence-parallel group then go to its experts as an expert-parallel group's do.
-    pub fn expert_sp(&self, cfg: &MiniMaxConfig) -> bool {
-        self.sp > 1 && cfg.num_local_experts.is_multiple_of(self.ep * self.sp * self.tp)
+    /// The tensor-parallel degree the experts are split over (not their width): `tp`, or 1 under
+    /// expert-tensor parallelism.
+    fn expert_tp(&self) -> usize {
+        if self.etp > 1 {
+            1
+        } else {
+            self.tp
+        }
     }
 
-    /// The ranks one expert's replicas are spread over: `ep·tp`, and `sp` with them when it divides.
+    /// Whether the experts are split over `sp` too (when `ep·sp·tp` divides the experts, `tp` left out under
+    /// expert-tensor parallelism): the tokens of a sequence-parallel group then go to its experts as an
+    /// expert-parallel group's do.
+    pub fn expert_sp(&self, cfg: &MiniMaxConfig) -> bool {
+        self.sp > 1
+            && cfg
+                .num_local_experts
+                .is_multiple_of(self.ep * self.sp * self.expert_tp())
+    }
+
+    /// The ranks the experts are spread over, each holding `E / expert_group` of them: `ep·tp` (`ep` under
+    /// expert-tensor parallelism), and `sp` with them when it divides.
     pub fn expert_group(&self, cfg: &MiniMaxConfig) -> usize {
-        self.ep * self.tp * if self.expert_sp(cfg) { self.sp } else { 1 }
+        self.ep * self.expert_tp() * if self.expert_sp(cfg) { self.sp } else { 1 }
+    }
+
+    /// The forward options the sharding of these degrees needs on top of `opts`: expert-tensor parallelism
+    /// shards the experts' gate and up projections as two matmuls ([`ForwardOptions::split_gate_up`]).
+    pub fn forward_options(&self, opts: &ForwardOptions) -> ForwardOptions {
+        ForwardOptions {
+            split_gate_up: opts.split_gate_up || self.etp > 1,
+            ..opts.clone()
+        }
     }
 
     /// The mesh `[dp, ep, sp, tp]`.
@@ -127,7 +169,12 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
     check("the sequence length", seq, par.sp, "sp")?;
     check("num_attention_heads", cfg.num_attention_heads, par.tp, "tp")?;
     check("num_key_value_heads", cfg.num_key_value_heads, par.tp, "tp")?;
-    check("num_local_experts", cfg.num_local_experts, par.ep * par.tp, "ep·tp")?;
+    if par.etp > 1 {
+        check("num_local_experts", cfg.num_local_experts, par.ep, "ep")?;
+        check("intermediate_size", cfg.intermediate_size, par.etp, "etp")?;
+    } else {
+        check("num_local_experts", cfg.num_local_experts, par.ep * par.tp, "ep·tp")?;
+    }
     if cfg.shared_intermediate_size > 0 {
         check("shared_intermediate_size", cfg.shared_intermediate_size, par.tp, "tp")?;
     }
@@ -136,7 +183,21 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
     if par.expert_sp(cfg) {
         experts.push(("sp".to_string(), Placement::Split(0)));
     }
-    experts.push(("tp".to_string(), Placement::Split(0)));
+    let mut constraints = Vec::new();
+    let experts_down = if par.etp > 1 {
+        // each expert's width over tp: the gate and up halves of `gate_up_proj` [E, 2I, C] split on I (the
+        // forward built with `split_gate_up` slices them apart), `down_proj` [E, C, I] on I
+        let width = |d: usize| {
+            let mut v = experts.clone();
+            v.push(("tp".to_string(), Placement::Split(d)));
+            v
+        };
+        constraints.push(("*.mlp.experts.gate_up_proj.slice".to_string(), width(1)));
+        width(2)
+    } else {
+        experts.push(("tp".to_string(), Placement::Split(0)));
+        experts.clone()
+    };
     let rules = vec![
         // lightning attention: per-head interleaved qkv, so whole heads go to each rank
         ("*.self_attn.qkv_proj.weight".to_string(), split(0)),
@@ -150,7 +211,7 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
         ("*.self_attn.o_proj.weight".to_string(), split(1)),
         // MoE
         ("*.mlp.experts.gate_up_proj".to_string(), experts.clone()),
-        ("*.mlp.experts.down_proj".to_string(), experts),
+        ("*.mlp.experts.down_proj".to_string(), experts_down),
         ("*.shared_mlp.gate_proj.weight".to_string(), split(0)),
         ("*.shared_mlp.up_proj.weight".to_string(), split(0)),
         ("*.shared_mlp.down_proj.weight".to_string(), split(1)),
@@ -168,6 +229,7 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
         sizes: HashMap::from([("B".to_string(), batch as i64), ("T".to_string(), seq as i64)]),
         rules,
         stored: Vec::new(),
+        constraints,
     })
 }
 
@@ -296,7 +358,8 @@ mod tests {
                 dp: 1,
                 ep: 4,
                 sp: 1,
-                tp: 2
+                tp: 2,
+                etp: 1
             }
         );
         assert_eq!(Parallel::parse("").unwrap(), Parallel::default());
@@ -314,7 +377,7 @@ mod tests {
         assert_eq!(Parallel::parse("tp=2,tp=2").unwrap_err(), "`tp` is given twice");
         assert_eq!(
             Parallel::parse("pp=2").unwrap_err(),
-            "`pp=2`: pipeline parallelism is not built yet (dp, ep, sp and tp are)"
+            "`pp=2`: pipeline parallelism is not built yet (dp, ep, sp, tp and etp are)"
         );
         assert_eq!(
             Parallel::parse("xp=2").unwrap_err(),

@@ -344,7 +344,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
         for ep in divisors(gpus / tp) {
             for sp in divisors(gpus / (tp * ep)) {
                 let dp = gpus / (tp * ep * sp);
-                let par = Parallel { dp, ep, sp, tp };
+                let par = Parallel { dp, ep, sp, tp, etp: 1 };
                 if sp > 1 && batch.is_multiple_of(dp * ep) && batch / (dp * ep) > 1 && mode == Mode::Infer {
                     candidates += 1;
                     refused.push((

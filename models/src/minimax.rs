@@ -15,7 +15,7 @@
 //! `logits`, `loss`, `aux_loss`, `hidden_states.{i}`, and the new `state.{l}`, `cache.{l}.k`, `cache.{l}.v`.
 
 use crate::config::{LayerType, MiniMaxConfig};
-use fulgur_ir::{CmpOp, ConstData, DType, Dim, Graph, Result, Value};
+use fulgur_ir::{CmpOp, ConstData, DType, Dim, Graph, Op, Result, Value};
 
 /// What a forward graph computes besides `logits`.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +31,11 @@ pub struct ForwardOptions {
     /// `logits` of the last position only (`[B, 1, V]`, as transformers' `logits_to_keep=1`): the LM head
     /// runs on one row per sequence. Not with `loss`, which needs every position.
     pub last_logits: bool,
+    /// The experts' gate and up projections as two matmuls on the two halves of `gate_up_proj` (the slices
+    /// named `mlp.experts.gate_proj` and `mlp.experts.up_proj`, `[E, I, C]` each) rather than one matmul split
+    /// after: the same values (each output element is the same dot product), in the form expert-tensor
+    /// parallelism shards (each rank a slice of both halves; `docs/parallelism.md`).
+    pub split_gate_up: bool,
 }
 
 /// Where the tokens of a graph sit in the sequence.
@@ -52,6 +57,8 @@ struct Builder<'a> {
     dt: DType,
     /// Router logits of every layer, for the auxiliary loss.
     router_logits: Vec<Value>,
+    /// [`ForwardOptions::split_gate_up`].
+    split_gate_up: bool,
 }
 
 /// Builds the forward graph: `input_ids` `[B, T]` → `logits` `[B, T, V]` (and the outputs `opts` asks for).
@@ -61,6 +68,7 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
         cfg,
         dt: DType::F32,
         router_logits: Vec::new(),
+        split_gate_up: opts.split_gate_up,
     };
     let (bs, t) = (Dim::sym("B"), Dim::sym("T"));
     let ids = b.g.input("input_ids", DType::I64, vec![bs.clone(), t.clone()])?;
@@ -122,6 +130,7 @@ pub fn decode_graph(cfg: &MiniMaxConfig) -> Result<Graph> {
         cfg,
         dt: DType::F32,
         router_logits: Vec::new(),
+        split_gate_up: false,
     };
     let bs = Dim::sym("B");
     let ids = b.g.input("input_ids", DType::I64, vec![bs, d(1)])?;
@@ -502,10 +511,26 @@ impl Builder<'_> {
         let cw = g.mul(oh, w3)?;
         let cw = g.sum(cw, &[1], false)?; // [N, E]
                                           // every expert's SwiGLU on every token: [N, C] × [E, C, 2I] → [E, N, 2I]
-        let w13t = g.transpose(w13, -2, -1)?;
-        let hup = g.matmul(x, w13t)?;
-        let gate = g.slice(hup, -1, 0, i)?;
-        let up = g.slice(hup, -1, i, 2 * i)?;
+        let (gate, up) = if self.split_gate_up {
+            let half = |g: &mut Graph, name: &str, start: usize| -> Result<Value> {
+                let w = g.named(
+                    name,
+                    Op::Slice {
+                        axis: 1,
+                        start: Dim::from(start),
+                        end: Dim::from(start + i),
+                    },
+                    &[w13],
+                )?;
+                let wt = g.transpose(w, -2, -1)?;
+                g.matmul(x, wt)
+            };
+            (half(g, "mlp.experts.gate_proj", 0)?, half(g, "mlp.experts.up_proj", i)?)
+        } else {
+            let w13t = g.transpose(w13, -2, -1)?;
+            let hup = g.matmul(x, w13t)?;
+            (g.slice(hup, -1, 0, i)?, g.slice(hup, -1, i, 2 * i)?)
+        };
         let act = g.silu(gate)?;
         let act = g.mul(act, up)?;
         let w2t = g.transpose(w2, -2, -1)?;

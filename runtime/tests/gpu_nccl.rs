@@ -121,6 +121,7 @@ fn gpu_per_rank_programs_on_the_cuda_backend() {
             ("*.mlp.experts.*".into(), split(0)),
         ],
         stored: vec![],
+        constraints: Vec::new(),
     };
     let (sg, _) = shard_graph(&g, &plan).unwrap();
     let programs: Vec<_> = (0..2).map(|r| lower_rank(&sg, &plan.mesh, r).unwrap()).collect();

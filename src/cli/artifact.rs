@@ -73,7 +73,7 @@ pub struct CompileArgs {
     /// For cuda: the architecture NVRTC compiles for.
     #[arg(long, default_value = "sm_90")]
     pub arch: String,
-    /// Compile one program per rank, sharded with these degrees (e.g. `tp=2,ep=2`; dp, ep, sp, tp;
+    /// Compile one program per rank, sharded with these degrees (e.g. `tp=2,ep=2`; dp, ep, sp, tp, etp;
     /// `docs/parallelism.md`): a parallel artifact, which `fulgur run` runs on simulated ranks or, started by
     /// a launcher, as one rank per process. Needs --batch and --seq.
     #[arg(long, value_name = "DEGREES")]
@@ -282,10 +282,10 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
     let t0 = Instant::now();
     let g = forward_graph(
         &cfg,
-        &ForwardOptions {
+        &par.forward_options(&ForwardOptions {
             loss: args.loss,
             ..Default::default()
-        },
+        }),
     )?;
     let g = fulgur::parallel::structural(&g).map_err(|e| anyhow!(e))?;
     let g = crate::cli::model::with_dtype(g, args.dtype)?;

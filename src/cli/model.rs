@@ -71,7 +71,8 @@ pub struct EvalArgs {
     /// The most memory the interpreter may hold at once, e.g. `8GiB` (default: the memory available).
     #[arg(long, value_name = "SIZE", value_parser = crate::cli::files::parse_bytes)]
     pub memory_limit: Option<u64>,
-    /// Run sharded with these degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp; the ranks are their product;
+    /// Run sharded with these degrees, e.g. `tp=2,ep=2` (dp, ep, sp, tp, and etp = 1 or tp; the ranks are
+    /// the product of dp, ep, sp and tp;
     /// `docs/parallelism.md`): on simulated ranks (a thread per rank, collectives through shared memory), or as
     /// one rank of a job started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI). Each rank runs on
     /// the `--target` (on cuda, collectives staged through the host; launched cuda ranks use their process's first
@@ -292,6 +293,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         aux_loss: args.aux_loss,
         states: false,
         last_logits: false,
+        split_gate_up: false,
     };
     let cost_model = args
         .cost_model
@@ -311,6 +313,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         let (b, t) = (tokens.shape[0], tokens.shape[1]);
         let plan = fulgur::parallel::minimax_plan(&ck.config, &par, b, t)
             .map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))?;
+        let g = forward_graph(&ck.config, &par.forward_options(&opts))?;
         let g = fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?;
         let g = with_dtype(g, args.dtype)?;
         let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;

@@ -48,6 +48,13 @@ pub struct ShardPlan {
     /// its rule leaves them replicated) and gathered to its rule's placement before use: ZeRO-3 / FSDP. Its
     /// gradient comes back reduce-scattered to the stored shard (the gather's backward). First match wins.
     pub stored: Vec<(String, Vec<(String, Placement)>)>,
+    /// `(pattern, placements)`: the first output of a node other than an input or parameter whose name (with
+    /// its scope) matches is resharded to these placements after its own rule (axes not named: replicated): a
+    /// sharding constraint, for a value the rules would not place. A `slice` of a parameter matches as
+    /// `PARAM.slice` (`*.mlp.experts.gate_up_proj.slice`: the gate and up halves of a fused weight, each split
+    /// alike, which a split of the fused weight itself cannot give); a value the same on every rank becomes
+    /// split by the local `shard_slice`. First match wins.
+    pub constraints: Vec<(String, Vec<(String, Placement)>)>,
 }
 
 /// What the pass did.
@@ -943,6 +950,21 @@ fn specialise(g: &Graph, sizes: &HashMap<String, i64>) -> Result<Graph, PassErro
 
 /// Shards `g` by `plan`: the simulated SPMD graph (same inputs, parameters and outputs as `g`, specialised to
 /// `plan.sizes`) and a report of what was inserted. Errors name the node, value, dim and mesh axis.
+/// The name a [`ShardPlan::constraints`] pattern matches for node `n`: `PARAM.slice` for a `slice` of a parameter
+/// (the form the optimizer's passes keep, whatever they name the node), else the node's name; none for an
+/// input or parameter (their rules place them).
+fn constraint_name(g: &Graph, n: &fulgur_ir::Node) -> Option<String> {
+    if n.op.input_decl().is_some() {
+        return None;
+    }
+    if let (Op::Slice { .. }, [x]) = (&n.op, n.inputs.as_slice()) {
+        if let Op::Param { name, .. } = &g.node(x.node).op {
+            return Some(format!("{name}.slice"));
+        }
+    }
+    n.name.clone()
+}
+
 pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), PassError> {
     let g = specialise(g, &plan.sizes)?;
     let mut p = Pass {
@@ -987,6 +1009,17 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
             }
             e => e,
         })?;
+        let mut res = res;
+        if let Some(name) = constraint_name(&g, n) {
+            if let Some((_, places)) = plan.constraints.iter().find(|(p, _)| glob(p, &name)) {
+                let mut to = Sharding::replicated(&plan.mesh);
+                for (axis, pl) in places {
+                    to.per_axis[plan.mesh.axis(axis)?] = pl.clone();
+                }
+                to.local_dims(&plan.mesh, &name, &res[0].dims)?;
+                res[0] = p.to(&res[0], &to)?;
+            }
+        }
         for (i, sv) in res.into_iter().enumerate() {
             vals.insert(Value::new(id, i as u32), sv);
         }
@@ -1325,6 +1358,7 @@ mod tests {
                 ("w".into(), vec![("b".into(), Placement::Split(0))]),
             ],
             stored: vec![("w".into(), vec![("a".into(), Placement::Split(0))])],
+            constraints: Vec::new(),
         };
         let (sg, _) = shard_graph(&g, &plan).unwrap();
         let out = Interpreter::new(Precision::F64).run(&sg, &feed).unwrap();
