@@ -342,9 +342,15 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
     let mut candidates = 0;
     for tp in divisors(cluster.gpus_per_node.min(gpus)) {
         for ep in divisors(gpus / tp) {
-            for sp in divisors(gpus / (tp * ep)) {
+            for (sp, etp) in divisors(gpus / (tp * ep)).into_iter().flat_map(|sp| {
+                if tp > 1 {
+                    vec![(sp, 1), (sp, tp)]
+                } else {
+                    vec![(sp, 1)]
+                }
+            }) {
                 let dp = gpus / (tp * ep * sp);
-                let par = Parallel { dp, ep, sp, tp, etp: 1 };
+                let par = Parallel { dp, ep, sp, tp, etp };
                 if sp > 1 && batch.is_multiple_of(dp * ep) && batch / (dp * ep) > 1 && mode == Mode::Infer {
                     candidates += 1;
                     refused.push((
@@ -388,13 +394,24 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 let moe_flops = 2.0 * tokens_m * (k * 3.0 * c * i_w + c * e) / ranks as f64;
                 let moe_s = moe_flops / peak;
                 let expert_group_span = ep * sp * tp;
-                let a2a_bytes = tokens_m / ranks as f64 * k * c * 2.0;
+                let mut a2a_bytes = tokens_m / ranks as f64 * k * c * 2.0;
                 let eg = par.expert_group(cfg) as f64;
-                let a2a_one = if eg > 1.0 {
-                    pricing.ring((eg - 1.0) / eg * a2a_bytes, eg - 1.0, expert_group_span)
+                // under expert-tensor parallelism every rank of a tp group holds a slice of the same experts:
+                // the group's tokens are gathered over tp first (each rank dispatches tp ranks' tokens over the
+                // expert group) and the partial outputs reduce-scattered back over tp
+                let etp_s = if etp > 1 {
+                    a2a_bytes *= tp as f64;
+                    let tf = tp as f64;
+                    pricing.ring((tf - 1.0) / tf * tokens_m / ranks as f64 * tf * c * 2.0, tf - 1.0, tp)
                 } else {
                     0.0
                 };
+                let a2a_one = etp_s
+                    + if eg > 1.0 {
+                        pricing.ring((eg - 1.0) / eg * a2a_bytes, eg - 1.0, expert_group_span)
+                    } else {
+                        0.0
+                    };
                 let a2a_s = 2.0 * a2a_one; // dispatch and combine
                 let a2a_exposed = (a2a_s - 0.5 * moe_s).max(0.0);
                 let moe_act = tokens_m / ranks as f64 * k * (2.0 * c + 2.0 * i_w) * 2.0;
@@ -434,7 +451,18 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                         Ok(d.iter().map(|x| x.as_const().unwrap_or(1) as f64).product())
                     };
                     let ws = full_plan.placement_of(name, dims).map_err(|e| e.to_string())?;
-                    let n_w = local(&ws)?;
+                    // under expert-tensor parallelism `gate_up_proj`'s placement splits it over ep only; its
+                    // halves are split over tp by the plan's constraint (down_proj's placement has its tp split)
+                    let tp_axis = full_plan.mesh.axis("tp").map_err(|e| e.to_string())?;
+                    let width = if etp > 1
+                        && name.contains(".mlp.experts.")
+                        && ws.per_axis[tp_axis] == crate::passes::shard::Placement::Replicated
+                    {
+                        etp as f64
+                    } else {
+                        1.0
+                    };
+                    let n_w = local(&ws)? / width;
                     weights += 2.0 * n_w;
                     if name.contains(".mlp.experts.") {
                         experts += n_w;
@@ -443,7 +471,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     if mode == Mode::Train {
                         gradients += 4.0 * n_w;
                         let os = optimizer_state_placement(&full_plan, name, dims)?;
-                        optimizer += 12.0 * local(&os)?;
+                        optimizer += 12.0 * local(&os)? / width;
                     }
                 }
                 let layers_n = cfg.num_hidden_layers as f64;
@@ -563,7 +591,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                         // one decoded token per sequence: every local weight of attention, the experts the
                         // batch's tokens reach, the caches and states read once; a collective latency per layer
                         let experts_local = e / par.expert_group(cfg) as f64;
-                        let per_expert = 3.0 * c * i_w * 2.0;
+                        let per_expert = 3.0 * c * i_w * 2.0 / etp as f64;
                         let reached = experts_local.min(b * k / (dp as f64)).max(1.0);
                         let dense_weights = weights - experts_local * per_expert * cfg.num_hidden_layers as f64;
                         let read = dense_weights + reached * per_expert * cfg.num_hidden_layers as f64 + kv + lstate;

@@ -73,7 +73,9 @@ fn the_search_chooses_the_fastest_plan_that_fits() {
         let degrees: usize = e
             .parallel
             .split(',')
-            .map(|d| d.split_once('=').unwrap().1.parse::<usize>().unwrap())
+            .map(|d| d.split_once('=').unwrap())
+            .filter(|(name, _)| *name != "etp")
+            .map(|(_, n)| n.parse::<usize>().unwrap())
             .product();
         assert_eq!(degrees, 8, "{}", e.parallel);
         let m = &e.memory;
@@ -180,14 +182,19 @@ fn fulgur_plan_prints_text_and_json() {
 }
 
 /// MiniMax-Text-01 training at 512 × 8k tokens on 2,048 H800: a plan fits only with the expert weights stored
-/// sharded over the data-parallel ranks (their 435B parameters outgrow 80 GiB GPUs otherwise), and the search
-/// says so.
+/// sharded over the data-parallel ranks or split by width over the tensor-parallel ranks (expert-tensor
+/// parallelism): their 435B parameters outgrow 80 GiB GPUs otherwise, and the search says so. The one chosen
+/// splits the experts over 32 expert-parallel ranks, as MiniMax-01 trains.
 #[test]
 fn minimax_text_01_training_on_2048_gpus_needs_the_experts_sharded() {
     let cfg = config("minimax-text-01.json");
     let s = search(&cfg, &cluster("2048xh800.json"), Mode::Train, 8192, 512).unwrap();
     let best = s.best.expect("a plan fits");
-    assert!(best.experts_sharded, "{}", best.parallel);
-    assert!(s.fitting.iter().all(|e| e.experts_sharded));
-    assert!(s.too_big.iter().any(|e| !e.experts_sharded));
+    let etp = |p: &str| p.contains(",etp=");
+    assert!(best.experts_sharded || etp(&best.parallel), "{}", best.parallel);
+    assert!(best.parallel.contains("ep=32,"), "{}", best.parallel);
+    assert!(s.fitting.iter().all(|e| e.experts_sharded || etp(&e.parallel)));
+    assert!(s.fitting.iter().any(|e| e.experts_sharded && !etp(&e.parallel)));
+    assert!(s.fitting.iter().any(|e| !e.experts_sharded && etp(&e.parallel)));
+    assert!(s.too_big.iter().any(|e| !e.experts_sharded && !etp(&e.parallel)));
 }
