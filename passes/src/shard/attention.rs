@@ -222,6 +222,53 @@ impl Pass<'_> {
 
     /// `flash_attention[scale, causal](q, k, v)` and `flash_attention_rope[scale, causal, rotary](q, k, v, cos,
     /// sin)`; the sequence may be split only where the keys are the queries' own (a causal prefill with rope).
+    /// `flash_attention_grad[scale, causal](q, k, v, dout)` → `(dq, dk, dv)`: split batch dims (heads) run the
+    /// composite per rank (a split sequence gathers first: the backward of ring attention is not written as a
+    /// ring); where `q` is split along a dim `k`/`v` broadcast (grouped key-value heads), each rank's `dk`, `dv`
+    /// sum over its queries only: partial sums on that axis.
+    pub(super) fn flash_attention_grad(
+        &mut self,
+        ins: &[Sv],
+        scale: f64,
+        causal: bool,
+        outs: &[Vec<Dim>],
+    ) -> Result<Vec<Sv>, PassError> {
+        let (q, k, v, dout) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+        let (mut tq, mut tk, _) = self.attention_placements(q, k, false);
+        if v.dims.len() != k.dims.len() || dout.dims != q.dims {
+            (tq, tk) = (self.rep(), self.rep());
+        }
+        let q = self.to(q, &tq)?;
+        let q = self.ranked(&q)?;
+        let k = self.to(k, &tk)?;
+        let k = self.ranked(&k)?;
+        let v = self.to(v, &tk)?;
+        let v = self.ranked(&v)?;
+        let d = self.to(dout, &tq)?;
+        let d = self.ranked(&d)?;
+        let r = self.emit(
+            Op::Composite(Composite::FlashAttentionGrad { scale, causal }),
+            &[q.v, k.v, v.v, d.v],
+        )?;
+        let mut tkd = tk.clone();
+        for (pk, pq) in tkd.per_axis.iter_mut().zip(&tq.per_axis) {
+            if matches!(pq, Placement::Split(_)) && *pk == Placement::Replicated {
+                *pk = Placement::Partial;
+            }
+        }
+        let sv = |v: Value, sh: &crate::shard::Sharding, dims: &[Dim]| Sv {
+            v,
+            ranked: true,
+            sh: sh.clone(),
+            dims: dims.to_vec(),
+        };
+        Ok(vec![
+            sv(r[0], &tq, &outs[0]),
+            sv(r[1], &tkd, &outs[1]),
+            sv(r[2], &tkd, &outs[2]),
+        ])
+    }
+
     pub(super) fn flash_attention(
         &mut self,
         ins: &[Sv],

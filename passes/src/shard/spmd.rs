@@ -1299,6 +1299,9 @@ fn rewrite(
         Op::Composite(Composite::FlashAttention { scale, causal }) => {
             Ok(vec![p.flash_attention(ins, *scale, *causal, None, &outs[0])?])
         }
+        Op::Composite(Composite::FlashAttentionGrad { scale, causal }) => {
+            p.flash_attention_grad(ins, *scale, *causal, outs)
+        }
         Op::Composite(Composite::FlashAttentionRope { scale, causal, rotary }) => Ok(vec![p.flash_attention(
             ins,
             *scale,
