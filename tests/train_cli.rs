@@ -358,3 +358,50 @@ fn a_checkpoints_tokenizer_tokenizes_text() {
     ]);
     fails(&o, &["t.txt", "not a tokenizer the tokenizers crate reads"]);
 }
+
+/// The training step sharded (`--parallel`) and run on simulated ranks, each rank's program compiled for the
+/// CPU: tiny-a's three AdamW steps give transformers' losses and parameters at data, tensor, expert(-tensor) and
+/// sequence parallel plans, with the moments sharded over the data-parallel ranks; degrees that do not
+/// divide the batch are refused before anything is written.
+#[test]
+#[cfg(feature = "llvm")]
+fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let meta = read_safetensors(&tiny_a().join("train/train.safetensors")).unwrap();
+    let fin = read_safetensors(&tiny_a().join("train/final.safetensors")).unwrap();
+    for (par, ranks) in [("dp=2,tp=2", 4), ("ep=2,tp=2,etp=2", 4), ("sp=2", 2)] {
+        let run = tmp.path().join(par.replace([',', '='], "_"));
+        let o = train(&run, "3", &["--parallel", par, "--target", "cpu"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{par}: {err}");
+        assert!(
+            err.contains(&format!("training step sharded over {ranks} simulated ranks")),
+            "{err}"
+        );
+        for (s, (a, b)) in log_losses(&run).iter().zip(meta["loss"].to_f64()).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{par}, step {}: loss {a} vs transformers {b}",
+                s + 1
+            );
+        }
+        let ck = Checkpoint::open(&run.join("checkpoint")).unwrap();
+        let g = forward_graph(&ck.config, &ForwardOptions::default()).unwrap();
+        let params = ck.load_params(&g).unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (name, w) in &fin {
+            let e = params[name].rel_l2(w);
+            if e > worst.0 || e.is_nan() {
+                worst = (e, name.clone());
+            }
+        }
+        println!("{par}: worst parameter after three steps {:.2e} ({})", worst.0, worst.1);
+        assert!(worst.0 < 1e-4, "{par}: `{}` differs by {}", worst.1, worst.0);
+    }
+    let bad = tmp.path().join("bad");
+    fails(
+        &train(&bad, "1", &["--parallel", "dp=4"]),
+        &["--parallel dp=4: the batch (2) is not divisible by dp·ep (4)"],
+    );
+    assert!(!bad.exists(), "a refused run writes nothing");
+}

@@ -248,9 +248,17 @@ where
             .map(|(r, h)| h.join().unwrap_or_else(|_| Err(format!("rank {r} panicked"))))
             .collect()
     });
-    // the first rank (by index) that failed on its own, else the first error
+    first_failure(&t, results)
+}
+
+/// Every rank's outputs, or the failure of the first rank (by index) that failed on its own rather than by an
+/// error a collective handed it (else the first error), naming it.
+fn first_failure(
+    t: &SimTransport,
+    results: Vec<Result<BTreeMap<String, Tensor>, String>>,
+) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
     let own = t.state.lock().unwrap_or_else(|e| e.into_inner()).own.clone();
-    let first = (0..ranks).find(|&r| own[r] && results[r].is_err());
+    let first = (0..results.len()).find(|&r| own[r] && results[r].is_err());
     if let Some(r) = first.or_else(|| results.iter().position(Result::is_err)) {
         if let Err(e) = &results[r] {
             return Err(format!("rank {r}: {e}"));
@@ -260,6 +268,228 @@ where
         .into_iter()
         .map(|x| x.map_err(|e| format!("a rank: {e}")))
         .collect()
+}
+
+/// One rank's program as [`RankThreads`] runs it: on the rank's own thread, its collectives through `t`.
+pub trait RankProgram {
+    /// The data inputs the program takes (every rank's program takes the same).
+    fn input_names(&self) -> Vec<String>;
+    /// Runs the program once on the inputs of `feed` it takes.
+    fn run_rank(
+        &mut self,
+        feed: &HashMap<String, Tensor>,
+        t: std::sync::Arc<dyn Transport + Send + Sync>,
+    ) -> Result<BTreeMap<String, Tensor>, String>;
+}
+
+/// A rank's program on the reference interpreter.
+pub struct InterpretedRank {
+    pub graph: Graph,
+    pub precision: Precision,
+}
+
+impl RankProgram for InterpretedRank {
+    fn input_names(&self) -> Vec<String> {
+        self.graph
+            .inputs()
+            .into_iter()
+            .filter_map(|id| self.graph.node(id).op.input_decl().map(|(n, _, _)| n.to_string()))
+            .collect()
+    }
+    fn run_rank(
+        &mut self,
+        feed: &HashMap<String, Tensor>,
+        t: std::sync::Arc<dyn Transport + Send + Sync>,
+    ) -> Result<BTreeMap<String, Tensor>, String> {
+        Interpreter::new(self.precision)
+            .run_on(&self.graph, feed, &*t)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(feature = "llvm")]
+impl RankProgram for crate::cpu::CpuProgram {
+    fn input_names(&self) -> Vec<String> {
+        self.program.inputs.iter().map(|io| io.name.clone()).collect()
+    }
+    fn run_rank(
+        &mut self,
+        feed: &HashMap<String, Tensor>,
+        t: std::sync::Arc<dyn Transport + Send + Sync>,
+    ) -> Result<BTreeMap<String, Tensor>, String> {
+        self.set_transport(t);
+        let inputs = inputs_from(&self.program.inputs, feed);
+        self.run(&inputs).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RankProgram for crate::cuda::CudaProgram {
+    fn input_names(&self) -> Vec<String> {
+        self.program.inputs.iter().map(|io| io.name.clone()).collect()
+    }
+    fn run_rank(
+        &mut self,
+        feed: &HashMap<String, Tensor>,
+        t: std::sync::Arc<dyn Transport + Send + Sync>,
+    ) -> Result<BTreeMap<String, Tensor>, String> {
+        self.set_transport(t);
+        let inputs = inputs_from(&self.program.inputs, feed);
+        self.run(&inputs).map_err(|e| e.to_string())
+    }
+}
+
+/// A rank's outputs, or why it failed.
+type RankResult = Result<BTreeMap<String, Tensor>, String>;
+
+/// What a rank's thread is asked: run on these inputs through this transport.
+type Job = (std::sync::Arc<HashMap<String, Tensor>>, std::sync::Arc<SimTransport>);
+
+/// Simulated ranks that live from call to call (a training loop's steps, a generation's decode steps): a thread
+/// per rank owns its program, built on that thread (a JIT-compiled or GPU program is made, and stays, where it
+/// runs), and every call runs all ranks on the same inputs with a fresh [`SimTransport`]. As an
+/// [`Executable`](crate::Executable) it returns rank 0's outputs: the sharding pass makes every output
+/// replicated, so every rank holds the same. A rank that fails fails the call, named as [`on_threads`] names it.
+pub struct RankThreads {
+    name: String,
+    inputs: Vec<String>,
+    precision: Precision,
+    timeout: Duration,
+    jobs: Vec<std::sync::mpsc::Sender<Job>>,
+    results: std::sync::mpsc::Receiver<(usize, RankResult)>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RankThreads {
+    /// Starts `ranks` threads, thread `r` building its program with `make(r)`; fails naming the first rank whose
+    /// program could not be made. `precision` is the transport's (the programs' own precision).
+    pub fn new<F>(
+        name: &str,
+        ranks: usize,
+        precision: Precision,
+        timeout: Duration,
+        make: F,
+    ) -> Result<RankThreads, String>
+    where
+        F: Fn(usize) -> Result<Box<dyn RankProgram>, String> + Send + Sync + 'static,
+    {
+        let make = std::sync::Arc::new(make);
+        let (out_tx, results) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let mut jobs = Vec::new();
+        let mut threads = Vec::new();
+        for r in 0..ranks {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            jobs.push(tx);
+            let (make, out_tx, ready_tx) = (make.clone(), out_tx.clone(), ready_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("rank{r}"))
+                .spawn(move || {
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(r)))
+                        .unwrap_or_else(|_| Err("building its program panicked".into()));
+                    let mut program = match built {
+                        Ok(p) => {
+                            let _ = ready_tx.send((r, Ok(p.input_names())));
+                            p
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send((r, Err(e)));
+                            return;
+                        }
+                    };
+                    while let Ok((feed, t)) = rx.recv() {
+                        let shared: std::sync::Arc<dyn Transport + Send + Sync> = t.clone();
+                        let out =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.run_rank(&feed, shared)))
+                                .unwrap_or_else(|_| Err("its program panicked".into()));
+                        if let Err(e) = &out {
+                            t.fail(r, e);
+                        }
+                        if out_tx.send((r, out)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start rank {r}'s thread: {e}"))?;
+            threads.push(spawned);
+        }
+        drop(ready_tx);
+        let mut built: Vec<Option<Result<Vec<String>, String>>> = vec![None; ranks];
+        for _ in 0..ranks {
+            match ready.recv() {
+                Ok((r, b)) => built[r] = Some(b),
+                Err(_) => break,
+            }
+        }
+        let mut inputs = Vec::new();
+        for (r, b) in built.into_iter().enumerate() {
+            match b {
+                Some(Ok(names)) if r == 0 => inputs = names,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("rank {r}: {e}")),
+                None => return Err(format!("rank {r}: its thread ended before its program was built")),
+            }
+        }
+        Ok(RankThreads {
+            name: format!("{name} on {ranks} simulated ranks"),
+            inputs,
+            precision,
+            timeout,
+            jobs,
+            results,
+            threads,
+        })
+    }
+
+    /// The number of ranks.
+    pub fn ranks(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Runs every rank once on `feed`: each rank's outputs, or the failure naming the rank.
+    pub fn run_all(&mut self, feed: &HashMap<String, Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+        let n = self.jobs.len();
+        let t = std::sync::Arc::new(SimTransport::new(n, self.precision, self.timeout));
+        let feed = std::sync::Arc::new(feed.clone());
+        for (r, j) in self.jobs.iter().enumerate() {
+            j.send((feed.clone(), t.clone()))
+                .map_err(|_| format!("rank {r}: its thread has ended"))?;
+        }
+        let mut results: Vec<Result<BTreeMap<String, Tensor>, String>> =
+            (0..n).map(|_| Err("it did not answer".to_string())).collect();
+        for _ in 0..n {
+            let (r, out) = self
+                .results
+                .recv()
+                .map_err(|_| "the ranks' threads have ended".to_string())?;
+            results[r] = out;
+        }
+        first_failure(&t, results)
+    }
+}
+
+impl crate::Executable for RankThreads {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.inputs.clone()
+    }
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, crate::RuntimeError> {
+        let mut outs = self
+            .run_all(inputs)
+            .map_err(|e| crate::RuntimeError::Other(format!("running on simulated ranks: {e}")))?;
+        Ok(outs.swap_remove(0))
+    }
+}
+
+impl Drop for RankThreads {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The inputs of a compiled rank's program taken from `feed` by name.
@@ -766,6 +996,58 @@ mod tests {
 
     /// Two ranks in one process over the TCP transport: an all-reduce of each rank's value gives both the sum;
     /// a rank that never connects is named after the timeout.
+    /// Ranks that live between calls: each call reduces across them through a fresh transport, a rank whose
+    /// program fails fails the call naming it, and a program that cannot be built is named at the start.
+    #[test]
+    fn rank_threads_run_call_after_call() {
+        use fulgur_ir::{Composite, DType, Dim};
+        let program = |r: usize, input: &str| {
+            let mut g = Graph::new("rank");
+            let x = g.input(input, DType::F32, vec![Dim::from(3)]).unwrap();
+            let op = Op::Composite(Composite::OnRank {
+                op: Box::new(Op::Composite(Composite::AllReduce { mesh: vec![2], over: 0 })),
+                rank: r,
+            });
+            let y = g.op1(op, &[x]).unwrap();
+            g.add_output("y", y).unwrap();
+            g
+        };
+        let make = move |second: &'static str| {
+            move |r: usize| -> Result<Box<dyn RankProgram>, String> {
+                Ok(Box::new(InterpretedRank {
+                    graph: program(r, if r == 1 { second } else { "x" }),
+                    precision: Precision::F64,
+                }))
+            }
+        };
+        let mut ranks = RankThreads::new("sum", 2, Precision::F64, Duration::from_secs(30), make("x")).unwrap();
+        assert_eq!(crate::Executable::input_names(&ranks), vec!["x".to_string()]);
+        for call in 0..3 {
+            let x = Tensor::from_f64(DType::F32, vec![3], vec![call as f64; 3]);
+            let out = crate::Executable::run(&mut ranks, &[("x".to_string(), x)].into()).unwrap();
+            assert_eq!(out["y"].to_f64(), vec![2.0 * call as f64; 3]);
+        }
+        // rank 1 takes an input nobody gives
+        let mut ranks = RankThreads::new("sum", 2, Precision::F64, Duration::from_secs(30), make("z")).unwrap();
+        let x = Tensor::from_f64(DType::F32, vec![3], vec![1.0; 3]);
+        let e = ranks.run_all(&[("x".to_string(), x)].into()).unwrap_err();
+        assert!(e.starts_with("rank 1: "), "{e}");
+        assert!(e.contains("`z`"), "{e}");
+        let e = RankThreads::new("sum", 2, Precision::F64, Duration::from_secs(30), |r| {
+            if r == 1 {
+                Err("no such backend".to_string())
+            } else {
+                Ok(Box::new(InterpretedRank {
+                    graph: Graph::new("empty"),
+                    precision: Precision::F64,
+                }) as Box<dyn RankProgram>)
+            }
+        })
+        .err()
+        .unwrap();
+        assert_eq!(e, "rank 1: no such backend");
+    }
+
     #[test]
     fn tcp_ranks_meet_and_reduce() {
         use fulgur_ir::Composite;

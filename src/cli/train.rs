@@ -120,6 +120,14 @@ pub struct Args {
     /// Continue the run in this directory (its `checkpoint/`): weights, optimizer state, step and data position.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Train sharded with these degrees, e.g. `dp=2,tp=2` (dp, ep, sp, tp, etp; `docs/parallelism.md`): the
+    /// training step sharded as one graph (ZeRO-1 moments over dp and ep) and run on simulated ranks, a thread
+    /// per rank with its own `--target` program; the held-out loss too.
+    #[arg(long, value_name = "DEGREES")]
+    pub parallel: Option<String>,
+    /// Train with the degrees a plan search chose (`fulgur plan ... --json`'s `best`).
+    #[arg(long, value_name = "PLAN.json", conflicts_with = "parallel")]
+    pub plan: Option<PathBuf>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -220,6 +228,58 @@ pub(crate) fn executable(
             bail!("this build has no {t:?} backend")
         }
     })
+}
+
+/// Every rank's program (`programs[r]`, a per-rank lowering) on its own thread for `target`, built there once
+/// and run at every call with the simulated transport (`runtime::ranks::RankThreads`): rank 0's outputs.
+pub(crate) fn rank_threads(
+    what: &str,
+    programs: Vec<fulgur_ir::Graph>,
+    target: BenchTarget,
+) -> Result<Box<dyn Executable>> {
+    use fulgur_runtime::ranks::{InterpretedRank, RankProgram, RankThreads};
+    let n = programs.len();
+    let programs = std::sync::Arc::new(programs);
+    let make = move |r: usize| -> std::result::Result<Box<dyn RankProgram>, String> {
+        let g = programs[r].clone();
+        match target {
+            BenchTarget::Reference => Ok(Box::new(InterpretedRank {
+                graph: g,
+                precision: fulgur_ir::Precision::F32,
+            })),
+            #[cfg(feature = "llvm")]
+            BenchTarget::Cpu => {
+                use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+                let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
+                let threads = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+                let opts = CpuOptions {
+                    threads: Some((threads / n).max(1)),
+                    ..Default::default()
+                };
+                Ok(Box::new(CpuProgram::new(p, opts).map_err(|e| e.to_string())?))
+            }
+            #[cfg(feature = "cuda")]
+            BenchTarget::Cuda => {
+                use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+                let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
+                Ok(Box::new(
+                    CudaProgram::new(p, CudaOptions::default()).map_err(|e| e.to_string())?,
+                ))
+            }
+            #[allow(unreachable_patterns)]
+            t => Err(format!("this build has no {t:?} backend")),
+        }
+    };
+    let timeout = std::time::Duration::from_secs(
+        std::env::var("FULGUR_RANK_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    );
+    Ok(Box::new(
+        RankThreads::new(what, n, fulgur_ir::Precision::F32, timeout, make)
+            .map_err(|e| anyhow::anyhow!("building {what} on simulated ranks: {e}"))?,
+    ))
 }
 
 /// FNV-1a over bytes: identifies a data or tokenizer file in `trainer.json` (not a security hash).
@@ -385,11 +445,35 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--micro-batch {micro} does not divide the batch of {b} sequences");
     }
     let micro_batches = b / micro;
+    let degrees = match (&args.parallel, &args.plan) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(p)) => Some(crate::cli::model::degrees_of_plan(p)?),
+        (None, None) => None,
+    };
+    let par = match &degrees {
+        Some(d) => {
+            let par = fulgur::parallel::Parallel::parse(d).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
+            if micro_batches > 1 {
+                bail!("--parallel does not take --micro-batch yet: each step is one batch of {b} sequences split over the ranks");
+            }
+            if args.check_finite {
+                bail!("--parallel does not take --check-finite yet");
+            }
+            // refused here, before anything is written, when the degrees do not divide the model or the batch
+            fulgur::parallel::minimax_plan(&cfg, &par, micro, t).map_err(|e| anyhow::anyhow!("--parallel {d}: {e}"))?;
+            Some(par)
+        }
+        None => None,
+    };
+    let loss_opts = ForwardOptions {
+        loss: true,
+        ..Default::default()
+    };
     let loss_graph = forward_graph(
         &cfg,
-        &ForwardOptions {
-            loss: true,
-            ..Default::default()
+        &match &par {
+            Some(p) => p.forward_options(&loss_opts),
+            None => loss_opts,
         },
     )?;
     let config_json: serde_json::Value = serde_json::from_str(&config_text).context("parsing the config as JSON")?;
@@ -501,7 +585,12 @@ pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     // the forward optimized in f32 (the optimizer's patterns are f32 ones), then for bf16 stored in bf16 with
     // its parameters f32 master weights cast where read; then differentiated (see `model::with_backward`)
-    let fwd = optimized_forward(loss_graph.clone(), args.opt, &cost_model)?;
+    // sharded: the sharding pass reads the structural forward (its rules know the attention composites, not the
+    // optimizer's fused kernels); each rank's program is optimized after
+    let fwd = match &par {
+        Some(_) => fulgur::parallel::structural(&loss_graph).map_err(|e| anyhow::anyhow!(e))?,
+        None => optimized_forward(loss_graph.clone(), args.opt, &cost_model)?,
+    };
     let compute_graph = compute_graph(&fwd, args.dtype)?;
     let (step_graph, grad_report) = train_step_with(
         &compute_graph,
@@ -510,10 +599,47 @@ pub fn run(args: Args) -> Result<()> {
         micro_batches,
         &args.recompute.grad_options(&cost_model),
     )?;
-    let step_graph = optimize(step_graph, args.opt, &cost_model)?;
-    let eval_graph = optimize(params_to_inputs(&compute_graph)?, args.opt, &cost_model)?;
+    let eval_graph = params_to_inputs(&compute_graph)?;
+    let sharded = match &par {
+        Some(par) => {
+            say(&format!("sharding the training step ({par})"));
+            let plan = fulgur::parallel::minimax_train_plan(&cfg, par, micro, t, &step_graph)
+                .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+            let (step_sg, report) = fulgur_passes::shard::shard_graph(&step_graph, &plan)?;
+            let eval_plan = fulgur::parallel::minimax_plan(&cfg, par, micro, t)
+                .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+            let (eval_sg, _) = fulgur_passes::shard::shard_graph(&eval_graph, &eval_plan)?;
+            let programs = |sg: &fulgur_ir::Graph,
+                            mesh: &fulgur_passes::shard::Mesh|
+             -> Result<Vec<fulgur_ir::Graph>> {
+                (0..par.ranks())
+                    .map(|r| {
+                        let rg = fulgur_passes::shard::lower_rank(sg, mesh, r)?;
+                        optimize(rg, args.opt, &cost_model).with_context(|| format!("optimizing rank {r}'s program"))
+                    })
+                    .collect()
+            };
+            Some((
+                programs(&step_sg, &plan.mesh)?,
+                programs(&eval_sg, &eval_plan.mesh)?,
+                report,
+            ))
+        }
+        None => None,
+    };
+    let (step_graph, eval_graph) = match &sharded {
+        Some(_) => (step_graph, eval_graph),
+        None => (
+            optimize(step_graph, args.opt, &cost_model)?,
+            optimize(eval_graph, args.opt, &cost_model)?,
+        ),
+    };
     let optimize_s = t0.elapsed().as_secs_f64();
-    let step_program = fulgur_codegen::program::lower(&step_graph)?;
+    // the program whose kernels and memory are reported: the step's, or rank 0's
+    let step_program = fulgur_codegen::program::lower(match &sharded {
+        Some((steps, _, _)) => &steps[0],
+        None => &step_graph,
+    })?;
     let kernels = step_program.step.len();
     // the step's planned memory: the state (weights, moments, accumulators, inputs) and the arena of transient
     // values (the activations the backward reads, the gradients, the update's temporaries)
@@ -525,14 +651,39 @@ pub fn run(args: Args) -> Result<()> {
     }
     eprintln!("activations for the backward: {}", grad_report.summary(&env));
     say("compiling");
-    let mut step_exe = executable(&step_graph, Some(step_program), args.target, args.check_finite)
-        .context("compiling the training step")?;
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
-    let mut eval_exe = if heldout.is_empty() {
-        None
-    } else {
-        Some(executable(&eval_graph, None, args.target, false).context("compiling the held-out loss")?)
+    let (mut step_exe, mut eval_exe) = match sharded {
+        Some((steps, evals, report)) => {
+            let collectives: usize = report.collectives.values().sum();
+            eprintln!(
+                "training step sharded over {} simulated ranks ({}): {collectives} collectives ({})",
+                steps.len(),
+                par.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+                report
+                    .collectives
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let eval = if heldout.is_empty() {
+                None
+            } else {
+                Some(rank_threads("the held-out loss", evals, args.target)?)
+            };
+            (rank_threads("the training step", steps, args.target)?, eval)
+        }
+        None => {
+            let step = executable(&step_graph, Some(step_program), args.target, args.check_finite)
+                .context("compiling the training step")?;
+            let eval = if heldout.is_empty() {
+                None
+            } else {
+                Some(executable(&eval_graph, None, args.target, false).context("compiling the held-out loss")?)
+            };
+            (step, eval)
+        }
     };
     let param_names: Vec<String> = state
         .keys()
