@@ -57,24 +57,60 @@ fn eval_model_on(target: Option<&str>) {
 
 #[test]
 fn generate_matches_the_reference() {
-    generate_on("reference");
+    generate_on("reference", &[]);
     #[cfg(feature = "llvm")]
-    generate_on("cpu");
+    generate_on("cpu", &[]);
 }
 
-/// `generate --target T --print` against transformers' greedy decode: the tokens written and printed.
-fn generate_on(target: &str) {
+/// `generate --parallel`: the prefill and the decode step sharded and run on simulated ranks give transformers'
+/// greedy tokens, tensor parallel and expert-tensor parallel, interpreted and compiled for the CPU; degrees
+/// the prompt's batch or a decode step cannot take are refused with the reason.
+#[test]
+fn generate_on_sharded_ranks_matches_the_reference() {
+    generate_on("reference", &["--parallel", "tp=2"]);
+    #[cfg(feature = "llvm")]
+    generate_on("cpu", &["--parallel", "tp=2,etp=2"]);
     let dir = tiny_a();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
-    let o = fulgur(&[
+    for (par, msg) in [
+        ("ep=2", "--parallel ep=2: the batch (1) is not divisible by dp·ep (2)"),
+        (
+            "sp=2",
+            "--parallel dp=1,ep=1,sp=2,tp=1: generation takes sp=1 (a decode step has one token per sequence to split)",
+        ),
+    ] {
+        let o = fulgur(&[
+            &"generate",
+            &dir,
+            &"--tokens",
+            &dir.join("decode.safetensors"),
+            &"--max-new-tokens",
+            &"2",
+            &"--out",
+            &out,
+            &"--parallel",
+            &par,
+        ]);
+        common::fails(&o, &[msg]);
+        assert!(!out.exists());
+    }
+}
+
+/// `generate --target T --print` against transformers' greedy decode: the tokens written and printed.
+fn generate_on(target: &str, extra: &[&str]) {
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("g.safetensors");
+    let tokens = dir.join("decode.safetensors");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"generate",
         &"--target",
         &target,
         &"--print",
         &dir,
         &"--tokens",
-        &dir.join("decode.safetensors"),
+        &tokens,
         &"--tokens-key",
         &"prompt",
         &"--max-new-tokens",
@@ -82,7 +118,11 @@ fn generate_on(target: &str) {
         &"--greedy",
         &"--out",
         &out,
-    ]);
+    ];
+    for e in extra {
+        args.push(e);
+    }
+    let o = fulgur(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = read_safetensors(&out).unwrap();
     let want = read_safetensors(&dir.join("decode.safetensors")).unwrap();

@@ -17,5 +17,5 @@ pub mod stats;
 
 pub use config::{Flavor, LayerType, MiniMaxConfig};
 pub use error::ModelError;
-pub use minimax::{decode_graph, forward_graph, ForwardOptions};
+pub use minimax::{decode_graph, decode_graph_with, forward_graph, ForwardOptions};
 pub use random::{random_tokens, random_weights};

@@ -125,12 +125,18 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
 
 /// Builds the decode-step graph: one new token per sequence, carrying lightning states and KV caches.
 pub fn decode_graph(cfg: &MiniMaxConfig) -> Result<Graph> {
+    decode_graph_with(cfg, &ForwardOptions::default())
+}
+
+/// [`decode_graph`] with the options that shape the layers rather than the outputs (`split_gate_up`); the
+/// others do not apply to a decode step and are ignored.
+pub fn decode_graph_with(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph> {
     let mut b = Builder {
         g: Graph::new("minimax_decode"),
         cfg,
         dt: DType::F32,
         router_logits: Vec::new(),
-        split_gate_up: false,
+        split_gate_up: opts.split_gate_up,
     };
     let bs = Dim::sym("B");
     let ids = b.g.input("input_ids", DType::I64, vec![bs, d(1)])?;

@@ -272,7 +272,7 @@ fn first_failure(
 
 /// One rank's program as [`RankThreads`] runs it: on the rank's own thread, its collectives through `t`.
 pub trait RankProgram {
-    /// The data inputs the program takes (every rank's program takes the same).
+    /// The data inputs the program takes, not its parameters (every rank's program takes the same).
     fn input_names(&self) -> Vec<String>;
     /// Runs the program once on the inputs of `feed` it takes.
     fn run_rank(
@@ -282,10 +282,11 @@ pub trait RankProgram {
     ) -> Result<BTreeMap<String, Tensor>, String>;
 }
 
-/// A rank's program on the reference interpreter.
+/// A rank's program on the reference interpreter, with its weights (parameters by name) held between calls.
 pub struct InterpretedRank {
     pub graph: Graph,
     pub precision: Precision,
+    pub weights: HashMap<String, Tensor>,
 }
 
 impl RankProgram for InterpretedRank {
@@ -293,7 +294,10 @@ impl RankProgram for InterpretedRank {
         self.graph
             .inputs()
             .into_iter()
-            .filter_map(|id| self.graph.node(id).op.input_decl().map(|(n, _, _)| n.to_string()))
+            .filter_map(|id| match self.graph.node(id).op.input_decl() {
+                Some((n, _, false)) => Some(n.to_string()),
+                _ => None,
+            })
             .collect()
     }
     fn run_rank(
@@ -301,9 +305,24 @@ impl RankProgram for InterpretedRank {
         feed: &HashMap<String, Tensor>,
         t: std::sync::Arc<dyn Transport + Send + Sync>,
     ) -> Result<BTreeMap<String, Tensor>, String> {
-        Interpreter::new(self.precision)
-            .run_on(&self.graph, feed, &*t)
-            .map_err(|e| e.to_string())
+        if self.weights.is_empty() {
+            return Interpreter::new(self.precision)
+                .run_on(&self.graph, feed, &*t)
+                .map_err(|e| e.to_string());
+        }
+        // the call's inputs join the weights for the run and leave after (the weights are never copied)
+        let mut added = Vec::new();
+        for (n, v) in feed {
+            if !self.weights.contains_key(n) {
+                self.weights.insert(n.clone(), v.clone());
+                added.push(n.clone());
+            }
+        }
+        let out = Interpreter::new(self.precision).run_on(&self.graph, &self.weights, &*t);
+        for n in added {
+            self.weights.remove(&n);
+        }
+        out.map_err(|e| e.to_string())
     }
 }
 
@@ -1017,6 +1036,7 @@ mod tests {
                 Ok(Box::new(InterpretedRank {
                     graph: program(r, if r == 1 { second } else { "x" }),
                     precision: Precision::F64,
+                    weights: HashMap::new(),
                 }))
             }
         };
@@ -1040,6 +1060,7 @@ mod tests {
                 Ok(Box::new(InterpretedRank {
                     graph: Graph::new("empty"),
                     precision: Precision::F64,
+                    weights: HashMap::new(),
                 }) as Box<dyn RankProgram>)
             }
         })

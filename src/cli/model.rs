@@ -676,10 +676,79 @@ pub struct GenerateArgs {
     /// refusing.
     #[arg(long)]
     pub allow_longer: bool,
+    /// Generate sharded with these degrees, e.g. `tp=2,ep=2` (dp, ep, tp, etp; sp must be 1: a decode step
+    /// has one token per sequence): the prefill and the decode step sharded (`docs/parallelism.md`) and run on
+    /// simulated ranks, a thread per rank with its own `--target` program.
+    #[arg(long, value_name = "DEGREES")]
+    pub parallel: Option<String>,
+    /// Generate with the degrees a plan search chose (`fulgur plan ... --json`'s `best`).
+    #[arg(long, value_name = "PLAN.json", conflicts_with = "parallel")]
+    pub plan: Option<PathBuf>,
+}
+
+/// The prefill and decode step sharded at `degrees` for `b` prompts of `p` tokens, each rank's program
+/// optimized at `opt` and built on its own thread for `target` with the checkpoint's weights.
+fn sharded_pair(
+    ck: &Checkpoint,
+    degrees: &str,
+    b: usize,
+    p: usize,
+    args: &GenerateArgs,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+    let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
+    if par.sp > 1 {
+        bail!("--parallel {par}: generation takes sp=1 (a decode step has one token per sequence to split)");
+    }
+    let cfg = &ck.config;
+    let plan = |t: usize| {
+        fulgur::parallel::minimax_plan(cfg, &par, b, t).map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))
+    };
+    let (prefill_plan, decode_plan) = (plan(p)?, plan(1)?);
+    let opts = par.forward_options(&ForwardOptions {
+        states: true,
+        ..Default::default()
+    });
+    let structural = |g: fulgur_ir::Graph| -> Result<fulgur_ir::Graph> {
+        with_dtype(
+            fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?,
+            args.dtype,
+        )
+    };
+    let prefill = structural(forward_graph(cfg, &opts)?)?;
+    let decode = structural(fulgur_models::decode_graph_with(cfg, &opts)?)?;
+    let weights = std::sync::Arc::new(ck.load_params(&prefill)?);
+    let cost_model = args.target.cost_model();
+    let ranks =
+        |g: &fulgur_ir::Graph, plan: &fulgur_passes::shard::ShardPlan, what: &str| -> Result<Box<dyn Executable>> {
+            let (sg, _) = fulgur_passes::shard::shard_graph(g, plan).with_context(|| format!("sharding {what}"))?;
+            let programs = (0..par.ranks())
+                .map(|r| {
+                    let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
+                    optimize(rg, args.opt, cost_model).with_context(|| format!("optimizing rank {r}'s {what}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            crate::cli::train::rank_threads_with(
+                what,
+                programs,
+                args.target,
+                Precision::from(args.precision),
+                weights.clone(),
+            )
+        };
+    let pair = (
+        ranks(&prefill, &prefill_plan, "the prefill")?,
+        ranks(&decode, &decode_plan, "the decode step")?,
+    );
+    eprintln!("generating on {} simulated ranks ({par})", par.ranks());
+    Ok(pair)
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    check_output(&args.out, &model_inputs(&args.checkpoint, &args.tokens))?;
+    let mut guarded = model_inputs(&args.checkpoint, &args.tokens);
+    if let Some(p) = &args.plan {
+        guarded.push(InputFile::new("the --plan file", p));
+    }
+    check_output(&args.out, &guarded)?;
     let ck = Checkpoint::open(&args.checkpoint)?;
     let prompt = read_tokens(&args.tokens, &args.tokens_key)?;
     check_tokens(&prompt, ck.config.vocab_size, &args.tokens_key, &args.tokens)?;
@@ -722,7 +791,27 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             fulgur_ir::interp::fmt_bytes(budget)
         );
     }
+    let degrees = match (&args.parallel, &args.plan) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(p)) => Some(degrees_of_plan(p)?),
+        (None, None) => None,
+    };
     let cost_model = args.target.cost_model();
+    let t_load = Instant::now();
+    let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match &degrees {
+        Some(d) => sharded_pair(&ck, d, prompt.shape[0], p, &args)?,
+        None => unsharded_pair(&ck, &args, cost_model)?,
+    };
+    tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
+    generate_with(args, &ck.config, prefill.as_mut(), decode.as_mut(), &prompt, p)
+}
+
+/// The prefill and decode step on one device.
+fn unsharded_pair(
+    ck: &Checkpoint,
+    args: &GenerateArgs,
+    cost_model: &str,
+) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
     let prefill = with_dtype(
         optimize(
             forward_graph(
@@ -738,8 +827,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         args.dtype,
     )?;
     let decode = with_dtype(optimize(decode_graph(&ck.config)?, args.opt, cost_model)?, args.dtype)?;
-    let t_load = Instant::now();
-    let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match args.target {
+    Ok(match args.target {
         crate::cli::bench::BenchTarget::Reference => {
             let backend = ReferenceBackend {
                 precision: Precision::from(args.precision),
@@ -759,12 +847,22 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
                 }),
             )
         }
-        crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, &HostWeights::Checkpoint(&ck))?,
+        crate::cli::bench::BenchTarget::Cpu => load_cpu_pair(&prefill, &decode, &HostWeights::Checkpoint(ck))?,
         crate::cli::bench::BenchTarget::Cuda => {
-            load_cuda_pair(&prefill, &decode, &HostWeights::Checkpoint(&ck), !args.eager)?
+            load_cuda_pair(&prefill, &decode, &HostWeights::Checkpoint(ck), !args.eager)?
         }
-    };
-    tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
+    })
+}
+
+/// Greedy generation with the prefill and decode executables; writes and prints what `generate` does.
+fn generate_with(
+    args: GenerateArgs,
+    config: &fulgur_models::MiniMaxConfig,
+    prefill: &mut dyn Executable,
+    decode: &mut dyn Executable,
+    prompt: &Tensor,
+    p: usize,
+) -> Result<()> {
     // progress on stderr when it is a terminal: the prefill, then one tick per token
     let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
     bar.set_style(
@@ -776,17 +874,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     // when each token was ready: the first after the prefill, each next after one decode step
     let mut stamps: Vec<f64> = Vec::with_capacity(args.max_new_tokens);
-    let out = generate::greedy(
-        prefill.as_mut(),
-        decode.as_mut(),
-        &prompt,
-        args.max_new_tokens,
-        |done, _| {
-            stamps.push(t0.elapsed().as_secs_f64());
-            bar.set_message("generating");
-            bar.set_position(done as u64)
-        },
-    )
+    let out = generate::greedy(prefill, decode, prompt, args.max_new_tokens, |done, _| {
+        stamps.push(t0.elapsed().as_secs_f64());
+        bar.set_message("generating");
+        bar.set_position(done as u64)
+    })
     .context("generating")?;
     bar.finish_and_clear();
     let total_s = t0.elapsed().as_secs_f64();
@@ -796,7 +888,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     outputs.insert("step_logits".into(), out.step_logits);
     let generated = outputs["generated"].to_i64();
     write_safetensors(&args.out, &outputs)?;
-    for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), &ck.config) {
+    for w in crate::cli::files::config_warnings(&args.checkpoint.join("config.json"), config) {
         eprintln!("warning: {w}");
     }
     if args.print {

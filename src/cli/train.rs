@@ -237,16 +237,43 @@ pub(crate) fn rank_threads(
     programs: Vec<fulgur_ir::Graph>,
     target: BenchTarget,
 ) -> Result<Box<dyn Executable>> {
+    rank_threads_with(what, programs, target, fulgur_ir::Precision::F32, Default::default())
+}
+
+/// [`rank_threads`] for programs with weights: every rank loads the ones its program takes from `weights`
+/// when its program is built; `precision` is the reference interpreter's.
+pub(crate) fn rank_threads_with(
+    what: &str,
+    programs: Vec<fulgur_ir::Graph>,
+    target: BenchTarget,
+    precision: fulgur_ir::Precision,
+    weights: std::sync::Arc<HashMap<String, Tensor>>,
+) -> Result<Box<dyn Executable>> {
     use fulgur_runtime::ranks::{InterpretedRank, RankProgram, RankThreads};
     let n = programs.len();
     let programs = std::sync::Arc::new(programs);
+    let fetch = move |name: &str| {
+        weights
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("weight `{name}` is missing"))
+    };
     let make = move |r: usize| -> std::result::Result<Box<dyn RankProgram>, String> {
         let g = programs[r].clone();
         match target {
-            BenchTarget::Reference => Ok(Box::new(InterpretedRank {
-                graph: g,
-                precision: fulgur_ir::Precision::F32,
-            })),
+            BenchTarget::Reference => {
+                let params: HashMap<String, Tensor> = g
+                    .params()
+                    .into_iter()
+                    .filter_map(|id| g.node(id).op.input_decl().map(|(n, _, _)| n.to_string()))
+                    .map(|n| fetch(&n).map(|t| (n, t)))
+                    .collect::<std::result::Result<_, _>>()?;
+                Ok(Box::new(InterpretedRank {
+                    graph: g,
+                    precision,
+                    weights: params,
+                }))
+            }
             #[cfg(feature = "llvm")]
             BenchTarget::Cpu => {
                 use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
@@ -256,15 +283,19 @@ pub(crate) fn rank_threads(
                     threads: Some((threads / n).max(1)),
                     ..Default::default()
                 };
-                Ok(Box::new(CpuProgram::new(p, opts).map_err(|e| e.to_string())?))
+                let mut cpu = CpuProgram::new(p, opts).map_err(|e| e.to_string())?;
+                cpu.load_weights_from(|name, _| fetch(name))
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::new(cpu))
             }
             #[cfg(feature = "cuda")]
             BenchTarget::Cuda => {
                 use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
                 let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
-                Ok(Box::new(
-                    CudaProgram::new(p, CudaOptions::default()).map_err(|e| e.to_string())?,
-                ))
+                let mut gpu = CudaProgram::new(p, CudaOptions::default()).map_err(|e| e.to_string())?;
+                gpu.load_weights_from(|name, _| fetch(name))
+                    .map_err(|e| e.to_string())?;
+                Ok(Box::new(gpu))
             }
             #[allow(unreachable_patterns)]
             t => Err(format!("this build has no {t:?} backend")),
@@ -276,10 +307,9 @@ pub(crate) fn rank_threads(
             .and_then(|v| v.parse().ok())
             .unwrap_or(600),
     );
-    Ok(Box::new(
-        RankThreads::new(what, n, fulgur_ir::Precision::F32, timeout, make)
-            .map_err(|e| anyhow::anyhow!("building {what} on simulated ranks: {e}"))?,
-    ))
+    Ok(Box::new(RankThreads::new(what, n, precision, timeout, make).map_err(
+        |e| anyhow::anyhow!("building {what} on simulated ranks: {e}"),
+    )?))
 }
 
 /// FNV-1a over bytes: identifies a data or tokenizer file in `trainer.json` (not a security hash).
