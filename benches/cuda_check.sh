@@ -3,7 +3,7 @@
 # cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
 #   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
 # Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
-#   benches/cuda_check.sh [tests|cli|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
+#   benches/cuda_check.sh [tests|cli|parallel|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
 # `trainbench` takes TRAIN_LEVELS (default none,full) and TRAIN_ANCHOR=0 to leave transformers out.
 # `train` also needs the text corpus beside the pack: mkdir -p .device/data && cp ../shared/data/tinyshakespeare.txt .device/data/
 # One device call runs at most 10 minutes: the stages together can take longer (bench-m's random weights are
@@ -13,7 +13,7 @@ set -uo pipefail
 out=${OUT:-/tmp/fulgur-cuda}
 mkdir -p "$out"
 export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
-stages=${*:-tests cli bench anchor decode train trainstep trainbench}
+stages=${*:-tests cli parallel bench anchor decode train trainstep trainbench}
 fx=.device/fixtures/tiny-a
 bin=.device/bin/fulgur
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -29,6 +29,31 @@ for s in $stages; do
       { $bin compile $fx --target cuda --loss -o /tmp/tiny-a.cuda &&
         $bin run /tmp/tiny-a.cuda --weights $fx --inputs $fx/reference.safetensors --out /tmp/tiny-a.out.safetensors --print &&
         $bin generate $fx --target cuda --tokens $fx/decode.safetensors --max-new-tokens 16 --out /tmp/tiny-a.gen.safetensors --print; } 2>&1 | tee "$out/cli.log" | grep -vE "^ *\[" | tail -20 || status=1
+      ;;
+    parallel)
+      echo "=== tiny-a sharded on the GPU: a parallel artifact (simulated and launched ranks), training and generation"
+      rm -rf /tmp/fulgur-par /tmp/fulgur-part; mkdir -p /tmp/fulgur-part
+      { $bin compile $fx --target cuda --parallel ep=2,tp=2,etp=2 --batch 2 --seq 40 --loss -o /tmp/fulgur-par | tail -2
+        $bin run /tmp/fulgur-par --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-part/art.safetensors
+        FULGUR_RANK_TIMEOUT=120 $bin launch -n 4 --timeout 300 -- fulgur run /tmp/fulgur-par --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-part/launched.safetensors
+        rm -rf /tmp/fulgur-tr; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-tr --parallel dp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
+        $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/gen.safetensors --target cuda --parallel tp=2,etp=2 --print | tail -2
+        python3 - <<'PY'
+import json
+import numpy as np
+from safetensors.numpy import load_file
+fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-part"
+ref = load_file(f"{fx}/reference.safetensors")
+rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+for n in ["art", "launched"]:
+    print(n, "logits rel", rel(load_file(f"{o}/{n}.safetensors")["logits"], ref["logits"]))
+g, w = load_file(f"{o}/gen.safetensors"), load_file(f"{fx}/decode.safetensors")
+print("generate: tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
+want = load_file(f"{fx}/train/train.safetensors")["loss"]
+got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-tr/log.jsonl")]
+print("train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
+PY
+      } 2>&1 | tee "$out/parallel.log" | tail -12 || status=1
       ;;
     bench)
       echo "=== bench-m, bf16: unfused against optimized"
