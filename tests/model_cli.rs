@@ -63,8 +63,8 @@ fn generate_matches_the_reference() {
 }
 
 /// `generate --parallel`: the prefill and the decode step sharded and run on simulated ranks give transformers'
-/// greedy tokens, tensor parallel and expert-tensor parallel, interpreted and compiled for the CPU; degrees
-/// the prompt's batch or a decode step cannot take are refused with the reason.
+/// greedy tokens, tensor parallel and expert-tensor parallel, interpreted and compiled for the CPU, and as two
+/// launched processes; degrees the prompt's batch or a decode step cannot take are refused with the reason.
 #[test]
 fn generate_on_sharded_ranks_matches_the_reference() {
     generate_on("reference", &["--parallel", "tp=2"]);
@@ -73,6 +73,36 @@ fn generate_on_sharded_ranks_matches_the_reference() {
     let dir = tiny_a();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
+    // two launched processes, one rank each: rank 0 writes transformers' tokens
+    let o = fulgur(&[
+        &"launch",
+        &"-n",
+        &"2",
+        &"--",
+        &"fulgur",
+        &"generate",
+        &dir,
+        &"--tokens",
+        &dir.join("decode.safetensors"),
+        &"--max-new-tokens",
+        &"10",
+        &"--greedy",
+        &"--target",
+        &"reference",
+        &"--parallel",
+        &"tp=2",
+        &"--out",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("generating on 2 launched ranks"), "{err}");
+    let want = read_safetensors(&dir.join("decode.safetensors")).unwrap();
+    assert_eq!(
+        read_safetensors(&out).unwrap()["generated"].to_i64(),
+        want["generated"].to_i64()
+    );
+    std::fs::remove_file(&out).unwrap();
     for (par, msg) in [
         ("ep=2", "--parallel ep=2: the batch (1) is not divisible by dp·ep (2)"),
         (

@@ -405,3 +405,60 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
     );
     assert!(!bad.exists(), "a refused run writes nothing");
 }
+
+/// `fulgur launch -n 4 -- fulgur train ... --parallel dp=2,tp=2`: one rank per process, collectives over the
+/// TCP rendezvous, rank 0 alone writing the run: transformers' losses. A rank that exits at a collective fails
+/// the job naming it, and no checkpoint is written.
+#[test]
+#[cfg(feature = "llvm")]
+fn launched_ranks_train_and_a_dead_rank_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tiny_a();
+    let data = ck.join("train/train.safetensors");
+    let launch = |run: &Path, fault: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
+            .arg(&ck)
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--steps",
+                "3",
+                "--lr",
+                "0.01",
+                "--target",
+                "cpu",
+                "--parallel",
+                "dp=2,tp=2",
+                "--out",
+            ])
+            .arg(run)
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        if let Some(f) = fault {
+            c.env("FULGUR_FAULT_EXIT", f);
+        }
+        c.output().unwrap()
+    };
+    let run = tmp.path().join("run");
+    let o = launch(&run, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("training step sharded over 4 launched ranks (dp=2,ep=1,sp=1,tp=2)"),
+        "{err}"
+    );
+    let meta = read_safetensors(&tiny_a().join("train/train.safetensors")).unwrap();
+    let losses = log_losses(&run);
+    assert_eq!(losses.len(), 3, "rank 0 alone writes the log");
+    for (s, (a, b)) in losses.iter().zip(meta["loss"].to_f64()).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {}: loss {a} vs transformers {b}", s + 1);
+    }
+    assert!(run.join("checkpoint/trainer.json").is_file());
+    let dead = tmp.path().join("dead");
+    let o = launch(&dead, Some("2:3"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 2 did not reach collective #3 (`"), "{err}");
+    assert!(!dead.join("checkpoint").exists(), "a failed job writes no checkpoint");
+}

@@ -502,6 +502,44 @@ impl crate::Executable for RankThreads {
     }
 }
 
+/// This process's rank of a launched job (`fulgur launch`, torchrun, Slurm, Open MPI) as an
+/// [`Executable`](crate::Executable): its program run on the calling thread, its collectives through the job's
+/// transport (shared by every executable of the process, in the same order on every rank). Every rank returns
+/// its own outputs, which the sharding pass made the same on every rank.
+pub struct LaunchedRank {
+    name: String,
+    program: Box<dyn RankProgram>,
+    transport: std::sync::Arc<dyn Transport + Send + Sync>,
+}
+
+impl LaunchedRank {
+    pub fn new(
+        name: &str,
+        program: Box<dyn RankProgram>,
+        transport: std::sync::Arc<dyn Transport + Send + Sync>,
+    ) -> LaunchedRank {
+        LaunchedRank {
+            name: name.to_string(),
+            program,
+            transport,
+        }
+    }
+}
+
+impl crate::Executable for LaunchedRank {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.program.input_names()
+    }
+    fn run(&mut self, inputs: &HashMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>, crate::RuntimeError> {
+        self.program
+            .run_rank(inputs, self.transport.clone())
+            .map_err(crate::RuntimeError::Other)
+    }
+}
+
 impl Drop for RankThreads {
     fn drop(&mut self) {
         self.jobs.clear();

@@ -625,12 +625,7 @@ fn run_parallel(
     args: &RunArgs,
 ) -> Result<Option<RunResult>> {
     use fulgur_runtime::ranks::RankEnv;
-    let timeout = std::time::Duration::from_secs(
-        std::env::var("FULGUR_RANK_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(600),
-    );
+    let timeout = crate::cli::ranks::rank_timeout();
     let cuda = manifest.target == "cuda";
     let targets = ["cpu", "cuda"];
     if let Some(env) = RankEnv::from_env().map_err(|e| anyhow!(e))? {
@@ -652,7 +647,7 @@ fn run_parallel(
             weights,
             data,
             args,
-            RankTransport::Launched(&env, &sizes, timeout),
+            RankTransport::Launched(&env, &sizes),
         )
         .map_err(|e| anyhow!("rank {}: {e}", env.rank))?;
         if env.rank == 0 {
@@ -704,8 +699,8 @@ fn run_parallel(
 enum RankTransport<'a> {
     /// The in-process simulated transport of threads.
     Simulated(std::sync::Arc<fulgur_runtime::ranks::SimTransport>),
-    /// A launched process: its rank, the mesh's sizes and the timeout.
-    Launched(&'a fulgur_runtime::ranks::RankEnv, &'a [usize], std::time::Duration),
+    /// A launched process: its rank and the mesh's sizes.
+    Launched(&'a fulgur_runtime::ranks::RankEnv, &'a [usize]),
 }
 
 /// Runs one rank's program on the CPU or the GPU with its collectives through `transport`.
@@ -717,45 +712,15 @@ fn rank_program(
     args: &RunArgs,
     transport: RankTransport,
 ) -> Result<RunResult> {
-    use fulgur_runtime::ranks::TcpTransport;
-    type Shared = std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>;
-    let transport: Shared = match transport {
+    let transport: crate::cli::ranks::Shared = match transport {
         RankTransport::Simulated(t) => t,
-        RankTransport::Launched(env, sizes, timeout) => {
-            if cuda && std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
-                nccl_transport(env, sizes, timeout)?
-            } else {
-                std::sync::Arc::new(
-                    TcpTransport::connect(env, fulgur_ir::interp::Precision::F32, timeout).map_err(|e| anyhow!(e))?,
-                )
-            }
-        }
+        RankTransport::Launched(env, sizes) => crate::cli::ranks::transport(env, sizes, cuda)?,
     };
     if cuda {
         run_cuda_with(program, weights, data, args, Some(transport))
     } else {
         run_cpu_with(program, weights, data, args, Some(transport))
     }
-}
-
-#[cfg(feature = "cuda")]
-fn nccl_transport(
-    env: &fulgur_runtime::ranks::RankEnv,
-    sizes: &[usize],
-    timeout: std::time::Duration,
-) -> Result<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>> {
-    Ok(std::sync::Arc::new(
-        fulgur_runtime::nccl::NcclTransport::connect(env, sizes, 0, timeout).map_err(|e| anyhow!(e))?,
-    ))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn nccl_transport(
-    _: &fulgur_runtime::ranks::RankEnv,
-    _: &[usize],
-    _: std::time::Duration,
-) -> Result<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>> {
-    bail!("FULGUR_TRANSPORT=nccl: this build has no CUDA backend (built without the `cuda` feature)")
 }
 
 fn run_cpu(

@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod launch;
 pub mod model;
 pub mod plan;
+pub mod ranks;
 pub mod show;
 pub mod stats;
 pub mod train;

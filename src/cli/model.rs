@@ -330,12 +330,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                     par.ranks()
                 );
             }
-            let timeout = std::time::Duration::from_secs(
-                std::env::var("FULGUR_RANK_TIMEOUT")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(600),
-            );
+            let timeout = crate::cli::ranks::rank_timeout();
             // this rank's program only
             let program = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, env.rank)?;
             let tcp = || {
@@ -346,7 +341,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                 rank_on_cpu(&program, &feed, std::sync::Arc::new(tcp()?))
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             } else if target == crate::cli::bench::BenchTarget::Cuda {
-                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes(), timeout)
+                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes())
                     .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
             } else {
                 let transport = tcp()?;
@@ -571,20 +566,9 @@ fn rank_on_cuda(
     feed: &std::collections::HashMap<String, Tensor>,
     env: &fulgur_runtime::ranks::RankEnv,
     mesh: &[usize],
-    timeout: std::time::Duration,
 ) -> Result<BTreeMap<String, Tensor>> {
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let transport: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync> =
-        if std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
-            std::sync::Arc::new(
-                fulgur_runtime::nccl::NcclTransport::connect(env, mesh, 0, timeout).map_err(|e| anyhow::anyhow!(e))?,
-            )
-        } else {
-            std::sync::Arc::new(
-                fulgur_runtime::ranks::TcpTransport::connect(env, Precision::F32, timeout)
-                    .map_err(|e| anyhow::anyhow!(e))?,
-            )
-        };
+    let transport = crate::cli::ranks::transport(env, mesh, true)?;
     let kp = fulgur_codegen::program::lower(g)?;
     let mut gpu = CudaProgram::new(kp, CudaOptions::default()).context("compiling for the GPU")?;
     gpu.set_transport(transport);
@@ -599,7 +583,6 @@ fn rank_on_cuda(
     _: &std::collections::HashMap<String, Tensor>,
     _: &fulgur_runtime::ranks::RankEnv,
     _: &[usize],
-    _: std::time::Duration,
 ) -> Result<BTreeMap<String, Tensor>> {
     bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
 }
@@ -686,15 +669,20 @@ pub struct GenerateArgs {
     pub plan: Option<PathBuf>,
 }
 
+/// A prefill and a decode step.
+type ExecutablePair = (Box<dyn Executable>, Box<dyn Executable>);
+
 /// The prefill and decode step sharded at `degrees` for `b` prompts of `p` tokens, each rank's program
 /// optimized at `opt` and built on its own thread for `target` with the checkpoint's weights.
+/// Started by a launcher, only this process's rank is built, its collectives over the job's transport; the
+/// flag says whether this process writes the outputs (rank 0, or the only process).
 fn sharded_pair(
     ck: &Checkpoint,
     degrees: &str,
     b: usize,
     p: usize,
     args: &GenerateArgs,
-) -> Result<(Box<dyn Executable>, Box<dyn Executable>)> {
+) -> Result<(ExecutablePair, bool)> {
     let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
     if par.sp > 1 {
         bail!("--parallel {par}: generation takes sp=1 (a decode step has one token per sequence to split)");
@@ -718,29 +706,46 @@ fn sharded_pair(
     let decode = structural(fulgur_models::decode_graph_with(cfg, &opts)?)?;
     let weights = std::sync::Arc::new(ck.load_params(&prefill)?);
     let cost_model = args.target.cost_model();
+    let launch = crate::cli::ranks::launched(&par, args.target)?;
     let ranks =
         |g: &fulgur_ir::Graph, plan: &fulgur_passes::shard::ShardPlan, what: &str| -> Result<Box<dyn Executable>> {
             let (sg, _) = fulgur_passes::shard::shard_graph(g, plan).with_context(|| format!("sharding {what}"))?;
-            let programs = (0..par.ranks())
+            let programs = crate::cli::ranks::local_ranks(&par, launch.as_ref())
+                .into_iter()
                 .map(|r| {
                     let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
                     optimize(rg, args.opt, cost_model).with_context(|| format!("optimizing rank {r}'s {what}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            crate::cli::train::rank_threads_with(
+            crate::cli::ranks::executable(
                 what,
                 programs,
                 args.target,
                 Precision::from(args.precision),
                 weights.clone(),
+                launch.as_ref(),
             )
         };
-    let pair = (
+    let (prefill, decode) = (
         ranks(&prefill, &prefill_plan, "the prefill")?,
         ranks(&decode, &decode_plan, "the decode step")?,
     );
-    eprintln!("generating on {} simulated ranks ({par})", par.ranks());
-    Ok(pair)
+    let writer = match &launch {
+        Some((env, _)) => env.rank == 0,
+        None => true,
+    };
+    if writer {
+        eprintln!(
+            "generating on {} {} ({par})",
+            par.ranks(),
+            if launch.is_some() {
+                "launched ranks"
+            } else {
+                "simulated ranks"
+            }
+        );
+    }
+    Ok(((prefill, decode), writer))
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
@@ -798,12 +803,17 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     };
     let cost_model = args.target.cost_model();
     let t_load = Instant::now();
+    let mut writer = true;
     let (mut prefill, mut decode): (Box<dyn Executable>, Box<dyn Executable>) = match &degrees {
-        Some(d) => sharded_pair(&ck, d, prompt.shape[0], p, &args)?,
+        Some(d) => {
+            let (pair, w) = sharded_pair(&ck, d, prompt.shape[0], p, &args)?;
+            writer = w;
+            pair
+        }
         None => unsharded_pair(&ck, &args, cost_model)?,
     };
     tracing::info!(elapsed = ?t_load.elapsed(), target = ?args.target, "prefill and decode loaded");
-    generate_with(args, &ck.config, prefill.as_mut(), decode.as_mut(), &prompt, p)
+    generate_with(args, &ck.config, prefill.as_mut(), decode.as_mut(), &prompt, p, writer)
 }
 
 /// The prefill and decode step on one device.
@@ -862,9 +872,15 @@ fn generate_with(
     decode: &mut dyn Executable,
     prompt: &Tensor,
     p: usize,
+    writer: bool,
 ) -> Result<()> {
     // progress on stderr when it is a terminal: the prefill, then one tick per token
-    let bar = indicatif::ProgressBar::new(args.max_new_tokens as u64);
+    // a launched rank other than 0 generates alongside and shows and writes nothing
+    let bar = if writer {
+        indicatif::ProgressBar::new(args.max_new_tokens as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg} {pos}/{len} tokens [{elapsed_precise}] {per_sec}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -881,6 +897,9 @@ fn generate_with(
     })
     .context("generating")?;
     bar.finish_and_clear();
+    if !writer {
+        return Ok(());
+    }
     let total_s = t0.elapsed().as_secs_f64();
     tracing::info!(elapsed = ?t0.elapsed(), tokens = args.max_new_tokens, "generation done");
     let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();

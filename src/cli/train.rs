@@ -230,88 +230,6 @@ pub(crate) fn executable(
     })
 }
 
-/// Every rank's program (`programs[r]`, a per-rank lowering) on its own thread for `target`, built there once
-/// and run at every call with the simulated transport (`runtime::ranks::RankThreads`): rank 0's outputs.
-pub(crate) fn rank_threads(
-    what: &str,
-    programs: Vec<fulgur_ir::Graph>,
-    target: BenchTarget,
-) -> Result<Box<dyn Executable>> {
-    rank_threads_with(what, programs, target, fulgur_ir::Precision::F32, Default::default())
-}
-
-/// [`rank_threads`] for programs with weights: every rank loads the ones its program takes from `weights`
-/// when its program is built; `precision` is the reference interpreter's.
-pub(crate) fn rank_threads_with(
-    what: &str,
-    programs: Vec<fulgur_ir::Graph>,
-    target: BenchTarget,
-    precision: fulgur_ir::Precision,
-    weights: std::sync::Arc<HashMap<String, Tensor>>,
-) -> Result<Box<dyn Executable>> {
-    use fulgur_runtime::ranks::{InterpretedRank, RankProgram, RankThreads};
-    let n = programs.len();
-    let programs = std::sync::Arc::new(programs);
-    let fetch = move |name: &str| {
-        weights
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("weight `{name}` is missing"))
-    };
-    let make = move |r: usize| -> std::result::Result<Box<dyn RankProgram>, String> {
-        let g = programs[r].clone();
-        match target {
-            BenchTarget::Reference => {
-                let params: HashMap<String, Tensor> = g
-                    .params()
-                    .into_iter()
-                    .filter_map(|id| g.node(id).op.input_decl().map(|(n, _, _)| n.to_string()))
-                    .map(|n| fetch(&n).map(|t| (n, t)))
-                    .collect::<std::result::Result<_, _>>()?;
-                Ok(Box::new(InterpretedRank {
-                    graph: g,
-                    precision,
-                    weights: params,
-                }))
-            }
-            #[cfg(feature = "llvm")]
-            BenchTarget::Cpu => {
-                use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
-                let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
-                let threads = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-                let opts = CpuOptions {
-                    threads: Some((threads / n).max(1)),
-                    ..Default::default()
-                };
-                let mut cpu = CpuProgram::new(p, opts).map_err(|e| e.to_string())?;
-                cpu.load_weights_from(|name, _| fetch(name))
-                    .map_err(|e| e.to_string())?;
-                Ok(Box::new(cpu))
-            }
-            #[cfg(feature = "cuda")]
-            BenchTarget::Cuda => {
-                use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-                let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
-                let mut gpu = CudaProgram::new(p, CudaOptions::default()).map_err(|e| e.to_string())?;
-                gpu.load_weights_from(|name, _| fetch(name))
-                    .map_err(|e| e.to_string())?;
-                Ok(Box::new(gpu))
-            }
-            #[allow(unreachable_patterns)]
-            t => Err(format!("this build has no {t:?} backend")),
-        }
-    };
-    let timeout = std::time::Duration::from_secs(
-        std::env::var("FULGUR_RANK_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(600),
-    );
-    Ok(Box::new(RankThreads::new(what, n, precision, timeout, make).map_err(
-        |e| anyhow::anyhow!("building {what} on simulated ranks: {e}"),
-    )?))
-}
-
 /// FNV-1a over bytes: identifies a data or tokenizer file in `trainer.json` (not a security hash).
 fn fnv(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -495,6 +413,13 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
+    // started by a launcher: this process is one rank (its collectives over the job's transport), every rank
+    // runs the same loop on the same data and outputs, and rank 0 alone writes the run directory
+    let launch = match &par {
+        Some(p) => crate::cli::ranks::launched(p, args.target)?,
+        None => None,
+    };
+    let writer = launch.as_ref().is_none_or(|(env, _)| env.rank == 0);
     let loss_opts = ForwardOptions {
         loss: true,
         ..Default::default()
@@ -600,11 +525,15 @@ pub fn run(args: Args) -> Result<()> {
             state.insert(format!("{GRAD_ACC}{n}"), z);
         }
     }
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if writer {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    }
     // the programs
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let say = |m: &str| {
-        if tty {
+        if !writer {
+            // a launched rank other than 0 shows nothing
+        } else if tty {
             eprint!("\r\x1b[2K{m}");
         } else {
             eprintln!("{m}");
@@ -642,7 +571,8 @@ pub fn run(args: Args) -> Result<()> {
             let programs = |sg: &fulgur_ir::Graph,
                             mesh: &fulgur_passes::shard::Mesh|
              -> Result<Vec<fulgur_ir::Graph>> {
-                (0..par.ranks())
+                crate::cli::ranks::local_ranks(par, launch.as_ref())
+                    .into_iter()
                     .map(|r| {
                         let rg = fulgur_passes::shard::lower_rank(sg, mesh, r)?;
                         optimize(rg, args.opt, &cost_model).with_context(|| format!("optimizing rank {r}'s program"))
@@ -676,33 +606,52 @@ pub fn run(args: Args) -> Result<()> {
     let env: HashMap<String, i64> = [("B".to_string(), micro as i64), ("T".to_string(), t as i64)].into();
     let plan = step_program.layout(&env)?;
     // what the backward keeps and what it recomputes (`--recompute`), at this run's shape
-    if tty {
+    if tty && writer {
         eprint!("\r\x1b[2K");
     }
-    eprintln!("activations for the backward: {}", grad_report.summary(&env));
+    if writer {
+        eprintln!("activations for the backward: {}", grad_report.summary(&env));
+    }
     say("compiling");
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
     let (mut step_exe, mut eval_exe) = match sharded {
         Some((steps, evals, report)) => {
+            let par = par.as_ref().expect("sharded with degrees");
             let collectives: usize = report.collectives.values().sum();
-            eprintln!(
-                "training step sharded over {} simulated ranks ({}): {collectives} collectives ({})",
-                steps.len(),
-                par.as_ref().map(|p| p.to_string()).unwrap_or_default(),
-                report
-                    .collectives
-                    .iter()
-                    .map(|(k, v)| format!("{v} {k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            if writer {
+                eprintln!(
+                    "training step sharded over {} {} ({par}): {collectives} collectives ({})",
+                    par.ranks(),
+                    if launch.is_some() {
+                        "launched ranks"
+                    } else {
+                        "simulated ranks"
+                    },
+                    report
+                        .collectives
+                        .iter()
+                        .map(|(k, v)| format!("{v} {k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let ranks = |what: &str, programs| {
+                crate::cli::ranks::executable(
+                    what,
+                    programs,
+                    args.target,
+                    fulgur_ir::Precision::F32,
+                    Default::default(),
+                    launch.as_ref(),
+                )
+            };
             let eval = if heldout.is_empty() {
                 None
             } else {
-                Some(rank_threads("the held-out loss", evals, args.target)?)
+                Some(ranks("the held-out loss", evals)?)
             };
-            (rank_threads("the training step", steps, args.target)?, eval)
+            (ranks("the training step", steps)?, eval)
         }
         None => {
             let step = executable(&step_graph, Some(step_program), args.target, args.check_finite)
@@ -738,11 +687,18 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         String::new()
     };
-    fulgur_ir::tensor::write_atomic(&log_path, kept.as_bytes())?;
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    // a launched rank other than 0 writes nothing
+    let mut log: Box<dyn std::io::Write> = if writer {
+        fulgur_ir::tensor::write_atomic(&log_path, kept.as_bytes())?;
+        Box::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("opening {}", log_path.display()))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     // Ctrl-C finishes the step and saves; a second one ends the process at once
     let _ = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
@@ -905,11 +861,14 @@ pub fn run(args: Args) -> Result<()> {
             ));
         }
         let stop = STOP.load(Ordering::SeqCst);
-        if stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps {
+        if writer && (stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps) {
             save(&mut trainer, step, &cursor)?;
             last_good = Some((step, ck_dir.clone()));
         }
         if stop && step < args.steps {
+            if !writer {
+                break;
+            }
             if tty {
                 eprintln!();
             }
@@ -919,6 +878,9 @@ pub fn run(args: Args) -> Result<()> {
             );
             break;
         }
+    }
+    if !writer {
+        return Ok(());
     }
     if tty {
         eprintln!();

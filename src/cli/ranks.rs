@@ -1,0 +1,166 @@
+//! Sharded programs run by the commands (`train`, `generate`; `docs/parallelism.md` §5.5): every rank on its own
+//! thread of this process (simulated ranks, `runtime::ranks::RankThreads`), or, when a launcher started this
+//! process (`fulgur launch`, torchrun, Slurm, Open MPI), this process's rank alone with its collectives over the
+//! job's transport (`runtime::ranks::LaunchedRank`): TCP through the rendezvous, or NCCL on the cuda target with
+//! `FULGUR_TRANSPORT=nccl`.
+
+use crate::cli::bench::BenchTarget;
+use anyhow::Result;
+use fulgur::parallel::Parallel;
+use fulgur_ir::{Graph, Precision, Tensor};
+use fulgur_runtime::ranks::{InterpretedRank, LaunchedRank, RankEnv, RankProgram, RankThreads};
+use fulgur_runtime::Executable;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The transport of a launched process.
+pub(crate) type Shared = Arc<dyn fulgur_ir::Transport + Send + Sync>;
+
+/// How long a rank waits for the others at a collective: `FULGUR_RANK_TIMEOUT` seconds, default 600.
+pub(crate) fn rank_timeout() -> Duration {
+    Duration::from_secs(
+        std::env::var("FULGUR_RANK_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    )
+}
+
+/// This process's place when a launcher started it, with its transport connected (every rank of the job meets
+/// at the rendezvous here); `None` when no launcher's variables are set. A job of another size than the
+/// degrees' ranks is refused with both numbers.
+pub(crate) fn launched(par: &Parallel, target: BenchTarget) -> Result<Option<(RankEnv, Shared)>> {
+    let Some(env) = RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? else {
+        return Ok(None);
+    };
+    if env.world != par.ranks() {
+        anyhow::bail!(
+            "launched as {} ranks ({}'s variables) but --parallel {par} needs {}",
+            env.world,
+            env.source,
+            par.ranks()
+        );
+    }
+    let t = transport(&env, &par.mesh().sizes(), target == BenchTarget::Cuda)
+        .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+    Ok(Some((env, t)))
+}
+
+/// A launched rank's transport: NCCL on a GPU program with `FULGUR_TRANSPORT=nccl`, else TCP through the
+/// rendezvous at `MASTER_ADDR:MASTER_PORT`.
+pub(crate) fn transport(env: &RankEnv, mesh: &[usize], cuda: bool) -> Result<Shared> {
+    if cuda && std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
+        return nccl(env, mesh);
+    }
+    Ok(Arc::new(
+        fulgur_runtime::ranks::TcpTransport::connect(env, Precision::F32, rank_timeout())
+            .map_err(|e| anyhow::anyhow!(e))?,
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn nccl(env: &RankEnv, mesh: &[usize]) -> Result<Shared> {
+    Ok(Arc::new(
+        fulgur_runtime::nccl::NcclTransport::connect(env, mesh, 0, rank_timeout()).map_err(|e| anyhow::anyhow!(e))?,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: &RankEnv, _: &[usize]) -> Result<Shared> {
+    anyhow::bail!("FULGUR_TRANSPORT=nccl: this build has no CUDA backend (built without the `cuda` feature)")
+}
+
+/// Rank program `g` built for `target` with its parameters from `fetch`; `threads` CPU threads.
+#[cfg_attr(not(feature = "llvm"), allow(unused_variables))]
+fn program(
+    g: Graph,
+    target: BenchTarget,
+    precision: Precision,
+    threads: usize,
+    fetch: &dyn Fn(&str) -> std::result::Result<Tensor, String>,
+) -> std::result::Result<Box<dyn RankProgram>, String> {
+    match target {
+        BenchTarget::Reference => {
+            let weights: HashMap<String, Tensor> = g
+                .params()
+                .into_iter()
+                .filter_map(|id| g.node(id).op.input_decl().map(|(n, _, _)| n.to_string()))
+                .map(|n| fetch(&n).map(|t| (n, t)))
+                .collect::<std::result::Result<_, _>>()?;
+            Ok(Box::new(InterpretedRank {
+                graph: g,
+                precision,
+                weights,
+            }))
+        }
+        #[cfg(feature = "llvm")]
+        BenchTarget::Cpu => {
+            use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+            let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
+            let opts = CpuOptions {
+                threads: Some(threads),
+                ..Default::default()
+            };
+            let mut cpu = CpuProgram::new(p, opts).map_err(|e| e.to_string())?;
+            cpu.load_weights_from(|name, _| fetch(name))
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(cpu))
+        }
+        #[cfg(feature = "cuda")]
+        BenchTarget::Cuda => {
+            use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+            let p = fulgur_codegen::program::lower(&g).map_err(|e| e.to_string())?;
+            let mut gpu = CudaProgram::new(p, CudaOptions::default()).map_err(|e| e.to_string())?;
+            gpu.load_weights_from(|name, _| fetch(name))
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(gpu))
+        }
+        #[allow(unreachable_patterns)]
+        t => Err(format!("this build has no {t:?} backend")),
+    }
+}
+
+/// The ranks whose programs this process builds: its own when launched, else all of them.
+pub(crate) fn local_ranks(par: &Parallel, launch: Option<&(RankEnv, Shared)>) -> Vec<usize> {
+    match launch {
+        Some((env, _)) => vec![env.rank],
+        None => (0..par.ranks()).collect(),
+    }
+}
+
+/// `programs` (one per rank of [`local_ranks`], in order) as one executable for `target` with the parameters in
+/// `weights`: on simulated ranks (a thread each), or this launched process's rank. `precision` is the reference
+/// interpreter's.
+pub(crate) fn executable(
+    what: &str,
+    programs: Vec<Graph>,
+    target: BenchTarget,
+    precision: Precision,
+    weights: Arc<HashMap<String, Tensor>>,
+    launch: Option<&(RankEnv, Shared)>,
+) -> Result<Box<dyn Executable>> {
+    let n = programs.len();
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let fetch = move |name: &str| {
+        weights
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("weight `{name}` is missing"))
+    };
+    if let Some((env, t)) = launch {
+        let g = programs
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no program for rank {}", env.rank))?;
+        let p = program(g, target, precision, cores, &fetch)
+            .map_err(|e| anyhow::anyhow!("rank {}: building {what}: {e}", env.rank))?;
+        return Ok(Box::new(LaunchedRank::new(what, p, t.clone())));
+    }
+    let programs = Arc::new(programs);
+    let make = move |r: usize| program(programs[r].clone(), target, precision, (cores / n).max(1), &fetch);
+    Ok(Box::new(
+        RankThreads::new(what, n, precision, rank_timeout(), make)
+            .map_err(|e| anyhow::anyhow!("building {what} on simulated ranks: {e}"))?,
+    ))
+}
