@@ -37,4 +37,5 @@ pub use fulgur_passes as passes;
 pub use fulgur_runtime as runtime;
 
 pub mod parallel;
+pub mod pipeline;
 pub mod plan;

@@ -34,6 +34,9 @@ pub struct Parallel {
     /// Expert-tensor parallelism: 1 (each expert whole on one rank, the experts split over `ep·tp`) or `tp`
     /// (the experts split over `ep`, each expert's width over the `tp` group).
     pub etp: usize,
+    /// Pipeline stages (`fulgur::pipeline`): the layers cut into `pp` contiguous stages, each sharded over the
+    /// other degrees; [`Parallel::ranks`] counts one stage's ranks.
+    pub pp: usize,
 }
 
 impl Default for Parallel {
@@ -44,6 +47,7 @@ impl Default for Parallel {
             sp: 1,
             tp: 1,
             etp: 1,
+            pp: 1,
         }
     }
 }
@@ -54,13 +58,16 @@ impl fmt::Display for Parallel {
         if self.etp > 1 {
             write!(f, ",etp={}", self.etp)?;
         }
+        if self.pp > 1 {
+            write!(f, ",pp={}", self.pp)?;
+        }
         Ok(())
     }
 }
 
 impl Parallel {
     /// Parses `tp=2,ep=4,dp=1` (any order; a degree not named is 1). `etp` is 1 or `tp` (the expert-tensor
-    /// group is the attention's tensor group); `pp` and `edp` are known names but only 1 is accepted for them yet.
+    /// group is the attention's tensor group); `edp` is a known name but only 1 is accepted for it yet.
     pub fn parse(s: &str) -> Result<Parallel, String> {
         let mut p = Parallel::default();
         let mut seen = Vec::new();
@@ -85,14 +92,12 @@ impl Parallel {
                 "tp" => p.tp = value,
                 "sp" => p.sp = value,
                 "etp" => p.etp = value,
-                "pp" | "edp" if value == 1 => {}
-                "pp" | "edp" => {
+                "pp" => p.pp = value,
+                "edp" if value == 1 => {}
+                "edp" => {
                     return Err(format!(
-                        "`{name}={value}`: {} is not built yet (dp, ep, sp, tp and etp are)",
-                        match name {
-                            "pp" => "pipeline parallelism",
-                            _ => "a separate expert data-parallel degree",
-                        }
+                        "`{name}={value}`: a separate expert data-parallel degree is not built yet (dp, ep, sp, tp, \
+                         etp and pp are)"
                     ))
                 }
                 _ => return Err(format!("unknown degree `{name}` (known: dp, ep, tp, etp, sp, pp, edp)")),
@@ -108,9 +113,19 @@ impl Parallel {
         Ok(p)
     }
 
-    /// The number of ranks: the product of the degrees.
+    /// The ranks of one pipeline stage (all of them without pipeline parallelism): `dp·ep·sp·tp`.
     pub fn ranks(&self) -> usize {
         self.dp * self.ep * self.sp * self.tp
+    }
+
+    /// Every rank of the job: `pp` stages of [`Parallel::ranks`].
+    pub fn total_ranks(&self) -> usize {
+        self.pp * self.ranks()
+    }
+
+    /// These degrees within one pipeline stage (`pp = 1`).
+    pub fn stage(&self) -> Parallel {
+        Parallel { pp: 1, ..self.clone() }
     }
 
     /// The tensor-parallel degree the experts are split over (not their width): `tp`, or 1 under
@@ -165,6 +180,13 @@ pub fn minimax_plan(cfg: &MiniMaxConfig, par: &Parallel, batch: usize, seq: usiz
             Err(format!("{what} ({n}) is not divisible by {axes} ({by})"))
         }
     };
+    if par.pp > 1 {
+        return Err(format!(
+            "pp={}: pipeline parallelism cuts the model into stages (`fulgur::pipeline`); each stage is sharded \
+             with pp=1",
+            par.pp
+        ));
+    }
     check("the batch", batch, par.dp * par.ep, "dp·ep")?;
     check("the sequence length", seq, par.sp, "sp")?;
     check("num_attention_heads", cfg.num_attention_heads, par.tp, "tp")?;
@@ -359,7 +381,8 @@ mod tests {
                 ep: 4,
                 sp: 1,
                 tp: 2,
-                etp: 1
+                etp: 1,
+                pp: 1
             }
         );
         assert_eq!(Parallel::parse("").unwrap(), Parallel::default());
@@ -375,9 +398,14 @@ mod tests {
             "`tp=0`: the degree must be a whole number at least 1"
         );
         assert_eq!(Parallel::parse("tp=2,tp=2").unwrap_err(), "`tp` is given twice");
+        assert_eq!(Parallel::parse("pp=2,tp=2").unwrap().total_ranks(), 4);
         assert_eq!(
-            Parallel::parse("pp=2").unwrap_err(),
-            "`pp=2`: pipeline parallelism is not built yet (dp, ep, sp, tp and etp are)"
+            Parallel::parse("pp=2,tp=2").unwrap().to_string(),
+            "dp=1,ep=1,sp=1,tp=2,pp=2"
+        );
+        assert_eq!(
+            Parallel::parse("edp=2").unwrap_err(),
+            "`edp=2`: a separate expert data-parallel degree is not built yet (dp, ep, sp, tp, etp and pp are)"
         );
         assert_eq!(
             Parallel::parse("xp=2").unwrap_err(),

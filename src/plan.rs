@@ -350,7 +350,14 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 }
             }) {
                 let dp = gpus / (tp * ep * sp);
-                let par = Parallel { dp, ep, sp, tp, etp };
+                let par = Parallel {
+                    dp,
+                    ep,
+                    sp,
+                    tp,
+                    etp,
+                    pp: 1,
+                };
                 if sp > 1 && batch.is_multiple_of(dp * ep) && batch / (dp * ep) > 1 && mode == Mode::Infer {
                     candidates += 1;
                     refused.push((

@@ -935,3 +935,147 @@ fn expert_tensor_parallel_splits_each_experts_width() {
         )
     );
 }
+
+/// Pipeline parallelism: tiny-a's four layers cut into two and four stages (alone and with tensor and
+/// expert-tensor parallelism inside each stage), two micro-batches through the 1F1B schedule on simulated ranks:
+/// the logits and loss equal the single device's, and so do the gradients of all 39 parameters (the
+/// micro-batches' mean, each stage's backward recomputing its forward from the hidden states it kept).
+#[test]
+fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() {
+    use fulgur::pipeline::{build, concat_batches, micro_batches, one_f_one_b, run, stage_layers, Op};
+    use fulgur::runtime::ranks::{InterpretedRank, RankProgram};
+    let (ck, g, mut feed) = tiny_a();
+    let cfg = &ck.config;
+    let ids = random_tokens(2, 16, cfg.vocab_size, 13);
+    feed.insert("input_ids".into(), ids.clone());
+    let single = run_f64(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed);
+    let weights = std::sync::Arc::new(feed.clone());
+    let make = move |g: &Graph| -> Result<Box<dyn RankProgram>, String> {
+        let params = g
+            .params()
+            .into_iter()
+            .map(|id| {
+                let (n, _, _) = g.node(id).op.input_decl().unwrap();
+                (n.to_string(), weights[n].clone())
+            })
+            .collect();
+        Ok(Box::new(InterpretedRank {
+            graph: g.clone(),
+            precision: Precision::F64,
+            weights: params,
+        }))
+    };
+    let opts = ForwardOptions {
+        loss: true,
+        ..Default::default()
+    };
+    for par in ["pp=2", "pp=4", "pp=2,tp=2", "pp=2,tp=2,etp=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let stages = build(cfg, &p, 1, 16, &opts, true, &|g| Ok(g)).unwrap();
+        assert_eq!(stages.len(), p.pp);
+        let micro = micro_batches(&ids, 2).unwrap();
+        let out = run(
+            &stages,
+            &micro,
+            &make,
+            Precision::F64,
+            std::time::Duration::from_secs(120),
+        )
+        .unwrap();
+        let logits: Vec<&Tensor> = out.outputs.iter().map(|o| &o["logits"]).collect();
+        let e = concat_batches(&logits).unwrap().rel_l2(&single["logits"]);
+        let loss = out.outputs.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / 2.0;
+        let grads: BTreeMap<String, Tensor> = out
+            .grads
+            .iter()
+            .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
+            .collect();
+        let want: BTreeMap<String, Tensor> = single
+            .iter()
+            .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(grads.len(), 39, "{par}");
+        let (eg, name) = worst(&grads, &want);
+        println!("{par}: logits {e:.1e}, gradients worst {eg:.1e} ({name})");
+        assert!(e < 1e-10, "{par}: logits off by {e}");
+        assert!((loss - single["loss"].to_f64()[0]).abs() < 1e-10, "{par}: loss {loss}");
+        assert!(eg < 1e-10, "{par}: `{name}` off by {eg}");
+    }
+    // a stage whose program cannot run fails the run naming it; its neighbours do not hang
+    let stages = build(cfg, &Parallel::parse("pp=2").unwrap(), 1, 16, &opts, true, &|g| Ok(g)).unwrap();
+    let broken = |g: &Graph| -> Result<Box<dyn RankProgram>, String> {
+        if g.name.contains("stage_2_4") {
+            Err("no backend for it".into())
+        } else {
+            make(g)
+        }
+    };
+    let micro = micro_batches(&ids, 2).unwrap();
+    let e = run(
+        &stages,
+        &micro,
+        &broken,
+        Precision::F64,
+        std::time::Duration::from_secs(60),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e, "stage 1, rank 0: no backend for it");
+    assert_eq!(stage_layers(5, 2).unwrap(), vec![0..3, 3..5]);
+    assert_eq!(
+        stage_layers(4, 5).unwrap_err(),
+        "pp=5: a model of 4 layers cuts into 1 to 4 pipeline stages"
+    );
+    assert_eq!(
+        one_f_one_b(0, 2, 3, true),
+        vec![
+            Op::Forward(0),
+            Op::Forward(1),
+            Op::Backward(0),
+            Op::Forward(2),
+            Op::Backward(1),
+            Op::Backward(2)
+        ]
+    );
+    assert_eq!(
+        minimax_plan(cfg, &Parallel::parse("pp=2").unwrap(), 2, 16).unwrap_err(),
+        "pp=2: pipeline parallelism cuts the model into stages (`fulgur::pipeline`); each stage is sharded with pp=1"
+    );
+}
+
+fn run_f64(g: &Graph, feed: &HashMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    run(g, feed)
+}
+
+/// `eval-model --parallel pp=2,tp=2`: tiny-a's two pipeline stages of two tensor-parallel ranks each, compiled for
+/// the CPU, on simulated ranks, two micro-batches: transformers' logits and loss.
+#[test]
+#[cfg(feature = "llvm")]
+fn eval_model_runs_pipeline_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .arg("eval-model")
+        .arg(&ck)
+        .arg("--tokens")
+        .arg(&tokens)
+        .args(["--target", "cpu", "--parallel", "pp=2,tp=2", "--out"])
+        .arg(&out)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ran 2 pipeline stages of 2 simulated ranks each (dp=1,ep=1,sp=1,tp=2,pp=2, 2 micro-batches)"),
+        "{err}"
+    );
+    let got = read_safetensors(&out).unwrap();
+    let want = read_safetensors(&tokens).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-4, "logits off transformers' by {e}");
+    assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-4);
+}

@@ -61,22 +61,65 @@ struct Builder<'a> {
     split_gate_up: bool,
 }
 
+/// The input and output of a pipeline stage that does not begin or end the model: the hidden states `[B, T, C]`
+/// between its layers and the next stage's.
+pub const STAGE_HIDDEN_IN: &str = "hidden_in";
+pub const STAGE_HIDDEN_OUT: &str = "hidden_out";
+
 /// Builds the forward graph: `input_ids` `[B, T]` → `logits` `[B, T, V]` (and the outputs `opts` asks for).
 pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph> {
+    stage_graph(cfg, opts, 0..cfg.num_hidden_layers)
+}
+
+/// One pipeline stage of the forward: the layers `layers` (a range of `0..num_hidden_layers`). The first stage
+/// embeds `input_ids`, a later one takes `hidden_in` `[B, T, C]` (f32, as the layers compute); the last ends with
+/// the final norm, `logits` and what `opts` asks for (its loss takes `input_ids` as the labels), an earlier one
+/// outputs `hidden_out`. The whole range is [`forward_graph`]. `opts.hidden_states` numbers the layers as the
+/// whole model does; a stage's states (`opts.states`) are its own layers'.
+pub fn stage_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions, layers: std::ops::Range<usize>) -> Result<Graph> {
+    if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
+        return Err(fulgur_ir::IrError::Graph(format!(
+            "a pipeline stage of layers {}..{} in a model of {} layers",
+            layers.start, layers.end, cfg.num_hidden_layers
+        )));
+    }
+    let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
+    let whole = first && last;
+    if opts.aux_loss && !whole {
+        return Err(fulgur_ir::IrError::Graph(
+            "the auxiliary loss spans every layer's router: a pipeline stage cannot output it".into(),
+        ));
+    }
     let mut b = Builder {
-        g: Graph::new("minimax_forward"),
+        g: Graph::new(if whole {
+            "minimax_forward".to_string()
+        } else {
+            format!("minimax_stage_{}_{}", layers.start, layers.end)
+        }),
         cfg,
         dt: DType::F32,
         router_logits: Vec::new(),
         split_gate_up: opts.split_gate_up,
     };
     let (bs, t) = (Dim::sym("B"), Dim::sym("T"));
-    let ids = b.g.input("input_ids", DType::I64, vec![bs.clone(), t.clone()])?;
-    let mut x = b.embed(ids)?;
-    if opts.hidden_states {
+    let needs_ids = first || (last && (opts.loss || opts.aux_loss));
+    let ids = if needs_ids {
+        Some(b.g.input("input_ids", DType::I64, vec![bs.clone(), t.clone()])?)
+    } else {
+        None
+    };
+    let mut x = match ids {
+        Some(ids) if first => b.embed(ids)?,
+        _ => b.g.input(
+            STAGE_HIDDEN_IN,
+            DType::F32,
+            vec![bs.clone(), t.clone(), d(cfg.hidden_size)],
+        )?,
+    };
+    if opts.hidden_states && first {
         b.g.add_output("hidden_states.0", x)?;
     }
-    for l in 0..cfg.num_hidden_layers {
+    for l in layers.clone() {
         b.g.push_scope(format!("layers.{l}"));
         let r = b.layer(l, x, Mode::Prefill);
         b.g.pop_scope();
@@ -90,6 +133,10 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
         if opts.hidden_states && l + 1 < cfg.num_hidden_layers {
             b.g.add_output(format!("hidden_states.{}", l + 1), x)?;
         }
+    }
+    if !last {
+        b.g.add_output(STAGE_HIDDEN_OUT, x)?;
+        return Ok(b.g);
     }
     let hn = b.final_norm(x)?;
     if opts.hidden_states {
@@ -110,6 +157,7 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
     let logits = b.lm_head(head_in)?;
     b.g.add_output("logits", logits)?;
     if opts.loss || opts.aux_loss {
+        let ids = ids.expect("the last stage with a loss takes the tokens");
         let mut loss = b.g.scope("loss", |g| cross_entropy(g, logits, ids, &t))?;
         if opts.aux_loss {
             let aux = b.aux_loss()?;

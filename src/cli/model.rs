@@ -310,6 +310,19 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         if args.grads.is_some() {
             bail!("--parallel does not take --grads yet");
         }
+        if par.pp > 1 {
+            let outputs = pipelined(&ck, &par, &tokens, &opts, &args)?;
+            write_safetensors(&args.out, &outputs)?;
+            if args.print {
+                write_stdout(
+                    &outputs
+                        .iter()
+                        .map(|(n, t)| crate::cli::eval::describe(n, t))
+                        .collect::<String>(),
+                )?;
+            }
+            return Ok(());
+        }
         let (b, t) = (tokens.shape[0], tokens.shape[1]);
         let plan = fulgur::parallel::minimax_plan(&ck.config, &par, b, t)
             .map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))?;
@@ -502,6 +515,73 @@ fn run_cpu(
     cpu.load_weights_from(|name, ty| weights.fetch(name, ty))?;
     cpu.run(&[("input_ids".to_string(), tokens)].into())
         .context("running the forward pass on the CPU")
+}
+
+/// `eval-model --parallel ...,pp=N`: the model cut into `pp` stages (`fulgur::pipeline`), each sharded at the
+/// other degrees, run on simulated ranks over micro-batches (the most, up to `pp`, that divide the batch into
+/// pieces the data-parallel degrees split): the logits of every micro-batch and their mean loss.
+fn pipelined(
+    ck: &Checkpoint,
+    par: &fulgur::parallel::Parallel,
+    tokens: &Tensor,
+    opts: &ForwardOptions,
+    args: &EvalArgs,
+) -> Result<BTreeMap<String, Tensor>> {
+    if fulgur_runtime::ranks::RankEnv::from_env()
+        .map_err(|e| anyhow::anyhow!(e))?
+        .is_some()
+    {
+        bail!("--parallel {par}: pipeline parallelism runs on simulated ranks only (not yet in launched processes)");
+    }
+    if opts.hidden_states || opts.aux_loss {
+        bail!("--parallel {par}: pipeline stages do not output --hidden-states or --aux-loss");
+    }
+    let (b, t) = (tokens.shape[0], tokens.shape[1]);
+    let data = par.dp * par.ep;
+    let m = (1..=par.pp)
+        .rev()
+        .find(|m| b.is_multiple_of(m * data))
+        .ok_or_else(|| anyhow::anyhow!("--parallel {par}: the batch ({b}) is not divisible by dp·ep ({data})"))?;
+    let dtype = args.dtype;
+    let prepare = move |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| e.to_string());
+    let stages = fulgur::pipeline::build(&ck.config, par, b / m, t, opts, false, &prepare)
+        .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+    let g = forward_graph(&ck.config, opts)?;
+    let weights = std::sync::Arc::new(ck.load_params(&g)?);
+    let (target, precision) = (args.target, Precision::from(args.precision));
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let threads = (cores / par.total_ranks()).max(1);
+    let make = move |g: &fulgur_ir::Graph| {
+        let w = weights.clone();
+        let fetch = move |name: &str| {
+            w.get(name)
+                .cloned()
+                .ok_or_else(|| format!("weight `{name}` is missing"))
+        };
+        crate::cli::ranks::rank_program(g.clone(), target, precision, threads, &fetch)
+    };
+    let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    let run = fulgur::pipeline::run(&stages, &micro, &make, precision, crate::cli::ranks::rank_timeout())
+        .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
+    eprintln!(
+        "ran {} pipeline stages of {} simulated ranks each ({par}, {m} micro-batches) in {:.2} s",
+        par.pp,
+        par.ranks(),
+        t0.elapsed().as_secs_f64()
+    );
+    let mut outputs = BTreeMap::new();
+    let logits: Vec<&Tensor> = run.outputs.iter().map(|o| &o["logits"]).collect();
+    outputs.insert(
+        "logits".to_string(),
+        fulgur::pipeline::concat_batches(&logits).map_err(anyhow::Error::msg)?,
+    );
+    let loss = run.outputs.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / m as f64;
+    outputs.insert(
+        "loss".to_string(),
+        Tensor::from_f64(fulgur_ir::DType::F32, vec![1], vec![loss]),
+    );
+    Ok(outputs)
 }
 
 /// One launched rank's program on the CPU backend, its collectives through `transport`.

@@ -73,7 +73,7 @@ fn nccl(_: &RankEnv, _: &[usize]) -> Result<Shared> {
 
 /// Rank program `g` built for `target` with its parameters from `fetch`; `threads` CPU threads.
 #[cfg_attr(not(feature = "llvm"), allow(unused_variables))]
-fn program(
+pub(crate) fn rank_program(
     g: Graph,
     target: BenchTarget,
     precision: Precision,
@@ -153,12 +153,12 @@ pub(crate) fn executable(
             .into_iter()
             .next()
             .ok_or_else(|| anyhow::anyhow!("no program for rank {}", env.rank))?;
-        let p = program(g, target, precision, cores, &fetch)
+        let p = rank_program(g, target, precision, cores, &fetch)
             .map_err(|e| anyhow::anyhow!("rank {}: building {what}: {e}", env.rank))?;
         return Ok(Box::new(LaunchedRank::new(what, p, t.clone())));
     }
     let programs = Arc::new(programs);
-    let make = move |r: usize| program(programs[r].clone(), target, precision, (cores / n).max(1), &fetch);
+    let make = move |r: usize| rank_program(programs[r].clone(), target, precision, (cores / n).max(1), &fetch);
     Ok(Box::new(
         RankThreads::new(what, n, precision, rank_timeout(), make)
             .map_err(|e| anyhow::anyhow!("building {what} on simulated ranks: {e}"))?,

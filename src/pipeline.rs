@@ -1,0 +1,439 @@
+//! Pipeline parallelism (`docs/parallelism.md` §4.3): the layers cut into `pp` contiguous stages, each stage's
+//! forward (and, for gradients, its backward) a graph of its own (`models::stage_graph`) sharded over the other
+//! degrees like the whole model, and the stages run one after the other on micro-batches by the 1F1B schedule.
+//!
+//! Pipeline parallelism is MPMD: a stage runs other layers than its neighbours, so it is not a placement in the
+//! SPMD sharding pass but a cut of the model, and the activations cross the cut as whole tensors: the hidden
+//! states `[B, T, C]` forward (a stage's `hidden_out` is the next one's `hidden_in`) and their gradient backward
+//! (`grad.hidden_in` of a stage is the previous one's `grad.hidden_out`). A stage's backward program is the
+//! autodiff of its forward with the pseudo-loss `Σ hidden_out · grad.hidden_out` (the last stage: its loss), so
+//! it recomputes the stage's forward from the input it kept (activation recompute at the stage boundary, which
+//! is all a stage stores per micro-batch in flight). Gradients of the batch are the micro-batches' mean, as the
+//! loss is.
+//!
+//! [`run`] executes the stages on simulated ranks: a thread per rank of every stage, the ranks of a stage sharing
+//! one simulated transport for their collectives, the boundary tensors passed between rank `i` of neighbouring
+//! stages by channels, every stage following the 1F1B order (`pp − 1 − s` warm-up forwards, then one forward and
+//! one backward in turn, then the remaining backwards).
+
+use crate::ir::{DType, Graph, Precision, Tensor};
+use crate::models::{stage_graph, ForwardOptions, MiniMaxConfig, STAGE_HIDDEN_IN, STAGE_HIDDEN_OUT};
+use crate::parallel::{minimax_plan, structural, Parallel};
+use crate::passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
+use crate::passes::shard::{lower_rank, shard_graph, Placement};
+use crate::runtime::ranks::{RankProgram, SimTransport};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The gradient a stage's backward takes for its `hidden_out` (the next stage's `grad.hidden_in`).
+pub const GRAD_HIDDEN_OUT: &str = "grad.hidden_out";
+/// The gradient a stage's backward gives for its `hidden_in`.
+pub const GRAD_HIDDEN_IN: &str = "grad.hidden_in";
+
+/// The layers of each of `pp` stages of a model of `layers` layers: contiguous, as even as the count allows (the
+/// first `layers mod pp` stages one layer longer). More stages than layers is refused.
+pub fn stage_layers(layers: usize, pp: usize) -> Result<Vec<Range<usize>>, String> {
+    if pp == 0 || pp > layers {
+        return Err(format!(
+            "pp={pp}: a model of {layers} layers cuts into 1 to {layers} pipeline stages"
+        ));
+    }
+    let (base, extra) = (layers / pp, layers % pp);
+    let mut start = 0;
+    Ok((0..pp)
+        .map(|s| {
+            let n = base + usize::from(s < extra);
+            let r = start..start + n;
+            start += n;
+            r
+        })
+        .collect())
+}
+
+/// One stage: its layers and its programs, one per rank of the stage.
+pub struct Stage {
+    pub layers: Range<usize>,
+    pub forward: Vec<Graph>,
+    pub backward: Option<Vec<Graph>>,
+}
+
+/// The stages of MiniMax-01 at degrees `par` (`par.pp` stages, each sharded at the other degrees) for
+/// micro-batches of `micro_batch` sequences of `seq` tokens: each stage's forward with the outputs `opts` asks
+/// for (the last stage's), and with `grads` its backward. `prepare` runs on each stage's structural graph before
+/// it is sharded (a dtype, for instance).
+pub fn build(
+    cfg: &MiniMaxConfig,
+    par: &Parallel,
+    micro_batch: usize,
+    seq: usize,
+    opts: &ForwardOptions,
+    grads: bool,
+    prepare: &dyn Fn(Graph) -> Result<Graph, String>,
+) -> Result<Vec<Stage>, String> {
+    let layers = stage_layers(cfg.num_hidden_layers, par.pp)?;
+    let inner = par.stage();
+    let mut plan = minimax_plan(cfg, &inner, micro_batch, seq)?;
+    // the hidden states crossing a cut lie as the tokens do: the batch over dp and ep, the sequence over sp
+    let tokens = vec![
+        ("dp".to_string(), Placement::Split(0)),
+        ("ep".to_string(), Placement::Split(0)),
+        ("sp".to_string(), Placement::Split(1)),
+    ];
+    for name in [STAGE_HIDDEN_IN, GRAD_HIDDEN_OUT] {
+        plan.rules.push((name.to_string(), tokens.clone()));
+    }
+    let stage_opts = par.forward_options(opts);
+    let n = layers.len();
+    layers
+        .into_iter()
+        .enumerate()
+        .map(|(s, range)| {
+            let (first, last) = (s == 0, s + 1 == n);
+            let mut o = stage_opts.clone();
+            if !last {
+                (o.loss, o.hidden_states, o.states) = (false, false, false);
+            }
+            let fwd = stage_graph(cfg, &o, range.clone()).map_err(|e| e.to_string())?;
+            let fwd = prepare(structural(&fwd)?)?;
+            let programs = |g: &Graph| -> Result<Vec<Graph>, String> {
+                let (sg, _) = shard_graph(g, &plan).map_err(|e| format!("stage {s}: {e}"))?;
+                (0..inner.ranks())
+                    .map(|r| lower_rank(&sg, &plan.mesh, r).map_err(|e| format!("stage {s}, rank {r}: {e}")))
+                    .collect()
+            };
+            let backward = if grads {
+                Some(programs(&backward_graph(&fwd, first, last)?)?)
+            } else {
+                None
+            };
+            Ok(Stage {
+                layers: range,
+                forward: programs(&fwd)?,
+                backward,
+            })
+        })
+        .collect()
+}
+
+/// A stage's backward: its forward with the pseudo-loss `Σ hidden_out · grad.hidden_out` (the last stage keeps its
+/// loss), differentiated for every parameter and, past the first stage, for `hidden_in`.
+fn backward_graph(fwd: &Graph, first: bool, last: bool) -> Result<Graph, String> {
+    let mut g = fwd.clone();
+    if !last {
+        let h = g
+            .outputs()
+            .iter()
+            .find(|(n, _)| n == STAGE_HIDDEN_OUT)
+            .map(|(_, v)| *v)
+            .ok_or("a stage without `hidden_out`")?;
+        let dims = g.dims(h).to_vec();
+        let dt = g.ty(h).dtype;
+        let seed = g.input(GRAD_HIDDEN_OUT, dt, dims).map_err(|e| e.to_string())?;
+        let p = g.mul(h, seed).map_err(|e| e.to_string())?;
+        let s = g.sum(p, &[0, 1, 2], false).map_err(|e| e.to_string())?;
+        let s = g.reshape(s, vec![crate::ir::Dim::from(1)]).map_err(|e| e.to_string())?;
+        g.add_output("loss", s).map_err(|e| e.to_string())?;
+    }
+    let opts = GradOptions {
+        inputs: if first {
+            Vec::new()
+        } else {
+            vec![STAGE_HIDDEN_IN.to_string()]
+        },
+        ..Default::default()
+    };
+    differentiate(&g, "loss", &opts).map_err(|e| e.to_string())
+}
+
+/// What a pipeline run gives.
+pub struct PipelineRun {
+    /// The last stage's outputs (its rank 0's) for each micro-batch, in order.
+    pub outputs: Vec<BTreeMap<String, Tensor>>,
+    /// With the backward: every parameter's gradient of the batch's loss (the micro-batches' mean), by
+    /// parameter name (`grad.` prefix dropped); a parameter two stages read (tied embeddings) gets their sum.
+    pub grads: BTreeMap<String, Tensor>,
+}
+
+/// Builds a rank's program from its graph, on the thread that runs it.
+pub type MakeProgram<'a> = dyn Fn(&Graph) -> Result<Box<dyn RankProgram>, String> + Sync + 'a;
+
+/// A stage rank's forward outputs (the last stage's, per micro-batch) and its gradients summed over them.
+type RankRun = (Vec<BTreeMap<String, Tensor>>, BTreeMap<String, Tensor>);
+
+/// One step of the 1F1B order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Forward(usize),
+    Backward(usize),
+}
+
+/// The 1F1B order of stage `s` of `pp` over `m` micro-batches: `pp − 1 − s` warm-up forwards, then a forward and a
+/// backward in turn, then the remaining backwards. Without `backward`, the forwards in order.
+pub fn one_f_one_b(s: usize, pp: usize, m: usize, backward: bool) -> Vec<Op> {
+    if !backward {
+        return (0..m).map(Op::Forward).collect();
+    }
+    let warm = (pp - 1 - s).min(m);
+    let mut ops: Vec<Op> = (0..warm).map(Op::Forward).collect();
+    for j in 0..m - warm {
+        ops.push(Op::Forward(warm + j));
+        ops.push(Op::Backward(j));
+    }
+    ops.extend((m - warm..m).map(Op::Backward));
+    ops
+}
+
+/// A failure handed on by a neighbour or a collective, not a rank's own.
+const HANDED: &str = "(handed on) ";
+
+/// Runs `stages` on simulated ranks over the micro-batches `micro` (each `input_ids` `[b, T]`), the programs built
+/// on their threads by `make`. Returns the last stage's outputs and, where the stages have backward programs, the
+/// gradients; a failure names the stage and rank where it arose.
+pub fn run(
+    stages: &[Stage],
+    micro: &[Tensor],
+    make: &MakeProgram<'_>,
+    precision: Precision,
+    timeout: Duration,
+) -> Result<PipelineRun, String> {
+    let pp = stages.len();
+    let ranks = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+    let m = micro.len();
+    if pp == 0 || ranks == 0 || m == 0 {
+        return Err("a pipeline needs a stage, a rank and a micro-batch".into());
+    }
+    let backward = stages.iter().all(|s| s.backward.is_some());
+    let transports: Vec<Arc<SimTransport>> = (0..pp)
+        .map(|_| Arc::new(SimTransport::new(ranks, precision, timeout)))
+        .collect();
+    // channels across each cut, per rank: activations forward, their gradients backward
+    type Link = (Option<Sender<Tensor>>, Option<Receiver<Tensor>>);
+    let mut fwd: Vec<Vec<Link>> = Vec::new();
+    let mut bwd: Vec<Vec<Link>> = Vec::new();
+    for _ in 1..pp {
+        let (mut f, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..ranks {
+            let (tx, rx) = channel();
+            f.push((Some(tx), Some(rx)));
+            let (tx, rx) = channel();
+            b.push((Some(tx), Some(rx)));
+        }
+        fwd.push(f);
+        bwd.push(b);
+    }
+    type Out = Result<RankRun, String>;
+    let results: Vec<((usize, usize), Out)> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (s, stage) in stages.iter().enumerate() {
+            for i in 0..ranks {
+                // this rank's ends: from the cut before (s − 1 → s) and the cut after (s → s + 1)
+                let recv_fwd = if s > 0 { fwd[s - 1][i].1.take() } else { None };
+                let send_bwd = if s > 0 { bwd[s - 1][i].0.take() } else { None };
+                let send_fwd = if s + 1 < pp { fwd[s][i].0.take() } else { None };
+                let recv_bwd = if s + 1 < pp { bwd[s][i].1.take() } else { None };
+                let t = transports[s].clone();
+                handles.push((
+                    (s, i),
+                    scope.spawn(move || {
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            stage_rank(
+                                stage,
+                                (s, pp, i),
+                                micro,
+                                make,
+                                &t,
+                                (recv_fwd, send_fwd, recv_bwd, send_bwd),
+                                backward,
+                            )
+                        }))
+                        .unwrap_or_else(|_| Err("its program panicked".into()));
+                        if let Err(e) = &out {
+                            t.fail(i, e);
+                        }
+                        out
+                    }),
+                ));
+            }
+        }
+        handles
+            .into_iter()
+            .map(|(at, h)| (at, h.join().unwrap_or_else(|_| Err("its thread panicked".into()))))
+            .collect()
+    });
+    // the first failure a rank met on its own, else the first one
+    let failed: Vec<&((usize, usize), Out)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    if let Some(((s, i), Err(e))) = failed
+        .iter()
+        .find(|(_, r)| {
+            r.as_ref()
+                .err()
+                .is_some_and(|e| !e.starts_with(HANDED) && !e.contains("did not reach"))
+        })
+        .or(failed.first())
+        .copied()
+    {
+        return Err(format!("stage {s}, rank {i}: {}", e.trim_start_matches(HANDED)));
+    }
+    let mut outputs = Vec::new();
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    for ((s, i), r) in results {
+        let (outs, g) = r?;
+        if i != 0 {
+            continue;
+        }
+        if s + 1 == pp {
+            outputs = outs;
+        }
+        for (name, t) in g {
+            match grads.get_mut(&name) {
+                Some(acc) => add_into(acc, &t)?,
+                None => {
+                    grads.insert(name, t);
+                }
+            }
+        }
+    }
+    for t in grads.values_mut() {
+        scale(t, 1.0 / m as f64);
+    }
+    Ok(PipelineRun { outputs, grads })
+}
+
+type Links = (
+    Option<Receiver<Tensor>>,
+    Option<Sender<Tensor>>,
+    Option<Receiver<Tensor>>,
+    Option<Sender<Tensor>>,
+);
+
+/// Rank `i` of stage `s` of `pp`: its 1F1B order over the micro-batches. Returns the outputs of its forwards (the
+/// last stage's) and its gradients summed over the micro-batches.
+fn stage_rank(
+    stage: &Stage,
+    (s, pp, i): (usize, usize, usize),
+    micro: &[Tensor],
+    make: &MakeProgram<'_>,
+    t: &Arc<SimTransport>,
+    (recv_fwd, send_fwd, recv_bwd, send_bwd): Links,
+    backward: bool,
+) -> Result<RankRun, String> {
+    let last = s + 1 == pp;
+    let shared: Arc<dyn crate::ir::Transport + Send + Sync> = t.clone();
+    let mut fwd = make(&stage.forward[i])?;
+    let takes_ids = fwd.input_names().iter().any(|n| n == "input_ids");
+    let mut bwd = match &stage.backward {
+        Some(b) => Some(make(&b[i])?),
+        None => None,
+    };
+    let gone = |what: &str| format!("{HANDED}the {what} stage failed");
+    let mut kept: HashMap<usize, HashMap<String, Tensor>> = HashMap::new();
+    let mut outputs = Vec::new();
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    for op in one_f_one_b(s, pp, micro.len(), backward) {
+        match op {
+            Op::Forward(j) => {
+                let mut feed = HashMap::new();
+                if takes_ids {
+                    feed.insert("input_ids".to_string(), micro[j].clone());
+                }
+                if let Some(rx) = &recv_fwd {
+                    feed.insert(STAGE_HIDDEN_IN.to_string(), rx.recv().map_err(|_| gone("previous"))?);
+                }
+                let mut out = fwd.run_rank(&feed, shared.clone())?;
+                if let Some(tx) = &send_fwd {
+                    let h = out
+                        .remove(STAGE_HIDDEN_OUT)
+                        .ok_or("the stage's forward has no `hidden_out`")?;
+                    tx.send(h).map_err(|_| gone("next"))?;
+                }
+                if last {
+                    outputs.push(out);
+                }
+                if backward {
+                    kept.insert(j, feed);
+                }
+            }
+            Op::Backward(j) => {
+                let mut feed = kept.remove(&j).ok_or("a backward before its forward")?;
+                if let Some(rx) = &recv_bwd {
+                    feed.insert(GRAD_HIDDEN_OUT.to_string(), rx.recv().map_err(|_| gone("next"))?);
+                }
+                let b = bwd.as_mut().ok_or("no backward program")?;
+                let mut out = b.run_rank(&feed, shared.clone())?;
+                if let Some(tx) = &send_bwd {
+                    let g = out
+                        .remove(GRAD_HIDDEN_IN)
+                        .ok_or("the stage's backward has no `grad.hidden_in`")?;
+                    tx.send(g).map_err(|_| gone("previous"))?;
+                }
+                for (name, g) in out {
+                    let Some(param) = name.strip_prefix(GRAD_PREFIX) else {
+                        continue;
+                    };
+                    match grads.get_mut(param) {
+                        Some(acc) => add_into(acc, &g)?,
+                        None => {
+                            grads.insert(param.to_string(), g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((outputs, grads))
+}
+
+/// A float tensor of `values` as computed: not rounded to its dtype (the interpreter's values at f64 are not,
+/// and a sum of gradients stays as exact as its terms).
+fn unrounded(dtype: DType, shape: Vec<usize>, values: Vec<f64>) -> Tensor {
+    Tensor {
+        dtype,
+        shape,
+        data: crate::ir::tensor::Buffer::F(values),
+    }
+}
+
+/// `acc += x` (same shape).
+fn add_into(acc: &mut Tensor, x: &Tensor) -> Result<(), String> {
+    if acc.shape != x.shape {
+        return Err(format!("gradients of shapes {:?} and {:?} to add", acc.shape, x.shape));
+    }
+    let sum: Vec<f64> = acc.to_f64().iter().zip(x.to_f64()).map(|(a, b)| a + b).collect();
+    *acc = unrounded(acc.dtype, acc.shape.clone(), sum);
+    Ok(())
+}
+
+fn scale(t: &mut Tensor, k: f64) {
+    let v: Vec<f64> = t.to_f64().iter().map(|a| a * k).collect();
+    *t = unrounded(t.dtype, t.shape.clone(), v);
+}
+
+/// The micro-batches of `ids` `[B, T]`: `m` of `B/m` sequences each (`m` must divide `B`).
+pub fn micro_batches(ids: &Tensor, m: usize) -> Result<Vec<Tensor>, String> {
+    let (b, t) = (ids.shape[0], ids.shape[1]);
+    if m == 0 || !b.is_multiple_of(m) {
+        return Err(format!("{m} micro-batches do not divide the batch of {b} sequences"));
+    }
+    let v = ids.to_i64();
+    let per = b / m;
+    Ok((0..m)
+        .map(|j| Tensor::from_i64(DType::I64, vec![per, t], v[j * per * t..(j + 1) * per * t].to_vec()))
+        .collect())
+}
+
+/// The micro-batches' tensors of one name stacked back along the batch dim (dim 0).
+pub fn concat_batches(parts: &[&Tensor]) -> Result<Tensor, String> {
+    let first = parts.first().ok_or("nothing to concatenate")?;
+    let mut shape = first.shape.clone();
+    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    if first.dtype.is_float() {
+        let values: Vec<f64> = parts.iter().flat_map(|p| p.to_f64()).collect();
+        Ok(unrounded(first.dtype, shape, values))
+    } else {
+        let values: Vec<i64> = parts.iter().flat_map(|p| p.to_i64()).collect();
+        Ok(Tensor::from_i64(first.dtype, shape, values))
+    }
+}
