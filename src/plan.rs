@@ -114,6 +114,8 @@ pub struct Estimate {
     pub compute_s: f64,
     /// Communication not hidden behind compute.
     pub exposed_comm_s: f64,
+    /// Pipeline parallelism: the time the stages idle while the pipeline fills and drains.
+    pub bubble_s: f64,
     /// All communication, hidden or not.
     pub comm_s: f64,
     pub tokens_per_s: f64,
@@ -340,23 +342,38 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
     let mut too_big = Vec::new();
     let mut refused = Vec::new();
     let mut candidates = 0;
-    for tp in divisors(cluster.gpus_per_node.min(gpus)) {
-        for ep in divisors(gpus / tp) {
-            for (sp, etp) in divisors(gpus / (tp * ep)).into_iter().flat_map(|sp| {
+    // pipeline stages outermost: each stage's ranks are searched as the whole job's are without stages
+    let layers_total = cfg.num_hidden_layers;
+    // stages of equal layer counts only (an uneven cut idles the shorter stages every micro-batch)
+    let pps: Vec<usize> = divisors(gpus)
+        .into_iter()
+        .filter(|&p| layers_total.is_multiple_of(p))
+        .collect();
+    for (pp, tp) in pps.iter().flat_map(|&pp| {
+        divisors(cluster.gpus_per_node.min(gpus / pp))
+            .into_iter()
+            .map(move |tp| (pp, tp))
+    }) {
+        let inner = gpus / pp;
+        // the bottleneck stage's share of the layers (the first stages hold a layer more where pp does not
+        // divide them)
+        let frac = layers_total.div_ceil(pp) as f64 / layers_total as f64;
+        for ep in divisors(inner / tp) {
+            for (sp, etp) in divisors(inner / (tp * ep)).into_iter().flat_map(|sp| {
                 if tp > 1 {
                     vec![(sp, 1), (sp, tp)]
                 } else {
                     vec![(sp, 1)]
                 }
             }) {
-                let dp = gpus / (tp * ep * sp);
+                let dp = inner / (tp * ep * sp);
                 let par = Parallel {
                     dp,
                     ep,
                     sp,
                     tp,
                     etp,
-                    pp: 1,
+                    pp,
                 };
                 if sp > 1 && batch.is_multiple_of(dp * ep) && batch / (dp * ep) > 1 && mode == Mode::Infer {
                     candidates += 1;
@@ -376,7 +393,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 };
                 // price the layers once per degrees at the largest micro-batch count's batch, scaling after
                 let b_m = batch / micro[micro.len() - 1].max(1);
-                let plan = match minimax_plan(&small, &par, b_m, seq) {
+                let plan = match minimax_plan(&small, &par.stage(), b_m, seq) {
                     Ok(p) => p,
                     Err(why) => {
                         candidates += 1;
@@ -433,11 +450,16 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     act_store += nf * (lc.activations + moe_act);
                     act_layer_max = act_layer_max.max(lc.activations + moe_act);
                 }
-                let fwd_exposed: f64 = layers
-                    .iter()
-                    .zip(&counts)
-                    .map(|(lc, &n)| n as f64 * (lc.comm_s + a2a_exposed))
-                    .sum();
+                let fwd_exposed: f64 = frac
+                    * layers
+                        .iter()
+                        .zip(&counts)
+                        .map(|(lc, &n)| n as f64 * (lc.comm_s + a2a_exposed))
+                        .sum::<f64>();
+                // a pipeline stage's share of the layers (its bottleneck stage's)
+                fwd_compute *= frac;
+                fwd_comm *= frac;
+                act_store *= frac;
                 // embedding and head (vocabulary-sized matmul, the loss's logits)
                 let tokens_rank = tokens_m / ranks as f64;
                 let head_s = 2.0 * tokens_m * c * v / ranks as f64 / peak;
@@ -449,7 +471,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 let mut optimizer = 0.0;
                 // the experts' weights as placed, and as stored sharded over dp (ZeRO-3 for the experts)
                 let (mut experts, mut experts_stored) = (0.0, 0.0);
-                let full_plan = minimax_plan(cfg, &par, b_m, seq).map_err(|e| e.to_string())?;
+                let full_plan = minimax_plan(cfg, &par.stage(), b_m, seq).map_err(|e| e.to_string())?;
                 let mut zero3 = full_plan.clone();
                 store_experts_sharded(&mut zero3, &params)?;
                 for (name, dims) in &params {
@@ -469,19 +491,26 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     } else {
                         1.0
                     };
-                    let n_w = local(&ws)? / width;
+                    // a layer's parameters live on its stage: the bottleneck stage's share; the embedding, the
+                    // final norm and the head are counted whole (a stage may hold both when pp = 1)
+                    let share = if name.starts_with("model.layers.") { frac } else { 1.0 };
+                    let n_w = local(&ws)? / width * share;
                     weights += 2.0 * n_w;
                     if name.contains(".mlp.experts.") {
                         experts += n_w;
-                        experts_stored += local(&zero3.stored_placement_of(name, dims).map_err(|e| e.to_string())?)?;
+                        experts_stored +=
+                            share * local(&zero3.stored_placement_of(name, dims).map_err(|e| e.to_string())?)?;
                     }
                     if mode == Mode::Train {
                         gradients += 4.0 * n_w;
                         let os = optimizer_state_placement(&full_plan, name, dims)?;
-                        optimizer += 12.0 * local(&os)? / width;
+                        optimizer += 12.0 * local(&os)? / width * share;
                     }
                 }
-                let layers_n = cfg.num_hidden_layers as f64;
+                // the layers of the (bottleneck) stage
+                let layers_n = cfg.num_hidden_layers as f64 * frac;
+                // 1F1B: `m + pp − 1` micro-batch times per step (the bubble), at most `pp` micro-batches in
+                // flight on the first stage; the hidden states cross each cut forward and back per micro-batch
                 let flops_per_step = stats.forward_flops_per_token * (batch * seq) as f64;
                 match mode {
                     Mode::Train => {
@@ -511,12 +540,23 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 } else {
                                     (weights, gradients, 0.0, 0.0)
                                 };
-                                let compute = m as f64 * scale * fwd_compute * passes;
-                                let bwd_compute = m as f64 * scale * fwd_compute * (passes - 1.0);
+                                let mf = m as f64;
+                                let compute = mf * scale * fwd_compute * passes;
+                                let bwd_compute = mf * scale * fwd_compute * (passes - 1.0);
                                 // the forward's collectives again in the backward, and once more with recompute
                                 let rounds = passes - 1.0;
-                                let blocking = m as f64 * scale * fwd_exposed * rounds;
-                                let comm_all = m as f64 * scale * fwd_comm * rounds;
+                                // the hidden states of a micro-batch across a cut, forward and back: exposed
+                                // while the pipeline fills and drains
+                                let cut = if pp > 1 {
+                                    let bytes = scale * tokens_m / (dp * ep * sp) as f64 * c * 2.0;
+                                    pricing.ring(bytes, 1.0, gpus)
+                                } else {
+                                    0.0
+                                };
+                                let blocking = mf * scale * fwd_exposed * rounds + 2.0 * (pp - 1) as f64 * cut;
+                                let comm_all = mf * (scale * fwd_comm * rounds + 2.0 * cut);
+                                // 1F1B's bubble: the stages idle `pp − 1` micro-batch times per step
+                                let bubble = (pp - 1) as f64 * scale * (fwd_compute * passes + fwd_exposed * rounds);
                                 // gradients reduce-scattered and weights gathered over the data-parallel ranks
                                 let dgroup = dp * ep;
                                 let sync = if dgroup > 1 {
@@ -531,15 +571,17 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                 let sync_exposed = (sync - bwd_compute).max(0.0) + (fsdp - compute).max(0.0);
                                 let sync = sync + fsdp;
                                 let adam = optimizer / 12.0 * 32.0 / target.mem_bw;
-                                let step = compute + blocking + sync_exposed + adam;
+                                let step = compute + blocking + bubble + sync_exposed + adam;
+                                let in_flight = m.min(pp) as f64;
                                 let act = scale
+                                    * in_flight
                                     * if recompute {
                                         // each layer's input, for the rank's tokens (replicated over tp)
-                                        (cfg.num_hidden_layers as f64) * tokens_m / (dp * ep * sp) as f64 * c * 2.0
-                                            + act_layer_max
+                                        layers_n * tokens_m / (dp * ep * sp) as f64 * c * 2.0
                                     } else {
                                         act_store
                                     }
+                                    + if recompute { scale * act_layer_max } else { 0.0 }
                                     + logits * scale;
                                 let memory = Memory {
                                     weights,
@@ -557,6 +599,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                                     step_s: step,
                                     compute_s: compute,
                                     exposed_comm_s: blocking + sync_exposed,
+                                    bubble_s: bubble,
                                     comm_s: comm_all + sync,
                                     tokens_per_s: (batch * seq) as f64 / step,
                                     mfu: 3.0 * flops_per_step / (step * gpus as f64 * peak),
@@ -574,8 +617,9 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     }
                     Mode::Infer => {
                         candidates += 1;
-                        let n_full = cfg.layer_types.iter().filter(|t| **t == LayerType::Full).count() as f64;
-                        let n_lin = cfg.num_hidden_layers as f64 - n_full;
+                        // the bottleneck stage's caches and states
+                        let n_full = frac * cfg.layer_types.iter().filter(|t| **t == LayerType::Full).count() as f64;
+                        let n_lin = layers_n - n_full;
                         let b = batch as f64;
                         let kv = n_full * b * seq as f64 * (cfg.num_key_value_heads * cfg.head_dim) as f64 * 2.0 * 2.0
                             / (tp * sp * dp * ep) as f64;
@@ -594,14 +638,16 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                             chunks *= 2;
                         }
                         let act = 8.0 * tokens_local * c * 2.0 / chunks as f64 + b * v * 4.0;
-                        let step = fwd_compute + fwd_exposed;
+                        // the prefill's chunks flow through the stages: `chunks + pp − 1` chunk times
+                        let step = (fwd_compute + fwd_exposed) * (chunks + pp - 1) as f64 / chunks as f64;
                         // one decoded token per sequence: every local weight of attention, the experts the
                         // batch's tokens reach, the caches and states read once; a collective latency per layer
                         let experts_local = e / par.expert_group(cfg) as f64;
                         let per_expert = 3.0 * c * i_w * 2.0 / etp as f64;
                         let reached = experts_local.min(b * k / (dp as f64)).max(1.0);
-                        let dense_weights = weights - experts_local * per_expert * cfg.num_hidden_layers as f64;
-                        let read = dense_weights + reached * per_expert * cfg.num_hidden_layers as f64 + kv + lstate;
+                        let dense_weights = weights - experts_local * per_expert * layers_n;
+                        // a token passes the stages one after the other, each reading its own share
+                        let read = pp as f64 * (dense_weights + reached * per_expert * layers_n + kv + lstate);
                         let latency = if ranks > 1 {
                             cfg.num_hidden_layers as f64 * 3.0 * cluster.intra_node.latency_us * 1e-6
                         } else {
@@ -630,6 +676,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                             step_s: step,
                             compute_s: fwd_compute,
                             exposed_comm_s: fwd_exposed,
+                            bubble_s: (fwd_compute + fwd_exposed) * (pp - 1) as f64 / chunks as f64,
                             comm_s: fwd_comm,
                             tokens_per_s: (batch * seq) as f64 / step,
                             mfu: flops_per_step / (step * gpus as f64 * peak),
@@ -702,6 +749,9 @@ pub fn report(s: &Search, why: bool) -> String {
             gib(e.memory.activations),
             gib(e.memory.states),
         );
+        if e.bubble_s > 0.0 {
+            t.push_str(&format!("; pipeline bubble {:.3} s", e.bubble_s));
+        }
         if let Some(d) = e.decode_token_s {
             t.push_str(&format!("; decode {:.2} ms per token", d * 1e3));
         }
