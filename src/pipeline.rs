@@ -158,10 +158,13 @@ pub struct PipelineRun {
 }
 
 /// Builds a rank's program from its graph, on the thread that runs it.
-pub type MakeProgram<'a> = dyn Fn(&Graph) -> Result<Box<dyn RankProgram>, String> + Sync + 'a;
+pub type MakeProgram = Arc<dyn Fn(&Graph) -> Result<Box<dyn RankProgram>, String> + Send + Sync>;
 
 /// A stage rank's forward outputs (the last stage's, per micro-batch) and its gradients summed over them.
 type RankRun = (Vec<BTreeMap<String, Tensor>>, BTreeMap<String, Tensor>);
+
+/// A stage rank's step, by (stage, rank).
+type RankResult = ((usize, usize), Result<RankRun, String>);
 
 /// One step of the 1F1B order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,161 +192,258 @@ pub fn one_f_one_b(s: usize, pp: usize, m: usize, backward: bool) -> Vec<Op> {
 /// A failure handed on by a neighbour or a collective, not a rank's own.
 const HANDED: &str = "(handed on) ";
 
-/// Runs `stages` on simulated ranks over the micro-batches `micro` (each `input_ids` `[b, T]`), the programs built
-/// on their threads by `make`. Returns the last stage's outputs and, where the stages have backward programs, the
-/// gradients; a failure names the stage and rank where it arose.
-pub fn run(
-    stages: &[Stage],
-    micro: &[Tensor],
-    make: &MakeProgram<'_>,
+/// What a rank's thread is given per step: the micro-batches, the inputs every call takes (weights passed as
+/// inputs), and its stage's transport for the step.
+type Job = (Arc<Vec<Tensor>>, Arc<HashMap<String, Tensor>>, Arc<SimTransport>);
+
+/// A rank's ends of the cuts: from the cut before (s − 1 → s) and the cut after (s → s + 1).
+struct Links {
+    recv_fwd: Option<Receiver<Tensor>>,
+    send_fwd: Option<Sender<Tensor>>,
+    recv_bwd: Option<Receiver<Tensor>>,
+    send_bwd: Option<Sender<Tensor>>,
+}
+
+/// A pipeline whose ranks live from step to step (a training run): a thread per rank of every stage owns its
+/// programs, built once on it; every [`PipelineThreads::step`] runs the stages' 1F1B order over the step's
+/// micro-batches, each stage's ranks through a fresh simulated transport. A rank that fails ends the pipeline
+/// (its neighbours stop at their next exchange): that step fails naming it, and so does every later one.
+pub struct PipelineThreads {
+    pp: usize,
+    ranks: usize,
     precision: Precision,
     timeout: Duration,
-) -> Result<PipelineRun, String> {
-    let pp = stages.len();
-    let ranks = stages.first().map(|s| s.forward.len()).unwrap_or(0);
-    let m = micro.len();
-    if pp == 0 || ranks == 0 || m == 0 {
-        return Err("a pipeline needs a stage, a rank and a micro-batch".into());
-    }
-    let backward = stages.iter().all(|s| s.backward.is_some());
-    let transports: Vec<Arc<SimTransport>> = (0..pp)
-        .map(|_| Arc::new(SimTransport::new(ranks, precision, timeout)))
-        .collect();
-    // channels across each cut, per rank: activations forward, their gradients backward
-    type Link = (Option<Sender<Tensor>>, Option<Receiver<Tensor>>);
-    let mut fwd: Vec<Vec<Link>> = Vec::new();
-    let mut bwd: Vec<Vec<Link>> = Vec::new();
-    for _ in 1..pp {
-        let (mut f, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..ranks {
-            let (tx, rx) = channel();
-            f.push((Some(tx), Some(rx)));
-            let (tx, rx) = channel();
-            b.push((Some(tx), Some(rx)));
+    jobs: Vec<Sender<Job>>,
+    results: Receiver<RankResult>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PipelineThreads {
+    /// Starts a thread per rank of every stage of `stages`, each building its programs with `make`; fails
+    /// naming the first stage and rank whose program could not be made.
+    pub fn new(
+        stages: &[Stage],
+        make: MakeProgram,
+        precision: Precision,
+        timeout: Duration,
+    ) -> Result<PipelineThreads, String> {
+        let pp = stages.len();
+        let ranks = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+        if pp == 0 || ranks == 0 {
+            return Err("a pipeline needs a stage and a rank".into());
         }
-        fwd.push(f);
-        bwd.push(b);
-    }
-    type Out = Result<RankRun, String>;
-    let results: Vec<((usize, usize), Out)> = std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        for (s, stage) in stages.iter().enumerate() {
+        let mut links: Vec<Links> = (0..pp * ranks)
+            .map(|_| Links {
+                recv_fwd: None,
+                send_fwd: None,
+                recv_bwd: None,
+                send_bwd: None,
+            })
+            .collect();
+        for s in 0..pp - 1 {
             for i in 0..ranks {
-                // this rank's ends: from the cut before (s − 1 → s) and the cut after (s → s + 1)
-                let recv_fwd = if s > 0 { fwd[s - 1][i].1.take() } else { None };
-                let send_bwd = if s > 0 { bwd[s - 1][i].0.take() } else { None };
-                let send_fwd = if s + 1 < pp { fwd[s][i].0.take() } else { None };
-                let recv_bwd = if s + 1 < pp { bwd[s][i].1.take() } else { None };
-                let t = transports[s].clone();
-                handles.push((
-                    (s, i),
-                    scope.spawn(move || {
+                let (tx, rx) = channel();
+                links[s * ranks + i].send_fwd = Some(tx);
+                links[(s + 1) * ranks + i].recv_fwd = Some(rx);
+                let (tx, rx) = channel();
+                links[(s + 1) * ranks + i].send_bwd = Some(tx);
+                links[s * ranks + i].recv_bwd = Some(rx);
+            }
+        }
+        let (out_tx, results) = channel();
+        let (ready_tx, ready) = channel();
+        let mut jobs = Vec::new();
+        let mut threads = Vec::new();
+        for (k, l) in links.into_iter().enumerate() {
+            let (s, i) = (k / ranks, k % ranks);
+            let fwd_g = stages[s].forward[i].clone();
+            let bwd_g = stages[s].backward.as_ref().map(|b| b[i].clone());
+            let (tx, rx) = channel::<Job>();
+            jobs.push(tx);
+            let (make, out_tx, ready_tx) = (make.clone(), out_tx.clone(), ready_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("stage{s}.rank{i}"))
+                .spawn(move || {
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let f = make(&fwd_g)?;
+                        let b = match &bwd_g {
+                            Some(g) => Some(make(g)?),
+                            None => None,
+                        };
+                        Ok::<_, String>((f, b))
+                    }))
+                    .unwrap_or_else(|_| Err("building its programs panicked".into()));
+                    let (mut fwd, mut bwd) = match built {
+                        Ok(p) => {
+                            let _ = ready_tx.send(((s, i), Ok(())));
+                            p
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(((s, i), Err(e)));
+                            return;
+                        }
+                    };
+                    while let Ok((micro, feed, t)) = rx.recv() {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            stage_rank(
-                                stage,
-                                (s, pp, i),
-                                micro,
-                                make,
-                                &t,
-                                (recv_fwd, send_fwd, recv_bwd, send_bwd),
-                                backward,
-                            )
+                            one_step((s, pp, i), &mut fwd, bwd.as_mut(), &micro, &feed, &t, &l)
                         }))
                         .unwrap_or_else(|_| Err("its program panicked".into()));
+                        let failed = out.is_err();
                         if let Err(e) = &out {
                             t.fail(i, e);
                         }
-                        out
-                    }),
-                ));
+                        if out_tx.send(((s, i), out)).is_err() || failed {
+                            // a failed rank ends the pipeline: its channels close, its neighbours stop
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start stage {s}, rank {i}'s thread: {e}"))?;
+            threads.push(spawned);
+        }
+        drop(ready_tx);
+        let mut first_err: Option<((usize, usize), String)> = None;
+        for _ in 0..pp * ranks {
+            match ready.recv() {
+                Ok((at, Err(e))) => {
+                    if first_err.as_ref().is_none_or(|(a, _)| at < *a) {
+                        first_err = Some((at, e));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
             }
         }
-        handles
-            .into_iter()
-            .map(|(at, h)| (at, h.join().unwrap_or_else(|_| Err("its thread panicked".into()))))
-            .collect()
-    });
-    // the first failure a rank met on its own, else the first one
-    let failed: Vec<&((usize, usize), Out)> = results.iter().filter(|(_, r)| r.is_err()).collect();
-    if let Some(((s, i), Err(e))) = failed
-        .iter()
-        .find(|(_, r)| {
-            r.as_ref()
-                .err()
-                .is_some_and(|e| !e.starts_with(HANDED) && !e.contains("did not reach"))
-        })
-        .or(failed.first())
-        .copied()
-    {
-        return Err(format!("stage {s}, rank {i}: {}", e.trim_start_matches(HANDED)));
+        let p = PipelineThreads {
+            pp,
+            ranks,
+            precision,
+            timeout,
+            jobs,
+            results,
+            threads,
+        };
+        match first_err {
+            Some(((s, i), e)) => Err(format!("stage {s}, rank {i}: {e}")),
+            None => Ok(p),
+        }
     }
-    let mut outputs = Vec::new();
-    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-    for ((s, i), r) in results {
-        let (outs, g) = r?;
-        if i != 0 {
-            continue;
+
+    /// One step over `micro` (each micro-batch's `input_ids`), every call of every program also given `feed`
+    /// (weights passed as inputs): the last stage's outputs per micro-batch and, with backward programs, the
+    /// gradients (the micro-batches' mean).
+    pub fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
+        let (pp, ranks) = (self.pp, self.ranks);
+        let m = micro.len();
+        if m == 0 {
+            return Err("a pipeline step needs a micro-batch".into());
         }
-        if s + 1 == pp {
-            outputs = outs;
+        let micro = Arc::new(micro.to_vec());
+        let feed = Arc::new(feed.clone());
+        let transports: Vec<Arc<SimTransport>> = (0..pp)
+            .map(|_| Arc::new(SimTransport::new(ranks, self.precision, self.timeout)))
+            .collect();
+        for (k, j) in self.jobs.iter().enumerate() {
+            j.send((micro.clone(), feed.clone(), transports[k / ranks].clone()))
+                .map_err(|_| format!("stage {}, rank {}: the pipeline failed earlier", k / ranks, k % ranks))?;
         }
-        for (name, t) in g {
-            match grads.get_mut(&name) {
-                Some(acc) => add_into(acc, &t)?,
-                None => {
-                    grads.insert(name, t);
+        let mut results: Vec<RankResult> = Vec::new();
+        for _ in 0..pp * ranks {
+            results.push(
+                self.results
+                    .recv()
+                    .map_err(|_| "the pipeline's threads have ended".to_string())?,
+            );
+        }
+        results.sort_by_key(|(at, _)| *at);
+        // the first failure a rank met on its own, else the first one
+        let own = |e: &String| !e.starts_with(HANDED) && !e.contains("did not reach");
+        let failed: Vec<&RankResult> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        if let Some(((s, i), Err(e))) = failed
+            .iter()
+            .find(|(_, r)| r.as_ref().err().is_some_and(own))
+            .or(failed.first())
+            .copied()
+        {
+            return Err(format!("stage {s}, rank {i}: {}", e.trim_start_matches(HANDED)));
+        }
+        let mut outputs = Vec::new();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        for ((s, i), r) in results {
+            let (outs, g) = r?;
+            if i != 0 {
+                continue;
+            }
+            if s + 1 == pp {
+                outputs = outs;
+            }
+            for (name, t) in g {
+                match grads.get_mut(&name) {
+                    Some(acc) => add_into(acc, &t)?,
+                    None => {
+                        grads.insert(name, t);
+                    }
                 }
             }
         }
+        for t in grads.values_mut() {
+            scale(t, 1.0 / m as f64);
+        }
+        Ok(PipelineRun { outputs, grads })
     }
-    for t in grads.values_mut() {
-        scale(t, 1.0 / m as f64);
-    }
-    Ok(PipelineRun { outputs, grads })
 }
 
-type Links = (
-    Option<Receiver<Tensor>>,
-    Option<Sender<Tensor>>,
-    Option<Receiver<Tensor>>,
-    Option<Sender<Tensor>>,
-);
+impl Drop for PipelineThreads {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
 
-/// Rank `i` of stage `s` of `pp`: its 1F1B order over the micro-batches. Returns the outputs of its forwards (the
-/// last stage's) and its gradients summed over the micro-batches.
-fn stage_rank(
-    stage: &Stage,
-    (s, pp, i): (usize, usize, usize),
+/// Runs `stages` once on simulated ranks over the micro-batches `micro` (each `input_ids` `[b, T]`), the programs
+/// built on their threads by `make` (see [`PipelineThreads`]).
+pub fn run(
+    stages: &[Stage],
     micro: &[Tensor],
-    make: &MakeProgram<'_>,
+    make: MakeProgram,
+    precision: Precision,
+    timeout: Duration,
+) -> Result<PipelineRun, String> {
+    PipelineThreads::new(stages, make, precision, timeout)?.step(micro, &HashMap::new())
+}
+
+/// Rank `i` of stage `s` of `pp`, one step: its 1F1B order over the micro-batches. Returns the outputs of its
+/// forwards (the last stage's) and its gradients summed over the micro-batches.
+fn one_step(
+    (s, pp, _): (usize, usize, usize),
+    fwd: &mut Box<dyn RankProgram>,
+    mut bwd: Option<&mut Box<dyn RankProgram>>,
+    micro: &[Tensor],
+    common: &HashMap<String, Tensor>,
     t: &Arc<SimTransport>,
-    (recv_fwd, send_fwd, recv_bwd, send_bwd): Links,
-    backward: bool,
+    l: &Links,
 ) -> Result<RankRun, String> {
     let last = s + 1 == pp;
     let shared: Arc<dyn crate::ir::Transport + Send + Sync> = t.clone();
-    let mut fwd = make(&stage.forward[i])?;
     let takes_ids = fwd.input_names().iter().any(|n| n == "input_ids");
-    let mut bwd = match &stage.backward {
-        Some(b) => Some(make(&b[i])?),
-        None => None,
-    };
     let gone = |what: &str| format!("{HANDED}the {what} stage failed");
     let mut kept: HashMap<usize, HashMap<String, Tensor>> = HashMap::new();
     let mut outputs = Vec::new();
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-    for op in one_f_one_b(s, pp, micro.len(), backward) {
+    for op in one_f_one_b(s, pp, micro.len(), bwd.is_some()) {
         match op {
             Op::Forward(j) => {
-                let mut feed = HashMap::new();
+                let mut feed = common.clone();
                 if takes_ids {
                     feed.insert("input_ids".to_string(), micro[j].clone());
                 }
-                if let Some(rx) = &recv_fwd {
+                if let Some(rx) = &l.recv_fwd {
                     feed.insert(STAGE_HIDDEN_IN.to_string(), rx.recv().map_err(|_| gone("previous"))?);
                 }
                 let mut out = fwd.run_rank(&feed, shared.clone())?;
-                if let Some(tx) = &send_fwd {
+                if let Some(tx) = &l.send_fwd {
                     let h = out
                         .remove(STAGE_HIDDEN_OUT)
                         .ok_or("the stage's forward has no `hidden_out`")?;
@@ -352,18 +452,18 @@ fn stage_rank(
                 if last {
                     outputs.push(out);
                 }
-                if backward {
+                if bwd.is_some() {
                     kept.insert(j, feed);
                 }
             }
             Op::Backward(j) => {
                 let mut feed = kept.remove(&j).ok_or("a backward before its forward")?;
-                if let Some(rx) = &recv_bwd {
+                if let Some(rx) = &l.recv_bwd {
                     feed.insert(GRAD_HIDDEN_OUT.to_string(), rx.recv().map_err(|_| gone("next"))?);
                 }
                 let b = bwd.as_mut().ok_or("no backward program")?;
                 let mut out = b.run_rank(&feed, shared.clone())?;
-                if let Some(tx) = &send_bwd {
+                if let Some(tx) = &l.send_bwd {
                     let g = out
                         .remove(GRAD_HIDDEN_IN)
                         .ok_or("the stage's backward has no `grad.hidden_in`")?;

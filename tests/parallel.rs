@@ -950,21 +950,22 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
     feed.insert("input_ids".into(), ids.clone());
     let single = run_f64(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed);
     let weights = std::sync::Arc::new(feed.clone());
-    let make = move |g: &Graph| -> Result<Box<dyn RankProgram>, String> {
-        let params = g
-            .params()
-            .into_iter()
-            .map(|id| {
-                let (n, _, _) = g.node(id).op.input_decl().unwrap();
-                (n.to_string(), weights[n].clone())
-            })
-            .collect();
-        Ok(Box::new(InterpretedRank {
-            graph: g.clone(),
-            precision: Precision::F64,
-            weights: params,
-        }))
-    };
+    let make: fulgur::pipeline::MakeProgram =
+        std::sync::Arc::new(move |g: &Graph| -> Result<Box<dyn RankProgram>, String> {
+            let params = g
+                .params()
+                .into_iter()
+                .map(|id| {
+                    let (n, _, _) = g.node(id).op.input_decl().unwrap();
+                    (n.to_string(), weights[n].clone())
+                })
+                .collect();
+            Ok(Box::new(InterpretedRank {
+                graph: g.clone(),
+                precision: Precision::F64,
+                weights: params,
+            }))
+        });
     let opts = ForwardOptions {
         loss: true,
         ..Default::default()
@@ -977,7 +978,7 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         let out = run(
             &stages,
             &micro,
-            &make,
+            make.clone(),
             Precision::F64,
             std::time::Duration::from_secs(120),
         )
@@ -1004,18 +1005,19 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
     }
     // a stage whose program cannot run fails the run naming it; its neighbours do not hang
     let stages = build(cfg, &Parallel::parse("pp=2").unwrap(), 1, 16, &opts, true, &|g| Ok(g)).unwrap();
-    let broken = |g: &Graph| -> Result<Box<dyn RankProgram>, String> {
+    let inner = make.clone();
+    let broken: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &Graph| {
         if g.name.contains("stage_2_4") {
             Err("no backend for it".into())
         } else {
-            make(g)
+            inner(g)
         }
-    };
+    });
     let micro = micro_batches(&ids, 2).unwrap();
     let e = run(
         &stages,
         &micro,
-        &broken,
+        broken,
         Precision::F64,
         std::time::Duration::from_secs(60),
     )

@@ -562,8 +562,14 @@ fn pipelined(
     };
     let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let run = fulgur::pipeline::run(&stages, &micro, &make, precision, crate::cli::ranks::rank_timeout())
-        .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
+    let run = fulgur::pipeline::run(
+        &stages,
+        &micro,
+        std::sync::Arc::new(make),
+        precision,
+        crate::cli::ranks::rank_timeout(),
+    )
+    .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
     eprintln!(
         "ran {} pipeline stages of {} simulated ranks each ({par}, {m} micro-batches) in {:.2} s",
         par.pp,
