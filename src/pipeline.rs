@@ -63,7 +63,9 @@ pub struct Stage {
 /// The stages of MiniMax-01 at degrees `par` (`par.pp` stages, each sharded at the other degrees) for
 /// micro-batches of `micro_batch` sequences of `seq` tokens: each stage's forward with the outputs `opts` asks
 /// for (the last stage's), and with `grads` its backward. `prepare` runs on each stage's structural graph before
-/// it is sharded (a dtype, for instance).
+/// it is sharded (a dtype, for instance). With `params_as_inputs` the programs take the weights as data inputs of
+/// the same names (a training run, whose weights change every step).
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     cfg: &MiniMaxConfig,
     par: &Parallel,
@@ -71,6 +73,7 @@ pub fn build(
     seq: usize,
     opts: &ForwardOptions,
     grads: bool,
+    params_as_inputs: bool,
     prepare: &dyn Fn(Graph) -> Result<Graph, String>,
 ) -> Result<Vec<Stage>, String> {
     let layers = stage_layers(cfg.num_hidden_layers, par.pp)?;
@@ -99,7 +102,12 @@ pub fn build(
             let fwd = stage_graph(cfg, &o, range.clone()).map_err(|e| e.to_string())?;
             let fwd = prepare(structural(&fwd)?)?;
             let programs = |g: &Graph| -> Result<Vec<Graph>, String> {
-                let (sg, _) = shard_graph(g, &plan).map_err(|e| format!("stage {s}: {e}"))?;
+                let g = if params_as_inputs {
+                    crate::passes::optim::params_to_inputs(g).map_err(|e| e.to_string())?
+                } else {
+                    g.clone()
+                };
+                let (sg, _) = shard_graph(&g, &plan).map_err(|e| format!("stage {s}: {e}"))?;
                 (0..inner.ranks())
                     .map(|r| lower_rank(&sg, &plan.mesh, r).map_err(|e| format!("stage {s}, rank {r}: {e}")))
                     .collect()

@@ -972,7 +972,7 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
     };
     for par in ["pp=2", "pp=4", "pp=2,tp=2", "pp=2,tp=2,etp=2"] {
         let p = Parallel::parse(par).unwrap();
-        let stages = build(cfg, &p, 1, 16, &opts, true, &|g| Ok(g)).unwrap();
+        let stages = build(cfg, &p, 1, 16, &opts, true, false, &|g| Ok(g)).unwrap();
         assert_eq!(stages.len(), p.pp);
         let micro = micro_batches(&ids, 2).unwrap();
         let out = run(
@@ -1004,7 +1004,17 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         assert!(eg < 1e-10, "{par}: `{name}` off by {eg}");
     }
     // a stage whose program cannot run fails the run naming it; its neighbours do not hang
-    let stages = build(cfg, &Parallel::parse("pp=2").unwrap(), 1, 16, &opts, true, &|g| Ok(g)).unwrap();
+    let stages = build(
+        cfg,
+        &Parallel::parse("pp=2").unwrap(),
+        1,
+        16,
+        &opts,
+        true,
+        false,
+        &|g| Ok(g),
+    )
+    .unwrap();
     let inner = make.clone();
     let broken: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &Graph| {
         if g.name.contains("stage_2_4") {

@@ -361,7 +361,8 @@ fn a_checkpoints_tokenizer_tokenizes_text() {
 
 /// The training step sharded (`--parallel`) and run on simulated ranks, each rank's program compiled for the
 /// CPU: tiny-a's three AdamW steps give transformers' losses and parameters at data, tensor, expert(-tensor) and
-/// sequence parallel plans, with the moments sharded over the data-parallel ranks; degrees that do not
+/// sequence parallel plans, with the moments sharded over the data-parallel ranks, and through two pipeline
+/// stages (two micro-batches by 1F1B, then the update); degrees that do not
 /// divide the batch are refused before anything is written.
 #[test]
 #[cfg(feature = "llvm")]
@@ -369,15 +370,21 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let meta = read_safetensors(&tiny_a().join("train/train.safetensors")).unwrap();
     let fin = read_safetensors(&tiny_a().join("train/final.safetensors")).unwrap();
-    for (par, ranks) in [("dp=2,tp=2", 4), ("ep=2,tp=2,etp=2", 4), ("sp=2", 2)] {
+    for (par, says) in [
+        ("dp=2,tp=2", "training step sharded over 4 simulated ranks"),
+        ("ep=2,tp=2,etp=2", "training step sharded over 4 simulated ranks"),
+        ("sp=2", "training step sharded over 2 simulated ranks"),
+        (
+            "pp=2,tp=2",
+            "training step in 2 pipeline stages of 2 simulated ranks each (dp=1,ep=1,sp=1,tp=2,pp=2), 2 micro-batches \
+             by 1F1B",
+        ),
+    ] {
         let run = tmp.path().join(par.replace([',', '='], "_"));
         let o = train(&run, "3", &["--parallel", par, "--target", "cpu"]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{par}: {err}");
-        assert!(
-            err.contains(&format!("training step sharded over {ranks} simulated ranks")),
-            "{err}"
-        );
+        assert!(err.contains(says), "{err}");
         for (s, (a, b)) in log_losses(&run).iter().zip(meta["loss"].to_f64()).enumerate() {
             assert!(
                 (a - b).abs() < 1e-5,

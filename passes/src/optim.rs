@@ -138,6 +138,45 @@ pub fn train_step_with(
             message: format!("no gradient output for `{name}`"),
         })?);
     }
+    append_update(&mut s, &params, grads, hp, micro_batches)?;
+    s.verify().map_err(|e| PassError::Invalid {
+        pass: "train_step".into(),
+        message: e.to_string(),
+    })?;
+    Ok((s, report))
+}
+
+/// The optimizer's update alone, for gradients computed elsewhere (the stages of a pipeline): inputs every
+/// parameter of `params` by its name (f32 master weights), its gradient `grad.NAME`, its moments `adam_m.NAME`
+/// and `adam_v.NAME`, and the scalars [`AdamW::scalars`] gives; outputs the new weights and moments under the
+/// same names and `grad_norm`, exactly as [`train_step`] computes them (clipping by the global norm over every
+/// gradient given).
+pub fn update_step(params: &[(String, TensorType)], hp: &AdamW) -> Result<Graph, PassError> {
+    let mut s = Graph::new("adamw_update");
+    let mut ps = Vec::new();
+    let mut grads = Vec::new();
+    for (name, ty) in params {
+        let p = s.input(name, ty.dtype, ty.dims().to_vec())?;
+        ps.push((name.clone(), ty.clone(), p));
+        grads.push(s.input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, ty.dims().to_vec())?);
+    }
+    append_update(&mut s, &ps, grads, hp, 1)?;
+    s.verify().map_err(|e| PassError::Invalid {
+        pass: "update_step".into(),
+        message: e.to_string(),
+    })?;
+    Ok(s)
+}
+
+/// Appends to `s` the clipping and AdamW update of the parameters `params` (name, type, value) by `grads`
+/// (accumulated over `micro_batches` when more than one), with their outputs.
+fn append_update(
+    s: &mut Graph,
+    params: &[(String, TensorType, Value)],
+    mut grads: Vec<Value>,
+    hp: &AdamW,
+    micro_batches: usize,
+) -> Result<(), PassError> {
     s.push_scope("optimizer");
     let f = DType::F32;
     // over micro-batches: the gradient so far, and whether this call applies it
@@ -194,9 +233,9 @@ pub fn train_step_with(
         None => None,
     };
     let scalar_in = |s: &mut Graph, n: &str| s.input(n, f, vec![]);
-    let decay = scalar_in(&mut s, "opt.decay")?;
-    let step_size = scalar_in(&mut s, "opt.step_size")?;
-    let bc2_sqrt = scalar_in(&mut s, "opt.bc2_sqrt")?;
+    let decay = scalar_in(s, "opt.decay")?;
+    let step_size = scalar_in(s, "opt.step_size")?;
+    let bc2_sqrt = scalar_in(s, "opt.bc2_sqrt")?;
     for ((name, ty, p), gv) in params.iter().zip(grads) {
         if ty.dtype != f {
             return Err(PassError::Options(format!(
@@ -242,11 +281,7 @@ pub fn train_step_with(
         s.add_output(format!("{ADAM_V}{name}"), v1)?;
     }
     s.pop_scope();
-    s.verify().map_err(|e| PassError::Invalid {
-        pass: "train_step".into(),
-        message: e.to_string(),
-    })?;
-    Ok((s, report))
+    Ok(())
 }
 
 /// `g` with every parameter turned into a data input of the same name and type (a graph whose weights change

@@ -544,7 +544,7 @@ fn pipelined(
         .ok_or_else(|| anyhow::anyhow!("--parallel {par}: the batch ({b}) is not divisible by dp·ep ({data})"))?;
     let dtype = args.dtype;
     let prepare = move |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| e.to_string());
-    let stages = fulgur::pipeline::build(&ck.config, par, b / m, t, opts, false, &prepare)
+    let stages = fulgur::pipeline::build(&ck.config, par, b / m, t, opts, false, false, &prepare)
         .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
     let g = forward_graph(&ck.config, opts)?;
     let weights = std::sync::Arc::new(ck.load_params(&g)?);

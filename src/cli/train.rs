@@ -230,6 +230,118 @@ pub(crate) fn executable(
     })
 }
 
+/// A training step through pipeline stages (`fulgur::pipeline`): the micro-batches' forward and backward by 1F1B
+/// on simulated ranks that live between steps, then the clipping and AdamW update of every parameter
+/// (`passes::optim::update_step`, the same update the single step computes) on the target.
+struct PipelineStep {
+    threads: fulgur::pipeline::PipelineThreads,
+    update: Box<dyn Executable>,
+    params: Vec<String>,
+    micro_batches: usize,
+}
+
+impl Executable for PipelineStep {
+    fn name(&self) -> &str {
+        "the training step through pipeline stages"
+    }
+    fn input_names(&self) -> Vec<String> {
+        vec!["input_ids".to_string()]
+    }
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> std::result::Result<BTreeMap<String, Tensor>, fulgur_runtime::RuntimeError> {
+        use fulgur_runtime::RuntimeError;
+        let ids = inputs
+            .get("input_ids")
+            .ok_or_else(|| RuntimeError::Other("the step has no `input_ids`".into()))?;
+        let micro = fulgur::pipeline::micro_batches(ids, self.micro_batches).map_err(RuntimeError::Other)?;
+        let weights: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .filter_map(|n| inputs.get(n).map(|t| (n.clone(), t.clone())))
+            .collect();
+        let run = self
+            .threads
+            .step(&micro, &weights)
+            .map_err(|e| RuntimeError::Other(format!("the pipeline: {e}")))?;
+        let loss = run.outputs.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / run.outputs.len() as f64;
+        let mut feed = inputs.clone();
+        feed.remove("input_ids");
+        for (name, g) in run.grads {
+            feed.insert(format!("{}{name}", fulgur_passes::autodiff::GRAD_PREFIX), g);
+        }
+        let mut out = self.update.run(&feed)?;
+        out.insert("loss".to_string(), Tensor::from_f64(DType::F32, vec![1], vec![loss]));
+        Ok(out)
+    }
+}
+
+/// The pipeline's step executable for `fulgur train --parallel ...,pp=N`, and the graph whose kernels are
+/// reported (the first stage's backward, rank 0's).
+#[allow(clippy::too_many_arguments)]
+fn pipeline_step(
+    cfg: &MiniMaxConfig,
+    par: &fulgur::parallel::Parallel,
+    args: &Args,
+    hp: &AdamW,
+    micro: usize,
+    micro_batches: usize,
+    t: usize,
+    state: &HashMap<String, Tensor>,
+) -> Result<(Box<dyn Executable>, fulgur_ir::Graph)> {
+    let dtype = args.dtype;
+    let prepare = move |g: fulgur_ir::Graph| compute_graph(&g, dtype).map_err(|e| e.to_string());
+    let opts = ForwardOptions {
+        loss: true,
+        ..Default::default()
+    };
+    let stages = fulgur::pipeline::build(cfg, par, micro, t, &opts, true, true, &prepare)
+        .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+    let report = stages[0].backward.as_ref().expect("built with gradients")[0].clone();
+    let (target, ranks) = (args.target, par.total_ranks());
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let make: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &fulgur_ir::Graph| {
+        let none = |name: &str| Err(format!("weight `{name}` is an input of a pipeline stage"));
+        crate::cli::ranks::rank_program(
+            g.clone(),
+            target,
+            fulgur_ir::Precision::F32,
+            (cores / ranks).max(1),
+            &none,
+        )
+    });
+    let threads = fulgur::pipeline::PipelineThreads::new(
+        &stages,
+        make,
+        fulgur_ir::Precision::F32,
+        crate::cli::ranks::rank_timeout(),
+    )
+    .map_err(|e| anyhow::anyhow!("building the pipeline's stages: {e}"))?;
+    let mut params: Vec<(String, fulgur_ir::TensorType)> = state
+        .iter()
+        .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
+        .map(|(n, w)| {
+            (
+                n.clone(),
+                fulgur_ir::TensorType::new(DType::F32, w.shape.iter().map(|&d| fulgur_ir::Dim::from(d)).collect()),
+            )
+        })
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let update = fulgur_passes::optim::update_step(&params, hp)?;
+    let update = executable(&update, None, args.target, false).context("compiling the optimizer's update")?;
+    Ok((
+        Box::new(PipelineStep {
+            threads,
+            update,
+            params: params.into_iter().map(|(n, _)| n).collect(),
+            micro_batches,
+        }),
+        report,
+    ))
+}
+
 /// FNV-1a over bytes: identifies a data or tokenizer file in `trainer.json` (not a security hash).
 fn fnv(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -401,21 +513,52 @@ pub fn run(args: Args) -> Result<()> {
     let par = match &degrees {
         Some(d) => {
             let par = fulgur::parallel::Parallel::parse(d).map_err(|e| anyhow::anyhow!("--parallel: {e}"))?;
-            if micro_batches > 1 {
-                bail!("--parallel does not take --micro-batch yet: each step is one batch of {b} sequences split over the ranks");
+            if micro_batches > 1 && par.pp == 1 {
+                bail!(
+                    "--parallel does not take --micro-batch without pipeline stages yet: each step is one batch of {b} \
+                     sequences split over the ranks"
+                );
             }
             if args.check_finite {
                 bail!("--parallel does not take --check-finite yet");
             }
             // refused here, before anything is written, when the degrees do not divide the model or the batch
-            fulgur::parallel::minimax_plan(&cfg, &par, micro, t).map_err(|e| anyhow::anyhow!("--parallel {d}: {e}"))?;
+            fulgur::parallel::minimax_plan(&cfg, &par.stage(), micro, t)
+                .map_err(|e| anyhow::anyhow!("--parallel {d}: {e}"))?;
+            if par.pp > 1 {
+                fulgur::pipeline::stage_layers(cfg.num_hidden_layers, par.pp)
+                    .map_err(|e| anyhow::anyhow!("--parallel {d}: {e}"))?;
+            }
             Some(par)
         }
         None => None,
     };
+    // pipeline stages without --micro-batch: as many micro-batches as stages where the batch allows (each one
+    // split by the data-parallel degrees), so that the stages overlap
+    let (micro, micro_batches) = match &par {
+        Some(p) if p.pp > 1 && args.micro_batch.is_none() => {
+            let m = (1..=p.pp)
+                .rev()
+                .find(|m| b.is_multiple_of(m * p.dp * p.ep))
+                .unwrap_or(1);
+            (b / m, m)
+        }
+        _ => (micro, micro_batches),
+    };
     // started by a launcher: this process is one rank (its collectives over the job's transport), every rank
     // runs the same loop on the same data and outputs, and rank 0 alone writes the run directory
     let launch = match &par {
+        Some(p) if p.pp > 1 => {
+            if fulgur_runtime::ranks::RankEnv::from_env()
+                .map_err(|e| anyhow::anyhow!(e))?
+                .is_some()
+            {
+                bail!(
+                    "--parallel {p}: pipeline parallelism runs on simulated ranks only (not yet in launched processes)"
+                );
+            }
+            None
+        }
         Some(p) => crate::cli::ranks::launched(p, args.target)?,
         None => None,
     };
@@ -514,7 +657,9 @@ pub fn run(args: Args) -> Result<()> {
             state.insert(name, w);
         }
     }
-    if micro_batches > 1 {
+    // pipeline stages: the micro-batches flow through the stages, their gradients summed by the pipeline
+    let pipelined = par.as_ref().is_some_and(|p| p.pp > 1);
+    if micro_batches > 1 && !pipelined {
         let names: Vec<(String, Vec<usize>)> = state
             .iter()
             .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V))
@@ -555,12 +700,19 @@ pub fn run(args: Args) -> Result<()> {
         &compute_graph,
         "loss",
         &hp,
-        micro_batches,
+        if pipelined { 1 } else { micro_batches },
         &args.recompute.grad_options(&cost_model),
     )?;
     let eval_graph = params_to_inputs(&compute_graph)?;
+    let pipeline = match &par {
+        Some(par) if par.pp > 1 => {
+            say(&format!("cutting the model into {} pipeline stages ({par})", par.pp));
+            Some(pipeline_step(&cfg, par, &args, &hp, micro, micro_batches, t, &state)?)
+        }
+        _ => None,
+    };
     let sharded = match &par {
-        Some(par) => {
+        Some(par) if par.pp == 1 => {
             say(&format!("sharding the training step ({par})"));
             let plan = fulgur::parallel::minimax_train_plan(&cfg, par, micro, t, &step_graph)
                 .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
@@ -585,20 +737,22 @@ pub fn run(args: Args) -> Result<()> {
                 report,
             ))
         }
-        None => None,
+        _ => None,
     };
-    let (step_graph, eval_graph) = match &sharded {
-        Some(_) => (step_graph, eval_graph),
-        None => (
+    let (step_graph, eval_graph) = if sharded.is_some() || pipeline.is_some() {
+        (step_graph, eval_graph)
+    } else {
+        (
             optimize(step_graph, args.opt, &cost_model)?,
             optimize(eval_graph, args.opt, &cost_model)?,
-        ),
+        )
     };
     let optimize_s = t0.elapsed().as_secs_f64();
-    // the program whose kernels and memory are reported: the step's, or rank 0's
-    let step_program = fulgur_codegen::program::lower(match &sharded {
-        Some((steps, _, _)) => &steps[0],
-        None => &step_graph,
+    // the program whose kernels and memory are reported: the step's, rank 0's, or the first stage's backward
+    let step_program = fulgur_codegen::program::lower(match (&sharded, &pipeline) {
+        (Some((steps, _, _)), _) => &steps[0],
+        (None, Some((_, report))) => report,
+        (None, None) => &step_graph,
     })?;
     let kernels = step_program.step.len();
     // the step's planned memory: the state (weights, moments, accumulators, inputs) and the arena of transient
@@ -615,8 +769,21 @@ pub fn run(args: Args) -> Result<()> {
     say("compiling");
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
-    let (mut step_exe, mut eval_exe) = match sharded {
-        Some((steps, evals, report)) => {
+    let (mut step_exe, mut eval_exe) = match (sharded, pipeline) {
+        (_, Some((exe, _))) => {
+            let par = par.as_ref().expect("pipelined with degrees");
+            eprintln!(
+                "training step in {} pipeline stages of {} simulated ranks each ({par}), {micro_batches} micro-batches \
+                 by 1F1B",
+                par.pp,
+                par.ranks()
+            );
+            if writer && !heldout.is_empty() {
+                eprintln!("the held-out loss is not computed under pipeline stages yet");
+            }
+            (exe, None)
+        }
+        (Some((steps, evals, report)), None) => {
             let par = par.as_ref().expect("sharded with degrees");
             let collectives: usize = report.collectives.values().sum();
             if writer {
@@ -653,7 +820,7 @@ pub fn run(args: Args) -> Result<()> {
             };
             (ranks("the training step", steps)?, eval)
         }
-        None => {
+        (None, None) => {
             let step = executable(&step_graph, Some(step_program), args.target, args.check_finite)
                 .context("compiling the training step")?;
             let eval = if heldout.is_empty() {
@@ -782,7 +949,8 @@ pub fn run(args: Args) -> Result<()> {
             loss: 0.0,
             grad_norm: f64::NAN,
         };
-        if micro_batches == 1 {
+        // a pipeline takes the whole batch and cuts it into its micro-batches itself
+        if micro_batches == 1 || pipelined {
             out = trainer
                 .step(ids, &scalars)
                 .with_context(|| format!("training step {step}"))?;
