@@ -38,6 +38,8 @@ for s in $stages; do
         FULGUR_RANK_TIMEOUT=120 $bin launch -n 4 --timeout 300 -- fulgur run /tmp/fulgur-par --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-part/launched.safetensors
         rm -rf /tmp/fulgur-tr; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-tr --parallel dp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
         $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/gen.safetensors --target cuda --parallel tp=2,etp=2 --print | tail -2
+        $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel pp=2,tp=2 --out /tmp/fulgur-part/pp.safetensors
+        rm -rf /tmp/fulgur-trpp; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trpp --parallel pp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
         python3 - <<'PY'
 import json
 import numpy as np
@@ -45,13 +47,15 @@ from safetensors.numpy import load_file
 fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-part"
 ref = load_file(f"{fx}/reference.safetensors")
 rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-for n in ["art", "launched"]:
+for n in ["art", "launched", "pp"]:
     print(n, "logits rel", rel(load_file(f"{o}/{n}.safetensors")["logits"], ref["logits"]))
 g, w = load_file(f"{o}/gen.safetensors"), load_file(f"{fx}/decode.safetensors")
 print("generate: tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
 want = load_file(f"{fx}/train/train.safetensors")["loss"]
 got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-tr/log.jsonl")]
 print("train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
+got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-trpp/log.jsonl")]
+print("pipeline train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY
       } 2>&1 | tee "$out/parallel.log" | tail -12 || status=1
       ;;
