@@ -900,6 +900,45 @@ fn expert_tensor_parallel_splits_each_experts_width() {
             "{par}: gate and up matmuls per layer"
         );
     }
+    // the training step (its parameters inputs) and bf16 compute (f32 master weights cast where read) keep the
+    // width split
+    for dtype in [fulgur::ir::DType::F32, fulgur::ir::DType::BF16] {
+        use fulgur::passes::optim::{train_step, AdamW};
+        use fulgur::passes::precision::{keep_f32, master_weights, store_as};
+        let p = Parallel::parse("ep=2,tp=2,etp=2").unwrap();
+        let fg = forward_graph(
+            cfg,
+            &p.forward_options(&ForwardOptions {
+                loss: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let fg = structural(&fg).unwrap();
+        let fg = if dtype == fulgur::ir::DType::BF16 {
+            master_weights(&store_as(&fg, dtype, &keep_f32).unwrap()).unwrap()
+        } else {
+            fg
+        };
+        let step = train_step(&fg, "loss", &AdamW::default()).unwrap();
+        let plan = fulgur::parallel::minimax_train_plan(cfg, &p, 2, 16, &step).unwrap();
+        let (sg, _) = shard_graph(&step, &plan).unwrap();
+        let (e_local, i_local, c) = (cfg.num_local_experts / 2, cfg.intermediate_size / 2, cfg.hidden_size);
+        let narrow = sg
+            .nodes()
+            .filter(|(_, n)| matches!(n.op, fulgur::ir::Op::MatMul))
+            .filter(|(_, n)| {
+                let w = sg.node(n.inputs[1].node).outputs[n.inputs[1].index as usize]
+                    .shape
+                    .as_consts();
+                w.is_some_and(|d| d.len() == 4 && d[1..] == [e_local, c, i_local])
+            })
+            .count();
+        assert!(
+            narrow >= 2 * cfg.num_hidden_layers,
+            "{dtype}: {narrow} gate/up matmuls split by width"
+        );
+    }
     // the gradients through it, by the same autodiff
     feed.insert("input_ids".into(), random_tokens(2, 16, cfg.vocab_size, 3));
     let grads: BTreeMap<String, Tensor> = run(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed)

@@ -951,14 +951,20 @@ fn specialise(g: &Graph, sizes: &HashMap<String, i64>) -> Result<Graph, PassErro
 /// Shards `g` by `plan`: the simulated SPMD graph (same inputs, parameters and outputs as `g`, specialised to
 /// `plan.sizes`) and a report of what was inserted. Errors name the node, value, dim and mesh axis.
 /// The name a [`ShardPlan::constraints`] pattern matches for node `n`: `PARAM.slice` for a `slice` of a parameter
-/// (the form the optimizer's passes keep, whatever they name the node), else the node's name; none for an
-/// input or parameter (their rules place them).
+/// (the form the optimizer's passes keep, whatever they name the node), of the input a training step takes it as,
+/// or of a cast of either; else the node's name; none for an input or parameter (their rules place them).
 fn constraint_name(g: &Graph, n: &fulgur_ir::Node) -> Option<String> {
     if n.op.input_decl().is_some() {
         return None;
     }
     if let (Op::Slice { .. }, [x]) = (&n.op, n.inputs.as_slice()) {
-        if let Op::Param { name, .. } = &g.node(x.node).op {
+        // through casts (bf16 compute reads f32 master weights cast), to a parameter or to the input a training
+        // step or a pipeline stage takes the parameter as
+        let mut v = *x;
+        while let (Op::Cast { .. }, [y]) = (&g.node(v.node).op, g.node(v.node).inputs.as_slice()) {
+            v = *y;
+        }
+        if let Some((name, _, _)) = g.node(v.node).op.input_decl() {
             return Some(format!("{name}.slice"));
         }
     }
