@@ -364,12 +364,13 @@ impl PipelineThreads {
             );
         }
         results.sort_by_key(|(at, _)| *at);
-        // the first failure a rank met on its own, else the first one
-        let own = |e: &String| !e.starts_with(HANDED) && !e.contains("did not reach");
+        // the first failure a rank met on its own (not handed on by a neighbouring stage, nor by its stage's
+        // collectives: the stage's transport records which), else the first one
+        let own = |(s, i): (usize, usize), e: &String| !e.starts_with(HANDED) && transports[s].failed_on_its_own(i);
         let failed: Vec<&RankResult> = results.iter().filter(|(_, r)| r.is_err()).collect();
         if let Some(((s, i), Err(e))) = failed
             .iter()
-            .find(|(_, r)| r.as_ref().err().is_some_and(own))
+            .find(|(at, r)| r.as_ref().err().is_some_and(|e| own(*at, e)))
             .or(failed.first())
             .copied()
         {
@@ -436,6 +437,15 @@ fn one_step(
     let last = s + 1 == pp;
     let shared: Arc<dyn crate::ir::Transport + Send + Sync> = t.clone();
     let takes_ids = fwd.input_names().iter().any(|n| n == "input_ids");
+    // the inputs every call takes (weights passed as inputs), only those a program reads; a backward's are added
+    // when it runs, so a micro-batch in flight keeps only its own tensors
+    let common_for = |p: &dyn RankProgram| -> HashMap<String, Tensor> {
+        p.input_names()
+            .into_iter()
+            .filter_map(|n| common.get(&n).map(|t| (n, t.clone())))
+            .collect()
+    };
+    let fwd_common = common_for(fwd.as_ref());
     let gone = |what: &str| format!("{HANDED}the {what} stage failed");
     let mut kept: HashMap<usize, HashMap<String, Tensor>> = HashMap::new();
     let mut outputs = Vec::new();
@@ -443,14 +453,17 @@ fn one_step(
     for op in one_f_one_b(s, pp, micro.len(), bwd.is_some()) {
         match op {
             Op::Forward(j) => {
-                let mut feed = common.clone();
+                let mut own = HashMap::new();
                 if takes_ids {
-                    feed.insert("input_ids".to_string(), micro[j].clone());
+                    own.insert("input_ids".to_string(), micro[j].clone());
                 }
                 if let Some(rx) = &l.recv_fwd {
-                    feed.insert(STAGE_HIDDEN_IN.to_string(), rx.recv().map_err(|_| gone("previous"))?);
+                    own.insert(STAGE_HIDDEN_IN.to_string(), rx.recv().map_err(|_| gone("previous"))?);
                 }
+                let mut feed = fwd_common.clone();
+                feed.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
                 let mut out = fwd.run_rank(&feed, shared.clone())?;
+                drop(feed);
                 if let Some(tx) = &l.send_fwd {
                     let h = out
                         .remove(STAGE_HIDDEN_OUT)
@@ -461,15 +474,17 @@ fn one_step(
                     outputs.push(out);
                 }
                 if bwd.is_some() {
-                    kept.insert(j, feed);
+                    kept.insert(j, own);
                 }
             }
             Op::Backward(j) => {
-                let mut feed = kept.remove(&j).ok_or("a backward before its forward")?;
+                let own = kept.remove(&j).ok_or("a backward before its forward")?;
+                let b = bwd.as_mut().ok_or("no backward program")?;
+                let mut feed = common_for(b.as_ref());
+                feed.extend(own);
                 if let Some(rx) = &l.recv_bwd {
                     feed.insert(GRAD_HIDDEN_OUT.to_string(), rx.recv().map_err(|_| gone("next"))?);
                 }
-                let b = bwd.as_mut().ok_or("no backward program")?;
                 let mut out = b.run_rank(&feed, shared.clone())?;
                 if let Some(tx) = &l.send_bwd {
                     let g = out

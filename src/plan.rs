@@ -471,6 +471,8 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 let mut optimizer = 0.0;
                 // the experts' weights as placed, and as stored sharded over dp (ZeRO-3 for the experts)
                 let (mut experts, mut experts_stored) = (0.0, 0.0);
+                // the embedding, the final norm and the head (counted whole on the bottleneck stage)
+                let mut outside_layers = 0.0;
                 let full_plan = minimax_plan(cfg, &par.stage(), b_m, seq).map_err(|e| e.to_string())?;
                 let mut zero3 = full_plan.clone();
                 store_experts_sharded(&mut zero3, &params)?;
@@ -496,6 +498,9 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     let share = if name.starts_with("model.layers.") { frac } else { 1.0 };
                     let n_w = local(&ws)? / width * share;
                     weights += 2.0 * n_w;
+                    if share == 1.0 && !name.starts_with("model.layers.") {
+                        outside_layers += 2.0 * n_w;
+                    }
                     if name.contains(".mlp.experts.") {
                         experts += n_w;
                         experts_stored +=
@@ -646,8 +651,11 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                         let per_expert = 3.0 * c * i_w * 2.0 / etp as f64;
                         let reached = experts_local.min(b * k / (dp as f64)).max(1.0);
                         let dense_weights = weights - experts_local * per_expert * layers_n;
-                        // a token passes the stages one after the other, each reading its own share
-                        let read = pp as f64 * (dense_weights + reached * per_expert * layers_n + kv + lstate);
+                        // a token passes the stages one after the other, each reading its share of the layers;
+                        // the embedding and the head are read once
+                        let read = pp as f64
+                            * (dense_weights - outside_layers + reached * per_expert * layers_n + kv + lstate)
+                            + outside_layers;
                         let latency = if ranks > 1 {
                             cfg.num_hidden_layers as f64 * 3.0 * cluster.intra_node.latency_us * 1e-6
                         } else {

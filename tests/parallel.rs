@@ -792,6 +792,19 @@ fn a_parallel_artifact_runs_on_simulated_and_launched_ranks() {
         "{err}"
     );
     assert!(!dir.path().join("two.safetensors").exists());
+    // a manifest whose mesh does not hold its ranks
+    let mp = art.join("manifest.json");
+    let good = std::fs::read_to_string(&mp).unwrap();
+    std::fs::write(&mp, good.replace("\"ranks\": 4", "\"ranks\": 0")).unwrap();
+    let o = fulgur(&run_args("zero.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not a valid manifest: `parallel` has 0 ranks on a mesh of 4"),
+        "{err}"
+    );
+    assert!(!dir.path().join("zero.safetensors").exists());
+    std::fs::write(&mp, good).unwrap();
     // a rank's program changed after it was written
     let p = art.join("rank2/program.json");
     let mut bytes = std::fs::read(&p).unwrap();

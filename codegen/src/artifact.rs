@@ -357,7 +357,19 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, CodegenError> {
             fv.map(|f| f.to_string()).unwrap_or_else(|| "unknown".into())
         )));
     }
-    serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))
+    let m: Manifest =
+        serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))?;
+    if let Some(p) = &m.parallel {
+        let product: usize = p.mesh.iter().map(|a| a.1).product();
+        if p.ranks == 0 || product != p.ranks {
+            return Err(bad(format!(
+                "{}: not a valid manifest: `parallel` has {} ranks on a mesh of {product}",
+                mpath.display(),
+                p.ranks
+            )));
+        }
+    }
+    Ok(m)
 }
 
 fn load_program(dir: &Path, targets: &[&str], rank: Option<usize>) -> Result<(Manifest, KernelProgram), CodegenError> {

@@ -53,6 +53,18 @@ impl SimTransport {
         }
     }
 
+    /// Whether rank `rank` failed on its own (its program's error, marked by [`SimTransport::fail`]), not by an
+    /// error a collective handed it.
+    pub fn failed_on_its_own(&self, rank: usize) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .own
+            .get(rank)
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Marks rank `rank` failed: the others fail at their next collective instead of waiting for it.
     pub fn fail(&self, rank: usize, why: &str) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -310,19 +322,26 @@ impl RankProgram for InterpretedRank {
                 .run_on(&self.graph, feed, &*t)
                 .map_err(|e| e.to_string());
         }
-        // the call's inputs join the weights for the run and leave after (the weights are never copied)
-        let mut added = Vec::new();
+        // the call's inputs join the weights for the run (one of a weight's name stands in for it) and leave after,
+        // even if the run panics (the weights are never copied)
+        let mut displaced = Vec::new();
         for (n, v) in feed {
-            if !self.weights.contains_key(n) {
-                self.weights.insert(n.clone(), v.clone());
-                added.push(n.clone());
-            }
+            displaced.push((n.clone(), self.weights.insert(n.clone(), v.clone())));
         }
-        let out = Interpreter::new(self.precision).run_on(&self.graph, &self.weights, &*t);
-        for n in added {
-            self.weights.remove(&n);
+        let (graph, weights, precision) = (&self.graph, &self.weights, self.precision);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Interpreter::new(precision).run_on(graph, weights, &*t)
+        }));
+        for (n, old) in displaced {
+            match old {
+                Some(w) => self.weights.insert(n, w),
+                None => self.weights.remove(&n),
+            };
         }
-        out.map_err(|e| e.to_string())
+        match out {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("its program panicked".into()),
+        }
     }
 }
 

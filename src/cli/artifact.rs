@@ -275,7 +275,13 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
     let (Some(batch), Some(seq)) = (args.batch, args.seq) else {
         bail!("--parallel needs --batch and --seq: each rank's program is specialised to the batch and sequence it splits");
     };
+    if batch == 0 || seq == 0 {
+        bail!("--batch and --seq must be at least 1");
+    }
     let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow!("--parallel: {e}"))?;
+    if par.pp > 1 {
+        bail!("--parallel {par}: `fulgur compile` does not take pipeline stages yet (eval-model and train do)");
+    }
     let (cfg, warnings) = model_config(&args.input)?;
     let plan =
         fulgur::parallel::minimax_plan(&cfg, &par, batch, seq).map_err(|e| anyhow!("--parallel {degrees}: {e}"))?;
@@ -714,7 +720,9 @@ fn rank_program(
 ) -> Result<RunResult> {
     let transport: crate::cli::ranks::Shared = match transport {
         RankTransport::Simulated(t) => t,
-        RankTransport::Launched(env, sizes) => crate::cli::ranks::transport(env, sizes, cuda)?,
+        RankTransport::Launched(env, sizes) => {
+            crate::cli::ranks::transport(env, sizes, cuda, fulgur_ir::Precision::F32)?
+        }
     };
     if cuda {
         run_cuda_with(program, weights, data, args, Some(transport))

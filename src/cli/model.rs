@@ -546,7 +546,8 @@ fn pipelined(
     let prepare = move |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| e.to_string());
     let stages = fulgur::pipeline::build(&ck.config, par, b / m, t, opts, false, false, &prepare)
         .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
-    let g = forward_graph(&ck.config, opts)?;
+    // the weights in the dtype the stages take
+    let g = with_dtype(forward_graph(&ck.config, opts)?, args.dtype)?;
     let weights = std::sync::Arc::new(ck.load_params(&g)?);
     let (target, precision) = (args.target, Precision::from(args.precision));
     let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
@@ -654,7 +655,7 @@ fn rank_on_cuda(
     mesh: &[usize],
 ) -> Result<BTreeMap<String, Tensor>> {
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let transport = crate::cli::ranks::transport(env, mesh, true)?;
+    let transport = crate::cli::ranks::transport(env, mesh, true, Precision::F32)?;
     let kp = fulgur_codegen::program::lower(g)?;
     let mut gpu = CudaProgram::new(kp, CudaOptions::default()).context("compiling for the GPU")?;
     gpu.set_transport(transport);
@@ -773,6 +774,9 @@ fn sharded_pair(
     if par.sp > 1 {
         bail!("--parallel {par}: generation takes sp=1 (a decode step has one token per sequence to split)");
     }
+    if par.pp > 1 {
+        bail!("--parallel {par}: generation does not take pipeline stages yet (eval-model and train do)");
+    }
     let cfg = &ck.config;
     let plan = |t: usize| {
         fulgur::parallel::minimax_plan(cfg, &par, b, t).map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))
@@ -792,7 +796,7 @@ fn sharded_pair(
     let decode = structural(fulgur_models::decode_graph_with(cfg, &opts)?)?;
     let weights = std::sync::Arc::new(ck.load_params(&prefill)?);
     let cost_model = args.target.cost_model();
-    let launch = crate::cli::ranks::launched(&par, args.target)?;
+    let launch = crate::cli::ranks::launched(&par, args.target, Precision::from(args.precision))?;
     let ranks =
         |g: &fulgur_ir::Graph, plan: &fulgur_passes::shard::ShardPlan, what: &str| -> Result<Box<dyn Executable>> {
             let (sg, _) = fulgur_passes::shard::shard_graph(g, plan).with_context(|| format!("sharding {what}"))?;

@@ -30,7 +30,7 @@ pub(crate) fn rank_timeout() -> Duration {
 /// This process's place when a launcher started it, with its transport connected (every rank of the job meets
 /// at the rendezvous here); `None` when no launcher's variables are set. A job of another size than the
 /// degrees' ranks is refused with both numbers.
-pub(crate) fn launched(par: &Parallel, target: BenchTarget) -> Result<Option<(RankEnv, Shared)>> {
+pub(crate) fn launched(par: &Parallel, target: BenchTarget, precision: Precision) -> Result<Option<(RankEnv, Shared)>> {
     let Some(env) = RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? else {
         return Ok(None);
     };
@@ -42,20 +42,19 @@ pub(crate) fn launched(par: &Parallel, target: BenchTarget) -> Result<Option<(Ra
             par.ranks()
         );
     }
-    let t = transport(&env, &par.mesh().sizes(), target == BenchTarget::Cuda)
+    let t = transport(&env, &par.mesh().sizes(), target == BenchTarget::Cuda, precision)
         .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
     Ok(Some((env, t)))
 }
 
 /// A launched rank's transport: NCCL on a GPU program with `FULGUR_TRANSPORT=nccl`, else TCP through the
-/// rendezvous at `MASTER_ADDR:MASTER_PORT`.
-pub(crate) fn transport(env: &RankEnv, mesh: &[usize], cuda: bool) -> Result<Shared> {
+/// rendezvous at `MASTER_ADDR:MASTER_PORT`, its collectives computed at `precision` (the programs').
+pub(crate) fn transport(env: &RankEnv, mesh: &[usize], cuda: bool, precision: Precision) -> Result<Shared> {
     if cuda && std::env::var("FULGUR_TRANSPORT").is_ok_and(|v| v == "nccl") {
         return nccl(env, mesh);
     }
     Ok(Arc::new(
-        fulgur_runtime::ranks::TcpTransport::connect(env, Precision::F32, rank_timeout())
-            .map_err(|e| anyhow::anyhow!(e))?,
+        fulgur_runtime::ranks::TcpTransport::connect(env, precision, rank_timeout()).map_err(|e| anyhow::anyhow!(e))?,
     ))
 }
 

@@ -559,7 +559,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             None
         }
-        Some(p) => crate::cli::ranks::launched(p, args.target)?,
+        Some(p) => crate::cli::ranks::launched(p, args.target, fulgur_ir::Precision::F32)?,
         None => None,
     };
     let writer = launch.as_ref().is_none_or(|(env, _)| env.rank == 0);
@@ -669,9 +669,6 @@ pub fn run(args: Args) -> Result<()> {
             let z = Tensor::from_f64(DType::F32, shape.clone(), vec![0.0; shape.iter().product()]);
             state.insert(format!("{GRAD_ACC}{n}"), z);
         }
-    }
-    if writer {
-        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     }
     // the programs
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -854,7 +851,11 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         String::new()
     };
-    // a launched rank other than 0 writes nothing
+    // the run directory, once everything it needs is built (a failure before leaves nothing); a launched rank
+    // other than 0 writes nothing
+    if writer {
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    }
     let mut log: Box<dyn std::io::Write> = if writer {
         fulgur_ir::tensor::write_atomic(&log_path, kept.as_bytes())?;
         Box::new(
