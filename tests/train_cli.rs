@@ -469,3 +469,58 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
     assert!(err.contains("rank 2 did not reach collective #3 (`"), "{err}");
     assert!(!dead.join("checkpoint").exists(), "a failed job writes no checkpoint");
 }
+
+/// Through pipeline stages the held-out loss is the stages' forwards with the step's weights: on text, with the
+/// same micro-batches, a run at `pp=2` logs the losses and held-out losses of a run on one device.
+#[test]
+#[cfg(feature = "llvm")]
+fn pipeline_stages_log_the_held_out_loss_of_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = fulgur::models::fixtures::dir().join("../data/tinyshakespeare.txt");
+    let ck = tiny_a();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"train",
+            &ck,
+            &"--data",
+            &text,
+            &"--steps",
+            &"2",
+            &"--batch",
+            &"2",
+            &"--seq",
+            &"16",
+            &"--micro-batch",
+            &"1",
+            &"--eval-every",
+            &"1",
+            &"--eval-batches",
+            &"2",
+            &"--target",
+            &"cpu",
+            &"--out",
+            &out,
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        let o = fulgur(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["loss"].as_f64().unwrap(), v["heldout_loss"].as_f64().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = run("one", &[]);
+    let staged = run("staged", &["--parallel", "pp=2"]);
+    assert_eq!(one.len(), 2);
+    for ((a, ha), (b, hb)) in one.iter().zip(&staged) {
+        assert!((a - b).abs() < 1e-5, "loss {b} against one device's {a}");
+        assert!((ha - hb).abs() < 1e-5, "held-out loss {hb} against one device's {ha}");
+    }
+}

@@ -240,6 +240,42 @@ struct PipelineStep {
     micro_batches: usize,
 }
 
+/// The held-out loss through the pipeline's stages (their forwards alone), the weights given as inputs.
+struct PipelineEval {
+    threads: fulgur::pipeline::PipelineThreads,
+}
+
+impl Executable for PipelineEval {
+    fn name(&self) -> &str {
+        "the held-out loss through pipeline stages"
+    }
+    fn input_names(&self) -> Vec<String> {
+        vec!["input_ids".to_string()]
+    }
+    fn run(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> std::result::Result<BTreeMap<String, Tensor>, fulgur_runtime::RuntimeError> {
+        use fulgur_runtime::RuntimeError;
+        let ids = inputs
+            .get("input_ids")
+            .ok_or_else(|| RuntimeError::Other("the held-out loss has no `input_ids`".into()))?;
+        let mut weights = inputs.clone();
+        weights.remove("input_ids");
+        let run = self
+            .threads
+            .step(std::slice::from_ref(ids), &weights)
+            .map_err(|e| RuntimeError::Other(format!("the pipeline: {e}")))?;
+        let loss = run
+            .outputs
+            .first()
+            .and_then(|o| o.get("loss"))
+            .cloned()
+            .ok_or_else(|| RuntimeError::Other("the last stage gave no `loss`".into()))?;
+        Ok([("loss".to_string(), loss)].into())
+    }
+}
+
 impl Executable for PipelineStep {
     fn name(&self) -> &str {
         "the training step through pipeline stages"
@@ -277,8 +313,11 @@ impl Executable for PipelineStep {
     }
 }
 
-/// The pipeline's step executable for `fulgur train --parallel ...,pp=N`, and the graph whose kernels are
-/// reported (the first stage's backward, rank 0's).
+/// The pipeline's step and held-out loss, and the graph whose kernels are reported.
+type PipelineExecutables = (Box<dyn Executable>, Box<dyn Executable>, fulgur_ir::Graph);
+
+/// The pipeline's step and held-out loss executables for `fulgur train --parallel ...,pp=N`, and the graph whose
+/// kernels are reported (the first stage's backward, rank 0's).
 #[allow(clippy::too_many_arguments)]
 fn pipeline_step(
     cfg: &MiniMaxConfig,
@@ -289,7 +328,7 @@ fn pipeline_step(
     micro_batches: usize,
     t: usize,
     state: &HashMap<String, Tensor>,
-) -> Result<(Box<dyn Executable>, fulgur_ir::Graph)> {
+) -> Result<PipelineExecutables> {
     let dtype = args.dtype;
     let prepare = move |g: fulgur_ir::Graph| compute_graph(&g, dtype).map_err(|e| e.to_string());
     let opts = ForwardOptions {
@@ -313,11 +352,21 @@ fn pipeline_step(
     });
     let threads = fulgur::pipeline::PipelineThreads::new(
         &stages,
-        make,
+        make.clone(),
         fulgur_ir::Precision::F32,
         crate::cli::ranks::rank_timeout(),
     )
     .map_err(|e| anyhow::anyhow!("building the pipeline's stages: {e}"))?;
+    // the held-out loss: the stages' forwards alone, one micro-batch of the same size at a time
+    let forwards = fulgur::pipeline::build(cfg, par, micro, t, &opts, false, true, &prepare)
+        .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+    let eval_threads = fulgur::pipeline::PipelineThreads::new(
+        &forwards,
+        make,
+        fulgur_ir::Precision::F32,
+        crate::cli::ranks::rank_timeout(),
+    )
+    .map_err(|e| anyhow::anyhow!("building the pipeline's stages for the held-out loss: {e}"))?;
     let mut params: Vec<(String, fulgur_ir::TensorType)> = state
         .iter()
         .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
@@ -338,6 +387,7 @@ fn pipeline_step(
             params: params.into_iter().map(|(n, _)| n).collect(),
             micro_batches,
         }),
+        Box::new(PipelineEval { threads: eval_threads }),
         report,
     ))
 }
@@ -748,7 +798,7 @@ pub fn run(args: Args) -> Result<()> {
     // the program whose kernels and memory are reported: the step's, rank 0's, or the first stage's backward
     let step_program = fulgur_codegen::program::lower(match (&sharded, &pipeline) {
         (Some((steps, _, _)), _) => &steps[0],
-        (None, Some((_, report))) => report,
+        (None, Some((_, _, report))) => report,
         (None, None) => &step_graph,
     })?;
     let kernels = step_program.step.len();
@@ -767,7 +817,7 @@ pub fn run(args: Args) -> Result<()> {
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
     let (mut step_exe, mut eval_exe) = match (sharded, pipeline) {
-        (_, Some((exe, _))) => {
+        (_, Some((exe, eval, _))) => {
             let par = par.as_ref().expect("pipelined with degrees");
             eprintln!(
                 "training step in {} pipeline stages of {} simulated ranks each ({par}), {micro_batches} micro-batches \
@@ -775,10 +825,7 @@ pub fn run(args: Args) -> Result<()> {
                 par.pp,
                 par.ranks()
             );
-            if writer && !heldout.is_empty() {
-                eprintln!("the held-out loss is not computed under pipeline stages yet");
-            }
-            (exe, None)
+            (exe, if heldout.is_empty() { None } else { Some(eval) })
         }
         (Some((steps, evals, report)), None) => {
             let par = par.as_ref().expect("sharded with degrees");
