@@ -913,6 +913,25 @@ fn expert_tensor_parallel_splits_each_experts_width() {
             "{par}: gate and up matmuls per layer"
         );
     }
+    // EP4 with ETP2 (eight ranks, each expert alone on its expert rank, its width over two), four sequences
+    {
+        let p = Parallel::parse("ep=4,tp=2,etp=2").unwrap();
+        let mut feed = feed.clone();
+        feed.insert("input_ids".into(), random_tokens(4, 16, cfg.vocab_size, 29));
+        let single = run(&g, &feed);
+        let fg = forward_graph(
+            cfg,
+            &p.forward_options(&ForwardOptions {
+                loss: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let (sg, _) = shard_graph(&structural(&fg).unwrap(), &minimax_plan(cfg, &p, 4, 16).unwrap()).unwrap();
+        let (e, name) = worst(&run(&sg, &feed), &single);
+        println!("tiny-a ep=4,tp=2,etp=2: worst {e:.1e} ({name})");
+        assert!(e < 1e-10, "ep=4,tp=2,etp=2: `{name}` off by {e}");
+    }
     // the training step (its parameters inputs) and bf16 compute (f32 master weights cast where read) keep the
     // width split
     for dtype in [fulgur::ir::DType::F32, fulgur::ir::DType::BF16] {
