@@ -468,8 +468,8 @@ fn launched_ranks_in_separate_processes() {
 
 /// A scaled-down MiniMax-01 layout (`models/configs/minimax-small.json`: MiniMax's own config format, 16 layers
 /// with a softmax layer in every eight, post-norm, 8 experts, 8 query and 2 key-value heads) with random weights:
-/// tensor, expert, data and sequence parallel plans and their combinations give the single-device logits and
-/// loss.
+/// tensor, expert, expert-tensor, data, sequence and pipeline parallel plans and their combinations give the
+/// single-device logits and loss.
 #[test]
 fn a_scaled_down_minimax_layout_sharded() {
     let cfg =
@@ -501,6 +501,68 @@ fn a_scaled_down_minimax_layout_sharded() {
         let (e, name) = worst(&run(&sg, &feed), &single);
         println!("minimax-small {par}: worst {e:.1e} ({name}); {:?}", report.collectives);
         assert!(e < 1e-10, "{par}: `{name}` off by {e}");
+    }
+    // expert-tensor parallelism (the forward with the gate and up halves apart)
+    for par in ["ep=2,tp=2,etp=2", "ep=4,tp=2,etp=2"] {
+        let p = Parallel::parse(par).unwrap();
+        let fg = forward_graph(
+            &cfg,
+            &p.forward_options(&ForwardOptions {
+                loss: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let b = 2 * p.ep;
+        let mut feed = feed.clone();
+        feed.insert("input_ids".into(), random_tokens(b, 32, cfg.vocab_size, 8));
+        let single = run(&g, &feed);
+        let (sg, _) = shard_graph(&structural(&fg).unwrap(), &minimax_plan(&cfg, &p, b, 32).unwrap()).unwrap();
+        let (e, name) = worst(&run(&sg, &feed), &single);
+        println!("minimax-small {par}: worst {e:.1e} ({name})");
+        assert!(e < 1e-10, "{par}: `{name}` off by {e}");
+    }
+    // pipeline stages: its 16 layers in two and four stages (post-norm, a softmax layer in every eight)
+    {
+        use fulgur::pipeline::{build, concat_batches, micro_batches, run as run_pipeline};
+        use fulgur::runtime::ranks::{InterpretedRank, RankProgram};
+        let weights = std::sync::Arc::new(feed.clone());
+        let make: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &Graph| {
+            let params = g
+                .params()
+                .into_iter()
+                .map(|id| {
+                    let (n, _, _) = g.node(id).op.input_decl().unwrap();
+                    (n.to_string(), weights[n].clone())
+                })
+                .collect();
+            Ok(Box::new(InterpretedRank {
+                graph: g.clone(),
+                precision: Precision::F64,
+                weights: params,
+            }) as Box<dyn RankProgram>)
+        });
+        let opts = ForwardOptions {
+            loss: true,
+            ..Default::default()
+        };
+        for par in ["pp=2", "pp=4,tp=2"] {
+            let p = Parallel::parse(par).unwrap();
+            let stages = build(&cfg, &p, 1, 32, &opts, false, false, &|g| Ok(g)).unwrap();
+            let micro = micro_batches(&feed["input_ids"], 2).unwrap();
+            let out = run_pipeline(
+                &stages,
+                &micro,
+                make.clone(),
+                Precision::F64,
+                std::time::Duration::from_secs(120),
+            )
+            .unwrap();
+            let logits: Vec<&Tensor> = out.outputs.iter().map(|o| &o["logits"]).collect();
+            let e = concat_batches(&logits).unwrap().rel_l2(&single["logits"]);
+            println!("minimax-small {par}: logits {e:.1e}");
+            assert!(e < 1e-10, "{par}: logits off by {e}");
+        }
     }
 }
 
