@@ -1167,6 +1167,36 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
     .err()
     .unwrap();
     assert_eq!(e, "stage 1, rank 0: no backend for it");
+    // a stage rank whose program fails in a step (its input never given) fails that step naming it, and the
+    // pipeline refuses the steps after
+    let stages = build(
+        cfg,
+        &Parallel::parse("pp=2,tp=2").unwrap(),
+        1,
+        16,
+        &opts,
+        true,
+        true,
+        &|g| Ok(g),
+    )
+    .unwrap();
+    let mut threads = fulgur::pipeline::PipelineThreads::new(
+        &stages,
+        make.clone(),
+        Precision::F64,
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
+    let mut weights = feed.clone();
+    weights.remove("input_ids");
+    let ok = threads.step(&micro, &weights).unwrap();
+    assert_eq!(ok.grads.len(), 39);
+    weights.remove("model.layers.3.mlp.gate.weight");
+    let e = threads.step(&micro, &weights).err().unwrap();
+    assert!(e.starts_with("stage 1, rank "), "{e}");
+    assert!(e.contains("model.layers.3.mlp.gate.weight"), "{e}");
+    let e = threads.step(&micro, &weights).err().unwrap();
+    assert!(e.contains("the pipeline failed earlier"), "{e}");
     assert_eq!(stage_layers(5, 2).unwrap(), vec![0..3, 3..5]);
     assert_eq!(
         stage_layers(4, 5).unwrap_err(),
