@@ -40,6 +40,8 @@ for s in $stages; do
         $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/gen.safetensors --target cuda --parallel tp=2,etp=2 --print | tail -2
         $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel pp=2,tp=2 --out /tmp/fulgur-part/pp.safetensors
         rm -rf /tmp/fulgur-trpp; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trpp --parallel pp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
+        # a launched rank training on its GPU with its collectives through NCCL (one GPU: a job of one rank)
+        rm -rf /tmp/fulgur-trnccl; FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trnccl --parallel dp=1 --target cuda | tr '\r' '\n' | tail -1
         python3 - <<'PY'
 import json
 import numpy as np
@@ -54,8 +56,9 @@ print("generate: tokens equal", bool((g["generated"] == w["generated"]).all()), 
 want = load_file(f"{fx}/train/train.safetensors")["loss"]
 got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-tr/log.jsonl")]
 print("train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
-got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-trpp/log.jsonl")]
-print("pipeline train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
+for name, d in [("pipeline", "/tmp/fulgur-trpp"), ("launched nccl", "/tmp/fulgur-trnccl")]:
+    got = [json.loads(l)["loss"] for l in open(f"{d}/log.jsonl")]
+    print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY
       } 2>&1 | tee "$out/parallel.log" | tail -12 || status=1
       ;;
