@@ -414,7 +414,8 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
 }
 
 /// `fulgur launch -n 4 -- fulgur train ... --parallel dp=2,tp=2`: one rank per process, collectives over the
-/// TCP rendezvous, rank 0 alone writing the run: transformers' losses. A rank that exits at a collective fails
+/// TCP rendezvous, rank 0 alone writing the run: transformers' losses. A stop one rank asks for (its Ctrl-C)
+/// stops every rank after the same step, with rank 0's checkpoint of it. A rank that exits at a collective fails
 /// the job naming it, and no checkpoint is written.
 #[test]
 #[cfg(feature = "llvm")]
@@ -462,6 +463,37 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
         assert!((a - b).abs() < 1e-5, "step {}: loss {a} vs transformers {b}", s + 1);
     }
     assert!(run.join("checkpoint/trainer.json").is_file());
+    // rank 3 asks to stop after step 1 (as its Ctrl-C would): every rank stops there and rank 0 writes the
+    // checkpoint of step 1
+    let stopped = tmp.path().join("stopped");
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+    c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
+        .arg(&ck)
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--steps",
+            "3",
+            "--lr",
+            "0.01",
+            "--target",
+            "cpu",
+            "--parallel",
+            "dp=2,tp=2",
+            "--out",
+        ])
+        .arg(&stopped)
+        .env_remove("RUST_LOG")
+        .env("FULGUR_RANK_TIMEOUT", "60")
+        .env("FULGUR_STOP_AFTER", "3:1");
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("interrupted: stopped after step 1"), "{err}");
+    assert_eq!(log_losses(&stopped).len(), 1);
+    let ts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stopped.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    assert_eq!(ts["step"], 1);
     let dead = tmp.path().join("dead");
     let o = launch(&dead, Some("2:3"));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -70,6 +70,42 @@ fn nccl(_: &RankEnv, _: &[usize]) -> Result<Shared> {
     anyhow::bail!("FULGUR_TRANSPORT=nccl: this build has no CUDA backend (built without the `cuda` feature)")
 }
 
+/// Whether any rank of a launched job wants to stop (its Ctrl-C; `stop`), agreed by every rank after the same
+/// step: a sum over each axis of the mesh in turn (one group collective per axis, which both transports run), so
+/// the ranks stop together and rank 0 writes the interrupt checkpoint. `FULGUR_STOP_AFTER=RANK:STEP` makes rank
+/// `RANK` ask to stop after step `STEP`, for tests.
+pub(crate) fn agree(
+    t: &(dyn fulgur_ir::Transport + Send + Sync),
+    rank: usize,
+    mesh: &[usize],
+    stop: bool,
+    step: u64,
+) -> Result<bool> {
+    use fulgur_ir::{Composite, Op};
+    let forced = std::env::var("FULGUR_STOP_AFTER").ok().is_some_and(|v| {
+        let mut it = v.split(':').map(|x| x.trim().parse::<u64>().ok());
+        matches!((it.next().flatten(), it.next().flatten()), (Some(r), Some(s)) if r == rank as u64 && s == step)
+    });
+    let mut x = Tensor::from_f64(
+        fulgur_ir::DType::F32,
+        vec![1],
+        vec![f64::from(u8::from(stop || forced))],
+    );
+    for over in 0..mesh.len() {
+        let op = Op::Composite(Composite::AllReduce {
+            mesh: mesh.to_vec(),
+            over,
+        });
+        x = t
+            .collective(&op, rank, &[&x])
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("an all-reduce gave nothing"))?;
+    }
+    Ok(x.to_f64()[0] > 0.0)
+}
+
 /// Rank program `g` built for `target` with its parameters from `fetch`; `threads` CPU threads.
 #[cfg_attr(not(feature = "llvm"), allow(unused_variables))]
 pub(crate) fn rank_program(

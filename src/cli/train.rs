@@ -1076,7 +1076,18 @@ pub fn run(args: Args) -> Result<()> {
                     .unwrap_or_default()
             ));
         }
-        let stop = STOP.load(Ordering::SeqCst);
+        let mut stop = STOP.load(Ordering::SeqCst);
+        if let Some((env, t)) = &launch {
+            // launched ranks stop after the same step: any rank's Ctrl-C stops them all
+            stop = crate::cli::ranks::agree(
+                t.as_ref(),
+                env.rank,
+                &par.as_ref().expect("launched with degrees").mesh().sizes(),
+                stop,
+                step,
+            )
+            .with_context(|| format!("agreeing whether to stop after step {step}"))?;
+        }
         if writer && (stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps) {
             save(&mut trainer, step, &cursor)?;
             last_good = Some((step, ck_dir.clone()));
