@@ -539,6 +539,7 @@ fn a_scaled_down_minimax_layout_sharded() {
             Ok(Box::new(InterpretedRank {
                 graph: g.clone(),
                 precision: Precision::F64,
+                memory_limit: None,
                 weights: params,
             }) as Box<dyn RankProgram>)
         });
@@ -1096,6 +1097,7 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
             Ok(Box::new(InterpretedRank {
                 graph: g.clone(),
                 precision: Precision::F64,
+                memory_limit: None,
                 weights: params,
             }))
         });

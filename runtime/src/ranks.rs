@@ -298,6 +298,8 @@ pub trait RankProgram {
 pub struct InterpretedRank {
     pub graph: Graph,
     pub precision: Precision,
+    /// The interpreter's memory budget ([`Interpreter::memory_limit`]).
+    pub memory_limit: Option<u64>,
     pub weights: HashMap<String, Tensor>,
 }
 
@@ -317,10 +319,12 @@ impl RankProgram for InterpretedRank {
         feed: &HashMap<String, Tensor>,
         t: std::sync::Arc<dyn Transport + Send + Sync>,
     ) -> Result<BTreeMap<String, Tensor>, String> {
+        let interp = Interpreter {
+            precision: self.precision,
+            memory_limit: self.memory_limit,
+        };
         if self.weights.is_empty() {
-            return Interpreter::new(self.precision)
-                .run_on(&self.graph, feed, &*t)
-                .map_err(|e| e.to_string());
+            return interp.run_on(&self.graph, feed, &*t).map_err(|e| e.to_string());
         }
         // the call's inputs join the weights for the run (one of a weight's name stands in for it) and leave after,
         // even if the run panics (the weights are never copied)
@@ -328,10 +332,8 @@ impl RankProgram for InterpretedRank {
         for (n, v) in feed {
             displaced.push((n.clone(), self.weights.insert(n.clone(), v.clone())));
         }
-        let (graph, weights, precision) = (&self.graph, &self.weights, self.precision);
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Interpreter::new(precision).run_on(graph, weights, &*t)
-        }));
+        let (graph, weights) = (&self.graph, &self.weights);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| interp.run_on(graph, weights, &*t)));
         for (n, old) in displaced {
             match old {
                 Some(w) => self.weights.insert(n, w),
@@ -1093,6 +1095,7 @@ mod tests {
                 Ok(Box::new(InterpretedRank {
                     graph: program(r, if r == 1 { second } else { "x" }),
                     precision: Precision::F64,
+                    memory_limit: None,
                     weights: HashMap::new(),
                 }))
             }
@@ -1117,6 +1120,7 @@ mod tests {
                 Ok(Box::new(InterpretedRank {
                     graph: Graph::new("empty"),
                     precision: Precision::F64,
+                    memory_limit: None,
                     weights: HashMap::new(),
                 }) as Box<dyn RankProgram>)
             }

@@ -330,42 +330,31 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         let g = fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?;
         let g = with_dtype(g, args.dtype)?;
         let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
-        let mut feed = ck.load_params(&g)?;
-        feed.insert("input_ids".into(), tokens);
+        let weights = std::sync::Arc::new(ck.load_params(&g)?);
         let t1 = Instant::now();
-        // started by a launcher: this process is one rank, its collectives over the rendezvous
-        if let Some(env) = fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? {
-            if env.world != par.ranks() {
-                bail!(
-                    "launched as {} ranks ({}'s variables) but --parallel {degrees} needs {}",
-                    env.world,
-                    env.source,
-                    par.ranks()
-                );
-            }
-            let timeout = crate::cli::ranks::rank_timeout();
-            // this rank's program only
-            let program = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, env.rank)?;
-            let tcp = || {
-                fulgur_runtime::ranks::TcpTransport::connect(&env, Precision::from(args.precision), timeout)
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))
-            };
-            let outputs = if target == crate::cli::bench::BenchTarget::Cpu {
-                rank_on_cpu(&program, &feed, std::sync::Arc::new(tcp()?))
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
-            } else if target == crate::cli::bench::BenchTarget::Cuda {
-                rank_on_cuda(&program, &feed, &env, &plan.mesh.sizes())
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
-            } else {
-                let transport = tcp()?;
-                let interp = fulgur_ir::Interpreter {
-                    precision: Precision::from(args.precision),
-                    memory_limit: args.memory_limit,
-                };
-                interp
-                    .run_on(&program, &feed, &transport)
-                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?
-            };
+        // started by a launcher: this process is one rank, its collectives over the job's transport
+        let launch = match fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? {
+            Some(env) if env.world != par.ranks() => bail!(
+                "launched as {} ranks ({}'s variables) but --parallel {degrees} needs {}",
+                env.world,
+                env.source,
+                par.ranks()
+            ),
+            Some(_) => crate::cli::ranks::launched(&par, target, Precision::from(args.precision))?,
+            None => None,
+        };
+        let programs = crate::cli::ranks::local_ranks(&par, launch.as_ref())
+            .into_iter()
+            .map(|r| fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let interp = fulgur_ir::Interpreter {
+            precision: Precision::from(args.precision),
+            memory_limit: args.memory_limit,
+        };
+        let mut exe = crate::cli::ranks::executable("the forward", programs, target, interp, weights, launch.as_ref())?;
+        let run = exe.run(&[("input_ids".to_string(), tokens)].into());
+        if let Some((env, _)) = &launch {
+            let outputs = run.map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
             if env.rank == 0 {
                 eprintln!(
                     "ran as {} processes ({par}) in {:.2} s",
@@ -384,22 +373,7 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let programs = (0..par.ranks())
-            .map(|r| fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut outs = if target == crate::cli::bench::BenchTarget::Cpu {
-            run_ranks_on_cpu(&programs, &feed)
-        } else if target == crate::cli::bench::BenchTarget::Cuda {
-            run_ranks_on_cuda(&programs, &feed)
-        } else {
-            fulgur_runtime::ranks::run_ranks(
-                &programs,
-                &feed,
-                Precision::from(args.precision),
-                std::time::Duration::from_secs(600),
-            )
-        }
-        .map_err(|e| anyhow::anyhow!("running on simulated ranks: {e}"))?;
+        let outputs = run?;
         let collectives: usize = report.collectives.values().sum();
         eprintln!(
             "ran on {} simulated ranks ({par}) in {:.2} s: {collectives} collectives ({})",
@@ -412,7 +386,6 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let outputs = outs.swap_remove(0);
         write_safetensors(&args.out, &outputs)?;
         if args.print {
             write_stdout(
@@ -550,6 +523,10 @@ fn pipelined(
     let g = with_dtype(forward_graph(&ck.config, opts)?, args.dtype)?;
     let weights = std::sync::Arc::new(ck.load_params(&g)?);
     let (target, precision) = (args.target, Precision::from(args.precision));
+    let interp = fulgur_ir::Interpreter {
+        precision,
+        memory_limit: args.memory_limit,
+    };
     let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let threads = (cores / par.total_ranks()).max(1);
     let make = move |g: &fulgur_ir::Graph| {
@@ -559,7 +536,7 @@ fn pipelined(
                 .cloned()
                 .ok_or_else(|| format!("weight `{name}` is missing"))
         };
-        crate::cli::ranks::rank_program(g.clone(), target, precision, threads, &fetch)
+        crate::cli::ranks::rank_program(g.clone(), target, interp, threads, &fetch)
     };
     let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
@@ -589,105 +566,6 @@ fn pipelined(
         Tensor::from_f64(fulgur_ir::DType::F32, vec![1], vec![loss]),
     );
     Ok(outputs)
-}
-
-/// One launched rank's program on the CPU backend, its collectives through `transport`.
-#[cfg(feature = "llvm")]
-fn rank_on_cpu(
-    g: &fulgur_ir::Graph,
-    feed: &std::collections::HashMap<String, Tensor>,
-    transport: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>,
-) -> Result<BTreeMap<String, Tensor>> {
-    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
-    let program = fulgur_codegen::program::lower(g)?;
-    let mut cpu = CpuProgram::new(program, CpuOptions::default()).context("compiling for the CPU")?;
-    cpu.set_transport(transport);
-    cpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
-    let inputs = fulgur_runtime::ranks::inputs_from(&cpu.program.inputs, feed);
-    Ok(cpu.run(&inputs)?)
-}
-
-#[cfg(not(feature = "llvm"))]
-fn rank_on_cpu(
-    _: &fulgur_ir::Graph,
-    _: &std::collections::HashMap<String, Tensor>,
-    _: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>,
-) -> Result<BTreeMap<String, Tensor>> {
-    bail!("this build has no CPU backend (built without the `llvm` feature): use --target reference")
-}
-
-/// Every rank's program on the CUDA backend (GPU 0, a program and a thread per rank), collectives staged
-/// through the host by the simulated transport.
-#[cfg(feature = "cuda")]
-fn run_ranks_on_cuda(
-    programs: &[fulgur_ir::Graph],
-    feed: &std::collections::HashMap<String, Tensor>,
-) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
-    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let timeout = std::time::Duration::from_secs(600);
-    fulgur_runtime::ranks::on_threads(programs.len(), Precision::F32, timeout, |r, t| {
-        let kp = fulgur_codegen::program::lower(&programs[r]).map_err(|e| e.to_string())?;
-        let mut gpu = CudaProgram::new(kp, CudaOptions::default()).map_err(|e| e.to_string())?;
-        gpu.set_transport(t);
-        gpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))
-            .map_err(|e| e.to_string())?;
-        let inputs = fulgur_runtime::ranks::inputs_from(&gpu.program.inputs, feed);
-        gpu.run(&inputs).map_err(|e| e.to_string())
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_ranks_on_cuda(
-    _: &[fulgur_ir::Graph],
-    _: &std::collections::HashMap<String, Tensor>,
-) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
-    Err("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference".into())
-}
-
-/// One launched rank's program on the CUDA backend, on the process's first visible GPU (`fulgur launch
-/// --gpu-per-rank` gives each rank its own), its collectives through NCCL with `FULGUR_TRANSPORT=nccl`, else
-/// through the TCP rendezvous.
-#[cfg(feature = "cuda")]
-fn rank_on_cuda(
-    g: &fulgur_ir::Graph,
-    feed: &std::collections::HashMap<String, Tensor>,
-    env: &fulgur_runtime::ranks::RankEnv,
-    mesh: &[usize],
-) -> Result<BTreeMap<String, Tensor>> {
-    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    let transport = crate::cli::ranks::transport(env, mesh, true, Precision::F32)?;
-    let kp = fulgur_codegen::program::lower(g)?;
-    let mut gpu = CudaProgram::new(kp, CudaOptions::default()).context("compiling for the GPU")?;
-    gpu.set_transport(transport);
-    gpu.load_weights_from(|name, _| feed.get(name).cloned().ok_or_else(|| format!("no weight `{name}`")))?;
-    let inputs = fulgur_runtime::ranks::inputs_from(&gpu.program.inputs, feed);
-    Ok(gpu.run(&inputs)?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn rank_on_cuda(
-    _: &fulgur_ir::Graph,
-    _: &std::collections::HashMap<String, Tensor>,
-    _: &fulgur_runtime::ranks::RankEnv,
-    _: &[usize],
-) -> Result<BTreeMap<String, Tensor>> {
-    bail!("this build has no CUDA backend (built without the `cuda` feature): use --target cpu or reference")
-}
-
-#[cfg(feature = "llvm")]
-fn run_ranks_on_cpu(
-    programs: &[fulgur_ir::Graph],
-    feed: &std::collections::HashMap<String, Tensor>,
-) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
-    fulgur_runtime::ranks::run_ranks_cpu(programs, feed, std::time::Duration::from_secs(600))
-}
-
-#[cfg(not(feature = "llvm"))]
-fn run_ranks_on_cpu(
-    _: &[fulgur_ir::Graph],
-    _: &std::collections::HashMap<String, Tensor>,
-) -> std::result::Result<Vec<BTreeMap<String, Tensor>>, String> {
-    Err("this build has no CPU backend (built without the `llvm` feature): use --target reference".into())
 }
 
 #[cfg(not(feature = "llvm"))]
@@ -811,7 +689,10 @@ fn sharded_pair(
                 what,
                 programs,
                 args.target,
-                Precision::from(args.precision),
+                fulgur_ir::Interpreter {
+                    precision: Precision::from(args.precision),
+                    memory_limit: args.memory_limit,
+                },
                 weights.clone(),
                 launch.as_ref(),
             )

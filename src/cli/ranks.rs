@@ -106,12 +106,13 @@ pub(crate) fn agree(
     Ok(x.to_f64()[0] > 0.0)
 }
 
-/// Rank program `g` built for `target` with its parameters from `fetch`; `threads` CPU threads.
+/// Rank program `g` built for `target` with its parameters from `fetch`; `threads` CPU threads; `interp` the
+/// reference interpreter's precision and memory budget.
 #[cfg_attr(not(feature = "llvm"), allow(unused_variables))]
 pub(crate) fn rank_program(
     g: Graph,
     target: BenchTarget,
-    precision: Precision,
+    interp: fulgur_ir::Interpreter,
     threads: usize,
     fetch: &dyn Fn(&str) -> std::result::Result<Tensor, String>,
 ) -> std::result::Result<Box<dyn RankProgram>, String> {
@@ -125,7 +126,8 @@ pub(crate) fn rank_program(
                 .collect::<std::result::Result<_, _>>()?;
             Ok(Box::new(InterpretedRank {
                 graph: g,
-                precision,
+                precision: interp.precision,
+                memory_limit: interp.memory_limit,
                 weights,
             }))
         }
@@ -165,13 +167,13 @@ pub(crate) fn local_ranks(par: &Parallel, launch: Option<&(RankEnv, Shared)>) ->
 }
 
 /// `programs` (one per rank of [`local_ranks`], in order) as one executable for `target` with the parameters in
-/// `weights`: on simulated ranks (a thread each), or this launched process's rank. `precision` is the reference
-/// interpreter's.
+/// `weights`: on simulated ranks (a thread each), or this launched process's rank. `interp` is the reference
+/// interpreter's precision and memory budget (the precision the simulated collectives compute at too).
 pub(crate) fn executable(
     what: &str,
     programs: Vec<Graph>,
     target: BenchTarget,
-    precision: Precision,
+    interp: fulgur_ir::Interpreter,
     weights: Arc<HashMap<String, Tensor>>,
     launch: Option<&(RankEnv, Shared)>,
 ) -> Result<Box<dyn Executable>> {
@@ -188,14 +190,14 @@ pub(crate) fn executable(
             .into_iter()
             .next()
             .ok_or_else(|| anyhow::anyhow!("no program for rank {}", env.rank))?;
-        let p = rank_program(g, target, precision, cores, &fetch)
+        let p = rank_program(g, target, interp, cores, &fetch)
             .map_err(|e| anyhow::anyhow!("rank {}: building {what}: {e}", env.rank))?;
         return Ok(Box::new(LaunchedRank::new(what, p, t.clone())));
     }
     let programs = Arc::new(programs);
-    let make = move |r: usize| rank_program(programs[r].clone(), target, precision, (cores / n).max(1), &fetch);
+    let make = move |r: usize| rank_program(programs[r].clone(), target, interp, (cores / n).max(1), &fetch);
     Ok(Box::new(
-        RankThreads::new(what, n, precision, rank_timeout(), make)
-            .map_err(|e| anyhow::anyhow!("building {what} on simulated ranks: {e}"))?,
+        RankThreads::new(what, n, interp.precision, rank_timeout(), make)
+            .map_err(|e| anyhow::anyhow!("running on simulated ranks: {e}").context(format!("building {what}")))?,
     ))
 }

@@ -345,7 +345,7 @@ fn pipeline_step(
         crate::cli::ranks::rank_program(
             g.clone(),
             target,
-            fulgur_ir::Precision::F32,
+            fulgur_ir::Interpreter::new(fulgur_ir::Precision::F32),
             (cores / ranks).max(1),
             &none,
         )
@@ -852,7 +852,7 @@ pub fn run(args: Args) -> Result<()> {
                     what,
                     programs,
                     args.target,
-                    fulgur_ir::Precision::F32,
+                    fulgur_ir::Interpreter::new(fulgur_ir::Precision::F32),
                     Default::default(),
                     launch.as_ref(),
                 )
