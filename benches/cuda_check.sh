@@ -39,6 +39,8 @@ for s in $stages; do
         rm -rf /tmp/fulgur-tr; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-tr --parallel dp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
         $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/gen.safetensors --target cuda --parallel tp=2,etp=2 --print | tail -2
         $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel pp=2,tp=2 --out /tmp/fulgur-part/pp.safetensors
+        $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel ep=2,tp=2 --out /tmp/fulgur-part/eval.safetensors
+        FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel dp=1 --out /tmp/fulgur-part/evalnccl.safetensors
         rm -rf /tmp/fulgur-trpp; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trpp --parallel pp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
         # a launched rank training on its GPU with its collectives through NCCL (one GPU: a job of one rank)
         rm -rf /tmp/fulgur-trnccl; FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trnccl --parallel dp=1 --target cuda | tr '\r' '\n' | tail -1
@@ -49,7 +51,7 @@ from safetensors.numpy import load_file
 fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-part"
 ref = load_file(f"{fx}/reference.safetensors")
 rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-for n in ["art", "launched", "pp"]:
+for n in ["art", "launched", "pp", "eval", "evalnccl"]:
     print(n, "logits rel", rel(load_file(f"{o}/{n}.safetensors")["logits"], ref["logits"]))
 g, w = load_file(f"{o}/gen.safetensors"), load_file(f"{fx}/decode.safetensors")
 print("generate: tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
