@@ -940,14 +940,38 @@ impl CudaProgram {
                             }
                             continue;
                         }
-                        if total < m {
-                            return Err(fail(format!(
-                                "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
-                            )));
-                        }
                         let x = self.operand(&slots, &g.x, &ev)?;
                         let w = self.operand(&slots, &g.w, &ev)?;
                         let out = self.operand(&slots, &g.out, &ev)?;
+                        // rows past every group (a routed exchange's padding) belong to none: zeros
+                        let size = out.dtype.size_bytes() as i64;
+                        let dense = out.cs == 1 && out.rs == n;
+                        let zeroed: Vec<i64> = if dense && total < m {
+                            vec![total.max(0)]
+                        } else {
+                            (total.max(0)..m).collect()
+                        };
+                        for r in zeroed {
+                            let runs: Vec<(i64, i64)> = if dense {
+                                vec![(out.offset + r * out.rs, (m - r) * n)]
+                            } else if out.cs == 1 {
+                                vec![(out.offset + r * out.rs, n)]
+                            } else {
+                                (0..n).map(|c| (out.offset + r * out.rs + c * out.cs, 1)).collect()
+                            };
+                            for (at, len) in runs {
+                                // SAFETY: the output view lies in its buffer (check_views)
+                                unsafe {
+                                    drv::memset_d8_async(
+                                        out.base + (at * size) as u64,
+                                        0,
+                                        (len * size) as usize,
+                                        self.stream,
+                                    )
+                                }
+                                .map_err(|x| fail(format!("zeroing the rows past the groups: {x}")))?;
+                            }
+                        }
                         let ws = ev(g.expert_stride)?;
                         let mut start = 0i64;
                         for (e, &c) in counts.iter().enumerate() {

@@ -984,10 +984,15 @@ fn gpu_grouped_matmul_under_cuda_graphs_matches_the_interpreter() {
             ("w".to_string(), random(DType::F32, vec![5, k, o], 2)),
         ]
         .into();
-        let e = gpu.run(&feed).unwrap_err().to_string();
+        // counts summing to fewer rows than there are (a routed exchange's padding): those rows are zeros
+        let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let got = gpu.run(&feed).unwrap();
+        let e = rel_err(&got["o"], &want["o"]);
+        assert!(e < 1e-6, "counts short of the rows: relative error {e}");
+        let width = got["o"].shape[1];
         assert!(
-            e.contains("a row of `grouped_matmul` lies past the sum of the group sizes (row index): got 28"),
-            "{e}"
+            got["o"].to_f64()[28 * width..].iter().all(|&v| v == 0.0),
+            "the rows past the groups are zeros"
         );
     }
 }

@@ -70,19 +70,28 @@ pub fn row_groups(g: &mut Graph, counts: Value, m: &Dim) -> Result<Value> {
 }
 
 /// `grouped_matmul[swiglu](xs, counts, w)`: row `r` is multiplied by `w[e(r)]`, `e(r) = Σ_e (r ≥ end_e)` with
-/// `end` the inclusive cumsum of `counts`. A row past the sum of `counts` is a run-time error (of the gather
-/// of its weight).
+/// `end` the inclusive cumsum of `counts`. A row past the sum of `counts` belongs to no group and gives zeros
+/// (the padding of a routed exchange's receive buffer: a kernel computes only the counted rows).
 pub fn grouped_matmul(g: &mut Graph, swiglu: bool, xs: Value, counts: Value, w: Value) -> Result<Value> {
     let xd = g.dims(xs).to_vec();
     let (m, c) = (xd[0].clone(), xd[1].clone());
     let o = g.dims(w)[2].clone();
     let group = row_groups(g, counts, &m)?; // [M]
+                                            // rows past every group: weight 0 read, the row zeroed
+    let total = g.cast(counts, DType::I64)?;
+    let total = g.sum(total, &[0], false)?;
+    let row = g.iota(DType::I64, vec![m.clone()], 0)?;
+    let member = g.compare(CmpOp::Lt, row, total)?; // [M]
+    let zero = g.scalar(0.0, DType::I64)?;
+    let group = g.select(member, group, zero)?;
     let wr = g.gather(w, group, 0)?; // [M, C, O]
     let x3 = g.reshape(xs, vec![m.clone(), Dim::from(1), c])?;
     let y = g.matmul(x3, wr)?; // [M, 1, O]
-    let y = g.reshape(y, vec![m, o.clone()])?;
+    let y = g.reshape(y, vec![m.clone(), o.clone()])?;
+    let member = g.reshape(member, vec![m, Dim::from(1)])?;
+    let none = g.scalar(0.0, g.dtype(y))?;
     if !swiglu {
-        return Ok(y);
+        return g.select(member, y, none);
     }
     let i = o.div_exact(&Dim::from(2)).ok_or_else(|| {
         IrError::Graph(format!(
@@ -92,7 +101,8 @@ pub fn grouped_matmul(g: &mut Graph, swiglu: bool, xs: Value, counts: Value, w: 
     let gate = g.slice(y, -1, 0, i.clone())?;
     let up = g.slice(y, -1, i, o)?;
     let act = g.silu(gate)?;
-    g.mul(act, up)
+    let y = g.mul(act, up)?;
+    g.select(member, y, none)
 }
 
 /// `grouped_matmul_wgrad(xs, counts, dy)`: `dw[e] = Σ_{rows m of group e} xs[m]ᵀ dy[m]`, `[E, C, O]`, as one

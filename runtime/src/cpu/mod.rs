@@ -1068,14 +1068,19 @@ impl CpuProgram {
                         }
                         continue;
                     }
-                    if total < m {
-                        return Err(fail(format!(
-                            "`grouped_matmul`: the counts sum to {total} but there are {m} rows"
-                        )));
-                    }
                     let (xo, xrs, xcs) = (ev(g.x.offset)?, ev(g.x.rs)?, ev(g.x.cs)?);
                     let (wo, wrs, wcs, ws) = (ev(g.w.offset)?, ev(g.w.rs)?, ev(g.w.cs)?, ev(g.expert_stride)?);
                     let (oo, ors, ocs) = (ev(g.out.offset)?, ev(g.out.rs)?, ev(g.out.cs)?);
+                    // rows past every group (a routed exchange's padding) belong to none: zeros
+                    let size = g.out.dtype.size_bytes();
+                    for r in total.max(0)..m {
+                        for c in 0..n {
+                            // SAFETY: the output view lies in its buffer; all-zero bytes are 0 in every float dtype
+                            unsafe {
+                                std::ptr::write_bytes(at(g.out.arg, g.out.dtype, oo + r * ors + c * ocs), 0, size)
+                            };
+                        }
+                    }
                     let mut start = 0i64;
                     for (e, &c) in counts.iter().enumerate() {
                         let rows = c.min(m - start);
