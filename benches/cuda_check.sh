@@ -40,6 +40,11 @@ for s in $stages; do
         $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/gen.safetensors --target cuda --parallel tp=2,etp=2 --print | tail -2
         $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel pp=2,tp=2 --out /tmp/fulgur-part/pp.safetensors
         $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel ep=2,tp=2 --out /tmp/fulgur-part/eval.safetensors
+        # the routed MoE exchange: expert parallel over two simulated ranks, the forward and an artifact
+        $bin eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel ep=2 --out /tmp/fulgur-part/routed.safetensors
+        $bin compile $fx --target cuda --parallel ep=2 --batch 2 --seq 40 --loss -o /tmp/fulgur-parep | tail -1
+        $bin run /tmp/fulgur-parep --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-part/artrouted.safetensors
+        $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/genep.safetensors --target cuda --parallel ep=2 | tail -1
         FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel dp=1 --out /tmp/fulgur-part/evalnccl.safetensors
         rm -rf /tmp/fulgur-trpp; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trpp --parallel pp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
         # a launched rank training on its GPU with its collectives through NCCL (one GPU: a job of one rank)
@@ -51,10 +56,12 @@ from safetensors.numpy import load_file
 fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-part"
 ref = load_file(f"{fx}/reference.safetensors")
 rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-for n in ["art", "launched", "pp", "eval", "evalnccl"]:
+for n in ["art", "launched", "pp", "eval", "evalnccl", "routed", "artrouted"]:
     print(n, "logits rel", rel(load_file(f"{o}/{n}.safetensors")["logits"], ref["logits"]))
-g, w = load_file(f"{o}/gen.safetensors"), load_file(f"{fx}/decode.safetensors")
-print("generate: tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
+w = load_file(f"{fx}/decode.safetensors")
+for n in ["gen", "genep"]:
+    g = load_file(f"{o}/{n}.safetensors")
+    print(n, "generate: tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
 want = load_file(f"{fx}/train/train.safetensors")["loss"]
 got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-tr/log.jsonl")]
 print("train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
@@ -62,7 +69,7 @@ for name, d in [("pipeline", "/tmp/fulgur-trpp"), ("launched nccl", "/tmp/fulgur
     got = [json.loads(l)["loss"] for l in open(f"{d}/log.jsonl")]
     print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY
-      } 2>&1 | tee "$out/parallel.log" | tail -12 || status=1
+      } 2>&1 | tee "$out/parallel.log" | tail -16 || status=1
       ;;
     bench)
       echo "=== bench-m, bf16: unfused against optimized"

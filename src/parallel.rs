@@ -354,18 +354,46 @@ pub fn optimizer_state_placement(
 
 /// The graph the sharding pass reads: the model's definitional graph with the optimizer's structural rule
 /// families applied (`algebra`, `lightning`: lightning attention and flash attention become their composites,
-/// whose sharding rules know LASP+ and ring attention), not yet the MoE's routed form, fusion or the
-/// collectives' overlap, which run on the sharded graph.
-pub fn structural(g: &Graph) -> Result<Graph, String> {
+/// whose sharding rules know LASP+ and ring attention), not yet fusion or the collectives' overlap, which run on
+/// the sharded graph. With `routed_moe` the `moe` family runs too: the MoE becomes the composites' chain
+/// (`moe_dispatch` … `moe_combine`), which the sharding pass rewrites as the routed exchange; without, the
+/// MoE stays dense and its expert parallelism gathers the tokens (the training step's form: its backward reads
+/// the chain's values, see [`shard_forward`]).
+pub fn structural(g: &Graph, routed_moe: bool) -> Result<Graph, String> {
     use crate::passes::rules::{families, RuleConfig};
     use crate::passes::{CostModel, Dce, EqSat, PassContext, Pipeline, Target};
-    let disabled = ["moe", "fusion", "collectives"].map(String::from);
+    let disabled: Vec<String> = if routed_moe {
+        vec!["fusion".into(), "collectives".into()]
+    } else {
+        vec!["moe".into(), "fusion".into(), "collectives".into()]
+    };
     let fams = families(&RuleConfig::default(), &disabled)?;
     let p = Pipeline::new().with(Dce).with(EqSat::new(fams));
     let cx = PassContext {
         model: CostModel::new(Target::by_name("H100").expect("a known target")),
     };
     Ok(p.run(g, &cx, None).map_err(|e| e.to_string())?.0)
+}
+
+/// A forward graph sharded under `plan`: its structural form with the routed MoE (`prepare` applied, e.g. the
+/// dtype), sharded; where a MoE chain does not fit the exchange (the experts split over axes not adjacent in
+/// the mesh, or tokens the group does not divide: `ShardReport::whole_moe`), the dense form's expert
+/// parallelism instead, which gathers the tokens. Returns the structural graph sharded (its parameters are the
+/// model's), the simulated graph and the pass's report.
+pub fn shard_forward(
+    g: &Graph,
+    plan: &crate::passes::shard::ShardPlan,
+    prepare: impl Fn(Graph) -> Result<Graph, String>,
+) -> Result<(Graph, Graph, crate::passes::shard::ShardReport), String> {
+    use crate::passes::shard::shard_graph;
+    let routed = prepare(structural(g, true)?)?;
+    let (sg, report) = shard_graph(&routed, plan).map_err(|e| e.to_string())?;
+    if report.whole_moe == 0 {
+        return Ok((routed, sg, report));
+    }
+    let dense = prepare(structural(g, false)?)?;
+    let (sg, report) = shard_graph(&dense, plan).map_err(|e| e.to_string())?;
+    Ok((dense, sg, report))
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ pub fn build(
                 (o.loss, o.hidden_states, o.states) = (false, false, false);
             }
             let fwd = stage_graph(cfg, &o, range.clone()).map_err(|e| e.to_string())?;
-            let fwd = prepare(structural(&fwd)?)?;
+            let fwd = prepare(structural(&fwd, false)?)?;
             let programs = |g: &Graph| -> Result<Vec<Graph>, String> {
                 let g = if params_as_inputs {
                     crate::passes::optim::params_to_inputs(g).map_err(|e| e.to_string())?

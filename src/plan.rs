@@ -304,7 +304,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
     small.layer_types = kinds.clone();
     let opts = crate::models::ForwardOptions::default();
     let g = crate::models::forward_graph(&small, &opts).map_err(|e| e.to_string())?;
-    let g = structural(&g)?;
+    let g = structural(&g, false)?;
     let g = crate::passes::precision::store_as(&g, DType::BF16, &crate::passes::precision::keep_f32)
         .map_err(|e| e.to_string())?;
     // the whole model's parameters, for memory

@@ -148,7 +148,7 @@ fn tiny_a_sequence_parallel_by_lasp_and_ring_attention() {
     let reference = read_safetensors(&common::tiny_a().join("reference.safetensors")).unwrap();
     feed.insert("input_ids".into(), reference["input_ids"].clone());
     let single = run(&g, &feed);
-    let sg0 = structural(&g).unwrap();
+    let sg0 = structural(&g, false).unwrap();
     let count = |g: &Graph, name: &str| g.nodes().filter(|(_, n)| n.op.name() == name).count();
     assert_eq!(count(&sg0, "lightning_attention"), 3);
     assert_eq!(count(&sg0, "flash_attention_rope"), 1);
@@ -185,7 +185,7 @@ fn tiny_a_sequence_parallel_gradients() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let plan = minimax_plan(&ck.config, &Parallel::parse("sp=2,tp=2").unwrap(), 1, 16).unwrap();
-    let (sg, _) = shard_graph(&structural(&g).unwrap(), &plan).unwrap();
+    let (sg, _) = shard_graph(&structural(&g, false).unwrap(), &plan).unwrap();
     let out = run(&differentiate(&sg, "loss", &GradOptions::default()).unwrap(), &feed);
     let (e, name) = worst(&out, &grads);
     println!("sp=2,tp=2: gradients worst {e:.1e} ({name})");
@@ -270,7 +270,7 @@ fn per_rank_programs_on_simulated_ranks_equal_the_simulated_graph() {
     use std::time::Duration;
     let (ck, g, mut feed) = tiny_a();
     feed.insert("input_ids".into(), random_tokens(2, 16, ck.config.vocab_size, 5));
-    let structural_g = structural(&g).unwrap();
+    let structural_g = structural(&g, false).unwrap();
     for par in ["tp=2", "ep=2,tp=2", "dp=2,sp=2", "sp=4", "dp=2"] {
         let p = Parallel::parse(par).unwrap();
         let plan = minimax_plan(&ck.config, &p, 2, 16).unwrap();
@@ -485,7 +485,7 @@ fn a_scaled_down_minimax_layout_sharded() {
     let mut feed = fulgur::models::random_weights(&g, 0.05, 17);
     feed.insert("input_ids".into(), random_tokens(2, 32, cfg.vocab_size, 8));
     let single = run(&g, &feed);
-    let structural_g = structural(&g).unwrap();
+    let structural_g = structural(&g, false).unwrap();
     for par in [
         "tp=2",
         "ep=2,tp=2",
@@ -517,7 +517,11 @@ fn a_scaled_down_minimax_layout_sharded() {
         let mut feed = feed.clone();
         feed.insert("input_ids".into(), random_tokens(b, 32, cfg.vocab_size, 8));
         let single = run(&g, &feed);
-        let (sg, _) = shard_graph(&structural(&fg).unwrap(), &minimax_plan(&cfg, &p, b, 32).unwrap()).unwrap();
+        let (sg, _) = shard_graph(
+            &structural(&fg, false).unwrap(),
+            &minimax_plan(&cfg, &p, b, 32).unwrap(),
+        )
+        .unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);
         println!("minimax-small {par}: worst {e:.1e} ({name})");
         assert!(e < 1e-10, "{par}: `{name}` off by {e}");
@@ -592,7 +596,7 @@ fn per_rank_programs_compiled_for_the_cpu() {
         } else {
             g.clone()
         };
-        let (sg, _) = shard_graph(&structural(&g).unwrap(), &plan).unwrap();
+        let (sg, _) = shard_graph(&structural(&g, false).unwrap(), &plan).unwrap();
         let programs: Vec<Graph> = (0..p.ranks())
             .map(|r| lower_rank(&sg, &plan.mesh, r).unwrap())
             .collect();
@@ -938,7 +942,7 @@ fn expert_tensor_parallel_splits_each_experts_width() {
             }),
         )
         .unwrap();
-        let (sg, report) = shard_graph(&structural(&fg).unwrap(), &plan).unwrap();
+        let (sg, report) = shard_graph(&structural(&fg, false).unwrap(), &plan).unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);
         println!("tiny-a {par}: worst {e:.1e} ({name}); {:?}", report.collectives);
         assert!(e < 1e-10, "{par}: `{name}` off by {e}");
@@ -990,7 +994,7 @@ fn expert_tensor_parallel_splits_each_experts_width() {
             }),
         )
         .unwrap();
-        let (sg, _) = shard_graph(&structural(&fg).unwrap(), &minimax_plan(cfg, &p, 4, 16).unwrap()).unwrap();
+        let (sg, _) = shard_graph(&structural(&fg, false).unwrap(), &minimax_plan(cfg, &p, 4, 16).unwrap()).unwrap();
         let (e, name) = worst(&run(&sg, &feed), &single);
         println!("tiny-a ep=4,tp=2,etp=2: worst {e:.1e} ({name})");
         assert!(e < 1e-10, "ep=4,tp=2,etp=2: `{name}` off by {e}");
@@ -1009,7 +1013,7 @@ fn expert_tensor_parallel_splits_each_experts_width() {
             }),
         )
         .unwrap();
-        let fg = structural(&fg).unwrap();
+        let fg = structural(&fg, false).unwrap();
         let fg = if dtype == fulgur::ir::DType::BF16 {
             master_weights(&store_as(&fg, dtype, &keep_f32).unwrap()).unwrap()
         } else {
@@ -1049,7 +1053,7 @@ fn expert_tensor_parallel_splits_each_experts_width() {
         }),
     )
     .unwrap();
-    let (sg, _) = shard_graph(&structural(&fg).unwrap(), &minimax_plan(cfg, &p, 2, 16).unwrap()).unwrap();
+    let (sg, _) = shard_graph(&structural(&fg, false).unwrap(), &minimax_plan(cfg, &p, 2, 16).unwrap()).unwrap();
     let (e, name) = worst(
         &run(&differentiate(&sg, "loss", &GradOptions::default()).unwrap(), &feed),
         &grads,

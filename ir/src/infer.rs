@@ -481,6 +481,9 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
         Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),
+        Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over } => {
+            crate::composite::collective::infer_exchange(c.name(), mesh, *over, ins)
+        }
         Composite::OnRank { op, rank } => {
             let mesh = match &**op {
                 Op::Composite(
@@ -489,12 +492,14 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
                     | Composite::ReduceScatter { mesh, .. }
                     | Composite::AllToAll { mesh, .. }
                     | Composite::SendRecv { mesh, .. }
-                    | Composite::ShardSlice { mesh, .. },
+                    | Composite::ShardSlice { mesh, .. }
+                    | Composite::AllToAllDispatch { mesh, .. }
+                    | Composite::AllToAllCombine { mesh, .. },
                 ) if !mesh.is_empty() => mesh,
                 _ => {
                     return Err(format!(
                         "`on_rank` wraps a collective with its `mesh` (all_reduce, all_gather, reduce_scatter, \
-                         all_to_all, send_recv, shard_slice), got `{}`",
+                         all_to_all, all_to_all_dispatch, all_to_all_combine, send_recv, shard_slice), got `{}`",
                         op.name()
                     ))
                 }

@@ -304,7 +304,7 @@ pub enum Composite {
     MoeDispatch { experts: usize },
     /// Per-group matmul: `xs [M, C]`, `counts: int [E]`, `w [E, C, O]` → `[M, O]` where the rows of group
     /// `e` (consecutive, `counts[e]` of them) use `w[e]`; with `swiglu`, `[M, O/2]` =
-    /// `silu(first half) ⊙ second half`.
+    /// `silu(first half) ⊙ second half`. Rows past the sum of the counts belong to no group: zeros.
     GroupedMatmul { swiglu: bool },
     /// MoE combine: `ys [M, C]`, `pos: int [N, k]`, `weights [N, k]` → `[N, C]` =
     /// `Σ_slot weights[n, slot] · ys[pos[n, slot]]`.
@@ -366,6 +366,18 @@ pub enum Composite {
     /// Each rank keeps its own chunk of `axis` (no communication: a replicated value made split), chunk `i`
     /// for the rank at position `i` of its group: `[R, ..., G·c (axis), ...]` → `[R, ..., c, ...]`.
     ShardSlice { axis: i64, mesh: Vec<usize>, over: usize },
+    /// The routed MoE exchange, dispatch side: `x [R, M, ...]` (each rank's rows sorted by expert, as
+    /// `moe_dispatch` leaves them) and `counts: int [R, E]` (each rank's rows per expert) →
+    /// (`y [R, G·M, ...]`, `got: i64 [R, E/G]`). Expert `e` lives on the group member `e / (E/G)`; member `r`
+    /// receives, for each of its experts `j` in order and within it from each member `s` in order, the
+    /// `counts[s, r·E/G + j]` rows `s` holds for that expert, packed from row 0, zeros after; `got[r, j]` is the
+    /// rows it received for its expert `j`. Groups as for [`Composite::AllReduce`] (see
+    /// [`crate::composite::collective`]).
+    AllToAllDispatch { mesh: Vec<usize>, over: usize },
+    /// The routed exchange's combine side, the transpose of [`Composite::AllToAllDispatch`] with the same
+    /// `counts` (the sender's): `y [R, G·M, ...]` laid out as dispatch gives it → `x [R, M, ...]`, each row
+    /// back at the rank and position it was dispatched from; rows past a rank's `Σ counts` are zero.
+    AllToAllCombine { mesh: Vec<usize>, over: usize },
     /// `per_rank[op=NAME, ...](x0, x1, ...)`: the op (its attributes inline) applied to each slice of the
     /// inputs' common leading axis independently, the results stacked along it: `out[r] = op(x0[r], x1[r],
     /// ...)`. The sharding pass writes it for ops without a batch axis of their own (`scatter_add`, `gather`
@@ -417,12 +429,14 @@ impl Composite {
             Composite::ReduceScatter { .. } => "reduce_scatter",
             Composite::SendRecv { .. } => "send_recv",
             Composite::ShardSlice { .. } => "shard_slice",
+            Composite::AllToAllDispatch { .. } => "all_to_all_dispatch",
+            Composite::AllToAllCombine { .. } => "all_to_all_combine",
             Composite::PerRank { .. } => "per_rank",
             Composite::OnRank { .. } => "on_rank",
         }
     }
     /// The names of all composites, as [`Composite::name`] gives them.
-    pub const NAMES: [&'static str; 25] = [
+    pub const NAMES: [&'static str; 27] = [
         "softmax",
         "log_softmax",
         "rms_norm",
@@ -448,6 +462,8 @@ impl Composite {
         "per_rank",
         "on_rank",
         "flash_attention_lse",
+        "all_to_all_dispatch",
+        "all_to_all_combine",
     ];
     pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
         match self {
@@ -498,7 +514,9 @@ impl Composite {
                 v
             }
             Composite::CollectiveWait => vec![],
-            Composite::AllReduce { mesh, over } => group_attrs(mesh, *over),
+            Composite::AllReduce { mesh, over }
+            | Composite::AllToAllDispatch { mesh, over }
+            | Composite::AllToAllCombine { mesh, over } => group_attrs(mesh, *over),
             Composite::AllGather { axis, mesh, over }
             | Composite::ReduceScatter { axis, mesh, over }
             | Composite::ShardSlice { axis, mesh, over } => {
@@ -530,7 +548,10 @@ impl Composite {
     pub fn num_inputs(&self) -> Option<usize> {
         Some(match self {
             Composite::Softmax { .. } | Composite::LogSoftmax { .. } | Composite::MoeRouter { .. } => 1,
-            Composite::RmsNorm { .. } | Composite::MoeDispatch { .. } => 2,
+            Composite::RmsNorm { .. }
+            | Composite::MoeDispatch { .. }
+            | Composite::AllToAllDispatch { .. }
+            | Composite::AllToAllCombine { .. } => 2,
             Composite::FlashAttention { .. }
             | Composite::FlashAttentionLse { .. }
             | Composite::GroupedMatmul { .. }
@@ -557,7 +578,7 @@ impl Composite {
         match self {
             Composite::MoeRouter { .. } => 2,
             Composite::MoeDispatch { .. } | Composite::FlashAttentionGrad { .. } => 3,
-            Composite::FlashAttentionLse { .. } => 2,
+            Composite::FlashAttentionLse { .. } | Composite::AllToAllDispatch { .. } => 2,
             Composite::PerRank { op } | Composite::OnRank { op, .. } => match &**op {
                 Op::TopK { .. } => 2,
                 Op::Composite(c) => c.num_outputs(),
@@ -1126,6 +1147,14 @@ impl Op {
                 }
                 Op::Composite(Composite::PerRank { op: Box::new(op) })
             }
+            "all_to_all_dispatch" => Op::Composite(Composite::AllToAllDispatch {
+                mesh: a.mesh()?,
+                over: a.over()?,
+            }),
+            "all_to_all_combine" => Op::Composite(Composite::AllToAllCombine {
+                mesh: a.mesh()?,
+                over: a.over()?,
+            }),
             "send_recv" => Op::Composite(Composite::SendRecv {
                 shift: a.int("shift")?,
                 mesh: a.mesh()?,

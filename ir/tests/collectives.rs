@@ -668,3 +668,211 @@ fn a_tensor_parallel_mlp_by_hand_equals_the_single_device_mlp() {
         }
     }
 }
+
+// ------------------------------------------------------------ the routed MoE exchange
+
+/// `all_to_all_dispatch` written as a loop over ranks: rows `[R, M, F]`, counts `[R, E]` → `[R, G·M, F]` and
+/// `[R, E/G]`.
+fn dispatch_reference(
+    x: &[f64],
+    counts: &[i64],
+    (ranks, m, f, e): (usize, usize, usize, usize),
+    mesh: &[usize],
+    over: usize,
+) -> (Vec<f64>, Vec<i64>) {
+    let (members, _) = group_of(0, ranks, mesh, over);
+    let gs = members.len();
+    let el = e / gs;
+    let mut y = vec![0.0; ranks * gs * m * f];
+    let mut got = vec![0i64; ranks * el];
+    for r in 0..ranks {
+        let (members, me) = group_of(r, ranks, mesh, over);
+        let mut q = 0;
+        for j in 0..el {
+            let ex = me * el + j;
+            for &s in &members {
+                let start: i64 = counts[s * e..s * e + ex].iter().sum();
+                let n = counts[s * e + ex];
+                for i in 0..n as usize {
+                    let src = (s * m + start as usize + i) * f;
+                    let dst = (r * gs * m + q) * f;
+                    y[dst..dst + f].copy_from_slice(&x[src..src + f]);
+                    q += 1;
+                }
+                got[r * el + j] += n;
+            }
+        }
+    }
+    (y, got)
+}
+
+fn exchange_graph(op: Composite, x: (DType, Vec<usize>), counts: &[usize]) -> Graph {
+    let mut g = Graph::new("exchange");
+    let xv = g.input("x", x.0, cd(&x.1)).unwrap();
+    let cv = g.input("counts", DType::I64, cd(counts)).unwrap();
+    let outs = g.op(Op::Composite(op), &[xv, cv]).unwrap();
+    for (i, v) in outs.into_iter().enumerate() {
+        g.add_output(format!("y{i}"), v).unwrap();
+    }
+    g
+}
+
+/// Random counts `[R, E]` whose rows sum to at most `m` (some to fewer: padding at the end of a rank's rows).
+fn random_counts(rng: &mut StdRng, ranks: usize, e: usize, m: usize) -> Vec<i64> {
+    let mut c = vec![0i64; ranks * e];
+    for r in 0..ranks {
+        let total = rng.gen_range(0..=m);
+        for _ in 0..total {
+            c[r * e + rng.gen_range(0..e)] += 1;
+        }
+    }
+    c
+}
+
+#[test]
+fn routed_exchange_matches_a_loop_over_ranks_and_combine_is_its_transpose() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let cases: [(&[usize], usize, usize); 6] = [
+        (&[], 0, 2),
+        (&[], 0, 3),
+        (&[2, 3], 1, 6),
+        (&[2, 3], 0, 6),
+        (&[2, 2, 2], 1, 8),
+        (&[1, 4], 1, 4),
+    ];
+    for (mesh, over, ranks) in cases {
+        let gs = if mesh.is_empty() { ranks } else { mesh[over] };
+        for _ in 0..3 {
+            let (m, f, e) = (rng.gen_range(1..6), rng.gen_range(1..4), gs * rng.gen_range(1..4));
+            let x: Vec<f64> = (0..ranks * m * f)
+                .map(|_| f64::from(rng.gen_range(-1.0f32..1.0)))
+                .collect();
+            let counts = random_counts(&mut rng, ranks, e, m);
+            let feed: HashMap<String, Tensor> = [
+                (
+                    "x".to_string(),
+                    Tensor::from_f64(DType::F32, vec![ranks, m, f], x.clone()),
+                ),
+                (
+                    "counts".to_string(),
+                    Tensor::from_i64(DType::I64, vec![ranks, e], counts.clone()),
+                ),
+            ]
+            .into();
+            let d = exchange_graph(
+                Composite::AllToAllDispatch {
+                    mesh: mesh.to_vec(),
+                    over,
+                },
+                (DType::F32, vec![ranks, m, f]),
+                &[ranks, e],
+            );
+            let out = Interpreter::new(Precision::F64).run(&d, &feed).unwrap();
+            let (want_y, want_got) = dispatch_reference(&x, &counts, (ranks, m, f, e), mesh, over);
+            let what = format!("mesh {mesh:?} over {over}, m {m}, f {f}, e {e}, counts {counts:?}");
+            assert_eq!(out["y0"].shape, vec![ranks, gs * m, f], "{what}");
+            assert_eq!(out["y0"].to_f64(), want_y, "{what}");
+            assert_eq!(out["y1"].shape, vec![ranks, e / gs], "{what}");
+            assert_eq!(
+                out["y1"].to_f64(),
+                want_got.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+                "{what}"
+            );
+            // combine is the transpose: <dispatch(x), y> = <x, combine(y)> for a random y
+            let y: Vec<f64> = (0..ranks * gs * m * f)
+                .map(|_| f64::from(rng.gen_range(-1.0f32..1.0)))
+                .collect();
+            let c = exchange_graph(
+                Composite::AllToAllCombine {
+                    mesh: mesh.to_vec(),
+                    over,
+                },
+                (DType::F32, vec![ranks, gs * m, f]),
+                &[ranks, e],
+            );
+            let feed_c: HashMap<String, Tensor> = [
+                (
+                    "x".to_string(),
+                    Tensor::from_f64(DType::F32, vec![ranks, gs * m, f], y.clone()),
+                ),
+                (
+                    "counts".to_string(),
+                    Tensor::from_i64(DType::I64, vec![ranks, e], counts.clone()),
+                ),
+            ]
+            .into();
+            let back = Interpreter::new(Precision::F64).run(&c, &feed_c).unwrap()["y0"].to_f64();
+            assert_eq!(back.len(), x.len(), "{what}");
+            let lhs: f64 = want_y.iter().zip(&y).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
+            assert!((lhs - rhs).abs() < 1e-12, "{what}: {lhs} vs {rhs}");
+            // and its left inverse on the rows a rank sends: combine(dispatch(x)) keeps them, zeroes the rest
+            let feed_rt: HashMap<String, Tensor> = [
+                (
+                    "x".to_string(),
+                    Tensor::from_f64(DType::F32, vec![ranks, gs * m, f], want_y.clone()),
+                ),
+                (
+                    "counts".to_string(),
+                    Tensor::from_i64(DType::I64, vec![ranks, e], counts.clone()),
+                ),
+            ]
+            .into();
+            let rt = Interpreter::new(Precision::F64).run(&c, &feed_rt).unwrap()["y0"].to_f64();
+            for r in 0..ranks {
+                let sent: i64 = counts[r * e..(r + 1) * e].iter().sum();
+                for i in 0..m * f {
+                    let want = if (i / f) < sent as usize { x[r * m * f + i] } else { 0.0 };
+                    assert_eq!(rt[r * m * f + i], want, "{what}: rank {r}, element {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn routed_exchange_refuses_bad_operands_and_round_trips() {
+    let mut g = Graph::new("bad");
+    let x = g.input("x", DType::F32, cd(&[4, 3, 2])).unwrap();
+    let c = g.input("c", DType::I64, cd(&[4, 6])).unwrap();
+    let cf = g.input("cf", DType::F32, cd(&[4, 4])).unwrap();
+    let op = |mesh: Vec<usize>, over| Op::Composite(Composite::AllToAllDispatch { mesh, over });
+    let e = g.op(op(vec![], 0), &[x, c]).unwrap_err().to_string();
+    assert!(
+        e.contains("`all_to_all_dispatch`: 6 experts cannot be shared by a group of 4 ranks"),
+        "{e}"
+    );
+    let e = g.op(op(vec![2, 2], 1), &[x, cf]).unwrap_err().to_string();
+    assert!(
+        e.contains("`all_to_all_dispatch` needs integer counts [R, E], got f32[4, 4]"),
+        "{e}"
+    );
+    let comb = Op::Composite(Composite::AllToAllCombine { mesh: vec![4], over: 0 });
+    let c8 = g.input("c8", DType::I64, cd(&[4, 8])).unwrap();
+    let e = g.op(comb.clone(), &[x, c8]).unwrap_err().to_string();
+    assert!(e.contains("the group size must divide axis 1"), "{e}");
+    let (y, got) = {
+        let v = g.op(op(vec![2, 2], 1), &[x, c]).unwrap();
+        (v[0], v[1])
+    };
+    assert_eq!(g.dims(y), cd(&[4, 6, 2]).as_slice());
+    assert_eq!(g.dims(got), cd(&[4, 3]).as_slice());
+    let back = g
+        .op(
+            Op::Composite(Composite::AllToAllCombine {
+                mesh: vec![2, 2],
+                over: 1,
+            }),
+            &[y, c],
+        )
+        .unwrap()[0];
+    assert_eq!(g.dims(back), cd(&[4, 3, 2]).as_slice());
+    g.add_output("back", back).unwrap();
+    g.add_output("got", got).unwrap();
+    let t = text::print(&g);
+    assert!(t.contains("all_to_all_dispatch[mesh=[2, 2], over=1]"), "{t}");
+    let again = text::parse(&t).unwrap();
+    assert_eq!(text::print(&again), t);
+    let j = json::to_json(&g);
+    assert_eq!(text::print(&json::from_json(&j).unwrap()), t);
+}

@@ -802,28 +802,56 @@ fn grouped_matmul_against_loops() {
     }
 }
 
+/// Rows past the sum of the counts belong to no group and give zeros (a routed exchange's padding); groups
+/// reaching past the rows are cut.
 #[test]
-fn grouped_matmul_rows_past_the_groups_are_a_run_time_error() {
-    let g = composite_graph(
-        Composite::GroupedMatmul { swiglu: false },
-        &[
-            ("xs", DType::F32, cd(&[4, 1])),
-            ("counts", DType::I64, cd(&[2])),
-            ("w", DType::F32, cd(&[2, 1, 1])),
-        ],
-    )
-    .unwrap();
-    let xs = ft(&[4, 1], vec![1.0; 4]);
-    let w = ft(&[2, 1, 1], vec![2.0, 3.0]);
-    let short = it(DType::I64, &[2], vec![1, 2]);
-    let e = try_run(&g, &[("xs", &xs), ("counts", &short), ("w", &w)])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("grouped_matmul") && e.contains("out of range"), "{e}");
-    // groups reaching past the rows are cut
-    let long = it(DType::I64, &[2], vec![1, 9]);
-    let out = run(&g, &[("xs", &xs), ("counts", &long), ("w", &w)]);
-    assert_eq!(out["out0"].to_f64(), vec![2.0, 3.0, 3.0, 3.0]);
+fn grouped_matmul_rows_past_the_groups_are_zeros() {
+    for swiglu in [false, true] {
+        let g = composite_graph(
+            Composite::GroupedMatmul { swiglu },
+            &[
+                ("xs", DType::F32, cd(&[4, 1])),
+                ("counts", DType::I64, cd(&[2])),
+                ("w", DType::F32, cd(&[2, 1, 2])),
+            ],
+        )
+        .unwrap();
+        let xs = ft(&[4, 1], vec![1.0; 4]);
+        let w = ft(&[2, 1, 2], vec![2.0, 5.0, 3.0, 7.0]);
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        let row = |e: usize| if e == 0 { [2.0, 5.0] } else { [3.0, 7.0] };
+        let want = |groups: &[Option<usize>]| -> Vec<f64> {
+            groups
+                .iter()
+                .flat_map(|e| match e {
+                    None if swiglu => vec![0.0],
+                    None => vec![0.0, 0.0],
+                    Some(e) if swiglu => vec![silu(row(*e)[0]) * row(*e)[1]],
+                    Some(e) => row(*e).to_vec(),
+                })
+                .collect()
+        };
+        let short = it(DType::I64, &[2], vec![1, 2]);
+        let out = run(&g, &[("xs", &xs), ("counts", &short), ("w", &w)]);
+        assert_close(
+            &out["out0"].to_f64(),
+            &want(&[Some(0), Some(1), Some(1), None]),
+            1e-6,
+            &format!("swiglu {swiglu}: one row past the groups"),
+        );
+        let none = it(DType::I64, &[2], vec![0, 0]);
+        let out = run(&g, &[("xs", &xs), ("counts", &none), ("w", &w)]);
+        assert_close(&out["out0"].to_f64(), &want(&[None; 4]), 0.0, "no rows in any group");
+        // groups reaching past the rows are cut
+        let long = it(DType::I64, &[2], vec![1, 9]);
+        let out = run(&g, &[("xs", &xs), ("counts", &long), ("w", &w)]);
+        assert_close(
+            &out["out0"].to_f64(),
+            &want(&[Some(0), Some(1), Some(1), Some(1)]),
+            1e-6,
+            &format!("swiglu {swiglu}: groups past the rows"),
+        );
+    }
 }
 
 // --------------------------------------------------------------- combine
@@ -1495,6 +1523,11 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             scale: 0.5,
             causal: true,
         },
+        Composite::AllToAllDispatch {
+            mesh: vec![2, 2],
+            over: 1,
+        },
+        Composite::AllToAllCombine { mesh: vec![], over: 0 },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

@@ -253,6 +253,8 @@ const TESTED_IN_COMPOSITES_RS: &[&str] = &[
     "reduce_scatter",
     "send_recv",
     "shard_slice",
+    "all_to_all_dispatch",
+    "all_to_all_combine",
     "collective_wait",
     "per_rank",
     "on_rank",

@@ -265,6 +265,27 @@ impl Gen {
             self.add(Op::Composite(Composite::OnRank { op: Box::new(op), rank }), &[x]);
             return;
         }
+        if self.rng.gen_bool(0.15) {
+            // the routed MoE exchange: rows [R, M, ...] and counts [R, E], E a multiple of the group size
+            let per = self.rng.gen_range(1..3usize);
+            let e = group.clone() * Dim::from(per);
+            let mut dims = vec![r.clone(), self.dim()];
+            let n = self.rng.gen_range(0..2);
+            dims.extend(self.dims(n));
+            let dt = self.dtype();
+            let Some(x) = self.value_of(dt, dims) else { return };
+            let idt = if self.rng.gen_bool(0.5) { DType::I32 } else { DType::I64 };
+            let Some(c) = self.value_of(idt, vec![r, e]) else {
+                return;
+            };
+            let op = if self.rng.gen_bool(0.5) {
+                Composite::AllToAllDispatch { mesh, over }
+            } else {
+                Composite::AllToAllCombine { mesh, over }
+            };
+            self.add(Op::Composite(op), &[x, c]);
+            return;
+        }
         if self.rng.gen_bool(0.2) {
             // an op without a batch axis of its own, once per slice of a leading axis
             let mut dims = vec![Dim::from(3)];

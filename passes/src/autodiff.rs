@@ -258,7 +258,9 @@ fn kept(c: &Composite, expand_all: bool) -> bool {
         | Composite::AllGather { .. }
         | Composite::ReduceScatter { .. }
         | Composite::SendRecv { .. }
-        | Composite::AllToAll { .. } => !expand_all,
+        | Composite::AllToAll { .. }
+        | Composite::AllToAllDispatch { .. }
+        | Composite::AllToAllCombine { .. } => !expand_all,
         _ => false,
     }
 }
@@ -926,6 +928,21 @@ fn vjp(
                 same => same,
             };
             vec![Some(g.op(Op::Composite(t), &[gy])?[0])]
+        }
+        // the routed exchange's two sides are each other's transposes under the same counts (no gradient)
+        Op::Composite(Composite::AllToAllDispatch { mesh, over }) => {
+            let t = Composite::AllToAllCombine {
+                mesh: mesh.clone(),
+                over: *over,
+            };
+            vec![Some(g.op(Op::Composite(t), &[gy, ins[1]])?[0]), None]
+        }
+        Op::Composite(Composite::AllToAllCombine { mesh, over }) => {
+            let t = Composite::AllToAllDispatch {
+                mesh: mesh.clone(),
+                over: *over,
+            };
+            vec![Some(g.op(Op::Composite(t), &[gy, ins[1]])?[0]), None]
         }
         Op::Composite(Composite::MoeDispatch { .. }) => {
             // x's row n went to rows pos[n, ·] of xs: its gradient sums theirs (moe_combine with unit weights)

@@ -87,7 +87,9 @@ pub fn classify(op: &Op) -> NodeClass {
             | C::AllReduce { .. }
             | C::AllGather { .. }
             | C::ReduceScatter { .. }
-            | C::SendRecv { .. } => Collective,
+            | C::SendRecv { .. }
+            | C::AllToAllDispatch { .. }
+            | C::AllToAllCombine { .. } => Collective,
             C::LightningAttention { .. }
             | C::LightningLayer { .. }
             | C::FlashAttention { .. }

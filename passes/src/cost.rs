@@ -197,7 +197,9 @@ impl CostModel {
                         | Composite::ReduceScatter { mesh, .. }
                         | Composite::AllToAll { mesh, .. }
                         | Composite::SendRecv { mesh, .. }
-                        | Composite::ShardSlice { mesh, .. },
+                        | Composite::ShardSlice { mesh, .. }
+                        | Composite::AllToAllDispatch { mesh, .. }
+                        | Composite::AllToAllCombine { mesh, .. },
                     ) => mesh.iter().product::<usize>().max(1),
                     _ => 1,
                 };
@@ -239,7 +241,9 @@ impl CostModel {
             | Composite::AllReduce { .. }
             | Composite::AllGather { .. }
             | Composite::ReduceScatter { .. }
-            | Composite::SendRecv { .. } => collective_cost(self, c, ins),
+            | Composite::SendRecv { .. }
+            | Composite::AllToAllDispatch { .. }
+            | Composite::AllToAllCombine { .. } => collective_cost(self, c, ins),
             _ => {
                 // Kernels introduced by the optimizer describe their own work.
                 let (flops, tensor) = composite_flops(self, c, ins, outs);
@@ -459,6 +463,21 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
             };
             NodeCost {
                 comm_bytes: moved,
+                kernel: true,
+                ..NodeCost::default()
+            }
+        }
+        // the routed exchange moves only the routed rows, known at run time: priced at what a balanced routing
+        // moves, the (G−1)/G of the rows each rank sends that leave it (dispatch: its `M` rows; combine: the
+        // `G·M`-row buffer holds `M` routed rows on average)
+        Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over } => {
+            let g = group_of(mesh, *over);
+            let bytes = match c {
+                Composite::AllToAllDispatch { .. } => m.bytes(x),
+                _ => m.bytes(x) / g,
+            };
+            NodeCost {
+                comm_bytes: bytes * (g - 1.0) / g,
                 kernel: true,
                 ..NodeCost::default()
             }

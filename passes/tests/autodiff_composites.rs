@@ -473,3 +473,47 @@ fn collectives_backward_is_the_transposed_collective() {
         assert_eq!(count(&ops, backward), want, "{name}: `{backward}` in {ops:?}");
     }
 }
+
+/// The routed exchange's backward: `all_to_all_dispatch`'s is `all_to_all_combine` with the same counts and
+/// the other way round (they are each other's transposes), against the autodiff of their decompositions.
+#[test]
+fn routed_exchange_backward_is_the_other_side() {
+    for (i, (mesh, over, ranks)) in [(vec![2usize, 2], 1usize, 4usize), (vec![], 0, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let gs = if mesh.is_empty() { ranks } else { mesh[over] };
+        let (e, m) = (2 * gs, 5usize);
+        // each rank's rows per expert, some ranks sending fewer than their 5 rows
+        let counts: Vec<i64> = (0..ranks * e).map(|j| ((j * 7 + 3) % 4) as i64 % 2).collect();
+        for dispatch in [true, false] {
+            let op = if dispatch {
+                Op::Composite(Composite::AllToAllDispatch {
+                    mesh: mesh.clone(),
+                    over,
+                })
+            } else {
+                Op::Composite(Composite::AllToAllCombine {
+                    mesh: mesh.clone(),
+                    over,
+                })
+            };
+            let rows = if dispatch { m } else { gs * m };
+            let shape = [ranks, rows, 3];
+            let counts = counts.clone();
+            let build = move |g: &mut Graph, p: &[Value]| {
+                let c = g.constant(DType::I64, vec![ranks, e], ConstData::Int(counts.clone()))?;
+                Ok(g.op(op.clone(), &[p[0], c])?[0])
+            };
+            let name = format!("{} on mesh {mesh:?}", if dispatch { "dispatch" } else { "combine" });
+            let (err, ops) = compare(&name, &[&shape], &build, 120 + i as u64);
+            assert!(err < TOL, "{name}: off by {err:.3e}");
+            let other = if dispatch {
+                "all_to_all_combine"
+            } else {
+                "all_to_all_dispatch"
+            };
+            assert_eq!(count(&ops, other), 1, "{name}: `{other}` in {ops:?}");
+        }
+    }
+}

@@ -16,12 +16,14 @@ use fulgur_ir::{Composite, Op, Tensor, Transport};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// A rank's communicators, by mesh axis.
+/// A rank's communicators, by mesh axis, and one of every rank (the routed exchange's groups, which may span
+/// several adjacent mesh axes, talk point to point over it).
 pub struct NcclTransport {
     rank: usize,
     mesh: Vec<usize>,
     stream: Arc<CudaStream>,
     comms: Mutex<HashMap<usize, Comm>>,
+    world: Mutex<Comm>,
 }
 
 // SAFETY: a communicator is used by one collective at a time (behind the mutex), on its own stream
@@ -79,11 +81,19 @@ impl NcclTransport {
                 .map_err(|e| format!("NCCL communicator of mesh axis {k} (group {g}, {size} ranks): {e:?}"))?;
             comms.insert(k, comm);
         }
+        // the world's communicator last, under the key (mesh axes, 0)
+        let ranks: usize = mesh.iter().product();
+        let id = ids
+            .get(&(mesh.len(), 0))
+            .ok_or_else(|| "no NCCL id for the communicator of every rank".to_string())?;
+        let world = Comm::from_rank(stream.clone(), rank, ranks, *id)
+            .map_err(|e| format!("NCCL communicator of all {ranks} ranks: {e:?}"))?;
         Ok(NcclTransport {
             rank,
             mesh: mesh.to_vec(),
             stream,
             comms: Mutex::new(comms),
+            world: Mutex::new(world),
         })
     }
 
@@ -93,7 +103,7 @@ impl NcclTransport {
             return Err(format!("a single-rank transport on the mesh {mesh:?} of more ranks"));
         }
         let mut ids = HashMap::new();
-        for k in 0..mesh.len() {
+        for k in 0..=mesh.len() {
             ids.insert((k, 0), Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?);
         }
         NcclTransport::new(0, mesh, &ids, device)
@@ -111,9 +121,10 @@ impl NcclTransport {
             return Err(format!("the mesh {mesh:?} is not {} ranks", env.world));
         }
         let tcp = TcpTransport::connect(env, fulgur_ir::Precision::F32, timeout)?;
-        let keys: Vec<(usize, usize)> = (0..mesh.len())
+        let mut keys: Vec<(usize, usize)> = (0..mesh.len())
             .flat_map(|k| (0..groups(mesh, k)).map(move |g| (k, g)))
             .collect();
+        keys.push((mesh.len(), 0));
         let bytes = if env.rank == 0 {
             let mut b = Vec::with_capacity(keys.len() * 128);
             for _ in &keys {
@@ -301,10 +312,207 @@ impl NcclTransport {
     }
 }
 
+impl NcclTransport {
+    /// Point-to-point over the world's communicator, as one NCCL group: `sends` (peer, values) and `recvs`
+    /// (peer, length); empty messages are skipped (both sides know the lengths). Returns what was received, in
+    /// the order of `recvs`.
+    fn p2p(&self, sends: &[(usize, Vec<f64>)], recvs: &[(usize, usize)]) -> Result<Vec<Vec<f64>>, String> {
+        let s = &self.stream;
+        let d = |e: cudarc::driver::DriverError| e.to_string();
+        let nc = |e: cudarc::nccl::result::NcclError| format!("{e:?}");
+        let up = sends
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(p, v)| s.clone_htod(v).map(|b| (*p, b)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(d)?;
+        let mut down = recvs
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|&(p, n)| s.alloc_zeros::<f64>(n).map(|b| (p, b)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(d)?;
+        {
+            let world = self.world.lock().unwrap_or_else(|e| e.into_inner());
+            let views: Vec<_> = up.iter().map(|(p, b)| (*p, b.as_view())).collect();
+            let mut sinks: Vec<_> = down.iter_mut().map(|(p, b)| (*p, b.as_view_mut())).collect();
+            let mut grp = world.group();
+            for (p, v) in views {
+                grp.send(v, p as i32).map_err(nc)?;
+            }
+            for (p, v) in sinks.drain(..) {
+                grp.recv(v, p as i32).map_err(nc)?;
+            }
+        }
+        let mut got = Vec::with_capacity(recvs.len());
+        let mut it = down.into_iter();
+        for &(_, n) in recvs {
+            if n == 0 {
+                got.push(Vec::new());
+            } else {
+                let (_, b) = it.next().expect("one buffer per non-empty receive");
+                got.push(s.clone_dtoh(&b).map_err(d)?);
+            }
+        }
+        s.synchronize().map_err(d)?;
+        Ok(got)
+    }
+
+    /// The routed exchange (`all_to_all_dispatch`, `all_to_all_combine`) within this rank's group of the op's
+    /// own mesh (its axes may merge several of the plan's): the members' counts first, then only the routed
+    /// rows, each to the member holding its expert (and back).
+    fn exchange(
+        &self,
+        op: &Op,
+        mesh: &[usize],
+        over: usize,
+        x: &Tensor,
+        counts: &Tensor,
+    ) -> Result<Vec<Tensor>, String> {
+        let err = |e: String| format!("NCCL `{}`: {e}", op.name());
+        if mesh.iter().product::<usize>() != self.mesh.iter().product::<usize>() || over >= mesh.len() {
+            return Err(err(format!(
+                "the mesh {mesh:?} (over {over}) is not one of this transport's {:?} ranks",
+                self.mesh
+            )));
+        }
+        // the group: the ranks differing from this one only in coordinate `over` of `mesh`
+        let (_, me) = group_of(mesh, self.rank, over);
+        let gs = mesh[over];
+        let stride: usize = mesh[over + 1..].iter().product();
+        let members: Vec<usize> = (0..gs).map(|i| self.rank - me * stride + i * stride).collect();
+        let mine: Vec<i64> = values(counts).iter().map(|&c| c as i64).collect();
+        let e = mine.len();
+        if !e.is_multiple_of(gs) {
+            return Err(err(format!("{e} experts cannot be shared by a group of {gs} ranks")));
+        }
+        let el = e / gs;
+        // every member's counts
+        let sends: Vec<(usize, Vec<f64>)> = members.iter().map(|&p| (p, values(counts))).collect();
+        let recvs: Vec<(usize, usize)> = members.iter().map(|&p| (p, e)).collect();
+        let all: Vec<Vec<i64>> = self
+            .p2p(&sends, &recvs)
+            .map_err(err)?
+            .into_iter()
+            .map(|v| v.into_iter().map(|c| c as i64).collect())
+            .collect();
+        let width: usize = x.shape[1..].iter().product();
+        let v = values(x);
+        let rows_of = |c: &[i64], lo: usize, hi: usize| -> usize { c[lo..hi].iter().sum::<i64>().max(0) as usize };
+        for (s, c) in all.iter().enumerate() {
+            if let Some(n) = c.iter().find(|&&n| n < 0) {
+                return Err(err(format!("member {s} of the group sends a negative count {n}")));
+            }
+        }
+        match op {
+            Op::Composite(Composite::AllToAllDispatch { .. }) => {
+                let m = x.shape[0];
+                if rows_of(&mine, 0, e) > m {
+                    return Err(err(format!(
+                        "the counts sum to {} but there are {m} rows",
+                        rows_of(&mine, 0, e)
+                    )));
+                }
+                // to member d: my rows of its experts, contiguous
+                let sends: Vec<(usize, Vec<f64>)> = members
+                    .iter()
+                    .enumerate()
+                    .map(|(d, &p)| {
+                        let (start, len) = (rows_of(&mine, 0, d * el), rows_of(&mine, d * el, (d + 1) * el));
+                        (p, v[start * width..(start + len) * width].to_vec())
+                    })
+                    .collect();
+                let recvs: Vec<(usize, usize)> = members
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &p)| (p, rows_of(&all[s], me * el, (me + 1) * el) * width))
+                    .collect();
+                let got = self.p2p(&sends, &recvs).map_err(err)?;
+                // laid out by (expert, sender), padded with zeros
+                let mut y = vec![0.0; gs * m * width];
+                let mut q = 0;
+                let mut per_expert = vec![0i64; el];
+                for j in 0..el {
+                    for (s, block) in got.iter().enumerate() {
+                        let at = rows_of(&all[s], me * el, me * el + j);
+                        let n = all[s][me * el + j] as usize;
+                        y[q * width..(q + n) * width].copy_from_slice(&block[at * width..(at + n) * width]);
+                        q += n;
+                        per_expert[j] += n as i64;
+                    }
+                }
+                let mut shape = x.shape.clone();
+                shape[0] = gs * m;
+                let got_counts = Tensor::from_i64(fulgur_ir::DType::I64, vec![el], per_expert);
+                Ok(vec![tensor(x, shape, y), got_counts])
+            }
+            _ => {
+                let gm = x.shape[0];
+                if !gm.is_multiple_of(gs) {
+                    return Err(err(format!("{gm} rows are not a group of {gs} blocks")));
+                }
+                let m = gm / gs;
+                // the received rows back to their senders: member s's, expert by expert
+                let mut back: Vec<Vec<f64>> = vec![Vec::new(); gs];
+                let mut q = 0;
+                let mut spans = vec![Vec::new(); gs];
+                for j in 0..el {
+                    for (s, c) in all.iter().enumerate() {
+                        let n = c[me * el + j] as usize;
+                        spans[s].push((q, n));
+                        q += n;
+                    }
+                }
+                if q > gm {
+                    return Err(err(format!("the members' counts route {q} rows to {gm}")));
+                }
+                for (s, sp) in spans.iter().enumerate() {
+                    for &(at, n) in sp {
+                        back[s].extend_from_slice(&v[at * width..(at + n) * width]);
+                    }
+                }
+                let sends: Vec<(usize, Vec<f64>)> = members.iter().zip(back).map(|(&p, b)| (p, b)).collect();
+                let recvs: Vec<(usize, usize)> = members
+                    .iter()
+                    .enumerate()
+                    .map(|(d, &p)| (p, rows_of(&mine, d * el, (d + 1) * el) * width))
+                    .collect();
+                let got = self.p2p(&sends, &recvs).map_err(err)?;
+                if rows_of(&mine, 0, e) > m {
+                    return Err(err(format!(
+                        "the counts sum to {} but there are {m} rows",
+                        rows_of(&mine, 0, e)
+                    )));
+                }
+                let mut out = vec![0.0; m * width];
+                for (d, block) in got.iter().enumerate() {
+                    let start = rows_of(&mine, 0, d * el);
+                    out[start * width..start * width + block.len()].copy_from_slice(block);
+                }
+                let mut shape = x.shape.clone();
+                shape[0] = m;
+                Ok(vec![tensor(x, shape, out)])
+            }
+        }
+    }
+}
+
 impl Transport for NcclTransport {
     fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         if rank != self.rank {
             return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
+        }
+        if let Op::Composite(Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over }) =
+            op
+        {
+            let [x, counts] = args else {
+                return Err(format!(
+                    "`{}` takes rows and counts, got {} inputs",
+                    op.name(),
+                    args.len()
+                ));
+            };
+            return self.exchange(op, mesh, *over, x, counts);
         }
         let [x] = args else {
             return Err(format!("`{}` takes one input, got {}", op.name(), args.len()));

@@ -1,5 +1,6 @@
 //! The NCCL transport on the GPU, as far as one GPU allows: a job of one rank whose every collective
-//! (`all_reduce`, `all_gather`, `reduce_scatter`, `all_to_all`, `send_recv`, on meshes of one and two axes)
+//! (`all_reduce`, `all_gather`, `reduce_scatter`, `all_to_all`, `send_recv`, on meshes of one and two axes, and
+//! the routed exchange `all_to_all_dispatch`/`all_to_all_combine`)
 //! goes through a real NCCL communicator and equals the simulated transport's result. The run on two GPUs is
 //! issue 12's.
 //!
@@ -77,6 +78,53 @@ fn gpu_nccl_single_rank_collectives_equal_the_simulated_transport() {
     }
     let e = NcclTransport::single(&[2], 0).err().unwrap();
     assert_eq!(e, "a single-rank transport on the mesh [2] of more ranks");
+}
+
+/// The routed exchange through NCCL at one rank (its counts and rows point to point over the communicator of
+/// every rank, to itself): dispatch pads the sorted rows and returns the counts, combine brings them back, both
+/// equal to the simulated transport; counts that route more rows than there are are refused.
+#[test]
+fn gpu_nccl_single_rank_routed_exchange_equals_the_simulated_transport() {
+    if !gpu() {
+        return;
+    }
+    let x = Tensor::from_f64(
+        DType::F32,
+        vec![6, 2],
+        (0..12).map(|i| (i as f64 * 0.53).cos()).collect(),
+    );
+    let counts = Tensor::from_i64(DType::I64, vec![3], vec![2, 0, 3]);
+    for mesh in [vec![1usize], vec![1, 1, 1]] {
+        let nccl = NcclTransport::single(&mesh, 0).unwrap();
+        let sim = SimTransport::new(1, Precision::F64, Duration::from_secs(10));
+        let over = mesh.len() / 2;
+        let dispatch = Op::Composite(Composite::AllToAllDispatch {
+            mesh: mesh.clone(),
+            over,
+        });
+        let got = nccl.collective(&dispatch, 0, &[&x, &counts]).unwrap();
+        let want = sim.collective(&dispatch, 0, &[&x, &counts]).unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.shape, w.shape, "dispatch on {mesh:?}");
+            assert_eq!(g.to_f64(), w.to_f64(), "dispatch on {mesh:?}");
+        }
+        let combine = Op::Composite(Composite::AllToAllCombine {
+            mesh: mesh.clone(),
+            over,
+        });
+        let back = nccl.collective(&combine, 0, &[&got[0], &counts]).unwrap();
+        let want = sim.collective(&combine, 0, &[&got[0], &counts]).unwrap();
+        assert_eq!(back[0].to_f64(), want[0].to_f64(), "combine on {mesh:?}");
+        // the five routed rows came back, the sixth (routed nowhere) is zero
+        let mut expect = x.to_f64();
+        expect[10..].iter_mut().for_each(|v| *v = 0.0);
+        assert_eq!(back[0].to_f64(), expect);
+        println!("routed exchange on {mesh:?}: equal");
+        let over_full = Tensor::from_i64(DType::I64, vec![3], vec![4, 0, 3]);
+        let e = nccl.collective(&dispatch, 0, &[&x, &over_full]).unwrap_err();
+        assert!(e.contains("the counts sum to 7 but there are 6 rows"), "{e}");
+    }
 }
 
 /// Each rank's program of tiny-a sharded tensor-parallel two ways runs on the CUDA backend (two programs on the

@@ -293,9 +293,11 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
             ..Default::default()
         }),
     )?;
-    let g = fulgur::parallel::structural(&g).map_err(|e| anyhow!(e))?;
-    let g = crate::cli::model::with_dtype(g, args.dtype)?;
-    let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
+    let dtype = args.dtype;
+    let (_, sg, report) = fulgur::parallel::shard_forward(&g, &plan, |g| {
+        crate::cli::model::with_dtype(g, dtype).map_err(|e| format!("{e:#}"))
+    })
+    .map_err(|e| anyhow!("sharding the forward: {e}"))?;
     let shard_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let ranks = par.ranks();

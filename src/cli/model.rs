@@ -327,9 +327,10 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
         let plan = fulgur::parallel::minimax_plan(&ck.config, &par, b, t)
             .map_err(|e| anyhow::anyhow!("--parallel {degrees}: {e}"))?;
         let g = forward_graph(&ck.config, &par.forward_options(&opts))?;
-        let g = fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?;
-        let g = with_dtype(g, args.dtype)?;
-        let (sg, report) = fulgur_passes::shard::shard_graph(&g, &plan)?;
+        let dtype = args.dtype;
+        let (g, sg, report) =
+            fulgur::parallel::shard_forward(&g, &plan, |g| with_dtype(g, dtype).map_err(|e| format!("{e:#}")))
+                .map_err(|e| anyhow::anyhow!("sharding the forward: {e}"))?;
         let weights = std::sync::Arc::new(ck.load_params(&g)?);
         let t1 = Instant::now();
         // started by a launcher: this process is one rank, its collectives over the job's transport
@@ -664,20 +665,18 @@ fn sharded_pair(
         states: true,
         ..Default::default()
     });
-    let structural = |g: fulgur_ir::Graph| -> Result<fulgur_ir::Graph> {
-        with_dtype(
-            fulgur::parallel::structural(&g).map_err(|e| anyhow::anyhow!(e))?,
-            args.dtype,
-        )
-    };
-    let prefill = structural(forward_graph(cfg, &opts)?)?;
-    let decode = structural(fulgur_models::decode_graph_with(cfg, &opts)?)?;
-    let weights = std::sync::Arc::new(ck.load_params(&prefill)?);
+    let dtype = args.dtype;
+    let prepare = |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| format!("{e:#}"));
+    let prefill = forward_graph(cfg, &opts)?;
+    let decode = fulgur_models::decode_graph_with(cfg, &opts)?;
+    let weights = std::sync::Arc::new(ck.load_params(&prepare(prefill.clone()).map_err(|e| anyhow::anyhow!(e))?)?);
     let cost_model = args.target.cost_model();
     let launch = crate::cli::ranks::launched(&par, args.target, Precision::from(args.precision))?;
     let ranks =
         |g: &fulgur_ir::Graph, plan: &fulgur_passes::shard::ShardPlan, what: &str| -> Result<Box<dyn Executable>> {
-            let (sg, _) = fulgur_passes::shard::shard_graph(g, plan).with_context(|| format!("sharding {what}"))?;
+            let (_, sg, _) = fulgur::parallel::shard_forward(g, plan, prepare)
+                .map_err(|e| anyhow::anyhow!(e))
+                .with_context(|| format!("sharding {what}"))?;
             let programs = crate::cli::ranks::local_ranks(&par, launch.as_ref())
                 .into_iter()
                 .map(|r| {

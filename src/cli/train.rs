@@ -739,7 +739,7 @@ pub fn run(args: Args) -> Result<()> {
     // sharded: the sharding pass reads the structural forward (its rules know the attention composites, not the
     // optimizer's fused kernels); each rank's program is optimized after
     let fwd = match &par {
-        Some(_) => fulgur::parallel::structural(&loss_graph).map_err(|e| anyhow::anyhow!(e))?,
+        Some(_) => fulgur::parallel::structural(&loss_graph, false).map_err(|e| anyhow::anyhow!(e))?,
         None => optimized_forward(loss_graph.clone(), args.opt, &cost_model)?,
     };
     let compute_graph = compute_graph(&fwd, args.dtype)?;

@@ -259,21 +259,17 @@ pub enum Within {
     Slice(usize),
 }
 
-/// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
-/// `axis` is the per-rank axis of `Gather`/`Scatter` in `x`'s numbering.
-pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: usize, x: Value) -> Result<Value> {
+/// `x: [R, X...]` viewed by groups: `[G, B, X...]`, the members of a group along axis 0 (in their order along
+/// mesh axis `over`) and the groups along axis 1 (the other coordinates, row-major); an empty `mesh` is one
+/// group of all ranks (`B = 1`). [`from_groups`] undoes it.
+fn to_groups(g: &mut Graph, op: &str, mesh: &[usize], over: usize, x: Value) -> Result<Value> {
     let dims = g.dims(x).to_vec();
     let err = |m: String| IrError::Graph(format!("`{op}`: {m}"));
     if dims.is_empty() {
         return Err(err("a rank axis is needed".into()));
     }
     if mesh.is_empty() {
-        // one group: the collective along axis 0, with an empty carried axis
-        let v = g.reshape(x, [vec![dims[0].clone(), Dim::from(1)], dims[1..].to_vec()].concat())?;
-        let y = one_group(g, within, v)?;
-        let mut out = g.dims(y).to_vec();
-        out.remove(1);
-        return g.reshape(y, out);
+        return g.reshape(x, [vec![dims[0].clone(), Dim::from(1)], dims[1..].to_vec()].concat());
     }
     let k = mesh.len();
     if over >= k {
@@ -283,10 +279,7 @@ pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: us
     let mut split: Vec<Dim> = mesh.iter().map(|&m| Dim::from(m)).collect();
     split.extend_from_slice(&dims[1..]);
     let v = g.reshape(x, split)?;
-    let mut perm: Vec<usize> = vec![over];
-    perm.extend((0..k).filter(|&i| i != over));
-    perm.extend(k..k + dims.len() - 1);
-    let v = g.permute(v, &perm)?;
+    let v = g.permute(v, &group_perm(k, over, dims.len() - 1))?;
     let b: usize = mesh
         .iter()
         .enumerate()
@@ -295,10 +288,28 @@ pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: us
         .product();
     let mut folded = vec![Dim::from(mesh[over]), Dim::from(b)];
     folded.extend_from_slice(&dims[1..]);
-    let v = g.reshape(v, folded)?;
-    let y = one_group(g, within, v)?;
-    // and back: [G, B, Y...] → [m_over, others..., Y...] → [m0, .., Y...] → [R, Y...]
+    g.reshape(v, folded)
+}
+
+/// The permutation that moves mesh axis `over` of `k` first, `rest` per-rank axes after.
+fn group_perm(k: usize, over: usize, rest: usize) -> Vec<usize> {
+    let mut perm: Vec<usize> = vec![over];
+    perm.extend((0..k).filter(|&i| i != over));
+    perm.extend(k..k + rest);
+    perm
+}
+
+/// `[G, B, Y...]` back to `[R, Y...]` (the inverse of [`to_groups`] on the same `mesh`/`over`).
+fn from_groups(g: &mut Graph, mesh: &[usize], over: usize, ranks: &Dim, y: Value) -> Result<Value> {
     let yd = g.dims(y).to_vec();
+    let mut out = vec![ranks.clone()];
+    out.extend_from_slice(&yd[2..]);
+    if mesh.is_empty() {
+        return g.reshape(y, out);
+    }
+    let k = mesh.len();
+    let perm = group_perm(k, over, yd.len() - 2);
+    // [G, B, Y...] → [m_over, others..., Y...] → [m0, .., Y...] → [R, Y...]
     let mut unfold: Vec<Dim> = perm[..k].iter().map(|&i| Dim::from(mesh[i])).collect();
     unfold.extend_from_slice(&yd[2..]);
     let y = g.reshape(y, unfold)?;
@@ -307,9 +318,20 @@ pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: us
         inv[p] = i;
     }
     let y = g.permute(y, &inv)?;
-    let mut out = vec![dims[0].clone()];
-    out.extend_from_slice(&yd[2..]);
     g.reshape(y, out)
+}
+
+/// Appends the decomposition of a grouped collective on `x: [R, ...]` (see the module's documentation);
+/// `axis` is the per-rank axis of `Gather`/`Scatter` in `x`'s numbering.
+pub fn grouped(g: &mut Graph, op: &str, within: Within, mesh: &[usize], over: usize, x: Value) -> Result<Value> {
+    let ranks = g
+        .dims(x)
+        .first()
+        .cloned()
+        .ok_or_else(|| IrError::Graph(format!("`{op}`: a rank axis is needed")))?;
+    let v = to_groups(g, op, mesh, over, x)?;
+    let y = one_group(g, within, v)?;
+    from_groups(g, mesh, over, &ranks, y)
 }
 
 /// One group's collective along axis 0 of `v: [G, B, X...]` (axis 1 carried along); `Gather`/`Scatter`'s
@@ -400,4 +422,190 @@ fn one_group(g: &mut Graph, within: Within, v: Value) -> Result<Value> {
             g.permute(t, &perm)
         }
     }
+}
+
+/// Typing rule of `all_to_all_dispatch` and `all_to_all_combine` (named `op`): `x [R, M, ...]` (rank ≥ 2) and
+/// `counts: int [R, E]`, the groups valid (see [`group_size`]) and the group size dividing `E` (each member
+/// holds `E/G` experts). Dispatch gives `[R, G·M, ...]` and `i64 [R, E/G]`; combine, from `[R, G·M, ...]`,
+/// gives `[R, M, ...]`.
+pub fn infer_exchange(
+    op: &str,
+    mesh: &[usize],
+    over: usize,
+    ins: &[&TensorType],
+) -> std::result::Result<Vec<TensorType>, String> {
+    let (x, c) = (ins[0], ins[1]);
+    if x.rank() < 2 {
+        return Err(format!(
+            "`{op}` needs rows [R, M, ...] with a leading rank axis, got {x}"
+        ));
+    }
+    if c.rank() != 2 || !c.dtype.is_int() {
+        return Err(format!("`{op}` needs integer counts [R, E], got {c}"));
+    }
+    let ranks = x.dims()[0].clone();
+    if c.dims()[0] != ranks {
+        return Err(format!(
+            "`{op}`: the counts {c} and the rows {x} have different rank axes"
+        ));
+    }
+    let gs = group_size(op, mesh, over, &ranks, x)?;
+    let e = &c.dims()[1];
+    let per = e.div_exact(&gs).ok_or_else(|| {
+        format!("`{op}`: {e} experts cannot be shared by a group of {gs} ranks (the group size must divide them)")
+    })?;
+    let mut dims = x.dims().to_vec();
+    if op == "all_to_all_dispatch" {
+        dims[1] = gs * dims[1].clone();
+        return Ok(vec![
+            TensorType::new(x.dtype, dims),
+            TensorType::new(DType::I64, vec![ranks, per]),
+        ]);
+    }
+    dims[1] = dims[1].div_exact(&gs).ok_or_else(|| {
+        format!("`{op}`: the rows {x} are not a group of {gs} blocks (the group size must divide axis 1)")
+    })?;
+    Ok(vec![TensorType::new(x.dtype, dims)])
+}
+
+/// Where each received row of the routed exchange comes from, per group (`c: i64 [G, B, E]`, each member's
+/// rows per expert, `m` rows per member): `(idx, valid, got)` with `idx: i64 [B, G, G·m]` the row of the
+/// members' rows stacked as `[B, G, m]` (flattened) that lands at each received position, `valid: bool
+/// [B, G, G·m, 1]` whether a row lands there (else it is padding), `got: i64 [G, B, E/G]` the rows each member
+/// receives per expert it holds.
+///
+/// Member `r` receives the segments `(j, s)` (its expert `j`, from member `s`) in order, each
+/// `c[s, r·E/G + j]` rows long, from row `off[s, r·E/G + j]` of `s` (`off` the exclusive cumsum of `c[s]`): a
+/// received position `q` lies in the segment whose `[start, end)` holds it.
+fn routes(g: &mut Graph, op: &str, c: Value, m: &Dim) -> Result<(Value, Value, Value)> {
+    let cd = g.dims(c).to_vec();
+    let (gs, b, e) = (cd[0].clone(), cd[1].clone(), cd[2].clone());
+    let err = |m: String| IrError::Graph(format!("`{op}`: {m}"));
+    let el = e
+        .div_exact(&gs)
+        .ok_or_else(|| err(format!("the group size `{gs}` does not divide the experts `{e}`")))?;
+    let (Some(gn), Some(mn)) = (gs.as_const(), m.as_const()) else {
+        return Err(err(format!(
+            "needs a constant group size and row count, got `{gs}` and `{m}`"
+        )));
+    };
+    let segs = el.clone() * gs.clone();
+    let gm = gs.clone() * m.clone();
+    let off = g.cumsum(c, 2, true, false)?; // [s, b, e]
+                                            // [s, b, r, j] → [b, r, j, s]: the segments of each receiver in (j, s) order
+    let by_receiver = |g: &mut Graph, v: Value| -> Result<Value> {
+        let v = g.reshape(v, vec![gs.clone(), b.clone(), gs.clone(), el.clone()])?;
+        g.permute(v, &[1, 2, 3, 0])
+    };
+    let len4 = by_receiver(g, c)?;
+    let got = g.sum(len4, &[3], false)?; // [b, r, j]
+    let got = g.permute(got, &[1, 0, 2])?;
+    let len = g.reshape(len4, vec![b.clone(), gs.clone(), segs.clone()])?;
+    let from = by_receiver(g, off)?;
+    let from = g.reshape(from, vec![b.clone(), gs.clone(), Dim::from(1), segs.clone()])?;
+    let end = g.cumsum(len, 2, false, false)?;
+    let start = g.sub(end, len)?;
+    let end = g.reshape(end, vec![b.clone(), gs.clone(), Dim::from(1), segs.clone()])?;
+    let start = g.reshape(start, vec![b.clone(), gs.clone(), Dim::from(1), segs.clone()])?;
+    let q = g.iota(DType::I64, vec![Dim::from(1), Dim::from(1), gm, Dim::from(1)], 2)?;
+    let ge = g.compare(CmpOp::Ge, q, start)?;
+    let lt = g.compare(CmpOp::Lt, q, end)?;
+    let ge = g.cast(ge, DType::I64)?;
+    let lt = g.cast(lt, DType::I64)?;
+    let member = g.mul(ge, lt)?; // [b, r, q, seg]: 1 in the segment holding q
+    let valid = g.sum(member, &[3], true)?;
+    let zero = g.scalar(0.0, DType::I64)?;
+    let valid = g.compare(CmpOp::Ne, valid, zero)?;
+    let within = g.sub(q, start)?;
+    let row = g.add(from, within)?;
+    let row = g.mul(member, row)?;
+    let row = g.sum(row, &[3], false)?; // [b, r, q]
+                                        // the sender of segment (j, s) is s
+    let sender = g.iota(DType::I64, vec![el, gs.clone()], 1)?;
+    let sender = g.reshape(sender, vec![Dim::from(1), Dim::from(1), Dim::from(1), segs])?;
+    let sender = g.mul(member, sender)?;
+    let sender = g.sum(sender, &[3], false)?;
+    let bi = g.iota(DType::I64, vec![b, Dim::from(1), Dim::from(1)], 0)?;
+    let per_b = g.scalar((gn * mn) as f64, DType::I64)?;
+    let per_s = g.scalar(mn as f64, DType::I64)?;
+    let bo = g.mul(bi, per_b)?;
+    let so = g.mul(sender, per_s)?;
+    let idx = g.add(bo, so)?;
+    let idx = g.add(idx, row)?;
+    Ok((idx, valid, got))
+}
+
+/// `[G, B, M, X...]` → `[B·G·M, F]` (the rows of every member of every group, `F` the product of `X`).
+fn stacked_rows(g: &mut Graph, v: Value) -> Result<Value> {
+    let d = g.dims(v).to_vec();
+    let f = d[3..].iter().fold(Dim::from(1), |a, x| a * x.clone());
+    let v = g.reshape(v, vec![d[0].clone(), d[1].clone(), d[2].clone(), f.clone()])?;
+    let v = g.permute(v, &[1, 0, 2, 3])?;
+    g.reshape(v, vec![d[1].clone() * d[0].clone() * d[2].clone(), f])
+}
+
+/// `[B, G, Q, F]` → `[G, B, Q, X...]`.
+fn unstacked(g: &mut Graph, v: Value, rest: &[Dim]) -> Result<Value> {
+    let v = g.permute(v, &[1, 0, 2, 3])?;
+    let d = g.dims(v).to_vec();
+    let mut shape = d[..3].to_vec();
+    shape.extend_from_slice(rest);
+    g.reshape(v, shape)
+}
+
+/// Appends the decomposition of `all_to_all_dispatch(x, counts)` (see [`crate::Composite::AllToAllDispatch`]):
+/// each received position gathers the row [`routes`] names, padding selects zero.
+pub fn dispatch_exchange(
+    g: &mut Graph,
+    mesh: &[usize],
+    over: usize,
+    x: Value,
+    counts: Value,
+) -> Result<(Value, Value)> {
+    let op = "all_to_all_dispatch";
+    let xd = g.dims(x).to_vec();
+    let ranks = xd[0].clone();
+    let counts = g.cast(counts, DType::I64)?;
+    let xg = to_groups(g, op, mesh, over, x)?;
+    let cg = to_groups(g, op, mesh, over, counts)?;
+    let (idx, valid, got) = routes(g, op, cg, &xd[1])?;
+    let table = stacked_rows(g, xg)?;
+    let rows = g.gather(table, idx, 0)?; // [B, G, G·M, F]
+    let zero = g.scalar(0.0, g.dtype(x))?;
+    let rows = g.select(valid, rows, zero)?;
+    let y = unstacked(g, rows, &xd[2..])?;
+    let y = from_groups(g, mesh, over, &ranks, y)?;
+    let got = from_groups(g, mesh, over, &ranks, got)?;
+    Ok((y, got))
+}
+
+/// Appends the decomposition of `all_to_all_combine(y, counts)` (see [`crate::Composite::AllToAllCombine`]):
+/// the transpose of dispatch, each received row added back at the row it came from.
+pub fn combine_exchange(g: &mut Graph, mesh: &[usize], over: usize, y: Value, counts: Value) -> Result<Value> {
+    let op = "all_to_all_combine";
+    let yd = g.dims(y).to_vec();
+    let ranks = yd[0].clone();
+    let counts = g.cast(counts, DType::I64)?;
+    let yg = to_groups(g, op, mesh, over, y)?;
+    let gs = g.dims(yg)[0].clone();
+    let m = yd[1]
+        .div_exact(&gs)
+        .ok_or_else(|| IrError::Graph(format!("`{op}`: the group size `{gs}` does not divide `{}`", yd[1])))?;
+    let cg = to_groups(g, op, mesh, over, counts)?;
+    let (idx, valid, _) = routes(g, op, cg, &m)?;
+    let b = g.dims(yg)[1].clone();
+    // [G, B, G·M, X...] → [B, G, G·M, F], padding zeroed, then added at the rows it came from
+    let rows = stacked_rows(g, yg)?;
+    let f = g.dims(rows)[1].clone();
+    let rows = g.reshape(rows, vec![b.clone(), gs.clone(), yd[1].clone(), f.clone()])?;
+    let zero = g.scalar(0.0, g.dtype(y))?;
+    let rows = g.select(valid, rows, zero)?;
+    let n = b.clone() * gs.clone() * yd[1].clone();
+    let rows = g.reshape(rows, vec![n.clone(), f.clone()])?;
+    let idx = g.reshape(idx, vec![n])?;
+    let zeros = g.full(0.0, g.dtype(y), vec![b.clone() * gs.clone() * m.clone(), f.clone()])?;
+    let x = g.scatter_add(zeros, idx, rows, 0)?;
+    let x = g.reshape(x, vec![b, gs, m, f])?;
+    let x = unstacked(g, x, &yd[2..])?;
+    from_groups(g, mesh, over, &ranks, x)
 }

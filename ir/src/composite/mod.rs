@@ -129,6 +129,13 @@ impl Composite {
                     inputs[0],
                 )?])
             }
+            Composite::AllToAllDispatch { mesh, over } => {
+                let (y, got) = collective::dispatch_exchange(g, mesh, *over, inputs[0], inputs[1])?;
+                Ok(vec![y, got])
+            }
+            Composite::AllToAllCombine { mesh, over } => Ok(vec![collective::combine_exchange(
+                g, mesh, *over, inputs[0], inputs[1],
+            )?]),
             Composite::OnRank { op, .. } => Err(IrError::Graph(format!(
                 "`on_rank[op={}]` has no decomposition: a collective transport runs it",
                 op.name()

@@ -211,6 +211,8 @@ fn local_op(
             | Composite::AllGather { .. }
             | Composite::ReduceScatter { .. }
             | Composite::AllToAll { .. }
+            | Composite::AllToAllDispatch { .. }
+            | Composite::AllToAllCombine { .. }
             | Composite::SendRecv { .. }),
         ) => Op::Composite(Composite::OnRank {
             op: Box::new(Op::Composite(c.clone())),

@@ -19,6 +19,8 @@
 
 #[path = "attention.rs"]
 mod attention;
+#[path = "moe.rs"]
+mod moe;
 
 use super::{reshard, Mesh, Placement, Sharding};
 use crate::PassError;
@@ -66,6 +68,12 @@ pub struct ShardReport {
     pub conversions: Vec<String>,
     /// Parameters and inputs that a rule placed, with their placements.
     pub placed: Vec<(String, String)>,
+    /// MoE chains rewritten as the routed exchange (`all_to_all_dispatch` … `all_to_all_combine`, or each rank
+    /// on its own tokens where the experts are replicated).
+    pub routed_moe: usize,
+    /// MoE composites run whole on every rank (a chain whose placements do not fit the exchange, or a training
+    /// graph's): correct, with the experts' work repeated.
+    pub whole_moe: usize,
 }
 
 /// `true` when `name` matches `pattern`, where `*` matches any run of characters.
@@ -982,53 +990,22 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
         reduced: HashMap::new(),
     };
     let mut vals: HashMap<Value, Sv> = HashMap::new();
-    for (id, n) in g.nodes() {
-        p.at = match n.op.input_decl() {
-            Some((name, _, _)) => name.to_string(),
-            None => n.name.clone().unwrap_or_else(|| format!("%{}", id.index())),
-        };
-        let ins: Vec<Sv> = n
-            .inputs
-            .iter()
-            .map(|v| {
-                let sv = &vals[v];
-                p.reduced.get(&sv.v).unwrap_or(sv).clone()
-            })
-            .collect();
-        let outs: Vec<Vec<Dim>> = n.outputs.iter().map(|t| t.shape.0.clone()).collect();
-        // new nodes are named in the source node's scope (`layers.3.moe.all_gather`), keeping layer templates
-        let scope = n
-            .name
-            .as_deref()
-            .and_then(|s| s.rsplit_once('.'))
-            .map(|(s, _)| s.to_string());
-        if let Some(s) = &scope {
-            p.out.push_scope(s.clone());
+    // the routed MoE chains, rewritten as a whole at their `moe_combine` (their other nodes wait for it)
+    let chains = moe::chains(&g);
+    let members: std::collections::HashSet<NodeId> = chains.values().flat_map(|c| c.members()).collect();
+    for (id, _) in g.nodes() {
+        if members.contains(&id) {
+            continue;
         }
-        let res = rewrite(&mut p, plan, n, &ins, &outs);
-        if scope.is_some() {
-            p.out.pop_scope();
-        }
-        let res = res.map_err(|e| match e {
-            PassError::Options(m) | PassError::Rule(m) if !m.starts_with("sharding ") => {
-                PassError::Options(format!("sharding `{}` ({}): {m}", p.at, n.op.name()))
+        if let Some(chain) = chains.get(&id) {
+            if routed_chain(&mut p, &g, chain, &mut vals)? {
+                continue;
             }
-            e => e,
-        })?;
-        let mut res = res;
-        if let Some(name) = constraint_name(&g, n) {
-            if let Some((_, places)) = plan.constraints.iter().find(|(p, _)| glob(p, &name)) {
-                let mut to = Sharding::replicated(&plan.mesh);
-                for (axis, pl) in places {
-                    to.per_axis[plan.mesh.axis(axis)?] = pl.clone();
-                }
-                to.local_dims(&plan.mesh, &name, &res[0].dims)?;
-                res[0] = p.to(&res[0], &to)?;
+            for m in chain.members() {
+                sharded_node(&mut p, plan, &g, m, &mut vals)?;
             }
         }
-        for (i, sv) in res.into_iter().enumerate() {
-            vals.insert(Value::new(id, i as u32), sv);
-        }
+        sharded_node(&mut p, plan, &g, id, &mut vals)?;
     }
     for (name, v) in g.outputs() {
         p.at = format!("output `{name}`");
@@ -1067,12 +1044,126 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
                     | Composite::AllToAll { .. }
                     | Composite::SendRecv { .. }
                     | Composite::ShardSlice { .. }
+                    | Composite::AllToAllDispatch { .. }
+                    | Composite::AllToAllCombine { .. }
             ) {
                 *p.report.collectives.entry(c.name().to_string()).or_default() += 1;
             }
         }
     }
     Ok((out, p.report))
+}
+
+/// Where the pass is: the source node's name (a leaf's declared name, else `%id`) for reports and errors.
+fn node_label(n: &fulgur_ir::Node, id: NodeId) -> String {
+    match n.op.input_decl() {
+        Some((name, _, _)) => name.to_string(),
+        None => n.name.clone().unwrap_or_else(|| format!("%{}", id.index())),
+    }
+}
+
+/// The scope new nodes of source node `n` are named in (`layers.3.moe.all_gather`), keeping layer templates.
+fn scope_of(n: &fulgur_ir::Node) -> Option<String> {
+    n.name
+        .as_deref()
+        .and_then(|s| s.rsplit_once('.'))
+        .map(|(s, _)| s.to_string())
+}
+
+/// An error of a rule, named by the source node.
+fn at_node(p: &Pass, n: &fulgur_ir::Node, e: PassError) -> PassError {
+    match e {
+        PassError::Options(m) | PassError::Rule(m) if !m.starts_with("sharding ") => {
+            PassError::Options(format!("sharding `{}` ({}): {m}", p.at, n.op.name()))
+        }
+        e => e,
+    }
+}
+
+/// Source node `id` rewritten by its rule (and a sharding constraint on its first output), its outputs'
+/// sharded values recorded in `vals`.
+fn sharded_node(
+    p: &mut Pass,
+    plan: &ShardPlan,
+    g: &Graph,
+    id: NodeId,
+    vals: &mut HashMap<Value, Sv>,
+) -> Result<(), PassError> {
+    let n = g.node(id);
+    p.at = node_label(n, id);
+    let ins: Vec<Sv> = n
+        .inputs
+        .iter()
+        .map(|v| {
+            let sv = &vals[v];
+            p.reduced.get(&sv.v).unwrap_or(sv).clone()
+        })
+        .collect();
+    let outs: Vec<Vec<Dim>> = n.outputs.iter().map(|t| t.shape.0.clone()).collect();
+    let scope = scope_of(n);
+    if let Some(s) = &scope {
+        p.out.push_scope(s.clone());
+    }
+    let res = rewrite(p, plan, n, &ins, &outs);
+    if scope.is_some() {
+        p.out.pop_scope();
+    }
+    let mut res = res.map_err(|e| at_node(p, n, e))?;
+    if let Some(name) = constraint_name(g, n) {
+        if let Some((_, places)) = plan.constraints.iter().find(|(p, _)| glob(p, &name)) {
+            let mut to = Sharding::replicated(&plan.mesh);
+            for (axis, pl) in places {
+                to.per_axis[plan.mesh.axis(axis)?] = pl.clone();
+            }
+            to.local_dims(&plan.mesh, &name, &res[0].dims)?;
+            res[0] = p.to(&res[0], &to)?;
+        }
+    }
+    for (i, sv) in res.into_iter().enumerate() {
+        vals.insert(Value::new(id, i as u32), sv);
+    }
+    Ok(())
+}
+
+/// A routed MoE chain rewritten as the exchange (see [`moe`]), its combine's output recorded in `vals`;
+/// `false` when the placements do not fit it.
+fn routed_chain(
+    p: &mut Pass,
+    g: &Graph,
+    chain: &moe::MoeChain,
+    vals: &mut HashMap<Value, Sv>,
+) -> Result<bool, PassError> {
+    let n = g.node(chain.combine);
+    p.at = node_label(n, chain.combine);
+    let Op::Composite(Composite::MoeDispatch { experts }) = g.node(chain.dispatch).op else {
+        return Ok(false);
+    };
+    let sv = |p: &Pass, v: Value| {
+        let s = &vals[&v];
+        p.reduced.get(&s.v).unwrap_or(s).clone()
+    };
+    let d = &g.node(chain.dispatch).inputs;
+    let x = sv(p, d[0]);
+    let ids = sv(p, d[1]);
+    let w_up = sv(p, g.node(chain.up).inputs[2]);
+    let w_down = sv(p, g.node(chain.down).inputs[2]);
+    let weights = sv(p, n.inputs[2]);
+    let scope = scope_of(n);
+    if let Some(s) = &scope {
+        p.out.push_scope(s.clone());
+    }
+    let res = p.routed_moe(experts, [&x, &ids, &w_up, &w_down, &weights], &n.outputs[0].shape.0);
+    if scope.is_some() {
+        p.out.pop_scope();
+    }
+    match res.map_err(|e| at_node(p, n, e))? {
+        Some(out) => {
+            vals.insert(Value::new(chain.combine, 0), out);
+            p.report.routed_moe += 1;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 fn rewrite(
@@ -1315,6 +1406,25 @@ fn rewrite(
             Some(*rotary),
             &outs[0],
         )?]),
+        Op::Composite(Composite::MoeRouter { k }) => {
+            let k = *k;
+            p.along(
+                &first(),
+                Some(rank0 - 1),
+                false,
+                |_| Op::Composite(Composite::MoeRouter { k }),
+                outs,
+            )
+        }
+        Op::Composite(
+            Composite::MoeDispatch { .. }
+            | Composite::GroupedMatmul { .. }
+            | Composite::MoeCombine
+            | Composite::GroupedMatmulWgrad,
+        ) => {
+            p.report.whole_moe += 1;
+            p.moe_whole(&n.op, ins, outs)
+        }
         op => Err(PassError::Options(format!(
             "the sharding pass has no rule for `{}` on per-rank operands",
             op.name()
