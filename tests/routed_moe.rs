@@ -156,3 +156,59 @@ fn experts_over_axes_apart_fall_back_to_the_dense_form() {
     let (e, name) = worst(&run(&sg, &feed), &single);
     assert!(e < 1e-10, "`{name}` off by {e}");
 }
+
+/// `generate --parallel ep=2` on a prompt of two sequences: the prefill and every decode step routed (each
+/// rank's one token a step dispatched to the experts' ranks), the same greedy tokens as one device, interpreted
+/// and compiled for the CPU.
+#[test]
+fn generate_routed_gives_the_single_device_tokens() {
+    use fulgur::ir::tensor::{read_safetensors, write_safetensors};
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = dir.path().join("prompt.safetensors");
+    let ids = random_tokens(2, 8, 512, 21);
+    write_safetensors(&prompt, &BTreeMap::from([("prompt".to_string(), ids)])).unwrap();
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![];
+        let ck = common::tiny_a();
+        let (g, t, n, o, greedy) = ("generate", "--tokens", "--max-new-tokens", "--out", "--greedy");
+        args.extend([
+            &g as &dyn AsRef<std::ffi::OsStr>,
+            &ck,
+            &t,
+            &prompt,
+            &n,
+            &"6",
+            &greedy,
+            &o,
+            &out,
+        ]);
+        for e in extra {
+            args.push(e);
+        }
+        let o = common::fulgur(&args);
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        read_safetensors(&out).unwrap()["generated"].clone()
+    };
+    // the decode step's graph is routed too: two sequences, one token each per rank
+    let ck = Checkpoint::open(&common::tiny_a()).unwrap();
+    let p = Parallel::parse("ep=2").unwrap();
+    let opts = p.forward_options(&ForwardOptions {
+        states: true,
+        ..Default::default()
+    });
+    let decode = fulgur::models::decode_graph_with(&ck.config, &opts).unwrap();
+    let (_, _, report) = shard_forward(&decode, &minimax_plan(&ck.config, &p, 2, 1).unwrap(), Ok).unwrap();
+    assert_eq!(report.routed_moe, ck.config.num_hidden_layers, "{report:?}");
+    assert_eq!(
+        report.collectives.get("all_to_all_dispatch"),
+        Some(&ck.config.num_hidden_layers)
+    );
+    let single = run(&[], "single.safetensors");
+    assert_eq!(run(&["--parallel", "ep=2"], "ep.safetensors"), single);
+    #[cfg(feature = "llvm")]
+    assert_eq!(
+        run(&["--parallel", "ep=2", "--target", "cpu"], "ep_cpu.safetensors"),
+        single
+    );
+}

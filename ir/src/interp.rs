@@ -32,6 +32,11 @@ pub enum Precision {
 pub trait Transport: Sync {
     /// Rank `rank`'s outputs of collective `op` (its `mesh` names the ranks) given the rank's inputs.
     fn collective(&self, op: &Op, rank: usize, args: &[&Tensor]) -> std::result::Result<Vec<Tensor>, String>;
+    /// The transport itself, for a backend that can run some collectives with it directly (NCCL on device
+    /// memory); `None` (the default): every collective goes through [`Transport::collective`].
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        None
+    }
 }
 
 /// The reference interpreter.

@@ -209,6 +209,9 @@ pub struct CudaProgram {
     capturing: bool,
     /// The transport of a rank's program: runs its collectives (`on_rank`) on the host between launches.
     transport: Option<std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>>,
+    /// How many collectives ran on the device (an NCCL transport's, on its own stream: [`DeviceCollectives`]),
+    /// and how many through the host ([`CudaProgram::collectives_run`]).
+    collectives_run: std::cell::Cell<(usize, usize)>,
     /// How many steps ran as a graph, and how many of those updated the instantiated graph in place.
     pub graph_launches: usize,
     pub graph_updates: usize,
@@ -223,6 +226,46 @@ pub struct CudaProgram {
     /// reuse them instead of synchronising with the stream again.
     group_sizes: std::cell::RefCell<HashMap<TensorRef, Vec<i64>>>,
     _workspace: DevBuf,
+}
+
+/// A collective's operand on the device: a contiguous buffer of `shape` elements of `dtype` at `ptr`.
+#[derive(Clone, Debug)]
+pub struct DeviceOperand {
+    pub ptr: u64,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Collectives a transport runs on device memory (NCCL), on a stream of its own ordered with the program's
+/// stream by events: the program enqueues the collective after its kernels and goes on enqueueing, without
+/// synchronising the host.
+pub trait DeviceCollectives: Send + Sync {
+    /// Whether `op` (a collective with its `mesh`) runs on the device for operands of these dtypes and per-rank
+    /// shapes; otherwise the program stages it through the host transport.
+    fn on_device(&self, op: &fulgur_ir::Op, ins: &[(DType, Vec<usize>)]) -> bool;
+    /// Rank `rank`'s part of `op`: reads `ins`, writes `outs`, after the work enqueued on `stream` so far, and
+    /// makes `stream`'s later work wait for it.
+    ///
+    /// # Safety
+    /// The operands are live device allocations of the program's context, of the sizes given.
+    unsafe fn run(
+        &self,
+        op: &fulgur_ir::Op,
+        rank: usize,
+        ins: &[DeviceOperand],
+        outs: &[DeviceOperand],
+        stream: sys::CUstream,
+    ) -> Result<(), String>;
+}
+
+/// What of `t` runs collectives on the device: an NCCL transport, unless `FULGUR_NCCL_HOST=1` stages every
+/// collective through the host (for comparison).
+fn device_collectives(t: &(dyn fulgur_ir::Transport + Send + Sync)) -> Option<&dyn DeviceCollectives> {
+    if std::env::var("FULGUR_NCCL_HOST").is_ok_and(|v| v == "1") {
+        return None;
+    }
+    let n = t.as_any()?.downcast_ref::<crate::nccl::NcclTransport>()?;
+    Some(n)
 }
 
 /// Device time per step kernel, summed over the runs since it was set.
@@ -396,6 +439,7 @@ impl CudaProgram {
             graph_exec: None,
             capturing: false,
             transport: None,
+            collectives_run: std::cell::Cell::new((0, 0)),
             graph_launches: 0,
             graph_updates: 0,
             carried_runs: 0,
@@ -1001,9 +1045,29 @@ impl CudaProgram {
                         let fulgur_ir::Op::Composite(fulgur_ir::Composite::OnRank { op: inner, rank }) = op else {
                             return Err(fail(format!("a collective step of `{}`", op.name())));
                         };
+                        let transport = self.transport.clone();
+                        if let Some(dt) = transport.as_deref().and_then(device_collectives) {
+                            let ins = self.device_operands(&k.inputs)?;
+                            let outs = self.device_operands(&k.outputs)?;
+                            if let (Some(ins), Some(outs)) = (ins, outs) {
+                                let shapes: Vec<(DType, Vec<usize>)> =
+                                    ins.iter().map(|o| (o.dtype, o.shape.clone())).collect();
+                                if dt.on_device(inner, &shapes) {
+                                    // SAFETY: the operands are the program's live buffers (device_operands)
+                                    unsafe { dt.run(inner, *rank, &ins, &outs, self.stream) }.map_err(|e| {
+                                        fail(format!("collective `{}` on the device: {e}", inner.name()))
+                                    })?;
+                                    let (d, h) = self.collectives_run.get();
+                                    self.collectives_run.set((d + 1, h));
+                                    continue;
+                                }
+                            }
+                        }
                         let t = self.transport.as_ref().ok_or_else(|| {
                             fail("a collective (`on_rank`) needs a transport: run the rank's program on ranks".into())
                         })?;
+                        let (d, h) = self.collectives_run.get();
+                        self.collectives_run.set((d, h + 1));
                         // the launches before it have written its inputs
                         // SAFETY: the stream is live
                         unsafe { drv::stream::synchronize(self.stream) }
@@ -1187,6 +1251,45 @@ impl CudaProgram {
 
     /// Reads a view of device memory as a host tensor.
     /// Makes this program one rank's: its collectives (`on_rank`) go through `t`.
+    /// The device operands of views `ts`, or `None` when one is not a contiguous run of its buffer (the host
+    /// path then gathers it).
+    fn device_operands(&self, ts: &[TensorRef]) -> Result<Option<Vec<DeviceOperand>>, RuntimeError> {
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let ev = |d: &Dim| d.eval(env).map_err(other);
+        let mut out = Vec::with_capacity(ts.len());
+        for t in ts {
+            let shape: Vec<usize> = t
+                .shape
+                .iter()
+                .map(|d| ev(d).map(|x| x.max(0) as usize))
+                .collect::<Result<_, _>>()?;
+            let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
+            let mut want = 1i64;
+            for (&d, &st) in shape.iter().zip(&strides).rev() {
+                if d > 1 && st != want {
+                    return Ok(None);
+                }
+                want *= d as i64;
+            }
+            if shape.contains(&0) {
+                return Ok(None);
+            }
+            let offset = ev(&t.offset)?;
+            out.push(DeviceOperand {
+                ptr: self.buffer_ptr(t.buffer)? + (offset as usize * t.dtype.size_bytes()) as u64,
+                dtype: t.dtype,
+                shape,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// How many collectives this program has run on the device (an NCCL transport's, on its own stream) and how
+    /// many through the host transport.
+    pub fn collectives_run(&self) -> (usize, usize) {
+        self.collectives_run.get()
+    }
+
     pub fn set_transport(&mut self, t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>) {
         self.transport = Some(t);
     }

@@ -69,7 +69,10 @@ impl NcclTransport {
         device: usize,
     ) -> Result<NcclTransport, String> {
         let ctx = CudaContext::new(device).map_err(|e| format!("GPU {device}: {e}"))?;
-        let stream = ctx.default_stream();
+        // communication on a stream of its own, ordered with a program's by events (DeviceCollectives)
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| format!("GPU {device}: a stream for NCCL: {e}"))?;
         let mut comms = HashMap::new();
         // every rank makes its communicators axis by axis, in the same order: no two groups wait on each other
         for (k, &size) in mesh.iter().enumerate() {
@@ -519,6 +522,197 @@ impl Transport for NcclTransport {
         };
         Ok(vec![self.run(op, x)?])
     }
+
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        Some(self)
+    }
+}
+
+/// The per-rank axis (0-based, in the rank's shape of `rank` dims) of a collective's `axis` (which counts the
+/// rank axis of the simulated graph).
+fn per_rank_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 + 1 } else { axis };
+    (1..=rank as i64).contains(&a).then(|| a as usize - 1)
+}
+
+/// `op` as NCCL calls on the transport's stream, on device memory wrapped (not owned) as `T` slices.
+///
+/// # Safety
+/// The operands are live device allocations of the transport's context, `len` elements of `T` each.
+unsafe fn device_call<T: cudarc::nccl::NcclType>(
+    t: &NcclTransport,
+    op: &Op,
+    comm: &Comm,
+    x: (u64, usize),
+    y: (u64, usize),
+) -> Result<(), String> {
+    let nc = |e: cudarc::nccl::result::NcclError| format!("{e:?}");
+    let s = &t.stream;
+    let send = unsafe { s.upgrade_device_ptr::<T>(x.0, x.1) };
+    let mut recv = unsafe { s.upgrade_device_ptr::<T>(y.0, y.1) };
+    let (_, place) = group_of(&t.mesh, t.rank, group_axis(op));
+    let g = comm.world_size();
+    let res = match op {
+        Op::Composite(Composite::AllReduce { .. }) => comm.all_reduce(&send, &mut recv, &ReduceOp::Sum).map(|_| ()),
+        Op::Composite(Composite::AllGather { .. }) => comm.all_gather(&send, &mut recv).map(|_| ()),
+        Op::Composite(Composite::ReduceScatter { .. }) => {
+            comm.reduce_scatter(&send, &mut recv, &ReduceOp::Sum).map(|_| ())
+        }
+        Op::Composite(Composite::AllToAll { .. }) => {
+            let block = x.1 / g;
+            let size = std::mem::size_of::<T>() as u64;
+            // each destination's chunk of the output, wrapped on its own (released, not freed, after)
+            let mut sinks: Vec<cudarc::driver::CudaSlice<T>> = (0..g)
+                .map(|p| unsafe { s.upgrade_device_ptr::<T>(y.0 + (p * block) as u64 * size, block) })
+                .collect();
+            let views: Vec<_> = (0..g).map(|p| send.slice(p * block..(p + 1) * block)).collect();
+            let outs: Vec<_> = sinks.iter_mut().map(|c| c.as_view_mut()).collect();
+            let mut grp = comm.group();
+            let mut r = Ok(());
+            for (p, v) in views.into_iter().enumerate() {
+                r = r.and(grp.send(v, p as i32).map(|_| ()));
+            }
+            for (p, v) in outs.into_iter().enumerate() {
+                r = r.and(grp.recv(v, p as i32).map(|_| ()));
+            }
+            drop(grp);
+            for c in sinks {
+                c.leak();
+            }
+            r
+        }
+        Op::Composite(Composite::SendRecv { shift, .. }) => {
+            let k = shift.rem_euclid(g as i64) as usize;
+            let (to, from) = ((place + k) % g, (place + g - k) % g);
+            let mut grp = comm.group();
+            let r = grp
+                .send(send.as_view(), to as i32)
+                .map(|_| ())
+                .and(grp.recv(recv.as_view_mut(), from as i32).map(|_| ()));
+            drop(grp);
+            r
+        }
+        _ => Ok(()),
+    };
+    send.leak();
+    recv.leak();
+    res.map_err(nc)
+}
+
+/// The mesh axis a collective's group runs along.
+fn group_axis(op: &Op) -> usize {
+    match op {
+        Op::Composite(
+            Composite::AllReduce { over, .. }
+            | Composite::AllGather { over, .. }
+            | Composite::ReduceScatter { over, .. }
+            | Composite::AllToAll { over, .. }
+            | Composite::SendRecv { over, .. },
+        ) => *over,
+        _ => 0,
+    }
+}
+
+/// Whether a transport on `mesh` runs `op` on the device for these operands: `all_reduce` and `send_recv` of
+/// any layout, `all_gather`, `reduce_scatter` and `all_to_all` along a per-rank axis with nothing but size-1
+/// axes before it (their chunks then lie whole in memory, rank after rank), on the transport's own mesh; NCCL's
+/// own types for the sums (f32, bf16, f16, i32, i64). The routed exchange and the rest go through the host.
+fn device_form(tmesh: &[usize], op: &Op, ins: &[(fulgur_ir::DType, Vec<usize>)]) -> bool {
+    use fulgur_ir::DType;
+    let [(dt, shape)] = ins else { return false };
+    let Op::Composite(c) = op else { return false };
+    let mesh = match c {
+        Composite::AllReduce { mesh, .. }
+        | Composite::AllGather { mesh, .. }
+        | Composite::ReduceScatter { mesh, .. }
+        | Composite::AllToAll { mesh, .. }
+        | Composite::SendRecv { mesh, .. } => mesh,
+        _ => return false,
+    };
+    if mesh != tmesh {
+        return false;
+    }
+    let summed = matches!(dt, DType::F32 | DType::BF16 | DType::F16 | DType::I32 | DType::I64);
+    let leading = |axis: i64, divides: bool| {
+        per_rank_axis(axis, shape.len()).is_some_and(|a| {
+            shape[..a].iter().product::<usize>() == 1 && (!divides || shape[a].is_multiple_of(tmesh[group_axis(op)]))
+        })
+    };
+    match c {
+        Composite::AllReduce { .. } => summed,
+        Composite::SendRecv { .. } => true,
+        Composite::AllGather { axis, .. } => leading(*axis, false),
+        Composite::AllToAll { axis, .. } => leading(*axis, true),
+        Composite::ReduceScatter { axis, .. } => summed && leading(*axis, true),
+        _ => false,
+    }
+}
+
+impl crate::cuda::DeviceCollectives for NcclTransport {
+    fn on_device(&self, op: &Op, ins: &[(fulgur_ir::DType, Vec<usize>)]) -> bool {
+        device_form(&self.mesh, op, ins)
+    }
+
+    unsafe fn run(
+        &self,
+        op: &Op,
+        rank: usize,
+        ins: &[crate::cuda::DeviceOperand],
+        outs: &[crate::cuda::DeviceOperand],
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<(), String> {
+        use cudarc::driver::result as drv;
+        use cudarc::driver::sys;
+        use fulgur_ir::DType;
+        if rank != self.rank {
+            return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
+        }
+        let ([x], [y]) = (ins, outs) else {
+            return Err(format!("`{}` on the device takes one input and one output", op.name()));
+        };
+        let d = |e: cudarc::driver::DriverError| e.to_string();
+        let comms = self.comms.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = comms
+            .get(&group_axis(op))
+            .ok_or_else(|| format!("no communicator for mesh axis {}", group_axis(op)))?;
+        // the communication stream waits for the program's work so far
+        let ready = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
+        let done = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
+        let comm_stream = self.stream.cu_stream();
+        let result = (|| {
+            unsafe { drv::event::record(ready, stream) }.map_err(d)?;
+            unsafe { drv::stream::wait_event(comm_stream, ready, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+                .map_err(d)?;
+            let n = |o: &crate::cuda::DeviceOperand| o.shape.iter().product::<usize>();
+            let summing = matches!(
+                op,
+                Op::Composite(Composite::AllReduce { .. } | Composite::ReduceScatter { .. })
+            );
+            let (xs, ys) = ((x.ptr, n(x)), (y.ptr, n(y)));
+            let bytes = |(p, k): (u64, usize)| (p, k * x.dtype.size_bytes());
+            unsafe {
+                match (summing, x.dtype) {
+                    (true, DType::F32) => device_call::<f32>(self, op, comm, xs, ys),
+                    (true, DType::BF16) => device_call::<half::bf16>(self, op, comm, xs, ys),
+                    (true, DType::F16) => device_call::<half::f16>(self, op, comm, xs, ys),
+                    (true, DType::I32) => device_call::<i32>(self, op, comm, xs, ys),
+                    (true, DType::I64) => device_call::<i64>(self, op, comm, xs, ys),
+                    (true, dt) => Err(format!("NCCL does not sum {dt}")),
+                    // data moved, not summed: as bytes
+                    (false, _) => device_call::<u8>(self, op, comm, bytes(xs), bytes(ys)),
+                }
+            }?;
+            // and the program's later work waits for the communication
+            unsafe { drv::event::record(done, comm_stream) }.map_err(d)?;
+            unsafe { drv::stream::wait_event(stream, done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(d)
+        })();
+        // SAFETY: events recorded and waited on are released once their work completes
+        unsafe {
+            let _ = drv::event::destroy(ready);
+            let _ = drv::event::destroy(done);
+        }
+        result
+    }
 }
 
 #[cfg(test)]
@@ -536,5 +730,111 @@ mod tests {
         assert_eq!(group_of(&[2, 3], 4, 1), (1, 1));
         assert_eq!(group_of(&[2, 3], 4, 0), (1, 1));
         assert_eq!(groups(&[2, 3], 0), 3);
+    }
+
+    #[test]
+    fn the_device_takes_collectives_whose_chunks_lie_whole() {
+        use fulgur_ir::DType;
+        let mesh = vec![2usize, 2];
+        let on =
+            |c: Composite, dt: DType, shape: &[usize]| device_form(&mesh, &Op::Composite(c), &[(dt, shape.to_vec())]);
+        let m = mesh.clone();
+        assert!(on(
+            Composite::AllReduce {
+                mesh: m.clone(),
+                over: 1
+            },
+            DType::BF16,
+            &[3, 5]
+        ));
+        assert!(
+            !on(
+                Composite::AllReduce {
+                    mesh: m.clone(),
+                    over: 1
+                },
+                DType::Bool,
+                &[3, 5]
+            ),
+            "NCCL sums no bools"
+        );
+        assert!(on(
+            Composite::AllGather {
+                axis: 1,
+                mesh: m.clone(),
+                over: 0
+            },
+            DType::Bool,
+            &[3, 5]
+        ));
+        assert!(on(
+            Composite::AllGather {
+                axis: 2,
+                mesh: m.clone(),
+                over: 0
+            },
+            DType::F32,
+            &[1, 5]
+        ));
+        assert!(!on(
+            Composite::AllGather {
+                axis: 2,
+                mesh: m.clone(),
+                over: 0
+            },
+            DType::F32,
+            &[3, 5]
+        ));
+        assert!(on(
+            Composite::ReduceScatter {
+                axis: -2,
+                mesh: m.clone(),
+                over: 1
+            },
+            DType::F32,
+            &[4, 5]
+        ));
+        assert!(!on(
+            Composite::ReduceScatter {
+                axis: -2,
+                mesh: m.clone(),
+                over: 1
+            },
+            DType::F32,
+            &[3, 5]
+        ));
+        assert!(on(
+            Composite::AllToAll {
+                axis: 1,
+                mesh: m.clone(),
+                over: 0
+            },
+            DType::I64,
+            &[2, 7]
+        ));
+        assert!(on(
+            Composite::SendRecv {
+                shift: 1,
+                mesh: m.clone(),
+                over: 0
+            },
+            DType::F32,
+            &[3, 5]
+        ));
+        assert!(
+            !on(Composite::AllReduce { mesh: vec![4], over: 0 }, DType::F32, &[3]),
+            "another mesh"
+        );
+        let routed = Composite::AllToAllDispatch {
+            mesh: m.clone(),
+            over: 1,
+        };
+        assert!(
+            !on(routed, DType::F32, &[3, 5]),
+            "the routed exchange goes through the host"
+        );
+        assert_eq!(per_rank_axis(-1, 2), Some(1));
+        assert_eq!(per_rank_axis(1, 2), Some(0));
+        assert_eq!(per_rank_axis(0, 2), None);
     }
 }

@@ -198,3 +198,131 @@ fn gpu_per_rank_programs_on_the_cuda_backend() {
         assert!(e < 1e-4, "rank {r}: logits off transformers' by {e}");
     }
 }
+
+/// A rank's program on the CUDA backend with the NCCL transport runs its collectives on the device: NCCL on the
+/// transport's own stream, ordered with the program's by events, no host staging (`all_reduce` in f32 and
+/// bf16, `all_gather`, `reduce_scatter` and `all_to_all` along the leading axis, `send_recv`); a gather along an
+/// inner axis (whose chunks interleave in memory) goes through the host. The outputs equal the same program's
+/// with every collective staged through the simulated transport.
+#[test]
+fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
+    use fulgur_ir::{Dim, Graph};
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    if !gpu() {
+        return;
+    }
+    let mesh = vec![1usize, 1];
+    let on = |g: &mut Graph, c: Composite, x| {
+        g.op(
+            Op::Composite(Composite::OnRank {
+                op: Box::new(Op::Composite(c)),
+                rank: 0,
+            }),
+            &[x],
+        )
+        .unwrap()[0]
+    };
+    let mut g = Graph::new("collectives");
+    let x = g.input("x", DType::F32, vec![Dim::from(4), Dim::from(6)]).unwrap();
+    let a = g.mul(x, x).unwrap();
+    let m = mesh.clone();
+    let a = on(
+        &mut g,
+        Composite::AllReduce {
+            mesh: m.clone(),
+            over: 1,
+        },
+        a,
+    );
+    let a = on(
+        &mut g,
+        Composite::AllGather {
+            axis: 1,
+            mesh: m.clone(),
+            over: 0,
+        },
+        a,
+    );
+    let a = on(
+        &mut g,
+        Composite::ReduceScatter {
+            axis: 1,
+            mesh: m.clone(),
+            over: 1,
+        },
+        a,
+    );
+    let a = on(
+        &mut g,
+        Composite::AllToAll {
+            axis: -2,
+            mesh: m.clone(),
+            over: 0,
+        },
+        a,
+    );
+    let a = on(
+        &mut g,
+        Composite::SendRecv {
+            shift: 1,
+            mesh: m.clone(),
+            over: 1,
+        },
+        a,
+    );
+    let b = g.cast(a, DType::BF16).unwrap();
+    let b = on(
+        &mut g,
+        Composite::AllReduce {
+            mesh: m.clone(),
+            over: 0,
+        },
+        b,
+    );
+    let b = g.cast(b, DType::F32).unwrap();
+    // along the inner axis: host-staged
+    let c = on(
+        &mut g,
+        Composite::AllGather {
+            axis: 2,
+            mesh: m.clone(),
+            over: 1,
+        },
+        b,
+    );
+    let y = g.add(c, x).unwrap();
+    g.add_output("y", y).unwrap();
+    let feed: HashMap<String, Tensor> = [(
+        "x".to_string(),
+        Tensor::from_f64(
+            DType::F32,
+            vec![4, 6],
+            (0..24).map(|i| (i as f64 * 0.29).sin()).collect(),
+        ),
+    )]
+    .into();
+    let run = |t: Arc<dyn Transport + Send + Sync>| {
+        let kp = fulgur_codegen::program::lower(&g).unwrap();
+        let mut cuda = CudaProgram::new(kp, CudaOptions::default()).unwrap();
+        cuda.set_transport(t);
+        let out = cuda.run(&feed).unwrap();
+        let (d, h) = cuda.collectives_run();
+        (out["y"].to_f64(), d, h)
+    };
+    let (host, d0, h0) = run(Arc::new(SimTransport::new(1, Precision::F32, Duration::from_secs(10))));
+    assert_eq!(
+        (d0, h0),
+        (0, 7),
+        "the simulated transport stages every collective through the host"
+    );
+    let (dev, d1, h1) = run(Arc::new(NcclTransport::single(&mesh, 0).unwrap()));
+    println!("NCCL in a CUDA program: {d1} collectives on the device, {h1} through the host");
+    assert_eq!(
+        (d1, h1),
+        (6, 1),
+        "six on the device, the inner-axis gather through the host"
+    );
+    assert_eq!(dev, host, "the device path gives the host path's values");
+}
