@@ -37,8 +37,21 @@ fn loss_graph(cfg: &fulgur::models::MiniMaxConfig) -> Graph {
     .unwrap()
 }
 
-/// tiny-a (4 layers, 4 experts, top-2): every MoE layer routed, the exchange where the experts are split, the
-/// logits and loss those of one device within 1e-10 (f64).
+/// The forward a plan shards (with expert-tensor parallelism, the gate and up halves apart).
+fn plan_graph(cfg: &fulgur::models::MiniMaxConfig, p: &Parallel) -> Graph {
+    forward_graph(
+        cfg,
+        &p.forward_options(&ForwardOptions {
+            loss: true,
+            ..Default::default()
+        }),
+    )
+    .unwrap()
+}
+
+/// tiny-a (4 layers, 4 experts, top-2): every MoE layer routed, the exchange where the experts are split (with
+/// `etp=2` their width over `tp` and the exchange over `ep` within each width slice), the logits and loss those
+/// of one device within 1e-10 (f64).
 #[test]
 fn tiny_a_routed_gives_the_single_device_logits() {
     let ck = Checkpoint::open(&common::tiny_a()).unwrap();
@@ -53,12 +66,15 @@ fn tiny_a_routed_gives_the_single_device_logits() {
         ("ep=2,tp=2", 2, true),
         ("tp=2", 2, true),
         ("dp=2", 2, false),
+        // expert-tensor parallel: each expert's width over tp, the exchange within each width slice
+        ("ep=2,tp=2,etp=2", 2, true),
+        ("tp=2,etp=2", 2, false),
     ] {
         feed.insert("input_ids".into(), random_tokens(b, 16, ck.config.vocab_size, 3));
         let single = run(&g, &feed);
         let p = Parallel::parse(par).unwrap();
         let plan = minimax_plan(&ck.config, &p, b, 16).unwrap();
-        let (_, sg, report) = shard_forward(&g, &plan, Ok).unwrap();
+        let (_, sg, report) = shard_forward(&plan_graph(&ck.config, &p), &plan, Ok).unwrap();
         assert_eq!(report.routed_moe, layers, "{par}: {report:?}");
         assert_eq!(report.whole_moe, 0, "{par}");
         let dispatches = report.collectives.get("all_to_all_dispatch").copied().unwrap_or(0);
@@ -76,8 +92,9 @@ fn tiny_a_routed_gives_the_single_device_logits() {
     }
 }
 
-/// The scaled-down MiniMax layout (16 layers, 8 experts, shared experts off): EP2, EP4, EP2 with TP2 and with
-/// DP2 routed, within 1e-10 of one device; with sequence parallelism the experts go over `ep·sp`, adjacent too.
+/// The scaled-down MiniMax layout (16 layers, 8 experts): EP2, EP4, EP2 with TP2 and with DP2 routed, within
+/// 1e-10 of one device; with sequence parallelism the experts go over `ep·sp`, adjacent too; EP2 and EP4 with
+/// ETP2 (each expert's width over `tp`, an exchange per width slice).
 #[test]
 fn minimax_small_routed_gives_the_single_device_logits() {
     let cfg =
@@ -90,12 +107,14 @@ fn minimax_small_routed_gives_the_single_device_logits() {
         ("ep=2,tp=2", 2),
         ("dp=2,ep=2", 4),
         ("ep=2,sp=2", 2),
+        ("ep=2,tp=2,etp=2", 2),
+        ("ep=4,tp=2,etp=2", 4),
     ] {
         feed.insert("input_ids".into(), random_tokens(b, 32, cfg.vocab_size, 8));
         let single = run(&g, &feed);
         let p = Parallel::parse(par).unwrap();
         let plan = minimax_plan(&cfg, &p, b, 32).unwrap();
-        let (_, sg, report) = shard_forward(&g, &plan, Ok).unwrap();
+        let (_, sg, report) = shard_forward(&plan_graph(&cfg, &p), &plan, Ok).unwrap();
         assert_eq!(report.whole_moe, 0, "{par}");
         assert_eq!(report.routed_moe, cfg.num_hidden_layers, "{par}");
         let (e, name) = worst(&run(&sg, &feed), &single);
@@ -113,11 +132,11 @@ fn routed_per_rank_programs_equal_the_simulated_graph() {
     let ck = Checkpoint::open(&common::tiny_a()).unwrap();
     let g = loss_graph(&ck.config);
     let mut feed = ck.load_params(&g).unwrap();
-    for (par, b) in [("ep=2", 2), ("dp=2,ep=2", 4), ("ep=2,tp=2", 2)] {
+    for (par, b) in [("ep=2", 2), ("dp=2,ep=2", 4), ("ep=2,tp=2", 2), ("ep=2,tp=2,etp=2", 2)] {
         feed.insert("input_ids".into(), random_tokens(b, 16, ck.config.vocab_size, 5));
         let p = Parallel::parse(par).unwrap();
         let plan = minimax_plan(&ck.config, &p, b, 16).unwrap();
-        let (_, sg, _) = shard_forward(&g, &plan, Ok).unwrap();
+        let (_, sg, _) = shard_forward(&plan_graph(&ck.config, &p), &plan, Ok).unwrap();
         let sim = run(&sg, &feed);
         let programs: Vec<Graph> = (0..p.ranks())
             .map(|r| lower_rank(&sg, &plan.mesh, r).unwrap())

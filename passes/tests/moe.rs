@@ -44,6 +44,9 @@ struct Variant {
     untransposed_weights: bool,
     /// Softmax over the token axis.
     softmax_over_tokens: bool,
+    /// The gate and up halves sliced from the weight and multiplied separately (`split_gate_up`, the forward
+    /// of expert-tensor parallelism).
+    split_gate_up: bool,
 }
 
 /// The definitional MoE of `models::minimax` (`fn moe`) over `x: [n, C]`: output `y: [n, C]`.
@@ -73,9 +76,18 @@ fn dense_moe(s: Shape, n: Dim, v: Variant) -> Graph {
     let w3 = g.reshape(w, vec![n.clone(), d(k), d(1)]).unwrap();
     let cw = g.mul(oh, w3).unwrap();
     let cw = g.sum(cw, &[1], false).unwrap();
-    let w13t = g.transpose(w13, -2, -1).unwrap();
-    let hup = g.matmul(x, w13t).unwrap();
-    let (mut gate, mut up) = (g.slice(hup, -1, 0, i).unwrap(), g.slice(hup, -1, i, 2 * i).unwrap());
+    let (mut gate, mut up) = if v.split_gate_up {
+        let half = |g: &mut Graph, start: usize| {
+            let w = g.slice(w13, 1, start, start + i).unwrap();
+            let wt = g.transpose(w, -2, -1).unwrap();
+            g.matmul(x, wt).unwrap()
+        };
+        (half(&mut g, 0), half(&mut g, i))
+    } else {
+        let w13t = g.transpose(w13, -2, -1).unwrap();
+        let hup = g.matmul(x, w13t).unwrap();
+        (g.slice(hup, -1, 0, i).unwrap(), g.slice(hup, -1, i, 2 * i).unwrap())
+    };
     if v.swapped_halves {
         std::mem::swap(&mut gate, &mut up);
     }
@@ -191,6 +203,20 @@ fn edge_cases_are_sound() {
     for (tokens, seed) in [(1, 4), (7, 5), (16, 6)] {
         soundness(Shape { e: 4, k: 2, c: 3, i: 2 }, tokens, tokens % 2 == 0, starve, seed);
     }
+    // the gate and up halves apart (expert-tensor parallelism's forward): two grouped matmuls, silu, a product
+    let split = Variant {
+        split_gate_up: true,
+        ..Default::default()
+    };
+    for (s, tokens, seed) in [
+        (Shape { e: 4, k: 2, c: 3, i: 2 }, 6, 7),
+        (Shape { e: 3, k: 1, c: 5, i: 3 }, 1, 8),
+    ] {
+        let r = soundness(s, tokens, seed % 2 == 0, split, seed);
+        assert!(r.checked >= 5, "{s:?} split: {r}");
+    }
+    let (eg, roots) = saturate(&dense_moe(Shape { e: 4, k: 2, c: 3, i: 2 }, Dim::from(5), split));
+    assert!(root_is_combined(&eg, roots[0]), "the split form joined to moe_combine");
 }
 
 #[test]

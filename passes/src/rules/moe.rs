@@ -22,7 +22,10 @@
 //!   counts, w2t), pos, w)` with `(xs, pos, counts) = moe_dispatch[E](x, idx)`. Equality needs every index in
 //!   `[0, E)` (the dense form ignores others, dispatch refuses them), so `idx` must come from a `topk` over an
 //!   axis of size `E` or from `moe_router` over `E` logits. Repeated indices are fine: both forms add the two
-//!   weights of one expert.
+//!   weights of one expert. The forward built with the gate and up halves apart (`split_gate_up`, for
+//!   expert-tensor parallelism: `silu(x · gateᵀ) ⊙ (x · upᵀ)`, each `[E, C, I]`) becomes
+//!   `silu(grouped_matmul(xs, counts, gateᵀ)) ⊙ grouped_matmul(xs, counts, upᵀ)` in place of the fused
+//!   `grouped_matmul[swiglu=true]`.
 //!
 //! The routed form is joined to the dense output's class; the extractor picks by cost.
 
@@ -167,9 +170,17 @@ struct DenseMoe {
     x: Id,
     idx: Id,
     w: Id,
-    w13t: Id,
+    up: UpProjection,
     w2t: Id,
     experts: usize,
+}
+
+/// The experts' gate and up projections: one fused `[E, C, 2I]` weight, or (the forward built with
+/// `split_gate_up`, for expert-tensor parallelism) two `[E, C, I]` weights multiplied separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum UpProjection {
+    Fused(Id),
+    Split { gate: Id, up: Id },
 }
 
 /// Whether every value of the integer class `idx` is in `[0, e)`: it is the index output of a `topk` over an
@@ -273,7 +284,7 @@ fn dense_weights(eg: &EGraph, cw: Id, e: &Dim, n: &Dim, dt: DType) -> Vec<(Id, I
 }
 
 /// `(x, w13t, w2t)` with `y = (silu(hup[.., :I]) ⊙ hup[.., I:]) · w2t`, `hup = x · w13t`, `y: [E, N, C]`.
-fn swiglu_experts(eg: &EGraph, y: Id, e: &Dim, n: &Dim, c: &Dim, dt: DType) -> Vec<(Id, Id, Id)> {
+fn swiglu_experts(eg: &EGraph, y: Id, e: &Dim, n: &Dim, c: &Dim, dt: DType) -> Vec<(Id, UpProjection, Id)> {
     let mut out = Vec::new();
     for (o, ch) in class_ops(eg, y) {
         if !matches!(o, Op::MatMul) {
@@ -310,9 +321,30 @@ fn swiglu_experts(eg: &EGraph, y: Id, e: &Dim, n: &Dim, c: &Dim, dt: DType) -> V
                         _ => None,
                     })
                     .collect();
+                // the split form: silu(x · gate) ⊙ (x · up), each weight [E, C, I]
+                let products = |class: Id| -> Vec<(Id, Id)> {
+                    class_ops(eg, class)
+                        .filter(|(o, _)| matches!(o, Op::MatMul))
+                        .map(|(_, ch)| (eg.find(ch[0]), eg.find(ch[1])))
+                        .filter(|&(x, w)| {
+                            dims(eg, x) == Some(vec![n.clone(), c.clone()])
+                                && dims(eg, w) == Some(vec![e.clone(), c.clone(), i.clone()])
+                                && dtype(eg, x) == Some(dt)
+                                && dtype(eg, w) == Some(dt)
+                        })
+                        .collect()
+                };
+                let up_products = products(u);
                 for (o3, ch3) in class_ops(eg, s) {
                     if !matches!(o3, Op::Unary(UnaryOp::Silu)) {
                         continue;
+                    }
+                    for (x, gate) in products(ch3[0]) {
+                        for &(xu, up) in &up_products {
+                            if xu == x {
+                                out.push((x, UpProjection::Split { gate, up }, w2t));
+                            }
+                        }
                     }
                     for (o4, ch4) in class_ops(eg, ch3[0]) {
                         let Op::Slice { axis, start, end } = o4 else { continue };
@@ -335,7 +367,7 @@ fn swiglu_experts(eg: &EGraph, y: Id, e: &Dim, n: &Dim, c: &Dim, dt: DType) -> V
                                 && dtype(eg, x) == Some(dt)
                                 && dtype(eg, w13t) == Some(dt)
                             {
-                                out.push((x, w13t, w2t));
+                                out.push((x, UpProjection::Fused(w13t), w2t));
                             }
                         }
                     }
@@ -388,13 +420,13 @@ fn match_dense(eg: &EGraph, class: Id, n: &FNode) -> Vec<DenseMoe> {
             if routes.is_empty() {
                 continue;
             }
-            for (x, w13t, w2t) in swiglu_experts(eg, y, e, tokens, c, dt) {
+            for (x, up, w2t) in swiglu_experts(eg, y, e, tokens, c, dt) {
                 for &(idx, w) in &routes {
                     out.insert(DenseMoe {
                         x,
                         idx,
                         w,
-                        w13t,
+                        up,
                         w2t,
                         experts: experts as usize,
                     });
@@ -421,11 +453,27 @@ fn build_dense(eg: &mut EGraph, class: Id, n: &FNode, _: &RuleConfig) -> Vec<Id>
             let xs = add_checked(eg, FNode::proj(d, 0))?;
             let pos = add_checked(eg, FNode::proj(d, 1))?;
             let counts = add_checked(eg, FNode::proj(d, 2))?;
-            let h = add_op(
-                eg,
-                Op::Composite(Composite::GroupedMatmul { swiglu: true }),
-                &[xs, counts, m.w13t],
-            )?;
+            let h = match m.up {
+                UpProjection::Fused(w13t) => add_op(
+                    eg,
+                    Op::Composite(Composite::GroupedMatmul { swiglu: true }),
+                    &[xs, counts, w13t],
+                )?,
+                UpProjection::Split { gate, up } => {
+                    let g = add_op(
+                        eg,
+                        Op::Composite(Composite::GroupedMatmul { swiglu: false }),
+                        &[xs, counts, gate],
+                    )?;
+                    let u = add_op(
+                        eg,
+                        Op::Composite(Composite::GroupedMatmul { swiglu: false }),
+                        &[xs, counts, up],
+                    )?;
+                    let a = add_op(eg, Op::Unary(UnaryOp::Silu), &[g])?;
+                    add_op(eg, Op::Binary(BinaryOp::Mul), &[a, u])?
+                }
+            };
             let ys = add_op(
                 eg,
                 Op::Composite(Composite::GroupedMatmul { swiglu: false }),

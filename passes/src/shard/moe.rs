@@ -12,7 +12,10 @@
 //! adjacent in the mesh (axes of degree 1 between them do not count), merged into one group axis of the
 //! exchange's own mesh. The tokens are split over those axes (a replicated token axis is split locally, no
 //! communication), so each member brings its own tokens. With the experts replicated there is no exchange: each
-//! rank runs the chain on its own tokens.
+//! rank runs the chain on its own tokens. Expert-tensor parallelism (the gate and up projections apart, each
+//! split on its output width over some axes and the down projection on its input width over the same): the
+//! tokens stay whole over those axes, every width slice runs the same exchange within its own group, and the
+//! output is a partial sum over them, reduced where the next op needs it.
 
 use super::{Pass, Sv};
 use crate::shard::{Placement, Sharding};
@@ -21,17 +24,43 @@ use fulgur_ir::{Composite, Graph, NodeId, Op, Value};
 use std::collections::{HashMap, HashSet};
 
 /// A routed MoE chain of the source graph, by its nodes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct MoeChain {
     pub dispatch: NodeId,
-    pub up: NodeId,
+    pub up: ChainUp,
     pub down: NodeId,
     pub combine: NodeId,
 }
 
+/// The chain's gate and up projections: one `grouped_matmul[swiglu]` on the fused weight, or (the forward
+/// built with the halves apart, for expert-tensor parallelism) two `grouped_matmul`s, `silu` and a product.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum ChainUp {
+    Fused(NodeId),
+    Split {
+        gate: NodeId,
+        up: NodeId,
+        silu: NodeId,
+        mul: NodeId,
+    },
+}
+
+/// The expert weights of a chain, sharded.
+pub(super) enum UpWeights<'a> {
+    Fused(&'a Sv),
+    Split { gate: &'a Sv, up: &'a Sv },
+}
+
 impl MoeChain {
-    pub fn members(&self) -> [NodeId; 3] {
-        [self.dispatch, self.up, self.down]
+    /// The nodes before the combine, in order.
+    pub fn members(&self) -> Vec<NodeId> {
+        let mut v = vec![self.dispatch];
+        match self.up {
+            ChainUp::Fused(n) => v.push(n),
+            ChainUp::Split { gate, up, silu, mul } => v.extend([gate, up, silu, mul]),
+        }
+        v.push(self.down);
+        v
     }
 }
 
@@ -48,47 +77,83 @@ pub(super) fn chains(g: &Graph) -> HashMap<NodeId, MoeChain> {
                 .filter(|&(_, _, out)| out == v.index)
                 .all(|(user, slot, _)| allowed.contains(&(user, slot)))
     };
+    let grouped = |v: Value, swiglu: bool| {
+        v.index == 0 && matches!(op_of(v), Op::Composite(Composite::GroupedMatmul { swiglu: s }) if *s == swiglu)
+    };
     let mut found = HashMap::new();
     for (id, n) in g.nodes() {
         if !matches!(n.op, Op::Composite(Composite::MoeCombine)) {
             continue;
         }
         let (ys, pos) = (n.inputs[0], n.inputs[1]);
-        if ys.index != 0 || !matches!(op_of(ys), Op::Composite(Composite::GroupedMatmul { swiglu: false })) {
+        if !grouped(ys, false) {
             continue;
         }
         let down = ys.node;
         let (h, counts) = (g.node(down).inputs[0], g.node(down).inputs[1]);
-        if h.index != 0 || !matches!(op_of(h), Op::Composite(Composite::GroupedMatmul { swiglu: true })) {
+        let dispatch = pos.node;
+        if pos.index != 1 || !matches!(op_of(pos), Op::Composite(Composite::MoeDispatch { .. })) {
             continue;
         }
-        let up = h.node;
-        let (xs, counts_up) = (g.node(up).inputs[0], g.node(up).inputs[1]);
-        let dispatch = xs.node;
-        if !matches!(op_of(xs), Op::Composite(Composite::MoeDispatch { .. }))
-            || xs.index != 0
-            || counts != Value::new(dispatch, 2)
-            || counts_up != counts
-            || pos != Value::new(dispatch, 1)
-        {
+        let xs = Value::new(dispatch, 0);
+        if counts != Value::new(dispatch, 2) || !only(h, &[(down, 0)]) || !only(ys, &[(id, 0)]) {
             continue;
         }
-        if only(xs, &[(up, 0)])
-            && only(pos, &[(id, 1)])
-            && only(counts, &[(up, 1), (down, 1)])
-            && only(h, &[(down, 0)])
-            && only(ys, &[(id, 0)])
-        {
-            found.insert(
-                id,
-                MoeChain {
-                    dispatch,
-                    up,
-                    down,
-                    combine: id,
-                },
-            );
+        let up = if grouped(h, true) {
+            let ins = &g.node(h.node).inputs;
+            if ins[0] != xs || ins[1] != counts || !only(xs, &[(h.node, 0)]) || !only(counts, &[(h.node, 1), (down, 1)])
+            {
+                continue;
+            }
+            ChainUp::Fused(h.node)
+        } else if h.index == 0 && matches!(op_of(h), Op::Binary(fulgur_ir::BinaryOp::Mul)) {
+            // silu(xs · gate) ⊙ (xs · up), in either order
+            let mul = h.node;
+            let m = &g.node(mul).inputs;
+            let split = [(m[0], m[1], 0u32, 1u32), (m[1], m[0], 1, 0)]
+                .into_iter()
+                .find_map(|(a, u, sa, su)| {
+                    let silu = a.node;
+                    let act = a.index == 0 && matches!(op_of(a), Op::Unary(fulgur_ir::UnaryOp::Silu));
+                    let gv = if act { g.node(silu).inputs[0] } else { return None };
+                    let fits = |v: Value| {
+                        grouped(v, false) && g.node(v.node).inputs[0] == xs && g.node(v.node).inputs[1] == counts
+                    };
+                    (fits(gv)
+                        && fits(u)
+                        && gv.node != u.node
+                        && only(a, &[(mul, sa)])
+                        && only(gv, &[(silu, 0)])
+                        && only(u, &[(mul, su)]))
+                    .then_some(ChainUp::Split {
+                        gate: gv.node,
+                        up: u.node,
+                        silu,
+                        mul,
+                    })
+                });
+            let Some(split @ ChainUp::Split { gate, up, .. }) = split else {
+                continue;
+            };
+            if !only(xs, &[(gate, 0), (up, 0)]) || !only(counts, &[(gate, 1), (up, 1), (down, 1)]) {
+                continue;
+            }
+            split
+        } else {
+            continue;
+        };
+        if !only(pos, &[(id, 1)]) {
+            continue;
         }
+        found.insert(
+            id,
+            MoeChain {
+                dispatch,
+                up,
+                down,
+                combine: id,
+            },
+        );
     }
     found
 }
@@ -101,22 +166,30 @@ impl Pass<'_> {
     pub(super) fn routed_moe(
         &mut self,
         experts: usize,
-        [x, ids, w_up, w_down, weights]: [&Sv; 5],
+        [x, ids, weights]: [&Sv; 3],
+        up: UpWeights,
+        w_down: &Sv,
         out_dims: &[fulgur_ir::Dim],
     ) -> Result<Option<Sv>, PassError> {
         let sizes = self.mesh.sizes();
-        let w_up_sh = self.normal(w_up.sh.clone());
-        let w_down_sh = self.normal(w_down.sh.clone());
-        if w_up_sh != w_down_sh {
-            return Ok(None);
-        }
-        // the experts' axes: dim 0 split; any other placement of an expert weight does not fit
-        let mut group_axes = Vec::new();
-        for (k, p) in w_up_sh.per_axis.iter().enumerate() {
-            match p {
-                Placement::Split(0) => group_axes.push(k),
-                Placement::Replicated => {}
-                _ => return Ok(None),
+        let down_sh = self.normal(w_down.sh.clone());
+        let ups: Vec<Sharding> = match &up {
+            UpWeights::Fused(w) => vec![self.normal(w.sh.clone())],
+            UpWeights::Split { gate, up } => vec![self.normal(gate.sh.clone()), self.normal(up.sh.clone())],
+        };
+        // the experts' axes (dim 0 of every expert weight split) and, the halves apart, the width's (the gate
+        // and up projections split on their output dim, the down projection on its input dim): anything else
+        // does not fit
+        let (mut group_axes, mut width_axes) = (Vec::new(), Vec::new());
+        for k in 0..sizes.len() {
+            let at: Vec<&Placement> = ups.iter().map(|s| &s.per_axis[k]).collect();
+            let d = &down_sh.per_axis[k];
+            if at.iter().all(|p| **p == Placement::Split(0)) && *d == Placement::Split(0) {
+                group_axes.push(k);
+            } else if ups.len() == 2 && at.iter().all(|p| **p == Placement::Split(2)) && *d == Placement::Split(1) {
+                width_axes.push(k);
+            } else if !(at.iter().all(|p| **p == Placement::Replicated) && *d == Placement::Replicated) {
+                return Ok(None);
             }
         }
         if let (Some(&lo), Some(&hi)) = (group_axes.first(), group_axes.last()) {
@@ -124,10 +197,11 @@ impl Pass<'_> {
                 return Ok(None);
             }
         }
-        // the tokens: split over the experts' axes, their other dim-0 splits kept, everything else whole
+        // the tokens: split over the experts' axes, whole over the width's (every slice of an expert sees them
+        // all), their other dim-0 splits kept, everything else whole
         let mut tokens = Sharding::replicated(self.mesh);
         for k in 0..sizes.len() {
-            if group_axes.contains(&k) || x.sh.per_axis[k] == Placement::Split(0) {
+            if group_axes.contains(&k) || (!width_axes.contains(&k) && x.sh.per_axis[k] == Placement::Split(0)) {
                 tokens.per_axis[k] = Placement::Split(0);
             }
         }
@@ -141,7 +215,10 @@ impl Pass<'_> {
         let ir = self.ranked(&ir)?;
         let wr = self.to(weights, &tokens)?;
         let wr = self.ranked(&wr)?;
-        let up = self.ranked(w_up)?;
+        let up = match up {
+            UpWeights::Fused(w) => vec![self.ranked(w)?.v],
+            UpWeights::Split { gate, up } => vec![self.ranked(gate)?.v, self.ranked(up)?.v],
+        };
         let down = self.ranked(w_down)?;
         let per_rank = |op: Composite| {
             Op::Composite(Composite::PerRank {
@@ -150,12 +227,32 @@ impl Pass<'_> {
         };
         let d = self.emit(per_rank(Composite::MoeDispatch { experts }), &[xr.v, ir.v])?;
         let (xs, pos, counts) = (d[0], d[1], d[2]);
-        let ys = if group_axes.is_empty() {
-            let h = self.emit(per_rank(Composite::GroupedMatmul { swiglu: true }), &[xs, counts, up.v])?[0];
-            self.emit(
+        // the experts on rows `rows` grouped by `groups`
+        let experts_on = |p: &mut Self, rows: Value, groups: Value| -> Result<Value, PassError> {
+            let h = if let [w13] = up[..] {
+                p.emit(
+                    per_rank(Composite::GroupedMatmul { swiglu: true }),
+                    &[rows, groups, w13],
+                )?[0]
+            } else {
+                let g = p.emit(
+                    per_rank(Composite::GroupedMatmul { swiglu: false }),
+                    &[rows, groups, up[0]],
+                )?[0];
+                let u = p.emit(
+                    per_rank(Composite::GroupedMatmul { swiglu: false }),
+                    &[rows, groups, up[1]],
+                )?[0];
+                let a = p.out.silu(g)?;
+                p.out.mul(a, u)?
+            };
+            Ok(p.emit(
                 per_rank(Composite::GroupedMatmul { swiglu: false }),
-                &[h, counts, down.v],
-            )?[0]
+                &[h, groups, down.v],
+            )?[0])
+        };
+        let ys = if group_axes.is_empty() {
+            experts_on(self, xs, counts)?
         } else {
             let (lo, hi) = (group_axes[0], group_axes[group_axes.len() - 1]);
             let mesh = vec![
@@ -170,19 +267,22 @@ impl Pass<'_> {
                 }),
                 &[xs, counts],
             )?;
-            let (xe, got) = (exchanged[0], exchanged[1]);
-            let h = self.emit(per_rank(Composite::GroupedMatmul { swiglu: true }), &[xe, got, up.v])?[0];
-            let ye = self.emit(per_rank(Composite::GroupedMatmul { swiglu: false }), &[h, got, down.v])?[0];
+            let ye = experts_on(self, exchanged[0], exchanged[1])?;
             self.emit(
                 Op::Composite(Composite::AllToAllCombine { mesh, over: 1 }),
                 &[ye, counts],
             )?[0]
         };
         let v = self.emit(per_rank(Composite::MoeCombine), &[ys, pos, wr.v])?[0];
+        // a slice of every expert's width gives a part of the output: a partial sum over the width's axes
+        let mut sh = tokens;
+        for &k in &width_axes {
+            sh.per_axis[k] = Placement::Partial;
+        }
         Ok(Some(Sv {
             v,
             ranked: true,
-            sh: tokens,
+            sh,
             dims: out_dims.to_vec(),
         }))
     }

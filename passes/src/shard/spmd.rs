@@ -1145,14 +1145,22 @@ fn routed_chain(
     let d = &g.node(chain.dispatch).inputs;
     let x = sv(p, d[0]);
     let ids = sv(p, d[1]);
-    let w_up = sv(p, g.node(chain.up).inputs[2]);
     let w_down = sv(p, g.node(chain.down).inputs[2]);
     let weights = sv(p, n.inputs[2]);
+    let ups: Vec<Sv> = match chain.up {
+        moe::ChainUp::Fused(u) => vec![sv(p, g.node(u).inputs[2])],
+        moe::ChainUp::Split { gate, up, .. } => vec![sv(p, g.node(gate).inputs[2]), sv(p, g.node(up).inputs[2])],
+    };
+    let up = match &ups[..] {
+        [w13] => moe::UpWeights::Fused(w13),
+        [gate, up] => moe::UpWeights::Split { gate, up },
+        _ => return Ok(false),
+    };
     let scope = scope_of(n);
     if let Some(s) = &scope {
         p.out.push_scope(s.clone());
     }
-    let res = p.routed_moe(experts, [&x, &ids, &w_up, &w_down, &weights], &n.outputs[0].shape.0);
+    let res = p.routed_moe(experts, [&x, &ids, &weights], up, &w_down, &n.outputs[0].shape.0);
     if scope.is_some() {
         p.out.pop_scope();
     }
