@@ -379,34 +379,12 @@ impl NcclTransport {
                 self.mesh
             )));
         }
-        // the group: the ranks differing from this one only in coordinate `over` of `mesh`
-        let (_, me) = group_of(mesh, self.rank, over);
-        let gs = mesh[over];
-        let stride: usize = mesh[over + 1..].iter().product();
-        let members: Vec<usize> = (0..gs).map(|i| self.rank - me * stride + i * stride).collect();
         let mine: Vec<i64> = values(counts).iter().map(|&c| c as i64).collect();
-        let e = mine.len();
-        if !e.is_multiple_of(gs) {
-            return Err(err(format!("{e} experts cannot be shared by a group of {gs} ranks")));
-        }
-        let el = e / gs;
-        // every member's counts
-        let sends: Vec<(usize, Vec<f64>)> = members.iter().map(|&p| (p, values(counts))).collect();
-        let recvs: Vec<(usize, usize)> = members.iter().map(|&p| (p, e)).collect();
-        let all: Vec<Vec<i64>> = self
-            .p2p(&sends, &recvs)
-            .map_err(err)?
-            .into_iter()
-            .map(|v| v.into_iter().map(|c| c as i64).collect())
-            .collect();
+        let Group { members, me, el, all } = self.group_counts(mesh, over, mine).map_err(err)?;
+        let (gs, e, mine) = (members.len(), el * members.len(), all[me].clone());
         let width: usize = x.shape[1..].iter().product();
         let v = values(x);
         let rows_of = |c: &[i64], lo: usize, hi: usize| -> usize { c[lo..hi].iter().sum::<i64>().max(0) as usize };
-        for (s, c) in all.iter().enumerate() {
-            if let Some(n) = c.iter().find(|&&n| n < 0) {
-                return Err(err(format!("member {s} of the group sends a negative count {n}")));
-            }
-        }
         match op {
             Op::Composite(Composite::AllToAllDispatch { .. }) => {
                 let m = x.shape[0];
@@ -497,6 +475,229 @@ impl NcclTransport {
                 Ok(vec![tensor(x, shape, out)])
             }
         }
+    }
+}
+
+/// A routed exchange's group, as one rank sees it: the members' global ranks, this rank's place among them, the
+/// experts each member holds, and every member's counts (its rows per expert).
+struct Group {
+    members: Vec<usize>,
+    me: usize,
+    el: usize,
+    all: Vec<Vec<i64>>,
+}
+
+impl NcclTransport {
+    /// This rank's group of the routed exchange on `mesh` along `over` (its members differ from it only in that
+    /// coordinate), with every member's counts exchanged (this rank's are `mine`); negative counts refused.
+    fn group_counts(&self, mesh: &[usize], over: usize, mine: Vec<i64>) -> Result<Group, String> {
+        if mesh.iter().product::<usize>() != self.mesh.iter().product::<usize>() || over >= mesh.len() {
+            return Err(format!(
+                "the mesh {mesh:?} (over {over}) is not one of this transport's {:?} ranks",
+                self.mesh
+            ));
+        }
+        let (_, me) = group_of(mesh, self.rank, over);
+        let gs = mesh[over];
+        let stride: usize = mesh[over + 1..].iter().product();
+        let members: Vec<usize> = (0..gs).map(|i| self.rank - me * stride + i * stride).collect();
+        let e = mine.len();
+        if !e.is_multiple_of(gs) {
+            return Err(format!("{e} experts cannot be shared by a group of {gs} ranks"));
+        }
+        let as_f64: Vec<f64> = mine.iter().map(|&c| c as f64).collect();
+        let sends: Vec<(usize, Vec<f64>)> = members.iter().map(|&p| (p, as_f64.clone())).collect();
+        let recvs: Vec<(usize, usize)> = members.iter().map(|&p| (p, e)).collect();
+        let all: Vec<Vec<i64>> = self
+            .p2p(&sends, &recvs)?
+            .into_iter()
+            .map(|v| v.into_iter().map(|c| c as i64).collect())
+            .collect();
+        for (s, c) in all.iter().enumerate() {
+            if let Some(n) = c.iter().find(|&&n| n < 0) {
+                return Err(format!("member {s} of the group sends a negative count {n}"));
+            }
+        }
+        Ok(Group {
+            members,
+            me,
+            el: e / gs,
+            all,
+        })
+    }
+
+    /// The routed exchange on device memory: the counts read back (the only wait of the host) and exchanged,
+    /// then every expert's rows sent straight from `x`'s buffer into their place in the receiver's, one message
+    /// per (expert, member) segment on the communication stream, the padding zeroed there; `got` uploaded.
+    ///
+    /// # Safety
+    /// As [`crate::cuda::DeviceCollectives::run`].
+    unsafe fn exchange_on_device(
+        &self,
+        op: &Op,
+        ins: &[crate::cuda::DeviceOperand],
+        outs: &[crate::cuda::DeviceOperand],
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<(), String> {
+        use cudarc::driver::result as drv;
+        use cudarc::driver::sys;
+        use fulgur_ir::DType;
+        let (mesh, over, dispatch) = match op {
+            Op::Composite(Composite::AllToAllDispatch { mesh, over }) => (mesh, *over, true),
+            Op::Composite(Composite::AllToAllCombine { mesh, over }) => (mesh, *over, false),
+            _ => return Err(format!("`{}` is not the routed exchange", op.name())),
+        };
+        let [x, counts] = ins else {
+            return Err("the routed exchange takes rows and counts".into());
+        };
+        let d = |e: cudarc::driver::DriverError| e.to_string();
+        // the counts, once the program has computed them
+        let ready = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
+        let result = (|| {
+            unsafe { drv::event::record(ready, stream) }.map_err(d)?;
+            unsafe { drv::event::synchronize(ready) }.map_err(d)?;
+            let e = counts.shape.iter().product::<usize>();
+            let es = counts.dtype.size_bytes();
+            let mut raw = vec![0u8; e * es];
+            unsafe { drv::memcpy_dtoh_sync(&mut raw, counts.ptr) }.map_err(d)?;
+            let mine: Vec<i64> = raw
+                .chunks(es)
+                .map(|c| match counts.dtype {
+                    DType::I32 => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64,
+                    _ => i64::from_le_bytes(c.try_into().unwrap_or([0; 8])),
+                })
+                .collect();
+            let Group { members, me, el, all } = self.group_counts(mesh, over, mine)?;
+            let gs = members.len();
+            let row = x.shape[1..].iter().product::<usize>() * x.dtype.size_bytes();
+            let off = |c: &[i64], hi: usize| c[..hi].iter().sum::<i64>() as usize;
+            // (peer, byte offset, bytes): sends from `x`, receives into the output, in the order both sides
+            // agree on (per pair of ranks: expert by expert)
+            let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+            let mut q = 0usize;
+            let y = &outs[0];
+            let (rows_in, rows_out) = (x.shape[0], y.shape[0]);
+            let sent: usize = off(&all[me], all[me].len());
+            if dispatch {
+                if sent > rows_in {
+                    return Err(format!("the counts sum to {sent} but there are {rows_in} rows"));
+                }
+                for (dst, &p) in members.iter().enumerate() {
+                    for j in 0..el {
+                        let ex = dst * el + j;
+                        sends.push((p, off(&all[me], ex) * row, all[me][ex] as usize * row));
+                    }
+                }
+                for j in 0..el {
+                    for (src, &p) in members.iter().enumerate() {
+                        let n = all[src][me * el + j] as usize;
+                        recvs.push((p, q * row, n * row));
+                        q += n;
+                    }
+                }
+            } else {
+                for j in 0..el {
+                    for (src, &p) in members.iter().enumerate() {
+                        let n = all[src][me * el + j] as usize;
+                        sends.push((p, q * row, n * row));
+                        q += n;
+                    }
+                }
+                if q > rows_in || sent > rows_out {
+                    return Err(format!(
+                        "the counts route {q} rows to {rows_in} and {sent} back to {rows_out}"
+                    ));
+                }
+                for (src, &p) in members.iter().enumerate() {
+                    for j in 0..el {
+                        let ex = src * el + j;
+                        recvs.push((p, off(&all[me], ex) * row, all[me][ex] as usize * row));
+                    }
+                }
+            }
+            let filled = if dispatch { q } else { sent };
+            if dispatch && q > rows_out {
+                return Err(format!(
+                    "the members route {q} rows here, past the {rows_out} rows of the buffer"
+                ));
+            }
+            let comm_stream = self.stream.cu_stream();
+            unsafe { drv::stream::wait_event(comm_stream, ready, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+                .map_err(d)?;
+            let s = &self.stream;
+            // a buffer plan may place the output over the input: then the rows are sent from a copy
+            let (x_bytes, y_bytes) = (rows_in * row, rows_out * row);
+            let overlap = x_bytes > 0 && x.ptr < y.ptr + y_bytes as u64 && y.ptr < x.ptr + x_bytes as u64;
+            let copy = if overlap {
+                let c = unsafe { drv::malloc_sync(x_bytes) }.map_err(d)?;
+                unsafe { drv::memcpy_dtod_async(c, x.ptr, x_bytes, comm_stream) }.map_err(d)?;
+                Some(c)
+            } else {
+                None
+            };
+            let from = copy.unwrap_or(x.ptr);
+            let wrap = |base: u64, (p, at, n): (usize, usize, usize)| {
+                (p, unsafe { s.upgrade_device_ptr::<u8>(base + at as u64, n) })
+            };
+            let src_bufs: Vec<_> = sends.iter().filter(|m| m.2 > 0).map(|&m| wrap(from, m)).collect();
+            let mut dst_bufs: Vec<_> = recvs.iter().filter(|m| m.2 > 0).map(|&m| wrap(y.ptr, m)).collect();
+            let res = {
+                let world = self.world.lock().unwrap_or_else(|e| e.into_inner());
+                let views: Vec<_> = src_bufs.iter().map(|(p, b)| (*p, b.as_view())).collect();
+                let sinks: Vec<_> = dst_bufs.iter_mut().map(|(p, b)| (*p, b.as_view_mut())).collect();
+                let mut grp = world.group();
+                let mut r = Ok(());
+                for (p, v) in views {
+                    r = r.and(grp.send(v, p as i32).map(|_| ()));
+                }
+                for (p, v) in sinks {
+                    r = r.and(grp.recv(v, p as i32).map(|_| ()));
+                }
+                drop(grp);
+                r
+            };
+            for (_, b) in src_bufs.into_iter().chain(dst_bufs) {
+                b.leak();
+            }
+            if let Some(c) = copy {
+                // the sends have read the copy once the stream is through them
+                let synced = self.stream.synchronize().map_err(d);
+                unsafe {
+                    let _ = drv::free_sync(c);
+                }
+                synced?;
+            }
+            res.map_err(|e| format!("{e:?}"))?;
+            // the rows no member filled are zero
+            if filled < rows_out {
+                unsafe {
+                    drv::memset_d8_async(y.ptr + (filled * row) as u64, 0, (rows_out - filled) * row, comm_stream)
+                }
+                .map_err(d)?;
+            }
+            if dispatch {
+                let got: Vec<u8> = (0..el)
+                    .flat_map(|j| (0..gs).map(|src| all[src][me * el + j]).sum::<i64>().to_le_bytes())
+                    .collect();
+                unsafe { drv::memcpy_htod_async(outs[1].ptr, &got, comm_stream) }.map_err(d)?;
+                // the host bytes must outlive the copy
+                self.stream.synchronize().map_err(d)?;
+            }
+            let done = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
+            let waited = unsafe { drv::event::record(done, comm_stream) }
+                .and_then(|_| unsafe {
+                    drv::stream::wait_event(stream, done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                })
+                .map_err(d);
+            unsafe {
+                let _ = drv::event::destroy(done);
+            }
+            waited
+        })();
+        unsafe {
+            let _ = drv::event::destroy(ready);
+        }
+        result
     }
 }
 
@@ -619,6 +820,16 @@ fn group_axis(op: &Op) -> usize {
 /// own types for the sums (f32, bf16, f16, i32, i64). The routed exchange and the rest go through the host.
 fn device_form(tmesh: &[usize], op: &Op, ins: &[(fulgur_ir::DType, Vec<usize>)]) -> bool {
     use fulgur_ir::DType;
+    if let (
+        Op::Composite(Composite::AllToAllDispatch { mesh, .. } | Composite::AllToAllCombine { mesh, .. }),
+        [(_, x), (ct, _)],
+    ) = (op, ins)
+    {
+        // over the communicator of every rank: any mesh of this many ranks; rows of at least one dim
+        return mesh.iter().product::<usize>() == tmesh.iter().product::<usize>()
+            && !x.is_empty()
+            && matches!(ct, DType::I32 | DType::I64);
+    }
     let [(dt, shape)] = ins else { return false };
     let Op::Composite(c) = op else { return false };
     let mesh = match c {
@@ -666,6 +877,12 @@ impl crate::cuda::DeviceCollectives for NcclTransport {
         use fulgur_ir::DType;
         if rank != self.rank {
             return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
+        }
+        if matches!(
+            op,
+            Op::Composite(Composite::AllToAllDispatch { .. } | Composite::AllToAllCombine { .. })
+        ) {
+            return unsafe { self.exchange_on_device(op, ins, outs, stream) };
         }
         let ([x], [y]) = (ins, outs) else {
             return Err(format!("`{}` on the device takes one input and one output", op.name()));
