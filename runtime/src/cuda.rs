@@ -212,6 +212,11 @@ pub struct CudaProgram {
     /// How many collectives ran on the device (an NCCL transport's, on its own stream: [`DeviceCollectives`]),
     /// and how many through the host ([`CudaProgram::collectives_run`]).
     collectives_run: std::cell::Cell<(usize, usize)>,
+    /// Collectives still running on the transport's stream: the byte ranges they read and write, and the event
+    /// after them; a kernel touching a range waits for its event first, every other kernel runs alongside.
+    pending: std::cell::RefCell<Vec<Pending>>,
+    /// How many kernels were launched while a collective was still running (and did not wait for it).
+    overlapped: std::cell::Cell<usize>,
     /// How many steps ran as a graph, and how many of those updated the instantiated graph in place.
     pub graph_launches: usize,
     pub graph_updates: usize,
@@ -228,6 +233,9 @@ pub struct CudaProgram {
     _workspace: DevBuf,
 }
 
+/// A collective running on a transport's stream: the byte ranges it reads and writes, and the event after it.
+type Pending = (Vec<(u64, u64)>, sys::CUevent);
+
 /// A collective's operand on the device: a contiguous buffer of `shape` elements of `dtype` at `ptr`.
 #[derive(Clone, Debug)]
 pub struct DeviceOperand {
@@ -243,8 +251,9 @@ pub trait DeviceCollectives: Send + Sync {
     /// Whether `op` (a collective with its `mesh`) runs on the device for operands of these dtypes and per-rank
     /// shapes; otherwise the program stages it through the host transport.
     fn on_device(&self, op: &fulgur_ir::Op, ins: &[(DType, Vec<usize>)]) -> bool;
-    /// Rank `rank`'s part of `op`: reads `ins`, writes `outs`, after the work enqueued on `stream` so far, and
-    /// makes `stream`'s later work wait for it.
+    /// Rank `rank`'s part of `op`: reads `ins`, writes `outs`, after the work enqueued on `stream` so far.
+    /// Returns an event recorded after it on the transport's stream: the caller makes `stream` wait for it
+    /// before work that touches the operands (and destroys it), so that independent kernels overlap it.
     ///
     /// # Safety
     /// The operands are live device allocations of the program's context, of the sizes given.
@@ -255,7 +264,7 @@ pub trait DeviceCollectives: Send + Sync {
         ins: &[DeviceOperand],
         outs: &[DeviceOperand],
         stream: sys::CUstream,
-    ) -> Result<(), String>;
+    ) -> Result<sys::CUevent, String>;
 }
 
 /// What of `t` runs collectives on the device: an NCCL transport, unless `FULGUR_NCCL_HOST=1` stages every
@@ -440,6 +449,8 @@ impl CudaProgram {
             capturing: false,
             transport: None,
             collectives_run: std::cell::Cell::new((0, 0)),
+            pending: std::cell::RefCell::new(Vec::new()),
+            overlapped: std::cell::Cell::new(0),
             graph_launches: 0,
             graph_updates: 0,
             carried_runs: 0,
@@ -765,6 +776,7 @@ impl CudaProgram {
 
     /// Waits for the stream and reports the first failed check of the kernels just run.
     fn finish(&mut self, step: bool) -> Result<(), RuntimeError> {
+        self.await_pending(None)?;
         // SAFETY: the stream is live
         unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| {
             other(format!(
@@ -801,7 +813,69 @@ impl CudaProgram {
     }
 
     /// Launches kernel `k` (the `index`-th of its program; prepare kernels first) on the stream.
+    /// Makes the stream wait for the running collectives whose byte ranges kernel `k`'s views touch (all of
+    /// them with `all`), releasing their events.
+    fn await_pending(&self, k: Option<&Kernel>) -> Result<(), RuntimeError> {
+        if self.pending.borrow().is_empty() {
+            return Ok(());
+        }
+        let spans: Option<Vec<(u64, u64)>> = match k {
+            None => None,
+            Some(k) => Some(
+                k.inputs
+                    .iter()
+                    .chain(&k.outputs)
+                    .map(|t| self.view_span(t))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        let mut pending = self.pending.borrow_mut();
+        let mut kept = Vec::new();
+        for (ranges, ev) in pending.drain(..) {
+            let touched = spans
+                .as_ref()
+                .is_none_or(|sp| sp.iter().any(|&(lo, hi)| ranges.iter().any(|&(a, b)| lo < b && a < hi)));
+            if touched {
+                // SAFETY: the event was recorded on the transport's stream and is released once waited on
+                unsafe {
+                    drv::stream::wait_event(self.stream, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                        .map_err(|e| other(format!("waiting for a collective: {e}")))?;
+                    let _ = drv::event::destroy(ev);
+                }
+            } else {
+                kept.push((ranges, ev));
+            }
+        }
+        if !kept.is_empty() && k.is_some() {
+            self.overlapped.set(self.overlapped.get() + 1);
+        }
+        *pending = kept;
+        Ok(())
+    }
+
+    /// The bytes view `t` addresses in its buffer: `[lo, hi)`.
+    fn view_span(&self, t: &TensorRef) -> Result<(u64, u64), RuntimeError> {
+        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
+        let ev = |d: &Dim| d.eval(env).map_err(other);
+        let es = t.dtype.size_bytes() as i64;
+        let (mut lo, mut hi) = (ev(&t.offset)?, ev(&t.offset)?);
+        for (d, st) in t.shape.iter().zip(&t.strides) {
+            let (d, st) = (ev(d)?, ev(st)?);
+            if d > 0 {
+                let span = (d - 1) * st;
+                if span < 0 {
+                    lo += span;
+                } else {
+                    hi += span;
+                }
+            }
+        }
+        let base = self.buffer_ptr(t.buffer)? as i64;
+        Ok(((base + lo * es) as u64, (base + (hi + 1) * es) as u64))
+    }
+
     fn launch_kernel(&self, k: &Kernel, step: bool, index: usize) -> Result<(), RuntimeError> {
+        self.await_pending(Some(k))?;
         let binding = self.binding.as_ref().ok_or_else(|| other("no binding"))?;
         let lk = &self.kernels[k.code];
         let ck = &self.cuda[k.code];
@@ -1054,9 +1128,19 @@ impl CudaProgram {
                                     ins.iter().map(|o| (o.dtype, o.shape.clone())).collect();
                                 if dt.on_device(inner, &shapes) {
                                     // SAFETY: the operands are the program's live buffers (device_operands)
-                                    unsafe { dt.run(inner, *rank, &ins, &outs, self.stream) }.map_err(|e| {
-                                        fail(format!("collective `{}` on the device: {e}", inner.name()))
-                                    })?;
+                                    let done =
+                                        unsafe { dt.run(inner, *rank, &ins, &outs, self.stream) }.map_err(|e| {
+                                            fail(format!("collective `{}` on the device: {e}", inner.name()))
+                                        })?;
+                                    let ranges = ins
+                                        .iter()
+                                        .chain(&outs)
+                                        .map(|o| {
+                                            let n = o.shape.iter().product::<usize>() * o.dtype.size_bytes();
+                                            (o.ptr, o.ptr + n as u64)
+                                        })
+                                        .collect();
+                                    self.pending.borrow_mut().push((ranges, done));
                                     let (d, h) = self.collectives_run.get();
                                     self.collectives_run.set((d + 1, h));
                                     continue;
@@ -1288,6 +1372,12 @@ impl CudaProgram {
     /// many through the host transport.
     pub fn collectives_run(&self) -> (usize, usize) {
         self.collectives_run.get()
+    }
+
+    /// How many kernels ran alongside a collective still running on the transport's stream (launched without
+    /// waiting for it, touching none of its bytes).
+    pub fn overlapped_kernels(&self) -> usize {
+        self.overlapped.get()
     }
 
     pub fn set_transport(&mut self, t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>) {

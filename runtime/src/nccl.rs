@@ -538,7 +538,7 @@ impl NcclTransport {
         ins: &[crate::cuda::DeviceOperand],
         outs: &[crate::cuda::DeviceOperand],
         stream: cudarc::driver::sys::CUstream,
-    ) -> Result<(), String> {
+    ) -> Result<cudarc::driver::sys::CUevent, String> {
         use cudarc::driver::result as drv;
         use cudarc::driver::sys;
         use fulgur_ir::DType;
@@ -684,15 +684,15 @@ impl NcclTransport {
                 self.stream.synchronize().map_err(d)?;
             }
             let done = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
-            let waited = unsafe { drv::event::record(done, comm_stream) }
-                .and_then(|_| unsafe {
-                    drv::stream::wait_event(stream, done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-                })
-                .map_err(d);
-            unsafe {
-                let _ = drv::event::destroy(done);
+            match unsafe { drv::event::record(done, comm_stream) } {
+                Ok(()) => Ok(done),
+                Err(e) => {
+                    unsafe {
+                        let _ = drv::event::destroy(done);
+                    }
+                    Err(d(e))
+                }
             }
-            waited
         })();
         unsafe {
             let _ = drv::event::destroy(ready);
@@ -871,7 +871,7 @@ impl crate::cuda::DeviceCollectives for NcclTransport {
         ins: &[crate::cuda::DeviceOperand],
         outs: &[crate::cuda::DeviceOperand],
         stream: cudarc::driver::sys::CUstream,
-    ) -> Result<(), String> {
+    ) -> Result<cudarc::driver::sys::CUevent, String> {
         use cudarc::driver::result as drv;
         use cudarc::driver::sys;
         use fulgur_ir::DType;
@@ -919,16 +919,22 @@ impl crate::cuda::DeviceCollectives for NcclTransport {
                     (false, _) => device_call::<u8>(self, op, comm, bytes(xs), bytes(ys)),
                 }
             }?;
-            // and the program's later work waits for the communication
-            unsafe { drv::event::record(done, comm_stream) }.map_err(d)?;
-            unsafe { drv::stream::wait_event(stream, done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(d)
+            // the program waits for this event before it touches the operands
+            unsafe { drv::event::record(done, comm_stream) }.map_err(d)
         })();
-        // SAFETY: events recorded and waited on are released once their work completes
+        // SAFETY: an event waited on is released once its work completes; `done` goes to the program
         unsafe {
             let _ = drv::event::destroy(ready);
-            let _ = drv::event::destroy(done);
         }
-        result
+        match result {
+            Ok(()) => Ok(done),
+            Err(e) => {
+                unsafe {
+                    let _ = drv::event::destroy(done);
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -202,8 +202,9 @@ fn gpu_per_rank_programs_on_the_cuda_backend() {
 /// A rank's program on the CUDA backend with the NCCL transport runs its collectives on the device: NCCL on the
 /// transport's own stream, ordered with the program's by events, no host staging (`all_reduce` in f32 and
 /// bf16, `all_gather`, `reduce_scatter` and `all_to_all` along the leading axis, `send_recv`); a gather along an
-/// inner axis (whose chunks interleave in memory) goes through the host. The outputs equal the same program's
-/// with every collective staged through the simulated transport.
+/// inner axis (whose chunks interleave in memory) goes through the host. A kernel waits only for the collectives
+/// whose bytes it touches. The outputs equal the same program's with every collective staged through the
+/// simulated transport.
 #[test]
 fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
     use fulgur_ir::{Dim, Graph};
@@ -236,6 +237,11 @@ fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
         },
         a,
     );
+    // work independent of the collectives, placed right after the first, on buffers too large for the ones
+    // the collective's input leaves free (a buffer reused under a running collective makes its kernel wait)
+    let z = g.input("z", DType::F32, vec![Dim::from(32), Dim::from(32)]).unwrap();
+    let e = g.exp(z).unwrap();
+    let e = g.matmul(e, z).unwrap();
     let a = on(
         &mut g,
         Composite::AllGather {
@@ -294,14 +300,25 @@ fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
     );
     let y = g.add(c, x).unwrap();
     g.add_output("y", y).unwrap();
-    let feed: HashMap<String, Tensor> = [(
-        "x".to_string(),
-        Tensor::from_f64(
-            DType::F32,
-            vec![4, 6],
-            (0..24).map(|i| (i as f64 * 0.29).sin()).collect(),
+    g.add_output("e", e).unwrap();
+    let feed: HashMap<String, Tensor> = [
+        (
+            "x".to_string(),
+            Tensor::from_f64(
+                DType::F32,
+                vec![4, 6],
+                (0..24).map(|i| (i as f64 * 0.29).sin()).collect(),
+            ),
         ),
-    )]
+        (
+            "z".to_string(),
+            Tensor::from_f64(
+                DType::F32,
+                vec![32, 32],
+                (0..1024).map(|i| (i as f64 * 0.013).cos()).collect(),
+            ),
+        ),
+    ]
     .into();
     let run = |t: Arc<dyn Transport + Send + Sync>| {
         let kp = fulgur_codegen::program::lower(&g).unwrap();
@@ -309,7 +326,15 @@ fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
         cuda.set_transport(t);
         let out = cuda.run(&feed).unwrap();
         let (d, h) = cuda.collectives_run();
-        (out["y"].to_f64(), d, h)
+        let alongside = cuda.overlapped_kernels();
+        println!("{d} collectives on the device, {alongside} kernels alongside one");
+        assert_eq!(
+            alongside > 0,
+            d > 0,
+            "a kernel independent of a device collective does not wait for it"
+        );
+        assert_eq!(out["e"].to_f64().len(), 1024);
+        ([out["y"].to_f64(), out["e"].to_f64()].concat(), d, h)
     };
     let (host, d0, h0) = run(Arc::new(SimTransport::new(1, Precision::F32, Duration::from_secs(10))));
     assert_eq!(
