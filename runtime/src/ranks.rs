@@ -347,37 +347,30 @@ impl RankProgram for InterpretedRank {
     }
 }
 
-#[cfg(feature = "llvm")]
-impl RankProgram for crate::cpu::CpuProgram {
-    fn input_names(&self) -> Vec<String> {
-        self.program.inputs.iter().map(|io| io.name.clone()).collect()
-    }
-    fn run_rank(
-        &mut self,
-        feed: &HashMap<String, Tensor>,
-        t: std::sync::Arc<dyn Transport + Send + Sync>,
-    ) -> Result<BTreeMap<String, Tensor>, String> {
-        self.set_transport(t);
-        let inputs = inputs_from(&self.program.inputs, feed);
-        self.run(&inputs).map_err(|e| e.to_string())
-    }
+/// `RankProgram` for a compiled backend's program: its kernel program's inputs, fed by name, its collectives
+/// through the rank's transport.
+macro_rules! compiled_rank_program {
+    ($feature:literal, $ty:ty) => {
+        #[cfg(feature = $feature)]
+        impl RankProgram for $ty {
+            fn input_names(&self) -> Vec<String> {
+                self.program.inputs.iter().map(|io| io.name.clone()).collect()
+            }
+            fn run_rank(
+                &mut self,
+                feed: &HashMap<String, Tensor>,
+                t: std::sync::Arc<dyn Transport + Send + Sync>,
+            ) -> Result<BTreeMap<String, Tensor>, String> {
+                self.set_transport(t);
+                let inputs = inputs_from(&self.program.inputs, feed);
+                self.run(&inputs).map_err(|e| e.to_string())
+            }
+        }
+    };
 }
 
-#[cfg(feature = "cuda")]
-impl RankProgram for crate::cuda::CudaProgram {
-    fn input_names(&self) -> Vec<String> {
-        self.program.inputs.iter().map(|io| io.name.clone()).collect()
-    }
-    fn run_rank(
-        &mut self,
-        feed: &HashMap<String, Tensor>,
-        t: std::sync::Arc<dyn Transport + Send + Sync>,
-    ) -> Result<BTreeMap<String, Tensor>, String> {
-        self.set_transport(t);
-        let inputs = inputs_from(&self.program.inputs, feed);
-        self.run(&inputs).map_err(|e| e.to_string())
-    }
-}
+compiled_rank_program!("llvm", crate::cpu::CpuProgram);
+compiled_rank_program!("cuda", crate::cuda::CudaProgram);
 
 /// A rank's outputs, or why it failed.
 type RankResult = Result<BTreeMap<String, Tensor>, String>;
