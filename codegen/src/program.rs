@@ -790,7 +790,7 @@ fn emit(
 }
 
 /// The live range of every transient buffer over the step kernels: from its writer to its last reader (to the
-/// end of the step when an output views it).
+/// end of the step when an output views it); a collective's inputs until its result is first read.
 fn liveness(p: &mut KernelProgram) {
     let mut first: HashMap<usize, usize> = HashMap::new();
     let mut last: HashMap<usize, usize> = HashMap::new();
@@ -805,6 +805,23 @@ fn liveness(p: &mut KernelProgram) {
         }
     }
     let end = p.step.len();
+    // a collective may run on a stream of its own (NCCL on the device) until its result is first read: its
+    // inputs stay live until then, so that no kernel in between is given their bytes
+    for k in &p.step {
+        if matches!(k.op, Op::Composite(fulgur_ir::Composite::OnRank { .. })) {
+            let outs: std::collections::HashSet<usize> = k.outputs.iter().map(|t| t.buffer).collect();
+            let until = p
+                .step
+                .iter()
+                .filter(|j| j.id > k.id)
+                .find(|j| j.inputs.iter().any(|t| outs.contains(&t.buffer)))
+                .map_or(end, |j| j.id);
+            for t in &k.inputs {
+                let e = last.entry(t.buffer).or_insert(k.id);
+                *e = (*e).max(until);
+            }
+        }
+    }
     for o in &p.outputs {
         last.insert(o.tensor.buffer, end);
     }

@@ -276,3 +276,43 @@ fn donation_keeps_an_output_apart_when_the_input_is_read_after_or_elsewhere() {
     g.add_output("s", s).unwrap();
     check(&g, false, "x read after with its new value");
 }
+
+/// A collective may still be reading its input on a stream of its own until its result is first read: the
+/// buffer plan keeps that input live until then, so the independent kernel in between gets other bytes.
+#[test]
+fn a_collectives_input_stays_live_until_its_result_is_read() {
+    use fulgur_ir::{Composite, DType, Dim, Graph, Op};
+    let on = |g: &mut Graph, c: Composite, x| {
+        g.op(
+            Op::Composite(Composite::OnRank {
+                op: Box::new(Op::Composite(c)),
+                rank: 0,
+            }),
+            &[x],
+        )
+        .unwrap()[0]
+    };
+    let mut g = Graph::new("c");
+    let x = g.input("x", DType::F32, vec![Dim::from(4), Dim::from(6)]).unwrap();
+    let a = g.mul(x, x).unwrap();
+    let r = on(&mut g, Composite::AllReduce { mesh: vec![1], over: 0 }, a);
+    let e = g.exp(x).unwrap();
+    let e = g.mul(e, x).unwrap();
+    let y = g.add(r, e).unwrap();
+    g.add_output("y", y).unwrap();
+    let p = fulgur_codegen::program::lower(&g).unwrap();
+    let id = |name: &str| {
+        p.step
+            .iter()
+            .find(|k| fulgur_codegen::program::op_summary(&k.op).contains(name))
+            .unwrap()
+    };
+    let (coll, reader) = (id("all_reduce"), id("add"));
+    let input = coll.inputs[0].buffer;
+    let live = p.buffers[input].live.unwrap();
+    assert!(
+        live.1 >= reader.id,
+        "the all_reduce's input lives {live:?}, past the kernel that reads its result ({})",
+        reader.id
+    );
+}
