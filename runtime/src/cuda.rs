@@ -1333,8 +1333,6 @@ impl CudaProgram {
         Ok(())
     }
 
-    /// Reads a view of device memory as a host tensor.
-    /// Makes this program one rank's: its collectives (`on_rank`) go through `t`.
     /// The device operands of views `ts`, or `None` when one is not a contiguous run of its buffer (the host
     /// path then gathers it).
     fn device_operands(&self, ts: &[TensorRef]) -> Result<Option<Vec<DeviceOperand>>, RuntimeError> {
@@ -1380,6 +1378,7 @@ impl CudaProgram {
         self.overlapped.get()
     }
 
+    /// Makes this program one rank's: its collectives (`on_rank`) go through `t`.
     pub fn set_transport(&mut self, t: std::sync::Arc<dyn fulgur_ir::Transport + Send + Sync>) {
         self.transport = Some(t);
     }
@@ -1403,6 +1402,7 @@ impl CudaProgram {
         Ok(())
     }
 
+    /// Reads a view of device memory as a host tensor.
     fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
         let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
         let ev = |d: &Dim| d.eval(env).map_err(other);
