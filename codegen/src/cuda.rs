@@ -1713,6 +1713,20 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     let _ = writeln!(s, "  __shared__ float part[{warps}][{GROUPED_ROWS}][32];");
     let _ = writeln!(s, "  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;");
     let _ = writeln!(s, "  const i64 tiles = (N + 31) / 32;");
+    // element (row, col) of the output set to `v`
+    let store_out = |lk: &LoopKernel, row: &str, col: &str, v: &str| {
+        store_text(
+            g.out.arg,
+            g.out.dtype,
+            &format!(
+                "{} + ({row}) * {} + ({col}) * {}",
+                e(lk, g.out.offset),
+                e(lk, g.out.rs),
+                e(lk, g.out.cs)
+            ),
+            v,
+        )
+    };
     // rows past every group (a routed exchange's padding) belong to none: zeros
     let _ = writeln!(s, "  i64 total = 0;");
     let _ = writeln!(s, "  for (i64 e2 = 0; e2 < E; ++e2) total += {};", count("e2"));
@@ -1720,21 +1734,7 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
         s,
         "  for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < (M - total) * N; t += (i64)gridDim.x * blockDim.x) {{"
     );
-    let _ = writeln!(
-        s,
-        "    {}",
-        store_text(
-            g.out.arg,
-            g.out.dtype,
-            &format!(
-                "{} + (total + t / N) * {} + (t % N) * {}",
-                e(lk, g.out.offset),
-                e(lk, g.out.rs),
-                e(lk, g.out.cs)
-            ),
-            "0.0f"
-        )
-    );
+    let _ = writeln!(s, "    {}", store_out(lk, "total + t / N", "t % N", "0.0f"));
     let _ = writeln!(s, "  }}");
     let _ = writeln!(
         s,
@@ -1796,21 +1796,7 @@ fn grouped_template(lk: &mut LoopKernel, g: &crate::loops::GroupedGemmStep, name
     let _ = writeln!(s, "      for (int q = 0; q < nr; ++q) {{");
     let _ = writeln!(s, "        float v = part[0][q][lane];");
     let _ = writeln!(s, "        for (int w2 = 1; w2 < W; ++w2) v += part[w2][q][lane];");
-    let _ = writeln!(
-        s,
-        "        {}",
-        store_text(
-            g.out.arg,
-            g.out.dtype,
-            &format!(
-                "{} + (r0 + q) * {} + c * {}",
-                e(lk, g.out.offset),
-                e(lk, g.out.rs),
-                e(lk, g.out.cs)
-            ),
-            "v"
-        )
-    );
+    let _ = writeln!(s, "        {}", store_out(lk, "r0 + q", "c", "v"));
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "    }}");
     let _ = writeln!(s, "    __syncthreads();");

@@ -277,6 +277,22 @@ fn device_collectives(t: &(dyn fulgur_ir::Transport + Send + Sync)) -> Option<&d
     Some(n)
 }
 
+/// The elements a view of `shape`, `strides` and `offset` spans: the lowest and highest it addresses.
+fn element_span(shape: &[usize], strides: &[i64], offset: i64) -> (i64, i64) {
+    let (mut lo, mut hi) = (offset, offset);
+    for (&d, &s) in shape.iter().zip(strides) {
+        if d > 0 {
+            let span = (d as i64 - 1) * s;
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+    }
+    (lo, hi)
+}
+
 /// Device time per step kernel, summed over the runs since it was set.
 #[derive(Clone, Debug, Default)]
 pub struct CudaProfile {
@@ -853,24 +869,24 @@ impl CudaProgram {
         Ok(())
     }
 
-    /// The bytes view `t` addresses in its buffer: `[lo, hi)`.
-    fn view_span(&self, t: &TensorRef) -> Result<(u64, u64), RuntimeError> {
+    /// View `t` at the bound sizes: its shape, strides and offset (in elements).
+    fn view_at(&self, t: &TensorRef) -> Result<(Vec<usize>, Vec<i64>, i64), RuntimeError> {
         let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
         let ev = |d: &Dim| d.eval(env).map_err(other);
-        let es = t.dtype.size_bytes() as i64;
-        let (mut lo, mut hi) = (ev(&t.offset)?, ev(&t.offset)?);
-        for (d, st) in t.shape.iter().zip(&t.strides) {
-            let (d, st) = (ev(d)?, ev(st)?);
-            if d > 0 {
-                let span = (d - 1) * st;
-                if span < 0 {
-                    lo += span;
-                } else {
-                    hi += span;
-                }
-            }
-        }
-        let base = self.buffer_ptr(t.buffer)? as i64;
+        let shape: Vec<usize> = t
+            .shape
+            .iter()
+            .map(|d| ev(d).map(|x| x.max(0) as usize))
+            .collect::<Result<_, _>>()?;
+        let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
+        Ok((shape, strides, ev(&t.offset)?))
+    }
+
+    /// The bytes view `t` addresses in its buffer: `[lo, hi)`.
+    fn view_span(&self, t: &TensorRef) -> Result<(u64, u64), RuntimeError> {
+        let (shape, strides, offset) = self.view_at(t)?;
+        let (lo, hi) = element_span(&shape, &strides, offset);
+        let (base, es) = (self.buffer_ptr(t.buffer)? as i64, t.dtype.size_bytes() as i64);
         Ok(((base + lo * es) as u64, (base + (hi + 1) * es) as u64))
     }
 
@@ -1336,27 +1352,12 @@ impl CudaProgram {
     /// The device operands of views `ts`, or `None` when one is not a contiguous run of its buffer (the host
     /// path then gathers it).
     fn device_operands(&self, ts: &[TensorRef]) -> Result<Option<Vec<DeviceOperand>>, RuntimeError> {
-        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
-        let ev = |d: &Dim| d.eval(env).map_err(other);
         let mut out = Vec::with_capacity(ts.len());
         for t in ts {
-            let shape: Vec<usize> = t
-                .shape
-                .iter()
-                .map(|d| ev(d).map(|x| x.max(0) as usize))
-                .collect::<Result<_, _>>()?;
-            let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
-            let mut want = 1i64;
-            for (&d, &st) in shape.iter().zip(&strides).rev() {
-                if d > 1 && st != want {
-                    return Ok(None);
-                }
-                want *= d as i64;
-            }
-            if shape.contains(&0) {
+            let (shape, _, offset) = self.view_at(t)?;
+            if !t.is_contiguous() || shape.contains(&0) {
                 return Ok(None);
             }
-            let offset = ev(&t.offset)?;
             out.push(DeviceOperand {
                 ptr: self.buffer_ptr(t.buffer)? + (offset as usize * t.dtype.size_bytes()) as u64,
                 dtype: t.dtype,
@@ -1404,28 +1405,10 @@ impl CudaProgram {
 
     /// Reads a view of device memory as a host tensor.
     fn read(&self, t: &TensorRef) -> Result<Tensor, RuntimeError> {
-        let env = &self.binding.as_ref().ok_or_else(|| other("no binding"))?.env;
-        let ev = |d: &Dim| d.eval(env).map_err(other);
-        let shape: Vec<usize> = t
-            .shape
-            .iter()
-            .map(|d| ev(d).map(|x| x.max(0) as usize))
-            .collect::<Result<_, _>>()?;
-        let strides: Vec<i64> = t.strides.iter().map(ev).collect::<Result<_, _>>()?;
-        let offset = ev(&t.offset)?;
+        let (shape, strides, offset) = self.view_at(t)?;
         // the elements the view spans
-        let (mut lo, mut hi) = (offset, offset);
+        let (lo, hi) = element_span(&shape, &strides, offset);
         let empty = shape.contains(&0);
-        for (&d, &s) in shape.iter().zip(&strides) {
-            if d > 0 {
-                let span = (d as i64 - 1) * s;
-                if span < 0 {
-                    lo += span;
-                } else {
-                    hi += span;
-                }
-            }
-        }
         let es = t.dtype.size_bytes();
         let mut host = vec![0u8; if empty { 0 } else { (hi - lo + 1) as usize * es }];
         if !host.is_empty() {
