@@ -67,10 +67,111 @@ pub struct RecomputeChoice {
     pub flops: Dim,
 }
 
-/// What [`differentiate_report`] chose: every store-or-recompute decision, in forward order.
+/// What [`differentiate_report`] chose: every store-or-recompute decision, in forward order; and where the
+/// backward of each MoE chain lies in the returned graph.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GradReport {
     pub choices: Vec<RecomputeChoice>,
+    pub moe_chains: Vec<MoeChainGrad>,
+}
+
+/// A MoE chain of the differentiated graph (`moe_dispatch`, the nodes from its sorted rows to the combine's
+/// rows, `moe_combine` reading the dispatch's positions; no value inside read from outside) and its backward:
+/// the nodes the chain's vector-Jacobian products wrote, the cotangent they start from and the contribution
+/// each gives to a value from outside the chain. Everything the backward computes leaves through those
+/// contributions, so a pass that runs the chain differently (the routed exchange of the sharding pass) can
+/// write the chain's backward its own way in place of `backward` and hand on the same contributions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeChainGrad {
+    pub dispatch: NodeId,
+    /// The nodes between the dispatch and the combine, in order.
+    pub members: Vec<NodeId>,
+    pub combine: NodeId,
+    /// The cotangent of the combine's output.
+    pub cotangent: Value,
+    /// The backward's nodes, in order.
+    pub backward: Vec<NodeId>,
+    /// `(value from outside the chain, its contribution)`: the dispatch's tokens, the combine's weights, the
+    /// expert weights the members read; each at most once.
+    pub contributions: Vec<(Value, Value)>,
+}
+
+impl MoeChainGrad {
+    /// The record with every node and value renamed by `map` (a copy of the graph that keeps every node);
+    /// `None` where one of them is not in it.
+    pub fn mapped(&self, map: &HashMap<Value, Value>) -> Option<MoeChainGrad> {
+        let node = |id: NodeId| map.get(&Value::new(id, 0)).map(|v| v.node);
+        let value = |v: Value| map.get(&v).copied();
+        Some(MoeChainGrad {
+            dispatch: node(self.dispatch)?,
+            members: self.members.iter().map(|&m| node(m)).collect::<Option<_>>()?,
+            combine: node(self.combine)?,
+            cotangent: value(self.cotangent)?,
+            backward: self.backward.iter().map(|&m| node(m)).collect::<Option<_>>()?,
+            contributions: self
+                .contributions
+                .iter()
+                .map(|&(v, c)| Some((value(v)?, value(c)?)))
+                .collect::<Option<_>>()?,
+        })
+    }
+}
+
+/// The MoE chains of `g` (see [`MoeChainGrad`]): `(dispatch, members, combine)`.
+fn moe_chains(g: &Graph) -> Vec<(NodeId, Vec<NodeId>, NodeId)> {
+    let outputs: std::collections::HashSet<Value> = g.outputs().iter().map(|(_, v)| *v).collect();
+    let mut found = Vec::new();
+    for (c, node) in g.nodes() {
+        if !matches!(node.op, Op::Composite(Composite::MoeCombine)) {
+            continue;
+        }
+        let (ys, pos) = (node.inputs[0], node.inputs[1]);
+        let d = pos.node;
+        if pos.index != 1 || !matches!(g.node(d).op, Op::Composite(Composite::MoeDispatch { .. })) {
+            continue;
+        }
+        // forward from the dispatch's rows and counts, then back from the combine's rows
+        let mut from = std::collections::HashSet::new();
+        for i in d.index() + 1..c.index() {
+            let id = NodeId::new(i);
+            if g.node(id)
+                .inputs
+                .iter()
+                .any(|v| (v.node == d && v.index != 1) || from.contains(&v.node))
+            {
+                from.insert(id);
+            }
+        }
+        let mut to = std::collections::HashSet::from([ys.node]);
+        for i in (d.index() + 1..c.index()).rev() {
+            let id = NodeId::new(i);
+            if to.contains(&id) {
+                to.extend(g.node(id).inputs.iter().map(|v| v.node));
+            }
+        }
+        let members: Vec<NodeId> = (d.index() + 1..c.index())
+            .map(NodeId::new)
+            .filter(|id| from.contains(id) && to.contains(id))
+            .collect();
+        let inside = |id: NodeId| id == d || members.contains(&id);
+        // nothing inside read from outside, nor an output; the positions read by the combine alone
+        let closed = members.contains(&ys.node)
+            && std::iter::once(d).chain(members.iter().copied()).all(|id| {
+                let n = g.node(id);
+                (0..n.outputs.len() as u32).all(|k| !outputs.contains(&Value::new(id, k)))
+                    && g.users(id).into_iter().all(|(u, slot, k)| {
+                        if id == d && k == 1 {
+                            u == c && slot == 1
+                        } else {
+                            inside(u) || (u == c && slot == 0 && id == ys.node)
+                        }
+                    })
+            });
+        if closed {
+            found.push((d, members, c));
+        }
+    }
+    found
 }
 
 impl GradReport {
@@ -183,6 +284,25 @@ pub fn differentiate_report(g: &Graph, loss: &str, opts: &GradOptions) -> Result
         let seed = out.full(1.0, lt.dtype, lt.dims().to_vec())?;
         grads.insert(loss_v, seed);
     }
+    // the MoE chains, whose backward is recorded
+    let mut chains: Vec<MoeChainGrad> = Vec::new();
+    let mut chain_of: HashMap<NodeId, usize> = HashMap::new();
+    let mut chain_ok: Vec<bool> = Vec::new();
+    for (d, members, c) in moe_chains(&out) {
+        let k = chains.len();
+        for &id in std::iter::once(&d).chain(&members).chain(std::iter::once(&c)) {
+            chain_of.insert(id, k);
+        }
+        chains.push(MoeChainGrad {
+            dispatch: d,
+            members,
+            combine: c,
+            cotangent: Value::new(c, 0),
+            backward: Vec::new(),
+            contributions: Vec::new(),
+        });
+        chain_ok.push(false);
+    }
     out.push_scope("grad");
     for i in (0..=loss_v.node.index()).rev() {
         let id = NodeId::new(i);
@@ -204,6 +324,19 @@ pub fn differentiate_report(g: &Graph, loss: &str, opts: &GradOptions) -> Result
         if !want.iter().any(|w| *w) {
             continue;
         }
+        let chain = chain_of.get(&id).copied();
+        if let Some(k) = chain {
+            if id == chains[k].combine {
+                match gys[0] {
+                    Some(gy) => {
+                        chains[k].cotangent = gy;
+                        chain_ok[k] = true;
+                    }
+                    None => chain_ok[k] = false,
+                }
+            }
+        }
+        let before = out.node_count();
         let contributions = vjp(&mut out, id, &node.op, &node.inputs, &gys, &want).map_err(|e| match e {
             PassError::Options(m) => err(format!(
                 "{} (node %{i}{})",
@@ -212,19 +345,43 @@ pub fn differentiate_report(g: &Graph, loss: &str, opts: &GradOptions) -> Result
             )),
             other => other,
         })?;
+        let mut written: Vec<NodeId> = (before..out.node_count()).map(NodeId::new).collect();
         for (slot, c) in contributions.into_iter().enumerate() {
             let (Some(c), true) = (c, want[slot]) else {
                 continue;
             };
             let v = node.inputs[slot];
+            let at = out.node_count();
             let c = fit(&mut out, c, v)?;
+            written.extend((at..out.node_count()).map(NodeId::new));
+            let inner = chain.is_some_and(|k| chain_of.get(&v.node) == Some(&k));
+            if let (Some(k), false) = (chain, inner) {
+                // a contribution leaving the chain: once per value
+                if chains[k].contributions.iter().any(|(u, _)| *u == v) {
+                    chain_ok[k] = false;
+                }
+                chains[k].contributions.push((v, c));
+            }
+            let at = out.node_count();
             let acc = match grads.get(&v) {
                 Some(&prev) => out.add(prev, c)?,
                 None => c,
             };
+            if inner {
+                written.extend((at..out.node_count()).map(NodeId::new));
+            }
             grads.insert(v, acc);
         }
+        if let Some(k) = chain {
+            chains[k].backward.extend(written);
+        }
     }
+    report.moe_chains = chains
+        .into_iter()
+        .zip(chain_ok)
+        .filter(|(c, ok)| *ok && !c.backward.is_empty())
+        .map(|(c, _)| c)
+        .collect();
     out.pop_scope();
     for (name, id) in leaves {
         let v = Value::new(id, 0);

@@ -116,8 +116,10 @@ pub fn train_step_with(
             )));
         }
     }
-    let (dg, report) = differentiate_report(g, loss, grad)?;
+    let (dg, mut report) = differentiate_report(g, loss, grad)?;
     let (mut s, map) = with_params_as_inputs(&dg, format!("{}_train_step", g.name))?;
+    // the MoE chains' backward, in the step's nodes (the copy keeps every node)
+    report.moe_chains = report.moe_chains.iter().filter_map(|c| c.mapped(&map)).collect();
     let params: Vec<(String, TensorType, Value)> = dg
         .nodes()
         .filter_map(|(id, node)| match &node.op {

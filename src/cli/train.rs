@@ -738,19 +738,25 @@ pub fn run(args: Args) -> Result<()> {
     // its parameters f32 master weights cast where read; then differentiated (see `model::with_backward`)
     // sharded: the sharding pass reads the structural forward (its rules know the attention composites, not the
     // optimizer's fused kernels); each rank's program is optimized after
-    let fwd = match &par {
-        Some(_) => fulgur::parallel::structural(&loss_graph, false).map_err(|e| anyhow::anyhow!(e))?,
-        None => optimized_forward(loss_graph.clone(), args.opt, &cost_model)?,
+    // sharded without pipeline stages: the MoE as the composites' chain, routed forward and backward (the
+    // dense form instead where a chain does not fit the exchange, below)
+    let build = |routed: bool| -> Result<_> {
+        let fwd = match &par {
+            Some(_) => fulgur::parallel::structural(&loss_graph, routed).map_err(|e| anyhow::anyhow!(e))?,
+            None => optimized_forward(loss_graph.clone(), args.opt, &cost_model)?,
+        };
+        let compute_graph = compute_graph(&fwd, args.dtype)?;
+        let (step_graph, grad_report) = train_step_with(
+            &compute_graph,
+            "loss",
+            &hp,
+            if pipelined { 1 } else { micro_batches },
+            &args.recompute.grad_options(&cost_model),
+        )?;
+        let eval_graph = params_to_inputs(&compute_graph)?;
+        Ok((step_graph, grad_report, eval_graph))
     };
-    let compute_graph = compute_graph(&fwd, args.dtype)?;
-    let (step_graph, grad_report) = train_step_with(
-        &compute_graph,
-        "loss",
-        &hp,
-        if pipelined { 1 } else { micro_batches },
-        &args.recompute.grad_options(&cost_model),
-    )?;
-    let eval_graph = params_to_inputs(&compute_graph)?;
+    let (mut step_graph, mut grad_report, mut eval_graph) = build(par.as_ref().is_some_and(|p| p.pp == 1))?;
     let pipeline = match &par {
         Some(par) if par.pp > 1 => {
             say(&format!("cutting the model into {} pipeline stages ({par})", par.pp));
@@ -761,9 +767,18 @@ pub fn run(args: Args) -> Result<()> {
     let sharded = match &par {
         Some(par) if par.pp == 1 => {
             say(&format!("sharding the training step ({par})"));
-            let plan = fulgur::parallel::minimax_train_plan(&cfg, par, micro, t, &step_graph)
+            let mut plan = fulgur::parallel::minimax_train_plan(&cfg, par, micro, t, &step_graph)
                 .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
-            let (step_sg, report) = fulgur_passes::shard::shard_graph(&step_graph, &plan)?;
+            let (mut step_sg, mut report) =
+                fulgur_passes::shard::shard_step(&step_graph, &plan, &grad_report.moe_chains)?;
+            if report.whole_moe > 0 {
+                // a chain the exchange does not fit (experts over axes apart, tokens the group does not divide):
+                // the dense form, whose expert parallelism gathers the tokens
+                (step_graph, grad_report, eval_graph) = build(false)?;
+                plan = fulgur::parallel::minimax_train_plan(&cfg, par, micro, t, &step_graph)
+                    .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+                (step_sg, report) = fulgur_passes::shard::shard_graph(&step_graph, &plan)?;
+            }
             let eval_plan = fulgur::parallel::minimax_plan(&cfg, par, micro, t)
                 .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
             let (eval_sg, _) = fulgur_passes::shard::shard_graph(&eval_graph, &eval_plan)?;

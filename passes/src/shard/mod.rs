@@ -12,7 +12,7 @@ mod lower;
 mod spmd;
 
 pub use lower::lower_rank;
-pub use spmd::{glob, shard_graph, ShardPlan, ShardReport};
+pub use spmd::{glob, shard_graph, shard_step, ShardPlan, ShardReport};
 
 use crate::PassError;
 use fulgur_ir::Dim;

@@ -325,3 +325,476 @@ impl Pass<'_> {
             .collect())
     }
 }
+
+/// A routed chain of a training step, as its forward was written: what its backward reads.
+pub(super) struct RoutedTrain {
+    /// The tokens' sharding (the dispatch's tokens, the combine's weights and output, and their gradients).
+    tokens: Sharding,
+    x: Value,
+    ids: Value,
+    weights: Value,
+    counts: Value,
+    recv: Value,
+    got: Value,
+    ys: Value,
+    /// The exchange's mesh `[before, group, after]` (none: the experts replicated, no exchange).
+    mesh: Option<Vec<usize>>,
+    /// The expert weights the members read: the source value, its sharded value with the rank axis.
+    exts: Vec<(Value, Sv)>,
+}
+
+/// The ops a chain member of a training step may be for the routed rule: row-wise on the rows, which the
+/// exchange moves (an op along the row axis, or with a shape, would see other rows on every rank).
+fn row_wise(op: &Op, rank: usize) -> bool {
+    match op {
+        Op::Composite(Composite::GroupedMatmul { .. }) => true,
+        Op::Unary(_) | Op::Binary(_) | Op::Cast { .. } => true,
+        Op::Slice { axis, .. } => {
+            let a = if *axis < 0 { *axis + rank as i64 } else { *axis };
+            a > 0
+        }
+        _ => false,
+    }
+}
+
+impl Pass<'_> {
+    /// The forward of a training step's MoE chain `rec` rewritten as the routed exchange (as [`Self::routed_moe`],
+    /// with every member written per rank on the received rows): the combine's output and what the backward
+    /// reads; `None` where it does not fit (expert weights split other than on dim 0 or over axes not adjacent,
+    /// tokens the group does not divide, a member that is not row-wise, an operand from outside the chain that
+    /// is not an expert weight).
+    pub(super) fn routed_train_forward(
+        &mut self,
+        g: &Graph,
+        rec: &crate::autodiff::MoeChainGrad,
+        vals: &HashMap<Value, Sv>,
+    ) -> Result<Option<(Sv, RoutedTrain)>, PassError> {
+        let Op::Composite(Composite::MoeDispatch { experts }) = g.node(rec.dispatch).op else {
+            return Ok(None);
+        };
+        let sv = |p: &Self, v: Value| {
+            let s = &vals[&v];
+            p.reduced.get(&s.v).unwrap_or(s).clone()
+        };
+        let d_ins = g.node(rec.dispatch).inputs.clone();
+        let c_node = g.node(rec.combine);
+        let (x, ids, weights) = (sv(self, d_ins[0]), sv(self, d_ins[1]), sv(self, c_node.inputs[2]));
+        // the members: row-wise; their operands from outside the chain, expert weights
+        let inside = |v: Value| v.node == rec.dispatch || rec.members.contains(&v.node);
+        let mut ext_src: Vec<Value> = Vec::new();
+        for &m in &rec.members {
+            let n = g.node(m);
+            let rank = n.inputs.first().map(|v| g.rank(*v)).unwrap_or(0);
+            if !row_wise(&n.op, rank) {
+                return Ok(None);
+            }
+            for &v in &n.inputs {
+                if inside(v) {
+                    if v.node == rec.dispatch && v.index == 1 {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+                let dims = g.dims(v);
+                if dims.len() != 3 || dims[0].as_const() != Some(experts as i64) {
+                    return Ok(None);
+                }
+                if !ext_src.contains(&v) {
+                    ext_src.push(v);
+                }
+            }
+        }
+        // the experts' axes: dim 0 of every expert weight split alike; nothing else split
+        let sizes = self.mesh.sizes();
+        let mut group_axes = Vec::new();
+        for k in 0..sizes.len() {
+            let at: Vec<Placement> = ext_src
+                .iter()
+                .map(|&v| self.normal(sv(self, v).sh).per_axis[k].clone())
+                .collect();
+            if !at.is_empty() && at.iter().all(|p| *p == Placement::Split(0)) {
+                group_axes.push(k);
+            } else if !at.iter().all(|p| *p == Placement::Replicated) {
+                return Ok(None);
+            }
+        }
+        if let (Some(&lo), Some(&hi)) = (group_axes.first(), group_axes.last()) {
+            if (lo..=hi).any(|k| !group_axes.contains(&k) && sizes[k] > 1) {
+                return Ok(None);
+            }
+        }
+        let mut tokens = Sharding::replicated(self.mesh);
+        for k in 0..sizes.len() {
+            if group_axes.contains(&k) || x.sh.per_axis[k] == Placement::Split(0) {
+                tokens.per_axis[k] = Placement::Split(0);
+            }
+        }
+        let tokens = self.normal(tokens);
+        if self.local(&tokens, &x.dims).is_err() {
+            return Ok(None);
+        }
+        let xr = self.to(&x, &tokens)?;
+        let xr = self.ranked(&xr)?.v;
+        let ir = self.to(&ids, &tokens)?;
+        let ir = self.ranked(&ir)?.v;
+        let wr = self.to(&weights, &tokens)?;
+        let wr = self.ranked(&wr)?.v;
+        let mut exts = Vec::new();
+        for &v in &ext_src {
+            let s = sv(self, v);
+            let r = self.ranked(&s)?;
+            exts.push((v, r));
+        }
+        let per_rank = |op: Op| Op::Composite(Composite::PerRank { op: Box::new(op) });
+        let dispatched = self.emit(per_rank(g.node(rec.dispatch).op.clone()), &[xr, ir])?;
+        let (xs, pos, counts) = (dispatched[0], dispatched[1], dispatched[2]);
+        let mesh = (!group_axes.is_empty()).then(|| {
+            let (lo, hi) = (group_axes[0], group_axes[group_axes.len() - 1]);
+            vec![
+                sizes[..lo].iter().product::<usize>(),
+                sizes[lo..=hi].iter().product(),
+                sizes[hi + 1..].iter().product(),
+            ]
+        });
+        let (recv, got) = match &mesh {
+            Some(mesh) => {
+                let e = self.emit(
+                    Op::Composite(Composite::AllToAllDispatch {
+                        mesh: mesh.clone(),
+                        over: 1,
+                    }),
+                    &[xs, counts],
+                )?;
+                (e[0], e[1])
+            }
+            None => (xs, counts),
+        };
+        // the members on the received rows, per rank
+        let mut local: HashMap<Value, Value> = HashMap::new();
+        for &m in &rec.members {
+            let n = g.node(m);
+            let ins: Vec<Value> = n
+                .inputs
+                .iter()
+                .map(|v| {
+                    if v.node == rec.dispatch {
+                        if v.index == 0 {
+                            recv
+                        } else {
+                            got
+                        }
+                    } else if let Some(&l) = local.get(v) {
+                        l
+                    } else {
+                        exts.iter().find(|(s, _)| s == v).expect("an expert weight").1.v
+                    }
+                })
+                .collect();
+            let outs = self.emit(per_rank(n.op.clone()), &ins)?;
+            for (k, o) in outs.into_iter().enumerate() {
+                local.insert(Value::new(m, k as u32), o);
+            }
+        }
+        let ye = local[&c_node.inputs[0]];
+        let ys = match &mesh {
+            Some(mesh) => self.emit(
+                Op::Composite(Composite::AllToAllCombine {
+                    mesh: mesh.clone(),
+                    over: 1,
+                }),
+                &[ye, counts],
+            )?[0],
+            None => ye,
+        };
+        let v = self.emit(per_rank(Op::Composite(Composite::MoeCombine)), &[ys, pos, wr])?[0];
+        let out = Sv {
+            v,
+            ranked: true,
+            sh: tokens.clone(),
+            dims: c_node.outputs[0].shape.0.clone(),
+        };
+        Ok(Some((
+            out,
+            RoutedTrain {
+                tokens,
+                x: xr,
+                ids: ir,
+                weights: wr,
+                counts,
+                recv,
+                got,
+                ys,
+                mesh,
+                exts,
+            },
+        )))
+    }
+
+    /// The backward of a routed training chain `rec` (its forward written by [`Self::routed_train_forward`] as
+    /// `st`), from the cotangent of the combine's output: the vector-Jacobian products of the three per-rank
+    /// parts (the combine, the experts on the received rows, the dispatch), each the autodiff of that part on
+    /// one rank's shapes written per rank, joined by the exchanges transposed (the combine's cotangent goes out
+    /// as a dispatch, the rows' come back as a combine). Returns each contribution of `rec` as a sharded value:
+    /// the tokens' and the combine weights' as the tokens are placed, an expert weight's split as the weight is
+    /// and a partial sum over the axes that split the tokens and not the experts.
+    pub(super) fn routed_train_backward(
+        &mut self,
+        g: &Graph,
+        rec: &crate::autodiff::MoeChainGrad,
+        st: &RoutedTrain,
+        vals: &HashMap<Value, Sv>,
+    ) -> Result<Vec<(Value, Sv)>, PassError> {
+        use crate::autodiff::{differentiate, GradOptions, Recompute, GRAD_PREFIX};
+        let gy = {
+            let s = &vals[&rec.cotangent];
+            self.reduced.get(&s.v).unwrap_or(s).clone()
+        };
+        let gy = self.to(&gy, &st.tokens)?;
+        let gy = self.ranked(&gy)?.v;
+        let dispatch_op = g.node(rec.dispatch).op.clone();
+        let grad = |piece: &Graph, wrt: &[&str], recompute: Recompute| {
+            differentiate(
+                piece,
+                "loss",
+                &GradOptions {
+                    inputs: wrt.iter().map(|s| s.to_string()).collect(),
+                    recompute,
+                    ..Default::default()
+                },
+            )
+        };
+        // ⟨out, gy⟩: the loss whose gradient is the vector-Jacobian product with `gy`
+        let dot = |l: &mut Graph, out: Value, gy: Value| -> Result<(), PassError> {
+            let m = l.mul(out, gy)?;
+            let all: Vec<i64> = (0..l.rank(m) as i64).collect();
+            let s = l.sum(m, &all, false)?;
+            l.add_output("loss", s)?;
+            Ok(())
+        };
+        // the combine: its rows' and weights' cotangents (the dispatch beside it gives the positions)
+        let mut l1 = Graph::new("routed_combine");
+        let x = self.local_input(&mut l1, "x", st.x)?;
+        let ids = self.local_input(&mut l1, "ids", st.ids)?;
+        let ys = self.local_input(&mut l1, "ys", st.ys)?;
+        let wts = self.local_input(&mut l1, "wts", st.weights)?;
+        let gyl = self.local_input(&mut l1, "gy", gy)?;
+        let d = l1.op(dispatch_op.clone(), &[x, ids])?;
+        let o = l1.op(Op::Composite(Composite::MoeCombine), &[ys, d[1], wts])?[0];
+        dot(&mut l1, o, gyl)?;
+        let g1 = grad(&l1, &["ys", "wts"], Recompute::Store)?;
+        let r1 = self.vmap(
+            &g1,
+            &HashMap::from([
+                ("x", st.x),
+                ("ids", st.ids),
+                ("ys", st.ys),
+                ("wts", st.weights),
+                ("gy", gy),
+            ]),
+        )?;
+        let dys = r1[&format!("{GRAD_PREFIX}ys")];
+        let dwts = r1[&format!("{GRAD_PREFIX}wts")];
+        let dye = match &st.mesh {
+            Some(mesh) => self.emit(
+                Op::Composite(Composite::AllToAllDispatch {
+                    mesh: mesh.clone(),
+                    over: 1,
+                }),
+                &[dys, st.counts],
+            )?[0],
+            None => dys,
+        };
+        // the experts on the received rows
+        let mut l2 = Graph::new("routed_experts");
+        let xs = self.local_input(&mut l2, "xs", st.recv)?;
+        let counts = self.local_input(&mut l2, "counts", st.got)?;
+        let mut names: Vec<String> = Vec::new();
+        let mut ext_in: HashMap<Value, Value> = HashMap::new();
+        for (i, (src, s)) in st.exts.iter().enumerate() {
+            let name = format!("w{i}");
+            ext_in.insert(*src, self.local_input(&mut l2, &name, s.v)?);
+            names.push(name);
+        }
+        let gye = self.local_input(&mut l2, "gy", dye)?;
+        let mut local: HashMap<Value, Value> = HashMap::new();
+        let mut fused = false;
+        for &m in &rec.members {
+            let n = g.node(m);
+            fused |= matches!(n.op, Op::Composite(Composite::GroupedMatmul { swiglu: true }));
+            let ins: Vec<Value> = n
+                .inputs
+                .iter()
+                .map(|v| {
+                    if v.node == rec.dispatch {
+                        if v.index == 0 {
+                            xs
+                        } else {
+                            counts
+                        }
+                    } else {
+                        local.get(v).or_else(|| ext_in.get(v)).copied().expect("a chain value")
+                    }
+                })
+                .collect();
+            let outs = l2.op(n.op.clone(), &ins)?;
+            for (k, o) in outs.into_iter().enumerate() {
+                local.insert(Value::new(m, k as u32), o);
+            }
+        }
+        dot(&mut l2, local[&g.node(rec.combine).inputs[0]], gye)?;
+        let mut wrt: Vec<&str> = vec!["xs"];
+        wrt.extend(names.iter().map(|s| s.as_str()));
+        // a fused swiglu stays fused and its pre-activation recomputed, as the step chose; else it is stored
+        let g2 = grad(&l2, &wrt, if fused { Recompute::All } else { Recompute::Store })?;
+        let mut feed: HashMap<&str, Value> = HashMap::from([("xs", st.recv), ("counts", st.got), ("gy", dye)]);
+        for (name, (_, s)) in names.iter().zip(&st.exts) {
+            feed.insert(name.as_str(), s.v);
+        }
+        let r2 = self.vmap(&g2, &feed)?;
+        let drecv = r2[&format!("{GRAD_PREFIX}xs")];
+        let dxs = match &st.mesh {
+            Some(mesh) => self.emit(
+                Op::Composite(Composite::AllToAllCombine {
+                    mesh: mesh.clone(),
+                    over: 1,
+                }),
+                &[drecv, st.counts],
+            )?[0],
+            None => drecv,
+        };
+        // the dispatch: the tokens' cotangent
+        let mut l3 = Graph::new("routed_dispatch");
+        let x = self.local_input(&mut l3, "x", st.x)?;
+        let ids = self.local_input(&mut l3, "ids", st.ids)?;
+        let gxs = self.local_input(&mut l3, "gxs", dxs)?;
+        let d = l3.op(dispatch_op, &[x, ids])?;
+        dot(&mut l3, d[0], gxs)?;
+        let g3 = grad(&l3, &["x"], Recompute::Store)?;
+        let r3 = self.vmap(&g3, &HashMap::from([("x", st.x), ("ids", st.ids), ("gxs", dxs)]))?;
+        let dx = r3[&format!("{GRAD_PREFIX}x")];
+        // the contributions, placed
+        let d_ins = &g.node(rec.dispatch).inputs;
+        let c_ins = &g.node(rec.combine).inputs;
+        let mut out = Vec::new();
+        for &(v, c) in &rec.contributions {
+            let dims = g.dims(c).to_vec();
+            let sv = if v == d_ins[0] {
+                Sv {
+                    v: dx,
+                    ranked: true,
+                    sh: st.tokens.clone(),
+                    dims,
+                }
+            } else if v == c_ins[2] {
+                Sv {
+                    v: dwts,
+                    ranked: true,
+                    sh: st.tokens.clone(),
+                    dims,
+                }
+            } else if let Some(i) = st.exts.iter().position(|(s, _)| *s == v) {
+                let (_, w) = &st.exts[i];
+                let mut sh = w.sh.clone();
+                for (k, p) in sh.per_axis.iter_mut().enumerate() {
+                    if *p == Placement::Replicated && st.tokens.per_axis[k] == Placement::Split(0) {
+                        *p = Placement::Partial;
+                    }
+                }
+                Sv {
+                    v: r2[&format!("{GRAD_PREFIX}{}", names[i])],
+                    ranked: true,
+                    sh: self.normal(sh),
+                    dims,
+                }
+            } else {
+                return Err(PassError::Rule(format!(
+                    "sharding `{}`: the MoE chain's backward contributes to a value outside it that the routed rule \
+                     does not know (%{})",
+                    self.at,
+                    v.node.index()
+                )));
+            };
+            if self.out.dtype(sv.v) != g.dtype(c) {
+                return Err(PassError::Rule(format!(
+                    "sharding `{}`: the routed backward's contribution to %{} is {}, the step's {}",
+                    self.at,
+                    v.node.index(),
+                    self.out.dtype(sv.v),
+                    g.dtype(c)
+                )));
+            }
+            // the value a contribution permutes, which the step may read too
+            if let (Op::Permute { perm }, [x]) = (&g.node(c.node).op, g.node(c.node).inputs.as_slice()) {
+                let mut inverse = vec![0; perm.len()];
+                for (i, &q) in perm.iter().enumerate() {
+                    inverse[q] = i;
+                }
+                let pre = self.permuted(&sv, &inverse, g.dims(*x))?;
+                out.push((*x, pre));
+            }
+            out.push((c, sv));
+        }
+        Ok(out)
+    }
+
+    /// An input `name` of the one-rank graph `l` typed as one rank's slice of the ranked value `v`.
+    fn local_input(&self, l: &mut Graph, name: &str, v: Value) -> Result<Value, PassError> {
+        let t = self.out.ty(v);
+        Ok(l.input(name, t.dtype, t.dims()[1..].to_vec())?)
+    }
+
+    /// One-rank graph `local` written for every rank: its inputs the ranked values `inputs` (by name), each op
+    /// `per_rank` on ranked operands (those computed from none, such as constants, written once and broadcast
+    /// where a ranked op reads them). Returns its outputs, ranked, by name.
+    fn vmap(&mut self, local: &Graph, inputs: &HashMap<&str, Value>) -> Result<HashMap<String, Value>, PassError> {
+        let mut map: HashMap<Value, (Value, bool)> = HashMap::new();
+        for (id, n) in local.nodes() {
+            if let Op::Input { name, .. } = &n.op {
+                let v = *inputs.get(name.as_str()).ok_or_else(|| {
+                    PassError::Rule(format!(
+                        "sharding `{}`: no value for the per-rank input `{name}`",
+                        self.at
+                    ))
+                })?;
+                map.insert(Value::new(id, 0), (v, true));
+                continue;
+            }
+            let ins: Vec<(Value, bool)> = n.inputs.iter().map(|v| map[v]).collect();
+            let outs = if ins.iter().any(|(_, r)| *r) {
+                let mut ranked = Vec::new();
+                for (v, r) in ins {
+                    ranked.push(if r { v } else { self.lift_unranked(v)? });
+                }
+                let op = Op::Composite(Composite::PerRank {
+                    op: Box::new(n.op.clone()),
+                });
+                self.emit(op, &ranked)?
+                    .into_iter()
+                    .map(|v| (v, true))
+                    .collect::<Vec<_>>()
+            } else {
+                let plain: Vec<Value> = ins.iter().map(|(v, _)| *v).collect();
+                self.emit(n.op.clone(), &plain)?
+                    .into_iter()
+                    .map(|v| (v, false))
+                    .collect()
+            };
+            for (k, o) in outs.into_iter().enumerate() {
+                map.insert(Value::new(id, k as u32), o);
+            }
+        }
+        let mut out = HashMap::new();
+        for (name, v) in local.outputs() {
+            let (v, r) = map[v];
+            out.insert(name.clone(), if r { v } else { self.lift_unranked(v)? });
+        }
+        Ok(out)
+    }
+
+    /// An unranked value of the output graph broadcast to every rank.
+    fn lift_unranked(&mut self, v: Value) -> Result<Value, PassError> {
+        let dims = self.out.dims(v).to_vec();
+        let s = self.unranked(v, &dims);
+        Ok(self.ranked(&s)?.v)
+    }
+}

@@ -722,6 +722,25 @@ impl Pass<'_> {
         })
     }
 
+    /// Ranked `x` permuted by `perm` (of its dims, the rank axis kept in front), its splits moved along.
+    fn permuted(&mut self, x: &Sv, perm: &[usize], out_dims: &[Dim]) -> Result<Sv, PassError> {
+        let mut sh = x.sh.clone();
+        for pl in sh.per_axis.iter_mut() {
+            if let Placement::Split(d) = pl {
+                *d = perm.iter().position(|q| q == d).expect("a permutation");
+            }
+        }
+        let mut perm1 = vec![0];
+        perm1.extend(perm.iter().map(|q| q + 1));
+        let v = self.out.permute(x.v, &perm1)?;
+        Ok(Sv {
+            v,
+            ranked: true,
+            sh,
+            dims: out_dims.to_vec(),
+        })
+    }
+
     fn unranked(&self, v: Value, dims: &[Dim]) -> Sv {
         Sv {
             v,
@@ -958,6 +977,60 @@ fn specialise(g: &Graph, sizes: &HashMap<String, i64>) -> Result<Graph, PassErro
 
 /// Shards `g` by `plan`: the simulated SPMD graph (same inputs, parameters and outputs as `g`, specialised to
 /// `plan.sizes`) and a report of what was inserted. Errors name the node, value, dim and mesh axis.
+/// Whether the recorded chain `c` is one of `g`: its dispatch, members, combine and backward the ops and order
+/// recorded, the backward's values read from outside it only its contributions, the members' and the
+/// dispatch's values read only by the chain and its backward.
+fn step_chain_fits(g: &Graph, c: &crate::autodiff::MoeChainGrad) -> bool {
+    let n = g.node_count();
+    let ids = std::iter::once(c.dispatch)
+        .chain(c.members.iter().copied())
+        .chain([c.combine])
+        .chain(c.backward.iter().copied());
+    if ids.clone().any(|id| id.index() >= n) || c.backward.is_empty() {
+        return false;
+    }
+    if !matches!(g.node(c.dispatch).op, Op::Composite(Composite::MoeDispatch { .. }))
+        || !matches!(g.node(c.combine).op, Op::Composite(Composite::MoeCombine))
+        || c.backward.windows(2).any(|w| w[0] >= w[1])
+        || c.backward[0] <= c.combine
+        || c.cotangent.node >= c.backward[0]
+    {
+        return false;
+    }
+    let backward: std::collections::HashSet<NodeId> = c.backward.iter().copied().collect();
+    // a contribution's values: the contributions, and what a contribution permutes (a weight's gradient in
+    // its stored layout, which the optimizer may read as it is)
+    let mut contributions: std::collections::HashSet<Value> = c.contributions.iter().map(|(_, v)| *v).collect();
+    for &(_, v) in &c.contributions {
+        if let (Op::Permute { .. }, [x]) = (&g.node(v.node).op, g.node(v.node).inputs.as_slice()) {
+            contributions.insert(*x);
+        }
+    }
+    let outputs: std::collections::HashSet<Value> = g.outputs().iter().map(|(_, v)| *v).collect();
+    let chain: std::collections::HashSet<NodeId> =
+        std::iter::once(c.dispatch).chain(c.members.iter().copied()).collect();
+    for &b in &c.backward {
+        for (u, _, k) in g.users(b) {
+            let v = Value::new(b, k);
+            if !backward.contains(&u) && !contributions.contains(&v) {
+                return false;
+            }
+        }
+        if (0..g.node(b).outputs.len() as u32).any(|k| {
+            let v = Value::new(b, k);
+            outputs.contains(&v) && !contributions.contains(&v)
+        }) {
+            return false;
+        }
+    }
+    chain.iter().all(|&m| {
+        g.users(m)
+            .into_iter()
+            .all(|(u, _, _)| chain.contains(&u) || u == c.combine || backward.contains(&u))
+            && (0..g.node(m).outputs.len() as u32).all(|k| !outputs.contains(&Value::new(m, k)))
+    })
+}
+
 /// The name a [`ShardPlan::constraints`] pattern matches for node `n`: `PARAM.slice` for a `slice` of a parameter
 /// (the form the optimizer's passes keep, whatever they name the node), of the input a training step takes it as,
 /// or of a cast of either; else the node's name; none for an input or parameter (their rules place them).
@@ -980,7 +1053,33 @@ fn constraint_name(g: &Graph, n: &fulgur_ir::Node) -> Option<String> {
 }
 
 pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), PassError> {
+    shard_step(g, plan, &[])
+}
+
+/// [`shard_graph`] of a training step whose MoE chains' backward autodiff recorded (`GradReport::moe_chains`,
+/// in `g`'s nodes): each such chain whose placements fit is rewritten as the routed exchange, forward and
+/// backward (its recorded backward replaced by the autodiff of the per-rank parts, joined by the exchanges
+/// transposed); the others, and the chains of `g` not recorded, take the rules they take in [`shard_graph`].
+pub fn shard_step(
+    g: &Graph,
+    plan: &ShardPlan,
+    trained: &[crate::autodiff::MoeChainGrad],
+) -> Result<(Graph, ShardReport), PassError> {
     let g = specialise(g, &plan.sizes)?;
+    // the recorded chains that fit the step: its nodes as recorded, and every value of the backward read from
+    // outside it a contribution
+    let trained: Vec<&crate::autodiff::MoeChainGrad> = trained.iter().filter(|c| step_chain_fits(&g, c)).collect();
+    let mut trained_at: HashMap<NodeId, usize> = HashMap::new();
+    let mut trained_skip: std::collections::HashSet<NodeId> = Default::default();
+    let mut backward_of: HashMap<NodeId, usize> = HashMap::new();
+    for (k, c) in trained.iter().enumerate() {
+        trained_at.insert(c.combine, k);
+        trained_at.insert(c.backward[0], k);
+        trained_skip.extend(c.members.iter().copied());
+        trained_skip.insert(c.dispatch);
+        backward_of.extend(c.backward[1..].iter().map(|&b| (b, k)));
+    }
+    let mut routed_train: HashMap<usize, moe::RoutedTrain> = HashMap::new();
     let mut p = Pass {
         out: Graph::new(format!("{}_sharded", g.name)),
         mesh: &plan.mesh,
@@ -994,6 +1093,62 @@ pub fn shard_graph(g: &Graph, plan: &ShardPlan) -> Result<(Graph, ShardReport), 
     let chains = moe::chains(&g);
     let members: std::collections::HashSet<NodeId> = chains.values().flat_map(|c| c.members()).collect();
     for (id, _) in g.nodes() {
+        if let Some(&k) = trained_at.get(&id) {
+            let rec = trained[k];
+            if id == rec.combine {
+                let n = g.node(id);
+                p.at = node_label(n, id);
+                let scope = scope_of(n);
+                if let Some(s) = &scope {
+                    p.out.push_scope(s.clone());
+                }
+                let res = p.routed_train_forward(&g, rec, &vals);
+                if scope.is_some() {
+                    p.out.pop_scope();
+                }
+                match res.map_err(|e| at_node(&p, n, e))? {
+                    Some((out, st)) => {
+                        vals.insert(Value::new(id, 0), out);
+                        routed_train.insert(k, st);
+                        p.report.routed_moe += 1;
+                    }
+                    None => {
+                        // the chain's own rules, its members first
+                        for &m in std::iter::once(&rec.dispatch).chain(&rec.members) {
+                            sharded_node(&mut p, plan, &g, m, &mut vals)?;
+                        }
+                        sharded_node(&mut p, plan, &g, id, &mut vals)?;
+                    }
+                }
+            } else if let Some(st) = routed_train.get(&k) {
+                let n = g.node(rec.combine);
+                p.at = node_label(n, rec.combine);
+                let scope = scope_of(g.node(id));
+                if let Some(s) = &scope {
+                    p.out.push_scope(s.clone());
+                }
+                let res = p.routed_train_backward(&g, rec, st, &vals);
+                if scope.is_some() {
+                    p.out.pop_scope();
+                }
+                for (c, sv) in res.map_err(|e| at_node(&p, n, e))? {
+                    vals.insert(c, sv);
+                }
+            } else {
+                // not routed: the backward's nodes by their own rules, each in its place
+                sharded_node(&mut p, plan, &g, id, &mut vals)?;
+            }
+            continue;
+        }
+        if let Some(&k) = backward_of.get(&id) {
+            if !routed_train.contains_key(&k) {
+                sharded_node(&mut p, plan, &g, id, &mut vals)?;
+            }
+            continue;
+        }
+        if trained_skip.contains(&id) {
+            continue;
+        }
         if members.contains(&id) {
             continue;
         }
@@ -1209,24 +1364,7 @@ fn rewrite(
         Op::MatMul => Ok(vec![p.matmul(&ins[0], &ins[1], &outs[0])?]),
         Op::Reduce { op, axes, keepdims } => Ok(vec![p.reduce(*op, axes, *keepdims, &ins[0], &outs[0])?]),
         Op::Reshape { .. } => Ok(vec![p.reshape(&ins[0], &outs[0])?]),
-        Op::Permute { perm } => {
-            let x = first();
-            let mut sh = x.sh.clone();
-            for pl in sh.per_axis.iter_mut() {
-                if let Placement::Split(d) = pl {
-                    *d = perm.iter().position(|q| q == d).expect("a permutation");
-                }
-            }
-            let mut perm1 = vec![0];
-            perm1.extend(perm.iter().map(|q| q + 1));
-            let v = p.out.permute(x.v, &perm1)?;
-            Ok(vec![Sv {
-                v,
-                ranked: true,
-                sh,
-                dims: outs[0].clone(),
-            }])
-        }
+        Op::Permute { perm } => Ok(vec![p.permuted(&first(), perm, &outs[0])?]),
         Op::Broadcast { .. } => {
             let x = first();
             let off = outs[0].len() - x.dims.len();
