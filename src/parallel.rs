@@ -321,7 +321,8 @@ pub fn minimax_train_plan(
 }
 
 /// Where the optimizer state of weight `weight` (of dims `dims`) lies: as the weight, and split over `dp` and
-/// `ep` on the first dim no other axis splits and that the degree divides.
+/// `ep` (where the weight is not split over them already) on the first dim no other axis splits and that the
+/// degree divides.
 pub fn optimizer_state_placement(
     plan: &ShardPlan,
     weight: &str,
@@ -337,7 +338,8 @@ pub fn optimizer_state_placement(
     for axis in ["dp", "ep"] {
         let k = mesh.axis(axis).map_err(|e| e.to_string())?;
         let degree = mesh.sizes()[k];
-        if degree == 1 {
+        // an axis that already splits the weight (the experts over `ep`) leaves each rank its own state
+        if degree == 1 || s.per_axis[k] != Placement::Replicated {
             continue;
         }
         let local = s.local_dims(mesh, weight, dims).map_err(|e| e.to_string())?;
@@ -439,5 +441,31 @@ mod tests {
             Parallel::parse("xp=2").unwrap_err(),
             "unknown degree `xp` (known: dp, ep, tp, etp, sp, pp, edp)"
         );
+    }
+
+    /// A moment lies as its weight, split further over `dp` and `ep` where the weight is not: an expert weight
+    /// split over `ep` keeps that split (each rank its own experts' state) and takes `dp` on its next dim; a
+    /// weight replicated over both takes each on a free dim.
+    #[test]
+    fn optimizer_state_keeps_the_weights_own_splits() {
+        let cfg = crate::models::MiniMaxConfig::from_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/configs/minimax-small.json"),
+        )
+        .unwrap();
+        let par = Parallel::parse("dp=2,ep=2").unwrap();
+        let plan = minimax_plan(&cfg, &par, 4, 16).unwrap();
+        let dims = |v: &[i64]| v.iter().map(|&d| crate::ir::Dim::from(d)).collect::<Vec<_>>();
+        let (e, c, i) = (
+            cfg.num_local_experts as i64,
+            cfg.hidden_size as i64,
+            cfg.intermediate_size as i64,
+        );
+        // mesh axes: dp, ep, sp, tp
+        let s = optimizer_state_placement(&plan, "model.layers.0.mlp.experts.down_proj", &dims(&[e, i, c])).unwrap();
+        assert_eq!(s.per_axis[..2], [Placement::Split(1), Placement::Split(0)], "{s:?}");
+        let s = optimizer_state_placement(&plan, "model.norm.weight", &dims(&[c])).unwrap();
+        assert_eq!(s.per_axis[..2], [Placement::Split(0), Placement::Replicated], "{s:?}");
+        let s = optimizer_state_placement(&plan, "lm_head.weight", &dims(&[cfg.vocab_size as i64, c])).unwrap();
+        assert_eq!(s.per_axis[..2], [Placement::Split(0), Placement::Split(1)], "{s:?}");
     }
 }

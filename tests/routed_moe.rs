@@ -292,6 +292,14 @@ fn training_step_routed_gives_the_single_device_update() {
             "{par}: {:?}",
             sr.collectives
         );
+        if !par.contains("tp") {
+            // the experts' optimizer state lies with them: no all-to-all moves their gradients or weights
+            assert!(
+                !sr.collectives.contains_key("all_to_all"),
+                "{par}: {:?}",
+                sr.collectives
+            );
+        }
         let sim = run(&sg, &feed);
         let (e, name) = worst(&sim, &single);
         println!("training step {par}: worst {e:.1e} ({name}); {:?}", sr.collectives);
