@@ -323,7 +323,8 @@ pub enum Composite {
     /// group; rows past the sum of the counts belong to no group).
     GroupedMatmulWgrad,
     /// A fused kernel: a small graph (its [`FusedBody`], written as canonical `.fir` text) whose inputs
-    /// `arg0..argN` are the node's inputs, in order, with exactly one output. Its decomposition is the body,
+    /// `arg0..argN` are the node's inputs, in order, and whose outputs are the node's (one from the
+    /// optimizer's fusion; several from the kernel program's merge of sibling kernels). Its decomposition is the body,
     /// inlined (see [`crate::composite::fused`]).
     Fused { body: FusedBody },
     /// All-to-all over the leading rank axis of `x: [R, ..., R·c (axis), ...]`: rank `r`'s chunk `s` of `axis`

@@ -1,7 +1,8 @@
 //! `fused`: a fused kernel, written as the small graph it computes.
 //!
 //! `fused(a0, ..., aN) { body }` (in `.fir`, the body is a block after the node; see [`crate::text`]) means: run
-//! the body graph with its inputs `arg0..argN` bound to `a0..aN` and return its one output. The body is ordinary IR (primitives and composites other than
+//! the body graph with its inputs `arg0..argN` bound to `a0..aN` and return its outputs (one, as the optimizer's
+//! fusion writes them; several where the kernel program merges sibling kernels into one, `codegen::program`). The body is ordinary IR (primitives and composites other than
 //! `fused`), so a pass that fuses a subgraph into one kernel puts *that subgraph* in the body, and the fused
 //! node means exactly what was there.
 //!
@@ -11,14 +12,14 @@
 //!
 //! Rules for a body (checked by [`FusedBody::from_graph`] and [`FusedBody::parse`]):
 //! - its inputs are `input` nodes named `arg0`, `arg1`, … in node order (at least one), and it has no `param`s;
-//! - it has exactly one output;
+//! - it has at least one output;
 //! - it contains no `fused` node;
 //! - every symbol used in an op attribute of the body (a `reshape`/`broadcast`/`full`/`iota` shape, a `slice`
 //!   bound) also appears alone as a dimension of some argument, so the body can be instantiated for the
 //!   shapes of any call (the interpreter instantiates it for concrete shapes).
 //!
 //! Typing: the node's inputs must have exactly the argument types the body declares (symbolic dims compared
-//! as polynomials); the result is the body's output type.
+//! as polynomials); the results are the body's output types, in order.
 
 use crate::dim::Dim;
 use crate::error::{IrError, Result};
@@ -29,7 +30,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// The body of a `fused` node: a graph with inputs `arg0..argN` and one output, held as its canonical text
+/// The body of a `fused` node: a graph with inputs `arg0..argN` and its outputs, held as its canonical text
 /// and its parsed form.
 ///
 /// ```
@@ -82,11 +83,8 @@ impl FusedBody {
                 }
             }
         }
-        if g.outputs().len() != 1 {
-            return Err(format!(
-                "a fused body has exactly one output, this one has {}",
-                g.outputs().len()
-            ));
+        if g.outputs().is_empty() {
+            return Err("a fused body has at least one output, this one has 0".into());
         }
         for (id, n) in g.nodes() {
             if matches!(n.op, Op::Composite(Composite::Fused { .. })) {
@@ -166,14 +164,19 @@ impl FusedBody {
             .collect()
     }
 
-    /// The body's output value.
+    /// The body's (first) output value.
     pub fn output(&self) -> Value {
         self.graph.outputs()[0].1
     }
 
-    /// The type of the body's output (the fused node's type).
+    /// The type of the body's (first) output (the fused node's type where it has one output).
     pub fn output_type(&self) -> &TensorType {
         self.graph.ty(self.output())
+    }
+
+    /// The number of outputs.
+    pub fn num_outputs(&self) -> usize {
+        self.graph.outputs().len()
     }
 
     /// The fused node's output types given its inputs' types: the arguments must match exactly.
@@ -191,7 +194,12 @@ impl FusedBody {
                 return Err(format!("`fused`: input {i} is {got}, the body's `arg{i}` is {want}"));
             }
         }
-        Ok(vec![self.output_type().clone()])
+        Ok(self
+            .graph
+            .outputs()
+            .iter()
+            .map(|(_, v)| self.graph.ty(*v).clone())
+            .collect())
     }
 }
 
@@ -216,7 +224,13 @@ fn attr_symbols(op: &Op) -> Vec<String> {
 /// Appends the body of `fused[body](inputs)` to `g`, instantiated for the inputs' shapes: each symbol that is
 /// a whole dimension of an argument is bound to the input's dimension there (so a body written for
 /// `f32[B, T, 64]` inlines onto `f32[2, 5, 64]`), and the body's attribute dimensions are rewritten accordingly.
+/// Returns its (first) output; [`inline_all`] every output.
 pub fn inline(g: &mut Graph, body: &FusedBody, inputs: &[Value]) -> Result<Value> {
+    Ok(inline_all(g, body, inputs)?[0])
+}
+
+/// [`inline`], every output of the body in order.
+pub fn inline_all(g: &mut Graph, body: &FusedBody, inputs: &[Value]) -> Result<Vec<Value>> {
     let bg = body.graph();
     let args = bg.inputs();
     let err = |m: String| IrError::Graph(format!("decomposing `fused`: {m}"));
@@ -284,7 +298,7 @@ pub fn inline(g: &mut Graph, body: &FusedBody, inputs: &[Value]) -> Result<Value
             map.insert(Value::new(id, k as u32), v);
         }
     }
-    Ok(map[&body.output()])
+    Ok(bg.outputs().iter().map(|(_, v)| map[v]).collect())
 }
 
 impl PartialEq for FusedBody {

@@ -95,7 +95,7 @@ impl Composite {
                 Ok(vec![dq, dk, dv])
             }
             Composite::GroupedMatmulWgrad => Ok(vec![moe::grouped_wgrad(g, inputs[0], inputs[1], inputs[2])?]),
-            Composite::Fused { body } => Ok(vec![fused::inline(g, body, inputs)?]),
+            Composite::Fused { body } => fused::inline_all(g, body, inputs),
             Composite::AllToAll { axis, mesh, .. } | Composite::AllToAllStart { axis, mesh, .. } if mesh.is_empty() => {
                 Ok(vec![collective::all_to_all(g, *axis, inputs[0])?])
             }
