@@ -559,9 +559,34 @@ impl<'a> PhaseEmitter<'a> {
     }
 
     fn stmts(&mut self, body: &'a [Stmt]) -> Result<(), CodegenError> {
-        for st in body {
+        let mut i = 0;
+        while i < body.len() {
             self.statement += 1;
-            self.stmt(st)?;
+            // consecutive stores are simultaneous (`Stmt::Store`): their values first, then the stores
+            let run = body[i..].iter().take_while(|s| matches!(s, Stmt::Store { .. })).count();
+            if run > 1 {
+                let mut lines = Vec::with_capacity(run);
+                for st in &body[i..i + run] {
+                    if let Stmt::Store {
+                        arg,
+                        dtype,
+                        index,
+                        value,
+                    } = st
+                    {
+                        let ix = self.val(*index)?;
+                        let v = self.val(*value)?;
+                        lines.push(store_text(*arg, *dtype, &ix, &v));
+                    }
+                }
+                for l in lines {
+                    self.line(&l);
+                }
+                i += run;
+                continue;
+            }
+            self.stmt(&body[i])?;
+            i += 1;
         }
         Ok(())
     }

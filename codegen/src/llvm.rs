@@ -1055,9 +1055,34 @@ impl<'a, 'b, 'ctx> FnEmitter<'a, 'b, 'ctx> {
     }
 
     fn stmts(&mut self, body: &[Stmt]) -> R<()> {
-        for s in body {
+        let mut i = 0;
+        while i < body.len() {
             self.epoch += 1;
-            self.stmt(s)?;
+            // consecutive stores are simultaneous (`Stmt::Store`): their values first, then the stores
+            let run = body[i..].iter().take_while(|s| matches!(s, Stmt::Store { .. })).count();
+            if run > 1 {
+                let mut stores = Vec::with_capacity(run);
+                for st in &body[i..i + run] {
+                    if let Stmt::Store {
+                        arg,
+                        dtype,
+                        index,
+                        value,
+                    } = st
+                    {
+                        let ix = self.e(*index)?.into_int_value();
+                        let v = self.e(*value)?;
+                        stores.push((*arg, *dtype, ix, v));
+                    }
+                }
+                for (arg, dtype, ix, v) in stores {
+                    self.store(arg, dtype, ix, v)?;
+                }
+                i += run;
+                continue;
+            }
+            self.stmt(&body[i])?;
+            i += 1;
         }
         Ok(())
     }

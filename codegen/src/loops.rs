@@ -344,7 +344,9 @@ pub enum Stmt {
         then: Vec<Stmt>,
         els: Vec<Stmt>,
     },
-    /// Element `index` of argument `arg` (stored as `dtype`) = `value`, rounded to the dtype.
+    /// Element `index` of argument `arg` (stored as `dtype`) = `value`, rounded to the dtype. Consecutive
+    /// stores are simultaneous: every one's place and value is computed before any of them stores (a kernel of
+    /// merged siblings stores in place what a sibling reads, `program::merge_siblings`).
     Store {
         arg: u32,
         dtype: DType,

@@ -491,9 +491,158 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
     }
     p.codes = codes.len();
     donate(&mut p);
+    merge_siblings(&mut p);
     liveness(&mut p);
     check_symbols(&p)?;
     Ok(p)
+}
+
+/// The most step kernels [`merge_siblings`] puts into one.
+const MERGE_MAX_KERNELS: usize = 8;
+/// The most distinct inputs a merged kernel reads.
+const MERGE_MAX_INPUTS: usize = 24;
+
+/// Merges runs of neighbouring elementwise step kernels over the same output shape that read some of the same
+/// memory into one kernel (a `fused` body of several outputs, computed by one loop), so that what they share is
+/// read once: AdamW's update of a weight is three kernels after fusion (the first moment, the second, and the
+/// weight, which recomputes both moments from the old ones), each reading the gradient. A kernel joins a run
+/// when it writes one contiguous output of the run's shape into a buffer no kernel of the run writes, reads
+/// nothing the run writes (no kernel of the run needs another's result), and every kernel of the run that
+/// reads the buffer it writes reads it through exactly its output's view and elementwise (so each element is
+/// read before it is overwritten, by the same thread: the emitters compute a run of stores' values before
+/// storing any, `loops::Stmt::Store`). Only on one stream (a second stream's waits name kernels). Returns the
+/// number of kernels merged away; codes are renumbered.
+pub fn merge_siblings(p: &mut KernelProgram) -> usize {
+    if p.step.iter().any(|k| k.stream != 0 || !k.waits.is_empty()) {
+        return 0;
+    }
+    let candidate = |k: &Kernel| {
+        k.kind == KernelKind::Elementwise
+            && !k.inputs.is_empty()
+            && k.outputs.len() == 1
+            && k.outputs[0].is_contiguous()
+            && (matches!(
+                k.op,
+                Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }
+            ) || matches!(&k.op, Op::Composite(fulgur_ir::Composite::Fused { body }) if body.num_outputs() == 1))
+    };
+    let joins = |run: &[Kernel], b: &Kernel| -> bool {
+        let shape = &run[0].outputs[0].shape;
+        let out = &b.outputs[0];
+        if !candidate(b) || out.shape != *shape || run.len() >= MERGE_MAX_KERNELS {
+            return false;
+        }
+        let written: std::collections::HashSet<usize> =
+            run.iter().flat_map(|k| k.outputs.iter().map(|t| t.buffer)).collect();
+        if written.contains(&out.buffer) || b.inputs.iter().any(|t| written.contains(&t.buffer)) {
+            return false;
+        }
+        let in_place = run.iter().all(|a| {
+            a.inputs
+                .iter()
+                .enumerate()
+                .all(|(i, t)| t.buffer != out.buffer || (t == out && reads_in_place(&a.op, i)))
+        });
+        let read: std::collections::HashSet<usize> =
+            run.iter().flat_map(|k| k.inputs.iter().map(|t| t.buffer)).collect();
+        let shares = b.inputs.iter().any(|t| read.contains(&t.buffer)) || read.contains(&out.buffer);
+        let mut distinct: Vec<&TensorRef> = Vec::new();
+        for t in run.iter().chain(std::iter::once(b)).flat_map(|k| &k.inputs) {
+            if !distinct.contains(&t) {
+                distinct.push(t);
+            }
+        }
+        in_place && shares && distinct.len() <= MERGE_MAX_INPUTS
+    };
+    let mut merged = 0;
+    let mut out: Vec<Kernel> = Vec::with_capacity(p.step.len());
+    let mut i = 0;
+    while i < p.step.len() {
+        let mut j = i + 1;
+        if candidate(&p.step[i]) {
+            while j < p.step.len() && joins(&p.step[i..j], &p.step[j]) {
+                j += 1;
+            }
+        }
+        match (j - i > 1).then(|| merged_kernel(&p.step[i..j])).flatten() {
+            Some(k) => {
+                merged += j - i - 1;
+                out.push(k);
+                i = j;
+            }
+            None => {
+                out.push(p.step[i].clone());
+                i += 1;
+            }
+        }
+    }
+    if merged == 0 {
+        return 0;
+    }
+    for (n, k) in out.iter_mut().enumerate() {
+        k.id = n;
+    }
+    p.step = out;
+    // the codes again: the same op over the same views, the same code
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for k in p.prepare.iter_mut().chain(p.step.iter_mut()) {
+        let mut key = fulgur_passes::lang::op_text(&k.op);
+        for t in k.inputs.iter().chain(&k.outputs) {
+            key.push('|');
+            key.push_str(&t.signature());
+        }
+        let next = codes.len();
+        k.code = *codes.entry(key).or_insert(next);
+    }
+    p.codes = codes.len();
+    merged
+}
+
+/// One kernel for the run `run` (see [`merge_siblings`]): a body of the kernels' bodies over their distinct
+/// inputs, their outputs in order. `None` where the body cannot be written (a symbol of an attribute that no
+/// argument has as a whole dimension).
+fn merged_kernel(run: &[Kernel]) -> Option<Kernel> {
+    let mut args: Vec<TensorRef> = Vec::new();
+    for t in run.iter().flat_map(|k| &k.inputs) {
+        if !args.contains(t) {
+            args.push(t.clone());
+        }
+    }
+    let mut g = Graph::new("fused");
+    let mut vals = Vec::with_capacity(args.len());
+    for (i, t) in args.iter().enumerate() {
+        vals.push(g.input(&format!("arg{i}"), t.dtype, t.shape.clone()).ok()?);
+    }
+    let mut outs = Vec::new();
+    for k in run {
+        let ins: Vec<Value> = k
+            .inputs
+            .iter()
+            .map(|t| vals[args.iter().position(|a| a == t).expect("an argument")])
+            .collect();
+        let o = match &k.op {
+            Op::Composite(fulgur_ir::Composite::Fused { body }) => {
+                fulgur_ir::composite::fused::inline_all(&mut g, body, &ins).ok()?
+            }
+            op => g.op(op.clone(), &ins).ok()?,
+        };
+        outs.extend(o);
+    }
+    for (j, v) in outs.iter().enumerate() {
+        g.add_output(format!("out{j}"), *v).ok()?;
+    }
+    let body = fulgur_ir::op::FusedBody::from_graph(&g).ok()?;
+    Some(Kernel {
+        id: run[0].id,
+        name: run.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(" + "),
+        kind: KernelKind::Elementwise,
+        op: Op::Composite(fulgur_ir::Composite::Fused { body }),
+        inputs: args,
+        outputs: run.iter().flat_map(|k| k.outputs.iter().cloned()).collect(),
+        code: 0,
+        stream: 0,
+        waits: Vec::new(),
+    })
 }
 
 /// Writes each output that has the name of an input (a training step's new weights and moments: the state a

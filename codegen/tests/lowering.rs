@@ -196,6 +196,24 @@ fn a_training_step_writes_its_new_state_in_place() {
     }
     let params = fwd.params().len();
     assert_eq!(state, 3 * params, "weights and both moments of {params} parameters");
+    // a weight's update, its moments beside it, is one kernel (`merge_siblings`): the gradient read once
+    // (123 of minimax-small's 147; the others the optimizer fused with the gradient norm's reduction, or wrote
+    // as a kernel reading its sibling's result)
+    let state_buffers: std::collections::HashSet<usize> = p
+        .inputs
+        .iter()
+        .filter(|i| p.outputs.iter().any(|o| o.name == i.name))
+        .map(|i| i.tensor.buffer)
+        .collect();
+    let updates = p
+        .step
+        .iter()
+        .filter(|k| k.outputs.len() == 3 && k.outputs.iter().all(|t| state_buffers.contains(&t.buffer)))
+        .count();
+    assert!(
+        4 * updates >= 3 * params,
+        "{updates} of {params} updates merged into one kernel"
+    );
     assert!(p.outputs.iter().any(|o| o.name.starts_with(ADAM_M)));
     assert!(p.outputs.iter().any(|o| o.name.starts_with(ADAM_V)));
     // the arena holds no new state: less than the state itself for this small model's activations
@@ -315,4 +333,42 @@ fn a_collectives_input_stays_live_until_its_result_is_read() {
         "the all_reduce's input lives {live:?}, past the kernel that reads its result ({})",
         reader.id
     );
+}
+
+/// Neighbouring elementwise kernels over one shape that read the same input become one kernel of several
+/// outputs (`merge_siblings`), equal to the graph on the oracle and on the CPU backend; a kernel reading its
+/// neighbour's result, or of another shape, stays apart.
+#[test]
+fn sibling_kernels_merge_and_dependent_ones_do_not() {
+    use fulgur_ir::{DType, Dim};
+    let x0 = Tensor::from_f64(DType::F32, vec![4, 8], (0..32).map(|i| i as f64 * 0.25 - 3.0).collect());
+    let ins: HashMap<String, Tensor> = [("x".to_string(), x0)].into();
+    let mut g = Graph::new("siblings");
+    let x = g.input("x", DType::F32, vec![Dim::from(4), Dim::from(8)]).unwrap();
+    let a = g.scale(x, 2.0).unwrap();
+    let b = g.add_scalar(x, 1.0).unwrap();
+    let c = g.exp(x).unwrap();
+    let c = g.cast(c, DType::BF16).unwrap();
+    g.add_output("a", a).unwrap();
+    g.add_output("b", b).unwrap();
+    g.add_output("c", c).unwrap();
+    // another shape: apart
+    let s = g.sum(x, &[1], false).unwrap();
+    g.add_output("s", s).unwrap();
+    let p = lower(&compiled(&g, OptLevel::Full)).unwrap();
+    let wide: Vec<_> = p.step.iter().filter(|k| k.outputs.len() == 3).collect();
+    assert_eq!(wide.len(), 1, "{}", p.text());
+    assert_eq!(p.step.len(), 2, "the merged kernel and the sum: {}", p.text());
+    agrees(&g, &p, &ins, "three siblings");
+    // b reads a: a dependency, not a sibling (lowered as built, a kernel per op)
+    let mut g = Graph::new("chain");
+    let x = g.input("x", DType::F32, vec![Dim::from(4), Dim::from(8)]).unwrap();
+    let a = g.exp(x).unwrap();
+    let b = g.mul(a, x).unwrap();
+    g.add_output("a", a).unwrap();
+    g.add_output("b", b).unwrap();
+    let p = lower(&g).unwrap();
+    assert_eq!(p.step.len(), 2, "{}", p.text());
+    assert!(p.step.iter().all(|k| k.outputs.len() == 1));
+    agrees(&g, &p, &ins, "a chain");
 }

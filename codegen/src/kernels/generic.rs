@@ -158,12 +158,27 @@ pub(crate) fn build(k: &Kernel, built: &mut Built) -> Result<(), CodegenError> {
             gen.homes.insert(Value::new(id, i as u32), h);
         }
     }
-    for (j, &v) in outs.iter().enumerate() {
-        let dst = View::of(gen.lk.slot(Slot::Output(j)), &k.outputs[j]);
-        if gen.homes.get(&v).map(|h| h.slot) == Some(dst.slot) {
-            continue;
+    let dsts: Vec<View> = (0..outs.len())
+        .map(|j| View::of(gen.lk.slot(Slot::Output(j)), &k.outputs[j]))
+        .collect();
+    let pending: Vec<usize> = (0..outs.len())
+        .filter(|&j| gen.homes.get(&outs[j]).map(|h| h.slot) != Some(dsts[j].slot))
+        .collect();
+    // several outputs of one shape (sibling kernels merged, `program::merge_siblings`): one loop writes them
+    // all, so what they read in common is read once
+    let together = pending.len() > 1
+        && pending
+            .iter()
+            .all(|&j| k.outputs[j].shape == k.outputs[pending[0]].shape && k.outputs[j].is_contiguous());
+    if together {
+        let views: Vec<View> = pending.iter().map(|&j| dsts[j].clone()).collect();
+        let vals: Vec<Value> = pending.iter().map(|&j| outs[j]).collect();
+        gen.write_many("out", &views, |gen, idx| vals.iter().map(|&v| gen.at(v, idx)).collect())?;
+    } else {
+        for j in pending {
+            let v = outs[j];
+            gen.write(&format!("out{j}"), &dsts[j], |gen, idx| gen.at(v, idx))?;
         }
-        gen.write(&format!("out{j}"), &dst, |gen, idx| gen.at(v, idx))?;
     }
     built.lk = gen.lk;
     Ok(())
@@ -535,22 +550,40 @@ impl<'a> Gen<'a> {
         dst: &View,
         mut f: impl FnMut(&mut Gen<'a>, &[E]) -> Result<E, CodegenError>,
     ) -> Result<(), CodegenError> {
+        self.write_many(name, std::slice::from_ref(dst), |gen, idx| Ok(vec![f(gen, idx)?]))
+    }
+
+    /// [`Self::write`] of several destinations of one shape by one phase: `f(index)` gives each one's value at
+    /// the index, stored together (their values computed before any is stored).
+    pub(crate) fn write_many(
+        &mut self,
+        name: &str,
+        dsts: &[View],
+        mut f: impl FnMut(&mut Gen<'a>, &[E]) -> Result<Vec<E>, CodegenError>,
+    ) -> Result<(), CodegenError> {
+        let dst = &dsts[0];
+        let stores = |gen: &mut Gen<'a>, idx: &[E], vals: Vec<E>| -> Vec<Stmt> {
+            dsts.iter()
+                .zip(vals)
+                .map(|(d, value)| Stmt::Store {
+                    arg: d.slot,
+                    dtype: d.dtype,
+                    index: d.index(&mut gen.lk, idx),
+                    value,
+                })
+                .collect()
+        };
         let (item_var, item) = self.lk.loop_var();
         let r = dst.shape.len();
         if r == 0 {
-            let v = f(self, &[])?;
-            let index = dst.index(&mut self.lk, &[]);
+            let vals = f(self, &[])?;
+            let body = stores(self, &[], vals);
             let one = self.lk.pool.i(1);
             self.lk.steps.push(Step::Phase(Phase {
                 name: name.into(),
                 grid: one,
                 item: item_var,
-                body: vec![Stmt::Store {
-                    arg: dst.slot,
-                    dtype: dst.dtype,
-                    index,
-                    value: v,
-                }],
+                body,
                 item_cost: one,
             }));
             return Ok(());
@@ -598,8 +631,8 @@ impl<'a> Gen<'a> {
         }
         let mut idx = self.coords(item_row, &dst.shape[..r - 1]);
         idx.push(j);
-        let v = f(self, &idx)?;
-        let index = dst.index(&mut self.lk, &idx);
+        let vals = f(self, &idx)?;
+        let body = stores(self, &idx, vals);
         let rows = dst.shape[..r - 1].iter().fold(Dim::from(1), |a, d| a * d.clone());
         let rows = self.lk.dim(&rows);
         let grid = self.lk.pool.mul(rows, ntiles);
@@ -607,17 +640,7 @@ impl<'a> Gen<'a> {
             name: name.into(),
             grid,
             item: item_var,
-            body: vec![Stmt::For {
-                var: jv,
-                lo,
-                hi,
-                body: vec![Stmt::Store {
-                    arg: dst.slot,
-                    dtype: dst.dtype,
-                    index,
-                    value: v,
-                }],
-            }],
+            body: vec![Stmt::For { var: jv, lo, hi, body }],
             item_cost: cost,
         }));
         Ok(())
