@@ -50,6 +50,8 @@ for s in $stages; do
         $bin generate $fx --tokens /tmp/fulgur-part/prompt2.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-part/genep.safetensors --target cuda --parallel ep=2 | tail -1
         FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur eval-model $fx --tokens $fx/reference.safetensors --target cuda --parallel dp=1 --out /tmp/fulgur-part/evalnccl.safetensors
         rm -rf /tmp/fulgur-trpp; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trpp --parallel pp=2,tp=2 --target cuda | tr '\r' '\n' | tail -1
+        # the routed exchange in the training step: two simulated ranks' programs on the GPU
+        rm -rf /tmp/fulgur-trep; $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trep --parallel ep=2 --target cuda 2>&1 | tr '\r' '\n' | grep -E "sharded|step 3" | cut -c1-200
         # a launched rank training on its GPU with its collectives through NCCL (one GPU: a job of one rank)
         rm -rf /tmp/fulgur-trnccl; FULGUR_TRANSPORT=nccl $bin launch -n 1 --gpu-per-rank -- fulgur train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-trnccl --parallel dp=1 --target cuda | tr '\r' '\n' | tail -1
         python3 - <<'PY'
@@ -69,7 +71,7 @@ print("routed generate (ep=2): tokens equal one device's", bool((g1["generated"]
 want = load_file(f"{fx}/train/train.safetensors")["loss"]
 got = [json.loads(l)["loss"] for l in open("/tmp/fulgur-tr/log.jsonl")]
 print("train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
-for name, d in [("pipeline", "/tmp/fulgur-trpp"), ("launched nccl", "/tmp/fulgur-trnccl")]:
+for name, d in [("pipeline", "/tmp/fulgur-trpp"), ("routed ep=2", "/tmp/fulgur-trep"), ("launched nccl", "/tmp/fulgur-trnccl")]:
     got = [json.loads(l)["loss"] for l in open(f"{d}/log.jsonl")]
     print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY

@@ -491,7 +491,11 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
     }
     p.codes = codes.len();
     donate(&mut p);
-    merge_siblings(&mut p);
+    // `FULGUR_KERNEL_MERGE=0` leaves both merges out: the comparison `docs/perf.md` measures them by
+    if std::env::var("FULGUR_KERNEL_MERGE").map_or(true, |v| v != "0") {
+        merge_siblings(&mut p);
+        fuse_producers(&mut p);
+    }
     liveness(&mut p);
     check_symbols(&p)?;
     Ok(p)
@@ -516,16 +520,7 @@ pub fn merge_siblings(p: &mut KernelProgram) -> usize {
     if p.step.iter().any(|k| k.stream != 0 || !k.waits.is_empty()) {
         return 0;
     }
-    let candidate = |k: &Kernel| {
-        k.kind == KernelKind::Elementwise
-            && !k.inputs.is_empty()
-            && k.outputs.len() == 1
-            && k.outputs[0].is_contiguous()
-            && (matches!(
-                k.op,
-                Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }
-            ) || matches!(&k.op, Op::Composite(fulgur_ir::Composite::Fused { body }) if body.num_outputs() == 1))
-    };
+    let candidate = |k: &Kernel| inlinable(k) && k.outputs.len() == 1 && k.outputs[0].is_contiguous();
     let joins = |run: &[Kernel], b: &Kernel| -> bool {
         let shape = &run[0].outputs[0].shape;
         let out = &b.outputs[0];
@@ -579,11 +574,16 @@ pub fn merge_siblings(p: &mut KernelProgram) -> usize {
     if merged == 0 {
         return 0;
     }
-    for (n, k) in out.iter_mut().enumerate() {
+    p.step = out;
+    renumber(p);
+    merged
+}
+
+/// Step kernel ids in order again, and the codes: the same op over the same views, the same code.
+fn renumber(p: &mut KernelProgram) {
+    for (n, k) in p.step.iter_mut().enumerate() {
         k.id = n;
     }
-    p.step = out;
-    // the codes again: the same op over the same views, the same code
     let mut codes: HashMap<String, usize> = HashMap::new();
     for k in p.prepare.iter_mut().chain(p.step.iter_mut()) {
         let mut key = fulgur_passes::lang::op_text(&k.op);
@@ -595,7 +595,132 @@ pub fn merge_siblings(p: &mut KernelProgram) -> usize {
         k.code = *codes.entry(key).or_insert(next);
     }
     p.codes = codes.len();
-    merged
+}
+
+/// Whether step kernel `k` is elementwise with a body the merges can inline: a primitive elementwise op or a
+/// `fused` body of elementwise ops.
+fn inlinable(k: &Kernel) -> bool {
+    k.kind == KernelKind::Elementwise
+        && !k.inputs.is_empty()
+        && (matches!(
+            k.op,
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }
+        ) || matches!(k.op, Op::Composite(fulgur_ir::Composite::Fused { .. })))
+}
+
+/// Appends kernel `k`'s op to `g` on `ins`: its outputs.
+fn inline_kernel(g: &mut Graph, k: &Kernel, ins: &[Value]) -> Option<Vec<Value>> {
+    match &k.op {
+        Op::Composite(fulgur_ir::Composite::Fused { body }) => {
+            fulgur_ir::composite::fused::inline_all(g, body, ins).ok()
+        }
+        op => g.op(op.clone(), ins).ok(),
+    }
+}
+
+/// Computes an elementwise step kernel's one output where its one reader needs it, when that reader is
+/// elementwise too and reads it through the same view at the element it writes (`reads_in_place`), and no
+/// kernel from the producer to the reader writes what the producer reads: the value is never stored (the
+/// cast of a bf16 gradient to f32 that only the weight's update reads, once `merge_siblings` has made the
+/// update one kernel). The output must be a transient buffer that no program output views. Returns the number
+/// of kernels folded into their readers.
+pub fn fuse_producers(p: &mut KernelProgram) -> usize {
+    if p.step.iter().any(|k| k.stream != 0 || !k.waits.is_empty()) {
+        return 0;
+    }
+    let viewed: std::collections::HashSet<usize> = p.outputs.iter().map(|o| o.tensor.buffer).collect();
+    let mut folded = 0;
+    let mut i = 0;
+    while i < p.step.len() {
+        let prod = &p.step[i];
+        let out = &prod.outputs[0];
+        let fits = inlinable(prod)
+            && prod.outputs.len() == 1
+            && out.is_contiguous()
+            && p.buffers[out.buffer].kind == BufferKind::Transient
+            && !viewed.contains(&out.buffer);
+        let reader = fits
+            .then(|| {
+                let readers: Vec<usize> = (i + 1..p.step.len())
+                    .filter(|&j| p.step[j].inputs.iter().any(|t| t.buffer == out.buffer))
+                    .collect();
+                let rewritten = p.step[i + 1..]
+                    .iter()
+                    .any(|k| k.outputs.iter().any(|t| t.buffer == out.buffer));
+                match readers[..] {
+                    [j] if !rewritten => Some(j),
+                    _ => None,
+                }
+            })
+            .flatten()
+            .filter(|&j| {
+                let c = &p.step[j];
+                inlinable(c)
+                    && c.inputs
+                        .iter()
+                        .enumerate()
+                        .all(|(a, t)| t.buffer != out.buffer || (t == out && reads_in_place(&c.op, a)))
+                    && p.step[i + 1..=j].iter().all(|k| {
+                        k.outputs
+                            .iter()
+                            .all(|o| prod.inputs.iter().all(|t| t.buffer != o.buffer))
+                    })
+            });
+        let Some(j) = reader else {
+            i += 1;
+            continue;
+        };
+        match folded_kernel(&p.step[i], &p.step[j]) {
+            Some(k) => {
+                // the produced value is never stored: its buffer goes unused
+                let b = p.step[i].outputs[0].buffer;
+                p.buffers[b].elements = Dim::from(0);
+                p.step[j] = k;
+                p.step.remove(i);
+                folded += 1;
+            }
+            None => i += 1,
+        }
+    }
+    if folded > 0 {
+        renumber(p);
+    }
+    folded
+}
+
+/// Reader `c` with producer `prod`'s op inlined where it read `prod`'s output (see [`fuse_producers`]).
+fn folded_kernel(prod: &Kernel, c: &Kernel) -> Option<Kernel> {
+    let produced = &prod.outputs[0];
+    let mut args: Vec<TensorRef> = Vec::new();
+    for t in c.inputs.iter().filter(|t| *t != produced).chain(&prod.inputs) {
+        if !args.contains(t) {
+            args.push(t.clone());
+        }
+    }
+    let mut g = Graph::new("fused");
+    let mut vals = Vec::with_capacity(args.len());
+    for (n, t) in args.iter().enumerate() {
+        vals.push(g.input(&format!("arg{n}"), t.dtype, t.shape.clone()).ok()?);
+    }
+    let at = |t: &TensorRef| vals[args.iter().position(|a| a == t).expect("an argument")];
+    let pins: Vec<Value> = prod.inputs.iter().map(at).collect();
+    let pv = inline_kernel(&mut g, prod, &pins)?[0];
+    let cins: Vec<Value> = c
+        .inputs
+        .iter()
+        .map(|t| if t == produced { pv } else { at(t) })
+        .collect();
+    let outs = inline_kernel(&mut g, c, &cins)?;
+    for (n, v) in outs.iter().enumerate() {
+        g.add_output(format!("out{n}"), *v).ok()?;
+    }
+    let body = fulgur_ir::op::FusedBody::from_graph(&g).ok()?;
+    Some(Kernel {
+        name: format!("{} + {}", prod.name, c.name),
+        op: Op::Composite(fulgur_ir::Composite::Fused { body }),
+        inputs: args,
+        ..c.clone()
+    })
 }
 
 /// One kernel for the run `run` (see [`merge_siblings`]): a body of the kernels' bodies over their distinct
@@ -620,13 +745,7 @@ fn merged_kernel(run: &[Kernel]) -> Option<Kernel> {
             .iter()
             .map(|t| vals[args.iter().position(|a| a == t).expect("an argument")])
             .collect();
-        let o = match &k.op {
-            Op::Composite(fulgur_ir::Composite::Fused { body }) => {
-                fulgur_ir::composite::fused::inline_all(&mut g, body, &ins).ok()?
-            }
-            op => g.op(op.clone(), &ins).ok()?,
-        };
-        outs.extend(o);
+        outs.extend(inline_kernel(&mut g, k, &ins)?);
     }
     for (j, v) in outs.iter().enumerate() {
         g.add_output(format!("out{j}"), *v).ok()?;
