@@ -882,7 +882,8 @@ fn cuda_top(gpu: &fulgur_runtime::cuda::CudaProgram, n: usize) -> Vec<KernelTime
 }
 
 /// Step kernels grouped by op and layer-free name with their summed ms per step (`ms` of a kernel id), the
-/// slowest `n` first.
+/// slowest `n` first; then the `n` slowest kinds of kernel (`(by kind)`: elementwise, reduction, gemm, copy,
+/// index, each composite by its op) and the sum over every kernel (`(every kernel)`).
 #[cfg(any(feature = "llvm", feature = "cuda"))]
 fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f64, n: usize) -> Vec<KernelTime> {
     use std::collections::HashMap;
@@ -906,6 +907,42 @@ fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f
         .collect();
     v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
     v.truncate(n);
+    // then every kernel by kind (a composite by its op), and all of them: where the time of the many small
+    // kernels the rows above leave out goes (each kernel's time runs from the event after the one before, so
+    // the whole is the step's time on the device, waits between kernels included)
+    let mut kinds: HashMap<String, (usize, f64)> = HashMap::new();
+    let mut all = (0usize, 0.0f64);
+    for k in step {
+        let kind = match &k.op {
+            fulgur_ir::Op::Composite(c) if !matches!(c, fulgur_ir::Composite::Fused { .. }) => c.name().to_string(),
+            _ => format!("{:?}", k.kind).to_lowercase(),
+        };
+        let e = kinds.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += ms(k.id);
+        all.0 += 1;
+        all.1 += ms(k.id);
+    }
+    let mut kinds: Vec<KernelTime> = kinds
+        .into_iter()
+        .map(|(kind, (calls, ms))| KernelTime {
+            name: "(by kind)".into(),
+            op: kind,
+            calls,
+            ms,
+            steps: Vec::new(),
+        })
+        .collect();
+    kinds.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
+    kinds.truncate(n);
+    v.extend(kinds);
+    v.push(KernelTime {
+        name: "(every kernel)".into(),
+        op: "all".into(),
+        calls: all.0,
+        ms: all.1,
+        steps: Vec::new(),
+    });
     v
 }
 
