@@ -236,8 +236,8 @@ fn generate_routed_gives_the_single_device_tokens() {
 /// the backward autodiff recorded for each chain, every layer routed forward and backward (two exchanges each
 /// way per layer: the rows out and back in the forward, the rows' cotangents out and back in the backward),
 /// the loss, gradient norm, new weights and moments those of one device within 1e-10 (f64), also with the
-/// optimizer state sharded over `dp` and `ep`; the per-rank programs on simulated ranks equal the simulated
-/// graph.
+/// optimizer state sharded over `dp` and `ep` and with expert-tensor parallelism (each expert's width over
+/// `tp`, an exchange per width slice); the per-rank programs on simulated ranks equal the simulated graph.
 #[test]
 fn training_step_routed_gives_the_single_device_update() {
     use fulgur::passes::autodiff::GradOptions;
@@ -246,10 +246,14 @@ fn training_step_routed_gives_the_single_device_update() {
     use fulgur::runtime::ranks::run_ranks;
     let ck = Checkpoint::open(&common::tiny_a()).unwrap();
     let layers = ck.config.num_hidden_layers;
-    let g = fulgur::parallel::structural(&loss_graph(&ck.config), true).unwrap();
     let hp = AdamW::default();
-    let (step, report) = train_step_with(&g, "loss", &hp, 1, &GradOptions::default()).unwrap();
-    assert_eq!(report.moe_chains.len(), layers, "every layer's chain recorded");
+    // the step of a plan's forward (with expert-tensor parallelism, the gate and up halves apart)
+    let step_of = |p: &Parallel| {
+        let g = fulgur::parallel::structural(&plan_graph(&ck.config, p), true).unwrap();
+        let (step, report) = train_step_with(&g, "loss", &hp, 1, &GradOptions::default()).unwrap();
+        assert_eq!(report.moe_chains.len(), layers, "every layer's chain recorded");
+        (step, report)
+    };
     let params = ck.load_params(&loss_graph(&ck.config)).unwrap();
     let mut feed = params.clone();
     for (i, (name, t)) in params.iter().enumerate() {
@@ -272,10 +276,17 @@ fn training_step_routed_gives_the_single_device_update() {
     for (k, v) in hp.scalars(1e-3, 3) {
         feed.insert(k.to_string(), Tensor::from_f64(fulgur::ir::DType::F32, vec![], vec![v]));
     }
-    for (par, b) in [("ep=2", 2), ("ep=4", 4), ("dp=2,ep=2", 4), ("ep=2,tp=2", 2)] {
+    for (par, b) in [
+        ("ep=2", 2),
+        ("ep=4", 4),
+        ("dp=2,ep=2", 4),
+        ("ep=2,tp=2", 2),
+        ("ep=2,tp=2,etp=2", 2),
+    ] {
         feed.insert("input_ids".into(), random_tokens(b, 8, ck.config.vocab_size, 31));
-        let single = run(&step, &feed);
         let p = Parallel::parse(par).unwrap();
+        let (step, report) = step_of(&p);
+        let single = run(&step, &feed);
         let plan = fulgur::parallel::minimax_train_plan(&ck.config, &p, b, 8, &step).unwrap();
         let (sg, sr) = shard_step(&step, &plan, &report.moe_chains).unwrap();
         assert_eq!(

@@ -360,8 +360,8 @@ fn a_checkpoints_tokenizer_tokenizes_text() {
 }
 
 /// The training step sharded (`--parallel`) and run on simulated ranks, each rank's program compiled for the
-/// CPU: tiny-a's three AdamW steps give transformers' losses and parameters at data, tensor, expert (routed: the
-/// rows exchanged forward and backward), expert-tensor (the dense form) and sequence parallel plans, with the
+/// CPU: tiny-a's three AdamW steps give transformers' losses and parameters at data, tensor, expert and
+/// expert-tensor (routed: the rows exchanged forward and backward) and sequence parallel plans, with the
 /// moments sharded over the data-parallel ranks, and through two pipeline stages (two micro-batches by 1F1B,
 /// then the update); degrees that do not divide the batch are refused before anything is written.
 #[test]
@@ -373,7 +373,7 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
     for (par, says) in [
         ("dp=2,tp=2", "training step sharded over 4 simulated ranks"),
         ("ep=2", "8 all_to_all_combine, 8 all_to_all_dispatch"),
-        ("ep=2,tp=2,etp=2", "training step sharded over 4 simulated ranks"),
+        ("ep=2,tp=2,etp=2", "8 all_to_all_combine, 8 all_to_all_dispatch"),
         ("sp=2", "training step sharded over 2 simulated ranks"),
         (
             "pp=2,tp=2",

@@ -328,8 +328,11 @@ impl Pass<'_> {
 
 /// A routed chain of a training step, as its forward was written: what its backward reads.
 pub(super) struct RoutedTrain {
-    /// The tokens' sharding (the dispatch's tokens, the combine's weights and output, and their gradients).
+    /// The tokens' sharding (the dispatch's tokens, the combine's weights, the output's cotangent).
     tokens: Sharding,
+    /// The output's sharding and the tokens' and combine weights' cotangents': the tokens', a partial sum over
+    /// the width's axes (expert-tensor parallelism).
+    partial: Sharding,
     x: Value,
     ids: Value,
     weights: Value,
@@ -362,7 +365,9 @@ impl Pass<'_> {
     /// with every member written per rank on the received rows): the combine's output and what the backward
     /// reads; `None` where it does not fit (expert weights split other than on dim 0 or over axes not adjacent,
     /// tokens the group does not divide, a member that is not row-wise, an operand from outside the chain that
-    /// is not an expert weight).
+    /// is not an expert weight). With expert-tensor parallelism (the chain's split form, each expert's width
+    /// over some axes) every width slice runs the exchange within its group and the output is a partial sum over
+    /// those axes, as in [`Self::routed_moe`].
     pub(super) fn routed_train_forward(
         &mut self,
         g: &Graph,
@@ -404,17 +409,40 @@ impl Pass<'_> {
                 }
             }
         }
-        // the experts' axes: dim 0 of every expert weight split alike; nothing else split
+        // the experts' axes: dim 0 of every expert weight split alike; the width's (expert-tensor parallelism,
+        // the gate and up projections apart): the down projection's weight split on its input dim and the
+        // others on their output dim, the members those grouped GEMMs, `silu` and the product; nothing else
+        let down_w = g.node(c_node.inputs[0].node).inputs.get(2).copied();
+        let split_form = rec.members.len() == 5
+            && rec.members.iter().all(|&m| {
+                matches!(
+                    g.node(m).op,
+                    Op::Composite(Composite::GroupedMatmul { swiglu: false })
+                        | Op::Unary(fulgur_ir::UnaryOp::Silu)
+                        | Op::Binary(fulgur_ir::BinaryOp::Mul)
+                )
+            });
         let sizes = self.mesh.sizes();
-        let mut group_axes = Vec::new();
+        let (mut group_axes, mut width_axes) = (Vec::new(), Vec::new());
         for k in 0..sizes.len() {
-            let at: Vec<Placement> = ext_src
+            let at: Vec<(Value, Placement)> = ext_src
                 .iter()
-                .map(|&v| self.normal(sv(self, v).sh).per_axis[k].clone())
+                .map(|&v| (v, self.normal(sv(self, v).sh).per_axis[k].clone()))
                 .collect();
-            if !at.is_empty() && at.iter().all(|p| *p == Placement::Split(0)) {
+            let width = split_form
+                && ext_src.len() == 3
+                && at.iter().all(|(v, p)| {
+                    *p == if Some(*v) == down_w {
+                        Placement::Split(1)
+                    } else {
+                        Placement::Split(2)
+                    }
+                });
+            if !at.is_empty() && at.iter().all(|(_, p)| *p == Placement::Split(0)) {
                 group_axes.push(k);
-            } else if !at.iter().all(|p| *p == Placement::Replicated) {
+            } else if width {
+                width_axes.push(k);
+            } else if !at.iter().all(|(_, p)| *p == Placement::Replicated) {
                 return Ok(None);
             }
         }
@@ -423,15 +451,22 @@ impl Pass<'_> {
                 return Ok(None);
             }
         }
+        // the tokens: split over the experts' axes, whole over the width's, their other dim-0 splits kept
         let mut tokens = Sharding::replicated(self.mesh);
         for k in 0..sizes.len() {
-            if group_axes.contains(&k) || x.sh.per_axis[k] == Placement::Split(0) {
+            if group_axes.contains(&k) || (!width_axes.contains(&k) && x.sh.per_axis[k] == Placement::Split(0)) {
                 tokens.per_axis[k] = Placement::Split(0);
             }
         }
         let tokens = self.normal(tokens);
         if self.local(&tokens, &x.dims).is_err() {
             return Ok(None);
+        }
+        // a slice of every expert's width gives a part of what the chain gives: a partial sum over the width's
+        // axes (the output, and the tokens' and combine weights' cotangents)
+        let mut partial = tokens.clone();
+        for &k in &width_axes {
+            partial.per_axis[k] = Placement::Partial;
         }
         let xr = self.to(&x, &tokens)?;
         let xr = self.ranked(&xr)?.v;
@@ -510,13 +545,14 @@ impl Pass<'_> {
         let out = Sv {
             v,
             ranked: true,
-            sh: tokens.clone(),
+            sh: partial.clone(),
             dims: c_node.outputs[0].shape.0.clone(),
         };
         Ok(Some((
             out,
             RoutedTrain {
                 tokens,
+                partial,
                 x: xr,
                 ids: ir,
                 weights: wr,
@@ -682,14 +718,14 @@ impl Pass<'_> {
                 Sv {
                     v: dx,
                     ranked: true,
-                    sh: st.tokens.clone(),
+                    sh: st.partial.clone(),
                     dims,
                 }
             } else if v == c_ins[2] {
                 Sv {
                     v: dwts,
                     ranked: true,
-                    sh: st.tokens.clone(),
+                    sh: st.partial.clone(),
                     dims,
                 }
             } else if let Some(i) = st.exts.iter().position(|(s, _)| *s == v) {
