@@ -1,6 +1,7 @@
 //! Pipeline parallelism (`docs/parallelism.md` §4.3): the layers cut into `pp` contiguous stages, each stage's
 //! forward (and, for gradients, its backward) a graph of its own (`models::stage_graph`) sharded over the other
-//! degrees like the whole model, and the stages run one after the other on micro-batches by the 1F1B schedule.
+//! degrees like the whole model (the MoE routed, forward and backward, where its chains fit the exchange), and
+//! the stages run one after the other on micro-batches by the 1F1B schedule.
 //!
 //! Pipeline parallelism is MPMD: a stage runs other layers than its neighbours, so it is not a placement in the
 //! SPMD sharding pass but a cut of the model, and the activations cross the cut as whole tensors: the hidden
@@ -19,8 +20,8 @@
 use crate::ir::{DType, Graph, Precision, Tensor};
 use crate::models::{stage_graph, ForwardOptions, MiniMaxConfig, STAGE_HIDDEN_IN, STAGE_HIDDEN_OUT};
 use crate::parallel::{minimax_plan, structural, Parallel};
-use crate::passes::autodiff::{differentiate, GradOptions, GRAD_PREFIX};
-use crate::passes::shard::{lower_rank, shard_graph, Placement};
+use crate::passes::autodiff::{differentiate_report, GradOptions, GradReport, MoeChainGrad, GRAD_PREFIX};
+use crate::passes::shard::{lower_rank, shard_step, Placement};
 use crate::runtime::ranks::{RankProgram, SimTransport};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -90,45 +91,58 @@ pub fn build(
     }
     let stage_opts = par.forward_options(opts);
     let n = layers.len();
-    layers
-        .into_iter()
-        .enumerate()
-        .map(|(s, range)| {
+    // the MoE routed (its chains rewritten as the exchange, forward and backward), or where a chain of some
+    // stage does not fit the exchange, every stage in the dense form
+    let attempt = |routed: bool| -> Result<(Vec<Stage>, usize), String> {
+        let mut whole = 0;
+        let mut stages = Vec::new();
+        for (s, range) in layers.iter().cloned().enumerate() {
             let (first, last) = (s == 0, s + 1 == n);
             let mut o = stage_opts.clone();
             if !last {
                 (o.loss, o.hidden_states, o.states) = (false, false, false);
             }
             let fwd = stage_graph(cfg, &o, range.clone()).map_err(|e| e.to_string())?;
-            let fwd = prepare(structural(&fwd, false)?)?;
-            let programs = |g: &Graph| -> Result<Vec<Graph>, String> {
+            let fwd = prepare(structural(&fwd, routed)?)?;
+            let mut programs = |g: &Graph, chains: &[MoeChainGrad]| -> Result<Vec<Graph>, String> {
+                // parameters as inputs keep every node: the chains' record holds
                 let g = if params_as_inputs {
                     crate::passes::optim::params_to_inputs(g).map_err(|e| e.to_string())?
                 } else {
                     g.clone()
                 };
-                let (sg, _) = shard_graph(&g, &plan).map_err(|e| format!("stage {s}: {e}"))?;
+                let (sg, report) = shard_step(&g, &plan, chains).map_err(|e| format!("stage {s}: {e}"))?;
+                whole += report.whole_moe;
                 (0..inner.ranks())
                     .map(|r| lower_rank(&sg, &plan.mesh, r).map_err(|e| format!("stage {s}, rank {r}: {e}")))
                     .collect()
             };
             let backward = if grads {
-                Some(programs(&backward_graph(&fwd, first, last)?)?)
+                let (bg, report) = backward_graph(&fwd, first, last)?;
+                Some(programs(&bg, &report.moe_chains)?)
             } else {
                 None
             };
-            Ok(Stage {
+            let forward = programs(&fwd, &[])?;
+            stages.push(Stage {
                 layers: range,
-                forward: programs(&fwd)?,
+                forward,
                 backward,
-            })
-        })
-        .collect()
+            });
+        }
+        Ok((stages, whole))
+    };
+    let (stages, whole) = attempt(true)?;
+    if whole == 0 {
+        return Ok(stages);
+    }
+    Ok(attempt(false)?.0)
 }
 
 /// A stage's backward: its forward with the pseudo-loss `Σ hidden_out · grad.hidden_out` (the last stage keeps its
-/// loss), differentiated for every parameter and, past the first stage, for `hidden_in`.
-fn backward_graph(fwd: &Graph, first: bool, last: bool) -> Result<Graph, String> {
+/// loss), differentiated for every parameter and, past the first stage, for `hidden_in`; with where its MoE
+/// chains' backward lies (for the sharding pass's routed exchange).
+fn backward_graph(fwd: &Graph, first: bool, last: bool) -> Result<(Graph, GradReport), String> {
     let mut g = fwd.clone();
     if !last {
         let h = g
@@ -153,7 +167,7 @@ fn backward_graph(fwd: &Graph, first: bool, last: bool) -> Result<Graph, String>
         },
         ..Default::default()
     };
-    differentiate(&g, "loss", &opts).map_err(|e| e.to_string())
+    differentiate_report(&g, "loss", &opts).map_err(|e| e.to_string())
 }
 
 /// What a pipeline run gives.

@@ -1142,6 +1142,53 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         assert!((loss - single["loss"].to_f64()[0]).abs() < 1e-10, "{par}: loss {loss}");
         assert!(eg < 1e-10, "{par}: `{name}` off by {eg}");
     }
+    // expert parallel stages: each stage's MoE routed (the rows exchanged forward and, in the stage's backward,
+    // back), two micro-batches of two sequences
+    let ids4 = random_tokens(4, 16, cfg.vocab_size, 17);
+    feed.insert("input_ids".into(), ids4.clone());
+    let single4 = run_f64(&differentiate(&g, "loss", &GradOptions::default()).unwrap(), &feed);
+    let p = Parallel::parse("pp=2,ep=2").unwrap();
+    let stages = build(cfg, &p, 2, 16, &opts, true, false, &|g| Ok(g)).unwrap();
+    let exchanges = |gs: &[Graph]| {
+        gs[0]
+            .nodes()
+            .filter(|(_, n)| {
+                matches!(&n.op, fulgur::ir::Op::Composite(fulgur::ir::Composite::OnRank { op, .. })
+                if op.name() == "all_to_all_dispatch")
+            })
+            .count()
+    };
+    for st in &stages {
+        let layers = st.layers.len();
+        assert_eq!(exchanges(&st.forward), layers, "a dispatch per layer in the forward");
+        assert_eq!(
+            exchanges(st.backward.as_ref().unwrap()),
+            2 * layers,
+            "the forward recomputed and the cotangents' dispatch"
+        );
+    }
+    let out = run(
+        &stages,
+        &micro_batches(&ids4, 2).unwrap(),
+        make.clone(),
+        Precision::F64,
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap();
+    let grads: BTreeMap<String, Tensor> = out
+        .grads
+        .iter()
+        .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
+        .collect();
+    let want: BTreeMap<String, Tensor> = single4
+        .iter()
+        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (eg, name) = worst(&grads, &want);
+    println!("pp=2,ep=2: gradients worst {eg:.1e} ({name})");
+    assert!(eg < 1e-10, "pp=2,ep=2: `{name}` off by {eg}");
+    feed.insert("input_ids".into(), ids.clone());
     // a stage whose program cannot run fails the run naming it; its neighbours do not hang
     let stages = build(
         cfg,
