@@ -127,6 +127,44 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
     let add = &phase[phase.rfind("// phase `").unwrap()..];
     assert!(add.contains("for (i64"), "the scatter's loop is kept: {add}");
     assert!(!add.contains("fulgur_t / ("), "no thread per iteration: {add}");
+    // an embedding's gradient (2048 columns, 32000 rows): the rows cut into 64 ranges, a thread per (column,
+    // range), each still walking the indices in order
+    let mut g = Graph::new("embedding_grad");
+    let data = g
+        .input("data", DType::F32, vec![Dim::from(32000), Dim::from(2048)])
+        .unwrap();
+    let idx = g.input("idx", DType::I64, vec![Dim::from(8192)]).unwrap();
+    let upd = g
+        .input("upd", DType::F32, vec![Dim::from(8192), Dim::from(2048)])
+        .unwrap();
+    let s = g.scatter_add(data, idx, upd, 0).unwrap();
+    g.add_output("o", s).unwrap();
+    let p = lower(&g).unwrap();
+    let kernels = build_program_for(&p, Target::Cuda).unwrap();
+    let k = p
+        .step
+        .iter()
+        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("scatter_add"))
+        .unwrap();
+    let lk = &kernels[k.code];
+    let last = lk
+        .steps
+        .iter()
+        .rev()
+        .find_map(|s| match s {
+            fulgur_codegen::loops::Step::Phase(ph) => Some(ph),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(lk.pool.eval(last.grid, &[]), Some(2048 * 64), "{}", lk.text());
+    let mut cuda_kernels = kernels.clone();
+    let cuda = emit_program(&p, &mut cuda_kernels).unwrap();
+    let src = &cuda[k.code].source;
+    let add = &src[src.rfind("// phase `").unwrap()..];
+    assert!(
+        add.contains("for (i64") && add.contains("if ("),
+        "the loop kept, the range checked: {add}"
+    );
 }
 
 /// A reduction with few outputs over a long range runs in levels of partials (one thread per output would walk

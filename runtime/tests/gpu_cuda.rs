@@ -1005,12 +1005,20 @@ fn gpu_scatter_add_with_repeated_indices_matches_the_interpreter() {
     if !gpu() {
         return;
     }
-    let data = random(DType::F32, vec![7, 33], 11);
-    let idx = Tensor::from_i64(DType::I64, vec![50], (0..50).map(|i| (i * i) % 7).collect());
-    let upd = random(DType::F32, vec![50, 33], 12);
-    let e = gpu_op_error(Op::ScatterAdd { axis: 0 }, vec![data, idx, upd]);
-    println!("scatter_add, 50 updates into 7 rows: rel {e:.3e}");
-    assert!(e < 1e-6, "relative error {e}");
+    // a few rows; and an embedding's gradient shape (few columns over a long axis: the axis cut into ranges, a
+    // thread per column and range)
+    for (rows, n) in [(7i64, 50i64), (3000, 500)] {
+        let data = random(DType::F32, vec![rows as usize, 33], 11);
+        let idx = Tensor::from_i64(
+            DType::I64,
+            vec![n as usize],
+            (0..n).map(|i| (i * i + 3 * i) % rows).collect(),
+        );
+        let upd = random(DType::F32, vec![n as usize, 33], 12);
+        let e = gpu_op_error(Op::ScatterAdd { axis: 0 }, vec![data, idx, upd]);
+        println!("scatter_add, {n} updates into {rows} rows: rel {e:.3e}");
+        assert!(e < 1e-6, "{rows} rows: relative error {e}");
+    }
 }
 
 /// Permutes lowered as views (`program::lower`): cuBLAS reads a transposed operand with its transpose flag, an

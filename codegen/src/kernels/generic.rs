@@ -65,6 +65,20 @@ pub(crate) fn expand(g: &mut Graph, op: &Op, ins: &[Value]) -> Result<Vec<Value>
     }
 }
 
+/// A CUDA scatter with fewer items than this (the product of the dims but the scattered axis) cuts that axis
+/// into ranges, a thread per (item, range) (see `Gen::scatter_add`).
+const SCATTER_MIN_ITEMS: i64 = 1 << 17;
+/// The shortest range of the scattered axis one thread of a cut scatter covers.
+const SCATTER_MIN_RANGE: i64 = 64;
+
+/// The items of a scatter along axis `a` of `dims` (the product of the others), when constant.
+fn scatter_items(dims: &[Dim], a: usize) -> Option<i64> {
+    dims.iter()
+        .enumerate()
+        .filter(|(k, _)| *k != a)
+        .try_fold(1i64, |acc, (_, d)| d.as_const().map(|c| acc * c))
+}
+
 /// Whether a node is computed by a step of its own.
 fn materialised(op: &Op) -> bool {
     matches!(
@@ -950,6 +964,12 @@ impl<'a> Gen<'a> {
     /// Items over every axis but `axis` and the index with `axis` left to fill: (item var, index, grid).
     fn around_axis(&mut self, dims: &[Dim], axis: usize) -> (u32, Vec<E>, E) {
         let (item_var, item) = self.lk.loop_var();
+        let (idx, grid) = self.around_axis_at(dims, axis, item);
+        (item_var, idx, grid)
+    }
+
+    /// [`Self::around_axis`] for item expression `item`: the index (0 on `axis`) and the number of items.
+    fn around_axis_at(&mut self, dims: &[Dim], axis: usize, item: E) -> (Vec<E>, E) {
         let others: Vec<Dim> = dims
             .iter()
             .enumerate()
@@ -968,7 +988,7 @@ impl<'a> Gen<'a> {
         }
         let grid = others.iter().fold(Dim::from(1), |a, d| a * d.clone());
         let grid = self.lk.dim(&grid);
-        (item_var, idx, grid)
+        (idx, grid)
     }
 
     fn cumsum(
@@ -1194,7 +1214,37 @@ impl<'a> Gen<'a> {
         let xd = self.g.dims(data).to_vec();
         let id = self.g.dims(indices).to_vec();
         let a = norm_axis(axis, xd.len()).map_err(CodegenError::Options)?;
-        let (item_var, mut idx, grid) = self.around_axis(&xd, a);
+        // on CUDA, few items (an embedding's gradient: a thread per column, 2048 of them) over a long axis:
+        // each item's axis cut into ranges, a thread per (item, range) walking every index in order and adding
+        // those in its range: the device filled, each element still summed in index order by one thread
+        let ranges = match (self.target == Target::Cuda, scatter_items(&xd, a), xd[a].as_const()) {
+            (true, Some(items), Some(len)) if items < SCATTER_MIN_ITEMS => {
+                (SCATTER_MIN_ITEMS / items.max(1)).clamp(1, (len / SCATTER_MIN_RANGE).max(1))
+            }
+            _ => 1,
+        };
+        let (item_var, mut idx, grid, range) = if ranges > 1 {
+            // the item's coordinates from `item mod items`, its range from `item / items` (neighbouring threads
+            // on neighbouring elements)
+            let (item_var, item) = self.lk.loop_var();
+            let items = scatter_items(&xd, a).expect("constant items");
+            let ie = self.lk.pool.i(items);
+            let col = self.lk.pool.rem(item, ie);
+            let r = self.lk.pool.div(item, ie);
+            let (idx, grid) = self.around_axis_at(&xd, a, col);
+            let len = xd[a].as_const().expect("a constant axis");
+            let chunk = (len + ranges - 1) / ranges;
+            let p = &mut self.lk.pool;
+            let ce = p.i(chunk);
+            let lo = p.mul(r, ce);
+            let hi = p.addi(lo, ce);
+            let n = p.i(ranges);
+            let grid = p.mul(grid, n);
+            (item_var, idx, grid, Some((lo, hi)))
+        } else {
+            let (v, idx, grid) = self.around_axis(&xd, a);
+            (v, idx, grid, None)
+        };
         let (kv, ke) = self.lk.loop_var();
         let nids = id.iter().fold(Dim::from(1), |x, d| x * d.clone());
         let nids_e = self.lk.dim(&nids);
@@ -1214,6 +1264,26 @@ impl<'a> Gen<'a> {
         let sum = self.lk.pool.bin(BinaryOp::Add, cur, u);
         let index = home.index(&mut self.lk, &idx);
         let zero = self.lk.pool.i(0);
+        let store = Stmt::Store {
+            arg: home.slot,
+            dtype: home.dtype,
+            index,
+            value: sum,
+        };
+        let body = match range {
+            Some((lo, hi)) => {
+                let p = &mut self.lk.pool;
+                let ge = p.cmp(fulgur_ir::CmpOp::Ge, j, lo);
+                let lt = p.cmp(fulgur_ir::CmpOp::Lt, j, hi);
+                let inside = p.and(ge, lt);
+                vec![Stmt::If {
+                    cond: inside,
+                    then: vec![store],
+                    els: vec![],
+                }]
+            }
+            None => vec![store],
+        };
         self.lk.steps.push(Step::Phase(Phase {
             name: name.into(),
             grid,
@@ -1222,12 +1292,7 @@ impl<'a> Gen<'a> {
                 var: kv,
                 lo: zero,
                 hi: nids_e,
-                body: vec![Stmt::Store {
-                    arg: home.slot,
-                    dtype: home.dtype,
-                    index,
-                    value: sum,
-                }],
+                body,
             }],
             item_cost: nids_e,
         }));
