@@ -24,6 +24,7 @@
 //! costs (each class its cheapest e-node by the sum of its children's costs, acyclic by construction) and says
 //! so in [`ExtractStats::method`].
 
+use crate::classify::{classify, KernelKind, NodeClass};
 use crate::cost::CostModel;
 use crate::lang::{EGraph, FNode, FOp};
 use egg::Id;
@@ -59,6 +60,10 @@ pub struct ExtractStats {
     pub converged: bool,
     /// Whether the deadline stopped the improvement passes.
     pub deadline_hit: bool,
+    /// Classes whose choice the whole-program refinement changed (see [`refine_roots`]).
+    pub refined: usize,
+    /// Whether the refinement reached its fixpoint: no single class's switch lowers the roots' cost.
+    pub refine_converged: bool,
 }
 
 /// Cost of one e-node alone (seconds) under the model.
@@ -93,6 +98,10 @@ struct Cand {
     /// Index into the class's e-nodes.
     node: usize,
     own: f64,
+    /// A kernel whose work the code generators never share between kernels: a reduction, a matmul, an index
+    /// kernel, a composite or a collective (not elementwise or copy work, which `fulgur-codegen` merges and
+    /// folds after extraction; see [`refine_roots`]).
+    heavy: bool,
     /// Children as class indices, without repeats.
     kids: Vec<usize>,
 }
@@ -194,16 +203,35 @@ pub fn extract_until(egraph: &EGraph, model: &CostModel, roots: &[Id], deadline:
                     let mut kids: Vec<usize> = node.children.iter().map(|&ch| index[&egraph.find(ch)]).collect();
                     kids.sort_unstable();
                     kids.dedup();
-                    Some(Cand { node: k, own, kids })
+                    let heavy = !egraph[c].data.param_only
+                        && node.ir_op().is_some_and(|op| {
+                            matches!(
+                                classify(op),
+                                NodeClass::Kernel(kind) if !matches!(kind, KernelKind::Elementwise | KernelKind::Copy)
+                            )
+                        });
+                    Some(Cand {
+                        node: k,
+                        own,
+                        kids,
+                        heavy,
+                    })
                 })
                 .collect()
         })
         .collect();
-    let (choice, stats) = if n <= MAX_DAG_CLASSES {
+    let (mut choice, mut stats) = if n <= MAX_DAG_CLASSES {
         dag_choice(&cands, deadline)
     } else {
         tree_choice(&cands)
     };
+    let root_idx: Vec<usize> = roots
+        .iter()
+        .filter_map(|&r| index.get(&egraph.find(r)).copied())
+        .collect();
+    let (switches, settled) = refine_roots(&cands, &mut choice, &root_idx, deadline);
+    stats.refined = switches;
+    stats.refine_converged = settled;
     // exact costs of the final (acyclic) choice, bottom-up
     let cost = exact_costs(&cands, &choice);
     let mut ex = Extraction {
@@ -316,6 +344,157 @@ fn dag_choice(cands: &[Vec<Cand>], deadline: Option<Instant>) -> (Vec<Option<usi
         }
     }
     (choice, stats)
+}
+
+/// The most passes of [`refine_roots`].
+pub const MAX_REFINE_PASSES: usize = 16;
+
+/// Whole-program refinement of a valid, acyclic choice: the greedy rule prices each class by what *it* needs,
+/// so a class may pick an e-node that recomputes a value the program computes anyway for another root (the
+/// training graph's forward computes the lightning attention's output for the backward, and the greedy layer
+/// class then still picks `lightning_layer`, which computes that attention a second time; the backward's
+/// gemm epilogues each recompute one matmul of the same operands). Here the objective is the cost of every
+/// class the roots need, each once; a pass tries every other admissible e-node of every needed class and
+/// keeps a switch when it strictly lowers that cost, closes no cycle, and takes a *heavy* kernel (reduction,
+/// matmul, index, composite, collective) out of the program. Elementwise and copy work alone is never traded:
+/// the code generators merge sibling elementwise kernels that read the same inputs and fold an elementwise
+/// value into its one reader (`fulgur-codegen`'s `merge_siblings`, `fuse_producers`), which the cost model
+/// does not see (AdamW's update that recomputes the new moments inline is one merged kernel with the moments'
+/// kernels; reading the stored moments instead looks cheaper here and is not). The change a switch makes is
+/// found by reference counts over the chosen graph (classes that become needed, classes no longer needed), so
+/// each trial costs the size of what it changes, not of the graph. Passes repeat until none switches
+/// ([`MAX_REFINE_PASSES`], or the deadline). Returns the switches made and whether the fixpoint was reached.
+fn refine_roots(
+    cands: &[Vec<Cand>],
+    choice: &mut [Option<usize>],
+    roots: &[usize],
+    deadline: Option<Instant>,
+) -> (usize, bool) {
+    let n = cands.len();
+    let own = |choice: &[Option<usize>], i: usize| choice[i].map(|k| cands[i][k].own).unwrap_or(0.0);
+    // reference counts: roots, plus one per needed class whose choice has the class as a child
+    let mut rc = vec![0u32; n];
+    let mut total = 0.0;
+    let mut stack: Vec<usize> = Vec::new();
+    for &r in roots {
+        if rc[r] == 0 {
+            stack.push(r);
+        }
+        rc[r] += 1;
+    }
+    while let Some(i) = stack.pop() {
+        total += own(choice, i);
+        if let Some(k) = choice[i] {
+            for &j in &cands[i][k].kids {
+                if rc[j] == 0 {
+                    stack.push(j);
+                }
+                rc[j] += 1;
+            }
+        }
+    }
+    // one trial: `delta` of the roots' cost if class `i` chose `k` (every change logged for the undo)
+    fn adjust(
+        cands: &[Vec<Cand>],
+        choice: &[Option<usize>],
+        rc: &mut [u32],
+        log: &mut Vec<(usize, bool)>,
+        kids: &[usize],
+        up: bool,
+        heavy: &mut bool,
+    ) -> f64 {
+        let mut d = 0.0;
+        let mut stack: Vec<usize> = kids.to_vec();
+        while let Some(j) = stack.pop() {
+            log.push((j, up));
+            let edge = if up {
+                rc[j] += 1;
+                rc[j] == 1
+            } else {
+                rc[j] -= 1;
+                rc[j] == 0
+            };
+            if edge {
+                // the class became needed (or stopped being needed): so does its choice's subgraph
+                if let Some(k) = choice[j] {
+                    d += if up { cands[j][k].own } else { -cands[j][k].own };
+                    *heavy |= !up && cands[j][k].heavy;
+                    stack.extend(cands[j][k].kids.iter().copied());
+                }
+            }
+        }
+        d
+    }
+    fn undo(rc: &mut [u32], log: &mut Vec<(usize, bool)>) {
+        while let Some((j, up)) = log.pop() {
+            if up {
+                rc[j] -= 1;
+            } else {
+                rc[j] += 1;
+            }
+        }
+    }
+    let mut log: Vec<(usize, bool)> = Vec::new();
+    let mut seen = vec![0u32; n];
+    let mut stamp = 0u32;
+    let mut switches = 0;
+    for _ in 0..MAX_REFINE_PASSES {
+        let mut changed = false;
+        for i in 0..n {
+            if i % 256 == 255 && deadline.is_some_and(|d| Instant::now() >= d) {
+                return (switches, false);
+            }
+            let Some(cur) = choice[i] else { continue };
+            if rc[i] == 0 || cands[i].len() < 2 {
+                continue;
+            }
+            for k in 0..cands[i].len() {
+                let cur = choice[i].unwrap_or(cur);
+                if k == cur || cands[i][k].kids.iter().any(|&j| choice[j].is_none()) {
+                    continue;
+                }
+                // add the new e-node's children first, so that shared children never drop out and come back
+                let mut delta = cands[i][k].own - cands[i][cur].own;
+                let mut removed_heavy = cands[i][cur].heavy;
+                delta += adjust(
+                    cands,
+                    choice,
+                    &mut rc,
+                    &mut log,
+                    &cands[i][k].kids,
+                    true,
+                    &mut removed_heavy,
+                );
+                delta += adjust(
+                    cands,
+                    choice,
+                    &mut rc,
+                    &mut log,
+                    &cands[i][cur].kids,
+                    false,
+                    &mut removed_heavy,
+                );
+                let better = removed_heavy && delta < 0.0 && -delta > 1e-9 * total.abs().max(1e-30);
+                stamp = stamp.wrapping_add(1);
+                if better && !reaches(cands, choice, &cands[i][k].kids, i, &mut seen, stamp) {
+                    log.clear();
+                    choice[i] = Some(k);
+                    total += delta;
+                    switches += 1;
+                    changed = true;
+                } else {
+                    undo(&mut rc, &mut log);
+                }
+            }
+        }
+        if !changed {
+            return (switches, true);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    (switches, false)
 }
 
 fn bit(words: &[u64], i: usize) -> bool {
