@@ -941,9 +941,14 @@ fn check_symbols(p: &KernelProgram) -> Result<(), CodegenError> {
 /// reshape of data that is not contiguous).
 fn view(op: &Op, t: &TensorRef, out: &TensorType) -> Option<TensorRef> {
     match op {
-        Op::Reshape { .. } => t.is_contiguous().then(|| TensorRef {
+        Op::Reshape { .. } if t.is_contiguous() => Some(TensorRef {
             shape: out.dims().to_vec(),
             strides: row_major(out.dims()),
+            ..t.clone()
+        }),
+        Op::Reshape { .. } => merged_strides(&t.shape, &t.strides, out.dims()).map(|strides| TensorRef {
+            shape: out.dims().to_vec(),
+            strides,
             ..t.clone()
         }),
         Op::Broadcast { .. } => {
@@ -978,6 +983,40 @@ fn view(op: &Op, t: &TensorRef, out: &TensorType) -> Option<TensorRef> {
         }),
         _ => None,
     }
+}
+
+/// The strides of a reshape of strided data that only merges runs of adjacent dims (each output dim the product
+/// of consecutive input dims, size-1 dims anywhere), where every run is itself laid out as one dim: `[M, B, T]`
+/// with strides `[1, M·T, M]` (a transposed `[B, T, M]`) is `[M, B·T]` with strides `[1, M]`. `None` for a split
+/// or a run whose strides do not chain: the reshape is then a copy.
+fn merged_strides(shape: &[Dim], strides: &[Dim], out: &[Dim]) -> Option<Vec<Dim>> {
+    let one = Dim::from(1);
+    let mut i = 0;
+    let mut res = Vec::with_capacity(out.len());
+    for o in out {
+        let mut prod = one.clone();
+        // the run's innermost dim of size other than 1 (its stride is the merged dim's), and the one before
+        let mut last: Option<usize> = None;
+        while prod != *o {
+            if i >= shape.len() {
+                return None;
+            }
+            let k = i;
+            i += 1;
+            if shape[k].is_one() {
+                continue;
+            }
+            if let Some(l) = last {
+                if strides[l] != strides[k].clone() * shape[k].clone() {
+                    return None;
+                }
+            }
+            last = Some(k);
+            prod = prod * shape[k].clone();
+        }
+        res.push(last.map(|l| strides[l].clone()).unwrap_or_else(|| one.clone()));
+    }
+    shape[i..].iter().all(|d| d.is_one()).then_some(res)
 }
 
 /// Adds a kernel computing `op` over `ins` into new buffers; to the prepare program when it depends on weights
@@ -1106,4 +1145,50 @@ pub fn kernel_nodes(g: &Graph) -> HashMap<String, NodeId> {
     g.nodes()
         .filter_map(|(id, n)| n.name.clone().map(|name| (name, id)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merged_strides;
+    use fulgur_ir::Dim;
+
+    fn d(v: &[i64]) -> Vec<Dim> {
+        v.iter().map(|&x| Dim::from(x)).collect()
+    }
+
+    /// Merged strides agree with the element each index reaches: a transposed `[B, T, M]` merged to
+    /// `[M, B·T]`, size-1 dims dropped and added, symbolic dims; a split and a run that does not chain copy.
+    #[test]
+    fn a_reshape_of_strided_data_is_a_view_where_its_runs_chain() {
+        let (b, t, m) = (Dim::sym("B"), Dim::sym("T"), Dim::from(8));
+        // [M, B, T] with strides [1, M·T, M] (permute [2, 0, 1] of a contiguous [B, T, M])
+        let shape = vec![m.clone(), b.clone(), t.clone()];
+        let strides = vec![Dim::from(1), m.clone() * t.clone(), m.clone()];
+        let got = merged_strides(&shape, &strides, &[m.clone(), b.clone() * t.clone()]);
+        assert_eq!(got, Some(vec![Dim::from(1), m.clone()]));
+        // numerically: every element of [3, 2·5] reaches the same offset as in [3, 2, 5]
+        let (sh, st) = (d(&[3, 2, 5]), d(&[1, 15, 3]));
+        let got = merged_strides(&sh, &st, &d(&[3, 10])).unwrap();
+        for i in 0..3i64 {
+            for j in 0..10i64 {
+                let want = i + (j / 5) * 15 + (j % 5) * 3;
+                let at = Dim::from(i) * got[0].clone() + Dim::from(j) * got[1].clone();
+                assert_eq!(at, Dim::from(want));
+            }
+        }
+        // size-1 dims on either side
+        let got = merged_strides(&d(&[1, 4, 1, 6]), &d(&[99, 1, 7, 4]), &d(&[4, 6, 1]));
+        assert_eq!(got, Some(d(&[1, 4, 1])));
+        // [B, T, 16, 128] strides [2048·T, 128, 128·T, 1] to [B, T, 2048]: 16 and 128 do not chain
+        let st = vec![
+            Dim::from(2048) * t.clone(),
+            Dim::from(128),
+            Dim::from(128) * t.clone(),
+            Dim::from(1),
+        ];
+        let sh = vec![b.clone(), t.clone(), Dim::from(16), Dim::from(128)];
+        assert_eq!(merged_strides(&sh, &st, &[b, t, Dim::from(2048)]), None);
+        // a split is a copy
+        assert_eq!(merged_strides(&d(&[6, 4]), &d(&[1, 6]), &d(&[2, 3, 4])), None);
+    }
 }

@@ -120,3 +120,55 @@ fn scale_folding_only_where_the_product_is_exact() {
         assert_eq!(r.checked > 0, folds, "{dtype} {c1} · {c2}: {r}");
     }
 }
+
+/// A weight's gradient as autodiff writes it, `reduce_sum[0](Xᵀ·dY)` over the batch, equals one matmul over the
+/// merged contraction (`batch-sum-matmul`); with the whole optimizer it is what gets built: one matmul of
+/// `[K, B·T]` by `[B·T, N]` and no reduction.
+#[test]
+fn a_batched_matmul_summed_over_the_batch_is_one_matmul() {
+    let mut rng = StdRng::seed_from_u64(0xa3);
+    for case in 0..4 {
+        let (b, t) = if case == 0 {
+            (1, 1)
+        } else {
+            (rng.gen_range(1..=4), rng.gen_range(1..=6))
+        };
+        let [k, n] = [0; 2].map(|_| rng.gen_range(1..=8i64));
+        let mut g = Graph::new("wgrad");
+        let x = g
+            .input("x", DType::F32, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(k)])
+            .unwrap();
+        let dy = g
+            .input("dy", DType::F32, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(n)])
+            .unwrap();
+        let xt = g.permute(x, &[0, 2, 1]).unwrap();
+        let per = g.matmul(xt, dy).unwrap();
+        let dw = g.reduce(fulgur_ir::ReduceOp::Sum, per, &[0], false).unwrap();
+        g.add_output("dw", dw).unwrap();
+        check(&g, &env(&[("B", b), ("T", t)]), 1);
+    }
+    // at a size where the reduction's traffic matters, the optimizer builds the single matmul
+    let mut g = Graph::new("wgrad");
+    let x = g
+        .input("x", DType::BF16, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(2048)])
+        .unwrap();
+    let dy = g
+        .input("dy", DType::BF16, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(4096)])
+        .unwrap();
+    let xt = g.permute(x, &[0, 2, 1]).unwrap();
+    let per = g.matmul(xt, dy).unwrap();
+    let dw = g.reduce(fulgur_ir::ReduceOp::Sum, per, &[0], false).unwrap();
+    g.add_output("dw", dw).unwrap();
+    let pipeline = fulgur_passes::Pipeline::new()
+        .with(fulgur_passes::Dce)
+        .with(fulgur_passes::EqSat::new(
+            fulgur_passes::rules::families(&RuleConfig::default(), &[]).unwrap(),
+        ));
+    let cx = fulgur_passes::PassContext {
+        model: fulgur_passes::CostModel::new(fulgur_passes::Target::by_name("H100").unwrap()),
+    };
+    let opt = pipeline.run(&g, &cx, None).unwrap().0;
+    let ops: Vec<String> = opt.nodes().map(|(_, n)| n.op.name().to_string()).collect();
+    assert_eq!(ops.iter().filter(|o| *o == "matmul").count(), 1, "{ops:?}");
+    assert!(!ops.iter().any(|o| o == "reduce_sum" || o == "fused"), "{ops:?}");
+}

@@ -1,5 +1,5 @@
 //! Algebra: layout canonicalisation (permute/reshape/broadcast folding), scalar folding, cast elimination,
-//! matmul re-association. No global commutativity or associativity on tensors: every rule here shrinks or
+//! matmul re-association, a batched matmul summed over its batch as one matmul. No global commutativity or associativity on tensors: every rule here shrinks or
 //! reorders a fixed local pattern, so saturation stays small.
 
 use super::{fn_rule, Family, RuleConfig};
@@ -18,6 +18,7 @@ pub fn family(cfg: &RuleConfig) -> Family {
             fn_rule("mul-one", probe_neutral, build_neutral, cfg),
             fn_rule("scale-scale", probe_scale_scale, build_scale_scale, cfg),
             fn_rule("matmul-reassoc", probe_matmul_reassoc, build_matmul_reassoc, cfg),
+            fn_rule("batch-sum-matmul", probe_batch_sum_matmul, build_batch_sum_matmul, cfg),
         ],
     }
 }
@@ -210,6 +211,64 @@ fn build_matmul_reassoc(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Ve
         if let Some(bc) = add_op(eg, Op::MatMul, &[b, c]) {
             out.extend(add_op(eg, Op::MatMul, &[a, bc]));
         }
+    }
+    out
+}
+
+/// The batched matmul `reduce_sum[axes=[0]](matmul(A [B, M, K], C [B, K, N]))` as one matmul over the merged
+/// contraction: `reshape(permute(A, [1, 0, 2]), [M, B·K]) · reshape(C, [B·K, N])`. This is a weight's gradient
+/// from autodiff (`Xᵀ·dY` per sample, summed over the batch): one GEMM with a `B`-times longer contraction
+/// instead of a `[B, M, N]` product written out and read back by a reduction (bench-m's lm_head: 524 MB each
+/// way). `A` is usually a transposed view of a `[B, K, M]` activation, so the permute folds into it (the
+/// lowering copies it to `[M, B·K]` where its strides do not merge). A batch sum read through a transpose (a
+/// weight stored `[N, M]`, as the lm_head's) is left batched: its one-GEMM form needs a transposed operand,
+/// which the cost model prices as a copy (`permute` is a copy kernel to it, a view to the lowering).
+fn probe_batch_sum_matmul(eg: &EGraph, _: Id, n: &FNode) -> bool {
+    let Some(Op::Reduce {
+        op: fulgur_ir::ReduceOp::Sum,
+        axes,
+        keepdims: false,
+    }) = op(n)
+    else {
+        return false;
+    };
+    axes.len() == 1
+        && (axes[0] == 0 || axes[0] == -3)
+        && class_ops(eg, n.children[0]).any(|(o, ch)| matches!(o, Op::MatMul) && batch_pair(eg, ch).is_some())
+}
+
+/// `(B, M, K, N)` when `a` is `[B, M, K]` and `c` is `[B, K, N]` (one batch dim, not broadcast).
+fn batch_pair(eg: &EGraph, ch: &[Id]) -> Option<(fulgur_ir::Dim, fulgur_ir::Dim, fulgur_ir::Dim, fulgur_ir::Dim)> {
+    let (a, c) = (class_ty(eg, ch[0])?, class_ty(eg, ch[1])?);
+    let (ad, cd) = (a.dims(), c.dims());
+    (ad.len() == 3 && cd.len() == 3 && ad[0] == cd[0] && ad[2] == cd[1] && a.dtype == c.dtype)
+        .then(|| (ad[0].clone(), ad[1].clone(), ad[2].clone(), cd[2].clone()))
+}
+
+fn build_batch_sum_matmul(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
+    let pairs: Vec<Vec<Id>> = class_ops(eg, n.children[0])
+        .filter(|(o, _)| matches!(o, Op::MatMul))
+        .map(|(_, ch)| ch.to_vec())
+        .collect();
+    let mut out = Vec::new();
+    for ch in pairs {
+        let Some((b, m, k, nn)) = batch_pair(eg, &ch) else {
+            continue;
+        };
+        let bk = b * k;
+        let shape = |d: Vec<fulgur_ir::Dim>| Op::Reshape {
+            shape: fulgur_ir::Shape::new(d),
+        };
+        let Some(pa) = add_op(eg, Op::Permute { perm: vec![1, 0, 2] }, &[ch[0]]) else {
+            continue;
+        };
+        let Some(ra) = add_op(eg, shape(vec![m, bk.clone()]), &[pa]) else {
+            continue;
+        };
+        let Some(rc) = add_op(eg, shape(vec![bk, nn]), &[ch[1]]) else {
+            continue;
+        };
+        out.extend(add_op(eg, Op::MatMul, &[ra, rc]));
     }
     out
 }
