@@ -100,6 +100,12 @@ pub fn emit_program(p: &KernelProgram, kernels: &mut [LoopKernel]) -> Result<Vec
     Ok(out)
 }
 
+/// Whether `lightning_attention` may take its tensor-core template (`FULGUR_LIGHTNING_MMA=0` keeps the staged
+/// block form, for measuring and as a fallback).
+fn lightning_mma() -> bool {
+    std::env::var("FULGUR_LIGHTNING_MMA").map_or(true, |v| v != "0")
+}
+
 /// The CUDA form of code `code`, whose kernels (for the header) are `users`; `kernel` is one of them (the
 /// templates read its views).
 pub fn emit(
@@ -133,7 +139,7 @@ pub fn emit(
         _ => None,
     };
     // `flash_attention_grad`'s tensor-core form replaces its loop form's steps, their slots and scratch
-    let grad = match kernel {
+    let templates = match kernel {
         Some(k) => match k.op {
             Op::Composite(Composite::FlashAttentionGrad { scale, causal }) if flash_mma::grad_applies(k) => {
                 lk.steps.clear();
@@ -141,11 +147,20 @@ pub fn emit(
                 lk.slots.clear();
                 Some(flash_mma::grad_templates(lk, k, scale, causal))
             }
+            // `lightning_attention`'s tensor-core form likewise replaces its staged block form
+            Op::Composite(Composite::LightningAttention { block })
+                if lightning_mma() && flash_mma::lightning_applies(k, block) =>
+            {
+                lk.steps.clear();
+                lk.scratch.clear();
+                lk.slots.clear();
+                Some(vec![flash_mma::lightning_template(lk, k)])
+            }
             _ => None,
         },
         None => None,
     };
-    if let Some(ts) = grad {
+    if let Some(ts) = templates {
         for (i, (text, items, smem)) in ts.into_iter().enumerate() {
             let f = function_name(code, i);
             bodies.push(text.replace("FULGUR_FN", &f));

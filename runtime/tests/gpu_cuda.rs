@@ -707,6 +707,22 @@ fn gpu_bf16_lightning_on_tensor_cores_matches_the_interpreter() {
     );
     println!("bf16 lightning_attention, T {t}, D {d}: rel {e:.3e}");
     assert!(e < 1e-2, "lightning_attention: relative error {e}");
+    // the tensor-core template's other shapes: a key dim of 128 (two m16 tiles of the state a warp), value
+    // dims of 128 (two blocks of columns per sequence-head) and 32, a batch of two, a partial last block
+    for (dv, t2) in [(128usize, 200usize), (32, 64)] {
+        let lam2 = Tensor::from_f64(bf, vec![h, 1, 1], vec![0.02, 0.7]);
+        let e = gpu_op_error(
+            Op::Composite(Composite::LightningAttention { block: 64 }),
+            vec![
+                random(bf, vec![2, h, t2, 128], 41),
+                random(bf, vec![2, h, t2, 128], 42),
+                random(bf, vec![2, h, t2, dv], 43),
+                lam2,
+            ],
+        );
+        println!("bf16 lightning_attention, T {t2}, D 128, Dv {dv}: rel {e:.3e}");
+        assert!(e < 1e-2, "lightning_attention (D 128, Dv {dv}): relative error {e}");
+    }
     let e = gpu_op_error(
         Op::Composite(Composite::LightningLayer {
             block: 64,

@@ -872,3 +872,248 @@ impl Ctx {
         s
     }
 }
+
+/// Value columns per block of the lightning template (the state's columns a block carries).
+const LIGHTNING_COLS: usize = 64;
+
+/// Whether a `lightning_attention` kernel takes the tensor-core form: blocks of 64, bf16 `q`, `k`, `v` and
+/// out, one sequence length, a key dim of 64 or 128 (each warp carries a quarter of the state's rows) and a
+/// value dim that is a multiple of 16 up to 64, or 128.
+pub(super) fn lightning_applies(k: &Kernel, block: usize) -> bool {
+    if block != B || k.inputs.len() != 4 || k.outputs.len() != 1 {
+        return false;
+    }
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
+    let r = qt.shape.len();
+    if r < 2 || kt.shape.len() != r || vt.shape.len() != r || ot.shape.len() != r || !k.inputs[3].dtype.is_float() {
+        return false;
+    }
+    if [qt, kt, vt, ot].iter().any(|t| t.dtype != DType::BF16) {
+        return false;
+    }
+    if qt.shape[r - 2] != kt.shape[r - 2] || qt.shape[r - 2] != vt.shape[r - 2] || ot.shape[r - 2] != qt.shape[r - 2] {
+        return false;
+    }
+    let (Some(d), Some(dk), Some(dv)) = (
+        qt.shape[r - 1].as_const(),
+        kt.shape[r - 1].as_const(),
+        vt.shape[r - 1].as_const(),
+    ) else {
+        return false;
+    };
+    d == dk
+        && (d == 64 || d == 128)
+        && ot.shape[r - 1].as_const() == Some(dv)
+        && ((dv > 0 && dv <= 64 && dv % 16 == 0) || dv == 128)
+}
+
+/// The lightning template of a kernel [`lightning_applies`] holds for: its function text (name `FULGUR_FN`),
+/// its number of blocks and its bytes of shared memory. Builds its own slots: the caller has dropped the loop
+/// form's.
+///
+/// A block of four warps walks one sequence-head's blocks of 64 rows in order, for a slice of up to
+/// [`LIGHTNING_COLS`] value columns, carrying the state `P [D, cols]` in f32 registers (each warp a quarter of
+/// its rows). Per block, with the decays `dec[n] = exp(−λ n)`: the q, k and v tiles are staged in shared memory
+/// as bf16 and `KD = k ⊙ dec[63 − j]` (rounded to bf16); `S = Q Kᵀ` (a warp's 16 rows), masked to `dec[i − j]`
+/// on and below the diagonal; `O = S V + dec[i + 1] · (Q P)`, with `P` staged as bf16; then
+/// `P ← dec[64] P + KDᵀ V`. The numerics are the loop form's: the state carried in f32 and rounded where it
+/// is an operand, the masked scores rounded to bf16 for `S V` (`docs/numerics.md`).
+pub(super) fn lightning_template(lk: &mut LoopKernel, k: &Kernel) -> (String, E, u32) {
+    let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
+    let views = [
+        ("q", Slot::Input(0), qt),
+        ("k", Slot::Input(1), kt),
+        ("v", Slot::Input(2), vt),
+        ("out", Slot::Output(0), ot),
+        ("lam", Slot::Input(3), &k.inputs[3]),
+    ];
+    let ctx = Ctx::new(lk, &views, ot, kt, 1.0, true);
+    let (d, dv) = (ctx.d, ctx.dv);
+    let cols = dv.min(LIGHTNING_COLS);
+    let slices = dv / cols;
+    let (dp, cp) = (d + 8, cols + 8);
+    let threads = FLASH_WARPS as usize * 32;
+    // rows of the state each warp carries, in m16 tiles
+    let mtiles = d / 64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "// lightning attention on the tensor cores: a block per (sequence-head, {cols} value columns), the \
+         state [{d}][{cols}] carried in f32 registers across blocks of {B} rows; S = Q Kᵀ, O = (S ⊙ M) V + \
+         q_decay ⊙ (Q P), P ← e^(-64λ) P + (K ⊙ k_decay)ᵀ V by mma.m16n8k16 (bf16 in, f32 accumulate)"
+    );
+    ctx.helpers(&mut s);
+    let _ = writeln!(
+        s,
+        "extern \"C\" __global__ void __launch_bounds__({threads}) FULGUR_FN(FULGUR_SIGNATURE) {{"
+    );
+    let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+    let _ = writeln!(s, "  float* dec = fulgur_smem; // [{}]", B + 8);
+    let _ = writeln!(
+        s,
+        "  unsigned short* Qs = (unsigned short*)(dec + {}); // [{B}][{dp}]",
+        B + 8
+    );
+    let _ = writeln!(s, "  unsigned short* Ks = Qs + {}; // [{B}][{dp}]", B * dp);
+    let _ = writeln!(s, "  unsigned short* KDs = Ks + {}; // [{B}][{dp}]", B * dp);
+    let _ = writeln!(s, "  unsigned short* Vs = KDs + {}; // [{B}][{cp}]", B * dp);
+    let _ = writeln!(s, "  unsigned short* Ps = Vs + {}; // [{d}][{cp}]", B * cp);
+    let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+    let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+    let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+    let _ = writeln!(s, "  const i64 T = {};", ctx.tt);
+    let _ = writeln!(s, "  const i64 cb = ((i64)blockIdx.x % {slices}) * {cols};");
+    let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / {slices};");
+    ctx.decode(&mut s, "rest", &|_| true, false);
+    let (v_cs, o_cs) = (&ctx.strides[2].1, &ctx.strides[3].1);
+    let _ = writeln!(s, "  v_off += cb * {v_cs};");
+    let _ = writeln!(s, "  out_off += cb * {o_cs};");
+    let lam = super::load_text(ctx.slots[4], k.inputs[3].dtype, "lam_off");
+    let _ = writeln!(s, "  const float lam = {lam};");
+    let _ = writeln!(
+        s,
+        "  for (int x = threadIdx.x; x <= {B}; x += {threads}) dec[x] = expf(-(lam * (float)x));"
+    );
+    // the state, zero, and its staged copy
+    let _ = writeln!(s, "  float st[{mtiles}][{}][4];", cols / 8);
+    let _ = writeln!(s, "  #pragma unroll");
+    let _ = writeln!(s, "  for (int m = 0; m < {mtiles}; ++m)");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(
+        s,
+        "    for (int n = 0; n < {}; ++n) st[m][n][0] = st[m][n][1] = st[m][n][2] = st[m][n][3] = 0.0f;",
+        cols / 8
+    );
+    let _ = writeln!(
+        s,
+        "  for (int x = threadIdx.x; x < {}; x += {threads}) ((unsigned*)Ps)[x] = 0u;",
+        d * cp / 2
+    );
+    let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
+    let _ = writeln!(s, "  for (i64 t0 = 0; t0 < T; t0 += {B}) {{");
+    let _ = writeln!(s, "    __syncthreads();");
+    let _ = writeln!(s, "    {}", ctx.tile(0, "Qs", dp, "t0", "T", d));
+    let _ = writeln!(s, "    {}", ctx.tile(1, "Ks", dp, "t0", "T", d));
+    let _ = writeln!(s, "    {}", ctx.tile(2, "Vs", cp, "t0", "T", cols));
+    let _ = writeln!(s, "    __syncthreads();");
+    // KD = K ⊙ k_decay, rounded to bf16 (rows past the end are zero in Ks)
+    let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", B * d);
+    let _ = writeln!(s, "      const int j = x / {d}, i = x - j * {d};");
+    let _ = writeln!(
+        s,
+        "      KDs[j * {dp} + i] = fulgur_to_bf16(fulgur_from_bf16(Ks[j * {dp} + i]) * dec[{} - j]);",
+        B - 1
+    );
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    __syncthreads();");
+    // S = Q Kᵀ, masked: row r keeps key u <= r, times dec[r − u]
+    ctx.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
+    let _ = writeln!(s, "        const int u = n * 8 + 2 * c + e;");
+    let _ = writeln!(s, "        sc[n][e] = u <= r0 ? sc[n][e] * dec[r0 - u] : 0.0f;");
+    let _ = writeln!(s, "        sc[n][2 + e] = u <= r1 ? sc[n][2 + e] * dec[r1 - u] : 0.0f;");
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    // O = S V
+    let _ = writeln!(s, "    float acc[{}][4];", cols / 8);
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(
+        s,
+        "    for (int n = 0; n < {}; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;",
+        cols / 8
+    );
+    ctx.product_px(&mut s, "acc", "sc", "Vs", cp, cols);
+    // X = Q P (P staged as bf16, read transposed from its row-major tile), then O += q_decay ⊙ X
+    let _ = writeln!(s, "    float xq[{}][4];", cols / 8);
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(
+        s,
+        "    for (int n = 0; n < {}; ++n) xq[n][0] = xq[n][1] = xq[n][2] = xq[n][3] = 0.0f;",
+        cols / 8
+    );
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int kt = 0; kt < {}; ++kt) {{", d / 16);
+    let _ = writeln!(s, "      unsigned fa[4];");
+    let _ = writeln!(s, "      FULGUR_FN_lda(fa, Qs + wr * {dp} + kt * 16, {dp});");
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int np = 0; np < {}; ++np) {{", cols / 16);
+    let _ = writeln!(s, "        unsigned fb[4];");
+    let _ = writeln!(
+        s,
+        "        FULGUR_FN_ldt(fb, Ps + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {cp} + np * 16 + (lane >> 4) * 8);"
+    );
+    let _ = writeln!(s, "        FULGUR_FN_mma(xq[2 * np], fa, fb[0], fb[1]);");
+    let _ = writeln!(s, "        FULGUR_FN_mma(xq[2 * np + 1], fa, fb[2], fb[3]);");
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "    {{");
+    let _ = writeln!(s, "      const float q0 = dec[r0 + 1], q1 = dec[r1 + 1];");
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
+    let _ = writeln!(s, "        acc[n][0] += q0 * xq[n][0]; acc[n][1] += q0 * xq[n][1];");
+    let _ = writeln!(s, "        acc[n][2] += q1 * xq[n][2]; acc[n][3] += q1 * xq[n][3];");
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    let mut store = String::new();
+    ctx.store(&mut store, 3, "acc", ("t0", "T"), cols, ["", ""]);
+    for line in store.lines() {
+        let _ = writeln!(s, "  {line}");
+    }
+    // P ← dec[64] P + KDᵀ V: the warp's rows of the state, KD read transposed as the A operand
+    let _ = writeln!(s, "    const float bd = dec[{B}];");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int m = 0; m < {mtiles}; ++m) {{");
+    let _ = writeln!(s, "      const int m0 = warp * {} + m * 16;", d / 4);
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
+    let _ = writeln!(
+        s,
+        "        st[m][n][0] *= bd; st[m][n][1] *= bd; st[m][n][2] *= bd; st[m][n][3] *= bd;"
+    );
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int kt = 0; kt < {}; ++kt) {{", B / 16);
+    let _ = writeln!(s, "        unsigned fa[4];");
+    let _ = writeln!(
+        s,
+        "        FULGUR_FN_ldt(fa, KDs + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * {dp} + m0 + (lane >> 3 & 1) * 8);"
+    );
+    let _ = writeln!(s, "        #pragma unroll");
+    let _ = writeln!(s, "        for (int np = 0; np < {}; ++np) {{", cols / 16);
+    let _ = writeln!(s, "          unsigned fb[4];");
+    let _ = writeln!(
+        s,
+        "          FULGUR_FN_ldt(fb, Vs + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {cp} + np * 16 + (lane >> 4) * 8);"
+    );
+    let _ = writeln!(s, "          FULGUR_FN_mma(st[m][2 * np], fa, fb[0], fb[1]);");
+    let _ = writeln!(s, "          FULGUR_FN_mma(st[m][2 * np + 1], fa, fb[2], fb[3]);");
+    let _ = writeln!(s, "        }}");
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    // every warp has read P for this block: stage the new state
+    let _ = writeln!(s, "    __syncthreads();");
+    let _ = writeln!(s, "    #pragma unroll");
+    let _ = writeln!(s, "    for (int m = 0; m < {mtiles}; ++m) {{");
+    let _ = writeln!(s, "      const int m0 = warp * {} + m * 16;", d / 4);
+    let _ = writeln!(s, "      #pragma unroll");
+    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
+    let _ = writeln!(
+        s,
+        "        *(unsigned*)(Ps + (m0 + g) * {cp} + n * 8 + 2 * c) = FULGUR_FN_pack(st[m][n][0], st[m][n][1]);"
+    );
+    let _ = writeln!(
+        s,
+        "        *(unsigned*)(Ps + (m0 + g + 8) * {cp} + n * 8 + 2 * c) = FULGUR_FN_pack(st[m][n][2], st[m][n][3]);"
+    );
+    let _ = writeln!(s, "      }}");
+    let _ = writeln!(s, "    }}");
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    let batch = (0..ctx.nb).fold(Dim::from(1), |x, a| x * ctx.batch[a].clone());
+    let items = lk.dim(&(batch * Dim::from(slices as i64)));
+    let smem = (B + 8) * 4 + (3 * B * dp + B * cp + d * cp) * 2;
+    (s, items, smem as u32)
+}
