@@ -1073,6 +1073,46 @@ fn unit_stride(lk: &LoopKernel, e: E, v: u32) -> bool {
     }
 }
 
+/// Whether consecutive values of `v` read consecutive elements through index `e` in runs of at least 32 (a
+/// warp's lanes then read one contiguous span): unit stride, or a row cut into segments of `c ≥ 32`
+/// contiguous elements, `f(v / c) + v % c` (a row of heads side by side read through a permuted view, as
+/// the norm over a lightning layer's heads reads them).
+fn coalesced(lk: &LoopKernel, e: E, v: u32) -> bool {
+    segment(lk, e, v).is_some_and(|c| c >= 32)
+}
+
+/// The run of [`coalesced`]: `i64::MAX` for unit stride, `c` for `f(v / c) + v % c`.
+fn segment(lk: &LoopKernel, e: E, v: u32) -> Option<i64> {
+    // every use of `v` in `e` is `v / c`
+    fn only_div(lk: &LoopKernel, e: E, v: u32, c: i64) -> bool {
+        match lk.pool.get(e) {
+            Expr::Var(w) => *w != v,
+            Expr::Bin(BinaryOp::Div, x, d) if matches!(lk.pool.get(*x), Expr::Var(w) if *w == v) => {
+                matches!(lk.pool.get(*d), Expr::I(k) if *k == c)
+            }
+            x => children(x).into_iter().all(|ch| only_div(lk, ch, v, c)),
+        }
+    }
+    match lk.pool.get(e) {
+        Expr::Var(w) if *w == v => Some(i64::MAX),
+        Expr::Rem(x, d) if matches!(lk.pool.get(*x), Expr::Var(w) if *w == v) => match lk.pool.get(*d) {
+            Expr::I(c) if *c > 0 => Some(*c),
+            _ => None,
+        },
+        Expr::Bin(BinaryOp::Add, a, b) => match (reads_var(lk, *a, v), reads_var(lk, *b, v)) {
+            (true, false) => segment(lk, *a, v),
+            (false, true) => segment(lk, *b, v),
+            (true, true) => [(*a, *b), (*b, *a)]
+                .into_iter()
+                .find_map(|(x, y)| segment(lk, x, v).filter(|&c| c != i64::MAX && only_div(lk, y, v, c))),
+            (false, false) => None,
+        },
+        Expr::Bin(BinaryOp::Sub, a, b) if !reads_var(lk, *b, v) => segment(lk, *a, v),
+        Expr::Checked { index, bound, .. } if !reads_var(lk, *bound, v) => segment(lk, *index, v),
+        _ => None,
+    }
+}
+
 /// A loop of [`warp_phase`]'s kind over variable `v`.
 fn row_loop(lk: &LoopKernel, v: u32, body: &[Stmt]) -> bool {
     let (mut acc, mut roots, mut stores) = (Vec::new(), Vec::new(), Vec::new());
@@ -1099,7 +1139,7 @@ fn row_loop(lk: &LoopKernel, v: u32, body: &[Stmt]) -> bool {
                     return false;
                 }
                 if reads_var(lk, *index, v) {
-                    if !unit_stride(lk, *index, v) {
+                    if !coalesced(lk, *index, v) {
                         return false;
                     }
                     along += 1;

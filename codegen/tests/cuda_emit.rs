@@ -270,6 +270,51 @@ fn row_reductions_run_a_warp_per_output() {
     }
 }
 
+/// A row read through a permuted view in segments of at least 32 contiguous elements (heads side by side:
+/// `[B, H, T, D]` read as `[B, T, H·D]`, the norm over a lightning layer's heads) is coalesced for a warp too;
+/// segments of 8 are not.
+#[test]
+fn row_reductions_over_contiguous_segments_run_a_warp_per_output() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let source = |d: i64| {
+        let mut g = Graph::new("reduce");
+        let x = g
+            .input(
+                "x",
+                DType::BF16,
+                vec![Dim::from(2), Dim::from(16), Dim::from(300), Dim::from(d)],
+            )
+            .unwrap();
+        let p = g.permute(x, &[0, 2, 1, 3]).unwrap();
+        let r = g
+            .reshape(p, vec![Dim::from(2), Dim::from(300), Dim::from(16 * d)])
+            .unwrap();
+        let sq = g.mul(r, r).unwrap();
+        let s = g.sum(sq, &[2], false).unwrap();
+        g.add_output("s", s).unwrap();
+        // optimized: the permute and reshape fused into the reduction, read by index arithmetic
+        let g = compile(&g, &CompileOptions::default(), None).unwrap().graph;
+        let p = lower(&g).unwrap();
+        assert_eq!(
+            p.step.len(),
+            1,
+            "{:?}",
+            p.step.iter().map(|k| k.name.clone()).collect::<Vec<_>>()
+        );
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
+        let cuda = emit_program(&p, &mut kernels).unwrap();
+        p.step
+            .iter()
+            .map(|k| cuda[k.code].source.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let src = source(128);
+    assert!(src.contains("const int fulgur_lane = (int)(fulgur_t & 31);"), "{src}");
+    assert!(src.contains(" += 32) {"), "{src}");
+    assert!(!source(8).contains("fulgur_lane"));
+}
+
 /// Stored in bf16, the flash attention runs on the tensor cores (`mma.m16n8k16`, bf16 operands, f32
 /// accumulators): the same template's mma form, still one launch of 4 warps.
 #[test]
