@@ -688,11 +688,15 @@ pub fn fuse_producers(p: &mut KernelProgram) -> usize {
     folded
 }
 
-/// Reader `c` with producer `prod`'s op inlined where it read `prod`'s output (see [`fuse_producers`]).
-fn folded_kernel(prod: &Kernel, c: &Kernel) -> Option<Kernel> {
-    let produced = &prod.outputs[0];
+/// A fused body over the distinct tensors of `refs` (in first-seen order) as its arguments: `build` inlines
+/// kernels into the body's graph, reading an argument through the lookup it is given, and returns the
+/// outputs. Returns the arguments and the `fused` op; `None` where the body cannot be written.
+fn body_over<'a>(
+    refs: impl IntoIterator<Item = &'a TensorRef>,
+    build: impl FnOnce(&mut Graph, &dyn Fn(&TensorRef) -> Value) -> Option<Vec<Value>>,
+) -> Option<(Vec<TensorRef>, Op)> {
     let mut args: Vec<TensorRef> = Vec::new();
-    for t in c.inputs.iter().filter(|t| *t != produced).chain(&prod.inputs) {
+    for t in refs {
         if !args.contains(t) {
             args.push(t.clone());
         }
@@ -703,22 +707,32 @@ fn folded_kernel(prod: &Kernel, c: &Kernel) -> Option<Kernel> {
         vals.push(g.input(&format!("arg{n}"), t.dtype, t.shape.clone()).ok()?);
     }
     let at = |t: &TensorRef| vals[args.iter().position(|a| a == t).expect("an argument")];
-    let pins: Vec<Value> = prod.inputs.iter().map(at).collect();
-    let pv = inline_kernel(&mut g, prod, &pins)?[0];
-    let cins: Vec<Value> = c
-        .inputs
-        .iter()
-        .map(|t| if t == produced { pv } else { at(t) })
-        .collect();
-    let outs = inline_kernel(&mut g, c, &cins)?;
+    let outs = build(&mut g, &at)?;
     for (n, v) in outs.iter().enumerate() {
         g.add_output(format!("out{n}"), *v).ok()?;
     }
     let body = fulgur_ir::op::FusedBody::from_graph(&g).ok()?;
+    Some((args, Op::Composite(fulgur_ir::Composite::Fused { body })))
+}
+
+/// Reader `c` with producer `prod`'s op inlined where it read `prod`'s output (see [`fuse_producers`]).
+fn folded_kernel(prod: &Kernel, c: &Kernel) -> Option<Kernel> {
+    let produced = &prod.outputs[0];
+    let refs = c.inputs.iter().filter(|t| *t != produced).chain(&prod.inputs);
+    let (inputs, op) = body_over(refs, |g, at| {
+        let pins: Vec<Value> = prod.inputs.iter().map(at).collect();
+        let pv = inline_kernel(g, prod, &pins)?[0];
+        let cins: Vec<Value> = c
+            .inputs
+            .iter()
+            .map(|t| if t == produced { pv } else { at(t) })
+            .collect();
+        inline_kernel(g, c, &cins)
+    })?;
     Some(Kernel {
         name: format!("{} + {}", prod.name, c.name),
-        op: Op::Composite(fulgur_ir::Composite::Fused { body }),
-        inputs: args,
+        op,
+        inputs,
         ..c.clone()
     })
 }
@@ -727,35 +741,19 @@ fn folded_kernel(prod: &Kernel, c: &Kernel) -> Option<Kernel> {
 /// inputs, their outputs in order. `None` where the body cannot be written (a symbol of an attribute that no
 /// argument has as a whole dimension).
 fn merged_kernel(run: &[Kernel]) -> Option<Kernel> {
-    let mut args: Vec<TensorRef> = Vec::new();
-    for t in run.iter().flat_map(|k| &k.inputs) {
-        if !args.contains(t) {
-            args.push(t.clone());
+    let (args, op) = body_over(run.iter().flat_map(|k| &k.inputs), |g, at| {
+        let mut outs = Vec::new();
+        for k in run {
+            let ins: Vec<Value> = k.inputs.iter().map(at).collect();
+            outs.extend(inline_kernel(g, k, &ins)?);
         }
-    }
-    let mut g = Graph::new("fused");
-    let mut vals = Vec::with_capacity(args.len());
-    for (i, t) in args.iter().enumerate() {
-        vals.push(g.input(&format!("arg{i}"), t.dtype, t.shape.clone()).ok()?);
-    }
-    let mut outs = Vec::new();
-    for k in run {
-        let ins: Vec<Value> = k
-            .inputs
-            .iter()
-            .map(|t| vals[args.iter().position(|a| a == t).expect("an argument")])
-            .collect();
-        outs.extend(inline_kernel(&mut g, k, &ins)?);
-    }
-    for (j, v) in outs.iter().enumerate() {
-        g.add_output(format!("out{j}"), *v).ok()?;
-    }
-    let body = fulgur_ir::op::FusedBody::from_graph(&g).ok()?;
+        Some(outs)
+    })?;
     Some(Kernel {
         id: run[0].id,
         name: run.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(" + "),
         kind: KernelKind::Elementwise,
-        op: Op::Composite(fulgur_ir::Composite::Fused { body }),
+        op,
         inputs: args,
         outputs: run.iter().flat_map(|k| k.outputs.iter().cloned()).collect(),
         code: 0,

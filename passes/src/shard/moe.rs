@@ -192,23 +192,12 @@ impl Pass<'_> {
                 return Ok(None);
             }
         }
-        if let (Some(&lo), Some(&hi)) = (group_axes.first(), group_axes.last()) {
-            if (lo..=hi).any(|k| !group_axes.contains(&k) && sizes[k] > 1) {
-                return Ok(None);
-            }
-        }
-        // the tokens: split over the experts' axes, whole over the width's (every slice of an expert sees them
-        // all), their other dim-0 splits kept, everything else whole
-        let mut tokens = Sharding::replicated(self.mesh);
-        for k in 0..sizes.len() {
-            if group_axes.contains(&k) || (!width_axes.contains(&k) && x.sh.per_axis[k] == Placement::Split(0)) {
-                tokens.per_axis[k] = Placement::Split(0);
-            }
-        }
-        let tokens = self.normal(tokens);
-        if self.local(&tokens, &x.dims).is_err() {
+        if !experts_adjacent(&sizes, &group_axes) {
             return Ok(None);
         }
+        let Some(tokens) = self.routed_tokens(x, &group_axes, &width_axes) else {
+            return Ok(None);
+        };
         let xr = self.to(x, &tokens)?;
         let xr = self.ranked(&xr)?;
         let ir = self.to(ids, &tokens)?;
@@ -251,15 +240,7 @@ impl Pass<'_> {
                 &[h, groups, down.v],
             )?[0])
         };
-        let ys = if group_axes.is_empty() {
-            experts_on(self, xs, counts)?
-        } else {
-            let (lo, hi) = (group_axes[0], group_axes[group_axes.len() - 1]);
-            let mesh = vec![
-                sizes[..lo].iter().product(),
-                sizes[lo..=hi].iter().product(),
-                sizes[hi + 1..].iter().product(),
-            ];
+        let ys = if let Some(mesh) = exchange_mesh(&sizes, &group_axes) {
             let exchanged = self.emit(
                 Op::Composite(Composite::AllToAllDispatch {
                     mesh: mesh.clone(),
@@ -272,17 +253,15 @@ impl Pass<'_> {
                 Op::Composite(Composite::AllToAllCombine { mesh, over: 1 }),
                 &[ye, counts],
             )?[0]
+        } else {
+            experts_on(self, xs, counts)?
         };
         let v = self.emit(per_rank(Composite::MoeCombine), &[ys, pos, wr.v])?[0];
         // a slice of every expert's width gives a part of the output: a partial sum over the width's axes
-        let mut sh = tokens;
-        for &k in &width_axes {
-            sh.per_axis[k] = Placement::Partial;
-        }
         Ok(Some(Sv {
             v,
             ranked: true,
-            sh,
+            sh: width_partial(tokens, &width_axes),
             dims: out_dims.to_vec(),
         }))
     }
@@ -344,6 +323,50 @@ pub(super) struct RoutedTrain {
     mesh: Option<Vec<usize>>,
     /// The expert weights the members read: the source value, its sharded value with the rank axis.
     exts: Vec<(Value, Sv)>,
+}
+
+/// Whether the experts' axes are adjacent in the mesh (axes of size 1 between them do not count): the routed
+/// exchange runs over one group of consecutive axes.
+fn experts_adjacent(sizes: &[usize], group_axes: &[usize]) -> bool {
+    match (group_axes.first(), group_axes.last()) {
+        (Some(&lo), Some(&hi)) => (lo..=hi).all(|k| group_axes.contains(&k) || sizes[k] <= 1),
+        _ => true,
+    }
+}
+
+/// The routed exchange's mesh `[before, group, after]` (the axes before the experts', the experts', those
+/// after, each a product), or `None` where no axis splits the experts.
+fn exchange_mesh(sizes: &[usize], group_axes: &[usize]) -> Option<Vec<usize>> {
+    let (&lo, &hi) = (group_axes.first()?, group_axes.last()?);
+    Some(vec![
+        sizes[..lo].iter().product(),
+        sizes[lo..=hi].iter().product(),
+        sizes[hi + 1..].iter().product(),
+    ])
+}
+
+/// `tokens` with the width's axes a partial sum: what a slice of every expert's width gives.
+fn width_partial(mut tokens: Sharding, width_axes: &[usize]) -> Sharding {
+    for &k in width_axes {
+        tokens.per_axis[k] = Placement::Partial;
+    }
+    tokens
+}
+
+impl Pass<'_> {
+    /// The tokens' placement for the routed exchange: split over the experts' axes, whole over the width's
+    /// (every slice of an expert sees them all), the other dim-0 splits of `x` kept, everything else whole;
+    /// `None` where the tokens do not divide.
+    fn routed_tokens(&self, x: &Sv, group_axes: &[usize], width_axes: &[usize]) -> Option<Sharding> {
+        let mut tokens = Sharding::replicated(self.mesh);
+        for k in 0..self.mesh.sizes().len() {
+            if group_axes.contains(&k) || (!width_axes.contains(&k) && x.sh.per_axis[k] == Placement::Split(0)) {
+                tokens.per_axis[k] = Placement::Split(0);
+            }
+        }
+        let tokens = self.normal(tokens);
+        self.local(&tokens, &x.dims).is_ok().then_some(tokens)
+    }
 }
 
 /// The ops a chain member of a training step may be for the routed rule: row-wise on the rows, which the
@@ -446,28 +469,15 @@ impl Pass<'_> {
                 return Ok(None);
             }
         }
-        if let (Some(&lo), Some(&hi)) = (group_axes.first(), group_axes.last()) {
-            if (lo..=hi).any(|k| !group_axes.contains(&k) && sizes[k] > 1) {
-                return Ok(None);
-            }
-        }
-        // the tokens: split over the experts' axes, whole over the width's, their other dim-0 splits kept
-        let mut tokens = Sharding::replicated(self.mesh);
-        for k in 0..sizes.len() {
-            if group_axes.contains(&k) || (!width_axes.contains(&k) && x.sh.per_axis[k] == Placement::Split(0)) {
-                tokens.per_axis[k] = Placement::Split(0);
-            }
-        }
-        let tokens = self.normal(tokens);
-        if self.local(&tokens, &x.dims).is_err() {
+        if !experts_adjacent(&sizes, &group_axes) {
             return Ok(None);
         }
+        let Some(tokens) = self.routed_tokens(&x, &group_axes, &width_axes) else {
+            return Ok(None);
+        };
         // a slice of every expert's width gives a part of what the chain gives: a partial sum over the width's
         // axes (the output, and the tokens' and combine weights' cotangents)
-        let mut partial = tokens.clone();
-        for &k in &width_axes {
-            partial.per_axis[k] = Placement::Partial;
-        }
+        let partial = width_partial(tokens.clone(), &width_axes);
         let xr = self.to(&x, &tokens)?;
         let xr = self.ranked(&xr)?.v;
         let ir = self.to(&ids, &tokens)?;
@@ -483,14 +493,7 @@ impl Pass<'_> {
         let per_rank = |op: Op| Op::Composite(Composite::PerRank { op: Box::new(op) });
         let dispatched = self.emit(per_rank(g.node(rec.dispatch).op.clone()), &[xr, ir])?;
         let (xs, pos, counts) = (dispatched[0], dispatched[1], dispatched[2]);
-        let mesh = (!group_axes.is_empty()).then(|| {
-            let (lo, hi) = (group_axes[0], group_axes[group_axes.len() - 1]);
-            vec![
-                sizes[..lo].iter().product::<usize>(),
-                sizes[lo..=hi].iter().product(),
-                sizes[hi + 1..].iter().product(),
-            ]
-        });
+        let mesh = exchange_mesh(&sizes, &group_axes);
         let (recv, got) = match &mesh {
             Some(mesh) => {
                 let e = self.emit(
