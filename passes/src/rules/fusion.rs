@@ -347,6 +347,23 @@ fn body_of(eg: &EGraph, r: &Region) -> Option<(FusedBody, Vec<Id>)> {
     Some((body, args))
 }
 
+/// `r` with its views whose attributes hold symbols (reshape and broadcast shapes, slice bounds) left as
+/// arguments, and what only they reached dropped. A body must find every symbol of its attributes as a whole
+/// dimension of an argument ([`FusedBody::from_graph`]), which such a view can break (`T` in a reshape to
+/// `[B, T - 1, 1]` when the arguments have `T - 1` only); without them the region's other ops still fuse.
+fn without_symbolic_views(eg: &EGraph, r: &Region) -> Region {
+    let symbolic = |n: &FNode| match n.ir_op() {
+        Some(Op::Reshape { shape } | Op::Broadcast { shape }) => shape.0.iter().any(|d| !d.symbols().is_empty()),
+        Some(Op::Slice { start, end, .. }) => !start.symbols().is_empty() || !end.symbols().is_empty(),
+        _ => false,
+    };
+    let mut cut = r.clone();
+    cut.chosen.retain(|&c, n| c == r.root || !symbolic(n));
+    let keep = reachable(eg, &cut);
+    cut.chosen.retain(|c, _| keep.contains(c));
+    cut
+}
+
 /// Whether a body is worth a kernel of its own: it replaces at least two kernels (ops that are kernels when
 /// they stand alone: everything but reshape, broadcast, slice and scalar constants), and for a GEMM kernel
 /// it holds its matmul.
@@ -433,7 +450,11 @@ fn build_fused_args(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> (Vec<I
         if !eg.analysis.fused_seen.insert(signature(eg, &r, mode)) {
             continue;
         }
-        let Some((body, args)) = body_of(eg, &r) else { continue };
+        // a view whose attributes name a symbol no argument has as a whole dimension (a reshape to
+        // `[B, T - 1, 1]`) cannot be in a body: the region without such views still fuses the rest
+        let Some((body, args)) = body_of(eg, &r).or_else(|| body_of(eg, &without_symbolic_views(eg, &r))) else {
+            continue;
+        };
         if i == 0 {
             full_args = args.clone();
         }
