@@ -172,3 +172,54 @@ fn a_batched_matmul_summed_over_the_batch_is_one_matmul() {
     assert_eq!(ops.iter().filter(|o| *o == "matmul").count(), 1, "{ops:?}");
     assert!(!ops.iter().any(|o| o == "reduce_sum" || o == "fused"), "{ops:?}");
 }
+
+/// A one-hot equals the comparison of the indices with the positions (`one-hot-compare`), out-of-range
+/// indices (3 of depth 3: `check` draws indices in 0..4) giving a zero row. With the whole optimizer, the
+/// loss `−mean(Σ log_softmax(logits[:, :-1]) ⊙ one_hot(ids[:, 1:]))` reads no one-hot tensor: the comparison is
+/// computed inside the reduction (whose body leaves the reshape to `[B, T − 1, 1]`, whose `T` no argument has
+/// as a whole dimension, as an argument: a view).
+#[test]
+fn a_one_hot_is_a_comparison_its_readers_compute() {
+    let mut g = Graph::new("one_hot");
+    let idx = g.input("idx", DType::I64, vec![Dim::sym("B"), Dim::sym("T")]).unwrap();
+    let x = g
+        .input("x", DType::F32, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(3)])
+        .unwrap();
+    let oh = g.one_hot(idx, 3, DType::F32).unwrap();
+    let m = g.mul(oh, x).unwrap();
+    let y = g.sum(m, &[2], false).unwrap();
+    g.add_output("oh", oh).unwrap();
+    g.add_output("y", y).unwrap();
+    check(&g, &env(&[("B", 2), ("T", 5)]), 1);
+
+    let mut g = Graph::new("loss");
+    let ids = g.input("ids", DType::I64, vec![Dim::sym("B"), Dim::sym("T")]).unwrap();
+    let h = g
+        .input("h", DType::F32, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(96)])
+        .unwrap();
+    let w = g.input("w", DType::F32, vec![Dim::from(96), Dim::from(256)]).unwrap();
+    let logits = g.matmul(h, w).unwrap();
+    let t1 = Dim::sym("T") - Dim::from(1);
+    let x = g.slice(logits, 1, Dim::from(0), t1).unwrap();
+    let lsm = g.log_softmax(x, -1).unwrap();
+    let labels = g.slice(ids, 1, Dim::from(1), Dim::sym("T")).unwrap();
+    let oh = g.one_hot(labels, 256, DType::F32).unwrap();
+    let m = g.mul(lsm, oh).unwrap();
+    let y = g.sum(m, &[-1], false).unwrap();
+    let n = g.neg(y).unwrap();
+    let l = g.mean(n, &[0, 1], false).unwrap();
+    g.add_output("logits", logits).unwrap();
+    g.add_output("loss", l).unwrap();
+    check(&g, &env(&[("B", 2), ("T", 5)]), 1);
+    let pipeline = fulgur_passes::Pipeline::new()
+        .with(fulgur_passes::Dce)
+        .with(fulgur_passes::EqSat::new(
+            fulgur_passes::rules::families(&RuleConfig::default(), &[]).unwrap(),
+        ));
+    let cx = fulgur_passes::PassContext {
+        model: fulgur_passes::CostModel::new(fulgur_passes::Target::by_name("H100").unwrap()),
+    };
+    let opt = pipeline.run(&g, &cx, None).unwrap().0;
+    let ops: Vec<String> = opt.nodes().map(|(_, n)| n.op.name().to_string()).collect();
+    assert!(!ops.iter().any(|o| o == "one_hot" || o == "mul"), "{ops:?}");
+}

@@ -1,5 +1,6 @@
 //! Algebra: layout canonicalisation (permute/reshape/broadcast folding), scalar folding, cast elimination,
-//! matmul re-association, a batched matmul summed over its batch as one matmul. No global commutativity or associativity on tensors: every rule here shrinks or
+//! matmul re-association, a batched matmul summed over its batch as one matmul, a one-hot as a comparison. No
+//! global commutativity or associativity on tensors: every rule here shrinks or
 //! reorders a fixed local pattern, so saturation stays small.
 
 use super::{fn_rule, Family, RuleConfig};
@@ -19,6 +20,7 @@ pub fn family(cfg: &RuleConfig) -> Family {
             fn_rule("scale-scale", probe_scale_scale, build_scale_scale, cfg),
             fn_rule("matmul-reassoc", probe_matmul_reassoc, build_matmul_reassoc, cfg),
             fn_rule("batch-sum-matmul", probe_batch_sum_matmul, build_batch_sum_matmul, cfg),
+            fn_rule("one-hot-compare", probe_one_hot, build_one_hot, cfg),
         ],
     }
 }
@@ -271,4 +273,47 @@ fn build_batch_sum_matmul(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> 
         out.extend(add_op(eg, Op::MatMul, &[ra, rc]));
     }
     out
+}
+
+/// `one_hot[depth](idx)` = `cast(reshape(idx, [.., 1]) == iota([depth]))`: a comparison the reading kernels
+/// compute where they read it, instead of an index kernel writing `[.., depth]` (the loss's one-hot of the
+/// labels over the vocabulary: 1 GB of f32 at bench-m's 4 × 2048 tokens, written once and read by the loss and
+/// by its gradient). Out-of-range indices equal no position, so their row is zero, as `one_hot`'s.
+fn probe_one_hot(eg: &EGraph, _: Id, n: &FNode) -> bool {
+    matches!(op(n), Some(Op::OneHot { .. })) && class_ty(eg, n.children[0]).is_some_and(|t| t.dtype.is_int())
+}
+
+fn build_one_hot(eg: &mut EGraph, _: Id, n: &FNode, _: &RuleConfig) -> Vec<Id> {
+    let Some(Op::OneHot { depth, dtype }) = op(n).cloned() else {
+        return vec![];
+    };
+    let idx = n.children[0];
+    let Some(t) = class_ty(eg, idx) else {
+        return vec![];
+    };
+    let mut dims = t.dims().to_vec();
+    dims.push(fulgur_ir::Dim::from(1));
+    let col = add_op(
+        eg,
+        Op::Reshape {
+            shape: fulgur_ir::Shape::new(dims),
+        },
+        &[idx],
+    );
+    let pos = add_op(
+        eg,
+        Op::Iota {
+            dtype: t.dtype,
+            shape: fulgur_ir::Shape::new(vec![fulgur_ir::Dim::from(depth as i64)]),
+            axis: 0,
+        },
+        &[],
+    );
+    let (Some(col), Some(pos)) = (col, pos) else {
+        return vec![];
+    };
+    let Some(hot) = add_op(eg, Op::Compare(fulgur_ir::CmpOp::Eq), &[col, pos]) else {
+        return vec![];
+    };
+    add_op(eg, Op::Cast { dtype }, &[hot]).into_iter().collect()
 }
