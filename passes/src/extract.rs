@@ -371,28 +371,6 @@ fn refine_roots(
     deadline: Option<Instant>,
 ) -> (usize, bool) {
     let n = cands.len();
-    let own = |choice: &[Option<usize>], i: usize| choice[i].map(|k| cands[i][k].own).unwrap_or(0.0);
-    // reference counts: roots, plus one per needed class whose choice has the class as a child
-    let mut rc = vec![0u32; n];
-    let mut total = 0.0;
-    let mut stack: Vec<usize> = Vec::new();
-    for &r in roots {
-        if rc[r] == 0 {
-            stack.push(r);
-        }
-        rc[r] += 1;
-    }
-    while let Some(i) = stack.pop() {
-        total += own(choice, i);
-        if let Some(k) = choice[i] {
-            for &j in &cands[i][k].kids {
-                if rc[j] == 0 {
-                    stack.push(j);
-                }
-                rc[j] += 1;
-            }
-        }
-    }
     // one trial: `delta` of the roots' cost if class `i` chose `k` (every change logged for the undo)
     fn adjust(
         cands: &[Vec<Cand>],
@@ -434,7 +412,12 @@ fn refine_roots(
             }
         }
     }
+    // reference counts: one per root, plus one per needed class whose choice has the class as a child; the
+    // roots' cost is what making the roots needed adds
+    let mut rc = vec![0u32; n];
     let mut log: Vec<(usize, bool)> = Vec::new();
+    let mut total = adjust(cands, choice, &mut rc, &mut log, roots, true, &mut false);
+    log.clear();
     let mut seen = vec![0u32; n];
     let mut stamp = 0u32;
     let mut switches = 0;

@@ -23,6 +23,19 @@ fn check(g: &Graph, env: &HashMap<String, i64>, min_checked: usize) {
     }
 }
 
+/// `g` through the whole optimizer (every rule family), as a compile runs it.
+fn optimized(g: &Graph) -> Graph {
+    let pipeline = fulgur_passes::Pipeline::new()
+        .with(fulgur_passes::Dce)
+        .with(fulgur_passes::EqSat::new(
+            fulgur_passes::rules::families(&RuleConfig::default(), &[]).unwrap(),
+        ));
+    let cx = fulgur_passes::PassContext {
+        model: fulgur_passes::CostModel::new(fulgur_passes::Target::by_name("H100").unwrap()),
+    };
+    pipeline.run(g, &cx, None).unwrap().0
+}
+
 #[test]
 fn layout_folding_is_sound() {
     let mut rng = StdRng::seed_from_u64(0xa1);
@@ -159,15 +172,7 @@ fn a_batched_matmul_summed_over_the_batch_is_one_matmul() {
     let per = g.matmul(xt, dy).unwrap();
     let dw = g.reduce(fulgur_ir::ReduceOp::Sum, per, &[0], false).unwrap();
     g.add_output("dw", dw).unwrap();
-    let pipeline = fulgur_passes::Pipeline::new()
-        .with(fulgur_passes::Dce)
-        .with(fulgur_passes::EqSat::new(
-            fulgur_passes::rules::families(&RuleConfig::default(), &[]).unwrap(),
-        ));
-    let cx = fulgur_passes::PassContext {
-        model: fulgur_passes::CostModel::new(fulgur_passes::Target::by_name("H100").unwrap()),
-    };
-    let opt = pipeline.run(&g, &cx, None).unwrap().0;
+    let opt = optimized(&g);
     let ops: Vec<String> = opt.nodes().map(|(_, n)| n.op.name().to_string()).collect();
     assert_eq!(ops.iter().filter(|o| *o == "matmul").count(), 1, "{ops:?}");
     assert!(!ops.iter().any(|o| o == "reduce_sum" || o == "fused"), "{ops:?}");
@@ -211,15 +216,7 @@ fn a_one_hot_is_a_comparison_its_readers_compute() {
     g.add_output("logits", logits).unwrap();
     g.add_output("loss", l).unwrap();
     check(&g, &env(&[("B", 2), ("T", 5)]), 1);
-    let pipeline = fulgur_passes::Pipeline::new()
-        .with(fulgur_passes::Dce)
-        .with(fulgur_passes::EqSat::new(
-            fulgur_passes::rules::families(&RuleConfig::default(), &[]).unwrap(),
-        ));
-    let cx = fulgur_passes::PassContext {
-        model: fulgur_passes::CostModel::new(fulgur_passes::Target::by_name("H100").unwrap()),
-    };
-    let opt = pipeline.run(&g, &cx, None).unwrap().0;
+    let opt = optimized(&g);
     let ops: Vec<String> = opt.nodes().map(|(_, n)| n.op.name().to_string()).collect();
     assert!(!ops.iter().any(|o| o == "one_hot" || o == "mul"), "{ops:?}");
 }

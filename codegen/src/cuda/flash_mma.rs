@@ -389,19 +389,33 @@ impl Ctx {
     /// `out[n] += P X` where P (16 rows × 64, the accumulators `p`) is the A operand, rounded to bf16, and X
     /// (64 rows × `w` columns, row-major at `x` with pitch `ld`) is read transposed by `ldmatrix`.
     fn product_px(&self, s: &mut String, out: &str, p: &str, x: &str, ld: usize, w: usize) {
+        let fill = [
+            format!("pa[0] = FULGUR_FN_pack({p}[2 * kt][0], {p}[2 * kt][1]);"),
+            format!("pa[1] = FULGUR_FN_pack({p}[2 * kt][2], {p}[2 * kt][3]);"),
+            format!("pa[2] = FULGUR_FN_pack({p}[2 * kt + 1][0], {p}[2 * kt + 1][1]);"),
+            format!("pa[3] = FULGUR_FN_pack({p}[2 * kt + 1][2], {p}[2 * kt + 1][3]);"),
+        ];
+        self.product_ax(s, out, (B / 16, "pa", &fill), x, ld, w);
+    }
+
+    /// `out[n] += A X` over `kts` slabs of 16 along the shared dim: A's fragment `a` (16 rows × 16) filled by the
+    /// statements `fill` for slab `kt`, X (`16 · kts` rows × `w` columns, row-major at `x` with pitch `ld`) read
+    /// transposed by `ldmatrix`.
+    fn product_ax(
+        &self,
+        s: &mut String,
+        out: &str,
+        (kts, a, fill): (usize, &str, &[String]),
+        x: &str,
+        ld: usize,
+        w: usize,
+    ) {
         let _ = writeln!(s, "    #pragma unroll");
-        let _ = writeln!(s, "    for (int kt = 0; kt < {}; ++kt) {{", B / 16);
-        let _ = writeln!(s, "      unsigned pa[4];");
-        let _ = writeln!(s, "      pa[0] = FULGUR_FN_pack({p}[2 * kt][0], {p}[2 * kt][1]);");
-        let _ = writeln!(s, "      pa[1] = FULGUR_FN_pack({p}[2 * kt][2], {p}[2 * kt][3]);");
-        let _ = writeln!(
-            s,
-            "      pa[2] = FULGUR_FN_pack({p}[2 * kt + 1][0], {p}[2 * kt + 1][1]);"
-        );
-        let _ = writeln!(
-            s,
-            "      pa[3] = FULGUR_FN_pack({p}[2 * kt + 1][2], {p}[2 * kt + 1][3]);"
-        );
+        let _ = writeln!(s, "    for (int kt = 0; kt < {kts}; ++kt) {{");
+        let _ = writeln!(s, "      unsigned {a}[4];");
+        for line in fill {
+            let _ = writeln!(s, "      {line}");
+        }
         let _ = writeln!(s, "      #pragma unroll");
         let _ = writeln!(s, "      for (int np = 0; np < {}; ++np) {{", w / 16);
         let _ = writeln!(s, "        unsigned fb[4];");
@@ -409,8 +423,8 @@ impl Ctx {
             s,
             "        FULGUR_FN_ldt(fb, {x} + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {ld} + np * 16 + (lane >> 4) * 8);"
         );
-        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np], pa, fb[0], fb[1]);");
-        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np + 1], pa, fb[2], fb[3]);");
+        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np], {a}, fb[0], fb[1]);");
+        let _ = writeln!(s, "        FULGUR_FN_mma({out}[2 * np + 1], {a}, fb[2], fb[3]);");
         let _ = writeln!(s, "      }}");
         let _ = writeln!(s, "    }}");
     }
@@ -1018,37 +1032,12 @@ pub(super) fn lightning_template(lk: &mut LoopKernel, k: &Kernel) -> (String, E,
     let _ = writeln!(s, "      }}");
     let _ = writeln!(s, "    }}");
     // O = S V
-    let _ = writeln!(s, "    float acc[{}][4];", cols / 8);
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(
-        s,
-        "    for (int n = 0; n < {}; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;",
-        cols / 8
-    );
+    ctx.zero(&mut s, "acc", cols);
     ctx.product_px(&mut s, "acc", "sc", "Vs", cp, cols);
     // X = Q P (P staged as bf16, read transposed from its row-major tile), then O += q_decay ⊙ X
-    let _ = writeln!(s, "    float xq[{}][4];", cols / 8);
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(
-        s,
-        "    for (int n = 0; n < {}; ++n) xq[n][0] = xq[n][1] = xq[n][2] = xq[n][3] = 0.0f;",
-        cols / 8
-    );
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int kt = 0; kt < {}; ++kt) {{", d / 16);
-    let _ = writeln!(s, "      unsigned fa[4];");
-    let _ = writeln!(s, "      FULGUR_FN_lda(fa, Qs + wr * {dp} + kt * 16, {dp});");
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int np = 0; np < {}; ++np) {{", cols / 16);
-    let _ = writeln!(s, "        unsigned fb[4];");
-    let _ = writeln!(
-        s,
-        "        FULGUR_FN_ldt(fb, Ps + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {cp} + np * 16 + (lane >> 4) * 8);"
-    );
-    let _ = writeln!(s, "        FULGUR_FN_mma(xq[2 * np], fa, fb[0], fb[1]);");
-    let _ = writeln!(s, "        FULGUR_FN_mma(xq[2 * np + 1], fa, fb[2], fb[3]);");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "    }}");
+    ctx.zero(&mut s, "xq", cols);
+    let fill = [format!("FULGUR_FN_lda(fa, Qs + wr * {dp} + kt * 16, {dp});")];
+    ctx.product_ax(&mut s, "xq", (d / 16, "fa", &fill), "Ps", cp, cols);
     let _ = writeln!(s, "    {{");
     let _ = writeln!(s, "      const float q0 = dec[r0 + 1], q1 = dec[r1 + 1];");
     let _ = writeln!(s, "      #pragma unroll");
@@ -1074,24 +1063,10 @@ pub(super) fn lightning_template(lk: &mut LoopKernel, k: &Kernel) -> (String, E,
         "        st[m][n][0] *= bd; st[m][n][1] *= bd; st[m][n][2] *= bd; st[m][n][3] *= bd;"
     );
     let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int kt = 0; kt < {}; ++kt) {{", B / 16);
-    let _ = writeln!(s, "        unsigned fa[4];");
-    let _ = writeln!(
-        s,
-        "        FULGUR_FN_ldt(fa, KDs + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * {dp} + m0 + (lane >> 3 & 1) * 8);"
-    );
-    let _ = writeln!(s, "        #pragma unroll");
-    let _ = writeln!(s, "        for (int np = 0; np < {}; ++np) {{", cols / 16);
-    let _ = writeln!(s, "          unsigned fb[4];");
-    let _ = writeln!(
-        s,
-        "          FULGUR_FN_ldt(fb, Vs + (kt * 16 + (lane >> 3 & 1) * 8 + (lane & 7)) * {cp} + np * 16 + (lane >> 4) * 8);"
-    );
-    let _ = writeln!(s, "          FULGUR_FN_mma(st[m][2 * np], fa, fb[0], fb[1]);");
-    let _ = writeln!(s, "          FULGUR_FN_mma(st[m][2 * np + 1], fa, fb[2], fb[3]);");
-    let _ = writeln!(s, "        }}");
-    let _ = writeln!(s, "      }}");
+    let fill = [format!(
+        "FULGUR_FN_ldt(fa, KDs + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * {dp} + m0 + (lane >> 3 & 1) * 8);"
+    )];
+    ctx.product_ax(&mut s, "st[m]", (B / 16, "fa", &fill), "Vs", cp, cols);
     let _ = writeln!(s, "    }}");
     // every warp has read P for this block: stage the new state
     let _ = writeln!(s, "    __syncthreads();");
