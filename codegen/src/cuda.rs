@@ -1062,15 +1062,7 @@ fn accumulations(
 
 /// Whether index `e` moves with loop variable `v` with stride one: `v` itself, plus or minus terms free of it.
 fn unit_stride(lk: &LoopKernel, e: E, v: u32) -> bool {
-    match lk.pool.get(e) {
-        Expr::Var(w) => *w == v,
-        Expr::Bin(BinaryOp::Add, a, b) => {
-            (unit_stride(lk, *a, v) && !reads_var(lk, *b, v)) || (unit_stride(lk, *b, v) && !reads_var(lk, *a, v))
-        }
-        Expr::Bin(BinaryOp::Sub, a, b) => unit_stride(lk, *a, v) && !reads_var(lk, *b, v),
-        Expr::Checked { index, bound, .. } => unit_stride(lk, *index, v) && !reads_var(lk, *bound, v),
-        _ => false,
-    }
+    segment(lk, e, v) == Some(i64::MAX)
 }
 
 /// Whether consecutive values of `v` read consecutive elements through index `e` in runs of at least 32 (a
