@@ -230,6 +230,10 @@ pub struct CudaProgram {
     /// once per call): the later GEMMs over the same groups (the layer's second expert GEMM, the backward's)
     /// reuse them instead of synchronising with the stream again.
     group_sizes: std::cell::RefCell<HashMap<TensorRef, Vec<i64>>>,
+    /// This call's waits on the stream between kernels (group sizes read back): how many, and seconds.
+    host_waits: std::cell::Cell<(usize, f64)>,
+    /// The last step's host phases (ms): binding and uploading, enqueueing, finishing, reading outputs.
+    phases: [f64; 4],
     _workspace: DevBuf,
 }
 
@@ -473,6 +477,8 @@ impl CudaProgram {
             carry: HashMap::new(),
             carrying: Vec::new(),
             group_sizes: Default::default(),
+            host_waits: Default::default(),
+            phases: [0.0; 4],
             _workspace: workspace,
         })
     }
@@ -1019,6 +1025,7 @@ impl CudaProgram {
                             Some(c) => c,
                             None => {
                                 // the group sizes, read back (the stream is synchronized by the copy)
+                                let waited = std::time::Instant::now();
                                 let mut raw = vec![0u8; (experts.max(0) as usize) * es];
                                 for e in 0..experts.max(0) as usize {
                                     let at = slots[g.counts_arg as usize] + ((co + e as i64 * cst) * es as i64) as u64;
@@ -1031,6 +1038,8 @@ impl CudaProgram {
                                 // SAFETY: the stream is live
                                 unsafe { drv::stream::synchronize(self.stream) }
                                     .map_err(|x| fail(format!("a kernel before it failed: {x}")))?;
+                                let (n, s) = self.host_waits.get();
+                                self.host_waits.set((n + 1, s + waited.elapsed().as_secs_f64()));
                                 let c: Vec<i64> = raw
                                     .chunks(es)
                                     .map(|c| match es {
@@ -1311,6 +1320,7 @@ impl CudaProgram {
     fn begin_step(&mut self, inputs: &HashMap<String, Tensor>) -> Result<(), RuntimeError> {
         self.current()?;
         self.group_sizes.borrow_mut().clear();
+        self.host_waits.set((0, 0.0));
         // records a failed launch of the last call left behind are not this call's
         // SAFETY: the error area is `errors.len` bytes
         unsafe { drv::memset_d8_sync(self.errors.ptr, 0, self.errors.len) }
@@ -1496,10 +1506,13 @@ impl CudaProgram {
         inputs: &HashMap<String, Tensor>,
         skip: &[String],
     ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let t0 = std::time::Instant::now();
         self.begin_step(inputs)?;
+        self.phases = [t0.elapsed().as_secs_f64() * 1e3, 0.0, 0.0, 0.0];
         if self.options.graphs && self.profile.is_none() && !self.options.check_finite {
             return self.run_graph(skip);
         }
+        let t1 = std::time::Instant::now();
         let kernels = std::mem::take(&mut self.program.step);
         let np = self.program.prepare.len();
         let profiling = self.profile.is_some();
@@ -1539,7 +1552,10 @@ impl CudaProgram {
             unsafe { drv::event::record(self.events[1], self.stream) }
                 .map_err(|e| other(format!("CUDA event: {e}")))?;
         }
+        self.phases[1] = t1.elapsed().as_secs_f64() * 1e3;
+        let t2 = std::time::Instant::now();
         self.finish(true)?;
+        self.phases[2] = t2.elapsed().as_secs_f64() * 1e3;
         // SAFETY: both events were recorded on the stream, which has finished
         self.last_step_ms = unsafe { drv::event::elapsed(self.events[0], self.events[last]) }
             .map_err(|e| other(format!("CUDA event: {e}")))? as f64;
@@ -1553,7 +1569,10 @@ impl CudaProgram {
             }
             p.runs += 1;
         }
-        self.outputs_except(skip)
+        let t3 = std::time::Instant::now();
+        let out = self.outputs_except(skip);
+        self.phases[3] = t3.elapsed().as_secs_f64() * 1e3;
+        out
     }
 
     /// The step as a CUDA graph: captured, instantiated (or the last instantiated graph updated in place),
@@ -1752,6 +1771,18 @@ impl crate::Executable for CudaProgram {
             .map(|o| o.name.clone())
             .collect();
         Some(self.outputs_except(&skip))
+    }
+    fn last_timing(&self) -> Option<crate::CallTiming> {
+        let (host_waits, s) = self.host_waits.get();
+        Some(crate::CallTiming {
+            device_ms: self.last_step_ms,
+            host_waits,
+            host_wait_ms: s * 1e3,
+            begin_ms: self.phases[0],
+            launch_ms: self.phases[1],
+            finish_ms: self.phases[2],
+            outputs_ms: self.phases[3],
+        })
     }
 }
 

@@ -67,6 +67,24 @@ impl Backend for ReferenceBackend {
     }
 }
 
+/// Where the last call's time went, for executables that can tell (the GPU's): the device's span from the
+/// first kernel to the last, and the host's waits on the device inside it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CallTiming {
+    /// From the first kernel's start to the last kernel's end, by device events (ms).
+    pub device_ms: f64,
+    /// How many times the host waited for the device between kernels (a grouped GEMM reading its group
+    /// sizes back), and how long those waits took in all (ms).
+    pub host_waits: usize,
+    pub host_wait_ms: f64,
+    /// The host's time (ms) binding and uploading the inputs, enqueueing the kernels (the waits above
+    /// included), waiting for the device to finish, and reading the outputs back.
+    pub begin_ms: f64,
+    pub launch_ms: f64,
+    pub finish_ms: f64,
+    pub outputs_ms: f64,
+}
+
 /// A graph loaded with its weights, run many times on data inputs alone: the weights are never copied per
 /// call.
 pub trait Executable {
@@ -102,6 +120,10 @@ pub trait Executable {
     /// The named outputs of the last call, read from where the executable keeps them (after `run_carried`, the
     /// carried outputs it did not return). `None` when the executable keeps no outputs between calls.
     fn last_outputs(&mut self, _names: &[String]) -> Option<Result<BTreeMap<String, Tensor>, RuntimeError>> {
+        None
+    }
+    /// Where the last call's time went, when the executable measures it.
+    fn last_timing(&self) -> Option<CallTiming> {
         None
     }
 }

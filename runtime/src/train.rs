@@ -383,6 +383,11 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Where the last step's time went, when the executable measures it.
+    pub fn timing(&self) -> Option<crate::CallTiming> {
+        self.exe.last_timing()
+    }
+
     /// The current weights and moments.
     pub fn state(&mut self) -> Result<HashMap<String, Tensor>, RuntimeError> {
         let names = self.carried.clone();

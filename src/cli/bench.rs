@@ -463,9 +463,63 @@ fn bench_decode(
     Ok(())
 }
 
+/// The median of each part of the timed steps' [`fulgur_runtime::CallTiming`]s.
+fn timing_median(ts: &[fulgur_runtime::CallTiming]) -> Option<fulgur_runtime::CallTiming> {
+    if ts.is_empty() {
+        return None;
+    }
+    let m = |f: &dyn Fn(&fulgur_runtime::CallTiming) -> f64| median(&mut ts.iter().map(f).collect::<Vec<_>>());
+    Some(fulgur_runtime::CallTiming {
+        device_ms: m(&|t| t.device_ms),
+        host_waits: m(&|t| t.host_waits as f64) as usize,
+        host_wait_ms: m(&|t| t.host_wait_ms),
+        begin_ms: m(&|t| t.begin_ms),
+        launch_ms: m(&|t| t.launch_ms),
+        finish_ms: m(&|t| t.finish_ms),
+        outputs_ms: m(&|t| t.outputs_ms),
+    })
+}
+
+fn timing_json(ts: &[fulgur_runtime::CallTiming]) -> serde_json::Value {
+    match timing_median(ts) {
+        None => serde_json::Value::Null,
+        Some(t) => serde_json::json!({
+            "device_ms": t.device_ms, "host_waits": t.host_waits, "host_wait_ms": t.host_wait_ms,
+            "begin_ms": t.begin_ms, "launch_ms": t.launch_ms, "finish_ms": t.finish_ms, "outputs_ms": t.outputs_ms,
+        }),
+    }
+}
+
+/// Where a step's wall time `wall` (ms) went, by the medians of the timed steps' parts.
+fn timing_note(ts: &[fulgur_runtime::CallTiming], wall: f64) -> Option<String> {
+    let t = timing_median(ts)?;
+    let parts = t.begin_ms + t.launch_ms + t.finish_ms + t.outputs_ms;
+    Some(format!(
+        "where a step's {wall:.1} ms went (medians): the device ran {:.1} ms from the first kernel to the last; \
+         the host bound and uploaded the inputs in {:.1} ms, enqueued the kernels in {:.1} ms ({} waits on the \
+         device for group sizes, {:.1} ms), waited {:.1} ms for the end, read the outputs in {:.1} ms; {:.1} ms \
+         elsewhere (carrying the state between steps)",
+        t.device_ms,
+        t.begin_ms,
+        t.launch_ms,
+        t.host_waits,
+        t.host_wait_ms,
+        t.finish_ms,
+        t.outputs_ms,
+        wall - parts
+    ))
+}
+
 /// What timing one level's training steps gives: compile seconds, the step times (ms), the profiled step's
 /// kernels, and (CUDA) the bytes the program holds and the device's memory in use after the profiled step.
-type TrainRun = (f64, Vec<f64>, Vec<KernelTime>, Option<(u64, u64)>);
+/// With them, where the timed steps' time went (GPU).
+type TrainRun = (
+    f64,
+    Vec<f64>,
+    Vec<KernelTime>,
+    Option<(u64, u64)>,
+    Vec<fulgur_runtime::CallTiming>,
+);
 
 /// `--train`: per level, the median wall time of a whole training step (forward, backward, clipping, AdamW)
 /// over --repeats steps after --warmup, the state kept in the executable between steps.
@@ -557,6 +611,7 @@ fn bench_train(
             progress.say(&format!("{lname}: compiling {kernels} kernels"));
             let t = Instant::now();
             let steps = args.warmup + args.repeats;
+            let timings = std::cell::RefCell::new(Vec::new());
             let time_steps = |exe: &mut dyn fulgur_runtime::Executable| -> Result<Vec<f64>> {
                 let st = level_state.borrow_mut().take().unwrap_or_default();
                 let mut trainer = Trainer::new(exe, st);
@@ -570,6 +625,7 @@ fn bench_train(
                     }
                     if i >= args.warmup {
                         times.push(t.elapsed().as_secs_f64() * 1e3);
+                        timings.borrow_mut().extend(trainer.timing());
                     }
                 }
                 Ok(times)
@@ -592,7 +648,7 @@ fn bench_train(
                         &carried,
                         args.top,
                     )?;
-                    Ok((compile_s, times, top, None))
+                    Ok((compile_s, times, top, None, timings.take()))
                 }
                 // on the GPU with --top, one more step profiled kernel by kernel (an event after each)
                 #[cfg(feature = "cuda")]
@@ -623,17 +679,19 @@ fn bench_train(
                         times,
                         cuda_top(&gpu, args.top),
                         Some((held.unwrap_or(0), used)),
+                        timings.take(),
                     ))
                 }
                 _ => {
                     let mut exe = crate::cli::train::executable(&g, Some(program), args.target, false)?;
                     let compile_s = t.elapsed().as_secs_f64();
-                    Ok((compile_s, time_steps(exe.as_mut())?, Vec::new(), None))
+                    let times = time_steps(exe.as_mut())?;
+                    Ok((compile_s, times, Vec::new(), None, timings.take()))
                 }
             }
         };
         match run() {
-            Ok((compile_s, mut times, top, device)) => {
+            Ok((compile_s, mut times, top, device, timings)) => {
                 if !top.is_empty() {
                     tops.push((lname.clone(), top));
                 }
@@ -652,8 +710,12 @@ fn bench_train(
                     "state_bytes": plan.persistent_bytes, "transient_bytes": plan.arena_bytes,
                     "activations": activations,
                     "held_bytes": device.map(|d| d.0), "device_used_bytes": device.map(|d| d.1),
+                    "timing": timing_json(&timings),
                 }));
                 notes.push(format!("{lname}: activations for the backward: {activations}"));
+                if let Some(t) = timing_note(&timings, ms) {
+                    notes.push(format!("{lname}: {t}"));
+                }
                 if let Some((held, used)) = device {
                     notes.push(format!(
                         "{lname}: memory after the profiled step: {} held by the program (state, arena, scratch, \
