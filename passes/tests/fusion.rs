@@ -325,6 +325,41 @@ fn gemm_epilogues_fuse_soundly() {
     ));
 }
 
+/// A matmul read by two epilogues is computed once: no GEMM kernel repeats it (the extractor, pricing each
+/// reader alone, took one GEMM-with-epilogue per reader: three products of the lm head's input gradient in
+/// bench-m's step), and the extracted graph holds one matmul.
+#[test]
+fn a_matmul_with_two_readers_is_not_repeated_in_their_epilogues() {
+    let mut g = Graph::new("g");
+    let x = g.input("x", DType::F32, bt(3)).unwrap();
+    let w = g.param("w", DType::F32, vec![Dim::from(5), Dim::from(3)]).unwrap();
+    let h = g.linear(x, w).unwrap();
+    let a = g.silu(h).unwrap();
+    let a = g.scale(a, 2.0).unwrap();
+    let b = g.exp(h).unwrap();
+    let b = g.scale(b, 3.0).unwrap();
+    g.add_output("a", a).unwrap();
+    g.add_output("b", b).unwrap();
+    check(&g, &sizes());
+    let gemm = bodies(&ops_after(&g))
+        .into_iter()
+        .filter(|b| has_op(b, |o| matches!(o, Op::MatMul)))
+        .count();
+    assert_eq!(gemm, 0, "a GEMM kernel repeats the shared matmul");
+    let opt = extracted(&g);
+    let matmuls: usize = opt
+        .nodes()
+        .map(|(_, n)| match &n.op {
+            Op::MatMul => 1,
+            Op::Composite(Composite::Fused { body }) => {
+                body.graph().nodes().filter(|(_, m)| matches!(m.op, Op::MatMul)).count()
+            }
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(matmuls, 1, "{opt:?}");
+}
+
 #[test]
 fn matmuls_behind_slices_or_reductions_are_not_epilogues() {
     let mut g = Graph::new("g");

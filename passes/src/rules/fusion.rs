@@ -261,6 +261,20 @@ fn reachable(eg: &EGraph, r: &Region) -> HashSet<Id> {
     out
 }
 
+/// Whether a matmul the region absorbs (alone or inside an earlier fused kernel) is an output or is also read
+/// outside the region.
+fn shares_matmul(eg: &EGraph, r: &Region) -> bool {
+    let members: HashSet<Id> = r.chosen.keys().copied().collect();
+    r.chosen.iter().any(|(&c, n)| {
+        let mm = match n.ir_op() {
+            Some(Op::MatMul) => true,
+            Some(Op::Composite(Composite::Fused { body })) => body_summary(body).1,
+            _ => false,
+        };
+        c != r.root && mm && (eg[c].data.output || users(eg, c).any(|u| !members.contains(&u)))
+    })
+}
+
 /// The region without producers that are also used outside it (and what only they reached): no work is
 /// computed twice. Views and scalar constants cost nothing to repeat and stay.
 fn without_shared(eg: &EGraph, r: &Region) -> Region {
@@ -439,8 +453,15 @@ fn build_fused_args(eg: &mut EGraph, class: Id, n: &FNode, mode: Mode) -> (Vec<I
     };
     let full = slices_outside(eg, &full);
     let lean = slices_outside(eg, &without_shared(eg, &full));
-    let mut regions = vec![full];
-    if lean != regions[0] {
+    // a GEMM kernel never repeats a matmul that is also used elsewhere: one product written once and read by
+    // each of its users costs less than one product per user (and the extractor, pricing each user alone,
+    // would take them all)
+    let mut regions = if mode == Mode::Gemm && shares_matmul(eg, &full) {
+        vec![]
+    } else {
+        vec![full]
+    };
+    if regions.first() != Some(&lean) {
         regions.push(lean);
     }
     let mut out = Vec::new();
