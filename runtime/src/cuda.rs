@@ -592,6 +592,11 @@ impl CudaProgram {
         self.prepare_runs
     }
 
+    /// The symbols the program is bound to (after a call).
+    pub fn bound_env(&self) -> Option<&HashMap<String, i64>> {
+        self.binding.as_ref().map(|b| &b.env)
+    }
+
     /// Memory of the current binding: (planned peak with scratch and spill, bytes allocated).
     pub fn memory(&self) -> Option<(u64, u64)> {
         let b = self.binding.as_ref()?;

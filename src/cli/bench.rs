@@ -84,7 +84,8 @@ pub struct Args {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Kernels listed per level, by time.
+    /// Kernels listed per level, by time, each row with the bandwidth its kernels' views reached (their bytes,
+    /// each element once, over their time).
     #[arg(long, default_value_t = 8)]
     pub top: usize,
     /// Cost model the optimizer plans for (default: the target's: `CPU` for cpu, `H100` for reference).
@@ -139,9 +140,41 @@ pub struct KernelTime {
     pub op: String,
     pub calls: usize,
     pub ms: f64,
+    /// The bytes its kernels' views address per step (inputs and outputs, each element once; 0 when the
+    /// sizes are not known), and so the bandwidth they reached.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub bytes: f64,
     /// For a kernel of several steps (phases and GEMMs): each step's name and ms per forward.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<(String, f64)>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The bytes kernel `k`'s views address at the symbols `env`: each distinct view's elements once (an axis of
+/// stride 0, a broadcast, counted once); 0 when a size does not evaluate.
+#[cfg(any(feature = "llvm", feature = "cuda"))]
+fn kernel_bytes(k: &fulgur_codegen::program::Kernel, env: &std::collections::HashMap<String, i64>) -> f64 {
+    let mut seen: Vec<&fulgur_codegen::program::TensorRef> = Vec::new();
+    let mut total = 0.0;
+    for t in k.inputs.iter().chain(&k.outputs) {
+        if seen.contains(&t) {
+            continue;
+        }
+        seen.push(t);
+        let mut n = 1.0;
+        for (d, st) in t.shape.iter().zip(&t.strides) {
+            match (d.eval(env), st.eval(env)) {
+                (Ok(_), Ok(0)) => {}
+                (Ok(x), Ok(_)) => n *= x.max(0) as f64,
+                _ => return 0.0,
+            }
+        }
+        total += n * t.dtype.size_bytes() as f64;
+    }
+    total
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -864,6 +897,7 @@ fn bench_cpu(
                 op: truncate(&op, 60),
                 calls,
                 ms: s * 1e3 / runs,
+                bytes: 0.0,
                 steps: steps.into_iter().map(|(n, s)| (n, s * 1e3 / runs)).collect(),
             })
             .collect();
@@ -872,6 +906,7 @@ fn bench_cpu(
             op: "inputs in, outputs out to host tensors".into(),
             calls: 1,
             ms: p.host_seconds * 1e3 / p.runs.max(1) as f64,
+            bytes: 0.0,
             steps: Vec::new(),
         });
         v.sort_by(|a, b| b.ms.partial_cmp(&a.ms).unwrap_or(std::cmp::Ordering::Equal));
@@ -936,9 +971,12 @@ fn cuda_top(gpu: &fulgur_runtime::cuda::CudaProgram, n: usize) -> Vec<KernelTime
     let Some(p) = &gpu.profile else {
         return Vec::new();
     };
+    let empty = std::collections::HashMap::new();
+    let env = gpu.bound_env().unwrap_or(&empty);
     top_kernels(
         &gpu.program.step,
         |id| p.kernel_ms.get(id).copied().unwrap_or(0.0) / p.runs.max(1) as f64,
+        |k| kernel_bytes(k, env),
         n,
     )
 }
@@ -947,23 +985,30 @@ fn cuda_top(gpu: &fulgur_runtime::cuda::CudaProgram, n: usize) -> Vec<KernelTime
 /// slowest `n` first; then the `n` slowest kinds of kernel (`(by kind)`: elementwise, reduction, gemm, copy,
 /// index, each composite by its op) and the sum over every kernel (`(every kernel)`).
 #[cfg(any(feature = "llvm", feature = "cuda"))]
-fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f64, n: usize) -> Vec<KernelTime> {
+fn top_kernels(
+    step: &[fulgur_codegen::program::Kernel],
+    ms: impl Fn(usize) -> f64,
+    bytes: impl Fn(&fulgur_codegen::program::Kernel) -> f64,
+    n: usize,
+) -> Vec<KernelTime> {
     use std::collections::HashMap;
-    let mut by: HashMap<(String, String), (usize, f64)> = HashMap::new();
+    let mut by: HashMap<(String, String), (usize, f64, f64)> = HashMap::new();
     for k in step {
         let e = by
             .entry((fulgur_codegen::program::op_summary(&k.op), strip_layer(&k.name)))
             .or_default();
         e.0 += 1;
         e.1 += ms(k.id);
+        e.2 += bytes(k);
     }
     let mut v: Vec<KernelTime> = by
         .into_iter()
-        .map(|((op, name), (calls, ms))| KernelTime {
+        .map(|((op, name), (calls, ms, bytes))| KernelTime {
             name,
             op: truncate(&op, 60),
             calls,
             ms,
+            bytes,
             steps: Vec::new(),
         })
         .collect();
@@ -972,26 +1017,30 @@ fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f
     // then every kernel by kind (a composite by its op), and all of them: where the time of the many small
     // kernels the rows above leave out goes (each kernel's time runs from the event after the one before, so
     // the whole is the step's time on the device, waits between kernels included)
-    let mut kinds: HashMap<String, (usize, f64)> = HashMap::new();
-    let mut all = (0usize, 0.0f64);
+    let mut kinds: HashMap<String, (usize, f64, f64)> = HashMap::new();
+    let mut all = (0usize, 0.0f64, 0.0f64);
     for k in step {
         let kind = match &k.op {
             fulgur_ir::Op::Composite(c) if !matches!(c, fulgur_ir::Composite::Fused { .. }) => c.name().to_string(),
             _ => format!("{:?}", k.kind).to_lowercase(),
         };
+        let (t, b) = (ms(k.id), bytes(k));
         let e = kinds.entry(kind).or_default();
         e.0 += 1;
-        e.1 += ms(k.id);
+        e.1 += t;
+        e.2 += b;
         all.0 += 1;
-        all.1 += ms(k.id);
+        all.1 += t;
+        all.2 += b;
     }
     let mut kinds: Vec<KernelTime> = kinds
         .into_iter()
-        .map(|(kind, (calls, ms))| KernelTime {
+        .map(|(kind, (calls, ms, bytes))| KernelTime {
             name: "(by kind)".into(),
             op: kind,
             calls,
             ms,
+            bytes,
             steps: Vec::new(),
         })
         .collect();
@@ -1003,6 +1052,7 @@ fn top_kernels(step: &[fulgur_codegen::program::Kernel], ms: impl Fn(usize) -> f
         op: "all".into(),
         calls: all.0,
         ms: all.1,
+        bytes: all.2,
         steps: Vec::new(),
     });
     v
@@ -1111,9 +1161,15 @@ fn profile_cpu_step(
     let Some(p) = &cpu.profile else {
         return Ok(Vec::new());
     };
+    let env: HashMap<String, i64> = [
+        ("B".to_string(), tokens.shape[0] as i64),
+        ("T".to_string(), tokens.shape[1] as i64),
+    ]
+    .into();
     Ok(top_kernels(
         &cpu.program.step,
         |id| p.kernel_seconds.get(id).copied().unwrap_or(0.0) * 1e3 / p.runs.max(1) as f64,
+        |k| kernel_bytes(k, &env),
         n,
     ))
 }
@@ -1122,7 +1178,13 @@ fn profile_cpu_step(
 fn write_top(s: &mut String, title: &str, top: &[KernelTime]) {
     let _ = writeln!(s, "{title}");
     for k in top {
-        let _ = writeln!(s, "  {:>9.3}  {:>4}×  {}  {}", k.ms, k.calls, k.op, k.name);
+        // the bandwidth the kernels' views reached (GB/s), where their bytes are known
+        let bw = if k.bytes > 0.0 && k.ms > 0.0 {
+            format!("{:>7.0} GB/s", k.bytes / k.ms / 1e6)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "  {:>9.3}  {:>4}×  {bw:>12}  {}  {}", k.ms, k.calls, k.op, k.name);
     }
 }
 
