@@ -154,7 +154,7 @@ pub fn emit(
                 lk.steps.clear();
                 lk.scratch.clear();
                 lk.slots.clear();
-                Some(vec![flash_mma::lightning_template(lk, k)])
+                Some(flash_mma::lightning_templates(lk, k))
             }
             _ => None,
         },

@@ -723,6 +723,21 @@ fn gpu_bf16_lightning_on_tensor_cores_matches_the_interpreter() {
         println!("bf16 lightning_attention, T {t2}, D 128, Dv {dv}: rel {e:.3e}");
         assert!(e < 1e-2, "lightning_attention (D 128, Dv {dv}): relative error {e}");
     }
+    // chunks of 1024 rows in parallel: three chunks (the last partial) with slow decays, so that the state
+    // entering the second and third chunk (summed from the first pass's chunk states) carries weight
+    let t3 = 2500usize;
+    let lam3 = Tensor::from_f64(bf, vec![h, 1, 1], vec![0.001, 0.004]);
+    let e = gpu_op_error(
+        Op::Composite(Composite::LightningAttention { block: 64 }),
+        vec![
+            random(bf, vec![1, h, t3, 128], 51),
+            random(bf, vec![1, h, t3, 128], 52),
+            random(bf, vec![1, h, t3, 64], 53),
+            lam3,
+        ],
+    );
+    println!("bf16 lightning_attention, T {t3} (three chunks), D 128, Dv 64: rel {e:.3e}");
+    assert!(e < 1e-2, "lightning_attention (three chunks): relative error {e}");
     let e = gpu_op_error(
         Op::Composite(Composite::LightningLayer {
             block: 64,

@@ -921,18 +921,29 @@ pub(super) fn lightning_applies(k: &Kernel, block: usize) -> bool {
         && ((dv > 0 && dv <= 64 && dv % 16 == 0) || dv == 128)
 }
 
-/// The lightning template of a kernel [`lightning_applies`] holds for: its function text (name `FULGUR_FN`),
-/// its number of blocks and its bytes of shared memory. Builds its own slots: the caller has dropped the loop
-/// form's.
+/// Rows of a chunk of the lightning templates: the sequence is cut into chunks of this many rows, each
+/// walked by its own thread blocks (the state entering a chunk comes from the chunk-state pass).
+const LIGHTNING_CHUNK: usize = 1024;
+
+/// The lightning templates of a kernel [`lightning_applies`] holds for: each its function text (name
+/// `FULGUR_FN`), its number of blocks and its bytes of shared memory. Builds its own slots and scratch: the
+/// caller has dropped the loop form's.
 ///
-/// A block of four warps walks one sequence-head's blocks of 64 rows in order, for a slice of up to
-/// [`LIGHTNING_COLS`] value columns, carrying the state `P [D, cols]` in f32 registers (each warp a quarter of
-/// its rows). Per block, with the decays `dec[n] = exp(−λ n)`: the q, k and v tiles are staged in shared memory
-/// as bf16 and `KD = k ⊙ dec[63 − j]` (rounded to bf16); `S = Q Kᵀ` (a warp's 16 rows), masked to `dec[i − j]`
-/// on and below the diagonal; `O = S V + dec[i + 1] · (Q P)`, with `P` staged as bf16; then
-/// `P ← dec[64] P + KDᵀ V`. The numerics are the loop form's: the state carried in f32 and rounded where it
-/// is an operand, the masked scores rounded to bf16 for `S V` (`docs/numerics.md`).
-pub(super) fn lightning_template(lk: &mut LoopKernel, k: &Kernel) -> (String, E, u32) {
+/// The sequence is cut into chunks of [`LIGHTNING_CHUNK`] rows, so that a sequence-head's rows run in
+/// parallel: a long single sequence of few heads fills the GPU as a batch of short ones does. Both passes run a
+/// block of four warps per (sequence-head, chunk, slice of up to [`LIGHTNING_COLS`] value columns), carrying
+/// the state `P [D, cols]` in f32 registers (each warp a quarter of its rows) across the chunk's blocks of 64
+/// rows, with the decays `dec[n] = exp(−λ n)` and `KD = k ⊙ dec[63 − j]` (rounded to bf16):
+///
+/// 1. the chunk states: from zero, `P ← dec[64] P + KDᵀ V` over the chunk's blocks, written as f32 scratch
+///    (the last chunk's is never read and not computed);
+/// 2. the outputs: the state entering chunk `c` is `Σ_{c' < c} dec[chunk]^(c − 1 − c') P_{c'}`; then per block
+///    `S = Q Kᵀ` (a warp's 16 rows), masked to `dec[i − j]` on and below the diagonal; `O = S V + dec[i + 1] ·
+///    (Q P)`, with `P` staged as bf16; then `P ← dec[64] P + KDᵀ V`.
+///
+/// The numerics are the loop form's: the state carried in f32 and rounded where it is an operand, the masked
+/// scores rounded to bf16 for `S V` (`docs/numerics.md`); the chunks only change the order of the f32 sums.
+pub(super) fn lightning_templates(lk: &mut LoopKernel, k: &Kernel) -> Vec<(String, E, u32)> {
     let (qt, kt, vt, ot) = (&k.inputs[0], &k.inputs[1], &k.inputs[2], &k.outputs[0]);
     let views = [
         ("q", Slot::Input(0), qt),
@@ -945,150 +956,273 @@ pub(super) fn lightning_template(lk: &mut LoopKernel, k: &Kernel) -> (String, E,
     let (d, dv) = (ctx.d, ctx.dv);
     let cols = dv.min(LIGHTNING_COLS);
     let slices = dv / cols;
-    let (dp, cp) = (d + 8, cols + 8);
-    let threads = FLASH_WARPS as usize * 32;
-    // rows of the state each warp carries, in m16 tiles
-    let mtiles = d / 64;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "// lightning attention on the tensor cores: a block per (sequence-head, {cols} value columns), the \
-         state [{d}][{cols}] carried in f32 registers across blocks of {B} rows; S = Q Kᵀ, O = (S ⊙ M) V + \
-         q_decay ⊙ (Q P), P ← e^(-64λ) P + (K ⊙ k_decay)ᵀ V by mma.m16n8k16 (bf16 in, f32 accumulate)"
-    );
-    ctx.helpers(&mut s);
-    let _ = writeln!(
-        s,
-        "extern \"C\" __global__ void __launch_bounds__({threads}) FULGUR_FN(FULGUR_SIGNATURE) {{"
-    );
-    let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
-    let _ = writeln!(s, "  float* dec = fulgur_smem; // [{}]", B + 8);
-    let _ = writeln!(
-        s,
-        "  unsigned short* Qs = (unsigned short*)(dec + {}); // [{B}][{dp}]",
-        B + 8
-    );
-    let _ = writeln!(s, "  unsigned short* Ks = Qs + {}; // [{B}][{dp}]", B * dp);
-    let _ = writeln!(s, "  unsigned short* KDs = Ks + {}; // [{B}][{dp}]", B * dp);
-    let _ = writeln!(s, "  unsigned short* Vs = KDs + {}; // [{B}][{cp}]", B * dp);
-    let _ = writeln!(s, "  unsigned short* Ps = Vs + {}; // [{d}][{cp}]", B * cp);
-    let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
-    let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
-    let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
-    let _ = writeln!(s, "  const i64 T = {};", ctx.tt);
-    let _ = writeln!(s, "  const i64 cb = ((i64)blockIdx.x % {slices}) * {cols};");
-    let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / {slices};");
-    ctx.decode(&mut s, "rest", &|_| true, false);
-    let (v_cs, o_cs) = (&ctx.strides[2].1, &ctx.strides[3].1);
-    let _ = writeln!(s, "  v_off += cb * {v_cs};");
-    let _ = writeln!(s, "  out_off += cb * {o_cs};");
-    let lam = super::load_text(ctx.slots[4], k.inputs[3].dtype, "lam_off");
-    let _ = writeln!(s, "  const float lam = {lam};");
-    let _ = writeln!(
-        s,
-        "  for (int x = threadIdx.x; x <= {B}; x += {threads}) dec[x] = expf(-(lam * (float)x));"
-    );
-    // the state, zero, and its staged copy
-    let _ = writeln!(s, "  float st[{mtiles}][{}][4];", cols / 8);
-    let _ = writeln!(s, "  #pragma unroll");
-    let _ = writeln!(s, "  for (int m = 0; m < {mtiles}; ++m)");
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(
-        s,
-        "    for (int n = 0; n < {}; ++n) st[m][n][0] = st[m][n][1] = st[m][n][2] = st[m][n][3] = 0.0f;",
-        cols / 8
-    );
-    let _ = writeln!(
-        s,
-        "  for (int x = threadIdx.x; x < {}; x += {threads}) ((unsigned*)Ps)[x] = 0u;",
-        d * cp / 2
-    );
-    let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
-    let _ = writeln!(s, "  for (i64 t0 = 0; t0 < T; t0 += {B}) {{");
-    let _ = writeln!(s, "    __syncthreads();");
-    let _ = writeln!(s, "    {}", ctx.tile(0, "Qs", dp, "t0", "T", d));
-    let _ = writeln!(s, "    {}", ctx.tile(1, "Ks", dp, "t0", "T", d));
-    let _ = writeln!(s, "    {}", ctx.tile(2, "Vs", cp, "t0", "T", cols));
-    let _ = writeln!(s, "    __syncthreads();");
-    // KD = K ⊙ k_decay, rounded to bf16 (rows past the end are zero in Ks)
-    let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", B * d);
-    let _ = writeln!(s, "      const int j = x / {d}, i = x - j * {d};");
-    let _ = writeln!(
-        s,
-        "      KDs[j * {dp} + i] = fulgur_to_bf16(fulgur_from_bf16(Ks[j * {dp} + i]) * dec[{} - j]);",
-        B - 1
-    );
-    let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "    __syncthreads();");
-    // S = Q Kᵀ, masked: row r keeps key u <= r, times dec[r − u]
-    ctx.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
-    let _ = writeln!(s, "        const int u = n * 8 + 2 * c + e;");
-    let _ = writeln!(s, "        sc[n][e] = u <= r0 ? sc[n][e] * dec[r0 - u] : 0.0f;");
-    let _ = writeln!(s, "        sc[n][2 + e] = u <= r1 ? sc[n][2 + e] * dec[r1 - u] : 0.0f;");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "    }}");
-    // O = S V
-    ctx.zero(&mut s, "acc", cols);
-    ctx.product_px(&mut s, "acc", "sc", "Vs", cp, cols);
-    // X = Q P (P staged as bf16, read transposed from its row-major tile), then O += q_decay ⊙ X
-    ctx.zero(&mut s, "xq", cols);
-    let fill = [format!("FULGUR_FN_lda(fa, Qs + wr * {dp} + kt * 16, {dp});")];
-    ctx.product_ax(&mut s, "xq", (d / 16, "fa", &fill), "Ps", cp, cols);
-    let _ = writeln!(s, "    {{");
-    let _ = writeln!(s, "      const float q0 = dec[r0 + 1], q1 = dec[r1 + 1];");
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
-    let _ = writeln!(s, "        acc[n][0] += q0 * xq[n][0]; acc[n][1] += q0 * xq[n][1];");
-    let _ = writeln!(s, "        acc[n][2] += q1 * xq[n][2]; acc[n][3] += q1 * xq[n][3];");
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "    }}");
-    let mut store = String::new();
-    ctx.store(&mut store, 3, "acc", ("t0", "T"), cols, ["", ""]);
-    for line in store.lines() {
-        let _ = writeln!(s, "  {line}");
-    }
-    // P ← dec[64] P + KDᵀ V: the warp's rows of the state, KD read transposed as the A operand
-    let _ = writeln!(s, "    const float bd = dec[{B}];");
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int m = 0; m < {mtiles}; ++m) {{");
-    let _ = writeln!(s, "      const int m0 = warp * {} + m * 16;", d / 4);
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
-    let _ = writeln!(
-        s,
-        "        st[m][n][0] *= bd; st[m][n][1] *= bd; st[m][n][2] *= bd; st[m][n][3] *= bd;"
-    );
-    let _ = writeln!(s, "      }}");
-    let fill = [format!(
-        "FULGUR_FN_ldt(fa, KDs + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * {dp} + m0 + (lane >> 3 & 1) * 8);"
-    )];
-    ctx.product_ax(&mut s, "st[m]", (B / 16, "fa", &fill), "Vs", cp, cols);
-    let _ = writeln!(s, "    }}");
-    // every warp has read P for this block: stage the new state
-    let _ = writeln!(s, "    __syncthreads();");
-    let _ = writeln!(s, "    #pragma unroll");
-    let _ = writeln!(s, "    for (int m = 0; m < {mtiles}; ++m) {{");
-    let _ = writeln!(s, "      const int m0 = warp * {} + m * 16;", d / 4);
-    let _ = writeln!(s, "      #pragma unroll");
-    let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
-    let _ = writeln!(
-        s,
-        "        *(unsigned*)(Ps + (m0 + g) * {cp} + n * 8 + 2 * c) = FULGUR_FN_pack(st[m][n][0], st[m][n][1]);"
-    );
-    let _ = writeln!(
-        s,
-        "        *(unsigned*)(Ps + (m0 + g + 8) * {cp} + n * 8 + 2 * c) = FULGUR_FN_pack(st[m][n][2], st[m][n][3]);"
-    );
-    let _ = writeln!(s, "      }}");
-    let _ = writeln!(s, "    }}");
-    let _ = writeln!(s, "  }}");
-    let _ = writeln!(s, "}}");
+    let rows = ot.shape[ot.shape.len() - 2].clone();
+    let chunks = rows.ceil_div(&Dim::from(LIGHTNING_CHUNK as i64));
     let batch = (0..ctx.nb).fold(Dim::from(1), |x, a| x * ctx.batch[a].clone());
-    let items = lk.dim(&(batch * Dim::from(slices as i64)));
-    let smem = (B + 8) * 4 + (3 * B * dp + B * cp + d * cp) * 2;
-    (s, items, smem as u32)
+    let blocks = batch * chunks * Dim::from(slices as i64);
+    // the chunk states, f32, [blocks][d][cols]: a block's own index places its chunk's state
+    let states = lk.scratch(DType::F32, blocks.clone() * Dim::from((d * cols) as i64));
+    let items = lk.dim(&blocks);
+    let (dp, cp) = (d + 8, cols + 8);
+    let lt = LightningText {
+        ctx: &ctx,
+        lam: super::load_text(ctx.slots[4], k.inputs[3].dtype, "lam_off"),
+        states,
+        d,
+        cols,
+        slices,
+        dp,
+        cp,
+    };
+    let smem_states = (B + 8) * 4 + (2 * B * dp + B * cp) * 2;
+    let smem_out = (B + 8) * 4 + (3 * B * dp + B * cp + d * cp) * 2;
+    vec![
+        (lt.states_text(), items, smem_states as u32),
+        (lt.outputs_text(), items, smem_out as u32),
+    ]
+}
+
+/// What both lightning templates' text needs.
+struct LightningText<'a> {
+    ctx: &'a Ctx,
+    /// λ's load (C), from `lam_off`.
+    lam: String,
+    /// The chunk states' scratch slot.
+    states: u32,
+    d: usize,
+    cols: usize,
+    slices: usize,
+    /// Pitches of the staged tiles: key dims and value columns, padded.
+    dp: usize,
+    cp: usize,
+}
+
+impl LightningText<'_> {
+    /// The signature, shared memory, the block's coordinates (`cb` its first value column, `chunk`, `nc` the
+    /// chunks, the views' offsets), λ, the decays `dec[0..=64]`, the state `st` at zero and the chunk's rows
+    /// `[c0, c1)`.
+    fn prologue(&self, s: &mut String, tiles: &[(&str, usize)]) {
+        let (ctx, d, cols, slices) = (self.ctx, self.d, self.cols, self.slices);
+        let threads = FLASH_WARPS as usize * 32;
+        ctx.helpers(s);
+        let _ = writeln!(
+            s,
+            "extern \"C\" __global__ void __launch_bounds__({threads}) FULGUR_FN(FULGUR_SIGNATURE) {{"
+        );
+        let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
+        let _ = writeln!(s, "  float* dec = fulgur_smem; // [{}]", B + 8);
+        let mut prev = format!("(unsigned short*)(dec + {})", B + 8);
+        for (name, len) in tiles {
+            let _ = writeln!(s, "  unsigned short* {name} = {prev}; // {len} elements");
+            prev = format!("{name} + {len}");
+        }
+        let _ = writeln!(s, "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;");
+        let _ = writeln!(s, "  const int g = lane >> 2, c = lane & 3, wr = warp * 16;");
+        let _ = writeln!(s, "  if ((i64)blockIdx.x >= fulgur_grid) return;");
+        let _ = writeln!(s, "  const i64 T = {};", ctx.tt);
+        let _ = writeln!(s, "  const i64 nc = (T + {LIGHTNING_CHUNK} - 1) / {LIGHTNING_CHUNK};");
+        let _ = writeln!(s, "  const i64 cb = ((i64)blockIdx.x % {slices}) * {cols};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / {slices};");
+        let _ = writeln!(s, "  const i64 chunk = rest % nc;");
+        let _ = writeln!(s, "  rest /= nc;");
+        let _ = writeln!(s, "  const i64 c0 = chunk * {LIGHTNING_CHUNK};");
+        let _ = writeln!(s, "  const i64 c1 = min(T, c0 + {LIGHTNING_CHUNK});");
+        ctx.decode(s, "rest", &|_| true, false);
+        let (v_cs, o_cs) = (&ctx.strides[2].1, &ctx.strides[3].1);
+        let _ = writeln!(s, "  v_off += cb * {v_cs};");
+        let _ = writeln!(s, "  out_off += cb * {o_cs};");
+        let _ = writeln!(s, "  const float lam = {};", self.lam);
+        let _ = writeln!(
+            s,
+            "  for (int x = threadIdx.x; x <= {B}; x += {threads}) dec[x] = expf(-(lam * (float)x));"
+        );
+        let _ = writeln!(s, "  float st[{}][{}][4];", d / 64, cols / 8);
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int m = 0; m < {}; ++m)", d / 64);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(
+            s,
+            "    for (int n = 0; n < {}; ++n) st[m][n][0] = st[m][n][1] = st[m][n][2] = st[m][n][3] = 0.0f;",
+            cols / 8
+        );
+        let _ = writeln!(s, "  const int r0 = wr + g, r1 = r0 + 8;");
+        let _ = writeln!(s, "  float* states = (float*)s{};", self.states);
+    }
+
+    /// For every element of the warp's rows of the state: `body` with `m`, `n`, the element's row `row`,
+    /// column `col` and accumulator pair `h` (0: `st[m][n][0..2]`, 1: `[2..4]`) in scope.
+    fn each_pair(&self, s: &mut String, body: &str) {
+        let _ = writeln!(s, "  #pragma unroll");
+        let _ = writeln!(s, "  for (int m = 0; m < {}; ++m) {{", self.d / 64);
+        let _ = writeln!(s, "    const int m0 = warp * {} + m * 16;", self.d / 4);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", self.cols / 8);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int h = 0; h < 2; ++h) {{");
+        let _ = writeln!(s, "        const int row = m0 + g + 8 * h, col = n * 8 + 2 * c;");
+        let _ = writeln!(s, "        {body}");
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "  }}");
+    }
+
+    /// `KD = K ⊙ dec[63 − j]` into `KDs` (rows past the end are zero in `Ks`), then `P ← dec[64] P + KDᵀ V`:
+    /// the warp's rows of the state, KD read transposed as the A operand.
+    fn advance_state(&self, s: &mut String) {
+        let (d, dp, cp, cols) = (self.d, self.dp, self.cp, self.cols);
+        let threads = FLASH_WARPS as usize * 32;
+        let _ = writeln!(s, "    for (int x = threadIdx.x; x < {}; x += {threads}) {{", B * d);
+        let _ = writeln!(s, "      const int j = x / {d}, i = x - j * {d};");
+        let _ = writeln!(
+            s,
+            "      KDs[j * {dp} + i] = fulgur_to_bf16(fulgur_from_bf16(Ks[j * {dp} + i]) * dec[{} - j]);",
+            B - 1
+        );
+        let _ = writeln!(s, "    }}");
+        let _ = writeln!(s, "    __syncthreads();");
+        let _ = writeln!(s, "    const float bd = dec[{B}];");
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int m = 0; m < {}; ++m) {{", d / 64);
+        let _ = writeln!(s, "      const int m0 = warp * {} + m * 16;", d / 4);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
+        let _ = writeln!(
+            s,
+            "        st[m][n][0] *= bd; st[m][n][1] *= bd; st[m][n][2] *= bd; st[m][n][3] *= bd;"
+        );
+        let _ = writeln!(s, "      }}");
+        let fill = [format!(
+            "FULGUR_FN_ldt(fa, KDs + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * {dp} + m0 + (lane >> 3 & 1) * 8);"
+        )];
+        self.ctx.product_ax(s, "st[m]", (B / 16, "fa", &fill), "Vs", cp, cols);
+        let _ = writeln!(s, "    }}");
+    }
+
+    /// Pass 1: each chunk's own state contribution, from zero, into the scratch at the block's index.
+    fn states_text(&self) -> String {
+        let (ctx, d, dp, cp, cols) = (self.ctx, self.d, self.dp, self.cp, self.cols);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "// lightning attention, pass 1 of 2: the state each chunk of {LIGHTNING_CHUNK} rows adds, \
+             P_c = Σ_blocks dec[64]^(later blocks) (K ⊙ k_decay)ᵀ V, for {cols} value columns, by \
+             mma.m16n8k16 (bf16 in, f32 accumulate)"
+        );
+        self.prologue(&mut s, &[("Ks", B * dp), ("KDs", B * dp), ("Vs", B * cp)]);
+        let _ = writeln!(
+            s,
+            "  if (chunk == nc - 1) return;  // the last chunk's state is never read"
+        );
+        let _ = writeln!(s, "  for (i64 t0 = c0; t0 < c1; t0 += {B}) {{");
+        let _ = writeln!(s, "    __syncthreads();");
+        let _ = writeln!(s, "    {}", ctx.tile(1, "Ks", dp, "t0", "c1", d));
+        let _ = writeln!(s, "    {}", ctx.tile(2, "Vs", cp, "t0", "c1", cols));
+        let _ = writeln!(s, "    __syncthreads();");
+        self.advance_state(&mut s);
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "  float* own = states + (i64)blockIdx.x * {};", d * cols);
+        self.each_pair(
+            &mut s,
+            &format!("*(float2*)(own + row * {cols} + col) = make_float2(st[m][n][2 * h], st[m][n][2 * h + 1]);"),
+        );
+        let _ = writeln!(s, "}}");
+        s
+    }
+
+    /// Pass 2: the state entering the chunk from the earlier chunks' states, then the chunk's outputs.
+    fn outputs_text(&self) -> String {
+        let (ctx, d, dp, cp, cols, slices) = (self.ctx, self.d, self.dp, self.cp, self.cols, self.slices);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "// lightning attention, pass 2 of 2: a block per (sequence-head, chunk of {LIGHTNING_CHUNK} rows, \
+             {cols} value columns), the state [{d}][{cols}] entering the chunk summed from pass 1's and carried in \
+             f32 registers across blocks of {B} rows; S = Q Kᵀ, O = (S ⊙ M) V + q_decay ⊙ (Q P), P ← e^(-64λ) P + \
+             (K ⊙ k_decay)ᵀ V by mma.m16n8k16 (bf16 in, f32 accumulate)"
+        );
+        self.prologue(
+            &mut s,
+            &[
+                ("Qs", B * dp),
+                ("Ks", B * dp),
+                ("KDs", B * dp),
+                ("Vs", B * cp),
+                ("Ps", d * cp),
+            ],
+        );
+        // the entering state: P = Σ_{c' < chunk} dec[chunk]^(chunk − 1 − c') P_c' (chunk 0's block for c' = 0)
+        let _ = writeln!(s, "  const float cd = expf(-(lam * (float){LIGHTNING_CHUNK}));");
+        let _ = writeln!(
+            s,
+            "  const float* first = states + ((i64)blockIdx.x - chunk * {slices}) * {};",
+            d * cols
+        );
+        let _ = writeln!(s, "  for (i64 cc = 0; cc < chunk; ++cc) {{");
+        let _ = writeln!(s, "    const float* prior = first + cc * {};", slices * d * cols);
+        self.each_pair(
+            &mut s,
+            &format!(
+                "const float2 x = *(const float2*)(prior + row * {cols} + col); \
+                 st[m][n][2 * h] = st[m][n][2 * h] * cd + x.x; st[m][n][2 * h + 1] = st[m][n][2 * h + 1] * cd + x.y;"
+            ),
+        );
+        let _ = writeln!(s, "  }}");
+        // its staged copy
+        self.each_pair(
+            &mut s,
+            &format!("*(unsigned*)(Ps + row * {cp} + col) = FULGUR_FN_pack(st[m][n][2 * h], st[m][n][2 * h + 1]);"),
+        );
+        let _ = writeln!(s, "  for (i64 t0 = c0; t0 < c1; t0 += {B}) {{");
+        let _ = writeln!(s, "    __syncthreads();");
+        let _ = writeln!(s, "    {}", ctx.tile(0, "Qs", dp, "t0", "c1", d));
+        let _ = writeln!(s, "    {}", ctx.tile(1, "Ks", dp, "t0", "c1", d));
+        let _ = writeln!(s, "    {}", ctx.tile(2, "Vs", cp, "t0", "c1", cols));
+        let _ = writeln!(s, "    __syncthreads();");
+        // S = Q Kᵀ, masked: row r keeps key u <= r, times dec[r − u]
+        ctx.product_abt(&mut s, "sc", ("Qs", dp), ("Ks", dp), d / 16);
+        let _ = writeln!(s, "    #pragma unroll");
+        let _ = writeln!(s, "    for (int n = 0; n < {}; ++n) {{", B / 8);
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int e = 0; e < 2; ++e) {{");
+        let _ = writeln!(s, "        const int u = n * 8 + 2 * c + e;");
+        let _ = writeln!(s, "        sc[n][e] = u <= r0 ? sc[n][e] * dec[r0 - u] : 0.0f;");
+        let _ = writeln!(s, "        sc[n][2 + e] = u <= r1 ? sc[n][2 + e] * dec[r1 - u] : 0.0f;");
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        // O = S V
+        ctx.zero(&mut s, "acc", cols);
+        ctx.product_px(&mut s, "acc", "sc", "Vs", cp, cols);
+        // X = Q P (P staged as bf16, read transposed from its row-major tile), then O += q_decay ⊙ X
+        ctx.zero(&mut s, "xq", cols);
+        let fill = [format!("FULGUR_FN_lda(fa, Qs + wr * {dp} + kt * 16, {dp});")];
+        ctx.product_ax(&mut s, "xq", (d / 16, "fa", &fill), "Ps", cp, cols);
+        let _ = writeln!(s, "    {{");
+        let _ = writeln!(s, "      const float q0 = dec[r0 + 1], q1 = dec[r1 + 1];");
+        let _ = writeln!(s, "      #pragma unroll");
+        let _ = writeln!(s, "      for (int n = 0; n < {}; ++n) {{", cols / 8);
+        let _ = writeln!(s, "        acc[n][0] += q0 * xq[n][0]; acc[n][1] += q0 * xq[n][1];");
+        let _ = writeln!(s, "        acc[n][2] += q1 * xq[n][2]; acc[n][3] += q1 * xq[n][3];");
+        let _ = writeln!(s, "      }}");
+        let _ = writeln!(s, "    }}");
+        let mut store = String::new();
+        ctx.store(&mut store, 3, "acc", ("t0", "c1"), cols, ["", ""]);
+        for line in store.lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+        // KD's tile was last read before the previous block's staging barrier
+        self.advance_state(&mut s);
+        // every warp has read KD and V: stage the new state
+        let _ = writeln!(s, "    __syncthreads();");
+        let mut stage = String::new();
+        self.each_pair(
+            &mut stage,
+            &format!("*(unsigned*)(Ps + row * {cp} + col) = FULGUR_FN_pack(st[m][n][2 * h], st[m][n][2 * h + 1]);"),
+        );
+        for line in stage.lines() {
+            let _ = writeln!(s, "  {line}");
+        }
+        let _ = writeln!(s, "  }}");
+        let _ = writeln!(s, "}}");
+        s
+    }
 }
