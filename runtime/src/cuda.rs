@@ -230,6 +230,8 @@ pub struct CudaProgram {
     /// once per call): the later GEMMs over the same groups (the layer's second expert GEMM, the backward's)
     /// reuse them instead of synchronising with the stream again.
     group_sizes: std::cell::RefCell<HashMap<TensorRef, Vec<i64>>>,
+    /// Side streams the experts of a grouped GEMM run on side by side (made at the first grouped GEMM).
+    lanes: std::cell::RefCell<Option<Lanes>>,
     /// This call's waits on the stream between kernels (group sizes read back): how many, and seconds.
     host_waits: std::cell::Cell<(usize, f64)>,
     /// The last step's host phases (ms): binding and uploading, enqueueing, finishing, reading outputs.
@@ -478,6 +480,7 @@ impl CudaProgram {
             carrying: Vec::new(),
             group_sizes: Default::default(),
             host_waits: Default::default(),
+            lanes: Default::default(),
             phases: [0.0; 4],
             _workspace: workspace,
         })
@@ -1069,23 +1072,24 @@ impl CudaProgram {
                             let out = self.operand(&slots, &g.out, &ev)?;
                             let es = ev(g.expert_stride)?;
                             let mut start = 0i64;
+                            let mut jobs = Vec::with_capacity(counts.len());
                             for (e, &c) in counts.iter().enumerate() {
                                 let depth = c.min(kk - start);
                                 if depth > 0 {
-                                    self.gemm(
+                                    jobs.push(ExpertGemm {
+                                        expert: e,
                                         m,
                                         n,
-                                        depth,
-                                        a.shifted(start * a.cs),
-                                        b.shifted(start * b.rs),
-                                        out.shifted(e as i64 * es),
-                                        1,
-                                        [0, 0, 0],
-                                    )
-                                    .map_err(|x| fail(format!("grouped weight-gradient GEMM, expert {e}: {x}")))?;
+                                        k: depth,
+                                        a: a.shifted(start * a.cs),
+                                        b: b.shifted(start * b.rs),
+                                        c: out.shifted(e as i64 * es),
+                                    });
                                 }
                                 start += c;
                             }
+                            self.expert_gemms(&jobs)
+                                .map_err(|(e, x)| fail(format!("grouped weight-gradient GEMM, expert {e}: {x}")))?;
                             continue;
                         }
                         let x = self.operand(&slots, &g.x, &ev)?;
@@ -1122,24 +1126,25 @@ impl CudaProgram {
                         }
                         let ws = ev(g.expert_stride)?;
                         let mut start = 0i64;
+                        let mut jobs = Vec::with_capacity(counts.len());
                         for (e, &c) in counts.iter().enumerate() {
                             let rows = c.min(m - start);
                             if rows <= 0 {
                                 continue;
                             }
-                            self.gemm(
-                                rows,
+                            jobs.push(ExpertGemm {
+                                expert: e,
+                                m: rows,
                                 n,
-                                kk,
-                                x.shifted(start * x.rs),
-                                w.shifted(e as i64 * ws),
-                                out.shifted(start * out.rs),
-                                1,
-                                [0, 0, 0],
-                            )
-                            .map_err(|x| fail(format!("grouped GEMM, expert {e}: {x}")))?;
+                                k: kk,
+                                a: x.shifted(start * x.rs),
+                                b: w.shifted(e as i64 * ws),
+                                c: out.shifted(start * out.rs),
+                            });
                             start += rows;
                         }
+                        self.expert_gemms(&jobs)
+                            .map_err(|(e, x)| fail(format!("grouped GEMM, expert {e}: {x}")))?;
                     }
                     Step::Phase(_) => return Err(fail("a library launch of a phase".into())),
                     Step::Collective(op) => {
@@ -1265,6 +1270,77 @@ impl CudaProgram {
         count: i64,
         strides: [i64; 3],
     ) -> Result<(), String> {
+        self.gemm_on(self.blas, m, n, k, a, b, c, count, strides)
+    }
+
+    /// The experts' GEMMs of one grouped GEMM, each `C = A · B` alone: on the program's stream one after the
+    /// other when there is one (or `FULGUR_GROUPED_STREAMS` is 0 or 1), else spread over side streams that
+    /// start after everything enqueued before and that the program's stream waits for after: an expert's
+    /// product is often a single wave of thread blocks with a ragged tail, and those tails overlap. An error
+    /// names the expert.
+    fn expert_gemms(&self, jobs: &[ExpertGemm]) -> Result<(), (usize, String)> {
+        let want = grouped_streams();
+        if jobs.len() < 2 || want < 2 {
+            for j in jobs {
+                self.gemm(j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
+                    .map_err(|x| (j.expert, x))?;
+            }
+            return Ok(());
+        }
+        let mut lanes = self.lanes.borrow_mut();
+        if lanes.as_ref().is_none_or(|l| l.streams.len() < want) {
+            *lanes = None;
+            *lanes = Some(Lanes::new(want).map_err(|x| (jobs[0].expert, x))?);
+        }
+        let l = lanes.as_ref().ok_or((jobs[0].expert, "no side streams".to_string()))?;
+        let used = jobs.len().min(l.streams.len());
+        let first = jobs[0].expert;
+        // SAFETY: the events and streams are live; every side stream waits for the fork before its GEMMs
+        unsafe {
+            drv::event::record(l.fork, self.stream).map_err(|x| (first, format!("CUDA event: {x}")))?;
+            for &st in &l.streams[..used] {
+                drv::stream::wait_event(st, l.fork, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                    .map_err(|x| (first, format!("CUDA stream wait: {x}")))?;
+            }
+        }
+        let mut result = Ok(());
+        for (i, j) in jobs.iter().enumerate() {
+            let lane = i % used;
+            if let Err(x) = self.gemm_on(l.handles[lane], j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0]) {
+                result = Err((j.expert, x));
+                break;
+            }
+        }
+        // the join, also after a failed call: the program's stream never runs ahead of its side streams
+        // SAFETY: as above
+        unsafe {
+            for (lane, &st) in l.streams[..used].iter().enumerate() {
+                drv::event::record(l.joins[lane], st).map_err(|x| (first, format!("CUDA event: {x}")))?;
+                drv::stream::wait_event(
+                    self.stream,
+                    l.joins[lane],
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(|x| (first, format!("CUDA stream wait: {x}")))?;
+            }
+        }
+        result
+    }
+
+    /// [`CudaProgram::gemm`] through cuBLAS handle `handle` (on the stream it is bound to).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_on(
+        &self,
+        handle: blas_sys::cublasHandle_t,
+        m: i64,
+        n: i64,
+        k: i64,
+        a: Mat,
+        b: Mat,
+        c: Mat,
+        count: i64,
+        strides: [i64; 3],
+    ) -> Result<(), String> {
         if m <= 0 || n <= 0 || count <= 0 {
             return Ok(());
         }
@@ -1293,7 +1369,7 @@ impl CudaProgram {
         // SAFETY: the operands are views of live device buffers (check_views); sizes checked above
         unsafe {
             blas::gemm_strided_batched_ex(
-                self.blas,
+                handle,
                 op(plan.trans_first),
                 op(plan.trans_second),
                 int(plan.m, "m")?,
@@ -1727,6 +1803,7 @@ impl Drop for CudaProgram {
         // SAFETY: created in `new`, destroyed once; device memory is freed by the DevBufs after this
         unsafe {
             let _ = drv::stream::synchronize(self.stream);
+            self.lanes.borrow_mut().take();
             let _ = blas::destroy_handle(self.blas);
             for m in &self.modules {
                 let _ = drv::module::unload(*m);
@@ -1851,6 +1928,98 @@ fn plan_gemm(m: i64, n: i64, k: i64, a: Mat, b: Mat, c: Mat, strides: [i64; 3]) 
         stride_second: s2,
         ldc,
     })
+}
+
+/// One expert's product of a grouped GEMM: `c = a · b`, `m × n`, depth `k`.
+struct ExpertGemm {
+    expert: usize,
+    m: i64,
+    n: i64,
+    k: i64,
+    a: Mat,
+    b: Mat,
+    c: Mat,
+}
+
+/// How many side streams a grouped GEMM's experts spread over (`FULGUR_GROUPED_STREAMS`, default 4; 0 or 1:
+/// one after the other on the program's stream).
+fn grouped_streams() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FULGUR_GROUPED_STREAMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4)
+            .min(16)
+    })
+}
+
+/// Side streams, each with its own cuBLAS handle and workspace (a handle's workspace serves one stream at a
+/// time), and the events that fork them from the program's stream and join them back.
+struct Lanes {
+    streams: Vec<sys::CUstream>,
+    handles: Vec<blas_sys::cublasHandle_t>,
+    fork: sys::CUevent,
+    joins: Vec<sys::CUevent>,
+    /// Dropped after the handles (`Drop` runs first).
+    _workspaces: Vec<DevBuf>,
+}
+
+impl Lanes {
+    fn new(n: usize) -> Result<Lanes, String> {
+        let mut l = Lanes {
+            streams: Vec::new(),
+            handles: Vec::new(),
+            fork: drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| format!("CUDA event: {e}"))?,
+            joins: Vec::new(),
+            _workspaces: Vec::new(),
+        };
+        for _ in 0..n {
+            // blocking, like the program's stream: ordered with the synchronous uploads and memsets
+            let st = drv::stream::create(drv::stream::StreamKind::Default).map_err(|e| format!("CUDA stream: {e}"))?;
+            l.streams.push(st);
+            l.joins.push(
+                drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(|e| format!("CUDA event: {e}"))?,
+            );
+            let h = blas::create_handle().map_err(|e| format!("cuBLAS: {e:?}"))?;
+            l.handles.push(h);
+            let ws = DevBuf::zeroed(32 << 20, "a side stream's cuBLAS workspace").map_err(|e| e.to_string())?;
+            // SAFETY: the handle and stream were created above; the workspace outlives the handle
+            unsafe {
+                blas::set_stream(h, st as blas_sys::cudaStream_t).map_err(|e| format!("cuBLAS: {e:?}"))?;
+                blas_sys::cublasSetMathMode(h, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                    .result()
+                    .map_err(|e| format!("cuBLAS: {e:?}"))?;
+                blas_sys::cublasSetWorkspace_v2(h, ws.ptr as *mut c_void, ws.len)
+                    .result()
+                    .map_err(|e| format!("cuBLAS workspace: {e:?}"))?;
+            }
+            l._workspaces.push(ws);
+        }
+        Ok(l)
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once, after their work is done
+        unsafe {
+            for &st in &self.streams {
+                let _ = drv::stream::synchronize(st);
+            }
+            for &h in &self.handles {
+                let _ = blas::destroy_handle(h);
+            }
+            for &e in self.joins.iter().chain([&self.fork]) {
+                let _ = drv::event::destroy(e);
+            }
+            for &st in &self.streams {
+                let _ = drv::stream::destroy(st);
+            }
+        }
+    }
 }
 
 /// A strided matrix operand in device memory.
