@@ -328,19 +328,10 @@ impl CudaProgram {
         let stream =
             drv::stream::create(drv::stream::StreamKind::Default).map_err(|e| other(format!("CUDA stream: {e}")))?;
         let blas = blas::create_handle().map_err(|e| other(format!("cuBLAS: {e:?}")))?;
-        // SAFETY: the handle and stream were created above
-        unsafe {
-            blas::set_stream(blas, stream as blas_sys::cudaStream_t).map_err(|e| other(format!("cuBLAS: {e:?}")))?;
-            blas_sys::cublasSetMathMode(blas, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                .result()
-                .map_err(|e| other(format!("cuBLAS: {e:?}")))?;
-        }
-        // cuBLAS's workspace is ours, so that no allocation happens while a graph is captured
+        // cuBLAS's workspace is ours, so that no allocation happens while a graph is captured; the buffer
+        // outlives the handle (both dropped with the program, the handle first)
         let workspace = DevBuf::zeroed(32 << 20, "the cuBLAS workspace")?;
-        // SAFETY: the buffer outlives the handle (both dropped with the program, the handle first)
-        unsafe { blas_sys::cublasSetWorkspace_v2(blas, workspace.ptr as *mut c_void, workspace.len) }
-            .result()
-            .map_err(|e| other(format!("cuBLAS workspace: {e:?}")))?;
+        configure_blas(blas, stream, &workspace).map_err(other)?;
         let cache = options.cache.clone().or_else(fulgur_codegen::nvrtc::cache_dir);
         let mut modules = Vec::with_capacity(cuda.len());
         let mut functions = Vec::with_capacity(cuda.len());
@@ -1954,6 +1945,21 @@ fn grouped_streams() -> usize {
     })
 }
 
+/// Binds cuBLAS handle `h` to `stream` with IEEE f32 math (no TF32) and `workspace` as its workspace, which must
+/// outlive the handle.
+fn configure_blas(h: blas_sys::cublasHandle_t, stream: sys::CUstream, workspace: &DevBuf) -> Result<(), String> {
+    // SAFETY: the handle and stream are live; the caller keeps the workspace until the handle is destroyed
+    unsafe {
+        blas::set_stream(h, stream as blas_sys::cudaStream_t).map_err(|e| format!("cuBLAS: {e:?}"))?;
+        blas_sys::cublasSetMathMode(h, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+            .result()
+            .map_err(|e| format!("cuBLAS: {e:?}"))?;
+        blas_sys::cublasSetWorkspace_v2(h, workspace.ptr as *mut c_void, workspace.len)
+            .result()
+            .map_err(|e| format!("cuBLAS workspace: {e:?}"))
+    }
+}
+
 /// Side streams, each with its own cuBLAS handle and workspace (a handle's workspace serves one stream at a
 /// time), and the events that fork them from the program's stream and join them back.
 struct Lanes {
@@ -1985,17 +1991,9 @@ impl Lanes {
             );
             let h = blas::create_handle().map_err(|e| format!("cuBLAS: {e:?}"))?;
             l.handles.push(h);
+            // the workspace outlives the handle (`Drop` destroys the handles first)
             let ws = DevBuf::zeroed(32 << 20, "a side stream's cuBLAS workspace").map_err(|e| e.to_string())?;
-            // SAFETY: the handle and stream were created above; the workspace outlives the handle
-            unsafe {
-                blas::set_stream(h, st as blas_sys::cudaStream_t).map_err(|e| format!("cuBLAS: {e:?}"))?;
-                blas_sys::cublasSetMathMode(h, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                    .result()
-                    .map_err(|e| format!("cuBLAS: {e:?}"))?;
-                blas_sys::cublasSetWorkspace_v2(h, ws.ptr as *mut c_void, ws.len)
-                    .result()
-                    .map_err(|e| format!("cuBLAS workspace: {e:?}"))?;
-            }
+            configure_blas(h, st, &ws)?;
             l._workspaces.push(ws);
         }
         Ok(l)
