@@ -1209,3 +1209,63 @@ fn truncate(s: &str, n: usize) -> String {
         format!("{t}…")
     }
 }
+
+#[cfg(all(test, any(feature = "llvm", feature = "cuda")))]
+mod tests {
+    use super::*;
+    use fulgur_codegen::program::{Kernel, TensorRef};
+    use fulgur_ir::{DType, Dim, Op, UnaryOp};
+    use fulgur_passes::classify::KernelKind;
+
+    fn view(buffer: usize, dtype: DType, shape: &[Dim], strides: &[Dim]) -> TensorRef {
+        TensorRef {
+            buffer,
+            dtype,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            offset: Dim::from(0),
+        }
+    }
+
+    /// The bandwidth column's bytes: each distinct view's elements once, an axis of stride 0 (a broadcast)
+    /// once, a view read twice once; a size naming an unbound symbol gives 0 (no bandwidth printed).
+    #[test]
+    fn kernel_bytes_counts_each_element_once() {
+        let (b, t) = (Dim::sym("B"), Dim::sym("T"));
+        let x = view(
+            0,
+            DType::BF16,
+            &[b.clone(), t.clone(), Dim::from(8)],
+            &[t.clone() * Dim::from(8), Dim::from(8), Dim::from(1)],
+        );
+        // a row vector broadcast over B and T
+        let w = view(
+            1,
+            DType::F32,
+            &[b.clone(), t.clone(), Dim::from(8)],
+            &[Dim::from(0), Dim::from(0), Dim::from(1)],
+        );
+        let out = view(
+            2,
+            DType::F32,
+            &[b.clone(), t.clone(), Dim::from(8)],
+            &[t.clone() * Dim::from(8), Dim::from(8), Dim::from(1)],
+        );
+        let k = Kernel {
+            id: 0,
+            name: "k".into(),
+            kind: KernelKind::Elementwise,
+            op: Op::Unary(UnaryOp::Exp),
+            inputs: vec![x.clone(), w, x],
+            outputs: vec![out],
+            code: 0,
+            stream: 0,
+            waits: Vec::new(),
+        };
+        let env: std::collections::HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 3)].into();
+        // x: 2·3·8 bf16 once (read twice), w: 8 f32, out: 2·3·8 f32
+        assert_eq!(kernel_bytes(&k, &env), (48 * 2 + 8 * 4 + 48 * 4) as f64);
+        let partial: std::collections::HashMap<String, i64> = [("B".to_string(), 2)].into();
+        assert_eq!(kernel_bytes(&k, &partial), 0.0);
+    }
+}
