@@ -974,6 +974,7 @@ impl CudaProgram {
                                 dc += idx[j] * b[3];
                             }
                             self.gemm(
+                                self.blas,
                                 m,
                                 n,
                                 kk,
@@ -1247,23 +1248,6 @@ impl CudaProgram {
         })
     }
 
-    /// `C = A · B` for `count` batch elements `strides` apart (A, B, C), through cuBLAS: the row-major
-    /// product written as the column-major one cuBLAS computes.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        m: i64,
-        n: i64,
-        k: i64,
-        a: Mat,
-        b: Mat,
-        c: Mat,
-        count: i64,
-        strides: [i64; 3],
-    ) -> Result<(), String> {
-        self.gemm_on(self.blas, m, n, k, a, b, c, count, strides)
-    }
-
     /// The experts' GEMMs of one grouped GEMM, each `C = A · B` alone: on the program's stream one after the
     /// other when there is one (or `FULGUR_GROUPED_STREAMS` is 0 or 1), else spread over side streams that
     /// start after everything enqueued before and that the program's stream waits for after: an expert's
@@ -1273,14 +1257,13 @@ impl CudaProgram {
         let want = grouped_streams();
         if jobs.len() < 2 || want < 2 {
             for j in jobs {
-                self.gemm(j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
+                self.gemm(self.blas, j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
                     .map_err(|x| (j.expert, x))?;
             }
             return Ok(());
         }
         let mut lanes = self.lanes.borrow_mut();
-        if lanes.as_ref().is_none_or(|l| l.streams.len() < want) {
-            *lanes = None;
+        if lanes.is_none() {
             *lanes = Some(Lanes::new(want).map_err(|x| (jobs[0].expert, x))?);
         }
         let l = lanes.as_ref().ok_or((jobs[0].expert, "no side streams".to_string()))?;
@@ -1297,7 +1280,7 @@ impl CudaProgram {
         let mut result = Ok(());
         for (i, j) in jobs.iter().enumerate() {
             let lane = i % used;
-            if let Err(x) = self.gemm_on(l.handles[lane], j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0]) {
+            if let Err(x) = self.gemm(l.handles[lane], j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0]) {
                 result = Err((j.expert, x));
                 break;
             }
@@ -1318,9 +1301,11 @@ impl CudaProgram {
         result
     }
 
-    /// [`CudaProgram::gemm`] through cuBLAS handle `handle` (on the stream it is bound to).
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_on(
+    /// `C = A · B` for `count` batch elements `strides` apart (A, B, C), through cuBLAS handle `handle` (on the
+    /// stream it is bound to: the program's `blas` or a side stream's): the row-major product written as the
+    /// column-major one cuBLAS computes.
+    #[allow(clippy::too_many_arguments)] // cuBLAS's own sizes, operands and batch strides
+    fn gemm(
         &self,
         handle: blas_sys::cublasHandle_t,
         m: i64,

@@ -1167,11 +1167,10 @@ impl LightningText<'_> {
             ),
         );
         let _ = writeln!(s, "  }}");
-        // its staged copy
-        self.each_pair(
-            &mut s,
-            &format!("*(unsigned*)(Ps + row * {cp} + col) = FULGUR_FN_pack(st[m][n][2 * h], st[m][n][2 * h + 1]);"),
-        );
+        // its staged copy (as after every block below)
+        let stage_ps =
+            format!("*(unsigned*)(Ps + row * {cp} + col) = FULGUR_FN_pack(st[m][n][2 * h], st[m][n][2 * h + 1]);");
+        self.each_pair(&mut s, &stage_ps);
         let _ = writeln!(s, "  for (i64 t0 = c0; t0 < c1; t0 += {B}) {{");
         let _ = writeln!(s, "    __syncthreads();");
         let _ = writeln!(s, "    {}", ctx.tile(0, "Qs", dp, "t0", "c1", d));
@@ -1214,10 +1213,7 @@ impl LightningText<'_> {
         // every warp has read KD and V: stage the new state
         let _ = writeln!(s, "    __syncthreads();");
         let mut stage = String::new();
-        self.each_pair(
-            &mut stage,
-            &format!("*(unsigned*)(Ps + row * {cp} + col) = FULGUR_FN_pack(st[m][n][2 * h], st[m][n][2 * h + 1]);"),
-        );
+        self.each_pair(&mut stage, &stage_ps);
         for line in stage.lines() {
             let _ = writeln!(s, "  {line}");
         }

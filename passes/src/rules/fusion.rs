@@ -271,8 +271,14 @@ fn shares_matmul(eg: &EGraph, r: &Region) -> bool {
             Some(Op::Composite(Composite::Fused { body })) => body_summary(body).1,
             _ => false,
         };
-        c != r.root && mm && (eg[c].data.output || users(eg, c).any(|u| !members.contains(&u)))
+        c != r.root && mm && escapes(eg, c, &members)
     })
+}
+
+/// Whether class `c` of a region whose classes are `members` is needed outside it: an output, or read by a
+/// class that is not a member.
+fn escapes(eg: &EGraph, c: Id, members: &HashSet<Id>) -> bool {
+    eg[c].data.output || users(eg, c).any(|u| !members.contains(&u))
 }
 
 /// The region without producers that are also used outside it (and what only they reached): no work is
@@ -285,9 +291,7 @@ fn without_shared(eg: &EGraph, r: &Region) -> Region {
             .chosen
             .iter()
             .filter(|(&c, n)| {
-                c != r.root
-                    && !matches!(node_kind(n), Some(Kind::View | Kind::Leaf))
-                    && (eg[c].data.output || users(eg, c).any(|u| !members.contains(&u)))
+                c != r.root && !matches!(node_kind(n), Some(Kind::View | Kind::Leaf)) && escapes(eg, c, &members)
             })
             .map(|(&c, _)| c)
             .collect();
