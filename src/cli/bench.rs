@@ -140,8 +140,8 @@ pub struct KernelTime {
     pub op: String,
     pub calls: usize,
     pub ms: f64,
-    /// The bytes its kernels' views address per step (inputs and outputs, each element once; 0 when the
-    /// sizes are not known), and so the bandwidth they reached.
+    /// The bytes its kernels' views address per step (each element once among the inputs and once among the
+    /// outputs; 0 when the sizes are not known), and so the bandwidth they reached.
     #[serde(skip_serializing_if = "is_zero")]
     pub bytes: f64,
     /// For a kernel of several steps (phases and GEMMs): each step's name and ms per forward.
@@ -153,17 +153,24 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
-/// The bytes kernel `k`'s views address at the symbols `env`: each distinct view's elements once (an axis of
-/// stride 0, a broadcast, counted once); 0 when a size does not evaluate.
+/// The bytes kernel `k`'s views address at the symbols `env`: each distinct view's elements once among the
+/// inputs and once among the outputs (an axis of stride 0, a broadcast, counted once; a view the kernel reads
+/// and writes in place, such as an optimizer's state, counted as a read and a write, the two transfers it
+/// makes); 0 when a size does not evaluate.
 #[cfg(any(feature = "llvm", feature = "cuda"))]
 fn kernel_bytes(k: &fulgur_codegen::program::Kernel, env: &std::collections::HashMap<String, i64>) -> f64 {
-    let mut seen: Vec<&fulgur_codegen::program::TensorRef> = Vec::new();
+    let mut seen: Vec<(bool, &fulgur_codegen::program::TensorRef)> = Vec::new();
     let mut total = 0.0;
-    for t in k.inputs.iter().chain(&k.outputs) {
-        if seen.contains(&t) {
+    let views = k
+        .inputs
+        .iter()
+        .map(|t| (false, t))
+        .chain(k.outputs.iter().map(|t| (true, t)));
+    for (written, t) in views {
+        if seen.contains(&(written, t)) {
             continue;
         }
-        seen.push(t);
+        seen.push((written, t));
         let mut n = 1.0;
         for (d, st) in t.shape.iter().zip(&t.strides) {
             match (d.eval(env), st.eval(env)) {
@@ -1228,7 +1235,8 @@ mod tests {
     }
 
     /// The bandwidth column's bytes: each distinct view's elements once, an axis of stride 0 (a broadcast)
-    /// once, a view read twice once; a size naming an unbound symbol gives 0 (no bandwidth printed).
+    /// once, a view read twice once, a view read and written in place twice; a size naming an unbound symbol
+    /// gives 0 (no bandwidth printed).
     #[test]
     fn kernel_bytes_counts_each_element_once() {
         let (b, t) = (Dim::sym("B"), Dim::sym("T"));
@@ -1265,6 +1273,10 @@ mod tests {
         let env: std::collections::HashMap<String, i64> = [("B".to_string(), 2), ("T".to_string(), 3)].into();
         // x: 2·3·8 bf16 once (read twice), w: 8 f32, out: 2·3·8 f32
         assert_eq!(kernel_bytes(&k, &env), (48 * 2 + 8 * 4 + 48 * 4) as f64);
+        // updated in place (read and written, as AdamW's state is): a read and a write
+        let mut inplace = k.clone();
+        inplace.outputs = vec![inplace.inputs[0].clone()];
+        assert_eq!(kernel_bytes(&inplace, &env), (48 * 2 + 8 * 4 + 48 * 2) as f64);
         let partial: std::collections::HashMap<String, i64> = [("B".to_string(), 2)].into();
         assert_eq!(kernel_bytes(&k, &partial), 0.0);
     }
