@@ -191,6 +191,43 @@ impl Pool {
         }
     }
 
+    /// `q + r` when it puts back together a value its quotient and remainder by `d` were taken from:
+    /// `(x / d) * d + x % d` is `x`, and `(x / d) * (d * s) + (x % d) * s` is `x * s` (a coordinate split
+    /// off a flat index, then the index of a contiguous view at it), for every `x` and nonzero `d` (C's
+    /// truncating division). The stride `d * s` is recognised as the pool's product of the two (or, all
+    /// constants, by value).
+    fn recombined(&self, q: E, r: E) -> Option<Expr> {
+        let Expr::Bin(BinaryOp::Mul, qd, m) = *self.get(q) else {
+            return None;
+        };
+        let (x, d, s) = match *self.get(r) {
+            Expr::Rem(x, d) => (x, d, None),
+            Expr::Bin(BinaryOp::Mul, r0, s) => match *self.get(r0) {
+                Expr::Rem(x, d) => (x, d, Some(s)),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        // the quotient's factors in either order
+        let div = Expr::Bin(BinaryOp::Div, x, d);
+        let m = match (self.get(qd), self.get(m)) {
+            (a, _) if *a == div => m,
+            (_, b) if *b == div => qd,
+            _ => return None,
+        };
+        match s {
+            None => (m == d).then(|| self.get(x).clone()),
+            Some(s) => {
+                let product = |a: E, b: E| self.map.get(&Expr::Bin(BinaryOp::Mul, a, b)).copied();
+                let same = product(d, s) == Some(m)
+                    || product(s, d) == Some(m)
+                    || matches!((self.int(d), self.int(s), self.int(m)), (Some(d), Some(s), Some(m))
+                        if d.checked_mul(s) == Some(m));
+                same.then_some(Expr::Bin(BinaryOp::Mul, x, s))
+            }
+        }
+    }
+
     fn fold(&mut self, x: Expr) -> Expr {
         match x {
             Expr::Bin(op, a, b) if self.ty(a) == Scalar::I64 => match (op, self.int(a), self.int(b)) {
@@ -203,6 +240,10 @@ impl Pool {
                 (BinaryOp::Mul, Some(1), _) => self.get(b).clone(),
                 (BinaryOp::Mul | BinaryOp::Div, _, Some(1)) => self.get(a).clone(),
                 (BinaryOp::Mul, Some(0), _) | (BinaryOp::Mul, _, Some(0)) => Expr::I(0),
+                (BinaryOp::Add, _, _) => match self.recombined(a, b).or_else(|| self.recombined(b, a)) {
+                    Some(x) => x,
+                    None => Expr::Bin(op, a, b),
+                },
                 _ => Expr::Bin(op, a, b),
             },
             Expr::Rem(a, b) => match (self.int(a), self.int(b)) {
@@ -524,6 +565,16 @@ impl LoopKernel {
     pub fn dim(&mut self, d: &Dim) -> E {
         if let Some(c) = d.as_const() {
             return self.pool.i(c);
+        }
+        // an integer factor stays visible (`T*2048` is the parameter `T` times 2048), so index arithmetic
+        // over a contiguous view folds (`Pool::fold`: `(x / T) * (T * 2048) + (x % T) * 2048` is `x * 2048`)
+        let c = d.content();
+        if c > 1 {
+            if let Some(q) = d.div_exact(&Dim::from(c)) {
+                let q = self.dim(&q);
+                let c = self.pool.i(c);
+                return self.pool.mul(q, c);
+            }
         }
         let p = match self.params.iter().position(|x| x == d) {
             Some(p) => p,

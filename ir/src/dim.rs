@@ -154,6 +154,19 @@ impl Dim {
         self.as_const() == Some(1)
     }
 
+    /// The greatest common divisor of the coefficients, positive (0 for the dimension 0): the largest
+    /// integer that divides the polynomial as written (`2048` for `2048*T`, `2` for `2*B*T + 4`).
+    pub fn content(&self) -> i64 {
+        fn gcd(a: i64, b: i64) -> i64 {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        self.terms.iter().fold(0i64, |g, (_, c)| gcd(g, c.saturating_abs()))
+    }
+
     /// The names of all symbols occurring in the expression.
     pub fn symbols(&self) -> Vec<String> {
         let mut out = Vec::new();
