@@ -1023,9 +1023,11 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
         let raw = lk.pool.cast(Scalar::I64, raw);
         lk.checked(raw, ee, what.clone())
     };
-    // A stable counting sort in three parallel phases over chunks of DISPATCH_CHUNK rows: count each
-    // chunk's rows per expert; per expert, its rows' first place in each chunk (the rows of lower experts,
-    // then of the chunks before); place each chunk's rows in order.
+    // A stable counting sort in parallel phases over chunks of DISPATCH_CHUNK rows: count each chunk's rows
+    // per expert; per expert, its rows in all (`counts`); per expert, its rows' first place in each chunk
+    // (the rows of lower experts, then of the chunks before); place each chunk's rows in order. A chunk's
+    // counts and places live in a thread's local array while it walks the chunk's rows (an increment there
+    // waits on no memory round trip), and an expert's start is the sum of the lower experts' totals.
     let ch = lk.pool.i(DISPATCH_CHUNK);
     let ch1 = lk.pool.i(DISPATCH_CHUNK - 1);
     let rows_up = lk.pool.addi(rows, ch1);
@@ -1042,27 +1044,34 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
         (lo, hi)
     };
     // count
+    let local = lk.local(Scalar::I64, experts);
     let (count_var, c) = lk.loop_var();
     let (lo, hi) = chunk_rows(lk, c);
-    let mut body = vec![for_(lk, zero, ee, |lk, e| {
-        let i = at(lk, c, e);
-        vec![Stmt::Store {
-            arg: cnt,
-            dtype: i64d,
-            index: i,
+    let mut body = vec![for_(lk, zero, ee, |_, e| {
+        vec![Stmt::StoreLocal {
+            local,
+            index: e,
             value: zero,
         }]
     })];
     body.push(for_(lk, lo, hi, |lk, r| {
         let e = expert_of(lk, r);
-        let i = at(lk, c, e);
-        let cur = lk.pool.load(cnt, i64d, i);
+        let cur = lk.load_local(local, e);
         let next = lk.pool.addi(cur, one);
+        vec![Stmt::StoreLocal {
+            local,
+            index: e,
+            value: next,
+        }]
+    }));
+    body.push(for_(lk, zero, ee, |lk, e| {
+        let i = at(lk, c, e);
+        let v = lk.load_local(local, e);
         vec![Stmt::Store {
             arg: cnt,
             dtype: i64d,
             index: i,
-            value: next,
+            value: v,
         }]
     }));
     lk.steps.push(Step::Phase(Phase {
@@ -1072,29 +1081,45 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
         body,
         item_cost: ch,
     }));
-    // offsets: per expert
+    // totals: per expert, its rows over the chunks
+    let (total_var, e) = lk.loop_var();
+    let (sum_var, sum) = lk.mutable(Scalar::I64);
+    let mut body = vec![Stmt::Set {
+        var: sum_var,
+        value: zero,
+    }];
+    body.push(for_(lk, zero, chunks, |lk, c| {
+        let i = at(lk, c, e);
+        let x = lk.pool.load(cnt, i64d, i);
+        vec![Stmt::Accumulate {
+            var: sum_var,
+            op: Acc::Add,
+            value: x,
+        }]
+    }));
+    body.push(store(&counts, lk, &[e], sum));
+    lk.steps.push(Step::Phase(Phase {
+        name: "moe_dispatch.totals".into(),
+        grid: ee,
+        item: total_var,
+        body,
+        item_cost: chunks,
+    }));
+    // offsets: per expert, from the lower experts' totals
     let (off_var, e) = lk.loop_var();
     let (run_var, run) = lk.mutable(Scalar::I64);
     let mut body = vec![Stmt::Set {
         var: run_var,
         value: zero,
     }];
-    body.push(for_(lk, zero, chunks, |lk, c| {
-        vec![for_(lk, zero, e, |lk, e2| {
-            let i = at(lk, c, e2);
-            let x = lk.pool.load(cnt, i64d, i);
-            vec![Stmt::Accumulate {
-                var: run_var,
-                op: Acc::Add,
-                value: x,
-            }]
-        })]
+    body.push(for_(lk, zero, e, |lk, e2| {
+        let x = counts.load(lk, &[e2]);
+        vec![Stmt::Accumulate {
+            var: run_var,
+            op: Acc::Add,
+            value: x,
+        }]
     }));
-    let (base_var, base) = lk.mutable(Scalar::I64);
-    body.push(Stmt::Set {
-        var: base_var,
-        value: run,
-    });
     body.push(for_(lk, zero, chunks, |lk, c| {
         let i = at(lk, c, e);
         let x = lk.pool.load(cnt, i64d, i);
@@ -1112,39 +1137,43 @@ fn moe_dispatch(k: &Kernel, b: &mut Built, experts: usize) -> Result<bool, Codeg
             },
         ]
     }));
-    let total = lk.pool.sub(run, base);
-    body.push(store(&counts, lk, &[e], total));
-    let off_cost = lk.pool.mul(chunks, ee);
     lk.steps.push(Step::Phase(Phase {
         name: "moe_dispatch.offsets".into(),
         grid: ee,
         item: off_var,
         body,
-        item_cost: off_cost,
+        item_cost: chunks,
     }));
-    // place: per chunk, its rows in order
+    // place: per chunk, its rows in order, from the chunk's first places in a local array
     let (place_var, c) = lk.loop_var();
     let (lo, hi) = chunk_rows(lk, c);
-    let body = vec![for_(lk, lo, hi, |lk, r| {
-        let e = expert_of(lk, r);
+    let mut body = vec![for_(lk, zero, ee, |lk, e| {
         let i = at(lk, c, e);
-        let p = lk.pool.load(offs, i64d, i);
-        let p1 = lk.pool.addi(p, one);
+        let v = lk.pool.load(offs, i64d, i);
+        vec![Stmt::StoreLocal {
+            local,
+            index: e,
+            value: v,
+        }]
+    })];
+    body.push(for_(lk, lo, hi, |lk, r| {
+        let e = expert_of(lk, r);
+        let p = lk.load_local(local, e);
         let tok = lk.pool.div(r, ke);
         let slot = lk.pool.rem(r, ke);
         // the place is read before the store that moves it on: through a variable
         let (pv, pcur) = lk.mutable(Scalar::I64);
+        let p1 = lk.pool.addi(pcur, one);
         vec![
             Stmt::Set { var: pv, value: p },
             store(&pos, lk, &[tok, slot], pcur),
-            Stmt::Store {
-                arg: offs,
-                dtype: i64d,
-                index: i,
+            Stmt::StoreLocal {
+                local,
+                index: e,
                 value: p1,
             },
         ]
-    })];
+    }));
     lk.steps.push(Step::Phase(Phase {
         name: "moe_dispatch.place".into(),
         grid: chunks,
