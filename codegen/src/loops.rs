@@ -219,13 +219,35 @@ impl Pool {
             None => (m == d).then(|| self.get(x).clone()),
             Some(s) => {
                 let product = |a: E, b: E| self.map.get(&Expr::Bin(BinaryOp::Mul, a, b)).copied();
-                let same = product(d, s) == Some(m)
-                    || product(s, d) == Some(m)
-                    || matches!((self.int(d), self.int(s), self.int(m)), (Some(d), Some(s), Some(m))
-                        if d.checked_mul(s) == Some(m));
+                let same = product(d, s) == Some(m) || product(s, d) == Some(m) || self.product_is(d, s, m);
                 same.then_some(Expr::Bin(BinaryOp::Mul, x, s))
             }
         }
+    }
+
+    /// `e` as a term times an integer: `(Some(a), c)` for `a · c` or `c · a`, `(None, c)` for the literal `c`,
+    /// `(Some(e), 1)` otherwise.
+    fn scaled(&self, e: E) -> (Option<E>, i64) {
+        match *self.get(e) {
+            Expr::I(c) => (None, c),
+            Expr::Bin(BinaryOp::Mul, a, b) => match (self.int(a), self.int(b)) {
+                (_, Some(c)) => (Some(a), c),
+                (Some(c), _) => (Some(b), c),
+                _ => (Some(e), 1),
+            },
+            _ => (Some(e), 1),
+        }
+    }
+
+    /// Whether `m` is `d · s` by their integer factors, at most one of the two having a term besides its
+    /// factor (`(T · 6144)` is `16 · (T · 384)`).
+    fn product_is(&self, d: E, s: E, m: E) -> bool {
+        let ((bd, cd), (bs, cs), (bm, cm)) = (self.scaled(d), self.scaled(s), self.scaled(m));
+        let base = match (bd, bs) {
+            (None, b) | (b, None) => b,
+            _ => return false,
+        };
+        base == bm && cd.checked_mul(cs) == Some(cm)
     }
 
     fn fold(&mut self, x: Expr) -> Expr {

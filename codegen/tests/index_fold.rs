@@ -113,3 +113,39 @@ fn a_dimension_keeps_its_integer_factor_visible() {
     assert_eq!(Dim::from(0).content(), 0);
     assert_eq!((Dim::sym("T") * Dim::from(-6) + Dim::from(9)).content(), 3);
 }
+
+/// Strides that are one factor times another through their integer parts: `(x / 16) * (T · 6144) + (x % 16) *
+/// (T · 384)` is `x * (T · 384)`, then `(y / T) * (T · 384) + (y % T) * 384` is `y * 384` (a `[B, T, 16, 384]`
+/// view's index from a flat head-major one), checked by value.
+#[test]
+fn strides_with_integer_factors_fold_through_them() {
+    let mut lk = LoopKernel::new("fold");
+    let (y, t) = (lk.pool.add(Expr::Param(0)), lk.pool.add(Expr::Param(1)));
+    let (c16, c384, c6144) = (lk.pool.i(16), lk.pool.i(384), lk.pool.i(6144));
+    let x = lk.pool.div(y, t);
+    let t384 = lk.pool.mul(t, c384);
+    let t6144 = lk.pool.mul(t, c6144);
+    let q = lk.pool.div(x, c16);
+    let r = lk.pool.rem(x, c16);
+    let a = lk.pool.mul(q, t6144);
+    let b = lk.pool.mul(r, t384);
+    let inner = lk.pool.addi(a, b);
+    assert_eq!(*lk.pool.get(inner), Expr::Bin(BinaryOp::Mul, x, t384));
+    let yr = lk.pool.rem(y, t);
+    let c = lk.pool.mul(yr, c384);
+    let whole = lk.pool.addi(inner, c);
+    assert_eq!(*lk.pool.get(whole), Expr::Bin(BinaryOp::Mul, y, c384));
+    for (yv, tv) in [(12345, 7), (999_999, 2048), (5, 1)] {
+        let xv = yv / tv;
+        let want = (xv / 16) * (tv * 6144) + (xv % 16) * (tv * 384) + (yv % tv) * 384;
+        assert_eq!(lk.pool.eval(whole, &[yv, tv]), Some(want));
+    }
+    // 16 · (T · 384) is not T · 6145
+    let t6145 = {
+        let c = lk.pool.i(6145);
+        lk.pool.mul(t, c)
+    };
+    let a = lk.pool.mul(q, t6145);
+    let e = lk.pool.addi(a, b);
+    assert_eq!(*lk.pool.get(e), Expr::Bin(BinaryOp::Add, a, b));
+}
