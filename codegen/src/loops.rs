@@ -208,12 +208,14 @@ impl Pool {
             },
             _ => return None,
         };
-        // the quotient's factors in either order
-        let div = Expr::Bin(BinaryOp::Div, x, d);
-        let m = match (self.get(qd), self.get(m)) {
-            (a, _) if *a == div => m,
-            (_, b) if *b == div => qd,
-            _ => return None,
+        // the quotient's factors in either order (`x / d` is in the pool if it is one of them)
+        let div = *self.map.get(&Expr::Bin(BinaryOp::Div, x, d))?;
+        let m = if qd == div {
+            m
+        } else if m == div {
+            qd
+        } else {
+            return None;
         };
         match s {
             None => (m == d).then(|| self.get(x).clone()),

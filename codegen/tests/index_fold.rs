@@ -6,6 +6,11 @@ use fulgur_codegen::loops::{Expr, LoopKernel};
 use fulgur_ir::{BinaryOp, Dim};
 use rand::{Rng, SeedableRng};
 
+/// The run-time parameters `p0 .. p{n-1}` as expressions of `lk`'s pool.
+fn params(lk: &mut LoopKernel, n: u32) -> Vec<fulgur_codegen::loops::E> {
+    (0..n).map(|i| lk.pool.add(Expr::Param(i))).collect()
+}
+
 /// `(x / d) * m + (x % d) * s` evaluated without folding (C's truncating division, as the kernels use).
 fn by_hand(x: i64, d: i64, m: i64, s: i64) -> i64 {
     (x / d) * m + (x % d) * s
@@ -17,11 +22,9 @@ fn a_split_index_put_back_together_folds_to_the_index() {
     for _ in 0..500 {
         let mut lk = LoopKernel::new("fold");
         // x, d and s as run-time parameters (p0, p1, p2); the stride `d * s` as the pool's product
-        let (x, d, s) = (
-            lk.pool.add(Expr::Param(0)),
-            lk.pool.add(Expr::Param(1)),
-            lk.pool.add(Expr::Param(2)),
-        );
+        let [x, d, s] = params(&mut lk, 3)[..] else {
+            unreachable!()
+        };
         let q = lk.pool.div(x, d);
         let r = lk.pool.rem(x, d);
         let m = lk.pool.mul(d, s);
@@ -54,12 +57,9 @@ fn a_split_index_put_back_together_folds_to_the_index() {
 #[test]
 fn a_stride_that_is_not_the_product_stays_as_written() {
     let mut lk = LoopKernel::new("fold");
-    let (x, d, s, t) = (
-        lk.pool.add(Expr::Param(0)),
-        lk.pool.add(Expr::Param(1)),
-        lk.pool.add(Expr::Param(2)),
-        lk.pool.add(Expr::Param(3)),
-    );
+    let [x, d, s, t] = params(&mut lk, 4)[..] else {
+        unreachable!()
+    };
     let q = lk.pool.div(x, d);
     let r = lk.pool.rem(x, d);
     // (x / d) * t + (x % d) * s, t unrelated to d * s
@@ -120,7 +120,7 @@ fn a_dimension_keeps_its_integer_factor_visible() {
 #[test]
 fn strides_with_integer_factors_fold_through_them() {
     let mut lk = LoopKernel::new("fold");
-    let (y, t) = (lk.pool.add(Expr::Param(0)), lk.pool.add(Expr::Param(1)));
+    let [y, t] = params(&mut lk, 2)[..] else { unreachable!() };
     let (c16, c384, c6144) = (lk.pool.i(16), lk.pool.i(384), lk.pool.i(6144));
     let x = lk.pool.div(y, t);
     let t384 = lk.pool.mul(t, c384);
