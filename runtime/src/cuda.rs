@@ -15,9 +15,9 @@
 //! A step runs the kernels in order on one stream (the schedule's order is always correct; the communication
 //! stream matters only once collectives exist). Phases and templates launch generated functions; GEMM steps
 //! call cuBLAS (`cublasGemmStridedBatchedEx`, f32 or bf16 operands, f32 accumulation, TF32 off); grouped GEMMs
-//! read their group sizes back to the host and call one GEMM per group. Every launch is checked: a launch
-//! error names the kernel and its IR node, and after the step the error records name the kernel whose check
-//! failed (an index out of range) with the value.
+//! read their group sizes back to the host and call one GEMM per group (through cuBLASLt, `lt`). Every launch
+//! is checked: a launch error names the kernel and its IR node, and after the step the error records name the
+//! kernel whose check failed (an index out of range) with the value.
 
 use crate::host::{check_views, decode_view, encode_into, grown};
 use crate::RuntimeError;
@@ -35,6 +35,8 @@ use std::ffi::{c_void, CString};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+
+mod lt;
 
 fn other(m: impl Into<String>) -> RuntimeError {
     RuntimeError::Other(m.into())
@@ -234,6 +236,13 @@ pub struct CudaProgram {
     lanes: std::cell::RefCell<Option<Lanes>>,
     /// This call's waits on the stream between kernels (group sizes read back): how many, and seconds.
     host_waits: std::cell::Cell<(usize, f64)>,
+    /// The experts' products through cuBLASLt, their algorithms chosen once per bucket of sizes (made at the
+    /// first grouped GEMM, unless `FULGUR_EXPERT_GEMM=cublas`).
+    lt: std::cell::RefCell<Option<lt::ExpertLt>>,
+    /// This call's experts' products: how many, and the host's seconds enqueueing them.
+    expert_enqueue: std::cell::Cell<(usize, f64)>,
+    /// cuBLASLt's heuristic queries made before this call.
+    queries_before: usize,
     /// The last step's host phases (ms): binding and uploading, enqueueing, finishing, reading outputs.
     phases: [f64; 4],
     _workspace: DevBuf,
@@ -471,6 +480,9 @@ impl CudaProgram {
             carrying: Vec::new(),
             group_sizes: Default::default(),
             host_waits: Default::default(),
+            lt: Default::default(),
+            expert_enqueue: Default::default(),
+            queries_before: 0,
             lanes: Default::default(),
             phases: [0.0; 4],
             _workspace: workspace,
@@ -1254,11 +1266,44 @@ impl CudaProgram {
     /// product is often a single wave of thread blocks with a ragged tail, and those tails overlap. An error
     /// names the expert.
     fn expert_gemms(&self, jobs: &[ExpertGemm]) -> Result<(), (usize, String)> {
+        let began = Instant::now();
+        let result = self.enqueue_expert_gemms(jobs);
+        let (n, s) = self.expert_enqueue.get();
+        self.expert_enqueue
+            .set((n + jobs.len(), s + began.elapsed().as_secs_f64()));
+        result
+    }
+
+    /// One expert's product `j` on `stream` through `handle` (cuBLAS) or, unless `FULGUR_EXPERT_GEMM=cublas`,
+    /// through cuBLASLt with `workspace` (the stream's own: `(pointer, bytes)`).
+    fn expert_gemm(
+        &self,
+        j: &ExpertGemm,
+        handle: blas_sys::cublasHandle_t,
+        stream: sys::CUstream,
+        workspace: (u64, usize),
+    ) -> Result<(), (usize, String)> {
+        if j.k > 0 && expert_gemm_through_lt() {
+            let mut lt = self.lt.borrow_mut();
+            if lt.is_none() {
+                *lt = Some(lt::ExpertLt::new().map_err(|x| (j.expert, x))?);
+            }
+            if let Some(l) = lt.as_mut() {
+                return l
+                    .gemm(stream, workspace.0, workspace.1, (j.m, j.n, j.k), j.a, j.b, j.c)
+                    .map_err(|x| (j.expert, x));
+            }
+        }
+        self.gemm(handle, j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
+            .map_err(|x| (j.expert, x))
+    }
+
+    fn enqueue_expert_gemms(&self, jobs: &[ExpertGemm]) -> Result<(), (usize, String)> {
         let want = grouped_streams();
         if jobs.len() < 2 || want < 2 {
+            let ws = (self._workspace.ptr, self._workspace.len);
             for j in jobs {
-                self.gemm(self.blas, j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
-                    .map_err(|x| (j.expert, x))?;
+                self.expert_gemm(j, self.blas, self.stream, ws)?;
             }
             return Ok(());
         }
@@ -1280,8 +1325,9 @@ impl CudaProgram {
         let mut result = Ok(());
         for (i, j) in jobs.iter().enumerate() {
             let lane = i % used;
-            if let Err(x) = self.gemm(l.handles[lane], j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0]) {
-                result = Err((j.expert, x));
+            let ws = (l._workspaces[lane].ptr, l._workspaces[lane].len);
+            if let Err(x) = self.expert_gemm(j, l.handles[lane], l.streams[lane], ws) {
+                result = Err(x);
                 break;
             }
         }
@@ -1378,6 +1424,8 @@ impl CudaProgram {
         self.current()?;
         self.group_sizes.borrow_mut().clear();
         self.host_waits.set((0, 0.0));
+        self.expert_enqueue.set((0, 0.0));
+        self.queries_before = self.lt.borrow().as_ref().map_or(0, |l| l.queries);
         // records a failed launch of the last call left behind are not this call's
         // SAFETY: the error area is `errors.len` bytes
         unsafe { drv::memset_d8_sync(self.errors.ptr, 0, self.errors.len) }
@@ -1780,6 +1828,7 @@ impl Drop for CudaProgram {
         unsafe {
             let _ = drv::stream::synchronize(self.stream);
             self.lanes.borrow_mut().take();
+            self.lt.borrow_mut().take();
             let _ = blas::destroy_handle(self.blas);
             for m in &self.modules {
                 let _ = drv::module::unload(*m);
@@ -1832,10 +1881,14 @@ impl crate::Executable for CudaProgram {
     }
     fn last_timing(&self) -> Option<crate::CallTiming> {
         let (host_waits, s) = self.host_waits.get();
+        let (expert_gemms, e) = self.expert_enqueue.get();
         Some(crate::CallTiming {
             device_ms: self.last_step_ms,
             host_waits,
             host_wait_ms: s * 1e3,
+            expert_gemms,
+            expert_enqueue_ms: e * 1e3,
+            expert_queries: self.lt.borrow().as_ref().map_or(0, |l| l.queries) - self.queries_before,
             begin_ms: self.phases[0],
             launch_ms: self.phases[1],
             finish_ms: self.phases[2],
@@ -1928,6 +1981,13 @@ fn grouped_streams() -> usize {
             .unwrap_or(4)
             .min(16)
     })
+}
+
+/// Whether the experts' products go through cuBLASLt (the default) or, with `FULGUR_EXPERT_GEMM=cublas`,
+/// through `cublasGemmStridedBatchedEx` like the other GEMMs (which runs cuBLAS's heuristic for each new size).
+fn expert_gemm_through_lt() -> bool {
+    static LT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LT.get_or_init(|| std::env::var("FULGUR_EXPERT_GEMM").map_or(true, |v| v != "cublas"))
 }
 
 /// Binds cuBLAS handle `h` to `stream` with IEEE f32 math (no TF32) and `workspace` as its workspace, which must

@@ -77,6 +77,13 @@ pub struct CallTiming {
     /// sizes back), and how long those waits took in all (ms).
     pub host_waits: usize,
     pub host_wait_ms: f64,
+    /// How many experts' products the grouped GEMMs enqueued, and the host's time enqueueing them (ms; part
+    /// of `launch_ms`).
+    pub expert_gemms: usize,
+    pub expert_enqueue_ms: f64,
+    /// How many of those products had no algorithm chosen for their sizes' bucket yet (a cuBLASLt heuristic
+    /// query each).
+    pub expert_queries: usize,
     /// The host's time (ms) binding and uploading the inputs, enqueueing the kernels (the waits above
     /// included), waiting for the device to finish, and reading the outputs back.
     pub begin_ms: f64,

@@ -997,6 +997,19 @@ fn gpu_grouped_matmul_on_side_streams_matches_the_interpreter() {
         assert!(e < 1e-5, "{n}: relative error {e}");
         assert_eq!(got[n].to_f64(), again[n].to_f64(), "{n} differs between two runs");
     }
+    // other group sizes in the same program: the experts' products reuse the algorithms chosen for the sizes'
+    // buckets (cuBLASLt) or choose again, and rows past every group are zeros
+    for sizes in [[31i64, 38, 0, 71, 88, 72], [1, 2, 3, 200, 4, 5], [0, 0, 0, 0, 0, 250]] {
+        let mut feed = feed.clone();
+        feed.insert("counts".into(), Tensor::from_i64(DType::I64, vec![6], sizes.to_vec()));
+        let want = Interpreter::new(Precision::F64).run(&g, &feed).unwrap();
+        let got = gpu.run(&feed).unwrap();
+        let e = rel_err(&got["o"], &want["o"]);
+        println!("grouped_matmul on side streams, counts {sizes:?}: rel {e:.3e}");
+        assert!(e < 1e-5, "counts {sizes:?}: relative error {e}");
+    }
+    let t = fulgur_runtime::Executable::last_timing(&gpu).unwrap();
+    assert_eq!(t.expert_gemms, 1, "the last call's experts' products: {t:?}");
 }
 
 /// The device form of `grouped_matmul` (the one CUDA graphs capture, with the group sizes read on the device):

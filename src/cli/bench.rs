@@ -513,6 +513,9 @@ fn timing_median(ts: &[fulgur_runtime::CallTiming]) -> Option<fulgur_runtime::Ca
         device_ms: m(&|t| t.device_ms),
         host_waits: m(&|t| t.host_waits as f64) as usize,
         host_wait_ms: m(&|t| t.host_wait_ms),
+        expert_gemms: m(&|t| t.expert_gemms as f64) as usize,
+        expert_enqueue_ms: m(&|t| t.expert_enqueue_ms),
+        expert_queries: m(&|t| t.expert_queries as f64) as usize,
         begin_ms: m(&|t| t.begin_ms),
         launch_ms: m(&|t| t.launch_ms),
         finish_ms: m(&|t| t.finish_ms),
@@ -525,6 +528,8 @@ fn timing_json(ts: &[fulgur_runtime::CallTiming]) -> serde_json::Value {
         None => serde_json::Value::Null,
         Some(t) => serde_json::json!({
             "device_ms": t.device_ms, "host_waits": t.host_waits, "host_wait_ms": t.host_wait_ms,
+            "expert_gemms": t.expert_gemms, "expert_enqueue_ms": t.expert_enqueue_ms,
+            "expert_queries": t.expert_queries,
             "begin_ms": t.begin_ms, "launch_ms": t.launch_ms, "finish_ms": t.finish_ms, "outputs_ms": t.outputs_ms,
         }),
     }
@@ -537,13 +542,16 @@ fn timing_note(ts: &[fulgur_runtime::CallTiming], wall: f64) -> Option<String> {
     Some(format!(
         "where a step's {wall:.1} ms went (medians): the device ran {:.1} ms from the first kernel to the last; \
          the host bound and uploaded the inputs in {:.1} ms, enqueued the kernels in {:.1} ms ({} waits on the \
-         device for group sizes, {:.1} ms), waited {:.1} ms for the end, read the outputs in {:.1} ms; {:.1} ms \
+         device for group sizes, {:.1} ms; {} experts' products, {:.1} ms, {} of them choosing an algorithm), waited {:.1} ms for the end, read the outputs in {:.1} ms; {:.1} ms \
          elsewhere (carrying the state between steps)",
         t.device_ms,
         t.begin_ms,
         t.launch_ms,
         t.host_waits,
         t.host_wait_ms,
+        t.expert_gemms,
+        t.expert_enqueue_ms,
+        t.expert_queries,
         t.finish_ms,
         t.outputs_ms,
         wall - parts
