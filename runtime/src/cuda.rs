@@ -1039,11 +1039,17 @@ impl CudaProgram {
                                 // the group sizes, read back (the stream is synchronized by the copy)
                                 let waited = std::time::Instant::now();
                                 let mut raw = vec![0u8; (experts.max(0) as usize) * es];
-                                for e in 0..experts.max(0) as usize {
+                                // contiguous counts come back in one copy, others one by one
+                                let (copies, each) = if cst == 1 {
+                                    (usize::from(!raw.is_empty()), raw.len())
+                                } else {
+                                    (experts.max(0) as usize, es)
+                                };
+                                for e in 0..copies {
                                     let at = slots[g.counts_arg as usize] + ((co + e as i64 * cst) * es as i64) as u64;
                                     // SAFETY: the counts view lies in its buffer (check_views)
                                     unsafe {
-                                        drv::memcpy_dtoh_async(&mut raw[e * es..(e + 1) * es], at, self.stream)
+                                        drv::memcpy_dtoh_async(&mut raw[e * each..(e + 1) * each], at, self.stream)
                                             .map_err(|x| fail(format!("reading the group sizes: {x}")))?;
                                     }
                                 }
