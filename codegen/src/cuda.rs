@@ -183,10 +183,17 @@ pub fn emit(
             smem,
         });
     } else {
-        // phases that are one loop of independent stores run a thread per (item, iteration)
+        // phases that are one loop of independent stores run a thread per (item, iteration), unless the
+        // item's own index arithmetic divides by a run-time size (`flat_by_rows`): then a warp per item
+        let by_rows: Vec<bool> = (0..lk.steps.len())
+            .map(|s| match &lk.steps[s] {
+                Step::Phase(p) => flat_loop(lk, p).is_some_and(|f| flat_by_rows(lk, &f)),
+                _ => false,
+            })
+            .collect();
         let trips: Vec<Option<(E, E)>> = (0..lk.steps.len())
             .map(|s| match &lk.steps[s] {
-                Step::Phase(p) => flat_loop(lk, p).map(|f| (f.n, p.grid)),
+                Step::Phase(p) if !by_rows[s] => flat_loop(lk, p).map(|f| (f.n, p.grid)),
                 _ => None,
             })
             .collect();
@@ -197,7 +204,7 @@ pub fn emit(
         // phases run by a warp per item: 32 threads an item
         let warps: Vec<bool> = (0..lk.steps.len())
             .map(|s| match &lk.steps[s] {
-                Step::Phase(p) => totals[s].is_none() && warp_phase(lk, p),
+                Step::Phase(p) => totals[s].is_none() && (by_rows[s] || warp_phase(lk, p)),
                 _ => false,
             })
             .collect();
@@ -213,7 +220,7 @@ pub fn emit(
                 Step::Phase(p) => {
                     let f = function_name(code, s);
                     let mut em = PhaseEmitter::new(lk, p);
-                    em.flat = flat_loop(lk, p);
+                    em.flat = flat_loop(lk, p).filter(|_| !by_rows[s]);
                     em.warp = warps[s];
                     let (text, spill) = em.emit(&f)?;
                     bodies.push(text);
@@ -326,7 +333,18 @@ pub fn emit(
 /// The parameters every function of a code takes, in the order the runtime passes them: the slots, the
 /// kernel parameters, the item count, the error word, the spill area and the number of threads launched.
 fn signature(lk: &LoopKernel) -> String {
-    let mut args: Vec<String> = (0..lk.slots.len()).map(|i| format!("char* s{i}")).collect();
+    // `FULGUR_RESTRICT=1` declares the slots `__restrict__`, so the compiler may keep a thread's loads ahead of
+    // its earlier stores and read through the read-only cache: what a launch writes through a slot it reads
+    // back, if at all, through the same slot. The one exception is an update in place (`reads_in_place`), whose
+    // input and output slots view one buffer; there every element is read once, by the thread that then writes
+    // it, so no load can see a store it was moved across. Measured faster on bench-m's step but not yet run
+    // through the GPU tests, so off by default (`docs/perf.md`).
+    let restrict = if std::env::var("FULGUR_RESTRICT").is_ok_and(|v| v == "1") {
+        " __restrict__"
+    } else {
+        ""
+    };
+    let mut args: Vec<String> = (0..lk.slots.len()).map(|i| format!("char*{restrict} s{i}")).collect();
     args.extend((0..lk.params.len()).map(|i| format!("const long long p{i}")));
     args.push("const long long fulgur_grid".into());
     args.push("long long* fulgur_err".into());
@@ -971,6 +989,45 @@ fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
             body: inner,
         });
     }
+}
+
+/// Whether flat phase `f` runs better as a warp per item, its lanes splitting the row loop: it binds no
+/// variable, its loop has a literal length of at least 128, and a place or value it computes divides or takes a
+/// remainder by a run-time size (a parameter, not a literal) of something that does not move with the loop
+/// variable (the item's own coordinates in a permuted or reshaped view). With a thread per (item, iteration)
+/// every thread pays that 64-bit division; with a warp per item each lane pays it once for the row's
+/// iterations it takes (the compiler hoists it out of the lane's loop), and consecutive lanes still store
+/// consecutive places.
+/// (`FULGUR_FLAT_BY_ROWS=0` keeps a thread per element, for measuring.)
+fn flat_by_rows(lk: &LoopKernel, f: &Flat) -> bool {
+    if std::env::var("FULGUR_FLAT_BY_ROWS").is_ok_and(|v| v == "0")
+        || !f.binds.is_empty()
+        || !matches!(lk.pool.get(f.n), Expr::I(n) if *n >= 128)
+    {
+        return false;
+    }
+    let mut roots = Vec::new();
+    for st in f.body {
+        if let Stmt::Store { index, value, .. } = st {
+            roots.extend([*index, *value]);
+        }
+    }
+    let mut seen = vec![false; lk.pool.len()];
+    while let Some(e) = roots.pop() {
+        if std::mem::replace(&mut seen[e as usize], true) {
+            continue;
+        }
+        let x = lk.pool.get(e);
+        if let Expr::Bin(BinaryOp::Div, a, b) | Expr::Rem(a, b) = x {
+            // a size of parameters (an integer division), not a literal
+            let run_time = is_static(lk, *b) && !matches!(lk.pool.get(*b), Expr::I(_));
+            if run_time && !reads_var(lk, *a, f.var) {
+                return true;
+            }
+        }
+        roots.extend(children(x));
+    }
+    false
 }
 
 /// Whether phase `p` runs a warp per item: every loop at its top level (through `if`s) is a *row loop*, not

@@ -412,3 +412,44 @@ fn bf16_flash_attention_grad_takes_the_tensor_core_form() {
         );
     }
 }
+
+/// A flat phase whose item's own index arithmetic divides by a run-time size (here the time axis `T` of a
+/// head-major view read token-major: `[B, 16, T, 128]` as `[B, T, 2048]`) runs a warp per item, the lanes
+/// splitting the row, so each lane divides once per row instead of every thread once per element; with a
+/// literal `T` (no run-time division), or with rows of under 128, it keeps a thread per element.
+#[test]
+fn a_row_copy_dividing_by_a_run_time_size_runs_a_warp_per_row() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let source = |t: Dim, d: i64| {
+        let mut g = Graph::new("heads");
+        let x = g
+            .input(
+                "x",
+                DType::F32,
+                vec![Dim::sym("B"), Dim::from(16), t.clone(), Dim::from(d)],
+            )
+            .unwrap();
+        let y = g.exp(x).unwrap();
+        let p = g.permute(y, &[0, 2, 1, 3]).unwrap();
+        let r = g.reshape(p, vec![Dim::sym("B"), t, Dim::from(16 * d)]).unwrap();
+        g.add_output("o", r).unwrap();
+        let p = lower(&g).unwrap();
+        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
+        let cuda = emit_program(&p, &mut kernels).unwrap();
+        // the copy the strided reshape makes (the `exp` before it is contiguous: a thread per element)
+        let k = p
+            .step
+            .iter()
+            .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("reshape"))
+            .expect("a reshape kernel");
+        cuda[k.code].source.clone()
+    };
+    let src = source(Dim::sym("T"), 128);
+    assert!(src.contains("fulgur_t >> 5"), "{src}");
+    assert!(!src.contains("fulgur_t / ("), "{src}");
+    for (t, d) in [(Dim::from(64), 128), (Dim::sym("T"), 4)] {
+        let src = source(t.clone(), d);
+        assert!(src.contains("fulgur_t / ("), "T = {t:?}, rows of {d}: {src}");
+        assert!(!src.contains("fulgur_t >> 5"), "T = {t:?}, rows of {d}: {src}");
+    }
+}
