@@ -337,8 +337,10 @@ fn signature(lk: &LoopKernel) -> String {
     // its earlier stores and read through the read-only cache: what a launch writes through a slot it reads
     // back, if at all, through the same slot. The one exception is an update in place (`reads_in_place`), whose
     // input and output slots view one buffer; there every element is read once, by the thread that then writes
-    // it, so no load can see a store it was moved across. Measured faster on bench-m's step but not yet run
-    // through the GPU tests, so off by default (`docs/perf.md`).
+    // it, so no load can see a store it was moved across. That argument covers the generated phases; the
+    // templates (flash, lightning, the MoE kernels) share the signature and have not been checked against it.
+    // Measured faster on bench-m's step but not yet run through the GPU tests, so off by default
+    // (`docs/perf.md`).
     let restrict = if std::env::var("FULGUR_RESTRICT").is_ok_and(|v| v == "1") {
         " __restrict__"
     } else {
@@ -996,8 +998,9 @@ fn flat_loop<'a>(lk: &LoopKernel, p: &'a Phase) -> Option<Flat<'a>> {
 /// remainder by a run-time size (a parameter, not a literal) of something that does not move with the loop
 /// variable (the item's own coordinates in a permuted or reshaped view). With a thread per (item, iteration)
 /// every thread pays that 64-bit division; with a warp per item each lane pays it once for the row's
-/// iterations it takes (the compiler hoists it out of the lane's loop), and consecutive lanes still store
-/// consecutive places.
+/// iterations it takes (the compiler hoists it out of the lane's loop), and consecutive lanes take consecutive
+/// iterations, as consecutive threads did. A size left as an unfolded product of literals counts as run-time
+/// here: that costs speed, not correctness.
 /// (`FULGUR_FLAT_BY_ROWS=0` keeps a thread per element, for measuring.)
 fn flat_by_rows(lk: &LoopKernel, f: &Flat) -> bool {
     if std::env::var("FULGUR_FLAT_BY_ROWS").is_ok_and(|v| v == "0")

@@ -1280,8 +1280,8 @@ impl CudaProgram {
         result
     }
 
-    /// One expert's product `j` on `stream` through `handle` (cuBLAS) or, unless `FULGUR_EXPERT_GEMM=cublas`,
-    /// through cuBLASLt with `workspace` (the stream's own: `(pointer, bytes)`).
+    /// One expert's product `j` on `stream`: through cuBLASLt with `workspace` (the stream's own: `(pointer,
+    /// bytes)`), or through `handle` (cuBLAS) with `FULGUR_EXPERT_GEMM=cublas` or where cuBLASLt cannot.
     fn expert_gemm(
         &self,
         j: &ExpertGemm,
@@ -1289,19 +1289,28 @@ impl CudaProgram {
         stream: sys::CUstream,
         workspace: (u64, usize),
     ) -> Result<(), (usize, String)> {
+        // where cuBLASLt cannot (no handle, no algorithm, a refused call), cuBLAS computes the product
+        let mut refused = None;
         if j.k > 0 && expert_gemm_through_lt() {
             let mut lt = self.lt.borrow_mut();
             if lt.is_none() {
-                *lt = Some(lt::ExpertLt::new().map_err(|x| (j.expert, x))?);
+                match lt::ExpertLt::new() {
+                    Ok(l) => *lt = Some(l),
+                    Err(x) => refused = Some(x),
+                }
             }
             if let Some(l) = lt.as_mut() {
-                return l
-                    .gemm(stream, workspace.0, workspace.1, (j.m, j.n, j.k), j.a, j.b, j.c)
-                    .map_err(|x| (j.expert, x));
+                match l.gemm(stream, workspace.0, workspace.1, (j.m, j.n, j.k), j.a, j.b, j.c) {
+                    Ok(()) => return Ok(()),
+                    Err(x) => refused = Some(x),
+                }
             }
         }
         self.gemm(handle, j.m, j.n, j.k, j.a, j.b, j.c, 1, [0, 0, 0])
-            .map_err(|x| (j.expert, x))
+            .map_err(|x| match refused {
+                Some(r) => (j.expert, format!("{x} (and cuBLASLt: {r})")),
+                None => (j.expert, x),
+            })
     }
 
     fn enqueue_expert_gemms(&self, jobs: &[ExpertGemm]) -> Result<(), (usize, String)> {

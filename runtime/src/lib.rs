@@ -81,8 +81,8 @@ pub struct CallTiming {
     /// of `launch_ms`).
     pub expert_gemms: usize,
     pub expert_enqueue_ms: f64,
-    /// How many of those products had no algorithm chosen for their sizes' bucket yet (a cuBLASLt heuristic
-    /// query each).
+    /// How many cuBLASLt heuristic queries those products made (the first product of a bucket of sizes, and one
+    /// its bucket's algorithm was refused for, the first time its exact sizes came).
     pub expert_queries: usize,
     /// The host's time (ms) binding and uploading the inputs, enqueueing the kernels (the waits above
     /// included), waiting for the device to finish, and reading the outputs back.

@@ -542,7 +542,7 @@ fn timing_note(ts: &[fulgur_runtime::CallTiming], wall: f64) -> Option<String> {
     Some(format!(
         "where a step's {wall:.1} ms went (medians): the device ran {:.1} ms from the first kernel to the last; \
          the host bound and uploaded the inputs in {:.1} ms, enqueued the kernels in {:.1} ms ({} waits on the \
-         device for group sizes, {:.1} ms; {} experts' products, {:.1} ms, {} of them choosing an algorithm), waited {:.1} ms for the end, read the outputs in {:.1} ms; {:.1} ms \
+         device for group sizes, {:.1} ms; {} experts' products, {:.1} ms, {} cuBLASLt heuristic queries), waited {:.1} ms for the end, read the outputs in {:.1} ms; {:.1} ms \
          elsewhere (carrying the state between steps)",
         t.device_ms,
         t.begin_ms,

@@ -4,9 +4,11 @@
 //! layer nearly every expert product has sizes cuBLAS has not seen. `cublasGemmEx` then runs its algorithm
 //! heuristic on the host for the call, while the device, which has just drained its queue for the group sizes,
 //! waits for the product. Here the heuristic runs once per [`Key`]: sizes rounded up to a bucket (eight per
-//! octave), the operands' types, transposes, leading dimensions and pointer alignments. The algorithm the first
-//! product of a bucket got serves every later product in it; one cuBLASLt refuses for its exact sizes is
-//! queried again for them.
+//! octave), the operands' types, transposes, leading dimensions and pointer alignments. It is asked about the
+//! bucket's own sizes ([`canonical`]), not those of whichever product reached the bucket first, so the
+//! algorithm, and with it a product's bits, is a function of the key alone: a run resumed from a checkpoint
+//! computes what the uninterrupted run did. A product the bucket's algorithm is refused for gets the algorithm
+//! chosen for its exact sizes, kept apart.
 
 use super::{plan_gemm, Mat};
 use cudarc::cublaslt::result as lt;
@@ -81,10 +83,33 @@ impl Drop for Descs {
     }
 }
 
+/// The sizes the heuristic is asked about for a bucket: each of `m`, `n`, `k` of plan `p` rounded up to its
+/// bucket, but no longer than a leading dimension it is the row count of (a column-major layout's rows fit its
+/// leading dimension): a function of the [`Key`] alone, and never smaller than the product's own sizes.
+fn canonical(p: &super::GemmPlan, k: i64) -> (i64, i64, i64) {
+    let mut m = bucket(p.m).min(p.ldc);
+    let mut n = bucket(p.n);
+    let mut kk = bucket(k);
+    if p.trans_first {
+        kk = kk.min(p.ld_first);
+    } else {
+        m = m.min(p.ld_first);
+    }
+    if p.trans_second {
+        n = n.min(p.ld_second);
+    } else {
+        kk = kk.min(p.ld_second);
+    }
+    (m, n, kk)
+}
+
 /// A cuBLASLt handle and the algorithms chosen so far.
 pub(super) struct ExpertLt {
     handle: lt_sys::cublasLtHandle_t,
+    /// By bucket, chosen for the bucket's own sizes.
     algos: HashMap<Key, lt_sys::cublasLtMatmulAlgo_t>,
+    /// By exact sizes, for products their bucket's algorithm was refused for.
+    exact: HashMap<Key, lt_sys::cublasLtMatmulAlgo_t>,
     /// Heuristic queries made so far.
     pub queries: usize,
 }
@@ -94,6 +119,7 @@ impl ExpertLt {
         Ok(ExpertLt {
             handle: lt::create_handle().map_err(status("handle"))?,
             algos: HashMap::new(),
+            exact: HashMap::new(),
             queries: 0,
         })
     }
@@ -130,7 +156,7 @@ impl ExpertLt {
             lds: [p.ld_first, p.ld_second, p.ldc],
             align: [alignment(pa), alignment(pb), alignment(pc)],
         };
-        let d = self.descs(&p, k, a.dtype, c.dtype)?;
+        let d = self.descs(&p, (p.m, p.n, k), a.dtype, c.dtype)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let handle = self.handle;
         let run = |algo: &lt_sys::cublasLtMatmulAlgo_t| {
@@ -157,20 +183,48 @@ impl ExpertLt {
                 )
             }
         };
-        if let Some(algo) = self.algos.get(&key) {
-            if run(algo).is_ok() {
+        let chosen = match self.algos.get(&key) {
+            Some(algo) => Some(*algo),
+            None => {
+                let q = self.descs(&p, canonical(&p, k), a.dtype, c.dtype)?;
+                // no algorithm for the bucket's sizes: every product of it takes its exact sizes' below
+                let algo = self.query(&q, key.align, bytes).ok();
+                if let Some(algo) = algo {
+                    self.algos.insert(key, algo);
+                }
+                algo
+            }
+        };
+        if let Some(algo) = chosen {
+            if run(&algo).is_ok() {
                 return Ok(());
             }
-            // refused for these exact sizes: choose again for them
         }
-        let algo = self.query(&d, key.align, bytes)?;
-        run(&algo).map_err(status("matmul"))?;
-        self.algos.insert(key, algo);
-        Ok(())
+        // refused for these exact sizes: the algorithm chosen for them
+        let exact = Key {
+            sizes: [p.m, p.n, k],
+            ..key
+        };
+        let algo = match self.exact.get(&exact) {
+            Some(algo) => *algo,
+            None => {
+                let algo = self.query(&d, key.align, bytes)?;
+                self.exact.insert(exact, algo);
+                algo
+            }
+        };
+        run(&algo).map_err(status("matmul"))
     }
 
-    /// The descriptors of the column-major product `p` with depth `k`.
-    fn descs(&self, p: &super::GemmPlan, k: i64, operands: DType, output: DType) -> Result<Descs, String> {
+    /// The descriptors of the column-major product `p` (its transposes and leading dimensions) at sizes
+    /// `(m, n, k)`.
+    fn descs(
+        &self,
+        p: &super::GemmPlan,
+        (m, n, k): (i64, i64, i64),
+        operands: DType,
+        output: DType,
+    ) -> Result<Descs, String> {
         let op = lt::create_matmul_desc(
             lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             lt_sys::cudaDataType::CUDA_R_32F,
@@ -198,9 +252,9 @@ impl ExpertLt {
         }
         let shape = |t: bool, rows: i64, cols: i64| if t { (cols, rows) } else { (rows, cols) };
         for ((rows, cols), ld, ty) in [
-            (shape(p.trans_first, p.m, k), p.ld_first, operands),
-            (shape(p.trans_second, k, p.n), p.ld_second, operands),
-            ((p.m, p.n), p.ldc, output),
+            (shape(p.trans_first, m, k), p.ld_first, operands),
+            (shape(p.trans_second, k, n), p.ld_second, operands),
+            ((m, n), p.ldc, output),
         ] {
             let l = lt::create_matrix_layout(dtype(ty)?, rows as u64, cols as u64, ld).map_err(status("layout"))?;
             d.layouts.push(l);
@@ -265,7 +319,50 @@ impl Drop for ExpertLt {
 
 #[cfg(test)]
 mod tests {
-    use super::{alignment, bucket};
+    use super::super::{plan_gemm, Mat};
+    use super::{alignment, bucket, canonical};
+    use fulgur_ir::DType;
+
+    /// A grouped GEMM's experts: `rows × 2048` row-major activations times a `2048 × 8192` weight, and the
+    /// weight gradient `2048 × rows` (transposed activations) times `rows × 8192`.
+    fn plans(rows: i64) -> [(super::super::GemmPlan, i64); 2] {
+        let mat = |rs, cs| Mat {
+            base: 1 << 20,
+            dtype: DType::BF16,
+            offset: 0,
+            rs,
+            cs,
+        };
+        [
+            (
+                plan_gemm(rows, 8192, 2048, mat(2048, 1), mat(8192, 1), mat(8192, 1), [0, 0, 0]).unwrap(),
+                2048,
+            ),
+            (
+                plan_gemm(2048, 8192, rows, mat(1, 2048), mat(8192, 1), mat(8192, 1), [0, 0, 0]).unwrap(),
+                rows,
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_sizes_asked_about_depend_on_the_bucket_alone_and_fit_the_layouts() {
+        for (x, y) in [(1900, 1795), (2000, 2048), (300, 290), (65, 72)] {
+            assert_eq!(bucket(x), bucket(y), "{x} and {y} share a bucket");
+            for ((p, k), (q, l)) in plans(x).into_iter().zip(plans(y)) {
+                let (cp, cq) = (canonical(&p, k), canonical(&q, l));
+                assert_eq!(cp, cq, "rows {x} and {y}");
+                assert!(cp.0 >= p.m && cp.1 >= p.n && cp.2 >= k, "{cp:?} against {p:?}, k {k}");
+                // a column-major layout's rows fit its leading dimension
+                let a_rows = if p.trans_first { cp.2 } else { cp.0 };
+                let b_rows = if p.trans_second { cp.1 } else { cp.2 };
+                assert!(
+                    a_rows <= p.ld_first && b_rows <= p.ld_second && cp.0 <= p.ldc,
+                    "{cp:?} against {p:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn buckets_are_eight_an_octave_and_never_smaller() {
