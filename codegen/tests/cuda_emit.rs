@@ -21,6 +21,23 @@ fn small_program() -> fulgur_codegen::program::KernelProgram {
     lower(&compile(&g, &CompileOptions::default(), None).unwrap().graph).unwrap()
 }
 
+/// The CUDA source of the first step kernel of `g` (lowered unoptimized) whose op summary starts with `op`.
+fn source_of(g: &fulgur_ir::Graph, op: &str) -> String {
+    source_in(&lower(g).unwrap(), op)
+}
+
+/// The CUDA source of the first step kernel of `p` whose op summary starts with `op`.
+fn source_in(p: &fulgur_codegen::program::KernelProgram, op: &str) -> String {
+    let mut kernels = build_program_for(p, Target::Cuda).unwrap();
+    let cuda = emit_program(p, &mut kernels).unwrap();
+    let k = p
+        .step
+        .iter()
+        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
+        .unwrap_or_else(|| panic!("no {op} kernel"));
+    cuda[k.code].source.clone()
+}
+
 #[test]
 fn sources_are_deterministic_and_name_the_ir_nodes_they_run() {
     let p = small_program();
@@ -84,16 +101,7 @@ fn flash_attention_moe_combine_and_rms_norm_are_templates() {
 #[test]
 fn a_loop_of_independent_stores_gets_a_thread_per_iteration() {
     let p = small_program();
-    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
-    let cuda = emit_program(&p, &mut kernels).unwrap();
-    let code_of = |op: &str| {
-        let k = p
-            .step
-            .iter()
-            .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
-            .unwrap_or_else(|| panic!("no {op} kernel"));
-        cuda[k.code].source.clone()
-    };
+    let code_of = |op: &str| source_in(&p, op);
     let gather = code_of("gather");
     assert!(gather.contains("const i64 v0 = fulgur_t / ("), "{gather}");
     let dispatch = code_of("moe_dispatch");
@@ -114,15 +122,7 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
     let upd = g.input("upd", DType::F32, vec![Dim::from(6), Dim::from(4)]).unwrap();
     let s = g.scatter_add(data, idx, upd, 0).unwrap();
     g.add_output("o", s).unwrap();
-    let p = lower(&g).unwrap();
-    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
-    let cuda = emit_program(&p, &mut kernels).unwrap();
-    let k = p
-        .step
-        .iter()
-        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("scatter_add"))
-        .unwrap();
-    let src = &cuda[k.code].source;
+    let src = &source_of(&g, "scatter_add");
     let phase = &src[src.find("// phase `").unwrap()..];
     let add = &phase[phase.rfind("// phase `").unwrap()..];
     assert!(add.contains("for (i64"), "the scatter's loop is kept: {add}");
@@ -433,16 +433,8 @@ fn a_row_copy_dividing_by_a_run_time_size_runs_a_warp_per_row() {
         let p = g.permute(y, &[0, 2, 1, 3]).unwrap();
         let r = g.reshape(p, vec![Dim::sym("B"), t, Dim::from(16 * d)]).unwrap();
         g.add_output("o", r).unwrap();
-        let p = lower(&g).unwrap();
-        let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
-        let cuda = emit_program(&p, &mut kernels).unwrap();
         // the copy the strided reshape makes (the `exp` before it is contiguous: a thread per element)
-        let k = p
-            .step
-            .iter()
-            .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with("reshape"))
-            .expect("a reshape kernel");
-        cuda[k.code].source.clone()
+        source_of(&g, "reshape")
     };
     let src = source(Dim::sym("T"), 128);
     assert!(src.contains("fulgur_t >> 5"), "{src}");
