@@ -1300,7 +1300,7 @@ impl CudaProgram {
                 }
             }
             if let Some(l) = lt.as_mut() {
-                match l.gemm(stream, workspace.0, workspace.1, (j.m, j.n, j.k), j.a, j.b, j.c) {
+                match l.gemm(stream, workspace, (j.m, j.n, j.k), j.a, j.b, j.c) {
                     Ok(()) => return Ok(()),
                     Err(x) => refused = Some(x),
                 }

@@ -125,13 +125,11 @@ impl ExpertLt {
     }
 
     /// `c = a · b` (`m × n`, depth `k ≥ 1`; row-major views as [`plan_gemm`] reads them) enqueued on `stream`,
-    /// with `bytes` of workspace at `workspace` (used by this stream alone).
-    #[allow(clippy::too_many_arguments)] // the product's sizes and operands, and where it runs
+    /// with the workspace `(pointer, bytes)` (used by this stream alone).
     pub fn gemm(
         &mut self,
         stream: sys::CUstream,
-        workspace: u64,
-        bytes: usize,
+        (workspace, bytes): (u64, usize),
         (m, n, k): (i64, i64, i64),
         a: Mat,
         b: Mat,
