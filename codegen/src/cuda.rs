@@ -316,7 +316,7 @@ pub fn emit(
             }
         }
     }
-    let sig = signature(lk);
+    let sig = signature(lk, restrict_slots(kernel));
     for b in bodies {
         src.push('\n');
         src.push_str(&b.replace("FULGUR_SIGNATURE", &sig));
@@ -330,22 +330,34 @@ pub fn emit(
     })
 }
 
-/// The parameters every function of a code takes, in the order the runtime passes them: the slots, the
-/// kernel parameters, the item count, the error word, the spill area and the number of threads launched.
-fn signature(lk: &LoopKernel) -> String {
-    // `FULGUR_RESTRICT=1` declares the slots `__restrict__`, so the compiler may keep a thread's loads ahead of
-    // its earlier stores and read through the read-only cache: what a launch writes through a slot it reads
-    // back, if at all, through the same slot. The one exception is an update in place (`reads_in_place`), whose
-    // input and output slots view one buffer; there every element is read once, by the thread that then writes
-    // it, so no load can see a store it was moved across. That argument covers the generated phases; the
-    // templates (flash, lightning, the MoE kernels) share the signature and have not been checked against it.
-    // Measured faster on bench-m's step but not yet run through the GPU tests, so off by default
-    // (`docs/perf.md`).
-    let restrict = if std::env::var("FULGUR_RESTRICT").is_ok_and(|v| v == "1") {
-        " __restrict__"
-    } else {
-        ""
-    };
+/// Whether a code's slots are declared `__restrict__`, so the compiler may keep a thread's loads ahead of its
+/// earlier stores and read through the read-only cache: what a launch writes through a slot it reads back, if
+/// at all, through the same slot. The one exception is an update in place (`reads_in_place`), whose input and
+/// output slots view one buffer; there every element is read once, by the thread that then writes it, so no
+/// load can see a store it was moved across (`no_kernel_of_a_training_step_reads_what_it_writes_but_in_place`
+/// in `src/cli/train.rs` checks this on the training steps). The templates' scratch slots are their own
+/// buffers. On by default (the GPU tests pass with it, `docs/perf.md`); `FULGUR_RESTRICT=0` turns it off. A
+/// scatter keeps plain slots: its read-modify-write through data-dependent places measured slower with them
+/// (the embedding's gradient, 1.13 → 1.68 ms on the H200).
+fn restrict_slots(kernel: Option<&Kernel>) -> bool {
+    if std::env::var("FULGUR_RESTRICT").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    fn scatters(op: &Op) -> bool {
+        match op {
+            Op::ScatterAdd { .. } => true,
+            Op::Composite(Composite::Fused { body }) => body.graph().nodes().any(|(_, n)| scatters(&n.op)),
+            _ => false,
+        }
+    }
+    !kernel.is_some_and(|k| scatters(&k.op))
+}
+
+/// The parameters every function of a code takes, in the order the runtime passes them: the slots (declared
+/// `__restrict__` where `restrict`, [`restrict_slots`]), the kernel parameters, the item count, the error
+/// word, the spill area and the number of threads launched.
+fn signature(lk: &LoopKernel, restrict: bool) -> String {
+    let restrict = if restrict { " __restrict__" } else { "" };
     let mut args: Vec<String> = (0..lk.slots.len()).map(|i| format!("char*{restrict} s{i}")).collect();
     args.extend((0..lk.params.len()).map(|i| format!("const long long p{i}")));
     args.push("const long long fulgur_grid".into());

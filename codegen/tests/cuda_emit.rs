@@ -127,6 +127,11 @@ fn a_scatter_keeps_its_loop_over_the_indices_in_one_thread() {
     let add = &phase[phase.rfind("// phase `").unwrap()..];
     assert!(add.contains("for (i64"), "the scatter's loop is kept: {add}");
     assert!(!add.contains("fulgur_t / ("), "no thread per iteration: {add}");
+    // its slots stay plain: with `__restrict__` its read-modify-write measured slower (`restrict_slots`)
+    assert!(
+        !src.contains("__restrict__"),
+        "a scatter's slots are not restrict: {src}"
+    );
     // an embedding's gradient (2048 columns, 32000 rows): the rows cut into 64 ranges, a thread per (column,
     // range), each still walking the indices in order
     let mut g = Graph::new("embedding_grad");
@@ -444,4 +449,26 @@ fn a_row_copy_dividing_by_a_run_time_size_runs_a_warp_per_row() {
         assert!(src.contains("fulgur_t / ("), "T = {t:?}, rows of {d}: {src}");
         assert!(!src.contains("fulgur_t >> 5"), "T = {t:?}, rows of {d}: {src}");
     }
+}
+
+/// Slots are declared `__restrict__` by default (what the training step's kernels rely on for it is checked by
+/// `no_kernel_of_a_training_step_reads_what_it_writes_but_in_place`), every function of the code alike, and
+/// `FULGUR_RESTRICT=0` leaves them plain. (The variable is read at emission; this test is the only one in this
+/// binary that sets it, and restores it.)
+#[test]
+fn slots_are_restrict_by_default_and_plain_when_turned_off() {
+    use fulgur_ir::{DType, Dim, Graph};
+    let mut g = Graph::new("add");
+    let a = g.input("a", DType::F32, vec![Dim::from(64), Dim::from(256)]).unwrap();
+    let b = g.input("b", DType::F32, vec![Dim::from(64), Dim::from(256)]).unwrap();
+    let c = g.add(a, b).unwrap();
+    g.add_output("c", c).unwrap();
+    let src = source_of(&g, "add");
+    let functions = src.matches("extern \"C\" __global__").count();
+    assert!(functions >= 1, "{src}");
+    assert_eq!(src.matches("char* __restrict__ s").count(), 3 * functions, "{src}");
+    std::env::set_var("FULGUR_RESTRICT", "0");
+    let plain = source_of(&g, "add");
+    std::env::remove_var("FULGUR_RESTRICT");
+    assert!(!plain.contains("__restrict__"), "{plain}");
 }

@@ -1193,7 +1193,7 @@ mod tests {
         );
     }
 
-    /// What `__restrict__` slots (`FULGUR_RESTRICT=1`, `codegen::cuda`) rely on: within a kernel, a buffer it
+    /// What `__restrict__` slots (the default, `restrict_slots` in `codegen::cuda`) rely on: within a kernel, a buffer it
     /// writes is read, if at all, only through the same view as it is written and by an op that reads it in
     /// place (each element read by the thread that then writes it). Distinct buffers never overlap inside a
     /// kernel (the arena packs buffers whose live ranges meet apart), so this is every way two slots of one
