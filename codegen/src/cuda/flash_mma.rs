@@ -162,6 +162,17 @@ pub(super) fn grad_templates(lk: &mut LoopKernel, k: &Kernel, scale: f64, causal
     ]
 }
 
+/// The blocks an SM should hold at once of the backward's dQ template (`FULGUR_FLASH_DQ_BLOCKS`, default 0:
+/// the compiler's choice, which takes 255 registers a thread at head dim 128 and so two blocks an SM; at 3 it
+/// takes 168 and spills a few hundred bytes). The dK/dV template holds both gradients' accumulators (128
+/// registers at head dim 128) and spills three times as much at 168, so it is left to the compiler.
+fn grad_min_blocks() -> u32 {
+    std::env::var("FULGUR_FLASH_DQ_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 const NINF: &str = "__uint_as_float(0xff800000u)";
 const PINF: &str = "__uint_as_float(0x7f800000u)";
 
@@ -530,12 +541,18 @@ impl Ctx {
 
     /// A function's start: its helpers, its signature, and its shared tiles (`(name, pitch, note)`, bf16 rows of
     /// [`B`] one after the other).
-    fn header(&self, s: &mut String, tiles: &[(&str, usize, &str)]) {
+    /// `min_blocks`: the blocks an SM should hold at once (`__launch_bounds__`' second argument, which caps
+    /// the registers a thread may take); 0 leaves it to the compiler.
+    fn header(&self, s: &mut String, tiles: &[(&str, usize, &str)], min_blocks: u32) {
         self.helpers(s);
+        let bounds = if min_blocks > 0 {
+            format!("{}, {min_blocks}", FLASH_WARPS * 32)
+        } else {
+            format!("{}", FLASH_WARPS * 32)
+        };
         let _ = writeln!(
             s,
-            "extern \"C\" __global__ void __launch_bounds__({}) FULGUR_FN(FULGUR_SIGNATURE) {{",
-            FLASH_WARPS * 32
+            "extern \"C\" __global__ void __launch_bounds__({bounds}) FULGUR_FN(FULGUR_SIGNATURE) {{"
         );
         let _ = writeln!(s, "  extern __shared__ float fulgur_smem[];");
         let mut prev: Option<(&str, usize)> = None;
@@ -567,11 +584,19 @@ impl Ctx {
         let _ = writeln!(s, "  const i64 T = {}, S = {};", self.tt, self.st);
     }
 
-    /// The block's query tile `t0` (its `rows`) and its batch index decoded into every view's offset.
+    /// The block's query tile `t0` (its `rows`) and its batch index decoded into every view's offset. Blocks
+    /// go tile by tile, every batch index of a tile together; under a causal mask the last tile (which sees
+    /// every key) first, so that the longest blocks start in the first wave and the short ones fill the tail.
     fn query_block(&self, s: &mut String) {
         let _ = writeln!(s, "  const i64 nqb = (T + {}) / {B};", B - 1);
-        let _ = writeln!(s, "  const i64 t0 = ((i64)blockIdx.x % nqb) * {B};");
-        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nqb;");
+        let _ = writeln!(s, "  const i64 nbat = fulgur_grid / nqb;");
+        let _ = writeln!(s, "  const i64 qb = (i64)blockIdx.x / nbat;");
+        if self.causal {
+            let _ = writeln!(s, "  const i64 t0 = (nqb - 1 - qb) * {B};");
+        } else {
+            let _ = writeln!(s, "  const i64 t0 = qb * {B};");
+        }
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x % nbat;");
         let _ = writeln!(s, "  const i64 rows = T - t0 < {B} ? T - t0 : {B};");
         self.decode(s, "rest", &|_| true, false);
     }
@@ -608,7 +633,7 @@ impl Ctx {
             self.scale,
             if self.causal { ", causal" } else { "" }
         );
-        self.header(&mut s, &[("Qs", dp, ""), ("Ks", dp, ""), ("Vs", dvp, "")]);
+        self.header(&mut s, &[("Qs", dp, ""), ("Ks", dp, ""), ("Vs", dvp, "")], 0);
         self.locals(&mut s);
         self.query_block(&mut s);
         let _ = writeln!(s, "  {}", self.tile(0, "Qs", dp, "t0", "T", d));
@@ -703,6 +728,7 @@ impl Ctx {
         self.header(
             &mut s,
             &[("Qs", dp, ""), ("Os", dvp, "dO "), ("Ks", dp, ""), ("Vs", dvp, "")],
+            grad_min_blocks(),
         );
         self.locals(&mut s);
         self.query_block(&mut s);
@@ -783,6 +809,7 @@ impl Ctx {
         self.header(
             &mut s,
             &[("Ks", dp, ""), ("Vs", dvp, ""), ("Qs", dp, ""), ("Os", dvp, "dO ")],
+            0,
         );
         let _ = writeln!(
             s,
@@ -792,8 +819,11 @@ impl Ctx {
         let _ = writeln!(s, "  float* Ds = Ls + {B};");
         self.locals(&mut s);
         let _ = writeln!(s, "  const i64 nsb = (S + {}) / {B};", B - 1);
-        let _ = writeln!(s, "  const i64 kb0 = ((i64)blockIdx.x % nsb) * {B};");
-        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x / nsb;");
+        // key tile by key tile, every key/value batch index of a tile together: the first tile (which every
+        // query under a causal mask sees, the longest block) first
+        let _ = writeln!(s, "  const i64 nkb = fulgur_grid / nsb;");
+        let _ = writeln!(s, "  const i64 kb0 = ((i64)blockIdx.x / nkb) * {B};");
+        let _ = writeln!(s, "  i64 rest = (i64)blockIdx.x % nkb;");
         self.decode(&mut s, "rest", &|a| !bcast[a], false);
         let _ = writeln!(s, "  {}", self.tile(1, "Ks", dp, "kb0", "S", d));
         let _ = writeln!(s, "  {}", self.tile(2, "Vs", dvp, "kb0", "S", dv));
