@@ -22,7 +22,7 @@ use crate::models::{stage_graph, ForwardOptions, MiniMaxConfig, STAGE_HIDDEN_IN,
 use crate::parallel::{minimax_plan, structural, Parallel};
 use crate::passes::autodiff::{differentiate_report, GradOptions, GradReport, MoeChainGrad, GRAD_PREFIX};
 use crate::passes::shard::{lower_rank, shard_step, Placement};
-use crate::runtime::ranks::{RankProgram, SimTransport};
+use crate::runtime::ranks::{RankEnv, RankProgram, SimTransport, TcpLink, TcpTransport};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -218,12 +218,44 @@ const HANDED: &str = "(handed on) ";
 /// inputs), and its stage's transport for the step.
 type Job = (Arc<Vec<Tensor>>, Arc<HashMap<String, Tensor>>, Arc<SimTransport>);
 
+/// Where a rank receives a boundary tensor from: a channel from a thread of this process (simulated ranks) or
+/// the connection to a launched neighbour.
+enum Inbox {
+    Chan(Receiver<Tensor>),
+    Tcp(Arc<TcpLink>),
+}
+
+/// Where a rank sends a boundary tensor to.
+enum Outbox {
+    Chan(Sender<Tensor>),
+    Tcp(Arc<TcpLink>),
+}
+
+impl Inbox {
+    /// The next tensor; `what` names the neighbouring stage ("previous", "next") for a channel's failure.
+    fn recv(&self, what: &str) -> Result<Tensor, String> {
+        match self {
+            Inbox::Chan(rx) => rx.recv().map_err(|_| format!("{HANDED}the {what} stage failed")),
+            Inbox::Tcp(l) => l.recv().map_err(|e| format!("{HANDED}the {what} stage: {e}")),
+        }
+    }
+}
+
+impl Outbox {
+    fn send(&self, t: Tensor, what: &str) -> Result<(), String> {
+        match self {
+            Outbox::Chan(tx) => tx.send(t).map_err(|_| format!("{HANDED}the {what} stage failed")),
+            Outbox::Tcp(l) => l.send(t).map_err(|e| format!("{HANDED}the {what} stage: {e}")),
+        }
+    }
+}
+
 /// A rank's ends of the cuts: from the cut before (s − 1 → s) and the cut after (s → s + 1).
 struct Links {
-    recv_fwd: Option<Receiver<Tensor>>,
-    send_fwd: Option<Sender<Tensor>>,
-    recv_bwd: Option<Receiver<Tensor>>,
-    send_bwd: Option<Sender<Tensor>>,
+    recv_fwd: Option<Inbox>,
+    send_fwd: Option<Outbox>,
+    recv_bwd: Option<Inbox>,
+    send_bwd: Option<Outbox>,
 }
 
 /// A pipeline whose ranks live from step to step (a training run): a thread per rank of every stage owns its
@@ -265,11 +297,11 @@ impl PipelineThreads {
         for s in 0..pp - 1 {
             for i in 0..ranks {
                 let (tx, rx) = channel();
-                links[s * ranks + i].send_fwd = Some(tx);
-                links[(s + 1) * ranks + i].recv_fwd = Some(rx);
+                links[s * ranks + i].send_fwd = Some(Outbox::Chan(tx));
+                links[(s + 1) * ranks + i].recv_fwd = Some(Inbox::Chan(rx));
                 let (tx, rx) = channel();
-                links[(s + 1) * ranks + i].send_bwd = Some(tx);
-                links[s * ranks + i].recv_bwd = Some(rx);
+                links[(s + 1) * ranks + i].send_bwd = Some(Outbox::Chan(tx));
+                links[s * ranks + i].recv_bwd = Some(Inbox::Chan(rx));
             }
         }
         let (out_tx, results) = channel();
@@ -307,7 +339,7 @@ impl PipelineThreads {
                     };
                     while let Ok((micro, feed, t)) = rx.recv() {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            one_step((s, pp, i), &mut fwd, bwd.as_mut(), &micro, &feed, &t, &l)
+                            one_step((s, pp, i), &mut fwd, bwd.as_mut(), &micro, &feed, t.clone(), &l)
                         }))
                         .unwrap_or_else(|_| Err("its program panicked".into()));
                         let failed = out.is_err();
@@ -437,6 +469,150 @@ pub fn run(
     PipelineThreads::new(stages, make, precision, timeout)?.step(micro, &HashMap::new())
 }
 
+/// A stage's transport for its collectives, connected from the stage's own rendezvous (rank and world within
+/// the stage).
+pub type ConnectStage<'a> = &'a dyn Fn(&RankEnv) -> Result<Arc<dyn crate::ir::Transport + Send + Sync>, String>;
+
+/// What a launched pipeline rank gives: its place (stage, rank within the stage) and its step's outputs (the
+/// last stage's forwards, per micro-batch) and gradients (summed over the micro-batches).
+pub struct LaunchedRun {
+    pub stage: usize,
+    pub rank: usize,
+    pub outputs: Vec<BTreeMap<String, Tensor>>,
+    pub grads: BTreeMap<String, Tensor>,
+}
+
+/// This process's part of a pipeline started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI): global
+/// rank `g` of `env` is rank `g mod R` of stage `g / R` (`R` the ranks of a stage), so the job has `pp · R`
+/// processes. Every process meets the others once at the job's rendezvous (`MASTER_ADDR:MASTER_PORT`), where they
+/// exchange addresses: each stage's rank 0 the port of its stage's own rendezvous (the stage's collectives go
+/// through `connect_stage` there, among its `R` ranks only: the stages run different programs, so no collective
+/// spans them), and each rank that has a next stage the port where rank `i` of that stage connects to it (the
+/// cut, a [`TcpLink`] carrying the activations forward and their gradients back). Then it builds its programs
+/// with `make` and runs its stage's 1F1B order over `micro`. A neighbour that fails or exits makes this rank
+/// fail at its next exchange with it, naming it. Addresses are IPv4.
+pub fn run_launched(
+    env: &RankEnv,
+    stages: &[Stage],
+    micro: &[Tensor],
+    make: MakeProgram,
+    connect_stage: ConnectStage,
+    precision: Precision,
+    timeout: Duration,
+) -> Result<LaunchedRun, String> {
+    use std::net::{IpAddr, SocketAddr, TcpListener};
+    let pp = stages.len();
+    let r = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+    if pp == 0 || r == 0 {
+        return Err("a pipeline needs a stage and a rank".into());
+    }
+    if env.world != pp * r {
+        return Err(format!(
+            "launched as {} ranks ({}'s variables) but {pp} pipeline stages of {r} ranks need {}",
+            env.world,
+            env.source,
+            pp * r
+        ));
+    }
+    let (s, i) = (env.rank / r, env.rank % r);
+    let me = format!("stage {s}, rank {i}");
+    let listen = || TcpListener::bind("0.0.0.0:0").map_err(|e| format!("{me}: cannot listen: {e}"));
+    let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string());
+    // the cut to the next stage: listening before the exchange, so the next stage's connection waits in the
+    // backlog however the processes are scheduled
+    let cut = if s + 1 < pp { Some(listen()?) } else { None };
+    // the stage's rendezvous: a free port, bound again by the stage's transport
+    let stage_port = if i == 0 { port_of(&listen()?)? } else { 0 };
+    let job = TcpTransport::connect(env, precision, timeout).map_err(|e| format!("{me}: {e}"))?;
+    let ip = match job.local_ip() {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            return Err(format!(
+                "{me}: an IPv6 address ({a}); launched pipeline stages need IPv4"
+            ))
+        }
+    };
+    let cut_port = match &cut {
+        Some(l) => port_of(l)?,
+        None => 0,
+    };
+    let row: Vec<f64> = ip
+        .iter()
+        .map(|&b| f64::from(b))
+        .chain([f64::from(cut_port), f64::from(stage_port)])
+        .collect();
+    const ROW: usize = 6;
+    // axis 1 of the simulated view `[R, ROW]` (axis 0 is the rank axis)
+    let op = crate::ir::Op::Composite(crate::ir::Composite::AllGather {
+        axis: 1,
+        mesh: vec![env.world],
+        over: 0,
+    });
+    let mine = Tensor::from_f64(DType::F32, vec![ROW], row);
+    let table = crate::ir::Transport::collective(&job, &op, env.rank, &[&mine])
+        .map_err(|e| format!("{me}: exchanging addresses: {e}"))?
+        .pop()
+        .ok_or("exchanging addresses gave nothing")?
+        .to_f64();
+    drop(job);
+    let addr = |g: usize, col: usize| -> SocketAddr {
+        let v = &table[g * ROW..(g + 1) * ROW];
+        let ip = IpAddr::from([v[0] as u8, v[1] as u8, v[2] as u8, v[3] as u8]);
+        SocketAddr::new(ip, v[col] as u16)
+    };
+    let head = addr(s * r, 5);
+    let stage_env = RankEnv {
+        rank: i,
+        world: r,
+        local_rank: env.local_rank,
+        master_addr: head.ip().to_string(),
+        master_port: head.port(),
+        source: env.source,
+    };
+    let transport = connect_stage(&stage_env).map_err(|e| format!("{me}: the stage's rendezvous: {e}"))?;
+    let mut links = Links {
+        recv_fwd: None,
+        send_fwd: None,
+        recv_bwd: None,
+        send_bwd: None,
+    };
+    if s > 0 {
+        let peer = format!("stage {}, rank {i}", s - 1);
+        let l = Arc::new(
+            TcpLink::connect(addr((s - 1) * r + i, 4), env.rank, &peer, timeout).map_err(|e| format!("{me}: {e}"))?,
+        );
+        links.recv_fwd = Some(Inbox::Tcp(l.clone()));
+        links.send_bwd = Some(Outbox::Tcp(l));
+    }
+    if let Some(listener) = &cut {
+        let peer = format!("stage {}, rank {i}", s + 1);
+        let l = Arc::new(TcpLink::accept(listener, (s + 1) * r + i, &peer, timeout).map_err(|e| format!("{me}: {e}"))?);
+        links.send_fwd = Some(Outbox::Tcp(l.clone()));
+        links.recv_bwd = Some(Inbox::Tcp(l));
+    }
+    let mut fwd = make(&stages[s].forward[i]).map_err(|e| format!("{me}: {e}"))?;
+    let mut bwd = match &stages[s].backward {
+        Some(b) => Some(make(&b[i]).map_err(|e| format!("{me}: {e}"))?),
+        None => None,
+    };
+    let (outputs, grads) = one_step(
+        (s, pp, i),
+        &mut fwd,
+        bwd.as_mut(),
+        micro,
+        &HashMap::new(),
+        transport,
+        &links,
+    )
+    .map_err(|e| format!("{me}: {}", e.trim_start_matches(HANDED)))?;
+    Ok(LaunchedRun {
+        stage: s,
+        rank: i,
+        outputs,
+        grads,
+    })
+}
+
 /// Rank `i` of stage `s` of `pp`, one step: its 1F1B order over the micro-batches. Returns the outputs of its
 /// forwards (the last stage's) and its gradients summed over the micro-batches.
 fn one_step(
@@ -445,11 +621,10 @@ fn one_step(
     mut bwd: Option<&mut Box<dyn RankProgram>>,
     micro: &[Tensor],
     common: &HashMap<String, Tensor>,
-    t: &Arc<SimTransport>,
+    shared: Arc<dyn crate::ir::Transport + Send + Sync>,
     l: &Links,
 ) -> Result<RankRun, String> {
     let last = s + 1 == pp;
-    let shared: Arc<dyn crate::ir::Transport + Send + Sync> = t.clone();
     let takes_ids = fwd.input_names().iter().any(|n| n == "input_ids");
     // the inputs every call takes (weights passed as inputs), only those a program reads; a backward's are added
     // when it runs, so a micro-batch in flight keeps only its own tensors
@@ -460,7 +635,6 @@ fn one_step(
             .collect()
     };
     let fwd_common = common_for(fwd.as_ref());
-    let gone = |what: &str| format!("{HANDED}the {what} stage failed");
     let mut kept: HashMap<usize, HashMap<String, Tensor>> = HashMap::new();
     let mut outputs = Vec::new();
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -472,7 +646,7 @@ fn one_step(
                     own.insert("input_ids".to_string(), micro[j].clone());
                 }
                 if let Some(rx) = &l.recv_fwd {
-                    own.insert(STAGE_HIDDEN_IN.to_string(), rx.recv().map_err(|_| gone("previous"))?);
+                    own.insert(STAGE_HIDDEN_IN.to_string(), rx.recv("previous")?);
                 }
                 let mut feed = fwd_common.clone();
                 feed.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -482,7 +656,7 @@ fn one_step(
                     let h = out
                         .remove(STAGE_HIDDEN_OUT)
                         .ok_or("the stage's forward has no `hidden_out`")?;
-                    tx.send(h).map_err(|_| gone("next"))?;
+                    tx.send(h, "next")?;
                 }
                 if last {
                     outputs.push(out);
@@ -497,14 +671,14 @@ fn one_step(
                 let mut feed = common_for(b.as_ref());
                 feed.extend(own);
                 if let Some(rx) = &l.recv_bwd {
-                    feed.insert(GRAD_HIDDEN_OUT.to_string(), rx.recv().map_err(|_| gone("next"))?);
+                    feed.insert(GRAD_HIDDEN_OUT.to_string(), rx.recv("next")?);
                 }
                 let mut out = b.run_rank(&feed, shared.clone())?;
                 if let Some(tx) = &l.send_bwd {
                     let g = out
                         .remove(GRAD_HIDDEN_IN)
                         .ok_or("the stage's backward has no `grad.hidden_in`")?;
-                    tx.send(g).map_err(|_| gone("previous"))?;
+                    tx.send(g, "previous")?;
                 }
                 for (name, g) in out {
                     let Some(param) = name.strip_prefix(GRAD_PREFIX) else {

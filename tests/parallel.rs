@@ -1307,3 +1307,75 @@ fn eval_model_runs_pipeline_stages() {
     assert!(e < 1e-4, "logits off transformers' by {e}");
     assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-4);
 }
+
+/// `fulgur launch -n 4 -- fulgur eval-model ... --parallel pp=2,tp=2`: two pipeline stages of two ranks, each rank
+/// its own process (the stages' collectives each through their own rendezvous, the activations across the cut
+/// over a connection between rank `i` of the two stages) give transformers' logits and loss, written by the last
+/// stage's rank 0; two processes at `pp=2` compiled for the CPU do too; a rank that exits mid-pipeline makes its
+/// neighbours fail naming it and leaves no output; a job of the wrong size is refused with both numbers.
+#[test]
+fn launched_pipeline_stages_in_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let want = read_safetensors(&tokens).unwrap();
+    let run = |target: &str, n: &str, par: &str, fault: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
+            .arg(&ck)
+            .arg("--tokens")
+            .arg(&tokens)
+            .args(["--target", target, "--parallel", par, "--out"])
+            .arg(&out)
+            .current_dir(common::root())
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        if let Some(f) = fault {
+            c.env("FULGUR_FAULT_EXIT", f);
+        }
+        c.output().unwrap()
+    };
+    let o = run("reference", "4", "pp=2,tp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ran 2 pipeline stages of 2 launched ranks each (dp=1,ep=1,sp=1,tp=2,pp=2, 2 micro-batches) in ")
+            && err.contains("; rank 2 (stage 1, rank 0) writes the outputs"),
+        "{err}"
+    );
+    let got = read_safetensors(&out).unwrap();
+    let e = got["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-5, "logits off transformers' by {e}");
+    assert!((got["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-5);
+    std::fs::remove_file(&out).unwrap();
+    // each stage's program compiled for the CPU
+    let o = run("cpu", "2", "pp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let e = read_safetensors(&out).unwrap()["logits"].rel_l2(&want["logits"]);
+    assert!(e < 1e-4, "launched cpu stages: logits off transformers' by {e}");
+    std::fs::remove_file(&out).unwrap();
+    // stage 0's rank 1 (rank 1 of its stage's transport) exits at its stage's second collective
+    let o = run("reference", "4", "pp=2,tp=2", Some("1:1"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(
+            "rank 3: stage 1, rank 1: the previous stage: stage 0, rank 1 sent nothing: its connection closed"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("1 (exit status 3)"), "{err}");
+    assert!(!out.exists(), "a failed job leaves no output");
+    let o = run("reference", "2", "pp=2,tp=2", None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(
+            "launched as 2 ranks (torchrun's variables) but --parallel dp=1,ep=1,sp=1,tp=2,pp=2 needs 4 (2 pipeline \
+             stages of 2)"
+        ),
+        "{err}"
+    );
+}

@@ -718,14 +718,23 @@ fn send_tensors(s: &mut std::net::TcpStream, header: serde_json::Value, ts: &[&T
     Ok(())
 }
 
+/// A stream's failure as a message: an end of stream where a frame was due is the peer's connection closing.
+fn io_text(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "its connection closed".to_string()
+    } else {
+        e.to_string()
+    }
+}
+
 fn recv_tensors(s: &mut std::net::TcpStream) -> Result<(serde_json::Value, Vec<Tensor>), String> {
-    let head = read_frame(s).map_err(|e| e.to_string())?;
+    let head = read_frame(s).map_err(io_text)?;
     let head: serde_json::Value = serde_json::from_slice(&head).map_err(|e| format!("a malformed message: {e}"))?;
     let metas: Vec<Meta> =
         serde_json::from_value(head["tensors"].clone()).map_err(|e| format!("a malformed message: {e}"))?;
     let mut ts = Vec::new();
     for m in metas {
-        let bytes = read_frame(s).map_err(|e| e.to_string())?;
+        let bytes = read_frame(s).map_err(io_text)?;
         let n: usize = m.shape.iter().product();
         let data = if m.dtype.is_float() {
             Buffer::F(
@@ -980,6 +989,163 @@ impl Transport for TcpTransport {
             }
         }
         result.map(|mut per| per.swap_remove(0))
+    }
+}
+
+impl TcpTransport {
+    /// This rank's address as the others reach it: the local end of its connection to rank 0 (rank 0: of its
+    /// connection to rank 1); the loopback address in a job of one rank.
+    pub fn local_ip(&self) -> std::net::IpAddr {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|s| s.local_addr().ok())
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip())
+    }
+}
+
+/// One end of a point-to-point connection between two launched processes (a pipeline cut: rank `i` of two
+/// neighbouring stages): tensors each way, in order, whole and unrounded, as a collective's are. A send goes
+/// through a writer thread, so it never waits for the peer to read: both ends of a cut may send at once (in
+/// 1F1B a stage sends its activations forward while the next sends a gradient back), and with blocking writes
+/// on buffers smaller than the tensors the two would wait for each other forever. Dropping the link waits for
+/// its queued sends to be written.
+pub struct TcpLink {
+    /// The peer, as messages name it ("stage 1, rank 0").
+    peer: String,
+    timeout: Duration,
+    reader: Mutex<std::net::TcpStream>,
+    writer: Option<std::sync::mpsc::Sender<Tensor>>,
+    /// The writer thread's failure, if its stream broke.
+    failed: std::sync::Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpLink {
+    /// Accepts the connection of global rank `from` (named `peer`) on `listener`, within `timeout`; a
+    /// connection that greets as another rank is refused.
+    pub fn accept(
+        listener: &std::net::TcpListener,
+        from: usize,
+        peer: &str,
+        timeout: Duration,
+    ) -> Result<TcpLink, String> {
+        let deadline = Instant::now() + timeout;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        loop {
+            match listener.accept() {
+                Ok((mut s, addr)) => {
+                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                    let hello = read_frame(&mut s)
+                        .ok()
+                        .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok());
+                    match hello.and_then(|h| h["rank"].as_u64()) {
+                        Some(r) if r as usize == from => return TcpLink::over(s, peer, timeout),
+                        r => eprintln!(
+                            "a connection from {addr} greeted as rank {r:?}, not {peer} (rank {from}); dropped"
+                        ),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "{peer} (rank {from}) did not connect within {:.1} s",
+                            timeout.as_secs_f64()
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("accepting {peer}'s connection: {e}")),
+            }
+        }
+    }
+
+    /// Connects to `peer` listening at `addr`, greeting as global rank `me`, retrying until `timeout`.
+    pub fn connect(addr: std::net::SocketAddr, me: usize, peer: &str, timeout: Duration) -> Result<TcpLink, String> {
+        let deadline = Instant::now() + timeout;
+        let mut s = loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "could not reach {peer} at {addr} within {:.1} s: {e}",
+                        timeout.as_secs_f64()
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        write_frame(&mut s, serde_json::json!({ "rank": me }).to_string().as_bytes())
+            .map_err(|e| format!("greeting {peer} at {addr}: {e}"))?;
+        TcpLink::over(s, peer, timeout)
+    }
+
+    fn over(s: std::net::TcpStream, peer: &str, timeout: Duration) -> Result<TcpLink, String> {
+        s.set_nodelay(true).ok();
+        s.set_read_timeout(Some(timeout)).ok();
+        s.set_write_timeout(Some(timeout)).ok();
+        let mut w = s.try_clone().map_err(|e| format!("the connection to {peer}: {e}"))?;
+        let (tx, rx) = std::sync::mpsc::channel::<Tensor>();
+        let failed = std::sync::Arc::new(Mutex::new(None));
+        let (f, who) = (failed.clone(), peer.to_string());
+        let thread = std::thread::Builder::new()
+            .name(format!("link to {peer}"))
+            .spawn(move || {
+                while let Ok(t) = rx.recv() {
+                    if let Err(e) = send_tensors(&mut w, serde_json::json!({}), &[&t]) {
+                        *f.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("sending to {who}: {e}"));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the writer to {peer}: {e}"))?;
+        Ok(TcpLink {
+            peer: peer.to_string(),
+            timeout,
+            reader: Mutex::new(s),
+            writer: Some(tx),
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `t` for the peer.
+    pub fn send(&self, t: Tensor) -> Result<(), String> {
+        if let Some(e) = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(e);
+        }
+        self.writer
+            .as_ref()
+            .and_then(|w| w.send(t).ok())
+            .ok_or_else(|| format!("the link to {} is closed", self.peer))
+    }
+
+    /// The peer's next tensor, waiting up to the timeout.
+    pub fn recv(&self) -> Result<Tensor, String> {
+        let mut s = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, mut ts) = recv_tensors(&mut s).map_err(|e| {
+            format!(
+                "{} sent nothing: {e} (it exited, failed, or waited past {:.1} s)",
+                self.peer,
+                self.timeout.as_secs_f64()
+            )
+        })?;
+        match ts.len() {
+            1 => Ok(ts.remove(0)),
+            n => Err(format!("{} sent {n} tensors where one was due", self.peer)),
+        }
+    }
+}
+
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

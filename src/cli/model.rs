@@ -311,7 +311,9 @@ pub fn eval_model(args: EvalArgs) -> Result<()> {
             bail!("--parallel does not take --grads yet");
         }
         if par.pp > 1 {
-            let outputs = pipelined(&ck, &par, &tokens, &opts, &args)?;
+            let Some(outputs) = pipelined(&ck, &par, &tokens, &opts, &args)? else {
+                return Ok(());
+            };
             write_safetensors(&args.out, &outputs)?;
             if args.print {
                 write_stdout(
@@ -493,19 +495,28 @@ fn run_cpu(
 
 /// `eval-model --parallel ...,pp=N`: the model cut into `pp` stages (`fulgur::pipeline`), each sharded at the
 /// other degrees, run on simulated ranks over micro-batches (the most, up to `pp`, that divide the batch into
-/// pieces the data-parallel degrees split): the logits of every micro-batch and their mean loss.
+/// pieces the data-parallel degrees split): the logits of every micro-batch and their mean loss. Started by a
+/// launcher, this process runs one rank of one stage (`pipeline::run_launched`) and only the last stage's rank 0
+/// has outputs to write (`None` elsewhere).
 fn pipelined(
     ck: &Checkpoint,
     par: &fulgur::parallel::Parallel,
     tokens: &Tensor,
     opts: &ForwardOptions,
     args: &EvalArgs,
-) -> Result<BTreeMap<String, Tensor>> {
-    if fulgur_runtime::ranks::RankEnv::from_env()
-        .map_err(|e| anyhow::anyhow!(e))?
-        .is_some()
-    {
-        bail!("--parallel {par}: pipeline parallelism runs on simulated ranks only (not yet in launched processes)");
+) -> Result<Option<BTreeMap<String, Tensor>>> {
+    let launched = fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(env) = &launched {
+        if env.world != par.total_ranks() {
+            bail!(
+                "launched as {} ranks ({}'s variables) but --parallel {par} needs {} ({} pipeline stages of {})",
+                env.world,
+                env.source,
+                par.total_ranks(),
+                par.pp,
+                par.ranks()
+            );
+        }
     }
     if opts.hidden_states || opts.aux_loss {
         bail!("--parallel {par}: pipeline stages do not output --hidden-states or --aux-loss");
@@ -541,32 +552,65 @@ fn pipelined(
     };
     let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let run = fulgur::pipeline::run(
-        &stages,
-        &micro,
-        std::sync::Arc::new(make),
-        precision,
-        crate::cli::ranks::rank_timeout(),
-    )
-    .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
-    eprintln!(
-        "ran {} pipeline stages of {} simulated ranks each ({par}, {m} micro-batches) in {:.2} s",
-        par.pp,
-        par.ranks(),
-        t0.elapsed().as_secs_f64()
-    );
+    let last = if let Some(env) = &launched {
+        // this process is one rank of one stage; the last stage's rank 0 holds the outputs and writes them
+        let mesh = par.stage().mesh().sizes();
+        let cuda = target == crate::cli::bench::BenchTarget::Cuda;
+        let connect = |e: &fulgur_runtime::ranks::RankEnv| {
+            crate::cli::ranks::transport(e, &mesh, cuda, precision).map_err(|e| format!("{e:#}"))
+        };
+        let run = fulgur::pipeline::run_launched(
+            env,
+            &stages,
+            &micro,
+            std::sync::Arc::new(make),
+            &connect,
+            precision,
+            crate::cli::ranks::rank_timeout(),
+        )
+        .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+        if run.stage + 1 != par.pp || run.rank != 0 {
+            return Ok(None);
+        }
+        eprintln!(
+            "ran {} pipeline stages of {} launched ranks each ({par}, {m} micro-batches) in {:.2} s; rank {} (stage {}, \
+             rank 0) writes the outputs",
+            par.pp,
+            par.ranks(),
+            t0.elapsed().as_secs_f64(),
+            env.rank,
+            run.stage
+        );
+        run.outputs
+    } else {
+        let run = fulgur::pipeline::run(
+            &stages,
+            &micro,
+            std::sync::Arc::new(make),
+            precision,
+            crate::cli::ranks::rank_timeout(),
+        )
+        .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
+        eprintln!(
+            "ran {} pipeline stages of {} simulated ranks each ({par}, {m} micro-batches) in {:.2} s",
+            par.pp,
+            par.ranks(),
+            t0.elapsed().as_secs_f64()
+        );
+        run.outputs
+    };
     let mut outputs = BTreeMap::new();
-    let logits: Vec<&Tensor> = run.outputs.iter().map(|o| &o["logits"]).collect();
+    let logits: Vec<&Tensor> = last.iter().map(|o| &o["logits"]).collect();
     outputs.insert(
         "logits".to_string(),
         fulgur::pipeline::concat_batches(&logits).map_err(anyhow::Error::msg)?,
     );
-    let loss = run.outputs.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / m as f64;
+    let loss = last.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / m as f64;
     outputs.insert(
         "loss".to_string(),
         Tensor::from_f64(fulgur_ir::DType::F32, vec![1], vec![loss]),
     );
-    Ok(outputs)
+    Ok(Some(outputs))
 }
 
 #[cfg(not(feature = "llvm"))]
