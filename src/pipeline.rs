@@ -469,12 +469,8 @@ pub fn run(
     PipelineThreads::new(stages, make, precision, timeout)?.step(micro, &HashMap::new())
 }
 
-/// A stage's transport for its collectives, connected from the stage's own rendezvous (rank and world within
-/// the stage).
-pub type ConnectStage<'a> = &'a dyn Fn(&RankEnv) -> Result<Arc<dyn crate::ir::Transport + Send + Sync>, String>;
-
-/// What a launched pipeline rank gives: its place (stage, rank within the stage) and its step's outputs (the
-/// last stage's forwards, per micro-batch) and gradients (summed over the micro-batches).
+/// What a launched pipeline rank gives of a step: its place (stage, rank within the stage), its outputs (the
+/// last stage's forwards, per micro-batch) and its gradients (summed over the micro-batches).
 pub struct LaunchedRun {
     pub stage: usize,
     pub rank: usize,
@@ -482,15 +478,273 @@ pub struct LaunchedRun {
     pub grads: BTreeMap<String, Tensor>,
 }
 
-/// This process's part of a pipeline started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI): global
-/// rank `g` of `env` is rank `g mod R` of stage `g / R` (`R` the ranks of a stage), so the job has `pp · R`
-/// processes. Every process meets the others once at the job's rendezvous (`MASTER_ADDR:MASTER_PORT`), where they
-/// exchange addresses: each stage's rank 0 the port of its stage's own rendezvous (the stage's collectives go
-/// through `connect_stage` there, among its `R` ranks only: the stages run different programs, so no collective
-/// spans them), and each rank that has a next stage the port where rank `i` of that stage connects to it (the
-/// cut, a [`TcpLink`] carrying the activations forward and their gradients back). Then it builds its programs
-/// with `make` and runs its stage's 1F1B order over `micro`. A neighbour that fails or exits makes this rank
-/// fail at its next exchange with it, naming it. Addresses are IPv4.
+/// This process's rank of a pipeline started by a launcher (`fulgur launch`, torchrun, Slurm, Open MPI), living
+/// from step to step: global rank `g` of the job is rank `g mod R` of stage `g / R` (`R` the ranks of a stage),
+/// so the job has `pp · R` processes. At [`PipelineProcess::new`] every process exchanges addresses with the
+/// others through the job's transport (one all-gather): each stage's rank 0 gives the port of its stage's own
+/// rendezvous (the stage's collectives go through `connect_stage` there, among its `R` ranks only: the stages run
+/// different programs, so no collective spans them), and each rank that has a next stage the port where rank
+/// `i` of that stage connects to it (the cut, a [`TcpLink`] carrying the activations forward and their
+/// gradients back). A neighbour that fails or exits makes this rank fail at its next exchange with it, naming
+/// it. Addresses are IPv4.
+pub struct PipelineProcess {
+    stage: usize,
+    rank: usize,
+    pp: usize,
+    world: usize,
+    job_rank: usize,
+    job: Arc<dyn crate::ir::Transport + Send + Sync>,
+    transport: Arc<dyn crate::ir::Transport + Send + Sync>,
+    links: Links,
+    fwd: Box<dyn RankProgram>,
+    bwd: Option<Box<dyn RankProgram>>,
+}
+
+/// A stage's transport for its collectives, connected from the stage's own rendezvous (rank and world within
+/// the stage).
+pub type ConnectStage<'a> = &'a dyn Fn(&RankEnv) -> Result<Arc<dyn crate::ir::Transport + Send + Sync>, String>;
+
+impl PipelineProcess {
+    /// Meets the job's other processes through `job` (connected at the job's rendezvous, `env`), connects this
+    /// rank's stage and cuts, and builds its programs with `make`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        env: &RankEnv,
+        job: Arc<TcpTransport>,
+        stages: &[Stage],
+        make: MakeProgram,
+        connect_stage: ConnectStage,
+        timeout: Duration,
+    ) -> Result<PipelineProcess, String> {
+        use std::net::{IpAddr, SocketAddr, TcpListener};
+        let pp = stages.len();
+        let r = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+        if pp == 0 || r == 0 {
+            return Err("a pipeline needs a stage and a rank".into());
+        }
+        if env.world != pp * r {
+            return Err(format!(
+                "launched as {} ranks ({}'s variables) but {pp} pipeline stages of {r} ranks need {}",
+                env.world,
+                env.source,
+                pp * r
+            ));
+        }
+        let (s, i) = (env.rank / r, env.rank % r);
+        let me = format!("stage {s}, rank {i}");
+        let listen = || TcpListener::bind("0.0.0.0:0").map_err(|e| format!("{me}: cannot listen: {e}"));
+        let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string());
+        // the cut to the next stage: listening before the exchange, so the next stage's connection waits in the
+        // backlog however the processes are scheduled
+        let cut = if s + 1 < pp { Some(listen()?) } else { None };
+        // the stage's rendezvous: a free port, bound again by the stage's transport
+        let stage_port = if i == 0 { port_of(&listen()?)? } else { 0 };
+        let ip = match job.local_ip() {
+            IpAddr::V4(a) => a.octets(),
+            IpAddr::V6(a) => {
+                return Err(format!(
+                    "{me}: an IPv6 address ({a}); launched pipeline stages need IPv4"
+                ))
+            }
+        };
+        let cut_port = match &cut {
+            Some(l) => port_of(l)?,
+            None => 0,
+        };
+        let row: Vec<f64> = ip
+            .iter()
+            .map(|&b| f64::from(b))
+            .chain([f64::from(cut_port), f64::from(stage_port)])
+            .collect();
+        const ROW: usize = 6;
+        // axis 1 of the simulated view `[R, ROW]` (axis 0 is the rank axis)
+        let op = crate::ir::Op::Composite(crate::ir::Composite::AllGather {
+            axis: 1,
+            mesh: vec![env.world],
+            over: 0,
+        });
+        let mine = Tensor::from_f64(DType::F32, vec![ROW], row);
+        let table = crate::ir::Transport::collective(job.as_ref(), &op, env.rank, &[&mine])
+            .map_err(|e| format!("{me}: exchanging addresses: {e}"))?
+            .pop()
+            .ok_or("exchanging addresses gave nothing")?
+            .to_f64();
+        let addr = |g: usize, col: usize| -> SocketAddr {
+            let v = &table[g * ROW..(g + 1) * ROW];
+            let ip = IpAddr::from([v[0] as u8, v[1] as u8, v[2] as u8, v[3] as u8]);
+            SocketAddr::new(ip, v[col] as u16)
+        };
+        let head = addr(s * r, 5);
+        let stage_env = RankEnv {
+            rank: i,
+            world: r,
+            local_rank: env.local_rank,
+            master_addr: head.ip().to_string(),
+            master_port: head.port(),
+            source: env.source,
+        };
+        let transport = connect_stage(&stage_env).map_err(|e| format!("{me}: the stage's rendezvous: {e}"))?;
+        let mut links = Links {
+            recv_fwd: None,
+            send_fwd: None,
+            recv_bwd: None,
+            send_bwd: None,
+        };
+        if s > 0 {
+            let peer = format!("stage {}, rank {i}", s - 1);
+            let l = TcpLink::connect(addr((s - 1) * r + i, 4), env.rank, &peer, timeout)
+                .map_err(|e| format!("{me}: {e}"))?;
+            let l = Arc::new(l);
+            links.recv_fwd = Some(Inbox::Tcp(l.clone()));
+            links.send_bwd = Some(Outbox::Tcp(l));
+        }
+        if let Some(listener) = &cut {
+            let peer = format!("stage {}, rank {i}", s + 1);
+            let l = TcpLink::accept(listener, (s + 1) * r + i, &peer, timeout).map_err(|e| format!("{me}: {e}"))?;
+            let l = Arc::new(l);
+            links.send_fwd = Some(Outbox::Tcp(l.clone()));
+            links.recv_bwd = Some(Inbox::Tcp(l));
+        }
+        let fwd = make(&stages[s].forward[i]).map_err(|e| format!("{me}: {e}"))?;
+        let bwd = match &stages[s].backward {
+            Some(b) => Some(make(&b[i]).map_err(|e| format!("{me}: {e}"))?),
+            None => None,
+        };
+        Ok(PipelineProcess {
+            stage: s,
+            rank: i,
+            pp,
+            world: env.world,
+            job_rank: env.rank,
+            job,
+            transport,
+            links,
+            fwd,
+            bwd,
+        })
+    }
+
+    /// This rank's step: its stage's 1F1B order over `micro`, every call also given `feed` (weights passed as
+    /// inputs); its own outputs and gradients.
+    pub fn run(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<LaunchedRun, String> {
+        let (s, i) = (self.stage, self.rank);
+        let (outputs, grads) = one_step(
+            (s, self.pp, i),
+            &mut self.fwd,
+            self.bwd.as_mut(),
+            micro,
+            feed,
+            self.transport.clone(),
+            &self.links,
+        )
+        .map_err(|e| format!("stage {s}, rank {i}: {}", e.trim_start_matches(HANDED)))?;
+        Ok(LaunchedRun {
+            stage: s,
+            rank: i,
+            outputs,
+            grads,
+        })
+    }
+
+    /// A step whose results every process of the job gets, as [`PipelineThreads::step`] gives them: the loss of
+    /// each micro-batch (the last stage's) and, for `params` (name and shape, the same list on every process),
+    /// the batch's gradients (the micro-batches' mean; a parameter two stages read gets their sum). One sum over
+    /// the job's ranks in rank order carries both (each stage's rank 0 gives its stage's gradients, the last
+    /// stage's rank 0 the losses, every other place zeros), so every process can apply the same update.
+    pub fn step_shared(
+        &mut self,
+        micro: &[Tensor],
+        feed: &HashMap<String, Tensor>,
+        params: &[(String, Vec<usize>)],
+    ) -> Result<PipelineRun, String> {
+        let m = micro.len();
+        let run = self.run(micro, feed)?;
+        let leader = self.rank == 0;
+        let last = leader && self.stage + 1 == self.pp;
+        let mut flat: Vec<f64> = Vec::new();
+        for j in 0..m {
+            let loss = match run.outputs.get(j) {
+                Some(o) if last => o
+                    .get("loss")
+                    .ok_or("the last stage gave no `loss`")?
+                    .to_f64()
+                    .first()
+                    .copied()
+                    .unwrap_or(f64::NAN),
+                _ => 0.0,
+            };
+            flat.push(loss);
+        }
+        for (name, shape) in params {
+            let n: usize = shape.iter().product();
+            match run.grads.get(name) {
+                Some(g) if leader => {
+                    if g.shape != *shape {
+                        return Err(format!(
+                            "stage {}: the gradient of `{name}` has shape {:?}, the parameter {shape:?}",
+                            self.stage, g.shape
+                        ));
+                    }
+                    flat.extend(g.to_f64());
+                }
+                _ => flat.extend(std::iter::repeat_n(0.0, n)),
+            }
+        }
+        let op = crate::ir::Op::Composite(crate::ir::Composite::AllReduce {
+            mesh: vec![self.world],
+            over: 0,
+        });
+        let len = flat.len();
+        let mine = unrounded(DType::F32, vec![len], flat);
+        let sum = crate::ir::Transport::collective(self.job.as_ref(), &op, self.job_rank, &[&mine])
+            .map_err(|e| format!("summing the step's gradients over the job: {e}"))?
+            .pop()
+            .ok_or("summing the step's gradients gave nothing")?
+            .to_f64();
+        let mut outputs = Vec::new();
+        for &loss in &sum[..m] {
+            outputs.push([("loss".to_string(), Tensor::from_f64(DType::F32, vec![1], vec![loss]))].into());
+        }
+        let mut grads = BTreeMap::new();
+        let mut at = m;
+        for (name, shape) in params {
+            let n: usize = shape.iter().product();
+            let v: Vec<f64> = sum[at..at + n].iter().map(|x| x / m as f64).collect();
+            at += n;
+            grads.insert(name.clone(), unrounded(DType::F32, shape.clone(), v));
+        }
+        Ok(PipelineRun { outputs, grads })
+    }
+}
+
+/// A pipeline's step as the trainer drives it: every rank on a thread of this process ([`PipelineThreads`]), or
+/// this process's rank of a launched job, the step's losses and gradients shared with every process
+/// ([`SharedProcess`]).
+pub trait Runner {
+    fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String>;
+}
+
+impl Runner for PipelineThreads {
+    fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
+        PipelineThreads::step(self, micro, feed)
+    }
+}
+
+/// A launched rank's step with its results shared ([`PipelineProcess::step_shared`]) for the parameters
+/// `params` (name and shape; none for a forward alone).
+pub struct SharedProcess {
+    pub process: PipelineProcess,
+    pub params: Vec<(String, Vec<usize>)>,
+}
+
+impl Runner for SharedProcess {
+    fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
+        self.process.step_shared(micro, feed, &self.params)
+    }
+}
+
+/// Runs once this process's part of a pipeline started by a launcher ([`PipelineProcess`]), meeting the others
+/// at the job's rendezvous (`env`); the stages' collectives at `precision`.
 pub fn run_launched(
     env: &RankEnv,
     stages: &[Stage],
@@ -500,117 +754,8 @@ pub fn run_launched(
     precision: Precision,
     timeout: Duration,
 ) -> Result<LaunchedRun, String> {
-    use std::net::{IpAddr, SocketAddr, TcpListener};
-    let pp = stages.len();
-    let r = stages.first().map(|s| s.forward.len()).unwrap_or(0);
-    if pp == 0 || r == 0 {
-        return Err("a pipeline needs a stage and a rank".into());
-    }
-    if env.world != pp * r {
-        return Err(format!(
-            "launched as {} ranks ({}'s variables) but {pp} pipeline stages of {r} ranks need {}",
-            env.world,
-            env.source,
-            pp * r
-        ));
-    }
-    let (s, i) = (env.rank / r, env.rank % r);
-    let me = format!("stage {s}, rank {i}");
-    let listen = || TcpListener::bind("0.0.0.0:0").map_err(|e| format!("{me}: cannot listen: {e}"));
-    let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string());
-    // the cut to the next stage: listening before the exchange, so the next stage's connection waits in the
-    // backlog however the processes are scheduled
-    let cut = if s + 1 < pp { Some(listen()?) } else { None };
-    // the stage's rendezvous: a free port, bound again by the stage's transport
-    let stage_port = if i == 0 { port_of(&listen()?)? } else { 0 };
-    let job = TcpTransport::connect(env, precision, timeout).map_err(|e| format!("{me}: {e}"))?;
-    let ip = match job.local_ip() {
-        IpAddr::V4(a) => a.octets(),
-        IpAddr::V6(a) => {
-            return Err(format!(
-                "{me}: an IPv6 address ({a}); launched pipeline stages need IPv4"
-            ))
-        }
-    };
-    let cut_port = match &cut {
-        Some(l) => port_of(l)?,
-        None => 0,
-    };
-    let row: Vec<f64> = ip
-        .iter()
-        .map(|&b| f64::from(b))
-        .chain([f64::from(cut_port), f64::from(stage_port)])
-        .collect();
-    const ROW: usize = 6;
-    // axis 1 of the simulated view `[R, ROW]` (axis 0 is the rank axis)
-    let op = crate::ir::Op::Composite(crate::ir::Composite::AllGather {
-        axis: 1,
-        mesh: vec![env.world],
-        over: 0,
-    });
-    let mine = Tensor::from_f64(DType::F32, vec![ROW], row);
-    let table = crate::ir::Transport::collective(&job, &op, env.rank, &[&mine])
-        .map_err(|e| format!("{me}: exchanging addresses: {e}"))?
-        .pop()
-        .ok_or("exchanging addresses gave nothing")?
-        .to_f64();
-    drop(job);
-    let addr = |g: usize, col: usize| -> SocketAddr {
-        let v = &table[g * ROW..(g + 1) * ROW];
-        let ip = IpAddr::from([v[0] as u8, v[1] as u8, v[2] as u8, v[3] as u8]);
-        SocketAddr::new(ip, v[col] as u16)
-    };
-    let head = addr(s * r, 5);
-    let stage_env = RankEnv {
-        rank: i,
-        world: r,
-        local_rank: env.local_rank,
-        master_addr: head.ip().to_string(),
-        master_port: head.port(),
-        source: env.source,
-    };
-    let transport = connect_stage(&stage_env).map_err(|e| format!("{me}: the stage's rendezvous: {e}"))?;
-    let mut links = Links {
-        recv_fwd: None,
-        send_fwd: None,
-        recv_bwd: None,
-        send_bwd: None,
-    };
-    if s > 0 {
-        let peer = format!("stage {}, rank {i}", s - 1);
-        let l = Arc::new(
-            TcpLink::connect(addr((s - 1) * r + i, 4), env.rank, &peer, timeout).map_err(|e| format!("{me}: {e}"))?,
-        );
-        links.recv_fwd = Some(Inbox::Tcp(l.clone()));
-        links.send_bwd = Some(Outbox::Tcp(l));
-    }
-    if let Some(listener) = &cut {
-        let peer = format!("stage {}, rank {i}", s + 1);
-        let l = Arc::new(TcpLink::accept(listener, (s + 1) * r + i, &peer, timeout).map_err(|e| format!("{me}: {e}"))?);
-        links.send_fwd = Some(Outbox::Tcp(l.clone()));
-        links.recv_bwd = Some(Inbox::Tcp(l));
-    }
-    let mut fwd = make(&stages[s].forward[i]).map_err(|e| format!("{me}: {e}"))?;
-    let mut bwd = match &stages[s].backward {
-        Some(b) => Some(make(&b[i]).map_err(|e| format!("{me}: {e}"))?),
-        None => None,
-    };
-    let (outputs, grads) = one_step(
-        (s, pp, i),
-        &mut fwd,
-        bwd.as_mut(),
-        micro,
-        &HashMap::new(),
-        transport,
-        &links,
-    )
-    .map_err(|e| format!("{me}: {}", e.trim_start_matches(HANDED)))?;
-    Ok(LaunchedRun {
-        stage: s,
-        rank: i,
-        outputs,
-        grads,
-    })
+    let job = TcpTransport::connect(env, precision, timeout)?;
+    PipelineProcess::new(env, Arc::new(job), stages, make, connect_stage, timeout)?.run(micro, &HashMap::new())
 }
 
 /// Rank `i` of stage `s` of `pp`, one step: its 1F1B order over the micro-batches. Returns the outputs of its

@@ -503,6 +503,89 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
     assert!(!dead.join("checkpoint").exists(), "a failed job writes no checkpoint");
 }
 
+/// `fulgur launch -n 4 -- fulgur train ... --parallel pp=2,tp=2`: two pipeline stages of two ranks, a process
+/// each, the step's losses and gradients shared with every process (one sum over the job) so that each applies
+/// the same update and rank 0 writes the run: transformers' losses and final parameters. A rank of the second
+/// stage that exits in the second step fails the job naming it, and no checkpoint is written.
+#[test]
+#[cfg(feature = "llvm")]
+fn launched_pipeline_stages_train_like_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tiny_a();
+    let data = ck.join("train/train.safetensors");
+    let launch = |run: &Path, fault: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
+            .arg(&ck)
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--steps",
+                "3",
+                "--lr",
+                "0.01",
+                "--target",
+                "cpu",
+                "--parallel",
+                "pp=2,tp=2",
+                "--out",
+            ])
+            .arg(run)
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        if let Some(f) = fault {
+            c.env("FULGUR_FAULT_EXIT", f);
+        }
+        c.output().unwrap()
+    };
+    let run = tmp.path().join("run");
+    let o = launch(&run, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "training step in 2 pipeline stages of 2 launched ranks each (dp=1,ep=1,sp=1,tp=2,pp=2), 2 micro-batches \
+             by 1F1B"
+        ),
+        "{err}"
+    );
+    let meta = read_safetensors(&data).unwrap();
+    let losses = log_losses(&run);
+    assert_eq!(losses.len(), 3, "rank 0 alone writes the log");
+    for (s, (a, b)) in losses.iter().zip(meta["loss"].to_f64()).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {}: loss {a} vs transformers {b}", s + 1);
+    }
+    let fin = read_safetensors(&ck.join("train/final.safetensors")).unwrap();
+    let saved = Checkpoint::open(&run.join("checkpoint")).unwrap();
+    let g = forward_graph(&saved.config, &ForwardOptions::default()).unwrap();
+    let params = saved.load_params(&g).unwrap();
+    let worst =
+        fin.iter()
+            .map(|(name, w)| (params[name].rel_l2(w), name.clone()))
+            .fold(
+                (0.0f64, String::new()),
+                |a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a },
+            );
+    println!(
+        "launched pp=2,tp=2: worst parameter after three steps {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 < 1e-4, "`{}` differs by {}", worst.1, worst.0);
+    // global rank 3 (rank 1 of stage 1; only the job's transport numbers a rank 3) exits at the job's
+    // collective #8: #0 and #1 exchange the addresses of the step's and the held-out loss's pipelines, #2 sums
+    // step 1's gradients, #3 to #7 agree not to stop (one sum per axis of pp, dp, ep, sp, tp), #8 sums step 2's
+    let dead = tmp.path().join("dead");
+    let o = launch(&dead, Some("3:8"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("summing the step's gradients over the job: rank 3 did not reach collective #8 (`all_reduce`)"),
+        "{err}"
+    );
+    assert!(err.contains("(exit status 3)"), "{err}");
+    assert!(!dead.join("checkpoint").exists(), "a failed job writes no checkpoint");
+}
+
 /// Through pipeline stages the held-out loss is the stages' forwards with the step's weights: on text, with the
 /// same micro-batches, a run at `pp=2` logs the losses and held-out losses of a run on one device.
 #[test]

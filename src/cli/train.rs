@@ -234,7 +234,7 @@ pub(crate) fn executable(
 /// on simulated ranks that live between steps, then the clipping and AdamW update of every parameter
 /// (`passes::optim::update_step`, the same update the single step computes) on the target.
 struct PipelineStep {
-    threads: fulgur::pipeline::PipelineThreads,
+    threads: Box<dyn fulgur::pipeline::Runner>,
     update: Box<dyn Executable>,
     params: Vec<String>,
     micro_batches: usize,
@@ -242,7 +242,7 @@ struct PipelineStep {
 
 /// The held-out loss through the pipeline's stages (their forwards alone), the weights given as inputs.
 struct PipelineEval {
-    threads: fulgur::pipeline::PipelineThreads,
+    threads: Box<dyn fulgur::pipeline::Runner>,
 }
 
 impl Executable for PipelineEval {
@@ -317,7 +317,9 @@ impl Executable for PipelineStep {
 type PipelineExecutables = (Box<dyn Executable>, Box<dyn Executable>, fulgur_ir::Graph);
 
 /// The pipeline's step and held-out loss executables for `fulgur train --parallel ...,pp=N`, and the graph whose
-/// kernels are reported (the first stage's backward, rank 0's).
+/// kernels are reported (the first stage's backward, rank 0's). On simulated ranks, or, with `job` (started by a
+/// launcher: this process's place and the job's transport), as this process's rank of each, the step's losses
+/// and gradients shared with every process so that each applies the same update (`pipeline::PipelineProcess`).
 #[allow(clippy::too_many_arguments)]
 fn pipeline_step(
     cfg: &MiniMaxConfig,
@@ -328,6 +330,10 @@ fn pipeline_step(
     micro_batches: usize,
     t: usize,
     state: &HashMap<String, Tensor>,
+    job: Option<&(
+        fulgur_runtime::ranks::RankEnv,
+        std::sync::Arc<fulgur_runtime::ranks::TcpTransport>,
+    )>,
 ) -> Result<PipelineExecutables> {
     let dtype = args.dtype;
     let prepare = move |g: fulgur_ir::Graph| compute_graph(&g, dtype).map_err(|e| e.to_string());
@@ -350,23 +356,49 @@ fn pipeline_step(
             &none,
         )
     });
-    let threads = fulgur::pipeline::PipelineThreads::new(
-        &stages,
-        make.clone(),
-        fulgur_ir::Precision::F32,
-        crate::cli::ranks::rank_timeout(),
-    )
-    .map_err(|e| anyhow::anyhow!("building the pipeline's stages: {e}"))?;
     // the held-out loss: the stages' forwards alone, one micro-batch of the same size at a time
     let forwards = fulgur::pipeline::build(cfg, par, micro, t, &opts, false, true, &prepare)
         .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
-    let eval_threads = fulgur::pipeline::PipelineThreads::new(
-        &forwards,
-        make,
-        fulgur_ir::Precision::F32,
-        crate::cli::ranks::rank_timeout(),
-    )
-    .map_err(|e| anyhow::anyhow!("building the pipeline's stages for the held-out loss: {e}"))?;
+    let timeout = crate::cli::ranks::rank_timeout();
+    let (threads, eval_threads): (Box<dyn fulgur::pipeline::Runner>, Box<dyn fulgur::pipeline::Runner>) = match job {
+        None => (
+            Box::new(
+                fulgur::pipeline::PipelineThreads::new(&stages, make.clone(), fulgur_ir::Precision::F32, timeout)
+                    .map_err(|e| anyhow::anyhow!("building the pipeline's stages: {e}"))?,
+            ),
+            Box::new(
+                fulgur::pipeline::PipelineThreads::new(&forwards, make, fulgur_ir::Precision::F32, timeout)
+                    .map_err(|e| anyhow::anyhow!("building the pipeline's stages for the held-out loss: {e}"))?,
+            ),
+        ),
+        Some((env, job)) => {
+            let mesh = par.stage().mesh().sizes();
+            let cuda = target == BenchTarget::Cuda;
+            let connect = |e: &fulgur_runtime::ranks::RankEnv| {
+                crate::cli::ranks::transport(e, &mesh, cuda, fulgur_ir::Precision::F32).map_err(|e| format!("{e:#}"))
+            };
+            let mut shapes: Vec<(String, Vec<usize>)> = state
+                .iter()
+                .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
+                .map(|(n, w)| (n.clone(), w.shape.clone()))
+                .collect();
+            shapes.sort();
+            let process = |stages: &[fulgur::pipeline::Stage], what: &str| {
+                fulgur::pipeline::PipelineProcess::new(env, job.clone(), stages, make.clone(), &connect, timeout)
+                    .map_err(|e| anyhow::anyhow!("rank {}: building the pipeline's {what}: {e}", env.rank))
+            };
+            (
+                Box::new(fulgur::pipeline::SharedProcess {
+                    process: process(&stages, "stages")?,
+                    params: shapes,
+                }),
+                Box::new(fulgur::pipeline::SharedProcess {
+                    process: process(&forwards, "stages for the held-out loss")?,
+                    params: Vec::new(),
+                }),
+            )
+        }
+    };
     let mut params: Vec<(String, fulgur_ir::TensorType)> = state
         .iter()
         .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
@@ -597,18 +629,35 @@ pub fn run(args: Args) -> Result<()> {
     };
     // started by a launcher: this process is one rank (its collectives over the job's transport), every rank
     // runs the same loop on the same data and outputs, and rank 0 alone writes the run directory
+    // pipeline stages started by a launcher: the job's transport (its host-side collectives: the addresses'
+    // exchange, the step's shared losses and gradients, the agreement to stop), kept beside as itself
+    let mut pipeline_job = None;
     let launch = match &par {
-        Some(p) if p.pp > 1 => {
-            if fulgur_runtime::ranks::RankEnv::from_env()
-                .map_err(|e| anyhow::anyhow!(e))?
-                .is_some()
-            {
-                bail!(
-                    "--parallel {p}: pipeline parallelism runs on simulated ranks only (not yet in launched processes)"
-                );
+        Some(p) if p.pp > 1 => match fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? {
+            Some(env) => {
+                if env.world != p.total_ranks() {
+                    bail!(
+                        "launched as {} ranks ({}'s variables) but --parallel {p} needs {} ({} pipeline stages of {})",
+                        env.world,
+                        env.source,
+                        p.total_ranks(),
+                        p.pp,
+                        p.ranks()
+                    );
+                }
+                let job = fulgur_runtime::ranks::TcpTransport::connect(
+                    &env,
+                    fulgur_ir::Precision::F32,
+                    crate::cli::ranks::rank_timeout(),
+                )
+                .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+                let job = std::sync::Arc::new(job);
+                pipeline_job = Some((env.clone(), job.clone()));
+                let shared: crate::cli::ranks::Shared = job;
+                Some((env, shared))
             }
-            None
-        }
+            None => None,
+        },
         Some(p) => crate::cli::ranks::launched(p, args.target, fulgur_ir::Precision::F32)?,
         None => None,
     };
@@ -760,7 +809,17 @@ pub fn run(args: Args) -> Result<()> {
     let pipeline = match &par {
         Some(par) if par.pp > 1 => {
             say(&format!("cutting the model into {} pipeline stages ({par})", par.pp));
-            Some(pipeline_step(&cfg, par, &args, &hp, micro, micro_batches, t, &state)?)
+            Some(pipeline_step(
+                &cfg,
+                par,
+                &args,
+                &hp,
+                micro,
+                micro_batches,
+                t,
+                &state,
+                pipeline_job.as_ref(),
+            )?)
         }
         _ => None,
     };
@@ -834,12 +893,18 @@ pub fn run(args: Args) -> Result<()> {
     let (mut step_exe, mut eval_exe) = match (sharded, pipeline) {
         (_, Some((exe, eval, _))) => {
             let par = par.as_ref().expect("pipelined with degrees");
-            eprintln!(
-                "training step in {} pipeline stages of {} simulated ranks each ({par}), {micro_batches} micro-batches \
-                 by 1F1B",
-                par.pp,
-                par.ranks()
-            );
+            if writer {
+                eprintln!(
+                    "training step in {} pipeline stages of {} {} each ({par}), {micro_batches} micro-batches by 1F1B",
+                    par.pp,
+                    par.ranks(),
+                    if launch.is_some() {
+                        "launched ranks"
+                    } else {
+                        "simulated ranks"
+                    }
+                );
+            }
             (exe, if heldout.is_empty() { None } else { Some(eval) })
         }
         (Some((steps, evals, report)), None) => {
@@ -1094,14 +1159,14 @@ pub fn run(args: Args) -> Result<()> {
         let mut stop = STOP.load(Ordering::SeqCst);
         if let Some((env, t)) = &launch {
             // launched ranks stop after the same step: any rank's Ctrl-C stops them all
-            stop = crate::cli::ranks::agree(
-                t.as_ref(),
-                env.rank,
-                &par.as_ref().expect("launched with degrees").mesh().sizes(),
-                stop,
-                step,
-            )
-            .with_context(|| format!("agreeing whether to stop after step {step}"))?;
+            // over the job's mesh: the pipeline's stages first where there are several
+            let p = par.as_ref().expect("launched with degrees");
+            let mut mesh = p.mesh().sizes();
+            if p.pp > 1 {
+                mesh.insert(0, p.pp);
+            }
+            stop = crate::cli::ranks::agree(t.as_ref(), env.rank, &mesh, stop, step)
+                .with_context(|| format!("agreeing whether to stop after step {step}"))?;
         }
         if writer && (stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps) {
             save(&mut trainer, step, &cursor)?;
