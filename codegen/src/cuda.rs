@@ -450,18 +450,6 @@ fn load_text(slot: u32, dtype: DType, i: &str) -> String {
     }
 }
 
-/// [`load_text`] where `pred` holds, zero elsewhere (no memory is read there).
-fn predicated_load_text(slot: u32, dtype: DType, i: &str, pred: &str) -> String {
-    match dtype {
-        DType::F32 => format!("({pred} ? ((const float*)s{slot})[{i}] : 0.0f)"),
-        DType::BF16 => format!("fulgur_from_bf16({pred} ? ((const unsigned short*)s{slot})[{i}] : (unsigned short)0)"),
-        DType::F16 => format!("fulgur_from_f16({pred} ? ((const unsigned short*)s{slot})[{i}] : (unsigned short)0)"),
-        DType::I32 => format!("(i64)({pred} ? ((const int*)s{slot})[{i}] : 0)"),
-        DType::I64 => format!("({pred} ? ((const i64*)s{slot})[{i}] : 0LL)"),
-        DType::Bool => format!("({pred} && (((const unsigned char*)s{slot})[{i}] != 0))"),
-    }
-}
-
 fn store_text(slot: u32, dtype: DType, i: &str, v: &str) -> String {
     match dtype {
         DType::F32 => format!("((float*)s{slot})[{i}] = {v};"),
@@ -494,13 +482,6 @@ struct PhaseEmitter<'a> {
     warp: bool,
     /// Row loops of a warp phase entered and not left.
     rows: usize,
-    /// Whether a branch whose arms are pure ([`PhaseEmitter::speculable`]) is evaluated as both arms with
-    /// their loads predicated, then a select (`FULGUR_SPECULATE=0` keeps the branch).
-    speculate: bool,
-    /// Inside such an arm: the arm's predicate (a C `bool`), which guards its loads.
-    pred: Option<String>,
-    /// Per expression: whether it may be evaluated where it is not needed (see `speculable`).
-    pure: Vec<Option<bool>>,
 }
 
 impl<'a> PhaseEmitter<'a> {
@@ -529,44 +510,7 @@ impl<'a> PhaseEmitter<'a> {
             flat: None,
             warp: false,
             rows: 0,
-            speculate: std::env::var("FULGUR_SPECULATE").map_or(true, |v| v != "0"),
-            pred: None,
-            pure: vec![None; n],
         }
-    }
-
-    /// Whether `e` may be evaluated where its value is not needed, its loads predicated on the arm being
-    /// taken: it reads only slots (of a dtype a predicated load covers), literals, variables, parameters and
-    /// mutables, and checks nothing (a check's report is a side effect); 64 operations at most, since a
-    /// speculated arm's arithmetic runs whether or not it is taken.
-    fn speculable(&mut self, e: E) -> bool {
-        fn size(pool: &crate::loops::Pool, e: E, seen: &mut std::collections::HashSet<E>) -> usize {
-            if !seen.insert(e) {
-                return 0;
-            }
-            1 + children(pool.get(e))
-                .iter()
-                .map(|&c| size(pool, c, seen))
-                .sum::<usize>()
-        }
-        if size(&self.lk.pool, e, &mut Default::default()) > 64 {
-            return false;
-        }
-        self.pure_expr(e)
-    }
-
-    fn pure_expr(&mut self, e: E) -> bool {
-        if let Some(p) = self.pure[e as usize] {
-            return p;
-        }
-        let x = self.lk.pool.get(e).clone();
-        let p = match &x {
-            Expr::LoadLocal { .. } | Expr::LoadConst { .. } | Expr::Checked { .. } => false,
-            Expr::Load { dtype, index, .. } => !matches!(dtype, DType::Bool) && self.pure_expr(*index),
-            x => children(x).iter().all(|&c| self.pure_expr(c)),
-        };
-        self.pure[e as usize] = Some(p);
-        p
     }
 
     fn line(&mut self, s: &str) {
@@ -833,11 +777,7 @@ impl<'a> PhaseEmitter<'a> {
             Expr::F(_) | Expr::I(_) | Expr::B(_) | Expr::Var(_) | Expr::Param(_) | Expr::Get(_) => unreachable!(),
             Expr::Load { arg, dtype, index } => {
                 let i = self.val(index)?;
-                match &self.pred {
-                    // a speculated arm's load: only where the arm is taken (its place may be out of range where not)
-                    Some(p) => predicated_load_text(arg, dtype, &i, p),
-                    None => load_text(arg, dtype, &i),
-                }
+                load_text(arg, dtype, &i)
             }
             Expr::LoadLocal { local, index } => {
                 let i = self.val(index)?;
@@ -922,30 +862,6 @@ impl<'a> PhaseEmitter<'a> {
                 let a = self.val(a)?;
                 let b = self.val(b)?;
                 format!("{c} ? {a} : {b}")
-            }
-            Expr::Cond(c, a, b) if self.speculate && self.speculable(a) && self.speculable(b) => {
-                // both arms, each load predicated on its arm being taken, then a select: no branch, so the loads
-                // of both arms (and of what follows) are in flight together, where a branch whose arm uses its
-                // load waits for it before the code after the branch issues its own
-                let c = self.val(c)?;
-                let outer = self.pred.clone();
-                let mut vals = Vec::new();
-                for (arm, test) in [(a, c.clone()), (b, format!("!({c})"))] {
-                    let p = format!("e{}", self.temps);
-                    self.temps += 1;
-                    let guard = match &outer {
-                        Some(o) => format!("{o} && {test}"),
-                        None => test,
-                    };
-                    self.line(&format!("const bool {p} = {guard};"));
-                    self.scopes.push(HashMap::new());
-                    self.pred = Some(p);
-                    let v = self.val(arm);
-                    self.pred = outer.clone();
-                    self.scopes.pop();
-                    vals.push(v?);
-                }
-                format!("{c} ? {} : {}", vals[0], vals[1])
             }
             Expr::Cond(c, a, b) => {
                 // only the branch taken is evaluated

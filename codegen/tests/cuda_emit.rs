@@ -472,30 +472,3 @@ fn slots_are_restrict_by_default_and_plain_when_turned_off() {
     std::env::remove_var("FULGUR_RESTRICT");
     assert!(!plain.contains("__restrict__"), "{plain}");
 }
-
-/// A concat's sources are read under a branch per element in the loop form (`Cond`: the other source's place
-/// is out of its range). On CUDA both arms are evaluated, each load predicated on its arm being taken, and a
-/// select picks: no branch holds a load's use, so the loads are in flight together. `FULGUR_SPECULATE=0` keeps
-/// the branch. (This test is the only one in this binary that sets the variable, and restores it.)
-#[test]
-fn a_concat_reads_its_sources_by_predicated_loads_and_a_select() {
-    use fulgur_ir::{DType, Dim, Graph};
-    let mut g = Graph::new("concat");
-    let a = g.input("a", DType::BF16, vec![Dim::from(64), Dim::from(256)]).unwrap();
-    let b = g.input("b", DType::BF16, vec![Dim::from(64), Dim::from(128)]).unwrap();
-    let c = g.concat(&[a, b], 1).unwrap();
-    g.add_output("c", c).unwrap();
-    let src = source_of(&g, "concat");
-    let body = &src[src.find("// phase `").unwrap()..];
-    assert!(!body.contains("if ("), "no branch: {body}");
-    assert_eq!(
-        body.matches(" ? ((const unsigned short*)s").count(),
-        2,
-        "a predicated load per source: {body}"
-    );
-    std::env::set_var("FULGUR_SPECULATE", "0");
-    let branchy = source_of(&g, "concat");
-    std::env::remove_var("FULGUR_SPECULATE");
-    let body = &branchy[branchy.find("// phase `").unwrap()..];
-    assert!(body.contains("if ("), "the branch kept: {body}");
-}
