@@ -404,6 +404,26 @@ fn eval_model_runs_on_simulated_ranks() {
     );
 }
 
+/// `fulgur launch -n N -- fulgur eval-model` of tiny-a's reference tokens on `target` at degrees `par` into
+/// `out`, with `FULGUR_FAULT_EXIT` set to `fault` where given.
+fn launch_eval(target: &str, n: &str, par: &str, fault: Option<&str>, out: &std::path::Path) -> std::process::Output {
+    let ck = common::tiny_a();
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+    c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
+        .arg(&ck)
+        .arg("--tokens")
+        .arg(ck.join("reference.safetensors"))
+        .args(["--target", target, "--parallel", par, "--out"])
+        .arg(out)
+        .current_dir(common::root())
+        .env_remove("RUST_LOG")
+        .env("FULGUR_RANK_TIMEOUT", "60");
+    if let Some(f) = fault {
+        c.env("FULGUR_FAULT_EXIT", f);
+    }
+    c.output().unwrap()
+}
+
 /// `fulgur launch -n 4 -- fulgur eval-model ... --parallel ep=2,tp=2`: four processes, one rank each, meeting at
 /// the rendezvous and exchanging their collectives over TCP, give transformers' logits; a rank that exits at its
 /// first collective makes the launch fail naming it, and rank 0 says which collective it did not reach; a job
@@ -414,22 +434,7 @@ fn launched_ranks_in_separate_processes() {
     let out = dir.path().join("out.safetensors");
     let ck = common::tiny_a();
     let tokens = ck.join("reference.safetensors");
-    let run_on = |target: &str, n: &str, par: &str, fault: Option<&str>| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
-            .arg(&ck)
-            .arg("--tokens")
-            .arg(&tokens)
-            .args(["--target", target, "--parallel", par, "--out"])
-            .arg(&out)
-            .current_dir(common::root())
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        if let Some(f) = fault {
-            c.env("FULGUR_FAULT_EXIT", f);
-        }
-        c.output().unwrap()
-    };
+    let run_on = |target: &str, n: &str, par: &str, fault: Option<&str>| launch_eval(target, n, par, fault, &out);
     let run = |n: &str, par: &str, fault: Option<&str>| run_on("reference", n, par, fault);
     let o = run("4", "ep=2,tp=2", None);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1320,22 +1325,7 @@ fn launched_pipeline_stages_in_separate_processes() {
     let ck = common::tiny_a();
     let tokens = ck.join("reference.safetensors");
     let want = read_safetensors(&tokens).unwrap();
-    let run = |target: &str, n: &str, par: &str, fault: Option<&str>| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(["launch", "-n", n, "--timeout", "300", "--", "fulgur", "eval-model"])
-            .arg(&ck)
-            .arg("--tokens")
-            .arg(&tokens)
-            .args(["--target", target, "--parallel", par, "--out"])
-            .arg(&out)
-            .current_dir(common::root())
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        if let Some(f) = fault {
-            c.env("FULGUR_FAULT_EXIT", f);
-        }
-        c.output().unwrap()
-    };
+    let run = |target: &str, n: &str, par: &str, fault: Option<&str>| launch_eval(target, n, par, fault, &out);
     let o = run("reference", "4", "pp=2,tp=2", None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");

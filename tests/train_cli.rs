@@ -414,6 +414,35 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
     assert!(!bad.exists(), "a refused run writes nothing");
 }
 
+/// `fulgur launch -n 4 -- fulgur train` of tiny-a's three fixture steps on the CPU at degrees `par` into `run`,
+/// with `env` set.
+#[cfg(feature = "llvm")]
+fn launch_train(par: &str, run: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let ck = tiny_a();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
+        .arg(&ck)
+        .arg("--data")
+        .arg(ck.join("train/train.safetensors"))
+        .args([
+            "--steps",
+            "3",
+            "--lr",
+            "0.01",
+            "--target",
+            "cpu",
+            "--parallel",
+            par,
+            "--out",
+        ])
+        .arg(run)
+        .env_remove("RUST_LOG")
+        .env("FULGUR_RANK_TIMEOUT", "60")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 /// `fulgur launch -n 4 -- fulgur train ... --parallel dp=2,tp=2`: one rank per process, collectives over the
 /// TCP rendezvous, rank 0 alone writing the run: transformers' losses. A stop one rank asks for (its Ctrl-C)
 /// stops every rank after the same step, with rank 0's checkpoint of it. A rank that exits at a collective fails
@@ -422,32 +451,9 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
 #[cfg(feature = "llvm")]
 fn launched_ranks_train_and_a_dead_rank_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let ck = tiny_a();
-    let data = ck.join("train/train.safetensors");
     let launch = |run: &Path, fault: Option<&str>| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
-            .arg(&ck)
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "--steps",
-                "3",
-                "--lr",
-                "0.01",
-                "--target",
-                "cpu",
-                "--parallel",
-                "dp=2,tp=2",
-                "--out",
-            ])
-            .arg(run)
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        if let Some(f) = fault {
-            c.env("FULGUR_FAULT_EXIT", f);
-        }
-        c.output().unwrap()
+        let env: Vec<(&str, &str)> = fault.map(|f| ("FULGUR_FAULT_EXIT", f)).into_iter().collect();
+        launch_train("dp=2,tp=2", run, &env)
     };
     let run = tmp.path().join("run");
     let o = launch(&run, None);
@@ -467,27 +473,7 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
     // rank 3 asks to stop after step 1 (as its Ctrl-C would): every rank stops there and rank 0 writes the
     // checkpoint of step 1
     let stopped = tmp.path().join("stopped");
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-    c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
-        .arg(&ck)
-        .arg("--data")
-        .arg(&data)
-        .args([
-            "--steps",
-            "3",
-            "--lr",
-            "0.01",
-            "--target",
-            "cpu",
-            "--parallel",
-            "dp=2,tp=2",
-            "--out",
-        ])
-        .arg(&stopped)
-        .env_remove("RUST_LOG")
-        .env("FULGUR_RANK_TIMEOUT", "60")
-        .env("FULGUR_STOP_AFTER", "3:1");
-    let o = c.output().unwrap();
+    let o = launch_train("dp=2,tp=2", &stopped, &[("FULGUR_STOP_AFTER", "3:1")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("interrupted: stopped after step 1"), "{err}");
@@ -514,29 +500,8 @@ fn launched_pipeline_stages_train_like_transformers() {
     let ck = tiny_a();
     let data = ck.join("train/train.safetensors");
     let launch = |run: &Path, fault: Option<&str>| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
-            .arg(&ck)
-            .arg("--data")
-            .arg(&data)
-            .args([
-                "--steps",
-                "3",
-                "--lr",
-                "0.01",
-                "--target",
-                "cpu",
-                "--parallel",
-                "pp=2,tp=2",
-                "--out",
-            ])
-            .arg(run)
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        if let Some(f) = fault {
-            c.env("FULGUR_FAULT_EXIT", f);
-        }
-        c.output().unwrap()
+        let env: Vec<(&str, &str)> = fault.map(|f| ("FULGUR_FAULT_EXIT", f)).into_iter().collect();
+        launch_train("pp=2,tp=2", run, &env)
     };
     let run = tmp.path().join("run");
     let o = launch(&run, None);
