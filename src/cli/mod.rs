@@ -124,8 +124,12 @@ pub fn parse_args() -> Result<Cli, ExitCode> {
 
 /// Prints an error as one line, `error: cause: cause of cause ...`.
 pub fn report_error(e: &anyhow::Error) {
+    use std::io::Write;
     let msg = format!("{e:#}");
-    eprintln!("error: {}", one_line(&msg));
+    // one write of the whole line: `eprintln!` writes its pieces apart, and the ranks of a launched job share
+    // one stderr, where pieces of two ranks' lines interleaved ("error: error: rank 0: ...")
+    let line = format!("error: {}\n", one_line(&msg));
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Collapses line breaks so that a message stays on one line.
