@@ -665,6 +665,11 @@ impl<'a> PhaseEmitter<'a> {
                         let id = identity(op, self.lk.vars[v as usize].ty);
                         self.line(&format!("if (fulgur_lane != 0) m{v} = {id};"));
                     }
+                    if hoist_divisions() {
+                        for e in row_invariant_divisions(self.lk, *var, body) {
+                            self.val(e)?;
+                        }
+                    }
                     self.line(&format!(
                         "for (i64 v{var} = {lo} + fulgur_lane; v{var} < {hb}; v{var} += 32) {{"
                     ));
@@ -1306,6 +1311,74 @@ fn children(x: &Expr) -> Vec<E> {
         Expr::Checked { index, bound, .. } => vec![*index, *bound],
         _ => vec![],
     }
+}
+
+/// Whether a warp's row loop computes its invariant integer divisions before it (`FULGUR_HOIST=1`; off by
+/// default until measured on the GPU, `docs/codegen.md`).
+fn hoist_divisions() -> bool {
+    std::env::var("FULGUR_HOIST").is_ok_and(|v| v == "1")
+}
+
+/// The integer divisions and remainders in `body` (a row loop over `var`) that read neither a variable the loop
+/// binds (its own, a nested loop's) nor memory, nor a mutable, nor a check: the same in every iteration, so the
+/// row loop may compute them once before it. Those inside a lazily evaluated arm (`Cond`) are among them: on
+/// the GPU an integer division by zero does not trap, and the arm's other reads stay in the arm.
+fn row_invariant_divisions(lk: &LoopKernel, var: u32, body: &[Stmt]) -> Vec<E> {
+    fn roots(body: &[Stmt], bound: &mut std::collections::HashSet<u32>, out: &mut Vec<E>) {
+        for st in body {
+            match st {
+                Stmt::For { var, lo, hi, body } => {
+                    out.extend([*lo, *hi]);
+                    bound.insert(*var);
+                    roots(body, bound, out);
+                }
+                Stmt::If { cond, then, els } => {
+                    out.push(*cond);
+                    roots(then, bound, out);
+                    roots(els, bound, out);
+                }
+                Stmt::Store { index, value, .. } | Stmt::StoreLocal { index, value, .. } => {
+                    out.extend([*index, *value])
+                }
+                Stmt::Set { value, .. } | Stmt::Accumulate { value, .. } => out.push(*value),
+            }
+        }
+    }
+    fn invariant(lk: &LoopKernel, e: E, bound: &std::collections::HashSet<u32>, memo: &mut HashMap<E, bool>) -> bool {
+        if let Some(&v) = memo.get(&e) {
+            return v;
+        }
+        let v = match lk.pool.get(e) {
+            Expr::Var(v) => !bound.contains(v),
+            Expr::Load { .. }
+            | Expr::LoadLocal { .. }
+            | Expr::LoadConst { .. }
+            | Expr::Get(_)
+            | Expr::Checked { .. }
+            | Expr::Cond(..) => false,
+            x => children(x).into_iter().all(|c| invariant(lk, c, bound, memo)),
+        };
+        memo.insert(e, v);
+        v
+    }
+    let mut bound = std::collections::HashSet::from([var]);
+    let mut todo = Vec::new();
+    roots(body, &mut bound, &mut todo);
+    let (mut memo, mut seen, mut out) = (HashMap::new(), std::collections::HashSet::new(), Vec::new());
+    while let Some(e) = todo.pop() {
+        if !seen.insert(e) {
+            continue;
+        }
+        let x = lk.pool.get(e);
+        let division = matches!(x, Expr::Bin(BinaryOp::Div, ..) | Expr::Rem(..)) && lk.pool.ty(e) == Scalar::I64;
+        if division && invariant(lk, e, &bound, &mut memo) {
+            out.push(e);
+        } else {
+            todo.extend(children(x));
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 fn collect_stores(body: &[Stmt], out: &mut std::collections::HashSet<u32>) {

@@ -1,0 +1,62 @@
+//! `FULGUR_HOIST=1`: a warp's row loop computes the integer divisions that do not change from one of its
+//! iterations to the next before it. In a binary of its own, since the variable is read at emission and set
+//! here for the whole process.
+use fulgur_codegen::cuda::emit_program;
+use fulgur_codegen::kernels::{build_program_for, Target};
+use fulgur_codegen::program::lower;
+use fulgur_ir::{DType, Dim, Graph};
+
+/// The CUDA source of the first step kernel of `g` whose op summary starts with `op`.
+fn source_of(g: &Graph, op: &str) -> String {
+    let p = lower(g).unwrap();
+    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
+    let cuda = emit_program(&p, &mut kernels).unwrap();
+    let k = p
+        .step
+        .iter()
+        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
+        .unwrap_or_else(|| panic!("no {op} kernel"));
+    cuda[k.code].source.clone()
+}
+
+/// A head-major `[B, 16, T, 128]` read token-major: the row (a token) divides by the run-time `T` (a parameter)
+/// for its batch and position. With the hoist, those divisions come before the lanes' loop and none is left in
+/// it; the divisions by the literal head dim, which move with the lane's column, stay in the loop.
+#[test]
+fn a_row_loop_divides_by_a_run_time_size_once_before_it() {
+    let mut g = Graph::new("heads");
+    let x = g
+        .input(
+            "x",
+            DType::F32,
+            vec![Dim::sym("B"), Dim::from(16), Dim::sym("T"), Dim::from(128)],
+        )
+        .unwrap();
+    let y = g.exp(x).unwrap();
+    let p = g.permute(y, &[0, 2, 1, 3]).unwrap();
+    let r = g
+        .reshape(p, vec![Dim::sym("B"), Dim::sym("T"), Dim::from(2048)])
+        .unwrap();
+    g.add_output("o", r).unwrap();
+    let run_time = |text: &str| {
+        text.lines()
+            .filter(|l| l.contains(" / p") || l.contains(" % p"))
+            .count()
+    };
+    let plain = source_of(&g, "reshape");
+    let lane = "+ fulgur_lane;";
+    let body = |src: &str| src[src.find(lane).expect("a lanes' loop")..].to_string();
+    assert!(
+        run_time(&body(&plain)) > 0,
+        "without the hoist the loop divides by T: {plain}"
+    );
+    std::env::set_var("FULGUR_HOIST", "1");
+    let src = source_of(&g, "reshape");
+    let (before, inside) = src.split_at(src.find(lane).expect("a lanes' loop"));
+    assert!(
+        run_time(before) >= 2,
+        "the row's batch and position before the loop: {src}"
+    );
+    assert_eq!(run_time(inside), 0, "no division by T in the loop: {src}");
+    assert!(inside.contains("/ 128LL") || inside.contains("% 128LL"), "{src}");
+}
