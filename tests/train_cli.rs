@@ -414,10 +414,10 @@ fn three_steps_of_tiny_a_on_sharded_ranks_match_transformers() {
     assert!(!bad.exists(), "a refused run writes nothing");
 }
 
-/// `fulgur launch -n 4 -- fulgur train` of tiny-a's three fixture steps on the CPU at degrees `par` into `run`,
-/// with `env` set.
+/// `fulgur launch -n 4 -- fulgur train` of tiny-a's fixture steps (`steps` of them) on the CPU at degrees `par`
+/// into `run`, with the arguments `extra` and the variables `env`.
 #[cfg(feature = "llvm")]
-fn launch_train(par: &str, run: &Path, env: &[(&str, &str)]) -> std::process::Output {
+fn launch_train(par: &str, steps: &str, run: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let ck = tiny_a();
     std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"))
         .args(["launch", "-n", "4", "--timeout", "300", "--", "fulgur", "train"])
@@ -426,7 +426,7 @@ fn launch_train(par: &str, run: &Path, env: &[(&str, &str)]) -> std::process::Ou
         .arg(ck.join("train/train.safetensors"))
         .args([
             "--steps",
-            "3",
+            steps,
             "--lr",
             "0.01",
             "--target",
@@ -436,6 +436,7 @@ fn launch_train(par: &str, run: &Path, env: &[(&str, &str)]) -> std::process::Ou
             "--out",
         ])
         .arg(run)
+        .args(extra)
         .env_remove("RUST_LOG")
         .env("FULGUR_RANK_TIMEOUT", "60")
         .envs(env.iter().copied())
@@ -453,7 +454,7 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let launch = |run: &Path, fault: Option<&str>| {
         let env: Vec<(&str, &str)> = fault.map(|f| ("FULGUR_FAULT_EXIT", f)).into_iter().collect();
-        launch_train("dp=2,tp=2", run, &env)
+        launch_train("dp=2,tp=2", "3", run, &[], &env)
     };
     let run = tmp.path().join("run");
     let o = launch(&run, None);
@@ -473,7 +474,7 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
     // rank 3 asks to stop after step 1 (as its Ctrl-C would): every rank stops there and rank 0 writes the
     // checkpoint of step 1
     let stopped = tmp.path().join("stopped");
-    let o = launch_train("dp=2,tp=2", &stopped, &[("FULGUR_STOP_AFTER", "3:1")]);
+    let o = launch_train("dp=2,tp=2", "3", &stopped, &[], &[("FULGUR_STOP_AFTER", "3:1")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("interrupted: stopped after step 1"), "{err}");
@@ -491,8 +492,9 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
 
 /// `fulgur launch -n 4 -- fulgur train ... --parallel pp=2,tp=2`: two pipeline stages of two ranks, a process
 /// each, the step's losses and gradients shared with every process (one sum over the job) so that each applies
-/// the same update and rank 0 writes the run: transformers' losses and final parameters. A rank of the second
-/// stage that exits in the second step fails the job naming it, and no checkpoint is written.
+/// the same update and rank 0 writes the run: transformers' losses and final parameters; resumed after two steps,
+/// the third gives the same parameters bit for bit. A rank of the second stage that exits in the second step
+/// fails the job naming it, and no checkpoint is written.
 #[test]
 #[cfg(feature = "llvm")]
 fn launched_pipeline_stages_train_like_transformers() {
@@ -501,7 +503,7 @@ fn launched_pipeline_stages_train_like_transformers() {
     let data = ck.join("train/train.safetensors");
     let launch = |run: &Path, fault: Option<&str>| {
         let env: Vec<(&str, &str)> = fault.map(|f| ("FULGUR_FAULT_EXIT", f)).into_iter().collect();
-        launch_train("pp=2,tp=2", run, &env)
+        launch_train("pp=2,tp=2", "3", run, &[], &env)
     };
     let run = tmp.path().join("run");
     let o = launch(&run, None);
@@ -536,6 +538,21 @@ fn launched_pipeline_stages_train_like_transformers() {
         worst.0, worst.1
     );
     assert!(worst.0 < 1e-4, "`{}` differs by {}", worst.1, worst.0);
+    // two steps, then the third resumed from their checkpoint: the same parameters, bit for bit
+    let first = tmp.path().join("first");
+    let o = launch_train("pp=2,tp=2", "2", &first, &[], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = tmp.path().join("resumed");
+    let from = first.to_str().unwrap();
+    let o = launch_train("pp=2,tp=2", "3", &resumed, &["--resume", from], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = Checkpoint::open(&resumed.join("checkpoint"))
+        .unwrap()
+        .load_params(&g)
+        .unwrap();
+    for (name, w) in &params {
+        assert_eq!(again[name].to_f64(), w.to_f64(), "`{name}` after resuming differs");
+    }
     // global rank 3 (rank 1 of stage 1; only the job's transport numbers a rank 3) exits at the job's
     // collective #8: #0 and #1 exchange the addresses of the step's and the held-out loss's pipelines, #2 sums
     // step 1's gradients, #3 to #7 agree not to stop (one sum per axis of pp, dp, ep, sp, tp), #8 sums step 2's
