@@ -251,6 +251,7 @@ impl Outbox {
 }
 
 /// A rank's ends of the cuts: from the cut before (s − 1 → s) and the cut after (s → s + 1).
+#[derive(Default)]
 struct Links {
     recv_fwd: Option<Inbox>,
     send_fwd: Option<Outbox>,
@@ -286,14 +287,7 @@ impl PipelineThreads {
         if pp == 0 || ranks == 0 {
             return Err("a pipeline needs a stage and a rank".into());
         }
-        let mut links: Vec<Links> = (0..pp * ranks)
-            .map(|_| Links {
-                recv_fwd: None,
-                send_fwd: None,
-                recv_bwd: None,
-                send_bwd: None,
-            })
-            .collect();
+        let mut links: Vec<Links> = (0..pp * ranks).map(|_| Links::default()).collect();
         for s in 0..pp - 1 {
             for i in 0..ranks {
                 let (tx, rx) = channel();
@@ -507,7 +501,6 @@ pub type ConnectStage<'a> = &'a dyn Fn(&RankEnv) -> Result<Arc<dyn crate::ir::Tr
 impl PipelineProcess {
     /// Meets the job's other processes through `job` (connected at the job's rendezvous, `env`), connects this
     /// rank's stage and cuts, and builds its programs with `make`.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         env: &RankEnv,
         job: Arc<TcpTransport>,
@@ -584,12 +577,7 @@ impl PipelineProcess {
             source: env.source,
         };
         let transport = connect_stage(&stage_env).map_err(|e| format!("{me}: the stage's rendezvous: {e}"))?;
-        let mut links = Links {
-            recv_fwd: None,
-            send_fwd: None,
-            recv_bwd: None,
-            send_bwd: None,
-        };
+        let mut links = Links::default();
         if s > 0 {
             let peer = format!("stage {}, rank {i}", s - 1);
             let l = TcpLink::connect(addr((s - 1) * r + i, 4), env.rank, &peer, timeout)
@@ -741,21 +729,6 @@ impl Runner for SharedProcess {
     fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
         self.process.step_shared(micro, feed, &self.params)
     }
-}
-
-/// Runs once this process's part of a pipeline started by a launcher ([`PipelineProcess`]), meeting the others
-/// at the job's rendezvous (`env`); the stages' collectives at `precision`.
-pub fn run_launched(
-    env: &RankEnv,
-    stages: &[Stage],
-    micro: &[Tensor],
-    make: MakeProgram,
-    connect_stage: ConnectStage,
-    precision: Precision,
-    timeout: Duration,
-) -> Result<LaunchedRun, String> {
-    let job = TcpTransport::connect(env, precision, timeout)?;
-    PipelineProcess::new(env, Arc::new(job), stages, make, connect_stage, timeout)?.run(micro, &HashMap::new())
 }
 
 /// Rank `i` of stage `s` of `pp`, one step: its 1F1B order over the micro-batches. Returns the outputs of its

@@ -21,22 +21,8 @@ fn small_program() -> fulgur_codegen::program::KernelProgram {
     lower(&compile(&g, &CompileOptions::default(), None).unwrap().graph).unwrap()
 }
 
-/// The CUDA source of the first step kernel of `g` (lowered unoptimized) whose op summary starts with `op`.
-fn source_of(g: &fulgur_ir::Graph, op: &str) -> String {
-    source_in(&lower(g).unwrap(), op)
-}
-
-/// The CUDA source of the first step kernel of `p` whose op summary starts with `op`.
-fn source_in(p: &fulgur_codegen::program::KernelProgram, op: &str) -> String {
-    let mut kernels = build_program_for(p, Target::Cuda).unwrap();
-    let cuda = emit_program(p, &mut kernels).unwrap();
-    let k = p
-        .step
-        .iter()
-        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
-        .unwrap_or_else(|| panic!("no {op} kernel"));
-    cuda[k.code].source.clone()
-}
+mod common;
+use common::{source_in, source_of};
 
 #[test]
 fn sources_are_deterministic_and_name_the_ir_nodes_they_run() {

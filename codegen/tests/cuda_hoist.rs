@@ -1,23 +1,9 @@
 //! `FULGUR_HOIST=1`: a warp's row loop computes the integer divisions that do not change from one of its
 //! iterations to the next before it. In a binary of its own, since the variable is read at emission and set
 //! here for the whole process.
-use fulgur_codegen::cuda::emit_program;
-use fulgur_codegen::kernels::{build_program_for, Target};
-use fulgur_codegen::program::lower;
+mod common;
+use common::source_of;
 use fulgur_ir::{DType, Dim, Graph};
-
-/// The CUDA source of the first step kernel of `g` whose op summary starts with `op`.
-fn source_of(g: &Graph, op: &str) -> String {
-    let p = lower(g).unwrap();
-    let mut kernels = build_program_for(&p, Target::Cuda).unwrap();
-    let cuda = emit_program(&p, &mut kernels).unwrap();
-    let k = p
-        .step
-        .iter()
-        .find(|k| fulgur_codegen::program::op_summary(&k.op).starts_with(op))
-        .unwrap_or_else(|| panic!("no {op} kernel"));
-    cuda[k.code].source.clone()
-}
 
 /// A head-major `[B, 16, T, 128]` read token-major: the row (a token) divides by the run-time `T` (a parameter)
 /// for its batch and position. With the hoist, those divisions come before the lanes' loop and none is left in

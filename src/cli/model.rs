@@ -496,7 +496,7 @@ fn run_cpu(
 /// `eval-model --parallel ...,pp=N`: the model cut into `pp` stages (`fulgur::pipeline`), each sharded at the
 /// other degrees, run on simulated ranks over micro-batches (the most, up to `pp`, that divide the batch into
 /// pieces the data-parallel degrees split): the logits of every micro-batch and their mean loss. Started by a
-/// launcher, this process runs one rank of one stage (`pipeline::run_launched`) and only the last stage's rank 0
+/// launcher, this process runs one rank of one stage (`pipeline::PipelineProcess`) and only the last stage's rank 0
 /// has outputs to write (`None` elsewhere).
 fn pipelined(
     ck: &Checkpoint,
@@ -505,19 +505,7 @@ fn pipelined(
     opts: &ForwardOptions,
     args: &EvalArgs,
 ) -> Result<Option<BTreeMap<String, Tensor>>> {
-    let launched = fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(env) = &launched {
-        if env.world != par.total_ranks() {
-            bail!(
-                "launched as {} ranks ({}'s variables) but --parallel {par} needs {} ({} pipeline stages of {})",
-                env.world,
-                env.source,
-                par.total_ranks(),
-                par.pp,
-                par.ranks()
-            );
-        }
-    }
+    let launched = crate::cli::ranks::launched_pipeline(par, Precision::from(args.precision))?;
     if opts.hidden_states || opts.aux_loss {
         bail!("--parallel {par}: pipeline stages do not output --hidden-states or --aux-loss");
     }
@@ -552,22 +540,22 @@ fn pipelined(
     };
     let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let last = if let Some(env) = &launched {
+    let last = if let Some((env, job)) = launched {
         // this process is one rank of one stage; the last stage's rank 0 holds the outputs and writes them
         let mesh = par.stage().mesh().sizes();
         let cuda = target == crate::cli::bench::BenchTarget::Cuda;
         let connect = |e: &fulgur_runtime::ranks::RankEnv| {
             crate::cli::ranks::transport(e, &mesh, cuda, precision).map_err(|e| format!("{e:#}"))
         };
-        let run = fulgur::pipeline::run_launched(
-            env,
+        let run = fulgur::pipeline::PipelineProcess::new(
+            &env,
+            job,
             &stages,
-            &micro,
             std::sync::Arc::new(make),
             &connect,
-            precision,
             crate::cli::ranks::rank_timeout(),
         )
+        .and_then(|mut p| p.run(&micro, &std::collections::HashMap::new()))
         .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
         if run.stage + 1 != par.pp || run.rank != 0 {
             return Ok(None);

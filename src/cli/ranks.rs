@@ -47,6 +47,33 @@ pub(crate) fn launched(par: &Parallel, target: BenchTarget, precision: Precision
     Ok(Some((env, t)))
 }
 
+/// This process's place in a job of pipeline stages (`par.pp > 1`) when a launcher started it, with the job's
+/// transport connected (TCP through the rendezvous, whatever the target: it carries the job's host-side
+/// collectives, the stages' addresses and, in training, the step's shared losses and gradients;
+/// `pipeline::PipelineProcess`); `None` when no launcher's variables are set. A job of another size than the
+/// stages' ranks is refused with both numbers.
+pub(crate) fn launched_pipeline(
+    par: &Parallel,
+    precision: Precision,
+) -> Result<Option<(RankEnv, Arc<fulgur_runtime::ranks::TcpTransport>)>> {
+    let Some(env) = RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? else {
+        return Ok(None);
+    };
+    if env.world != par.total_ranks() {
+        anyhow::bail!(
+            "launched as {} ranks ({}'s variables) but --parallel {par} needs {} ({} pipeline stages of {})",
+            env.world,
+            env.source,
+            par.total_ranks(),
+            par.pp,
+            par.ranks()
+        );
+    }
+    let job = fulgur_runtime::ranks::TcpTransport::connect(&env, precision, rank_timeout())
+        .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
+    Ok(Some((env, Arc::new(job))))
+}
+
 /// A launched rank's transport: NCCL on a GPU program with `FULGUR_TRANSPORT=nccl`, else TCP through the
 /// rendezvous at `MASTER_ADDR:MASTER_PORT`, its collectives computed at `precision` (the programs').
 pub(crate) fn transport(env: &RankEnv, mesh: &[usize], cuda: bool, precision: Precision) -> Result<Shared> {

@@ -633,25 +633,8 @@ pub fn run(args: Args) -> Result<()> {
     // exchange, the step's shared losses and gradients, the agreement to stop), kept beside as itself
     let mut pipeline_job = None;
     let launch = match &par {
-        Some(p) if p.pp > 1 => match fulgur_runtime::ranks::RankEnv::from_env().map_err(|e| anyhow::anyhow!(e))? {
-            Some(env) => {
-                if env.world != p.total_ranks() {
-                    bail!(
-                        "launched as {} ranks ({}'s variables) but --parallel {p} needs {} ({} pipeline stages of {})",
-                        env.world,
-                        env.source,
-                        p.total_ranks(),
-                        p.pp,
-                        p.ranks()
-                    );
-                }
-                let job = fulgur_runtime::ranks::TcpTransport::connect(
-                    &env,
-                    fulgur_ir::Precision::F32,
-                    crate::cli::ranks::rank_timeout(),
-                )
-                .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?;
-                let job = std::sync::Arc::new(job);
+        Some(p) if p.pp > 1 => match crate::cli::ranks::launched_pipeline(p, fulgur_ir::Precision::F32)? {
+            Some((env, job)) => {
                 pipeline_job = Some((env.clone(), job.clone()));
                 let shared: crate::cli::ranks::Shared = job;
                 Some((env, shared))
