@@ -1313,10 +1313,10 @@ fn children(x: &Expr) -> Vec<E> {
     }
 }
 
-/// Whether a warp's row loop computes its invariant integer divisions before it (`FULGUR_HOIST=1`; off by
-/// default until measured on the GPU, `docs/codegen.md`).
+/// Whether a warp's row loop computes its invariant integer divisions before it: on by default (measured faster
+/// on the GPU, `docs/perf.md`); `FULGUR_HOIST=0` keeps them in the loop (`docs/codegen.md`).
 fn hoist_divisions() -> bool {
-    std::env::var("FULGUR_HOIST").is_ok_and(|v| v == "1")
+    !std::env::var("FULGUR_HOIST").is_ok_and(|v| v == "0")
 }
 
 /// The integer divisions and remainders in `body` (a row loop over `var`) that read neither a variable the loop

@@ -1,13 +1,14 @@
-//! `FULGUR_HOIST=1`: a warp's row loop computes the integer divisions that do not change from one of its
-//! iterations to the next before it. In a binary of its own, since the variable is read at emission and set
-//! here for the whole process.
+//! The hoist (on by default, `FULGUR_HOIST=0` off): a warp's row loop computes the integer divisions that do not
+//! change from one of its iterations to the next before it. In a binary of its own, since the variable is read
+//! at emission and set here for the whole process.
 mod common;
 use common::source_of;
 use fulgur_ir::{DType, Dim, Graph};
 
 /// A head-major `[B, 16, T, 128]` read token-major: the row (a token) divides by the run-time `T` (a parameter)
-/// for its batch and position. With the hoist, those divisions come before the lanes' loop and none is left in
-/// it; the divisions by the literal head dim, which move with the lane's column, stay in the loop.
+/// for its batch and position. With the hoist (the default), those divisions come before the lanes' loop and none
+/// is left in it; the divisions by the literal head dim, which move with the lane's column, stay in the loop.
+/// Turned off, the loop divides by `T`.
 #[test]
 fn a_row_loop_divides_by_a_run_time_size_once_before_it() {
     let mut g = Graph::new("heads");
@@ -29,14 +30,7 @@ fn a_row_loop_divides_by_a_run_time_size_once_before_it() {
             .filter(|l| l.contains(" / p") || l.contains(" % p"))
             .count()
     };
-    let plain = source_of(&g, "reshape");
     let lane = "+ fulgur_lane;";
-    let body = |src: &str| src[src.find(lane).expect("a lanes' loop")..].to_string();
-    assert!(
-        run_time(&body(&plain)) > 0,
-        "without the hoist the loop divides by T: {plain}"
-    );
-    std::env::set_var("FULGUR_HOIST", "1");
     let src = source_of(&g, "reshape");
     let (before, inside) = src.split_at(src.find(lane).expect("a lanes' loop"));
     assert!(
@@ -45,4 +39,8 @@ fn a_row_loop_divides_by_a_run_time_size_once_before_it() {
     );
     assert_eq!(run_time(inside), 0, "no division by T in the loop: {src}");
     assert!(inside.contains("/ 128LL") || inside.contains("% 128LL"), "{src}");
+    std::env::set_var("FULGUR_HOIST", "0");
+    let plain = source_of(&g, "reshape");
+    let body = &plain[plain.find(lane).expect("a lanes' loop")..];
+    assert!(run_time(body) > 0, "without the hoist the loop divides by T: {plain}");
 }
