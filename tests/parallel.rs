@@ -1147,6 +1147,50 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         assert!((loss - single["loss"].to_f64()[0]).abs() < 1e-10, "{par}: loss {loss}");
         assert!(eg < 1e-10, "{par}: `{name}` off by {eg}");
     }
+    // tied embeddings: the last stage's head reads the embedding's table, and the pipeline sums its gradient
+    // over the two stages that read it
+    let mut tied_cfg = cfg.clone();
+    tied_cfg.tie_word_embeddings = true;
+    let tied_g = forward_graph(&tied_cfg, &opts).unwrap();
+    let mut tied_feed = feed.clone();
+    tied_feed.remove("lm_head.weight");
+    let single_tied = run_f64(
+        &differentiate(&tied_g, "loss", &GradOptions::default()).unwrap(),
+        &tied_feed,
+    );
+    let stages = build(
+        &tied_cfg,
+        &Parallel::parse("pp=2").unwrap(),
+        1,
+        16,
+        &opts,
+        true,
+        false,
+        &|g| Ok(g),
+    )
+    .unwrap();
+    let out = run(
+        &stages,
+        &micro_batches(&ids, 2).unwrap(),
+        make.clone(),
+        Precision::F64,
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap();
+    let grads: BTreeMap<String, Tensor> = out
+        .grads
+        .iter()
+        .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
+        .collect();
+    let want: BTreeMap<String, Tensor> = single_tied
+        .iter()
+        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(grads.len(), 38, "tied: no `lm_head.weight`");
+    let (eg, name) = worst(&grads, &want);
+    println!("pp=2, tied embeddings: gradients worst {eg:.1e} ({name})");
+    assert!(eg < 1e-10, "pp=2, tied: `{name}` off by {eg}");
     // expert parallel stages: each stage's MoE routed (the rows exchanged forward and, in the stage's backward,
     // back), two micro-batches of two sequences
     let ids4 = random_tokens(4, 16, cfg.vocab_size, 17);

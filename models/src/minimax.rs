@@ -253,16 +253,16 @@ impl Builder<'_> {
     }
 
     fn lm_head(&mut self, h: Value) -> Result<Value> {
-        let w = if self.cfg.tie_word_embeddings {
-            self.g
-                .input_by_name("model.embed_tokens.weight")
-                .map(|n| Value::new(n, 0))
+        // tied: the embedding's table, also in a pipeline's last stage, which does not embed (the stages then
+        // share the parameter and sum its gradient)
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            None
+            "lm_head.weight"
         };
-        let w = match w {
-            Some(w) => w,
-            None => self.param("lm_head.weight", vec![self.cfg.vocab_size, self.cfg.hidden_size])?,
+        let w = match self.g.input_by_name(name) {
+            Some(n) => Value::new(n, 0),
+            None => self.param(name, vec![self.cfg.vocab_size, self.cfg.hidden_size])?,
         };
         self.g.scope("lm_head", |g| g.linear(h, w))
     }
