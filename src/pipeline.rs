@@ -23,7 +23,7 @@ use crate::parallel::{minimax_plan, structural, Parallel};
 use crate::passes::autodiff::{differentiate_report, GradOptions, GradReport, MoeChainGrad, GRAD_PREFIX};
 use crate::passes::shard::{lower_rank, shard_step, Placement};
 use crate::runtime::ranks::{RankEnv, RankProgram, SimTransport, TcpLink, TcpTransport};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -175,8 +175,154 @@ pub struct PipelineRun {
     /// The last stage's outputs (its rank 0's) for each micro-batch, in order.
     pub outputs: Vec<BTreeMap<String, Tensor>>,
     /// With the backward: every parameter's gradient of the batch's loss (the micro-batches' mean), by
-    /// parameter name (`grad.` prefix dropped); a parameter two stages read (tied embeddings) gets their sum.
+    /// parameter name (`grad.` prefix dropped); a parameter two stages read (tied embeddings) gets their sum. For
+    /// an update per stage ([`PipelineProcess::step_stage`]), the stage's parameters' alone.
     pub grads: BTreeMap<String, Tensor>,
+    /// For an update per stage: the squared norm of every gradient of the model (all stages'), which clips the
+    /// stage's update (`passes::optim::update_step_given_norm`); `None` where `grads` holds every gradient.
+    pub grad_sq: Option<f64>,
+}
+
+/// A launched pipeline's training state, held and updated per stage: each process holds and updates the
+/// parameters its stage reads (and their moments); a parameter more than one stage reads (tied embeddings) is
+/// updated alike by each of them, by the gradient summed over them. At a checkpoint the whole state is gathered
+/// ([`gather_state`]), each parameter given by the rank 0 of the first stage that reads it.
+#[derive(Clone, Debug)]
+pub struct StageState {
+    /// This process's stage.
+    pub stage: usize,
+    /// The parameters this stage reads (name and shape), sorted by name.
+    pub own: Vec<(String, Vec<usize>)>,
+    /// The parameters more than one stage reads, sorted by name (the same list on every process).
+    pub tied: Vec<(String, Vec<usize>)>,
+    /// The parameters this process gives at a checkpoint (none unless it is its stage's rank 0).
+    pub gives: BTreeSet<String>,
+    /// Every parameter (name and shape), sorted by name.
+    pub all: Vec<(String, Vec<usize>)>,
+}
+
+impl StageState {
+    /// The state of global rank `job_rank` of a launched pipeline of `stages` whose model has the parameters
+    /// `params` (name and shape). Every parameter must be read by some stage, and a stage's programs take its
+    /// parameters as inputs of the same names (built with the weights as inputs).
+    pub fn new(stages: &[Stage], job_rank: usize, params: &BTreeMap<String, Vec<usize>>) -> Result<StageState, String> {
+        let r = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+        if r == 0 {
+            return Err("a pipeline needs a stage and a rank".into());
+        }
+        let (stage, leader) = (job_rank / r, job_rank.is_multiple_of(r));
+        if stage >= stages.len() {
+            return Err(format!(
+                "rank {job_rank} is past the {} stages of {r} ranks",
+                stages.len()
+            ));
+        }
+        let reads: Vec<BTreeSet<String>> = stages.iter().map(|st| stage_reads(st, params)).collect();
+        let mut first_reader: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut readers: BTreeMap<&str, usize> = BTreeMap::new();
+        for (k, set) in reads.iter().enumerate() {
+            for n in set {
+                first_reader.entry(n.as_str()).or_insert(k);
+                *readers.entry(n.as_str()).or_default() += 1;
+            }
+        }
+        if let Some(n) = params.keys().find(|n| !first_reader.contains_key(n.as_str())) {
+            return Err(format!("parameter `{n}` is read by no pipeline stage"));
+        }
+        let with_shape = |n: &str| (n.to_string(), params[n].clone());
+        Ok(StageState {
+            stage,
+            own: reads[stage].iter().map(|n| with_shape(n)).collect(),
+            tied: readers
+                .iter()
+                .filter(|(_, &c)| c > 1)
+                .map(|(n, _)| with_shape(n))
+                .collect(),
+            gives: if leader {
+                first_reader
+                    .iter()
+                    .filter(|(_, &k)| k == stage)
+                    .map(|(n, _)| n.to_string())
+                    .collect()
+            } else {
+                BTreeSet::new()
+            },
+            all: params.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+        })
+    }
+}
+
+/// The parameters of `params` that a stage's programs take (its rank 0's forward and backward).
+fn stage_reads(stage: &Stage, params: &BTreeMap<String, Vec<usize>>) -> BTreeSet<String> {
+    let mut graphs = vec![&stage.forward[0]];
+    if let Some(b) = &stage.backward {
+        graphs.push(&b[0]);
+    }
+    graphs
+        .into_iter()
+        .flat_map(|g| {
+            g.inputs()
+                .into_iter()
+                .filter_map(move |v| g.node(v).op.input_decl().map(|(n, _, _)| n.to_string()))
+        })
+        .filter(|n| params.contains_key(n))
+        .collect()
+}
+
+/// The whole training state on every process of a launched pipeline whose stages hold their own parts
+/// ([`StageState`]), for a checkpoint: for each parameter of `all` in order, one sum over the job's transport
+/// `job` (this process global rank `job_rank` of `world`) of the parameter and its moments (the names with each of
+/// `moments` prefixed), given by the process whose `gives` holds it (from `mine`) and as zeros by every other.
+/// A collective per parameter, so a process holds one whole parameter more than its own at a time.
+pub fn gather_state(
+    job: &dyn crate::ir::Transport,
+    (job_rank, world): (usize, usize),
+    mine: &HashMap<String, Tensor>,
+    state: &StageState,
+    moments: &[&str],
+) -> Result<HashMap<String, Tensor>, String> {
+    let op = crate::ir::Op::Composite(crate::ir::Composite::AllReduce {
+        mesh: vec![world],
+        over: 0,
+    });
+    let mut out = HashMap::new();
+    for (name, shape) in &state.all {
+        let n: usize = shape.iter().product();
+        let names: Vec<String> = std::iter::once(name.clone())
+            .chain(moments.iter().map(|p| format!("{p}{name}")))
+            .collect();
+        let mut flat: Vec<f64> = Vec::with_capacity(n * names.len());
+        for key in &names {
+            if state.gives.contains(name) {
+                let t = mine
+                    .get(key)
+                    .ok_or_else(|| format!("stage {}: its state has no `{key}`", state.stage))?;
+                if t.shape != *shape {
+                    return Err(format!(
+                        "stage {}: `{key}` has shape {:?}, the parameter {shape:?}",
+                        state.stage, t.shape
+                    ));
+                }
+                flat.extend(t.to_f64());
+            } else {
+                flat.extend(std::iter::repeat_n(0.0, n));
+            }
+        }
+        let len = flat.len();
+        let mine = unrounded(DType::F32, vec![len], flat);
+        let sum = crate::ir::Transport::collective(job, &op, job_rank, &[&mine])
+            .map_err(|e| format!("gathering `{name}` over the job: {e}"))?
+            .pop()
+            .ok_or("gathering the state gave nothing")?
+            .to_f64();
+        for (k, key) in names.into_iter().enumerate() {
+            out.insert(
+                key,
+                Tensor::from_f64(DType::F32, shape.clone(), sum[k * n..(k + 1) * n].to_vec()),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Builds a rank's program from its graph, on the thread that runs it.
@@ -438,7 +584,11 @@ impl PipelineThreads {
         for t in grads.values_mut() {
             scale(t, 1.0 / m as f64);
         }
-        Ok(PipelineRun { outputs, grads })
+        Ok(PipelineRun {
+            outputs,
+            grads,
+            grad_sq: None,
+        })
     }
 }
 
@@ -634,21 +784,49 @@ impl PipelineProcess {
         })
     }
 
-    /// A step whose results every process of the job gets, as [`PipelineThreads::step`] gives them: the loss of
-    /// each micro-batch (the last stage's) and, for `params` (name and shape, the same list on every process),
-    /// the batch's gradients (the micro-batches' mean; a parameter two stages read gets their sum). One sum over
-    /// the job's ranks in rank order carries both (each stage's rank 0 gives its stage's gradients, the last
-    /// stage's rank 0 the losses, every other place zeros), so every process can apply the same update.
-    pub fn step_shared(
+    /// A step whose results every process of the job shares as far as an update per stage needs them: the loss
+    /// of each micro-batch (the last stage's), this stage's gradients of `state.own` (the micro-batches' mean), a
+    /// parameter of `state.tied` getting the sum over the stages that read it, and the squared norm of every
+    /// gradient of the model. One sum over the job's ranks in rank order carries the losses (from the last
+    /// stage's rank 0), the tied gradients (from the rank 0 of each stage that reads them) and each stage's
+    /// squared norm of its other gradients (from its rank 0); every other place gives zeros. Without `state`
+    /// (a forward alone) the sum carries the losses.
+    pub fn step_stage(
         &mut self,
         micro: &[Tensor],
         feed: &HashMap<String, Tensor>,
-        params: &[(String, Vec<usize>)],
+        state: Option<&StageState>,
     ) -> Result<PipelineRun, String> {
         let m = micro.len();
         let run = self.run(micro, feed)?;
         let leader = self.rank == 0;
         let last = leader && self.stage + 1 == self.pp;
+        let none = Vec::new();
+        let (own, tied) = match state {
+            Some(st) => (&st.own, &st.tied),
+            None => (&none, &none),
+        };
+        let grad_of = |name: &str, shape: &[usize]| -> Result<&Tensor, String> {
+            let g = run
+                .grads
+                .get(name)
+                .ok_or_else(|| format!("stage {}: no gradient of `{name}`", self.stage))?;
+            if g.shape != shape {
+                return Err(format!(
+                    "stage {}: the gradient of `{name}` has shape {:?}, the parameter {shape:?}",
+                    self.stage, g.shape
+                ));
+            }
+            Ok(g)
+        };
+        let is_tied = |name: &str| tied.iter().any(|(t, _)| t == name);
+        let mut grads = BTreeMap::new();
+        let mut own_sq = 0.0;
+        for (name, shape) in own.iter().filter(|(n, _)| !is_tied(n)) {
+            let v: Vec<f64> = grad_of(name, shape)?.to_f64().iter().map(|x| x / m as f64).collect();
+            own_sq += v.iter().map(|x| x * x).sum::<f64>();
+            grads.insert(name.clone(), unrounded(DType::F32, shape.clone(), v));
+        }
         let mut flat: Vec<f64> = Vec::new();
         for j in 0..m {
             let loss = match run.outputs.get(j) {
@@ -663,21 +841,15 @@ impl PipelineProcess {
             };
             flat.push(loss);
         }
-        for (name, shape) in params {
-            let n: usize = shape.iter().product();
-            match run.grads.get(name) {
-                Some(g) if leader => {
-                    if g.shape != *shape {
-                        return Err(format!(
-                            "stage {}: the gradient of `{name}` has shape {:?}, the parameter {shape:?}",
-                            self.stage, g.shape
-                        ));
-                    }
-                    flat.extend(g.to_f64());
-                }
-                _ => flat.extend(std::iter::repeat_n(0.0, n)),
+        let reads = |name: &str| own.iter().any(|(o, _)| o == name);
+        for (name, shape) in tied {
+            if leader && reads(name) {
+                flat.extend(grad_of(name, shape)?.to_f64());
+            } else {
+                flat.extend(std::iter::repeat_n(0.0, shape.iter().product()));
             }
         }
+        flat.push(if leader { own_sq } else { 0.0 });
         let op = crate::ir::Op::Composite(crate::ir::Composite::AllReduce {
             mesh: vec![self.world],
             over: 0,
@@ -693,15 +865,22 @@ impl PipelineProcess {
         for &loss in &sum[..m] {
             outputs.push([("loss".to_string(), Tensor::from_f64(DType::F32, vec![1], vec![loss]))].into());
         }
-        let mut grads = BTreeMap::new();
         let mut at = m;
-        for (name, shape) in params {
+        let mut tied_sq = 0.0;
+        for (name, shape) in tied {
             let n: usize = shape.iter().product();
             let v: Vec<f64> = sum[at..at + n].iter().map(|x| x / m as f64).collect();
             at += n;
-            grads.insert(name.clone(), unrounded(DType::F32, shape.clone(), v));
+            tied_sq += v.iter().map(|x| x * x).sum::<f64>();
+            if reads(name) {
+                grads.insert(name.clone(), unrounded(DType::F32, shape.clone(), v));
+            }
         }
-        Ok(PipelineRun { outputs, grads })
+        Ok(PipelineRun {
+            outputs,
+            grads,
+            grad_sq: state.map(|_| sum[at] + tied_sq),
+        })
     }
 }
 
@@ -718,16 +897,16 @@ impl Runner for PipelineThreads {
     }
 }
 
-/// A launched rank's step with its results shared ([`PipelineProcess::step_shared`]) for the parameters
-/// `params` (name and shape; none for a forward alone).
+/// A launched rank's step with its results shared ([`PipelineProcess::step_stage`]) for its stage's update
+/// (`None`: a forward alone, the losses shared).
 pub struct SharedProcess {
     pub process: PipelineProcess,
-    pub params: Vec<(String, Vec<usize>)>,
+    pub state: Option<StageState>,
 }
 
 impl Runner for SharedProcess {
     fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
-        self.process.step_shared(micro, feed, &self.params)
+        self.process.step_stage(micro, feed, self.state.as_ref())
     }
 }
 

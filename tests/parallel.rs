@@ -1413,3 +1413,101 @@ fn launched_pipeline_stages_in_separate_processes() {
         "{err}"
     );
 }
+
+/// A launched pipeline's training state is held per stage (`pipeline::StageState`): on tiny-a at `pp=2,tp=2` and
+/// `pp=4`, each stage holds the parameters of its own layers (the first stage also the embedding, the last the
+/// final norm and the head, nothing tied), and every parameter is given at a checkpoint by exactly one process,
+/// the rank 0 of the stage that holds it. With tied embeddings (`pp=2`), the embedding is held by the first and
+/// the last stage, is the one tied parameter, and is given by the first stage alone.
+#[test]
+fn a_launched_pipelines_state_is_held_per_stage() {
+    use fulgur::pipeline::{build, stage_layers, StageState};
+    let (ck, _, _) = tiny_a();
+    let opts = ForwardOptions {
+        loss: true,
+        ..Default::default()
+    };
+    let layer_of = |n: &str| -> Option<usize> {
+        let rest = &n[n.find("layers.")? + "layers.".len()..];
+        rest[..rest.find('.')?].parse().ok()
+    };
+    for (par, tie) in [("pp=2,tp=2", false), ("pp=4", false), ("pp=2", true)] {
+        let mut cfg = ck.config.clone();
+        cfg.tie_word_embeddings = tie;
+        let g = forward_graph(&cfg, &opts).unwrap();
+        let shapes: BTreeMap<String, Vec<usize>> = fulgur::models::random::random_weights(&g, 0.02, 1)
+            .into_iter()
+            .map(|(n, t)| (n, t.shape))
+            .collect();
+        let outside: Vec<&String> = shapes.keys().filter(|n| layer_of(n).is_none()).collect();
+        assert_eq!(outside.len(), if tie { 2 } else { 3 }, "{par}: {outside:?}");
+        let p = Parallel::parse(par).unwrap();
+        let stages = build(&cfg, &p, 1, 16, &opts, true, true, &|g| Ok(g)).unwrap();
+        let layers = stage_layers(cfg.num_hidden_layers, p.pp).unwrap();
+        let r = stages[0].forward.len();
+        let mut given: BTreeMap<String, usize> = BTreeMap::new();
+        for job_rank in 0..p.pp * r {
+            let st = StageState::new(&stages, job_rank, &shapes).unwrap();
+            let s = job_rank / r;
+            assert_eq!(st.stage, s);
+            let held: Vec<&String> = shapes
+                .keys()
+                .filter(|n| match layer_of(n) {
+                    Some(l) => layers[s].contains(&l),
+                    None => false,
+                })
+                .collect();
+            let own: Vec<&String> = st.own.iter().map(|(n, _)| n).collect();
+            for n in &held {
+                assert!(own.contains(n), "{par}: stage {s} does not hold `{n}` of its layers");
+            }
+            let extra: Vec<&&String> = own.iter().filter(|n| !held.contains(n)).collect();
+            let want = match (s == 0, s + 1 == p.pp) {
+                (true, false) => 1,
+                (false, true) => 2,
+                _ => 0,
+            };
+            assert_eq!(extra.len(), want, "{par}: stage {s} holds beside its layers {extra:?}");
+            let tied: Vec<&String> = st.tied.iter().map(|(n, _)| n).collect();
+            if tie {
+                assert_eq!(tied.len(), 1, "{par}: {tied:?}");
+                assert!(
+                    own.contains(&tied[0]),
+                    "{par}: stage {s} does not hold the tied `{}`",
+                    tied[0]
+                );
+            } else {
+                assert!(tied.is_empty(), "{par}: {tied:?}");
+            }
+            if job_rank % r != 0 {
+                assert!(st.gives.is_empty(), "{par}: rank {job_rank} gives {:?}", st.gives);
+            }
+            for n in &st.gives {
+                assert!(own.contains(&n), "{par}: rank {job_rank} gives `{n}` it does not hold");
+                if let Some(other) = given.insert(n.clone(), job_rank) {
+                    panic!("{par}: `{n}` given by ranks {other} and {job_rank}");
+                }
+            }
+        }
+        assert_eq!(
+            given.keys().collect::<Vec<_>>(),
+            shapes.keys().collect::<Vec<_>>(),
+            "{par}: every parameter given once"
+        );
+        if tie {
+            let st = StageState::new(&stages, 0, &shapes).unwrap();
+            assert_eq!(
+                given[&st.tied[0].0], 0,
+                "{par}: the tied embedding given by the first stage"
+            );
+        }
+    }
+    // a parameter no stage reads is refused, naming it
+    let cfg = ck.config.clone();
+    let p = Parallel::parse("pp=2").unwrap();
+    let stages = build(&cfg, &p, 1, 16, &opts, true, true, &|g| Ok(g)).unwrap();
+    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    shapes.insert("stray.weight".into(), vec![2]);
+    let e = StageState::new(&stages, 0, &shapes).unwrap_err();
+    assert_eq!(e, "parameter `stray.weight` is read by no pipeline stage");
+}

@@ -491,9 +491,9 @@ fn launched_ranks_train_and_a_dead_rank_is_named() {
 }
 
 /// `fulgur launch -n 4 -- fulgur train ... --parallel pp=2,tp=2`: two pipeline stages of two ranks, a process
-/// each, the step's losses and gradients shared with every process (one sum over the job) so that each applies
-/// the same update and rank 0 writes the run: transformers' losses and final parameters; resumed after two steps,
-/// the third gives the same parameters bit for bit. A rank of the second stage that exits in the second step
+/// each, each stage holding and updating its own parameters (the losses and the gradients' squared norm shared by
+/// one sum over the job), the whole state gathered for rank 0's checkpoint: transformers' losses and final
+/// parameters; resumed after two steps, the third gives the same parameters bit for bit. A rank of the second stage that exits in the second step
 /// fails the job naming it, and no checkpoint is written.
 #[test]
 #[cfg(feature = "llvm")]
@@ -512,7 +512,7 @@ fn launched_pipeline_stages_train_like_transformers() {
     assert!(
         err.contains(
             "training step in 2 pipeline stages of 2 launched ranks each (dp=1,ep=1,sp=1,tp=2,pp=2), 2 micro-batches \
-             by 1F1B"
+             by 1F1B; each stage holds and updates the parameters it reads (stage 0: 19 of 39, 0 tied)"
         ),
         "{err}"
     );
@@ -566,6 +566,87 @@ fn launched_pipeline_stages_train_like_transformers() {
     );
     assert!(err.contains("(exit status 3)"), "{err}");
     assert!(!dead.join("checkpoint").exists(), "a failed job writes no checkpoint");
+}
+
+/// A tied model (tiny-a's config with `tie_word_embeddings`, random weights) in two launched pipeline stages: the
+/// first and the last stage both hold the embedding, update it alike by the gradient summed over them, and the
+/// first gives it to the checkpoint: the losses and the final parameters of the same run with its stages on
+/// simulated ranks in one process (one update of every parameter).
+#[test]
+#[cfg(feature = "llvm")]
+fn launched_pipeline_stages_update_a_tied_embedding_as_one_process_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tiny_a();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = serde_json::Value::Bool(true);
+    let config = tmp.path().join("tied.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let train = |launched: bool, run: &Path| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        if launched {
+            c.args(["launch", "-n", "2", "--timeout", "300", "--", "fulgur"]);
+        }
+        c.arg("train")
+            .arg(&config)
+            .arg("--data")
+            .arg(ck.join("train/train.safetensors"))
+            .args([
+                "--steps",
+                "3",
+                "--lr",
+                "0.01",
+                "--target",
+                "cpu",
+                "--parallel",
+                "pp=2",
+                "--out",
+            ])
+            .arg(run)
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60")
+            .output()
+            .unwrap()
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let o = train(false, &one);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(true, &two);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("each stage holds and updates the parameters it reads (stage 0: 19 of 38, 1 tied)"),
+        "{err}"
+    );
+    let (a, b) = (log_losses(&one), log_losses(&two));
+    assert_eq!(a.len(), 3);
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "step {}: loss {y} launched, {x} in one process",
+            s + 1
+        );
+    }
+    let load = |run: &Path| {
+        let saved = Checkpoint::open(&run.join("checkpoint")).unwrap();
+        let g = forward_graph(&saved.config, &ForwardOptions::default()).unwrap();
+        saved.load_params(&g).unwrap()
+    };
+    let (pa, pb) = (load(&one), load(&two));
+    assert_eq!(pa.len(), 38);
+    assert!(!pb.contains_key("lm_head.weight"));
+    let worst = pa
+        .iter()
+        .map(|(n, w)| (pb[n].rel_l2(w), n.clone()))
+        .fold(
+            (0.0f64, String::new()),
+            |x, y| if y.0 > x.0 || y.0.is_nan() { y } else { x },
+        );
+    println!(
+        "tied, launched pp=2: worst parameter after three steps {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 < 1e-5, "`{}` differs by {}", worst.1, worst.0);
 }
 
 /// Through pipeline stages the held-out loss is the stages' forwards with the step's weights: on text, with the

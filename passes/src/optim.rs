@@ -140,7 +140,7 @@ pub fn train_step_with(
             message: format!("no gradient output for `{name}`"),
         })?);
     }
-    append_update(&mut s, &params, grads, hp, micro_batches)?;
+    append_update(&mut s, &params, grads, hp, micro_batches, None)?;
     s.verify().map_err(|e| PassError::Invalid {
         pass: "train_step".into(),
         message: e.to_string(),
@@ -154,6 +154,21 @@ pub fn train_step_with(
 /// same names and `grad_norm`, exactly as [`train_step`] computes them (clipping by the global norm over every
 /// gradient given).
 pub fn update_step(params: &[(String, TensorType)], hp: &AdamW) -> Result<Graph, PassError> {
+    update_graph(params, hp, false)
+}
+
+/// The scalar input of [`update_step_given_norm`]: the squared global norm of every gradient of the model.
+pub const GRAD_SQ: &str = "opt.grad_sq";
+
+/// The update of [`update_step`] for a part of a model (a pipeline stage's parameters): the same inputs and
+/// outputs, but the clipping's norm (and the `grad_norm` output) is the square root of the scalar input
+/// [`GRAD_SQ`], the squared norm over the whole model's gradients summed where they are, instead of the norm of
+/// `params`' gradients alone.
+pub fn update_step_given_norm(params: &[(String, TensorType)], hp: &AdamW) -> Result<Graph, PassError> {
+    update_graph(params, hp, true)
+}
+
+fn update_graph(params: &[(String, TensorType)], hp: &AdamW, given_norm: bool) -> Result<Graph, PassError> {
     let mut s = Graph::new("adamw_update");
     let mut ps = Vec::new();
     let mut grads = Vec::new();
@@ -162,7 +177,12 @@ pub fn update_step(params: &[(String, TensorType)], hp: &AdamW) -> Result<Graph,
         ps.push((name.clone(), ty.clone(), p));
         grads.push(s.input(&format!("{GRAD_PREFIX}{name}"), ty.dtype, ty.dims().to_vec())?);
     }
-    append_update(&mut s, &ps, grads, hp, 1)?;
+    let norm_sq = if given_norm {
+        Some(s.input(GRAD_SQ, DType::F32, vec![])?)
+    } else {
+        None
+    };
+    append_update(&mut s, &ps, grads, hp, 1, norm_sq)?;
     s.verify().map_err(|e| PassError::Invalid {
         pass: "update_step".into(),
         message: e.to_string(),
@@ -171,13 +191,15 @@ pub fn update_step(params: &[(String, TensorType)], hp: &AdamW) -> Result<Graph,
 }
 
 /// Appends to `s` the clipping and AdamW update of the parameters `params` (name, type, value) by `grads`
-/// (accumulated over `micro_batches` when more than one), with their outputs.
+/// (accumulated over `micro_batches` when more than one), with their outputs; clipped by the norm of `grads`, or
+/// by the square root of `norm_sq` where given.
 fn append_update(
     s: &mut Graph,
     params: &[(String, TensorType, Value)],
     mut grads: Vec<Value>,
     hp: &AdamW,
     micro_batches: usize,
+    norm_sq: Option<Value>,
 ) -> Result<(), PassError> {
     s.push_scope("optimizer");
     let f = DType::F32;
@@ -205,8 +227,8 @@ fn append_update(
         None
     };
     // the global norm, in f32 as the gradients are
-    let mut total: Option<Value> = None;
-    for &gv in &grads {
+    let mut total: Option<Value> = norm_sq;
+    for &gv in grads.iter().filter(|_| norm_sq.is_none()) {
         let gv = if s.dtype(gv) != f { s.cast(gv, f)? } else { gv };
         let sq = s.mul(gv, gv)?;
         let all: Vec<i64> = (0..s.rank(sq) as i64).collect();

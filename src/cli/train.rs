@@ -307,19 +307,32 @@ impl Executable for PipelineStep {
         for (name, g) in run.grads {
             feed.insert(format!("{}{name}", fulgur_passes::autodiff::GRAD_PREFIX), g);
         }
+        if let Some(sq) = run.grad_sq {
+            feed.insert(
+                fulgur_passes::optim::GRAD_SQ.to_string(),
+                Tensor::from_f64(DType::F32, vec![], vec![sq]),
+            );
+        }
         let mut out = self.update.run(&feed)?;
         out.insert("loss".to_string(), Tensor::from_f64(DType::F32, vec![1], vec![loss]));
         Ok(out)
     }
 }
 
-/// The pipeline's step and held-out loss, and the graph whose kernels are reported.
-type PipelineExecutables = (Box<dyn Executable>, Box<dyn Executable>, fulgur_ir::Graph);
+/// The pipeline's step and held-out loss, the graph whose kernels are reported, and for a launched pipeline the
+/// part of the training state this process holds and updates.
+type PipelineExecutables = (
+    Box<dyn Executable>,
+    Box<dyn Executable>,
+    fulgur_ir::Graph,
+    Option<fulgur::pipeline::StageState>,
+);
 
 /// The pipeline's step and held-out loss executables for `fulgur train --parallel ...,pp=N`, and the graph whose
-/// kernels are reported (the first stage's backward, rank 0's). On simulated ranks, or, with `job` (started by a
-/// launcher: this process's place and the job's transport), as this process's rank of each, the step's losses
-/// and gradients shared with every process so that each applies the same update (`pipeline::PipelineProcess`).
+/// kernels are reported (the first stage's backward, rank 0's). On simulated ranks (one update of every
+/// parameter), or, with `job` (started by a launcher: this process's place and the job's transport), as this
+/// process's rank of each, updating its stage's parameters alone, clipped by the whole model's gradient norm
+/// (`pipeline::PipelineProcess::step_stage`, `pipeline::StageState`).
 #[allow(clippy::too_many_arguments)]
 fn pipeline_step(
     cfg: &MiniMaxConfig,
@@ -360,6 +373,18 @@ fn pipeline_step(
     let forwards = fulgur::pipeline::build(cfg, par, micro, t, &opts, false, true, &prepare)
         .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
     let timeout = crate::cli::ranks::rank_timeout();
+    let shapes: BTreeMap<String, Vec<usize>> = state
+        .iter()
+        .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
+        .map(|(n, w)| (n.clone(), w.shape.clone()))
+        .collect();
+    let stage_state = match job {
+        Some((env, _)) => Some(
+            fulgur::pipeline::StageState::new(&stages, env.rank, &shapes)
+                .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))?,
+        ),
+        None => None,
+    };
     let (threads, eval_threads): (Box<dyn fulgur::pipeline::Runner>, Box<dyn fulgur::pipeline::Runner>) = match job {
         None => (
             Box::new(
@@ -377,12 +402,6 @@ fn pipeline_step(
             let connect = |e: &fulgur_runtime::ranks::RankEnv| {
                 crate::cli::ranks::transport(e, &mesh, cuda, fulgur_ir::Precision::F32).map_err(|e| format!("{e:#}"))
             };
-            let mut shapes: Vec<(String, Vec<usize>)> = state
-                .iter()
-                .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
-                .map(|(n, w)| (n.clone(), w.shape.clone()))
-                .collect();
-            shapes.sort();
             let process = |stages: &[fulgur::pipeline::Stage], what: &str| {
                 fulgur::pipeline::PipelineProcess::new(env, job.clone(), stages, make.clone(), &connect, timeout)
                     .map_err(|e| anyhow::anyhow!("rank {}: building the pipeline's {what}: {e}", env.rank))
@@ -390,27 +409,30 @@ fn pipeline_step(
             (
                 Box::new(fulgur::pipeline::SharedProcess {
                     process: process(&stages, "stages")?,
-                    params: shapes,
+                    state: stage_state.clone(),
                 }),
                 Box::new(fulgur::pipeline::SharedProcess {
                     process: process(&forwards, "stages for the held-out loss")?,
-                    params: Vec::new(),
+                    state: None,
                 }),
             )
         }
     };
-    let mut params: Vec<(String, fulgur_ir::TensorType)> = state
-        .iter()
-        .filter(|(n, _)| !n.starts_with(ADAM_M) && !n.starts_with(ADAM_V) && !n.starts_with(GRAD_ACC))
-        .map(|(n, w)| {
-            (
-                n.clone(),
-                fulgur_ir::TensorType::new(DType::F32, w.shape.iter().map(|&d| fulgur_ir::Dim::from(d)).collect()),
-            )
-        })
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    let update = fulgur_passes::optim::update_step(&params, hp)?;
+    // the parameters this process updates: every one, or a launched stage's own
+    let params: Vec<(String, fulgur_ir::TensorType)> = match &stage_state {
+        Some(st) => st.own.clone(),
+        None => shapes.into_iter().collect(),
+    }
+    .into_iter()
+    .map(|(n, shape)| {
+        let dims = shape.iter().map(|&d| fulgur_ir::Dim::from(d)).collect();
+        (n, fulgur_ir::TensorType::new(DType::F32, dims))
+    })
+    .collect();
+    let update = match &stage_state {
+        Some(_) => fulgur_passes::optim::update_step_given_norm(&params, hp)?,
+        None => fulgur_passes::optim::update_step(&params, hp)?,
+    };
     let update = executable(&update, None, args.target, false).context("compiling the optimizer's update")?;
     Ok((
         Box::new(PipelineStep {
@@ -421,6 +443,7 @@ fn pipeline_step(
         }),
         Box::new(PipelineEval { threads: eval_threads }),
         report,
+        stage_state,
     ))
 }
 
@@ -789,7 +812,7 @@ pub fn run(args: Args) -> Result<()> {
         Ok((step_graph, grad_report, eval_graph))
     };
     let (mut step_graph, mut grad_report, mut eval_graph) = build(par.as_ref().is_some_and(|p| p.pp == 1))?;
-    let pipeline = match &par {
+    let mut pipeline = match &par {
         Some(par) if par.pp > 1 => {
             say(&format!("cutting the model into {} pipeline stages ({par})", par.pp));
             Some(pipeline_step(
@@ -806,6 +829,16 @@ pub fn run(args: Args) -> Result<()> {
         }
         _ => None,
     };
+    // a launched pipeline's process holds its stage's part of the state alone (the whole is gathered at a
+    // checkpoint)
+    let stage_state = pipeline.as_mut().and_then(|p| p.3.take());
+    if let Some(st) = &stage_state {
+        let keep: std::collections::BTreeSet<&str> = st.own.iter().map(|(n, _)| n.as_str()).collect();
+        state.retain(|n, _| {
+            let param = n.strip_prefix(ADAM_M).or(n.strip_prefix(ADAM_V)).unwrap_or(n);
+            keep.contains(param)
+        });
+    }
     let sharded = match &par {
         Some(par) if par.pp == 1 => {
             say(&format!("sharding the training step ({par})"));
@@ -855,7 +888,7 @@ pub fn run(args: Args) -> Result<()> {
     // the program whose kernels and memory are reported: the step's, rank 0's, or the first stage's backward
     let step_program = fulgur_codegen::program::lower(match (&sharded, &pipeline) {
         (Some((steps, _, _)), _) => &steps[0],
-        (None, Some((_, _, report))) => report,
+        (None, Some((_, _, report, _))) => report,
         (None, None) => &step_graph,
     })?;
     let kernels = step_program.step.len();
@@ -874,17 +907,27 @@ pub fn run(args: Args) -> Result<()> {
     // held out in micro-batches, so an evaluation fits where a step does; no program where nothing is held out
     let heldout = data.heldout(micro, args.eval_batches);
     let (mut step_exe, mut eval_exe) = match (sharded, pipeline) {
-        (_, Some((exe, eval, _))) => {
+        (_, Some((exe, eval, _, _))) => {
             let par = par.as_ref().expect("pipelined with degrees");
             if writer {
                 eprintln!(
-                    "training step in {} pipeline stages of {} {} each ({par}), {micro_batches} micro-batches by 1F1B",
+                    "training step in {} pipeline stages of {} {} each ({par}), {micro_batches} micro-batches by 1F1B{}",
                     par.pp,
                     par.ranks(),
                     if launch.is_some() {
                         "launched ranks"
                     } else {
                         "simulated ranks"
+                    },
+                    match &stage_state {
+                        Some(st) => format!(
+                            "; each stage holds and updates the parameters it reads (stage {}: {} of {}, {} tied)",
+                            st.stage,
+                            st.own.len(),
+                            st.all.len(),
+                            st.tied.len()
+                        ),
+                        None => String::new(),
                     }
                 );
             }
@@ -1013,10 +1056,21 @@ pub fn run(args: Args) -> Result<()> {
         }
         Ok(Some(total / heldout.len() as f64))
     };
-    let save = |trainer: &mut Trainer, step: u64, cursor: &DataCursor| -> Result<()> {
+    // the whole state, for a checkpoint: the trainer's, or gathered from a launched pipeline's stages (every
+    // process takes part)
+    let whole_state = |trainer: &mut Trainer| -> Result<HashMap<String, Tensor>> {
+        let mine = trainer.state()?;
+        match (&stage_state, &pipeline_job) {
+            (Some(st), Some((env, job))) => {
+                fulgur::pipeline::gather_state(job.as_ref(), (env.rank, env.world), &mine, st, &[ADAM_M, ADAM_V])
+                    .map_err(|e| anyhow::anyhow!("rank {}: {e}", env.rank))
+            }
+            _ => Ok(mine),
+        }
+    };
+    let save = |state: HashMap<String, Tensor>, step: u64, cursor: &DataCursor| -> Result<()> {
         // the state minus the gradient accumulators (zero between steps), split without copies
-        let (moments, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) = trainer
-            .state()?
+        let (moments, weights): (HashMap<String, Tensor>, HashMap<String, Tensor>) = state
             .into_iter()
             .filter(|(n, _)| !n.starts_with(GRAD_ACC))
             .partition(|(n, _)| n.starts_with(ADAM_M) || n.starts_with(ADAM_V));
@@ -1151,9 +1205,17 @@ pub fn run(args: Args) -> Result<()> {
             stop = crate::cli::ranks::agree(t.as_ref(), env.rank, &mesh, stop, step)
                 .with_context(|| format!("agreeing whether to stop after step {step}"))?;
         }
-        if writer && (stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps) {
-            save(&mut trainer, step, &cursor)?;
-            last_good = Some((step, ck_dir.clone()));
+        if stop || (args.save_every > 0 && step % args.save_every == 0) || step == args.steps {
+            // gathered by every process of a launched pipeline, written by rank 0
+            let state = if writer || stage_state.is_some() {
+                Some(whole_state(&mut trainer).with_context(|| format!("the checkpoint of step {step}"))?)
+            } else {
+                None
+            };
+            if let (true, Some(state)) = (writer, state) {
+                save(state, step, &cursor)?;
+                last_good = Some((step, ck_dir.clone()));
+            }
         }
         if stop && step < args.steps {
             if !writer {
