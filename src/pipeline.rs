@@ -18,7 +18,9 @@
 //! one backward in turn, then the remaining backwards).
 
 use crate::ir::{DType, Graph, Precision, Tensor};
-use crate::models::{stage_graph, ForwardOptions, MiniMaxConfig, STAGE_HIDDEN_IN, STAGE_HIDDEN_OUT};
+use crate::models::{
+    decode_stage_graph, stage_graph, ForwardOptions, MiniMaxConfig, STAGE_HIDDEN_IN, STAGE_HIDDEN_OUT,
+};
 use crate::parallel::{minimax_plan, structural, Parallel};
 use crate::passes::autodiff::{differentiate_report, GradOptions, GradReport, MoeChainGrad, GRAD_PREFIX};
 use crate::passes::shard::{lower_rank, shard_step, Placement};
@@ -39,7 +41,7 @@ pub const GRAD_HIDDEN_IN: &str = "grad.hidden_in";
 pub fn stage_layers(layers: usize, pp: usize) -> Result<Vec<Range<usize>>, String> {
     if pp == 0 || pp > layers {
         return Err(format!(
-            "pp={pp}: a model of {layers} layers cuts into 1 to {layers} pipeline stages"
+            "a model of {layers} layers cuts into 1 to {layers} pipeline stages, not {pp}"
         ));
     }
     let (base, extra) = (layers / pp, layers % pp);
@@ -79,16 +81,7 @@ pub fn build(
 ) -> Result<Vec<Stage>, String> {
     let layers = stage_layers(cfg.num_hidden_layers, par.pp)?;
     let inner = par.stage();
-    let mut plan = minimax_plan(cfg, &inner, micro_batch, seq)?;
-    // the hidden states crossing a cut lie as the tokens do: the batch over dp and ep, the sequence over sp
-    let tokens = vec![
-        ("dp".to_string(), Placement::Split(0)),
-        ("ep".to_string(), Placement::Split(0)),
-        ("sp".to_string(), Placement::Split(1)),
-    ];
-    for name in [STAGE_HIDDEN_IN, GRAD_HIDDEN_OUT] {
-        plan.rules.push((name.to_string(), tokens.clone()));
-    }
+    let plan = stage_plan(cfg, &inner, micro_batch, seq)?;
     let stage_opts = par.forward_options(opts);
     let n = layers.len();
     // the MoE routed (its chains rewritten as the exchange, forward and backward), or where a chain of some
@@ -139,6 +132,82 @@ pub fn build(
     Ok(attempt(false)?.0)
 }
 
+/// MiniMax-01's plan at the degrees `inner` (a stage's) for `b` sequences of `t` tokens, with the hidden states
+/// crossing a cut (and their gradient) placed as the tokens are: the batch over dp and ep, the sequence over sp.
+fn stage_plan(
+    cfg: &MiniMaxConfig,
+    inner: &Parallel,
+    b: usize,
+    t: usize,
+) -> Result<crate::passes::shard::ShardPlan, String> {
+    let mut plan = minimax_plan(cfg, inner, b, t)?;
+    let tokens = vec![
+        ("dp".to_string(), Placement::Split(0)),
+        ("ep".to_string(), Placement::Split(0)),
+        ("sp".to_string(), Placement::Split(1)),
+    ];
+    for name in [STAGE_HIDDEN_IN, GRAD_HIDDEN_OUT] {
+        plan.rules.push((name.to_string(), tokens.clone()));
+    }
+    Ok(plan)
+}
+
+/// The stages of MiniMax-01's generation at degrees `par` (`par.pp` stages, each sharded at the other degrees,
+/// the MoE routed where its chains fit the exchange): each stage's prefill of `b` prompts of `p` tokens (its
+/// layers' forward, outputting their states; the last stage also the logits) and its decode step (one token per
+/// sequence, taking `position` and its layers' states and giving their new values), as the `forward` programs of
+/// two lists of stages. `prepare` runs on each stage's structural graph before it is sharded.
+pub fn build_generation(
+    cfg: &MiniMaxConfig,
+    par: &Parallel,
+    b: usize,
+    p: usize,
+    prepare: &dyn Fn(Graph) -> Result<Graph, String>,
+) -> Result<(Vec<Stage>, Vec<Stage>), String> {
+    let layers = stage_layers(cfg.num_hidden_layers, par.pp)?;
+    let inner = par.stage();
+    let (prefill_plan, decode_plan) = (stage_plan(cfg, &inner, b, p)?, stage_plan(cfg, &inner, b, 1)?);
+    let opts = par.forward_options(&ForwardOptions {
+        states: true,
+        ..Default::default()
+    });
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for (s, range) in layers.into_iter().enumerate() {
+        let programs = |g: &Graph, plan: &crate::passes::shard::ShardPlan| -> Result<Vec<Graph>, String> {
+            let (_, sg, _) = crate::parallel::shard_forward(g, plan, prepare).map_err(|e| format!("stage {s}: {e}"))?;
+            (0..inner.ranks())
+                .map(|r| lower_rank(&sg, &plan.mesh, r).map_err(|e| format!("stage {s}, rank {r}: {e}")))
+                .collect()
+        };
+        let fwd = stage_graph(cfg, &opts, range.clone()).map_err(|e| e.to_string())?;
+        let dec = decode_stage_graph(cfg, &opts, range.clone()).map_err(|e| e.to_string())?;
+        prefill.push(Stage {
+            layers: range.clone(),
+            forward: programs(&fwd, &prefill_plan)?,
+            backward: None,
+        });
+        decode.push(Stage {
+            layers: range,
+            forward: programs(&dec, &decode_plan)?,
+            backward: None,
+        });
+    }
+    Ok((prefill, decode))
+}
+
+/// The data inputs of a stage's programs (its rank 0's forward) but the hidden states crossing its cut: the
+/// tokens, a decode step's `position` and the layers' states.
+pub fn stage_inputs(stage: &Stage) -> Vec<String> {
+    let g = &stage.forward[0];
+    g.inputs()
+        .into_iter()
+        .filter_map(|v| match g.node(v).op.input_decl() {
+            Some((n, _, false)) if n != STAGE_HIDDEN_IN => Some(n.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A stage's backward: its forward with the pseudo-loss `Σ hidden_out · grad.hidden_out` (the last stage keeps its
 /// loss), differentiated for every parameter and, past the first stage, for `hidden_in`; with where its MoE
 /// chains' backward lies (for the sharding pass's routed exchange).
@@ -172,7 +241,8 @@ fn backward_graph(fwd: &Graph, first: bool, last: bool) -> Result<(Graph, GradRe
 
 /// What a pipeline run gives.
 pub struct PipelineRun {
-    /// The last stage's outputs (its rank 0's) for each micro-batch, in order.
+    /// The stages' outputs (their rank 0's) for each micro-batch, in order: the last stage's, and what the earlier
+    /// ones output beside the hidden states they pass on (their layers' states in a generation).
     pub outputs: Vec<BTreeMap<String, Tensor>>,
     /// With the backward: every parameter's gradient of the batch's loss (the micro-batches' mean), by
     /// parameter name (`grad.` prefix dropped); a parameter two stages read (tied embeddings) gets their sum. For
@@ -562,15 +632,15 @@ impl PipelineThreads {
         {
             return Err(format!("stage {s}, rank {i}: {}", e.trim_start_matches(HANDED)));
         }
-        let mut outputs = Vec::new();
+        let mut outputs: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); m];
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        for ((s, i), r) in results {
+        for ((_, i), r) in results {
             let (outs, g) = r?;
             if i != 0 {
                 continue;
             }
-            if s + 1 == pp {
-                outputs = outs;
+            for (j, o) in outs.into_iter().enumerate() {
+                outputs[j].extend(o);
             }
             for (name, t) in g {
                 match grads.get_mut(&name) {
@@ -613,8 +683,9 @@ pub fn run(
     PipelineThreads::new(stages, make, precision, timeout)?.step(micro, &HashMap::new())
 }
 
-/// What a launched pipeline rank gives of a step: its place (stage, rank within the stage), its outputs (the
-/// last stage's forwards, per micro-batch) and its gradients (summed over the micro-batches).
+/// What a launched pipeline rank gives of a step: its place (stage, rank within the stage), its outputs (its
+/// forwards', per micro-batch, but the hidden states it passed on: the last stage's logits and loss, an earlier
+/// stage's layers' states where it outputs them) and its gradients (summed over the micro-batches).
 pub struct LaunchedRun {
     pub stage: usize,
     pub rank: usize,
@@ -884,6 +955,88 @@ impl PipelineProcess {
     }
 }
 
+impl PipelineProcess {
+    /// This rank's step with the outputs named `share` (the last stage's, such as the logits) given to every
+    /// process of the job beside its own outputs: per micro-batch and name, one sum over the job of the shape
+    /// (the last stage's rank 0 gives it, every other process zeros), then one of the values. A generation's
+    /// greedy choice needs the logits in every process, while each keeps its own stage's states.
+    pub fn step_sharing(
+        &mut self,
+        micro: &[Tensor],
+        feed: &HashMap<String, Tensor>,
+        share: &[String],
+    ) -> Result<PipelineRun, String> {
+        const MAX_RANK: usize = 8;
+        let run = self.run(micro, feed)?;
+        let giver = self.rank == 0 && self.stage + 1 == self.pp;
+        let mut outputs = run.outputs;
+        outputs.resize(micro.len(), BTreeMap::new());
+        let op = crate::ir::Op::Composite(crate::ir::Composite::AllReduce {
+            mesh: vec![self.world],
+            over: 0,
+        });
+        let sum = |flat: Vec<f64>, name: &str| -> Result<Vec<f64>, String> {
+            let len = flat.len();
+            let mine = unrounded(DType::F32, vec![len], flat);
+            Ok(
+                crate::ir::Transport::collective(self.job.as_ref(), &op, self.job_rank, &[&mine])
+                    .map_err(|e| format!("sharing `{name}` over the job: {e}"))?
+                    .pop()
+                    .ok_or("sharing an output gave nothing")?
+                    .to_f64(),
+            )
+        };
+        for out in outputs.iter_mut() {
+            for name in share {
+                let mine = if giver {
+                    let t = out
+                        .get(name)
+                        .ok_or_else(|| format!("the last stage gave no `{name}`"))?;
+                    if t.shape.len() > MAX_RANK {
+                        return Err(format!("`{name}` has {} dims, more than {MAX_RANK}", t.shape.len()));
+                    }
+                    Some(t)
+                } else {
+                    None
+                };
+                let mut dims = vec![0.0; 1 + MAX_RANK];
+                if let Some(t) = mine {
+                    dims[0] = t.shape.len() as f64;
+                    for (k, &d) in t.shape.iter().enumerate() {
+                        dims[1 + k] = d as f64;
+                    }
+                }
+                let dims = sum(dims, name)?;
+                let shape: Vec<usize> = (0..dims[0] as usize).map(|k| dims[1 + k] as usize).collect();
+                let n: usize = shape.iter().product();
+                let values = match mine {
+                    Some(t) => t.to_f64(),
+                    None => vec![0.0; n],
+                };
+                let values = sum(values, name)?;
+                out.insert(name.clone(), Tensor::from_f64(DType::F32, shape, values));
+            }
+        }
+        Ok(PipelineRun {
+            outputs,
+            grads: BTreeMap::new(),
+            grad_sq: None,
+        })
+    }
+}
+
+/// A launched rank's step with the outputs `share` given to every process ([`PipelineProcess::step_sharing`]).
+pub struct SharingProcess {
+    pub process: PipelineProcess,
+    pub share: Vec<String>,
+}
+
+impl Runner for SharingProcess {
+    fn step(&mut self, micro: &[Tensor], feed: &HashMap<String, Tensor>) -> Result<PipelineRun, String> {
+        self.process.step_sharing(micro, feed, &self.share)
+    }
+}
+
 /// A pipeline's step as the trainer drives it: every rank on a thread of this process ([`PipelineThreads`]), or
 /// this process's rank of a launched job, the step's losses and gradients shared with every process
 /// ([`SharedProcess`]).
@@ -911,7 +1064,7 @@ impl Runner for SharedProcess {
 }
 
 /// Rank `i` of stage `s` of `pp`, one step: its 1F1B order over the micro-batches. Returns the outputs of its
-/// forwards (the last stage's) and its gradients summed over the micro-batches.
+/// forwards (but the hidden states passed on) and its gradients summed over the micro-batches.
 fn one_step(
     (s, pp, _): (usize, usize, usize),
     fwd: &mut Box<dyn RankProgram>,
@@ -921,7 +1074,6 @@ fn one_step(
     shared: Arc<dyn crate::ir::Transport + Send + Sync>,
     l: &Links,
 ) -> Result<RankRun, String> {
-    let last = s + 1 == pp;
     let takes_ids = fwd.input_names().iter().any(|n| n == "input_ids");
     // the inputs every call takes (weights passed as inputs), only those a program reads; a backward's are added
     // when it runs, so a micro-batch in flight keeps only its own tensors
@@ -955,9 +1107,7 @@ fn one_step(
                         .ok_or("the stage's forward has no `hidden_out`")?;
                     tx.send(h, "next")?;
                 }
-                if last {
-                    outputs.push(out);
-                }
+                outputs.push(out);
                 if bwd.is_some() {
                     kept.insert(j, own);
                 }

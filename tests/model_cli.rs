@@ -127,6 +127,71 @@ fn generate_on_sharded_ranks_matches_the_reference() {
     }
 }
 
+/// `generate --parallel ...,pp=N`: the prefill and the decode step cut into pipeline stages (each stage's layers'
+/// states kept from step to step) give transformers' greedy tokens and step logits: two stages interpreted, two
+/// stages of two tensor-parallel ranks compiled for the CPU, four stages of one layer each, and two launched
+/// processes (each keeping its own stage's states, the last stage's logits shared), rank 0 writing.
+#[test]
+fn generate_through_pipeline_stages_matches_the_reference() {
+    generate_on("reference", &["--parallel", "pp=2"]);
+    #[cfg(feature = "llvm")]
+    generate_on("cpu", &["--parallel", "pp=2,tp=2"]);
+    generate_on("reference", &["--parallel", "pp=4"]);
+    let dir = tiny_a();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("g.safetensors");
+    let o = fulgur(&[
+        &"launch",
+        &"-n",
+        &"2",
+        &"--",
+        &"fulgur",
+        &"generate",
+        &dir,
+        &"--tokens",
+        &dir.join("decode.safetensors"),
+        &"--max-new-tokens",
+        &"10",
+        &"--greedy",
+        &"--target",
+        &"reference",
+        &"--parallel",
+        &"pp=2",
+        &"--out",
+        &out,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("generating through 2 pipeline stages of 1 launched ranks each (dp=1,ep=1,sp=1,tp=1,pp=2)"),
+        "{err}"
+    );
+    let want = read_safetensors(&dir.join("decode.safetensors")).unwrap();
+    let got = read_safetensors(&out).unwrap();
+    assert_eq!(got["generated"].to_i64(), want["generated"].to_i64());
+    let e = got["step_logits"].rel_l2(&want["step_logits"]);
+    assert!(e < 1e-4, "launched pp=2: step logits off by {e}");
+    // more stages than layers: refused before anything runs
+    std::fs::remove_file(&out).unwrap();
+    let o = fulgur(&[
+        &"generate",
+        &dir,
+        &"--tokens",
+        &dir.join("decode.safetensors"),
+        &"--max-new-tokens",
+        &"2",
+        &"--out",
+        &out,
+        &"--parallel",
+        &"pp=5",
+    ]);
+    common::fails(
+        &o,
+        &["--parallel dp=1,ep=1,sp=1,tp=1,pp=5: a model of 4 layers cuts into 1 to 4 pipeline stages, not 5"],
+    );
+    assert!(!out.exists());
+}
+
 /// `generate --target T --print` against transformers' greedy decode: the tokens written and printed.
 fn generate_on(target: &str, extra: &[&str]) {
     let dir = tiny_a();

@@ -1302,7 +1302,7 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
     assert_eq!(stage_layers(5, 2).unwrap(), vec![0..3, 3..5]);
     assert_eq!(
         stage_layers(4, 5).unwrap_err(),
-        "pp=5: a model of 4 layers cuts into 1 to 4 pipeline stages"
+        "a model of 4 layers cuts into 1 to 4 pipeline stages, not 5"
     );
     assert_eq!(
         one_f_one_b(0, 2, 3, true),

@@ -18,6 +18,7 @@ pub mod stats;
 pub use config::{Flavor, LayerType, MiniMaxConfig};
 pub use error::ModelError;
 pub use minimax::{
-    decode_graph, decode_graph_with, forward_graph, stage_graph, ForwardOptions, STAGE_HIDDEN_IN, STAGE_HIDDEN_OUT,
+    decode_graph, decode_graph_with, decode_stage_graph, forward_graph, stage_graph, ForwardOptions, STAGE_HIDDEN_IN,
+    STAGE_HIDDEN_OUT,
 };
 pub use random::{random_tokens, random_weights};

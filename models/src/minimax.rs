@@ -179,18 +179,46 @@ pub fn decode_graph(cfg: &MiniMaxConfig) -> Result<Graph> {
 /// [`decode_graph`] with the options that shape the layers rather than the outputs (`split_gate_up`); the
 /// others do not apply to a decode step and are ignored.
 pub fn decode_graph_with(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph> {
+    decode_stage_graph(cfg, opts, 0..cfg.num_hidden_layers)
+}
+
+/// The decode step of the layers `layers` alone (a pipeline stage, `fulgur::pipeline`), as [`stage_graph`] is the
+/// forward's: the first stage embeds `input_ids` `[B, 1]`, a later one takes [`STAGE_HIDDEN_IN`] `[B, 1, C]`;
+/// every stage takes `position` and its layers' states and outputs their new values; the last ends with the
+/// norm and the logits, an earlier one outputs [`STAGE_HIDDEN_OUT`]. All the layers give [`decode_graph_with`].
+pub fn decode_stage_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions, layers: std::ops::Range<usize>) -> Result<Graph> {
+    if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
+        return Err(fulgur_ir::IrError::Graph(format!(
+            "a pipeline stage of layers {}..{} in a model of {} layers",
+            layers.start, layers.end, cfg.num_hidden_layers
+        )));
+    }
+    let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
     let mut b = Builder {
-        g: Graph::new("minimax_decode"),
+        g: Graph::new(if first && last {
+            "minimax_decode".to_string()
+        } else {
+            format!("minimax_decode_stage_{}_{}", layers.start, layers.end)
+        }),
         cfg,
         dt: DType::F32,
         router_logits: Vec::new(),
         split_gate_up: opts.split_gate_up,
     };
     let bs = Dim::sym("B");
-    let ids = b.g.input("input_ids", DType::I64, vec![bs, d(1)])?;
+    let ids = if first {
+        Some(b.g.input("input_ids", DType::I64, vec![bs.clone(), d(1)])?)
+    } else {
+        None
+    };
     let pos = b.g.input("position", DType::I64, vec![])?;
-    let mut x = b.embed(ids)?;
-    for l in 0..cfg.num_hidden_layers {
+    let mut x = match ids {
+        Some(ids) => b.embed(ids)?,
+        None => {
+            b.g.input(STAGE_HIDDEN_IN, DType::F32, vec![bs, d(1), d(cfg.hidden_size)])?
+        }
+    };
+    for l in layers {
         b.g.push_scope(format!("layers.{l}"));
         let r = b.layer(l, x, Mode::Decode { pos });
         b.g.pop_scope();
@@ -199,6 +227,10 @@ pub fn decode_graph_with(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<G
         for (name, v) in states {
             b.g.add_output(name, v)?;
         }
+    }
+    if !last {
+        b.g.add_output(STAGE_HIDDEN_OUT, x)?;
+        return Ok(b.g);
     }
     let hn = b.final_norm(x)?;
     let logits = b.lm_head(hn)?;

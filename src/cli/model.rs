@@ -686,7 +686,7 @@ fn sharded_pair(
         bail!("--parallel {par}: generation takes sp=1 (a decode step has one token per sequence to split)");
     }
     if par.pp > 1 {
-        bail!("--parallel {par}: generation does not take pipeline stages yet (eval-model and train do)");
+        return pipelined_pair(ck, &par, b, p, args);
     }
     let cfg = &ck.config;
     let plan = |t: usize| {
@@ -748,6 +748,180 @@ fn sharded_pair(
         );
     }
     Ok(((prefill, decode), writer))
+}
+
+/// A prefill or a decode step through pipeline stages (`fulgur::pipeline::build_generation`): the whole batch as
+/// one micro-batch, every input but the tokens given to every stage (a stage's programs take what they read: the
+/// decode's `position` and its layers' states); the outputs of every stage (the logits and the layers' states),
+/// or launched, this process's stage's and the logits (`pipeline::SharingProcess`).
+struct PipelineGeneration {
+    name: &'static str,
+    runner: Box<dyn fulgur::pipeline::Runner>,
+    inputs: Vec<String>,
+}
+
+impl Executable for PipelineGeneration {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn input_names(&self) -> Vec<String> {
+        self.inputs.clone()
+    }
+    fn run(
+        &mut self,
+        inputs: &std::collections::HashMap<String, Tensor>,
+    ) -> std::result::Result<BTreeMap<String, Tensor>, fulgur_runtime::RuntimeError> {
+        use fulgur_runtime::RuntimeError;
+        let ids = inputs
+            .get("input_ids")
+            .ok_or_else(|| RuntimeError::Other(format!("{} has no `input_ids`", self.name)))?;
+        let mut feed = inputs.clone();
+        feed.remove("input_ids");
+        let run = self
+            .runner
+            .step(std::slice::from_ref(ids), &feed)
+            .map_err(|e| RuntimeError::Other(format!("the pipeline: {e}")))?;
+        run.outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| RuntimeError::Other(format!("{} gave no outputs", self.name)))
+    }
+}
+
+/// `generate --parallel ...,pp=N`: the prefill and the decode step cut into `pp` stages, each sharded at the
+/// other degrees (`fulgur::pipeline::build_generation`), on simulated ranks (the stages' states going whole from
+/// step to step as one device's do), or started by a launcher, this process's rank of each (it keeps its stage's
+/// states; the last stage's logits are shared with every process, which all choose the same tokens, and rank 0
+/// writes).
+fn pipelined_pair(
+    ck: &Checkpoint,
+    par: &fulgur::parallel::Parallel,
+    b: usize,
+    p: usize,
+    args: &GenerateArgs,
+) -> Result<(ExecutablePair, bool)> {
+    let precision = Precision::from(args.precision);
+    let launched = crate::cli::ranks::launched_pipeline(par, precision)?;
+    let dtype = args.dtype;
+    let prepare = move |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| format!("{e:#}"));
+    let (prefill, decode) = fulgur::pipeline::build_generation(&ck.config, par, b, p, &prepare)
+        .map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
+    // the weights in the dtype the stages take
+    let g = with_dtype(
+        forward_graph(
+            &ck.config,
+            &par.forward_options(&ForwardOptions {
+                states: true,
+                ..Default::default()
+            }),
+        )?,
+        dtype,
+    )?;
+    let weights = std::sync::Arc::new(ck.load_params(&g)?);
+    let (target, opt) = (args.target, args.opt);
+    let interp = fulgur_ir::Interpreter {
+        precision,
+        memory_limit: args.memory_limit,
+    };
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let threads = (cores / par.total_ranks()).max(1);
+    // each rank's program optimized and built on the thread (or process) that runs it
+    let make: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &fulgur_ir::Graph| {
+        let w = weights.clone();
+        let fetch = move |name: &str| {
+            w.get(name)
+                .cloned()
+                .ok_or_else(|| format!("weight `{name}` is missing"))
+        };
+        let g = optimize(g.clone(), opt, target.cost_model()).map_err(|e| format!("{e:#}"))?;
+        crate::cli::ranks::rank_program(g, target, interp, threads, &fetch)
+    });
+    let timeout = crate::cli::ranks::rank_timeout();
+    let inputs = |stages: &[fulgur::pipeline::Stage]| -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for st in stages {
+            for n in fulgur::pipeline::stage_inputs(st) {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        names
+    };
+    let is_launched = launched.is_some();
+    let (pair, writer): (ExecutablePair, bool) = match launched {
+        None => {
+            let threads =
+                |stages: &[fulgur::pipeline::Stage], what: &str| -> Result<Box<dyn fulgur::pipeline::Runner>> {
+                    Ok(Box::new(
+                        fulgur::pipeline::PipelineThreads::new(stages, make.clone(), precision, timeout)
+                            .map_err(|e| anyhow::anyhow!("building {what}'s pipeline stages: {e}"))?,
+                    ))
+                };
+            (
+                (
+                    Box::new(PipelineGeneration {
+                        name: "the prefill through pipeline stages",
+                        runner: threads(&prefill, "the prefill")?,
+                        inputs: inputs(&prefill),
+                    }),
+                    Box::new(PipelineGeneration {
+                        name: "the decode step through pipeline stages",
+                        runner: threads(&decode, "the decode step")?,
+                        inputs: inputs(&decode),
+                    }),
+                ),
+                true,
+            )
+        }
+        Some((env, job)) => {
+            let mesh = par.stage().mesh().sizes();
+            let cuda = target == crate::cli::bench::BenchTarget::Cuda;
+            let connect = |e: &fulgur_runtime::ranks::RankEnv| {
+                crate::cli::ranks::transport(e, &mesh, cuda, precision).map_err(|e| format!("{e:#}"))
+            };
+            let stage = env.rank / par.ranks();
+            let process = |stages: &[fulgur::pipeline::Stage],
+                           what: &str|
+             -> Result<Box<dyn fulgur::pipeline::Runner>> {
+                let process =
+                    fulgur::pipeline::PipelineProcess::new(&env, job.clone(), stages, make.clone(), &connect, timeout)
+                        .map_err(|e| anyhow::anyhow!("rank {}: building {what}'s pipeline stages: {e}", env.rank))?;
+                Ok(Box::new(fulgur::pipeline::SharingProcess {
+                    process,
+                    share: vec!["logits".to_string()],
+                }))
+            };
+            (
+                (
+                    Box::new(PipelineGeneration {
+                        name: "the prefill through pipeline stages",
+                        runner: process(&prefill, "the prefill")?,
+                        inputs: inputs(&prefill[stage..=stage]),
+                    }),
+                    Box::new(PipelineGeneration {
+                        name: "the decode step through pipeline stages",
+                        runner: process(&decode, "the decode step")?,
+                        inputs: inputs(&decode[stage..=stage]),
+                    }),
+                ),
+                env.rank == 0,
+            )
+        }
+    };
+    if writer {
+        eprintln!(
+            "generating through {} pipeline stages of {} {} each ({par})",
+            par.pp,
+            par.ranks(),
+            if is_launched {
+                "launched ranks"
+            } else {
+                "simulated ranks"
+            }
+        );
+    }
+    Ok((pair, writer))
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
