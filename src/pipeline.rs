@@ -398,6 +398,35 @@ pub fn gather_state(
 /// Builds a rank's program from its graph, on the thread that runs it.
 pub type MakeProgram = Arc<dyn Fn(&Graph) -> Result<Box<dyn RankProgram>, String> + Send + Sync>;
 
+/// A rank's forward and (for gradients) backward programs.
+pub type RankPrograms = (Box<dyn RankProgram>, Option<Box<dyn RankProgram>>);
+
+/// Builds the programs of rank `i` of stage `s` (called as `build(s, i)`), on the thread that runs them: from the
+/// stages' graphs ([`MakeProgram`]), or from programs compiled earlier (a parallel artifact's).
+pub type BuildRank = Arc<dyn Fn(usize, usize) -> Result<RankPrograms, String> + Send + Sync>;
+
+/// A stage's forward graphs and backward graphs, one per rank.
+type StageGraphs = (Vec<Graph>, Option<Vec<Graph>>);
+
+/// The [`BuildRank`] of `stages`' graphs, each built by `make`.
+pub fn from_graphs(stages: &[Stage], make: MakeProgram) -> BuildRank {
+    let graphs: Arc<Vec<StageGraphs>> = Arc::new(
+        stages
+            .iter()
+            .map(|st| (st.forward.clone(), st.backward.clone()))
+            .collect(),
+    );
+    Arc::new(move |s: usize, i: usize| {
+        let (fwd, bwd) = graphs.get(s).ok_or_else(|| format!("no stage {s}"))?;
+        let f = make(fwd.get(i).ok_or_else(|| format!("no rank {i} in stage {s}"))?)?;
+        let b = match bwd {
+            Some(b) => Some(make(&b[i])?),
+            None => None,
+        };
+        Ok((f, b))
+    })
+}
+
 /// A stage rank's forward outputs (the last stage's, per micro-batch) and its gradients summed over them.
 type RankRun = (Vec<BTreeMap<String, Tensor>>, BTreeMap<String, Tensor>);
 
@@ -500,6 +529,17 @@ impl PipelineThreads {
     ) -> Result<PipelineThreads, String> {
         let pp = stages.len();
         let ranks = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+        PipelineThreads::with_builder((pp, ranks), from_graphs(stages, make), precision, timeout)
+    }
+
+    /// Starts a thread per rank of `pp` stages of `ranks` ranks, rank `i` of stage `s` building its programs
+    /// with `build(s, i)`; fails naming the first stage and rank whose programs could not be built.
+    pub fn with_builder(
+        (pp, ranks): (usize, usize),
+        build: BuildRank,
+        precision: Precision,
+        timeout: Duration,
+    ) -> Result<PipelineThreads, String> {
         if pp == 0 || ranks == 0 {
             return Err("a pipeline needs a stage and a rank".into());
         }
@@ -520,23 +560,14 @@ impl PipelineThreads {
         let mut threads = Vec::new();
         for (k, l) in links.into_iter().enumerate() {
             let (s, i) = (k / ranks, k % ranks);
-            let fwd_g = stages[s].forward[i].clone();
-            let bwd_g = stages[s].backward.as_ref().map(|b| b[i].clone());
             let (tx, rx) = channel::<Job>();
             jobs.push(tx);
-            let (make, out_tx, ready_tx) = (make.clone(), out_tx.clone(), ready_tx.clone());
+            let (build, out_tx, ready_tx) = (build.clone(), out_tx.clone(), ready_tx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("stage{s}.rank{i}"))
                 .spawn(move || {
-                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let f = make(&fwd_g)?;
-                        let b = match &bwd_g {
-                            Some(g) => Some(make(g)?),
-                            None => None,
-                        };
-                        Ok::<_, String>((f, b))
-                    }))
-                    .unwrap_or_else(|_| Err("building its programs panicked".into()));
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build(s, i)))
+                        .unwrap_or_else(|_| Err("building its programs panicked".into()));
                     let (mut fwd, mut bwd) = match built {
                         Ok(p) => {
                             let _ = ready_tx.send(((s, i), Ok(())));
@@ -730,9 +761,21 @@ impl PipelineProcess {
         connect_stage: ConnectStage,
         timeout: Duration,
     ) -> Result<PipelineProcess, String> {
-        use std::net::{IpAddr, SocketAddr, TcpListener};
         let pp = stages.len();
         let r = stages.first().map(|s| s.forward.len()).unwrap_or(0);
+        PipelineProcess::with_builder(env, job, (pp, r), from_graphs(stages, make), connect_stage, timeout)
+    }
+
+    /// [`PipelineProcess::new`] for `pp` stages of `r` ranks, this rank's programs built by `build(stage, rank)`.
+    pub fn with_builder(
+        env: &RankEnv,
+        job: Arc<TcpTransport>,
+        (pp, r): (usize, usize),
+        build: BuildRank,
+        connect_stage: ConnectStage,
+        timeout: Duration,
+    ) -> Result<PipelineProcess, String> {
+        use std::net::{IpAddr, SocketAddr, TcpListener};
         if pp == 0 || r == 0 {
             return Err("a pipeline needs a stage and a rank".into());
         }
@@ -814,11 +857,7 @@ impl PipelineProcess {
             links.send_fwd = Some(Outbox::Tcp(l.clone()));
             links.recv_bwd = Some(Inbox::Tcp(l));
         }
-        let fwd = make(&stages[s].forward[i]).map_err(|e| format!("{me}: {e}"))?;
-        let bwd = match &stages[s].backward {
-            Some(b) => Some(make(&b[i]).map_err(|e| format!("{me}: {e}"))?),
-            None => None,
-        };
+        let (fwd, bwd) = build(s, i).map_err(|e| format!("{me}: {e}"))?;
         Ok(PipelineProcess {
             stage: s,
             rank: i,

@@ -920,6 +920,112 @@ fn a_parallel_artifact_runs_on_simulated_and_launched_ranks() {
     }
 }
 
+/// `fulgur compile --parallel pp=2,tp=2`: tiny-a's forward in two pipeline stages of two tensor-parallel programs,
+/// each specialised to a micro-batch of one sequence; `fulgur run` on simulated ranks (the batch in two
+/// micro-batches through the stages) gives transformers' logits and loss, and four launched processes (the last
+/// stage's rank 0 writing) the same bytes; a manifest whose stages do not hold its programs is refused.
+#[test]
+#[cfg(feature = "llvm")]
+fn a_pipeline_artifact_runs_on_simulated_and_launched_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("art");
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let fulgur = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        c.output().unwrap()
+    };
+    let (ck_s, tokens_s) = (ck.to_str().unwrap(), tokens.to_str().unwrap());
+    let o = fulgur(&[
+        "compile",
+        ck_s,
+        "--parallel",
+        "pp=2,tp=2",
+        "--batch",
+        "2",
+        "--seq",
+        "40",
+        "--loss",
+        "-o",
+        "art",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains(
+            "wrote art: 2 pipeline stages of 2 programs (dp=1,ep=1,sp=1,tp=2,pp=2), 2 micro-batches of 1 sequences"
+        ),
+        "{text}"
+    );
+    for r in 0..4 {
+        assert!(art.join(format!("rank{r}/program.json")).is_file());
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["parallel"]["ranks"], 4);
+    assert_eq!(manifest["parallel"]["pp"], 2);
+    assert_eq!(manifest["parallel"]["micro_batches"], 2);
+    assert_eq!(manifest["inputs"][0]["name"], "input_ids");
+    assert_eq!(
+        manifest["weights"].as_array().unwrap().len(),
+        39,
+        "every stage's weights"
+    );
+    let outputs: Vec<&str> = manifest["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(outputs, ["logits", "loss"], "the last stage's outputs");
+    let want = read_safetensors(&tokens).unwrap();
+    let run_args = |out: &'static str| vec!["run", "art", "--weights", ck_s, "--inputs", tokens_s, "-o", out];
+    let o = fulgur(&run_args("sim.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("ran 2 pipeline stages of 2 simulated ranks each (dp=1,ep=1,sp=1,tp=2,pp=2, 2 micro-batches)"),
+        "{err}"
+    );
+    let sim = read_safetensors(&dir.path().join("sim.safetensors")).unwrap();
+    assert_eq!(sim["logits"].shape, vec![2, 40, 512]);
+    let e = sim["logits"].rel_l2(&want["logits"]);
+    println!("compiled pp=2,tp=2 on simulated ranks: logits {e:.1e} off transformers'");
+    assert!(e < 1e-4, "logits off transformers' by {e}");
+    assert!((sim["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-4);
+    let mut launched = vec!["launch", "-n", "4", "--timeout", "300", "--", "fulgur"];
+    launched.extend(run_args("launched.safetensors"));
+    let o = fulgur(&launched);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "ran 2 pipeline stages of 2 launched ranks each (dp=1,ep=1,sp=1,tp=2,pp=2, 2 micro-batches); rank 2 \
+             (stage 1, rank 0) writes the outputs"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("launched.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("sim.safetensors")).unwrap()
+    );
+    let mp = art.join("manifest.json");
+    let good = std::fs::read_to_string(&mp).unwrap();
+    std::fs::write(&mp, good.replace("\"pp\": 2", "\"pp\": 3")).unwrap();
+    let o = fulgur(&run_args("bad.safetensors"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("not a valid manifest: `parallel` has 4 ranks on a mesh of 2 in 3 pipeline stages"),
+        "{err}"
+    );
+    assert!(!dir.path().join("bad.safetensors").exists());
+}
+
 /// Expert-tensor parallelism (`etp=tp`): the experts split over `ep` only and each expert's width over `tp`
 /// (the gate and up halves of `gate_up_proj` and `down_proj` split on the intermediate dim), MiniMax-01's
 /// decoupled expert groups: tiny-a's logits and loss equal the single device's (f64), its expert matmuls run on

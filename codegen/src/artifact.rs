@@ -14,7 +14,9 @@
 //! A **parallel artifact** (`fulgur compile --parallel`, `docs/parallelism.md` §5.4) holds one program per rank:
 //! the files above under `DIR/rankR/` for every rank `R`, and one `manifest.json` at the top whose
 //! [`Manifest::parallel`] names the mesh; every rank's program has the interface the manifest lists (the
-//! sharded graph keeps the single device's inputs, weights and outputs). [`load`] refuses it and
+//! sharded graph keeps the single device's inputs, weights and outputs), except in pipeline stages
+//! ([`ParallelManifest::pp`]), where the manifest lists the whole pipeline's and each stage's programs take
+//! their part of it. [`load`] refuses it and
 //! [`load_rank`] reads one rank's program.
 //! [`write`] writes a new directory beside the destination and renames it into place, so a failed compile
 //! leaves nothing and an existing artifact is replaced only by a whole new one (its files flushed to disk
@@ -86,6 +88,21 @@ pub struct ParallelManifest {
     pub ranks: usize,
     /// The collectives in each rank's program, by kind.
     pub collectives: BTreeMap<String, usize>,
+    /// Pipeline stages: `ranks / pp` ranks each, program `rankG` being rank `G mod (ranks / pp)` of stage
+    /// `G / (ranks / pp)`, each stage's programs its layers alone (`docs/parallelism.md` §5.4).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub pp: usize,
+    /// With stages: the micro-batches a run cuts the batch into (each program takes one).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl ParallelManifest {
@@ -361,11 +378,22 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, CodegenError> {
         serde_json::from_value(v).map_err(|e| bad(format!("{}: not a valid manifest: {e}", mpath.display())))?;
     if let Some(p) = &m.parallel {
         let product: usize = p.mesh.iter().map(|a| a.1).product();
-        if p.ranks == 0 || product != p.ranks {
+        if p.ranks == 0 || product.checked_mul(p.pp) != Some(p.ranks) {
+            let stages = if p.pp == 1 {
+                String::new()
+            } else {
+                format!(" in {} pipeline stages", p.pp)
+            };
             return Err(bad(format!(
-                "{}: not a valid manifest: `parallel` has {} ranks on a mesh of {product}",
+                "{}: not a valid manifest: `parallel` has {} ranks on a mesh of {product}{stages}",
                 mpath.display(),
                 p.ranks
+            )));
+        }
+        if p.micro_batches == 0 {
+            return Err(bad(format!(
+                "{}: not a valid manifest: `parallel` has 0 micro-batches",
+                mpath.display()
             )));
         }
     }
@@ -449,11 +477,27 @@ fn load_program(dir: &Path, targets: &[&str], rank: Option<usize>) -> Result<(Ma
         ))
     })?;
     let fresh = manifest(&program, &m.target, &m.codegen, &[]);
-    if fresh.inputs != m.inputs
-        || fresh.weights != m.weights
-        || fresh.outputs != m.outputs
-        || fresh.symbols != m.symbols
-    {
+    let fits = if m.parallel.as_ref().is_some_and(|p| p.pp > 1) {
+        // a pipeline stage's program: its weights among the manifest's (every stage's), its inputs and outputs
+        // the manifest's of the same dtype where they share a name (at a micro-batch's size), or the tensors
+        // crossing its cuts
+        let dtype_of = |v: &[Decl], name: &str| v.iter().find(|d| d.name == name).map(|d| d.ty.dtype);
+        fresh.weights.iter().all(|w| m.weights.contains(w))
+            && fresh
+                .inputs
+                .iter()
+                .all(|d| dtype_of(&m.inputs, &d.name).is_none_or(|t| t == d.ty.dtype))
+            && fresh
+                .outputs
+                .iter()
+                .all(|d| dtype_of(&m.outputs, &d.name).is_none_or(|t| t == d.ty.dtype))
+    } else {
+        fresh.inputs == m.inputs
+            && fresh.weights == m.weights
+            && fresh.outputs == m.outputs
+            && fresh.symbols == m.symbols
+    };
+    if !fits {
         return Err(bad(format!(
             "artifact {shown}: manifest.json's inputs, weights, outputs or symbols differ from {program_rel}'s"
         )));

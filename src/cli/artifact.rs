@@ -279,10 +279,10 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
         bail!("--batch and --seq must be at least 1");
     }
     let par = fulgur::parallel::Parallel::parse(degrees).map_err(|e| anyhow!("--parallel: {e}"))?;
-    if par.pp > 1 {
-        bail!("--parallel {par}: `fulgur compile` does not take pipeline stages yet (eval-model and train do)");
-    }
     let (cfg, warnings) = model_config(&args.input)?;
+    if par.pp > 1 {
+        return compile_pipeline(args, &par, &cfg, warnings, (batch, seq));
+    }
     let plan =
         fulgur::parallel::minimax_plan(&cfg, &par, batch, seq).map_err(|e| anyhow!("--parallel {degrees}: {e}"))?;
     let t0 = Instant::now();
@@ -338,6 +338,8 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
         mesh: plan.mesh.names().into_iter().zip(plan.mesh.sizes()).collect(),
         ranks,
         collectives: report.collectives.clone(),
+        pp: 1,
+        micro_batches: 1,
     });
     artifact::write(&args.out, &manifest, &files)?;
     for w in warnings {
@@ -351,6 +353,133 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
         ranks,
         report
             .collectives
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        artifact::describe(&manifest),
+        shard_s,
+        t1.elapsed().as_secs_f64()
+    ))?;
+    Ok(())
+}
+
+/// `compile --parallel ...,pp=N`: MiniMax-01's forward cut into `pp` stages (`fulgur::pipeline::build`), each
+/// sharded at the other degrees, one program per rank of every stage (program `rankG` is rank `G mod R` of stage
+/// `G / R`, `R` the ranks of a stage), each specialised to one micro-batch: the most micro-batches up to `pp`
+/// that divide the batch into pieces the data-parallel degrees split, as `eval-model` cuts it. The manifest's
+/// interface is the whole pipeline's: the first stage's tokens and the last stage's outputs at the whole batch
+/// (the micro-batches' outputs put back together, the loss their mean), and every stage's weights.
+fn compile_pipeline(
+    args: &CompileArgs,
+    par: &fulgur::parallel::Parallel,
+    cfg: &MiniMaxConfig,
+    warnings: Vec<String>,
+    (batch, seq): (usize, usize),
+) -> Result<()> {
+    let data = par.dp * par.ep;
+    let m = (1..=par.pp)
+        .rev()
+        .find(|m| batch.is_multiple_of(m * data))
+        .ok_or_else(|| anyhow!("--parallel {par}: the batch ({batch}) is not divisible by dp·ep ({data})"))?;
+    let t0 = Instant::now();
+    let dtype = args.dtype;
+    let prepare = move |g: Graph| crate::cli::model::with_dtype(g, dtype).map_err(|e| format!("{e:#}"));
+    let opts = ForwardOptions {
+        loss: args.loss,
+        ..Default::default()
+    };
+    let stages = fulgur::pipeline::build(cfg, par, batch / m, seq, &opts, false, false, &prepare)
+        .map_err(|e| anyhow!("--parallel {par}: {e}"))?;
+    let shard_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let r = par.ranks();
+    let total = par.pp * r;
+    let progress = indicatif::ProgressBar::new(total as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} lowering and emitting {pos}/{len} stage ranks [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut files = Vec::new();
+    // each stage's rank 0 program and what made it
+    let mut heads: Vec<(fulgur_codegen::program::KernelProgram, String)> = Vec::new();
+    let mut collectives: BTreeMap<String, usize> = BTreeMap::new();
+    for (s, st) in stages.iter().enumerate() {
+        for (i, g) in st.forward.iter().enumerate() {
+            let at = s * r + i;
+            if i == 0 {
+                for (_, n) in g.nodes() {
+                    if let fulgur_ir::Op::Composite(fulgur_ir::Composite::OnRank { op, .. }) = &n.op {
+                        *collectives.entry(op.name().to_string()).or_default() += 1;
+                    }
+                }
+            }
+            let g = crate::cli::model::optimize(g.clone(), args.opt, &cost_model_of(args))
+                .with_context(|| format!("optimizing stage {s}, rank {i}'s program"))?;
+            let (program, codegen, rank_files) =
+                emit(&g, args, &format!("{}/", artifact::ParallelManifest::rank_dir(at)))?;
+            files.extend(rank_files);
+            if i == 0 {
+                heads.push((program, codegen));
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    let (first, codegen) = &heads[0];
+    let last = &heads[heads.len() - 1].0;
+    let mut manifest = artifact::manifest(first, target_name(args.target), codegen, &files);
+    // the whole batch: a constant batch dim (dim 0) times the micro-batches; the loss (their mean) stays
+    let whole = |d: &artifact::Decl| {
+        let mut d = d.clone();
+        if d.name != "loss" {
+            let mut dims = d.ty.dims().to_vec();
+            if let Some(b) = dims.first().and_then(|b| b.as_const()) {
+                dims[0] = fulgur_ir::Dim::from(b as usize * m);
+            }
+            d.ty = fulgur_ir::TensorType::new(d.ty.dtype, dims);
+        }
+        d
+    };
+    manifest.inputs = manifest.inputs.iter().map(whole).collect();
+    manifest.outputs = artifact::manifest(last, target_name(args.target), codegen, &[])
+        .outputs
+        .iter()
+        .map(whole)
+        .collect();
+    let mut weights: Vec<artifact::Decl> = Vec::new();
+    for (p, _) in &heads {
+        for w in artifact::manifest(p, target_name(args.target), codegen, &[]).weights {
+            if !weights.iter().any(|x| x.name == w.name) {
+                weights.push(w);
+            }
+        }
+    }
+    manifest.weights = weights;
+    let mesh = fulgur::parallel::minimax_plan(cfg, &par.stage(), batch / m, seq)
+        .map_err(|e| anyhow!("--parallel {par}: {e}"))?
+        .mesh;
+    manifest.parallel = Some(artifact::ParallelManifest {
+        degrees: par.to_string(),
+        mesh: mesh.names().into_iter().zip(mesh.sizes()).collect(),
+        ranks: total,
+        collectives: collectives.clone(),
+        pp: par.pp,
+        micro_batches: m,
+    });
+    artifact::write(&args.out, &manifest, &files)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let n: usize = collectives.values().sum();
+    write_stdout(&format!(
+        "wrote {}: {} pipeline stages of {r} programs ({par}), {m} micro-batches of {} sequences; {n} collectives          in the stages' rank 0 programs ({}); stage 0, rank 0: {}\nshard {:.2} s, lower and emit {:.2} s\n",
+        args.out.display(),
+        par.pp,
+        batch / m,
+        collectives
             .iter()
             .map(|(k, v)| format!("{v} {k}"))
             .collect::<Vec<_>>()
@@ -633,6 +762,9 @@ fn run_parallel(
     args: &RunArgs,
 ) -> Result<Option<RunResult>> {
     use fulgur_runtime::ranks::RankEnv;
+    if pm.pp > 1 {
+        return run_pipeline(pm, manifest, weights, data, args);
+    }
     let timeout = crate::cli::ranks::rank_timeout();
     let cuda = manifest.target == "cuda";
     let targets = ["cpu", "cuda"];
@@ -701,6 +833,180 @@ fn run_parallel(
         .unwrap_or_else(|e| e.into_inner())
         .unwrap_or((0.0, 0.0, None));
     Ok(Some((outs.swap_remove(0), jit_s, step_s, memory)))
+}
+
+/// A pipeline artifact's stages (`compile --parallel ...,pp=N`, `docs/parallelism.md` §5.4): the batch cut into
+/// the artifact's micro-batches and run through the stages by `fulgur::pipeline`, every rank of every stage on
+/// its own thread with the simulated transport, or started by a launcher, this process's rank alone (each
+/// stage's collectives over its own rendezvous, the cuts point to point); the micro-batches' outputs put back
+/// together (the loss their mean). Launched, the last stage's rank 0 holds the outputs and returns them (`None`
+/// elsewhere).
+fn run_pipeline(
+    pm: &artifact::ParallelManifest,
+    manifest: &artifact::Manifest,
+    weights: &HostWeights,
+    data: &HashMap<String, Tensor>,
+    args: &RunArgs,
+) -> Result<Option<RunResult>> {
+    use fulgur_runtime::ranks::RankEnv;
+    let par = fulgur::parallel::Parallel::parse(&pm.degrees).map_err(|e| {
+        anyhow!(
+            "artifact {}: its degrees `{}`: {e}",
+            args.artifact.display(),
+            pm.degrees
+        )
+    })?;
+    let (pp, r) = (pm.pp, pm.ranks / pm.pp.max(1));
+    if par.pp != pp || pp * r != pm.ranks {
+        bail!(
+            "artifact {}: {} programs in {pp} pipeline stages do not match its degrees {}",
+            args.artifact.display(),
+            pm.ranks,
+            pm.degrees
+        );
+    }
+    let ids = data
+        .get("input_ids")
+        .ok_or_else(|| anyhow!("a pipeline artifact takes `input_ids` ({})", args.inputs.display()))?;
+    let micro = fulgur::pipeline::micro_batches(ids, pm.micro_batches)
+        .map_err(|e| anyhow!("`input_ids` in {}: {e}", args.inputs.display()))?;
+    let timeout = crate::cli::ranks::rank_timeout();
+    let cuda = manifest.target == "cuda";
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let opts = RankOptions {
+        cuda,
+        threads: args.threads.unwrap_or((cores / pm.ranks).max(1)),
+        max_memory: args.max_memory,
+        check_finite: args.check_finite,
+    };
+    // a program and its weights, read here (a checkpoint is not shared with the threads)
+    let load = |g: usize| -> Result<LoadedRank> {
+        let (_, program) = artifact::load_rank(&args.artifact, &["cpu", "cuda"], g)?;
+        let mut w = HashMap::new();
+        for p in &program.params {
+            w.insert(p.name.clone(), weights.fetch(&p.name, &p.ty)?);
+        }
+        Ok((program, w))
+    };
+    let t = Instant::now();
+    let (outputs, build_s) = match crate::cli::ranks::launched_pipeline(&par, fulgur_ir::Precision::F32)? {
+        Some((env, job)) => {
+            let mine = std::sync::Arc::new(load(env.rank)?);
+            let build: fulgur::pipeline::BuildRank =
+                std::sync::Arc::new(move |_, _| Ok((artifact_rank(&mine, &opts)?, None)));
+            let sizes: Vec<usize> = pm.mesh.iter().map(|a| a.1).collect();
+            let connect = |e: &RankEnv| {
+                crate::cli::ranks::transport(e, &sizes, cuda, fulgur_ir::Precision::F32).map_err(|e| format!("{e:#}"))
+            };
+            let mut process =
+                fulgur::pipeline::PipelineProcess::with_builder(&env, job, (pp, r), build, &connect, timeout)
+                    .map_err(|e| anyhow!("rank {}: {e}", env.rank))?;
+            let build_s = t.elapsed().as_secs_f64();
+            let run = process
+                .run(&micro, &HashMap::new())
+                .map_err(|e| anyhow!("rank {}: {e}", env.rank))?;
+            if run.stage + 1 != pp || run.rank != 0 {
+                return Ok(None);
+            }
+            eprintln!(
+                "ran {pp} pipeline stages of {r} launched ranks each ({}, {} micro-batches); rank {} (stage {}, \
+                 rank 0) writes the outputs",
+                pm.degrees, pm.micro_batches, env.rank, run.stage
+            );
+            (run.outputs, build_s)
+        }
+        None => {
+            let all = std::sync::Arc::new((0..pm.ranks).map(load).collect::<Result<Vec<_>>>()?);
+            let build: fulgur::pipeline::BuildRank =
+                std::sync::Arc::new(move |s, i| Ok((artifact_rank(&all[s * r + i], &opts)?, None)));
+            let mut threads =
+                fulgur::pipeline::PipelineThreads::with_builder((pp, r), build, fulgur_ir::Precision::F32, timeout)
+                    .map_err(|e| anyhow!("building the pipeline's stages: {e}"))?;
+            let build_s = t.elapsed().as_secs_f64();
+            let run = threads
+                .step(&micro, &HashMap::new())
+                .map_err(|e| anyhow!("running the pipeline on simulated ranks: {e}"))?;
+            eprintln!(
+                "ran {pp} pipeline stages of {r} simulated ranks each ({}, {} micro-batches)",
+                pm.degrees, pm.micro_batches
+            );
+            (run.outputs, build_s)
+        }
+    };
+    let step_s = t.elapsed().as_secs_f64() - build_s;
+    let names: Vec<String> = outputs.first().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let mut whole = BTreeMap::new();
+    for name in names {
+        let parts: Vec<&Tensor> = outputs
+            .iter()
+            .map(|o| o.get(&name).ok_or_else(|| anyhow!("a micro-batch gave no `{name}`")))
+            .collect::<Result<_>>()?;
+        let t = if name == "loss" {
+            let mean = parts.iter().map(|p| p.to_f64()[0]).sum::<f64>() / parts.len() as f64;
+            Tensor::from_f64(parts[0].dtype, parts[0].shape.clone(), vec![mean])
+        } else {
+            fulgur::pipeline::concat_batches(&parts).map_err(|e| anyhow!("`{name}`: {e}"))?
+        };
+        whole.insert(name, t);
+    }
+    Ok(Some((whole, build_s, step_s, None)))
+}
+
+/// A stage rank's program of a pipeline artifact and its weights.
+type LoadedRank = (fulgur_codegen::program::KernelProgram, HashMap<String, Tensor>);
+
+/// How a pipeline artifact's rank programs are built.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+struct RankOptions {
+    cuda: bool,
+    threads: usize,
+    max_memory: Option<u64>,
+    check_finite: bool,
+}
+
+/// A pipeline artifact's rank program on the CPU or the GPU, its weights loaded.
+#[cfg_attr(not(any(feature = "llvm", feature = "cuda")), allow(unused_variables))]
+fn artifact_rank(
+    (program, weights): &LoadedRank,
+    opts: &RankOptions,
+) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
+    let fetch = |name: &str, _: &fulgur_ir::TensorType| -> std::result::Result<Tensor, fulgur_runtime::RuntimeError> {
+        weights
+            .get(name)
+            .cloned()
+            .ok_or_else(|| fulgur_runtime::RuntimeError::Other(format!("weight `{name}` is missing")))
+    };
+    if opts.cuda {
+        #[cfg(feature = "cuda")]
+        {
+            use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+            let o = CudaOptions {
+                check_finite: opts.check_finite,
+                ..Default::default()
+            };
+            let mut gpu = CudaProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
+            gpu.load_weights_from(fetch).map_err(|e| e.to_string())?;
+            return Ok(Box::new(gpu));
+        }
+        #[allow(unreachable_code)]
+        return Err("this build has no CUDA backend (built without the `cuda` feature)".into());
+    }
+    #[cfg(feature = "llvm")]
+    {
+        use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+        let o = CpuOptions {
+            threads: Some(opts.threads),
+            max_memory: opts.max_memory,
+            check_finite: opts.check_finite,
+            ..Default::default()
+        };
+        let mut cpu = CpuProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
+        cpu.load_weights_from(fetch).map_err(|e| e.to_string())?;
+        Ok(Box::new(cpu))
+    }
+    #[cfg(not(feature = "llvm"))]
+    Err("this build has no CPU backend (built without the `llvm` feature)".into())
 }
 
 /// Where a rank's collectives go.
