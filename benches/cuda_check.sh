@@ -3,7 +3,7 @@
 # cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
 #   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
 # Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
-#   benches/cuda_check.sh [tests|cli|parallel|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
+#   benches/cuda_check.sh [tests|cli|parallel|pipeline|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
 # `trainbench` takes TRAIN_LEVELS (default none,full) and TRAIN_ANCHOR=0 to leave transformers out.
 # `train` also needs the text corpus beside the pack: mkdir -p .device/data && cp ../shared/data/tinyshakespeare.txt .device/data/
 # One device call runs at most 10 minutes: the stages together can take longer (bench-m's random weights are
@@ -13,7 +13,7 @@ set -uo pipefail
 out=${OUT:-/tmp/fulgur-cuda}
 mkdir -p "$out"
 export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
-stages=${*:-tests cli parallel bench anchor decode train trainstep trainbench}
+stages=${*:-tests cli parallel pipeline bench anchor decode train trainstep trainbench}
 fx=.device/fixtures/tiny-a
 bin=.device/bin/fulgur
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -76,6 +76,39 @@ for name, d in [("pipeline", "/tmp/fulgur-trpp"), ("routed ep=2", "/tmp/fulgur-t
     print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY
       } 2>&1 | tee "$out/parallel.log" | tail -16 || status=1
+      ;;
+    pipeline)
+      echo "=== tiny-a in pipeline stages on the GPU: launched training, generation, a pipeline artifact"
+      rm -rf /tmp/fulgur-pl /tmp/fulgur-plart /tmp/fulgur-pltr /tmp/fulgur-plsim; mkdir -p /tmp/fulgur-pl
+      { export FULGUR_RANK_TIMEOUT=120
+        # two launched processes sharing the GPU, each its stage's programs and its own parameters' update
+        $bin launch -n 2 --timeout 300 -- fulgur train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-pltr --parallel pp=2 --target cuda 2>&1 | tr '\r' '\n' | grep -E "pipeline stages|trained" | cut -c1-220
+        $bin train $fx --data $fx/train/train.safetensors --steps 3 --lr 0.01 --out /tmp/fulgur-plsim --parallel pp=2 --target cuda 2>&1 | tr '\r' '\n' | grep -E "trained" | cut -c1-160
+        $bin generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-pl/gen.safetensors --target cuda --parallel pp=2,tp=2 --print | tail -2
+        $bin launch -n 2 --timeout 300 -- fulgur generate $fx --tokens $fx/decode.safetensors --max-new-tokens 10 --greedy --out /tmp/fulgur-pl/genl.safetensors --target cuda --parallel pp=2 | tail -1
+        $bin compile $fx --target cuda --parallel pp=2,tp=2 --batch 2 --seq 40 --loss -o /tmp/fulgur-plart | head -1
+        $bin run /tmp/fulgur-plart --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-pl/art.safetensors
+        $bin launch -n 4 --timeout 300 -- fulgur run /tmp/fulgur-plart --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-pl/artl.safetensors
+        python3 - <<'PY'
+import json
+import numpy as np
+from safetensors.numpy import load_file
+fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-pl"
+ref = load_file(f"{fx}/reference.safetensors")
+rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+for n in ["art", "artl"]:
+    r = load_file(f"{o}/{n}.safetensors")
+    print("pipeline artifact", n, "logits rel", rel(r["logits"], ref["logits"]), "loss", float(r["loss"][0]), "transformers", float(ref["loss"][0]))
+w = load_file(f"{fx}/decode.safetensors")
+for n in ["gen", "genl"]:
+    g = load_file(f"{o}/{n}.safetensors")
+    print("generate", n, "tokens equal", bool((g["generated"] == w["generated"]).all()), "step logits rel", rel(g["step_logits"], w["step_logits"]))
+want = load_file(f"{fx}/train/train.safetensors")["loss"]
+for name, d in [("launched pp=2", "/tmp/fulgur-pltr"), ("simulated pp=2", "/tmp/fulgur-plsim")]:
+    got = [json.loads(l)["loss"] for l in open(f"{d}/log.jsonl")]
+    print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
+PY
+      } 2>&1 | tee "$out/pipeline.log" | tail -16 || status=1
       ;;
     bench)
       echo "=== bench-m, bf16: unfused against optimized"
