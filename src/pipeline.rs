@@ -339,11 +339,12 @@ fn stage_reads(stage: &Stage, params: &BTreeMap<String, Vec<usize>>) -> BTreeSet
         .collect()
 }
 
-/// The whole training state on every process of a launched pipeline whose stages hold their own parts
-/// ([`StageState`]), for a checkpoint: for each parameter of `all` in order, one sum over the job's transport
-/// `job` (this process global rank `job_rank` of `world`) of the parameter and its moments (the names with each of
-/// `moments` prefixed), given by the process whose `gives` holds it (from `mine`) and as zeros by every other.
-/// A collective per parameter, so a process holds one whole parameter more than its own at a time.
+/// The whole training state of a launched pipeline whose stages hold their own parts ([`StageState`]), for a
+/// checkpoint, on the job's rank 0 (an empty map elsewhere): for each parameter of `all` in order, and for it and
+/// each of its moments (the names with each of `moments` prefixed), one sum over the job's transport `job` (this
+/// process global rank `job_rank` of `world`), given by the process whose `gives` holds the parameter (from
+/// `mine`) and as zeros by every other. A collective per tensor: every process holds one whole tensor more than
+/// its own part at a time, and rank 0 the whole state it writes.
 pub fn gather_state(
     job: &dyn crate::ir::Transport,
     (job_rank, world): (usize, usize),
@@ -358,14 +359,11 @@ pub fn gather_state(
     let mut out = HashMap::new();
     for (name, shape) in &state.all {
         let n: usize = shape.iter().product();
-        let names: Vec<String> = std::iter::once(name.clone())
-            .chain(moments.iter().map(|p| format!("{p}{name}")))
-            .collect();
-        let mut flat: Vec<f64> = Vec::with_capacity(n * names.len());
-        for key in &names {
-            if state.gives.contains(name) {
+        let keys = std::iter::once(name.clone()).chain(moments.iter().map(|p| format!("{p}{name}")));
+        for key in keys {
+            let flat = if state.gives.contains(name) {
                 let t = mine
-                    .get(key)
+                    .get(&key)
                     .ok_or_else(|| format!("stage {}: its state has no `{key}`", state.stage))?;
                 if t.shape != *shape {
                     return Err(format!(
@@ -373,23 +371,18 @@ pub fn gather_state(
                         state.stage, t.shape
                     ));
                 }
-                flat.extend(t.to_f64());
+                t.to_f64()
             } else {
-                flat.extend(std::iter::repeat_n(0.0, n));
+                vec![0.0; n]
+            };
+            let part = unrounded(DType::F32, vec![n], flat);
+            let sum = crate::ir::Transport::collective(job, &op, job_rank, &[&part])
+                .map_err(|e| format!("gathering `{key}` over the job: {e}"))?
+                .pop()
+                .ok_or("gathering the state gave nothing")?;
+            if job_rank == 0 {
+                out.insert(key, Tensor::from_f64(DType::F32, shape.clone(), sum.to_f64()));
             }
-        }
-        let len = flat.len();
-        let mine = unrounded(DType::F32, vec![len], flat);
-        let sum = crate::ir::Transport::collective(job, &op, job_rank, &[&mine])
-            .map_err(|e| format!("gathering `{name}` over the job: {e}"))?
-            .pop()
-            .ok_or("gathering the state gave nothing")?
-            .to_f64();
-        for (k, key) in names.into_iter().enumerate() {
-            out.insert(
-                key,
-                Tensor::from_f64(DType::F32, shape.clone(), sum[k * n..(k + 1) * n].to_vec()),
-            );
         }
     }
     Ok(out)
@@ -1210,7 +1203,9 @@ fn scale(t: &mut Tensor, k: f64) {
 
 /// The micro-batches of `ids` `[B, T]`: `m` of `B/m` sequences each (`m` must divide `B`).
 pub fn micro_batches(ids: &Tensor, m: usize) -> Result<Vec<Tensor>, String> {
-    let (b, t) = (ids.shape[0], ids.shape[1]);
+    let [b, t] = ids.shape[..] else {
+        return Err(format!("the tokens must be [batch, sequence], not {:?}", ids.shape));
+    };
     if m == 0 || !b.is_multiple_of(m) {
         return Err(format!("{m} micro-batches do not divide the batch of {b} sequences"));
     }

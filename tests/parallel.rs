@@ -1015,6 +1015,27 @@ fn a_pipeline_artifact_runs_on_simulated_and_launched_ranks() {
     );
     let mp = art.join("manifest.json");
     let good = std::fs::read_to_string(&mp).unwrap();
+    // the tokens of another shape than the artifact's batch and sequence
+    let bad_ids = dir.path().join("ids.safetensors");
+    let ids = fulgur::ir::Tensor::from_i64(fulgur::ir::DType::I64, vec![4, 40], vec![1; 160]);
+    fulgur::ir::tensor::write_safetensors(&bad_ids, &[("input_ids".to_string(), ids)].into()).unwrap();
+    let o = fulgur(&[
+        "run",
+        "art",
+        "--weights",
+        ck_s,
+        "--inputs",
+        bad_ids.to_str().unwrap(),
+        "-o",
+        "ids.out",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("has shape [4, 40], but artifact art takes i64[2, 40]"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ids.out").exists());
     std::fs::write(&mp, good.replace("\"pp\": 2", "\"pp\": 3")).unwrap();
     let o = fulgur(&run_args("bad.safetensors"));
     let err = String::from_utf8_lossy(&o.stderr);

@@ -475,7 +475,8 @@ fn compile_pipeline(
     }
     let n: usize = collectives.values().sum();
     write_stdout(&format!(
-        "wrote {}: {} pipeline stages of {r} programs ({par}), {m} micro-batches of {} sequences; {n} collectives          in the stages' rank 0 programs ({}); stage 0, rank 0: {}\nshard {:.2} s, lower and emit {:.2} s\n",
+        "wrote {}: {} pipeline stages of {r} programs ({par}), {m} micro-batches of {} sequences; {n} collectives \
+         in the stages' rank 0 programs ({}); stage 0, rank 0: {}\nshard {:.2} s, lower and emit {:.2} s\n",
         args.out.display(),
         par.pp,
         batch / m,
@@ -857,7 +858,7 @@ fn run_pipeline(
         )
     })?;
     let (pp, r) = (pm.pp, pm.ranks / pm.pp.max(1));
-    if par.pp != pp || pp * r != pm.ranks {
+    if par.pp != pp || pp * r != pm.ranks || r != par.ranks() {
         bail!(
             "artifact {}: {} programs in {pp} pipeline stages do not match its degrees {}",
             args.artifact.display(),
@@ -868,6 +869,24 @@ fn run_pipeline(
     let ids = data
         .get("input_ids")
         .ok_or_else(|| anyhow!("a pipeline artifact takes `input_ids` ({})", args.inputs.display()))?;
+    // the whole batch the programs were specialised to
+    if let Some(d) = manifest.inputs.iter().find(|d| d.name == "input_ids") {
+        let fits = ids.shape.len() == d.ty.dims().len()
+            && ids
+                .shape
+                .iter()
+                .zip(d.ty.dims())
+                .all(|(&n, want)| want.as_const().is_none_or(|w| w as usize == n));
+        if !fits {
+            bail!(
+                "input `input_ids` in {} has shape {:?}, but artifact {} takes {}",
+                args.inputs.display(),
+                ids.shape,
+                args.artifact.display(),
+                d.ty
+            );
+        }
+    }
     let micro = fulgur::pipeline::micro_batches(ids, pm.micro_batches)
         .map_err(|e| anyhow!("`input_ids` in {}: {e}", args.inputs.display()))?;
     let timeout = crate::cli::ranks::rank_timeout();
