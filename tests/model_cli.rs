@@ -171,8 +171,38 @@ fn generate_through_pipeline_stages_matches_the_reference() {
     assert_eq!(got["generated"].to_i64(), want["generated"].to_i64());
     let e = got["step_logits"].rel_l2(&want["step_logits"]);
     assert!(e < 1e-4, "launched pp=2: step logits off by {e}");
-    // more stages than layers: refused before anything runs
+    // the last stage's process exiting as it shares the prefill's logits (its job collective #3: #0 and #1 the
+    // address exchanges, #2 the logits' shape): rank 0 fails naming it and writes nothing
     std::fs::remove_file(&out).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(["launch", "-n", "2", "--", "fulgur", "generate"])
+        .arg(&dir)
+        .arg("--tokens")
+        .arg(dir.join("decode.safetensors"))
+        .args([
+            "--max-new-tokens",
+            "10",
+            "--target",
+            "reference",
+            "--parallel",
+            "pp=2",
+            "--out",
+        ])
+        .arg(&out)
+        .env("FULGUR_FAULT_EXIT", "1:3")
+        .env("FULGUR_RANK_TIMEOUT", "60")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("sharing `logits` over the job: rank 1 did not reach collective #3 (`all_reduce`)"),
+        "{err}"
+    );
+    assert!(err.contains("1 (exit status 3)"), "{err}");
+    assert!(!out.exists(), "a failed job writes nothing");
+    // more stages than layers: refused before anything runs
     let o = fulgur(&[
         &"generate",
         &dir,
