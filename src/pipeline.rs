@@ -1201,6 +1201,17 @@ fn scale(t: &mut Tensor, k: f64) {
     *t = unrounded(t.dtype, t.shape.clone(), v);
 }
 
+/// How many micro-batches a pipeline of `par` cuts a batch of `batch` sequences into: the most, up to `par.pp`
+/// (one per stage, so that the stages overlap), that divide it into pieces the data-parallel degrees (`dp·ep`)
+/// split; refused naming both when even the whole batch is not divisible by them.
+pub fn micro_batch_count(par: &Parallel, batch: usize) -> Result<usize, String> {
+    let data = par.dp * par.ep;
+    (1..=par.pp)
+        .rev()
+        .find(|m| batch.is_multiple_of(m * data))
+        .ok_or_else(|| format!("the batch ({batch}) is not divisible by dp·ep ({data})"))
+}
+
 /// The micro-batches of `ids` `[B, T]`: `m` of `B/m` sequences each (`m` must divide `B`).
 pub fn micro_batches(ids: &Tensor, m: usize) -> Result<Vec<Tensor>, String> {
     let [b, t] = ids.shape[..] else {

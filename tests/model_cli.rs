@@ -74,26 +74,7 @@ fn generate_on_sharded_ranks_matches_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
     // two launched processes, one rank each: rank 0 writes transformers' tokens
-    let o = fulgur(&[
-        &"launch",
-        &"-n",
-        &"2",
-        &"--",
-        &"fulgur",
-        &"generate",
-        &dir,
-        &"--tokens",
-        &dir.join("decode.safetensors"),
-        &"--max-new-tokens",
-        &"10",
-        &"--greedy",
-        &"--target",
-        &"reference",
-        &"--parallel",
-        &"tp=2",
-        &"--out",
-        &out,
-    ]);
+    let o = launch_generate(&dir, "tp=2", &out, None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("generating on 2 launched ranks"), "{err}");
@@ -140,26 +121,7 @@ fn generate_through_pipeline_stages_matches_the_reference() {
     let dir = tiny_a();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");
-    let o = fulgur(&[
-        &"launch",
-        &"-n",
-        &"2",
-        &"--",
-        &"fulgur",
-        &"generate",
-        &dir,
-        &"--tokens",
-        &dir.join("decode.safetensors"),
-        &"--max-new-tokens",
-        &"10",
-        &"--greedy",
-        &"--target",
-        &"reference",
-        &"--parallel",
-        &"pp=2",
-        &"--out",
-        &out,
-    ]);
+    let o = launch_generate(&dir, "pp=2", &out, None);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -174,26 +136,7 @@ fn generate_through_pipeline_stages_matches_the_reference() {
     // the last stage's process exiting as it shares the prefill's logits (its job collective #3: #0 and #1 the
     // address exchanges, #2 the logits' shape): rank 0 fails naming it and writes nothing
     std::fs::remove_file(&out).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"))
-        .args(["launch", "-n", "2", "--", "fulgur", "generate"])
-        .arg(&dir)
-        .arg("--tokens")
-        .arg(dir.join("decode.safetensors"))
-        .args([
-            "--max-new-tokens",
-            "10",
-            "--target",
-            "reference",
-            "--parallel",
-            "pp=2",
-            "--out",
-        ])
-        .arg(&out)
-        .env("FULGUR_FAULT_EXIT", "1:3")
-        .env("FULGUR_RANK_TIMEOUT", "60")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
+    let o = launch_generate(&dir, "pp=2", &out, Some("1:3"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -220,6 +163,38 @@ fn generate_through_pipeline_stages_matches_the_reference() {
         &["--parallel dp=1,ep=1,sp=1,tp=1,pp=5: a model of 4 layers cuts into 1 to 4 pipeline stages, not 5"],
     );
     assert!(!out.exists());
+}
+
+/// `fulgur launch -n 2 -- fulgur generate` of ten greedy tokens of tiny-a's decode prompt at degrees `par` on the
+/// interpreter, written to `out`, with `FULGUR_FAULT_EXIT` set to `fault` where given.
+fn launch_generate(
+    dir: &std::path::Path,
+    par: &str,
+    out: &std::path::Path,
+    fault: Option<&str>,
+) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+    c.args(["launch", "-n", "2", "--", "fulgur", "generate"])
+        .arg(dir)
+        .arg("--tokens")
+        .arg(dir.join("decode.safetensors"))
+        .args([
+            "--max-new-tokens",
+            "10",
+            "--greedy",
+            "--target",
+            "reference",
+            "--parallel",
+            par,
+            "--out",
+        ])
+        .arg(out)
+        .env("FULGUR_RANK_TIMEOUT", "60")
+        .env_remove("RUST_LOG");
+    if let Some(f) = fault {
+        c.env("FULGUR_FAULT_EXIT", f);
+    }
+    c.output().unwrap()
 }
 
 /// `generate --target T --print` against transformers' greedy decode: the tokens written and printed.

@@ -32,6 +32,23 @@ fn run(g: &Graph, feed: &HashMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     Interpreter::new(Precision::F64).run(g, feed).unwrap()
 }
 
+/// A pipeline run's gradients under the names autodiff gives them (`grad.` prefixed).
+fn pipeline_grads(out: &fulgur::pipeline::PipelineRun) -> BTreeMap<String, Tensor> {
+    out.grads
+        .iter()
+        .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
+        .collect()
+}
+
+/// The gradients among a run's outputs.
+fn grads_only(outputs: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    outputs
+        .iter()
+        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// The worst relative (l2) error over the outputs both runs have, and which.
 fn worst(got: &BTreeMap<String, Tensor>, want: &BTreeMap<String, Tensor>) -> (f64, String) {
     let mut w = (0.0f64, String::new());
@@ -1257,16 +1274,8 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         let logits: Vec<&Tensor> = out.outputs.iter().map(|o| &o["logits"]).collect();
         let e = concat_batches(&logits).unwrap().rel_l2(&single["logits"]);
         let loss = out.outputs.iter().map(|o| o["loss"].to_f64()[0]).sum::<f64>() / 2.0;
-        let grads: BTreeMap<String, Tensor> = out
-            .grads
-            .iter()
-            .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
-            .collect();
-        let want: BTreeMap<String, Tensor> = single
-            .iter()
-            .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let grads = pipeline_grads(&out);
+        let want = grads_only(&single);
         assert_eq!(grads.len(), 39, "{par}");
         let (eg, name) = worst(&grads, &want);
         println!("{par}: logits {e:.1e}, gradients worst {eg:.1e} ({name})");
@@ -1304,16 +1313,8 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         std::time::Duration::from_secs(120),
     )
     .unwrap();
-    let grads: BTreeMap<String, Tensor> = out
-        .grads
-        .iter()
-        .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
-        .collect();
-    let want: BTreeMap<String, Tensor> = single_tied
-        .iter()
-        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let grads = pipeline_grads(&out);
+    let want = grads_only(&single_tied);
     assert_eq!(grads.len(), 38, "tied: no `lm_head.weight`");
     let (eg, name) = worst(&grads, &want);
     println!("pp=2, tied embeddings: gradients worst {eg:.1e} ({name})");
@@ -1351,16 +1352,8 @@ fn pipeline_stages_by_one_f_one_b_give_the_single_device_logits_and_gradients() 
         std::time::Duration::from_secs(120),
     )
     .unwrap();
-    let grads: BTreeMap<String, Tensor> = out
-        .grads
-        .iter()
-        .map(|(k, v)| (format!("{GRAD_PREFIX}{k}"), v.clone()))
-        .collect();
-    let want: BTreeMap<String, Tensor> = single4
-        .iter()
-        .filter(|(k, _)| k.starts_with(GRAD_PREFIX))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let grads = pipeline_grads(&out);
+    let want = grads_only(&single4);
     let (eg, name) = worst(&grads, &want);
     println!("pp=2,ep=2: gradients worst {eg:.1e} ({name})");
     assert!(eg < 1e-10, "pp=2,ep=2: `{name}` off by {eg}");

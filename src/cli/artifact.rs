@@ -303,14 +303,7 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
     let ranks = par.ranks();
     let mut files = Vec::new();
     let mut first: Option<(fulgur_codegen::program::KernelProgram, String)> = None;
-    // progress on stderr when it is a terminal: one tick per rank's program
-    let progress = indicatif::ProgressBar::new(ranks as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} lowering and emitting {pos}/{len} ranks [{elapsed_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let progress = emit_progress(ranks, "ranks");
     for r in 0..ranks {
         let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
         let rg = crate::cli::model::optimize(rg, args.opt, &cost_model_of(args))
@@ -351,17 +344,33 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
          {:.2} s, lower and emit {:.2} s\n",
         args.out.display(),
         ranks,
-        report
-            .collectives
-            .iter()
-            .map(|(k, v)| format!("{v} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        by_kind(&report.collectives),
         artifact::describe(&manifest),
         shard_s,
         t1.elapsed().as_secs_f64()
     ))?;
     Ok(())
+}
+
+/// Progress on stderr (shown on a terminal): one tick per program lowered and emitted, of `n` `what`.
+fn emit_progress(n: usize, what: &str) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new(n as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} lowering and emitting {{pos}}/{{len}} {what} [{{elapsed_precise}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress
+}
+
+/// Collectives counted by kind, for people: `2 all_gather, 4 reduce_scatter`.
+fn by_kind(counts: &BTreeMap<String, usize>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `compile --parallel ...,pp=N`: MiniMax-01's forward cut into `pp` stages (`fulgur::pipeline::build`), each
@@ -377,11 +386,7 @@ fn compile_pipeline(
     warnings: Vec<String>,
     (batch, seq): (usize, usize),
 ) -> Result<()> {
-    let data = par.dp * par.ep;
-    let m = (1..=par.pp)
-        .rev()
-        .find(|m| batch.is_multiple_of(m * data))
-        .ok_or_else(|| anyhow!("--parallel {par}: the batch ({batch}) is not divisible by dp·ep ({data})"))?;
+    let m = fulgur::pipeline::micro_batch_count(par, batch).map_err(|e| anyhow!("--parallel {par}: {e}"))?;
     let t0 = Instant::now();
     let dtype = args.dtype;
     let prepare = move |g: Graph| crate::cli::model::with_dtype(g, dtype).map_err(|e| format!("{e:#}"));
@@ -395,13 +400,7 @@ fn compile_pipeline(
     let t1 = Instant::now();
     let r = par.ranks();
     let total = par.pp * r;
-    let progress = indicatif::ProgressBar::new(total as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} lowering and emitting {pos}/{len} stage ranks [{elapsed_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let progress = emit_progress(total, "stage ranks");
     let mut files = Vec::new();
     // each stage's rank 0 program and what made it
     let mut heads: Vec<(fulgur_codegen::program::KernelProgram, String)> = Vec::new();
@@ -458,9 +457,7 @@ fn compile_pipeline(
         }
     }
     manifest.weights = weights;
-    let mesh = fulgur::parallel::minimax_plan(cfg, &par.stage(), batch / m, seq)
-        .map_err(|e| anyhow!("--parallel {par}: {e}"))?
-        .mesh;
+    let mesh = par.stage().mesh();
     manifest.parallel = Some(artifact::ParallelManifest {
         degrees: par.to_string(),
         mesh: mesh.names().into_iter().zip(mesh.sizes()).collect(),
@@ -480,11 +477,7 @@ fn compile_pipeline(
         args.out.display(),
         par.pp,
         batch / m,
-        collectives
-            .iter()
-            .map(|(k, v)| format!("{v} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        by_kind(&collectives),
         artifact::describe(&manifest),
         shard_s,
         t1.elapsed().as_secs_f64()
@@ -985,46 +978,76 @@ struct RankOptions {
 }
 
 /// A pipeline artifact's rank program on the CPU or the GPU, its weights loaded.
-#[cfg_attr(not(any(feature = "llvm", feature = "cuda")), allow(unused_variables))]
 fn artifact_rank(
+    loaded: &LoadedRank,
+    opts: &RankOptions,
+) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
+    if opts.cuda {
+        cuda_rank(loaded, opts)
+    } else {
+        cpu_rank(loaded, opts)
+    }
+}
+
+/// The loaded weight `name` of a rank's program.
+#[cfg_attr(not(any(feature = "llvm", feature = "cuda")), allow(dead_code))]
+fn loaded_weight(
+    weights: &HashMap<String, Tensor>,
+    name: &str,
+) -> std::result::Result<Tensor, fulgur_runtime::RuntimeError> {
+    weights
+        .get(name)
+        .cloned()
+        .ok_or_else(|| fulgur_runtime::RuntimeError::Other(format!("weight `{name}` is missing")))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_rank(
     (program, weights): &LoadedRank,
     opts: &RankOptions,
 ) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
-    let fetch = |name: &str, _: &fulgur_ir::TensorType| -> std::result::Result<Tensor, fulgur_runtime::RuntimeError> {
-        weights
-            .get(name)
-            .cloned()
-            .ok_or_else(|| fulgur_runtime::RuntimeError::Other(format!("weight `{name}` is missing")))
+    use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
+    let o = CudaOptions {
+        check_finite: opts.check_finite,
+        ..Default::default()
     };
-    if opts.cuda {
-        #[cfg(feature = "cuda")]
-        {
-            use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-            let o = CudaOptions {
-                check_finite: opts.check_finite,
-                ..Default::default()
-            };
-            let mut gpu = CudaProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
-            gpu.load_weights_from(fetch).map_err(|e| e.to_string())?;
-            return Ok(Box::new(gpu));
-        }
-        #[allow(unreachable_code)]
-        return Err("this build has no CUDA backend (built without the `cuda` feature)".into());
-    }
-    #[cfg(feature = "llvm")]
-    {
-        use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
-        let o = CpuOptions {
-            threads: Some(opts.threads),
-            max_memory: opts.max_memory,
-            check_finite: opts.check_finite,
-            ..Default::default()
-        };
-        let mut cpu = CpuProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
-        cpu.load_weights_from(fetch).map_err(|e| e.to_string())?;
-        Ok(Box::new(cpu))
-    }
-    #[cfg(not(feature = "llvm"))]
+    let mut gpu = CudaProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
+    gpu.load_weights_from(|name, _| loaded_weight(weights, name))
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(gpu))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_rank(
+    _: &LoadedRank,
+    _: &RankOptions,
+) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
+    Err("this build has no CUDA backend (built without the `cuda` feature)".into())
+}
+
+#[cfg(feature = "llvm")]
+fn cpu_rank(
+    (program, weights): &LoadedRank,
+    opts: &RankOptions,
+) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
+    use fulgur_runtime::cpu::{CpuOptions, CpuProgram};
+    let o = CpuOptions {
+        threads: Some(opts.threads),
+        max_memory: opts.max_memory,
+        check_finite: opts.check_finite,
+        ..Default::default()
+    };
+    let mut cpu = CpuProgram::new(program.clone(), o).map_err(|e| e.to_string())?;
+    cpu.load_weights_from(|name, _| loaded_weight(weights, name))
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(cpu))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn cpu_rank(
+    _: &LoadedRank,
+    _: &RankOptions,
+) -> std::result::Result<Box<dyn fulgur_runtime::ranks::RankProgram>, String> {
     Err("this build has no CPU backend (built without the `llvm` feature)".into())
 }
 

@@ -510,11 +510,7 @@ fn pipelined(
         bail!("--parallel {par}: pipeline stages do not output --hidden-states or --aux-loss");
     }
     let (b, t) = (tokens.shape[0], tokens.shape[1]);
-    let data = par.dp * par.ep;
-    let m = (1..=par.pp)
-        .rev()
-        .find(|m| b.is_multiple_of(m * data))
-        .ok_or_else(|| anyhow::anyhow!("--parallel {par}: the batch ({b}) is not divisible by dp·ep ({data})"))?;
+    let m = fulgur::pipeline::micro_batch_count(par, b).map_err(|e| anyhow::anyhow!("--parallel {par}: {e}"))?;
     let dtype = args.dtype;
     let prepare = move |g: fulgur_ir::Graph| with_dtype(g, dtype).map_err(|e| e.to_string());
     let stages = fulgur::pipeline::build(&ck.config, par, b / m, t, opts, false, false, &prepare)
@@ -527,17 +523,7 @@ fn pipelined(
         precision,
         memory_limit: args.memory_limit,
     };
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-    let threads = (cores / par.total_ranks()).max(1);
-    let make = move |g: &fulgur_ir::Graph| {
-        let w = weights.clone();
-        let fetch = move |name: &str| {
-            w.get(name)
-                .cloned()
-                .ok_or_else(|| format!("weight `{name}` is missing"))
-        };
-        crate::cli::ranks::rank_program(g.clone(), target, interp, threads, &fetch)
-    };
+    let make = stage_maker(weights, target, interp, par, None);
     let micro = fulgur::pipeline::micro_batches(tokens, m).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let last = if let Some((env, job)) = launched {
@@ -551,7 +537,7 @@ fn pipelined(
             &env,
             job,
             &stages,
-            std::sync::Arc::new(make),
+            make,
             &connect,
             crate::cli::ranks::rank_timeout(),
         )
@@ -571,14 +557,8 @@ fn pipelined(
         );
         run.outputs
     } else {
-        let run = fulgur::pipeline::run(
-            &stages,
-            &micro,
-            std::sync::Arc::new(make),
-            precision,
-            crate::cli::ranks::rank_timeout(),
-        )
-        .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
+        let run = fulgur::pipeline::run(&stages, &micro, make, precision, crate::cli::ranks::rank_timeout())
+            .map_err(|e| anyhow::anyhow!("running the pipeline on simulated ranks: {e}"))?;
         eprintln!(
             "ran {} pipeline stages of {} simulated ranks each ({par}, {m} micro-batches) in {:.2} s",
             par.pp,
@@ -750,6 +730,33 @@ fn sharded_pair(
     Ok(((prefill, decode), writer))
 }
 
+/// Builds a pipeline stage rank's program from its graph for `target` with its weights from `weights`, on the
+/// thread (or process) that runs it, optimized first at `opt` where given; the cores shared among every rank of
+/// every stage.
+fn stage_maker(
+    weights: std::sync::Arc<std::collections::HashMap<String, Tensor>>,
+    target: crate::cli::bench::BenchTarget,
+    interp: fulgur_ir::Interpreter,
+    par: &fulgur::parallel::Parallel,
+    opt: Option<OptLevel>,
+) -> fulgur::pipeline::MakeProgram {
+    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let threads = (cores / par.total_ranks()).max(1);
+    std::sync::Arc::new(move |g: &fulgur_ir::Graph| {
+        let w = weights.clone();
+        let fetch = move |name: &str| {
+            w.get(name)
+                .cloned()
+                .ok_or_else(|| format!("weight `{name}` is missing"))
+        };
+        let g = match opt {
+            Some(opt) => optimize(g.clone(), opt, target.cost_model()).map_err(|e| format!("{e:#}"))?,
+            None => g.clone(),
+        };
+        crate::cli::ranks::rank_program(g, target, interp, threads, &fetch)
+    })
+}
+
 /// A prefill or a decode step through pipeline stages (`fulgur::pipeline::build_generation`): the whole batch as
 /// one micro-batch, every input but the tokens given to every stage (a stage's programs take what they read: the
 /// decode's `position` and its layers' states); the outputs of every stage (the logits and the layers' states),
@@ -823,19 +830,7 @@ fn pipelined_pair(
         precision,
         memory_limit: args.memory_limit,
     };
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
-    let threads = (cores / par.total_ranks()).max(1);
-    // each rank's program optimized and built on the thread (or process) that runs it
-    let make: fulgur::pipeline::MakeProgram = std::sync::Arc::new(move |g: &fulgur_ir::Graph| {
-        let w = weights.clone();
-        let fetch = move |name: &str| {
-            w.get(name)
-                .cloned()
-                .ok_or_else(|| format!("weight `{name}` is missing"))
-        };
-        let g = optimize(g.clone(), opt, target.cost_model()).map_err(|e| format!("{e:#}"))?;
-        crate::cli::ranks::rank_program(g, target, interp, threads, &fetch)
-    });
+    let make = stage_maker(weights, target, interp, par, Some(opt));
     let timeout = crate::cli::ranks::rank_timeout();
     let inputs = |stages: &[fulgur::pipeline::Stage]| -> Vec<String> {
         let mut names: Vec<String> = Vec::new();

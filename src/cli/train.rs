@@ -642,10 +642,7 @@ pub fn run(args: Args) -> Result<()> {
     // split by the data-parallel degrees), so that the stages overlap
     let (micro, micro_batches) = match &par {
         Some(p) if p.pp > 1 && args.micro_batch.is_none() => {
-            let m = (1..=p.pp)
-                .rev()
-                .find(|m| b.is_multiple_of(m * p.dp * p.ep))
-                .unwrap_or(1);
+            let m = fulgur::pipeline::micro_batch_count(p, b).unwrap_or(1);
             (b / m, m)
         }
         _ => (micro, micro_batches),
