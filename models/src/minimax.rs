@@ -77,13 +77,7 @@ pub fn forward_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<Graph
 /// outputs `hidden_out`. The whole range is [`forward_graph`]. `opts.hidden_states` numbers the layers as the
 /// whole model does; a stage's states (`opts.states`) are its own layers'.
 pub fn stage_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions, layers: std::ops::Range<usize>) -> Result<Graph> {
-    if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
-        return Err(fulgur_ir::IrError::Graph(format!(
-            "a pipeline stage of layers {}..{} in a model of {} layers",
-            layers.start, layers.end, cfg.num_hidden_layers
-        )));
-    }
-    let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
+    let (first, last) = stage_ends(cfg, &layers)?;
     let whole = first && last;
     if opts.aux_loss && !whole {
         return Err(fulgur_ir::IrError::Graph(
@@ -171,6 +165,18 @@ pub fn stage_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions, layers: std::ops:
     Ok(b.g)
 }
 
+/// Whether a stage of `layers` is the model's first and its last; a range of no layers or past the model's is
+/// refused naming both.
+fn stage_ends(cfg: &MiniMaxConfig, layers: &std::ops::Range<usize>) -> Result<(bool, bool)> {
+    if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
+        return Err(fulgur_ir::IrError::Graph(format!(
+            "a pipeline stage of layers {}..{} in a model of {} layers",
+            layers.start, layers.end, cfg.num_hidden_layers
+        )));
+    }
+    Ok((layers.start == 0, layers.end == cfg.num_hidden_layers))
+}
+
 /// Builds the decode-step graph: one new token per sequence, carrying lightning states and KV caches.
 pub fn decode_graph(cfg: &MiniMaxConfig) -> Result<Graph> {
     decode_graph_with(cfg, &ForwardOptions::default())
@@ -187,13 +193,7 @@ pub fn decode_graph_with(cfg: &MiniMaxConfig, opts: &ForwardOptions) -> Result<G
 /// every stage takes `position` and its layers' states and outputs their new values; the last ends with the
 /// norm and the logits, an earlier one outputs [`STAGE_HIDDEN_OUT`]. All the layers give [`decode_graph_with`].
 pub fn decode_stage_graph(cfg: &MiniMaxConfig, opts: &ForwardOptions, layers: std::ops::Range<usize>) -> Result<Graph> {
-    if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
-        return Err(fulgur_ir::IrError::Graph(format!(
-            "a pipeline stage of layers {}..{} in a model of {} layers",
-            layers.start, layers.end, cfg.num_hidden_layers
-        )));
-    }
-    let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
+    let (first, last) = stage_ends(cfg, &layers)?;
     let mut b = Builder {
         g: Graph::new(if first && last {
             "minimax_decode".to_string()
