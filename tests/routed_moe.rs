@@ -327,3 +327,185 @@ fn training_step_routed_gives_the_single_device_update() {
         }
     }
 }
+
+/// On-rank exchanges of a rank's program: (dispatches, combines, those of them with `overlap_flops` > 0).
+fn exchanges(g: &Graph) -> (usize, usize, usize) {
+    use fulgur::ir::{Composite, Op};
+    let (mut d, mut c, mut overlapped) = (0, 0, 0);
+    for (_, n) in g.nodes() {
+        if let Op::Composite(Composite::OnRank { op, .. }) = &n.op {
+            let f = match &**op {
+                Op::Composite(Composite::AllToAllDispatch { overlap_flops, .. }) => {
+                    d += 1;
+                    overlap_flops
+                }
+                Op::Composite(Composite::AllToAllCombine { overlap_flops, .. }) => {
+                    c += 1;
+                    overlap_flops
+                }
+                _ => continue,
+            };
+            overlapped += usize::from(f.as_const() != Some(0));
+        }
+    }
+    (d, c, overlapped)
+}
+
+/// The collectives family's `routed-overlap-chunks` on the real model's per-rank programs: tiny-a's routed
+/// plans (the fused SwiGLU experts at `ep=2`, `dp=2,ep=2`, the split form at `ep=2,tp=2,etp=2`), each rank's
+/// program optimized by the family under a cost where hiding communication pays (no launch cost, slow links
+/// and tensor cores): every layer's exchange is cut into chunks carrying their overlap, and the chunked
+/// programs on simulated ranks give the unchunked programs' logits and loss within 1e-12 (f64).
+#[test]
+fn routed_overlap_chunks_fire_on_the_per_rank_programs() {
+    use fulgur::passes::rules::{collectives, RuleConfig};
+    use fulgur::passes::shard::lower_rank;
+    use fulgur::passes::{CostModel, Dce, EqSat, PassContext, Pipeline, Target};
+    use fulgur::runtime::ranks::run_ranks;
+    let ck = Checkpoint::open(&common::tiny_a()).unwrap();
+    let g = loss_graph(&ck.config);
+    let mut feed = ck.load_params(&g).unwrap();
+    let layers = ck.config.num_hidden_layers;
+    let target = Target::by_name("H100")
+        .unwrap()
+        .with_overrides(r#"{"launch_s": 0, "link_bw": 1e6, "matmul_flops_bf16": 1e9, "matmul_flops_tf32": 1e9, "vector_flops": 1e12, "mem_bw": 1e15}"#)
+        .unwrap();
+    let cx = PassContext {
+        model: CostModel::new(target),
+    };
+    for (par, b) in [("ep=2", 2), ("dp=2,ep=2", 4), ("ep=2,tp=2,etp=2", 2)] {
+        feed.insert("input_ids".into(), random_tokens(b, 16, ck.config.vocab_size, 7));
+        let p = Parallel::parse(par).unwrap();
+        let plan = minimax_plan(&ck.config, &p, b, 16).unwrap();
+        let (_, sg, _) = shard_forward(&plan_graph(&ck.config, &p), &plan, Ok).unwrap();
+        let programs: Vec<Graph> = (0..p.ranks())
+            .map(|r| lower_rank(&sg, &plan.mesh, r).unwrap())
+            .collect();
+        let want = run_ranks(&programs, &feed, Precision::F64, std::time::Duration::from_secs(120)).unwrap();
+        let chunked: Vec<Graph> = programs
+            .iter()
+            .map(|rg| {
+                let fams = vec![collectives::family(&RuleConfig::default())];
+                let (out, report) = Pipeline::new()
+                    .with(Dce)
+                    .with(EqSat::new(fams))
+                    .run(rg, &cx, None)
+                    .unwrap();
+                let fired: usize = report
+                    .iter()
+                    .filter_map(|r| r.eqsat.as_ref())
+                    .flat_map(|e| &e.templates)
+                    .filter_map(|t| t.rules.get("routed-overlap-chunks"))
+                    .map(|s| s.applications)
+                    .sum();
+                assert!(fired > 0, "{par}: the rule did not fire");
+                out
+            })
+            .collect();
+        for (r, rg) in chunked.iter().enumerate() {
+            let (d, c, overlapped) = exchanges(rg);
+            println!("tiny-a {par}, rank {r}: {d} dispatches, {c} combines, {overlapped} overlapped");
+            // every layer in c ∈ {2, 4} chunks: c dispatches and combines, all but chunk 0's dispatch and the
+            // last chunk's combine overlapping
+            assert_eq!(d, c, "{par}");
+            assert!(
+                d == 2 * layers || d == 4 * layers,
+                "{par}: {d} dispatches for {layers} layers"
+            );
+            assert_eq!(overlapped, 2 * d - 2 * layers, "{par}");
+        }
+        let got = run_ranks(&chunked, &feed, Precision::F64, std::time::Duration::from_secs(120)).unwrap();
+        for (r, (out, want)) in got.iter().zip(&want).enumerate() {
+            let (e, name) = worst(out, want);
+            assert!(e < 1e-12, "{par}, rank {r}: `{name}` off the unchunked programs by {e}");
+        }
+    }
+}
+
+/// `fulgur compile --parallel ep=2 --ceilings` for a cost where hiding the exchange pays: each rank's artifact
+/// holds every layer's routed exchange in chunks carrying their overlap, `fulgur run` on simulated ranks gives
+/// transformers' logits and loss, two launched processes (the exchanges over TCP) the same bytes; without the
+/// ceilings (the CPU's cost) tiny-a's exchanges stay whole; a ceilings file that does not parse is named.
+#[test]
+#[cfg(feature = "llvm")]
+fn a_chunked_routed_artifact_runs_on_simulated_and_launched_ranks() {
+    use fulgur::ir::tensor::read_safetensors;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = common::tiny_a();
+    let tokens = ck.join("reference.safetensors");
+    let fulgur = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("FULGUR_RANK_TIMEOUT", "60");
+        c.output().unwrap()
+    };
+    let (ck_s, tokens_s) = (ck.to_str().unwrap(), tokens.to_str().unwrap());
+    std::fs::write(
+        dir.path().join("slow-links.json"),
+        r#"{"launch_s": 0, "link_bw": 1e6, "matmul_flops_bf16": 1e9, "matmul_flops_tf32": 1e9}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("bad.json"), r#"{"link_bw": -1}"#).unwrap();
+    let compile = |out: &str, ceilings: Option<&str>| {
+        let mut v = vec![
+            "compile",
+            ck_s,
+            "--parallel",
+            "ep=2",
+            "--batch",
+            "2",
+            "--seq",
+            "40",
+            "--loss",
+            "-o",
+            out,
+        ];
+        if let Some(c) = ceilings {
+            v.extend(["--ceilings", c]);
+        }
+        fulgur(&v)
+    };
+    let layers = Checkpoint::open(&ck).unwrap().config.num_hidden_layers;
+    let dispatches = |art: &str| -> (usize, usize) {
+        let fir = std::fs::read_to_string(dir.path().join(art).join("rank0/graph.fir")).unwrap();
+        let lines = fir.lines().filter(|l| l.contains("op=\"all_to_all_dispatch\""));
+        let all: Vec<&str> = lines.collect();
+        (all.len(), all.iter().filter(|l| l.contains("overlap_flops=")).count())
+    };
+    let o = compile("whole", None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(dispatches("whole"), (layers, 0), "the CPU's cost: whole exchanges");
+    let o = compile("chunked", Some("slow-links.json"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (d, overlapped) = dispatches("chunked");
+    println!("chunked artifact: {d} dispatches for {layers} layers, {overlapped} overlapping");
+    assert!(d == 2 * layers || d == 4 * layers, "{d} dispatches");
+    assert_eq!(overlapped, d - layers);
+    let want = read_safetensors(&tokens).unwrap();
+    let run = |out: &'static str| vec!["run", "chunked", "--weights", ck_s, "--inputs", tokens_s, "-o", out];
+    let o = fulgur(&run("sim.safetensors"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sim = read_safetensors(&dir.path().join("sim.safetensors")).unwrap();
+    let e = sim["logits"].rel_l2(&want["logits"]);
+    println!("chunked ep=2 on simulated ranks: logits {e:.1e} off transformers'");
+    assert!(e < 1e-4, "logits off transformers' by {e}");
+    assert!((sim["loss"].to_f64()[0] - want["loss"].to_f64()[0]).abs() < 1e-4);
+    let mut launched = vec!["launch", "-n", "2", "--timeout", "300", "--", "fulgur"];
+    launched.extend(run("launched.safetensors"));
+    let o = fulgur(&launched);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("launched.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("sim.safetensors")).unwrap()
+    );
+    let o = compile("never", Some("bad.json"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("bad.json: ceiling `link_bw` must be a positive number, found -1"),
+        "{err}"
+    );
+    assert!(!dir.path().join("never").exists());
+}

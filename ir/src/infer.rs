@@ -481,7 +481,7 @@ fn infer_composite(c: &Composite, ins: &[&TensorType]) -> R<Vec<TensorType>> {
             crate::composite::collective::infer_grouped(c.name(), Some(*axis), mesh, *over, ins)
         }
         Composite::SendRecv { mesh, over, .. } => crate::composite::collective::infer_send_recv(mesh, *over, ins),
-        Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over } => {
+        Composite::AllToAllDispatch { mesh, over, .. } | Composite::AllToAllCombine { mesh, over, .. } => {
             crate::composite::collective::infer_exchange(c.name(), mesh, *over, ins)
         }
         Composite::OnRank { op, rank } => {

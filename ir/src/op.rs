@@ -374,11 +374,24 @@ pub enum Composite {
     /// `counts[s, r·E/G + j]` rows `s` holds for that expert, packed from row 0, zeros after; `got[r, j]` is the
     /// rows it received for its expert `j`. Groups as for [`Composite::AllReduce`] (see
     /// [`crate::composite::collective`]).
-    AllToAllDispatch { mesh: Vec<usize>, over: usize },
+    ///
+    /// `overlap_flops` annotates the schedule as for [`Composite::AllToAllStart`]: the matmul FLOPs of the
+    /// compute the exchange runs alongside (the routed overlap's chunks, `docs/parallelism.md` §4.2; 0, not
+    /// printed, for none), with no effect on the value.
+    AllToAllDispatch {
+        mesh: Vec<usize>,
+        over: usize,
+        overlap_flops: Dim,
+    },
     /// The routed exchange's combine side, the transpose of [`Composite::AllToAllDispatch`] with the same
     /// `counts` (the sender's): `y [R, G·M, ...]` laid out as dispatch gives it → `x [R, M, ...]`, each row
     /// back at the rank and position it was dispatched from; rows past a rank's `Σ counts` are zero.
-    AllToAllCombine { mesh: Vec<usize>, over: usize },
+    /// `overlap_flops` as for the dispatch.
+    AllToAllCombine {
+        mesh: Vec<usize>,
+        over: usize,
+        overlap_flops: Dim,
+    },
     /// `per_rank[op=NAME, ...](x0, x1, ...)`: the op (its attributes inline) applied to each slice of the
     /// inputs' common leading axis independently, the results stacked along it: `out[r] = op(x0[r], x1[r],
     /// ...)`. The sharding pass writes it for ops without a batch axis of their own (`scatter_add`, `gather`
@@ -405,6 +418,24 @@ fn group_attrs(mesh: &[usize], over: usize) -> Vec<(&'static str, AttrValue)> {
 }
 
 impl Composite {
+    /// The routed exchange's dispatch over `mesh`'s axis `over`, overlapping nothing.
+    pub fn dispatch(mesh: Vec<usize>, over: usize) -> Composite {
+        Composite::AllToAllDispatch {
+            mesh,
+            over,
+            overlap_flops: Dim::from(0usize),
+        }
+    }
+
+    /// The routed exchange's combine over `mesh`'s axis `over`, overlapping nothing.
+    pub fn combine(mesh: Vec<usize>, over: usize) -> Composite {
+        Composite::AllToAllCombine {
+            mesh,
+            over,
+            overlap_flops: Dim::from(0usize),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Composite::Softmax { .. } => "softmax",
@@ -515,9 +546,23 @@ impl Composite {
                 v
             }
             Composite::CollectiveWait => vec![],
-            Composite::AllReduce { mesh, over }
-            | Composite::AllToAllDispatch { mesh, over }
-            | Composite::AllToAllCombine { mesh, over } => group_attrs(mesh, *over),
+            Composite::AllReduce { mesh, over } => group_attrs(mesh, *over),
+            Composite::AllToAllDispatch {
+                mesh,
+                over,
+                overlap_flops,
+            }
+            | Composite::AllToAllCombine {
+                mesh,
+                over,
+                overlap_flops,
+            } => {
+                let mut v = group_attrs(mesh, *over);
+                if overlap_flops.as_const() != Some(0) {
+                    v.push(("overlap_flops", AttrValue::dim(overlap_flops.clone())));
+                }
+                v
+            }
             Composite::AllGather { axis, mesh, over }
             | Composite::ReduceScatter { axis, mesh, over }
             | Composite::ShardSlice { axis, mesh, over } => {
@@ -827,6 +872,24 @@ impl Op {
                 overlap_flops: overlap_flops.substitute(env),
                 mesh: mesh.clone(),
                 over: *over,
+            }),
+            Op::Composite(Composite::AllToAllDispatch {
+                mesh,
+                over,
+                overlap_flops,
+            }) => Op::Composite(Composite::AllToAllDispatch {
+                mesh: mesh.clone(),
+                over: *over,
+                overlap_flops: overlap_flops.substitute(env),
+            }),
+            Op::Composite(Composite::AllToAllCombine {
+                mesh,
+                over,
+                overlap_flops,
+            }) => Op::Composite(Composite::AllToAllCombine {
+                mesh: mesh.clone(),
+                over: *over,
+                overlap_flops: overlap_flops.substitute(env),
             }),
             op => op.clone(),
         }
@@ -1151,10 +1214,12 @@ impl Op {
             "all_to_all_dispatch" => Op::Composite(Composite::AllToAllDispatch {
                 mesh: a.mesh()?,
                 over: a.over()?,
+                overlap_flops: a.overlap()?,
             }),
             "all_to_all_combine" => Op::Composite(Composite::AllToAllCombine {
                 mesh: a.mesh()?,
                 over: a.over()?,
+                overlap_flops: a.overlap()?,
             }),
             "send_recv" => Op::Composite(Composite::SendRecv {
                 shift: a.int("shift")?,
@@ -1298,6 +1363,14 @@ impl Attrs<'_> {
             self.sizes("mesh")
         } else {
             Ok(vec![])
+        }
+    }
+    /// A routed exchange's `overlap_flops` (absent: 0).
+    fn overlap(&mut self) -> Result<Dim, String> {
+        if self.attrs.iter().any(|(k, _)| k == "overlap_flops") {
+            self.dim("overlap_flops")
+        } else {
+            Ok(Dim::from(0usize))
         }
     }
     /// A collective's `over` (absent: 0).

@@ -760,10 +760,7 @@ fn routed_exchange_matches_a_loop_over_ranks_and_combine_is_its_transpose() {
             ]
             .into();
             let d = exchange_graph(
-                Composite::AllToAllDispatch {
-                    mesh: mesh.to_vec(),
-                    over,
-                },
+                Composite::dispatch(mesh.to_vec(), over),
                 (DType::F32, vec![ranks, m, f]),
                 &[ranks, e],
             );
@@ -783,10 +780,7 @@ fn routed_exchange_matches_a_loop_over_ranks_and_combine_is_its_transpose() {
                 .map(|_| f64::from(rng.gen_range(-1.0f32..1.0)))
                 .collect();
             let c = exchange_graph(
-                Composite::AllToAllCombine {
-                    mesh: mesh.to_vec(),
-                    over,
-                },
+                Composite::combine(mesh.to_vec(), over),
                 (DType::F32, vec![ranks, gs * m, f]),
                 &[ranks, e],
             );
@@ -836,7 +830,7 @@ fn routed_exchange_refuses_bad_operands_and_round_trips() {
     let x = g.input("x", DType::F32, cd(&[4, 3, 2])).unwrap();
     let c = g.input("c", DType::I64, cd(&[4, 6])).unwrap();
     let cf = g.input("cf", DType::F32, cd(&[4, 4])).unwrap();
-    let op = |mesh: Vec<usize>, over| Op::Composite(Composite::AllToAllDispatch { mesh, over });
+    let op = |mesh: Vec<usize>, over| Op::Composite(Composite::dispatch(mesh, over));
     let e = g.op(op(vec![], 0), &[x, c]).unwrap_err().to_string();
     assert!(
         e.contains("`all_to_all_dispatch`: 6 experts cannot be shared by a group of 4 ranks"),
@@ -847,7 +841,7 @@ fn routed_exchange_refuses_bad_operands_and_round_trips() {
         e.contains("`all_to_all_dispatch` needs integer counts [R, E], got f32[4, 4]"),
         "{e}"
     );
-    let comb = Op::Composite(Composite::AllToAllCombine { mesh: vec![4], over: 0 });
+    let comb = Op::Composite(Composite::combine(vec![4], 0));
     let c8 = g.input("c8", DType::I64, cd(&[4, 8])).unwrap();
     let e = g.op(comb.clone(), &[x, c8]).unwrap_err().to_string();
     assert!(e.contains("the group size must divide axis 1"), "{e}");
@@ -862,6 +856,7 @@ fn routed_exchange_refuses_bad_operands_and_round_trips() {
             Op::Composite(Composite::AllToAllCombine {
                 mesh: vec![2, 2],
                 over: 1,
+                overlap_flops: Dim::from(4096usize),
             }),
             &[y, c],
         )
@@ -871,6 +866,11 @@ fn routed_exchange_refuses_bad_operands_and_round_trips() {
     g.add_output("got", got).unwrap();
     let t = text::print(&g);
     assert!(t.contains("all_to_all_dispatch[mesh=[2, 2], over=1]"), "{t}");
+    // a schedule annotation is printed where it is not 0, and parses back
+    assert!(
+        t.contains("all_to_all_combine[mesh=[2, 2], over=1, overlap_flops=4096]"),
+        "{t}"
+    );
     let again = text::parse(&t).unwrap();
     assert_eq!(text::print(&again), t);
     let j = json::to_json(&g);

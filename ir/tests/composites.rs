@@ -1523,11 +1523,12 @@ fn every_composite_has_a_name_attrs_and_a_decomposition_with_its_output_count() 
             scale: 0.5,
             causal: true,
         },
-        Composite::AllToAllDispatch {
-            mesh: vec![2, 2],
-            over: 1,
+        Composite::dispatch(vec![2, 2], 1),
+        Composite::AllToAllCombine {
+            mesh: vec![],
+            over: 0,
+            overlap_flops: Dim::from(8usize),
         },
-        Composite::AllToAllCombine { mesh: vec![], over: 0 },
     ];
     let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
     assert_eq!(names, Composite::NAMES.to_vec());

@@ -278,10 +278,24 @@ impl Gen {
             let Some(c) = self.value_of(idt, vec![r, e]) else {
                 return;
             };
-            let op = if self.rng.gen_bool(0.5) {
-                Composite::AllToAllDispatch { mesh, over }
+            // the schedule annotation: none (not printed) or a size
+            let overlap_flops = if self.rng.gen_bool(0.5) {
+                Dim::from(0usize)
             } else {
-                Composite::AllToAllCombine { mesh, over }
+                self.dim()
+            };
+            let op = if self.rng.gen_bool(0.5) {
+                Composite::AllToAllDispatch {
+                    mesh,
+                    over,
+                    overlap_flops,
+                }
+            } else {
+                Composite::AllToAllCombine {
+                    mesh,
+                    over,
+                    overlap_flops,
+                }
             };
             self.add(Op::Composite(op), &[x, c]);
             return;

@@ -1087,18 +1087,12 @@ fn vjp(
             vec![Some(g.op(Op::Composite(t), &[gy])?[0])]
         }
         // the routed exchange's two sides are each other's transposes under the same counts (no gradient)
-        Op::Composite(Composite::AllToAllDispatch { mesh, over }) => {
-            let t = Composite::AllToAllCombine {
-                mesh: mesh.clone(),
-                over: *over,
-            };
+        Op::Composite(Composite::AllToAllDispatch { mesh, over, .. }) => {
+            let t = Composite::combine(mesh.clone(), *over);
             vec![Some(g.op(Op::Composite(t), &[gy, ins[1]])?[0]), None]
         }
-        Op::Composite(Composite::AllToAllCombine { mesh, over }) => {
-            let t = Composite::AllToAllDispatch {
-                mesh: mesh.clone(),
-                over: *over,
-            };
+        Op::Composite(Composite::AllToAllCombine { mesh, over, .. }) => {
+            let t = Composite::dispatch(mesh.clone(), *over);
             vec![Some(g.op(Op::Composite(t), &[gy, ins[1]])?[0]), None]
         }
         Op::Composite(Composite::MoeDispatch { .. }) => {

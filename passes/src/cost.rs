@@ -211,7 +211,29 @@ impl CostModel {
                 let whole_ins: Vec<TensorType> = ins.iter().map(|t| lift(t)).collect();
                 let refs: Vec<&TensorType> = whole_ins.iter().collect();
                 let whole_outs: Vec<TensorType> = outs.iter().map(lift).collect();
-                let c = self.node_cost(op, &refs, &whole_outs);
+                // a routed chunk's overlapped FLOPs are one rank's: every rank's, as the lifted transfer is
+                let whole_op = match &**op {
+                    Op::Composite(Composite::AllToAllDispatch {
+                        mesh,
+                        over,
+                        overlap_flops,
+                    }) => Op::Composite(Composite::AllToAllDispatch {
+                        mesh: mesh.clone(),
+                        over: *over,
+                        overlap_flops: overlap_flops.clone() * fulgur_ir::Dim::from(ranks),
+                    }),
+                    Op::Composite(Composite::AllToAllCombine {
+                        mesh,
+                        over,
+                        overlap_flops,
+                    }) => Op::Composite(Composite::AllToAllCombine {
+                        mesh: mesh.clone(),
+                        over: *over,
+                        overlap_flops: overlap_flops.clone() * fulgur_ir::Dim::from(ranks),
+                    }),
+                    op => op.clone(),
+                };
+                let c = self.node_cost(&whole_op, &refs, &whole_outs);
                 let r = ranks as f64;
                 NodeCost {
                     flops: c.flops / r,
@@ -469,15 +491,32 @@ pub fn collective_cost(m: &CostModel, c: &Composite, ins: &[&TensorType]) -> Nod
         }
         // the routed exchange moves only the routed rows, known at run time: priced at what a balanced routing
         // moves, the (G−1)/G of the rows each rank sends that leave it (dispatch: its `M` rows; combine: the
-        // `G·M`-row buffer holds `M` routed rows on average)
-        Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over } => {
+        // `G·M`-row buffer holds `M` routed rows on average). A chunk of the routed overlap (`overlap_flops` > 0)
+        // is hidden as `all_to_all_start` is, behind at most half the time of the compute it runs alongside.
+        Composite::AllToAllDispatch {
+            mesh,
+            over,
+            overlap_flops,
+        }
+        | Composite::AllToAllCombine {
+            mesh,
+            over,
+            overlap_flops,
+        } => {
             let g = group_of(mesh, *over);
             let bytes = match c {
                 Composite::AllToAllDispatch { .. } => m.bytes(x),
                 _ => m.bytes(x) / g,
             };
+            let moved = bytes * (g - 1.0) / g;
+            let flops = overlap_flops
+                .eval_or(&m.env, 1024)
+                .map(|f| f.max(0) as f64)
+                .unwrap_or(0.0);
+            let transfer = moved / m.target.link_bw;
+            let hidden = transfer.min(0.5 * flops / m.matmul_peak(x.dtype));
             NodeCost {
-                comm_bytes: bytes * (g - 1.0) / g,
+                comm_bytes: (transfer - hidden).max(0.0) * m.target.link_bw,
                 kernel: true,
                 ..NodeCost::default()
             }

@@ -488,15 +488,9 @@ fn routed_exchange_backward_is_the_other_side() {
         let counts: Vec<i64> = (0..ranks * e).map(|j| ((j * 7 + 3) % 4) as i64 % 2).collect();
         for dispatch in [true, false] {
             let op = if dispatch {
-                Op::Composite(Composite::AllToAllDispatch {
-                    mesh: mesh.clone(),
-                    over,
-                })
+                Op::Composite(Composite::dispatch(mesh.clone(), over))
             } else {
-                Op::Composite(Composite::AllToAllCombine {
-                    mesh: mesh.clone(),
-                    over,
-                })
+                Op::Composite(Composite::combine(mesh.clone(), over))
             };
             let rows = if dispatch { m } else { gs * m };
             let shape = [ranks, rows, 3];

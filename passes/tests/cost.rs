@@ -117,3 +117,55 @@ fn grouped_collectives_move_ring_bytes() {
         );
     }
 }
+
+/// The routed exchange's chunks: `overlap_flops` hides the transfer behind at most half the time of those
+/// FLOPs at the tensor-core peak, never more than the transfer; a rank's view (`on_rank`) costs the simulated
+/// exchange over the ranks, its FLOPs one rank's.
+#[test]
+fn routed_exchange_chunks_are_credited_with_their_overlap() {
+    use fulgur_ir::Composite;
+    let m = CostModel::new(Target::by_name("H800").unwrap());
+    let (ranks, rows, c) = (4usize, 4096i64, 1024i64);
+    let x = TensorType::new(DType::BF16, vec![Dim::from(ranks), Dim::from(rows), Dim::from(c)]);
+    let counts = TensorType::new(DType::I64, vec![Dim::from(ranks), Dim::from(8)]);
+    let moved = (ranks as i64 * rows * c * 2) as f64 * 3.0 / 4.0;
+    let transfer = moved / m.target.link_bw;
+    let cost = |flops: usize| {
+        let op = Op::Composite(Composite::AllToAllDispatch {
+            mesh: vec![ranks],
+            over: 0,
+            overlap_flops: Dim::from(flops),
+        });
+        let out = fulgur_ir::infer::infer(&op, &[&x, &counts]).unwrap();
+        m.node_cost(&op, &[&x, &counts], &out).comm_bytes
+    };
+    assert!((cost(0) - moved).abs() < 1e-3, "{}", cost(0));
+    // a third of the transfer hidden: FLOPs for 2/3 of its time at the peak (half of it counts)
+    let f = (2.0 / 3.0 * transfer * m.target.matmul_flops_bf16) as usize;
+    let want = moved * (1.0 - 1.0 / 3.0);
+    assert!((cost(f) - want).abs() / want < 1e-6, "{} vs {want}", cost(f));
+    // never more than the transfer
+    assert_eq!(cost(f * 100), 0.0);
+    // one rank's view: its share of the whole, its FLOPs one rank's
+    let local = |flops: usize| {
+        let op = Op::Composite(Composite::OnRank {
+            op: Box::new(Op::Composite(Composite::AllToAllDispatch {
+                mesh: vec![ranks],
+                over: 0,
+                overlap_flops: Dim::from(flops),
+            })),
+            rank: 1,
+        });
+        let xl = TensorType::new(DType::BF16, vec![Dim::from(rows), Dim::from(c)]);
+        let cl = TensorType::new(DType::I64, vec![Dim::from(8)]);
+        let out = fulgur_ir::infer::infer(&op, &[&xl, &cl]).unwrap();
+        m.node_cost(&op, &[&xl, &cl], &out).comm_bytes
+    };
+    assert!((local(0) - moved / ranks as f64).abs() < 1e-3, "{}", local(0));
+    let per_rank = f / ranks;
+    assert!(
+        (local(per_rank) - want / ranks as f64).abs() / want < 1e-6,
+        "{}",
+        local(per_rank)
+    );
+}

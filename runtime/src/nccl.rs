@@ -543,8 +543,8 @@ impl NcclTransport {
         use cudarc::driver::sys;
         use fulgur_ir::DType;
         let (mesh, over, dispatch) = match op {
-            Op::Composite(Composite::AllToAllDispatch { mesh, over }) => (mesh, *over, true),
-            Op::Composite(Composite::AllToAllCombine { mesh, over }) => (mesh, *over, false),
+            Op::Composite(Composite::AllToAllDispatch { mesh, over, .. }) => (mesh, *over, true),
+            Op::Composite(Composite::AllToAllCombine { mesh, over, .. }) => (mesh, *over, false),
             _ => return Err(format!("`{}` is not the routed exchange", op.name())),
         };
         let [x, counts] = ins else {
@@ -706,8 +706,9 @@ impl Transport for NcclTransport {
         if rank != self.rank {
             return Err(format!("rank {} was asked for rank {rank}'s collective", self.rank));
         }
-        if let Op::Composite(Composite::AllToAllDispatch { mesh, over } | Composite::AllToAllCombine { mesh, over }) =
-            op
+        if let Op::Composite(
+            Composite::AllToAllDispatch { mesh, over, .. } | Composite::AllToAllCombine { mesh, over, .. },
+        ) = op
         {
             let [x, counts] = args else {
                 return Err(format!(
@@ -1048,10 +1049,7 @@ mod tests {
             !on(Composite::AllReduce { mesh: vec![4], over: 0 }, DType::F32, &[3]),
             "another mesh"
         );
-        let routed = Composite::AllToAllDispatch {
-            mesh: m.clone(),
-            over: 1,
-        };
+        let routed = Composite::dispatch(m.clone(), 1);
         assert!(
             !on(routed, DType::F32, &[3, 5]),
             "the routed exchange goes through the host"

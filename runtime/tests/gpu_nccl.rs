@@ -98,10 +98,7 @@ fn gpu_nccl_single_rank_routed_exchange_equals_the_simulated_transport() {
         let nccl = NcclTransport::single(&mesh, 0).unwrap();
         let sim = SimTransport::new(1, Precision::F64, Duration::from_secs(10));
         let over = mesh.len() / 2;
-        let dispatch = Op::Composite(Composite::AllToAllDispatch {
-            mesh: mesh.clone(),
-            over,
-        });
+        let dispatch = Op::Composite(Composite::dispatch(mesh.clone(), over));
         let got = nccl.collective(&dispatch, 0, &[&x, &counts]).unwrap();
         let want = sim.collective(&dispatch, 0, &[&x, &counts]).unwrap();
         assert_eq!(got.len(), 2);
@@ -109,10 +106,7 @@ fn gpu_nccl_single_rank_routed_exchange_equals_the_simulated_transport() {
             assert_eq!(g.shape, w.shape, "dispatch on {mesh:?}");
             assert_eq!(g.to_f64(), w.to_f64(), "dispatch on {mesh:?}");
         }
-        let combine = Op::Composite(Composite::AllToAllCombine {
-            mesh: mesh.clone(),
-            over,
-        });
+        let combine = Op::Composite(Composite::combine(mesh.clone(), over));
         let back = nccl.collective(&combine, 0, &[&got[0], &counts]).unwrap();
         let want = sim.collective(&combine, 0, &[&got[0], &counts]).unwrap();
         assert_eq!(back[0].to_f64(), want[0].to_f64(), "combine on {mesh:?}");
@@ -381,23 +375,9 @@ fn gpu_nccl_routed_exchange_runs_on_the_device_in_a_cuda_program() {
     let d = g
         .op(Op::Composite(Composite::MoeDispatch { experts: 3 }), &[x, ids])
         .unwrap();
-    let sent = on(
-        &mut g,
-        Composite::AllToAllDispatch {
-            mesh: mesh.clone(),
-            over: 1,
-        },
-        &[d[0], d[2]],
-    );
+    let sent = on(&mut g, Composite::dispatch(mesh.clone(), 1), &[d[0], d[2]]);
     let y = g.mul(sent[0], sent[0]).unwrap();
-    let back = on(
-        &mut g,
-        Composite::AllToAllCombine {
-            mesh: mesh.clone(),
-            over: 1,
-        },
-        &[y, d[2]],
-    );
+    let back = on(&mut g, Composite::combine(mesh.clone(), 1), &[y, d[2]]);
     g.add_output("y", sent[0]).unwrap();
     g.add_output("got", sent[1]).unwrap();
     g.add_output("back", back[0]).unwrap();

@@ -67,6 +67,10 @@ pub struct CompileArgs {
     /// Cost model the optimizer plans for (default: `CPU` for cpu, `H200` for cuda).
     #[arg(long, value_name = "NAME")]
     pub cost_model: Option<String>,
+    /// JSON file of measured ceilings overriding the cost model's: `matmul_flops_bf16`, `matmul_flops_tf32`,
+    /// `vector_flops` (FLOP/s), `mem_bw`, `link_bw` (bytes/s), `launch_s` (seconds); as `inspect --ceilings`.
+    #[arg(long, value_name = "FILE")]
+    pub ceilings: Option<PathBuf>,
     /// For a model: the dtype weights and activations are stored in.
     #[arg(long, value_enum, default_value_t = crate::cli::model::Dtype::F32)]
     pub dtype: crate::cli::model::Dtype,
@@ -104,6 +108,18 @@ fn is_graph_file(p: &Path) -> bool {
 
 /// The graph `compile` lowers, with the warnings its config calls for.
 /// The cost model `compile` plans for: `--cost-model`, else the target's.
+/// `args`' graph optimized at `--opt` for its cost model and `--ceilings`.
+fn optimize_for(args: &CompileArgs, g: fulgur_ir::Graph) -> Result<fulgur_ir::Graph> {
+    let ceilings = match &args.ceilings {
+        Some(c) => Some((
+            std::fs::read_to_string(c).with_context(|| format!("cannot read the ceilings file {}", c.display()))?,
+            c.display().to_string(),
+        )),
+        None => None,
+    };
+    crate::cli::model::optimize_with(g, args.opt, &cost_model_of(args), ceilings.as_ref())
+}
+
 fn cost_model_of(args: &CompileArgs) -> String {
     args.cost_model.clone().unwrap_or_else(|| {
         match args.target {
@@ -162,7 +178,10 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
             // what `fulgur train` runs: the forward optimized first in f32 (see `model::with_backward`), stored
             // as --dtype with f32 master weights (`train::compute_graph`), then the step; `compile` optimizes the
             // whole step after and leaves its dtypes as they are
-            let g = crate::cli::model::optimized_forward(g, args.opt, &cost_model_of(args))?;
+            let g = match args.opt {
+                crate::cli::model::OptLevel::None => g,
+                crate::cli::model::OptLevel::Full => optimize_for(args, g)?,
+            };
             let g = crate::cli::train::compute_graph(&g, args.dtype)?;
             fulgur_passes::optim::train_step(&g, "loss", &fulgur_passes::optim::AdamW::default())?
         }
@@ -174,6 +193,9 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     artifact::check_destination(&args.out)?;
     if let Some(p) = &args.plan {
         crate::cli::files::check_not_input(&args.out, &[InputFile::new("the --plan file", p)])?;
+    }
+    if let Some(c) = &args.ceilings {
+        crate::cli::files::check_not_input(&args.out, &[InputFile::new("the ceilings file", c)])?;
     }
     let degrees = match (&args.parallel, &args.plan) {
         (Some(d), _) => Some(d.clone()),
@@ -188,8 +210,7 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     }
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
-    let cost_model = cost_model_of(&args);
-    let g = crate::cli::model::optimize(g, args.opt, &cost_model)?;
+    let g = optimize_for(&args, g)?;
     // a training step is already in --dtype, its master weights and moments f32 (`compile_input`)
     let g = if args.graph == ModelGraph::Train && !is_graph_file(&args.input) {
         g
@@ -306,8 +327,7 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
     let progress = emit_progress(ranks, "ranks");
     for r in 0..ranks {
         let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
-        let rg = crate::cli::model::optimize(rg, args.opt, &cost_model_of(args))
-            .with_context(|| format!("optimizing rank {r}'s program"))?;
+        let rg = optimize_for(args, rg).with_context(|| format!("optimizing rank {r}'s program"))?;
         let (program, codegen, rank_files) = emit(&rg, args, &format!("{}/", artifact::ParallelManifest::rank_dir(r)))?;
         files.extend(rank_files);
         match &first {
@@ -415,8 +435,8 @@ fn compile_pipeline(
                     }
                 }
             }
-            let g = crate::cli::model::optimize(g.clone(), args.opt, &cost_model_of(args))
-                .with_context(|| format!("optimizing stage {s}, rank {i}'s program"))?;
+            let g =
+                optimize_for(args, g.clone()).with_context(|| format!("optimizing stage {s}, rank {i}'s program"))?;
             let (program, codegen, rank_files) =
                 emit(&g, args, &format!("{}/", artifact::ParallelManifest::rank_dir(at)))?;
             files.extend(rank_files);

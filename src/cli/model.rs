@@ -166,9 +166,21 @@ impl From<OptLevel> for fulgur_codegen::compile::OptLevel {
 
 /// Compiles `g` at `opt` for `target` (the library's compile; warnings printed here).
 pub fn optimize(g: fulgur_ir::Graph, opt: OptLevel, target: &str) -> Result<fulgur_ir::Graph> {
+    optimize_with(g, opt, target, None)
+}
+
+/// [`optimize`] for a target whose ceilings are overridden by a JSON file's `(text, path)` (`compile
+/// --ceilings`, as `inspect --ceilings`).
+pub fn optimize_with(
+    g: fulgur_ir::Graph,
+    opt: OptLevel,
+    target: &str,
+    ceilings: Option<&(String, String)>,
+) -> Result<fulgur_ir::Graph> {
     let opts = fulgur_codegen::compile::CompileOptions {
         opt: opt.into(),
         target: target.to_string(),
+        ceilings: ceilings.cloned(),
         ..Default::default()
     };
     let t = Instant::now();

@@ -129,11 +129,11 @@ impl Composite {
                     inputs[0],
                 )?])
             }
-            Composite::AllToAllDispatch { mesh, over } => {
+            Composite::AllToAllDispatch { mesh, over, .. } => {
                 let (y, got) = collective::dispatch_exchange(g, mesh, *over, inputs[0], inputs[1])?;
                 Ok(vec![y, got])
             }
-            Composite::AllToAllCombine { mesh, over } => Ok(vec![collective::combine_exchange(
+            Composite::AllToAllCombine { mesh, over, .. } => Ok(vec![collective::combine_exchange(
                 g, mesh, *over, inputs[0], inputs[1],
             )?]),
             Composite::OnRank { op, .. } => Err(IrError::Graph(format!(

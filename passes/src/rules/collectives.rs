@@ -62,7 +62,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub fn family(cfg: &RuleConfig) -> Family {
     Family {
         name: "collectives",
-        rules: vec![fn_rule("a2a-overlap-chunks", probe_segment, build_segment, cfg)],
+        rules: vec![
+            fn_rule("a2a-overlap-chunks", probe_segment, build_segment, cfg),
+            super::routed::rule(cfg),
+        ],
     }
 }
 

@@ -7,6 +7,7 @@ pub mod collectives;
 pub mod fusion;
 pub mod lightning;
 pub mod moe;
+mod routed;
 
 use crate::lang::Rewrite;
 

@@ -241,18 +241,9 @@ impl Pass<'_> {
             )?[0])
         };
         let ys = if let Some(mesh) = exchange_mesh(&sizes, &group_axes) {
-            let exchanged = self.emit(
-                Op::Composite(Composite::AllToAllDispatch {
-                    mesh: mesh.clone(),
-                    over: 1,
-                }),
-                &[xs, counts],
-            )?;
+            let exchanged = self.emit(Op::Composite(Composite::dispatch(mesh.clone(), 1)), &[xs, counts])?;
             let ye = experts_on(self, exchanged[0], exchanged[1])?;
-            self.emit(
-                Op::Composite(Composite::AllToAllCombine { mesh, over: 1 }),
-                &[ye, counts],
-            )?[0]
+            self.emit(Op::Composite(Composite::combine(mesh, 1)), &[ye, counts])?[0]
         } else {
             experts_on(self, xs, counts)?
         };
@@ -496,13 +487,7 @@ impl Pass<'_> {
         let mesh = exchange_mesh(&sizes, &group_axes);
         let (recv, got) = match &mesh {
             Some(mesh) => {
-                let e = self.emit(
-                    Op::Composite(Composite::AllToAllDispatch {
-                        mesh: mesh.clone(),
-                        over: 1,
-                    }),
-                    &[xs, counts],
-                )?;
+                let e = self.emit(Op::Composite(Composite::dispatch(mesh.clone(), 1)), &[xs, counts])?;
                 (e[0], e[1])
             }
             None => (xs, counts),
@@ -535,13 +520,7 @@ impl Pass<'_> {
         }
         let ye = local[&c_node.inputs[0]];
         let ys = match &mesh {
-            Some(mesh) => self.emit(
-                Op::Composite(Composite::AllToAllCombine {
-                    mesh: mesh.clone(),
-                    over: 1,
-                }),
-                &[ye, counts],
-            )?[0],
+            Some(mesh) => self.emit(Op::Composite(Composite::combine(mesh.clone(), 1)), &[ye, counts])?[0],
             None => ye,
         };
         let v = self.emit(per_rank(Op::Composite(Composite::MoeCombine)), &[ys, pos, wr])?[0];
@@ -634,13 +613,7 @@ impl Pass<'_> {
         let dys = r1[&format!("{GRAD_PREFIX}ys")];
         let dwts = r1[&format!("{GRAD_PREFIX}wts")];
         let dye = match &st.mesh {
-            Some(mesh) => self.emit(
-                Op::Composite(Composite::AllToAllDispatch {
-                    mesh: mesh.clone(),
-                    over: 1,
-                }),
-                &[dys, st.counts],
-            )?[0],
+            Some(mesh) => self.emit(Op::Composite(Composite::dispatch(mesh.clone(), 1)), &[dys, st.counts])?[0],
             None => dys,
         };
         // the experts on the received rows
@@ -692,13 +665,7 @@ impl Pass<'_> {
         let r2 = self.vmap(&g2, &feed)?;
         let drecv = r2[&format!("{GRAD_PREFIX}xs")];
         let dxs = match &st.mesh {
-            Some(mesh) => self.emit(
-                Op::Composite(Composite::AllToAllCombine {
-                    mesh: mesh.clone(),
-                    over: 1,
-                }),
-                &[drecv, st.counts],
-            )?[0],
+            Some(mesh) => self.emit(Op::Composite(Composite::combine(mesh.clone(), 1)), &[drecv, st.counts])?[0],
             None => drecv,
         };
         // the dispatch: the tokens' cotangent
