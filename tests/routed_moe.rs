@@ -413,6 +413,26 @@ fn routed_overlap_chunks_fire_on_the_per_rank_programs() {
                 "{par}: {d} dispatches for {layers} layers"
             );
             assert_eq!(overlapped, 2 * d - 2 * layers, "{par}");
+            // the kernel order issues every chunk's dispatch before the layer's first experts:
+            // per layer D…D (c of them), then per chunk its grouped GEMMs and its combine
+            let p = fulgur::codegen::program::lower(rg).unwrap();
+            let seq: String = p
+                .step
+                .iter()
+                .filter_map(|k| match &k.op {
+                    fulgur::ir::Op::Composite(fulgur::ir::Composite::OnRank { op, .. }) => match op.name() {
+                        "all_to_all_dispatch" => Some('D'),
+                        "all_to_all_combine" => Some('C'),
+                        _ => None,
+                    },
+                    fulgur::ir::Op::Composite(fulgur::ir::Composite::GroupedMatmul { .. }) => Some('G'),
+                    _ => None,
+                })
+                .collect();
+            let chunks = d / layers;
+            let gemms = seq.matches('G').count() / d;
+            let layer = "D".repeat(chunks) + &("G".repeat(gemms) + "C").repeat(chunks);
+            assert_eq!(seq, layer.repeat(layers), "{par}, rank {r}: the step kernels' order");
         }
         let got = run_ranks(&chunked, &feed, Precision::F64, std::time::Duration::from_secs(120)).unwrap();
         for (r, (out, want)) in got.iter().zip(&want).enumerate() {

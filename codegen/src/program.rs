@@ -389,7 +389,8 @@ pub fn lower(g: &Graph) -> Result<KernelProgram, CodegenError> {
         });
         id
     };
-    for (id, n) in g.nodes() {
+    for id in step_order(g) {
+        let n = g.node(id);
         let name = n.name.clone().unwrap_or_else(|| format!("%{}", id.index()));
         let ins: Vec<Val> = n.inputs.iter().map(|v| vals[v].clone()).collect();
         let prepared = in_prepare[id.index()];
@@ -1092,6 +1093,63 @@ fn emit(
             producer: (!prepared).then_some(kid),
         })
         .collect()
+}
+
+/// The order the nodes are lowered in (the step kernels' order): the graph's, except that every routed
+/// exchange's dispatch (`on_rank[all_to_all_dispatch]`) is issued as soon as its operands are, together with
+/// the cheap ops computing them from earlier values (`slice`, `binary`, `cumsum`, `cast`, constants: a
+/// chunk's rows and counts). A chunked exchange (the collectives family's `routed-overlap-chunks`) then sends
+/// every chunk before the first chunk's experts run, and a transport that reads an exchange's counts on the
+/// host (NCCL) waits for no expert kernel to read them (`docs/parallelism.md` §4.2). Every other node keeps
+/// its place relative to the others; a hoisted node goes right after the last of its operands (ties in the
+/// graph's order), so the order stays topological and is the same on every rank.
+pub fn step_order(g: &Graph) -> Vec<NodeId> {
+    let ids: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
+    let dispatch = |op: &Op| {
+        matches!(op, Op::Composite(fulgur_ir::Composite::OnRank { op, .. })
+            if matches!(&**op, Op::Composite(fulgur_ir::Composite::AllToAllDispatch { .. })))
+    };
+    // the hoisted nodes: the dispatches and, walking back from them, the cheap ops that feed them
+    let mut hoist = vec![false; g.node_count()];
+    let mut stack: Vec<NodeId> = ids.iter().copied().filter(|&id| dispatch(&g.node(id).op)).collect();
+    while let Some(id) = stack.pop() {
+        if std::mem::replace(&mut hoist[id.index()], true) {
+            continue;
+        }
+        for v in &g.node(id).inputs {
+            let op = &g.node(v.node).op;
+            let cheap = matches!(
+                op,
+                Op::Slice { .. } | Op::Binary(_) | Op::CumSum { .. } | Op::Cast { .. } | Op::Constant { .. }
+            );
+            if cheap && !hoist[v.node.index()] {
+                stack.push(v.node);
+            }
+        }
+    }
+    if !hoist.iter().any(|&h| h) {
+        return ids;
+    }
+    // (anchor, depth): a kept node at its own place, a hoisted one after the latest of its operands
+    let mut key: Vec<(usize, usize)> = vec![(0, 0); g.node_count()];
+    for (at, &id) in ids.iter().enumerate() {
+        let i = id.index();
+        key[i] = if hoist[i] {
+            let (a, d) = g
+                .node(id)
+                .inputs
+                .iter()
+                .map(|v| key[v.node.index()])
+                .max()
+                .unwrap_or((0, 0));
+            (a, d + 1)
+        } else {
+            (at, 0)
+        };
+    }
+    let mut order: Vec<(usize, NodeId)> = ids.into_iter().enumerate().collect();
+    order.sort_by_key(|&(at, id)| (key[id.index()], at));
+    order.into_iter().map(|(_, id)| id).collect()
 }
 
 /// The live range of every transient buffer over the step kernels: from its writer to its last reader (to the

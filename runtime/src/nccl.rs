@@ -24,6 +24,10 @@ pub struct NcclTransport {
     stream: Arc<CudaStream>,
     comms: Mutex<HashMap<usize, Comm>>,
     world: Mutex<Comm>,
+    /// Every rank again, on a stream of its own, for the small messages the host waits for (the routed
+    /// exchange's counts, [`NcclTransport::p2p`]): they never queue behind the rows still moving on `stream`.
+    counts_stream: Arc<CudaStream>,
+    counts: Mutex<Comm>,
 }
 
 // SAFETY: a communicator is used by one collective at a time (behind the mutex), on its own stream
@@ -91,12 +95,23 @@ impl NcclTransport {
             .ok_or_else(|| "no NCCL id for the communicator of every rank".to_string())?;
         let world = Comm::from_rank(stream.clone(), rank, ranks, *id)
             .map_err(|e| format!("NCCL communicator of all {ranks} ranks: {e:?}"))?;
+        // and the counts' communicator, under (mesh axes + 1, 0)
+        let counts_stream = ctx
+            .new_stream()
+            .map_err(|e| format!("GPU {device}: a stream for NCCL's counts: {e}"))?;
+        let id = ids
+            .get(&(mesh.len() + 1, 0))
+            .ok_or_else(|| "no NCCL id for the counts' communicator".to_string())?;
+        let counts = Comm::from_rank(counts_stream.clone(), rank, ranks, *id)
+            .map_err(|e| format!("NCCL communicator of all {ranks} ranks for counts: {e:?}"))?;
         Ok(NcclTransport {
             rank,
             mesh: mesh.to_vec(),
             stream,
             comms: Mutex::new(comms),
             world: Mutex::new(world),
+            counts_stream,
+            counts: Mutex::new(counts),
         })
     }
 
@@ -106,7 +121,7 @@ impl NcclTransport {
             return Err(format!("a single-rank transport on the mesh {mesh:?} of more ranks"));
         }
         let mut ids = HashMap::new();
-        for k in 0..=mesh.len() {
+        for k in 0..=mesh.len() + 1 {
             ids.insert((k, 0), Id::new().map_err(|e| format!("NCCL unique id: {e:?}"))?);
         }
         NcclTransport::new(0, mesh, &ids, device)
@@ -128,6 +143,7 @@ impl NcclTransport {
             .flat_map(|k| (0..groups(mesh, k)).map(move |g| (k, g)))
             .collect();
         keys.push((mesh.len(), 0));
+        keys.push((mesh.len() + 1, 0));
         let bytes = if env.rank == 0 {
             let mut b = Vec::with_capacity(keys.len() * 128);
             for _ in &keys {
@@ -316,11 +332,12 @@ impl NcclTransport {
 }
 
 impl NcclTransport {
-    /// Point-to-point over the world's communicator, as one NCCL group: `sends` (peer, values) and `recvs`
-    /// (peer, length); empty messages are skipped (both sides know the lengths). Returns what was received, in
-    /// the order of `recvs`.
+    /// Point-to-point over the counts' communicator of every rank (on its own stream, so that a host waiting
+    /// for these values does not wait for the rows still moving on the collectives' stream), as one NCCL
+    /// group: `sends` (peer, values) and `recvs` (peer, length); empty messages are skipped (both sides know
+    /// the lengths). Returns what was received, in the order of `recvs`.
     fn p2p(&self, sends: &[(usize, Vec<f64>)], recvs: &[(usize, usize)]) -> Result<Vec<Vec<f64>>, String> {
-        let s = &self.stream;
+        let s = &self.counts_stream;
         let d = |e: cudarc::driver::DriverError| e.to_string();
         let nc = |e: cudarc::nccl::result::NcclError| format!("{e:?}");
         let up = sends
@@ -336,7 +353,7 @@ impl NcclTransport {
             .collect::<Result<Vec<_>, _>>()
             .map_err(d)?;
         {
-            let world = self.world.lock().unwrap_or_else(|e| e.into_inner());
+            let world = self.counts.lock().unwrap_or_else(|e| e.into_inner());
             let views: Vec<_> = up.iter().map(|(p, b)| (*p, b.as_view())).collect();
             let mut sinks: Vec<_> = down.iter_mut().map(|(p, b)| (*p, b.as_view_mut())).collect();
             let mut grp = world.group();
@@ -526,9 +543,13 @@ impl NcclTransport {
         })
     }
 
-    /// The routed exchange on device memory: the counts read back (the only wait of the host) and exchanged,
-    /// then every expert's rows sent straight from `x`'s buffer into their place in the receiver's, one message
-    /// per (expert, member) segment on the communication stream, the padding zeroed there; `got` uploaded.
+    /// The routed exchange on device memory: the counts read back once the program's stream has computed them
+    /// (the host's wait) and exchanged on the counts' communicator (which no transfer of rows delays), `got`
+    /// written, then every expert's rows sent straight from `x`'s buffer into their place in the receiver's,
+    /// one message per (expert, member) segment on the communication stream, the padding zeroed there. Nothing
+    /// waits for the rows' transfer but the kernels that read them ([`crate::cuda`]'s pending collectives),
+    /// so the next chunk's exchange and the experts of the chunks received overlap it (`docs/parallelism.md`
+    /// §4.2).
     ///
     /// # Safety
     /// As [`crate::cuda::DeviceCollectives::run`].
@@ -621,6 +642,14 @@ impl NcclTransport {
                     "the members route {q} rows here, past the {rows_out} rows of the buffer"
                 ));
             }
+            if dispatch {
+                // `got` now, while the program's stream is through (`ready`): a copy the host waits for here
+                // rather than a wait for the rows' transfer after it
+                let got: Vec<u8> = (0..el)
+                    .flat_map(|j| (0..gs).map(|src| all[src][me * el + j]).sum::<i64>().to_le_bytes())
+                    .collect();
+                unsafe { drv::memcpy_htod_sync(outs[1].ptr, &got) }.map_err(d)?;
+            }
             let comm_stream = self.stream.cu_stream();
             unsafe { drv::stream::wait_event(comm_stream, ready, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
                 .map_err(d)?;
@@ -674,14 +703,6 @@ impl NcclTransport {
                     drv::memset_d8_async(y.ptr + (filled * row) as u64, 0, (rows_out - filled) * row, comm_stream)
                 }
                 .map_err(d)?;
-            }
-            if dispatch {
-                let got: Vec<u8> = (0..el)
-                    .flat_map(|j| (0..gs).map(|src| all[src][me * el + j]).sum::<i64>().to_le_bytes())
-                    .collect();
-                unsafe { drv::memcpy_htod_async(outs[1].ptr, &got, comm_stream) }.map_err(d)?;
-                // the host bytes must outlive the copy
-                self.stream.synchronize().map_err(d)?;
             }
             let done = drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(d)?;
             match unsafe { drv::event::record(done, comm_stream) } {
