@@ -3,7 +3,7 @@
 # cuda, run, generate), then bench-m. Run from the repository root with .device/ packed by
 #   ../shared/tools/gpu-pack --workspace --no-default-features --features fulgur/cuda
 # Logs go to $OUT (or /tmp/fulgur-cuda when OUT is unset).
-#   benches/cuda_check.sh [tests|cli|parallel|pipeline|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
+#   benches/cuda_check.sh [tests|cli|parallel|pipeline|overlap|bench|anchor|decode|train|trainstep|trainbench]...   (default: all)
 # `trainbench` takes TRAIN_LEVELS (default none,full) and TRAIN_ANCHOR=0 to leave transformers out.
 # `train` also needs the text corpus beside the pack: mkdir -p .device/data && cp ../shared/data/tinyshakespeare.txt .device/data/
 # One device call runs at most 10 minutes: the stages together can take longer (bench-m's random weights are
@@ -13,7 +13,7 @@ set -uo pipefail
 out=${OUT:-/tmp/fulgur-cuda}
 mkdir -p "$out"
 export FULGUR_CACHE_DIR=${FULGUR_CACHE_DIR:-/tmp/fulgur-nvrtc-cache}
-stages=${*:-tests cli parallel pipeline bench anchor decode train trainstep trainbench}
+stages=${*:-tests cli parallel pipeline overlap bench anchor decode train trainstep trainbench}
 fx=.device/fixtures/tiny-a
 bin=.device/bin/fulgur
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -109,6 +109,26 @@ for name, d in [("launched pp=2", "/tmp/fulgur-pltr"), ("simulated pp=2", "/tmp/
     print(name, "train losses", got, "worst difference from transformers", max(abs(a - float(b)) for a, b in zip(got, want)))
 PY
       } 2>&1 | tee "$out/pipeline.log" | tail -16 || status=1
+      ;;
+    overlap)
+      echo "=== the routed exchange chunked for overlap: tiny-a ep=2 compiled for a cost where hiding it pays, on the GPU"
+      rm -rf /tmp/fulgur-ov /tmp/fulgur-ovart; mkdir -p /tmp/fulgur-ov
+      { echo '{"launch_s": 0, "link_bw": 1e6, "matmul_flops_bf16": 1e9, "matmul_flops_tf32": 1e9}' > /tmp/fulgur-ov/slow.json
+        $bin compile $fx --target cuda --parallel ep=2 --batch 2 --seq 40 --loss --ceilings /tmp/fulgur-ov/slow.json -o /tmp/fulgur-ovart | head -1 | cut -c1-160
+        echo "rank 0: $(grep -c 'op="all_to_all_dispatch"' /tmp/fulgur-ovart/rank0/graph.fir) dispatches, $(grep -c 'overlap_flops=' /tmp/fulgur-ovart/rank0/graph.fir) exchanges overlapping"
+        $bin run /tmp/fulgur-ovart --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-ov/sim.safetensors
+        FULGUR_RANK_TIMEOUT=120 $bin launch -n 2 --timeout 300 -- fulgur run /tmp/fulgur-ovart --weights $fx --inputs $fx/reference.safetensors -o /tmp/fulgur-ov/launched.safetensors
+        python3 - <<'PY'
+import numpy as np
+from safetensors.numpy import load_file
+fx, o = ".device/fixtures/tiny-a", "/tmp/fulgur-ov"
+ref = load_file(f"{fx}/reference.safetensors")
+rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+for n in ["sim", "launched"]:
+    r = load_file(f"{o}/{n}.safetensors")
+    print("chunked artifact", n, "logits rel", rel(r["logits"], ref["logits"]), "loss", float(r["loss"][0]), "transformers", float(ref["loss"][0]))
+PY
+      } 2>&1 | tee "$out/overlap.log" | tail -8 || status=1
       ;;
     bench)
       echo "=== bench-m, bf16: unfused against optimized"
