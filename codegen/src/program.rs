@@ -1097,8 +1097,8 @@ fn emit(
 
 /// The order the nodes are lowered in (the step kernels' order): the graph's, except that every routed
 /// exchange's dispatch (`on_rank[all_to_all_dispatch]`) is issued as soon as its operands are, together with
-/// the cheap ops computing them from earlier values (`slice`, `binary`, `cumsum`, `cast`, constants: a
-/// chunk's rows and counts). A chunked exchange (the collectives family's `routed-overlap-chunks`) then sends
+/// the cheap ops computing them from earlier values (slices, which are views, and integer `binary`, `cumsum`,
+/// `cast` and constants: a chunk's rows and counts). A chunked exchange (the collectives family's `routed-overlap-chunks`) then sends
 /// every chunk before the first chunk's experts run, and a transport that reads an exchange's counts on the
 /// host (NCCL) waits for no expert kernel to read them (`docs/parallelism.md` §4.2). Every other node keeps
 /// its place relative to the others; a hoisted node goes right after the last of its operands (ties in the
@@ -1117,11 +1117,14 @@ pub fn step_order(g: &Graph) -> Vec<NodeId> {
             continue;
         }
         for v in &g.node(id).inputs {
-            let op = &g.node(v.node).op;
-            let cheap = matches!(
-                op,
-                Op::Slice { .. } | Op::Binary(_) | Op::CumSum { .. } | Op::Cast { .. } | Op::Constant { .. }
-            );
+            let src = g.node(v.node);
+            // a slice is a view; integer arithmetic is the counts' (float compute keeps its place)
+            let counts = src.outputs.iter().all(|t| t.dtype.is_int());
+            let cheap = match &src.op {
+                Op::Slice { .. } => true,
+                Op::Binary(_) | Op::CumSum { .. } | Op::Cast { .. } | Op::Constant { .. } => counts,
+                _ => false,
+            };
             if cheap && !hoist[v.node.index()] {
                 stack.push(v.node);
             }

@@ -1,5 +1,8 @@
 //! Collectives: overlap an expert-parallel all-to-all with the expert compute by chunking tokens.
 //!
+//! Two rules: `a2a-overlap-chunks` (below) for the fixed-size `all_to_all` of a rank-simulated graph, and
+//! `routed-overlap-chunks` (`rules/routed.rs`) for the routed exchange of a rank's program, the real model's.
+//!
 //! Graphs spanning `R` ranks carry a leading rank axis (`fulgur_ir::composite::collective`). An
 //! expert-parallel MoE segment is
 //!
