@@ -319,6 +319,26 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 .map(|(n, t, _)| (n.to_string(), t.shape.0.clone()))
         })
         .collect();
+    // every layer's parameters are placed alike (the plans' rules name suffixes, `*.NAME`): one representative
+    // of each (name past the layer index, dims) and how many layers hold it, so that memory is priced per kind
+    // of parameter rather than per parameter of every layer (80 layers: ~1,200 names per candidate before)
+    let mut kinds_of_params: Vec<(String, Vec<crate::ir::Dim>, f64)> = Vec::new();
+    let mut seen: HashMap<(String, Vec<crate::ir::Dim>), usize> = HashMap::new();
+    for (name, dims) in &params {
+        let key = match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+            Some((_, rest)) => format!("model.layers.*.{rest}"),
+            None => name.clone(),
+        };
+        match seen.get(&(key.clone(), dims.clone())) {
+            Some(&i) => kinds_of_params[i].2 += 1.0,
+            None => {
+                seen.insert((key, dims.clone()), kinds_of_params.len());
+                kinds_of_params.push((name.clone(), dims.clone(), 1.0));
+            }
+        }
+    }
+    let representatives: Vec<(String, Vec<crate::ir::Dim>)> =
+        kinds_of_params.iter().map(|(n, d, _)| (n.clone(), d.clone())).collect();
     let stats = crate::models::stats::stats(cfg, seq).map_err(|e| e.message)?;
     let (c, i_w, k, e, v) = (
         cfg.hidden_size as f64,
@@ -475,8 +495,8 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 let mut outside_layers = 0.0;
                 let full_plan = minimax_plan(cfg, &par.stage(), b_m, seq).map_err(|e| e.to_string())?;
                 let mut zero3 = full_plan.clone();
-                store_experts_sharded(&mut zero3, &params)?;
-                for (name, dims) in &params {
+                store_experts_sharded(&mut zero3, &representatives)?;
+                for (name, dims, layers_holding) in &kinds_of_params {
                     let local = |s: &crate::passes::shard::Sharding| -> Result<f64, String> {
                         let d = s.local_dims(&full_plan.mesh, name, dims).map_err(|e| e.to_string())?;
                         Ok(d.iter().map(|x| x.as_const().unwrap_or(1) as f64).product())
@@ -495,7 +515,7 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                     };
                     // a layer's parameters live on its stage: the bottleneck stage's share; the embedding, the
                     // final norm and the head are counted whole (a stage may hold both when pp = 1)
-                    let share = if name.starts_with("model.layers.") { frac } else { 1.0 };
+                    let share = if name.starts_with("model.layers.") { frac } else { 1.0 } * layers_holding;
                     let n_w = local(&ws)? / width * share;
                     weights += 2.0 * n_w;
                     if share == 1.0 && !name.starts_with("model.layers.") {

@@ -31,10 +31,20 @@ impl Pass<'_> {
         f: impl Fn(&[usize]) -> Vec<f64>,
     ) -> Result<Value, PassError> {
         let mut data = Vec::new();
-        for r in 0..self.mesh.ranks() {
-            let v = f(&self.mesh.coords(r));
+        // the ranks' coordinates in order, counted row-major (the last axis fastest) as `Mesh::coords` gives them
+        let sizes = self.mesh.sizes();
+        let mut c = vec![0usize; sizes.len()];
+        for _ in 0..self.mesh.ranks() {
+            let v = f(&c);
             debug_assert_eq!(v.len(), shape.iter().product::<usize>());
             data.extend(v);
+            for k in (0..c.len()).rev() {
+                c[k] += 1;
+                if c[k] < sizes[k] {
+                    break;
+                }
+                c[k] = 0;
+            }
         }
         let mut full = vec![self.mesh.ranks()];
         full.extend_from_slice(shape);
