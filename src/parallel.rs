@@ -398,9 +398,88 @@ pub fn shard_forward(
     Ok((dense, sg, report))
 }
 
+/// The collectives a rank's program issues, in the order its kernels run (`codegen::program::step_order`):
+/// each the wrapped collective with its attributes (the rank left out).
+pub fn collective_sequence(g: &crate::ir::Graph) -> Vec<String> {
+    use crate::ir::{Composite, Op};
+    crate::codegen::program::step_order(g)
+        .into_iter()
+        .filter_map(|id| match &g.node(id).op {
+            Op::Composite(Composite::OnRank { op, .. }) => Some(crate::passes::lang::op_text(op)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every rank's program issues the same collectives in the same order. Each rank's program is optimized on its
+/// own (the collectives family chooses whether and how to chunk a routed exchange per program), and ranks whose
+/// collectives differ would meet mismatched: a hang or wrong data. The error names the first rank and the
+/// first collective that differ from rank 0's.
+pub fn check_same_collectives(programs: &[crate::ir::Graph]) -> Result<(), String> {
+    let Some(first) = programs.first().map(collective_sequence) else {
+        return Ok(());
+    };
+    for (r, g) in programs.iter().enumerate().skip(1) {
+        same_collectives(r, &first, &collective_sequence(g))?;
+    }
+    Ok(())
+}
+
+/// Rank `r`'s [`collective_sequence`] `seq` against rank 0's `first`, as [`check_same_collectives`] says.
+pub fn same_collectives(r: usize, first: &[String], seq: &[String]) -> Result<(), String> {
+    if seq == first {
+        return Ok(());
+    }
+    let i = seq.iter().zip(first).take_while(|(a, b)| a == b).count();
+    let say = |s: &[String]| s.get(i).cloned().unwrap_or_else(|| "nothing more".into());
+    Err(format!(
+        "rank {r}'s program issues {} collectives and rank 0's {}: its collective #{i} is `{}` where rank 0's is \
+         `{}` (each rank's program is optimized on its own; they must agree)",
+        seq.len(),
+        first.len(),
+        say(seq),
+        say(first)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ranks whose programs issue other collectives are refused, naming the rank and the first difference.
+    #[test]
+    fn ranks_must_issue_the_same_collectives() {
+        use crate::ir::{Composite, DType, Dim, Graph, Op};
+        let program = |rank: usize, gathers: usize| {
+            let mut g = Graph::new("p");
+            let mut x = g.input("x", DType::F32, vec![Dim::from(4)]).unwrap();
+            let reduce = Op::Composite(Composite::OnRank {
+                op: Box::new(Op::Composite(Composite::AllReduce { mesh: vec![2], over: 0 })),
+                rank,
+            });
+            x = g.op(reduce, &[x]).unwrap()[0];
+            for _ in 0..gathers {
+                let gather = Op::Composite(Composite::OnRank {
+                    op: Box::new(Op::Composite(Composite::AllGather {
+                        axis: 1,
+                        mesh: vec![2],
+                        over: 0,
+                    })),
+                    rank,
+                });
+                x = g.op(gather, &[x]).unwrap()[0];
+            }
+            g.add_output("y", x).unwrap();
+            g
+        };
+        // the rank itself is not a difference
+        assert_eq!(check_same_collectives(&[program(0, 1), program(1, 1)]), Ok(()));
+        assert_eq!(
+            check_same_collectives(&[program(0, 1), program(1, 2)]).unwrap_err(),
+            "rank 1's program issues 3 collectives and rank 0's 2: its collective #2 is `all_gather[axis=1, mesh=[2], \
+             over=0]` where rank 0's is `nothing more` (each rank's program is optimized on its own; they must agree)"
+        );
+    }
 
     #[test]
     fn degrees_parse_or_say_why_not() {

@@ -494,6 +494,12 @@ pub fn search(cfg: &MiniMaxConfig, cluster: &Cluster, mode: Mode, seq: usize, ba
                 // the embedding, the final norm and the head (counted whole on the bottleneck stage)
                 let mut outside_layers = 0.0;
                 let full_plan = minimax_plan(cfg, &par.stage(), b_m, seq).map_err(|e| e.to_string())?;
+                // the pricing per kind of parameter holds while no rule names one layer's
+                if let Some((p, _)) = full_plan.rules.iter().find(|(p, _)| p.starts_with("model.layers.")) {
+                    return Err(format!(
+                        "the plan places `{p}`, one layer's parameters, but the search prices every layer's alike"
+                    ));
+                }
                 let mut zero3 = full_plan.clone();
                 store_experts_sharded(&mut zero3, &representatives)?;
                 for (name, dims, layers_holding) in &kinds_of_params {

@@ -381,6 +381,7 @@ pub enum Composite {
     AllToAllDispatch {
         mesh: Vec<usize>,
         over: usize,
+        #[serde(default = "no_overlap", skip_serializing_if = "overlaps_nothing")]
         overlap_flops: Dim,
     },
     /// The routed exchange's combine side, the transpose of [`Composite::AllToAllDispatch`] with the same
@@ -390,6 +391,7 @@ pub enum Composite {
     AllToAllCombine {
         mesh: Vec<usize>,
         over: usize,
+        #[serde(default = "no_overlap", skip_serializing_if = "overlaps_nothing")]
         overlap_flops: Dim,
     },
     /// `per_rank[op=NAME, ...](x0, x1, ...)`: the op (its attributes inline) applied to each slice of the
@@ -403,6 +405,16 @@ pub enum Composite {
     /// gives on the stacked inputs of every rank. It has no decomposition: a collective transport runs it
     /// (simulated ranks, or NCCL).
     OnRank { op: Box<Op>, rank: usize },
+}
+
+/// A routed exchange's `overlap_flops` where a JSON graph (written before it existed) leaves it out.
+fn no_overlap() -> Dim {
+    Dim::from(0usize)
+}
+
+/// Whether a routed exchange overlaps nothing (its `overlap_flops`, then left out of JSON as of text).
+fn overlaps_nothing(d: &Dim) -> bool {
+    d.as_const() == Some(0)
 }
 
 /// A collective's group attributes, omitted for the default (`mesh=[]`: one group of all ranks).

@@ -24,8 +24,10 @@ pub struct NcclTransport {
     stream: Arc<CudaStream>,
     comms: Mutex<HashMap<usize, Comm>>,
     world: Mutex<Comm>,
-    /// Every rank again, on a stream of its own, for the small messages the host waits for (the routed
-    /// exchange's counts, [`NcclTransport::p2p`]): they never queue behind the rows still moving on `stream`.
+    /// Every rank again, on a stream of its own, for the messages the host waits for ([`NcclTransport::p2p`]:
+    /// the routed exchange's counts, and the collectives staged through the host): they never queue behind the
+    /// rows still moving on `stream`. Every rank issues its operations on both in its program's order, the
+    /// same on every rank (`fulgur::parallel::check_same_collectives`).
     counts_stream: Arc<CudaStream>,
     counts: Mutex<Comm>,
 }
@@ -547,7 +549,8 @@ impl NcclTransport {
     /// (the host's wait) and exchanged on the counts' communicator (which no transfer of rows delays), `got`
     /// written, then every expert's rows sent straight from `x`'s buffer into their place in the receiver's,
     /// one message per (expert, member) segment on the communication stream, the padding zeroed there. Nothing
-    /// waits for the rows' transfer but the kernels that read them ([`crate::cuda`]'s pending collectives),
+    /// waits for the rows' transfer but the kernels that read them ([`crate::cuda`]'s pending collectives;
+    /// and the host, where the buffer plan put the output over the input and the rows are sent from a copy),
     /// so the next chunk's exchange and the experts of the chunks received overlap it (`docs/parallelism.md`
     /// §4.2).
     ///
@@ -643,12 +646,15 @@ impl NcclTransport {
                 ));
             }
             if dispatch {
-                // `got` now, while the program's stream is through (`ready`): a copy the host waits for here
-                // rather than a wait for the rows' transfer after it
+                // `got` now, on the program's stream, which is through (`ready`): its readers are ordered after
+                // the copy by that stream, and the host waits for the copy alone (its bytes must outlive it)
+                // rather than for the rows' transfer after it. (A synchronous copy from pageable memory may
+                // return before it lands, and the default stream orders nothing with the program's.)
                 let got: Vec<u8> = (0..el)
                     .flat_map(|j| (0..gs).map(|src| all[src][me * el + j]).sum::<i64>().to_le_bytes())
                     .collect();
-                unsafe { drv::memcpy_htod_sync(outs[1].ptr, &got) }.map_err(d)?;
+                unsafe { drv::memcpy_htod_async(outs[1].ptr, &got, stream) }.map_err(d)?;
+                unsafe { drv::stream::synchronize(stream) }.map_err(d)?;
             }
             let comm_stream = self.stream.cu_stream();
             unsafe { drv::stream::wait_event(comm_stream, ready, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }

@@ -108,15 +108,24 @@ fn is_graph_file(p: &Path) -> bool {
 
 /// The graph `compile` lowers, with the warnings its config calls for.
 /// The cost model `compile` plans for: `--cost-model`, else the target's.
-/// `args`' graph optimized at `--opt` for its cost model and `--ceilings`.
-fn optimize_for(args: &CompileArgs, g: fulgur_ir::Graph) -> Result<fulgur_ir::Graph> {
-    let ceilings = match &args.ceilings {
-        Some(c) => Some((
-            std::fs::read_to_string(c).with_context(|| format!("cannot read the ceilings file {}", c.display()))?,
-            c.display().to_string(),
-        )),
-        None => None,
-    };
+/// The `--ceilings` file's text and path (read once; `--opt none` runs no optimizer to read them: a warning).
+fn read_ceilings(args: &CompileArgs) -> Result<Option<(String, String)>> {
+    let Some(c) = &args.ceilings else { return Ok(None) };
+    if args.opt == crate::cli::model::OptLevel::None {
+        eprintln!("warning: --ceilings {} has no effect with --opt none", c.display());
+    }
+    Ok(Some((
+        std::fs::read_to_string(c).with_context(|| format!("cannot read the ceilings file {}", c.display()))?,
+        c.display().to_string(),
+    )))
+}
+
+/// `args`' graph optimized at `--opt` for its cost model and `ceilings` ([`read_ceilings`]).
+fn optimize_for(
+    args: &CompileArgs,
+    ceilings: &Option<(String, String)>,
+    g: fulgur_ir::Graph,
+) -> Result<fulgur_ir::Graph> {
     crate::cli::model::optimize_with(g, args.opt, &cost_model_of(args), ceilings.as_ref())
 }
 
@@ -180,7 +189,7 @@ fn compile_input(args: &CompileArgs) -> Result<(Graph, Vec<String>)> {
             // whole step after and leaves its dtypes as they are
             let g = match args.opt {
                 crate::cli::model::OptLevel::None => g,
-                crate::cli::model::OptLevel::Full => optimize_for(args, g)?,
+                crate::cli::model::OptLevel::Full => optimize_for(args, &read_ceilings(args)?, g)?,
             };
             let g = crate::cli::train::compute_graph(&g, args.dtype)?;
             fulgur_passes::optim::train_step(&g, "loss", &fulgur_passes::optim::AdamW::default())?
@@ -210,7 +219,7 @@ pub fn compile(args: CompileArgs) -> Result<()> {
     }
     let (g, warnings) = compile_input(&args)?;
     let t0 = Instant::now();
-    let g = optimize_for(&args, g)?;
+    let g = optimize_for(&args, &read_ceilings(&args)?, g)?;
     // a training step is already in --dtype, its master weights and moments f32 (`compile_input`)
     let g = if args.graph == ModelGraph::Train && !is_graph_file(&args.input) {
         g
@@ -324,10 +333,17 @@ fn compile_parallel(args: &CompileArgs, degrees: &str) -> Result<()> {
     let ranks = par.ranks();
     let mut files = Vec::new();
     let mut first: Option<(fulgur_codegen::program::KernelProgram, String)> = None;
+    let mut first_collectives: Option<Vec<String>> = None;
+    let ceilings = read_ceilings(args)?;
     let progress = emit_progress(ranks, "ranks");
     for r in 0..ranks {
         let rg = fulgur_passes::shard::lower_rank(&sg, &plan.mesh, r)?;
-        let rg = optimize_for(args, rg).with_context(|| format!("optimizing rank {r}'s program"))?;
+        let rg = optimize_for(args, &ceilings, rg).with_context(|| format!("optimizing rank {r}'s program"))?;
+        let seq = fulgur::parallel::collective_sequence(&rg);
+        match &first_collectives {
+            None => first_collectives = Some(seq),
+            Some(s0) => fulgur::parallel::same_collectives(r, s0, &seq).map_err(|e| anyhow!(e))?,
+        }
         let (program, codegen, rank_files) = emit(&rg, args, &format!("{}/", artifact::ParallelManifest::rank_dir(r)))?;
         files.extend(rank_files);
         match &first {
@@ -425,7 +441,9 @@ fn compile_pipeline(
     // each stage's rank 0 program and what made it
     let mut heads: Vec<(fulgur_codegen::program::KernelProgram, String)> = Vec::new();
     let mut collectives: BTreeMap<String, usize> = BTreeMap::new();
+    let ceilings = read_ceilings(args)?;
     for (s, st) in stages.iter().enumerate() {
+        let mut first_collectives: Option<Vec<String>> = None;
         for (i, g) in st.forward.iter().enumerate() {
             let at = s * r + i;
             if i == 0 {
@@ -435,8 +453,13 @@ fn compile_pipeline(
                     }
                 }
             }
-            let g =
-                optimize_for(args, g.clone()).with_context(|| format!("optimizing stage {s}, rank {i}'s program"))?;
+            let g = optimize_for(args, &ceilings, g.clone())
+                .with_context(|| format!("optimizing stage {s}, rank {i}'s program"))?;
+            let seq = fulgur::parallel::collective_sequence(&g);
+            match &first_collectives {
+                None => first_collectives = Some(seq),
+                Some(s0) => fulgur::parallel::same_collectives(i, s0, &seq).map_err(|e| anyhow!("stage {s}: {e}"))?,
+            }
             let (program, codegen, rank_files) =
                 emit(&g, args, &format!("{}/", artifact::ParallelManifest::rank_dir(at)))?;
             files.extend(rank_files);

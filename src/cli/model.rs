@@ -708,6 +708,9 @@ fn sharded_pair(
                     optimize(rg, args.opt, cost_model).with_context(|| format!("optimizing rank {r}'s {what}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            fulgur::parallel::check_same_collectives(&programs)
+                .map_err(|e| anyhow::anyhow!(e))
+                .with_context(|| format!("optimizing {what}"))?;
             crate::cli::ranks::executable(
                 what,
                 programs,

@@ -857,13 +857,15 @@ pub fn run(args: Args) -> Result<()> {
             let programs = |sg: &fulgur_ir::Graph,
                             mesh: &fulgur_passes::shard::Mesh|
              -> Result<Vec<fulgur_ir::Graph>> {
-                crate::cli::ranks::local_ranks(par, launch.as_ref())
+                let programs = crate::cli::ranks::local_ranks(par, launch.as_ref())
                     .into_iter()
                     .map(|r| {
                         let rg = fulgur_passes::shard::lower_rank(sg, mesh, r)?;
                         optimize(rg, args.opt, &cost_model).with_context(|| format!("optimizing rank {r}'s program"))
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>>>()?;
+                fulgur::parallel::check_same_collectives(&programs).map_err(|e| anyhow::anyhow!(e))?;
+                Ok(programs)
             };
             Some((
                 programs(&step_sg, &plan.mesh)?,

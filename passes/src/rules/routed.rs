@@ -35,9 +35,12 @@
 //! Nothing else (in particular a reduction over rows, as a weight gradient is), and `f` not empty.
 //!
 //! Only an exchange of a `moe_dispatch`'s counts is chunked, so a chunk is never chunked again. The exchanges
-//! carry the schedule as `overlap_flops`: chunk `i`'s dispatch runs alongside chunk `i−1`'s experts (none for
-//! chunk 0), its combine alongside chunk `i+1`'s (none for the last); the value is the grouped GEMMs' FLOPs
-//! on one chunk's `M/c` rows (what a rank receives when the routing is balanced).
+//! carry the overlap the cost model credits as `overlap_flops`: chunk `i`'s dispatch is hidden behind chunk
+//! `i−1`'s experts (none for chunk 0), its combine behind chunk `i+1`'s (none for the last), each behind at
+//! most half of that compute; the value is the grouped GEMMs' FLOPs on one chunk's `M/c` rows (what a rank
+//! receives when the routing is balanced). The kernel order (`codegen::program::step_order`) issues every
+//! chunk's dispatch before chunk 0's experts, so each transfer is in flight by the time the compute it is
+//! credited with runs.
 
 use super::{fn_rule, RuleConfig};
 use crate::lang::{add_checked, add_op, class_ty, EGraph, FNode, FOp, Rewrite};
