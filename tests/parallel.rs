@@ -813,14 +813,7 @@ fn a_parallel_artifact_runs_on_simulated_and_launched_ranks() {
     let art = dir.path().join("art");
     let ck = common::tiny_a();
     let tokens = ck.join("reference.safetensors");
-    let fulgur = |args: &[&str]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(args)
-            .current_dir(dir.path())
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        c.output().unwrap()
-    };
+    let fulgur = |args: &[&str]| common::fulgur_in(dir.path(), args);
     let ck_s = ck.to_str().unwrap();
     let tokens_s = tokens.to_str().unwrap();
     let o = fulgur(&[
@@ -948,14 +941,7 @@ fn a_pipeline_artifact_runs_on_simulated_and_launched_ranks() {
     let art = dir.path().join("art");
     let ck = common::tiny_a();
     let tokens = ck.join("reference.safetensors");
-    let fulgur = |args: &[&str]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fulgur"));
-        c.args(args)
-            .current_dir(dir.path())
-            .env_remove("RUST_LOG")
-            .env("FULGUR_RANK_TIMEOUT", "60");
-        c.output().unwrap()
-    };
+    let fulgur = |args: &[&str]| common::fulgur_in(dir.path(), args);
     let (ck_s, tokens_s) = (ck.to_str().unwrap(), tokens.to_str().unwrap());
     let o = fulgur(&[
         "compile",

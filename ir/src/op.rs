@@ -448,6 +448,41 @@ impl Composite {
         }
     }
 
+    /// A routed exchange's `overlap_flops`; `None` for every other composite.
+    pub fn overlap_flops(&self) -> Option<&Dim> {
+        match self {
+            Composite::AllToAllDispatch { overlap_flops, .. } | Composite::AllToAllCombine { overlap_flops, .. } => {
+                Some(overlap_flops)
+            }
+            _ => None,
+        }
+    }
+
+    /// The routed exchange with `overlap_flops` set to `f(its own)`; `None` for every other composite.
+    pub fn with_overlap(&self, f: impl FnOnce(&Dim) -> Dim) -> Option<Composite> {
+        match self {
+            Composite::AllToAllDispatch {
+                mesh,
+                over,
+                overlap_flops,
+            } => Some(Composite::AllToAllDispatch {
+                mesh: mesh.clone(),
+                over: *over,
+                overlap_flops: f(overlap_flops),
+            }),
+            Composite::AllToAllCombine {
+                mesh,
+                over,
+                overlap_flops,
+            } => Some(Composite::AllToAllCombine {
+                mesh: mesh.clone(),
+                over: *over,
+                overlap_flops: f(overlap_flops),
+            }),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Composite::Softmax { .. } => "softmax",
@@ -885,24 +920,9 @@ impl Op {
                 mesh: mesh.clone(),
                 over: *over,
             }),
-            Op::Composite(Composite::AllToAllDispatch {
-                mesh,
-                over,
-                overlap_flops,
-            }) => Op::Composite(Composite::AllToAllDispatch {
-                mesh: mesh.clone(),
-                over: *over,
-                overlap_flops: overlap_flops.substitute(env),
-            }),
-            Op::Composite(Composite::AllToAllCombine {
-                mesh,
-                over,
-                overlap_flops,
-            }) => Op::Composite(Composite::AllToAllCombine {
-                mesh: mesh.clone(),
-                over: *over,
-                overlap_flops: overlap_flops.substitute(env),
-            }),
+            Op::Composite(c @ (Composite::AllToAllDispatch { .. } | Composite::AllToAllCombine { .. })) => {
+                Op::Composite(c.with_overlap(|f| f.substitute(env)).unwrap_or_else(|| c.clone()))
+            }
             op => op.clone(),
         }
     }

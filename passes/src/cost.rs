@@ -213,26 +213,12 @@ impl CostModel {
                 let whole_outs: Vec<TensorType> = outs.iter().map(lift).collect();
                 // a routed chunk's overlapped FLOPs are one rank's: every rank's, as the lifted transfer is
                 let whole_op = match &**op {
-                    Op::Composite(Composite::AllToAllDispatch {
-                        mesh,
-                        over,
-                        overlap_flops,
-                    }) => Op::Composite(Composite::AllToAllDispatch {
-                        mesh: mesh.clone(),
-                        over: *over,
-                        overlap_flops: overlap_flops.clone() * fulgur_ir::Dim::from(ranks),
-                    }),
-                    Op::Composite(Composite::AllToAllCombine {
-                        mesh,
-                        over,
-                        overlap_flops,
-                    }) => Op::Composite(Composite::AllToAllCombine {
-                        mesh: mesh.clone(),
-                        over: *over,
-                        overlap_flops: overlap_flops.clone() * fulgur_ir::Dim::from(ranks),
-                    }),
-                    op => op.clone(),
-                };
+                    Op::Composite(c) => c
+                        .with_overlap(|f| f.clone() * fulgur_ir::Dim::from(ranks))
+                        .map(Op::Composite),
+                    _ => None,
+                }
+                .unwrap_or_else(|| (**op).clone());
                 let c = self.node_cost(&whole_op, &refs, &whole_outs);
                 let r = ranks as f64;
                 NodeCost {

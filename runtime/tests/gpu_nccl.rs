@@ -346,6 +346,25 @@ fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
     assert_eq!(dev, host, "the device path gives the host path's values");
 }
 
+/// Five tokens of width 3 (`x`) and their two experts of three (`ids`): the routed exchange tests' inputs.
+fn routed_feed() -> std::collections::HashMap<String, Tensor> {
+    [
+        (
+            "x".to_string(),
+            Tensor::from_f64(
+                DType::F32,
+                vec![5, 3],
+                (0..15).map(|i| (i as f64 * 0.41).sin()).collect(),
+            ),
+        ),
+        (
+            "ids".to_string(),
+            Tensor::from_i64(DType::I64, vec![5, 2], vec![2, 0, 0, 1, 2, 1, 0, 2, 2, 1]),
+        ),
+    ]
+    .into()
+}
+
 /// The routed exchange in a CUDA program with the NCCL transport runs on device memory (the counts read back,
 /// every expert's rows sent from the program's buffer into the receiver's): after a `moe_dispatch` of five
 /// tokens' two slots over three experts, dispatch and combine give the simulated transport's values.
@@ -353,7 +372,6 @@ fn gpu_nccl_collectives_run_on_the_device_in_a_cuda_program() {
 fn gpu_nccl_routed_exchange_runs_on_the_device_in_a_cuda_program() {
     use fulgur_ir::{Dim, Graph};
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    use std::collections::HashMap;
     use std::sync::Arc;
     if !gpu() {
         return;
@@ -381,21 +399,7 @@ fn gpu_nccl_routed_exchange_runs_on_the_device_in_a_cuda_program() {
     g.add_output("y", sent[0]).unwrap();
     g.add_output("got", sent[1]).unwrap();
     g.add_output("back", back[0]).unwrap();
-    let feed: HashMap<String, Tensor> = [
-        (
-            "x".to_string(),
-            Tensor::from_f64(
-                DType::F32,
-                vec![5, 3],
-                (0..15).map(|i| (i as f64 * 0.41).sin()).collect(),
-            ),
-        ),
-        (
-            "ids".to_string(),
-            Tensor::from_i64(DType::I64, vec![5, 2], vec![2, 0, 0, 1, 2, 1, 0, 2, 2, 1]),
-        ),
-    ]
-    .into();
+    let feed = routed_feed();
     let run = |t: Arc<dyn Transport + Send + Sync>| {
         let kp = fulgur_codegen::program::lower(&g).unwrap();
         let mut cuda = CudaProgram::new(kp, CudaOptions::default()).unwrap();
@@ -424,7 +428,6 @@ fn gpu_nccl_routed_exchange_runs_on_the_device_in_a_cuda_program() {
 fn gpu_nccl_chunked_routed_exchange_overlaps_in_a_cuda_program() {
     use fulgur_ir::{BinaryOp, ConstData, Dim, Graph, Value};
     use fulgur_runtime::cuda::{CudaOptions, CudaProgram};
-    use std::collections::HashMap;
     use std::sync::Arc;
     let mesh = vec![1usize, 1, 1];
     let on = |g: &mut Graph, c: Composite, ins: &[Value]| {
@@ -536,21 +539,7 @@ fn gpu_nccl_chunked_routed_exchange_overlaps_in_a_cuda_program() {
     if !gpu() {
         return;
     }
-    let feed: HashMap<String, Tensor> = [
-        (
-            "x".to_string(),
-            Tensor::from_f64(
-                DType::F32,
-                vec![5, 3],
-                (0..15).map(|i| (i as f64 * 0.41).sin()).collect(),
-            ),
-        ),
-        (
-            "ids".to_string(),
-            Tensor::from_i64(DType::I64, vec![5, 2], vec![2, 0, 0, 1, 2, 1, 0, 2, 2, 1]),
-        ),
-    ]
-    .into();
+    let feed = routed_feed();
     let run = |g: &Graph, t: Arc<dyn Transport + Send + Sync>| {
         let kp = fulgur_codegen::program::lower(g).unwrap();
         let mut cuda = CudaProgram::new(kp, CudaOptions::default()).unwrap();

@@ -30,6 +30,18 @@ pub fn fulgur(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
         .expect("cannot start the fulgur binary")
 }
 
+/// Runs the `fulgur` binary in `dir` with `RUST_LOG` unset and a rank's collectives timing out after 60 s
+/// (`FULGUR_RANK_TIMEOUT`): the CLI tests that run ranks.
+pub fn fulgur_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fulgur"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("FULGUR_RANK_TIMEOUT", "60")
+        .output()
+        .expect("cannot start the fulgur binary")
+}
+
 /// Asserts a failure with one `error:` line containing every needle.
 pub fn fails(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr).to_string();

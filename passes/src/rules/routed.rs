@@ -349,27 +349,15 @@ fn chunked(eg: &mut EGraph, s: &Seg, c: usize) -> Option<Id> {
         let d = bin(eg, Max, d, zero)?;
         bin(eg, Min, d, width)
     };
-    let with_flops = |op: &Op, flops: Dim| match op {
-        Op::Composite(Composite::AllToAllDispatch { mesh, over, .. }) => Composite::AllToAllDispatch {
-            mesh: mesh.clone(),
-            over: *over,
-            overlap_flops: flops,
-        },
-        Op::Composite(Composite::AllToAllCombine { mesh, over, .. }) => Composite::AllToAllCombine {
-            mesh: mesh.clone(),
-            over: *over,
-            overlap_flops: flops,
-        },
-        _ => unreachable!("an exchange"),
-    };
     let on_rank = |inner: Composite| {
         Op::Composite(Composite::OnRank {
             op: Box::new(Op::Composite(inner)),
             rank: s.rank,
         })
     };
-    let dispatch = Op::Composite(Composite::dispatch(s.mesh.clone(), s.over));
-    let combine = Op::Composite(Composite::combine(s.mesh.clone(), s.over));
+    let dispatch = Composite::dispatch(s.mesh.clone(), s.over);
+    let combine = Composite::combine(s.mesh.clone(), s.over);
+    let with_flops = |c: &Composite, flops: Dim| c.with_overlap(|_| flops).unwrap_or_else(|| c.clone());
     let mut per_chunk: Option<Dim> = None;
     let mut outs = Vec::with_capacity(c);
     let mut parts = Vec::with_capacity(c);
